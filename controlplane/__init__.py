@@ -1,0 +1,1 @@
+"""The trustmesh control plane: CA, registration, policy, audit and their gRPC services."""

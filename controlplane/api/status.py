@@ -1,0 +1,91 @@
+"""The one place that turns domain errors into gRPC status codes.
+
+Handlers raise trustmesh errors; `grpc_errors` (a context manager used by every servicer)
+aborts the call with the matching code and the error's own message, which is written for a
+person to act on. Anything that is not a trustmesh error is a bug: it is logged with its
+traceback and answered as INTERNAL without leaking details to the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import grpc
+
+from trustmesh.errors import (
+    AlreadyExistsError,
+    ConflictError,
+    InvalidSpiffeIdError,
+    NotFoundError,
+    StoreUnavailableError,
+    SvidError,
+    TrustmeshError,
+    VerificationError,
+)
+from trustmesh.logs import log_event
+
+log = logging.getLogger("trustmesh.api")
+
+
+class InvalidArgumentError(TrustmeshError):
+    """The request itself is malformed (a field missing, out of range, not parseable)."""
+
+
+class PermissionDeniedError(TrustmeshError):
+    """The caller is known but not allowed to do this."""
+
+
+class UnauthenticatedError(TrustmeshError):
+    """The caller did not prove who it is (no or unusable client certificate)."""
+
+
+class FailedPreconditionError(TrustmeshError):
+    """The system is not in a state where this can be done (e.g. a CA not yet ready)."""
+
+
+class UnavailableError(TrustmeshError):
+    """Try again later."""
+
+
+# Most specific first: the first isinstance match wins.
+_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidSpiffeIdError, grpc.StatusCode.INVALID_ARGUMENT),
+    (SvidError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (VerificationError, grpc.StatusCode.PERMISSION_DENIED),
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (ConflictError, grpc.StatusCode.ABORTED),
+    (FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_code_for(err: BaseException) -> grpc.StatusCode:
+    for cls, code in _CODES:
+        if isinstance(err, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+@asynccontextmanager
+async def grpc_errors(context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except (TrustmeshError, ValueError) as err:
+        code = status_code_for(err)
+        await context.abort(code, str(err))
+    except grpc.aio.AbortError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the edge: a bug must not leak its details
+        # Deliberately broad: this is the outermost edge of a call. The bug is logged
+        # with its traceback for us; the caller gets INTERNAL without internals.
+        log.exception("unhandled error", extra={"fields": {"method": method}})
+        log_event(log, "internal_error", level=logging.ERROR, method=method, error=type(err).__name__)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")

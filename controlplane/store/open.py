@@ -1,0 +1,46 @@
+"""Turn a store url from the configuration into an open ``Store``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trustmesh.errors import StoreError
+
+from controlplane.store.etcd import DEFAULT_NAMESPACE, DEFAULT_TIMEOUT, EtcdKV, parse_endpoints
+from controlplane.store.sqlite import SqliteKV
+from controlplane.store.store import Store
+
+SQLITE_FILE = "store.db"
+
+_USAGE = (
+    "use 'sqlite' (a file in the data directory), 'sqlite:///path/to/store.db' "
+    "or 'etcd://host:port[,host:port...]'"
+)
+
+
+async def open_store(
+    url: str,
+    data_dir: Path,
+    *,
+    etcd_namespace: str = DEFAULT_NAMESPACE,
+    etcd_timeout: float = DEFAULT_TIMEOUT,
+) -> Store:
+    """Open the store named by ``url``.
+
+    ``sqlite`` keeps ``store.db`` (mode 0600) in ``data_dir``; ``sqlite:///abs/path.db``
+    names the file; ``etcd://h:p[,h:p]`` connects to the first endpoint that answers and
+    raises StoreUnavailableError naming them all when none does.
+    """
+    if url == "sqlite":
+        return Store(await SqliteKV.open(data_dir / SQLITE_FILE))
+    if url.startswith("sqlite://"):
+        path = url[len("sqlite://") :]
+        if not path.startswith("/") or path == "/":
+            raise StoreError(f"sqlite store url {url!r} needs an absolute file path; {_USAGE}")
+        return Store(await SqliteKV.open(Path(path)))
+    if url.startswith("etcd://"):
+        kv = await EtcdKV.connect(
+            parse_endpoints(url), namespace=etcd_namespace, timeout=etcd_timeout
+        )
+        return Store(kv)
+    raise StoreError(f"unknown store url {url!r}; {_USAGE}")

@@ -1,0 +1,337 @@
+"""The records the control plane keeps, as frozen values with a stable JSON form.
+
+Every record serialises to sorted, compact JSON carrying ``"v": 1``, so a later format can
+be told apart and the bytes of an unchanged record never change (the audit chain and the
+value compares in the store rely on that). Store-assigned fields (``revision``) are not
+serialised: the store fills them from the key's mod_revision when it reads.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from trustmesh.errors import StoreError
+
+FORMAT_VERSION = 1
+
+
+class RecordFormatError(StoreError):
+    """Stored bytes are not a record this version understands."""
+
+
+def _dump(kind: str, fields: Mapping[str, Any]) -> bytes:
+    return json.dumps(
+        {"v": FORMAT_VERSION, **fields}, sort_keys=True, separators=(",", ":")
+    ).encode()
+
+
+def _load(kind: str, data: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RecordFormatError(f"stored {kind} record is not valid JSON ({err})") from err
+    if not isinstance(obj, dict):
+        raise RecordFormatError(f"stored {kind} record is not a JSON object")
+    if obj.get("v") != FORMAT_VERSION:
+        raise RecordFormatError(
+            f"stored {kind} record has format version {obj.get('v')!r}; this server reads "
+            f"version {FORMAT_VERSION}; run the trustmesh version that wrote it"
+        )
+    return obj
+
+
+def _field(kind: str, obj: dict[str, Any], name: str, want: type | tuple[type, ...]) -> Any:
+    if name not in obj:
+        raise RecordFormatError(f"stored {kind} record has no {name!r} field")
+    value = obj[name]
+    # bool is an int in Python; do not let True pass as a TTL or False as a time.
+    if isinstance(value, bool) and want is not bool:
+        raise RecordFormatError(f"stored {kind} record field {name!r} has the wrong type")
+    if not isinstance(value, want):
+        raise RecordFormatError(f"stored {kind} record field {name!r} has the wrong type")
+    return value
+
+
+def _strings(kind: str, obj: dict[str, Any], name: str) -> tuple[str, ...]:
+    value = _field(kind, obj, name, list)
+    if not all(isinstance(v, str) for v in value):
+        raise RecordFormatError(f"stored {kind} record field {name!r} must hold strings")
+    return tuple(value)
+
+
+_NUMBER = (int, float)
+
+
+@dataclass(frozen=True)
+class RegistrationEntry:
+    id: str
+    spiffe_id: str
+    parent_id: str
+    selectors: tuple[str, ...]  # each "type:value", e.g. "unix:uid:1000"
+    x509_ttl: int  # seconds
+    jwt_ttl: int  # seconds
+    dns_names: tuple[str, ...]
+    federates_with: tuple[str, ...]
+    admin: bool
+    created_at: float
+    updated_at: float
+    revision: int = 0  # the store's mod_revision, filled on read; 0 = not read from a store
+
+    def to_json(self) -> bytes:
+        return _dump(
+            "entry",
+            {
+                "id": self.id,
+                "spiffe_id": self.spiffe_id,
+                "parent_id": self.parent_id,
+                "selectors": list(self.selectors),
+                "x509_ttl": self.x509_ttl,
+                "jwt_ttl": self.jwt_ttl,
+                "dns_names": list(self.dns_names),
+                "federates_with": list(self.federates_with),
+                "admin": self.admin,
+                "created_at": self.created_at,
+                "updated_at": self.updated_at,
+            },
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes, *, revision: int = 0) -> RegistrationEntry:
+        k = "entry"
+        o = _load(k, data)
+        return cls(
+            id=_field(k, o, "id", str),
+            spiffe_id=_field(k, o, "spiffe_id", str),
+            parent_id=_field(k, o, "parent_id", str),
+            selectors=_strings(k, o, "selectors"),
+            x509_ttl=_field(k, o, "x509_ttl", int),
+            jwt_ttl=_field(k, o, "jwt_ttl", int),
+            dns_names=_strings(k, o, "dns_names"),
+            federates_with=_strings(k, o, "federates_with"),
+            admin=_field(k, o, "admin", bool),
+            created_at=float(_field(k, o, "created_at", _NUMBER)),
+            updated_at=float(_field(k, o, "updated_at", _NUMBER)),
+            revision=revision,
+        )
+
+
+@dataclass(frozen=True)
+class AttestedNode:
+    spiffe_id: str
+    node_name: str
+    attestation_type: str
+    cert_serial: str
+    cert_not_after: float
+    banned: bool
+    created_at: float
+    updated_at: float
+    selectors: tuple[str, ...] = ()
+    revision: int = 0  # the store's mod_revision, filled on read
+
+    def to_json(self) -> bytes:
+        return _dump(
+            "node",
+            {
+                "spiffe_id": self.spiffe_id,
+                "node_name": self.node_name,
+                "attestation_type": self.attestation_type,
+                "cert_serial": self.cert_serial,
+                "cert_not_after": self.cert_not_after,
+                "banned": self.banned,
+                "created_at": self.created_at,
+                "updated_at": self.updated_at,
+                "selectors": list(self.selectors),
+            },
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes, *, revision: int = 0) -> AttestedNode:
+        k = "attested node"
+        o = _load(k, data)
+        return cls(
+            spiffe_id=_field(k, o, "spiffe_id", str),
+            node_name=_field(k, o, "node_name", str),
+            attestation_type=_field(k, o, "attestation_type", str),
+            cert_serial=_field(k, o, "cert_serial", str),
+            cert_not_after=float(_field(k, o, "cert_not_after", _NUMBER)),
+            banned=_field(k, o, "banned", bool),
+            created_at=float(_field(k, o, "created_at", _NUMBER)),
+            updated_at=float(_field(k, o, "updated_at", _NUMBER)),
+            selectors=_strings(k, o, "selectors"),
+            revision=revision,
+        )
+
+
+@dataclass(frozen=True)
+class JoinToken:
+    """A join token as stored: only its hash, never the token itself."""
+
+    token_hash: str
+    node_name: str
+    expires_at: float
+    created_at: float
+
+    def to_json(self) -> bytes:
+        return _dump(
+            "join token",
+            {
+                "token_hash": self.token_hash,
+                "node_name": self.node_name,
+                "expires_at": self.expires_at,
+                "created_at": self.created_at,
+            },
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes) -> JoinToken:
+        k = "join token"
+        o = _load(k, data)
+        return cls(
+            token_hash=_field(k, o, "token_hash", str),
+            node_name=_field(k, o, "node_name", str),
+            expires_at=float(_field(k, o, "expires_at", _NUMBER)),
+            created_at=float(_field(k, o, "created_at", _NUMBER)),
+        )
+
+
+@dataclass(frozen=True)
+class PolicyRevision:
+    revision: int
+    documents: str  # the YAML/JSON text of all documents of this revision
+    author: str
+    comment: str
+    created_at: float
+    sha256: str  # hex digest of documents (UTF-8)
+
+    def to_json(self) -> bytes:
+        return _dump(
+            "policy revision",
+            {
+                "revision": self.revision,
+                "documents": self.documents,
+                "author": self.author,
+                "comment": self.comment,
+                "created_at": self.created_at,
+                "sha256": self.sha256,
+            },
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes) -> PolicyRevision:
+        k = "policy revision"
+        o = _load(k, data)
+        return cls(
+            revision=_field(k, o, "revision", int),
+            documents=_field(k, o, "documents", str),
+            author=_field(k, o, "author", str),
+            comment=_field(k, o, "comment", str),
+            created_at=float(_field(k, o, "created_at", _NUMBER)),
+            sha256=_field(k, o, "sha256", str),
+        )
+
+
+@dataclass(frozen=True)
+class BundleRecord:
+    trust_domain: str
+    jwks: bytes  # the SPIFFE bundle JSON, kept byte for byte (base64 in the record)
+    sequence: int
+    updated_at: float
+
+    def to_json(self) -> bytes:
+        return _dump(
+            "bundle",
+            {
+                "trust_domain": self.trust_domain,
+                "jwks": base64.b64encode(self.jwks).decode("ascii"),
+                "sequence": self.sequence,
+                "updated_at": self.updated_at,
+            },
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes) -> BundleRecord:
+        k = "bundle"
+        o = _load(k, data)
+        try:
+            jwks = base64.b64decode(_field(k, o, "jwks", str), validate=True)
+        except binascii.Error as err:
+            raise RecordFormatError(f"stored bundle record has bad base64 jwks ({err})") from err
+        return cls(
+            trust_domain=_field(k, o, "trust_domain", str),
+            jwks=jwks,
+            sequence=_field(k, o, "sequence", int),
+            updated_at=float(_field(k, o, "updated_at", _NUMBER)),
+        )
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One link of the audit hash chain; the store keeps ``hash``/``prev_hash`` as given."""
+
+    seq: int
+    time: float
+    kind: str
+    actor: str
+    subject: str
+    outcome: str
+    # A dict (JSON-shaped) is left out of the hash of the dataclass; it is serialised
+    # with sorted keys so the stored bytes are canonical.
+    details: dict[str, Any] = field(hash=False)
+    prev_hash: str
+    hash: str
+
+    def to_json(self) -> bytes:
+        return _dump(
+            "audit event",
+            {
+                "seq": self.seq,
+                "time": self.time,
+                "kind": self.kind,
+                "actor": self.actor,
+                "subject": self.subject,
+                "outcome": self.outcome,
+                "details": self.details,
+                "prev_hash": self.prev_hash,
+                "hash": self.hash,
+            },
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes) -> AuditEvent:
+        k = "audit event"
+        o = _load(k, data)
+        return cls(
+            seq=_field(k, o, "seq", int),
+            time=float(_field(k, o, "time", _NUMBER)),
+            kind=_field(k, o, "kind", str),
+            actor=_field(k, o, "actor", str),
+            subject=_field(k, o, "subject", str),
+            outcome=_field(k, o, "outcome", str),
+            details=_field(k, o, "details", dict),
+            prev_hash=_field(k, o, "prev_hash", str),
+            hash=_field(k, o, "hash", str),
+        )
+
+
+CHANGE_KINDS = ("entry", "node", "token", "policy", "bundle", "ca", "audit")
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change from the store's change feed.
+
+    ``key`` is the record's own key (entry id, node SPIFFE ID, token hash, policy revision
+    number, trust domain, "journal" for the CA, audit seq). ``record`` is the decoded
+    record after the change (bytes for the CA journal), or None when ``deleted``.
+    """
+
+    kind: str
+    key: str
+    revision: int
+    deleted: bool
+    record: object | None

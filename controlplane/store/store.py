@@ -1,0 +1,571 @@
+"""``Store``: the one typed storage interface of the control plane, over any KV backend.
+
+Everything that must change together changes in one backend transaction: an entry and
+its uniqueness index key, a consumed join token and the node it attests, a policy
+revision and the policy head, an audit event and the audit head. A failed precondition
+writes nothing and surfaces as NotFoundError, AlreadyExistsError or ConflictError.
+
+Key layout (below the backend's own namespace)::
+
+    entries/<id>                    RegistrationEntry
+    entry-index/<sha256>            entry id; sha256 of (spiffe_id, parent_id, selectors)
+    nodes/<spiffe id>               AttestedNode
+    tokens/<token hash>             JoinToken
+    policy/revisions/<20 digits>    PolicyRevision
+    policy/head                     latest policy revision number, decimal
+    bundles/<trust domain>          BundleRecord
+    ca/journal                      opaque CA state (encrypted by the CA module)
+    audit/events/<20 digits>        AuditEvent
+    audit/head                      the latest AuditEvent (a copy, for the chain CAS)
+
+Reading a consistent picture and following it: take ``current_revision()``, list what
+you need, then ``watch(that revision)``. Changes made between the two reads are replayed
+by the watch; applying a change twice is harmless because each carries the full record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import replace
+from types import TracebackType
+from typing import TypeVar
+
+from trustmesh.errors import AlreadyExistsError, ConflictError, NotFoundError, StoreError
+
+from controlplane.store.kv import (
+    Compare,
+    Delete,
+    Event,
+    EventType,
+    Get,
+    KeyValue,
+    KVBackend,
+    Op,
+    Put,
+)
+from controlplane.store.records import (
+    AttestedNode,
+    AuditEvent,
+    BundleRecord,
+    Change,
+    JoinToken,
+    PolicyRevision,
+    RegistrationEntry,
+)
+
+ENTRIES = "entries/"
+ENTRY_INDEX = "entry-index/"
+NODES = "nodes/"
+TOKENS = "tokens/"
+POLICY_REVISIONS = "policy/revisions/"
+POLICY_HEAD = "policy/head"
+BUNDLES = "bundles/"
+CA_JOURNAL = "ca/journal"
+AUDIT_EVENTS = "audit/events/"
+AUDIT_HEAD = "audit/head"
+
+# Writes without an expected revision retry this often when another writer slips in
+# between our read and our transaction, then give up with ConflictError.
+_RETRIES = 5
+
+R = TypeVar("R")
+
+
+class InvalidRecordError(StoreError):
+    """A record cannot be stored as given (e.g. an empty key); fix the caller."""
+
+
+def _numbered(prefix: str, n: int) -> str:
+    # Zero-padded so that key order (bytes) is numeric order.
+    return f"{prefix}{n:020d}"
+
+
+def entry_identity_key(entry: RegistrationEntry) -> str:
+    """The uniqueness index key: one entry per (spiffe_id, parent_id, selector set)."""
+    identity = json.dumps(
+        [entry.spiffe_id, entry.parent_id, sorted(set(entry.selectors))], separators=(",", ":")
+    )
+    return ENTRY_INDEX + hashlib.sha256(identity.encode()).hexdigest()
+
+
+def _need(value: str, what: str) -> str:
+    if not value:
+        raise InvalidRecordError(f"{what} must not be empty")
+    return value
+
+
+class Store:
+    """Typed records over a KVBackend; the same code runs on SQLite and on etcd."""
+
+    def __init__(self, kv: KVBackend) -> None:
+        self._kv = kv
+
+    async def close(self) -> None:
+        await self._kv.close()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- small helpers ---------------------------------------------------------------
+
+    async def _create(self, key: str, value: bytes, what: str) -> int:
+        result = await self._kv.txn([Compare.absent(key)], [Put(key, value)])
+        if not result.succeeded:
+            raise AlreadyExistsError(f"{what} already exists")
+        return result.revision
+
+    async def _get(self, key: str, what: str) -> KeyValue:
+        kv = await self._kv.get(key)
+        if kv is None:
+            raise NotFoundError(f"{what} does not exist")
+        return kv
+
+    async def _replace(
+        self, key: str, value: bytes, expected_revision: int | None, what: str
+    ) -> int:
+        """Overwrite an existing key, optionally only at ``expected_revision``."""
+        guard = (
+            Compare.exists(key)
+            if expected_revision is None
+            else Compare.mod_revision(key, expected_revision)
+        )
+        result = await self._kv.txn([guard], [Put(key, value)], [Get(key)])
+        if result.succeeded:
+            return result.revision
+        current = result.responses[0].kv
+        if current is None:
+            raise NotFoundError(f"{what} does not exist")
+        raise ConflictError(
+            f"{what} changed (now at revision {current.mod_revision}, expected "
+            f"{expected_revision}); re-read it and retry"
+        )
+
+    async def _delete(self, key: str, what: str) -> None:
+        result = await self._kv.txn([Compare.exists(key)], [Delete(key)])
+        if not result.succeeded:
+            raise NotFoundError(f"{what} does not exist")
+
+    async def _list(self, prefix: str, decode: Callable[[KeyValue], R]) -> list[R]:
+        return [decode(kv) for kv in await self._kv.range(prefix)]
+
+    # -- registration entries --------------------------------------------------------
+
+    @staticmethod
+    def _entry(kv: KeyValue) -> RegistrationEntry:
+        return RegistrationEntry.from_json(kv.value, revision=kv.mod_revision)
+
+    async def create_entry(self, entry: RegistrationEntry) -> RegistrationEntry:
+        key = ENTRIES + _need(entry.id, "entry id")
+        index = entry_identity_key(entry)
+        result = await self._kv.txn(
+            [Compare.absent(key), Compare.absent(index)],
+            [Put(key, entry.to_json()), Put(index, entry.id.encode())],
+            [Get(key), Get(index)],
+        )
+        if result.succeeded:
+            return replace(entry, revision=result.revision)
+        if result.responses[0].kv is not None:
+            raise AlreadyExistsError(f"registration entry {entry.id!r} already exists")
+        holder = result.responses[1].kv
+        other = holder.value.decode() if holder is not None else "?"
+        raise AlreadyExistsError(
+            f"entry {other!r} already registers {entry.spiffe_id} under {entry.parent_id} "
+            "with the same selectors; update that entry instead"
+        )
+
+    async def get_entry(self, entry_id: str) -> RegistrationEntry:
+        return self._entry(await self._get(ENTRIES + entry_id, f"registration entry {entry_id!r}"))
+
+    async def list_entries(self, parent_id: str | None = None) -> list[RegistrationEntry]:
+        entries = await self._list(ENTRIES, self._entry)
+        if parent_id is None:
+            return entries
+        return [e for e in entries if e.parent_id == parent_id]
+
+    async def update_entry(
+        self, entry: RegistrationEntry, *, expected_revision: int | None = None
+    ) -> RegistrationEntry:
+        key = ENTRIES + _need(entry.id, "entry id")
+        what = f"registration entry {entry.id!r}"
+        new_index = entry_identity_key(entry)
+        for _ in range(_RETRIES):
+            current = await self._get(key, what)
+            if expected_revision is not None and current.mod_revision != expected_revision:
+                raise ConflictError(
+                    f"{what} is at revision {current.mod_revision}, not {expected_revision}; "
+                    "re-read it and retry"
+                )
+            old_index = entry_identity_key(self._entry(current))
+            compares = [Compare.mod_revision(key, current.mod_revision)]
+            ops: list[Op] = [Put(key, entry.to_json())]
+            if new_index != old_index:
+                # Move the uniqueness claim in the same transaction as the entry.
+                compares.append(Compare.absent(new_index))
+                ops += [Delete(old_index), Put(new_index, entry.id.encode())]
+            result = await self._kv.txn(compares, ops, [Get(key), Get(new_index)])
+            if result.succeeded:
+                return replace(entry, revision=result.revision)
+            now, holder = result.responses[0].kv, result.responses[1].kv
+            if now is None:
+                raise NotFoundError(f"{what} does not exist")
+            if holder is not None and holder.value != entry.id.encode():
+                raise AlreadyExistsError(
+                    f"entry {holder.value.decode()!r} already registers {entry.spiffe_id} "
+                    f"under {entry.parent_id} with the same selectors"
+                )
+            if expected_revision is not None:
+                raise ConflictError(
+                    f"{what} changed (now at revision {now.mod_revision}); re-read it and retry"
+                )
+        raise ConflictError(f"{what} kept changing under concurrent writers; retry later")
+
+    async def delete_entry(self, entry_id: str, *, expected_revision: int | None = None) -> None:
+        key = ENTRIES + entry_id
+        what = f"registration entry {entry_id!r}"
+        for _ in range(_RETRIES):
+            current = await self._get(key, what)
+            if expected_revision is not None and current.mod_revision != expected_revision:
+                raise ConflictError(
+                    f"{what} is at revision {current.mod_revision}, not {expected_revision}; "
+                    "re-read it and retry"
+                )
+            index = entry_identity_key(self._entry(current))
+            result = await self._kv.txn(
+                [Compare.mod_revision(key, current.mod_revision)], [Delete(key), Delete(index)]
+            )
+            if result.succeeded:
+                return
+        raise ConflictError(f"{what} kept changing under concurrent writers; retry later")
+
+    # -- attested nodes --------------------------------------------------------------
+
+    @staticmethod
+    def _node(kv: KeyValue) -> AttestedNode:
+        return AttestedNode.from_json(kv.value, revision=kv.mod_revision)
+
+    async def create_attested_node(self, node: AttestedNode) -> AttestedNode:
+        key = NODES + _need(node.spiffe_id, "node SPIFFE ID")
+        revision = await self._create(key, node.to_json(), f"attested node {node.spiffe_id}")
+        return replace(node, revision=revision)
+
+    async def get_attested_node(self, spiffe_id: str) -> AttestedNode:
+        return self._node(await self._get(NODES + spiffe_id, f"attested node {spiffe_id}"))
+
+    async def list_attested_nodes(self) -> list[AttestedNode]:
+        return await self._list(NODES, self._node)
+
+    async def update_attested_node(
+        self, node: AttestedNode, *, expected_revision: int | None = None
+    ) -> AttestedNode:
+        revision = await self._replace(
+            NODES + node.spiffe_id,
+            node.to_json(),
+            expected_revision,
+            f"attested node {node.spiffe_id}",
+        )
+        return replace(node, revision=revision)
+
+    async def delete_attested_node(self, spiffe_id: str) -> None:
+        await self._delete(NODES + spiffe_id, f"attested node {spiffe_id}")
+
+    # -- join tokens -----------------------------------------------------------------
+
+    async def create_join_token(self, token: JoinToken) -> None:
+        key = TOKENS + _need(token.token_hash, "join token hash")
+        await self._create(key, token.to_json(), "a join token with that hash")
+
+    async def get_join_token(self, token_hash: str) -> JoinToken:
+        kv = await self._get(TOKENS + token_hash, "join token (unknown or already used)")
+        return JoinToken.from_json(kv.value)
+
+    async def list_join_tokens(self) -> list[JoinToken]:
+        return await self._list(TOKENS, lambda kv: JoinToken.from_json(kv.value))
+
+    async def delete_join_token(self, token_hash: str) -> None:
+        await self._delete(TOKENS + token_hash, "join token")
+
+    async def consume_join_token_and_attest(self, token_hash: str, node: AttestedNode) -> None:
+        """Spend a join token and record the node it attests, both or neither.
+
+        The token is single-use: of two agents racing with one token, exactly one wins.
+        Expiry is the caller's rule (it owns the clock); read the token first to check it.
+        """
+        token_key = TOKENS + token_hash
+        node_key = NODES + _need(node.spiffe_id, "node SPIFFE ID")
+        result = await self._kv.txn(
+            [Compare.exists(token_key), Compare.absent(node_key)],
+            [Delete(token_key), Put(node_key, node.to_json())],
+            [Get(token_key)],
+        )
+        if result.succeeded:
+            return
+        if result.responses[0].kv is None:
+            raise NotFoundError(
+                "join token is unknown or already used; create a new one with "
+                "`trustmesh token create --node <name>`"
+            )
+        raise AlreadyExistsError(
+            f"node {node.spiffe_id} is already attested; the join token was not used"
+        )
+
+    async def delete_expired_join_tokens(self, now: float) -> int:
+        deleted = 0
+        for kv in await self._kv.range(TOKENS):
+            if JoinToken.from_json(kv.value).expires_at > now:
+                continue
+            # Delete exactly the token we judged expired; a token consumed meanwhile is
+            # simply gone already.
+            result = await self._kv.txn(
+                [Compare.mod_revision(kv.key, kv.mod_revision)], [Delete(kv.key)]
+            )
+            deleted += int(result.succeeded)
+        return deleted
+
+    # -- policy revisions ------------------------------------------------------------
+
+    async def append_policy_revision(
+        self,
+        documents: str,
+        author: str,
+        comment: str,
+        created_at: float,
+        *,
+        expected_head: int,
+    ) -> PolicyRevision:
+        if expected_head < 0:
+            raise InvalidRecordError(f"expected policy head {expected_head} is negative")
+        record = PolicyRevision(
+            revision=expected_head + 1,
+            documents=documents,
+            author=author,
+            comment=comment,
+            created_at=created_at,
+            sha256=hashlib.sha256(documents.encode()).hexdigest(),
+        )
+        head_is_expected = (
+            Compare.absent(POLICY_HEAD)
+            if expected_head == 0
+            else Compare.value(POLICY_HEAD, str(expected_head).encode())
+        )
+        key = _numbered(POLICY_REVISIONS, record.revision)
+        result = await self._kv.txn(
+            [head_is_expected, Compare.absent(key)],
+            [Put(key, record.to_json()), Put(POLICY_HEAD, str(record.revision).encode())],
+            [Get(POLICY_HEAD)],
+        )
+        if not result.succeeded:
+            head = result.responses[0].kv
+            actual = int(head.value) if head is not None else 0
+            raise ConflictError(
+                f"policy head is at revision {actual}, not {expected_head}: someone else "
+                "applied first; re-read the head, check the diff and apply again"
+            )
+        return record
+
+    async def get_policy_revision(self, revision: int) -> PolicyRevision:
+        kv = await self._get(
+            _numbered(POLICY_REVISIONS, revision), f"policy revision {revision}"
+        )
+        return PolicyRevision.from_json(kv.value)
+
+    async def get_policy_head(self) -> PolicyRevision | None:
+        head = await self._kv.get(POLICY_HEAD)
+        if head is None:
+            return None
+        # Revisions are immutable and the head only moves forward, so reading the
+        # revision after the head (not in one snapshot) is still consistent.
+        return await self.get_policy_revision(int(head.value))
+
+    async def list_policy_revisions(self) -> list[PolicyRevision]:
+        return await self._list(POLICY_REVISIONS, lambda kv: PolicyRevision.from_json(kv.value))
+
+    # -- trust bundles ---------------------------------------------------------------
+
+    async def put_bundle(
+        self, record: BundleRecord, *, expected_sequence: int | None = None
+    ) -> BundleRecord:
+        """Store a bundle; with ``expected_sequence`` only over that sequence (0 = absent)."""
+        key = BUNDLES + _need(record.trust_domain, "trust domain")
+        if expected_sequence is None:
+            await self._kv.txn([], [Put(key, record.to_json())])
+            return record
+        current = await self._kv.get(key)
+        actual = BundleRecord.from_json(current.value).sequence if current is not None else 0
+        guard = (
+            Compare.absent(key)
+            if current is None
+            else Compare.mod_revision(key, current.mod_revision)
+        )
+        if actual == expected_sequence:
+            result = await self._kv.txn([guard], [Put(key, record.to_json())])
+            if result.succeeded:
+                return record
+        raise ConflictError(
+            f"bundle of {record.trust_domain} is not at sequence {expected_sequence} "
+            f"(it was at {actual} and may have moved since); re-read it and retry"
+        )
+
+    async def get_bundle(self, trust_domain: str) -> BundleRecord:
+        kv = await self._get(BUNDLES + trust_domain, f"bundle of {trust_domain}")
+        return BundleRecord.from_json(kv.value)
+
+    async def list_bundles(self) -> list[BundleRecord]:
+        return await self._list(BUNDLES, lambda kv: BundleRecord.from_json(kv.value))
+
+    async def delete_bundle(self, trust_domain: str) -> None:
+        await self._delete(BUNDLES + trust_domain, f"bundle of {trust_domain}")
+
+    # -- CA journal ------------------------------------------------------------------
+
+    async def load_ca_state(self) -> tuple[bytes | None, int]:
+        """(data, version); version 0 means nothing was ever saved."""
+        kv = await self._kv.get(CA_JOURNAL)
+        return (None, 0) if kv is None else (kv.value, kv.version)
+
+    async def save_ca_state(self, data: bytes, expected_version: int) -> int:
+        """Save over exactly ``expected_version``; returns the new version."""
+        result = await self._kv.txn(
+            [Compare.version(CA_JOURNAL, expected_version)],
+            [Put(CA_JOURNAL, data)],
+            [Get(CA_JOURNAL)],
+        )
+        if not result.succeeded:
+            current = result.responses[0].kv
+            actual = current.version if current is not None else 0
+            raise ConflictError(
+                f"CA state is at version {actual}, not {expected_version}: another server "
+                "saved first; reload the CA state and redo the transition"
+            )
+        return expected_version + 1
+
+    # -- audit log -------------------------------------------------------------------
+
+    @staticmethod
+    def audit_event_key(seq: int) -> str:
+        return _numbered(AUDIT_EVENTS, seq)
+
+    async def append_audit_event(self, event: AuditEvent) -> AuditEvent:
+        """Append the next link of the chain, or ConflictError if it is not the next.
+
+        The head moves in the same transaction as the event, so several servers append
+        to one chain: a loser recomputes its event on the new head and retries. With an
+        empty log the first event must have seq 1 (its prev_hash is the caller's genesis).
+        """
+        head_kv = await self._kv.get(AUDIT_HEAD)
+        if head_kv is None:
+            if event.seq != 1:
+                raise ConflictError(
+                    f"audit log is empty: the first event must have seq 1, not {event.seq}"
+                )
+            guard = Compare.absent(AUDIT_HEAD)
+        else:
+            head = AuditEvent.from_json(head_kv.value)
+            if event.seq != head.seq + 1 or event.prev_hash != head.hash:
+                raise ConflictError(
+                    f"audit head is seq {head.seq}; event seq {event.seq} must be "
+                    f"{head.seq + 1} and chain to its hash; recompute on the head and retry"
+                )
+            guard = Compare.mod_revision(AUDIT_HEAD, head_kv.mod_revision)
+        key = self.audit_event_key(event.seq)
+        data = event.to_json()
+        result = await self._kv.txn(
+            [guard, Compare.absent(key)], [Put(key, data), Put(AUDIT_HEAD, data)]
+        )
+        if not result.succeeded:
+            raise ConflictError(
+                f"another writer appended audit event {event.seq} first; "
+                "recompute on the new head and retry"
+            )
+        return event
+
+    async def get_audit_head(self) -> AuditEvent | None:
+        kv = await self._kv.get(AUDIT_HEAD)
+        return None if kv is None else AuditEvent.from_json(kv.value)
+
+    async def get_audit_event(self, seq: int) -> AuditEvent:
+        kv = await self._get(self.audit_event_key(seq), f"audit event {seq}")
+        return AuditEvent.from_json(kv.value)
+
+    async def list_audit_events(
+        self, since_seq: int = 0, limit: int | None = None
+    ) -> list[AuditEvent]:
+        """Events with seq > ``since_seq``, in order, at most ``limit`` of them."""
+        kvs = await self._kv.range(
+            AUDIT_EVENTS,
+            limit=limit,
+            start_after=self.audit_event_key(since_seq) if since_seq > 0 else None,
+        )
+        return [AuditEvent.from_json(kv.value) for kv in kvs]
+
+    # -- raw access (tests and repair tools only) ------------------------------------
+
+    async def raw_get(self, key: str) -> bytes | None:
+        """The stored bytes under ``key`` (e.g. ``Store.audit_event_key(3)``)."""
+        kv = await self._kv.get(key)
+        return None if kv is None else kv.value
+
+    async def raw_put(self, key: str, value: bytes) -> int:
+        """Overwrite ``key`` bypassing every invariant: for tamper tests and repairs only."""
+        return (await self._kv.txn([], [Put(key, value)])).revision
+
+    # -- change feed -----------------------------------------------------------------
+
+    async def current_revision(self) -> int:
+        return await self._kv.current_revision()
+
+    async def compact(self, revision: int) -> None:
+        """Forget change history before ``revision`` (watches from older ones fail)."""
+        await self._kv.compact(revision)
+
+    async def watch(self, start_revision: int) -> AsyncGenerator[list[Change], None]:
+        """Typed changes strictly after ``start_revision``, one batch per revision.
+
+        Raises CompactedError when that history is gone: re-read, then watch again.
+        """
+        async for events in self._kv.watch("", start_revision):
+            changes = [c for c in map(_decode_change, events) if c is not None]
+            if changes:
+                yield changes
+
+
+def _decode_change(event: Event) -> Change | None:
+    deleted = event.type is EventType.DELETE
+    key, value, rev = event.key, event.value, event.mod_revision
+
+    def change(kind: str, name: str, decode: Callable[[bytes], object]) -> Change:
+        return Change(kind, name, rev, deleted, None if deleted else decode(value))
+
+    if key.startswith(ENTRIES):
+        return change(
+            "entry",
+            key[len(ENTRIES) :],
+            lambda v: RegistrationEntry.from_json(v, revision=rev),
+        )
+    if key.startswith(NODES):
+        return change(
+            "node", key[len(NODES) :], lambda v: AttestedNode.from_json(v, revision=rev)
+        )
+    if key.startswith(TOKENS):
+        return change("token", key[len(TOKENS) :], JoinToken.from_json)
+    if key.startswith(POLICY_REVISIONS):
+        return change(
+            "policy", str(int(key[len(POLICY_REVISIONS) :])), PolicyRevision.from_json
+        )
+    if key.startswith(BUNDLES):
+        return change("bundle", key[len(BUNDLES) :], BundleRecord.from_json)
+    if key == CA_JOURNAL:
+        return change("ca", "journal", bytes)
+    if key.startswith(AUDIT_EVENTS):
+        return change("audit", str(int(key[len(AUDIT_EVENTS) :])), AuditEvent.from_json)
+    # Index keys and heads move with the records above; they are not changes of their own.
+    return None

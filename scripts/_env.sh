@@ -1,0 +1,39 @@
+# Shared set-up for scripts/test, scripts/demo and scripts/bench (sourced, not run).
+# Creates .venv on first use and reinstalls only when pyproject.toml changes.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PYTHON:-python3}"
+
+tm_log() { printf '[trustmesh] %s\n' "$*" >&2; }
+
+tm_ensure_venv() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    tm_log "creating virtual environment in .venv"
+    "$PY" -m venv "$VENV"
+  fi
+  local stamp="$VENV/.trustmesh-installed"
+  local want
+  want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    tm_log "installing trustmesh and its dependencies into .venv (first run takes a minute)"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
+    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev]"
+    echo "$want" >"$stamp"
+  fi
+  export PATH="$VENV/bin:$PATH"
+}
+
+tm_ensure_etcd() {
+  if command -v etcd >/dev/null 2>&1; then
+    return 0
+  fi
+  tm_log "etcd not found on PATH; installing Debian package etcd-server"
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null
+  # The package may start a system etcd on :2379; tests use their own ports, so stop it.
+  $sudo systemctl disable --now etcd >/dev/null 2>&1 || true
+  command -v etcd >/dev/null 2>&1 || { tm_log "etcd-server installed but etcd is not on PATH"; return 1; }
+}

@@ -1,0 +1,466 @@
+# trustmesh: generated from proto/trustmesh/v1/admin.proto by scripts/gen-proto; do not edit.
+from trustmesh._proto.trustmesh.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class BundleEndpointProfile(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BUNDLE_ENDPOINT_PROFILE_UNSPECIFIED: _ClassVar[BundleEndpointProfile]
+    BUNDLE_ENDPOINT_PROFILE_HTTPS_WEB: _ClassVar[BundleEndpointProfile]
+    BUNDLE_ENDPOINT_PROFILE_HTTPS_SPIFFE: _ClassVar[BundleEndpointProfile]
+
+class CAAuthorityKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CA_AUTHORITY_KIND_UNSPECIFIED: _ClassVar[CAAuthorityKind]
+    CA_AUTHORITY_KIND_X509_ROOT: _ClassVar[CAAuthorityKind]
+    CA_AUTHORITY_KIND_X509_SIGNING: _ClassVar[CAAuthorityKind]
+    CA_AUTHORITY_KIND_JWT_KEY: _ClassVar[CAAuthorityKind]
+
+class CAAuthorityState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CA_AUTHORITY_STATE_UNSPECIFIED: _ClassVar[CAAuthorityState]
+    CA_AUTHORITY_STATE_PREPARED: _ClassVar[CAAuthorityState]
+    CA_AUTHORITY_STATE_ACTIVE: _ClassVar[CAAuthorityState]
+    CA_AUTHORITY_STATE_OLD: _ClassVar[CAAuthorityState]
+
+class RootRotationStep(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROOT_ROTATION_STEP_UNSPECIFIED: _ClassVar[RootRotationStep]
+    ROOT_ROTATION_STEP_PREPARE: _ClassVar[RootRotationStep]
+    ROOT_ROTATION_STEP_ACTIVATE: _ClassVar[RootRotationStep]
+BUNDLE_ENDPOINT_PROFILE_UNSPECIFIED: BundleEndpointProfile
+BUNDLE_ENDPOINT_PROFILE_HTTPS_WEB: BundleEndpointProfile
+BUNDLE_ENDPOINT_PROFILE_HTTPS_SPIFFE: BundleEndpointProfile
+CA_AUTHORITY_KIND_UNSPECIFIED: CAAuthorityKind
+CA_AUTHORITY_KIND_X509_ROOT: CAAuthorityKind
+CA_AUTHORITY_KIND_X509_SIGNING: CAAuthorityKind
+CA_AUTHORITY_KIND_JWT_KEY: CAAuthorityKind
+CA_AUTHORITY_STATE_UNSPECIFIED: CAAuthorityState
+CA_AUTHORITY_STATE_PREPARED: CAAuthorityState
+CA_AUTHORITY_STATE_ACTIVE: CAAuthorityState
+CA_AUTHORITY_STATE_OLD: CAAuthorityState
+ROOT_ROTATION_STEP_UNSPECIFIED: RootRotationStep
+ROOT_ROTATION_STEP_PREPARE: RootRotationStep
+ROOT_ROTATION_STEP_ACTIVATE: RootRotationStep
+
+class CreateEntryRequest(_message.Message):
+    __slots__ = ("entry",)
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    entry: _types_pb2.Entry
+    def __init__(self, entry: _Optional[_Union[_types_pb2.Entry, _Mapping]] = ...) -> None: ...
+
+class CreateEntryResponse(_message.Message):
+    __slots__ = ("entry",)
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    entry: _types_pb2.Entry
+    def __init__(self, entry: _Optional[_Union[_types_pb2.Entry, _Mapping]] = ...) -> None: ...
+
+class GetEntryRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class GetEntryResponse(_message.Message):
+    __slots__ = ("entry",)
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    entry: _types_pb2.Entry
+    def __init__(self, entry: _Optional[_Union[_types_pb2.Entry, _Mapping]] = ...) -> None: ...
+
+class ListEntriesRequest(_message.Message):
+    __slots__ = ("parent_id", "spiffe_id", "page_size", "page_token")
+    PARENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    parent_id: str
+    spiffe_id: str
+    page_size: int
+    page_token: str
+    def __init__(self, parent_id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListEntriesResponse(_message.Message):
+    __slots__ = ("entries", "next_page_token")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[_types_pb2.Entry]
+    next_page_token: str
+    def __init__(self, entries: _Optional[_Iterable[_Union[_types_pb2.Entry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class UpdateEntryRequest(_message.Message):
+    __slots__ = ("entry", "expected_revision")
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    entry: _types_pb2.Entry
+    expected_revision: int
+    def __init__(self, entry: _Optional[_Union[_types_pb2.Entry, _Mapping]] = ..., expected_revision: _Optional[int] = ...) -> None: ...
+
+class UpdateEntryResponse(_message.Message):
+    __slots__ = ("entry",)
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    entry: _types_pb2.Entry
+    def __init__(self, entry: _Optional[_Union[_types_pb2.Entry, _Mapping]] = ...) -> None: ...
+
+class DeleteEntryRequest(_message.Message):
+    __slots__ = ("id", "expected_revision")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    expected_revision: int
+    def __init__(self, id: _Optional[str] = ..., expected_revision: _Optional[int] = ...) -> None: ...
+
+class DeleteEntryResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CreateJoinTokenRequest(_message.Message):
+    __slots__ = ("node_name", "ttl_seconds")
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    node_name: str
+    ttl_seconds: int
+    def __init__(self, node_name: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class CreateJoinTokenResponse(_message.Message):
+    __slots__ = ("token", "expires_at", "agent_id")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    expires_at: int
+    agent_id: str
+    def __init__(self, token: _Optional[str] = ..., expires_at: _Optional[int] = ..., agent_id: _Optional[str] = ...) -> None: ...
+
+class ListAgentsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAgentsResponse(_message.Message):
+    __slots__ = ("agents",)
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    agents: _containers.RepeatedCompositeFieldContainer[_types_pb2.AttestedNode]
+    def __init__(self, agents: _Optional[_Iterable[_Union[_types_pb2.AttestedNode, _Mapping]]] = ...) -> None: ...
+
+class BanAgentRequest(_message.Message):
+    __slots__ = ("spiffe_id",)
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    spiffe_id: str
+    def __init__(self, spiffe_id: _Optional[str] = ...) -> None: ...
+
+class BanAgentResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EvictAgentRequest(_message.Message):
+    __slots__ = ("spiffe_id",)
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    spiffe_id: str
+    def __init__(self, spiffe_id: _Optional[str] = ...) -> None: ...
+
+class EvictAgentResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetBundleRequest(_message.Message):
+    __slots__ = ("trust_domain",)
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    def __init__(self, trust_domain: _Optional[str] = ...) -> None: ...
+
+class GetBundleResponse(_message.Message):
+    __slots__ = ("bundle", "spiffe_bundle")
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    bundle: _types_pb2.Bundle
+    spiffe_bundle: bytes
+    def __init__(self, bundle: _Optional[_Union[_types_pb2.Bundle, _Mapping]] = ..., spiffe_bundle: _Optional[bytes] = ...) -> None: ...
+
+class FederationRelationship(_message.Message):
+    __slots__ = ("trust_domain", "bundle_endpoint_url", "profile", "endpoint_spiffe_id", "bundle_sequence_number", "last_refreshed_at", "last_error")
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_ENDPOINT_URL_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_SEQUENCE_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    LAST_REFRESHED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    bundle_endpoint_url: str
+    profile: BundleEndpointProfile
+    endpoint_spiffe_id: str
+    bundle_sequence_number: int
+    last_refreshed_at: int
+    last_error: str
+    def __init__(self, trust_domain: _Optional[str] = ..., bundle_endpoint_url: _Optional[str] = ..., profile: _Optional[_Union[BundleEndpointProfile, str]] = ..., endpoint_spiffe_id: _Optional[str] = ..., bundle_sequence_number: _Optional[int] = ..., last_refreshed_at: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
+
+class ListFederationRelationshipsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListFederationRelationshipsResponse(_message.Message):
+    __slots__ = ("relationships",)
+    RELATIONSHIPS_FIELD_NUMBER: _ClassVar[int]
+    relationships: _containers.RepeatedCompositeFieldContainer[FederationRelationship]
+    def __init__(self, relationships: _Optional[_Iterable[_Union[FederationRelationship, _Mapping]]] = ...) -> None: ...
+
+class CreateFederationRelationshipRequest(_message.Message):
+    __slots__ = ("trust_domain", "bundle_endpoint_url", "profile", "endpoint_spiffe_id", "bundle")
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_ENDPOINT_URL_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    bundle_endpoint_url: str
+    profile: BundleEndpointProfile
+    endpoint_spiffe_id: str
+    bundle: bytes
+    def __init__(self, trust_domain: _Optional[str] = ..., bundle_endpoint_url: _Optional[str] = ..., profile: _Optional[_Union[BundleEndpointProfile, str]] = ..., endpoint_spiffe_id: _Optional[str] = ..., bundle: _Optional[bytes] = ...) -> None: ...
+
+class CreateFederationRelationshipResponse(_message.Message):
+    __slots__ = ("relationship",)
+    RELATIONSHIP_FIELD_NUMBER: _ClassVar[int]
+    relationship: FederationRelationship
+    def __init__(self, relationship: _Optional[_Union[FederationRelationship, _Mapping]] = ...) -> None: ...
+
+class DeleteFederationRelationshipRequest(_message.Message):
+    __slots__ = ("trust_domain",)
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    def __init__(self, trust_domain: _Optional[str] = ...) -> None: ...
+
+class DeleteFederationRelationshipResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RefreshFederatedBundleRequest(_message.Message):
+    __slots__ = ("trust_domain",)
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    def __init__(self, trust_domain: _Optional[str] = ...) -> None: ...
+
+class RefreshFederatedBundleResponse(_message.Message):
+    __slots__ = ("bundle",)
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    bundle: _types_pb2.Bundle
+    def __init__(self, bundle: _Optional[_Union[_types_pb2.Bundle, _Mapping]] = ...) -> None: ...
+
+class PolicyRevision(_message.Message):
+    __slots__ = ("revision", "documents", "author", "comment", "created_at", "sha256")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    AUTHOR_FIELD_NUMBER: _ClassVar[int]
+    COMMENT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    documents: str
+    author: str
+    comment: str
+    created_at: int
+    sha256: str
+    def __init__(self, revision: _Optional[int] = ..., documents: _Optional[str] = ..., author: _Optional[str] = ..., comment: _Optional[str] = ..., created_at: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class ApplyPolicyRequest(_message.Message):
+    __slots__ = ("documents", "author", "comment", "expected_head_revision", "dry_run")
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    AUTHOR_FIELD_NUMBER: _ClassVar[int]
+    COMMENT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_HEAD_REVISION_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    documents: str
+    author: str
+    comment: str
+    expected_head_revision: int
+    dry_run: bool
+    def __init__(self, documents: _Optional[str] = ..., author: _Optional[str] = ..., comment: _Optional[str] = ..., expected_head_revision: _Optional[int] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class ApplyPolicyResponse(_message.Message):
+    __slots__ = ("revision", "changed", "diff")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    DIFF_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    changed: bool
+    diff: str
+    def __init__(self, revision: _Optional[int] = ..., changed: _Optional[bool] = ..., diff: _Optional[str] = ...) -> None: ...
+
+class DiffPolicyRequest(_message.Message):
+    __slots__ = ("documents", "against_revision")
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    AGAINST_REVISION_FIELD_NUMBER: _ClassVar[int]
+    documents: str
+    against_revision: int
+    def __init__(self, documents: _Optional[str] = ..., against_revision: _Optional[int] = ...) -> None: ...
+
+class DiffPolicyResponse(_message.Message):
+    __slots__ = ("changed", "diff", "against_revision")
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    DIFF_FIELD_NUMBER: _ClassVar[int]
+    AGAINST_REVISION_FIELD_NUMBER: _ClassVar[int]
+    changed: bool
+    diff: str
+    against_revision: int
+    def __init__(self, changed: _Optional[bool] = ..., diff: _Optional[str] = ..., against_revision: _Optional[int] = ...) -> None: ...
+
+class GetPolicyRequest(_message.Message):
+    __slots__ = ("revision",)
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    def __init__(self, revision: _Optional[int] = ...) -> None: ...
+
+class GetPolicyResponse(_message.Message):
+    __slots__ = ("policy",)
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    policy: PolicyRevision
+    def __init__(self, policy: _Optional[_Union[PolicyRevision, _Mapping]] = ...) -> None: ...
+
+class ListPolicyRevisionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListPolicyRevisionsResponse(_message.Message):
+    __slots__ = ("revisions",)
+    REVISIONS_FIELD_NUMBER: _ClassVar[int]
+    revisions: _containers.RepeatedCompositeFieldContainer[PolicyRevision]
+    def __init__(self, revisions: _Optional[_Iterable[_Union[PolicyRevision, _Mapping]]] = ...) -> None: ...
+
+class RollbackPolicyRequest(_message.Message):
+    __slots__ = ("revision", "author", "comment", "expected_head_revision")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    AUTHOR_FIELD_NUMBER: _ClassVar[int]
+    COMMENT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_HEAD_REVISION_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    author: str
+    comment: str
+    expected_head_revision: int
+    def __init__(self, revision: _Optional[int] = ..., author: _Optional[str] = ..., comment: _Optional[str] = ..., expected_head_revision: _Optional[int] = ...) -> None: ...
+
+class RollbackPolicyResponse(_message.Message):
+    __slots__ = ("revision",)
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    def __init__(self, revision: _Optional[int] = ...) -> None: ...
+
+class CAAuthority(_message.Message):
+    __slots__ = ("kind", "state", "certificate", "serial", "key_id", "not_before", "not_after", "prepared_at", "activated_at", "retired_at", "replica")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_AT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATED_AT_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_AT_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    kind: CAAuthorityKind
+    state: CAAuthorityState
+    certificate: bytes
+    serial: str
+    key_id: str
+    not_before: int
+    not_after: int
+    prepared_at: int
+    activated_at: int
+    retired_at: int
+    replica: str
+    def __init__(self, kind: _Optional[_Union[CAAuthorityKind, str]] = ..., state: _Optional[_Union[CAAuthorityState, str]] = ..., certificate: _Optional[bytes] = ..., serial: _Optional[str] = ..., key_id: _Optional[str] = ..., not_before: _Optional[int] = ..., not_after: _Optional[int] = ..., prepared_at: _Optional[int] = ..., activated_at: _Optional[int] = ..., retired_at: _Optional[int] = ..., replica: _Optional[str] = ...) -> None: ...
+
+class GetCAJournalRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetCAJournalResponse(_message.Message):
+    __slots__ = ("authorities",)
+    AUTHORITIES_FIELD_NUMBER: _ClassVar[int]
+    authorities: _containers.RepeatedCompositeFieldContainer[CAAuthority]
+    def __init__(self, authorities: _Optional[_Iterable[_Union[CAAuthority, _Mapping]]] = ...) -> None: ...
+
+class RotateRootRequest(_message.Message):
+    __slots__ = ("step",)
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    step: RootRotationStep
+    def __init__(self, step: _Optional[_Union[RootRotationStep, str]] = ...) -> None: ...
+
+class RotateRootResponse(_message.Message):
+    __slots__ = ("authorities",)
+    AUTHORITIES_FIELD_NUMBER: _ClassVar[int]
+    authorities: _containers.RepeatedCompositeFieldContainer[CAAuthority]
+    def __init__(self, authorities: _Optional[_Iterable[_Union[CAAuthority, _Mapping]]] = ...) -> None: ...
+
+class IssuePartnerCertificateRequest(_message.Message):
+    __slots__ = ("spiffe_id", "csr", "ttl_seconds")
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    CSR_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    spiffe_id: str
+    csr: bytes
+    ttl_seconds: int
+    def __init__(self, spiffe_id: _Optional[str] = ..., csr: _Optional[bytes] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class IssuePartnerCertificateResponse(_message.Message):
+    __slots__ = ("cert_chain", "serial", "expires_at")
+    CERT_CHAIN_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    cert_chain: _containers.RepeatedScalarFieldContainer[bytes]
+    serial: str
+    expires_at: int
+    def __init__(self, cert_chain: _Optional[_Iterable[bytes]] = ..., serial: _Optional[str] = ..., expires_at: _Optional[int] = ...) -> None: ...
+
+class RevokePartnerCertificateRequest(_message.Message):
+    __slots__ = ("serial", "reason")
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    serial: str
+    reason: str
+    def __init__(self, serial: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RevokePartnerCertificateResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAuditEventsRequest(_message.Message):
+    __slots__ = ("since_seq", "since_time", "limit", "kind")
+    SINCE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    SINCE_TIME_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    since_seq: int
+    since_time: int
+    limit: int
+    kind: str
+    def __init__(self, since_seq: _Optional[int] = ..., since_time: _Optional[int] = ..., limit: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
+
+class ListAuditEventsResponse(_message.Message):
+    __slots__ = ("events", "next_seq")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[_types_pb2.AuditEvent]
+    next_seq: int
+    def __init__(self, events: _Optional[_Iterable[_Union[_types_pb2.AuditEvent, _Mapping]]] = ..., next_seq: _Optional[int] = ...) -> None: ...
+
+class VerifyAuditRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class VerifyAuditResponse(_message.Message):
+    __slots__ = ("ok", "checked", "first_broken_seq", "reason")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BROKEN_SEQ_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    checked: int
+    first_broken_seq: int
+    reason: str
+    def __init__(self, ok: _Optional[bool] = ..., checked: _Optional[int] = ..., first_broken_seq: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,70 @@
+"""`trustmesh`: one command for the control plane, the node agent and the platform teams.
+
+Each subcommand lives in its own module and registers itself on the parser; this module
+only wires them, sets up logging and turns trustmesh errors into a message and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from trustmesh import __version__
+from trustmesh.cli import server_cmd
+from trustmesh.errors import TrustmeshError
+from trustmesh.logs import setup_logging
+
+DESCRIPTION = """\
+trustmesh issues short-lived SPIFFE identities (X.509 and JWT SVIDs) to workloads through
+node agents, and enforces service-to-service allowlists declared as code.
+"""
+
+EPILOG = """\
+examples:
+  trustmesh server run --trust-domain example.org
+      start a control plane on the embedded SQLite store in ./.trustmesh/server
+
+run `trustmesh COMMAND --help` for the options of each command.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trustmesh",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"trustmesh {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="how much to log to stderr (default: info)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    server_cmd.register(commands)
+    version = commands.add_parser("version", help="print the trustmesh version")
+    version.set_defaults(func=lambda _args: print(f"trustmesh {__version__}") or 0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    setup_logging(args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except TrustmeshError as err:
+        print(f"trustmesh: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

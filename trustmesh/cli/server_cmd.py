@@ -1,0 +1,105 @@
+"""`trustmesh server …`: run the control plane."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from trustmesh.cli.config import ConfigError, resolve
+from trustmesh.duration import parse_duration
+from trustmesh.errors import InvalidSpiffeIdError
+from trustmesh.spiffeid import TrustDomain
+
+DEFAULTS: dict[str, Any] = {
+    "trust_domain": None,
+    "data_dir": "./.trustmesh/server",
+    "bind": "127.0.0.1:8081",
+    "admin_socket": None,
+    "store": "sqlite",
+    "kek_file": None,
+    "default_x509_ttl": "1h",
+    "default_jwt_ttl": "5m",
+    "ca_ttl": "24h",
+    "root_ttl": "365d",
+    "metrics": None,
+}
+
+
+def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    server = commands.add_parser(
+        "server",
+        help="run the control plane (certificate authority and registry)",
+        description="Run and inspect the trustmesh control plane.",
+    )
+    sub = server.add_subparsers(dest="server_command", metavar="SUBCOMMAND", title="subcommands")
+    run = sub.add_parser(
+        "run",
+        help="start the control plane and serve until SIGTERM",
+        description=(
+            "Start the control plane: load or create the CA (keys encrypted at rest under the "
+            "key-encryption key), write <data-dir>/bundle.pem for agents to bootstrap from, "
+            "log `ready`, and serve until SIGTERM or Ctrl-C. Every option can also be set in "
+            "a YAML file given with --config; flags win over the file."
+        ),
+    )
+    run.add_argument("--config", help="YAML file of options (keys are the flag names)")
+    run.add_argument("--trust-domain", help="the trust domain, e.g. example.org (required)")
+    run.add_argument("--data-dir", help="state directory (default ./.trustmesh/server)")
+    run.add_argument("--bind", help="agent-facing gRPC address host:port (default 127.0.0.1:8081)")
+    run.add_argument("--admin-socket", help="admin API unix socket (default <data-dir>/admin.sock)")
+    run.add_argument(
+        "--store",
+        help="'sqlite' (embedded, in the data dir), 'sqlite:///path/file.db' or "
+        "'etcd://host:port[,host:port…]' (default sqlite)",
+    )
+    run.add_argument(
+        "--kek-file",
+        help="file holding the 32-byte key-encryption key (raw, hex or base64; mode 0600). "
+        "Default: $TRUSTMESH_KEK, else <data-dir>/kek.bin generated on first start (sqlite only)",
+    )
+    run.add_argument("--default-x509-ttl", help="X.509-SVID lifetime when an entry sets none (default 1h)")
+    run.add_argument("--default-jwt-ttl", help="JWT-SVID lifetime when an entry sets none (default 5m)")
+    run.add_argument("--ca-ttl", help="lifetime of this replica's signing CA (default 24h)")
+    run.add_argument("--root-ttl", help="lifetime of a new root CA (default 365d)")
+    run.add_argument("--metrics", help="host:port to serve Prometheus metrics on (default off)")
+    run.set_defaults(func=_run)
+    server.set_defaults(func=lambda _a: server.print_help() or 2)
+
+
+def _build_config(args: argparse.Namespace) -> Any:
+    from controlplane.server import ServerConfig  # the composition root may import both sides
+
+    values = resolve(args, DEFAULTS, args.config)
+    if not values["trust_domain"]:
+        raise ConfigError("--trust-domain is required (e.g. --trust-domain example.org)")
+    try:
+        trust_domain = TrustDomain.parse(str(values["trust_domain"]))
+    except InvalidSpiffeIdError as err:
+        raise ConfigError(f"--trust-domain: {err.reason}") from err
+    durations = {}
+    for key in ("default_x509_ttl", "default_jwt_ttl", "ca_ttl", "root_ttl"):
+        try:
+            durations[key] = parse_duration(values[key])
+        except ValueError as err:
+            raise ConfigError(f"--{key.replace('_', '-')}: {err}") from err
+    data_dir = Path(values["data_dir"]).expanduser()
+    return ServerConfig(
+        trust_domain=trust_domain,
+        data_dir=data_dir,
+        store_url=str(values["store"]),
+        kek_file=Path(values["kek_file"]).expanduser() if values["kek_file"] else None,
+        bind=str(values["bind"]),
+        admin_socket=Path(values["admin_socket"]) if values["admin_socket"] else data_dir / "admin.sock",
+        metrics=values["metrics"],
+        **durations,
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from controlplane.server import run_server
+
+    config = _build_config(args)
+    asyncio.run(run_server(config))
+    return 0

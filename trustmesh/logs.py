@@ -1,0 +1,49 @@
+"""Structured logs: one event per line, ``key=value`` pairs, never a secret.
+
+Every component logs through ``log_event(logger, event, **fields)`` so the lines can be
+grepped and parsed (``ts=… level=info component=server event=ready bind=127.0.0.1:8081``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./:@,+")
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    if text and all(ch in _SAFE for ch in text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+class KeyValueFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        parts = [
+            f"ts={ts}.{int(record.msecs):03d}Z",
+            f"level={record.levelname.lower()}",
+            f"component={_quote(record.name.removeprefix('trustmesh.'))}",
+            f"event={_quote(record.getMessage())}",
+        ]
+        fields: dict[str, Any] = getattr(record, "fields", {})
+        parts.extend(f"{key}={_quote(value)}" for key, value in fields.items())
+        if record.exc_info and record.exc_info[1] is not None:
+            parts.append(f"error={_quote(repr(record.exc_info[1]))}")
+        return " ".join(parts)
+
+
+def setup_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(KeyValueFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
+    logger.log(level, event, extra={"fields": fields})
