@@ -1,10 +1,11 @@
-"""The control-plane server's composition root: build the store, the KEK and the CA, then
-run until told to stop.
+"""The control-plane server's composition root.
 
 Reads top to bottom like the flow it starts: open the store, load the key-encryption key,
 load or create the CA (never silently a new one), publish the trust bundle agents bootstrap
-from, announce `ready`, and wait for SIGTERM/SIGINT. The gRPC services join this list in
-the control-plane issue; each is a task in one TaskGroup so the first failure stops all.
+from, start the agent-facing gRPC server (TLS, the server's own SVID, rotated in place),
+the admin server on a unix socket (mode 0600: file permissions are the access control),
+metrics, and the background loops, then announce `ready`. Everything runs in one
+TaskGroup: the first failure stops all; SIGTERM stops all cleanly.
 """
 
 from __future__ import annotations
@@ -13,47 +14,32 @@ import asyncio
 import logging
 import os
 import signal
-import socket
-from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 
-from cryptography.hazmat.primitives import hashes
+import grpc
+from cryptography.hazmat.primitives import hashes, serialization
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from controlplane.ca.authority import CAConfig, CertificateAuthority
-from controlplane.ca.kek import KeyEncryptionKey
-from controlplane.store import Store, open_store
-from trustmesh.errors import KeyEncryptionError
+from trustmesh.errors import KeyEncryptionError, TrustmeshError
+from trustmesh.keys import generate_private_key
 from trustmesh.logs import log_event
-from trustmesh.spiffeid import TrustDomain
+from trustmesh.metrics import serve_metrics, split_host_port
+from trustmesh.naming import server_dns_name, server_id
+
+from controlplane.api.admin import AdminAPI
+from controlplane.api.node import NodeAPI
+from controlplane.audit import AuditLog
+from controlplane.ca.authority import CAConfig, CertificateAuthority, needs_rotation
+from controlplane.ca.kek import KeyEncryptionKey
+from controlplane.config import ServerConfig
+from controlplane.runtime import ServerRuntime
+from controlplane.store import Store, open_store
 
 log = logging.getLogger("trustmesh.server")
 
 KEK_ENV = "TRUSTMESH_KEK"
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    trust_domain: TrustDomain
-    data_dir: Path
-    store_url: str = "sqlite"
-    kek_file: Path | None = None
-    bind: str = "127.0.0.1:8081"
-    admin_socket: Path | None = None
-    default_x509_ttl: timedelta = timedelta(hours=1)
-    default_jwt_ttl: timedelta = timedelta(minutes=5)
-    ca_ttl: timedelta = timedelta(hours=24)
-    root_ttl: timedelta = timedelta(days=365)
-    metrics: str | None = None
-    replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-
-    @property
-    def bundle_path(self) -> Path:
-        return self.data_dir / "bundle.pem"
-
-    @property
-    def embedded(self) -> bool:
-        return not self.store_url.startswith("etcd://")
+SERVER_SVID_TTL = timedelta(hours=1)
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 def load_kek(config: ServerConfig) -> KeyEncryptionKey:
@@ -77,14 +63,94 @@ def load_kek(config: ServerConfig) -> KeyEncryptionKey:
     return KeyEncryptionKey.from_file(path)
 
 
-async def open_ca(config: ServerConfig, store: Store, kek: KeyEncryptionKey) -> CertificateAuthority:
-    ca_config = CAConfig(
-        trust_domain=config.trust_domain,
-        root_ttl=config.root_ttl,
-        ca_ttl=config.ca_ttl,
-        replica_id=config.replica_id,
-    )
-    return await CertificateAuthority.load_or_create(ca_config, store, kek)
+class ServingCredentials:
+    """The server's own TLS identity, re-read by gRPC at every handshake so a rotated SVID
+    (or a new root in the bundle) takes effect without a restart."""
+
+    def __init__(self, ca: CertificateAuthority, config: ServerConfig) -> None:
+        self._ca = ca
+        self._config = config
+        self._current: grpc.ServerCertificateConfiguration | None = None
+        self._changed = False
+        self.not_before = self.not_after = None
+
+    async def renew(self) -> None:
+        key = generate_private_key("ec-p256")
+        host = split_host_port(self._config.bind)[0]
+        dns = [server_dns_name(self._config.trust_domain), "localhost"]
+        if host and host not in dns and not host.replace(".", "").isdigit() and ":" not in host:
+            dns.append(host)
+        svid = await self._ca.sign_public_key(key.public_key(), server_id(self._config.trust_domain),
+                                              SERVER_SVID_TTL, dns)
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        roots = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self._ca.x509_authorities())
+        self._current = grpc.ssl_server_certificate_configuration([(key_pem, svid.chain_pem())], roots)
+        self._changed = True
+        self.not_before, self.not_after = svid.issued_at, svid.expires_at
+        log_event(log, "server_svid_issued", spiffe_id=svid.spiffe_id, expires_at=svid.expires_at.isoformat())
+
+    def initial(self) -> grpc.ServerCertificateConfiguration:
+        assert self._current is not None
+        self._changed = False
+        return self._current
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        # Called by gRPC per handshake: None means "keep the current configuration".
+        if not self._changed:
+            return None
+        self._changed = False
+        return self._current
+
+    def credentials(self) -> grpc.ServerCredentials:
+        # Client certificates are optional at the TLS layer (an agent attesting for the first
+        # time has none) but verified against our roots when sent; every Node call other than
+        # Attest then requires one (see controlplane/api/peer.py).
+        return grpc.dynamic_ssl_server_credentials(self.initial(), self.fetch, require_client_authentication=False)
+
+
+async def _rotation_loop(rt: ServerRuntime, creds: ServingCredentials, stop: asyncio.Event) -> None:
+    """Renew the serving SVID and this replica's signing CA at half their lives."""
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=5)
+            return
+        except asyncio.TimeoutError:
+            pass
+        now = rt.ca._clock()  # noqa: SLF001 - one clock for the CA and its rotation
+        if rt.ca.needs_signing_ca_rotation(now):
+            await rt.ca.rotate_signing_ca()
+            log_event(log, "signing_ca_rotated", not_after=rt.ca.signing_ca.not_valid_after_utc.isoformat())
+            await creds.renew()
+        elif creds.not_before and creds.not_after and needs_rotation(creds.not_before, creds.not_after, now):
+            await creds.renew()
+
+
+def _add_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    return servicer
+
+
+async def _start_admin_server(rt: ServerRuntime, admin: AdminAPI) -> grpc.aio.Server:
+    path = rt.config.admin_socket_path
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.is_socket():
+        path.unlink()  # a stale socket from a previous run
+    elif path.exists():
+        raise TrustmeshError(f"admin socket path {path} exists and is not a socket; remove it or pick another --admin-socket")
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    admin.register(server)
+    _add_health(server)
+    # The socket must never exist with looser permissions, not even for an instant.
+    old_umask = os.umask(0o177)
+    try:
+        server.add_insecure_port(f"unix:{path}")
+        await server.start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    return server
 
 
 async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) -> None:
@@ -96,19 +162,58 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         loop.add_signal_handler(sig, stop.set)
 
     kek = load_kek(config)
-    store = await open_store(config.store_url, config.data_dir)
+    store: Store = await open_store(config.store_url, config.data_dir)
+    node_server: grpc.aio.Server | None = None
+    admin_server: grpc.aio.Server | None = None
+    metrics_server: asyncio.Server | None = None
     try:
-        ca = await open_ca(config, store, kek)
-        ca.write_bundle_pem(config.bundle_path)
-        log_event(
-            log,
-            "ready",
-            trust_domain=config.trust_domain,
-            store=config.store_url.split("://", 1)[0],
-            bundle=str(config.bundle_path),
-            root_sha256=ca.root.fingerprint(hashes.SHA256()).hex(),
+        ca = await CertificateAuthority.load_or_create(
+            CAConfig(trust_domain=config.trust_domain, replica_id=config.replica_id,
+                     root_ttl=config.root_ttl, ca_ttl=config.ca_ttl),
+            store, kek,
         )
-        await stop.wait()
+        ca.write_bundle_pem(config.bundle_path)
+        rt = ServerRuntime(config=config, store=store, ca=ca, audit=AuditLog(store, kek.derive("audit-chain")))
+
+        creds = ServingCredentials(ca, config)
+        await creds.renew()
+        node_api = NodeAPI(rt)
+        admin_api = AdminAPI(rt, node_api)
+        node_server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ])
+        node_api.register(node_server)
+        health_servicer = _add_health(node_server)
+        try:
+            port = node_server.add_secure_port(config.bind, creds.credentials())
+        except RuntimeError as err:
+            raise TrustmeshError(f"cannot listen on {config.bind}: address in use or not available; pick another --bind") from err
+        await node_server.start()
+        admin_server = await _start_admin_server(rt, admin_api)
+        if config.metrics:
+            host, mport = split_host_port(config.metrics)
+            metrics_server = await serve_metrics(rt.metrics, host, mport)
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+
+        bind_host = split_host_port(config.bind)[0]
+        log_event(
+            log, "ready",
+            trust_domain=config.trust_domain, bind=f"{bind_host}:{port}",
+            admin_socket=str(config.admin_socket_path), store=config.store_url.split("://", 1)[0],
+            bundle=str(config.bundle_path), root_sha256=ca.root.fingerprint(hashes.SHA256()).hex(),
+            metrics=config.metrics or "off",
+        )
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(node_api.run(stop), name="node-api")
+            tasks.create_task(_rotation_loop(rt, creds, stop), name="rotation")
+            await stop.wait()
         log_event(log, "stopping")
     finally:
+        if node_server is not None:
+            await node_server.stop(grace=1)
+        if admin_server is not None:
+            await admin_server.stop(grace=1)
+        if metrics_server is not None:
+            metrics_server.close()
         await store.close()

@@ -29,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from trustmesh import jose
+from trustmesh.der import split_der
 from trustmesh.errors import BundleError
 from trustmesh.spiffeid import TrustDomain
 
@@ -331,28 +332,10 @@ def _x509_authority(raw: Mapping[str, Any], public_key: jose.PublicKey, where: s
 
 
 def _split_der(data: bytes) -> Iterator[bytes]:
-    """Split concatenated DER structures by reading each outer tag-length header."""
-    offset = 0
-    while offset < len(data):
-        if data[offset] != 0x30:
-            raise BundleError(f"DER bundle: expected a SEQUENCE at byte {offset}")
-        if offset + 2 > len(data):
-            raise BundleError(f"DER bundle: truncated header at byte {offset}")
-        first = data[offset + 1]
-        header = 2
-        if first < 0x80:
-            length = first
-        else:
-            count = first & 0x7F
-            if count == 0 or count > 4 or offset + 2 + count > len(data):
-                raise BundleError(f"DER bundle: bad length at byte {offset}")
-            length = int.from_bytes(data[offset + 2 : offset + 2 + count], "big")
-            header += count
-        end = offset + header + length
-        if end > len(data):
-            raise BundleError(f"DER bundle: certificate at byte {offset} is truncated")
-        yield data[offset:end]
-        offset = end
+    try:
+        yield from split_der(data)
+    except ValueError as err:
+        raise BundleError(f"DER bundle: {err}") from err
 
 
 class BundleSet(Mapping[TrustDomain, Bundle]):

@@ -14,7 +14,7 @@ SQLITE_FILE = "store.db"
 
 _USAGE = (
     "use 'sqlite' (a file in the data directory), 'sqlite:///path/to/store.db' "
-    "or 'etcd://host:port[,host:port...]'"
+    "or 'etcd://host:port[,host:port...][/namespace]'"
 )
 
 
@@ -39,8 +39,12 @@ async def open_store(
             raise StoreError(f"sqlite store url {url!r} needs an absolute file path; {_USAGE}")
         return Store(await SqliteKV.open(Path(path)))
     if url.startswith("etcd://"):
+        # etcd://h:p[,h:p]/name keeps this deployment's keys under /name/ (several
+        # deployments, or test runs, can share one etcd cluster without seeing each other).
+        hosts, slash, prefix = url[len("etcd://") :].partition("/")
+        namespace = f"/{prefix.strip('/')}/" if slash and prefix.strip("/") else etcd_namespace
         kv = await EtcdKV.connect(
-            parse_endpoints(url), namespace=etcd_namespace, timeout=etcd_timeout
+            parse_endpoints("etcd://" + hosts), namespace=namespace, timeout=etcd_timeout
         )
         return Store(kv)
     raise StoreError(f"unknown store url {url!r}; {_USAGE}")

@@ -24,6 +24,8 @@ DEFAULTS: dict[str, Any] = {
     "ca_ttl": "24h",
     "root_ttl": "365d",
     "metrics": None,
+    "agent_ttl": "1h",
+    "x509pop_ca": None,
 }
 
 
@@ -63,13 +65,18 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     run.add_argument("--default-jwt-ttl", help="JWT-SVID lifetime when an entry sets none (default 5m)")
     run.add_argument("--ca-ttl", help="lifetime of this replica's signing CA (default 24h)")
     run.add_argument("--root-ttl", help="lifetime of a new root CA (default 365d)")
+    run.add_argument("--agent-ttl", help="lifetime of agent SVIDs; agents renew at half-life (default 1h)")
+    run.add_argument(
+        "--x509pop-ca",
+        help="PEM file of CA certificates that node certificates chain to, enabling x509pop node attestation",
+    )
     run.add_argument("--metrics", help="host:port to serve Prometheus metrics on (default off)")
     run.set_defaults(func=_run)
     server.set_defaults(func=lambda _a: server.print_help() or 2)
 
 
 def _build_config(args: argparse.Namespace) -> Any:
-    from controlplane.server import ServerConfig  # the composition root may import both sides
+    from controlplane.config import ServerConfig  # the composition root may import both sides
 
     values = resolve(args, DEFAULTS, args.config)
     if not values["trust_domain"]:
@@ -79,7 +86,7 @@ def _build_config(args: argparse.Namespace) -> Any:
     except InvalidSpiffeIdError as err:
         raise ConfigError(f"--trust-domain: {err.reason}") from err
     durations = {}
-    for key in ("default_x509_ttl", "default_jwt_ttl", "ca_ttl", "root_ttl"):
+    for key in ("default_x509_ttl", "default_jwt_ttl", "ca_ttl", "root_ttl", "agent_ttl"):
         try:
             durations[key] = parse_duration(values[key])
         except ValueError as err:
@@ -91,8 +98,9 @@ def _build_config(args: argparse.Namespace) -> Any:
         store_url=str(values["store"]),
         kek_file=Path(values["kek_file"]).expanduser() if values["kek_file"] else None,
         bind=str(values["bind"]),
-        admin_socket=Path(values["admin_socket"]) if values["admin_socket"] else data_dir / "admin.sock",
+        admin_socket=Path(values["admin_socket"]).expanduser() if values["admin_socket"] else None,
         metrics=values["metrics"],
+        x509pop_ca=Path(values["x509pop_ca"]).expanduser() if values["x509pop_ca"] else None,
         **durations,
     )
 

@@ -1,0 +1,1 @@
+"""The certificate authority: KEK-sealed root and JWT keys, per-process signing CAs."""

@@ -1,0 +1,347 @@
+"""The certificate authority: root and JWT keys from the journal, a signing CA per process.
+
+Trust chain: root CA (long-lived, key sealed in the journal) -> this replica's signing CA
+(hours, key only in memory) -> leaf X509-SVIDs (minutes to an hour).
+
+A leaf takes ONLY the public key from the CSR: the SPIFFE ID, DNS names, lifetime and
+extensions come from the caller (the server's own registration record). CPU-heavy work
+runs in a thread so the event loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from trustmesh.bundle import Bundle, JwtAuthority
+from trustmesh.errors import CAError, ConflictError, SvidError, TrustmeshError
+from trustmesh.jwtsvid import sign_jwt_svid
+from trustmesh.keys import (
+    PrivateKey,
+    PublicKey,
+    generate_private_key,
+    key_id,
+    load_private_key_pkcs8_der,
+    private_key_to_pkcs8_der,
+    spki_der,
+)
+from trustmesh.spiffeid import SpiffeId, TrustDomain
+from trustmesh.x509svid import X509Svid, build_ca_certificate, build_leaf_certificate, parse_csr
+
+from controlplane.ca.journal import (
+    CAJournal,
+    JwtKeySlot,
+    RootSlot,
+    SigningCARecord,
+    jwt_aad,
+    root_aad,
+)
+from controlplane.ca.kek import KeyEncryptionKey
+
+_SAVE_RETRIES = 20
+
+
+class CAStateStore(Protocol):
+    async def load_ca_state(self) -> tuple[bytes | None, int]: ...
+    async def save_ca_state(self, data: bytes, expected_version: int) -> int: ...
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class CAConfig:
+    trust_domain: TrustDomain
+    replica_id: str
+    root_ttl: timedelta = timedelta(days=365)
+    ca_ttl: timedelta = timedelta(hours=24)
+    key_kind: str = "ec-p256"
+    backdate: timedelta = timedelta(seconds=30)
+
+
+@dataclass(frozen=True)
+class SigningCA:
+    cert: x509.Certificate
+    key: PrivateKey
+    root_id: str
+
+
+def needs_rotation(not_before: datetime, not_after: datetime, now: datetime, fraction: float = 0.5) -> bool:
+    """Pure rotation threshold: true once `fraction` of the lifetime has passed."""
+    return now >= not_before + (not_after - not_before) * fraction
+
+
+class CertificateAuthority:
+    def __init__(
+        self,
+        config: CAConfig,
+        store: CAStateStore,
+        kek: KeyEncryptionKey,
+        clock: Callable[[], datetime],
+        journal: CAJournal,
+        version: int,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._kek = kek
+        self._clock = clock
+        self._journal = journal
+        self._version = version
+        self._root_keys: dict[str, PrivateKey] = {}
+        self._jwt_keys: dict[str, PrivateKey] = {}
+        self._signing: SigningCA | None = None
+        self._unseal_all()
+
+    # --- start-up ------------------------------------------------------------------------
+
+    @classmethod
+    async def load_or_create(
+        cls,
+        config: CAConfig,
+        store: CAStateStore,
+        kek: KeyEncryptionKey,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> CertificateAuthority:
+        """Load the CA (wrong KEK or tampered keys: KeyEncryptionError, never a new CA),
+        create it on first start, then make this process's signing CA."""
+        data, version = await store.load_ca_state()
+        if data is None:
+            journal = await asyncio.to_thread(_new_journal, config, kek, clock())
+            try:
+                version = await store.save_ca_state(journal.to_bytes(), 0)
+            except ConflictError:
+                # Another replica created the CA first: use theirs.
+                data, version = await store.load_ca_state()
+                if data is None:
+                    raise CAError("CA state vanished while starting; check the store") from None
+                journal = CAJournal.from_bytes(data)
+        else:
+            journal = CAJournal.from_bytes(data)
+        if journal.trust_domain != config.trust_domain.name:
+            raise CAError(
+                f"the store holds the CA of trust domain {journal.trust_domain!r}, not "
+                f"{config.trust_domain.name!r}; use --trust-domain {journal.trust_domain} or another store"
+            )
+        ca = cls(config, store, kek, clock, journal, version)
+        await ca.rotate_signing_ca()
+        return ca
+
+    def _unseal_all(self) -> None:
+        td = self._journal.trust_domain
+        for slot in self._journal.roots:
+            if slot.id not in self._root_keys:
+                self._root_keys[slot.id] = load_private_key_pkcs8_der(self._kek.open(slot.sealed_key, root_aad(td, slot.id)))
+        for jslot in self._journal.jwt_keys:
+            if jslot.kid not in self._jwt_keys:
+                self._jwt_keys[jslot.kid] = load_private_key_pkcs8_der(self._kek.open(jslot.sealed_key, jwt_aad(td, jslot.kid)))
+        # Refuse a journal whose active root is inconsistent before anything is signed.
+        self._journal.active_root()
+        self._journal.active_jwt_key()
+
+    async def _update_journal(self, change: Callable[[CAJournal], CAJournal]) -> None:
+        """Apply `change` and save with compare-and-swap, re-reading on a lost race."""
+        for _ in range(_SAVE_RETRIES):
+            new = change(self._journal)
+            try:
+                self._version = await self._store.save_ca_state(new.to_bytes(), self._version)
+                self._journal = new
+                return
+            except ConflictError:
+                await self.reload()
+        raise CAError(f"could not save the CA journal after {_SAVE_RETRIES} tries; another writer keeps changing it")
+
+    async def reload(self) -> None:
+        """Pick up journal changes (e.g. a root rotation) made by another replica."""
+        data, version = await self._store.load_ca_state()
+        if data is None:
+            raise CAError("CA state disappeared from the store")
+        self._journal = CAJournal.from_bytes(data)
+        self._version = version
+        self._unseal_all()
+
+    # --- signing CA ------------------------------------------------------------------------
+
+    async def rotate_signing_ca(self) -> x509.Certificate:
+        """Make a fresh signing CA under the active root and record it in the journal."""
+        root_slot = self._journal.active_root()
+        root_cert = x509.load_der_x509_certificate(root_slot.cert_der)
+        root_key = self._root_keys[root_slot.id]
+        now = self._clock()
+        not_after = min(now + self._config.ca_ttl, root_cert.not_valid_after_utc)
+
+        def build() -> tuple[x509.Certificate, PrivateKey]:
+            key = generate_private_key(self._config.key_kind)
+            cert = build_ca_certificate(
+                trust_domain=self._config.trust_domain, public_key=key.public_key(), issuer=root_cert,
+                issuer_key=root_key, not_before=now - self._config.backdate, not_after=not_after,
+                path_length=0, common_name=f"trustmesh signing CA {self._config.replica_id}",
+            )
+            return cert, key
+
+        cert, key = await asyncio.to_thread(build)
+        record = SigningCARecord(
+            replica_id=self._config.replica_id, cert_der=cert.public_bytes(serialization.Encoding.DER),
+            root_id=root_slot.id, created_at=now.timestamp(), not_after=not_after.timestamp(),
+        )
+        await self._update_journal(lambda j: j.with_signing_ca(record, now=now.timestamp()))
+        self._signing = SigningCA(cert, key, root_slot.id)
+        return cert
+
+    def needs_signing_ca_rotation(self, now: datetime | None = None) -> bool:
+        cert = self.signing_ca
+        return needs_rotation(cert.not_valid_before_utc, cert.not_valid_after_utc, now or self._clock())
+
+    @property
+    def signing_ca(self) -> x509.Certificate:
+        if self._signing is None:
+            raise CAError("the signing CA is not ready")
+        return self._signing.cert
+
+    @property
+    def root(self) -> x509.Certificate:
+        return x509.load_der_x509_certificate(self._journal.active_root().cert_der)
+
+    @property
+    def trust_domain(self) -> TrustDomain:
+        return self._config.trust_domain
+
+    # --- issuance ---------------------------------------------------------------------------
+
+    def _check_id(self, spiffe_id: SpiffeId) -> None:
+        if spiffe_id.trust_domain != self._config.trust_domain:
+            raise CAError(f"{spiffe_id} is outside trust domain {self._config.trust_domain}; this CA signs only its own")
+        if spiffe_id.is_trust_domain_id:
+            raise CAError(f"{spiffe_id} has no path; an X509-SVID names a workload")
+
+    def _sign_leaf(self, public_key: PublicKey, spiffe_id: SpiffeId, ttl: timedelta,
+                   dns_names: Sequence[str]) -> X509Svid:
+        self._check_id(spiffe_id)
+        if ttl <= timedelta(0):
+            raise CAError(f"lifetime must be positive, got {ttl}")
+        signing = self._signing
+        if signing is None:
+            raise CAError("the signing CA is not ready")
+        now = self._clock()
+        not_after = min(now + ttl, signing.cert.not_valid_after_utc)
+        if not_after <= now:
+            raise CAError("the signing CA has expired; it must be rotated before issuing")
+        leaf = build_leaf_certificate(
+            spiffe_id=spiffe_id, public_key=public_key, issuer=signing.cert, issuer_key=signing.key,
+            not_before=now - self._config.backdate, not_after=not_after, dns_names=tuple(dns_names),
+        )
+        return X509Svid(spiffe_id, (leaf, signing.cert))
+
+    def _sign_csr(self, csr_der: bytes, spiffe_id: SpiffeId, ttl: timedelta, dns_names: Sequence[str]) -> X509Svid:
+        csr = parse_csr(csr_der)
+        return self._sign_leaf(csr.public_key(), spiffe_id, ttl, dns_names)  # type: ignore[arg-type]
+
+    async def sign_x509_svid(self, csr_der: bytes, spiffe_id: SpiffeId, ttl: timedelta,
+                             dns_names: Sequence[str] = ()) -> X509Svid:
+        return await asyncio.to_thread(self._sign_csr, csr_der, spiffe_id, ttl, dns_names)
+
+    async def sign_x509_svids(
+        self, batch: Sequence[tuple[bytes, SpiffeId, timedelta, Sequence[str]]]
+    ) -> list[X509Svid | TrustmeshError]:
+        """Sign a whole batch in one thread hop; a bad item fails alone."""
+
+        def run() -> list[X509Svid | TrustmeshError]:
+            out: list[X509Svid | TrustmeshError] = []
+            for csr_der, spiffe_id, ttl, dns in batch:
+                try:
+                    out.append(self._sign_csr(csr_der, spiffe_id, ttl, dns))
+                except (SvidError, CAError) as err:
+                    out.append(err)
+            return out
+
+        return await asyncio.to_thread(run)
+
+    async def sign_public_key(self, public_key: PublicKey, spiffe_id: SpiffeId, ttl: timedelta,
+                              dns_names: Sequence[str] = ()) -> X509Svid:
+        """For the server's own serving SVID, whose key this process made itself."""
+        return await asyncio.to_thread(self._sign_leaf, public_key, spiffe_id, ttl, dns_names)
+
+    def sign_jwt_svid(self, spiffe_id: SpiffeId, audiences: Sequence[str], ttl: timedelta) -> tuple[str, datetime]:
+        self._check_id(spiffe_id)
+        slot = self._journal.active_jwt_key()
+        now = self._clock().replace(microsecond=0)
+        expires = now + ttl
+        token = sign_jwt_svid(spiffe_id=spiffe_id, audiences=list(audiences), private_key=self._jwt_keys[slot.kid],
+                              key_id=slot.kid, expires_at=expires, issued_at=now)
+        return token, expires
+
+    # --- the trust bundle -----------------------------------------------------------------
+
+    def x509_authorities(self) -> list[x509.Certificate]:
+        """Every root an SVID may still chain to: prepared, active and unexpired old ones."""
+        now = self._clock().timestamp()
+        return [x509.load_der_x509_certificate(r.cert_der) for r in self._journal.roots if r.not_after > now]
+
+    def jwt_authorities(self) -> dict[str, PublicKey]:
+        now = self._clock().timestamp()
+        return {k.kid: self._jwt_keys[k.kid].public_key() for k in self._journal.jwt_keys  # type: ignore[misc]
+                if k.not_after > now}
+
+    def bundle(self) -> Bundle:
+        now = self._clock().timestamp()
+        jwt = tuple(
+            JwtAuthority(k.kid, self._jwt_keys[k.kid].public_key(),  # type: ignore[arg-type]
+                         datetime.fromtimestamp(k.not_after, timezone.utc))
+            for k in self._journal.jwt_keys if k.not_after > now
+        )
+        return Bundle(self._config.trust_domain, tuple(self.x509_authorities()), jwt,
+                      sequence_number=self._version, refresh_hint=timedelta(minutes=5))
+
+    def write_bundle_pem(self, path: Path) -> None:
+        """Atomically (temp file + rename) write the roots as PEM, mode 0644."""
+        data = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.x509_authorities())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".bundle-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _new_journal(config: CAConfig, kek: KeyEncryptionKey, now: datetime) -> CAJournal:
+    td = config.trust_domain
+    root_key = generate_private_key(config.key_kind)
+    root_id = secrets.token_hex(8)
+    not_after = now + config.root_ttl
+    root = build_ca_certificate(
+        trust_domain=td, public_key=root_key.public_key(), issuer=None, issuer_key=root_key,
+        not_before=now - config.backdate, not_after=not_after, path_length=1,
+        common_name=f"trustmesh root CA {td.name}",
+    )
+    jwt_key = generate_private_key("ec-p256")
+    kid = key_id(jwt_key.public_key())
+    root_slot = RootSlot(
+        id=root_id, status="active", cert_der=root.public_bytes(serialization.Encoding.DER),
+        sealed_key=kek.seal(private_key_to_pkcs8_der(root_key), root_aad(td.name, root_id)),
+        created_at=now.timestamp(), not_after=not_after.timestamp(),
+    )
+    jwt_slot = JwtKeySlot(
+        kid=kid, status="active", public_key_der=spki_der(jwt_key.public_key()),
+        sealed_key=kek.seal(private_key_to_pkcs8_der(jwt_key), jwt_aad(td.name, kid)),
+        created_at=now.timestamp(), not_after=not_after.timestamp(),
+    )
+    return CAJournal(trust_domain=td.name, roots=(root_slot,), jwt_keys=(jwt_slot,))
+
+
+__all__ = ["CAConfig", "CAStateStore", "CertificateAuthority", "SigningCA", "needs_rotation"]

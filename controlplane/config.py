@@ -1,0 +1,47 @@
+"""The server's configuration, as one frozen value built by the CLI."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from trustmesh.spiffeid import TrustDomain
+
+# Bounds an entry's TTLs must fall within; outside them is INVALID_ARGUMENT.
+MIN_X509_TTL = timedelta(seconds=1)
+MAX_X509_TTL = timedelta(days=30)
+MIN_JWT_TTL = timedelta(seconds=1)
+MAX_JWT_TTL = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    trust_domain: TrustDomain
+    data_dir: Path
+    store_url: str = "sqlite"
+    kek_file: Path | None = None
+    bind: str = "127.0.0.1:8081"
+    admin_socket: Path | None = None
+    default_x509_ttl: timedelta = timedelta(hours=1)
+    default_jwt_ttl: timedelta = timedelta(minutes=5)
+    agent_ttl: timedelta = timedelta(hours=1)
+    ca_ttl: timedelta = timedelta(hours=24)
+    root_ttl: timedelta = timedelta(days=365)
+    metrics: str | None = None
+    x509pop_ca: Path | None = None  # PEM roots that node certificates for x509pop chain to
+    replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+    @property
+    def bundle_path(self) -> Path:
+        return self.data_dir / "bundle.pem"
+
+    @property
+    def admin_socket_path(self) -> Path:
+        return self.admin_socket or self.data_dir / "admin.sock"
+
+    @property
+    def embedded(self) -> bool:
+        return not self.store_url.startswith("etcd://")

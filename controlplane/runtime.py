@@ -1,0 +1,24 @@
+"""What every control-plane service shares, built once by `server.py`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from trustmesh.metrics import Registry
+
+from controlplane.audit import AuditLog
+from controlplane.ca.authority import CertificateAuthority
+from controlplane.config import ServerConfig
+from controlplane.store import Store
+
+
+@dataclass
+class ServerRuntime:
+    config: ServerConfig
+    store: Store
+    ca: CertificateAuthority
+    audit: AuditLog
+    metrics: Registry = field(default_factory=Registry)
+    clock: Callable[[], float] = time.time

@@ -1,0 +1,124 @@
+"""Real processes for integration tests: `trustmesh server run`, the CLI, node channels.
+
+Everything listens on loopback with ports the OS picks; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+
+from trustmesh.keys import PrivateKey
+from trustmesh.naming import server_dns_name
+from trustmesh.spiffeid import TrustDomain
+
+READY_TIMEOUT = 30.0
+
+
+def trustmesh_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "trustmesh.cli.main", *args]
+
+
+@dataclass
+class ServerProcess:
+    data_dir: Path
+    trust_domain: str = "example.org"
+    store: str = "sqlite"
+    extra: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    bind: str = ""
+    log_path: Path | None = None
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.data_dir / "admin.sock"
+
+    @property
+    def bundle_path(self) -> Path:
+        return self.data_dir / "bundle.pem"
+
+    @property
+    def td(self) -> TrustDomain:
+        return TrustDomain(self.trust_domain)
+
+    def start(self, timeout: float = READY_TIMEOUT) -> ServerProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-{uuid.uuid4().hex[:6]}.log"
+        log = self.log_path.open("wb")
+        args = trustmesh_cmd(
+            "server", "run", "--trust-domain", self.trust_domain, "--data-dir", str(self.data_dir),
+            "--bind", "127.0.0.1:0", "--store", self.store, *self.extra,
+        )
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **self.env})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text(errors="replace")
+            match = re.search(r"event=ready .*?bind=(\S+)", text)
+            if match:
+                self.bind = match.group(1)
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{text}")
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"server not ready in {timeout}s:\n{self.log_path.read_text(errors='replace')}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def stop(self, timeout: float = 10) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    # --- clients -------------------------------------------------------------------------
+
+    def cli(self, *args: str, check: bool = False, timeout: float = 60,
+            input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "TRUSTMESH_ADMIN_SOCKET": str(self.admin_socket)}
+        result = subprocess.run(trustmesh_cmd(*args), capture_output=True, text=True, env=env,
+                                timeout=timeout, input=input.decode() if input else None)
+        if check and result.returncode != 0:
+            raise AssertionError(f"trustmesh {' '.join(args)} failed ({result.returncode}):\n"
+                                 f"stdout: {result.stdout}\nstderr: {result.stderr}")
+        return result
+
+    def node_channel(self, key: PrivateKey | None = None, chain_pem: bytes | None = None,
+                     roots_pem: bytes | None = None) -> grpc.aio.Channel:
+        """A channel to the Node API, authenticated with (key, chain) when given."""
+        key_pem = None
+        if key is not None:
+            key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption())
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=roots_pem or self.bundle_path.read_bytes(),
+            private_key=key_pem, certificate_chain=chain_pem,
+        )
+        return grpc.aio.secure_channel(
+            self.bind, creds, options=[("grpc.ssl_target_name_override", server_dns_name(self.td))]
+        )
+
+    def admin_channel(self) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(f"unix:{self.admin_socket}")
