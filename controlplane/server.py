@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 import signal
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import grpc
 from cryptography.hazmat.primitives import hashes, serialization
@@ -72,7 +72,8 @@ class ServingCredentials:
         self._config = config
         self._current: grpc.ServerCertificateConfiguration | None = None
         self._changed = False
-        self.not_before = self.not_after = None
+        self.not_before: datetime | None = None
+        self.not_after: datetime | None = None
 
     async def renew(self) -> None:
         key = generate_private_key("ec-p256")

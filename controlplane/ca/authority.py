@@ -289,13 +289,13 @@ class CertificateAuthority:
 
     def jwt_authorities(self) -> dict[str, PublicKey]:
         now = self._clock().timestamp()
-        return {k.kid: self._jwt_keys[k.kid].public_key() for k in self._journal.jwt_keys  # type: ignore[misc]
+        return {k.kid: self._jwt_keys[k.kid].public_key() for k in self._journal.jwt_keys
                 if k.not_after > now}
 
     def bundle(self) -> Bundle:
         now = self._clock().timestamp()
         jwt = tuple(
-            JwtAuthority(k.kid, self._jwt_keys[k.kid].public_key(),  # type: ignore[arg-type]
+            JwtAuthority(k.kid, self._jwt_keys[k.kid].public_key(),
                          datetime.fromtimestamp(k.not_after, timezone.utc))
             for k in self._journal.jwt_keys if k.not_after > now
         )

@@ -29,7 +29,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(commands: argparse._SubParsersAction) -> None:
     server = commands.add_parser(
         "server",
         help="run the control plane (certificate authority and registry)",
@@ -85,7 +85,7 @@ def _build_config(args: argparse.Namespace) -> Any:
         trust_domain = TrustDomain.parse(str(values["trust_domain"]))
     except InvalidSpiffeIdError as err:
         raise ConfigError(f"--trust-domain: {err.reason}") from err
-    durations = {}
+    durations: dict[str, Any] = {}
     for key in ("default_x509_ttl", "default_jwt_ttl", "ca_ttl", "root_ttl", "agent_ttl"):
         try:
             durations[key] = parse_duration(values[key])

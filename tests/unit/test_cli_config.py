@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from trustmesh.cli import server_cmd
+from trustmesh.cli.config import ConfigError, load_config_file, resolve
+from trustmesh.cli.main import build_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_flags_beat_the_file_which_beats_defaults(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data-dir: /from/file\nbind: 1.2.3.4:1\n")
+    args = argparse.Namespace(bind="5.6.7.8:2", data_dir=None)
+    out = resolve(args, {"bind": "d", "data_dir": "d", "store": "sqlite"}, str(cfg))
+    assert out == {"bind": "5.6.7.8:2", "data_dir": "/from/file", "store": "sqlite"}
+
+
+@pytest.mark.parametrize(("text", "message"), [("- a\n- b\n", "mapping"), ("a: [\n", "not valid YAML"),
+                                               ("unknown: 1\n", "unknown option")])
+def test_bad_files_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        resolve(argparse.Namespace(), {"bind": "x"}, str(cfg))
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config_file(tmp_path / "nope.yaml")
+
+
+def test_the_shipped_example_config_is_valid() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["server", "run", "--config", str(ROOT / "deploy/server.example.yaml")])
+    config = server_cmd._build_config(args)
+    assert config.trust_domain.name == "example.org"
+    assert config.default_jwt_ttl.total_seconds() == 300

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from trustmesh.metrics import Registry, serve_metrics, split_host_port
+
+
+def test_counter_gauge_histogram_render_in_prometheus_text_format() -> None:
+    reg = Registry()
+    c = reg.counter("trustmesh_things_total", "things done", ["outcome"])
+    c.inc(outcome="ok")
+    c.inc(2, outcome='we"ird\n')
+    g = reg.gauge("trustmesh_streams", "open streams")
+    g.set(3)
+    g.dec()
+    h = reg.histogram("trustmesh_latency_seconds", "latency", buckets=(0.1, 1.0))
+    h.observe(0.1)
+    h.observe(0.5)
+    h.observe(7)
+    text = reg.render()
+    assert "# TYPE trustmesh_things_total counter" in text
+    assert 'trustmesh_things_total{outcome="ok"} 1' in text
+    assert 'trustmesh_things_total{outcome="we\\"ird\\n"} 2' in text
+    assert "trustmesh_streams 2" in text
+    assert 'trustmesh_latency_seconds_bucket{le="0.1"} 1' in text  # le is inclusive
+    assert 'trustmesh_latency_seconds_bucket{le="1"} 2' in text
+    assert 'trustmesh_latency_seconds_bucket{le="+Inf"} 3' in text
+    assert "trustmesh_latency_seconds_count 3" in text
+    assert h.count() == 3
+
+
+def test_labels_must_match_the_declaration() -> None:
+    reg = Registry()
+    c = reg.counter("trustmesh_x_total", "x", ["a"])
+    with pytest.raises(ValueError):
+        c.inc(b="1")
+    assert reg.counter("trustmesh_x_total", "x", ["a"]) is c
+    with pytest.raises(ValueError):
+        reg.gauge("trustmesh_x_total", "x", ["a"])
+
+
+async def test_http_endpoint_serves_metrics_and_404s_the_rest() -> None:
+    reg = Registry()
+    reg.counter("trustmesh_up_total", "up").inc()
+    server = await serve_metrics(reg, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        bodies = {}
+        for path, status in (("/metrics", b"200"), ("/other", b"404")):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            bodies[path] = await reader.read()
+            writer.close()
+            assert bodies[path].split(b" ")[1] == status
+        assert b"trustmesh_up_total 1" in bodies["/metrics"]
+        assert b"trustmesh_up_total" not in bodies["/other"]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(("text", "want"), [("127.0.0.1:9090", ("127.0.0.1", 9090)), (":9090", ("0.0.0.0", 9090)),
+                                            ("[::1]:80", ("::1", 80))])
+def test_split_host_port(text: str, want: tuple[str, int]) -> None:
+    assert split_host_port(text) == want
+
+
+@pytest.mark.parametrize("text", ["9090", "host:", "host:port"])
+def test_split_host_port_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        split_host_port(text)
