@@ -1,17 +1,163 @@
-"""The Admin service on the admin unix socket (skeleton: being filled in)."""
+"""The Admin service, served on the admin unix socket (file permissions are the access control).
+
+Thin: converts messages, calls the Registry / audit log, lets `grpc_errors` map refusals.
+RPCs of features not built yet answer UNIMPLEMENTED with a message that says so.
+"""
 
 from __future__ import annotations
 
+import time
+from datetime import timedelta
+
 import grpc
 
+from trustmesh._proto.trustmesh.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+from trustmesh.spiffeid import TrustDomain
+
+from controlplane.api.convert import audit_event_to_pb, bundle_to_pb, entry_to_pb, node_to_pb, selector_text
 from controlplane.api.node import NodeAPI
+from controlplane.api.status import InvalidArgumentError, grpc_errors
+from controlplane.registration import DEFAULT_TOKEN_TTL, EntrySpec, Registry
 from controlplane.runtime import ServerRuntime
+from trustmesh.errors import NotFoundError
+
+# Who made an admin change. grpcio cannot read SO_PEERCRED on the unix socket, so the
+# local socket itself (mode 0600, owned by the server's user) is the identity.
+LOCAL_ADMIN = "admin:local-socket"
+MAX_PAGE = 1000
+MAX_AUDIT_PAGE = 5000
+
+
+def _spec(entry: types_pb2.Entry) -> EntrySpec:
+    return EntrySpec(
+        spiffe_id=entry.spiffe_id, parent_id=entry.parent_id,
+        selectors=[selector_text(s) for s in entry.selectors],
+        x509_ttl=entry.x509_ttl_seconds, jwt_ttl=entry.jwt_ttl_seconds,
+        dns_names=list(entry.dns_names), federates_with=list(entry.federates_with), admin=entry.admin,
+    )
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    def __init__(self, rt: ServerRuntime) -> None:
+        self._rt = rt
+        self._registry = Registry(rt)
+
+    async def CreateEntry(self, request: admin_pb2.CreateEntryRequest,
+                          context: grpc.aio.ServicerContext) -> admin_pb2.CreateEntryResponse:
+        async with grpc_errors(context, "CreateEntry"):
+            entry = await self._registry.create_entry(_spec(request.entry), LOCAL_ADMIN)
+            return admin_pb2.CreateEntryResponse(entry=entry_to_pb(entry))
+
+    async def GetEntry(self, request: admin_pb2.GetEntryRequest,
+                       context: grpc.aio.ServicerContext) -> admin_pb2.GetEntryResponse:
+        async with grpc_errors(context, "GetEntry"):
+            if not request.id:
+                raise InvalidArgumentError("an entry id is required; see `trustmesh entry list`")
+            return admin_pb2.GetEntryResponse(entry=entry_to_pb(await self._rt.store.get_entry(request.id)))
+
+    async def ListEntries(self, request: admin_pb2.ListEntriesRequest,
+                          context: grpc.aio.ServicerContext) -> admin_pb2.ListEntriesResponse:
+        async with grpc_errors(context, "ListEntries"):
+            if request.page_size < 0:
+                raise InvalidArgumentError("page_size must not be negative")
+            size = min(request.page_size or MAX_PAGE, MAX_PAGE)
+            entries = await self._rt.store.list_entries(parent_id=request.parent_id or None)
+            if request.spiffe_id:
+                entries = [e for e in entries if e.spiffe_id == request.spiffe_id]
+            entries.sort(key=lambda e: e.id)
+            if request.page_token:
+                entries = [e for e in entries if e.id > request.page_token]
+            page = entries[:size]
+            next_token = page[-1].id if len(entries) > size else ""
+            return admin_pb2.ListEntriesResponse(entries=[entry_to_pb(e) for e in page], next_page_token=next_token)
+
+    async def UpdateEntry(self, request: admin_pb2.UpdateEntryRequest,
+                          context: grpc.aio.ServicerContext) -> admin_pb2.UpdateEntryResponse:
+        async with grpc_errors(context, "UpdateEntry"):
+            if not request.entry.id:
+                raise InvalidArgumentError("an entry id is required")
+            entry = await self._registry.update_entry(request.entry.id, _spec(request.entry), LOCAL_ADMIN,
+                                                      request.expected_revision or None)
+            return admin_pb2.UpdateEntryResponse(entry=entry_to_pb(entry))
+
+    async def DeleteEntry(self, request: admin_pb2.DeleteEntryRequest,
+                          context: grpc.aio.ServicerContext) -> admin_pb2.DeleteEntryResponse:
+        async with grpc_errors(context, "DeleteEntry"):
+            if not request.id:
+                raise InvalidArgumentError("an entry id is required")
+            await self._registry.delete_entry(request.id, LOCAL_ADMIN)
+            return admin_pb2.DeleteEntryResponse()
+
+    async def CreateJoinToken(self, request: admin_pb2.CreateJoinTokenRequest,
+                              context: grpc.aio.ServicerContext) -> admin_pb2.CreateJoinTokenResponse:
+        async with grpc_errors(context, "CreateJoinToken"):
+            ttl = timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else DEFAULT_TOKEN_TTL
+            token, record = await self._registry.create_join_token(request.node_name, ttl, LOCAL_ADMIN)
+            agent = self._registry.resolve_agent(record.node_name)
+            return admin_pb2.CreateJoinTokenResponse(token=token, expires_at=int(record.expires_at), agent_id=agent)
+
+    async def ListAgents(self, request: admin_pb2.ListAgentsRequest,
+                         context: grpc.aio.ServicerContext) -> admin_pb2.ListAgentsResponse:
+        async with grpc_errors(context, "ListAgents"):
+            nodes = sorted(await self._rt.store.list_attested_nodes(), key=lambda n: n.spiffe_id)
+            return admin_pb2.ListAgentsResponse(agents=[node_to_pb(n) for n in nodes])
+
+    async def BanAgent(self, request: admin_pb2.BanAgentRequest,
+                       context: grpc.aio.ServicerContext) -> admin_pb2.BanAgentResponse:
+        async with grpc_errors(context, "BanAgent"):
+            await self._registry.ban_agent(request.spiffe_id, LOCAL_ADMIN)
+            return admin_pb2.BanAgentResponse()
+
+    async def EvictAgent(self, request: admin_pb2.EvictAgentRequest,
+                         context: grpc.aio.ServicerContext) -> admin_pb2.EvictAgentResponse:
+        async with grpc_errors(context, "EvictAgent"):
+            await self._registry.evict_agent(request.spiffe_id, LOCAL_ADMIN)
+            return admin_pb2.EvictAgentResponse()
+
+    async def GetBundle(self, request: admin_pb2.GetBundleRequest,
+                        context: grpc.aio.ServicerContext) -> admin_pb2.GetBundleResponse:
+        async with grpc_errors(context, "GetBundle"):
+            own = self._rt.config.trust_domain
+            if request.trust_domain and TrustDomain.parse(request.trust_domain) != own:
+                raise NotFoundError(f"this server holds no bundle for {request.trust_domain}; federation comes later")
+            bundle = self._rt.ca.bundle()
+            return admin_pb2.GetBundleResponse(bundle=bundle_to_pb(bundle), spiffe_bundle=bundle.to_jwks())
+
+    async def ListAuditEvents(self, request: admin_pb2.ListAuditEventsRequest,
+                              context: grpc.aio.ServicerContext) -> admin_pb2.ListAuditEventsResponse:
+        async with grpc_errors(context, "ListAuditEvents"):
+            if request.limit < 0 or request.since_seq < 0:
+                raise InvalidArgumentError("limit and since_seq must not be negative")
+            limit = min(request.limit or MAX_AUDIT_PAGE, MAX_AUDIT_PAGE)
+            out, cursor = [], request.since_seq
+            # Filters apply after reading; read pages until the limit is met or the log ends.
+            while len(out) < limit:
+                page = await self._rt.store.list_audit_events(since_seq=cursor, limit=limit)
+                if not page:
+                    break
+                cursor = page[-1].seq
+                out.extend(e for e in page if e.time >= request.since_time
+                           and (not request.kind or e.kind == request.kind))
+            out = out[:limit]
+            next_seq = out[-1].seq if len(out) == limit else 0
+            return admin_pb2.ListAuditEventsResponse(events=[audit_event_to_pb(e) for e in out], next_seq=next_seq)
+
+    async def VerifyAudit(self, request: admin_pb2.VerifyAuditRequest,
+                          context: grpc.aio.ServicerContext) -> admin_pb2.VerifyAuditResponse:
+        async with grpc_errors(context, "VerifyAudit"):
+            started = time.monotonic()
+            result = await self._rt.audit.verify()
+            self._rt.metrics.histogram("trustmesh_audit_verify_seconds", "time to verify the audit chain").observe(
+                time.monotonic() - started)
+            return admin_pb2.VerifyAuditResponse(ok=result.ok, checked=result.checked,
+                                                 first_broken_seq=result.first_broken_seq, reason=result.reason)
 
 
 class AdminAPI:
     def __init__(self, rt: ServerRuntime, node_api: NodeAPI) -> None:
         self._rt = rt
         self._node_api = node_api
+        self.servicer = AdminServicer(rt)
 
     def register(self, server: grpc.aio.Server) -> None:
-        """Add the Admin servicer to `server`."""
+        admin_pb2_grpc.add_AdminServicer_to_server(self.servicer, server)

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from trustmesh import __version__
-from trustmesh.cli import server_cmd
+from trustmesh.cli import agents_cmd, audit_cmd, entry_cmd, server_cmd, token_cmd
 from trustmesh.errors import TrustmeshError
 from trustmesh.logs import setup_logging
 
@@ -24,6 +24,12 @@ EPILOG = """\
 examples:
   trustmesh server run --trust-domain example.org
       start a control plane on the embedded SQLite store in ./.trustmesh/server
+  trustmesh token create --node node-1
+      a one-time join token for the agent on node-1
+  trustmesh entry create --spiffe-id spiffe://example.org/ledger --node node-1 --selector unix:uid:1001
+      let processes of uid 1001 on node-1 obtain spiffe://example.org/ledger
+  trustmesh audit verify
+      check that no audit event was edited, removed or reordered
 
 run `trustmesh COMMAND --help` for the options of each command.
 """
@@ -45,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     server_cmd.register(commands)
+    token_cmd.register(commands)
+    entry_cmd.register(commands)
+    agents_cmd.register(commands)
+    audit_cmd.register(commands)
     version = commands.add_parser("version", help="print the trustmesh version")
     version.set_defaults(func=lambda _args: print(f"trustmesh {__version__}") or 0)
     return parser

@@ -1,0 +1,91 @@
+"""`trustmesh audit …`: read and verify the tamper-evident audit log."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import datetime, timezone
+
+from trustmesh._proto.trustmesh.v1 import admin_pb2
+from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call, print_json
+from trustmesh.duration import parse_duration
+from trustmesh.errors import TrustmeshError
+
+
+class AuditArgsError(TrustmeshError):
+    pass
+
+
+def parse_since(text: str | None, now: float | None = None) -> int:
+    """`--since` takes an ISO time (2026-11-22T10:00:00Z) or a duration back from now (1h)."""
+    if not text:
+        return 0
+    try:
+        return int((now or time.time()) - parse_duration(text).total_seconds())
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as err:
+        raise AuditArgsError(f"--since {text!r}: use an ISO time like 2026-11-22T10:00:00Z or a duration like 1h") from err
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return int(when.timestamp())
+
+
+def _show(args: argparse.Namespace) -> int:
+    since = parse_since(args.since)
+    events, cursor = [], 0
+    while len(events) < args.limit:
+        req = admin_pb2.ListAuditEventsRequest(since_seq=cursor, since_time=since, kind=args.kind or "",
+                                               limit=min(1000, args.limit - len(events)))
+        reply = call(args, lambda s: s.ListAuditEvents(req, timeout=TIMEOUT))
+        events.extend(reply.events)
+        if not reply.next_seq:
+            break
+        cursor = reply.next_seq
+    if args.json:
+        print_json([{"seq": e.seq, "time": datetime.fromtimestamp(e.time, timezone.utc).isoformat(),
+                     "kind": e.kind, "actor": e.actor, "subject": e.subject, "outcome": e.outcome,
+                     "details": json.loads(e.details_json or "{}"), "hash": e.hash} for e in events])
+        return 0
+    for e in events:
+        when = datetime.fromtimestamp(e.time, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        details = json.loads(e.details_json or "{}")
+        extra = " ".join(f"{k}={v}" for k, v in sorted(details.items()))
+        print(f"{e.seq:>6} {when} {e.kind:<14} {e.outcome:<7} {e.actor} -> {e.subject} {extra}".rstrip())
+    if not events:
+        print("no audit events")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    reply = call(args, lambda s: s.VerifyAudit(admin_pb2.VerifyAuditRequest(), timeout=300))
+    if reply.ok:
+        print(f"audit log intact: {reply.checked} events verified")
+        return 0
+    print(f"audit log BROKEN at event {reply.first_broken_seq}: {reply.reason} "
+          f"({reply.checked} events before it verified)")
+    return 1
+
+
+def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    audit = commands.add_parser("audit", help="read and verify the tamper-evident audit log",
+                                description="Every attestation, issuance, admin change and refusal is an event "
+                                            "in a hash chain keyed by the server's key-encryption key.")
+    sub = audit.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", title="subcommands")
+    p = sub.add_parser("show", help="print audit events, oldest first",
+                       epilog="examples:\n  trustmesh audit show --since 1h\n"
+                              "  trustmesh audit show --since 2026-11-22T10:00:00Z --kind node.attest --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--since", help="only events after this ISO time, or within this duration back from now (e.g. 1h)")
+    p.add_argument("--kind", help="only events of this kind, e.g. entry.create, node.attest, svid.issue")
+    p.add_argument("--limit", type=int, default=1000, help="at most this many events (default 1000)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_socket_flag(p)
+    p.set_defaults(func=_show)
+    p = sub.add_parser("verify", help="check the whole chain; exits 1 and names the first broken event")
+    add_socket_flag(p)
+    p.set_defaults(func=_verify)
+    audit.set_defaults(func=lambda _a: audit.print_help() or 2)
