@@ -19,6 +19,7 @@ from controlplane.api.node import NodeAPI
 from controlplane.api.status import InvalidArgumentError, grpc_errors
 from controlplane.registration import DEFAULT_TOKEN_TTL, EntrySpec, Registry
 from controlplane.runtime import ServerRuntime
+from controlplane.store.records import AuditEvent
 from trustmesh.errors import NotFoundError
 
 # Who made an admin change. grpcio cannot read SO_PEERCRED on the unix socket, so the
@@ -129,7 +130,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             if request.limit < 0 or request.since_seq < 0:
                 raise InvalidArgumentError("limit and since_seq must not be negative")
             limit = min(request.limit or MAX_AUDIT_PAGE, MAX_AUDIT_PAGE)
-            out, cursor = [], request.since_seq
+            out: list[AuditEvent] = []
+            cursor = request.since_seq
             # Filters apply after reading; read pages until the limit is met or the log ends.
             while len(out) < limit:
                 page = await self._rt.store.list_audit_events(since_seq=cursor, limit=limit)

@@ -1,0 +1,242 @@
+"""Node attestation (transport-free): join tokens and x509pop.
+
+Join token: single-use, expiring, stored only hashed; consumed in the same transaction that
+records the attested node, so a token can never admit two agents. x509pop: the node proves
+possession of the key of a certificate that chains to a configured node CA, answering a
+fresh challenge; this lets nodes re-attest without a human.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.x509.oid import NameOID
+
+from trustmesh.errors import AlreadyExistsError, NotFoundError, SvidError, TrustmeshError
+from trustmesh.naming import agent_id
+from trustmesh.spiffeid import SpiffeId
+from trustmesh.x509svid import X509Svid
+
+from controlplane.api.status import FailedPreconditionError, InvalidArgumentError, PermissionDeniedError
+from controlplane.registration import NODE_NAME, token_hash
+from controlplane.runtime import ServerRuntime
+from controlplane.store.records import AttestedNode
+
+X509POP_CONTEXT = b"trustmesh-x509pop-v1:"
+NONCE_BYTES = 32
+MAX_CHAIN = 8
+
+
+@dataclass(frozen=True)
+class Attested:
+    node: AttestedNode
+    svid: X509Svid
+
+
+@dataclass(frozen=True)
+class X509PopChallenge:
+    node_name: str
+    leaf: x509.Certificate
+    ca_fingerprint: str
+    nonce: bytes
+
+
+def _serial(svid: X509Svid) -> str:
+    return format(svid.leaf.serial_number, "x")
+
+
+class NodeAttestor:
+    def __init__(self, rt: ServerRuntime) -> None:
+        self._rt = rt
+        self._td = rt.config.trust_domain
+        self._node_cas = self._load_node_cas()
+
+    def _load_node_cas(self) -> list[x509.Certificate]:
+        path = self._rt.config.x509pop_ca
+        if path is None:
+            return []
+        try:
+            return x509.load_pem_x509_certificates(path.read_bytes())
+        except (OSError, ValueError) as err:
+            raise TrustmeshError(f"--x509pop-ca {path}: cannot read PEM CA certificates ({err})") from err
+
+    async def _deny(self, subject: str, reason: str, method: str) -> PermissionDeniedError:
+        await self._rt.audit.record("node.attest", actor=f"node:{subject}", subject=subject, outcome="denied",
+                                    method=method, reason=reason)
+        self._rt.metrics.counter("trustmesh_node_attestations_total", "node attestations by method and outcome",
+                                 ["method", "outcome"]).inc(method=method, outcome="denied")
+        return PermissionDeniedError(reason)
+
+    async def _issue(self, csr: bytes, agent: str) -> X509Svid:
+        try:
+            return await self._rt.ca.sign_x509_svid(csr, SpiffeId.parse(agent), self._rt.config.agent_ttl)
+        except SvidError as err:
+            raise InvalidArgumentError(f"agent CSR refused: {err}") from err
+
+    async def _ok(self, node: AttestedNode, method: str) -> None:
+        await self._rt.audit.record("node.attest", actor=f"node:{node.node_name}", subject=node.spiffe_id,
+                                    method=method, serial=node.cert_serial)
+        self._rt.metrics.counter("trustmesh_node_attestations_total", "node attestations by method and outcome",
+                                 ["method", "outcome"]).inc(method=method, outcome="ok")
+
+    # --- join token ---------------------------------------------------------------------
+
+    async def attest_join_token(self, token: str, csr: bytes) -> Attested:
+        store = self._rt.store
+        if not token or len(token) > 256:
+            raise await self._deny("unknown", "join token is missing or malformed", "join_token")
+        digest = token_hash(token)
+        try:
+            record = await store.get_join_token(digest)
+        except NotFoundError:
+            raise await self._deny("unknown", "join token is unknown or already used; create a new one with "
+                                   "`trustmesh token create --node NAME`", "join_token") from None
+        now = self._rt.clock()
+        agent = str(agent_id(self._td, record.node_name))
+        if record.expires_at <= now:
+            await store.delete_join_token(digest)
+            ago = int(now - record.expires_at)
+            raise await self._deny(agent, f"join token expired {ago}s ago; create a new one with "
+                                   f"`trustmesh token create --node {record.node_name}`", "join_token")
+        existing = await self._find(agent)
+        if existing is not None:
+            raise await self._deny(agent, self._taken(existing), "join_token")
+        svid = await self._issue(csr, agent)
+        node = AttestedNode(spiffe_id=agent, node_name=record.node_name, attestation_type="join_token",
+                            cert_serial=_serial(svid), cert_not_after=svid.expires_at.timestamp(), banned=False,
+                            created_at=now, updated_at=now,
+                            selectors=(f"join_token:node:{record.node_name}", f"node:name:{record.node_name}"))
+        try:
+            await store.consume_join_token_and_attest(digest, node)
+        except NotFoundError:
+            raise await self._deny(agent, "join token was used by another agent at the same moment",
+                                   "join_token") from None
+        except AlreadyExistsError:
+            raise await self._deny(agent, self._taken(None, agent), "join_token") from None
+        await self._ok(node, "join_token")
+        return Attested(node, svid)
+
+    def _taken(self, node: AttestedNode | None, agent: str = "") -> str:
+        if node is not None and node.banned:
+            return f"node {node.node_name} is banned; it cannot attest again"
+        name = node.node_name if node else agent.rsplit("/", 1)[-1]
+        return (f"node {name} is already attested by another agent; evict it first with "
+                f"`trustmesh agent evict {name}` if this host replaces it")
+
+    async def _find(self, agent: str) -> AttestedNode | None:
+        try:
+            return await self._rt.store.get_attested_node(agent)
+        except NotFoundError:
+            return None
+
+    # --- x509pop --------------------------------------------------------------------------
+
+    async def x509pop_challenge(self, chain_der: Sequence[bytes]) -> X509PopChallenge:
+        if not self._node_cas:
+            raise FailedPreconditionError("x509pop is not enabled on this server; start it with --x509pop-ca FILE")
+        if not chain_der or len(chain_der) > MAX_CHAIN:
+            raise await self._deny("unknown", f"x509pop needs 1 to {MAX_CHAIN} certificates", "x509pop")
+        try:
+            chain = [x509.load_der_x509_certificate(d) for d in chain_der]
+        except ValueError:
+            raise await self._deny("unknown", "x509pop certificate chain is not DER certificates", "x509pop") from None
+        leaf = chain[0]
+        cns = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        name = str(cns[0].value) if cns else ""
+        if not NODE_NAME.match(name):
+            raise await self._deny("unknown", "x509pop node certificate needs a common name usable as node name "
+                                   "([A-Za-z0-9._-], at most 128)", "x509pop")
+        root = self._chain_root(chain)
+        if root is None:
+            raise await self._deny(name, "x509pop node certificate does not chain to a configured node CA, "
+                                   "or is expired", "x509pop")
+        return X509PopChallenge(name, leaf, root.fingerprint(hashes.SHA256()).hex(), os.urandom(NONCE_BYTES))
+
+    def _chain_root(self, chain: list[x509.Certificate]) -> x509.Certificate | None:
+        now = datetime.now(timezone.utc)
+        for cert in chain:
+            if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+                return None
+        current = chain[0]
+        rest = chain[1:]
+        for _ in range(MAX_CHAIN):
+            for root in self._node_cas:
+                if _signed_by(current, root) and root.not_valid_before_utc <= now <= root.not_valid_after_utc:
+                    return root
+            if not rest or not _signed_by(current, rest[0]) or not _is_ca(rest[0]):
+                return None
+            current, rest = rest[0], rest[1:]
+        return None
+
+    async def x509pop_finish(self, challenge: X509PopChallenge, signature: bytes, csr: bytes) -> Attested:
+        name = challenge.node_name
+        if not _proves_possession(challenge.leaf, X509POP_CONTEXT + challenge.nonce, signature):
+            raise await self._deny(name, "x509pop challenge signature is invalid: the node did not prove it holds "
+                                   "the certificate's key", "x509pop")
+        agent = str(agent_id(self._td, name))
+        existing = await self._find(agent)
+        if existing is not None and (existing.banned or existing.attestation_type != "x509pop"):
+            raise await self._deny(agent, self._taken(existing), "x509pop")
+        svid = await self._issue(csr, agent)
+        now = self._rt.clock()
+        selectors = (f"node:name:{name}", f"x509pop:subject:cn:{name}",
+                     f"x509pop:ca:fingerprint:{challenge.ca_fingerprint}",
+                     f"x509pop:serialnumber:{format(challenge.leaf.serial_number, 'x')}")
+        if existing is None:
+            node = AttestedNode(spiffe_id=agent, node_name=name, attestation_type="x509pop",
+                                cert_serial=_serial(svid), cert_not_after=svid.expires_at.timestamp(),
+                                banned=False, created_at=now, updated_at=now, selectors=selectors)
+            try:
+                await self._rt.store.create_attested_node(node)
+            except AlreadyExistsError:
+                raise await self._deny(agent, self._taken(None, agent), "x509pop") from None
+        else:
+            # Re-attestation of a known x509pop node: the new SVID replaces the old one.
+            node = await self._rt.store.update_attested_node(
+                replace(existing, cert_serial=_serial(svid), cert_not_after=svid.expires_at.timestamp(),
+                        selectors=selectors, updated_at=now),
+                expected_revision=existing.revision or None)
+        await self._ok(node, "x509pop")
+        return Attested(node, svid)
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _proves_possession(leaf: x509.Certificate, message: bytes, signature: bytes) -> bool:
+    key = leaf.public_key()
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(signature, message)
+        elif isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, message, padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.DIGEST_LENGTH),
+                       hashes.SHA256())
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
+
