@@ -24,6 +24,7 @@ class ServerConfig:
     store_url: str = "sqlite"
     kek_file: Path | None = None
     bind: str = "127.0.0.1:8081"
+    attest_bind: str = "127.0.0.1:8082"
     admin_socket: Path | None = None
     default_x509_ttl: timedelta = timedelta(hours=1)
     default_jwt_ttl: timedelta = timedelta(minutes=5)

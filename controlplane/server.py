@@ -103,11 +103,12 @@ class ServingCredentials:
         self._changed = False
         return self._current
 
-    def credentials(self) -> grpc.ServerCredentials:
-        # Client certificates are optional at the TLS layer (an agent attesting for the first
-        # time has none) but verified against our roots when sent; every Node call other than
-        # Attest then requires one (see controlplane/api/peer.py).
-        return grpc.dynamic_ssl_server_credentials(self.initial(), self.fetch, require_client_authentication=False)
+    def credentials(self, require_client_cert: bool) -> grpc.ServerCredentials:
+        # grpcio offers "require and verify" or "do not ask" for client certificates, nothing
+        # in between; so the Node API (agents present their SVID, verified against our roots)
+        # and first-time attestation (no client certificate yet) listen on separate ports.
+        return grpc.dynamic_ssl_server_credentials(self.initial(), self.fetch,
+                                                   require_client_authentication=require_client_cert)
 
 
 async def _rotation_loop(rt: ServerRuntime, creds: ServingCredentials, stop: asyncio.Event) -> None:
@@ -125,6 +126,13 @@ async def _rotation_loop(rt: ServerRuntime, creds: ServingCredentials, stop: asy
             await creds.renew()
         elif creds.not_before and creds.not_after and needs_rotation(creds.not_before, creds.not_after, now):
             await creds.renew()
+
+
+def _listen(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials, flag: str) -> int:
+    try:
+        return server.add_secure_port(address, creds)
+    except RuntimeError as err:
+        raise TrustmeshError(f"cannot listen on {address}: address in use or not available; pick another {flag}") from err
 
 
 def _add_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
@@ -165,6 +173,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
     kek = load_kek(config)
     store: Store = await open_store(config.store_url, config.data_dir)
     node_server: grpc.aio.Server | None = None
+    attest_server: grpc.aio.Server | None = None
     admin_server: grpc.aio.Server | None = None
     metrics_server: asyncio.Server | None = None
     try:
@@ -186,21 +195,26 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         ])
         node_api.register(node_server)
         health_servicer = _add_health(node_server)
-        try:
-            port = node_server.add_secure_port(config.bind, creds.credentials())
-        except RuntimeError as err:
-            raise TrustmeshError(f"cannot listen on {config.bind}: address in use or not available; pick another --bind") from err
+        attest_server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024)])
+        node_api.register_attestation(attest_server)
+        attest_health = _add_health(attest_server)
+        port = _listen(node_server, config.bind, creds.credentials(require_client_cert=True), "--bind")
+        attest_port = _listen(attest_server, config.attest_bind, creds.credentials(require_client_cert=False),
+                              "--attest-bind")
         await node_server.start()
+        await attest_server.start()
         admin_server = await _start_admin_server(rt, admin_api)
         if config.metrics:
             host, mport = split_host_port(config.metrics)
             metrics_server = await serve_metrics(rt.metrics, host, mport)
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        await attest_health.set("", health_pb2.HealthCheckResponse.SERVING)
 
         bind_host = split_host_port(config.bind)[0]
         log_event(
             log, "ready",
             trust_domain=config.trust_domain, bind=f"{bind_host}:{port}",
+            attest_bind=f"{split_host_port(config.attest_bind)[0]}:{attest_port}",
             admin_socket=str(config.admin_socket_path), store=config.store_url.split("://", 1)[0],
             bundle=str(config.bundle_path), root_sha256=ca.root.fingerprint(hashes.SHA256()).hex(),
             metrics=config.metrics or "off",
@@ -211,8 +225,9 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
             await stop.wait()
         log_event(log, "stopping")
     finally:
-        if node_server is not None:
-            await node_server.stop(grace=1)
+        for grpc_server in (node_server, attest_server):
+            if grpc_server is not None:
+                await grpc_server.stop(grace=1)
         if admin_server is not None:
             await admin_server.stop(grace=1)
         if metrics_server is not None:

@@ -251,6 +251,18 @@ class NodeAPI:
     def register(self, server: grpc.aio.Server) -> None:
         node_pb2_grpc.add_NodeServicer_to_server(NodeServicer(self), server)
 
+    def register_attestation(self, server: grpc.aio.Server) -> None:
+        """Only Attest, for the listener that does not ask for client certificates."""
+        servicer = NodeServicer(self)
+        handler = grpc.method_handlers_generic_handler("trustmesh.v1.Node", {
+            "Attest": grpc.stream_stream_rpc_method_handler(
+                servicer.Attest,
+                request_deserializer=node_pb2.AttestRequest.FromString,
+                response_serializer=node_pb2.AttestResponse.SerializeToString,
+            ),
+        })
+        server.add_generic_rpc_handlers((handler,))
+
     # --- authentication -----------------------------------------------------------------
 
     def authenticate(self, context: grpc.aio.ServicerContext) -> tuple[PeerAgent, AttestedNode]:

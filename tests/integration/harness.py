@@ -38,6 +38,7 @@ class ServerProcess:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     bind: str = ""
+    attest_bind: str = ""
     log_path: Path | None = None
 
     @property
@@ -58,16 +59,16 @@ class ServerProcess:
         log = self.log_path.open("wb")
         args = trustmesh_cmd(
             "server", "run", "--trust-domain", self.trust_domain, "--data-dir", str(self.data_dir),
-            "--bind", "127.0.0.1:0", "--store", self.store, *self.extra,
+            "--bind", "127.0.0.1:0", "--attest-bind", "127.0.0.1:0", "--store", self.store, *self.extra,
         )
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **self.env})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log_path.read_text(errors="replace")
-            match = re.search(r"event=ready .*?bind=(\S+)", text)
+            match = re.search(r"event=ready .*? bind=(\S+) attest_bind=(\S+)", text)
             if match:
-                self.bind = match.group(1)
+                self.bind, self.attest_bind = match.group(1), match.group(2)
                 return self
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{text}")
@@ -106,8 +107,9 @@ class ServerProcess:
         return result
 
     def node_channel(self, key: PrivateKey | None = None, chain_pem: bytes | None = None,
-                     roots_pem: bytes | None = None) -> grpc.aio.Channel:
-        """A channel to the Node API, authenticated with (key, chain) when given."""
+                     roots_pem: bytes | None = None, address: str | None = None) -> grpc.aio.Channel:
+        """A channel to the Node API with (key, chain) as client certificate; without them,
+        a channel to the attestation listener (which asks for no client certificate)."""
         key_pem = None
         if key is not None:
             key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -117,7 +119,7 @@ class ServerProcess:
             private_key=key_pem, certificate_chain=chain_pem,
         )
         return grpc.aio.secure_channel(
-            self.bind, creds, options=[("grpc.ssl_target_name_override", server_dns_name(self.td))]
+            address or (self.bind if key is not None else self.attest_bind), creds, options=[("grpc.ssl_target_name_override", server_dns_name(self.td))]
         )
 
     def admin_channel(self) -> grpc.aio.Channel:

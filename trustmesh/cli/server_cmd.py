@@ -16,6 +16,7 @@ DEFAULTS: dict[str, Any] = {
     "trust_domain": None,
     "data_dir": "./.trustmesh/server",
     "bind": "127.0.0.1:8081",
+    "attest_bind": "127.0.0.1:8082",
     "admin_socket": None,
     "store": "sqlite",
     "kek_file": None,
@@ -50,6 +51,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--trust-domain", help="the trust domain, e.g. example.org (required)")
     run.add_argument("--data-dir", help="state directory (default ./.trustmesh/server)")
     run.add_argument("--bind", help="agent-facing gRPC address host:port (default 127.0.0.1:8081)")
+    run.add_argument(
+        "--attest-bind",
+        help="address where new agents attest (TLS without a client certificate; serves only "
+        "attestation), default 127.0.0.1:8082; every other agent call goes to --bind with mTLS",
+    )
     run.add_argument("--admin-socket", help="admin API unix socket (default <data-dir>/admin.sock)")
     run.add_argument(
         "--store",
@@ -98,6 +104,7 @@ def _build_config(args: argparse.Namespace) -> Any:
         store_url=str(values["store"]),
         kek_file=Path(values["kek_file"]).expanduser() if values["kek_file"] else None,
         bind=str(values["bind"]),
+        attest_bind=str(values["attest_bind"]),
         admin_socket=Path(values["admin_socket"]).expanduser() if values["admin_socket"] else None,
         metrics=values["metrics"],
         x509pop_ca=Path(values["x509pop_ca"]).expanduser() if values["x509pop_ca"] else None,
