@@ -48,13 +48,13 @@ def call(args: argparse.Namespace, invoke: Callable[[admin_pb2_grpc.AdminStub], 
         try:
             return invoke(admin_pb2_grpc.AdminStub(channel))
         except grpc.RpcError as err:
-            code = err.code()  # type: ignore[attr-defined]
+            code = err.code()
             if code == grpc.StatusCode.UNAVAILABLE:
                 raise AdminCallError(
-                    f"cannot reach the trustmesh server at {path} ({err.details()}): "  # type: ignore[attr-defined]
+                    f"cannot reach the trustmesh server at {path} ({err.details()}): "
                     "is it running, and may you open the socket?"
                 ) from None
-            raise AdminCallError(f"{err.details()} ({code.name})") from None  # type: ignore[attr-defined]
+            raise AdminCallError(f"{err.details()} ({code.name})") from None
 
 
 def print_json(value: Any) -> None:

@@ -46,7 +46,7 @@ def _evict(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(commands: argparse._SubParsersAction) -> None:
     agent = commands.add_parser("agent", help="run the node agent; list, ban or evict attested agents",
                                 description="The node agent, and the control plane's view of attested agents.")
     sub = agent.add_subparsers(dest="agent_command", metavar="SUBCOMMAND", title="subcommands")

@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 from datetime import datetime, timezone
+from typing import Any
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2
 from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call, print_json
@@ -36,7 +37,8 @@ def parse_since(text: str | None, now: float | None = None) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     since = parse_since(args.since)
-    events, cursor = [], 0
+    events: list[Any] = []
+    cursor = 0
     while len(events) < args.limit:
         req = admin_pb2.ListAuditEventsRequest(since_seq=cursor, since_time=since, kind=args.kind or "",
                                                limit=min(1000, args.limit - len(events)))
@@ -70,7 +72,7 @@ def _verify(args: argparse.Namespace) -> int:
     return 1
 
 
-def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(commands: argparse._SubParsersAction) -> None:
     audit = commands.add_parser("audit", help="read and verify the tamper-evident audit log",
                                 description="Every attestation, issuance, admin change and refusal is an event "
                                             "in a hash chain keyed by the server's key-encryption key.")

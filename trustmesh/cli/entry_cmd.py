@@ -175,7 +175,7 @@ def _entry_flags(p: argparse.ArgumentParser, *, create: bool) -> None:
     add_socket_flag(p)
 
 
-def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(commands: argparse._SubParsersAction) -> None:
     entry = commands.add_parser("entry", help="manage registration entries (who gets which SPIFFE ID)",
                                 description="Create, list, show, update and delete registration entries.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -25,7 +25,7 @@ def _create(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(commands: argparse._SubParsersAction) -> None:
     token = commands.add_parser("token", help="create join tokens for new nodes",
                                 description="Join tokens are single-use, expire, and are stored only hashed.")
     sub = token.add_subparsers(dest="token_command", metavar="SUBCOMMAND", title="subcommands")

@@ -1,0 +1,145 @@
+"""The node agent's composition root.
+
+Top to bottom: load the trust bundle, load the stored agent identity or attest once, build
+the node client, the SVID cache and the sync stream, start the Workload API socket and the
+metrics endpoint, log `ready`, and run the cache, the sync stream and agent-SVID renewal in
+one TaskGroup until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from datetime import datetime, timezone
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from trustmesh.bundle import Bundle
+from trustmesh.logs import log_event
+from trustmesh.metrics import Registry, serve_metrics, split_host_port
+
+from agent.attestation import (
+    BUNDLE_FILE,
+    AgentAttestationError,
+    AgentIdentity,
+    attest,
+    load_identity,
+    load_roots,
+    renew,
+    save_bundle,
+    save_identity,
+    trust_domain_of_roots,
+)
+from agent.backoff import backoff_delay, renew_at, seconds_until
+from agent.config import AgentConfig
+from agent.node_client import NodeClient
+from agent.svid_cache import SvidCache
+from agent.sync import SyncClient
+from agent.workload_api import WorkloadAPI, WorkloadAPIServer
+from agent.workload_attestor import WorkloadAttestor
+
+log = logging.getLogger("trustmesh.agent")
+
+
+class _Stopped(Exception):
+    """Raised inside the TaskGroup to stop every task on SIGTERM."""
+
+
+def _pem(certs: list[x509.Certificate] | tuple[x509.Certificate, ...]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+async def _obtain_identity(config: AgentConfig) -> tuple[AgentIdentity, list[x509.Certificate]]:
+    stored_bundle = config.data_dir / BUNDLE_FILE
+    roots = load_roots(stored_bundle if stored_bundle.exists() else config.trust_bundle)
+    td = trust_domain_of_roots(roots)
+    identity = load_identity(config.data_dir, roots, td)
+    if identity is not None:
+        log_event(log, "identity_loaded", spiffe_id=identity.spiffe_id, expires_at=identity.expires_at.isoformat())
+        return identity, roots
+    x509pop = None
+    if config.x509pop_cert and config.x509pop_key:
+        certs = x509.load_pem_x509_certificates(config.x509pop_cert.read_bytes())
+        key = serialization.load_pem_private_key(config.x509pop_key.read_bytes(), password=None)
+        x509pop = (certs, key)
+    if config.join_token is None and x509pop is None:
+        raise AgentAttestationError(
+            "this agent has no identity yet: start it once with --join-token "
+            "(create one with `trustmesh token create --node NAME`) or with --x509pop-cert/--x509pop-key"
+        )
+    identity, bundle = await attest(config.attest_addresses, _pem(roots), td, join_token=config.join_token,
+                                    x509pop=x509pop)  # type: ignore[arg-type]
+    save_identity(config.data_dir, identity)
+    save_bundle(config.data_dir, bundle)
+    log_event(log, "attested", spiffe_id=identity.spiffe_id, expires_at=identity.expires_at.isoformat())
+    return identity, list(bundle.x509_authorities) or roots
+
+
+async def _renewal_loop(client: NodeClient, config: AgentConfig) -> None:
+    attempt = 0
+    while True:
+        identity = client.identity
+        when = renew_at(identity.issued_at, identity.expires_at)
+        await asyncio.sleep(seconds_until(when, datetime.now(timezone.utc)) if attempt == 0
+                            else backoff_delay(attempt, cap=30))
+        try:
+            fresh = await renew(client.stub(), identity)
+        except grpc.aio.AioRpcError as err:
+            attempt += 1
+            log_event(log, "agent_renewal_failed", level=logging.WARNING, code=err.code().name, detail=err.details())
+            continue
+        attempt = 0
+        save_identity(config.data_dir, fresh)
+        client.use_identity(fresh)
+        log_event(log, "agent_renewed", expires_at=fresh.expires_at.isoformat())
+
+
+async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    identity, roots = await _obtain_identity(config)
+    td = identity.spiffe_id.trust_domain
+    metrics = Registry()
+    client = NodeClient(config.servers, _pem(roots), td, identity)
+    cache = SvidCache(td, client, metrics)
+
+    def own_bundle_changed(bundle: Bundle) -> None:
+        if bundle.x509_authorities:
+            save_bundle(config.data_dir, bundle)
+            client.use_roots(bundle.x509_authorities_pem())
+
+    sync = SyncClient(client, cache, config.data_dir, td, metrics, own_bundle_changed)
+    sync.load_persisted()
+    server = WorkloadAPIServer(config.socket_path, WorkloadAPI(cache, WorkloadAttestor(), metrics))
+    await server.start()
+    metrics_server = None
+    if config.metrics:
+        host, port = split_host_port(config.metrics)
+        metrics_server = await serve_metrics(metrics, host, port)
+    log_event(log, "ready", spiffe_id=identity.spiffe_id, socket=str(config.socket_path),
+              servers=",".join(config.servers), metrics=config.metrics or "off")
+
+    async def stopper() -> None:
+        await stop.wait()
+        raise _Stopped
+
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(cache.run(), name="svid-cache")
+            tasks.create_task(sync.run(), name="sync")
+            tasks.create_task(_renewal_loop(client, config), name="agent-renewal")
+            tasks.create_task(stopper(), name="stop")
+    except* _Stopped:
+        log_event(log, "stopping")
+    finally:
+        await server.close()
+        if metrics_server is not None:
+            metrics_server.close()
+        await client.close()

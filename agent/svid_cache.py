@@ -1,0 +1,235 @@
+"""The SVID cache: local keys, batched CSRs, rotation at half-life with jitter.
+
+It implements `agent.identity.IdentitySource` for the Workload API. Keys are generated on
+this node and kept only in memory; only CSRs leave. Entries come from the sync stream; every
+change that can alter a Workload API answer bumps `version`, which wakes open streams at once.
+During an outage it keeps serving what it has until each SVID expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Protocol
+
+import grpc
+from cryptography import x509
+
+from trustmesh._proto.trustmesh.v1 import node_pb2
+from trustmesh.bundle import BundleSet
+from trustmesh.keys import PrivateKey, generate_private_key
+from trustmesh.logs import log_event
+from trustmesh.metrics import Registry
+from trustmesh.selectors import matches
+from trustmesh.spiffeid import SpiffeId, TrustDomain
+from trustmesh.x509svid import X509Svid, build_csr
+
+from agent.backoff import backoff_delay, renew_at, seconds_until
+from agent.convert import AgentEntry
+from agent.identity import NoIdentityError, WorkloadJwtSvid, WorkloadX509Svid
+
+log = logging.getLogger("trustmesh.svid_cache")
+
+MAX_BATCH = 500
+
+
+class Signer(Protocol):
+    async def batch_sign(self, items: list[tuple[str, bytes]]) -> list[node_pb2.X509SignResult]: ...
+    async def sign_jwt(self, entry_id: str, audiences: list[str]) -> node_pb2.SignJWTResponse: ...
+
+
+@dataclass(frozen=True)
+class _Cached:
+    entry: AgentEntry
+    svid: X509Svid
+    renew_at: datetime
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class SvidCache:
+    def __init__(self, trust_domain: TrustDomain, signer: Signer, metrics: Registry,
+                 clock: Callable[[], datetime] = _utc_now, rand: random.Random | None = None) -> None:
+        self._td = trust_domain
+        self._signer = signer
+        self._clock = clock
+        self._rand = rand or random.Random()
+        self._entries: dict[str, AgentEntry] = {}
+        self._svids: dict[str, _Cached] = {}
+        self._bundles = BundleSet()
+        self._jwt: dict[tuple[str, tuple[str, ...]], tuple[str, datetime, datetime]] = {}
+        self._version = 0
+        self._retry_after: dict[str, datetime] = {}  # refused entries wait before asking again
+        self._changed = asyncio.Event()
+        self._work = asyncio.Event()
+        self._issued = metrics.counter("trustmesh_agent_svids_issued_total", "X509-SVIDs received from the server")
+        self._failures = metrics.counter("trustmesh_agent_svid_failures_total", "failed SVID requests", ["reason"])
+        self._cached = metrics.gauge("trustmesh_agent_svids_cached", "X509-SVIDs held by the agent")
+
+    # --- IdentitySource -----------------------------------------------------------------
+
+    @property
+    def trust_domain(self) -> TrustDomain:
+        return self._td
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def _bump(self) -> None:
+        self._version += 1
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+        self._cached.set(len(self._svids))
+
+    async def wait_for_change(self, after_version: int) -> int:
+        while self._version <= after_version:
+            await self._changed.wait()
+        return self._version
+
+    def _matching(self, selectors: Collection[str]) -> list[AgentEntry]:
+        return [e for e in self._entries.values() if matches(e.selectors, selectors)]
+
+    def entries_match(self, selectors: Collection[str]) -> bool:
+        return bool(self._matching(selectors))
+
+    def x509_svids_for(self, selectors: Collection[str]) -> list[WorkloadX509Svid]:
+        now = self._clock()
+        out = []
+        for entry in sorted(self._matching(selectors), key=lambda e: (e.spiffe_id, e.id)):
+            cached = self._svids.get(entry.id)
+            if cached is not None and cached.svid.expires_at > now:
+                out.append(WorkloadX509Svid(entry.id, cached.svid,
+                                            tuple(TrustDomain(t) for t in entry.federates_with)))
+        return out
+
+    def bundles(self) -> BundleSet:
+        return self._bundles
+
+    async def jwt_svids_for(self, selectors: Collection[str], audiences: Sequence[str],
+                            spiffe_id: str | None = None) -> list[WorkloadJwtSvid]:
+        entries = self._matching(selectors)
+        if spiffe_id is not None:
+            entries = [e for e in entries if e.spiffe_id == spiffe_id]
+        if not entries:
+            raise NoIdentityError("no identity issued")
+        now = self._clock()
+        out = []
+        for entry in sorted(entries, key=lambda e: (e.spiffe_id, e.id)):
+            key = (entry.id, tuple(sorted(set(audiences))))
+            hit = self._jwt.get(key)
+            if hit is None or hit[2] <= now:
+                reply = await self._signer.sign_jwt(entry.id, list(audiences))
+                expires = datetime.fromtimestamp(reply.expires_at, timezone.utc)
+                refresh = now + (expires - now) / 2  # reuse a token for half of its life
+                hit = (reply.token, expires, refresh)
+                self._jwt[key] = hit
+            out.append(WorkloadJwtSvid(entry.spiffe_id, hit[0]))
+        return out
+
+    # --- fed by the sync stream --------------------------------------------------------
+
+    def set_entries(self, entries: dict[str, AgentEntry]) -> None:
+        removed = set(self._entries) - set(entries)
+        changed = {i for i, e in entries.items() if self._entries.get(i) != e}
+        self._entries = dict(entries)
+        for entry_id in removed | changed:
+            # A changed entry (new ID, TTL or DNS names) needs a new SVID; keep serving the
+            # old one only if just the selectors/revision changed and the ID is the same.
+            cached = self._svids.get(entry_id)
+            if entry_id in removed or cached is None or cached.entry.spiffe_id != entries[entry_id].spiffe_id \
+                    or cached.entry.dns_names != entries[entry_id].dns_names:
+                self._svids.pop(entry_id, None)
+        self._jwt = {k: v for k, v in self._jwt.items() if k[0] in entries}
+        if removed or changed:
+            self._bump()
+            self._work.set()
+
+    def set_bundles(self, bundles: BundleSet) -> None:
+        if bundles != self._bundles:
+            self._bundles = bundles
+            self._bump()
+
+    # --- rotation -------------------------------------------------------------------------
+
+    def _due(self, now: datetime) -> list[AgentEntry]:
+        return [e for i, e in self._entries.items()
+                if (i not in self._svids or self._svids[i].renew_at <= now)
+                and self._retry_after.get(i, now) <= now]
+
+    def next_deadline(self) -> datetime | None:
+        times = [c.renew_at for c in self._svids.values()] + list(self._retry_after.values())
+        return min(times) if times else None
+
+    async def refresh_once(self) -> int:
+        """Issue or renew every due SVID in batches; return how many were received."""
+        due = self._due(self._clock())[:MAX_BATCH]
+        if not due:
+            return 0
+
+        def make() -> list[tuple[AgentEntry, PrivateKey, bytes]]:
+            out = []
+            for entry in due:
+                key = generate_private_key()
+                out.append((entry, key, build_csr(key, SpiffeId.parse(entry.spiffe_id))))
+            return out
+
+        prepared = await asyncio.to_thread(make)
+        results = await self._signer.batch_sign([(e.id, csr) for e, _, csr in prepared])
+        by_id = {r.entry_id: r for r in results}
+        received = 0
+        for entry, key, _ in prepared:
+            result = by_id.get(entry.id)
+            if result is None or result.WhichOneof("outcome") != "svid":
+                reason = result.error.message if result is not None else "no result"
+                self._failures.inc(reason="refused")
+                self._retry_after[entry.id] = self._clock() + timedelta(seconds=30)
+                log_event(log, "svid_refused", level=logging.WARNING, entry_id=entry.id, reason=reason)
+                continue
+            if entry.id not in self._entries:
+                continue  # deleted while we were signing
+            chain = tuple(x509.load_der_x509_certificate(d) for d in result.svid.cert_chain)
+            svid = X509Svid(SpiffeId.parse(result.svid.spiffe_id), chain, key)
+            self._svids[entry.id] = _Cached(entry, svid, renew_at(chain[0].not_valid_before_utc,
+                                                                  chain[0].not_valid_after_utc, rand=self._rand))
+            self._retry_after.pop(entry.id, None)
+            received += 1
+        if received:
+            self._issued.inc(received)
+            log_event(log, "svids_updated", count=received)
+            self._bump()
+        return received
+
+    async def run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self.refresh_once()
+                attempt = 0
+                failed = False
+            except grpc.aio.AioRpcError as err:
+                self._failures.inc(reason=err.code().name.lower())
+                log_event(log, "svid_request_failed", level=logging.WARNING, code=err.code().name,
+                          detail=err.details())
+                failed = True
+            if failed:
+                delay = backoff_delay(attempt, cap=10.0, rand=self._rand)
+                attempt += 1
+            else:
+                deadline = self.next_deadline()
+                delay = seconds_until(deadline, self._clock()) if deadline else 3600.0
+                if self._due(self._clock()):
+                    delay = 0.0
+            self._work.clear()
+            try:
+                await asyncio.wait_for(self._work.wait(), timeout=max(delay, 0.01))
+            except asyncio.TimeoutError:
+                pass
+
+

@@ -1,0 +1,98 @@
+"""`trustmesh agent run`: the node agent."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from trustmesh.cli.config import ConfigError, resolve
+
+DEFAULTS: dict[str, Any] = {
+    "server": None,
+    "attest_server": None,
+    "trust_bundle": None,
+    "join_token": None,
+    "x509pop_cert": None,
+    "x509pop_key": None,
+    "data_dir": "./.trustmesh/agent",
+    "socket": None,
+    "metrics": None,
+}
+
+EXAMPLES = """\
+examples:
+  # first start on a new node: attest with a one-time token
+  trustmesh agent run --server cp.internal:8081 --trust-bundle bundle.pem \\
+      --join-token "$(trustmesh token create --node node-1)"
+  # every later start re-attaches with the identity kept in --data-dir
+  trustmesh agent run --server cp.internal:8081 --trust-bundle bundle.pem
+  # workloads find the Workload API through
+  export SPIFFE_ENDPOINT_SOCKET=unix://$PWD/.trustmesh/agent/workload.sock
+"""
+
+
+def add_run_subcommand(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser(
+        "run", help="run the node agent beside the services of this host",
+        description=("Attest this node (once), keep the agent identity in --data-dir, serve the SPIFFE "
+                     "Workload API on a unix socket, and rotate every SVID before it expires. Every option "
+                     "can also be set in a YAML file given with --config; flags win over the file."),
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--config", help="YAML file of options (keys are the flag names)")
+    run.add_argument("--server", action="append", metavar="HOST:PORT",
+                     help="the control plane's Node API (its --bind); repeat for several replicas, tried in turn")
+    run.add_argument("--attest-server", action="append", metavar="HOST:PORT",
+                     help="the control plane's attestation address (its --attest-bind); "
+                          "default: each --server's host with its port + 1")
+    run.add_argument("--trust-bundle", help="PEM file of the trust domain's roots (the server's bundle.pem)")
+    run.add_argument("--join-token", help="one-time join token, needed on the first start only")
+    run.add_argument("--x509pop-cert", help="node certificate chain (PEM) for x509pop attestation")
+    run.add_argument("--x509pop-key", help="the node certificate's private key (PEM) for x509pop")
+    run.add_argument("--data-dir", help="state directory (default ./.trustmesh/agent)")
+    run.add_argument("--socket", help="Workload API socket path (default <data-dir>/workload.sock)")
+    run.add_argument("--metrics", help="host:port to serve Prometheus metrics on (default off)")
+    run.set_defaults(func=_run)
+
+
+def _as_tuple(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(v) for v in value)
+
+
+def _build_config(args: argparse.Namespace) -> Any:
+    from agent.config import AgentConfig  # the composition root may import both sides
+
+    values = resolve(args, DEFAULTS, args.config)
+    servers = _as_tuple(values["server"])
+    if not servers:
+        raise ConfigError("--server HOST:PORT is required (the control plane's --bind address)")
+    for server in servers + _as_tuple(values["attest_server"]):
+        host, _, port = server.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"--server {server!r}: use HOST:PORT, e.g. 127.0.0.1:8081")
+    if not values["trust_bundle"]:
+        raise ConfigError("--trust-bundle FILE is required (the bundle.pem the control plane wrote)")
+    if bool(values["x509pop_cert"]) != bool(values["x509pop_key"]):
+        raise ConfigError("--x509pop-cert and --x509pop-key go together")
+    data_dir = Path(values["data_dir"]).expanduser()
+    return AgentConfig(
+        servers=servers, attest_servers=_as_tuple(values["attest_server"]),
+        trust_bundle=Path(values["trust_bundle"]).expanduser(), data_dir=data_dir,
+        join_token=values["join_token"], socket=Path(values["socket"]).expanduser() if values["socket"] else None,
+        metrics=values["metrics"],
+        x509pop_cert=Path(values["x509pop_cert"]) if values["x509pop_cert"] else None,
+        x509pop_key=Path(values["x509pop_key"]) if values["x509pop_key"] else None,
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from agent.agent import run_agent
+
+    asyncio.run(run_agent(_build_config(args)))
+    return 0
