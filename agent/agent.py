@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable
 from datetime import datetime, timezone
 
 import grpc
@@ -97,8 +98,26 @@ async def _renewal_loop(client: NodeClient, config: AgentConfig) -> None:
         log_event(log, "agent_renewed", expires_at=fresh.expires_at.isoformat())
 
 
+async def _wait_briefly(waiting: Awaitable[None], timeout: float) -> None:
+    try:
+        await asyncio.wait_for(waiting, timeout)
+    except asyncio.TimeoutError:
+        log_event(log, "no_sync_yet", level=logging.WARNING, waited_seconds=timeout)
+
+
+async def _supervise(task: asyncio.Task[None]) -> None:
+    """Await a task started before the TaskGroup, cancelling it when the group stops."""
+    try:
+        await task
+    finally:
+        task.cancel()
+
+
 async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
-    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # 0711: other users may reach the Workload API socket inside by name, but cannot list the
+    # directory; the agent key and state files in it are 0600 on their own.
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    config.data_dir.chmod(0o711)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -123,6 +142,11 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> N
     if config.metrics:
         host, port = split_host_port(config.metrics)
         metrics_server = await serve_metrics(metrics, host, port)
+    async with asyncio.TaskGroup() as first:
+        # Give the first sync a moment so `ready` means "serving what this node may have";
+        # without a server (an outage at first start) it serves as soon as entries arrive.
+        sync_task = asyncio.create_task(sync.run(), name="sync")
+        first.create_task(_wait_briefly(cache.wait_until_synced(), 10.0))
     log_event(log, "ready", spiffe_id=identity.spiffe_id, socket=str(config.socket_path),
               servers=",".join(config.servers), metrics=config.metrics or "off")
 
@@ -133,7 +157,7 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> N
     try:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(cache.run(), name="svid-cache")
-            tasks.create_task(sync.run(), name="sync")
+            tasks.create_task(_supervise(sync_task), name="sync")
             tasks.create_task(_renewal_loop(client, config), name="agent-renewal")
             tasks.create_task(stopper(), name="stop")
     except* _Stopped:

@@ -66,7 +66,7 @@ class AgentIdentity:
 
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write atomically (temp file in the same directory, fsync, rename) with `mode`."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, mode)

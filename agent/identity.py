@@ -49,6 +49,11 @@ class IdentitySource(Protocol):
         """Return the new version once it is greater than `after_version`."""
         ...
 
+    async def wait_until_synced(self) -> None:
+        """Return once the entries are known (from the server, or the state kept on disk), so
+        a caller is never denied merely because the agent has just started."""
+        ...
+
     def entries_match(self, selectors: Collection[str]) -> bool:
         """True when at least one entry matches these selectors (even if no SVID is ready yet)."""
         ...

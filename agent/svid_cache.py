@@ -68,6 +68,7 @@ class SvidCache:
         self._retry_after: dict[str, datetime] = {}  # refused entries wait before asking again
         self._changed = asyncio.Event()
         self._work = asyncio.Event()
+        self._synced = asyncio.Event()
         self._issued = metrics.counter("trustmesh_agent_svids_issued_total", "X509-SVIDs received from the server")
         self._failures = metrics.counter("trustmesh_agent_svid_failures_total", "failed SVID requests", ["reason"])
         self._cached = metrics.gauge("trustmesh_agent_svids_cached", "X509-SVIDs held by the agent")
@@ -92,6 +93,9 @@ class SvidCache:
         while self._version <= after_version:
             await self._changed.wait()
         return self._version
+
+    async def wait_until_synced(self) -> None:
+        await self._synced.wait()
 
     def _matching(self, selectors: Collection[str]) -> list[AgentEntry]:
         return [e for e in self._entries.values() if matches(e.selectors, selectors)]
@@ -139,6 +143,7 @@ class SvidCache:
         removed = set(self._entries) - set(entries)
         changed = {i for i, e in entries.items() if self._entries.get(i) != e}
         self._entries = dict(entries)
+        self._synced.set()
         for entry_id in removed | changed:
             # A changed entry (new ID, TTL or DNS names) needs a new SVID; keep serving the
             # old one only if just the selectors/revision changed and the ID is the same.
@@ -196,8 +201,10 @@ class SvidCache:
                 continue  # deleted while we were signing
             chain = tuple(x509.load_der_x509_certificate(d) for d in result.svid.cert_chain)
             svid = X509Svid(SpiffeId.parse(result.svid.spiffe_id), chain, key)
-            self._svids[entry.id] = _Cached(entry, svid, renew_at(chain[0].not_valid_before_utc,
-                                                                  chain[0].not_valid_after_utc, rand=self._rand))
+            # Measure the lifetime from when we received it: the CA back-dates NotBefore for
+            # clock skew, which would otherwise pull the renewal time into the past.
+            start = max(chain[0].not_valid_before_utc, min(self._clock(), chain[0].not_valid_after_utc))
+            self._svids[entry.id] = _Cached(entry, svid, renew_at(start, chain[0].not_valid_after_utc, rand=self._rand))
             self._retry_after.pop(entry.id, None)
             received += 1
         if received:

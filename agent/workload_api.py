@@ -88,6 +88,7 @@ class WorkloadAPI(SpiffeWorkloadAPIBase):
         """Send `build()` now and after every change, skipping identical snapshots."""
         self._streams.inc(method=method)
         try:
+            await self._source.wait_until_synced()
             last: object | None = None
             version = self._source.version
             while True:
@@ -151,6 +152,7 @@ class WorkloadAPI(SpiffeWorkloadAPIBase):
             raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
         if len(audiences) > MAX_AUDIENCES or any(not a or len(a) > 256 for a in audiences):
             raise GRPCError(Status.INVALID_ARGUMENT, f"give 1 to {MAX_AUDIENCES} audiences of 1 to 256 characters")
+        await self._source.wait_until_synced()
         try:
             svids = await self._source.jwt_svids_for(selectors, audiences, request.spiffe_id or None)
         except NoIdentityError:

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -59,7 +60,9 @@ class ServerProcess:
         log = self.log_path.open("wb")
         args = trustmesh_cmd(
             "server", "run", "--trust-domain", self.trust_domain, "--data-dir", str(self.data_dir),
-            "--bind", "127.0.0.1:0", "--attest-bind", "127.0.0.1:0", "--store", self.store, *self.extra,
+            # A restarted server keeps its ports, as a real one would.
+            "--bind", self.bind or "127.0.0.1:0", "--attest-bind", self.attest_bind or "127.0.0.1:0",
+            "--store", self.store, *self.extra,
         )
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **self.env})
@@ -124,3 +127,61 @@ class ServerProcess:
 
     def admin_channel(self) -> grpc.aio.Channel:
         return grpc.aio.insecure_channel(f"unix:{self.admin_socket}")
+
+
+def _public_dir() -> Path:
+    """A directory every uid can reach (pytest's tmp_path is private to root), so tests can
+    run workloads under other uids."""
+    path = Path(tempfile.mkdtemp(prefix="trustmesh-sock-"))
+    path.chmod(0o755)
+    return path
+
+
+@dataclass
+class AgentProcess:
+    """A real `trustmesh agent run` process beside a ServerProcess."""
+
+    server: ServerProcess
+    data_dir: Path
+    join_token: str | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    socket: Path = field(default_factory=lambda: _public_dir() / "workload.sock")
+
+    def start(self, timeout: float = READY_TIMEOUT) -> AgentProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-{uuid.uuid4().hex[:6]}.log"
+        args = trustmesh_cmd("agent", "run", "--server", self.server.bind, "--attest-server", self.server.attest_bind,
+                             "--trust-bundle", str(self.server.bundle_path), "--data-dir", str(self.data_dir),
+                             "--socket", str(self.socket))
+        if self.join_token:
+            args += ["--join-token", self.join_token]
+        self.proc = subprocess.Popen(args, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log()
+            if "event=ready" in text:
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{text}")
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"agent not ready in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def stop(self, timeout: float = 10) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

@@ -1,0 +1,179 @@
+"""The node agent as a real process: Workload API, rotation, entries, restarts, outages.
+
+The workload is this test process (uid 0 here), talking to the agent's socket with grpcio
+and the standard Workload API messages; a second workload runs as uid 65534.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+
+from tests.integration.harness import AgentProcess, ServerProcess
+from trustmesh._proto.spiffe.workload import workload_pb2, workload_pb2_grpc
+from trustmesh.der import load_der_certificates
+from trustmesh.jwtsvid import parse_insecure
+from trustmesh.spiffeid import TrustDomain
+from trustmesh.x509svid import verify_x509_svid
+
+HEADER = [("workload.spiffe.io", "true")]
+UID = os.getuid()
+
+
+@pytest.fixture
+def setup(make_server: Callable[..., ServerProcess], tmp_path: Path) -> Iterator[tuple[ServerProcess, AgentProcess]]:
+    server = make_server()
+    tok = server.cli("token", "create", "--node", "node-1", check=True).stdout.strip()
+    agent = AgentProcess(server, tmp_path / "agent", join_token=tok)
+    yield server, agent
+    agent.stop()
+
+
+def entry(server: ServerProcess, name: str, *extra: str, uid: int = UID) -> str:
+    return server.cli("entry", "create", "--spiffe-id", f"spiffe://example.org/{name}", "--node", "node-1",
+                      "--selector", f"unix:uid:{uid}", *extra, check=True).stdout.strip()
+
+
+def stub(agent: AgentProcess) -> workload_pb2_grpc.SpiffeWorkloadAPIStub:
+    return workload_pb2_grpc.SpiffeWorkloadAPIStub(grpc.insecure_channel(f"unix:{agent.socket}"))
+
+
+def leaf_of(svid: workload_pb2.X509SVID) -> x509.Certificate:
+    return load_der_certificates(svid.x509_svid)[0]
+
+
+def test_first_svid_rotation_and_entry_changes_reach_an_open_stream(setup: tuple[ServerProcess, AgentProcess]) -> None:
+    server, agent = setup
+    entry(server, "ledger", "--x509-ttl", "4s")
+    agent.start()
+    stream = stub(agent).FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=40)
+    first = next(stream)
+    assert [s.spiffe_id for s in first.svids] == ["spiffe://example.org/ledger"]
+    svid = first.svids[0]
+    chain = load_der_certificates(svid.x509_svid)
+    roots = load_der_certificates(svid.bundle)
+    td = TrustDomain("example.org")
+    assert str(verify_x509_svid(chain, {td: roots})) == "spiffe://example.org/ledger"
+    assert svid.x509_svid_key[:1] == b"\x30"  # PKCS#8 DER
+    # Rotation is pushed on the open stream well before expiry.
+    rotated = next(stream)
+    assert leaf_of(rotated.svids[0]).serial_number != leaf_of(svid).serial_number
+    assert leaf_of(rotated.svids[0]).not_valid_after_utc > leaf_of(svid).not_valid_after_utc
+    # An entry added while streaming shows up; every message is a full snapshot.
+    second = entry(server, "audit-reader")
+    while True:
+        message = next(stream)
+        ids = sorted(s.spiffe_id for s in message.svids)
+        if "spiffe://example.org/audit-reader" in ids:
+            break
+    assert ids == ["spiffe://example.org/audit-reader", "spiffe://example.org/ledger"]
+    server.cli("entry", "delete", second, check=True)
+    while True:
+        message = next(stream)
+        if len(message.svids) == 1:
+            break
+    assert message.svids[0].spiffe_id == "spiffe://example.org/ledger"
+    stream.cancel()
+
+
+def test_deleting_the_last_entry_withdraws_with_permission_denied(setup: tuple[ServerProcess, AgentProcess]) -> None:
+    server, agent = setup
+    eid = entry(server, "ledger")
+    agent.start()
+    stream = stub(agent).FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=30)
+    assert next(stream).svids
+    server.cli("entry", "delete", eid, check=True)
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in stream:
+            pass
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # never a clean OK end
+
+
+def test_header_required_and_unregistered_uid_denied(setup: tuple[ServerProcess, AgentProcess]) -> None:
+    server, agent = setup
+    entry(server, "ledger")
+    agent.start()
+    with pytest.raises(grpc.RpcError) as info:
+        next(stub(agent).FetchX509SVID(workload_pb2.X509SVIDRequest(), timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    if UID != 0:
+        pytest.skip("needs root to run a workload as another uid")
+    # The client imports as root, then drops to uid 65534 before it connects: the kernel
+    # records the credentials at connect(), so the agent sees uid 65534.
+    script = textwrap.dedent(f"""
+        import grpc, os, sys
+        from trustmesh._proto.spiffe.workload import workload_pb2, workload_pb2_grpc
+        os.setgid(65534)
+        os.setuid(65534)
+        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(grpc.insecure_channel("unix:{agent.socket}"))
+        try:
+            next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=[("workload.spiffe.io", "true")], timeout=10))
+        except grpc.RpcError as err:
+            print(err.code().name)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}, cwd="/")
+    assert out.stdout.strip() == "PERMISSION_DENIED", out.stderr
+
+
+def test_jwt_svid_and_bundles(setup: tuple[ServerProcess, AgentProcess]) -> None:
+    server, agent = setup
+    entry(server, "ledger")
+    agent.start()
+    api = stub(agent)
+    reply = api.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["payments", "audit"]), metadata=HEADER, timeout=10)
+    token = reply.svids[0].svid
+    _, claims = parse_insecure(token)
+    assert claims["sub"] == "spiffe://example.org/ledger" and sorted(claims["aud"]) == ["audit", "payments"]
+    valid = api.ValidateJWTSVID(workload_pb2.ValidateJWTSVIDRequest(audience="audit", svid=token), metadata=HEADER,
+                                timeout=10)
+    assert valid.spiffe_id == "spiffe://example.org/ledger"
+    with pytest.raises(grpc.RpcError) as info:
+        api.ValidateJWTSVID(workload_pb2.ValidateJWTSVIDRequest(audience="other", svid=token), metadata=HEADER,
+                            timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as info:
+        api.FetchJWTSVID(workload_pb2.JWTSVIDRequest(), metadata=HEADER, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    bundles = next(api.FetchJWTBundles(workload_pb2.JWTBundlesRequest(), metadata=HEADER, timeout=10))
+    assert b'"kid"' in bundles.bundles["spiffe://example.org"]
+    x509_bundles = next(api.FetchX509Bundles(workload_pb2.X509BundlesRequest(), metadata=HEADER, timeout=10))
+    assert load_der_certificates(x509_bundles.bundles["spiffe://example.org"])
+
+
+@pytest.mark.slow
+def test_restart_after_sigkill_needs_no_token_and_outages_keep_svids(setup: tuple[ServerProcess, AgentProcess]) -> None:
+    server, agent = setup
+    entry(server, "ledger", "--x509-ttl", "30s")
+    agent.start()
+    first = next(stub(agent).FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=20))
+    assert first.svids
+    agent.kill()
+    agent.join_token = None  # the stored identity must be enough
+    started = time.monotonic()
+    agent.start()
+    again = next(stub(agent).FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=20))
+    assert again.svids and time.monotonic() - started < 15
+    assert "event=identity_loaded" in agent.log()
+    # The control plane goes away for longer than a rotation period (15 s at a 30 s TTL).
+    server.stop()
+    time.sleep(16)
+    during = next(stub(agent).FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=20))
+    leaf = leaf_of(during.svids[0])
+    assert leaf.not_valid_after_utc.timestamp() > time.time()
+    assert "event=server_unreachable" in agent.log()
+    # It catches up when the server returns.
+    server.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and agent.log().count("event=sync_connected") < 2:
+        time.sleep(0.2)
+    assert agent.log().count("event=sync_connected") >= 2
