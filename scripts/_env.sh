@@ -18,7 +18,12 @@ tm_ensure_venv() {
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     tm_log "installing trustmesh and its dependencies into .venv (first run takes a minute)"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev]"
+    local log="$VENV/install.log"
+    if ! "$VENV/bin/python" -m pip install -e "$ROOT[dev]" >"$log" 2>&1; then
+      tail -n 30 "$log" >&2
+      tm_log "installing the dependencies failed; the full log is $log"
+      return 1
+    fi
     echo "$want" >"$stamp"
   fi
   export PATH="$VENV/bin:$PATH"

@@ -1,12 +1,16 @@
 """The trustmesh demo, narrated step by step. Run it through `scripts/demo`.
 
-Everything runs on loopback in a temporary directory and is stopped on exit or Ctrl-C.
+A control plane (embedded SQLite store) and one node agent run on loopback in a temporary
+directory; two workloads, told apart by their uid, fetch their identities through the
+standard SPIFFE Workload API; one identity rotates while you watch. Everything is stopped
+on exit or Ctrl-C (unless --keep).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,64 +19,48 @@ import time
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
 TRUST_DOMAIN = "example.org"
+ROOT = Path(__file__).resolve().parents[1]
+OTHER_UID = 65534  # "nobody": the second workload, when the demo runs as root
 
 
 class Step:
-    """Prints one progress line per step: `[2/4] starting the control plane … done (0.8s)`."""
+    """One progress line per step: `[2/6] starting the agent …` then `done (0.8s)`."""
 
     def __init__(self, total: int) -> None:
         self.total = total
         self.count = 0
 
-    def __call__(self, text: str) -> "Step":
+    def __call__(self, text: str) -> Step:
         self.count += 1
-        self.text = text
         self.started = time.monotonic()
-        print(f"[{self.count}/{self.total}] {text} …", flush=True)
+        print(f"\n[{self.count}/{self.total}] {text} …", flush=True)
         return self
 
-    def __enter__(self) -> "Step":
+    def __enter__(self) -> Step:
         return self
 
     def __exit__(self, exc_type: object, *_: object) -> None:
-        took = time.monotonic() - self.started
         outcome = "done" if exc_type is None else "FAILED"
-        print(f"      {outcome} ({took:.1f}s)", flush=True)
+        print(f"      {outcome} ({time.monotonic() - self.started:.1f}s)", flush=True)
 
 
-def start_server(workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    data_dir = workdir / "server"
-    log_path = workdir / "server.log"
-    log_file = log_path.open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trustmesh.cli.main", "server", "run",
-         "--trust-domain", TRUST_DOMAIN, "--data-dir", str(data_dir), "--bind", "127.0.0.1:0"],
-        stdout=log_file, stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 60
+def trustmesh(*args: str) -> list[str]:
+    return [sys.executable, "-m", "trustmesh.cli.main", *args]
+
+
+def wait_for(log: Path, pattern: str, proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> re.Match[str]:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        match = re.search(pattern, text)
+        if match:
+            return match
         if proc.poll() is not None:
-            raise SystemExit(f"the control plane exited early; its log:\n{log_path.read_text()}")
-        if "event=ready" in log_path.read_text():
-            return proc, data_dir
+            raise SystemExit(f"{what} exited early; its log:\n{text}")
         time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"the control plane did not become ready in 60s; its log:\n{log_path.read_text()}")
-
-
-def describe_bundle(path: Path) -> None:
-    certs = x509.load_pem_x509_certificates(path.read_bytes())
-    print(f"      trust bundle {path} holds {len(certs)} root(s):")
-    for cert in certs:
-        uri = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        ids = uri.get_values_for_type(x509.UniformResourceIdentifier)
-        print(f"        subject   {cert.subject.rfc4514_string()}")
-        print(f"        SPIFFE ID {', '.join(ids)}")
-        print(f"        valid     {cert.not_valid_before_utc:%Y-%m-%d %H:%M} → {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
-        print(f"        sha256    {cert.fingerprint(hashes.SHA256()).hex()[:32]}…")
+    raise SystemExit(f"{what} did not become ready in {timeout:.0f}s; its log:\n{log.read_text(errors='replace')}")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -85,29 +73,97 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def say(text: str) -> None:
+    print(f"      {text}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Run the trustmesh demo on loopback.")
-    parser.add_argument("--keep", action="store_true", help="leave the control plane running and print how to reach it")
+    parser.add_argument("--keep", action="store_true", help="leave everything running and print how to poke it")
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="trustmesh-demo-"))
-    step = Step(total=3)
+    work = Path(tempfile.mkdtemp(prefix="trustmesh-demo-"))
+    work.chmod(0o755)  # the second workload runs as another uid and must reach the socket
+    env = {**os.environ, "TRUSTMESH_ADMIN_SOCKET": str(work / "server" / "admin.sock"),
+           "PYTHONPATH": str(ROOT)}
     procs: list[subprocess.Popen[bytes]] = []
+    step = Step(total=6)
+    as_root = os.getuid() == 0
+
+    def cli(*cmd: str) -> str:
+        result = subprocess.run(trustmesh(*cmd), capture_output=True, text=True, env=env, timeout=60)
+        if result.returncode != 0:
+            raise SystemExit(f"trustmesh {' '.join(cmd)} failed: {result.stderr.strip()}")
+        return result.stdout.strip()
+
+    def start(name: str, *cmd: str) -> tuple[subprocess.Popen[bytes], Path]:
+        log = work / f"{name}.log"
+        proc = subprocess.Popen(trustmesh(*cmd), stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+        procs.append(proc)
+        return proc, log
+
     try:
-        with step("starting the control plane (embedded SQLite store)"):
-            server, data_dir = start_server(workdir)
-            procs.append(server)
-        with step("reading the trust bundle agents bootstrap from"):
-            describe_bundle(data_dir / "bundle.pem")
-        with step("checking that CA keys are encrypted at rest"):
-            db = (data_dir / "store.db").read_bytes()
-            kek = data_dir / "kek.bin"
-            mode = oct(kek.stat().st_mode & 0o777)
-            print(f"      key-encryption key {kek} has mode {mode}; no PEM private key in the store: "
-                  f"{b'PRIVATE KEY' not in db}")
+        with step("starting the control plane (CA + registry, embedded SQLite store)"):
+            server, server_log = start("server", "server", "run", "--trust-domain", TRUST_DOMAIN,
+                                       "--data-dir", str(work / "server"), "--bind", "127.0.0.1:0",
+                                       "--attest-bind", "127.0.0.1:0")
+            ready = wait_for(server_log, r"event=ready .*? bind=(\S+) attest_bind=(\S+)", server, "the control plane")
+            bind, attest_bind = ready.group(1), ready.group(2)
+            root = x509.load_pem_x509_certificates((work / "server" / "bundle.pem").read_bytes())[0]
+            say(f"trust domain {TRUST_DOMAIN}; root CA valid until {root.not_valid_after_utc:%Y-%m-%d}; "
+                f"agents connect to {bind}")
+            say("CA keys are stored only encrypted (AES-256-GCM) under the key-encryption key "
+                f"{work / 'server' / 'kek.bin'} (mode 0600)")
+
+        with step("admitting node-1: one-time join token, then the node agent attests"):
+            token = cli("token", "create", "--node", "node-1", "--ttl", "5m")
+            say(f"join token (single use, stored only hashed): {token[:6]}…")
+            socket_path = work / "workload.sock"
+            agent, agent_log = start("agent", "agent", "run", "--server", bind, "--attest-server", attest_bind,
+                                     "--trust-bundle", str(work / "server" / "bundle.pem"),
+                                     "--data-dir", str(work / "agent"), "--socket", str(socket_path),
+                                     "--join-token", token)
+            ready = wait_for(agent_log, r"event=ready spiffe_id=(\S+)", agent, "the agent")
+            say(f"agent identity {ready.group(1)}; Workload API at unix://{socket_path}")
+
+        second_uid = OTHER_UID if as_root else os.getuid()
+        with step("registering two workloads, told apart by the uid the kernel reports"):
+            cli("entry", "create", "--spiffe-id", f"spiffe://{TRUST_DOMAIN}/payments", "--node", "node-1",
+                "--selector", f"unix:uid:{os.getuid()}", "--x509-ttl", "8s")
+            say(f"spiffe://{TRUST_DOMAIN}/payments  for unix:uid:{os.getuid()}  (8 s certificates, to show rotation)")
+            if as_root:
+                cli("entry", "create", "--spiffe-id", f"spiffe://{TRUST_DOMAIN}/ledger", "--node", "node-1",
+                    "--selector", f"unix:uid:{second_uid}", "--x509-ttl", "1h")
+                say(f"spiffe://{TRUST_DOMAIN}/ledger    for unix:uid:{second_uid}  (1 h certificates)")
+            else:
+                say("(not running as root: the second workload can only show a refusal)")
+
+        workload = [sys.executable, str(ROOT / "scripts" / "demo_workload.py"), str(socket_path)]
+        with step("each workload asks the Workload API who it is"):
+            for uid in (None, OTHER_UID):
+                extra = ["--uid", str(uid)] if uid is not None and as_root else []
+                if uid is not None and not as_root:
+                    continue
+                out = subprocess.run(workload + extra, capture_output=True, text=True, env=env, timeout=60)
+                for line in (out.stdout or out.stderr).strip().splitlines():
+                    say(line)
+
+        with step("watching payments' certificate rotate (at half its lifetime, pushed to the open stream)"):
+            out = subprocess.run(workload + ["--updates", "3"], capture_output=True, text=True, env=env, timeout=60)
+            for line in (out.stdout or out.stderr).strip().splitlines():
+                say(line)
+
+        with step("checking the tamper-evident audit log"):
+            for line in cli("audit", "show").splitlines()[-4:]:
+                say(line[:150])
+            say(cli("audit", "verify"))
+
         if args.keep:
-            print(f"\nthe control plane keeps running (pid {server.pid}); its files are in {workdir}")
-            print(f"stop it with: kill {server.pid}")
+            print(f"\neverything keeps running; files and logs are in {work}")
+            print(f"  export TRUSTMESH_ADMIN_SOCKET={work / 'server' / 'admin.sock'}")
+            print("  trustmesh entry list; trustmesh agent list; trustmesh audit show")
+            print(f"  SPIFFE_ENDPOINT_SOCKET=unix://{socket_path} your-spiffe-client")
+            print(f"stop it with: kill {' '.join(str(p.pid) for p in procs)}")
             procs.clear()
         else:
             print("\ndemo finished; everything stopped.")
@@ -116,10 +172,9 @@ def main() -> int:
         print("\ninterrupted; stopping everything.")
         return 130
     finally:
-        for proc in procs:
+        for proc in reversed(procs):
             stop(proc)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())

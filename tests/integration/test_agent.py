@@ -177,3 +177,43 @@ def test_restart_after_sigkill_needs_no_token_and_outages_keep_svids(setup: tupl
     while time.monotonic() < deadline and agent.log().count("event=sync_connected") < 2:
         time.sleep(0.2)
     assert agent.log().count("event=sync_connected") >= 2
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.slow
+def test_churn_and_garbage_leak_nothing_and_hurt_no_one(setup: tuple[ServerProcess, AgentProcess]) -> None:
+    import socket as socketlib
+
+    server, agent = setup
+    entry(server, "ledger")
+    agent.start()
+    assert agent.proc is not None
+    watcher = stub(agent).FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=120)
+    assert next(watcher).svids
+    baseline = _fds(agent.proc.pid)
+    # Garbage on the socket, and clients that hang up mid-stream, over and over.
+    for i in range(1000):
+        raw = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+        raw.connect(str(agent.socket))
+        if i % 2:
+            raw.sendall(b"GET / HTTP/1.1\r\n\r\n" if i % 4 == 1 else os.urandom(64))
+        raw.close()
+    for _ in range(100):
+        channel = grpc.insecure_channel(f"unix:{agent.socket}")
+        stream = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel).FetchX509SVID(
+            workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=10)
+        next(stream)
+        stream.cancel()
+        channel.close()
+    # The long-lived watcher still gets fresh snapshots, and nothing piled up in the agent.
+    eid = entry(server, "second")
+    while len(next(watcher).svids) < 2:
+        pass
+    server.cli("entry", "delete", eid, check=True)
+    time.sleep(1)
+    assert _fds(agent.proc.pid) <= baseline + 5
+    assert agent.proc.poll() is None
+    watcher.cancel()
