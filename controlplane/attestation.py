@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 from trustmesh.errors import AlreadyExistsError, NotFoundError, SvidError, TrustmeshError
 from trustmesh.naming import agent_id
 from trustmesh.spiffeid import SpiffeId
-from trustmesh.x509svid import X509Svid
+from trustmesh.x509svid import X509Svid, issued_by
 
 from controlplane.api.status import FailedPreconditionError, InvalidArgumentError, PermissionDeniedError
 from controlplane.registration import NODE_NAME, token_hash
@@ -168,9 +168,9 @@ class NodeAttestor:
         rest = chain[1:]
         for _ in range(MAX_CHAIN):
             for root in self._node_cas:
-                if _signed_by(current, root) and root.not_valid_before_utc <= now <= root.not_valid_after_utc:
+                if issued_by(current, root) and root.not_valid_before_utc <= now <= root.not_valid_after_utc:
                     return root
-            if not rest or not _signed_by(current, rest[0]) or not _is_ca(rest[0]):
+            if not rest or not issued_by(current, rest[0]) or not _is_ca(rest[0]):
                 return None
             current, rest = rest[0], rest[1:]
         return None
@@ -205,16 +205,6 @@ class NodeAttestor:
                 expected_revision=existing.revision or None)
         await self._ok(node, "x509pop")
         return Attested(node, svid)
-
-
-def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    if cert.issuer != issuer.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError):
-        return False
-    return True
 
 
 def _is_ca(cert: x509.Certificate) -> bool:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import os
 
 import pytest
 
+from controlplane.store import Store, open_store
 from tests.etcd_process import EtcdNotInstalled, running_etcd
 
 
@@ -21,3 +24,14 @@ def etcd_server() -> Iterator[str]:
         if os.environ.get("CI"):
             pytest.fail(f"{err}; scripts/test installs etcd-server, so CI must have it")
         pytest.skip(str(err))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("etcd", marks=pytest.mark.etcd)])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """The real Store on each backend: SQLite in tmp_path, or a fresh namespace on etcd."""
+    if request.param == "sqlite":
+        s = await open_store("sqlite", tmp_path)
+    else:
+        s = await open_store(f"{request.getfixturevalue('etcd_server')}/t{uuid.uuid4().hex[:10]}", tmp_path)
+    yield s
+    await s.close()

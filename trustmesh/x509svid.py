@@ -231,7 +231,8 @@ def _check_ca(cert: x509.Certificate, trust_domain: TrustDomain, depth: int, wha
             raise VerificationError(f"{what} belongs to trust domain {sid.trust_domain}, not {trust_domain}")
 
 
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """True when `issuer`'s subject names and its key signed `cert`."""
     if cert.issuer != issuer.subject:
         return False
     try:
@@ -265,7 +266,7 @@ def verify_x509_svid(
     intermediates = list(chain[1:])
     for _ in range(MAX_CHAIN_DEPTH):
         for root in roots:
-            if _issued_by(current, root):
+            if issued_by(current, root):
                 _check_ca(root, td, depth, "root certificate")
                 _check_validity(root, now, "root certificate")
                 return spiffe_id
@@ -273,7 +274,7 @@ def verify_x509_svid(
         if not intermediates:
             raise VerificationError(f"chain does not lead to a root of trust domain {td}")
         issuer = intermediates.pop(0)
-        if not _issued_by(current, issuer):
+        if not issued_by(current, issuer):
             raise VerificationError("certificate chain is broken: a certificate was not signed by the next one")
         _check_ca(issuer, td, depth, "intermediate certificate")
         _check_validity(issuer, now, "intermediate certificate")

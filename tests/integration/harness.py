@@ -30,8 +30,51 @@ def trustmesh_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "trustmesh.cli.main", *args]
 
 
+class _Process:
+    """Launch a trustmesh process, wait for its `ready` line, stop it cleanly."""
+
+    proc: subprocess.Popen[bytes] | None
+    log_path: Path | None
+
+    def _launch(self, name: str, directory: Path, args: list[str], ready: str, timeout: float,
+                env: dict[str, str] | None = None) -> re.Match[str]:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.log_path = directory.parent / f"{directory.name}-{uuid.uuid4().hex[:6]}.log"
+        self.proc = subprocess.Popen(args, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log()
+            match = re.search(ready, text)
+            if match:
+                return match
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {self.proc.returncode}:\n{text}")
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"{name} not ready in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def stop(self, timeout: float = 10) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 @dataclass
-class ServerProcess:
+class ServerProcess(_Process):
     data_dir: Path
     trust_domain: str = "example.org"
     store: str = "sqlite"
@@ -55,47 +98,16 @@ class ServerProcess:
         return TrustDomain(self.trust_domain)
 
     def start(self, timeout: float = READY_TIMEOUT) -> ServerProcess:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-{uuid.uuid4().hex[:6]}.log"
-        log = self.log_path.open("wb")
         args = trustmesh_cmd(
             "server", "run", "--trust-domain", self.trust_domain, "--data-dir", str(self.data_dir),
             # A restarted server keeps its ports, as a real one would.
             "--bind", self.bind or "127.0.0.1:0", "--attest-bind", self.attest_bind or "127.0.0.1:0",
             "--store", self.store, *self.extra,
         )
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **self.env})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log_path.read_text(errors="replace")
-            match = re.search(r"event=ready .*? bind=(\S+) attest_bind=(\S+)", text)
-            if match:
-                self.bind, self.attest_bind = match.group(1), match.group(2)
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{text}")
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"server not ready in {timeout}s:\n{self.log_path.read_text(errors='replace')}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path else ""
-
-    def stop(self, timeout: float = 10) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        match = self._launch("server", self.data_dir, args, r"event=ready .*? bind=(\S+) attest_bind=(\S+)",
+                             timeout, self.env)
+        self.bind, self.attest_bind = match.group(1), match.group(2)
+        return self
 
     # --- clients -------------------------------------------------------------------------
 
@@ -138,7 +150,7 @@ def _public_dir() -> Path:
 
 
 @dataclass
-class AgentProcess:
+class AgentProcess(_Process):
     """A real `trustmesh agent run` process beside a ServerProcess."""
 
     server: ServerProcess
@@ -149,39 +161,10 @@ class AgentProcess:
     socket: Path = field(default_factory=lambda: _public_dir() / "workload.sock")
 
     def start(self, timeout: float = READY_TIMEOUT) -> AgentProcess:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-{uuid.uuid4().hex[:6]}.log"
         args = trustmesh_cmd("agent", "run", "--server", self.server.bind, "--attest-server", self.server.attest_bind,
                              "--trust-bundle", str(self.server.bundle_path), "--data-dir", str(self.data_dir),
                              "--socket", str(self.socket))
         if self.join_token:
             args += ["--join-token", self.join_token]
-        self.proc = subprocess.Popen(args, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log()
-            if "event=ready" in text:
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{text}")
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"agent not ready in {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path else ""
-
-    def stop(self, timeout: float = 10) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        self._launch("agent", self.data_dir, args, r"event=ready", timeout)
+        return self

@@ -17,14 +17,6 @@ from controlplane.store import Store, open_store
 KEY = b"k" * 32
 
 
-@pytest.fixture(params=["sqlite", pytest.param("etcd", marks=pytest.mark.etcd)])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    if request.param == "sqlite":
-        s = await open_store("sqlite", tmp_path)
-    else:
-        s = await open_store(f"{request.getfixturevalue('etcd_server')}/audit{uuid.uuid4().hex[:8]}", tmp_path)
-    yield s
-    await s.close()
 
 
 async def _log(store: Store, n: int = 5) -> AuditLog:

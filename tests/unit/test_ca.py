@@ -42,14 +42,6 @@ def _config(**kw: object) -> CAConfig:
     return CAConfig(trust_domain=kw.pop("td", TD), replica_id=str(kw.pop("replica", "r1")), **kw)  # type: ignore[arg-type]
 
 
-@pytest.fixture(params=["sqlite", pytest.param("etcd", marks=pytest.mark.etcd)])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    if request.param == "sqlite":
-        s = await open_store("sqlite", tmp_path)
-    else:
-        s = await open_store(f"{request.getfixturevalue('etcd_server')}/ca{uuid.uuid4().hex[:8]}", tmp_path)
-    yield s
-    await s.close()
 
 
 async def test_reload_keeps_root_and_jwt_key_but_makes_a_new_signing_ca(store: Store) -> None:
