@@ -192,14 +192,14 @@ async def test_a_banned_agent_is_cut_off_within_a_second(server: ServerProcess) 
     async with agent.channel() as channel:
         call = node_pb2_grpc.NodeStub(channel).Sync(node_pb2.SyncRequest())
         await _next(call)
-        banned_at = time.monotonic()
+        reader = asyncio.create_task(_next(call, timeout=10))
         server.cli("agent", "ban", "node-1", check=True)
+        banned_at = time.monotonic()  # the ban is in force once the CLI call returns
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await _next(call, timeout=5)
+            await reader
         cut_after = time.monotonic() - banned_at
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and "banned" in info.value.details()
-    # The CLI call itself includes a process start; the stream must end within a second of it.
-    assert cut_after < 1.0 + 3.0
+    assert cut_after < 1.0, f"the banned agent's stream lived {cut_after:.2f}s after the ban"
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await agent.batch_sign([(eid, build_csr(generate_private_key()))])
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
