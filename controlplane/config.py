@@ -26,6 +26,7 @@ class ServerConfig:
     bind: str = "127.0.0.1:8081"
     attest_bind: str = "127.0.0.1:8082"
     admin_socket: Path | None = None
+    admin_bind: str | None = None  # optional remote admin API, mTLS with admin-entry SVIDs
     default_x509_ttl: timedelta = timedelta(hours=1)
     default_jwt_ttl: timedelta = timedelta(minutes=5)
     agent_ttl: timedelta = timedelta(hours=1)

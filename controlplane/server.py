@@ -174,6 +174,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
     store: Store = await open_store(config.store_url, config.data_dir)
     node_server: grpc.aio.Server | None = None
     attest_server: grpc.aio.Server | None = None
+    remote_admin: grpc.aio.Server | None = None
     admin_server: grpc.aio.Server | None = None
     metrics_server: asyncio.Server | None = None
     try:
@@ -204,6 +205,13 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         await node_server.start()
         await attest_server.start()
         admin_server = await _start_admin_server(rt, admin_api)
+        remote_admin_port = 0
+        if config.admin_bind:
+            remote_admin = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+            admin_api.register(remote_admin, remote=True)
+            remote_admin_port = _listen(remote_admin, config.admin_bind, creds.credentials(require_client_cert=True),
+                                        "--admin-bind")
+            await remote_admin.start()
         if config.metrics:
             host, mport = split_host_port(config.metrics)
             metrics_server = await serve_metrics(rt.metrics, host, mport)
@@ -215,7 +223,9 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
             log, "ready",
             trust_domain=config.trust_domain, bind=f"{bind_host}:{port}",
             attest_bind=f"{split_host_port(config.attest_bind)[0]}:{attest_port}",
-            admin_socket=str(config.admin_socket_path), store=config.store_url.split("://", 1)[0],
+            admin_socket=str(config.admin_socket_path),
+            admin_bind=f"{split_host_port(config.admin_bind)[0]}:{remote_admin_port}" if config.admin_bind else "off",
+            store=config.store_url.split("://", 1)[0],
             bundle=str(config.bundle_path), root_sha256=ca.root.fingerprint(hashes.SHA256()).hex(),
             metrics=config.metrics or "off",
         )
@@ -225,7 +235,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
             await stop.wait()
         log_event(log, "stopping")
     finally:
-        for grpc_server in (node_server, attest_server):
+        for grpc_server in (node_server, attest_server, remote_admin):
             if grpc_server is not None:
                 await grpc_server.stop(grace=1)
         if admin_server is not None:

@@ -10,17 +10,19 @@ import time
 from datetime import timedelta
 
 import grpc
+from cryptography import x509
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 from trustmesh.spiffeid import TrustDomain
 
 from controlplane.api.convert import audit_event_to_pb, bundle_to_pb, entry_to_pb, node_to_pb, selector_text
 from controlplane.api.node import NodeAPI
-from controlplane.api.status import InvalidArgumentError, grpc_errors
+from controlplane.api.status import InvalidArgumentError, PermissionDeniedError, UnauthenticatedError, grpc_errors
 from controlplane.registration import DEFAULT_TOKEN_TTL, EntrySpec, Registry
 from controlplane.runtime import ServerRuntime
 from controlplane.store.records import AuditEvent
-from trustmesh.errors import NotFoundError
+from trustmesh.errors import NotFoundError, VerificationError
+from trustmesh.x509svid import spiffe_id_from_certificate
 
 # Who made an admin change. grpcio cannot read SO_PEERCRED on the unix socket, so the
 # local socket itself (mode 0600, owned by the server's user) is the identity.
@@ -39,19 +41,44 @@ def _spec(entry: types_pb2.Entry) -> EntrySpec:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
-    def __init__(self, rt: ServerRuntime) -> None:
+    """One instance serves the local socket (`remote=False`), another the optional mTLS
+    listener, where the caller must present the SVID of an entry marked `admin`."""
+
+    def __init__(self, rt: ServerRuntime, node_api: NodeAPI, *, remote: bool = False) -> None:
         self._rt = rt
         self._registry = Registry(rt)
+        self._node_api = node_api
+        self._remote = remote
+
+    async def _authorize(self, context: grpc.aio.ServicerContext, method: str) -> str:
+        if not self._remote:
+            return LOCAL_ADMIN
+        auth = context.auth_context() or {}
+        pems = auth.get("x509_pem_cert") or []
+        if not pems:
+            raise UnauthenticatedError("the remote admin API needs an admin SVID as TLS client certificate")
+        try:
+            caller = spiffe_id_from_certificate(x509.load_pem_x509_certificate(pems[0]))
+        except (ValueError, VerificationError) as err:
+            raise UnauthenticatedError(f"the client certificate is not an X509-SVID: {err}") from err
+        if caller.trust_domain != self._rt.config.trust_domain or not self._node_api.is_admin(str(caller)):
+            await self._rt.audit.record("admin.call", actor=str(caller), subject=method, outcome="denied",
+                                        reason="not an admin entry")
+            raise PermissionDeniedError(
+                f"{caller} may not use the admin API: register it with `trustmesh entry create … --admin`")
+        return f"admin:{caller}"
 
     async def CreateEntry(self, request: admin_pb2.CreateEntryRequest,
                           context: grpc.aio.ServicerContext) -> admin_pb2.CreateEntryResponse:
         async with grpc_errors(context, "CreateEntry"):
-            entry = await self._registry.create_entry(_spec(request.entry), LOCAL_ADMIN)
+            actor = await self._authorize(context, "CreateEntry")
+            entry = await self._registry.create_entry(_spec(request.entry), actor)
             return admin_pb2.CreateEntryResponse(entry=entry_to_pb(entry))
 
     async def GetEntry(self, request: admin_pb2.GetEntryRequest,
                        context: grpc.aio.ServicerContext) -> admin_pb2.GetEntryResponse:
         async with grpc_errors(context, "GetEntry"):
+            actor = await self._authorize(context, "GetEntry")
             if not request.id:
                 raise InvalidArgumentError("an entry id is required; see `trustmesh entry list`")
             return admin_pb2.GetEntryResponse(entry=entry_to_pb(await self._rt.store.get_entry(request.id)))
@@ -59,6 +86,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def ListEntries(self, request: admin_pb2.ListEntriesRequest,
                           context: grpc.aio.ServicerContext) -> admin_pb2.ListEntriesResponse:
         async with grpc_errors(context, "ListEntries"):
+            actor = await self._authorize(context, "ListEntries")
             if request.page_size < 0:
                 raise InvalidArgumentError("page_size must not be negative")
             size = min(request.page_size or MAX_PAGE, MAX_PAGE)
@@ -75,49 +103,56 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def UpdateEntry(self, request: admin_pb2.UpdateEntryRequest,
                           context: grpc.aio.ServicerContext) -> admin_pb2.UpdateEntryResponse:
         async with grpc_errors(context, "UpdateEntry"):
+            actor = await self._authorize(context, "UpdateEntry")
             if not request.entry.id:
                 raise InvalidArgumentError("an entry id is required")
-            entry = await self._registry.update_entry(request.entry.id, _spec(request.entry), LOCAL_ADMIN,
+            entry = await self._registry.update_entry(request.entry.id, _spec(request.entry), actor,
                                                       request.expected_revision or None)
             return admin_pb2.UpdateEntryResponse(entry=entry_to_pb(entry))
 
     async def DeleteEntry(self, request: admin_pb2.DeleteEntryRequest,
                           context: grpc.aio.ServicerContext) -> admin_pb2.DeleteEntryResponse:
         async with grpc_errors(context, "DeleteEntry"):
+            actor = await self._authorize(context, "DeleteEntry")
             if not request.id:
                 raise InvalidArgumentError("an entry id is required")
-            await self._registry.delete_entry(request.id, LOCAL_ADMIN)
+            await self._registry.delete_entry(request.id, actor)
             return admin_pb2.DeleteEntryResponse()
 
     async def CreateJoinToken(self, request: admin_pb2.CreateJoinTokenRequest,
                               context: grpc.aio.ServicerContext) -> admin_pb2.CreateJoinTokenResponse:
         async with grpc_errors(context, "CreateJoinToken"):
+            actor = await self._authorize(context, "CreateJoinToken")
             ttl = timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else DEFAULT_TOKEN_TTL
-            token, record = await self._registry.create_join_token(request.node_name, ttl, LOCAL_ADMIN)
+            token, record = await self._registry.create_join_token(request.node_name, ttl, actor)
             agent = self._registry.resolve_agent(record.node_name)
             return admin_pb2.CreateJoinTokenResponse(token=token, expires_at=int(record.expires_at), agent_id=agent)
 
     async def ListAgents(self, request: admin_pb2.ListAgentsRequest,
                          context: grpc.aio.ServicerContext) -> admin_pb2.ListAgentsResponse:
         async with grpc_errors(context, "ListAgents"):
+            actor = await self._authorize(context, "ListAgents")
             nodes = sorted(await self._rt.store.list_attested_nodes(), key=lambda n: n.spiffe_id)
             return admin_pb2.ListAgentsResponse(agents=[node_to_pb(n) for n in nodes])
 
     async def BanAgent(self, request: admin_pb2.BanAgentRequest,
                        context: grpc.aio.ServicerContext) -> admin_pb2.BanAgentResponse:
         async with grpc_errors(context, "BanAgent"):
-            await self._registry.ban_agent(request.spiffe_id, LOCAL_ADMIN)
+            actor = await self._authorize(context, "BanAgent")
+            await self._registry.ban_agent(request.spiffe_id, actor)
             return admin_pb2.BanAgentResponse()
 
     async def EvictAgent(self, request: admin_pb2.EvictAgentRequest,
                          context: grpc.aio.ServicerContext) -> admin_pb2.EvictAgentResponse:
         async with grpc_errors(context, "EvictAgent"):
-            await self._registry.evict_agent(request.spiffe_id, LOCAL_ADMIN)
+            actor = await self._authorize(context, "EvictAgent")
+            await self._registry.evict_agent(request.spiffe_id, actor)
             return admin_pb2.EvictAgentResponse()
 
     async def GetBundle(self, request: admin_pb2.GetBundleRequest,
                         context: grpc.aio.ServicerContext) -> admin_pb2.GetBundleResponse:
         async with grpc_errors(context, "GetBundle"):
+            actor = await self._authorize(context, "GetBundle")
             own = self._rt.config.trust_domain
             if request.trust_domain and TrustDomain.parse(request.trust_domain) != own:
                 raise NotFoundError(f"this server holds no bundle for {request.trust_domain}; federation comes later")
@@ -127,6 +162,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def ListAuditEvents(self, request: admin_pb2.ListAuditEventsRequest,
                               context: grpc.aio.ServicerContext) -> admin_pb2.ListAuditEventsResponse:
         async with grpc_errors(context, "ListAuditEvents"):
+            actor = await self._authorize(context, "ListAuditEvents")
             if request.limit < 0 or request.since_seq < 0:
                 raise InvalidArgumentError("limit and since_seq must not be negative")
             limit = min(request.limit or MAX_AUDIT_PAGE, MAX_AUDIT_PAGE)
@@ -147,6 +183,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def VerifyAudit(self, request: admin_pb2.VerifyAuditRequest,
                           context: grpc.aio.ServicerContext) -> admin_pb2.VerifyAuditResponse:
         async with grpc_errors(context, "VerifyAudit"):
+            actor = await self._authorize(context, "VerifyAudit")
             started = time.monotonic()
             result = await self._rt.audit.verify()
             self._rt.metrics.histogram("trustmesh_audit_verify_seconds", "time to verify the audit chain").observe(
@@ -159,7 +196,6 @@ class AdminAPI:
     def __init__(self, rt: ServerRuntime, node_api: NodeAPI) -> None:
         self._rt = rt
         self._node_api = node_api
-        self.servicer = AdminServicer(rt)
 
-    def register(self, server: grpc.aio.Server) -> None:
-        admin_pb2_grpc.add_AdminServicer_to_server(self.servicer, server)
+    def register(self, server: grpc.aio.Server, *, remote: bool = False) -> None:
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self._rt, self._node_api, remote=remote), server)

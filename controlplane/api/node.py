@@ -284,6 +284,10 @@ class NodeAPI:
                     f"agent {peer.id} presented a superseded SVID (serial {peer.serial}); use the renewed one")
         return node
 
+    def is_admin(self, spiffe_id: str) -> bool:
+        """True when some registration entry for this ID is marked admin."""
+        return any(e.admin and e.spiffe_id == spiffe_id for e in self.index.entries.values())
+
     def remember_previous_serial(self, agent: str, serial: str) -> None:
         self._previous_serials[agent] = (serial, time.monotonic() + RENEWAL_GRACE)
 

@@ -10,11 +10,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from cryptography import x509
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2_grpc
-from trustmesh.errors import TrustmeshError
+from trustmesh.errors import TrustmeshError, VerificationError
+from trustmesh.naming import server_dns_name
+from trustmesh.spiffeid import TrustDomain
+from trustmesh.x509svid import spiffe_id_from_certificate
 
 ENV = "TRUSTMESH_ADMIN_SOCKET"
+SERVER_ENV = "TRUSTMESH_ADMIN_SERVER"
 DEFAULT_SOCKET = "./.trustmesh/server/admin.sock"
 TIMEOUT = 30.0
 
@@ -30,6 +35,37 @@ def add_socket_flag(parser: argparse.ArgumentParser) -> None:
         "--admin-socket",
         help=f"the server's admin socket (default ${ENV}, else {DEFAULT_SOCKET})",
     )
+    remote = parser.add_argument_group(
+        "remote administration (instead of the socket; the server runs with --admin-bind)")
+    remote.add_argument("--admin-server", metavar="HOST:PORT", help=f"the server's --admin-bind address (or ${SERVER_ENV})")
+    remote.add_argument("--admin-cert", metavar="PEM", help="your admin X509-SVID chain (an entry marked --admin)")
+    remote.add_argument("--admin-key", metavar="PEM", help="its private key")
+    remote.add_argument("--trust-bundle", metavar="PEM", help="the trust domain's roots (the server's bundle.pem)")
+
+
+def _remote_channel(args: argparse.Namespace, server: str) -> grpc.Channel:
+    files = {"--admin-cert": args.admin_cert, "--admin-key": args.admin_key, "--trust-bundle": args.trust_bundle}
+    missing = [flag for flag, value in files.items() if not value]
+    if missing:
+        raise AdminCallError(f"--admin-server needs {', '.join(missing)} as well")
+    try:
+        roots_pem = Path(args.trust_bundle).read_bytes()
+        creds = grpc.ssl_channel_credentials(root_certificates=roots_pem,
+                                             private_key=Path(args.admin_key).read_bytes(),
+                                             certificate_chain=Path(args.admin_cert).read_bytes())
+        td = trust_domain_of(x509.load_pem_x509_certificates(roots_pem))
+    except (OSError, ValueError) as err:
+        raise AdminCallError(f"cannot read the admin credentials: {err}") from err
+    return grpc.secure_channel(server, creds, options=[("grpc.ssl_target_name_override", server_dns_name(td))])
+
+
+def trust_domain_of(roots: list[x509.Certificate]) -> TrustDomain:
+    for root in roots:
+        try:
+            return spiffe_id_from_certificate(root).trust_domain
+        except VerificationError:
+            continue
+    raise AdminCallError("the trust bundle has no root with a SPIFFE ID; pass the server's bundle.pem")
 
 
 def socket_path(args: argparse.Namespace) -> Path:
@@ -38,20 +74,25 @@ def socket_path(args: argparse.Namespace) -> Path:
 
 def call(args: argparse.Namespace, invoke: Callable[[admin_pb2_grpc.AdminStub], T]) -> T:
     """Run one admin RPC; turn transport and status errors into messages a person can act on."""
-    path = socket_path(args)
-    if not path.exists():
-        raise AdminCallError(
-            f"cannot reach the trustmesh server at {path}: is `trustmesh server run` running? "
-            f"set --admin-socket or {ENV}"
-        )
-    with grpc.insecure_channel(f"unix:{path}") as channel:
+    server = getattr(args, "admin_server", None) or os.environ.get(SERVER_ENV)
+    if server:
+        channel, where = _remote_channel(args, server), server
+    else:
+        path = socket_path(args)
+        if not path.exists():
+            raise AdminCallError(
+                f"cannot reach the trustmesh server at {path}: is `trustmesh server run` running? "
+                f"set --admin-socket or {ENV}"
+            )
+        channel, where = grpc.insecure_channel(f"unix:{path}"), str(path)
+    with channel:
         try:
             return invoke(admin_pb2_grpc.AdminStub(channel))
         except grpc.RpcError as err:
             code = err.code()
             if code == grpc.StatusCode.UNAVAILABLE:
                 raise AdminCallError(
-                    f"cannot reach the trustmesh server at {path} ({err.details()}): "
+                    f"cannot reach the trustmesh server at {where} ({err.details()}): "
                     "is it running, and may you open the socket?"
                 ) from None
             raise AdminCallError(f"{err.details()} ({code.name})") from None

@@ -18,6 +18,7 @@ DEFAULTS: dict[str, Any] = {
     "bind": "127.0.0.1:8081",
     "attest_bind": "127.0.0.1:8082",
     "admin_socket": None,
+    "admin_bind": None,
     "store": "sqlite",
     "kek_file": None,
     "default_x509_ttl": "1h",
@@ -55,6 +56,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--attest-bind",
         help="address where new agents attest (TLS without a client certificate; serves only "
         "attestation), default 127.0.0.1:8082; every other agent call goes to --bind with mTLS",
+    )
+    run.add_argument(
+        "--admin-bind",
+        help="also serve the admin API on this host:port over mTLS, for remote administrators "
+        "whose SVIDs are registration entries marked --admin (default off)",
     )
     run.add_argument("--admin-socket", help="admin API unix socket (default <data-dir>/admin.sock)")
     run.add_argument(
@@ -105,6 +111,7 @@ def _build_config(args: argparse.Namespace) -> Any:
         kek_file=Path(values["kek_file"]).expanduser() if values["kek_file"] else None,
         bind=str(values["bind"]),
         attest_bind=str(values["attest_bind"]),
+        admin_bind=str(values["admin_bind"]) if values["admin_bind"] else None,
         admin_socket=Path(values["admin_socket"]).expanduser() if values["admin_socket"] else None,
         metrics=values["metrics"],
         x509pop_ca=Path(values["x509pop_ca"]).expanduser() if values["x509pop_ca"] else None,
