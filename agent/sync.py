@@ -10,6 +10,7 @@ unreachable, and agent banned or evicted.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import random
@@ -17,8 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from trustmesh._proto.trustmesh.v1 import node_pb2
+from trustmesh._proto.trustmesh.v1 import node_pb2, types_pb2
+from trustmesh.policy import Policy
+from trustmesh.policy.wire import policy_from_pb, policy_to_pb
 from trustmesh.bundle import Bundle, BundleSet
 from trustmesh.errors import BundleError
 from trustmesh.logs import log_event
@@ -50,6 +54,9 @@ class SyncClient:
         self.revision = 0
         self.entries: dict[str, AgentEntry] = {}
         self.bundles: dict[TrustDomain, Bundle] = {}
+        # The allowlists deciding for this node's services; kept across restarts and outages.
+        self.policy = Policy()
+        self._policy_revision = metrics.gauge("trustmesh_agent_policy_revision", "policy revision the agent holds")
         self._state = metrics.gauge("trustmesh_agent_server_state", "1 for the agent's current state", ["state"])
         self._reconnects = metrics.counter("trustmesh_agent_sync_reconnects_total", "sync reconnects by reason",
                                            ["reason"])
@@ -74,20 +81,24 @@ class SyncClient:
             entries = {e["id"]: AgentEntry.from_dict(e) for e in doc["entries"]}
             bundles = {TrustDomain(td): Bundle.from_jwks(jwks.encode(), TrustDomain(td))
                        for td, jwks in doc["bundles"].items()}
-        except (OSError, ValueError, KeyError, TypeError, BundleError) as err:
+            policy = (policy_from_pb(types_pb2.CompiledPolicy.FromString(base64.b64decode(doc["policy"])))
+                      if doc.get("policy") else Policy())
+        except (OSError, ValueError, KeyError, TypeError, BundleError, DecodeError) as err:
             log_event(log, "sync_state_unreadable", level=logging.WARNING, path=str(path), error=str(err))
             return
         self.revision = int(doc.get("revision", 0))
-        self.entries, self.bundles = entries, bundles
+        self.entries, self.bundles, self.policy = entries, bundles, policy
         self._publish()
         log_event(log, "sync_state_loaded", entries=len(entries), revision=self.revision)
 
     def _persist(self) -> None:
         doc = {"revision": self.revision, "entries": [e.to_dict() for e in self.entries.values()],
+               "policy": base64.b64encode(policy_to_pb(self.policy).SerializeToString()).decode(),
                "bundles": {td.name: b.to_jwks().decode() for td, b in self.bundles.items()}}
         write_private(self._data_dir / STATE_FILE, json.dumps(doc, sort_keys=True).encode(), 0o600)
 
     def _publish(self) -> None:
+        self._policy_revision.set(self.policy.revision)
         self._cache.set_entries(self.entries)
         self._cache.set_bundles(BundleSet(self.bundles.values()))
         own = self.bundles.get(self._td)
@@ -108,6 +119,7 @@ class SyncClient:
                 return False
             self.entries = dict(pending)
             pending.clear()
+            self.policy = policy_from_pb(snap.policy)
         elif body == "delta":
             delta = response.delta
             for e in delta.upserted_entries:
@@ -118,6 +130,8 @@ class SyncClient:
                 self.bundles[TrustDomain(b.trust_domain)] = bundle_from_pb(b)
             for td in delta.deleted_bundles:
                 self.bundles.pop(TrustDomain(td), None)
+            if delta.HasField("policy"):
+                self.policy = policy_from_pb(delta.policy)
         else:
             return False
         self.revision = max(self.revision, response.revision)

@@ -18,9 +18,10 @@ from trustmesh.spiffeid import TrustDomain
 from controlplane.api.convert import audit_event_to_pb, bundle_to_pb, entry_to_pb, node_to_pb, selector_text
 from controlplane.api.node import NodeAPI
 from controlplane.api.status import InvalidArgumentError, PermissionDeniedError, UnauthenticatedError, grpc_errors
+from controlplane.policy_store import PolicyService
 from controlplane.registration import DEFAULT_TOKEN_TTL, EntrySpec, Registry
 from controlplane.runtime import ServerRuntime
-from controlplane.store.records import AuditEvent
+from controlplane.store.records import AuditEvent, PolicyRevision
 from trustmesh.errors import NotFoundError, VerificationError
 from trustmesh.x509svid import spiffe_id_from_certificate
 
@@ -49,6 +50,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self._registry = Registry(rt)
         self._node_api = node_api
         self._remote = remote
+        self._policy = PolicyService(rt)
 
     async def _authorize(self, context: grpc.aio.ServicerContext, method: str) -> str:
         if not self._remote:
@@ -159,6 +161,54 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             bundle = self._rt.ca.bundle()
             return admin_pb2.GetBundleResponse(bundle=bundle_to_pb(bundle), spiffe_bundle=bundle.to_jwks())
 
+    async def ApplyPolicy(self, request: admin_pb2.ApplyPolicyRequest,
+                          context: grpc.aio.ServicerContext) -> admin_pb2.ApplyPolicyResponse:
+        async with grpc_errors(context, "ApplyPolicy"):
+            actor = await self._authorize(context, "ApplyPolicy")
+            revision, changed, diff = await self._policy.apply(
+                request.documents, author=request.author[:256], comment=request.comment[:1024],
+                expected_head=request.expected_head_revision, dry_run=request.dry_run, actor=actor)
+            return admin_pb2.ApplyPolicyResponse(revision=revision, changed=changed, diff=diff)
+
+    async def DiffPolicy(self, request: admin_pb2.DiffPolicyRequest,
+                         context: grpc.aio.ServicerContext) -> admin_pb2.DiffPolicyResponse:
+        async with grpc_errors(context, "DiffPolicy"):
+            await self._authorize(context, "DiffPolicy")
+            changed, diff, against = await self._policy.diff(request.documents, request.against_revision)
+            return admin_pb2.DiffPolicyResponse(changed=changed, diff=diff, against_revision=against)
+
+    async def GetPolicy(self, request: admin_pb2.GetPolicyRequest,
+                        context: grpc.aio.ServicerContext) -> admin_pb2.GetPolicyResponse:
+        async with grpc_errors(context, "GetPolicy"):
+            await self._authorize(context, "GetPolicy")
+            if request.revision:
+                record = await self._rt.store.get_policy_revision(request.revision)
+            else:
+                head = await self._rt.store.get_policy_head()
+                if head is None:
+                    raise NotFoundError("no policy has been applied yet: everything is denied by default; "
+                                        "apply one with `trustmesh policy apply FILE`")
+                record = head
+            return admin_pb2.GetPolicyResponse(policy=_revision_pb(record))
+
+    async def ListPolicyRevisions(self, request: admin_pb2.ListPolicyRevisionsRequest,
+                                  context: grpc.aio.ServicerContext) -> admin_pb2.ListPolicyRevisionsResponse:
+        async with grpc_errors(context, "ListPolicyRevisions"):
+            await self._authorize(context, "ListPolicyRevisions")
+            records = await self._rt.store.list_policy_revisions()
+            return admin_pb2.ListPolicyRevisionsResponse(revisions=[_revision_pb(r) for r in records])
+
+    async def RollbackPolicy(self, request: admin_pb2.RollbackPolicyRequest,
+                             context: grpc.aio.ServicerContext) -> admin_pb2.RollbackPolicyResponse:
+        async with grpc_errors(context, "RollbackPolicy"):
+            actor = await self._authorize(context, "RollbackPolicy")
+            if request.revision <= 0:
+                raise InvalidArgumentError("name the revision to roll back to; see `trustmesh policy history`")
+            revision = await self._policy.rollback(request.revision, author=request.author[:256],
+                                                   comment=request.comment[:1024],
+                                                   expected_head=request.expected_head_revision, actor=actor)
+            return admin_pb2.RollbackPolicyResponse(revision=revision)
+
     async def ListAuditEvents(self, request: admin_pb2.ListAuditEventsRequest,
                               context: grpc.aio.ServicerContext) -> admin_pb2.ListAuditEventsResponse:
         async with grpc_errors(context, "ListAuditEvents"):
@@ -190,6 +240,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 time.monotonic() - started)
             return admin_pb2.VerifyAuditResponse(ok=result.ok, checked=result.checked,
                                                  first_broken_seq=result.first_broken_seq, reason=result.reason)
+
+
+def _revision_pb(record: PolicyRevision) -> admin_pb2.PolicyRevision:
+    return admin_pb2.PolicyRevision(revision=record.revision, documents=record.documents, author=record.author,
+                                    comment=record.comment, created_at=int(record.created_at), sha256=record.sha256)
 
 
 class AdminAPI:

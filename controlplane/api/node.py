@@ -23,6 +23,8 @@ from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc, types_pb2
 from trustmesh.errors import CAError, StoreError, SvidError, TrustmeshError
 from trustmesh.logs import log_event
 from trustmesh.naming import server_id
+from trustmesh.policy import Policy
+from trustmesh.policy.wire import policy_to_pb
 from trustmesh.spiffeid import SpiffeId
 
 from controlplane.api.convert import bundle_to_pb, entry_to_pb
@@ -38,7 +40,8 @@ from controlplane.attestation import NodeAttestor
 from controlplane.authorized import AuthorizedIndex
 from controlplane.runtime import ServerRuntime
 from controlplane.store import CompactedError
-from controlplane.store.records import AttestedNode, RegistrationEntry
+from controlplane.policy_store import PolicyService
+from controlplane.store.records import AttestedNode, PolicyRevision, RegistrationEntry
 
 log = logging.getLogger("trustmesh.node")
 
@@ -128,13 +131,14 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                 sent: dict[str, int] = {}
                 entries = self._api.index.authorized_for(peer.id)
                 revision = self._api.revision
+                policy = self._api.compiled_policy_for(peer.id)
                 pages = [entries[i:i + SNAPSHOT_PAGE] for i in range(0, len(entries), SNAPSHOT_PAGE)] or [[]]
                 for number, page in enumerate(pages):
                     last = number == len(pages) - 1
                     yield node_pb2.SyncResponse(revision=revision, snapshot=node_pb2.SyncSnapshot(
                         entries=[entry_to_pb(e) for e in page],
                         bundles=[bundle_to_pb(self._rt.ca.bundle())] if last else [],
-                        policy=types_pb2.CompiledPolicy(), page=number, last=last))
+                        policy=policy if last else types_pb2.CompiledPolicy(), page=number, last=last))
                 sent = {e.id: e.revision for e in entries}
                 while True:
                     await stream.wake.wait()
@@ -145,12 +149,15 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                     deleted = [i for i in sent if i not in current]
                     bundles = [bundle_to_pb(self._rt.ca.bundle())] if stream.bundle_dirty else []
                     stream.bundle_dirty = False
-                    if not (upserted or deleted or bundles):
+                    new_policy = self._api.compiled_policy_for(peer.id)
+                    policy_changed = new_policy != policy
+                    if not (upserted or deleted or bundles or policy_changed):
                         continue
                     sent = {i: e.revision for i, e in current.items()}
+                    policy = new_policy
                     yield node_pb2.SyncResponse(revision=self._api.revision, delta=node_pb2.SyncDelta(
                         upserted_entries=[entry_to_pb(e) for e in upserted], deleted_entry_ids=deleted,
-                        bundles=bundles))
+                        bundles=bundles, policy=new_policy if policy_changed else None))
             finally:
                 gauge.dec()
                 self._api.close_stream(stream)
@@ -247,6 +254,7 @@ class NodeAPI:
         self.revision = 0
         self._streams: dict[str, set[_Stream]] = defaultdict(set)
         self._previous_serials: dict[str, tuple[str, float]] = {}
+        self.policy = Policy()
 
     def register(self, server: grpc.aio.Server) -> None:
         node_pb2_grpc.add_NodeServicer_to_server(NodeServicer(self), server)
@@ -318,10 +326,16 @@ class NodeAPI:
 
     # --- the change feed ----------------------------------------------------------------
 
+    def compiled_policy_for(self, agent: str) -> types_pb2.CompiledPolicy:
+        """The allowlists deciding for the destinations this agent's workloads serve."""
+        ids = [SpiffeId.parse(e.spiffe_id) for e in self.index.authorized_for(agent)]
+        return policy_to_pb(self.policy.for_destinations(ids))
+
     async def _load(self) -> int:
         store = self.rt.store
         revision = await store.current_revision()
         self.index.load(await store.list_entries(), await store.list_attested_nodes())
+        self.policy = PolicyService.parse_stored(await store.get_policy_head())
         self.revision = revision
         self.ready.set()
         log_event(log, "registry_loaded", entries=len(self.index.entries), agents=len(self.index.nodes),
@@ -348,6 +362,11 @@ class NodeAPI:
         elif kind == "node":
             node = record if isinstance(record, AttestedNode) else None
             self._wake(self.index.apply_node(key, node))
+        elif kind == "policy" and isinstance(record, PolicyRevision):
+            if record.revision > self.policy.revision:
+                self.policy = PolicyService.parse_stored(record)
+                self.rt.metrics.gauge("trustmesh_policy_revision", "policy revision in force").set(record.revision)
+                self._wake(set(self._streams))
         elif kind == "ca":
             await self.rt.ca.reload()
             self.rt.ca.write_bundle_pem(self.rt.config.bundle_path)

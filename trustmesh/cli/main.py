@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from trustmesh import __version__
-from trustmesh.cli import agents_cmd, audit_cmd, entry_cmd, server_cmd, token_cmd
+from trustmesh.cli import agents_cmd, audit_cmd, entry_cmd, policy_cmd, server_cmd, token_cmd
 from trustmesh.errors import TrustmeshError
 from trustmesh.logs import setup_logging
 
@@ -28,6 +28,8 @@ examples:
       a one-time join token for the agent on node-1
   trustmesh entry create --spiffe-id spiffe://example.org/ledger --node node-1 --selector unix:uid:1001
       let processes of uid 1001 on node-1 obtain spiffe://example.org/ledger
+  trustmesh policy test policies/ --from spiffe://example.org/payments --to spiffe://example.org/ledger
+      would payments reach the ledger under these allowlists? (exit 0 allow, 1 deny)
   trustmesh audit verify
       check that no audit event was edited, removed or reordered
 
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     token_cmd.register(commands)
     entry_cmd.register(commands)
     agents_cmd.register(commands)
+    policy_cmd.register(commands)
     audit_cmd.register(commands)
     version = commands.add_parser("version", help="print the trustmesh version")
     version.set_defaults(func=lambda _args: print(f"trustmesh {__version__}") or 0)

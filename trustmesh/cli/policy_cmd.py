@@ -1,0 +1,185 @@
+"""`trustmesh policy …`: allowlists as code, on files (CI) and on the server alike."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+from datetime import datetime, timezone
+
+from trustmesh._proto.trustmesh.v1 import admin_pb2
+from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call
+from trustmesh.errors import InvalidSpiffeIdError, TrustmeshError
+from trustmesh.policy import Policy, bundle_documents, load_paths, load_text
+from trustmesh.spiffeid import SpiffeId
+
+EXAMPLES = """\
+examples (the same files in CI and in production):
+  trustmesh policy lint policies/                       # exit 1 on any problem
+  trustmesh policy test policies/ --from spiffe://example.org/payments \\
+      --to spiffe://example.org/ledger --port 9443      # exit 0 allow, 1 deny
+  trustmesh policy diff policies/                       # what apply would change
+  trustmesh policy apply policies/ --comment "JIRA-123: batch may read the ledger"
+  trustmesh policy history; trustmesh policy rollback 7
+"""
+
+
+class PolicyArgsError(TrustmeshError):
+    pass
+
+
+def _lint(args: argparse.Namespace) -> int:
+    loaded = load_paths(args.paths)
+    for problem in loaded.problems:
+        print(problem)
+    if loaded.problems:
+        print(f"{len(loaded.problems)} problem(s)")
+        return 1
+    print(f"ok: {len(loaded.policy.allowlists)} allowlist(s)")
+    return 0
+
+
+def _server_policy(args: argparse.Namespace) -> Policy:
+    reply = call(args, lambda s: s.GetPolicy(admin_pb2.GetPolicyRequest(), timeout=TIMEOUT))
+    loaded = load_text(reply.policy.documents, f"revision {reply.policy.revision}", reject_expired=False)
+    return loaded.policy
+
+
+def _test(args: argparse.Namespace) -> int:
+    try:
+        source, destination = SpiffeId.parse(args.source), SpiffeId.parse(args.to)
+    except InvalidSpiffeIdError as err:
+        raise PolicyArgsError(str(err)) from err
+    at = datetime.now(timezone.utc)
+    if args.at:
+        try:
+            at = datetime.fromisoformat(args.at.replace("Z", "+00:00"))
+        except ValueError as err:
+            raise PolicyArgsError(f"--at {args.at!r}: use an ISO time like 2026-12-31T00:00:00Z") from err
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=timezone.utc)
+    if args.paths:
+        loaded = load_paths(args.paths, now=at)
+        if loaded.problems:
+            for problem in loaded.problems:
+                print(problem)
+            raise PolicyArgsError("fix the problems above first (see `trustmesh policy lint`)")
+        policy = loaded.policy
+    else:
+        policy = _server_policy(args)
+    decision = policy.decide(source, destination, args.port, at)
+    print(f"{decision.verdict}  {decision.rule}: {decision.reason}")
+    return 0 if decision.allowed else 1
+
+
+def _documents(args: argparse.Namespace) -> str:
+    loaded = load_paths(args.paths)
+    if loaded.problems:
+        for problem in loaded.problems:
+            print(problem)
+        raise PolicyArgsError(f"{len(loaded.problems)} problem(s): nothing was sent to the server")
+    return bundle_documents(args.paths)
+
+
+def _diff(args: argparse.Namespace) -> int:
+    documents = _documents(args)
+    reply = call(args, lambda s: s.DiffPolicy(admin_pb2.DiffPolicyRequest(documents=documents), timeout=TIMEOUT))
+    print(reply.diff if reply.changed else f"no change against revision {reply.against_revision}", end="")
+    if not reply.changed:
+        print()
+    return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    documents = _documents(args)
+    req = admin_pb2.ApplyPolicyRequest(documents=documents, author=args.author or getpass.getuser(),
+                                       comment=args.comment or "", dry_run=args.dry_run,
+                                       expected_head_revision=args.expected_revision or 0)
+    reply = call(args, lambda s: s.ApplyPolicy(req, timeout=TIMEOUT))
+    if reply.diff:
+        print(reply.diff, end="")
+    if not reply.changed:
+        print(f"no change: revision {reply.revision} already says this")
+    elif args.dry_run:
+        print(f"dry run: would replace revision {reply.revision}")
+    else:
+        print(f"applied as revision {reply.revision}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    reply = call(args, lambda s: s.GetPolicy(admin_pb2.GetPolicyRequest(revision=args.revision or 0), timeout=TIMEOUT))
+    p = reply.policy
+    print(f"# revision {p.revision} by {p.author} at "
+          f"{datetime.fromtimestamp(p.created_at, timezone.utc):%Y-%m-%dT%H:%M:%SZ}: {p.comment}")
+    print(p.documents)
+    return 0
+
+
+def _history(args: argparse.Namespace) -> int:
+    reply = call(args, lambda s: s.ListPolicyRevisions(admin_pb2.ListPolicyRevisionsRequest(), timeout=TIMEOUT))
+    if not reply.revisions:
+        print("no policy applied yet: everything is denied by default")
+    for r in reply.revisions:
+        when = datetime.fromtimestamp(r.created_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        print(f"{r.revision:>5}  {when}  {r.author:<16} {r.sha256[:12]}  {r.comment}")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    req = admin_pb2.RollbackPolicyRequest(revision=args.revision, author=args.author or getpass.getuser(),
+                                          comment=args.comment or "")
+    reply = call(args, lambda s: s.RollbackPolicy(req, timeout=TIMEOUT))
+    print(f"rolled back: revision {reply.revision} now holds the documents of revision {args.revision}")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    policy = commands.add_parser("policy", help="allowlists as code: lint, test, diff, apply, history, rollback",
+                                 description="Service-to-service allowlists (default deny), checked in CI and "
+                                             "applied to the server from the same files.",
+                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = policy.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", title="subcommands")
+
+    p = sub.add_parser("lint", help="check allowlist files; prints every problem, exit 1 if any")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="YAML files or directories of them")
+    p.set_defaults(func=_lint)
+
+    p = sub.add_parser("test", help="would SOURCE reach DESTINATION? prints ALLOW or DENY and the deciding rule",
+                       description="Exit 0 for allow and 1 for deny, so it can gate a CI pipeline. Without "
+                                   "PATHs it asks the server's current policy.")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="YAML files or directories (default: the server's policy)")
+    p.add_argument("--from", dest="source", required=True, metavar="ID", help="the calling workload's SPIFFE ID")
+    p.add_argument("--to", required=True, metavar="ID", help="the called workload's SPIFFE ID")
+    p.add_argument("--port", type=int, help="the destination port")
+    p.add_argument("--at", metavar="TIME", help="decide as of this ISO time (e.g. to check an expiry)")
+    add_socket_flag(p)
+    p.set_defaults(func=_test)
+
+    for name, func, text in (("diff", _diff, "show what applying these files would change on the server"),
+                             ("apply", _apply, "validate, then store these files as a new policy revision")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("paths", nargs="+", metavar="PATH", help="YAML files or directories of them")
+        if name == "apply":
+            p.add_argument("--comment", help="why (kept in the history and the audit log)")
+            p.add_argument("--author", help="who (default: your user name)")
+            p.add_argument("--dry-run", action="store_true", help="validate and diff only")
+            p.add_argument("--expected-revision", type=int, help="refuse if the head is no longer this revision")
+        add_socket_flag(p)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("show", help="print the documents of the current (or a given) revision")
+    p.add_argument("--revision", type=int, help="a past revision (default: the current one)")
+    add_socket_flag(p)
+    p.set_defaults(func=_show)
+
+    p = sub.add_parser("history", help="list policy revisions")
+    add_socket_flag(p)
+    p.set_defaults(func=_history)
+
+    p = sub.add_parser("rollback", help="make a past revision current again (as a new revision)")
+    p.add_argument("revision", type=int, help="the revision to return to")
+    p.add_argument("--comment", help="why")
+    p.add_argument("--author", help="who (default: your user name)")
+    add_socket_flag(p)
+    p.set_defaults(func=_rollback)
+    policy.set_defaults(func=lambda _a: policy.print_help() or 2)

@@ -1,0 +1,51 @@
+"""Compiled policy on the wire (types.proto CompiledPolicy), both ways.
+
+The server compiles what a node needs and the agent rebuilds the same `Policy` from it, so
+both sides decide with the one function in model.py.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from trustmesh._proto.trustmesh.v1 import types_pb2
+from trustmesh.policy.model import AllowRule, Allowlist, IdPattern, Mode, Policy
+
+_MODES = {"enforce": types_pb2.POLICY_MODE_ENFORCE, "audit": types_pb2.POLICY_MODE_AUDIT}
+
+
+def _id_text(pattern: IdPattern) -> str:
+    # On the wire a prefix travels without its "/*", flagged by is_prefix.
+    return f"spiffe://{pattern.trust_domain.name}{pattern.path}"
+
+
+def _pattern(text: str, is_prefix: bool) -> IdPattern:
+    return IdPattern.parse(text + "/*" if is_prefix else text)
+
+
+def policy_to_pb(policy: Policy) -> types_pb2.CompiledPolicy:
+    rules = []
+    for allowlist in policy.allowlists:
+        rules.append(types_pb2.PolicyRule(
+            destination=_id_text(allowlist.destination), destination_is_prefix=allowlist.destination.is_prefix,
+            ports=list(allowlist.ports), mode=_MODES[allowlist.mode], allowlist=allowlist.name,
+            owner=allowlist.owner,
+            allow=[types_pb2.AllowedSource(id=_id_text(r.source), is_prefix=r.source.is_prefix,
+                                           expires_at=int(r.expires.timestamp()) if r.expires else 0)
+                   for r in allowlist.allow],
+        ))
+    return types_pb2.CompiledPolicy(revision=policy.revision, rules=rules)
+
+
+def policy_from_pb(message: types_pb2.CompiledPolicy) -> Policy:
+    allowlists = []
+    for rule in message.rules:
+        mode: Mode = "audit" if rule.mode == types_pb2.POLICY_MODE_AUDIT else "enforce"
+        allowlists.append(Allowlist(
+            name=rule.allowlist, owner=rule.owner, mode=mode, ports=tuple(rule.ports),
+            destination=_pattern(rule.destination, rule.destination_is_prefix),
+            allow=tuple(AllowRule(_pattern(a.id, a.is_prefix),
+                                  datetime.fromtimestamp(a.expires_at, timezone.utc) if a.expires_at else None)
+                        for a in rule.allow),
+        ))
+    return Policy(tuple(allowlists), message.revision)
