@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from trustmesh.bundle import Bundle
+from trustmesh.policy import Policy
 from trustmesh.logs import log_event
 from trustmesh.metrics import Registry, serve_metrics, split_host_port
 
@@ -36,6 +37,8 @@ from agent.attestation import (
 )
 from agent.backoff import backoff_delay, renew_at, seconds_until
 from agent.config import AgentConfig
+from agent.proxy.listeners import Flow, InboundListener, OutboundListener, ServiceConfig
+from agent.proxy.reporter import FlowReporter
 from agent.node_client import NodeClient
 from agent.svid_cache import SvidCache
 from agent.sync import SyncClient
@@ -113,6 +116,27 @@ async def _supervise(task: asyncio.Task[None]) -> None:
         task.cancel()
 
 
+async def _start_service(service: ServiceConfig, cache: SvidCache, flow: Flow,
+                         inbound: list[InboundListener], outbound: list[OutboundListener]) -> None:
+    """Start a service's listeners once the agent holds its SVID (it may take a sync)."""
+    version = cache.version
+    while cache.svid_for(service.spiffe_id) is None:
+        try:
+            version = await asyncio.wait_for(cache.wait_for_change(version), 30)
+        except asyncio.TimeoutError:
+            log_event(log, "service_waiting_for_svid", level=logging.WARNING, service=service.name,
+                      spiffe_id=service.spiffe_id,
+                      hint="register an entry for this SPIFFE ID on this node (parent: this agent)")
+    if service.inbound is not None:
+        listener = InboundListener(service, flow)
+        await listener.start()
+        inbound.append(listener)
+    for route in service.outbound:
+        out = OutboundListener(service, route, flow)
+        await out.start()
+        outbound.append(out)
+
+
 async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     # 0711: other users may reach the Workload API socket inside by name, but cannot list the
     # directory; the agent key and state files in it are 0600 on their own.
@@ -134,7 +158,17 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> N
             save_bundle(config.data_dir, bundle)
             client.use_roots(bundle.x509_authorities_pem())
 
-    sync = SyncClient(client, cache, config.data_dir, td, metrics, own_bundle_changed)
+    reporter = FlowReporter(lambda req: client.stub().ReportFlows(req, timeout=30), metrics)
+    inbound: list[InboundListener] = []
+
+    def policy_changed(_policy: Policy) -> None:
+        # Continuous verification: a withdrawn allow closes the connections it allowed.
+        for listener in inbound:
+            listener.recheck()
+
+    sync = SyncClient(client, cache, config.data_dir, td, metrics, own_bundle_changed, on_policy=policy_changed)
+    flow = Flow(cache.svid_for, cache.bundles, lambda: sync.policy, reporter.report, metrics)
+    outbound: list[OutboundListener] = []
     sync.load_persisted()
     server = WorkloadAPIServer(config.socket_path, WorkloadAPI(cache, WorkloadAttestor(), metrics))
     await server.start()
@@ -159,10 +193,18 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> N
             tasks.create_task(cache.run(), name="svid-cache")
             tasks.create_task(_supervise(sync_task), name="sync")
             tasks.create_task(_renewal_loop(client, config), name="agent-renewal")
+            tasks.create_task(reporter.run(), name="flow-reports")
+            for service in config.services:
+                tasks.create_task(_start_service(service, cache, flow, inbound, outbound), name=f"svc-{service.name}")
             tasks.create_task(stopper(), name="stop")
     except* _Stopped:
         log_event(log, "stopping")
     finally:
+        for listener in inbound:
+            await listener.close()
+        for route in outbound:
+            await route.close()
+        await reporter.flush()
         await server.close()
         if metrics_server is not None:
             metrics_server.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from agent.proxy.listeners import ServiceConfig
 
 
 @dataclass(frozen=True)
@@ -17,7 +19,7 @@ class AgentConfig:
     metrics: str | None = None
     x509pop_cert: Path | None = None
     x509pop_key: Path | None = None
-    extra: dict[str, str] = field(default_factory=dict)
+    services: tuple[ServiceConfig, ...] = ()
 
     @property
     def socket_path(self) -> Path:

@@ -116,6 +116,14 @@ class SvidCache:
     def bundles(self) -> BundleSet:
         return self._bundles
 
+    def svid_for(self, spiffe_id: SpiffeId) -> X509Svid | None:
+        """The current SVID for a SPIFFE ID this node holds (for the agent's own listeners)."""
+        now = self._clock()
+        for cached in self._svids.values():
+            if cached.svid.spiffe_id == spiffe_id and cached.svid.expires_at > now:
+                return cached.svid
+        return None
+
     async def jwt_svids_for(self, selectors: Collection[str], audiences: Sequence[str],
                             spiffe_id: str | None = None) -> list[WorkloadJwtSvid]:
         entries = self._matching(selectors)

@@ -44,7 +44,9 @@ BANNED_RETRY = 60.0
 
 class SyncClient:
     def __init__(self, client: NodeClient, cache: SvidCache, data_dir: Path, td: TrustDomain, metrics: Registry,
-                 on_own_bundle: Callable[[Bundle], None], rand: random.Random | None = None) -> None:
+                 on_own_bundle: Callable[[Bundle], None], rand: random.Random | None = None,
+                 on_policy: Callable[[Policy], None] | None = None) -> None:
+        self._on_policy = on_policy
         self._client = client
         self._cache = cache
         self._data_dir = data_dir
@@ -99,6 +101,8 @@ class SyncClient:
 
     def _publish(self) -> None:
         self._policy_revision.set(self.policy.revision)
+        if self._on_policy is not None:
+            self._on_policy(self.policy)
         self._cache.set_entries(self.entries)
         self._cache.set_bundles(BundleSet(self.bundles.values()))
         own = self.bundles.get(self._td)

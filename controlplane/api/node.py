@@ -50,6 +50,7 @@ SNAPSHOT_PAGE = 500  # entries per sync page: far below the 4 MB message limit
 ATTEST_STEP_TIMEOUT = 30.0
 RENEWAL_GRACE = 300.0  # seconds the previous agent SVID keeps working after a renewal
 MAX_AUDIENCES = 16
+MAX_FLOW_COUNTERS = 10_000
 _DER = Encoding.DER
 
 
@@ -237,9 +238,24 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                           context: grpc.aio.ServicerContext) -> node_pb2.ReportFlowsResponse:
         async with grpc_errors(context, "ReportFlows"):
             peer, _ = self._api.authenticate(context)
-            counter = self._rt.metrics.counter("trustmesh_flow_reports_total", "flow counters reported by agents",
-                                               ["agent"])
-            counter.inc(len(request.counters), agent=peer.id)
+            if len(request.counters) > MAX_FLOW_COUNTERS:
+                raise InvalidArgumentError(f"at most {MAX_FLOW_COUNTERS} counters per report")
+            counter = self._rt.metrics.counter("trustmesh_flow_decisions_total",
+                                               "connection decisions reported by agents", ["decision"])
+            for c in request.counters:
+                if c.count < 0 or c.port > 65535 or len(c.source_id) > 2048 or len(c.destination_id) > 2048 \
+                        or len(c.rule) > 512:
+                    raise InvalidArgumentError("a flow counter is out of range")
+                denied = c.decision == node_pb2.FLOW_DECISION_DENY
+                audit_mode = c.mode == types_pb2.POLICY_MODE_AUDIT
+                counter.inc(c.count, decision="deny" if denied else ("audit" if audit_mode else "allow"))
+                if denied or audit_mode:
+                    # Denials, and what audit mode would have denied, become audit events.
+                    await self._rt.audit.record(
+                        "connection.denied" if denied else "connection.audit", actor=peer.id,
+                        subject=c.destination_id, outcome="denied" if denied else "would-deny",
+                        source=c.source_id or "unverified", port=c.port, rule=c.rule, count=c.count,
+                        first_seen=c.first_seen, last_seen=c.last_seen)
             return node_pb2.ReportFlowsResponse()
 
 

@@ -159,6 +159,7 @@ class AgentProcess(_Process):
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     socket: Path = field(default_factory=lambda: _public_dir() / "workload.sock")
+    config: Path | None = None
 
     def start(self, timeout: float = READY_TIMEOUT) -> AgentProcess:
         args = trustmesh_cmd("agent", "run", "--server", self.server.bind, "--attest-server", self.server.attest_bind,
@@ -166,5 +167,7 @@ class AgentProcess(_Process):
                              "--socket", str(self.socket))
         if self.join_token:
             args += ["--join-token", self.join_token]
+        if self.config:
+            args += ["--config", str(self.config)]
         self._launch("agent", self.data_dir, args, r"event=ready", timeout)
         return self

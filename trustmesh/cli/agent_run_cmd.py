@@ -19,6 +19,7 @@ DEFAULTS: dict[str, Any] = {
     "data_dir": "./.trustmesh/agent",
     "socket": None,
     "metrics": None,
+    "services": None,  # config file only: the services on this node and their listeners
 }
 
 EXAMPLES = """\
@@ -65,6 +66,47 @@ def _as_tuple(value: Any) -> tuple[str, ...]:
     return tuple(str(v) for v in value)
 
 
+def _services(raw: Any) -> tuple[Any, ...]:
+    """The `services:` list of the config file, validated with messages that name the field."""
+    from agent.proxy.listeners import InboundConfig, OutboundConfig, ServiceConfig
+    from trustmesh.metrics import split_host_port
+    from trustmesh.spiffeid import SpiffeId
+
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("services: must be a list of {name, spiffe_id, inbound, outbound}")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"services[{i}]"
+        if not isinstance(item, dict) or not item.get("name") or not item.get("spiffe_id"):
+            raise ConfigError(f"{where}: needs name and spiffe_id")
+        unknown = set(item) - {"name", "spiffe_id", "inbound", "outbound", "allow_tls12"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        try:
+            sid = SpiffeId.parse(str(item["spiffe_id"]))
+            inbound = None
+            if item.get("inbound") is not None:
+                inb = item["inbound"]
+                split_host_port(str(inb["listen"]))
+                split_host_port(str(inb["forward"]))
+                inbound = InboundConfig(str(inb["listen"]), str(inb["forward"]))
+            routes = []
+            for j, route in enumerate(item.get("outbound") or []):
+                split_host_port(str(route["listen"]))
+                split_host_port(str(route["connect"]))
+                routes.append(OutboundConfig(str(route["listen"]), str(route["connect"]),
+                                             SpiffeId.parse(str(route["expect"]))))
+        except (KeyError, TypeError) as err:
+            raise ConfigError(f"{where}: missing or malformed field {err}") from err
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from err
+        out.append(ServiceConfig(name=str(item["name"]), spiffe_id=sid, inbound=inbound, outbound=tuple(routes),
+                                 allow_tls12=bool(item.get("allow_tls12", False))))
+    return tuple(out)
+
+
 def _build_config(args: argparse.Namespace) -> Any:
     from agent.config import AgentConfig  # the composition root may import both sides
 
@@ -88,6 +130,7 @@ def _build_config(args: argparse.Namespace) -> Any:
         metrics=values["metrics"],
         x509pop_cert=Path(values["x509pop_cert"]) if values["x509pop_cert"] else None,
         x509pop_key=Path(values["x509pop_key"]) if values["x509pop_key"] else None,
+        services=_services(values["services"]),
     )
 
 
