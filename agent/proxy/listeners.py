@@ -153,6 +153,16 @@ class InboundListener:
                   forward=self.service.inbound.forward)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)  # asyncio keeps only a weak reference to connection handlers
+        try:
+            await self._serve(reader, writer, task)
+        finally:
+            self._tasks.discard(task)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     task: asyncio.Task[None]) -> None:
         service = self.service
         assert service.inbound is not None
         sslobj = writer.get_extra_info("ssl_object")
@@ -179,8 +189,6 @@ class InboundListener:
             log_event(log, "forward_failed", level=logging.WARNING, service=service.name, error=str(err))
             writer.close()
             return
-        task = asyncio.current_task()
-        assert task is not None
         entry = _Open(source, self.port, task)
         self._open.add(entry)
         self.flow.open.inc(service=service.name)
@@ -226,6 +234,7 @@ class OutboundListener:
     route: OutboundConfig
     flow: Flow
     _server: asyncio.Server | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> None:
         host, port = split_host_port(self.route.listen)
@@ -234,6 +243,15 @@ class OutboundListener:
                   connect=self.route.connect, expect=self.route.expect)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._tasks.discard(task)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         svid = self.flow.svid_for(self.service.spiffe_id)
         if svid is None:
             writer.close()
@@ -266,3 +284,5 @@ class OutboundListener:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        for task in list(self._tasks):
+            task.cancel()

@@ -117,7 +117,7 @@ services:
         assert _talk(pay_port) == b"hello ledger"  # payments -> ledger: allowed
         assert _talk(front_port) == b""  # frontend -> ledger: denied after the handshake
         assert _talk(wrong_port) == b""  # the server is not the SPIFFE ID this route expects
-        assert _wait_for(lambda: "is not the expected spiffe://example.org/payments" in agent.log())
+        assert _wait_for(lambda: "not the expected spiffe://example.org/payments" in agent.log())
         assert _wait_for(lambda: '"connection.denied"' in server.cli("audit", "show", "--json").stdout)
         denied = server.cli("audit", "show", "--kind", "connection.denied", "--json", check=True).stdout
         assert "spiffe://example.org/frontend" in denied and "default deny" in denied
