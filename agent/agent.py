@@ -36,6 +36,7 @@ from agent.attestation import (
     trust_domain_of_roots,
 )
 from agent.backoff import backoff_delay, renew_at, seconds_until
+from agent.authorize import Authorizer
 from agent.config import AgentConfig
 from agent.proxy.listeners import Flow, InboundListener, OutboundListener, ServiceConfig
 from agent.proxy.reporter import FlowReporter
@@ -168,9 +169,11 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> N
 
     sync = SyncClient(client, cache, config.data_dir, td, metrics, own_bundle_changed, on_policy=policy_changed)
     flow = Flow(cache.svid_for, cache.bundles, lambda: sync.policy, reporter.report, metrics)
+    attestor = WorkloadAttestor()
+    server = WorkloadAPIServer(config.socket_path, WorkloadAPI(cache, attestor, metrics),
+                               Authorizer(cache, attestor, lambda: sync.policy, reporter.report, metrics))
     outbound: list[OutboundListener] = []
     sync.load_persisted()
-    server = WorkloadAPIServer(config.socket_path, WorkloadAPI(cache, WorkloadAttestor(), metrics))
     await server.start()
     metrics_server = None
     if config.metrics:

@@ -26,6 +26,7 @@ from pathlib import Path
 from google.protobuf import struct_pb2
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from grpclib._typing import IServable
 from grpclib.server import Server, Stream
 
 from trustmesh._proto.spiffe.workload import workload_pb2
@@ -195,9 +196,9 @@ class WorkloadAPI(SpiffeWorkloadAPIBase):
 class WorkloadAPIServer:
     """Owns the grpclib server and its socket file."""
 
-    def __init__(self, socket_path: Path, api: WorkloadAPI) -> None:
+    def __init__(self, socket_path: Path, api: WorkloadAPI, *extra: IServable) -> None:
         self.socket_path = socket_path
-        self._server = Server([api])
+        self._server = Server([api, *extra])
 
     async def start(self) -> None:
         path = self.socket_path

@@ -217,3 +217,34 @@ def test_churn_and_garbage_leak_nothing_and_hurt_no_one(setup: tuple[ServerProce
     assert _fds(agent.proc.pid) <= baseline + 5
     assert agent.proc.poll() is None
     watcher.cancel()
+
+
+def test_authorize_answers_from_the_policy_the_agent_holds(setup: tuple[ServerProcess, AgentProcess],
+                                                           tmp_path: Path) -> None:
+    from trustmesh._proto.trustmesh.v1 import agent_pb2, agent_pb2_grpc
+
+    server, agent = setup
+    entry(server, "ledger")
+    policy = tmp_path / "p.yaml"
+    policy.write_text("apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: ledger-access}\n"
+                      "spec: {destination: spiffe://example.org/ledger, ports: [9443],"
+                      " allow: [{from: spiffe://example.org/payments}]}\n")
+    server.cli("policy", "apply", str(policy), check=True)
+    agent.start()
+    authz = agent_pb2_grpc.AgentAuthorizationStub(grpc.insecure_channel(f"unix:{agent.socket}"))
+
+    def ask(source: str, port: int = 9443) -> agent_pb2.AuthorizeResponse:
+        return authz.Authorize(agent_pb2.AuthorizeRequest(source_id=source, destination_id="spiffe://example.org/ledger",
+                                                          port=port), timeout=10)
+
+    deadline = time.monotonic() + 10
+    while ask("spiffe://example.org/payments").policy_revision < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    allowed = ask("spiffe://example.org/payments")
+    assert allowed.allowed and allowed.rule == "ledger-access allow[0]" and allowed.policy_revision == 1
+    denied = ask("spiffe://example.org/frontend")
+    assert not denied.allowed and denied.rule == "default deny" and "frontend" in denied.reason
+    assert not ask("spiffe://example.org/payments", port=22).allowed
+    with pytest.raises(grpc.RpcError) as info:
+        ask("not-an-id")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,0 +1,59 @@
+"""`Authorize` on the agent's socket: the allowlist's decision for services that terminate
+mTLS themselves. Only workloads registered on this node may ask (the caller is attested
+from the kernel as for the Workload API), so the policy is no oracle for strangers."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Stream
+
+from trustmesh._proto.trustmesh.v1 import agent_pb2
+from trustmesh._proto.trustmesh.v1.agent_grpc import AgentAuthorizationBase
+from trustmesh.errors import InvalidSpiffeIdError
+from trustmesh.metrics import Registry
+from trustmesh.policy import Decision, Policy
+from trustmesh.spiffeid import SpiffeId
+
+from agent.identity import IdentitySource
+from agent.workload_attestor import WorkloadAttestationError, WorkloadAttestor
+
+
+class Authorizer(AgentAuthorizationBase):
+    def __init__(self, source: IdentitySource, attestor: WorkloadAttestor, policy: Callable[[], Policy],
+                 report: Callable[[SpiffeId | None, SpiffeId, int, Decision], None], metrics: Registry,
+                 clock: Callable[[], datetime] | None = None) -> None:
+        self._source, self._attestor, self._policy, self._report = source, attestor, policy, report
+        self._clock = clock or (lambda: datetime.now(timezone.utc))
+        self._calls = metrics.counter("trustmesh_authorize_calls_total", "Authorize calls by verdict", ["verdict"])
+
+    async def Authorize(self, stream: Stream) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        sock: socket.socket | None = stream.peer._transport.get_extra_info("socket")  # noqa: SLF001
+        if sock is None:
+            raise GRPCError(Status.UNAVAILABLE, "cannot identify the caller: no socket")
+        try:
+            selectors = await self._attestor.attest(sock)
+        except WorkloadAttestationError as err:
+            raise GRPCError(Status.UNAVAILABLE, f"could not attest the caller: {err}") from err
+        if not self._source.entries_match(selectors):
+            raise GRPCError(Status.PERMISSION_DENIED, "only workloads registered on this node may ask")
+        try:
+            source = SpiffeId.parse(request.source_id)
+            destination = SpiffeId.parse(request.destination_id)
+        except InvalidSpiffeIdError as err:
+            raise GRPCError(Status.INVALID_ARGUMENT, str(err)) from err
+        if request.port > 65535:
+            raise GRPCError(Status.INVALID_ARGUMENT, "port must be 0 to 65535")
+        policy = self._policy()
+        decision = policy.decide(source, destination, request.port or None, self._clock())
+        self._report(source, destination, request.port, decision)
+        self._calls.inc(verdict=decision.verdict.lower())
+        await stream.send_message(agent_pb2.AuthorizeResponse(
+            allowed=decision.allowed, rule=decision.rule, reason=decision.reason, audit_only=decision.audit_only,
+            policy_revision=policy.revision))
