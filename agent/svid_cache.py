@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Protocol
 
@@ -47,6 +47,11 @@ class _Cached:
     entry: AgentEntry
     svid: X509Svid
     renew_at: datetime
+
+
+def _shape(entry: AgentEntry) -> tuple[object, ...]:
+    """What an issued SVID depends on."""
+    return (entry.spiffe_id, entry.dns_names, entry.x509_ttl)
 
 
 def _utc_now() -> datetime:
@@ -153,12 +158,14 @@ class SvidCache:
         self._entries = dict(entries)
         self._synced.set()
         for entry_id in removed | changed:
-            # A changed entry (new ID, TTL or DNS names) needs a new SVID; keep serving the
-            # old one only if just the selectors/revision changed and the ID is the same.
             cached = self._svids.get(entry_id)
-            if entry_id in removed or cached is None or cached.entry.spiffe_id != entries[entry_id].spiffe_id \
-                    or cached.entry.dns_names != entries[entry_id].dns_names:
-                self._svids.pop(entry_id, None)
+            if cached is None:
+                continue
+            if entry_id in removed or cached.entry.spiffe_id != entries[entry_id].spiffe_id:
+                self._svids.pop(entry_id, None)  # that identity is withdrawn at once
+            elif _shape(cached.entry) != _shape(entries[entry_id]):
+                # Same ID, new TTL or DNS names: renew now, serving the current SVID meanwhile.
+                self._svids[entry_id] = replace(cached, renew_at=self._clock())
         self._jwt = {k: v for k, v in self._jwt.items() if k[0] in entries}
         if removed or changed:
             self._bump()

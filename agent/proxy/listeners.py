@@ -158,6 +158,8 @@ class InboundListener:
         self._tasks.add(task)  # asyncio keeps only a weak reference to connection handlers
         try:
             await self._serve(reader, writer, task)
+        except asyncio.CancelledError:
+            writer.close()  # cut by policy or shutdown: end quietly, the cut was already reported
         finally:
             self._tasks.discard(task)
 
@@ -248,6 +250,8 @@ class OutboundListener:
         self._tasks.add(task)
         try:
             await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            writer.close()
         finally:
             self._tasks.discard(task)
 

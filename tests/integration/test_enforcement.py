@@ -6,12 +6,20 @@ inbound listener terminates mTLS, verifies the caller and applies the allowlist.
 from __future__ import annotations
 
 import socket
+import ssl
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from tests.etcd_process import free_port
 from tests.integration.harness import AgentProcess, ServerProcess
@@ -82,9 +90,18 @@ def _wait_for(predicate: Callable[[], bool], timeout: float = 20) -> bool:
     return False
 
 
-@pytest.mark.slow
-def test_allow_deny_and_a_policy_change_that_cuts_an_open_connection(
-        make_server: Callable[..., ServerProcess], tmp_path: Path, echo: int) -> None:
+@dataclass
+class Mesh:
+    server: ServerProcess
+    agent: AgentProcess
+    ledger: int
+    payments: int
+    frontend: int
+    wrong: int
+
+
+@pytest.fixture
+def mesh(make_server: Callable[..., ServerProcess], tmp_path: Path, echo: int) -> Iterator[Mesh]:
     server = make_server()
     ledger_port, pay_port, front_port, wrong_port = free_port(), free_port(), free_port(), free_port()
     for name in ("ledger", "payments", "frontend"):
@@ -114,26 +131,114 @@ services:
     agent = AgentProcess(server, tmp_path / "agent", join_token=token, config=config).start()
     try:
         assert _wait_for(lambda: "inbound_listening" in agent.log() and agent.log().count("outbound_listening") >= 3)
-        assert _talk(pay_port) == b"hello ledger"  # payments -> ledger: allowed
-        assert _talk(front_port) == b""  # frontend -> ledger: denied after the handshake
-        assert _talk(wrong_port) == b""  # the server is not the SPIFFE ID this route expects
-        assert _wait_for(lambda: "not the expected spiffe://example.org/payments" in agent.log())
-        assert _wait_for(lambda: '"connection.denied"' in server.cli("audit", "show", "--json").stdout)
-        denied = server.cli("audit", "show", "--kind", "connection.denied", "--json", check=True).stdout
-        assert "spiffe://example.org/frontend" in denied and "default deny" in denied
-        # An open, allowed connection is cut when the policy withdraws the allow.
-        conn = socket.create_connection(("127.0.0.1", pay_port), timeout=10)
-        conn.sendall(b"ping")
-        assert conn.recv(16) == b"ping"
-        _policy(server, tmp_path, ledger_port, "spiffe://example.org/ns/batch/*")
-        cut_start = time.monotonic()
-        conn.settimeout(10)
-        try:
-            leftover = conn.recv(16)
-        except ConnectionResetError:
-            leftover = b""
-        assert leftover == b"" and time.monotonic() - cut_start < 5
-        conn.close()
-        assert _talk(pay_port) == b""
+        yield Mesh(server, agent, ledger_port, pay_port, front_port, wrong_port)
     finally:
         agent.stop()
+
+
+@pytest.mark.slow
+def test_allow_deny_and_a_policy_change_that_cuts_an_open_connection(mesh: Mesh, tmp_path: Path) -> None:
+    server, agent = mesh.server, mesh.agent
+    pay_port, front_port, wrong_port, ledger_port = mesh.payments, mesh.frontend, mesh.wrong, mesh.ledger
+    assert _talk(pay_port) == b"hello ledger"  # payments -> ledger: allowed
+    assert _talk(front_port) == b""  # frontend -> ledger: denied after the handshake
+    assert _talk(wrong_port) == b""  # the server is not the SPIFFE ID this route expects
+    assert _wait_for(lambda: "not the expected spiffe://example.org/payments" in agent.log())
+    assert _wait_for(lambda: '"connection.denied"' in server.cli("audit", "show", "--json").stdout)
+    denied = server.cli("audit", "show", "--kind", "connection.denied", "--json", check=True).stdout
+    assert "spiffe://example.org/frontend" in denied and "default deny" in denied
+    # An open, allowed connection is cut when the policy withdraws the allow.
+    conn = socket.create_connection(("127.0.0.1", pay_port), timeout=10)
+    conn.sendall(b"ping")
+    assert conn.recv(16) == b"ping"
+    _policy(server, tmp_path, ledger_port, "spiffe://example.org/ns/batch/*")
+    cut_start = time.monotonic()
+    conn.settimeout(10)
+    try:
+        leftover = conn.recv(16)
+    except ConnectionResetError:
+        leftover = b""
+    assert leftover == b"" and time.monotonic() - cut_start < 5
+    conn.close()
+    assert _talk(pay_port) == b""
+
+
+def _tls_client(port: int, ctx: ssl.SSLContext) -> bytes:
+    """Try a TLS client against the inbound listener; b"" when refused at any stage."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="ledger") as tls:
+                tls.sendall(b"hello")
+                return tls.recv(64)
+    except (ssl.SSLError, OSError):
+        return b""
+
+
+def _self_signed(td: str = "example.org", path: str = "/payments") -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "intruder")])
+    now = datetime.now(timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{td}{path}")]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    directory = Path(tempfile.mkdtemp())
+    (directory / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "k.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                        serialization.NoEncryption()))
+    return directory / "c.pem", directory / "k.pem"
+
+
+@pytest.mark.slow
+def test_hostile_clients_are_refused_and_everyone_else_keeps_being_served(mesh: Mesh) -> None:
+    def client(cert: tuple[Path, Path] | None = None, version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        if version is not None:
+            ctx.minimum_version = ctx.maximum_version = version
+        if cert is not None:
+            ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+        return ctx
+
+    assert _tls_client(mesh.ledger, client()) == b""  # no client certificate
+    assert _tls_client(mesh.ledger, client(_self_signed())) == b""  # our ID, but an unknown CA
+    assert _tls_client(mesh.ledger, client(version=ssl.TLSVersion.TLSv1_2)) == b""  # TLS 1.3 only by default
+    # Half-open handshakes and a flood of connections do not starve anyone.
+    idle = [socket.create_connection(("127.0.0.1", mesh.ledger), timeout=5) for _ in range(50)]
+    flood = []
+    for _ in range(200):
+        try:
+            flood.append(socket.create_connection(("127.0.0.1", mesh.ledger), timeout=5))
+        except OSError:
+            break
+    assert _talk(mesh.payments) == b"hello ledger"
+    for s in idle + flood:
+        s.close()
+    assert mesh.agent.proc is not None and mesh.agent.proc.poll() is None
+    assert _talk(mesh.payments) == b"hello ledger"
+
+
+@pytest.mark.slow
+def test_rotation_under_open_connections(mesh: Mesh) -> None:
+    listed = mesh.server.cli("entry", "list", "--json", check=True).stdout
+    import json
+
+    for item in json.loads(listed):
+        if item["spiffe_id"] in ("spiffe://example.org/ledger", "spiffe://example.org/payments"):
+            mesh.server.cli("entry", "update", item["id"], "--x509-ttl", "4s", check=True)
+    conn = socket.create_connection(("127.0.0.1", mesh.payments), timeout=10)
+    start_updates = mesh.agent.log().count("svids_updated")
+    deadline = time.monotonic() + 12
+    exchanged = 0
+    while time.monotonic() < deadline:
+        conn.sendall(b"tick")
+        assert conn.recv(16) == b"tick", "an open connection broke during rotation"
+        assert _talk(mesh.payments, b"new") == b"new", "a new connection failed during rotation"
+        exchanged += 1
+        time.sleep(0.5)
+    conn.close()
+    assert mesh.agent.log().count("svids_updated") >= start_updates + 3, "the SVIDs did not rotate"
+    assert exchanged >= 15
