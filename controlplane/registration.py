@@ -30,6 +30,7 @@ MIN_TOKEN_TTL = timedelta(minutes=1)
 MAX_TOKEN_TTL = timedelta(days=7)
 DEFAULT_TOKEN_TTL = timedelta(minutes=10)
 MAX_SELECTORS = 32
+TOKEN_PREFIX = "tmjt_"
 MAX_LIST_ITEMS = 32
 
 
@@ -211,7 +212,9 @@ class Registry:
         except TrustmeshError as err:
             await self._refused("token.create", actor, node_name, err)
             raise
-        token = secrets.token_urlsafe(32)  # 256 random bits
+        # 256 random bits behind a fixed prefix: a token never starts with "-" (which a
+        # command line would take for an option), and secret scanners can recognise it.
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         now = self._rt.clock()
         record = JoinToken(token_hash=token_hash(token), node_name=node_name,
                            expires_at=now + ttl.total_seconds(), created_at=now)

@@ -40,3 +40,31 @@ def test_the_shipped_example_config_is_valid() -> None:
     config = server_cmd._build_config(args)
     assert config.trust_domain.name == "example.org"
     assert config.default_jwt_ttl.total_seconds() == 300
+
+
+def test_the_shipped_agent_config_is_valid() -> None:
+    args = build_parser().parse_args(["agent", "run", "--config", str(ROOT / "deploy/agent.example.yaml")])
+    from trustmesh.cli.agent_run_cmd import _build_config
+
+    config = _build_config(args)
+    assert config.servers == ("cp-1.internal:8081", "cp-2.internal:8081")
+    assert config.attest_addresses == ("cp-1.internal:8082", "cp-2.internal:8082")
+    ledger, payments = config.services
+    assert ledger.inbound.forward == "127.0.0.1:8080"
+    assert str(payments.outbound[0].expect) == "spiffe://example.org/ledger"
+
+
+@pytest.mark.parametrize(("services", "message"), [
+    ("services: {a: 1}", "must be a list"),
+    ("services: [{name: x}]", "needs name and spiffe_id"),
+    ("services: [{name: x, spiffe_id: 'spiffe://e.org/x', inbound: {listen: nope}}]", "services[0]"),
+    ("services: [{name: x, spiffe_id: 'spiffe://E.org/x'}]", "services[0]"),
+    ("services: [{name: x, spiffe_id: 'spiffe://e.org/x', colour: red}]", "unknown key"),
+])
+def test_bad_service_declarations_are_refused(tmp_path: Path, services: str, message: str) -> None:
+    from trustmesh.cli.agent_run_cmd import _build_config
+
+    cfg = tmp_path / "a.yaml"
+    cfg.write_text(f"server: [127.0.0.1:8081]\ntrust-bundle: /x.pem\n{services}\n")
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        _build_config(build_parser().parse_args(["agent", "run", "--config", str(cfg)]))
