@@ -21,7 +21,8 @@ def test_token_create_prints_only_a_strong_token_stored_hashed(server: ServerPro
     second = server.cli("token", "create", "--node", "node-2", check=True).stdout
     assert first.count("\n") == 1 and first.strip() != second.strip()
     token = first.strip()
-    assert len(token) >= 22 and all(c.isalnum() or c in "-_" for c in token)  # >= 128 bits, urlsafe
+    assert token.startswith("tmjt_")  # never starts with "-", so it is safe on a command line
+    assert len(token) >= 5 + 43 and all(c.isalnum() or c in "-_" for c in token)  # 256 bits, urlsafe
     if server.store == "sqlite":
         server.stop()
         for path in server.data_dir.glob("store.db*"):
