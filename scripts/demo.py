@@ -12,10 +12,13 @@ import argparse
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from cryptography import x509
@@ -63,6 +66,68 @@ def wait_for(log: Path, pattern: str, proc: subprocess.Popen[bytes], what: str, 
     raise SystemExit(f"{what} did not become ready in {timeout:.0f}s; its log:\n{log.read_text(errors='replace')}")
 
 
+AGENT_CONFIG = """\
+services:
+  - name: ledger
+    spiffe_id: spiffe://{td}/ledger
+    inbound: {{listen: 127.0.0.1:{ledger}, forward: 127.0.0.1:{echo}}}
+  - name: payments
+    spiffe_id: spiffe://{td}/payments
+    outbound:
+      - {{listen: 127.0.0.1:{payments}, connect: 127.0.0.1:{ledger}, expect: spiffe://{td}/ledger}}
+  - name: frontend
+    spiffe_id: spiffe://{td}/frontend
+    outbound:
+      - {{listen: 127.0.0.1:{frontend}, connect: 127.0.0.1:{ledger}, expect: spiffe://{td}/ledger}}
+"""
+
+POLICY = """\
+apiVersion: trustmesh/v1
+kind: Allowlist
+metadata: {{name: ledger-access, owner: payments-platform}}
+spec:
+  destination: spiffe://{td}/ledger
+  ports: [{port}]
+  allow:
+{rules}"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_echo() -> int:
+    """The 'ledger' service itself: a plain echo server behind the agent's inbound listener."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+
+    def serve() -> None:
+        while True:
+            conn, _ = srv.accept()
+            threading.Thread(target=lambda c=conn: _echo(c), daemon=True).start()
+
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(4096):
+                conn.sendall(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return int(srv.getsockname()[1])
+
+
+def talk(port: int) -> str:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(b"balance?")
+            answer = conn.recv(64)
+    except OSError:
+        answer = b""
+    return "ALLOWED (the ledger answered)" if answer == b"balance?" else "DENIED (closed after the handshake)"
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -87,7 +152,9 @@ def main() -> int:
     env = {**os.environ, "TRUSTMESH_ADMIN_SOCKET": str(work / "server" / "admin.sock"),
            "PYTHONPATH": str(ROOT)}
     procs: list[subprocess.Popen[bytes]] = []
-    step = Step(total=6)
+    step = Step(total=9)
+    ports: dict[str, int] = {}
+    echo_port = start_echo()
     as_root = os.getuid() == 0
 
     def cli(*cmd: str) -> str:
@@ -119,7 +186,10 @@ def main() -> int:
             token = cli("token", "create", "--node", "node-1", "--ttl", "5m")
             say(f"join token (single use, stored only hashed): {token[:6]}…")
             socket_path = work / "workload.sock"
-            agent, agent_log = start("agent", "agent", "run", "--server", bind, "--attest-server", attest_bind,
+            ports["ledger"], ports["payments"], ports["frontend"] = free_port(), free_port(), free_port()
+            (work / "agent.yaml").write_text(AGENT_CONFIG.format(td=TRUST_DOMAIN, echo=echo_port, **ports))
+            agent, agent_log = start("agent", "agent", "run", "--config", str(work / "agent.yaml"),
+                                     "--server", bind, "--attest-server", attest_bind,
                                      "--trust-bundle", str(work / "server" / "bundle.pem"),
                                      "--data-dir", str(work / "agent"), "--socket", str(socket_path),
                                      "--join-token", token)
@@ -153,9 +223,49 @@ def main() -> int:
             for line in (out.stdout or out.stderr).strip().splitlines():
                 say(line)
 
+        policy_file = work / "ledger-access.yaml"
+        with step("allowlists as code: payments may call the ledger; frontend for 6 seconds only"):
+            cli("entry", "create", "--spiffe-id", f"spiffe://{TRUST_DOMAIN}/frontend", "--node", "node-1",
+                "--selector", "unix:uid:4242")
+            lapse = datetime.now(timezone.utc) + timedelta(seconds=6)
+            policy_file.write_text(POLICY.format(td=TRUST_DOMAIN, port=ports["ledger"], rules=(
+                f"    - from: spiffe://{TRUST_DOMAIN}/payments\n"
+                f"    - from: spiffe://{TRUST_DOMAIN}/frontend\n      expires: {lapse:%Y-%m-%dT%H:%M:%SZ}\n")))
+            say(cli("policy", "lint", str(policy_file)))
+            say(cli("policy", "apply", str(policy_file), "--comment", "demo").splitlines()[-1])
+            wait_for(agent_log, r"outbound_listening service=frontend", agent, "the agent's listeners")
+            for name in ("payments", "frontend"):
+                say(f"{name} -> ledger over mTLS: {talk(ports[name])}")
+
+        with step("the time-bound allow lapses by itself"):
+            time.sleep(max(0.0, (lapse - datetime.now(timezone.utc)).total_seconds()) + 1)
+            say(f"frontend -> ledger: {talk(ports['frontend'])}")
+            verdict = subprocess.run(trustmesh("policy", "test", "--from", f"spiffe://{TRUST_DOMAIN}/frontend",
+                                               "--to", f"spiffe://{TRUST_DOMAIN}/ledger", "--port",
+                                               str(ports["ledger"])), capture_output=True, text=True, env=env)
+            say(f"why: {verdict.stdout.strip()}")
+
+        with step("a policy change cuts an open connection (continuous verification)"):
+            conn = socket.create_connection(("127.0.0.1", ports["payments"]), timeout=10)
+            conn.sendall(b"ping")
+            say(f"open payments -> ledger connection answers: {conn.recv(16).decode()}")
+            policy_file.write_text(POLICY.format(td=TRUST_DOMAIN, port=ports["ledger"],
+                                                 rules=f"    - from: spiffe://{TRUST_DOMAIN}/ns/batch/*\n"))
+            cli("policy", "apply", str(policy_file), "--comment", "payments loses ledger access")
+            cut = time.monotonic()
+            try:
+                gone = conn.recv(16) == b""
+            except ConnectionResetError:
+                gone = True
+            say(f"after the new revision: connection {'closed' if gone else 'STILL OPEN'} "
+                f"within {time.monotonic() - cut:.1f}s")
+            conn.close()
+
         with step("checking the tamper-evident audit log"):
-            for line in cli("audit", "show").splitlines()[-4:]:
-                say(line[:150])
+            denied = cli("audit", "show", "--kind", "connection.denied").splitlines()
+            say(f"{len(denied)} denied-connection event(s), e.g.:")
+            for line in denied[-2:]:
+                say(line[:160])
             say(cli("audit", "verify"))
 
         if args.keep:

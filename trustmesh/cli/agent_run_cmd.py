@@ -38,7 +38,8 @@ def add_run_subcommand(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser(
         "run", help="run the node agent beside the services of this host",
         description=("Attest this node (once), keep the agent identity in --data-dir, serve the SPIFFE "
-                     "Workload API on a unix socket, and rotate every SVID before it expires. Every option "
+                     "Workload API on a unix socket, rotate every SVID before it expires, and enforce the "
+                     "allowlists for the services declared under `services:` in the config file. Every option "
                      "can also be set in a YAML file given with --config; flags win over the file."),
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )

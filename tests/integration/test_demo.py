@@ -1,0 +1,28 @@
+"""The demo a new user runs first must keep working, and must leave nothing running."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_stops_everything() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py")], capture_output=True, text=True,
+                            timeout=180, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "FAILED" not in out
+    assert "payments -> ledger over mTLS: ALLOWED" in out
+    assert "frontend -> ledger: DENIED" in out
+    assert "connection closed within" in out
+    assert "audit log intact" in out
+    assert out.rstrip().endswith("demo finished; everything stopped.")
+    leftovers = subprocess.run(["pgrep", "-f", "trustmesh-demo-"], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == "", "the demo left processes running"
