@@ -1,0 +1,242 @@
+"""The agent's inbound mTLS listener against nginx, side by side in one run.
+
+Both terminate mTLS with the same certificates (the ledger's X509-SVID and the trust
+bundle), require and verify a client certificate, and forward to the same local echo
+service. nginx runs its stream module with `ssl_verify_client on` and one worker process,
+like the one agent process. Measured:
+
+- new mTLS handshakes per second (`openssl s_time -new`, full TLS 1.3 handshakes);
+- bulk MB/s through the proxy (a client streams data and reads the echo back).
+
+Run through `scripts/bench` (or `python benchmarks/proxy.py [--quick]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.integration.harness import AgentProcess, ServerProcess  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def echo_server() -> int:
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(512)
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while data := conn.recv(262144):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def serve() -> None:
+        while True:
+            conn, _ = srv.accept()
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return int(srv.getsockname()[1])
+
+
+def fetch_svid(socket_path: Path, spiffe_id: str, out: Path) -> tuple[Path, Path]:
+    """Fetch an X509-SVID through the agent's Workload API (as the workload would)."""
+    from trustmesh._proto.spiffe.workload import workload_pb2, workload_pb2_grpc
+    import grpc
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from trustmesh.der import load_der_certificates
+
+    stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(grpc.insecure_channel(f"unix:{socket_path}"))
+    for message in stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=[("workload.spiffe.io", "true")],
+                                      timeout=30):
+        for svid in message.svids:
+            if svid.spiffe_id == spiffe_id:
+                chain = load_der_certificates(svid.x509_svid)
+                key = serialization.load_der_private_key(svid.x509_svid_key, None)
+                cert_path, key_path = out / f"{spiffe_id.rsplit('/', 1)[1]}.pem", out / f"{spiffe_id.rsplit('/', 1)[1]}.key"
+                cert_path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain))
+                key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+                (out / "bundle.pem").write_bytes(b"".join(
+                    c.public_bytes(serialization.Encoding.PEM) for c in load_der_certificates(svid.bundle)))
+                _ = x509
+                return cert_path, key_path
+    raise RuntimeError(f"no SVID for {spiffe_id}")
+
+
+def start_nginx(work: Path, port: int, backend: int, cert: Path, key: Path, roots: Path) -> subprocess.Popen[bytes]:
+    conf = work / "nginx.conf"
+    conf.write_text(f"""
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+stream {{
+  server {{
+    listen 127.0.0.1:{port} ssl backlog=1024;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_client_certificate {roots};
+    ssl_verify_client on;
+    ssl_verify_depth 3;
+    ssl_protocols TLSv1.3;
+    proxy_pass 127.0.0.1:{backend};
+  }}
+}}
+""")
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"nginx did not start: {(work / 'nginx-error.log').read_text(errors='replace')}")
+
+
+def handshakes_per_second(port: int, cert: Path, key: Path, seconds: int) -> float:
+    out = subprocess.run(["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new", "-cert", str(cert),
+                          "-key", str(key), "-time", str(seconds)], capture_output=True, text=True,
+                         timeout=seconds + 30)
+    match = re.search(r"(\d+) connections in ([\d.]+)s", out.stdout)
+    if not match:
+        raise RuntimeError(f"openssl s_time gave no result: {out.stdout[-500:]} {out.stderr[-500:]}")
+    return int(match.group(1)) / float(match.group(2))
+
+
+def bulk_mb_per_second(port: int, cert: Path, key: Path, megabytes: int) -> float:
+    """Stream `megabytes` through the proxy and read the echo back, on one asyncio loop
+    (an SSL socket must not be read and written from two threads at once)."""
+    import asyncio
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(str(cert), str(key))
+    payload = os.urandom(256 * 1024)
+    total = megabytes * 1024 * 1024
+
+    async def transfer() -> float:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="ledger")
+        started = time.perf_counter()
+
+        async def send() -> None:
+            sent = 0
+            while sent < total:
+                writer.write(payload)
+                await writer.drain()
+                sent += len(payload)
+
+        async def receive() -> int:
+            received = 0
+            while received < total:
+                chunk = await reader.read(262144)
+                if not chunk:
+                    break
+                received += len(chunk)
+            return received
+
+        _, received = await asyncio.gather(send(), receive())
+        elapsed = time.perf_counter() - started
+        writer.close()
+        if received < total:
+            raise RuntimeError(f"bulk transfer incomplete: {received} of {total} bytes came back")
+        return total / elapsed / 1e6
+
+    return asyncio.run(transfer())
+
+
+def run(quick: bool) -> list[dict[str, object]]:
+    if shutil.which("nginx") is None:
+        raise SystemExit("nginx is not installed: `apt-get install nginx libnginx-mod-stream` (scripts/bench does it)")
+    work = Path(tempfile.mkdtemp(prefix="trustmesh-bench-"))
+    work.chmod(0o755)
+    seconds, megabytes = (3, 32) if quick else (10, 256)
+    backend = echo_server()
+    server = ServerProcess(data_dir=work / "server").start()
+    agent: AgentProcess | None = None
+    nginx: subprocess.Popen[bytes] | None = None
+    try:
+        for name in ("ledger", "payments"):
+            server.cli("entry", "create", "--spiffe-id", f"spiffe://example.org/{name}", "--node", "node-1",
+                       "--selector", f"unix:uid:{os.getuid()}", check=True)
+        agent_port, nginx_port = free_port(), free_port()
+        policy = work / "policy.yaml"
+        policy.write_text("apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: bench}\n"
+                          f"spec: {{destination: spiffe://example.org/ledger, ports: [{agent_port}],"
+                          " allow: [{from: spiffe://example.org/payments}]}\n")
+        server.cli("policy", "apply", str(policy), check=True)
+        config = work / "agent.yaml"
+        config.write_text(f"services:\n  - name: ledger\n    spiffe_id: spiffe://example.org/ledger\n"
+                          f"    inbound: {{listen: 127.0.0.1:{agent_port}, forward: 127.0.0.1:{backend}}}\n")
+        token = server.cli("token", "create", "--node", "node-1", check=True).stdout.strip()
+        agent = AgentProcess(server, work / "agent", join_token=token, config=config).start()
+        deadline = time.monotonic() + 20
+        while "inbound_listening" not in agent.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ledger_cert, ledger_key = fetch_svid(agent.socket, "spiffe://example.org/ledger", work)
+        client_cert, client_key = fetch_svid(agent.socket, "spiffe://example.org/payments", work)
+        nginx = start_nginx(work, nginx_port, backend, ledger_cert, ledger_key, work / "bundle.pem")
+
+        results = []
+        ours = handshakes_per_second(agent_port, client_cert, client_key, seconds)
+        ref = handshakes_per_second(nginx_port, client_cert, client_key, seconds)
+        results.append({"name": "proxy.handshakes", "value": round(ours, 1), "unit": "handshakes/s",
+                        "reference": "nginx stream, ssl_verify_client on, 1 worker", "reference_value": round(ref, 1),
+                        "ratio": round(ours / ref, 3), "goal": ">= 0.7",
+                        "params": {"seconds": seconds, "tls": "1.3", "client": "openssl s_time -new"}})
+        ours = bulk_mb_per_second(agent_port, client_cert, client_key, megabytes)
+        ref = bulk_mb_per_second(nginx_port, client_cert, client_key, megabytes)
+        results.append({"name": "proxy.bulk", "value": round(ours, 1), "unit": "MB/s",
+                        "reference": "nginx stream, ssl_verify_client on, 1 worker", "reference_value": round(ref, 1),
+                        "ratio": round(ours / ref, 3), "goal": ">= 0.9",
+                        "params": {"megabytes": megabytes, "backend": "local echo", "client": "python asyncio ssl"}})
+        return results
+    finally:
+        if nginx is not None:
+            nginx.terminate()
+            nginx.wait(10)
+        if agent is not None:
+            agent.stop()
+        server.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="the agent's inbound mTLS listener against nginx")
+    parser.add_argument("--quick", action="store_true", help="small sizes (seconds, not minutes)")
+    args = parser.parse_args()
+    print(json.dumps(run(args.quick), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
