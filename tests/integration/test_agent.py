@@ -248,3 +248,59 @@ def test_authorize_answers_from_the_policy_the_agent_holds(setup: tuple[ServerPr
     with pytest.raises(grpc.RpcError) as info:
         ask("not-an-id")
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_authorize_covers_ports_prefixes_audit_mode_and_expiry(setup: tuple[ServerProcess, AgentProcess],
+                                                               tmp_path: Path) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from trustmesh._proto.trustmesh.v1 import agent_pb2, agent_pb2_grpc
+
+    server, agent = setup
+    entry(server, "ledger")
+    entry(server, "reports/daily")  # the node serves it, so its allowlists are sent to this agent
+    lapse = datetime.now(timezone.utc) + timedelta(seconds=4)
+    policy = tmp_path / "p.yaml"
+    policy.write_text(f"""\
+apiVersion: trustmesh/v1
+kind: Allowlist
+metadata: {{name: ledger-access}}
+spec:
+  destination: spiffe://example.org/ledger
+  ports: [9443]
+  allow:
+    - from: spiffe://example.org/ns/batch/*
+    - from: spiffe://example.org/oncall
+      expires: {lapse:%Y-%m-%dT%H:%M:%SZ}
+---
+apiVersion: trustmesh/v1
+kind: Allowlist
+metadata: {{name: reports-rollout}}
+spec:
+  destination: spiffe://example.org/reports/*
+  mode: audit
+  allow:
+    - from: spiffe://example.org/payments
+""")
+    server.cli("policy", "apply", str(policy), check=True)
+    agent.start()
+    authz = agent_pb2_grpc.AgentAuthorizationStub(grpc.insecure_channel(f"unix:{agent.socket}"))
+
+    def ask(source: str, destination: str = "spiffe://example.org/ledger", port: int = 9443) -> agent_pb2.AuthorizeResponse:
+        return authz.Authorize(agent_pb2.AuthorizeRequest(source_id=source, destination_id=destination, port=port),
+                               timeout=10)
+
+    deadline = time.monotonic() + 10
+    while ask("spiffe://example.org/x").policy_revision < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ask("spiffe://example.org/ns/batch/nightly").rule == "ledger-access allow[0]"  # prefix
+    assert not ask("spiffe://example.org/ns/batchjob").allowed  # whole segments only
+    assert not ask("spiffe://example.org/ns/batch/nightly", port=8080).allowed  # port rule
+    assert ask("spiffe://example.org/oncall").allowed  # time-bound, still valid
+    audit = ask("spiffe://example.org/frontend", "spiffe://example.org/reports/daily", 443)
+    assert audit.allowed and audit.audit_only and audit.rule == "reports-rollout (audit mode)"
+    normal = ask("spiffe://example.org/payments", "spiffe://example.org/reports/daily", 443)
+    assert normal.allowed and not normal.audit_only
+    time.sleep(max(0.0, (lapse - datetime.now(timezone.utc)).total_seconds()) + 0.5)
+    lapsed = ask("spiffe://example.org/oncall")
+    assert not lapsed.allowed and "expired" in lapsed.reason  # lapsed by itself, nobody removed it
