@@ -66,11 +66,15 @@ def wait_for(log: Path, pattern: str, proc: subprocess.Popen[bytes], what: str, 
     raise SystemExit(f"{what} did not become ready in {timeout:.0f}s; its log:\n{log.read_text(errors='replace')}")
 
 
-AGENT_CONFIG = """\
+NODE1_CONFIG = """\
 services:
   - name: ledger
     spiffe_id: spiffe://{td}/ledger
     inbound: {{listen: 127.0.0.1:{ledger}, forward: 127.0.0.1:{echo}}}
+"""
+
+NODE2_CONFIG = """\
+services:
   - name: payments
     spiffe_id: spiffe://{td}/payments
     outbound:
@@ -182,19 +186,22 @@ def main() -> int:
             say("CA keys are stored only encrypted (AES-256-GCM) under the key-encryption key "
                 f"{work / 'server' / 'kek.bin'} (mode 0600)")
 
-        with step("admitting node-1: one-time join token, then the node agent attests"):
-            token = cli("token", "create", "--node", "node-1", "--ttl", "5m")
-            say(f"join token (single use, stored only hashed): {token[:6]}…")
-            socket_path = work / "workload.sock"
+        with step("admitting node-1 and node-2: one-time join tokens, then each node agent attests"):
             ports["ledger"], ports["payments"], ports["frontend"] = free_port(), free_port(), free_port()
-            (work / "agent.yaml").write_text(AGENT_CONFIG.format(td=TRUST_DOMAIN, echo=echo_port, **ports))
-            agent, agent_log = start("agent", "agent", "run", "--config", str(work / "agent.yaml"),
-                                     "--server", bind, "--attest-server", attest_bind,
-                                     "--trust-bundle", str(work / "server" / "bundle.pem"),
-                                     "--data-dir", str(work / "agent"), "--socket", str(socket_path),
-                                     "--join-token", token)
-            ready = wait_for(agent_log, r"event=ready spiffe_id=(\S+)", agent, "the agent")
-            say(f"agent identity {ready.group(1)}; Workload API at unix://{socket_path}")
+            agent_logs = {}
+            for node, template in (("node-1", NODE1_CONFIG), ("node-2", NODE2_CONFIG)):
+                token = cli("token", "create", "--node", node, "--ttl", "5m")
+                say(f"{node}: join token (single use, stored only hashed): {token[:8]}…")
+                (work / f"{node}.yaml").write_text(template.format(td=TRUST_DOMAIN, echo=echo_port, **ports))
+                agent, agent_log = start(node, "agent", "run", "--config", str(work / f"{node}.yaml"),
+                                         "--server", bind, "--attest-server", attest_bind,
+                                         "--trust-bundle", str(work / "server" / "bundle.pem"),
+                                         "--data-dir", str(work / node), "--socket", str(work / f"{node}.sock"),
+                                         "--join-token", token)
+                ready = wait_for(agent_log, r"event=ready spiffe_id=(\S+)", agent, f"the {node} agent")
+                agent_logs[node] = (agent, agent_log)
+                say(f"{node}: agent identity {ready.group(1)}; Workload API at unix://{work / f'{node}.sock'}")
+            socket_path = work / "node-1.sock"
 
         second_uid = OTHER_UID if as_root else os.getuid()
         with step("registering two workloads, told apart by the uid the kernel reports"):
@@ -225,15 +232,21 @@ def main() -> int:
 
         policy_file = work / "ledger-access.yaml"
         with step("allowlists as code: payments may call the ledger; frontend for 6 seconds only"):
-            cli("entry", "create", "--spiffe-id", f"spiffe://{TRUST_DOMAIN}/frontend", "--node", "node-1",
-                "--selector", "unix:uid:4242")
+            # The services' own identities: the ledger on node-1, payments and frontend on node-2.
+            for name, node in (("ledger", "node-1"), ("payments", "node-2"), ("frontend", "node-2")):
+                cli("entry", "create", "--spiffe-id", f"spiffe://{TRUST_DOMAIN}/{name}", "--node", node,
+                    "--selector", "unix:uid:4242")
+            say(f"services: ledger on node-1 (inbound :{ports['ledger']}), payments and frontend on node-2")
             lapse = datetime.now(timezone.utc) + timedelta(seconds=6)
             policy_file.write_text(POLICY.format(td=TRUST_DOMAIN, port=ports["ledger"], rules=(
                 f"    - from: spiffe://{TRUST_DOMAIN}/payments\n"
                 f"    - from: spiffe://{TRUST_DOMAIN}/frontend\n      expires: {lapse:%Y-%m-%dT%H:%M:%SZ}\n")))
             say(cli("policy", "lint", str(policy_file)))
             say(cli("policy", "apply", str(policy_file), "--comment", "demo").splitlines()[-1])
-            wait_for(agent_log, r"outbound_listening service=frontend", agent, "the agent's listeners")
+            wait_for(agent_logs["node-1"][1], r"inbound_listening service=ledger", agent_logs["node-1"][0],
+                     "node-1's listener")
+            wait_for(agent_logs["node-2"][1], r"outbound_listening service=frontend", agent_logs["node-2"][0],
+                     "node-2's listeners")
             for name in ("payments", "frontend"):
                 say(f"{name} -> ledger over mTLS: {talk(ports[name])}")
 
