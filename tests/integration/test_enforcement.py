@@ -242,3 +242,43 @@ def test_rotation_under_open_connections(mesh: Mesh) -> None:
     conn.close()
     assert mesh.agent.log().count("svids_updated") >= start_updates + 3, "the SVIDs did not rotate"
     assert exchanged >= 15
+
+
+async def test_expired_client_certificates_are_refused_and_fresh_ones_pass(mesh: Mesh, tmp_path: Path) -> None:
+    import asyncio
+
+    from tests.integration.node_client import NodeClient, pem_chain
+    from trustmesh.keys import generate_private_key
+    from trustmesh.x509svid import build_csr
+
+    # A second node, whose agent we drive by hand, gets SVIDs straight from the server.
+    other = NodeClient(mesh.server)
+    await other.attest(mesh.server.cli("token", "create", "--node", "node-2", check=True).stdout.strip())
+    ids = {}
+    for name, ttl in (("payments", "1h"), ("short-lived", "1s")):
+        ids[name] = mesh.server.cli("entry", "create", "--spiffe-id", f"spiffe://example.org/{name}", "--node",
+                                    "node-2", "--selector", "unix:uid:5", "--x509-ttl", ttl, check=True).stdout.strip()
+
+    async def cert_for(name: str) -> tuple[Path, Path]:
+        key = generate_private_key()
+        reply = await other.batch_sign([(ids[name], build_csr(key))])
+        cert, key_path = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+        cert.write_bytes(pem_chain(list(reply.results[0].svid.cert_chain)))
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        return cert, key_path
+
+    fresh = await cert_for("payments")
+    stale = await cert_for("short-lived")
+    await asyncio.sleep(2.5)
+
+    def ctx(pair: tuple[Path, Path]) -> ssl.SSLContext:
+        c = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        c.check_hostname = False
+        c.verify_mode = ssl.CERT_NONE
+        c.load_cert_chain(str(pair[0]), str(pair[1]))
+        return c
+
+    # Positive control: an allowed ID with a valid SVID from another node goes straight through.
+    assert await asyncio.to_thread(_tls_client, mesh.ledger, ctx(fresh)) == b"hello"
+    assert await asyncio.to_thread(_tls_client, mesh.ledger, ctx(stale)) == b""  # expired: refused
