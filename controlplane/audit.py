@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from trustmesh.errors import ConflictError
 from trustmesh.logs import log_event
 
-from controlplane.store.records import AuditEvent
+from controlplane.store.records import AuditEvent, RecordFormatError
 
 log = logging.getLogger("trustmesh.audit")
 
@@ -44,7 +44,8 @@ class AuditStore(Protocol):
 
 def _canonical(seq: int, at: float, kind: str, actor: str, subject: str, outcome: str,
                details: dict[str, Any], prev_hash: str) -> bytes:
-    body = {"seq": seq, "time": at, "kind": kind, "actor": actor, "subject": subject,
+    # float(): the store hands time back as a float, so an int clock must link the same way.
+    body = {"seq": seq, "time": float(at), "kind": kind, "actor": actor, "subject": subject,
             "outcome": outcome, "details": details, "prev_hash": prev_hash}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
@@ -70,7 +71,7 @@ def verify_events(key: bytes, events: list[AuditEvent], *, prev_hash: str = GENE
     checked = 0
     for ev in events:
         if ev.seq != expect_seq:
-            what = "removed" if ev.seq > expect_seq else "duplicated or reordered"
+            what = "removed or moved" if ev.seq > expect_seq else "duplicated or reordered"
             return VerifyResult(False, checked, expect_seq,
                                 f"event {expect_seq} is missing: found event {ev.seq} where {expect_seq} "
                                 f"should be (an event was {what})")
@@ -109,7 +110,7 @@ class AuditLog:
                 prev = self._head
                 seq = 1 if prev is None else prev.seq + 1
                 prev_hash = GENESIS if prev is None else prev.hash
-                at = round(self._clock(), 6)
+                at = round(float(self._clock()), 6)
                 clean = json.loads(json.dumps(details, sort_keys=True, default=str))
                 event = AuditEvent(seq=seq, time=at, kind=kind, actor=actor, subject=subject,
                                    outcome=outcome, details=clean, prev_hash=prev_hash,
@@ -128,8 +129,16 @@ class AuditLog:
         """Walk the whole chain page by page and check that the head is its last event."""
         prev_hash, expect, total = GENESIS, 1, 0
         last: AuditEvent | None = None
+        page_size = _PAGE
         while True:
-            page = await self._store.list_audit_events(since_seq=expect - 1, limit=_PAGE)
+            try:
+                page = await self._store.list_audit_events(since_seq=expect - 1, limit=page_size)
+            except RecordFormatError as err:
+                if page_size > 1:
+                    page_size = 1  # walk one event at a time up to the unreadable one
+                    continue
+                # Overwritten with something that is not an event at all: tampering too.
+                return VerifyResult(False, total, expect, f"event {expect} is unreadable ({err}); it was overwritten")
             if not page:
                 break
             result = verify_events(self._key, page, prev_hash=prev_hash, expect_seq=expect)
@@ -138,7 +147,11 @@ class AuditLog:
                 return VerifyResult(False, total, result.first_broken_seq, result.reason)
             last = page[-1]
             prev_hash, expect = last.hash, last.seq + 1
-        head = await self._store.get_audit_head()
+        try:
+            head = await self._store.get_audit_head()
+        except RecordFormatError as err:
+            return VerifyResult(False, total, (last.seq + 1) if last else 1,
+                                f"the chain head is unreadable ({err}); it was overwritten")
         if head is None and last is None:
             return VerifyResult(True, 0)
         if head is None or last is None or head.seq != last.seq or head.hash != last.hash:

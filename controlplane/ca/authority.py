@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from trustmesh.bundle import Bundle, JwtAuthority
@@ -49,6 +50,7 @@ from controlplane.ca.journal import (
 from controlplane.ca.kek import KeyEncryptionKey
 
 _SAVE_RETRIES = 20
+MAX_LEAF_TTL = timedelta(days=366)  # far above any entry's bound; guards date arithmetic
 
 
 class CAStateStore(Protocol):
@@ -138,13 +140,37 @@ class CertificateAuthority:
         return ca
 
     def _unseal_all(self) -> None:
+        """Open every sealed key and check that each slot's public half is that key's.
+
+        The AAD ties a sealed key to its slot, but the certificate and public key beside it
+        are stored in the clear: without this check anyone who can write to the store could
+        put a root of their own in the bundle (a slot with a copied sealed key and their
+        certificate) without ever holding the KEK.
+        """
         td = self._journal.trust_domain
+        root_ids = [slot.id for slot in self._journal.roots]
+        kids = [jslot.kid for jslot in self._journal.jwt_keys]
+        if len(set(root_ids)) != len(root_ids) or len(set(kids)) != len(kids):
+            raise CAError("CA journal is corrupt or was tampered with: two slots share one id")
         for slot in self._journal.roots:
-            if slot.id not in self._root_keys:
-                self._root_keys[slot.id] = load_private_key_pkcs8_der(self._kek.open(slot.sealed_key, root_aad(td, slot.id)))
+            key = self._root_keys.get(slot.id) or _open_key(self._kek, slot.sealed_key, root_aad(td, slot.id))
+            try:
+                cert = x509.load_der_x509_certificate(slot.cert_der)
+                bound = spki_der(cert.public_key()) == spki_der(key.public_key())  # type: ignore[arg-type]
+                if bound:
+                    cert.verify_directly_issued_by(cert)
+            except (ValueError, TypeError, InvalidSignature):
+                bound = False
+            if not bound:
+                raise CAError(f"CA journal was tampered with: the certificate of root {slot.id} is not the "
+                              "self-signed certificate of its sealed key; restore the store from a backup")
+            self._root_keys[slot.id] = key
         for jslot in self._journal.jwt_keys:
-            if jslot.kid not in self._jwt_keys:
-                self._jwt_keys[jslot.kid] = load_private_key_pkcs8_der(self._kek.open(jslot.sealed_key, jwt_aad(td, jslot.kid)))
+            key = self._jwt_keys.get(jslot.kid) or _open_key(self._kek, jslot.sealed_key, jwt_aad(td, jslot.kid))
+            if jslot.public_key_der != spki_der(key.public_key()) or key_id(key.public_key()) != jslot.kid:
+                raise CAError(f"CA journal was tampered with: JWT key {jslot.kid} does not match its sealed key; "
+                              "restore the store from a backup")
+            self._jwt_keys[jslot.kid] = key
         # Refuse a journal whose active root is inconsistent before anything is signed.
         self._journal.active_root()
         self._journal.active_jwt_key()
@@ -229,6 +255,8 @@ class CertificateAuthority:
         self._check_id(spiffe_id)
         if ttl <= timedelta(0):
             raise CAError(f"lifetime must be positive, got {ttl}")
+        if ttl > MAX_LEAF_TTL:
+            raise CAError(f"lifetime {ttl} is longer than the {MAX_LEAF_TTL.days} days a leaf may live")
         signing = self._signing
         if signing is None:
             raise CAError("the signing CA is not ready")
@@ -317,6 +345,14 @@ class CertificateAuthority:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _open_key(kek: KeyEncryptionKey, sealed: bytes, aad: bytes) -> PrivateKey:
+    plaintext = kek.open(sealed, aad)
+    try:
+        return load_private_key_pkcs8_der(plaintext)
+    except SvidError as err:  # authenticated, so sealed by this KEK, yet not a key
+        raise CAError("a sealed CA key opened but is not a private key; the journal is corrupt") from err
 
 
 def _new_journal(config: CAConfig, kek: KeyEncryptionKey, now: datetime) -> CAJournal:

@@ -95,10 +95,17 @@ class KeyEncryptionKey:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError as err:
             raise KeyEncryptionError(f"key-encryption key file {path} already exists; not overwriting it") from err
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(key.hex().encode() + b"\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        except OSError as err:
+            raise KeyEncryptionError(f"cannot create key-encryption key file {path}: {err.strerror}") from err
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(key.hex().encode() + b"\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:
+            # Never leave a half-written KEK behind: the next attempt would refuse to overwrite it.
+            Path(path).unlink(missing_ok=True)
+            raise
         return cls(key)
 
     def derive(self, label: str) -> bytes:
