@@ -2,8 +2,9 @@
 
 Top to bottom: load the trust bundle, load the stored agent identity or attest once, build
 the node client, the SVID cache and the sync stream, start the Workload API socket and the
-metrics endpoint, log `ready`, and run the cache, the sync stream and agent-SVID renewal in
-one TaskGroup until SIGTERM/SIGINT.
+metrics endpoint, then run every component in one TaskGroup (the first failure stops the
+rest) until SIGTERM/SIGINT; `ready` is logged once the socket serves and the first sync
+(from the server, or the state kept on disk) is in, or after a short wait without one.
 """
 
 from __future__ import annotations
@@ -14,39 +15,47 @@ import signal
 from collections.abc import Awaitable
 from datetime import datetime, timezone
 
-import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from trustmesh.bundle import Bundle
-from trustmesh.policy import Policy
 from trustmesh.logs import log_event
 from trustmesh.metrics import Registry, serve_metrics, split_host_port
+from trustmesh.policy import Policy
+from trustmesh.spiffeid import TrustDomain
 
 from agent.attestation import (
     BUNDLE_FILE,
+    NO_IDENTITY_HINT,
+    SVID_FILE,
     AgentAttestationError,
     AgentIdentity,
+    AgentRenewer,
+    AttestServerUnreachableError,
+    RenewerConfig,
+    TokenRefusedError,
     attest,
-    load_identity,
+    inspect_identity,
     load_roots,
-    renew,
+    load_x509pop,
     save_bundle,
     save_identity,
     trust_domain_of_roots,
 )
-from agent.backoff import backoff_delay, renew_at, seconds_until
 from agent.authorize import Authorizer
+from agent.backoff import backoff_delay
 from agent.config import AgentConfig
+from agent.node_client import NodeClient
 from agent.proxy.listeners import Flow, InboundListener, OutboundListener, ServiceConfig
 from agent.proxy.reporter import FlowReporter
-from agent.node_client import NodeClient
 from agent.svid_cache import SvidCache
 from agent.sync import SyncClient
 from agent.workload_api import WorkloadAPI, WorkloadAPIServer
 from agent.workload_attestor import WorkloadAttestor
 
 log = logging.getLogger("trustmesh.agent")
+
+FIRST_SYNC_WAIT = 10.0
 
 
 class _Stopped(Exception):
@@ -57,49 +66,54 @@ def _pem(certs: list[x509.Certificate] | tuple[x509.Certificate, ...]) -> bytes:
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
-async def _obtain_identity(config: AgentConfig) -> tuple[AgentIdentity, list[x509.Certificate]]:
+def _trust_domain(config: AgentConfig, roots: list[x509.Certificate]) -> TrustDomain:
+    found = trust_domain_of_roots(roots)
+    if config.trust_domain is not None and config.trust_domain != found:
+        raise AgentAttestationError(f"--trust-domain {config.trust_domain} does not match the trust bundle, whose "
+                                    f"root is of {found}; pass the bundle.pem of the right server")
+    return found
+
+
+async def _obtain_identity(config: AgentConfig, stop: asyncio.Event) -> tuple[AgentIdentity, list[x509.Certificate]]:
+    """The stored identity, or a new one from attestation (retried while no server answers)."""
     stored_bundle = config.data_dir / BUNDLE_FILE
+    # The bundle kept from the server is newer than the bootstrap one (a rotated root).
     roots = load_roots(stored_bundle if stored_bundle.exists() else config.trust_bundle)
-    td = trust_domain_of_roots(roots)
-    identity = load_identity(config.data_dir, roots, td)
+    td = _trust_domain(config, roots)
+    identity, why_not = inspect_identity(config.data_dir, roots, td)
     if identity is not None:
         log_event(log, "identity_loaded", spiffe_id=identity.spiffe_id, expires_at=identity.expires_at.isoformat())
         return identity, roots
     x509pop = None
-    if config.x509pop_cert and config.x509pop_key:
-        certs = x509.load_pem_x509_certificates(config.x509pop_cert.read_bytes())
-        key = serialization.load_pem_private_key(config.x509pop_key.read_bytes(), password=None)
-        x509pop = (certs, key)
+    if config.x509pop_cert is not None and config.x509pop_key is not None:
+        x509pop = load_x509pop(config.x509pop_cert, config.x509pop_key)
     if config.join_token is None and x509pop is None:
-        raise AgentAttestationError(
-            "this agent has no identity yet: start it once with --join-token "
-            "(create one with `trustmesh token create --node NAME`) or with --x509pop-cert/--x509pop-key"
-        )
-    identity, bundle = await attest(config.attest_addresses, _pem(roots), td, join_token=config.join_token,
-                                    x509pop=x509pop)  # type: ignore[arg-type]
+        raise AgentAttestationError(f"{why_not}: {NO_IDENTITY_HINT}")
+    rotation = config.rotation
+    attempt = 0
+    while True:
+        try:
+            identity, bundle = await attest(config.attest_addresses, _pem(roots), td, join_token=config.join_token,
+                                            x509pop=x509pop)
+            break
+        except TokenRefusedError as err:
+            log_event(log, "token_refused", level=logging.ERROR, reason="token_refused", detail=str(err))
+            raise
+        except AttestServerUnreachableError as err:
+            # The token is not spent: wait for the server rather than make the operator retry.
+            delay = backoff_delay(attempt, base=rotation.backoff_base, cap=rotation.backoff_cap)
+            log_event(log, "server_unreachable", level=logging.WARNING, call="Attest", detail=str(err),
+                      attempt=attempt, retry_in=round(delay, 1))
+            attempt += 1
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except asyncio.TimeoutError:
+                continue
+            raise AgentAttestationError("stopped before the agent could attest") from err
     save_identity(config.data_dir, identity)
     save_bundle(config.data_dir, bundle)
     log_event(log, "attested", spiffe_id=identity.spiffe_id, expires_at=identity.expires_at.isoformat())
     return identity, list(bundle.x509_authorities) or roots
-
-
-async def _renewal_loop(client: NodeClient, config: AgentConfig) -> None:
-    attempt = 0
-    while True:
-        identity = client.identity
-        when = renew_at(identity.issued_at, identity.expires_at)
-        await asyncio.sleep(seconds_until(when, datetime.now(timezone.utc)) if attempt == 0
-                            else backoff_delay(attempt, cap=30))
-        try:
-            fresh = await renew(client.stub(), identity)
-        except grpc.aio.AioRpcError as err:
-            attempt += 1
-            log_event(log, "agent_renewal_failed", level=logging.WARNING, code=err.code().name, detail=err.details())
-            continue
-        attempt = 0
-        save_identity(config.data_dir, fresh)
-        client.use_identity(fresh)
-        log_event(log, "agent_renewed", expires_at=fresh.expires_at.isoformat())
 
 
 async def _wait_briefly(waiting: Awaitable[None], timeout: float) -> None:
@@ -107,14 +121,6 @@ async def _wait_briefly(waiting: Awaitable[None], timeout: float) -> None:
         await asyncio.wait_for(waiting, timeout)
     except asyncio.TimeoutError:
         log_event(log, "no_sync_yet", level=logging.WARNING, waited_seconds=timeout)
-
-
-async def _supervise(task: asyncio.Task[None]) -> None:
-    """Await a task started before the TaskGroup, cancelling it when the group stops."""
-    try:
-        await task
-    finally:
-        task.cancel()
 
 
 async def _start_service(service: ServiceConfig, cache: SvidCache, flow: Flow,
@@ -138,6 +144,14 @@ async def _start_service(service: ServiceConfig, cache: SvidCache, flow: Flow,
         outbound.append(out)
 
 
+async def _announce_ready(cache: SvidCache, identity: AgentIdentity, config: AgentConfig) -> None:
+    # `ready` means "serving what this node may have": give the first sync a moment; in an
+    # outage at first start it serves as soon as entries arrive.
+    await _wait_briefly(cache.wait_until_synced(), FIRST_SYNC_WAIT)
+    log_event(log, "ready", spiffe_id=identity.spiffe_id, socket=str(config.socket_path),
+              servers=",".join(config.servers), metrics=config.metrics or "off")
+
+
 async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     # 0711: other users may reach the Workload API socket inside by name, but cannot list the
     # directory; the agent key and state files in it are 0600 on their own.
@@ -145,14 +159,26 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> N
     config.data_dir.chmod(0o711)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
+    try:
+        await _run(config, stop)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
 
-    identity, roots = await _obtain_identity(config)
+
+async def _run(config: AgentConfig, stop: asyncio.Event) -> None:
+    identity, roots = await _obtain_identity(config, stop)
     td = identity.spiffe_id.trust_domain
     metrics = Registry()
     client = NodeClient(config.servers, _pem(roots), td, identity)
-    cache = SvidCache(td, client, metrics)
+    cache = SvidCache(td, client, metrics, rotation=config.rotation)
+    # The SVID file was written when the identity arrived (attested just now, or renewed
+    # before a restart): renewal is timed from then, not from the back-dated NotBefore.
+    received_at = datetime.fromtimestamp((config.data_dir / SVID_FILE).stat().st_mtime, timezone.utc)
+    renewer = AgentRenewer(RenewerConfig(config.data_dir, config.rotation), client, metrics, received_at=received_at)
 
     def own_bundle_changed(bundle: Bundle) -> None:
         if bundle.x509_authorities:
@@ -161,42 +187,39 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> N
 
     reporter = FlowReporter(lambda req: client.stub().ReportFlows(req, timeout=30), metrics)
     inbound: list[InboundListener] = []
+    outbound: list[OutboundListener] = []
 
     def policy_changed(_policy: Policy) -> None:
         # Continuous verification: a withdrawn allow closes the connections it allowed.
         for listener in inbound:
             listener.recheck()
 
-    sync = SyncClient(client, cache, config.data_dir, td, metrics, own_bundle_changed, on_policy=policy_changed)
+    sync = SyncClient(client, cache, config.data_dir, td, metrics, own_bundle_changed, on_policy=policy_changed,
+                      rotation=config.rotation)
     flow = Flow(cache.svid_for, cache.bundles, lambda: sync.policy, reporter.report, metrics)
     attestor = WorkloadAttestor()
     server = WorkloadAPIServer(config.socket_path, WorkloadAPI(cache, attestor, metrics),
                                Authorizer(cache, attestor, lambda: sync.policy, reporter.report, metrics))
-    outbound: list[OutboundListener] = []
+    # The state kept on disk first: a restart during an outage serves at once.
     sync.load_persisted()
-    await server.start()
     metrics_server = None
-    if config.metrics:
-        host, port = split_host_port(config.metrics)
-        metrics_server = await serve_metrics(metrics, host, port)
-    async with asyncio.TaskGroup() as first:
-        # Give the first sync a moment so `ready` means "serving what this node may have";
-        # without a server (an outage at first start) it serves as soon as entries arrive.
-        sync_task = asyncio.create_task(sync.run(), name="sync")
-        first.create_task(_wait_briefly(cache.wait_until_synced(), 10.0))
-    log_event(log, "ready", spiffe_id=identity.spiffe_id, socket=str(config.socket_path),
-              servers=",".join(config.servers), metrics=config.metrics or "off")
 
     async def stopper() -> None:
         await stop.wait()
         raise _Stopped
 
     try:
+        await server.start()
+        if config.metrics:
+            host, port = split_host_port(config.metrics)
+            metrics_server = await serve_metrics(metrics, host, port)
         async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(sync.run(), name="sync")
             tasks.create_task(cache.run(), name="svid-cache")
-            tasks.create_task(_supervise(sync_task), name="sync")
-            tasks.create_task(_renewal_loop(client, config), name="agent-renewal")
+            tasks.create_task(renewer.run(), name="agent-renewal")
+            tasks.create_task(client.run(), name="node-channels")
             tasks.create_task(reporter.run(), name="flow-reports")
+            tasks.create_task(_announce_ready(cache, identity, config), name="ready")
             for service in config.services:
                 tasks.create_task(_start_service(service, cache, flow, inbound, outbound), name=f"svc-{service.name}")
             tasks.create_task(stopper(), name="stop")

@@ -8,25 +8,36 @@ the server returns is kept there too, so a rotated root is trusted after a resta
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import random
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from agent.convert import bundle_from_pb
 from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc
 from trustmesh.bundle import Bundle
 from trustmesh.errors import TrustmeshError, VerificationError
 from trustmesh.keys import PrivateKey, generate_private_key
+from trustmesh.logs import log_event
+from trustmesh.metrics import Registry
 from trustmesh.naming import server_dns_name
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 from trustmesh.x509svid import build_csr, spiffe_id_from_certificate, verify_x509_svid
+
+from agent.backoff import backoff_delay, renew_at, seconds_until
+from agent.config import RotationConfig
+from agent.convert import bundle_from_pb
+
+log = logging.getLogger("trustmesh.agent.attestation")
 
 SVID_FILE = "agent_svid.pem"
 KEY_FILE = "agent_key.pem"
@@ -40,6 +51,14 @@ class AgentAttestationError(TrustmeshError):
 
 class TokenRefusedError(AgentAttestationError):
     """The server refused the join token or x509pop evidence."""
+
+
+class AttestServerUnreachableError(AgentAttestationError):
+    """No attestation address answered; worth retrying (the token is not spent)."""
+
+
+NO_IDENTITY_HINT = ("start it once with --join-token (create one with `trustmesh token create --node NAME`) "
+                    "or with --x509pop-cert/--x509pop-key")
 
 
 @dataclass(frozen=True)
@@ -108,21 +127,51 @@ def save_bundle(data_dir: Path, bundle: Bundle) -> None:
         write_private(data_dir / BUNDLE_FILE, bundle.x509_authorities_pem(), 0o644)
 
 
-def load_identity(data_dir: Path, roots: list[x509.Certificate], td: TrustDomain,
-                  now: datetime | None = None) -> AgentIdentity | None:
-    """The stored identity, if present, unexpired and chaining to the bundle."""
+def inspect_identity(data_dir: Path, roots: Sequence[x509.Certificate], td: TrustDomain,
+                     now: datetime | None = None) -> tuple[AgentIdentity | None, str]:
+    """The stored identity if it is usable, else None and why not (for an actionable error)."""
     svid_path, key_path = data_dir / SVID_FILE, data_dir / KEY_FILE
     if not svid_path.exists() or not key_path.exists():
-        return None
+        return None, "this agent has no identity yet"
     try:
         chain = tuple(x509.load_pem_x509_certificates(svid_path.read_bytes()))
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        spiffe_id = verify_x509_svid(chain, {td: roots}, now=now)
-    except (ValueError, VerificationError):
-        return None
+    except (OSError, ValueError) as err:
+        return None, f"the stored agent identity in {data_dir} is unreadable ({err})"
+    now = now or utc_now()
+    if chain[0].not_valid_after_utc <= now:
+        # The agent was stopped (or cut off) for longer than its SVID lives: a renewal needs
+        # a valid SVID, so only a new attestation brings it back.
+        return None, (f"the stored agent identity expired at {chain[0].not_valid_after_utc.isoformat()} "
+                      "(the agent was down longer than its SVID lives)")
+    try:
+        spiffe_id = verify_x509_svid(chain, {td: list(roots)}, now=now)
+    except VerificationError as err:
+        return None, f"the stored agent identity does not verify against the trust bundle ({err})"
     if chain[0].public_key() != key.public_key():
-        return None
-    return AgentIdentity(spiffe_id, key, chain)  # type: ignore[arg-type]
+        return None, "the stored agent key does not belong to the stored agent SVID"
+    return AgentIdentity(spiffe_id, key, chain), ""  # type: ignore[arg-type]
+
+
+def load_identity(data_dir: Path, roots: Sequence[x509.Certificate], td: TrustDomain,
+                  now: datetime | None = None) -> AgentIdentity | None:
+    """The stored identity, if present, unexpired, chaining to the bundle and matching its key."""
+    return inspect_identity(data_dir, roots, td, now)[0]
+
+
+def load_x509pop(cert_path: Path, key_path: Path) -> tuple[list[x509.Certificate], PrivateKey]:
+    try:
+        certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise AgentAttestationError(f"cannot read the x509pop certificate chain {cert_path}: {err}") from err
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as err:
+        raise AgentAttestationError(f"cannot read the x509pop key {key_path} (PEM, unencrypted): {err}") from err
+    if certs[0].public_key() != key.public_key():
+        raise AgentAttestationError(f"the x509pop key {key_path} does not belong to the first certificate "
+                                    f"of {cert_path}")
+    return certs, key  # type: ignore[return-value]
 
 
 def _credentials(roots_pem: bytes, identity: AgentIdentity | None = None) -> grpc.ChannelCredentials:
@@ -139,12 +188,32 @@ def channel(address: str, roots_pem: bytes, td: TrustDomain, identity: AgentIden
                                    options=[("grpc.ssl_target_name_override", server_dns_name(td))])
 
 
+def _identity_from_reply(key: PrivateKey, chain_der: Sequence[bytes], roots: Sequence[x509.Certificate],
+                         td: TrustDomain, expected: SpiffeId | None = None) -> AgentIdentity:
+    """Check what the server returned before trusting it with our next calls."""
+    try:
+        chain = tuple(x509.load_der_x509_certificate(d) for d in chain_der)
+        spiffe_id = verify_x509_svid(chain, {td: list(roots)})
+    except (ValueError, VerificationError) as err:
+        raise AgentAttestationError(f"the server returned an agent SVID that does not verify: {err}") from err
+    if chain[0].public_key() != key.public_key():
+        raise AgentAttestationError("the server returned an agent SVID for another key")
+    if expected is not None and spiffe_id != expected:
+        raise AgentAttestationError(f"the server renewed the agent as {spiffe_id}, not {expected}")
+    return AgentIdentity(spiffe_id, key, chain)
+
+
 async def attest(addresses: tuple[str, ...], roots_pem: bytes, td: TrustDomain, *, join_token: str | None = None,
                  x509pop: tuple[list[x509.Certificate], PrivateKey] | None = None) -> tuple[AgentIdentity, Bundle]:
-    """Attest with a join token or x509pop, trying each address in turn."""
+    """Attest with a join token or x509pop, trying each address in turn.
+
+    Raises TokenRefusedError when the server says no (retrying cannot help) and
+    AttestServerUnreachableError when no address answered (retrying can)."""
+    if join_token is None and x509pop is None:
+        raise AgentAttestationError(f"this agent has no identity yet: {NO_IDENTITY_HINT}")
     key = await asyncio.to_thread(generate_private_key)
     csr = await asyncio.to_thread(build_csr, key)
-    last_error: Exception | None = None
+    last_error: grpc.aio.AioRpcError | None = None
     for address in addresses:
         try:
             async with channel(address, roots_pem, td) as ch:
@@ -155,24 +224,34 @@ async def attest(addresses: tuple[str, ...], roots_pem: bytes, td: TrustDomain, 
                     certs, node_key = x509pop
                     await call.write(node_pb2.AttestRequest(csr=csr, x509pop=node_pb2.X509PopEvidence(
                         cert_chain=[c.public_bytes(serialization.Encoding.DER) for c in certs])))
-                    challenge = await call.read()
-                    signature = _sign_challenge(node_key, X509POP_CONTEXT + challenge.challenge.nonce)
+                    challenge = await _read(call)
+                    signature = await asyncio.to_thread(_sign_challenge, node_key,
+                                                        X509POP_CONTEXT + challenge.challenge.nonce)
                     await call.write(node_pb2.AttestRequest(
                         challenge_response=node_pb2.X509PopChallengeResponse(signature=signature)))
-                else:
-                    raise AgentAttestationError("no join token and no x509pop credentials to attest with")
                 await call.done_writing()
-                reply = await call.read()
+                reply = await _read(call)
         except grpc.aio.AioRpcError as err:
             if err.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT,
-                              grpc.StatusCode.FAILED_PRECONDITION):
-                raise TokenRefusedError(f"the server refused attestation: {err.details()}") from err
+                              grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED):
+                how = "join token" if join_token is not None else "x509pop evidence"
+                raise TokenRefusedError(f"the server refused the {how}: {err.details()}; create a new token with "
+                                        "`trustmesh token create --node NAME`") from err
             last_error = err
             continue
         result = reply.result
-        chain = tuple(x509.load_der_x509_certificate(d) for d in result.svid_chain)
-        return AgentIdentity(SpiffeId.parse(result.spiffe_id), key, chain), bundle_from_pb(result.bundle)
-    raise AgentAttestationError(f"no server reachable for attestation at {', '.join(addresses)}: {last_error}")
+        bundle = bundle_from_pb(result.bundle)
+        roots = list(bundle.x509_authorities) or x509.load_pem_x509_certificates(roots_pem)
+        return _identity_from_reply(key, result.svid_chain, roots, td), bundle
+    detail = f"{last_error.code().name}: {last_error.details()}" if last_error is not None else "no address"
+    raise AttestServerUnreachableError(f"no server reachable for attestation at {', '.join(addresses)} ({detail})")
+
+
+async def _read(call: grpc.aio.StreamStreamCall) -> node_pb2.AttestResponse:
+    message = await call.read()
+    if message is grpc.aio.EOF:  # an error status would have raised AioRpcError instead
+        raise AgentAttestationError("the server ended attestation without an answer")
+    return message
 
 
 def _sign_challenge(key: PrivateKey, message: bytes) -> bytes:
@@ -185,13 +264,101 @@ def _sign_challenge(key: PrivateKey, message: bytes) -> bytes:
     raise AgentAttestationError(f"unsupported x509pop key type {type(key).__name__}")
 
 
-async def renew(stub: node_pb2_grpc.NodeStub, identity: AgentIdentity) -> AgentIdentity:
-    key = await asyncio.to_thread(generate_private_key)
-    csr = await asyncio.to_thread(build_csr, key)
-    reply = await stub.RenewAgent(node_pb2.RenewAgentRequest(csr=csr), timeout=30)
-    chain = tuple(x509.load_der_x509_certificate(d) for d in reply.svid_chain)
-    return AgentIdentity(identity.spiffe_id, key, chain)
-
-
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+# --- renewal --------------------------------------------------------------------------------
+
+
+class RenewalClient(Protocol):
+    """What renewal needs of the connection to the control plane."""
+
+    @property
+    def identity(self) -> AgentIdentity: ...
+
+    def trust_roots(self) -> list[x509.Certificate]: ...
+
+    async def renew_agent(self, csr: bytes) -> Sequence[bytes]: ...
+
+    def use_identity(self, identity: AgentIdentity) -> None: ...
+
+
+@dataclass(frozen=True)
+class RenewerConfig:
+    data_dir: Path
+    rotation: RotationConfig = RotationConfig()
+
+
+class AgentRenewer:
+    """Renews the agent SVID around half-life (jittered), stores it, and hands it to the
+    client, which opens a new channel with it (grpcio cannot swap a client cert in place)."""
+
+    def __init__(self, config: RenewerConfig, client: RenewalClient, metrics: Registry,
+                 clock: Callable[[], datetime] = utc_now, rand: random.Random | None = None, *,
+                 received_at: datetime | None = None) -> None:
+        self._config = config
+        self._received_at = received_at  # when the current identity arrived (its file's mtime)
+        self._client = client
+        self._clock = clock
+        self._rand = rand or random.Random()
+        self._renewals = metrics.counter("trustmesh_agent_svid_renewals_total", "agent SVID renewals by outcome",
+                                         ["outcome"])
+        self._expires = metrics.gauge("trustmesh_agent_svid_expiry_seconds", "unix time the agent SVID expires")
+
+    def _due(self, identity: AgentIdentity, received_at: datetime | None = None) -> datetime:
+        # Measure the lifetime from when we received the SVID: the CA back-dates NotBefore
+        # for clock skew, which with a short lifetime would put half-life in the past at once.
+        start = identity.issued_at
+        if received_at is not None:
+            start = max(start, min(received_at, identity.expires_at))
+        r = self._config.rotation
+        return renew_at(start, identity.expires_at, rand=self._rand, low=r.renew_low, high=r.renew_high)
+
+    async def renew_once(self) -> AgentIdentity:
+        identity = self._client.identity
+        key = await asyncio.to_thread(generate_private_key)
+        csr = await asyncio.to_thread(build_csr, key, identity.spiffe_id)
+        chain_der = await self._client.renew_agent(csr)
+        fresh = _identity_from_reply(key, chain_der, self._client.trust_roots(), identity.spiffe_id.trust_domain,
+                                     expected=identity.spiffe_id)
+        # Disk first: if we die right after, the restart finds the newest identity.
+        save_identity(self._config.data_dir, fresh)
+        self._client.use_identity(fresh)
+        return fresh
+
+    async def run(self) -> None:
+        rotation = self._config.rotation
+        attempt = 0
+        delay = seconds_until(self._due(self._client.identity, self._received_at), self._clock())
+        while True:
+            self._expires.set(self._client.identity.expires_at.timestamp())
+            await asyncio.sleep(delay)
+            try:
+                fresh = await self.renew_once()
+            except grpc.aio.AioRpcError as err:
+                if err.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                    self._renewals.inc(outcome="refused")
+                    log_event(log, "agent_refused", level=logging.ERROR, call="RenewAgent", code=err.code().name,
+                              detail=err.details(), hint="the agent is banned or evicted by the server; an operator "
+                                                         "must re-admit it")
+                    delay = rotation.refused_retry
+                else:
+                    self._renewals.inc(outcome="unreachable")
+                    log_event(log, "agent_renewal_failed", level=logging.WARNING, code=err.code().name,
+                              detail=err.details(), attempt=attempt,
+                              expires_at=self._client.identity.expires_at.isoformat())
+                    delay = backoff_delay(attempt, base=rotation.backoff_base, cap=rotation.backoff_cap,
+                                          rand=self._rand)
+                    attempt += 1
+                continue
+            except AgentAttestationError as err:
+                self._renewals.inc(outcome="invalid")
+                log_event(log, "agent_renewal_failed", level=logging.ERROR, error=str(err), attempt=attempt)
+                delay = backoff_delay(attempt, base=rotation.backoff_base, cap=rotation.backoff_cap, rand=self._rand)
+                attempt += 1
+                continue
+            attempt = 0
+            self._renewals.inc(outcome="renewed")
+            log_event(log, "agent_renewed", spiffe_id=fresh.spiffe_id, expires_at=fresh.expires_at.isoformat())
+            delay = seconds_until(self._due(fresh, received_at=self._clock()), self._clock())

@@ -1,71 +1,133 @@
 """The agent's connection to the control plane: one mTLS channel with the agent SVID.
 
 grpcio clients cannot swap their certificate in place, so a renewed agent SVID means a new
-channel; several server addresses are tried in turn (`failover`).
+channel. The old one is retired, not closed at once: a request in flight on it finishes;
+it is closed after a grace period. Consumers that hold a long stream (sync) watch
+`generation` and reopen their stream on the new channel. Several server addresses are tried
+in turn (`failover`), and the channel to an address that failed is closed right away.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 
 import grpc
+from cryptography import x509
 
 from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc
 from trustmesh.spiffeid import TrustDomain
 
 from agent.attestation import AgentIdentity, channel
 
+RPC_TIMEOUT = 30.0
+# Longer than any unary call's deadline, so closing a retired channel cancels nothing.
+RETIRE_GRACE = RPC_TIMEOUT + 5.0
+
 
 class NodeClient:
-    def __init__(self, servers: Sequence[str], roots_pem: bytes, td: TrustDomain, identity: AgentIdentity) -> None:
+    def __init__(self, servers: Sequence[str], roots_pem: bytes, td: TrustDomain, identity: AgentIdentity,
+                 *, retire_grace: float = RETIRE_GRACE) -> None:
         if not servers:
             raise ValueError("at least one --server address is needed")
         self._servers = list(servers)
         self._index = 0
         self._roots_pem = roots_pem
         self._td = td
-        self.identity = identity
+        self._identity = identity
+        self._retire_grace = retire_grace
         self._channel: grpc.aio.Channel | None = None
-        self._old: list[grpc.aio.Channel] = []
+        self._retired: list[tuple[grpc.aio.Channel, float]] = []  # (channel, close at, monotonic)
+        self._generation = 0
+        self._new_channel = asyncio.Event()
+
+    # --- state ------------------------------------------------------------------------------
 
     @property
     def address(self) -> str:
         return self._servers[self._index]
 
+    @property
+    def identity(self) -> AgentIdentity:
+        return self._identity
+
+    @property
+    def generation(self) -> int:
+        """Increases whenever the credentials or the address change (a new channel is due)."""
+        return self._generation
+
+    async def wait_new_generation(self, after: int) -> int:
+        while self._generation <= after:
+            await self._new_channel.wait()
+        return self._generation
+
+    def trust_roots(self) -> list[x509.Certificate]:
+        return x509.load_pem_x509_certificates(self._roots_pem)
+
     def stub(self) -> node_pb2_grpc.NodeStub:
         if self._channel is None:
-            self._channel = channel(self.address, self._roots_pem, self._td, self.identity)
+            self._channel = channel(self.address, self._roots_pem, self._td, self._identity)
         return node_pb2_grpc.NodeStub(self._channel)
 
-    def _drop_channel(self) -> None:
+    def _next_generation(self, grace: float) -> None:
         if self._channel is not None:
-            # Streams opened on it keep running until they end; close it with the client.
-            self._old.append(self._channel)
+            self._retired.append((self._channel, time.monotonic() + grace))
             self._channel = None
+        self._generation += 1
+        event, self._new_channel = self._new_channel, asyncio.Event()
+        event.set()
 
     def use_identity(self, identity: AgentIdentity) -> None:
-        self.identity = identity
-        self._drop_channel()
+        self._identity = identity
+        self._next_generation(self._retire_grace)
 
     def use_roots(self, roots_pem: bytes) -> None:
         if roots_pem != self._roots_pem:
             self._roots_pem = roots_pem
-            self._drop_channel()
+            self._next_generation(self._retire_grace)
 
     def failover(self) -> None:
+        """Move to the next address; the failed channel is closed at the next tick."""
         self._index = (self._index + 1) % len(self._servers)
-        self._drop_channel()
+        self._next_generation(0.0)
+
+    # --- calls --------------------------------------------------------------------------------
 
     async def batch_sign(self, items: list[tuple[str, bytes]]) -> list[node_pb2.X509SignResult]:
         req = node_pb2.BatchSignX509Request(items=[node_pb2.X509SignItem(entry_id=e, csr=c) for e, c in items])
-        reply = await self.stub().BatchSignX509(req, timeout=30)
+        reply = await self.stub().BatchSignX509(req, timeout=RPC_TIMEOUT)
         return list(reply.results)
 
     async def sign_jwt(self, entry_id: str, audiences: list[str]) -> node_pb2.SignJWTResponse:
-        return await self.stub().SignJWT(node_pb2.SignJWTRequest(entry_id=entry_id, audiences=audiences), timeout=30)
+        return await self.stub().SignJWT(node_pb2.SignJWTRequest(entry_id=entry_id, audiences=audiences),
+                                         timeout=RPC_TIMEOUT)
+
+    async def renew_agent(self, csr: bytes) -> Sequence[bytes]:
+        reply = await self.stub().RenewAgent(node_pb2.RenewAgentRequest(csr=csr), timeout=RPC_TIMEOUT)
+        return list(reply.svid_chain)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def close_retired(self, now: float | None = None) -> int:
+        """Close retired channels whose grace has passed; return how many."""
+        now = time.monotonic() if now is None else now
+        due = [ch for ch, at in self._retired if at <= now]
+        self._retired = [(ch, at) for ch, at in self._retired if at > now]
+        for ch in due:
+            await ch.close()
+        return len(due)
+
+    async def run(self) -> None:
+        """Close retired channels as their grace ends, so rotations and failovers leak none."""
+        while True:
+            await self.close_retired()
+            await asyncio.sleep(1.0)
 
     async def close(self) -> None:
-        for ch in [*self._old, *([self._channel] if self._channel else [])]:
+        retired, self._retired = self._retired, []
+        for ch, _ in retired:
             await ch.close()
-        self._old.clear()
-        self._channel = None
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None

@@ -1,10 +1,19 @@
-"""The sync stream from the control plane: the entries and bundles this node may use.
+"""The sync stream from the control plane: the entries, bundles and policy this node may use.
 
-Applies snapshot pages atomically (on the last page) and deltas as they come; remembers
-the last revision and resumes from it; keeps the last known state on disk so a restart
-during an outage still serves. Reconnects with capped exponential backoff and full jitter,
-and tells apart in logs and the `trustmesh_agent_server_state` metric: connected, server
-unreachable, and agent banned or evicted.
+Snapshot pages are collected and swapped in atomically on the last page (entries, bundles
+and policy together, so a half-received snapshot is never visible); deltas apply as they
+come. The last revision is remembered and a reconnect resumes from it (with the bundle
+sequence numbers held, so unchanged bundles are not resent). The last known state is kept
+on disk so a restart during an outage still serves.
+
+Reconnects use capped exponential backoff with full jitter. The logs and the metrics
+`trustmesh_agent_server_state{state}` and `trustmesh_agent_sync_reconnects_total{reason}`
+tell apart: connected, server unreachable, and agent banned or evicted (PERMISSION_DENIED on
+a call made with the agent SVID; the agent then asks again only rarely and keeps serving
+what it has). A token refused at attestation ends the agent at start (see attestation.py).
+
+When the agent SVID rotates, the stream is reopened on the new channel at once: the server
+ends a stream whose certificate has expired, and the old channel is to be closed.
 """
 
 from __future__ import annotations
@@ -16,54 +25,178 @@ import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from trustmesh._proto.trustmesh.v1 import node_pb2, types_pb2
-from trustmesh.policy import Policy
-from trustmesh.policy.wire import policy_from_pb, policy_to_pb
+from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc, types_pb2
 from trustmesh.bundle import Bundle, BundleSet
 from trustmesh.errors import BundleError
 from trustmesh.logs import log_event
 from trustmesh.metrics import Registry
+from trustmesh.policy import Policy
+from trustmesh.policy.wire import policy_from_pb, policy_to_pb
 from trustmesh.spiffeid import TrustDomain
 
 from agent.attestation import write_private
 from agent.backoff import backoff_delay
+from agent.config import RotationConfig
 from agent.convert import AgentEntry, bundle_from_pb, entry_from_pb
-from agent.node_client import NodeClient
-from agent.svid_cache import SvidCache
 
 log = logging.getLogger("trustmesh.sync")
 
 STATE_FILE = "sync_state.json"
 STATES = ("connected", "unreachable", "banned")
-BANNED_RETRY = 60.0
+BANNED_RETRY = RotationConfig().refused_retry
+# The server sends a keepalive on an idle stream every 300 s; two missed ones mean the
+# connection is dead without anyone having told us (a partition, a vanished NAT entry).
+IDLE_TIMEOUT = 2 * 300.0 + 60.0
+REFUSED = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+
+
+class SyncConnection(Protocol):
+    """What the sync stream needs of the connection to the control plane."""
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def generation(self) -> int: ...
+
+    async def wait_new_generation(self, after: int) -> int: ...
+
+    def stub(self) -> node_pb2_grpc.NodeStub: ...
+
+    def failover(self) -> None: ...
+
+
+class EntrySink(Protocol):
+    """Where the synced state goes (the SVID cache)."""
+
+    def set_entries(self, entries: dict[str, AgentEntry]) -> None: ...
+
+    def set_bundles(self, bundles: BundleSet) -> None: ...
+
+
+class SyncState:
+    """The entries, bundles and policy the agent holds, and how messages change them.
+
+    Pure: no I/O, so snapshot and delta handling are tested message by message."""
+
+    def __init__(self) -> None:
+        self.revision = 0
+        self.entries: dict[str, AgentEntry] = {}
+        self.bundles: dict[TrustDomain, Bundle] = {}
+        self.policy = Policy()
+        self._pending_entries: dict[str, AgentEntry] = {}
+        self._pending_bundles: dict[TrustDomain, Bundle] = {}
+        self._pending_policy: Policy | None = None
+
+    def start_stream(self) -> None:
+        """A new stream starts: pages of an interrupted snapshot are worthless."""
+        self._pending_entries, self._pending_bundles, self._pending_policy = {}, {}, None
+
+    def request(self) -> node_pb2.SyncRequest:
+        return node_pb2.SyncRequest(
+            since_revision=self.revision, policy_revision=self.policy.revision,
+            bundle_sequences={td.name: b.sequence_number for td, b in self.bundles.items() if b.sequence_number})
+
+    def apply(self, response: node_pb2.SyncResponse) -> bool:
+        """Apply one message; True when the visible state changed (then publish and persist)."""
+        body = response.WhichOneof("body")
+        if body == "snapshot":
+            snap = response.snapshot
+            self._pending_entries.update((e.id, entry_from_pb(e)) for e in snap.entries)
+            self._pending_bundles.update((TrustDomain(b.trust_domain), bundle_from_pb(b)) for b in snap.bundles)
+            if snap.HasField("policy"):
+                self._pending_policy = policy_from_pb(snap.policy)
+            if not snap.last:
+                return False
+            self.entries, self.bundles = self._pending_entries, self._pending_bundles
+            self.policy = self._pending_policy if self._pending_policy is not None else Policy()
+            self.start_stream()
+        elif body == "delta":
+            delta = response.delta
+            for e in delta.upserted_entries:
+                self.entries[e.id] = entry_from_pb(e)
+            for entry_id in delta.deleted_entry_ids:
+                self.entries.pop(entry_id, None)
+            for b in delta.bundles:
+                self.bundles[TrustDomain(b.trust_domain)] = bundle_from_pb(b)
+            for td in delta.deleted_bundles:
+                self.bundles.pop(TrustDomain(td), None)
+            if delta.HasField("policy"):
+                self.policy = policy_from_pb(delta.policy)
+        else:
+            return False  # a message type from a newer server: nothing we can apply
+        # A paged delta carries the new revision only on its last page, so a stream cut
+        # half-way resumes from before it and receives all of it again.
+        self.revision = max(self.revision, response.revision)
+        return True
+
+    # --- persistence ---------------------------------------------------------------------
+
+    def to_json(self) -> bytes:
+        doc = {"revision": self.revision, "entries": [e.to_dict() for e in self.entries.values()],
+               "policy": base64.b64encode(policy_to_pb(self.policy).SerializeToString()).decode(),
+               "bundles": {td.name: b.to_jwks().decode() for td, b in self.bundles.items()}}
+        return json.dumps(doc, sort_keys=True).encode()
+
+    def load_json(self, data: bytes) -> None:
+        """Replace the state with a persisted one; raises ValueError (or a subclass) if unreadable."""
+        try:
+            doc = json.loads(data)
+            entries = {e["id"]: AgentEntry.from_dict(e) for e in doc["entries"]}
+            bundles = {TrustDomain(td): Bundle.from_jwks(jwks.encode(), TrustDomain(td))
+                       for td, jwks in doc["bundles"].items()}
+            policy = (policy_from_pb(types_pb2.CompiledPolicy.FromString(base64.b64decode(doc["policy"])))
+                      if doc.get("policy") else Policy())
+            revision = int(doc.get("revision", 0))
+        except (KeyError, TypeError, AttributeError, BundleError, DecodeError) as err:
+            raise ValueError(f"{type(err).__name__}: {err}") from err
+        self.revision, self.entries, self.bundles, self.policy = revision, entries, bundles, policy
 
 
 class SyncClient:
-    def __init__(self, client: NodeClient, cache: SvidCache, data_dir: Path, td: TrustDomain, metrics: Registry,
-                 on_own_bundle: Callable[[Bundle], None], rand: random.Random | None = None,
-                 on_policy: Callable[[Policy], None] | None = None) -> None:
-        self._on_policy = on_policy
+    def __init__(self, client: SyncConnection, cache: EntrySink, data_dir: Path, td: TrustDomain,
+                 metrics: Registry, on_own_bundle: Callable[[Bundle], None], rand: random.Random | None = None,
+                 on_policy: Callable[[Policy], None] | None = None, *,
+                 rotation: RotationConfig = RotationConfig(), idle_timeout: float = IDLE_TIMEOUT) -> None:
         self._client = client
         self._cache = cache
         self._data_dir = data_dir
         self._td = td
         self._on_own_bundle = on_own_bundle
+        self._on_policy = on_policy
         self._rand = rand or random.Random()
-        self.revision = 0
-        self.entries: dict[str, AgentEntry] = {}
-        self.bundles: dict[TrustDomain, Bundle] = {}
-        # The allowlists deciding for this node's services; kept across restarts and outages.
-        self.policy = Policy()
+        self._rotation = rotation
+        self._idle_timeout = idle_timeout
+        self._state_data = SyncState()
         self._policy_revision = metrics.gauge("trustmesh_agent_policy_revision", "policy revision the agent holds")
         self._state = metrics.gauge("trustmesh_agent_server_state", "1 for the agent's current state", ["state"])
         self._reconnects = metrics.counter("trustmesh_agent_sync_reconnects_total", "sync reconnects by reason",
                                            ["reason"])
+        self._revision = metrics.gauge("trustmesh_agent_sync_revision", "store revision the agent has applied")
         self.state = ""
         self._set_state("unreachable")
+
+    # Read by the agent (policy for its listeners) and by tests.
+    @property
+    def revision(self) -> int:
+        return self._state_data.revision
+
+    @property
+    def entries(self) -> dict[str, AgentEntry]:
+        return self._state_data.entries
+
+    @property
+    def bundles(self) -> dict[TrustDomain, Bundle]:
+        return self._state_data.bundles
+
+    @property
+    def policy(self) -> Policy:
+        return self._state_data.policy
 
     def _set_state(self, state: str) -> None:
         if state == self.state:
@@ -79,28 +212,19 @@ class SyncClient:
         if not path.exists():
             return
         try:
-            doc = json.loads(path.read_text())
-            entries = {e["id"]: AgentEntry.from_dict(e) for e in doc["entries"]}
-            bundles = {TrustDomain(td): Bundle.from_jwks(jwks.encode(), TrustDomain(td))
-                       for td, jwks in doc["bundles"].items()}
-            policy = (policy_from_pb(types_pb2.CompiledPolicy.FromString(base64.b64decode(doc["policy"])))
-                      if doc.get("policy") else Policy())
-        except (OSError, ValueError, KeyError, TypeError, BundleError, DecodeError) as err:
+            self._state_data.load_json(path.read_bytes())
+        except (OSError, ValueError) as err:
             log_event(log, "sync_state_unreadable", level=logging.WARNING, path=str(path), error=str(err))
             return
-        self.revision = int(doc.get("revision", 0))
-        self.entries, self.bundles, self.policy = entries, bundles, policy
         self._publish()
-        log_event(log, "sync_state_loaded", entries=len(entries), revision=self.revision)
+        log_event(log, "sync_state_loaded", entries=len(self.entries), revision=self.revision)
 
     def _persist(self) -> None:
-        doc = {"revision": self.revision, "entries": [e.to_dict() for e in self.entries.values()],
-               "policy": base64.b64encode(policy_to_pb(self.policy).SerializeToString()).decode(),
-               "bundles": {td.name: b.to_jwks().decode() for td, b in self.bundles.items()}}
-        write_private(self._data_dir / STATE_FILE, json.dumps(doc, sort_keys=True).encode(), 0o600)
+        write_private(self._data_dir / STATE_FILE, self._state_data.to_json(), 0o600)
 
     def _publish(self) -> None:
         self._policy_revision.set(self.policy.revision)
+        self._revision.set(self.revision)
         if self._on_policy is not None:
             self._on_policy(self.policy)
         self._cache.set_entries(self.entries)
@@ -111,74 +235,80 @@ class SyncClient:
 
     # --- the stream -------------------------------------------------------------------------
 
-    def _apply(self, response: node_pb2.SyncResponse, pending: dict[str, AgentEntry]) -> bool:
-        """Apply one message; True when the visible state changed."""
-        body = response.WhichOneof("body")
-        if body == "snapshot":
-            snap = response.snapshot
-            pending.update((e.id, entry_from_pb(e)) for e in snap.entries)
-            for b in snap.bundles:
-                self.bundles[TrustDomain(b.trust_domain)] = bundle_from_pb(b)
-            if not snap.last:
-                return False
-            self.entries = dict(pending)
-            pending.clear()
-            self.policy = policy_from_pb(snap.policy)
-        elif body == "delta":
-            delta = response.delta
-            for e in delta.upserted_entries:
-                self.entries[e.id] = entry_from_pb(e)
-            for entry_id in delta.deleted_entry_ids:
-                self.entries.pop(entry_id, None)
-            for b in delta.bundles:
-                self.bundles[TrustDomain(b.trust_domain)] = bundle_from_pb(b)
-            for td in delta.deleted_bundles:
-                self.bundles.pop(TrustDomain(td), None)
-            if delta.HasField("policy"):
-                self.policy = policy_from_pb(delta.policy)
-        else:
-            return False
-        self.revision = max(self.revision, response.revision)
-        return True
-
-    async def _stream_once(self) -> None:
-        call = self._client.stub().Sync(node_pb2.SyncRequest(since_revision=self.revision))
-        pending: dict[str, AgentEntry] = {}
+    async def _next(self, call: grpc.aio.UnaryStreamCall, generation: int) -> node_pb2.SyncResponse | None:
+        """The next message; None when the stream should be reopened on a new channel.
+        Raises AioRpcError as the call does, and TimeoutError when the stream went silent."""
+        read = asyncio.ensure_future(call.read())
+        rotated = asyncio.ensure_future(self._client.wait_new_generation(generation))
         try:
-            async for response in call:
+            done, _ = await asyncio.wait({read, rotated}, timeout=self._idle_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (read, rotated):
+                task.cancel()
+        if read in done:
+            message = read.result()  # raises the call's AioRpcError
+            return None if message is grpc.aio.EOF else message
+        if rotated in done:
+            return None
+        raise TimeoutError(f"no message from {self._client.address} for {self._idle_timeout:.0f}s")
+
+    async def _stream_once(self) -> str:
+        """Hold one stream until it ends; return why it ended without an error."""
+        generation = self._client.generation
+        self._state_data.start_stream()
+        call = self._client.stub().Sync(self._state_data.request())
+        try:
+            while True:
+                response = await self._next(call, generation)
+                if response is None:
+                    return "rotated" if self._client.generation != generation else "stream_ended"
                 if self.state != "connected":
                     self._set_state("connected")
                     log_event(log, "sync_connected", server=self._client.address, revision=self.revision)
-                if self._apply(response, pending):
+                if self._state_data.apply(response):
                     self._publish()
                     self._persist()
         finally:
             call.cancel()
 
     async def run(self) -> None:
+        rotation = self._rotation
         attempt = 0
         while True:
             try:
-                await self._stream_once()
-                reason, delay = "stream_ended", backoff_delay(0, rand=self._rand)
+                reason = await self._stream_once()
+                attempt = 0
+                if reason == "rotated":
+                    log_event(log, "sync_reopened", reason="new_channel", server=self._client.address)
+                # Rotated: reopen at once with the new SVID. Ended cleanly (a server
+                # shutting down): pause a little, so a fleet does not reconnect in step.
+                delay = 0.0 if reason == "rotated" else backoff_delay(0, base=rotation.backoff_base,
+                                                                      rand=self._rand)
             except grpc.aio.AioRpcError as err:
                 if self.state == "connected":
                     attempt = 0  # it was working: start the backoff afresh
                 code = err.code()
-                if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                if code in REFUSED:
                     self._set_state("banned")
-                    log_event(log, "agent_refused", level=logging.ERROR, code=code.name, detail=err.details(),
+                    log_event(log, "agent_refused", level=logging.ERROR, call="Sync", code=code.name,
+                              detail=err.details(),
                               hint="the agent is banned or evicted by the server; an operator must re-admit it; "
                                    "serving what it has until it expires")
-                    reason, delay = "banned", BANNED_RETRY
+                    reason, delay = "banned", rotation.refused_retry
                 else:
-                    self._set_state("unreachable")
-                    log_event(log, "server_unreachable", level=logging.WARNING, server=self._client.address,
-                              code=code.name, detail=err.details(), attempt=attempt)
-                    self._client.failover()
-                    reason, delay = "unreachable", backoff_delay(attempt, rand=self._rand)
+                    reason, delay = self._unreachable(code.name, err.details() or "", attempt)
                     attempt += 1
-            else:
-                attempt = 0
+            except TimeoutError as err:
+                reason, delay = self._unreachable("SILENT", str(err), attempt)
+                attempt += 1
             self._reconnects.inc(reason=reason)
             await asyncio.sleep(delay)
+
+    def _unreachable(self, code: str, detail: str, attempt: int) -> tuple[str, float]:
+        self._set_state("unreachable")
+        log_event(log, "server_unreachable", level=logging.WARNING, server=self._client.address,
+                  code=code, detail=detail, attempt=attempt)
+        self._client.failover()
+        return "unreachable", backoff_delay(attempt, base=self._rotation.backoff_base, cap=self._rotation.backoff_cap,
+                                            rand=self._rand)

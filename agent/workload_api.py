@@ -2,217 +2,426 @@
 
 It runs on grpclib because a grpclib handler can reach the asyncio transport of its
 connection, and so the socket, whose SO_PEERCRED tells who the caller is; grpcio gives a
-handler no such access. Semantics follow the standard:
+handler no such access. Semantics follow the standard (SPIFFE_Workload_API.md):
 
 - a request without the ``workload.spiffe.io: true`` header is INVALID_ARGUMENT;
-- a caller that cannot be attested gets UNAVAILABLE, one that matches no entry PERMISSION_DENIED;
-- a stream sends its first message as soon as the caller has an SVID, then a complete
-  snapshot on every change (what is absent is withdrawn), and never ends with OK;
+- a caller that cannot be attested gets UNAVAILABLE (clients retry), one that matches no
+  entry PERMISSION_DENIED;
+- a stream sends its first message at once (or, when the caller matches entries whose
+  SVIDs are still being signed, as soon as they are: waiting, not denying), then a
+  complete snapshot after every change that alters the answer (what is absent is
+  withdrawn), and never ends with OK: standard clients stop watching on a clean end. A
+  caller whose last entry is deleted gets PERMISSION_DENIED on its open stream;
 - JWT-SVIDs carry every requested audience; JWT bundles hold only keys with a ``kid``.
 
-A slow reader never holds others up: each stream computes the latest snapshot when it can
-send, so at most one snapshot per stream is ever pending.
+A slow reader never holds others up and never makes us buffer: a stream builds the
+latest snapshot only when its previous one has been handed to the transport (grpclib
+waits for HTTP/2 flow control and for the transport to drain), so at most one snapshot
+per stream is ever pending and intermediate versions are skipped.
+
+The socket is made connectable by every local user (mode 0777, as SPIRE does): the
+caller's identity comes from the kernel, not from who could open the socket. Operators
+who want fewer callers restrict the directory that holds it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
 import os
 import socket
-from collections.abc import Callable, Collection
+import weakref
+from collections.abc import AsyncIterator, Callable, Collection
+from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from google.protobuf import struct_pb2
+from google.protobuf.message import Message
+from grpclib._typing import IServable
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from grpclib._typing import IServable
+from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 
 from trustmesh._proto.spiffe.workload import workload_pb2
 from trustmesh._proto.spiffe.workload.workload_grpc import SpiffeWorkloadAPIBase
-from trustmesh.bundle import Bundle
-from trustmesh.errors import VerificationError
+from trustmesh.bundle import Bundle, BundleSet
+from trustmesh.errors import InvalidSpiffeIdError, TrustmeshError, VerificationError
 from trustmesh.jwtsvid import validate_jwt_svid
 from trustmesh.keys import private_key_to_pkcs8_der
 from trustmesh.logs import log_event
 from trustmesh.metrics import Registry
+from trustmesh.spiffeid import SpiffeId
 
-from agent.identity import IdentitySource, NoIdentityError
-from agent.workload_attestor import WorkloadAttestationError, WorkloadAttestor
+from agent.identity import IdentitySource, NoIdentityError, WorkloadX509Svid
+from agent.workload_attestor import SocketLike, WorkloadAttestationError
 
 log = logging.getLogger("trustmesh.workload_api")
 
 HEADER = "workload.spiffe.io"
 MAX_AUDIENCES = 16
+MAX_AUDIENCE_LENGTH = 256
+MAX_TOKEN_LENGTH = 16 * 1024
+SOCKET_MODE = 0o777
+SHUTDOWN_GRACE = 2.0  # seconds for open streams to take their UNAVAILABLE before they are cut
+
+_M = TypeVar("_M", bound=Message)
+
+
+class WorkloadApiError(TrustmeshError):
+    """The Workload API server cannot start (its socket path is taken or unusable)."""
+
+
+class Attestor(Protocol):
+    """What the Workload API needs to know who is calling: selectors from the kernel."""
+
+    async def attest(self, sock: SocketLike) -> list[str]: ...
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _peer_socket(stream: Stream) -> SocketLike | None:
+    # grpclib has no public accessor for the connection's socket; its Peer wraps the
+    # asyncio transport, whose "socket" extra is the accepted unix socket.
+    transport = stream.peer._transport  # noqa: SLF001
+    sock: SocketLike | None = transport.get_extra_info("socket")
+    return sock
+
+
+# --- snapshots: pure functions from what the source holds to the standard's messages -----
+
+
+def _own_and_federated(svids: list[WorkloadX509Svid], bundles: BundleSet, own: Bundle | None) -> dict[str, bytes]:
+    federated: dict[str, bytes] = {}
+    for item in svids:
+        for td in item.federates_with:
+            bundle = bundles.get(td)
+            if bundle is not None and bundle.x509_authorities and (own is None or td != own.trust_domain):
+                federated[str(td.id)] = bundle.x509_authorities_der()
+    return federated
+
+
+def x509_svid_response(svids: list[WorkloadX509Svid], bundles: BundleSet,
+                       own: Bundle | None) -> workload_pb2.X509SVIDResponse | None:
+    """None while nothing can be sent yet (no SVID signed, or our own roots unknown)."""
+    # An SVID without its key cannot be used by the workload; it is not ready.
+    ready = [item for item in svids if item.svid.private_key is not None]
+    if not ready or own is None or not own.x509_authorities:
+        return None
+    own_der = own.x509_authorities_der()
+    return workload_pb2.X509SVIDResponse(
+        svids=[workload_pb2.X509SVID(
+            spiffe_id=str(item.svid.spiffe_id),
+            x509_svid=item.svid.chain_der(),
+            x509_svid_key=private_key_to_pkcs8_der(item.svid.private_key),  # type: ignore[arg-type]
+            bundle=own_der,
+            hint=item.hint,
+        ) for item in ready],
+        federated_bundles=_own_and_federated(ready, bundles, own),
+    )
+
+
+def x509_bundles_response(bundles: BundleSet) -> workload_pb2.X509BundlesResponse | None:
+    table = {str(td.id): b.x509_authorities_der() for td, b in bundles.items() if b.x509_authorities}
+    return workload_pb2.X509BundlesResponse(bundles=table) if table else None
+
+
+def jwt_bundles_response(bundles: BundleSet) -> workload_pb2.JWTBundlesResponse | None:
+    # Only the JWT authorities, each with its kid (Bundle requires one). The X.509 roots
+    # would appear in a full SPIFFE bundle as keys without a kid, which clients reject.
+    table = {str(td.id): Bundle(td, (), b.jwt_authorities).to_jwks()
+             for td, b in bundles.items() if b.jwt_authorities}
+    return workload_pb2.JWTBundlesResponse(bundles=table) if table else None
+
+
 class WorkloadAPI(SpiffeWorkloadAPIBase):
-    def __init__(self, source: IdentitySource, attestor: WorkloadAttestor, metrics: Registry,
-                 clock: Callable[[], datetime] = _now) -> None:
+    """The five Workload API methods over an IdentitySource, for any caller the attestor names."""
+
+    def __init__(self, source: IdentitySource, attestor: Attestor, metrics: Registry,
+                 clock: Callable[[], datetime] = _now, sync_timeout: float = 30.0) -> None:
         self._source = source
         self._attestor = attestor
         self._clock = clock
+        self._sync_timeout = sync_timeout
         self._streams = metrics.gauge("trustmesh_workload_api_streams", "open Workload API streams", ["method"])
-        self._calls = metrics.counter("trustmesh_workload_api_calls_total", "Workload API calls by method and code",
-                                      ["method", "code"])
+        self._calls = metrics.counter("trustmesh_workload_api_calls_total",
+                                      "Workload API calls by method and final gRPC code", ["method", "code"])
+        self._attest_failures = metrics.counter("trustmesh_workload_api_attestation_failures_total",
+                                                "Workload API callers that could not be attested")
+        self._sent = metrics.counter("trustmesh_workload_api_messages_sent_total",
+                                     "snapshots sent on Workload API streams", ["method"])
+        self._closing = asyncio.Event()
+        self._open = 0
+        self._drained = asyncio.Event()
+        self._drained.set()
 
-    # --- common ---------------------------------------------------------------------------
-
-    async def _attest(self, stream: Stream, method: str) -> list[str]:
-        if stream.metadata is None or stream.metadata.get(HEADER) != "true":
-            self._calls.inc(method=method, code="INVALID_ARGUMENT")
-            raise GRPCError(Status.INVALID_ARGUMENT, "security header missing from request")
-        transport = stream.peer._transport  # noqa: SLF001 - grpclib exposes no public accessor
-        sock: socket.socket | None = transport.get_extra_info("socket")
-        if sock is None:
-            raise GRPCError(Status.UNAVAILABLE, "cannot identify the caller: no socket")
+    async def shut_down(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """End every open stream with UNAVAILABLE (clients reconnect, as the standard wants
+        of a server going away) and wait up to `grace` seconds for them to go."""
+        self._closing.set()
         try:
-            return await self._attestor.attest(sock)
+            async with asyncio.timeout(grace):
+                await self._drained.wait()
+        except TimeoutError:
+            pass  # a reader that never reads cannot take its status; the server cuts it
+
+    # --- the edge: metadata, attestation, one mapping of outcomes to codes -------------------
+
+    @asynccontextmanager
+    async def _call(self, method: str) -> AsyncIterator[None]:
+        code = "UNKNOWN"  # a bug escaping a handler; grpclib answers UNKNOWN and logs it
+        try:
+            yield
+            code = "OK"
+        except GRPCError as err:
+            code = err.status.name
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"  # the caller hung up, or the server is closing
+            raise
+        finally:
+            self._calls.inc(method=method, code=code)
+
+    async def _request(self, stream: Stream, method: str) -> tuple[Message, list[str]]:
+        """The request and the caller's selectors, or the standard's refusal."""
+        if stream.metadata is None or stream.metadata.get(HEADER) != "true":
+            raise GRPCError(Status.INVALID_ARGUMENT,
+                            f"security header missing from request: send metadata '{HEADER}: true'")
+        request = await stream.recv_message()
+        if request is None:
+            raise GRPCError(Status.INVALID_ARGUMENT, "the request message is missing")
+        sock = _peer_socket(stream)
+        try:
+            if sock is None:
+                raise WorkloadAttestationError("the connection has no socket to read credentials from")
+            selectors = await self._attestor.attest(sock)
         except WorkloadAttestationError as err:
-            self._calls.inc(method=method, code="UNAVAILABLE")
+            self._attest_failures.inc()
             log_event(log, "workload_attestation_failed", level=logging.WARNING, method=method, error=str(err))
             raise GRPCError(Status.UNAVAILABLE, f"could not attest the caller: {err}") from err
+        return request, selectors
+
+    async def _synced(self) -> None:
+        try:
+            async with asyncio.timeout(self._sync_timeout):
+                await self._source.wait_until_synced()
+        except TimeoutError as err:
+            raise GRPCError(Status.UNAVAILABLE, "the agent has not received its entries yet; try again") from err
 
     def _deny(self, method: str, selectors: Collection[str]) -> GRPCError:
-        self._calls.inc(method=method, code="PERMISSION_DENIED")
-        log_event(log, "no_identity", level=logging.INFO, method=method,
-                  uid=next((s for s in selectors if s.startswith("unix:uid:")), "?"))
+        log_event(log, "workload_denied", method=method,
+                  uid=next((s[9:] for s in selectors if s.startswith("unix:uid:")), "?"))
         return GRPCError(Status.PERMISSION_DENIED, "no identity issued")
 
     async def _watch(self, stream: Stream, method: str, selectors: list[str],
-                     build: Callable[[], object | None]) -> None:
-        """Send `build()` now and after every change, skipping identical snapshots."""
+                     build: Callable[[], _M | None]) -> None:
+        """Send `build()` now and after every change that alters it; never return."""
+        await self._synced()
         self._streams.inc(method=method)
+        self._open += 1
+        self._drained.clear()
         try:
-            await self._source.wait_until_synced()
-            last: object | None = None
-            version = self._source.version
-            while True:
+            last: _M | None = None
+            version = self._source.version  # read before building: a change meanwhile wakes us
+            while not self._closing.is_set():
                 if not self._source.entries_match(selectors):
                     raise self._deny(method, selectors)
                 message = build()
                 if message is not None and message != last:
+                    # Blocks while the reader is slow; changes meanwhile coalesce into the
+                    # next build, so nothing queues up behind it.
                     await stream.send_message(message)
+                    self._sent.inc(method=method)
                     last = message
-                version = await self._source.wait_for_change(version)
+                version = await self._next_version(version)
+            raise GRPCError(Status.UNAVAILABLE, "the agent is shutting down; reconnect")
         finally:
             self._streams.dec(method=method)
+            self._open -= 1
+            if not self._open:
+                self._drained.set()
 
-    # --- X.509 ------------------------------------------------------------------------------
+    async def _next_version(self, version: int) -> int:
+        """The next version, or `version` itself once the server is shutting down."""
+        change = asyncio.ensure_future(self._source.wait_for_change(version))
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait((change, closing), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Both are ours alone and end here: no task outlives the call (cancelled: the
+            # caller hung up; or done: the other one won).
+            change.cancel()
+            closing.cancel()
+        return change.result() if change.done() and not change.cancelled() else version
 
-    def _x509_response(self, selectors: list[str]) -> workload_pb2.X509SVIDResponse | None:
-        svids = self._source.x509_svids_for(selectors)
-        if not svids:
-            return None
+    # --- X.509 -------------------------------------------------------------------------------
+
+    def _x509_snapshot(self, selectors: list[str]) -> workload_pb2.X509SVIDResponse | None:
         bundles = self._source.bundles()
-        own = bundles.get(self._source.trust_domain)
-        own_der = own.x509_authorities_der() if own else b""
-        federated: dict[str, bytes] = {}
-        for item in svids:
-            for td in item.federates_with:
-                bundle = bundles.get(td)
-                if bundle is not None:
-                    federated[str(td.id)] = bundle.x509_authorities_der()
-        return workload_pb2.X509SVIDResponse(
-            svids=[workload_pb2.X509SVID(
-                spiffe_id=str(item.svid.spiffe_id), x509_svid=item.svid.chain_der(),
-                x509_svid_key=private_key_to_pkcs8_der(item.svid.private_key),  # type: ignore[arg-type]
-                bundle=own_der, hint=item.hint,
-            ) for item in svids],
-            federated_bundles=federated,
-        )
+        return x509_svid_response(self._source.x509_svids_for(selectors), bundles,
+                                  bundles.get(self._source.trust_domain))
 
     async def FetchX509SVID(self, stream: Stream) -> None:
-        await stream.recv_message()
-        selectors = await self._attest(stream, "FetchX509SVID")
-        await self._watch(stream, "FetchX509SVID", selectors, lambda: self._x509_response(selectors))
-
-    def _x509_bundles(self) -> workload_pb2.X509BundlesResponse:
-        return workload_pb2.X509BundlesResponse(
-            bundles={str(td.id): b.x509_authorities_der() for td, b in self._source.bundles().items()})
+        async with self._call("FetchX509SVID"):
+            _, selectors = await self._request(stream, "FetchX509SVID")
+            await self._watch(stream, "FetchX509SVID", selectors, lambda: self._x509_snapshot(selectors))
 
     async def FetchX509Bundles(self, stream: Stream) -> None:
-        await stream.recv_message()
-        selectors = await self._attest(stream, "FetchX509Bundles")
-        await self._watch(stream, "FetchX509Bundles", selectors, self._x509_bundles)
+        async with self._call("FetchX509Bundles"):
+            _, selectors = await self._request(stream, "FetchX509Bundles")
+            await self._watch(stream, "FetchX509Bundles", selectors,
+                              lambda: x509_bundles_response(self._source.bundles()))
 
-    # --- JWT --------------------------------------------------------------------------------
+    # --- JWT ---------------------------------------------------------------------------------
 
     async def FetchJWTSVID(self, stream: Stream) -> None:
-        request = await stream.recv_message()
-        assert request is not None
-        selectors = await self._attest(stream, "FetchJWTSVID")
-        audiences = list(request.audience)
-        if not audiences:
-            self._calls.inc(method="FetchJWTSVID", code="INVALID_ARGUMENT")
-            raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
-        if len(audiences) > MAX_AUDIENCES or any(not a or len(a) > 256 for a in audiences):
-            raise GRPCError(Status.INVALID_ARGUMENT, f"give 1 to {MAX_AUDIENCES} audiences of 1 to 256 characters")
-        await self._source.wait_until_synced()
-        try:
-            svids = await self._source.jwt_svids_for(selectors, audiences, request.spiffe_id or None)
-        except NoIdentityError:
-            raise self._deny("FetchJWTSVID", selectors) from None
-        self._calls.inc(method="FetchJWTSVID", code="OK")
-        await stream.send_message(workload_pb2.JWTSVIDResponse(
-            svids=[workload_pb2.JWTSVID(spiffe_id=s.spiffe_id, svid=s.token, hint=s.hint) for s in svids]))
-
-    def _jwt_bundles(self) -> workload_pb2.JWTBundlesResponse:
-        # Only JWT authorities: a JWT bundle is a JWKS of keys that each carry a kid.
-        return workload_pb2.JWTBundlesResponse(bundles={
-            str(td.id): Bundle(td, (), b.jwt_authorities).to_jwks() for td, b in self._source.bundles().items()
-        })
+        async with self._call("FetchJWTSVID"):
+            request, selectors = await self._request(stream, "FetchJWTSVID")
+            assert isinstance(request, workload_pb2.JWTSVIDRequest)
+            audiences = list(dict.fromkeys(request.audience))  # keep order, drop repeats
+            if not audiences:
+                raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
+            if len(audiences) > MAX_AUDIENCES or any(not a or len(a) > MAX_AUDIENCE_LENGTH for a in audiences):
+                raise GRPCError(Status.INVALID_ARGUMENT, f"give 1 to {MAX_AUDIENCES} audiences of 1 to "
+                                                         f"{MAX_AUDIENCE_LENGTH} characters")
+            wanted: str | None = None
+            if request.spiffe_id:
+                try:
+                    wanted = str(SpiffeId.parse(request.spiffe_id))
+                except InvalidSpiffeIdError as err:
+                    raise GRPCError(Status.INVALID_ARGUMENT, str(err)) from err
+            await self._synced()
+            try:
+                svids = await self._source.jwt_svids_for(selectors, audiences, wanted)
+            except NoIdentityError:
+                raise self._deny("FetchJWTSVID", selectors) from None
+            except TrustmeshError as err:
+                # The source's own refusal to sign now (the control plane is unreachable, say):
+                # the caller is entitled and should retry. Bugs are not TrustmeshErrors and
+                # still surface as UNKNOWN.
+                raise GRPCError(Status.UNAVAILABLE, f"cannot issue a JWT-SVID now: {err}") from err
+            if not svids:
+                raise self._deny("FetchJWTSVID", selectors)
+            await stream.send_message(workload_pb2.JWTSVIDResponse(
+                svids=[workload_pb2.JWTSVID(spiffe_id=s.spiffe_id, svid=s.token, hint=s.hint) for s in svids]))
 
     async def FetchJWTBundles(self, stream: Stream) -> None:
-        await stream.recv_message()
-        selectors = await self._attest(stream, "FetchJWTBundles")
-        await self._watch(stream, "FetchJWTBundles", selectors, self._jwt_bundles)
+        async with self._call("FetchJWTBundles"):
+            _, selectors = await self._request(stream, "FetchJWTBundles")
+            await self._watch(stream, "FetchJWTBundles", selectors,
+                              lambda: jwt_bundles_response(self._source.bundles()))
 
     async def ValidateJWTSVID(self, stream: Stream) -> None:
-        request = await stream.recv_message()
-        assert request is not None
-        await self._attest(stream, "ValidateJWTSVID")
-        if not request.audience:
-            raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
-        if not request.svid:
-            raise GRPCError(Status.INVALID_ARGUMENT, "svid must be specified")
-        try:
-            svid = validate_jwt_svid(request.svid, audience=request.audience,
-                                     jwt_authorities=self._source.bundles().jwt_authorities(), now=self._clock())
-        except VerificationError as err:
-            self._calls.inc(method="ValidateJWTSVID", code="INVALID_ARGUMENT")
-            raise GRPCError(Status.INVALID_ARGUMENT, f"the JWT-SVID is not valid: {err}") from err
-        claims = struct_pb2.Struct()
-        claims.update(dict(svid.claims))
-        self._calls.inc(method="ValidateJWTSVID", code="OK")
-        await stream.send_message(workload_pb2.ValidateJWTSVIDResponse(spiffe_id=str(svid.spiffe_id), claims=claims))
+        async with self._call("ValidateJWTSVID"):
+            # Attested like every call, but not entitlement-checked: validating a token
+            # against public keys reveals nothing a caller could not compute itself.
+            request, _ = await self._request(stream, "ValidateJWTSVID")
+            assert isinstance(request, workload_pb2.ValidateJWTSVIDRequest)
+            if not request.audience:
+                raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
+            if not request.svid:
+                raise GRPCError(Status.INVALID_ARGUMENT, "svid must be specified")
+            if len(request.svid) > MAX_TOKEN_LENGTH:
+                raise GRPCError(Status.INVALID_ARGUMENT, f"svid is longer than {MAX_TOKEN_LENGTH} characters")
+            try:
+                svid = validate_jwt_svid(request.svid, audience=request.audience,
+                                         jwt_authorities=self._source.bundles().jwt_authorities(),
+                                         now=self._clock())
+            except VerificationError as err:
+                raise GRPCError(Status.INVALID_ARGUMENT, f"the JWT-SVID is not valid: {err}") from err
+            claims = struct_pb2.Struct()
+            claims.update(dict(svid.claims))
+            await stream.send_message(
+                workload_pb2.ValidateJWTSVIDResponse(spiffe_id=str(svid.spiffe_id), claims=claims))
+
+
+class _Server(Server):
+    """grpclib's Server, remembering its connections so that closing can close them (grpclib
+    cancels the calls but leaves idle connections open, and Python 3.12's wait_closed
+    waits for every connection)."""
+
+    def __init__(self, handlers: list[IServable]) -> None:
+        super().__init__(handlers)
+        self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
+
+    def _protocol_factory(self) -> H2Protocol:
+        protocol = super()._protocol_factory()
+        self._protocols.add(protocol)
+        return protocol
+
+    def close_connections(self) -> None:
+        for protocol in list(self._protocols):
+            connection = getattr(protocol, "connection", None)  # absent before connection_made
+            if connection is not None:
+                connection.close()
 
 
 class WorkloadAPIServer:
-    """Owns the grpclib server and its socket file."""
+    """Owns the grpclib server and its socket file: `start()`/`close()`, or `serve()` until
+    cancelled. Extra servicers (the agent's Authorize call) share the socket."""
 
     def __init__(self, socket_path: Path, api: WorkloadAPI, *extra: IServable) -> None:
-        self.socket_path = socket_path
-        self._server = Server([api, *extra])
+        self.socket_path = Path(socket_path)
+        self._api = api
+        self._handlers: list[IServable] = [api, *extra]
+        self._server: _Server | None = None
+        self._closed = False
 
     async def start(self) -> None:
+        if self._server is not None or self._closed:
+            # Closing shut the API's streams down for good; build a new one to serve again.
+            raise WorkloadApiError("a Workload API server starts once")
         path = self.socket_path
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_socket():
-            path.unlink()  # left behind by a previous run
-        elif path.exists():
-            raise WorkloadAttestationError(f"{path} exists and is not a socket; remove it or choose another --socket")
-        await self._server.start(path=str(path))
-        # Any local workload may connect: who it is comes from the kernel, not from the
-        # socket's permissions. Operators restrict the directory if they want fewer callers.
-        os.chmod(path, 0o777)
+        await _remove_stale_socket(path)
+        server = _Server(self._handlers)
+        try:
+            await server.start(path=str(path))
+        except OSError as err:
+            raise WorkloadApiError(f"cannot listen on {path}: {err.strerror}") from err
+        self._server = server
+        os.chmod(path, SOCKET_MODE)  # see the module docstring: who may connect is not who is served
 
     async def close(self) -> None:
-        self._server.close()
-        await self._server.wait_closed()
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._closed = True
+        await self._api.shut_down()
+        server.close()  # stops accepting and cancels every call still running
+        server.close_connections()
+        await server.wait_closed()
         self.socket_path.unlink(missing_ok=True)
+
+    async def serve(self) -> None:
+        """Serve until cancelled; the socket file is removed on the way out."""
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.close()
+
+
+async def _remove_stale_socket(path: Path) -> None:
+    """Remove a socket file left by a previous run, but never steal a live agent's socket."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_socket():
+        raise WorkloadApiError(f"{path} exists and is not a socket; remove it or choose another --socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(probe, str(path))
+    except OSError as err:
+        if err.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise WorkloadApiError(f"cannot check whether {path} is in use: {err.strerror}") from err
+    else:
+        raise WorkloadApiError(f"another process is serving on {path}; stop it or choose another --socket")
+    finally:
+        probe.close()
+    path.unlink(missing_ok=True)

@@ -8,10 +8,11 @@ fresh challenge; this lets nodes re-attest without a human.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -19,6 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
+from trustmesh.duration import format_duration
 from trustmesh.errors import AlreadyExistsError, NotFoundError, SvidError, TrustmeshError
 from trustmesh.naming import agent_id
 from trustmesh.spiffeid import SpiffeId
@@ -67,18 +69,26 @@ class NodeAttestor:
         except (OSError, ValueError) as err:
             raise TrustmeshError(f"--x509pop-ca {path}: cannot read PEM CA certificates ({err})") from err
 
-    async def _deny(self, subject: str, reason: str, method: str) -> PermissionDeniedError:
-        await self._rt.audit.record("node.attest", actor=f"node:{subject}", subject=subject, outcome="denied",
+    async def _refusal(self, subject: str, reason: str, method: str, outcome: str) -> None:
+        await self._rt.audit.record("node.attest", actor=f"node:{subject}", subject=subject, outcome=outcome,
                                     method=method, reason=reason)
         self._rt.metrics.counter("trustmesh_node_attestations_total", "node attestations by method and outcome",
-                                 ["method", "outcome"]).inc(method=method, outcome="denied")
+                                 ["method", "outcome"]).inc(method=method, outcome=outcome)
+
+    async def _deny(self, subject: str, reason: str, method: str) -> PermissionDeniedError:
+        await self._refusal(subject, reason, method, "denied")
         return PermissionDeniedError(reason)
 
-    async def _issue(self, csr: bytes, agent: str) -> X509Svid:
+    async def invalid(self, reason: str, method: str = "unknown", subject: str = "unknown") -> InvalidArgumentError:
+        """A malformed attestation (no evidence, a bad CSR, a stalled stream): audited too."""
+        await self._refusal(subject, reason, method, "invalid")
+        return InvalidArgumentError(reason)
+
+    async def _issue(self, csr: bytes, agent: str, method: str) -> X509Svid:
         try:
             return await self._rt.ca.sign_x509_svid(csr, SpiffeId.parse(agent), self._rt.config.agent_ttl)
         except SvidError as err:
-            raise InvalidArgumentError(f"agent CSR refused: {err}") from err
+            raise await self.invalid(f"agent CSR refused: {err}", method, agent) from err
 
     async def _ok(self, node: AttestedNode, method: str) -> None:
         await self._rt.audit.record("node.attest", actor=f"node:{node.node_name}", subject=node.spiffe_id,
@@ -101,14 +111,15 @@ class NodeAttestor:
         now = self._rt.clock()
         agent = str(agent_id(self._td, record.node_name))
         if record.expires_at <= now:
-            await store.delete_join_token(digest)
-            ago = int(now - record.expires_at)
-            raise await self._deny(agent, f"join token expired {ago}s ago; create a new one with "
+            with contextlib.suppress(NotFoundError):  # someone else removed it first: same outcome
+                await store.delete_join_token(digest)
+            ago = format_duration(timedelta(seconds=now - record.expires_at))
+            raise await self._deny(agent, f"join token expired {ago} ago; create a new one with "
                                    f"`trustmesh token create --node {record.node_name}`", "join_token")
         existing = await self._find(agent)
         if existing is not None:
             raise await self._deny(agent, self._taken(existing), "join_token")
-        svid = await self._issue(csr, agent)
+        svid = await self._issue(csr, agent, "join_token")
         node = AttestedNode(spiffe_id=agent, node_name=record.node_name, attestation_type="join_token",
                             cert_serial=_serial(svid), cert_not_after=svid.expires_at.timestamp(), banned=False,
                             created_at=now, updated_at=now,
@@ -120,6 +131,9 @@ class NodeAttestor:
                                    "join_token") from None
         except AlreadyExistsError:
             raise await self._deny(agent, self._taken(None, agent), "join_token") from None
+        # Read it back for its store revision: renewals write it with compare-and-swap, so a
+        # ban landing right after this attestation can never be overwritten by a renewal.
+        node = await self._find(agent) or node
         await self._ok(node, "join_token")
         return Attested(node, svid)
 
@@ -148,6 +162,9 @@ class NodeAttestor:
         except ValueError:
             raise await self._deny("unknown", "x509pop certificate chain is not DER certificates", "x509pop") from None
         leaf = chain[0]
+        if not _may_sign(leaf):
+            raise await self._deny("unknown", "x509pop node certificate's key usage does not include "
+                                   "digitalSignature, so it cannot prove possession", "x509pop")
         cns = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         name = str(cns[0].value) if cns else ""
         if not NODE_NAME.match(name):
@@ -160,7 +177,7 @@ class NodeAttestor:
         return X509PopChallenge(name, leaf, root.fingerprint(hashes.SHA256()).hex(), os.urandom(NONCE_BYTES))
 
     def _chain_root(self, chain: list[x509.Certificate]) -> x509.Certificate | None:
-        now = datetime.now(timezone.utc)
+        now = datetime.fromtimestamp(self._rt.clock(), timezone.utc)
         for cert in chain:
             if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
                 return None
@@ -184,7 +201,7 @@ class NodeAttestor:
         existing = await self._find(agent)
         if existing is not None and (existing.banned or existing.attestation_type != "x509pop"):
             raise await self._deny(agent, self._taken(existing), "x509pop")
-        svid = await self._issue(csr, agent)
+        svid = await self._issue(csr, agent, "x509pop")
         now = self._rt.clock()
         selectors = (f"node:name:{name}", f"x509pop:subject:cn:{name}",
                      f"x509pop:ca:fingerprint:{challenge.ca_fingerprint}",
@@ -205,6 +222,15 @@ class NodeAttestor:
                 expected_revision=existing.revision or None)
         await self._ok(node, "x509pop")
         return Attested(node, svid)
+
+
+def _may_sign(leaf: x509.Certificate) -> bool:
+    """RFC 5280: without a key usage extension the key is unrestricted; with one, the
+    challenge signature needs digitalSignature."""
+    try:
+        return bool(leaf.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature)
+    except x509.ExtensionNotFound:
+        return True
 
 
 def _is_ca(cert: x509.Certificate) -> bool:

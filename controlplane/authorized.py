@@ -7,12 +7,13 @@ alias's selectors are among the node's (attestation) selectors.
 The index is loaded once and then kept current by the store's change feed, so answering
 "what may agent X use" costs a walk over X's own entries, never over the registry, and an
 idle fleet causes no store reads at all. Every change reports which agents it affects, so
-only their sync streams wake up.
+only their sync streams wake up, and is noted per agent (ResumeLog) so that an agent that
+reconnects gets a delta since the revision it last applied rather than a snapshot.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable
 
 from trustmesh.selectors import matches
@@ -21,8 +22,12 @@ from controlplane.store.records import AttestedNode, RegistrationEntry
 
 
 class AuthorizedIndex:
-    def __init__(self, server_id: str) -> None:
+    def __init__(self, server_id: str, resume_per_agent: int = 128) -> None:
         self._server_id = server_id
+        self.resume = ResumeLog(resume_per_agent)
+        self._reset()
+
+    def _reset(self) -> None:
         self.entries: dict[str, RegistrationEntry] = {}
         self.nodes: dict[str, AttestedNode] = {}
         self._by_parent: dict[str, set[str]] = defaultdict(set)
@@ -31,11 +36,15 @@ class AuthorizedIndex:
         # agent ID -> alias SPIFFE IDs it belongs to, and the reverse
         self._node_aliases: dict[str, set[str]] = defaultdict(set)
         self._alias_members: dict[str, set[str]] = defaultdict(set)
+        # SPIFFE ID -> how many entries marked admin register it (remote admin callers)
+        self._admins: dict[str, int] = defaultdict(int)
 
     # --- loading and changes ------------------------------------------------------------
 
-    def load(self, entries: Iterable[RegistrationEntry], nodes: Iterable[AttestedNode]) -> None:
-        self.__init__(self._server_id)  # type: ignore[misc]
+    def load(self, entries: Iterable[RegistrationEntry], nodes: Iterable[AttestedNode], revision: int = 0) -> None:
+        """Replace everything with what the store held at `revision`."""
+        self._reset()
+        self.resume.reset(revision)
         for node in nodes:
             self.nodes[node.spiffe_id] = node
         for entry in entries:
@@ -47,6 +56,8 @@ class AuthorizedIndex:
         self._by_parent[entry.parent_id].add(entry.id)
         if entry.parent_id == self._server_id:
             self._alias_entries[entry.spiffe_id].add(entry.id)
+        if entry.admin:
+            self._admins[entry.spiffe_id] += 1
 
     def _remove_entry(self, entry_id: str) -> RegistrationEntry | None:
         entry = self.entries.pop(entry_id, None)
@@ -59,6 +70,10 @@ class AuthorizedIndex:
             self._alias_entries[entry.spiffe_id].discard(entry_id)
             if not self._alias_entries[entry.spiffe_id]:
                 del self._alias_entries[entry.spiffe_id]
+        if entry.admin:
+            self._admins[entry.spiffe_id] -= 1
+            if not self._admins[entry.spiffe_id]:
+                del self._admins[entry.spiffe_id]
         return entry
 
     def _aliases_of(self, node: AttestedNode) -> set[str]:
@@ -89,9 +104,19 @@ class AuthorizedIndex:
     def _affected_by_parent(self, parent_id: str) -> set[str]:
         return {parent_id} | set(self._alias_members.get(parent_id, ()))
 
-    def apply_entry(self, entry_id: str, entry: RegistrationEntry | None) -> set[str]:
-        """Apply a created/updated entry (or a deletion when `entry` is None); return the
-        agent IDs whose authorized set may have changed."""
+    def apply_entry(self, entry_id: str, entry: RegistrationEntry | None, revision: int = 0) -> set[str]:
+        """Apply a created/updated entry (or a deletion when `entry` is None) made at store
+        `revision`; return the agent IDs whose authorized set may have changed."""
+        affected, alias_touched = self._apply_entry(entry_id, entry)
+        if alias_touched:
+            # Node alias membership moved: whole groups of entries came or went.
+            for agent in affected:
+                self.resume.restart(agent, revision)
+        else:
+            self.resume.record(affected, revision, entry_id)
+        return affected
+
+    def _apply_entry(self, entry_id: str, entry: RegistrationEntry | None) -> tuple[set[str], bool]:
         old = self._remove_entry(entry_id)
         affected: set[str] = set()
         if old is not None:
@@ -105,16 +130,25 @@ class AuthorizedIndex:
             affected |= self._recompute_all_memberships()
             for alias in {e.spiffe_id for e in (old, entry) if e is not None}:
                 affected |= self._affected_by_parent(alias)
-        return {a for a in affected if a in self.nodes}
+        return {a for a in affected if a in self.nodes}, alias_touched
 
-    def apply_node(self, spiffe_id: str, node: AttestedNode | None) -> set[str]:
+    def apply_node(self, spiffe_id: str, node: AttestedNode | None, revision: int = 0) -> set[str]:
+        """Apply an attested node written (or deleted, when `node` is None) at `revision`."""
+        old = self.nodes.get(spiffe_id)
         if node is None:
             self.nodes.pop(spiffe_id, None)
             self._set_membership(spiffe_id, set())
+            self.resume.forget(spiffe_id)
         else:
             self.nodes[spiffe_id] = node
             self._set_membership(spiffe_id, self._aliases_of(node))
+            if old is None or old.selectors != node.selectors:
+                self.resume.restart(spiffe_id, revision)
         return {spiffe_id}
+
+    def changed_since(self, agent: str, revision: int) -> set[str] | None:
+        """Entry ids that changed for `agent` after `revision`; None: send a snapshot."""
+        return self.resume.changed_since(agent, revision)
 
     # --- queries ------------------------------------------------------------------------
 
@@ -124,8 +158,64 @@ class AuthorizedIndex:
             ids |= self._by_parent.get(alias, set())
         return [self.entries[i] for i in sorted(ids)]
 
+    def is_admin(self, spiffe_id: str) -> bool:
+        """True when some registration entry for this ID is marked admin."""
+        return spiffe_id in self._admins
+
     def is_authorized(self, agent: str, entry_id: str) -> bool:
         entry = self.entries.get(entry_id)
         if entry is None:
             return False
         return entry.parent_id == agent or entry.parent_id in self._node_aliases.get(agent, ())
+
+
+class ResumeLog:
+    """Which entries changed for each agent, and at which store revision (pure, bounded).
+
+    A reconnecting agent says up to which revision it applied the sync stream; when the log
+    still covers everything after that revision for this agent, the server answers with a
+    delta of exactly those entries instead of a full snapshot. Agents reconnect routinely
+    (every agent SVID renewal means a new channel), so this keeps reconnects cheap.
+
+    The log only ever over-approximates: an entry listed as changed that did not change is
+    sent again, harmlessly. Where the exact set would take work (an alias entry or a node's
+    selectors changed, so whole groups of entries came or went) the agent's history simply
+    restarts and its next reconnect gets a snapshot.
+    """
+
+    def __init__(self, per_agent: int = 128) -> None:
+        self._per_agent = per_agent
+        self._floor = 0  # nothing at or before this revision is known for anyone
+        self._agent_floor: dict[str, int] = {}
+        self._changes: dict[str, deque[tuple[int, str]]] = {}
+
+    def reset(self, revision: int) -> None:
+        """After a full (re)load at `revision`: earlier history is unknown."""
+        self._floor = revision
+        self._agent_floor.clear()
+        self._changes.clear()
+
+    def record(self, agents: Iterable[str], revision: int, entry_id: str) -> None:
+        for agent in agents:
+            changes = self._changes.setdefault(agent, deque())
+            changes.append((revision, entry_id))
+            if len(changes) > self._per_agent:
+                dropped, _ = changes.popleft()
+                self._agent_floor[agent] = max(self._agent_floor.get(agent, 0), dropped)
+
+    def restart(self, agent: str, revision: int) -> None:
+        """The agent's authorized set changed wholesale at `revision`."""
+        self._changes.pop(agent, None)
+        self._agent_floor[agent] = max(self._agent_floor.get(agent, 0), revision)
+
+    def forget(self, agent: str) -> None:
+        """The agent is gone (evicted); a re-attested one starts with restart()."""
+        self._changes.pop(agent, None)
+        self._agent_floor.pop(agent, None)
+
+    def changed_since(self, agent: str, revision: int) -> set[str] | None:
+        """Ids of the entries that changed for `agent` after `revision`, or None when the
+        log cannot tell (the agent must get a snapshot)."""
+        if revision < max(self._floor, self._agent_floor.get(agent, 0)):
+            return None
+        return {entry_id for rev, entry_id in self._changes.get(agent, ()) if rev > revision}

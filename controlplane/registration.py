@@ -1,7 +1,8 @@
 """Registration: entries, join tokens and attested agents (transport-free).
 
 Every input is validated here before anything is written, every change and refusal is
-audited, and each write is one store transaction, so nothing is half-written.
+audited, and each write is one store transaction, so nothing is half-written. The checks
+are pure functions (`validate_entry`, `check_*`); `Registry` drives them against the store.
 """
 
 from __future__ import annotations
@@ -10,28 +11,42 @@ import hashlib
 import re
 import secrets
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from typing import Any, Protocol
 
-from trustmesh.errors import AlreadyExistsError, InvalidSpiffeIdError, NotFoundError, TrustmeshError
+from trustmesh.errors import AlreadyExistsError, ConflictError, InvalidSpiffeIdError, NotFoundError, TrustmeshError
 from trustmesh.naming import agent_id, is_reserved, node_name_of, server_dns_name, server_id
 from trustmesh.selectors import InvalidSelectorError, parse_selectors
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 
 from controlplane.api.status import FailedPreconditionError, InvalidArgumentError
 from controlplane.config import MAX_JWT_TTL, MAX_X509_TTL, MIN_JWT_TTL, MIN_X509_TTL
-from controlplane.runtime import ServerRuntime
 from controlplane.store.records import AttestedNode, JoinToken, RegistrationEntry
 
-NODE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+# \Z, not $: "$" also matches before a final newline, and "node-1\n" is no node name.
+NODE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
+# Entry ids are ours (uuid4 hex), but the store keys records by them, so an id from a
+# request is held to a plain shape: no '/' to wander into other key ranges, no megabytes.
+ENTRY_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
+DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 MIN_TOKEN_TTL = timedelta(minutes=1)
 MAX_TOKEN_TTL = timedelta(days=7)
 DEFAULT_TOKEN_TTL = timedelta(minutes=10)
 MAX_SELECTORS = 32
 TOKEN_PREFIX = "tmjt_"
 MAX_LIST_ITEMS = 32
+# The longest selector the kernel accepts is unix:path with a 4096-byte path.
+MAX_SELECTOR_LEN = 4200
+# Refusal messages and audit events quote the offending input; hostile input can be
+# megabytes, and a gRPC status message over 16 KiB is dropped by the transport itself.
+MAX_SHOWN = 96
+
+
+def shown(text: str) -> str:
+    """`text` quoted for a message, clipped so that hostile input cannot bloat it."""
+    return repr(text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "...")
 
 
 def token_hash(token: str) -> str:
@@ -40,19 +55,46 @@ def token_hash(token: str) -> str:
 
 
 def check_node_name(name: str) -> str:
+    """The rule of the join_token:node selector, so every node name can be selected on."""
     if not NODE_NAME.match(name or ""):
         raise InvalidArgumentError(
-            f"invalid node name {name!r}: use 1 to 128 letters, digits, '.', '_' or '-' (e.g. node-1)"
+            f"invalid node name {shown(name)}: use 1 to 128 letters, digits, '.', '_' or '-' (e.g. node-1)"
         )
     return name
 
 
+def check_entry_id(entry_id: str) -> str:
+    if not entry_id:
+        raise InvalidArgumentError("an entry id is required; see `trustmesh entry list`")
+    if not ENTRY_ID.match(entry_id):
+        raise InvalidArgumentError(
+            f"invalid entry id {shown(entry_id)}: entry ids are letters, digits, '.', '_' or '-'; "
+            "see `trustmesh entry list`"
+        )
+    return entry_id
+
+
 def check_dns_name(name: str, td: TrustDomain) -> str:
-    if not name or len(name) > 253 or not all(DNS_LABEL.match(label) for label in name.rstrip(".").split(".")):
-        raise InvalidArgumentError(f"invalid DNS name {name!r}: use labels of letters, digits and '-', e.g. ledger.internal")
-    if name.lower().rstrip(".") == server_dns_name(td):
-        raise InvalidArgumentError(f"DNS name {name!r} is reserved for the trustmesh server and cannot be registered")
-    return name.lower().rstrip(".")
+    """A DNS SAN: 1-253 characters of LDH labels; stored lower case without a final dot."""
+    canonical = name.lower().rstrip(".")
+    if not canonical or len(canonical) > 253 or not all(DNS_LABEL.match(label) for label in canonical.split(".")):
+        raise InvalidArgumentError(
+            f"invalid DNS name {shown(name)}: use dot-separated labels of letters, digits and '-', "
+            "e.g. ledger.internal")
+    if canonical == server_dns_name(td):
+        raise InvalidArgumentError(
+            f"DNS name {shown(name)} is reserved for the trustmesh server and cannot be registered")
+    return canonical
+
+
+def check_token_ttl(seconds: int) -> timedelta:
+    """A join token's lifetime; 0 means the default (10m). Checked on the integer, before a
+    timedelta is built, so absurd values are refused rather than overflowing."""
+    if seconds == 0:
+        return DEFAULT_TOKEN_TTL
+    if not MIN_TOKEN_TTL.total_seconds() <= seconds <= MAX_TOKEN_TTL.total_seconds():
+        raise InvalidArgumentError(f"--ttl {seconds}s is out of range for a join token: use 1m to 7d (default 10m)")
+    return timedelta(seconds=seconds)
 
 
 def _ttl(seconds: int, low: timedelta, high: timedelta, what: str) -> int:
@@ -103,12 +145,19 @@ def validate_entry(spec: EntrySpec, td: TrustDomain) -> EntrySpec:
         raise InvalidArgumentError(f"--parent-id {parent} is not in trust domain {td}")
     if parent == sid:
         raise InvalidArgumentError("an entry cannot be its own parent")
+    if parent.is_trust_domain_id:
+        raise InvalidArgumentError(
+            f"--parent-id {parent} has no path; use an agent ID (--node NAME) or a node alias")
     if parent != server_id(td) and node_name_of(parent) is None and is_reserved(parent):
         raise InvalidArgumentError(f"--parent-id {parent} is reserved; use an agent ID (--node NAME) or a node alias")
     if not spec.selectors:
         raise InvalidArgumentError("at least one --selector is required, e.g. --selector unix:uid:1000")
     if len(spec.selectors) > MAX_SELECTORS:
         raise InvalidArgumentError(f"at most {MAX_SELECTORS} selectors per entry")
+    for text in spec.selectors:
+        if len(text) > MAX_SELECTOR_LEN:
+            raise InvalidArgumentError(
+                f"selector {shown(text)} is longer than {MAX_SELECTOR_LEN} characters")
     try:
         selectors = tuple(str(s) for s in parse_selectors(spec.selectors))
     except InvalidSelectorError as err:
@@ -133,61 +182,99 @@ def validate_entry(spec: EntrySpec, td: TrustDomain) -> EntrySpec:
     )
 
 
-class Registry:
-    """Admin operations over the store, each validated, atomic and audited."""
+class RegistryStore(Protocol):
+    """The part of the Store that registration needs."""
 
-    def __init__(self, rt: ServerRuntime) -> None:
-        self._rt = rt
-        self._td = rt.config.trust_domain
+    async def create_entry(self, entry: RegistrationEntry) -> RegistrationEntry: ...
+    async def get_entry(self, entry_id: str) -> RegistrationEntry: ...
+    async def update_entry(self, entry: RegistrationEntry, *,
+                           expected_revision: int | None = None) -> RegistrationEntry: ...
+    async def delete_entry(self, entry_id: str, *, expected_revision: int | None = None) -> None: ...
+    async def create_join_token(self, token: JoinToken) -> None: ...
+    async def get_attested_node(self, spiffe_id: str) -> AttestedNode: ...
+    async def update_attested_node(self, node: AttestedNode, *,
+                                   expected_revision: int | None = None) -> AttestedNode: ...
+    async def delete_attested_node(self, spiffe_id: str) -> None: ...
+
+
+class Auditor(Protocol):
+    async def record(self, kind: str, *, actor: str, subject: str = "", outcome: str = "ok",
+                     **details: Any) -> object: ...
+
+
+# How often a ban is retried when the node record changes under it (an agent renewing its
+# SVID rewrites the record); a ban must not fail because the agent happened to be busy.
+_BAN_RETRIES = 5
+
+
+class Registry:
+    """Admin operations over the store, each validated, atomic and audited.
+
+    `actor` names who asked (e.g. "admin:local-socket"); it goes into every audit event.
+    """
+
+    def __init__(self, td: TrustDomain, store: RegistryStore, audit: Auditor,
+                 clock: Callable[[], float]) -> None:
+        self._td = td
+        self._store = store
+        self._audit_log = audit
+        self._clock = clock
 
     async def _audit(self, kind: str, actor: str, subject: str, outcome: str = "ok", **details: object) -> None:
-        await self._rt.audit.record(kind, actor=actor, subject=subject, outcome=outcome, **details)
+        await self._audit_log.record(kind, actor=actor, subject=subject, outcome=outcome, **details)
 
     async def _refused(self, kind: str, actor: str, subject: str, err: TrustmeshError) -> None:
-        await self._audit(kind, actor, subject, outcome="denied", reason=str(err))
+        # The subject is the caller's own words, which may be hostile: clip it.
+        clipped = subject if len(subject) <= MAX_SHOWN else subject[:MAX_SHOWN] + "..."
+        await self._audit(kind, actor, clipped, outcome="denied", reason=str(err))
 
     # --- entries ------------------------------------------------------------------------
 
     async def create_entry(self, spec: EntrySpec, actor: str) -> RegistrationEntry:
         try:
             clean = validate_entry(spec, self._td)
-            now = self._rt.clock()
+            now = self._clock()
             entry = RegistrationEntry(
                 id=uuid.uuid4().hex, spiffe_id=clean.spiffe_id, parent_id=clean.parent_id,
                 selectors=tuple(clean.selectors), x509_ttl=clean.x509_ttl, jwt_ttl=clean.jwt_ttl,
                 dns_names=tuple(clean.dns_names), federates_with=tuple(clean.federates_with),
                 admin=clean.admin, created_at=now, updated_at=now,
             )
-            created = await self._rt.store.create_entry(entry)
+            # One transaction writes the entry and its uniqueness claim, or neither.
+            created = await self._store.create_entry(entry)
         except (InvalidArgumentError, AlreadyExistsError) as err:
             await self._refused("entry.create", actor, spec.spiffe_id, err)
             raise
         await self._audit("entry.create", actor, created.spiffe_id, entry_id=created.id, parent_id=created.parent_id,
-                          selectors=list(created.selectors))
+                          selectors=list(created.selectors), admin=created.admin)
         return created
 
     async def update_entry(self, entry_id: str, spec: EntrySpec, actor: str,
                            expected_revision: int | None) -> RegistrationEntry:
+        """Replace every field of the entry with `spec` (its id and creation time stay)."""
         try:
-            current = await self._rt.store.get_entry(entry_id)
+            check_entry_id(entry_id)
+            current = await self._store.get_entry(entry_id)
             clean = validate_entry(spec, self._td)
             updated = replace(
                 current, spiffe_id=clean.spiffe_id, parent_id=clean.parent_id, selectors=tuple(clean.selectors),
                 x509_ttl=clean.x509_ttl, jwt_ttl=clean.jwt_ttl, dns_names=tuple(clean.dns_names),
-                federates_with=tuple(clean.federates_with), admin=clean.admin, updated_at=self._rt.clock(),
+                federates_with=tuple(clean.federates_with), admin=clean.admin, updated_at=self._clock(),
             )
-            result = await self._rt.store.update_entry(updated, expected_revision=expected_revision or None)
+            result = await self._store.update_entry(updated, expected_revision=expected_revision or None)
         except TrustmeshError as err:
             await self._refused("entry.update", actor, entry_id, err)
             raise
-        await self._audit("entry.update", actor, result.spiffe_id, entry_id=entry_id)
+        await self._audit("entry.update", actor, result.spiffe_id, entry_id=entry_id, parent_id=result.parent_id,
+                          selectors=list(result.selectors), admin=result.admin)
         return result
 
-    async def delete_entry(self, entry_id: str, actor: str) -> RegistrationEntry:
+    async def delete_entry(self, entry_id: str, actor: str, expected_revision: int | None = None) -> RegistrationEntry:
         try:
-            entry = await self._rt.store.get_entry(entry_id)
-            await self._rt.store.delete_entry(entry_id)
-        except NotFoundError as err:
+            check_entry_id(entry_id)
+            entry = await self._store.get_entry(entry_id)
+            await self._store.delete_entry(entry_id, expected_revision=expected_revision or None)
+        except TrustmeshError as err:
             await self._refused("entry.delete", actor, entry_id, err)
             raise
         await self._audit("entry.delete", actor, entry.spiffe_id, entry_id=entry_id)
@@ -195,16 +282,18 @@ class Registry:
 
     # --- join tokens --------------------------------------------------------------------
 
-    async def create_join_token(self, node_name: str, ttl: timedelta, actor: str) -> tuple[str, JoinToken]:
+    async def create_join_token(self, node_name: str, ttl_seconds: int, actor: str) -> tuple[str, JoinToken]:
+        """A new single-use token for `node_name`; 0 seconds means the default lifetime.
+
+        Returns the token (shown once, never stored) and the stored record (its hash)."""
         try:
             check_node_name(node_name)
-            if not MIN_TOKEN_TTL <= ttl <= MAX_TOKEN_TTL:
-                raise InvalidArgumentError(
-                    f"--ttl {int(ttl.total_seconds())}s is out of range: use 1m to 7d (default 10m)")
+            ttl = check_token_ttl(ttl_seconds)
             agent = agent_id(self._td, node_name)
             node = await self._find_node(str(agent))
             if node is not None and node.banned:
-                raise FailedPreconditionError(f"node {node_name} is banned; a banned node cannot join again")
+                raise FailedPreconditionError(
+                    f"node {node_name} is banned; a banned node name cannot join again (use another name)")
             if node is not None:
                 raise FailedPreconditionError(
                     f"node {node_name} is already attested as {agent}; evict it first with "
@@ -215,14 +304,18 @@ class Registry:
         # 256 random bits behind a fixed prefix: a token never starts with "-" (which a
         # command line would take for an option), and secret scanners can recognise it.
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        now = self._rt.clock()
+        now = self._clock()
         record = JoinToken(token_hash=token_hash(token), node_name=node_name,
                            expires_at=now + ttl.total_seconds(), created_at=now)
-        await self._rt.store.create_join_token(record)
+        await self._store.create_join_token(record)
+        # The audit event names the node and the expiry, never the token (nor its hash).
         await self._audit("token.create", actor, str(agent), node_name=node_name, expires_at=record.expires_at)
         return token, record
 
     # --- agents ---------------------------------------------------------------------------
+
+    def agent_id_of(self, node_name: str) -> str:
+        return str(agent_id(self._td, check_node_name(node_name)))
 
     def resolve_agent(self, text: str) -> str:
         """Accept an agent SPIFFE ID or a bare node name."""
@@ -234,37 +327,57 @@ class Registry:
             if sid.trust_domain != self._td or node_name_of(sid) is None:
                 raise InvalidArgumentError(f"{sid} is not an agent ID of {self._td} (spiffe://{self._td}/agent/NODE)")
             return str(sid)
-        return str(agent_id(self._td, check_node_name(text)))
+        return self.agent_id_of(text)
 
     async def _find_node(self, spiffe_id: str) -> AttestedNode | None:
         try:
-            return await self._rt.store.get_attested_node(spiffe_id)
+            return await self._store.get_attested_node(spiffe_id)
         except NotFoundError:
             return None
 
-    async def _require_node(self, agent: str, kind: str, actor: str) -> AttestedNode:
+    async def _require_node(self, agent: str) -> AttestedNode:
         node = await self._find_node(agent)
         if node is None:
-            err = NotFoundError(f"no attested agent {agent}; see `trustmesh agent list`")
-            await self._refused(kind, actor, agent, err)
-            raise err
+            raise NotFoundError(f"no attested agent {agent}; see `trustmesh agent list`")
         return node
 
     async def ban_agent(self, text: str, actor: str) -> AttestedNode:
-        agent = self.resolve_agent(text)
-        node = await self._require_node(agent, "agent.ban", actor)
-        banned = await self._rt.store.update_attested_node(
-            replace(node, banned=True, updated_at=self._rt.clock()), expected_revision=node.revision or None)
-        await self._audit("agent.ban", actor, agent)
+        """Mark the agent banned. The Node API sees the change on the store's feed, closes
+        the agent's streams and refuses its calls; the record stays, so the node name can
+        never attest again (a token for it is refused too)."""
+        try:
+            agent = self.resolve_agent(text)
+            for _ in range(_BAN_RETRIES):
+                node = await self._require_node(agent)
+                if node.banned:
+                    await self._audit("agent.ban", actor, agent, already_banned=True)
+                    return node
+                try:
+                    banned = await self._store.update_attested_node(
+                        replace(node, banned=True, updated_at=self._clock()), expected_revision=node.revision or None)
+                except ConflictError:
+                    continue  # the agent renewed meanwhile: ban the record as it is now
+                break
+            else:
+                raise ConflictError(f"agent {agent} kept changing while being banned; run the ban again")
+        except TrustmeshError as err:
+            await self._refused("agent.ban", actor, text, err)
+            raise
+        await self._audit("agent.ban", actor, agent, node_name=banned.node_name)
         return banned
 
     async def evict_agent(self, text: str, actor: str) -> AttestedNode:
-        agent = self.resolve_agent(text)
-        node = await self._require_node(agent, "agent.evict", actor)
-        if node.banned:
-            err = FailedPreconditionError(f"agent {agent} is banned; a banned agent stays on record so it cannot rejoin")
-            await self._refused("agent.evict", actor, agent, err)
-            raise err
-        await self._rt.store.delete_attested_node(agent)
-        await self._audit("agent.evict", actor, agent)
+        """Forget the agent: its SVID stops working and the node may attest again with a new
+        token. A banned agent is not evicted: its record is what keeps it out."""
+        try:
+            agent = self.resolve_agent(text)
+            node = await self._require_node(agent)
+            if node.banned:
+                raise FailedPreconditionError(
+                    f"agent {agent} is banned; a banned agent stays on record so that it cannot rejoin")
+            await self._store.delete_attested_node(agent)
+        except TrustmeshError as err:
+            await self._refused("agent.evict", actor, text, err)
+            raise
+        await self._audit("agent.evict", actor, agent, node_name=node.node_name)
         return node

@@ -10,6 +10,7 @@ import base64
 import hashlib
 from typing import Union
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
@@ -40,7 +41,8 @@ def private_key_to_pkcs8_der(key: PrivateKey) -> bytes:
 def load_private_key_pkcs8_der(data: bytes) -> PrivateKey:
     try:
         key = serialization.load_der_private_key(data, password=None)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        # UnsupportedAlgorithm: a well-formed PKCS#8 whose algorithm OID is unknown.
         raise SvidError("private key is not a valid unencrypted PKCS#8 DER key") from err
     if not isinstance(key, (ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, rsa.RSAPrivateKey)):
         raise SvidError(f"unsupported private key type {type(key).__name__}")

@@ -11,25 +11,48 @@ of the trust domain named in its leaf, so a partner's CA can never vouch for our
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import TypeVar
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from trustmesh.der import load_der_certificates
 from trustmesh.errors import InvalidSpiffeIdError, SvidError, VerificationError
-from trustmesh.keys import PrivateKey, PublicKey
+from trustmesh.keys import PrivateKey, PublicKey, spki_der
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 
 MAX_CSR_BYTES = 16 * 1024
 MAX_CHAIN_DEPTH = 8
 ORGANIZATION = "trustmesh"
+MAX_COMMON_NAME = 64  # ub-common-name in RFC 5280; longer DNS names stay in the SAN only
+MAX_DNS_NAME = 253
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+# Critical extensions this verifier acts on. RFC 5280 says a certificate with any other
+# critical extension must be refused, since its issuer meant it to restrict something we
+# would silently ignore.
+_UNDERSTOOD_CRITICAL = frozenset({
+    ExtensionOID.BASIC_CONSTRAINTS,
+    ExtensionOID.KEY_USAGE,
+    ExtensionOID.EXTENDED_KEY_USAGE,
+    ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+    ExtensionOID.NAME_CONSTRAINTS,
+    ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+    ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+})
+# Hashes too weak to accept in a signature anywhere in a chain.
+_WEAK_HASHES = ("md5", "sha1")
+
+
+_E = TypeVar("_E", bound=x509.ExtensionType)
 
 
 def _now() -> datetime:
@@ -62,7 +85,16 @@ def build_leaf_certificate(
 ) -> x509.Certificate:
     if spiffe_id.is_trust_domain_id:
         raise SvidError(f"a leaf X509-SVID needs a SPIFFE ID with a path, not {spiffe_id}")
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])]) if dns_names else x509.Name([])
+    if isinstance(dns_names, str):
+        raise SvidError("dns_names must be a sequence of names, not one string")
+    for name in dns_names:
+        _check_dns_name(name)
+    _check_window(not_before, not_after)
+    # The first DNS name doubles as the CN (for old clients), when it fits a CN at all.
+    if dns_names and len(dns_names[0]) <= MAX_COMMON_NAME:
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])])
+    else:
+        subject = x509.Name([])
     san = x509.SubjectAlternativeName(
         [x509.UniformResourceIdentifier(str(spiffe_id))] + [x509.DNSName(d) for d in dns_names]
     )
@@ -77,7 +109,7 @@ def build_leaf_certificate(
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         # The standard requires the SAN to be critical when the subject is empty.
-        .add_extension(san, critical=not dns_names)
+        .add_extension(san, critical=len(subject) == 0)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -95,6 +127,28 @@ def build_leaf_certificate(
         .add_extension(_aki(issuer), critical=False)
     )
     return builder.sign(issuer_key, _hash_for(issuer_key))
+
+
+def _check_dns_name(name: object) -> None:
+    """An LDH host name, optionally with a leading '*' label; anything else is refused."""
+    if not isinstance(name, str):
+        raise SvidError(f"DNS name {name!r} is not a string")
+    shown = name if len(name) <= 80 else name[:77] + "..."
+    labels = name.split(".")
+    if labels[0] == "*" and len(labels) > 1:
+        labels = labels[1:]
+    if not name or len(name) > MAX_DNS_NAME or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise SvidError(
+            f"invalid DNS name {shown!r}: use at most {MAX_DNS_NAME} characters of dot-separated labels "
+            "of ASCII letters, digits and '-' (a leading '*.' is allowed)"
+        )
+
+
+def _check_window(not_before: datetime, not_after: datetime) -> None:
+    if not_after <= not_before:
+        raise SvidError(
+            f"certificate would end ({not_after.isoformat()}) before it starts ({not_before.isoformat()})"
+        )
 
 
 def _aki(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
@@ -118,6 +172,9 @@ def build_ca_certificate(
     serial: int | None = None,
 ) -> x509.Certificate:
     """A root (issuer None: self-signed) or intermediate signing certificate."""
+    if not 1 <= len(common_name) <= MAX_COMMON_NAME:
+        raise SvidError(f"a CA common name has 1 to {MAX_COMMON_NAME} characters, got {len(common_name)}")
+    _check_window(not_before, not_after)
     subject = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
         x509.NameAttribute(NameOID.COMMON_NAME, common_name),
@@ -153,12 +210,33 @@ def build_ca_certificate(
     return builder.sign(issuer_key, _hash_for(issuer_key))
 
 
-def _uri_sans(cert: x509.Certificate) -> list[str]:
+def _extensions(cert: x509.Certificate) -> x509.Extensions:
+    """The certificate's extensions; a malformed or duplicated one is a verification failure.
+
+    cryptography parses extensions lazily, so a hostile certificate that loaded fine can
+    still raise here; callers must never see that as anything but VerificationError.
+    """
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return cert.extensions
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as err:
+        raise VerificationError(f"certificate has malformed extensions: {err}") from err
+
+
+def _extension(cert: x509.Certificate, kind: type[_E]) -> _E | None:
+    try:
+        return _extensions(cert).get_extension_for_class(kind).value
     except x509.ExtensionNotFound:
-        return []
-    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
+        return None
+
+
+def _uri_sans(cert: x509.Certificate) -> list[str]:
+    san = _extension(cert, x509.SubjectAlternativeName)
+    return [] if san is None else list(san.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+def _dns_sans(cert: x509.Certificate) -> list[str]:
+    san = _extension(cert, x509.SubjectAlternativeName)
+    return [] if san is None else list(san.get_values_for_type(x509.DNSName))
 
 
 def spiffe_id_from_certificate(cert: x509.Certificate) -> SpiffeId:
@@ -172,20 +250,6 @@ def spiffe_id_from_certificate(cert: x509.Certificate) -> SpiffeId:
         raise VerificationError(f"certificate URI SAN is not a SPIFFE ID: {err.reason}") from err
 
 
-def _basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
-    try:
-        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        return None
-
-
-def _key_usage(cert: x509.Certificate) -> x509.KeyUsage | None:
-    try:
-        return cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        return None
-
-
 def _check_validity(cert: x509.Certificate, now: datetime, what: str) -> None:
     if now < cert.not_valid_before_utc:
         raise VerificationError(f"{what} is not valid until {cert.not_valid_before_utc.isoformat()}")
@@ -193,13 +257,29 @@ def _check_validity(cert: x509.Certificate, now: datetime, what: str) -> None:
         raise VerificationError(f"{what} expired at {cert.not_valid_after_utc.isoformat()}")
 
 
+def _check_critical_extensions(cert: x509.Certificate, what: str) -> None:
+    for ext in _extensions(cert):
+        if ext.critical and ext.oid not in _UNDERSTOOD_CRITICAL:
+            raise VerificationError(f"{what} has a critical extension this verifier does not understand ({ext.oid.dotted_string})")
+
+
+def _check_signature_hash(cert: x509.Certificate, what: str) -> None:
+    try:
+        algorithm = cert.signature_hash_algorithm
+    except UnsupportedAlgorithm as err:
+        raise VerificationError(f"{what} is signed with an unsupported algorithm") from err
+    if algorithm is not None and algorithm.name in _WEAK_HASHES:
+        raise VerificationError(f"{what} is signed with {algorithm.name}, which is too weak to trust")
+
+
 def _check_leaf(leaf: x509.Certificate) -> SpiffeId:
-    bc = _basic_constraints(leaf)
+    _check_critical_extensions(leaf, "leaf certificate")
+    bc = _extension(leaf, x509.BasicConstraints)
     if bc is None:
         raise VerificationError("leaf certificate has no basic constraints extension")
     if bc.ca:
         raise VerificationError("leaf certificate is a CA; an X509-SVID leaf must have CA=false")
-    ku = _key_usage(leaf)
+    ku = _extension(leaf, x509.KeyUsage)
     if ku is None:
         raise VerificationError("leaf certificate has no key usage extension")
     if not ku.digital_signature:
@@ -213,12 +293,14 @@ def _check_leaf(leaf: x509.Certificate) -> SpiffeId:
 
 
 def _check_ca(cert: x509.Certificate, trust_domain: TrustDomain, depth: int, what: str) -> None:
-    bc = _basic_constraints(cert)
+    _check_critical_extensions(cert, what)
+    bc = _extension(cert, x509.BasicConstraints)
     if bc is None or not bc.ca:
         raise VerificationError(f"{what} is not a CA certificate")
-    ku = _key_usage(cert)
-    if ku is not None and not ku.key_cert_sign:
-        raise VerificationError(f"{what} may not sign certificates (no keyCertSign)")
+    # The X509-SVID standard requires keyCertSign on every signing certificate.
+    ku = _extension(cert, x509.KeyUsage)
+    if ku is None or not ku.key_cert_sign:
+        raise VerificationError(f"{what} may not sign certificates (no keyCertSign key usage)")
     # depth = number of CA certificates below this one in the chain.
     if bc.path_length is not None and depth > bc.path_length:
         raise VerificationError(f"{what} path length constraint {bc.path_length} exceeded")
@@ -229,15 +311,67 @@ def _check_ca(cert: x509.Certificate, trust_domain: TrustDomain, depth: int, wha
             raise VerificationError(f"{what} has a URI SAN that is not a SPIFFE ID") from err
         if sid.trust_domain != trust_domain:
             raise VerificationError(f"{what} belongs to trust domain {sid.trust_domain}, not {trust_domain}")
+        # X509-SVID 3.2: the SPIFFE ID of a signing certificate MUST NOT have a path.
+        if not sid.is_trust_domain_id:
+            raise VerificationError(f"{what} has SPIFFE ID {sid}; a signing certificate's ID has no path")
+
+
+def _uri_host_matches(host: str, constraint: str) -> bool:
+    # RFC 5280 4.2.1.10: ".example.com" is any host below it; otherwise the host exactly.
+    constraint = constraint.lower()
+    return host.endswith(constraint) if constraint.startswith(".") else host == constraint
+
+
+def _dns_matches(name: str, constraint: str) -> bool:
+    name, constraint = name.lower().rstrip("."), constraint.lower().rstrip(".")
+    if not constraint:
+        return True
+    if constraint.startswith("."):
+        return name.endswith(constraint)
+    return name == constraint or name.endswith("." + constraint)
+
+
+def _subtree_values(subtrees: Sequence[x509.GeneralName] | None, what: str) -> tuple[list[str], list[str]]:
+    uris: list[str] = []
+    dns: list[str] = []
+    for name in subtrees or ():
+        if isinstance(name, x509.UniformResourceIdentifier):
+            uris.append(name.value)
+        elif isinstance(name, x509.DNSName):
+            dns.append(name.value)
+        else:
+            # Failing closed: a constraint we cannot evaluate must not be ignored.
+            raise VerificationError(f"{what} has a {type(name).__name__} name constraint, which is not supported")
+    return uris, dns
+
+
+def _check_name_constraints(ca: x509.Certificate, spiffe_id: SpiffeId, dns_names: Sequence[str], what: str) -> None:
+    nc = _extension(ca, x509.NameConstraints)
+    if nc is None:
+        return
+    permitted_uris, permitted_dns = _subtree_values(nc.permitted_subtrees, what)
+    excluded_uris, excluded_dns = _subtree_values(nc.excluded_subtrees, what)
+    host = spiffe_id.trust_domain.name
+    if any(_uri_host_matches(host, c) for c in excluded_uris) or (
+        permitted_uris and not any(_uri_host_matches(host, c) for c in permitted_uris)
+    ):
+        raise VerificationError(f"{what} name constraints do not allow {spiffe_id}")
+    for name in dns_names:
+        if any(_dns_matches(name, c) for c in excluded_dns) or (
+            permitted_dns and not any(_dns_matches(name, c) for c in permitted_dns)
+        ):
+            raise VerificationError(f"{what} name constraints do not allow DNS name {name}")
 
 
 def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     """True when `issuer`'s subject names and its key signed `cert`."""
-    if cert.issuer != issuer.subject:
-        return False
     try:
+        # Names are parsed lazily: a malformed one raises here, and is no match.
+        if cert.issuer != issuer.subject:
+            return False
         cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError):
+    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+        # UnsupportedAlgorithm: a key or signature type we cannot check is not a signature.
         return False
     return True
 
@@ -248,12 +382,31 @@ def verify_x509_svid(
     *,
     now: datetime | None = None,
 ) -> SpiffeId:
-    """Verify an X509-SVID chain (leaf first) and return its SPIFFE ID."""
+    """Verify an X509-SVID chain (leaf first) and return its SPIFFE ID.
+
+    The chain is checked only against the anchors of the leaf's own trust domain.
+    """
+    if now is None:
+        now = _now()
+    elif now.tzinfo is None:
+        raise ValueError("now must be a timezone-aware datetime")
     if not chain:
         raise VerificationError("no certificate presented")
     if len(chain) > MAX_CHAIN_DEPTH:
         raise VerificationError(f"certificate chain longer than {MAX_CHAIN_DEPTH}")
-    now = now or _now()
+    try:
+        return _verify_chain(chain, trust_anchors, now)
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as err:
+        # cryptography parses names and fields lazily, so a hostile certificate that
+        # loaded can still raise deep inside the checks; that is a refusal, not a crash.
+        raise VerificationError(f"certificate chain could not be parsed: {err}") from err
+
+
+def _verify_chain(
+    chain: Sequence[x509.Certificate],
+    trust_anchors: Mapping[TrustDomain, Sequence[x509.Certificate]],
+    now: datetime,
+) -> SpiffeId:
     leaf = chain[0]
     spiffe_id = _check_leaf(leaf)
     td = spiffe_id.trust_domain
@@ -261,15 +414,28 @@ def verify_x509_svid(
     if not roots:
         raise VerificationError(f"no trust bundle for trust domain {td}")
     _check_validity(leaf, now, "leaf certificate")
+    _check_signature_hash(leaf, "leaf certificate")
+    leaf_dns = _dns_sans(leaf)
 
     current, depth = leaf, 0
     intermediates = list(chain[1:])
     for _ in range(MAX_CHAIN_DEPTH):
+        # Several roots may match (a root re-issued with the same key and name sits in the
+        # bundle beside the old one during a rotation): any one that passes every check
+        # is enough; only when none does is the first failure reported.
+        refusal: VerificationError | None = None
         for root in roots:
             if issued_by(current, root):
-                _check_ca(root, td, depth, "root certificate")
-                _check_validity(root, now, "root certificate")
+                try:
+                    _check_ca(root, td, depth, "root certificate")
+                    _check_validity(root, now, "root certificate")
+                    _check_name_constraints(root, spiffe_id, leaf_dns, "root certificate")
+                except VerificationError as err:
+                    refusal = refusal or err
+                    continue
                 return spiffe_id
+        if refusal is not None:
+            raise refusal
         # Not yet at a root: the next certificate presented must have issued this one.
         if not intermediates:
             raise VerificationError(f"chain does not lead to a root of trust domain {td}")
@@ -278,6 +444,8 @@ def verify_x509_svid(
             raise VerificationError("certificate chain is broken: a certificate was not signed by the next one")
         _check_ca(issuer, td, depth, "intermediate certificate")
         _check_validity(issuer, now, "intermediate certificate")
+        _check_signature_hash(issuer, "intermediate certificate")
+        _check_name_constraints(issuer, spiffe_id, leaf_dns, "intermediate certificate")
         current, depth = issuer, depth + 1
     raise VerificationError(f"certificate chain longer than {MAX_CHAIN_DEPTH}")
 
@@ -303,9 +471,12 @@ def parse_csr(der: bytes) -> x509.CertificateSigningRequest:
         raise SvidError(f"CSR is larger than {MAX_CSR_BYTES} bytes")
     try:
         csr = x509.load_der_x509_csr(bytes(der))
-        key = csr.public_key()
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, x509.InvalidVersion) as err:
         raise SvidError("CSR is not a valid DER PKCS#10 request") from err
+    try:
+        key = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm) as err:
+        raise SvidError("CSR key type is not allowed; use EC P-256, EC P-384 or Ed25519") from err
     if isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, (ec.SECP256R1, ec.SECP384R1)):
             raise SvidError(f"CSR key curve {key.curve.name} is not allowed; use EC P-256, EC P-384 or Ed25519")
@@ -313,7 +484,7 @@ def parse_csr(der: bytes) -> x509.CertificateSigningRequest:
         raise SvidError(f"CSR key type {type(key).__name__} is not allowed; use EC P-256, EC P-384 or Ed25519")
     try:
         valid = csr.is_signature_valid
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise SvidError("CSR signature cannot be checked") from err
     if not valid:
         raise SvidError("CSR signature is invalid: it was not signed by the key it carries")
@@ -327,11 +498,27 @@ def parse_csr(der: bytes) -> x509.CertificateSigningRequest:
 class X509Svid:
     spiffe_id: SpiffeId
     cert_chain: tuple[x509.Certificate, ...]
-    private_key: PrivateKey | None = None
+    # Kept out of repr so that logging an SVID can never print its key object.
+    private_key: PrivateKey | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.cert_chain:
             raise SvidError("an X509-SVID needs at least its leaf certificate")
+        # The value must be what it claims: an ID or key paired with the wrong leaf would
+        # otherwise be served to workloads and fail only at the peer's handshake.
+        try:
+            leaf_id = spiffe_id_from_certificate(self.cert_chain[0])
+        except VerificationError as err:
+            raise SvidError(f"leaf certificate is not an X509-SVID: {err}") from err
+        if leaf_id != self.spiffe_id:
+            raise SvidError(f"SPIFFE ID {self.spiffe_id} does not match the leaf certificate's {leaf_id}")
+        if self.private_key is not None:
+            try:
+                leaf_spki = spki_der(self.cert_chain[0].public_key())  # type: ignore[arg-type]
+            except (ValueError, UnsupportedAlgorithm) as err:
+                raise SvidError("leaf certificate public key cannot be read") from err
+            if spki_der(self.private_key.public_key()) != leaf_spki:
+                raise SvidError("private key does not belong to the leaf certificate")
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -356,7 +543,7 @@ class X509Svid:
     def from_der_chain(cls, data: bytes, private_key: PrivateKey | None = None) -> X509Svid:
         try:
             certs = load_der_certificates(data)
-        except ValueError as err:
+        except (ValueError, x509.InvalidVersion) as err:
             raise SvidError(f"certificate chain is not valid concatenated DER: {err}") from err
         if not certs:
             raise SvidError("certificate chain is empty")
@@ -365,3 +552,7 @@ class X509Svid:
         except VerificationError as err:
             raise SvidError(str(err)) from err
         return cls(spiffe_id, tuple(certs), private_key)
+
+    def to_pem(self) -> bytes:
+        """The chain as PEM, leaf first. Never includes the private key; write that apart."""
+        return self.chain_pem()

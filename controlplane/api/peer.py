@@ -24,6 +24,7 @@ from controlplane.api.status import PermissionDeniedError, UnauthenticatedError
 class PeerAgent:
     spiffe_id: SpiffeId
     serial: str
+    not_after: float  # the client certificate's expiry (unix time): a stream must not outlive it
 
     @property
     def id(self) -> str:
@@ -31,10 +32,12 @@ class PeerAgent:
 
 
 def peer_agent(context: grpc.aio.ServicerContext, td: TrustDomain) -> PeerAgent:
+    """The calling agent, or UNAUTHENTICATED / PERMISSION_DENIED saying what is wrong."""
     auth = context.auth_context() or {}
     pems = auth.get("x509_pem_cert") or []
     if not pems:
-        raise UnauthenticatedError("this call needs the agent's X509-SVID as TLS client certificate; attest first")
+        raise UnauthenticatedError("this call needs the agent's X509-SVID as TLS client certificate; attest first "
+                                   "(the Node API listener is --bind; attestation is on --attest-bind)")
     try:
         leaf = x509.load_pem_x509_certificate(pems[0])
         sid = spiffe_id_from_certificate(leaf)
@@ -42,4 +45,4 @@ def peer_agent(context: grpc.aio.ServicerContext, td: TrustDomain) -> PeerAgent:
         raise UnauthenticatedError(f"the client certificate is not an X509-SVID: {err}") from err
     if sid.trust_domain != td or node_name_of(sid) is None:
         raise PermissionDeniedError(f"{sid} is not an agent of trust domain {td}; only agents may call the Node API")
-    return PeerAgent(sid, format(leaf.serial_number, "x"))
+    return PeerAgent(sid, format(leaf.serial_number, "x"), leaf.not_valid_after_utc.timestamp())

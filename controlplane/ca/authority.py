@@ -11,6 +11,7 @@ runs in a thread so the event loop keeps serving.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import secrets
 import tempfile
@@ -28,6 +29,7 @@ from trustmesh.bundle import Bundle, JwtAuthority
 from trustmesh.errors import CAError, ConflictError, SvidError, TrustmeshError
 from trustmesh.jwtsvid import sign_jwt_svid
 from trustmesh.keys import (
+    KEY_KINDS,
     PrivateKey,
     PublicKey,
     generate_private_key,
@@ -37,7 +39,13 @@ from trustmesh.keys import (
     spki_der,
 )
 from trustmesh.spiffeid import SpiffeId, TrustDomain
-from trustmesh.x509svid import X509Svid, build_ca_certificate, build_leaf_certificate, parse_csr
+from trustmesh.x509svid import (
+    MAX_COMMON_NAME,
+    X509Svid,
+    build_ca_certificate,
+    build_leaf_certificate,
+    parse_csr,
+)
 
 from controlplane.ca.journal import (
     CAJournal,
@@ -70,6 +78,19 @@ class CAConfig:
     ca_ttl: timedelta = timedelta(hours=24)
     key_kind: str = "ec-p256"
     backdate: timedelta = timedelta(seconds=30)
+
+    def __post_init__(self) -> None:
+        # Checked here so a bad setting is one clear error at start, not a failure deep in
+        # key generation or a CA whose certificates end before they begin.
+        if self.key_kind not in KEY_KINDS:
+            raise CAError(f"CA key kind {self.key_kind!r} is not supported; use one of {', '.join(KEY_KINDS)}")
+        if not self.replica_id:
+            raise CAError("the replica id is empty; give each server replica a name")
+        for name, ttl in (("root_ttl", self.root_ttl), ("ca_ttl", self.ca_ttl)):
+            if ttl <= timedelta(0):
+                raise CAError(f"{name} must be positive, got {ttl}")
+        if self.backdate < timedelta(0):
+            raise CAError(f"backdate must not be negative, got {self.backdate}")
 
 
 @dataclass(frozen=True)
@@ -204,6 +225,11 @@ class CertificateAuthority:
         root_cert = x509.load_der_x509_certificate(root_slot.cert_der)
         root_key = self._root_keys[root_slot.id]
         now = self._clock()
+        if root_cert.not_valid_after_utc <= now:
+            raise CAError(
+                f"the active root CA {root_slot.id} expired at {root_cert.not_valid_after_utc.isoformat()}; "
+                "no signing CA can be made under it until the root is rotated"
+            )
         not_after = min(now + self._config.ca_ttl, root_cert.not_valid_after_utc)
 
         def build() -> tuple[x509.Certificate, PrivateKey]:
@@ -211,7 +237,7 @@ class CertificateAuthority:
             cert = build_ca_certificate(
                 trust_domain=self._config.trust_domain, public_key=key.public_key(), issuer=root_cert,
                 issuer_key=root_key, not_before=now - self._config.backdate, not_after=not_after,
-                path_length=0, common_name=f"trustmesh signing CA {self._config.replica_id}",
+                path_length=0, common_name=_common_name(f"trustmesh signing CA {self._config.replica_id}"),
             )
             return cert, key
 
@@ -347,6 +373,15 @@ class CertificateAuthority:
             raise
 
 
+def _common_name(text: str) -> str:
+    # A CN is informational here (identity is in the URI SAN) but X.509 caps it at 64
+    # characters; a long host name or trust domain must not stop the CA from starting.
+    # The hash suffix keeps two long replica names that share a prefix distinct.
+    if len(text) <= MAX_COMMON_NAME:
+        return text
+    return text[: MAX_COMMON_NAME - 9] + "~" + hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def _open_key(kek: KeyEncryptionKey, sealed: bytes, aad: bytes) -> PrivateKey:
     plaintext = kek.open(sealed, aad)
     try:
@@ -363,7 +398,7 @@ def _new_journal(config: CAConfig, kek: KeyEncryptionKey, now: datetime) -> CAJo
     root = build_ca_certificate(
         trust_domain=td, public_key=root_key.public_key(), issuer=None, issuer_key=root_key,
         not_before=now - config.backdate, not_after=not_after, path_length=1,
-        common_name=f"trustmesh root CA {td.name}",
+        common_name=_common_name(f"trustmesh root CA {td.name}"),
     )
     jwt_key = generate_private_key("ec-p256")
     kid = key_id(jwt_key.public_key())

@@ -138,7 +138,8 @@ class CAJournal:
             return cls(trust_domain=str(doc["trust_domain"]), roots=roots, jwt_keys=jwt_keys, signing_cas=signing)
         except CAError:
             raise
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, RecursionError) as err:
+            # RecursionError: json.loads on absurdly nested input; corrupt, like the rest.
             raise CAError(f"CA journal is corrupt: {err}") from err
 
 

@@ -27,6 +27,7 @@ KEK_BYTES = 32
 _MAGIC = b"TMK1"
 _FP_BYTES = 8
 _NONCE_BYTES = 12
+_MAX_FILE_BYTES = 4096
 
 
 def _decode(text: bytes, source: str) -> bytes:
@@ -67,16 +68,32 @@ class KeyEncryptionKey:
     def from_file(cls, path: Path | str) -> KeyEncryptionKey:
         path = Path(path)
         try:
-            st = path.stat()
-            data = path.read_bytes()
+            # Mode and contents come from one open file, so a swap between a check and a
+            # read cannot slip in a file whose mode was never checked.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never hang on a FIFO
         except FileNotFoundError as err:
             raise KeyEncryptionError(f"key-encryption key file {path} does not exist") from err
         except OSError as err:
             raise KeyEncryptionError(f"cannot read key-encryption key file {path}: {err.strerror}") from err
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise KeyEncryptionError(f"cannot read key-encryption key file {path}: not a regular file")
+            if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise KeyEncryptionError(
+                    f"key-encryption key file {path} is open to group or others "
+                    f"(mode {oct(st.st_mode & 0o777)}); run `chmod 600 {path}`"
+                )
+            # A key file is tens of bytes; reading a bounded amount keeps a wrong path
+            # (a log, a device) from being slurped whole.
+            data = os.read(fd, _MAX_FILE_BYTES + 1)
+        except OSError as err:
+            raise KeyEncryptionError(f"cannot read key-encryption key file {path}: {err.strerror}") from err
+        finally:
+            os.close(fd)
+        if len(data) > _MAX_FILE_BYTES:
             raise KeyEncryptionError(
-                f"key-encryption key file {path} is readable by others (mode {oct(st.st_mode & 0o777)}); "
-                f"run `chmod 600 {path}`"
+                f"key-encryption key file {path} does not hold a {KEK_BYTES}-byte key (it is far too large)"
             )
         return cls(_decode(data, f"key-encryption key file {path}"))
 

@@ -1,7 +1,12 @@
-"""A small test-side agent speaking the real Node protocol over real mTLS."""
+"""A small test-side agent speaking the real Node protocol over real mTLS.
+
+It keeps its key and agent SVID like a real agent, so tests can attest, renew, sync and
+sign as one node would, and then misbehave on purpose.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import grpc
@@ -37,10 +42,45 @@ class NodeClient:
         self.spiffe_id = reply.result.spiffe_id
         return reply.result
 
-    def channel(self) -> grpc.aio.Channel:
-        return self.server.node_channel(self.key, pem_chain(self.chain_der))
+    @property
+    def serial(self) -> int:
+        return x509.load_der_x509_certificate(self.chain_der[0]).serial_number
 
-    async def batch_sign(self, items: list[tuple[str, bytes]]) -> node_pb2.BatchSignX509Response:
+    def channel(self, server: ServerProcess | None = None) -> grpc.aio.Channel:
+        """An mTLS channel with the current agent SVID (to `server`, default the attesting one)."""
+        return (server or self.server).node_channel(self.key, pem_chain(self.chain_der))
+
+    async def renew(self) -> None:
+        """Renew the agent SVID with a new key, as an agent does at half-life."""
+        new_key = generate_private_key()
         async with self.channel() as channel:
+            reply = await node_pb2_grpc.NodeStub(channel).RenewAgent(
+                node_pb2.RenewAgentRequest(csr=build_csr(new_key)), timeout=20)
+        self.key, self.chain_der = new_key, list(reply.svid_chain)
+
+    async def batch_sign(self, items: list[tuple[str, bytes]],
+                         server: ServerProcess | None = None) -> node_pb2.BatchSignX509Response:
+        async with self.channel(server) as channel:
             req = node_pb2.BatchSignX509Request(items=[node_pb2.X509SignItem(entry_id=e, csr=c) for e, c in items])
             return await node_pb2_grpc.NodeStub(channel).BatchSignX509(req, timeout=20)
+
+
+class SyncReader:
+    """One Sync stream: read messages with a bound, and fold snapshot pages into one."""
+
+    def __init__(self, channel: grpc.aio.Channel, since_revision: int = 0) -> None:
+        self.call = node_pb2_grpc.NodeStub(channel).Sync(node_pb2.SyncRequest(since_revision=since_revision))
+
+    async def next(self, timeout: float = 10) -> node_pb2.SyncResponse:
+        message: node_pb2.SyncResponse = await asyncio.wait_for(self.call.read(), timeout)
+        return message
+
+    async def snapshot(self, timeout: float = 10) -> tuple[list[node_pb2.SyncResponse], int]:
+        """All pages of a snapshot, and its revision."""
+        pages = [await self.next(timeout)]
+        while pages[-1].WhichOneof("body") == "snapshot" and not pages[-1].snapshot.last:
+            pages.append(await self.next(timeout))
+        return pages, pages[-1].revision
+
+    def cancel(self) -> None:
+        self.call.cancel()

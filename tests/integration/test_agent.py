@@ -304,3 +304,97 @@ spec:
     time.sleep(max(0.0, (lapse - datetime.now(timezone.utc)).total_seconds()) + 0.5)
     lapsed = ask("spiffe://example.org/oncall")
     assert not lapsed.allowed and "expired" in lapsed.reason  # lapsed by itself, nobody removed it
+
+
+# --- attestation failures, bans and the agent's own rotation -------------------------------------
+
+
+def _run_agent_once(server: ServerProcess, data_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    from tests.integration.harness import trustmesh_cmd
+
+    return subprocess.run(trustmesh_cmd("agent", "run", "--server", server.bind, "--attest-server", server.attest_bind,
+                                        "--trust-bundle", str(server.bundle_path), "--data-dir", str(data_dir),
+                                        "--socket", str(data_dir / "w.sock"), *extra),
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_no_identity_and_a_refused_token_are_clear_errors(make_server: Callable[..., ServerProcess],
+                                                          tmp_path: Path) -> None:
+    server = make_server()
+    first = _run_agent_once(server, tmp_path / "a")
+    assert first.returncode == 1
+    assert ("trustmesh: error: this agent has no identity yet: start it once with --join-token "
+            "(create one with `trustmesh token create --node NAME`)") in first.stderr
+    tok = server.cli("token", "create", "--node", "node-1", check=True).stdout.strip()
+    AgentProcess(server, tmp_path / "b", join_token=tok).start().stop()
+    reused = _run_agent_once(server, tmp_path / "c", "--join-token", tok)  # single use: refused now
+    assert reused.returncode == 1
+    assert "refused the join token" in reused.stderr and "trustmesh token create" in reused.stderr
+    assert "event=token_refused" in reused.stderr and "reason=token_refused" in reused.stderr
+
+
+def _metrics(address: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as reply:
+        return str(reply.read().decode())
+
+
+def _free_port() -> int:
+    import socket as socketlib
+
+    with socketlib.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_banned_agent_says_so_and_keeps_serving(setup: tuple[ServerProcess, AgentProcess], tmp_path: Path) -> None:
+    server, agent = setup
+    entry(server, "ledger", "--x509-ttl", "60s")
+    metrics = f"127.0.0.1:{_free_port()}"
+    agent.config = tmp_path / "agent.yaml"
+    agent.config.write_text(f"metrics: {metrics}\n")
+    agent.start()
+    assert next(stub(agent).FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=20)).svids
+    assert 'trustmesh_agent_server_state{state="connected"} 1' in _metrics(metrics)
+    server.cli("agent", "ban", "node-1", check=True)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and "event=agent_refused" not in agent.log():
+        time.sleep(0.1)
+    log = agent.log()
+    assert "event=agent_refused" in log and "an operator must re-admit it" in log
+    text = _metrics(metrics)
+    assert 'trustmesh_agent_server_state{state="banned"} 1' in text
+    assert 'trustmesh_agent_server_state{state="unreachable"} 0' in text
+    # What it holds is still served until it expires.
+    during = next(stub(agent).FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=20))
+    assert during.svids and leaf_of(during.svids[0]).not_valid_after_utc.timestamp() > time.time()
+    time.sleep(1.5)
+    assert agent.log().count("event=agent_refused") <= 2, "no retry storm after a ban"
+
+
+@pytest.mark.slow
+def test_the_agent_svid_rotates_onto_a_new_channel(make_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    server = make_server(extra=["--agent-ttl", "6s"])
+    tok = server.cli("token", "create", "--node", "node-1", check=True).stdout.strip()
+    agent = AgentProcess(server, tmp_path / "agent", join_token=tok)
+    try:
+        agent.start()
+        first_key = (tmp_path / "agent" / "agent_key.pem").read_bytes()
+        started = time.monotonic()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and agent.log().count("event=agent_renewed") < 2:
+            time.sleep(0.1)
+        assert agent.log().count("event=agent_renewed") >= 2
+        assert time.monotonic() - started > 2.5, "renewed around half-life, not in a tight loop"
+        assert (tmp_path / "agent" / "agent_key.pem").read_bytes() != first_key, "a new key on disk"
+        # Every call after the rotation uses the new SVID: the old one has expired by now, and
+        # an entry created now still gets its SVID.
+        time.sleep(2)
+        entry(server, "late", "--x509-ttl", "30s")
+        stream = stub(agent).FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=20)
+        assert [s.spiffe_id for s in next(stream).svids] == ["spiffe://example.org/late"]
+        stream.cancel()
+        assert "event=agent_refused" not in agent.log()
+    finally:
+        agent.stop()

@@ -470,3 +470,125 @@ async def test_an_absurd_lifetime_fails_alone_in_a_batch(tmp_path: Path) -> None
     assert isinstance(results[0], CAError) and "longer than" in str(results[0])
     assert not isinstance(results[1], Exception)
     await s.close()
+
+
+# --- configuration, names and an expired root ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"key_kind": "rsa-2048"}, "key kind 'rsa-2048' is not supported"),
+        ({"replica": ""}, "replica id is empty"),
+        ({"ca_ttl": timedelta(0)}, "ca_ttl must be positive"),
+        ({"root_ttl": timedelta(hours=-1)}, "root_ttl must be positive"),
+        ({"backdate": timedelta(seconds=-1)}, "backdate must not be negative"),
+    ],
+)
+def test_a_bad_config_is_one_clear_error(kw: dict[str, Any], match: str) -> None:
+    with pytest.raises(CAError, match=match):
+        _config(**kw)
+
+
+async def test_long_replica_ids_and_trust_domains_still_start(tmp_path: Path) -> None:
+    # Host names of 60+ characters are common in Kubernetes; a CN holds at most 64.
+    long_td = TrustDomain("a" * 60 + ".example.org")
+    store = await _sqlite(tmp_path, "s")
+    pod = "payments-control-plane-statefulset-with-a-very-long-name-0123456789"
+    a = await CertificateAuthority.load_or_create(_config(td=long_td, replica=pod + "-1"), store, KEK)
+    b = await CertificateAuthority.load_or_create(_config(td=long_td, replica=pod + "-2"), store, KEK)
+    names = [ca.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+             for ca in (a.root, a.signing_ca, b.signing_ca)]
+    assert all(len(str(n)) <= 64 for n in names)
+    assert names[1] != names[2], "two replicas whose names share a long prefix keep distinct CAs"
+    sid = SpiffeId.from_parts(long_td, "ledger")
+    svid = await b.sign_x509_svid(build_csr(generate_private_key()), sid, timedelta(minutes=5))
+    assert verify_x509_svid(svid.cert_chain, {long_td: a.x509_authorities()}) == sid
+    await store.close()
+
+
+async def test_an_expired_root_is_a_clear_error_not_a_broken_signing_ca(tmp_path: Path) -> None:
+    store = await _sqlite(tmp_path, "s")
+    clock = Clock()
+    ca = await CertificateAuthority.load_or_create(_config(root_ttl=timedelta(hours=1)), store, KEK, clock=clock)
+    clock.now += timedelta(hours=2)
+    with pytest.raises(CAError, match="root CA .* expired at .*rotated"):
+        await ca.rotate_signing_ca()
+    before = await store.load_ca_state()
+    with pytest.raises(CAError, match="expired"):
+        await CertificateAuthority.load_or_create(_config(replica="r2"), store, KEK, clock=clock)
+    assert await store.load_ca_state() == before
+    await store.close()
+
+
+async def test_hostile_batch_items_fail_alone(store: Store) -> None:
+    ca = await CertificateAuthority.load_or_create(_config(), store, KEK)
+    good = build_csr(generate_private_key())
+    ec_key_oid = bytes.fromhex("06072a8648ce3d0201")
+    unknown_key = good.replace(ec_key_oid, bytes.fromhex("06072a8648ce3d0209"))
+    long_dns = ".".join(["b" * 60] * 3)
+    results = await ca.sign_x509_svids([
+        (unknown_key, LEDGER, timedelta(minutes=5), ()),
+        (good, LEDGER, timedelta(minutes=5), ("not a dns name",)),
+        (good, LEDGER, timedelta(minutes=5), (long_dns,)),
+        (b"\x30" * (20 * 1024), LEDGER, timedelta(minutes=5), ()),
+    ])
+    assert isinstance(results[0], SvidError) and "key type is not allowed" in str(results[0])
+    assert isinstance(results[1], SvidError) and "invalid DNS name" in str(results[1])
+    assert isinstance(results[3], SvidError) and "larger than" in str(results[3])
+    ok = results[2]
+    assert not isinstance(ok, TrustmeshError)
+    assert ok.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName) == [long_dns]
+    assert verify_x509_svid(ok.cert_chain, {TD: ca.x509_authorities()}) == LEDGER
+
+
+class _LosingRaceStore:
+    """An in-memory CAStateStore where another replica creates the CA between our first
+    read (empty) and our first write, so the create path must lose and adopt theirs."""
+
+    def __init__(self, rival_journal: bytes) -> None:
+        self.data: bytes | None = None
+        self.version = 0
+        self._rival = rival_journal
+        self.conflicts = 0
+
+    async def load_ca_state(self) -> tuple[bytes | None, int]:
+        seen = (self.data, self.version)
+        if self._rival:
+            self.data, self.version, self._rival = self._rival, 1, b""
+        return seen
+
+    async def save_ca_state(self, data: bytes, expected_version: int) -> int:
+        from trustmesh.errors import ConflictError
+
+        if expected_version != self.version:
+            self.conflicts += 1
+            raise ConflictError(f"version is {self.version}, not {expected_version}")
+        self.data, self.version = data, self.version + 1
+        return self.version
+
+
+async def test_losing_the_create_race_adopts_the_winners_ca(tmp_path: Path) -> None:
+    winner_store = await _sqlite(tmp_path, "w")
+    winner = await CertificateAuthority.load_or_create(_config(replica="winner"), winner_store, KEK)
+    winner_bytes, _ = await winner_store.load_ca_state()
+    assert winner_bytes is not None
+    racing = _LosingRaceStore(winner_bytes)
+    loser = await CertificateAuthority.load_or_create(_config(replica="loser"), racing, KEK)
+    assert racing.conflicts == 1, "the loser tried to create, was refused, and did not retry creating"
+    assert _der(loser.root) == _der(winner.root)
+    assert list(loser.jwt_authorities()) == list(winner.jwt_authorities())
+    assert racing.data is not None
+    assert [s["replica_id"] for s in json.loads(racing.data)["signing_cas"]] == ["winner", "loser"]
+    loser.signing_ca.verify_directly_issued_by(winner.root)
+    await winner_store.close()
+
+
+@pytest.mark.parametrize("data", [b"[" * 100_000, b"\xff\xfe", b"[]", b'{"v": 1}', b'{"v": 1, "trust_domain": "example.org", '
+                                  b'"roots": {"id": 1}, "jwt_keys": []}', b'{"v": 2}'])
+def test_journal_parsing_only_ever_raises_ca_error(data: bytes) -> None:
+    from controlplane.ca.journal import CAJournal
+
+    with pytest.raises(CAError, match="corrupt|not supported"):
+        CAJournal.from_bytes(data)

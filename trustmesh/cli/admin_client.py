@@ -11,6 +11,9 @@ from typing import Any, TypeVar
 
 import grpc
 from cryptography import x509
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2_grpc
 from trustmesh.errors import TrustmeshError, VerificationError
@@ -32,7 +35,7 @@ class AdminCallError(TrustmeshError):
 
 def add_socket_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--admin-socket",
+        "--admin-socket", metavar="PATH",
         help=f"the server's admin socket (default ${ENV}, else {DEFAULT_SOCKET})",
     )
     remote = parser.add_argument_group(
@@ -100,3 +103,20 @@ def call(args: argparse.Namespace, invoke: Callable[[admin_pb2_grpc.AdminStub], 
 
 def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
+
+
+_INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
+
+
+def message_dict(message: Message) -> dict[str, Any]:
+    """A message as JSON-ready data with proto field names and every field present.
+
+    Proto JSON writes 64-bit integers as strings; revisions, TTLs and times read better
+    (and compare more easily in scripts) as numbers, so top-level ones are turned back."""
+    data: dict[str, Any] = MessageToDict(message, preserving_proto_field_name=True,
+                                         always_print_fields_with_no_presence=True)
+    for field in message.DESCRIPTOR.fields:
+        if field.type in _INT64 and field.name in data and not isinstance(data[field.name], list):
+            data[field.name] = int(data[field.name])
+    return data

@@ -13,6 +13,7 @@ DEFAULTS: dict[str, Any] = {
     "server": None,
     "attest_server": None,
     "trust_bundle": None,
+    "trust_domain": None,
     "join_token": None,
     "x509pop_cert": None,
     "x509pop_key": None,
@@ -29,6 +30,11 @@ examples:
       --join-token "$(trustmesh token create --node node-1)"
   # every later start re-attaches with the identity kept in --data-dir
   trustmesh agent run --server cp.internal:8081 --trust-bundle bundle.pem
+  # two control-plane replicas, tried in turn; options from a file (flags win over it)
+  trustmesh agent run --config /etc/trustmesh/agent.yaml --server cp1:8081 --server cp2:8081
+  # attest with a node certificate instead of a token (x509pop)
+  trustmesh agent run --server cp.internal:8081 --trust-bundle bundle.pem \\
+      --x509pop-cert /etc/ssl/node.pem --x509pop-key /etc/ssl/node.key
   # workloads find the Workload API through
   export SPIFFE_ENDPOINT_SOCKET=unix://$PWD/.trustmesh/agent/workload.sock
 """
@@ -50,6 +56,8 @@ def add_run_subcommand(sub: argparse._SubParsersAction) -> None:
                      help="the control plane's attestation address (its --attest-bind); "
                           "default: each --server's host with its port + 1")
     run.add_argument("--trust-bundle", help="PEM file of the trust domain's roots (the server's bundle.pem)")
+    run.add_argument("--trust-domain", help="expected trust domain, e.g. example.org (default: read from the "
+                                            "bundle's root; when given, a bundle of another domain is refused)")
     run.add_argument("--join-token", help="one-time join token, needed on the first start only")
     run.add_argument("--x509pop-cert", help="node certificate chain (PEM) for x509pop attestation")
     run.add_argument("--x509pop-key", help="the node certificate's private key (PEM) for x509pop")
@@ -123,12 +131,21 @@ def _build_config(args: argparse.Namespace) -> Any:
         raise ConfigError("--trust-bundle FILE is required (the bundle.pem the control plane wrote)")
     if bool(values["x509pop_cert"]) != bool(values["x509pop_key"]):
         raise ConfigError("--x509pop-cert and --x509pop-key go together")
+    trust_domain = None
+    if values["trust_domain"]:
+        from trustmesh.errors import InvalidSpiffeIdError
+        from trustmesh.spiffeid import TrustDomain
+
+        try:
+            trust_domain = TrustDomain(str(values["trust_domain"]))
+        except InvalidSpiffeIdError as err:
+            raise ConfigError(f"--trust-domain: {err}") from err
     data_dir = Path(values["data_dir"]).expanduser()
     return AgentConfig(
         servers=servers, attest_servers=_as_tuple(values["attest_server"]),
         trust_bundle=Path(values["trust_bundle"]).expanduser(), data_dir=data_dir,
         join_token=values["join_token"], socket=Path(values["socket"]).expanduser() if values["socket"] else None,
-        metrics=values["metrics"],
+        metrics=values["metrics"], trust_domain=trust_domain,
         x509pop_cert=Path(values["x509pop_cert"]) if values["x509pop_cert"] else None,
         x509pop_key=Path(values["x509pop_key"]) if values["x509pop_key"] else None,
         services=_services(values["services"]),

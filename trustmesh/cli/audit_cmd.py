@@ -24,6 +24,8 @@ def parse_since(text: str | None, now: float | None = None) -> int:
         return 0
     try:
         return int((now or time.time()) - parse_duration(text).total_seconds())
+    except OverflowError as err:
+        raise AuditArgsError(f"--since {text!r} is too far back") from err
     except ValueError:
         pass
     try:
@@ -35,7 +37,16 @@ def parse_since(text: str | None, now: float | None = None) -> int:
     return int(when.timestamp())
 
 
+def _printable(value: object) -> str:
+    """One event, one line: control characters in recorded input (a refused ID with a
+    newline, say) are escaped so that they cannot forge lines of the listing."""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def _show(args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise AuditArgsError(f"--limit {args.limit}: give a positive number of events")
     since = parse_since(args.since)
     events: list[Any] = []
     cursor = 0
@@ -55,8 +66,9 @@ def _show(args: argparse.Namespace) -> int:
     for e in events:
         when = datetime.fromtimestamp(e.time, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         details = json.loads(e.details_json or "{}")
-        extra = " ".join(f"{k}={v}" for k, v in sorted(details.items()))
-        print(f"{e.seq:>6} {when} {e.kind:<14} {e.outcome:<7} {e.actor} -> {e.subject} {extra}".rstrip())
+        extra = " ".join(f"{_printable(k)}={_printable(v)}" for k, v in sorted(details.items()))
+        print(f"{e.seq:>6} {when} {_printable(e.kind):<14} {_printable(e.outcome):<7} "
+              f"{_printable(e.actor)} -> {_printable(e.subject)} {extra}".rstrip())
     if not events:
         print("no audit events")
     return 0
@@ -81,13 +93,22 @@ def register(commands: argparse._SubParsersAction) -> None:
                        epilog="examples:\n  trustmesh audit show --since 1h\n"
                               "  trustmesh audit show --since 2026-11-22T10:00:00Z --kind node.attest --json",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--since", help="only events after this ISO time, or within this duration back from now (e.g. 1h)")
-    p.add_argument("--kind", help="only events of this kind, e.g. entry.create, node.attest, svid.issue")
-    p.add_argument("--limit", type=int, default=1000, help="at most this many events (default 1000)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--since", metavar="TIME",
+                   help="only events at or after this ISO time (2026-11-22T10:00:00Z), or within this "
+                        "duration back from now (1h = the last hour)")
+    p.add_argument("--kind", help="only events of this kind, e.g. entry.create, token.create, agent.ban, "
+                                  "node.attest, svid.issue")
+    p.add_argument("--limit", type=int, default=1000, metavar="N",
+                   help="at most this many events, oldest first (default 1000)")
+    p.add_argument("--json", action="store_true", help="print a JSON array instead of one line per event")
     add_socket_flag(p)
     p.set_defaults(func=_show)
-    p = sub.add_parser("verify", help="check the whole chain; exits 1 and names the first broken event")
+    p = sub.add_parser("verify", help="check the whole chain; exits 1 and names the first broken event",
+                       description="Walk the whole hash chain. Prints `audit log intact: N events verified` and "
+                                   "exits 0, or names the first event that was edited, removed or reordered "
+                                   "and exits 1.",
+                       epilog="example:\n  trustmesh audit verify || alert-security-team",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_socket_flag(p)
     p.set_defaults(func=_verify)
     audit.set_defaults(func=lambda _a: audit.print_help() or 2)

@@ -28,8 +28,12 @@ examples:
       a one-time join token for the agent on node-1
   trustmesh entry create --spiffe-id spiffe://example.org/ledger --node node-1 --selector unix:uid:1001
       let processes of uid 1001 on node-1 obtain spiffe://example.org/ledger
+  trustmesh agent list
+      the attested agents; `trustmesh agent ban node-7` cuts one off for good
   trustmesh policy test policies/ --from spiffe://example.org/payments --to spiffe://example.org/ledger
       would payments reach the ledger under these allowlists? (exit 0 allow, 1 deny)
+  trustmesh audit show --since 1h
+      every attestation, issuance, admin change and refusal of the last hour
   trustmesh audit verify
       check that no audit event was edited, removed or reordered
 

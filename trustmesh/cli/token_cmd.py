@@ -11,14 +11,23 @@ from trustmesh.errors import TrustmeshError
 
 
 class TokenArgsError(TrustmeshError):
-    pass
+    """The command line itself is malformed."""
+
+
+EXAMPLES = """\
+examples:
+  TOKEN=$(trustmesh token create --node node-1 --ttl 15m)
+  trustmesh agent run --join-token "$TOKEN" --trust-bundle bundle.pem --server cp.internal:8081
+"""
 
 
 def _create(args: argparse.Namespace) -> int:
     try:
         ttl = int(parse_duration(args.ttl).total_seconds())
-    except ValueError as err:
-        raise TokenArgsError(f"--ttl: {err}") from err
+    except (ValueError, OverflowError) as err:  # the kernel's parser overflows on huge numbers
+        raise TokenArgsError(f"--ttl {args.ttl!r}: {err}") from err
+    if ttl <= 0:  # on the wire 0 means "the default", which is not what `--ttl 0` asks for
+        raise TokenArgsError(f"--ttl {args.ttl!r}: a join token must live at least 1m")
     req = admin_pb2.CreateJoinTokenRequest(node_name=args.node, ttl_seconds=ttl)
     reply = call(args, lambda s: s.CreateJoinToken(req, timeout=TIMEOUT))
     print(reply.token)  # only the token on stdout, so scripts can capture it
@@ -26,17 +35,23 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    token = commands.add_parser("token", help="create join tokens for new nodes",
-                                description="Join tokens are single-use, expire, and are stored only hashed.")
+    token = commands.add_parser(
+        "token", help="create join tokens for new nodes",
+        description="Join tokens let a new node's agent attest once. They are random (256 bits), single-use, "
+                    "expire, and the server keeps only their SHA-256 hash.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = token.add_subparsers(dest="token_command", metavar="SUBCOMMAND", title="subcommands")
     p = sub.add_parser(
         "create", help="create a join token for a node; prints only the token",
-        epilog="example:\n  TOKEN=$(trustmesh token create --node node-1 --ttl 15m)\n"
-               "  trustmesh agent run --join-token \"$TOKEN\" --trust-bundle bundle.pem --server cp:8081",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Create a join token for one node and print only the token. The node's agent becomes "
+                    "spiffe://<td>/agent/NODE. A node that is attested already, or banned, gets no token "
+                    "(evict a replaced host first with `trustmesh agent evict NODE`).",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--node", required=True, help="the node name; its agent becomes spiffe://<td>/agent/NODE")
-    p.add_argument("--ttl", default="10m", help="how long the token stays valid, 1m to 7d (default 10m)")
+    p.add_argument("--node", required=True, metavar="NAME",
+                   help="the node name: 1 to 128 letters, digits, '.', '_' or '-' (e.g. node-1)")
+    p.add_argument("--ttl", default="10m", metavar="DURATION",
+                   help="how long the token stays valid, 1m to 7d (default 10m)")
     add_socket_flag(p)
     p.set_defaults(func=_create)
     token.set_defaults(func=lambda _a: token.print_help() or 2)
