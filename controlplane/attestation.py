@@ -21,12 +21,19 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from trustmesh.duration import format_duration
-from trustmesh.errors import AlreadyExistsError, NotFoundError, SvidError, TrustmeshError
+from trustmesh.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    SvidError,
+    TrustmeshError,
+)
 from trustmesh.naming import agent_id
 from trustmesh.spiffeid import SpiffeId
 from trustmesh.x509svid import X509Svid, issued_by
 
-from controlplane.api.status import FailedPreconditionError, InvalidArgumentError, PermissionDeniedError
 from controlplane.registration import NODE_NAME, token_hash
 from controlplane.runtime import ServerRuntime
 from controlplane.store.records import AttestedNode

@@ -12,11 +12,10 @@ from datetime import datetime, timezone
 
 import yaml
 
-from trustmesh.errors import ConflictError, NotFoundError
+from trustmesh.errors import ConflictError, InvalidArgumentError, NotFoundError
 from trustmesh.policy import Policy, load_text
 from trustmesh.policy.model import Allowlist
 
-from controlplane.api.status import InvalidArgumentError
 from controlplane.runtime import ServerRuntime
 from controlplane.store.records import PolicyRevision
 

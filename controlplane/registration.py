@@ -16,12 +16,19 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, Protocol
 
-from trustmesh.errors import AlreadyExistsError, ConflictError, InvalidSpiffeIdError, NotFoundError, TrustmeshError
+from trustmesh.errors import (
+    AlreadyExistsError,
+    ConflictError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    InvalidSpiffeIdError,
+    NotFoundError,
+    TrustmeshError,
+)
 from trustmesh.naming import agent_id, is_reserved, node_name_of, server_dns_name, server_id
 from trustmesh.selectors import InvalidSelectorError, parse_selectors
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 
-from controlplane.api.status import FailedPreconditionError, InvalidArgumentError
 from controlplane.config import MAX_JWT_TTL, MAX_X509_TTL, MIN_JWT_TTL, MIN_X509_TTL
 from controlplane.store.records import AttestedNode, JoinToken, RegistrationEntry
 

@@ -59,3 +59,27 @@ class ConflictError(StoreError):
 
 class StoreUnavailableError(StoreError):
     """The store backend cannot be reached."""
+
+
+# Request-level refusals, raised by transport-free handlers; controlplane/api/status.py
+# maps each to its gRPC status code.
+
+
+class InvalidArgumentError(TrustmeshError):
+    """The request itself is malformed (a field missing, out of range, not parseable)."""
+
+
+class PermissionDeniedError(TrustmeshError):
+    """The caller is known but not allowed to do this."""
+
+
+class UnauthenticatedError(TrustmeshError):
+    """The caller did not prove who it is (no or unusable client certificate)."""
+
+
+class FailedPreconditionError(TrustmeshError):
+    """The system is not in a state where this can be done (e.g. a CA not yet ready)."""
+
+
+class UnavailableError(TrustmeshError):
+    """Try again later."""

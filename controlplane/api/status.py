@@ -15,6 +15,11 @@ from contextlib import asynccontextmanager
 import grpc
 
 from trustmesh.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+    UnavailableError,
     AlreadyExistsError,
     ConflictError,
     InvalidSpiffeIdError,
@@ -28,25 +33,10 @@ from trustmesh.logs import log_event
 
 log = logging.getLogger("trustmesh.api")
 
-
-class InvalidArgumentError(TrustmeshError):
-    """The request itself is malformed (a field missing, out of range, not parseable)."""
-
-
-class PermissionDeniedError(TrustmeshError):
-    """The caller is known but not allowed to do this."""
-
-
-class UnauthenticatedError(TrustmeshError):
-    """The caller did not prove who it is (no or unusable client certificate)."""
-
-
-class FailedPreconditionError(TrustmeshError):
-    """The system is not in a state where this can be done (e.g. a CA not yet ready)."""
-
-
-class UnavailableError(TrustmeshError):
-    """Try again later."""
+# The request-level errors live in trustmesh.errors so transport-free code can raise them
+# without importing grpc; they are re-exported here for the servicers.
+__all__ = ["FailedPreconditionError", "InvalidArgumentError", "PermissionDeniedError", "UnauthenticatedError",
+           "UnavailableError", "grpc_errors", "status_code_for"]
 
 
 # Most specific first: the first isinstance match wins.
