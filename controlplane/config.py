@@ -34,6 +34,8 @@ class ServerConfig:
     root_ttl: timedelta = timedelta(days=365)
     metrics: str | None = None
     x509pop_ca: Path | None = None  # PEM roots that node certificates for x509pop chain to
+    prune_nodes_after: timedelta = timedelta(days=1)  # forget agents whose SVID expired this long ago
+    leader_ttl: int = 5  # seconds; a dead leader's duties move to another replica after about this
     replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     @property

@@ -20,7 +20,7 @@ import grpc
 from cryptography.hazmat.primitives import hashes, serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from trustmesh.errors import KeyEncryptionError, TrustmeshError
+from trustmesh.errors import KeyEncryptionError, StoreError, TrustmeshError
 from trustmesh.keys import generate_private_key
 from trustmesh.logs import log_event
 from trustmesh.metrics import serve_metrics, split_host_port
@@ -32,6 +32,8 @@ from controlplane.audit import AuditLog
 from controlplane.ca.authority import CAConfig, CertificateAuthority, needs_rotation
 from controlplane.ca.kek import KeyEncryptionKey
 from controlplane.config import ServerConfig
+from controlplane.duties import leader_duties
+from controlplane.leader import LeaderElection
 from controlplane.runtime import ServerRuntime
 from controlplane.store import Store, open_store
 
@@ -74,6 +76,10 @@ class ServingCredentials:
         self._changed = False
         self.not_before: datetime | None = None
         self.not_after: datetime | None = None
+        self.roots: frozenset[bytes] = frozenset()  # fingerprints of the client-certificate roots in use
+
+    def roots_changed(self) -> bool:
+        return self.roots != frozenset(c.fingerprint(hashes.SHA256()) for c in self._ca.x509_authorities())
 
     async def renew(self) -> None:
         key = generate_private_key("ec-p256")
@@ -85,7 +91,9 @@ class ServingCredentials:
                                               SERVER_SVID_TTL, dns)
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
-        roots = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self._ca.x509_authorities())
+        authorities = self._ca.x509_authorities()
+        self.roots = frozenset(c.fingerprint(hashes.SHA256()) for c in authorities)
+        roots = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in authorities)
         self._current = grpc.ssl_server_certificate_configuration([(key_pem, svid.chain_pem())], roots)
         self._changed = True
         self.not_before, self.not_after = svid.issued_at, svid.expires_at
@@ -112,20 +120,36 @@ class ServingCredentials:
 
 
 async def _rotation_loop(rt: ServerRuntime, creds: ServingCredentials, stop: asyncio.Event) -> None:
-    """Renew the serving SVID and this replica's signing CA at half their lives."""
+    """Keep this replica's signing CA and serving SVID current.
+
+    Wakes every 5 s, and at once when the CA journal changes: a new root prepared anywhere
+    must reach the roots this server checks client certificates against before anything
+    chains to it, and a root activated by another replica means this replica's signing CA
+    must move under it.
+    """
+    ca = rt.ca
     while not stop.is_set():
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=5)
+        waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(ca.changed.wait())}
+        _, pending = await asyncio.wait(waiters, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in pending:
+            waiter.cancel()
+        if stop.is_set():
             return
-        except asyncio.TimeoutError:
-            pass
-        now = rt.ca._clock()  # noqa: SLF001 - one clock for the CA and its rotation
-        if rt.ca.needs_signing_ca_rotation(now):
-            await rt.ca.rotate_signing_ca()
-            log_event(log, "signing_ca_rotated", not_after=rt.ca.signing_ca.not_valid_after_utc.isoformat())
-            await creds.renew()
-        elif creds.not_before and creds.not_after and needs_rotation(creds.not_before, creds.not_after, now):
-            await creds.renew()
+        ca.changed.clear()
+        now = ca._clock()  # noqa: SLF001 - one clock for the CA and its rotation
+        try:
+            if ca.needs_signing_ca_rotation(now) or ca.signing_root_id != ca.journal.active_root().id:
+                await ca.rotate_signing_ca()
+                log_event(log, "signing_ca_rotated", root=ca.signing_root_id,
+                          not_after=ca.signing_ca.not_valid_after_utc.isoformat())
+                await creds.renew()
+            elif creds.roots_changed() or (creds.not_before and creds.not_after
+                                           and needs_rotation(creds.not_before, creds.not_after, now)):
+                await creds.renew()
+        except StoreError as err:
+            # The store is briefly unreachable (an etcd member died): the current signing CA
+            # and SVID stay valid for hours; try again at the next tick.
+            log_event(log, "rotation_deferred", level=logging.WARNING, error=str(err))
 
 
 def _listen(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials, flag: str) -> int:
@@ -227,11 +251,13 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
             admin_bind=f"{split_host_port(config.admin_bind)[0]}:{remote_admin_port}" if config.admin_bind else "off",
             store=config.store_url.split("://", 1)[0],
             bundle=str(config.bundle_path), root_sha256=ca.root.fingerprint(hashes.SHA256()).hex(),
-            metrics=config.metrics or "off",
+            metrics=config.metrics or "off", replica=config.replica_id,
         )
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(node_api.run(stop), name="node-api")
             tasks.create_task(_rotation_loop(rt, creds, stop), name="rotation")
+            election = LeaderElection(store, config.replica_id, rt.metrics, ttl=config.leader_ttl)
+            tasks.create_task(election.run(stop, lambda: leader_duties(rt)), name="leader-election")
             await stop.wait()
         log_event(log, "stopping")
     finally:

@@ -16,7 +16,16 @@ from trustmesh.spiffeid import TrustDomain
 
 from controlplane.api.convert import audit_event_to_pb, bundle_to_pb, entry_to_pb, node_to_pb, selector_text
 from controlplane.api.node import NodeAPI
-from controlplane.api.status import InvalidArgumentError, PermissionDeniedError, UnauthenticatedError, grpc_errors
+from controlplane.api.convert import ca_authorities_pb
+from controlplane.api.status import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+    grpc_errors,
+)
+from controlplane.config import MAX_JWT_TTL
+from controlplane.duties import take_root_step
 from controlplane.policy_store import PolicyService
 from controlplane.registration import EntrySpec, Registry, check_entry_id
 from controlplane.runtime import ServerRuntime
@@ -29,6 +38,12 @@ from trustmesh.x509svid import spiffe_id_from_certificate
 LOCAL_ADMIN = "admin:local-socket"
 MAX_PAGE = 1000
 MAX_AUDIT_PAGE = 5000
+_STEPS = {
+    admin_pb2.ROOT_ROTATION_STEP_UNSPECIFIED: "next",
+    admin_pb2.ROOT_ROTATION_STEP_PREPARE: "prepare",
+    admin_pb2.ROOT_ROTATION_STEP_ACTIVATE: "activate",
+    admin_pb2.ROOT_ROTATION_STEP_RETIRE: "retire",
+}
 
 # RPCs of the Admin service whose features later work builds, and what to tell a caller
 # meanwhile. The generated base class would answer "Unexpected NotImplementedError".
@@ -37,8 +52,6 @@ NOT_BUILT = {
     "CreateFederationRelationship": "SPIFFE federation (issue 7: partners over mTLS)",
     "DeleteFederationRelationship": "SPIFFE federation (issue 7: partners over mTLS)",
     "RefreshFederatedBundle": "SPIFFE federation (issue 7: partners over mTLS)",
-    "GetCAJournal": "the CA rotation journal (issue 6: zero-downtime CA rotation)",
-    "RotateRoot": "root CA rotation (issue 6: zero-downtime CA rotation)",
     "IssuePartnerCertificate": "partner certificates (issue 7: partners over mTLS)",
     "RevokePartnerCertificate": "partner certificates (issue 7: partners over mTLS)",
 }
@@ -247,6 +260,39 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             return admin_pb2.VerifyAuditResponse(ok=result.ok, checked=result.checked,
                                                  first_broken_seq=result.first_broken_seq, reason=result.reason)
 
+    # --- certificate authority ------------------------------------------------------------
+
+    async def GetCAJournal(self, request: admin_pb2.GetCAJournalRequest,
+                           context: grpc.aio.ServicerContext) -> admin_pb2.GetCAJournalResponse:
+        async with grpc_errors(context, "GetCAJournal"):
+            await self._authorize(context, "GetCAJournal")
+            # Another replica may have moved the journal a moment ago; show the stored one.
+            await self._rt.ca.reload()
+            journal = self._rt.ca.journal
+            step = journal.next_root_step(self._rt.clock(), MAX_JWT_TTL.total_seconds()) or ""
+            leader = await self._rt.store.get_leader("duties") or ""
+            return admin_pb2.GetCAJournalResponse(authorities=ca_authorities_pb(journal), leader=leader,
+                                                  next_step=step)
+
+    async def RotateRoot(self, request: admin_pb2.RotateRootRequest,
+                         context: grpc.aio.ServicerContext) -> admin_pb2.RotateRootResponse:
+        async with grpc_errors(context, "RotateRoot"):
+            actor = await self._authorize(context, "RotateRoot")
+            await self._rt.ca.reload()
+            journal = self._rt.ca.journal
+            step = _STEPS.get(request.step)
+            if step is None:
+                raise InvalidArgumentError(f"unknown root rotation step {request.step}; use prepare, activate or retire")
+            if step == "next":
+                step = "activate" if journal.prepared_root() is not None else "prepare"
+            try:
+                detail = await take_root_step(self._rt, step, actor=actor)
+            except FailedPreconditionError as err:
+                await self._rt.audit.record("ca.rotation_refused", actor=actor, subject=step, outcome="denied",
+                                            reason=str(err))
+                raise
+            return admin_pb2.RotateRootResponse(authorities=ca_authorities_pb(self._rt.ca.journal), detail=detail)
+
     # --- features of later issues ------------------------------------------------------
 
     async def _not_built(self, context: grpc.aio.ServicerContext, method: str) -> None:
@@ -270,13 +316,6 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def RefreshFederatedBundle(self, request: admin_pb2.RefreshFederatedBundleRequest,
                                      context: grpc.aio.ServicerContext) -> None:
         await self._not_built(context, "RefreshFederatedBundle")
-
-    async def GetCAJournal(self, request: admin_pb2.GetCAJournalRequest,
-                           context: grpc.aio.ServicerContext) -> None:
-        await self._not_built(context, "GetCAJournal")
-
-    async def RotateRoot(self, request: admin_pb2.RotateRootRequest, context: grpc.aio.ServicerContext) -> None:
-        await self._not_built(context, "RotateRoot")
 
     async def IssuePartnerCertificate(self, request: admin_pb2.IssuePartnerCertificateRequest,
                                       context: grpc.aio.ServicerContext) -> None:

@@ -52,6 +52,7 @@ from controlplane.ca.journal import (
     JwtKeySlot,
     RootSlot,
     SigningCARecord,
+    Status,
     jwt_aad,
     root_aad,
 )
@@ -98,6 +99,7 @@ class SigningCA:
     cert: x509.Certificate
     key: PrivateKey
     root_id: str
+    issued_at: datetime  # NotBefore is back-dated; rotation counts from the real issue time
 
 
 def needs_rotation(not_before: datetime, not_after: datetime, now: datetime, fraction: float = 0.5) -> bool:
@@ -124,6 +126,9 @@ class CertificateAuthority:
         self._root_keys: dict[str, PrivateKey] = {}
         self._jwt_keys: dict[str, PrivateKey] = {}
         self._signing: SigningCA | None = None
+        # Set whenever the journal changes (here or, via reload, on another replica): the
+        # rotation loop wakes on it to follow a new root at once.
+        self.changed = asyncio.Event()
         self._unseal_all()
 
     # --- start-up ------------------------------------------------------------------------
@@ -192,6 +197,11 @@ class CertificateAuthority:
                 raise CAError(f"CA journal was tampered with: JWT key {jslot.kid} does not match its sealed key; "
                               "restore the store from a backup")
             self._jwt_keys[jslot.kid] = key
+        # Forget keys whose slots were retired (by this or another replica).
+        for gone in set(self._root_keys) - set(root_ids):
+            del self._root_keys[gone]
+        for gone in set(self._jwt_keys) - set(kids):
+            del self._jwt_keys[gone]
         # Refuse a journal whose active root is inconsistent before anything is signed.
         self._journal.active_root()
         self._journal.active_jwt_key()
@@ -203,6 +213,7 @@ class CertificateAuthority:
             try:
                 self._version = await self._store.save_ca_state(new.to_bytes(), self._version)
                 self._journal = new
+                self.changed.set()
                 return
             except ConflictError:
                 await self.reload()
@@ -213,9 +224,13 @@ class CertificateAuthority:
         data, version = await self._store.load_ca_state()
         if data is None:
             raise CAError("CA state disappeared from the store")
-        self._journal = CAJournal.from_bytes(data)
+        journal = CAJournal.from_bytes(data)
+        if version == self._version and journal == self._journal:
+            return
+        self._journal = journal
         self._version = version
         self._unseal_all()
+        self.changed.set()
 
     # --- signing CA ------------------------------------------------------------------------
 
@@ -247,12 +262,64 @@ class CertificateAuthority:
             root_id=root_slot.id, created_at=now.timestamp(), not_after=not_after.timestamp(),
         )
         await self._update_journal(lambda j: j.with_signing_ca(record, now=now.timestamp()))
-        self._signing = SigningCA(cert, key, root_slot.id)
+        self._signing = SigningCA(cert, key, root_slot.id, now)
         return cert
 
+    # --- root rotation ---------------------------------------------------------------------
+
+    @property
+    def journal(self) -> CAJournal:
+        return self._journal
+
+    @property
+    def signing_root_id(self) -> str:
+        """The root this replica's signing CA chains to (differs from the active root right
+        after another replica activated a new one, until this replica rotates)."""
+        if self._signing is None:
+            raise CAError("the signing CA is not ready")
+        return self._signing.root_id
+
+    async def prepare_root(self) -> RootSlot:
+        """Make a new root and JWT key and publish them in the bundle; nothing signs with
+        them until `activate_root`, so every agent and partner can learn them first."""
+        self._journal.check_can_prepare()
+        now = self._clock()
+        root_slot, root_key, jwt_slot, jwt_key = await asyncio.to_thread(
+            _new_authorities, self._config, self._kek, now, "prepared")
+        await self._update_journal(lambda j: j.with_prepared(root_slot, jwt_slot))
+        # After the save: a lost race reloads the journal, which forgets keys it lacks.
+        self._root_keys[root_slot.id] = root_key
+        self._jwt_keys[jwt_slot.kid] = jwt_key
+        return root_slot
+
+    async def activate_root(self) -> RootSlot:
+        """The prepared root becomes active; this replica's signing CA moves under it now
+        (the others follow as soon as their change feed shows the journal)."""
+        now = self._clock().timestamp()
+        await self._update_journal(lambda j: j.activated(now))
+        await self.rotate_signing_ca()
+        return self._journal.active_root()
+
+    async def retire_old(self, max_token_ttl: timedelta) -> tuple[list[str], list[str]]:
+        """Drop old roots and JWT keys that nothing valid depends on; (root ids, kids) dropped."""
+        now = self._clock().timestamp()
+        ttl = max_token_ttl.total_seconds()
+        roots = [r.id for r in self._journal.retirable_roots(now)]
+        kids = [k.kid for k in self._journal.retirable_jwt_keys(now, ttl)]
+        if roots or kids:
+            await self._update_journal(lambda j: j.retired(now, ttl))
+            for root_id in roots:
+                self._root_keys.pop(root_id, None)
+            for kid in kids:
+                self._jwt_keys.pop(kid, None)
+        return roots, kids
+
     def needs_signing_ca_rotation(self, now: datetime | None = None) -> bool:
-        cert = self.signing_ca
-        return needs_rotation(cert.not_valid_before_utc, cert.not_valid_after_utc, now or self._clock())
+        # Half of the lifetime from issue, not from the back-dated NotBefore: with a short
+        # --ca-ttl the back-dating would otherwise put every new CA past its half-life.
+        if self._signing is None:
+            raise CAError("the signing CA is not ready")
+        return needs_rotation(self._signing.issued_at, self._signing.cert.not_valid_after_utc, now or self._clock())
 
     @property
     def signing_ca(self) -> x509.Certificate:
@@ -390,7 +457,9 @@ def _open_key(kek: KeyEncryptionKey, sealed: bytes, aad: bytes) -> PrivateKey:
         raise CAError("a sealed CA key opened but is not a private key; the journal is corrupt") from err
 
 
-def _new_journal(config: CAConfig, kek: KeyEncryptionKey, now: datetime) -> CAJournal:
+def _new_authorities(config: CAConfig, kek: KeyEncryptionKey, now: datetime,
+                     status: Status) -> tuple[RootSlot, PrivateKey, JwtKeySlot, PrivateKey]:
+    """A new root (self-signed) and JWT key, sealed under the KEK for their slots."""
     td = config.trust_domain
     root_key = generate_private_key(config.key_kind)
     root_id = secrets.token_hex(8)
@@ -398,21 +467,27 @@ def _new_journal(config: CAConfig, kek: KeyEncryptionKey, now: datetime) -> CAJo
     root = build_ca_certificate(
         trust_domain=td, public_key=root_key.public_key(), issuer=None, issuer_key=root_key,
         not_before=now - config.backdate, not_after=not_after, path_length=1,
-        common_name=_common_name(f"trustmesh root CA {td.name}"),
+        common_name=_common_name(f"trustmesh root CA {td.name} {root_id[:8]}"),
     )
     jwt_key = generate_private_key("ec-p256")
     kid = key_id(jwt_key.public_key())
+    activated = now.timestamp() if status == "active" else 0.0
     root_slot = RootSlot(
-        id=root_id, status="active", cert_der=root.public_bytes(serialization.Encoding.DER),
+        id=root_id, status=status, cert_der=root.public_bytes(serialization.Encoding.DER),
         sealed_key=kek.seal(private_key_to_pkcs8_der(root_key), root_aad(td.name, root_id)),
-        created_at=now.timestamp(), not_after=not_after.timestamp(),
+        created_at=now.timestamp(), not_after=not_after.timestamp(), activated_at=activated,
     )
     jwt_slot = JwtKeySlot(
-        kid=kid, status="active", public_key_der=spki_der(jwt_key.public_key()),
+        kid=kid, status=status, public_key_der=spki_der(jwt_key.public_key()),
         sealed_key=kek.seal(private_key_to_pkcs8_der(jwt_key), jwt_aad(td.name, kid)),
-        created_at=now.timestamp(), not_after=not_after.timestamp(),
+        created_at=now.timestamp(), not_after=not_after.timestamp(), activated_at=activated,
     )
-    return CAJournal(trust_domain=td.name, roots=(root_slot,), jwt_keys=(jwt_slot,))
+    return root_slot, root_key, jwt_slot, jwt_key
+
+
+def _new_journal(config: CAConfig, kek: KeyEncryptionKey, now: datetime) -> CAJournal:
+    root_slot, _, jwt_slot, _ = _new_authorities(config, kek, now, "active")
+    return CAJournal(trust_domain=config.trust_domain.name, roots=(root_slot,), jwt_keys=(jwt_slot,))
 
 
 __all__ = ["CAConfig", "CAStateStore", "CertificateAuthority", "SigningCA", "needs_rotation"]

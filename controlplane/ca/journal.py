@@ -40,6 +40,8 @@ class RootSlot:
     sealed_key: bytes
     created_at: float
     not_after: float
+    activated_at: float = 0.0  # 0: never signed (a root prepared from the start is active at once)
+    demoted_at: float = 0.0  # when it became old; 0 while prepared or active
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class JwtKeySlot:
     sealed_key: bytes
     created_at: float
     not_after: float
+    activated_at: float = 0.0
+    demoted_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -80,10 +84,92 @@ class CAJournal:
             raise CAError(f"CA journal has {len(active)} active JWT keys; exactly one is required")
         return active[0]
 
-    def with_signing_ca(self, record: SigningCARecord, *, now: float, keep: int = 64) -> CAJournal:
-        """Record a signing CA, dropping expired records (and keeping at most `keep`)."""
+    def prepared_root(self) -> RootSlot | None:
+        prepared = [r for r in self.roots if r.status == "prepared"]
+        return prepared[0] if prepared else None
+
+    # --- root rotation: prepare -> activate -> retire -------------------------------------
+
+    def check_can_prepare(self) -> None:
+        if self.prepared_root() is not None:
+            raise CAError("a root rotation is already under way (a root is prepared); activate it "
+                          "with `trustmesh ca rotate --step activate` before preparing another")
+
+    def with_prepared(self, root: RootSlot, jwt_key: JwtKeySlot) -> CAJournal:
+        """Publish a new root and JWT key (in the bundle, not yet signing)."""
+        self.check_can_prepare()
+        if root.status != "prepared" or jwt_key.status != "prepared":
+            raise CAError("a new root and JWT key must enter the journal as prepared")
+        return replace(self, roots=self.roots + (root,), jwt_keys=self.jwt_keys + (jwt_key,))
+
+    def activated(self, now: float) -> CAJournal:
+        """The prepared root and JWT key sign from now on; the active ones become old."""
+        if self.prepared_root() is None:
+            raise CAError("no root is prepared; start a rotation with `trustmesh ca rotate --step prepare`")
+
+        def step_root(r: RootSlot) -> RootSlot:
+            if r.status == "prepared":
+                return replace(r, status="active", activated_at=now)
+            if r.status == "active":
+                return replace(r, status="old", demoted_at=now)
+            return r
+
+        def step_jwt(k: JwtKeySlot) -> JwtKeySlot:
+            if k.status == "prepared":
+                return replace(k, status="active", activated_at=now)
+            if k.status == "active":
+                return replace(k, status="old", demoted_at=now)
+            return k
+
+        return replace(self, roots=tuple(map(step_root, self.roots)), jwt_keys=tuple(map(step_jwt, self.jwt_keys)))
+
+    def retirable_roots(self, now: float) -> list[RootSlot]:
+        """Old roots nothing valid chains to any more: no unexpired signing CA under them.
+
+        Every leaf is cut off at its signing CA's expiry, so once the last signing CA made
+        under a root has expired, so has every SVID that chains to it.
+        """
+        alive = {s.root_id for s in self.signing_cas if s.not_after > now}
+        return [r for r in self.roots if r.status == "old" and (r.id not in alive or r.not_after <= now)]
+
+    def retirable_jwt_keys(self, now: float, max_token_ttl: float) -> list[JwtKeySlot]:
+        """Old JWT keys whose last possible token has expired (demoted + the longest lifetime)."""
+        return [k for k in self.jwt_keys
+                if k.status == "old" and (now >= k.demoted_at + max_token_ttl or k.not_after <= now)]
+
+    def retired(self, now: float, max_token_ttl: float) -> CAJournal:
+        roots = {r.id for r in self.retirable_roots(now)}
+        kids = {k.kid for k in self.retirable_jwt_keys(now, max_token_ttl)}
+        return replace(self, roots=tuple(r for r in self.roots if r.id not in roots),
+                       jwt_keys=tuple(k for k in self.jwt_keys if k.kid not in kids))
+
+    def next_root_step(self, now: float, max_token_ttl: float) -> str | None:
+        """The rotation step due now, if any: the automatic schedule the leader follows.
+
+        Prepare when the active root has lived half its life, activate at two thirds (so the
+        new root has been in every bundle for a sixth of the old one's life before anything
+        chains to it), retire old authorities once nothing they signed can still be valid.
+        """
+        if self.retirable_roots(now) or self.retirable_jwt_keys(now, max_token_ttl):
+            return "retire"
+        active = self.active_root()
+        life = active.not_after - active.created_at
+        if self.prepared_root() is None:
+            if now >= active.created_at + life / 2 and not any(r.status == "old" for r in self.roots):
+                return "prepare"
+            return None
+        if now >= active.created_at + life * 2 / 3:
+            return "activate"
+        return None
+
+    def with_signing_ca(self, record: SigningCARecord, *, now: float) -> CAJournal:
+        """Record a signing CA, dropping expired records.
+
+        An unexpired record is never dropped, however many there are: retiring a root
+        relies on seeing every signing CA that still chains to it.
+        """
         alive = [r for r in self.signing_cas if r.not_after > now]
-        return replace(self, signing_cas=tuple((alive + [record])[-keep:]))
+        return replace(self, signing_cas=tuple(alive + [record]))
 
     def to_bytes(self) -> bytes:
         doc = {
@@ -91,12 +177,14 @@ class CAJournal:
             "trust_domain": self.trust_domain,
             "roots": [
                 {"id": r.id, "status": r.status, "cert": _b64(r.cert_der), "sealed_key": _b64(r.sealed_key),
-                 "created_at": r.created_at, "not_after": r.not_after}
+                 "created_at": r.created_at, "not_after": r.not_after, "activated_at": r.activated_at,
+                 "demoted_at": r.demoted_at}
                 for r in self.roots
             ],
             "jwt_keys": [
                 {"kid": k.kid, "status": k.status, "public_key": _b64(k.public_key_der),
-                 "sealed_key": _b64(k.sealed_key), "created_at": k.created_at, "not_after": k.not_after}
+                 "sealed_key": _b64(k.sealed_key), "created_at": k.created_at, "not_after": k.not_after,
+                 "activated_at": k.activated_at, "demoted_at": k.demoted_at}
                 for k in self.jwt_keys
             ],
             "signing_cas": [
@@ -119,14 +207,16 @@ class CAJournal:
             roots = tuple(
                 RootSlot(id=str(r["id"]), status=_status(r["status"]), cert_der=_unb64(r["cert"], "root cert"),
                          sealed_key=_unb64(r["sealed_key"], "root key"), created_at=float(r["created_at"]),
-                         not_after=float(r["not_after"]))
+                         not_after=float(r["not_after"]), activated_at=float(r.get("activated_at", 0.0)),
+                         demoted_at=float(r.get("demoted_at", 0.0)))
                 for r in doc["roots"]
             )
             jwt_keys = tuple(
                 JwtKeySlot(kid=str(k["kid"]), status=_status(k["status"]),
                            public_key_der=_unb64(k["public_key"], "jwt public key"),
                            sealed_key=_unb64(k["sealed_key"], "jwt key"), created_at=float(k["created_at"]),
-                           not_after=float(k["not_after"]))
+                           not_after=float(k["not_after"]), activated_at=float(k.get("activated_at", 0.0)),
+                           demoted_at=float(k.get("demoted_at", 0.0)))
                 for k in doc["jwt_keys"]
             )
             signing = tuple(

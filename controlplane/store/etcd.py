@@ -30,6 +30,7 @@ from controlplane.store.kv import (
     EventType,
     Get,
     KeyValue,
+    LeaseNotFoundError,
     Op,
     OpResponse,
     Put,
@@ -180,12 +181,34 @@ class EtcdKV:
             )
         return StoreError(f"etcd refused {doing}: {details}")
 
-    async def _call(self, doing: str, fn: Callable[[Any], Awaitable[T]]) -> T:
-        client = await self._connected()
-        try:
-            return await fn(client)
-        except rpc.AioRpcError as err:
-            raise (await self._translate(err, doing, client)) from err
+    async def _call(self, doing: str, fn: Callable[[Any], Awaitable[T]], *, retry: bool = True) -> T:
+        """Run one request; when its member is unreachable, try the next members.
+
+        `retry` must be False for a request that could have taken effect although no
+        answer came back and that would do harm applied twice: an unguarded write. Reads,
+        lease calls and compare-guarded transactions are safe to repeat (a guarded write
+        that did apply fails its compares the second time, which its caller handles as a
+        lost race), so one dead member costs them a retry instead of an error.
+        """
+        attempts = len(self._endpoints) + 1 if retry else 1
+        last: StoreError | None = None
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(min(0.05 * 2**attempt, 0.5))  # an election takes ~1 s
+            try:
+                client = await self._connected()
+            except StoreUnavailableError as err:
+                last = err
+                continue
+            try:
+                return await fn(client)
+            except rpc.AioRpcError as err:
+                translated = await self._translate(err, doing, client)
+                if not isinstance(translated, StoreUnavailableError):
+                    raise translated from err
+                last = translated
+        assert last is not None
+        raise last
 
     # -- keys ------------------------------------------------------------------------
 
@@ -270,7 +293,7 @@ class EtcdKV:
 
     def _request(self, op: Op) -> Any:
         if isinstance(op, Put):
-            return rpc.RequestOp(request_put=rpc.PutRequest(key=self._full(op.key), value=op.value))
+            return rpc.RequestOp(request_put=rpc.PutRequest(key=self._full(op.key), value=op.value, lease=op.lease))
         if isinstance(op, Delete):
             request = rpc.DeleteRangeRequest(key=self._full(op.key))
             return rpc.RequestOp(request_delete_range=request)
@@ -302,10 +325,18 @@ class EtcdKV:
             success=[self._request(op) for op in success],
             failure=[self._request(op) for op in failure],
         )
-        response = await self._call(
-            "running a transaction",
-            lambda c: c.kvstub.Txn(request, timeout=self._timeout, metadata=c.metadata),
-        )
+        try:
+            response = await self._call(
+                "running a transaction",
+                lambda c: c.kvstub.Txn(request, timeout=self._timeout, metadata=c.metadata),
+                retry=bool(compares) or not any(isinstance(op, Put | Delete | DeletePrefix)
+                                                for op in (*success, *failure)),
+            )
+        except StoreError as err:
+            leases = [op.lease for op in (*success, *failure) if isinstance(op, Put) and op.lease]
+            if leases and "lease not found" in str(err):
+                raise LeaseNotFoundError(leases[0]) from err
+            raise
         return TxnResult(
             succeeded=bool(response.succeeded),
             revision=int(response.header.revision),
@@ -323,6 +354,43 @@ class EtcdKV:
             )
         except _HistoryCompactedError:
             return  # already compacted at or beyond this revision: nothing to do
+
+    # -- leases ----------------------------------------------------------------------
+
+    async def lease_grant(self, ttl: int) -> int:
+        if ttl < 1:
+            raise ValueError(f"a lease must last at least 1 second, not {ttl}")
+        request = rpc.LeaseGrantRequest(TTL=ttl)
+        response = await self._call(
+            "granting a lease",
+            lambda c: c.leasestub.LeaseGrant(request, timeout=self._timeout, metadata=c.metadata),
+        )
+        if response.error:
+            raise StoreError(f"etcd refused a lease: {response.error}")
+        return int(response.ID)
+
+    async def lease_keepalive(self, lease: int) -> int:
+        async def once(client: Any) -> int:
+            # LeaseKeepAlive is a stream; one request, one answer renews once. TTL 0 in
+            # the answer means etcd no longer knows the lease.
+            async for reply in client.leasestub.LeaseKeepAlive(
+                [rpc.LeaseKeepAliveRequest(ID=lease)], timeout=self._timeout, metadata=client.metadata
+            ):
+                return max(0, int(reply.TTL))
+            return 0
+
+        return await self._call("renewing a lease", once)
+
+    async def lease_revoke(self, lease: int) -> None:
+        request = rpc.LeaseRevokeRequest(ID=lease)
+        try:
+            await self._call(
+                "revoking a lease",
+                lambda c: c.leasestub.LeaseRevoke(request, timeout=self._timeout, metadata=c.metadata),
+            )
+        except StoreError as err:
+            if "lease not found" not in str(err):
+                raise
 
     # -- watch -----------------------------------------------------------------------
 

@@ -47,6 +47,14 @@ class InvalidTxnError(StoreError):
     """A transaction was malformed (a programming error in the caller, never a race)."""
 
 
+class LeaseNotFoundError(StoreError):
+    """A put named a lease that has expired or was revoked; nothing was written."""
+
+    def __init__(self, lease: int) -> None:
+        self.lease = lease
+        super().__init__(f"lease {lease:x} has expired or was revoked; grant a new lease and retry")
+
+
 @dataclass(frozen=True)
 class KeyValue:
     key: str
@@ -140,6 +148,9 @@ class Compare:
 class Put:
     key: str
     value: bytes
+    # Attach the key to this lease (0: none): it is deleted when the lease ends. A put
+    # without a lease detaches the key from any lease it had (etcd's rule).
+    lease: int = 0
 
 
 @dataclass(frozen=True)
@@ -216,6 +227,18 @@ class KVBackend(Protocol):
 
     async def compact(self, revision: int) -> None:
         """Forget the change history before ``revision`` (keys keep their values)."""
+        ...
+
+    async def lease_grant(self, ttl: int) -> int:
+        """A new lease of ``ttl`` seconds (>= 1); returns its id (never 0)."""
+        ...
+
+    async def lease_keepalive(self, lease: int) -> int:
+        """Renew the lease; the seconds it now has left, or 0 if it no longer exists."""
+        ...
+
+    async def lease_revoke(self, lease: int) -> None:
+        """End the lease now, deleting every key attached to it (no error if already gone)."""
         ...
 
     async def close(self) -> None: ...

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import sqlite3
+import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from controlplane.store.kv import (
     EventType,
     Get,
     KeyValue,
+    LeaseNotFoundError,
     Op,
     OpResponse,
     Put,
@@ -70,6 +73,17 @@ INSERT OR IGNORE INTO meta (name, value) VALUES ('compact_revision', 0);
 T = TypeVar("T")
 
 
+# How often expired leases are swept while any lease exists.
+_LEASE_SWEEP_SECONDS = 0.5
+
+
+@dataclass
+class _Lease:
+    ttl: int
+    deadline: float  # time.monotonic()
+    keys: set[str]
+
+
 @dataclass(frozen=True)
 class _ChangeRow:
     rev: int
@@ -89,6 +103,11 @@ class SqliteKV:
         self._changed = asyncio.Condition()
         self._head = 0
         self._closed = False
+        # Leases live in memory: one process owns the file, and a lease never outlives the
+        # process that holds it any more than etcd's outlives its keepalives.
+        self._leases: dict[int, _Lease] = {}
+        self._key_lease: dict[str, int] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, path: Path, *, history: int = DEFAULT_HISTORY) -> SqliteKV:
@@ -194,11 +213,13 @@ class SqliteKV:
         return None if row is None else self._row_to_kv(row)
 
     async def get(self, key: str) -> KeyValue | None:
+        await self._sweep_leases()
         return await self._run(lambda: self._get_sync(self._db(), key))
 
     async def range(
         self, prefix: str, *, limit: int | None = None, start_after: str | None = None
     ) -> list[KeyValue]:
+        await self._sweep_leases()
         low = prefix.encode()
         sql = "SELECT key, value, create_rev, mod_rev, version FROM kv WHERE key >= ?"
         args: list[object] = [low]
@@ -229,12 +250,89 @@ class SqliteKV:
     ) -> TxnResult:
         check_ops(success)
         check_ops(failure)
+        await self._sweep_leases()
+        for op in (*success, *failure):
+            if isinstance(op, Put) and op.lease and op.lease not in self._leases:
+                raise LeaseNotFoundError(op.lease)
+        result = await self._raw_txn(compares, success, failure)
+        self._track_leases(success if result.succeeded else failure)
+        return result
+
+    async def _raw_txn(
+        self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
+    ) -> TxnResult:
         result = await self._run(lambda: self._txn_sync(list(compares), success, failure))
         if result.revision > self._head:
             async with self._changed:
                 self._head = max(self._head, result.revision)
                 self._changed.notify_all()
         return result
+
+    # -- leases ----------------------------------------------------------------------
+
+    def _track_leases(self, ops: Sequence[Op]) -> None:
+        """Record which keys the ops just run attached to or detached from a lease."""
+        for op in ops:
+            if isinstance(op, Put | Delete):
+                old = self._key_lease.pop(op.key, None)
+                if old is not None and old in self._leases:
+                    self._leases[old].keys.discard(op.key)
+                if isinstance(op, Put) and op.lease:
+                    self._key_lease[op.key] = op.lease
+                    self._leases[op.lease].keys.add(op.key)
+            elif isinstance(op, DeletePrefix):
+                for key in [k for k in self._key_lease if k.startswith(op.prefix)]:
+                    lease = self._key_lease.pop(key)
+                    if lease in self._leases:
+                        self._leases[lease].keys.discard(key)
+
+    async def _end_lease(self, lease_id: int) -> None:
+        lease = self._leases.pop(lease_id, None)
+        if lease is None or not lease.keys:
+            return
+        keys = sorted(lease.keys)
+        for key in keys:
+            self._key_lease.pop(key, None)
+        # One transaction, so watchers see the whole lease end at one revision.
+        await self._raw_txn([], [Delete(key) for key in keys])
+
+    async def _sweep_leases(self) -> None:
+        now = time.monotonic()
+        for lease_id in [i for i, lease in self._leases.items() if lease.deadline <= now]:
+            await self._end_lease(lease_id)
+
+    async def _sweep_forever(self) -> None:
+        # Expiry must happen even when nobody calls the store (a crashed holder), so that
+        # watchers of a leased key learn of it.
+        while self._leases and not self._closed:
+            await asyncio.sleep(_LEASE_SWEEP_SECONDS)
+            try:
+                await self._sweep_leases()
+            except StoreError:
+                pass  # the store is closing or failing; the next call reports it
+        self._sweeper = None
+
+    async def lease_grant(self, ttl: int) -> int:
+        if ttl < 1:
+            raise ValueError(f"a lease must last at least 1 second, not {ttl}")
+        if self._closed:
+            raise StoreUnavailableError(f"the sqlite store {self._path} is closed")
+        lease_id = secrets.randbits(62) | 1
+        self._leases[lease_id] = _Lease(ttl, time.monotonic() + ttl, set())
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="sqlite-lease-sweeper")
+        return lease_id
+
+    async def lease_keepalive(self, lease: int) -> int:
+        await self._sweep_leases()
+        found = self._leases.get(lease)
+        if found is None:
+            return 0
+        found.deadline = time.monotonic() + found.ttl
+        return found.ttl
+
+    async def lease_revoke(self, lease: int) -> None:
+        await self._end_lease(lease)
 
     def _txn_sync(
         self, compares: list[Compare], success: Sequence[Op], failure: Sequence[Op]
@@ -416,6 +514,9 @@ class SqliteKV:
     async def close(self) -> None:
         if self._closed:
             return
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         async with self._changed:
             self._closed = True
             self._changed.notify_all()

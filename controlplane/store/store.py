@@ -65,6 +65,7 @@ BUNDLES = "bundles/"
 CA_JOURNAL = "ca/journal"
 AUDIT_EVENTS = "audit/events/"
 AUDIT_HEAD = "audit/head"
+LEADER = "leader/"
 
 # Writes without an expected revision retry this often when another writer slips in
 # between our read and our transaction, then give up with ConflictError.
@@ -331,6 +332,20 @@ class Store:
             deleted += int(result.succeeded)
         return deleted
 
+    async def delete_expired_nodes(self, expired_before: float) -> list[str]:
+        """Forget agents whose SVID expired before ``expired_before`` (they cannot renew
+        and must attest again anyway). Banned nodes stay: the ban must outlive the SVID."""
+        deleted: list[str] = []
+        for kv in await self._kv.range(NODES):
+            node = AttestedNode.from_json(kv.value)
+            if node.banned or node.cert_not_after >= expired_before:
+                continue
+            # Guarded by the revision we judged: a node that renewed meanwhile stays.
+            result = await self._kv.txn([Compare.mod_revision(kv.key, kv.mod_revision)], [Delete(kv.key)])
+            if result.succeeded:
+                deleted.append(node.spiffe_id)
+        return deleted
+
     # -- policy revisions ------------------------------------------------------------
 
     async def append_policy_revision(
@@ -506,6 +521,29 @@ class Store:
             start_after=self.audit_event_key(since_seq) if since_seq > 0 else None,
         )
         return [AuditEvent.from_json(kv.value) for kv in kvs]
+
+    # -- leases and leader election ----------------------------------------------------
+
+    async def lease_grant(self, ttl: int) -> int:
+        """A lease of ``ttl`` seconds; keys put under it vanish when it ends."""
+        return await self._kv.lease_grant(ttl)
+
+    async def lease_keepalive(self, lease: int) -> int:
+        """Seconds the lease has left after this renewal; 0 if it already ended."""
+        return await self._kv.lease_keepalive(lease)
+
+    async def lease_revoke(self, lease: int) -> None:
+        await self._kv.lease_revoke(lease)
+
+    async def get_leader(self, name: str) -> str | None:
+        kv = await self._kv.get(LEADER + _need(name, "leader name"))
+        return None if kv is None else kv.value.decode(errors="replace")
+
+    async def try_become_leader(self, name: str, holder: str, lease: int) -> bool:
+        """Create the leader key under ``lease`` if nobody holds it; True if we now do."""
+        key = LEADER + _need(name, "leader name")
+        result = await self._kv.txn([Compare.absent(key)], [Put(key, holder.encode(), lease=lease)])
+        return result.succeeded
 
     # -- raw access (tests and repair tools only) ------------------------------------
 

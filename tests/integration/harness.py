@@ -160,11 +160,14 @@ class AgentProcess(_Process):
     log_path: Path | None = None
     socket: Path = field(default_factory=lambda: _public_dir() / "workload.sock")
     config: Path | None = None
+    # More replicas of the same control plane, tried in order after `server`.
+    replicas: list[ServerProcess] = field(default_factory=list)
 
     def start(self, timeout: float = READY_TIMEOUT) -> AgentProcess:
-        args = trustmesh_cmd("agent", "run", "--server", self.server.bind, "--attest-server", self.server.attest_bind,
-                             "--trust-bundle", str(self.server.bundle_path), "--data-dir", str(self.data_dir),
-                             "--socket", str(self.socket))
+        args = trustmesh_cmd("agent", "run", "--trust-bundle", str(self.server.bundle_path),
+                             "--data-dir", str(self.data_dir), "--socket", str(self.socket))
+        for replica in [self.server, *self.replicas]:
+            args += ["--server", replica.bind, "--attest-server", replica.attest_bind]
         if self.join_token:
             args += ["--join-token", self.join_token]
         if self.config:

@@ -444,7 +444,7 @@ def test_rotation_threshold_is_half_life() -> None:
 async def test_signing_ca_rotation_with_an_injected_clock(store: Store) -> None:
     clock = Clock()
     ca = await CertificateAuthority.load_or_create(_config(ca_ttl=timedelta(hours=4)), store, KEK, clock=clock)
-    # The signing CA is back-dated by 30 s, so its half-life is at 1 h 59 min 45 s.
+    # Half-life counts from issue (2 h), not from the NotBefore back-dated by 30 s.
     clock.now += timedelta(hours=1, minutes=59)
     assert not ca.needs_signing_ca_rotation()
     assert ca.needs_signing_ca_rotation(clock.now + timedelta(minutes=1))
@@ -456,6 +456,11 @@ async def test_signing_ca_rotation_with_an_injected_clock(store: Store) -> None:
     assert not ca.needs_signing_ca_rotation()
     assert ca.signing_ca.not_valid_after_utc == clock.now + timedelta(hours=4)
     # Leaves from before the rotation still verify: both signing CAs chain to the same root.
+    # A lifetime shorter than the back-dating still rotates at its half, not at once.
+    short = await CertificateAuthority.load_or_create(_config(ca_ttl=timedelta(seconds=20), replica="r9"),
+                                                      store, KEK, clock=clock)
+    assert not short.needs_signing_ca_rotation()
+    assert short.needs_signing_ca_rotation(clock.now + timedelta(seconds=10))
     new.verify_directly_issued_by(ca.root)
     old.verify_directly_issued_by(ca.root)
 

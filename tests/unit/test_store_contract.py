@@ -338,6 +338,33 @@ async def test_expired_join_tokens_are_deleted(store: Store) -> None:
     assert await store.delete_expired_join_tokens(200.0) == 0
 
 
+async def test_only_long_expired_unbanned_nodes_are_pruned(store: Store) -> None:
+    await store.create_attested_node(node("gone", cert_not_after=100.0))
+    await store.create_attested_node(node("banned-gone", cert_not_after=100.0, banned=True))
+    await store.create_attested_node(node("edge", cert_not_after=200.0))
+    await store.create_attested_node(node("alive", cert_not_after=5000.0))
+    assert await store.delete_expired_nodes(200.0) == [f"{TD}/agent/gone"]
+    left = sorted(n.node_name for n in await store.list_attested_nodes())
+    assert left == ["alive", "banned-gone", "edge"], "a ban outlives the SVID; the edge is not past"
+    assert await store.delete_expired_nodes(200.0) == []
+
+
+async def test_leader_key_is_held_by_one_holder_until_its_lease_ends(store: Store) -> None:
+    assert await store.get_leader("duties") is None
+    first = await store.lease_grant(10)
+    second = await store.lease_grant(10)
+    assert await store.try_become_leader("duties", "replica-a", first)
+    assert not await store.try_become_leader("duties", "replica-b", second)
+    assert await store.get_leader("duties") == "replica-a"
+    assert await store.lease_keepalive(first) > 0
+    await store.lease_revoke(first)  # a clean shutdown hands over at once
+    assert await store.get_leader("duties") is None
+    assert await store.lease_keepalive(first) == 0
+    assert await store.try_become_leader("duties", "replica-b", second)
+    assert await store.get_leader("duties") == "replica-b"
+    await store.lease_revoke(second)
+
+
 # -- policy ----------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from trustmesh import __version__
-from trustmesh.cli import agents_cmd, audit_cmd, entry_cmd, policy_cmd, server_cmd, token_cmd
+from trustmesh.cli import agents_cmd, audit_cmd, ca_cmd, entry_cmd, policy_cmd, server_cmd, token_cmd
 from trustmesh.errors import TrustmeshError
 from trustmesh.logs import setup_logging
 
@@ -36,6 +36,8 @@ examples:
       every attestation, issuance, admin change and refusal of the last hour
   trustmesh audit verify
       check that no audit event was edited, removed or reordered
+  trustmesh ca show
+      the root, signing CAs and JWT keys with their rotation states
 
 run `trustmesh COMMAND --help` for the options of each command.
 """
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     agents_cmd.register(commands)
     policy_cmd.register(commands)
     audit_cmd.register(commands)
+    ca_cmd.register(commands)
     version = commands.add_parser("version", help="print the trustmesh version")
     version.set_defaults(func=lambda _args: print(f"trustmesh {__version__}") or 0)
     return parser

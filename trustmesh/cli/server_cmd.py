@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ DEFAULTS: dict[str, Any] = {
     "metrics": None,
     "agent_ttl": "1h",
     "x509pop_ca": None,
+    "replica_id": None,
+    "prune_agents_after": "24h",
 }
 
 
@@ -83,6 +86,16 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="PEM file of CA certificates that node certificates chain to, enabling x509pop node attestation",
     )
     run.add_argument("--metrics", help="host:port to serve Prometheus metrics on (default off)")
+    run.add_argument(
+        "--replica-id",
+        help="this replica's name in the CA journal, logs and leader election; unique per running "
+        "process (default <hostname>-<pid>)",
+    )
+    run.add_argument(
+        "--prune-agents-after",
+        help="the leader replica forgets agents whose SVID expired this long ago (they must attest "
+        "again anyway); banned agents are kept (default 24h)",
+    )
     run.set_defaults(func=_run)
     server.set_defaults(func=lambda _a: server.print_help() or 2)
 
@@ -98,13 +111,13 @@ def _build_config(args: argparse.Namespace) -> Any:
     except InvalidSpiffeIdError as err:
         raise ConfigError(f"--trust-domain: {err.reason}") from err
     durations: dict[str, Any] = {}
-    for key in ("default_x509_ttl", "default_jwt_ttl", "ca_ttl", "root_ttl", "agent_ttl"):
+    for key in ("default_x509_ttl", "default_jwt_ttl", "ca_ttl", "root_ttl", "agent_ttl", "prune_agents_after"):
         try:
             durations[key] = parse_duration(values[key])
         except ValueError as err:
             raise ConfigError(f"--{key.replace('_', '-')}: {err}") from err
     data_dir = Path(values["data_dir"]).expanduser()
-    return ServerConfig(
+    config = ServerConfig(
         trust_domain=trust_domain,
         data_dir=data_dir,
         store_url=str(values["store"]),
@@ -115,8 +128,12 @@ def _build_config(args: argparse.Namespace) -> Any:
         admin_socket=Path(values["admin_socket"]).expanduser() if values["admin_socket"] else None,
         metrics=values["metrics"],
         x509pop_ca=Path(values["x509pop_ca"]).expanduser() if values["x509pop_ca"] else None,
+        prune_nodes_after=durations.pop("prune_agents_after"),
         **durations,
     )
+    if values["replica_id"]:
+        config = dataclasses.replace(config, replica_id=str(values["replica_id"]))
+    return config
 
 
 def _run(args: argparse.Namespace) -> int:

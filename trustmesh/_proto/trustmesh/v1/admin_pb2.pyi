@@ -34,6 +34,7 @@ class RootRotationStep(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROOT_ROTATION_STEP_UNSPECIFIED: _ClassVar[RootRotationStep]
     ROOT_ROTATION_STEP_PREPARE: _ClassVar[RootRotationStep]
     ROOT_ROTATION_STEP_ACTIVATE: _ClassVar[RootRotationStep]
+    ROOT_ROTATION_STEP_RETIRE: _ClassVar[RootRotationStep]
 BUNDLE_ENDPOINT_PROFILE_UNSPECIFIED: BundleEndpointProfile
 BUNDLE_ENDPOINT_PROFILE_HTTPS_WEB: BundleEndpointProfile
 BUNDLE_ENDPOINT_PROFILE_HTTPS_SPIFFE: BundleEndpointProfile
@@ -48,6 +49,7 @@ CA_AUTHORITY_STATE_OLD: CAAuthorityState
 ROOT_ROTATION_STEP_UNSPECIFIED: RootRotationStep
 ROOT_ROTATION_STEP_PREPARE: RootRotationStep
 ROOT_ROTATION_STEP_ACTIVATE: RootRotationStep
+ROOT_ROTATION_STEP_RETIRE: RootRotationStep
 
 class CreateEntryRequest(_message.Message):
     __slots__ = ("entry",)
@@ -380,10 +382,14 @@ class GetCAJournalRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetCAJournalResponse(_message.Message):
-    __slots__ = ("authorities",)
+    __slots__ = ("authorities", "leader", "next_step")
     AUTHORITIES_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
     authorities: _containers.RepeatedCompositeFieldContainer[CAAuthority]
-    def __init__(self, authorities: _Optional[_Iterable[_Union[CAAuthority, _Mapping]]] = ...) -> None: ...
+    leader: str
+    next_step: str
+    def __init__(self, authorities: _Optional[_Iterable[_Union[CAAuthority, _Mapping]]] = ..., leader: _Optional[str] = ..., next_step: _Optional[str] = ...) -> None: ...
 
 class RotateRootRequest(_message.Message):
     __slots__ = ("step",)
@@ -392,10 +398,12 @@ class RotateRootRequest(_message.Message):
     def __init__(self, step: _Optional[_Union[RootRotationStep, str]] = ...) -> None: ...
 
 class RotateRootResponse(_message.Message):
-    __slots__ = ("authorities",)
+    __slots__ = ("authorities", "detail")
     AUTHORITIES_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
     authorities: _containers.RepeatedCompositeFieldContainer[CAAuthority]
-    def __init__(self, authorities: _Optional[_Iterable[_Union[CAAuthority, _Mapping]]] = ...) -> None: ...
+    detail: str
+    def __init__(self, authorities: _Optional[_Iterable[_Union[CAAuthority, _Mapping]]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class IssuePartnerCertificateRequest(_message.Message):
     __slots__ = ("spiffe_id", "csr", "ttl_seconds")

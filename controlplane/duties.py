@@ -1,0 +1,94 @@
+"""Work that runs once per trust domain, on the elected leader replica only.
+
+Every few seconds the leader: takes the root-rotation step the CA journal says is due
+(prepare, activate, retire; see `CAJournal.next_root_step`), forgets expired join tokens,
+and forgets agents whose SVID expired long ago. Each step is one compare-and-swap in the
+store, so a leader that loses its lease mid-step leaves nothing half-done, and a step
+repeated by the next leader finds nothing left to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from trustmesh.errors import CAError, FailedPreconditionError, StoreError, TrustmeshError
+from trustmesh.logs import log_event
+
+from controlplane.config import MAX_JWT_TTL
+from controlplane.runtime import ServerRuntime
+
+log = logging.getLogger("trustmesh.duties")
+
+INTERVAL_SECONDS = 5.0
+LEADER_ACTOR = "trustmesh-leader"
+
+
+async def take_root_step(rt: ServerRuntime, step: str, *, actor: str) -> str:
+    """Run one root-rotation step ('prepare', 'activate' or 'retire'); audited. Returns a
+    short description of what changed."""
+    ca = rt.ca
+    try:
+        # The journal says precisely why a step is out of order; that is the caller's
+        # precondition, not a fault of the server.
+        if step == "prepare":
+            ca.journal.check_can_prepare()
+        elif step == "activate" and ca.journal.prepared_root() is None:
+            ca.journal.activated(0.0)
+    except CAError as err:
+        raise FailedPreconditionError(str(err)) from err
+    if step == "prepare":
+        slot = await ca.prepare_root()
+        detail = f"root {slot.id} prepared and published in the bundle"
+        await rt.audit.record("ca.root_prepared", actor=actor, subject=slot.id, not_after=slot.not_after)
+    elif step == "activate":
+        slot = await ca.activate_root()
+        detail = f"root {slot.id} active; signing CAs now chain to it"
+        await rt.audit.record("ca.root_activated", actor=actor, subject=slot.id)
+    elif step == "retire":
+        roots, kids = await ca.retire_old(MAX_JWT_TTL)
+        if not roots and not kids:
+            old = [r.id for r in ca.journal.roots if r.status == "old"]
+            if old:
+                raise FailedPreconditionError(
+                    f"old root {', '.join(old)} cannot be retired yet: a signing CA under it is still valid, so "
+                    "SVIDs chaining to it may still be in use; retire after it expires (see `trustmesh ca show`)")
+            raise FailedPreconditionError("there is nothing to retire: no old root or JWT key in the journal")
+        detail = f"retired roots [{', '.join(roots)}] and JWT keys [{', '.join(kids)}]"
+        await rt.audit.record("ca.authorities_retired", actor=actor, subject=",".join(roots),
+                              roots=roots, jwt_keys=kids)
+    else:
+        raise FailedPreconditionError(f"unknown root rotation step {step!r}; use prepare, activate or retire")
+    log_event(log, "root_rotation_step", step=step, actor=actor, detail=detail)
+    return detail
+
+
+async def run_once(rt: ServerRuntime) -> None:
+    now = rt.clock()
+    step = rt.ca.journal.next_root_step(now, MAX_JWT_TTL.total_seconds())
+    if step is not None:
+        await take_root_step(rt, step, actor=LEADER_ACTOR)
+    tokens = await rt.store.delete_expired_join_tokens(now)
+    if tokens:
+        log_event(log, "join_tokens_pruned", count=tokens)
+    nodes = await rt.store.delete_expired_nodes(now - rt.config.prune_nodes_after.total_seconds())
+    for node in nodes:
+        await rt.audit.record("agent.pruned", actor=LEADER_ACTOR, subject=node,
+                              reason=f"agent SVID expired more than {rt.config.prune_nodes_after} ago")
+    if nodes:
+        log_event(log, "agents_pruned", count=len(nodes))
+
+
+async def leader_duties(rt: ServerRuntime, interval: float = INTERVAL_SECONDS) -> None:
+    """Run until cancelled (when leadership ends). A failed round is logged and retried."""
+    failures = rt.metrics.counter("trustmesh_leader_duty_failures_total", "leader duty rounds that failed")
+    while True:
+        try:
+            await run_once(rt)
+        except (StoreError, TrustmeshError) as err:
+            failures.inc()
+            log_event(log, "leader_duty_failed", level=logging.WARNING, error=str(err))
+        await asyncio.sleep(interval)
+
+
+__all__ = ["leader_duties", "run_once", "take_root_step"]
