@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
 from trustmesh.cli.config import ConfigError, resolve
 
+TOKEN_ENV = "TRUSTMESH_JOIN_TOKEN"
 DEFAULTS: dict[str, Any] = {
     "server": None,
     "attest_server": None,
     "trust_bundle": None,
     "trust_domain": None,
     "join_token": None,
+    "join_token_file": None,
     "x509pop_cert": None,
     "x509pop_key": None,
     "data_dir": "./.trustmesh/agent",
@@ -58,7 +61,10 @@ def add_run_subcommand(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--trust-bundle", help="PEM file of the trust domain's roots (the server's bundle.pem)")
     run.add_argument("--trust-domain", help="expected trust domain, e.g. example.org (default: read from the "
                                             "bundle's root; when given, a bundle of another domain is refused)")
-    run.add_argument("--join-token", help="one-time join token, needed on the first start only")
+    run.add_argument("--join-token", help=f"one-time join token, needed on the first start only (or ${TOKEN_ENV})")
+    run.add_argument("--join-token-file", metavar="PATH",
+                     help="read the join token from this file instead (e.g. a mounted Kubernetes Secret); "
+                          "a missing file is fine once the node has attested")
     run.add_argument("--x509pop-cert", help="node certificate chain (PEM) for x509pop attestation")
     run.add_argument("--x509pop-key", help="the node certificate's private key (PEM) for x509pop")
     run.add_argument("--data-dir", help="state directory (default ./.trustmesh/agent)")
@@ -116,6 +122,26 @@ def _services(raw: Any) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def _join_token(values: dict[str, Any]) -> str | None:
+    """The token from --join-token, else --join-token-file, else $TRUSTMESH_JOIN_TOKEN.
+
+    A token file that does not exist is not an error: on a node that attested before, the
+    agent starts from the identity in its data directory and needs no token; on a node
+    that did not, attestation fails with a message that says to create one.
+    """
+    if values["join_token"]:
+        return str(values["join_token"]).strip()
+    if values["join_token_file"]:
+        path = Path(values["join_token_file"]).expanduser()
+        try:
+            return path.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise ConfigError(f"--join-token-file {path}: {err.strerror}") from err
+    return os.environ.get(TOKEN_ENV, "").strip() or None
+
+
 def _build_config(args: argparse.Namespace) -> Any:
     from agent.config import AgentConfig  # the composition root may import both sides
 
@@ -144,7 +170,7 @@ def _build_config(args: argparse.Namespace) -> Any:
     return AgentConfig(
         servers=servers, attest_servers=_as_tuple(values["attest_server"]),
         trust_bundle=Path(values["trust_bundle"]).expanduser(), data_dir=data_dir,
-        join_token=values["join_token"], socket=Path(values["socket"]).expanduser() if values["socket"] else None,
+        join_token=_join_token(values), socket=Path(values["socket"]).expanduser() if values["socket"] else None,
         metrics=values["metrics"], trust_domain=trust_domain,
         x509pop_cert=Path(values["x509pop_cert"]) if values["x509pop_cert"] else None,
         x509pop_key=Path(values["x509pop_key"]) if values["x509pop_key"] else None,
