@@ -13,9 +13,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks import proxy  # noqa: E402
+from benchmarks import fleet, issuance, proxy, scale, workload  # noqa: E402
 
-BENCHMARKS = [("proxy", proxy.run)]
+BENCHMARKS = [("issuance", issuance.run), ("fleet (propagation, idle load)", fleet.run),
+              ("workload api", workload.run), ("proxy", proxy.run), ("scale", scale.run)]
+FIELDS = ("name", "value", "unit", "reference", "reference_value", "ratio", "goal", "params")
 
 
 def machine() -> str:
@@ -38,15 +40,20 @@ def table(results: list[dict[str, object]]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description="run the trustmesh benchmarks")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke check")
+    parser.add_argument("--only", action="append", metavar="NAME",
+                        help="run only this benchmark (issuance, fleet, workload, proxy, scale); repeatable")
     args = parser.parse_args()
     results: list[dict[str, object]] = []
     for name, run in BENCHMARKS:
+        if args.only and name.split()[0] not in args.only:
+            continue
         started = time.monotonic()
         print(f"[bench] {name} …", flush=True)
         results.extend(run(args.quick))
         print(f"[bench] {name} done ({time.monotonic() - started:.0f}s)", flush=True)
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
+    # TRUSTMESH_BENCH_OUT lets the smoke test write elsewhere than the committed results.
+    out = Path(os.environ.get("TRUSTMESH_BENCH_OUT", HERE / "results"))
+    out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
     text = table(results)
     print(text)

@@ -35,6 +35,11 @@ class ServerConfig:
     metrics: str | None = None
     x509pop_ca: Path | None = None  # PEM roots that node certificates for x509pop chain to
     prune_nodes_after: timedelta = timedelta(days=1)  # forget agents whose SVID expired this long ago
+    bundle_endpoint: str | None = None  # host:port serving our SPIFFE bundle to federated partners
+    bundle_endpoint_profile: str = "https_spiffe"  # or "https_web" with the two files below
+    bundle_endpoint_cert: Path | None = None
+    bundle_endpoint_key: Path | None = None
+    bundle_refresh_hint: timedelta = timedelta(minutes=5)  # spiffe_refresh_hint we publish
     leader_ttl: int = 5  # seconds; a dead leader's duties move to another replica after about this
     replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 

@@ -1,8 +1,9 @@
 """Work that runs once per trust domain, on the elected leader replica only.
 
 Every few seconds the leader: takes the root-rotation step the CA journal says is due
-(prepare, activate, retire; see `CAJournal.next_root_step`), forgets expired join tokens,
-and forgets agents whose SVID expired long ago. Each step is one compare-and-swap in the
+(prepare, activate, retire; see `CAJournal.next_root_step`), fetches the federated bundles
+that are due, and forgets expired join tokens, expired partner certificates and agents
+whose SVID expired long ago. Each step is one compare-and-swap in the
 store, so a leader that loses its lease mid-step leaves nothing half-done, and a step
 repeated by the next leader finds nothing left to do.
 """
@@ -16,11 +17,13 @@ from trustmesh.errors import CAError, FailedPreconditionError, StoreError, Trust
 from trustmesh.logs import log_event
 
 from controlplane.config import MAX_JWT_TTL
+from controlplane.federation import refresh_due
 from controlplane.runtime import ServerRuntime
 
 log = logging.getLogger("trustmesh.duties")
 
-INTERVAL_SECONDS = 5.0
+INTERVAL_SECONDS = 2.0
+PRUNE_SECONDS = 60.0
 LEADER_ACTOR = "trustmesh-leader"
 
 
@@ -63,11 +66,15 @@ async def take_root_step(rt: ServerRuntime, step: str, *, actor: str) -> str:
     return detail
 
 
-async def run_once(rt: ServerRuntime) -> None:
+async def run_once(rt: ServerRuntime, *, prune: bool = True) -> None:
     now = rt.clock()
     step = rt.ca.journal.next_root_step(now, MAX_JWT_TTL.total_seconds())
     if step is not None:
         await take_root_step(rt, step, actor=LEADER_ACTOR)
+    await refresh_due(rt, LEADER_ACTOR)
+    if not prune:
+        return
+    await rt.store.delete_expired_partner_certificates(now)
     tokens = await rt.store.delete_expired_join_tokens(now)
     if tokens:
         log_event(log, "join_tokens_pruned", count=tokens)
@@ -80,11 +87,19 @@ async def run_once(rt: ServerRuntime) -> None:
 
 
 async def leader_duties(rt: ServerRuntime, interval: float = INTERVAL_SECONDS) -> None:
-    """Run until cancelled (when leadership ends). A failed round is logged and retried."""
+    """Run until cancelled (when leadership ends). A failed round is logged and retried.
+
+    The rotation step and federation refreshes are looked at every `interval`; pruning,
+    which reads every node and token, only every PRUNE_SECONDS.
+    """
     failures = rt.metrics.counter("trustmesh_leader_duty_failures_total", "leader duty rounds that failed")
+    last_prune = float("-inf")
     while True:
+        prune = rt.clock() - last_prune >= PRUNE_SECONDS
         try:
-            await run_once(rt)
+            await run_once(rt, prune=prune)
+            if prune:
+                last_prune = rt.clock()
         except (StoreError, TrustmeshError) as err:
             failures.inc()
             log_event(log, "leader_duty_failed", level=logging.WARNING, error=str(err))

@@ -29,6 +29,7 @@ from trustmesh.naming import server_dns_name, server_id
 from controlplane.api.admin import AdminAPI
 from controlplane.api.node import NodeAPI
 from controlplane.audit import AuditLog
+from controlplane.bundle_endpoint import BundleEndpoint, serve_bundle_endpoint
 from controlplane.ca.authority import CAConfig, CertificateAuthority, needs_rotation
 from controlplane.ca.kek import KeyEncryptionKey
 from controlplane.config import ServerConfig
@@ -77,6 +78,10 @@ class ServingCredentials:
         self.not_before: datetime | None = None
         self.not_after: datetime | None = None
         self.roots: frozenset[bytes] = frozenset()  # fingerprints of the client-certificate roots in use
+        # The current SVID for other TLS listeners (the bundle endpoint); version counts renewals.
+        self.version = 0
+        self.chain_pem = b""
+        self.key_pem = b""
 
     def roots_changed(self) -> bool:
         return self.roots != frozenset(c.fingerprint(hashes.SHA256()) for c in self._ca.x509_authorities())
@@ -95,6 +100,8 @@ class ServingCredentials:
         self.roots = frozenset(c.fingerprint(hashes.SHA256()) for c in authorities)
         roots = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in authorities)
         self._current = grpc.ssl_server_certificate_configuration([(key_pem, svid.chain_pem())], roots)
+        self.chain_pem, self.key_pem = svid.chain_pem(), key_pem
+        self.version += 1
         self._changed = True
         self.not_before, self.not_after = svid.issued_at, svid.expires_at
         log_event(log, "server_svid_issued", spiffe_id=svid.spiffe_id, expires_at=svid.expires_at.isoformat())
@@ -201,6 +208,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
     remote_admin: grpc.aio.Server | None = None
     admin_server: grpc.aio.Server | None = None
     metrics_server: asyncio.Server | None = None
+    bundle_server: asyncio.Server | None = None
     try:
         ca = await CertificateAuthority.load_or_create(
             CAConfig(trust_domain=config.trust_domain, replica_id=config.replica_id,
@@ -209,6 +217,9 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         )
         ca.write_bundle_pem(config.bundle_path)
         rt = ServerRuntime(config=config, store=store, ca=ca, audit=AuditLog(store, kek.derive("audit-chain")))
+        store_ops = rt.metrics.counter("trustmesh_store_operations_total", "requests this replica sent to the store",
+                                       ["operation"])
+        store.observe(lambda op: store_ops.inc(operation=op))
 
         creds = ServingCredentials(ca, config)
         await creds.renew()
@@ -239,26 +250,41 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         if config.metrics:
             host, mport = split_host_port(config.metrics)
             metrics_server = await serve_metrics(rt.metrics, host, mport)
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        await attest_health.set("", health_pb2.HealthCheckResponse.SERVING)
-
-        bind_host = split_host_port(config.bind)[0]
-        log_event(
-            log, "ready",
-            trust_domain=config.trust_domain, bind=f"{bind_host}:{port}",
-            attest_bind=f"{split_host_port(config.attest_bind)[0]}:{attest_port}",
-            admin_socket=str(config.admin_socket_path),
-            admin_bind=f"{split_host_port(config.admin_bind)[0]}:{remote_admin_port}" if config.admin_bind else "off",
-            store=config.store_url.split("://", 1)[0],
-            bundle=str(config.bundle_path), root_sha256=ca.root.fingerprint(hashes.SHA256()).hex(),
-            metrics=config.metrics or "off", replica=config.replica_id,
-        )
+        bundle_address = "off"
+        if config.bundle_endpoint:
+            endpoint = BundleEndpoint(ca.bundle, config.bundle_refresh_hint, rt.metrics)
+            ctx = (endpoint.spiffe_context(creds) if config.bundle_endpoint_profile == "https_spiffe"
+                   else BundleEndpoint.web_context(config.bundle_endpoint_cert, config.bundle_endpoint_key))  # type: ignore[arg-type]
+            bundle_server = await serve_bundle_endpoint(endpoint, config.bundle_endpoint, ctx)
+            bound = bundle_server.sockets[0].getsockname()
+            bundle_address = f"{bound[0]}:{bound[1]}"
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(node_api.run(stop), name="node-api")
             tasks.create_task(_rotation_loop(rt, creds, stop), name="rotation")
             election = LeaderElection(store, config.replica_id, rt.metrics, ttl=config.leader_ttl)
             tasks.create_task(election.run(stop, lambda: leader_duties(rt)), name="leader-election")
-            await stop.wait()
+            # `ready` (and SERVING) only once the registry is loaded: before that every agent
+            # call would be answered "still loading, retry".
+            loaded = asyncio.create_task(node_api.ready.wait())
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({loaded, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if loaded.done():
+                await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+                await attest_health.set("", health_pb2.HealthCheckResponse.SERVING)
+                bind_host = split_host_port(config.bind)[0]
+                log_event(
+                    log, "ready",
+                    trust_domain=config.trust_domain, bind=f"{bind_host}:{port}",
+                    attest_bind=f"{split_host_port(config.attest_bind)[0]}:{attest_port}",
+                    admin_socket=str(config.admin_socket_path),
+                    admin_bind=(f"{split_host_port(config.admin_bind)[0]}:{remote_admin_port}"
+                                if config.admin_bind else "off"),
+                    store=config.store_url.split("://", 1)[0],
+                    bundle=str(config.bundle_path), root_sha256=ca.root.fingerprint(hashes.SHA256()).hex(),
+                    metrics=config.metrics or "off", replica=config.replica_id, bundle_endpoint=bundle_address,
+                )
+            loaded.cancel()
+            await stopping
         log_event(log, "stopping")
     finally:
         for grpc_server in (node_server, attest_server, remote_admin):
@@ -266,6 +292,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
                 await grpc_server.stop(grace=1)
         if admin_server is not None:
             await admin_server.stop(grace=1)
-        if metrics_server is not None:
-            metrics_server.close()
+        for plain in (metrics_server, bundle_server):
+            if plain is not None:
+                plain.close()
         await store.close()

@@ -42,3 +42,17 @@ tm_ensure_etcd() {
   $sudo systemctl disable --now etcd >/dev/null 2>&1 || true
   command -v etcd >/dev/null 2>&1 || { tm_log "etcd-server installed but etcd is not on PATH"; return 1; }
 }
+
+tm_ensure_nginx() {
+  # nginx with its stream module is the reference the proxy benchmark measures against.
+  if command -v nginx >/dev/null 2>&1 && [ -f /usr/lib/nginx/modules/ngx_stream_module.so ]; then
+    return 0
+  fi
+  tm_log "installing nginx and its stream module (the reference for the proxy benchmark)"
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx libnginx-mod-stream >/dev/null
+  # The package may start a system nginx on :80; the benchmark runs its own, so stop it.
+  $sudo systemctl disable --now nginx >/dev/null 2>&1 || true
+}

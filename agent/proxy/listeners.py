@@ -30,7 +30,7 @@ from trustmesh.policy import Decision, Policy
 from trustmesh.spiffeid import SpiffeId
 from trustmesh.x509svid import X509Svid
 
-from agent.proxy.tls import client_context, server_context, verify_peer
+from agent.proxy.tls import CertificateRevokedError, client_context, server_context, verify_peer
 
 log = logging.getLogger("trustmesh.proxy")
 
@@ -169,7 +169,14 @@ class InboundListener:
         assert service.inbound is not None
         sslobj = writer.get_extra_info("ssl_object")
         try:
-            source: SpiffeId | None = verify_peer(sslobj, self.flow.bundles(), self.flow.clock)
+            source: SpiffeId | None = verify_peer(sslobj, self.flow.bundles(), self.flow.clock,
+                                                  self.flow.policy().revoked_serials)
+        except CertificateRevokedError as err:
+            decision = Decision(False, "revoked certificate", f"client refused: {err}")
+            self.flow.report(err.spiffe_id, service.spiffe_id, self.port, decision)
+            self.flow.connections.inc(service=service.name, direction="inbound", decision="refused")
+            writer.close()
+            return
         except VerificationError as err:
             decision = Decision(False, "peer verification", f"client refused: {err}")
             self.flow.report(None, service.spiffe_id, self.port, decision)

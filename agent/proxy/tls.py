@@ -6,22 +6,21 @@ before a single byte is forwarded, we take the peer's chain, read its SPIFFE ID 
 the chain again with `cryptography` against the bundle of that ID's own trust domain only:
 a partner's CA can never vouch for an ID in our trust domain.
 
-Private keys reach OpenSSL through an anonymous memory file (memfd), never a disk file.
+Private keys reach OpenSSL through an anonymous memory file (memfd; see trustmesh.tls).
 """
 
 from __future__ import annotations
 
-import os
 import ssl
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from trustmesh.bundle import BundleSet
 from trustmesh.errors import VerificationError
 from trustmesh.spiffeid import SpiffeId
+from trustmesh.tls import load_key_and_chain, peer_chain
 from trustmesh.x509svid import X509Svid, verify_x509_svid
 
 
@@ -29,12 +28,7 @@ def _load_chain(ctx: ssl.SSLContext, svid: X509Svid) -> None:
     assert svid.private_key is not None
     key_pem = svid.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                              serialization.NoEncryption())
-    fd = os.memfd_create("trustmesh-svid", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, svid.chain_pem() + key_pem)
-        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)
+    load_key_and_chain(ctx, svid.chain_pem(), key_pem)
 
 
 def _roots_pem(bundles: BundleSet) -> str:
@@ -60,14 +54,23 @@ def client_context(svid: X509Svid, bundles: BundleSet) -> ssl.SSLContext:
     return ctx
 
 
-def peer_chain(ssl_object: ssl.SSLObject) -> list[x509.Certificate]:
-    # Python 3.11 exposes the presented chain only privately (public in 3.13).
-    raw = ssl_object._sslobj.get_unverified_chain() or []  # type: ignore[attr-defined]
-    return [x509.load_der_x509_certificate(c.public_bytes(ssl._ssl.ENCODING_DER)) for c in raw]  # type: ignore[attr-defined]
+class CertificateRevokedError(VerificationError):
+    """The chain verified, but one of its certificates was revoked (a partner certificate)."""
+
+    def __init__(self, spiffe_id: SpiffeId, serial: str) -> None:
+        self.spiffe_id = spiffe_id
+        self.serial = serial
+        super().__init__(f"{spiffe_id} presented certificate {serial}, which was revoked")
 
 
-def verify_peer(ssl_object: ssl.SSLObject, bundles: BundleSet, now: Callable[[], datetime] | None = None) -> SpiffeId:
+def verify_peer(ssl_object: ssl.SSLObject, bundles: BundleSet, now: Callable[[], datetime] | None = None,
+                revoked: frozenset[str] = frozenset()) -> SpiffeId:
     chain = peer_chain(ssl_object)
     if not chain:
         raise VerificationError("the peer presented no certificate")
-    return verify_x509_svid(chain, bundles.x509_anchors(), now=(now or (lambda: datetime.now(timezone.utc)))())
+    found = verify_x509_svid(chain, bundles.x509_anchors(), now=(now or (lambda: datetime.now(timezone.utc)))())
+    for cert in chain:
+        serial = f"{cert.serial_number:x}"
+        if serial in revoked:
+            raise CertificateRevokedError(found, serial)
+    return found

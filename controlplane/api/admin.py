@@ -1,15 +1,16 @@
 """The Admin service, served on the admin unix socket (file permissions are the access control).
 
 Thin: converts messages, calls the Registry / audit log, lets `grpc_errors` map refusals.
-RPCs of features not built yet answer UNIMPLEMENTED with a message that says so.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 from trustmesh.spiffeid import TrustDomain
@@ -22,15 +23,25 @@ from controlplane.api.status import (
     InvalidArgumentError,
     PermissionDeniedError,
     UnauthenticatedError,
+    UnavailableError,
     grpc_errors,
 )
 from controlplane.config import MAX_JWT_TTL
 from controlplane.duties import take_root_step
+from controlplane.federation import BundleFetchError, refresh, stored_bundle
+from controlplane.api.federation_check import check_partner_request, check_relationship
 from controlplane.policy_store import PolicyService
 from controlplane.registration import EntrySpec, Registry, check_entry_id
 from controlplane.runtime import ServerRuntime
-from controlplane.store.records import AuditEvent, PolicyRevision
-from trustmesh.errors import NotFoundError, VerificationError
+from controlplane.store.records import (
+    AuditEvent,
+    BundleRecord,
+    FederationRecord,
+    PartnerCertificate,
+    PolicyRevision,
+)
+from trustmesh.bundle import Bundle
+from trustmesh.errors import CAError, InvalidSpiffeIdError, NotFoundError, SvidError, VerificationError
 from trustmesh.x509svid import spiffe_id_from_certificate
 
 # Who made an admin change. grpcio cannot read SO_PEERCRED on the unix socket, so the
@@ -44,18 +55,6 @@ _STEPS = {
     admin_pb2.ROOT_ROTATION_STEP_ACTIVATE: "activate",
     admin_pb2.ROOT_ROTATION_STEP_RETIRE: "retire",
 }
-
-# RPCs of the Admin service whose features later work builds, and what to tell a caller
-# meanwhile. The generated base class would answer "Unexpected NotImplementedError".
-NOT_BUILT = {
-    "ListFederationRelationships": "SPIFFE federation (issue 7: partners over mTLS)",
-    "CreateFederationRelationship": "SPIFFE federation (issue 7: partners over mTLS)",
-    "DeleteFederationRelationship": "SPIFFE federation (issue 7: partners over mTLS)",
-    "RefreshFederatedBundle": "SPIFFE federation (issue 7: partners over mTLS)",
-    "IssuePartnerCertificate": "partner certificates (issue 7: partners over mTLS)",
-    "RevokePartnerCertificate": "partner certificates (issue 7: partners over mTLS)",
-}
-
 
 def _spec(entry: types_pb2.Entry) -> EntrySpec:
     return EntrySpec(
@@ -175,10 +174,15 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         async with grpc_errors(context, "GetBundle"):
             await self._authorize(context, "GetBundle")
             own = self._rt.config.trust_domain
-            if request.trust_domain and TrustDomain.parse(request.trust_domain) != own:
-                raise NotFoundError(f"this server holds no bundle for {request.trust_domain}; federation comes later")
-            bundle = self._rt.ca.bundle()
-            return admin_pb2.GetBundleResponse(bundle=bundle_to_pb(bundle), spiffe_bundle=bundle.to_jwks())
+            td = _trust_domain_arg(request.trust_domain) if request.trust_domain else own.name
+            if td == own.name:
+                bundle = self._rt.ca.bundle().with_refresh_hint(self._rt.config.bundle_refresh_hint)
+                return admin_pb2.GetBundleResponse(bundle=bundle_to_pb(bundle), spiffe_bundle=bundle.to_jwks())
+            federated, record = await stored_bundle(self._rt, td)
+            if federated is None or record is None:
+                raise NotFoundError(f"this server holds no bundle for {td}; `trustmesh federation list` shows the "
+                                    "partners it federates with")
+            return admin_pb2.GetBundleResponse(bundle=bundle_to_pb(federated), spiffe_bundle=record.jwks)
 
     async def ApplyPolicy(self, request: admin_pb2.ApplyPolicyRequest,
                           context: grpc.aio.ServicerContext) -> admin_pb2.ApplyPolicyResponse:
@@ -260,6 +264,107 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             return admin_pb2.VerifyAuditResponse(ok=result.ok, checked=result.checked,
                                                  first_broken_seq=result.first_broken_seq, reason=result.reason)
 
+    # --- federation ----------------------------------------------------------------------------
+
+    async def ListFederationRelationships(self, request: admin_pb2.ListFederationRelationshipsRequest,
+                                          context: grpc.aio.ServicerContext
+                                          ) -> admin_pb2.ListFederationRelationshipsResponse:
+        async with grpc_errors(context, "ListFederationRelationships"):
+            await self._authorize(context, "ListFederationRelationships")
+            out = []
+            for record in await self._rt.store.list_federations():
+                bundle, _ = await stored_bundle(self._rt, record.trust_domain)
+                out.append(_relationship_pb(record, bundle))
+            return admin_pb2.ListFederationRelationshipsResponse(relationships=out)
+
+    async def CreateFederationRelationship(self, request: admin_pb2.CreateFederationRelationshipRequest,
+                                           context: grpc.aio.ServicerContext
+                                           ) -> admin_pb2.CreateFederationRelationshipResponse:
+        async with grpc_errors(context, "CreateFederationRelationship"):
+            actor = await self._authorize(context, "CreateFederationRelationship")
+            try:
+                record, bundle = check_relationship(request, self._rt.config.trust_domain, self._rt.clock())
+            except InvalidArgumentError as err:
+                await self._rt.audit.record("federation.create", actor=actor, subject=request.trust_domain[:255],
+                                            outcome="denied", reason=str(err))
+                raise
+            bundle_record = None if bundle is None else BundleRecord(record.trust_domain, request.bundle, 1,
+                                                                     self._rt.clock())
+            await self._rt.store.create_federation(record, bundle_record)
+            await self._rt.audit.record("federation.create", actor=actor, subject=record.trust_domain,
+                                        endpoint=record.endpoint_url, profile=record.profile,
+                                        endpoint_spiffe_id=record.endpoint_spiffe_id)
+            return admin_pb2.CreateFederationRelationshipResponse(relationship=_relationship_pb(record, bundle))
+
+    async def DeleteFederationRelationship(self, request: admin_pb2.DeleteFederationRelationshipRequest,
+                                           context: grpc.aio.ServicerContext
+                                           ) -> admin_pb2.DeleteFederationRelationshipResponse:
+        async with grpc_errors(context, "DeleteFederationRelationship"):
+            actor = await self._authorize(context, "DeleteFederationRelationship")
+            td = _trust_domain_arg(request.trust_domain)
+            await self._rt.store.delete_federation(td)
+            await self._rt.audit.record("federation.delete", actor=actor, subject=td)
+            return admin_pb2.DeleteFederationRelationshipResponse()
+
+    async def RefreshFederatedBundle(self, request: admin_pb2.RefreshFederatedBundleRequest,
+                                     context: grpc.aio.ServicerContext) -> admin_pb2.RefreshFederatedBundleResponse:
+        async with grpc_errors(context, "RefreshFederatedBundle"):
+            actor = await self._authorize(context, "RefreshFederatedBundle")
+            record = await self._rt.store.get_federation(_trust_domain_arg(request.trust_domain))
+            if not record.endpoint_url:
+                raise FailedPreconditionError(f"the relationship with {record.trust_domain} has no bundle endpoint; "
+                                              "its bundle is set by hand (`trustmesh federation add --bundle-file`)")
+            try:
+                bundle = await refresh(self._rt, record, actor=actor)
+            except BundleFetchError as err:
+                raise UnavailableError(f"could not refresh the bundle of {record.trust_domain} ({err}); "
+                                       "the last good bundle stays in force") from err
+            return admin_pb2.RefreshFederatedBundleResponse(bundle=bundle_to_pb(bundle))
+
+    # --- partner certificates -----------------------------------------------------------------
+
+    async def IssuePartnerCertificate(self, request: admin_pb2.IssuePartnerCertificateRequest,
+                                      context: grpc.aio.ServicerContext) -> admin_pb2.IssuePartnerCertificateResponse:
+        async with grpc_errors(context, "IssuePartnerCertificate"):
+            actor = await self._authorize(context, "IssuePartnerCertificate")
+            try:
+                spiffe_id, ttl = check_partner_request(request, self._rt.config.trust_domain)
+                svid = await self._rt.ca.sign_partner_certificate(request.csr, spiffe_id, ttl)
+            except (InvalidArgumentError, SvidError, CAError) as err:
+                await self._rt.audit.record("partner.issue", actor=actor, subject=request.spiffe_id[:255],
+                                            outcome="denied", reason=str(err))
+                raise InvalidArgumentError(str(err)) from err
+            serial = f"{svid.leaf.serial_number:x}"
+            expires = svid.leaf.not_valid_after_utc.timestamp()
+            await self._rt.store.create_partner_certificate(PartnerCertificate(
+                serial=serial, spiffe_id=str(spiffe_id), not_after=expires, issued_at=self._rt.clock(),
+                issued_by=actor))
+            await self._rt.audit.record("partner.issue", actor=actor, subject=str(spiffe_id), serial=serial,
+                                        not_after=int(expires))
+            return admin_pb2.IssuePartnerCertificateResponse(
+                cert_chain=[c.public_bytes(serialization.Encoding.DER) for c in svid.cert_chain],
+                serial=serial, expires_at=int(expires))
+
+    async def RevokePartnerCertificate(self, request: admin_pb2.RevokePartnerCertificateRequest,
+                                       context: grpc.aio.ServicerContext
+                                       ) -> admin_pb2.RevokePartnerCertificateResponse:
+        async with grpc_errors(context, "RevokePartnerCertificate"):
+            actor = await self._authorize(context, "RevokePartnerCertificate")
+            serial = request.serial.strip().lower().removeprefix("0x")
+            if not serial or len(serial) > 64 or any(c not in "0123456789abcdef" for c in serial):
+                raise InvalidArgumentError(f"serial {request.serial[:80]!r} is not a hexadecimal serial number; "
+                                           "`trustmesh partner list` shows them")
+            if len(request.reason) > 1024:
+                raise InvalidArgumentError("--reason is longer than 1024 characters")
+            cert, revision = await self._rt.store.get_partner_certificate(serial)
+            if cert.revoked_at:
+                raise FailedPreconditionError(f"partner certificate {serial} ({cert.spiffe_id}) is already revoked")
+            await self._rt.store.replace_partner_certificate(
+                replace(cert, revoked_at=self._rt.clock(), reason=request.reason), revision)
+            await self._rt.audit.record("partner.revoke", actor=actor, subject=cert.spiffe_id, serial=serial,
+                                        reason=request.reason)
+            return admin_pb2.RevokePartnerCertificateResponse()
+
     # --- certificate authority ------------------------------------------------------------
 
     async def GetCAJournal(self, request: admin_pb2.GetCAJournalRequest,
@@ -293,37 +398,28 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 raise
             return admin_pb2.RotateRootResponse(authorities=ca_authorities_pb(self._rt.ca.journal), detail=detail)
 
-    # --- features of later issues ------------------------------------------------------
 
-    async def _not_built(self, context: grpc.aio.ServicerContext, method: str) -> None:
-        async with grpc_errors(context, method):
-            await self._authorize(context, method)  # a stranger learns nothing, not even this
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            f"{method} is not built into this trustmesh server yet: it belongs to {NOT_BUILT[method]}")
+_PROFILE_PB = {
+    "https_web": admin_pb2.BUNDLE_ENDPOINT_PROFILE_HTTPS_WEB,
+    "https_spiffe": admin_pb2.BUNDLE_ENDPOINT_PROFILE_HTTPS_SPIFFE,
+}
 
-    async def ListFederationRelationships(self, request: admin_pb2.ListFederationRelationshipsRequest,
-                                          context: grpc.aio.ServicerContext) -> None:
-        await self._not_built(context, "ListFederationRelationships")
 
-    async def CreateFederationRelationship(self, request: admin_pb2.CreateFederationRelationshipRequest,
-                                           context: grpc.aio.ServicerContext) -> None:
-        await self._not_built(context, "CreateFederationRelationship")
+def _relationship_pb(record: FederationRecord, bundle: Bundle | None) -> admin_pb2.FederationRelationship:
+    return admin_pb2.FederationRelationship(
+        trust_domain=record.trust_domain, bundle_endpoint_url=record.endpoint_url,
+        profile=_PROFILE_PB.get(record.profile, admin_pb2.BUNDLE_ENDPOINT_PROFILE_UNSPECIFIED),
+        endpoint_spiffe_id=record.endpoint_spiffe_id,
+        bundle_sequence_number=(bundle.sequence_number or 0) if bundle is not None else 0,
+        last_refreshed_at=int(record.last_refreshed_at), last_error=record.last_error,
+    )
 
-    async def DeleteFederationRelationship(self, request: admin_pb2.DeleteFederationRelationshipRequest,
-                                           context: grpc.aio.ServicerContext) -> None:
-        await self._not_built(context, "DeleteFederationRelationship")
 
-    async def RefreshFederatedBundle(self, request: admin_pb2.RefreshFederatedBundleRequest,
-                                     context: grpc.aio.ServicerContext) -> None:
-        await self._not_built(context, "RefreshFederatedBundle")
-
-    async def IssuePartnerCertificate(self, request: admin_pb2.IssuePartnerCertificateRequest,
-                                      context: grpc.aio.ServicerContext) -> None:
-        await self._not_built(context, "IssuePartnerCertificate")
-
-    async def RevokePartnerCertificate(self, request: admin_pb2.RevokePartnerCertificateRequest,
-                                       context: grpc.aio.ServicerContext) -> None:
-        await self._not_built(context, "RevokePartnerCertificate")
+def _trust_domain_arg(text: str) -> str:
+    try:
+        return TrustDomain.parse(text).name
+    except InvalidSpiffeIdError as err:
+        raise InvalidArgumentError(f"trust domain {text[:96]!r}: {err}") from err
 
 
 def _revision_pb(record: PolicyRevision) -> admin_pb2.PolicyRevision:

@@ -55,6 +55,7 @@ from controlplane.store.records import (
     AttestedNode,
     BundleRecord,
     Change,
+    PartnerCertificate,
     PolicyRevision,
     RecordFormatError,
     RegistrationEntry,
@@ -233,6 +234,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                     stream.wake.clear()
                     api.authenticate_stream(peer, node)  # banned, evicted or re-attested: ends here
                     for message in api.sync_next(peer.id, sent, keepalive=keepalive):
+                        api.observe_convergence(message)
                         yield message
             finally:
                 gauge.dec()
@@ -360,8 +362,13 @@ class NodeAPI:
         self.revision = 0  # every change up to this store revision is in the index
         self.policy = Policy()
         self._policy_changed_at = 0
+        self._policy_committed_at = 0.0  # when the policy in force was applied (its record's time)
+        self._convergence = rt.metrics.histogram(
+            "trustmesh_policy_convergence_seconds", "from a policy revision's commit to its delivery to each agent")
         self._federated: dict[str, types_pb2.Bundle] = {}  # trust domain -> its stored bundle
         self._gone_bundles: set[str] = set()  # trust domains whose stored bundle was deleted
+        self._revoked: frozenset[str] = frozenset()  # serials of revoked partner certificates
+        self._partner_revocations: dict[str, bool] = {}  # serial -> revoked, for every partner certificate
         self._streams: dict[str, set[_Stream]] = defaultdict(set)
         self._previous_serials: dict[str, tuple[str, float]] = {}
         self._evicted: OrderedDict[str, None] = OrderedDict()
@@ -504,6 +511,14 @@ class NodeAPI:
         sent.revision = revision
         return messages
 
+    def observe_convergence(self, message: node_pb2.SyncResponse) -> None:
+        """Time from a policy revision's commit to its delivery on an agent's stream, as the
+        `trustmesh_policy_convergence_seconds` histogram (the fleet's propagation, live)."""
+        delta = message.delta if message.WhichOneof("body") == "delta" else None
+        if delta is not None and delta.HasField("policy") and delta.policy.revision == self.policy.revision \
+                and self._policy_committed_at:
+            self._convergence.observe(max(0.0, self.rt.clock() - self._policy_committed_at))
+
     def _bundles_for(self, entries: Iterable[RegistrationEntry]) -> dict[str, types_pb2.Bundle]:
         """Our own bundle, and the stored bundle of every trust domain these entries federate with."""
         own = bundle_to_pb(self.rt.ca.bundle())
@@ -516,7 +531,8 @@ class NodeAPI:
 
     def _compiled_policy(self, entries: Iterable[RegistrationEntry]) -> types_pb2.CompiledPolicy:
         """The allowlists deciding for the destinations this agent's workloads serve."""
-        return policy_to_pb(self.policy.for_destinations([SpiffeId.parse(e.spiffe_id) for e in entries]))
+        policy = self.policy.for_destinations([SpiffeId.parse(e.spiffe_id) for e in entries])
+        return policy_to_pb(replace(policy, revoked_serials=self._revoked))
 
     # --- the change feed ----------------------------------------------------------------
 
@@ -568,7 +584,10 @@ class NodeAPI:
         entries, nodes = await store.list_entries(), await store.list_attested_nodes()
         policy = PolicyService.parse_stored(await store.get_policy_head())
         bundles = await store.list_bundles()
+        partners = await store.list_partner_certificates()
         self.index.load(entries, nodes, revision)
+        self._partner_revocations = {c.serial: c.revoked_at > 0 for c in partners}
+        self._revoked = frozenset(serial for serial, revoked in self._partner_revocations.items() if revoked)
         self.policy, self._policy_changed_at = policy, revision
         self._gone_bundles |= set(self._federated)
         self._federated.clear()
@@ -595,9 +614,22 @@ class NodeAPI:
             if change.record.revision > self.policy.revision:
                 self.policy = PolicyService.parse_stored(change.record)
                 self._policy_changed_at = change.revision
+                self._policy_committed_at = change.record.created_at
                 self.rt.metrics.gauge("trustmesh_policy_revision", "policy revision in force").set(
                     change.record.revision)
                 return None
+        if change.kind == "partner":
+            # A revocation reaches every agent at once: it is part of what each enforces.
+            record = change.record if isinstance(change.record, PartnerCertificate) else None
+            if record is None:
+                self._partner_revocations.pop(change.key, None)
+            else:
+                self._partner_revocations[change.key] = record.revoked_at > 0
+            revoked = frozenset(serial for serial, gone in self._partner_revocations.items() if gone)
+            if revoked == self._revoked:
+                return set()
+            self._revoked = revoked
+            return None
         if change.kind == "ca":
             # Another replica (or our own rotation) moved the CA journal: pick up the new
             # roots and keys, republish bundle.pem, and push the bundle to every agent.

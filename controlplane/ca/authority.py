@@ -126,6 +126,7 @@ class CertificateAuthority:
         self._root_keys: dict[str, PrivateKey] = {}
         self._jwt_keys: dict[str, PrivateKey] = {}
         self._signing: SigningCA | None = None
+        self._partner: SigningCA | None = None
         # Set whenever the journal changes (here or, via reload, on another replica): the
         # rotation loop wakes on it to follow a new root at once.
         self.changed = asyncio.Event()
@@ -236,6 +237,12 @@ class CertificateAuthority:
 
     async def rotate_signing_ca(self) -> x509.Certificate:
         """Make a fresh signing CA under the active root and record it in the journal."""
+        self._signing = await self._new_intermediate(self._config.replica_id, "signing CA")
+        return self._signing.cert
+
+    async def _new_intermediate(self, holder: str, role: str) -> SigningCA:
+        """An intermediate CA under the active root, its key in memory only; recorded in the
+        journal (certificate only) so that retiring a root waits for it to expire."""
         root_slot = self._journal.active_root()
         root_cert = x509.load_der_x509_certificate(root_slot.cert_der)
         root_key = self._root_keys[root_slot.id]
@@ -243,7 +250,7 @@ class CertificateAuthority:
         if root_cert.not_valid_after_utc <= now:
             raise CAError(
                 f"the active root CA {root_slot.id} expired at {root_cert.not_valid_after_utc.isoformat()}; "
-                "no signing CA can be made under it until the root is rotated"
+                f"no {role} can be made under it until the root is rotated"
             )
         not_after = min(now + self._config.ca_ttl, root_cert.not_valid_after_utc)
 
@@ -252,18 +259,44 @@ class CertificateAuthority:
             cert = build_ca_certificate(
                 trust_domain=self._config.trust_domain, public_key=key.public_key(), issuer=root_cert,
                 issuer_key=root_key, not_before=now - self._config.backdate, not_after=not_after,
-                path_length=0, common_name=_common_name(f"trustmesh signing CA {self._config.replica_id}"),
+                path_length=0, common_name=_common_name(f"trustmesh {role} {self._config.replica_id}"),
             )
             return cert, key
 
         cert, key = await asyncio.to_thread(build)
         record = SigningCARecord(
-            replica_id=self._config.replica_id, cert_der=cert.public_bytes(serialization.Encoding.DER),
+            replica_id=holder, cert_der=cert.public_bytes(serialization.Encoding.DER),
             root_id=root_slot.id, created_at=now.timestamp(), not_after=not_after.timestamp(),
         )
         await self._update_journal(lambda j: j.with_signing_ca(record, now=now.timestamp()))
-        self._signing = SigningCA(cert, key, root_slot.id, now)
-        return cert
+        return SigningCA(cert, key, root_slot.id, now)
+
+    # --- partner certificates ----------------------------------------------------------------
+
+    async def sign_partner_certificate(self, csr_der: bytes, spiffe_id: SpiffeId, ttl: timedelta) -> X509Svid:
+        """A certificate for a partner without a SPIFFE system of its own, from its CSR.
+
+        Signed by a partner CA kept apart from the signing CA that serves agents (its own
+        key, its own record in the journal), made on first use and replaced at half-life
+        or when the root has moved on.
+        """
+        partner = self._partner
+        now = self._clock()
+        if (partner is None or partner.root_id != self._journal.active_root().id
+                or needs_rotation(partner.issued_at, partner.cert.not_valid_after_utc, now)):
+            partner = self._partner = await self._new_intermediate(f"{self._config.replica_id}/partners", "partner CA")
+
+        def sign() -> X509Svid:
+            csr = parse_csr(csr_der)
+            self._check_id(spiffe_id)
+            not_after = min(now + ttl, partner.cert.not_valid_after_utc)
+            leaf = build_leaf_certificate(
+                spiffe_id=spiffe_id, public_key=csr.public_key(), issuer=partner.cert,  # type: ignore[arg-type]
+                issuer_key=partner.key, not_before=now - self._config.backdate, not_after=not_after, dns_names=(),
+            )
+            return X509Svid(spiffe_id, (leaf, partner.cert))
+
+        return await asyncio.to_thread(sign)
 
     # --- root rotation ---------------------------------------------------------------------
 

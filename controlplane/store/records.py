@@ -335,3 +335,94 @@ class Change:
     revision: int
     deleted: bool
     record: object | None
+
+
+@dataclass(frozen=True)
+class FederationRecord:
+    """A federation relationship: where to fetch a partner trust domain's bundle, and how.
+
+    ``endpoint_url`` empty means the bundle is maintained by hand (``--bundle-file``).
+    The bundle itself is a BundleRecord under the same trust domain.
+    """
+
+    trust_domain: str
+    endpoint_url: str
+    profile: str  # "https_web", "https_spiffe", or "" (no endpoint)
+    endpoint_spiffe_id: str
+    created_at: float
+    last_refreshed_at: float = 0.0
+    last_error: str = ""
+    next_refresh_at: float = 0.0
+    revision: int = 0  # the store's mod_revision, filled on read
+
+    def to_json(self) -> bytes:
+        return _dump(
+            "federation",
+            {
+                "trust_domain": self.trust_domain,
+                "endpoint_url": self.endpoint_url,
+                "profile": self.profile,
+                "endpoint_spiffe_id": self.endpoint_spiffe_id,
+                "created_at": self.created_at,
+                "last_refreshed_at": self.last_refreshed_at,
+                "last_error": self.last_error,
+                "next_refresh_at": self.next_refresh_at,
+            },
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes, revision: int = 0) -> FederationRecord:
+        k = "federation"
+        o = _load(k, data)
+        return cls(
+            trust_domain=_field(k, o, "trust_domain", str),
+            endpoint_url=_field(k, o, "endpoint_url", str),
+            profile=_field(k, o, "profile", str),
+            endpoint_spiffe_id=_field(k, o, "endpoint_spiffe_id", str),
+            created_at=float(_field(k, o, "created_at", _NUMBER)),
+            last_refreshed_at=float(_field(k, o, "last_refreshed_at", _NUMBER)),
+            last_error=_field(k, o, "last_error", str),
+            next_refresh_at=float(_field(k, o, "next_refresh_at", _NUMBER)),
+            revision=revision,
+        )
+
+
+@dataclass(frozen=True)
+class PartnerCertificate:
+    """A certificate issued to a partner from its CSR; ``revoked_at`` > 0 once revoked."""
+
+    serial: str  # lower-case hex
+    spiffe_id: str
+    not_after: float
+    issued_at: float
+    issued_by: str
+    revoked_at: float = 0.0
+    reason: str = ""
+
+    def to_json(self) -> bytes:
+        return _dump(
+            "partner certificate",
+            {
+                "serial": self.serial,
+                "spiffe_id": self.spiffe_id,
+                "not_after": self.not_after,
+                "issued_at": self.issued_at,
+                "issued_by": self.issued_by,
+                "revoked_at": self.revoked_at,
+                "reason": self.reason,
+            },
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes) -> PartnerCertificate:
+        k = "partner certificate"
+        o = _load(k, data)
+        return cls(
+            serial=_field(k, o, "serial", str),
+            spiffe_id=_field(k, o, "spiffe_id", str),
+            not_after=float(_field(k, o, "not_after", _NUMBER)),
+            issued_at=float(_field(k, o, "issued_at", _NUMBER)),
+            issued_by=_field(k, o, "issued_by", str),
+            revoked_at=float(_field(k, o, "revoked_at", _NUMBER)),
+            reason=_field(k, o, "reason", str),
+        )

@@ -34,6 +34,8 @@ from typing import TypeVar
 
 from trustmesh.errors import AlreadyExistsError, ConflictError, NotFoundError, StoreError
 
+from collections.abc import Sequence
+
 from controlplane.store.kv import (
     Compare,
     Delete,
@@ -44,6 +46,7 @@ from controlplane.store.kv import (
     KVBackend,
     Op,
     Put,
+    TxnResult,
 )
 from controlplane.store.records import (
     AttestedNode,
@@ -53,6 +56,8 @@ from controlplane.store.records import (
     JoinToken,
     PolicyRevision,
     RegistrationEntry,
+    FederationRecord,
+    PartnerCertificate,
 )
 
 ENTRIES = "entries/"
@@ -66,6 +71,8 @@ CA_JOURNAL = "ca/journal"
 AUDIT_EVENTS = "audit/events/"
 AUDIT_HEAD = "audit/head"
 LEADER = "leader/"
+FEDERATION = "federation/"
+PARTNER_CERTS = "partner-certs/"
 
 # Writes without an expected revision retry this often when another writer slips in
 # between our read and our transaction, then give up with ConflictError.
@@ -97,11 +104,65 @@ def _need(value: str, what: str) -> str:
     return value
 
 
+class _CountingKV:
+    """A KVBackend that reports each request it passes on (for the store-load metric: an
+    idle fleet of agents must cost the store nothing)."""
+
+    def __init__(self, kv: KVBackend) -> None:
+        self.inner = kv
+        self.observe: Callable[[str], None] = lambda _op: None
+
+    async def get(self, key: str) -> KeyValue | None:
+        self.observe("get")
+        return await self.inner.get(key)
+
+    async def range(self, prefix: str, *, limit: int | None = None,
+                    start_after: str | None = None) -> list[KeyValue]:
+        self.observe("range")
+        return await self.inner.range(prefix, limit=limit, start_after=start_after)
+
+    async def txn(self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        self.observe("txn")
+        return await self.inner.txn(compares, success, failure)
+
+    async def current_revision(self) -> int:
+        self.observe("revision")
+        return await self.inner.current_revision()
+
+    def watch(self, prefix: str, start_revision: int) -> AsyncGenerator[list[Event], None]:
+        self.observe("watch")
+        return self.inner.watch(prefix, start_revision)
+
+    async def compact(self, revision: int) -> None:
+        self.observe("compact")
+        await self.inner.compact(revision)
+
+    async def lease_grant(self, ttl: int) -> int:
+        self.observe("lease")
+        return await self.inner.lease_grant(ttl)
+
+    async def lease_keepalive(self, lease: int) -> int:
+        self.observe("lease")
+        return await self.inner.lease_keepalive(lease)
+
+    async def lease_revoke(self, lease: int) -> None:
+        self.observe("lease")
+        await self.inner.lease_revoke(lease)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 class Store:
     """Typed records over a KVBackend; the same code runs on SQLite and on etcd."""
 
     def __init__(self, kv: KVBackend) -> None:
-        self._kv = kv
+        self._counting = _CountingKV(kv)
+        self._kv: KVBackend = self._counting
+
+    def observe(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(operation)` for every request sent to the backend."""
+        self._counting.observe = callback
 
     async def close(self) -> None:
         await self._kv.close()
@@ -440,6 +501,77 @@ class Store:
     async def delete_bundle(self, trust_domain: str) -> None:
         await self._delete(BUNDLES + trust_domain, f"bundle of {trust_domain}")
 
+    # -- federation relationships ----------------------------------------------------
+
+    async def create_federation(self, record: FederationRecord, bundle: BundleRecord | None) -> None:
+        """A new relationship, with its initial bundle if given, in one transaction."""
+        key = FEDERATION + _need(record.trust_domain, "trust domain")
+        ops: list[Op] = [Put(key, record.to_json())]
+        guards = [Compare.absent(key)]
+        if bundle is not None:
+            ops.append(Put(BUNDLES + record.trust_domain, bundle.to_json()))
+        result = await self._kv.txn(guards, ops)
+        if not result.succeeded:
+            raise AlreadyExistsError(
+                f"a federation relationship with {record.trust_domain} already exists; "
+                f"remove it first (`trustmesh federation remove {record.trust_domain}`)")
+
+    async def get_federation(self, trust_domain: str) -> FederationRecord:
+        kv = await self._get(FEDERATION + _need(trust_domain, "trust domain"),
+                             f"federation relationship with {trust_domain}")
+        return FederationRecord.from_json(kv.value, kv.mod_revision)
+
+    async def list_federations(self) -> list[FederationRecord]:
+        return await self._list(FEDERATION, lambda kv: FederationRecord.from_json(kv.value, kv.mod_revision))
+
+    async def update_federation(self, record: FederationRecord, bundle: BundleRecord | None = None) -> bool:
+        """Save the refresh outcome (and a new bundle) over exactly the record read;
+        False when the relationship changed or was removed meanwhile (nothing written)."""
+        key = FEDERATION + record.trust_domain
+        ops: list[Op] = [Put(key, record.to_json())]
+        if bundle is not None:
+            ops.append(Put(BUNDLES + record.trust_domain, bundle.to_json()))
+        result = await self._kv.txn([Compare.mod_revision(key, record.revision)], ops)
+        return result.succeeded
+
+    async def delete_federation(self, trust_domain: str) -> None:
+        """Remove the relationship and the partner's bundle together."""
+        key = FEDERATION + _need(trust_domain, "trust domain")
+        result = await self._kv.txn([Compare.exists(key)], [Delete(key), Delete(BUNDLES + trust_domain)])
+        if not result.succeeded:
+            raise NotFoundError(f"no federation relationship with {trust_domain}; "
+                                "`trustmesh federation list` shows them")
+
+    # -- partner certificates --------------------------------------------------------
+
+    async def create_partner_certificate(self, cert: PartnerCertificate) -> None:
+        await self._create(PARTNER_CERTS + _need(cert.serial, "serial"), cert.to_json(),
+                           f"partner certificate {cert.serial}")
+
+    async def get_partner_certificate(self, serial: str) -> tuple[PartnerCertificate, int]:
+        kv = await self._get(PARTNER_CERTS + _need(serial, "serial"), f"partner certificate {serial}")
+        return PartnerCertificate.from_json(kv.value), kv.mod_revision
+
+    async def list_partner_certificates(self) -> list[PartnerCertificate]:
+        return await self._list(PARTNER_CERTS, lambda kv: PartnerCertificate.from_json(kv.value))
+
+    async def replace_partner_certificate(self, cert: PartnerCertificate, revision: int) -> None:
+        key = PARTNER_CERTS + cert.serial
+        result = await self._kv.txn([Compare.mod_revision(key, revision)], [Put(key, cert.to_json())])
+        if not result.succeeded:
+            raise ConflictError(f"partner certificate {cert.serial} changed meanwhile; retry")
+
+    async def delete_expired_partner_certificates(self, now: float) -> int:
+        """Forget partner certificates (revoked or not) that have expired: a revocation
+        need not be remembered once the certificate could not be accepted anyway."""
+        deleted = 0
+        for kv in await self._kv.range(PARTNER_CERTS):
+            if PartnerCertificate.from_json(kv.value).not_after > now:
+                continue
+            result = await self._kv.txn([Compare.mod_revision(kv.key, kv.mod_revision)], [Delete(kv.key)])
+            deleted += int(result.succeeded)
+        return deleted
+
     # -- CA journal ------------------------------------------------------------------
 
     async def load_ca_state(self) -> tuple[bytes | None, int]:
@@ -603,6 +735,11 @@ def _decode_change(event: Event) -> Change | None:
         return change("bundle", key[len(BUNDLES) :], BundleRecord.from_json)
     if key == CA_JOURNAL:
         return change("ca", "journal", bytes)
+    if key.startswith(FEDERATION):
+        return change("federation", key[len(FEDERATION) :],
+                      lambda v: FederationRecord.from_json(v, revision=rev))
+    if key.startswith(PARTNER_CERTS):
+        return change("partner", key[len(PARTNER_CERTS) :], PartnerCertificate.from_json)
     if key.startswith(AUDIT_EVENTS):
         return change("audit", str(int(key[len(AUDIT_EVENTS) :])), AuditEvent.from_json)
     # Index keys and heads move with the records above; they are not changes of their own.

@@ -11,7 +11,17 @@ import sys
 from collections.abc import Sequence
 
 from trustmesh import __version__
-from trustmesh.cli import agents_cmd, audit_cmd, ca_cmd, entry_cmd, policy_cmd, server_cmd, token_cmd
+from trustmesh.cli import (
+    agents_cmd,
+    audit_cmd,
+    ca_cmd,
+    entry_cmd,
+    federation_cmd,
+    partner_cmd,
+    policy_cmd,
+    server_cmd,
+    token_cmd,
+)
 from trustmesh.errors import TrustmeshError
 from trustmesh.logs import setup_logging
 
@@ -65,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     policy_cmd.register(commands)
     audit_cmd.register(commands)
     ca_cmd.register(commands)
+    federation_cmd.register(commands)
+    partner_cmd.register(commands)
     version = commands.add_parser("version", help="print the trustmesh version")
     version.set_defaults(func=lambda _args: print(f"trustmesh {__version__}") or 0)
     return parser

@@ -31,6 +31,11 @@ DEFAULTS: dict[str, Any] = {
     "x509pop_ca": None,
     "replica_id": None,
     "prune_agents_after": "24h",
+    "bundle_endpoint": None,
+    "bundle_endpoint_profile": "https_spiffe",
+    "bundle_endpoint_cert": None,
+    "bundle_endpoint_key": None,
+    "bundle_refresh_hint": "5m",
 }
 
 
@@ -96,6 +101,16 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="the leader replica forgets agents whose SVID expired this long ago (they must attest "
         "again anyway); banned agents are kept (default 24h)",
     )
+    fed = run.add_argument_group("federation (serving this trust domain's bundle to partners)")
+    fed.add_argument("--bundle-endpoint", metavar="HOST:PORT",
+                     help="serve the SPIFFE bundle over HTTPS here, for federated partners (default off)")
+    fed.add_argument("--bundle-endpoint-profile", choices=["https_spiffe", "https_web"],
+                     help="https_spiffe (default): TLS with the server's SVID, spiffe://<td>/trustmesh/server; "
+                          "https_web: TLS with the web-PKI certificate given below")
+    fed.add_argument("--bundle-endpoint-cert", metavar="PEM", help="https_web: the certificate chain")
+    fed.add_argument("--bundle-endpoint-key", metavar="PEM", help="https_web: its private key")
+    fed.add_argument("--bundle-refresh-hint", metavar="DURATION",
+                     help="how often partners should fetch the bundle (spiffe_refresh_hint, default 5m)")
     run.set_defaults(func=_run)
     server.set_defaults(func=lambda _a: server.print_help() or 2)
 
@@ -111,12 +126,21 @@ def _build_config(args: argparse.Namespace) -> Any:
     except InvalidSpiffeIdError as err:
         raise ConfigError(f"--trust-domain: {err.reason}") from err
     durations: dict[str, Any] = {}
-    for key in ("default_x509_ttl", "default_jwt_ttl", "ca_ttl", "root_ttl", "agent_ttl", "prune_agents_after"):
+    for key in ("default_x509_ttl", "default_jwt_ttl", "ca_ttl", "root_ttl", "agent_ttl", "prune_agents_after",
+                "bundle_refresh_hint"):
         try:
             durations[key] = parse_duration(values[key])
         except ValueError as err:
             raise ConfigError(f"--{key.replace('_', '-')}: {err}") from err
     data_dir = Path(values["data_dir"]).expanduser()
+    profile = str(values["bundle_endpoint_profile"])
+    web_files = (values["bundle_endpoint_cert"], values["bundle_endpoint_key"])
+    if profile not in ("https_spiffe", "https_web"):
+        raise ConfigError(f"--bundle-endpoint-profile {profile!r}: use https_spiffe or https_web")
+    if profile == "https_web" and values["bundle_endpoint"] and not all(web_files):
+        raise ConfigError("--bundle-endpoint-profile https_web needs --bundle-endpoint-cert and --bundle-endpoint-key")
+    if profile == "https_spiffe" and any(web_files):
+        raise ConfigError("--bundle-endpoint-cert/--bundle-endpoint-key go with --bundle-endpoint-profile https_web")
     config = ServerConfig(
         trust_domain=trust_domain,
         data_dir=data_dir,
@@ -129,6 +153,9 @@ def _build_config(args: argparse.Namespace) -> Any:
         metrics=values["metrics"],
         x509pop_ca=Path(values["x509pop_ca"]).expanduser() if values["x509pop_ca"] else None,
         prune_nodes_after=durations.pop("prune_agents_after"),
+        bundle_endpoint=values["bundle_endpoint"], bundle_endpoint_profile=profile,
+        bundle_endpoint_cert=Path(web_files[0]).expanduser() if web_files[0] else None,
+        bundle_endpoint_key=Path(web_files[1]).expanduser() if web_files[1] else None,
         **durations,
     )
     if values["replica_id"]:

@@ -107,6 +107,9 @@ class Decision:
 class Policy:
     allowlists: tuple[Allowlist, ...] = ()
     revision: int = 0
+    # Certificates refused whatever the allowlists say (revoked partner certificates),
+    # by serial in lower-case hex. Enforced at the handshake, before any rule is looked at.
+    revoked_serials: frozenset[str] = frozenset()
 
     def decide(self, source: SpiffeId, destination: SpiffeId, port: int | None, at: datetime) -> Decision:
         covering = [a for a in self.allowlists if a.covers(destination, port)]
@@ -134,4 +137,4 @@ class Policy:
     def for_destinations(self, destinations: list[SpiffeId]) -> Policy:
         """Only the allowlists that can decide for these destinations (what one node needs)."""
         keep = tuple(a for a in self.allowlists if any(a.destination.matches(d) for d in destinations))
-        return Policy(keep, self.revision)
+        return Policy(keep, self.revision, self.revoked_serials)

@@ -34,7 +34,8 @@ def policy_to_pb(policy: Policy) -> types_pb2.CompiledPolicy:
                                            expires_at=int(r.expires.timestamp()) if r.expires else 0)
                    for r in allowlist.allow],
         ))
-    return types_pb2.CompiledPolicy(revision=policy.revision, rules=rules)
+    return types_pb2.CompiledPolicy(revision=policy.revision, rules=rules,
+                                    revoked_serials=sorted(policy.revoked_serials))
 
 
 def policy_from_pb(message: types_pb2.CompiledPolicy) -> Policy:
@@ -48,4 +49,4 @@ def policy_from_pb(message: types_pb2.CompiledPolicy) -> Policy:
                                   datetime.fromtimestamp(a.expires_at, timezone.utc) if a.expires_at else None)
                         for a in rule.allow),
         ))
-    return Policy(tuple(allowlists), message.revision)
+    return Policy(tuple(allowlists), message.revision, frozenset(message.revoked_serials))

@@ -1,0 +1,311 @@
+"""SPIFFE federation: fetch partner trust domains' bundles from their bundle endpoints.
+
+A partner's bundle endpoint is hostile input like any network peer. A fetch that fails in
+any way (down, slow, garbage, a bundle naming another trust domain, a sequence number that
+went backwards, a TLS identity that is not the configured one) changes nothing: the last
+good bundle stays in force, the failure is logged at ERROR, counted in
+`trustmesh_federation_refresh_total{outcome="failed"}`, kept on the relationship
+(`trustmesh federation list` shows it) and audited once per run of failures.
+
+Profiles, as the SPIFFE federation standard defines them:
+- `https_web`: the endpoint has a web-PKI server certificate for its host name, checked
+  against the system's CA certificates (or $SSL_CERT_FILE).
+- `https_spiffe`: the endpoint presents an X509-SVID with the configured SPIFFE ID, which
+  must chain to the partner's bundle we already hold (given out of band at `federation add`,
+  then kept current by these fetches).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from urllib.parse import urlsplit
+
+from cryptography import x509
+
+from trustmesh.bundle import Bundle
+from trustmesh.errors import BundleError, InvalidSpiffeIdError, TrustmeshError, VerificationError
+from trustmesh.logs import log_event
+from trustmesh.spiffeid import SpiffeId, TrustDomain
+from trustmesh.tls import peer_chain
+from trustmesh.x509svid import verify_x509_svid
+
+from controlplane.runtime import ServerRuntime
+from controlplane.store.records import BundleRecord, FederationRecord
+
+log = logging.getLogger("trustmesh.federation")
+
+PROFILES = ("https_web", "https_spiffe")
+FETCH_TIMEOUT = 10.0
+MAX_RESPONSE_BYTES = 1024 * 1024
+MAX_HEADER_BYTES = 16 * 1024
+DEFAULT_REFRESH = timedelta(minutes=5)
+MIN_REFRESH = timedelta(seconds=1)
+MAX_REFRESH = timedelta(hours=1)
+RETRY_AFTER_FAILURE = timedelta(seconds=30)
+
+
+class BundleFetchError(TrustmeshError):
+    """A partner's bundle could not be fetched or was refused; `reason` is a metric label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+    path: str
+    url: str
+
+
+def parse_endpoint_url(url: str) -> Endpoint:
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError(f"bundle endpoint {url!r} must be an https:// URL with a host, e.g. "
+                         "https://bundle.partner.example:8443/")
+    if parts.username or parts.password or parts.fragment:
+        raise ValueError(f"bundle endpoint {url!r} must not carry credentials or a fragment")
+    try:
+        port = parts.port or 443
+    except ValueError as err:
+        raise ValueError(f"bundle endpoint {url!r} has a bad port") from err
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return Endpoint(parts.hostname, port, path, url)
+
+
+def refresh_interval(bundle: Bundle) -> timedelta:
+    """The partner's refresh hint, within sane bounds (default 5 minutes)."""
+    hint = bundle.refresh_hint or DEFAULT_REFRESH
+    return max(MIN_REFRESH, min(MAX_REFRESH, hint))
+
+
+# --- fetching -------------------------------------------------------------------------------
+
+
+def _client_context(profile: str, known: Bundle | None) -> ssl.SSLContext:
+    if profile == "https_web":
+        ctx = ssl.create_default_context()  # system CAs; honours $SSL_CERT_FILE
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+    if known is None or not known.x509_authorities:
+        raise BundleFetchError("no_bundle", "https_spiffe needs the partner's current bundle to authenticate "
+                                            "its endpoint; add the relationship with --bundle-file")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False  # the endpoint is checked by SPIFFE ID below instead
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=known.x509_authorities_pem().decode())
+    return ctx
+
+
+def _check_spiffe_peer(writer: asyncio.StreamWriter, known: Bundle, expected: SpiffeId) -> None:
+    ssl_object = writer.get_extra_info("ssl_object")
+    chain = peer_chain(ssl_object) if ssl_object is not None else []
+    if not chain:
+        raise BundleFetchError("tls", "the bundle endpoint presented no certificate")
+    try:
+        # Again with our own verifier, against the partner's roots only (OpenSSL already
+        # checked the chain, but not which SPIFFE ID it names).
+        found = verify_x509_svid(chain, {known.trust_domain: list(known.x509_authorities)})
+    except VerificationError as err:
+        raise BundleFetchError("tls", f"the bundle endpoint's certificate is not a valid SVID of "
+                                      f"{known.trust_domain}: {err}") from err
+    if found != expected:
+        raise BundleFetchError("tls", f"the bundle endpoint is {found}, not the configured {expected}")
+
+
+async def _read_response(reader: asyncio.StreamReader) -> bytes:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError as err:
+        raise BundleFetchError("garbage", "the bundle endpoint's response headers are too large") from err
+    except asyncio.IncompleteReadError as err:
+        raise BundleFetchError("garbage", "the bundle endpoint closed the connection mid-response") from err
+    if len(head) > MAX_HEADER_BYTES:
+        raise BundleFetchError("garbage", "the bundle endpoint's response headers are too large")
+    lines = head.decode("latin-1").split("\r\n")
+    status = lines[0].split(" ", 2)
+    if len(status) < 2 or not status[0].startswith("HTTP/1.") or not status[1].isdigit():
+        raise BundleFetchError("garbage", f"the bundle endpoint did not answer HTTP: {lines[0][:80]!r}")
+    if status[1] != "200":
+        raise BundleFetchError("http_status", f"the bundle endpoint answered HTTP {status[1]}")
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return await _read_chunked(reader)
+    if "content-length" in headers:
+        if not headers["content-length"].isdigit() or int(headers["content-length"]) > MAX_RESPONSE_BYTES:
+            raise BundleFetchError("garbage", "the bundle endpoint's response is too large or has a bad length")
+        try:
+            return await reader.readexactly(int(headers["content-length"]))
+        except asyncio.IncompleteReadError as err:
+            raise BundleFetchError("garbage", "the bundle endpoint's response was cut short") from err
+    body = await reader.read(MAX_RESPONSE_BYTES + 1)
+    if len(body) > MAX_RESPONSE_BYTES:
+        raise BundleFetchError("garbage", "the bundle endpoint's response is larger than 1 MiB")
+    return body
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    body = bytearray()
+    while True:
+        size_line = (await reader.readline()).split(b";")[0].strip()
+        try:
+            size = int(size_line, 16)
+        except ValueError as err:
+            raise BundleFetchError("garbage", "the bundle endpoint sent a malformed chunk") from err
+        if size == 0:
+            return bytes(body)
+        if len(body) + size > MAX_RESPONSE_BYTES:
+            raise BundleFetchError("garbage", "the bundle endpoint's response is larger than 1 MiB")
+        try:
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+        except asyncio.IncompleteReadError as err:
+            raise BundleFetchError("garbage", "the bundle endpoint's response was cut short") from err
+
+
+async def fetch_bundle(relationship: FederationRecord, known: Bundle | None, *,
+                       timeout: float = FETCH_TIMEOUT) -> tuple[Bundle, bytes]:
+    """Fetch and validate the partner's bundle; (bundle, the JWKS bytes as served)."""
+    td = TrustDomain(relationship.trust_domain)
+    endpoint = parse_endpoint_url(relationship.endpoint_url)
+    ctx = _client_context(relationship.profile, known)
+
+    async def exchange() -> bytes:
+        reader, writer = await asyncio.open_connection(
+            endpoint.host, endpoint.port, ssl=ctx, server_hostname=endpoint.host,
+            limit=MAX_HEADER_BYTES)
+        try:
+            if relationship.profile == "https_spiffe":
+                assert known is not None
+                _check_spiffe_peer(writer, known, SpiffeId.parse(relationship.endpoint_spiffe_id))
+            writer.write(f"GET {endpoint.path} HTTP/1.1\r\nHost: {endpoint.host}\r\nAccept: application/json\r\n"
+                         "User-Agent: trustmesh\r\nConnection: close\r\n\r\n".encode())
+            await writer.drain()
+            return await _read_response(reader)
+        finally:
+            writer.close()
+
+    try:
+        body = await asyncio.wait_for(exchange(), timeout)
+    except asyncio.TimeoutError as err:
+        raise BundleFetchError("timeout", f"the bundle endpoint {endpoint.url} did not answer within "
+                                          f"{timeout:.0f}s") from err
+    except ssl.SSLError as err:
+        raise BundleFetchError("tls", f"TLS with {endpoint.url} failed: {err.reason or err}") from err
+    except OSError as err:
+        raise BundleFetchError("unreachable", f"cannot reach {endpoint.url}: {err.strerror or err}") from err
+    return validate_bundle(body, td, known), body
+
+
+def validate_bundle(body: bytes, td: TrustDomain, known: Bundle | None) -> Bundle:
+    """Parse a fetched bundle and refuse what must never replace the one we hold."""
+    try:
+        bundle = Bundle.from_jwks(body, td)
+    except BundleError as err:
+        raise BundleFetchError("garbage", f"not a SPIFFE bundle: {err}") from err
+    if not bundle.x509_authorities and not bundle.jwt_authorities:
+        raise BundleFetchError("garbage", f"the bundle for {td} holds no authorities")
+    for cert in bundle.x509_authorities:
+        for named in _spiffe_trust_domains(cert):
+            if named != td:
+                raise BundleFetchError("wrong_trust_domain",
+                                       f"the bundle served for {td} holds a CA of trust domain {named}")
+    if known is not None and known.sequence_number is not None and bundle.sequence_number is not None \
+            and bundle.sequence_number < known.sequence_number:
+        raise BundleFetchError("rollback", f"the bundle for {td} went back from sequence "
+                                           f"{known.sequence_number} to {bundle.sequence_number}")
+    return bundle
+
+
+def _spiffe_trust_domains(cert: x509.Certificate) -> list[TrustDomain]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    out = []
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith("spiffe://"):
+            try:
+                out.append(SpiffeId.parse(uri).trust_domain)
+            except InvalidSpiffeIdError:
+                out.append(TrustDomain("invalid.invalid"))
+    return out
+
+
+# --- refreshing (leader duty, and `federation refresh`) ------------------------------------
+
+
+async def stored_bundle(rt: ServerRuntime, trust_domain: str) -> tuple[Bundle | None, BundleRecord | None]:
+    try:
+        record = await rt.store.get_bundle(trust_domain)
+    except TrustmeshError:
+        return None, None
+    try:
+        return Bundle.from_jwks(record.jwks, TrustDomain(trust_domain)), record
+    except BundleError:
+        return None, record
+
+
+async def refresh(rt: ServerRuntime, relationship: FederationRecord, *, actor: str) -> Bundle:
+    """Fetch one partner's bundle now; store it if it changed. Raises BundleFetchError
+    after recording the failure (the stored bundle is left as it was)."""
+    td = relationship.trust_domain
+    counter = rt.metrics.counter("trustmesh_federation_refresh_total", "federated bundle fetches by outcome",
+                                 ["trust_domain", "outcome", "reason"])
+    now = rt.clock()
+    known, record = await stored_bundle(rt, td)
+    try:
+        bundle, body = await fetch_bundle(relationship, known)
+    except (BundleFetchError, ValueError, InvalidSpiffeIdError) as err:
+        reason = err.reason if isinstance(err, BundleFetchError) else "config"
+        counter.inc(trust_domain=td, outcome="failed", reason=reason)
+        log_event(log, "federated_bundle_refresh_failed", level=logging.ERROR, trust_domain=td, reason=reason,
+                  error=str(err), keeping="the last good bundle")
+        if not relationship.last_error:
+            await rt.audit.record("federation.refresh_failed", actor=actor, subject=td, outcome="failed",
+                                  reason=reason, error=str(err))
+        failed = replace(relationship, last_error=f"{reason}: {err}",
+                         next_refresh_at=now + RETRY_AFTER_FAILURE.total_seconds())
+        await rt.store.update_federation(failed)
+        raise BundleFetchError(reason, str(err)) from err
+    changed = record is None or record.jwks != body
+    new_record = None
+    if changed:
+        new_record = BundleRecord(td, body, (record.sequence if record else 0) + 1, now)
+    done = replace(relationship, last_error="", last_refreshed_at=now,
+                   next_refresh_at=now + refresh_interval(bundle).total_seconds())
+    if await rt.store.update_federation(done, new_record):
+        counter.inc(trust_domain=td, outcome="changed" if changed else "unchanged", reason="")
+        if changed:
+            await rt.audit.record("federation.bundle_updated", actor=actor, subject=td,
+                                  sequence=bundle.sequence_number, x509_authorities=len(bundle.x509_authorities),
+                                  jwt_authorities=len(bundle.jwt_authorities))
+            log_event(log, "federated_bundle_updated", trust_domain=td, sequence=bundle.sequence_number)
+    return bundle
+
+
+async def refresh_due(rt: ServerRuntime, actor: str) -> None:
+    now = rt.clock()
+    for relationship in await rt.store.list_federations():
+        if relationship.endpoint_url and now >= relationship.next_refresh_at:
+            try:
+                await refresh(rt, relationship, actor=actor)
+            except BundleFetchError:
+                pass  # recorded; the next due time retries it
+
+
+__all__ = ["BundleFetchError", "PROFILES", "fetch_bundle", "parse_endpoint_url", "refresh", "refresh_due",
+           "validate_bundle"]

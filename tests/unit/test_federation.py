@@ -1,0 +1,331 @@
+"""Fetching partners' bundles from a real HTTPS bundle endpoint (in-process, loopback):
+the happy path, and every way a partner's endpoint can fail or lie. A failed fetch never
+replaces the last good bundle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from controlplane.audit import AuditLog
+from controlplane.ca.authority import CAConfig, CertificateAuthority
+from controlplane.ca.kek import KeyEncryptionKey
+from controlplane.config import ServerConfig
+from controlplane.federation import BundleFetchError, fetch_bundle, parse_endpoint_url, refresh, validate_bundle
+from controlplane.runtime import ServerRuntime
+from controlplane.store import Store, open_store
+from controlplane.store.records import BundleRecord, FederationRecord
+from trustmesh.bundle import Bundle
+from trustmesh.keys import PrivateKey, generate_private_key
+from trustmesh.spiffeid import SpiffeId, TrustDomain
+from trustmesh.tls import load_key_and_chain
+from trustmesh.x509svid import build_ca_certificate, build_leaf_certificate
+
+PARTNER = TrustDomain("partner.example")
+ENDPOINT_ID = "spiffe://partner.example/trustmesh/server"
+NOW = datetime.now(timezone.utc)
+
+
+@dataclass
+class PartnerCA:
+    td: TrustDomain
+    key: PrivateKey = field(default_factory=generate_private_key)
+
+    def __post_init__(self) -> None:
+        self.root = build_ca_certificate(trust_domain=self.td, public_key=self.key.public_key(), issuer=None,
+                                         issuer_key=self.key, not_before=NOW - timedelta(minutes=1),
+                                         not_after=NOW + timedelta(days=1), path_length=1,
+                                         common_name=f"test root {self.td}")
+
+    def leaf(self, spiffe_id: str) -> tuple[bytes, bytes]:
+        key = generate_private_key()
+        cert = build_leaf_certificate(spiffe_id=SpiffeId.parse(spiffe_id), public_key=key.public_key(),
+                                      issuer=self.root, issuer_key=self.key, not_before=NOW - timedelta(minutes=1),
+                                      not_after=NOW + timedelta(hours=1))
+        chain = cert.public_bytes(serialization.Encoding.PEM)
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        return chain, key_pem
+
+    def bundle(self, sequence: int | None = 1, hint: int | None = 60) -> Bundle:
+        return Bundle(self.td, (self.root,), (), sequence_number=sequence,
+                      refresh_hint=None if hint is None else timedelta(seconds=hint))
+
+
+@dataclass
+class Endpoint:
+    """A partner's bundle endpoint whose answer each test chooses."""
+
+    answer: Callable[[], bytes]
+    delay: float = 0.0
+    port: int = 0
+    requests: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}/bundle"
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.requests += 1
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            await asyncio.sleep(self.delay)
+            writer.write(self.answer())
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+
+def http(body: bytes, status: str = "200 OK") -> Callable[[], bytes]:
+    return lambda: f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+@pytest.fixture
+async def partner() -> AsyncIterator[tuple[PartnerCA, Endpoint]]:
+    ca = PartnerCA(PARTNER)
+    endpoint = Endpoint(http(ca.bundle().to_jwks()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    load_key_and_chain(ctx, *ca.leaf(ENDPOINT_ID))
+    server = await asyncio.start_server(endpoint.handle, "127.0.0.1", 0, ssl=ctx)
+    endpoint.port = server.sockets[0].getsockname()[1]
+    yield ca, endpoint
+    server.close()
+
+
+def relationship(endpoint: Endpoint, **kw: object) -> FederationRecord:
+    fields: dict[str, object] = dict(trust_domain=PARTNER.name, endpoint_url=endpoint.url, profile="https_spiffe",
+                                     endpoint_spiffe_id=ENDPOINT_ID, created_at=0.0)
+    fields.update(kw)
+    return FederationRecord(**fields)  # type: ignore[arg-type]
+
+
+async def test_a_good_fetch(partner: tuple[PartnerCA, Endpoint]) -> None:
+    ca, endpoint = partner
+    bundle, body = await fetch_bundle(relationship(endpoint), ca.bundle())
+    assert bundle.x509_authorities == (ca.root,) and bundle.sequence_number == 1
+    assert body == ca.bundle().to_jwks()
+
+
+async def test_an_endpoint_with_another_spiffe_id_is_refused(partner: tuple[PartnerCA, Endpoint]) -> None:
+    ca, endpoint = partner
+    with pytest.raises(BundleFetchError, match="not the configured") as info:
+        await fetch_bundle(relationship(endpoint, endpoint_spiffe_id="spiffe://partner.example/other"), ca.bundle())
+    assert info.value.reason == "tls"
+
+
+async def test_an_endpoint_not_chaining_to_the_known_bundle_is_refused(partner: tuple[PartnerCA, Endpoint]) -> None:
+    _, endpoint = partner
+    stranger = PartnerCA(PARTNER)  # same trust domain name, another CA: an impostor
+    with pytest.raises(BundleFetchError) as info:
+        await fetch_bundle(relationship(endpoint), stranger.bundle())
+    assert info.value.reason == "tls"
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("garbage", "garbage"), ("html", "garbage"), ("empty", "garbage"), ("status", "http_status"),
+    ("other_td", "wrong_trust_domain"), ("rollback", "rollback"), ("huge", "garbage"), ("no_http", "garbage"),
+])
+async def test_bad_answers_are_refused(partner: tuple[PartnerCA, Endpoint], case: str, reason: str) -> None:
+    ca, endpoint = partner
+    other = PartnerCA(TrustDomain("third.example"))
+    endpoint.answer = {
+        "garbage": http(b"\x00\xff not json"),
+        "html": http(b"<html>maintenance</html>"),
+        "empty": http(json.dumps({"keys": []}).encode()),
+        "status": http(b"oops", "500 Internal Server Error"),
+        "other_td": http(other.bundle(sequence=9).to_jwks()),
+        "rollback": http(ca.bundle(sequence=3).to_jwks()),
+        "huge": lambda: b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n{",
+        "no_http": lambda: b"SSH-2.0-OpenSSH\r\n\r\n",
+    }[case]
+    with pytest.raises(BundleFetchError) as info:
+        await fetch_bundle(relationship(endpoint), ca.bundle(sequence=7))
+    assert info.value.reason == reason, info.value
+
+
+async def test_a_slow_endpoint_times_out(partner: tuple[PartnerCA, Endpoint]) -> None:
+    ca, endpoint = partner
+    endpoint.delay = 5
+    with pytest.raises(BundleFetchError) as info:
+        await fetch_bundle(relationship(endpoint), ca.bundle(), timeout=0.3)
+    assert info.value.reason == "timeout"
+
+
+async def test_a_down_endpoint() -> None:
+    from tests.etcd_process import free_port
+
+    ca = PartnerCA(PARTNER)
+    endpoint = Endpoint(http(b""), port=free_port())
+    with pytest.raises(BundleFetchError) as info:
+        await fetch_bundle(relationship(endpoint), ca.bundle())
+    assert info.value.reason == "unreachable"
+
+
+@pytest.mark.parametrize("url", ["http://x.example/", "https:///nohost", "ftp://x.example/", "https://u:p@x.example/",
+                                 "https://x.example:99999/", "x.example"])
+def test_endpoint_urls_must_be_https_with_a_host(url: str) -> None:
+    with pytest.raises(ValueError):
+        parse_endpoint_url(url)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=2048))
+def test_validation_only_ever_raises_a_fetch_error(body: bytes) -> None:
+    try:
+        validate_bundle(body, PARTNER, None)
+    except BundleFetchError:
+        pass
+
+
+# --- refresh: the last good bundle stays --------------------------------------------------------
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path) -> AsyncIterator[ServerRuntime]:
+    store: Store = await open_store("sqlite", tmp_path)
+    kek = KeyEncryptionKey(bytes(range(32)))
+    config = ServerConfig(trust_domain=TrustDomain("example.org"), data_dir=tmp_path)
+    ca = await CertificateAuthority.load_or_create(CAConfig(trust_domain=config.trust_domain, replica_id="r1"),
+                                                   store, kek)
+    yield ServerRuntime(config=config, store=store, ca=ca, audit=AuditLog(store, kek.derive("audit-chain")))
+    await store.close()
+
+
+async def test_refresh_stores_a_new_bundle_and_keeps_the_last_good_one_on_failure(
+        runtime: ServerRuntime, partner: tuple[PartnerCA, Endpoint]) -> None:
+    ca, endpoint = partner
+    initial = ca.bundle(sequence=1)
+    await runtime.store.create_federation(relationship(endpoint),
+                                          BundleRecord(PARTNER.name, initial.to_jwks(), 1, 0.0))
+    # A newer bundle (a second root, sequence 2) is fetched and stored.
+    newer_root = PartnerCA(PARTNER)
+    newer = Bundle(PARTNER, (ca.root, newer_root.root), (), sequence_number=2, refresh_hint=timedelta(seconds=30))
+    endpoint.answer = http(newer.to_jwks())
+    await refresh(runtime, await runtime.store.get_federation(PARTNER.name), actor="test")
+    stored = await runtime.store.get_bundle(PARTNER.name)
+    assert stored.jwks == newer.to_jwks() and stored.sequence == 2
+    record = await runtime.store.get_federation(PARTNER.name)
+    assert record.last_error == "" and record.next_refresh_at - record.last_refreshed_at == pytest.approx(30)
+    # Then the endpoint serves garbage, then a rolled-back bundle: nothing replaces the good one.
+    for answer in (http(b"{not json"), http(ca.bundle(sequence=1).to_jwks())):
+        endpoint.answer = answer
+        with pytest.raises(BundleFetchError):
+            await refresh(runtime, await runtime.store.get_federation(PARTNER.name), actor="test")
+        assert (await runtime.store.get_bundle(PARTNER.name)).jwks == newer.to_jwks()
+    record = await runtime.store.get_federation(PARTNER.name)
+    assert record.last_error.startswith("rollback:")
+    counter = runtime.metrics.counter("trustmesh_federation_refresh_total", "", ["trust_domain", "outcome", "reason"])
+    assert counter.value(trust_domain=PARTNER.name, outcome="failed", reason="garbage") == 1
+    assert counter.value(trust_domain=PARTNER.name, outcome="failed", reason="rollback") == 1
+    # A run of failures is audited once, not at every retry.
+    events = [e.kind for e in await runtime.store.list_audit_events()]
+    assert events.count("federation.refresh_failed") == 1 and events.count("federation.bundle_updated") == 1
+    # The endpoint recovers: the next refresh succeeds and clears the error.
+    endpoint.answer = http(replace(newer, sequence_number=3).to_jwks())
+    await refresh(runtime, await runtime.store.get_federation(PARTNER.name), actor="test")
+    assert (await runtime.store.get_federation(PARTNER.name)).last_error == ""
+
+
+# --- our own bundle endpoint, fetched by our own client, in both profiles -----------------------
+
+
+def _web_pki(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A throw-away web CA and a server certificate for 'localhost': (ca, cert, key) files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    ca_key, key = generate_private_key(), generate_private_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test web CA")])
+    ca = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(NOW - timedelta(minutes=1))
+          .not_valid_after(NOW + timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - timedelta(minutes=1)).not_valid_after(NOW + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+    paths = tmp_path / "ca.pem", tmp_path / "web.pem", tmp_path / "web.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+async def test_our_endpoint_over_https_web(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from controlplane.bundle_endpoint import BundleEndpoint, serve_bundle_endpoint
+    from trustmesh.metrics import Registry
+
+    ca = PartnerCA(PARTNER)
+    ca_file, cert, key = _web_pki(tmp_path)
+    endpoint = BundleEndpoint(lambda: ca.bundle(sequence=4, hint=None), timedelta(seconds=42), Registry(),
+                              path="/bundle")
+    server = await serve_bundle_endpoint(endpoint, "127.0.0.1:0", BundleEndpoint.web_context(cert, key))
+    port = server.sockets[0].getsockname()[1]
+    record = relationship(Endpoint(http(b""), port=port), endpoint_url=f"https://localhost:{port}/bundle",
+                          profile="https_web", endpoint_spiffe_id="")
+    try:
+        # Without the web CA the certificate is not trusted ...
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing.pem"))
+        with pytest.raises(BundleFetchError) as info:
+            await fetch_bundle(record, None)
+        assert info.value.reason == "tls"
+        # ... with it (as with a public web CA) the bundle arrives, refresh hint included.
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+        bundle, _ = await fetch_bundle(record, None)
+        assert bundle.x509_authorities == (ca.root,) and bundle.sequence_number == 4
+        assert bundle.refresh_hint == timedelta(seconds=42)
+        # The endpoint serves only GET of its path.
+        raw_ctx = ssl.create_default_context(cafile=str(ca_file))
+        for request, status in ((b"GET /other HTTP/1.1\r\n\r\n", b"404"), (b"POST /bundle HTTP/1.1\r\n\r\n", b"405"),
+                                (b"garbage\r\n\r\n", b"400")):
+            reader, writer = await asyncio.open_connection("localhost", port, ssl=raw_ctx)
+            writer.write(request)
+            await writer.drain()
+            assert (await reader.read(64)).split(b" ")[1] == status
+            writer.close()
+    finally:
+        server.close()
+
+
+async def test_our_endpoint_over_https_spiffe_serves_the_rotated_svid(tmp_path: Path) -> None:
+    from controlplane.bundle_endpoint import BundleEndpoint, serve_bundle_endpoint
+    from trustmesh.metrics import Registry
+
+    ca = PartnerCA(PARTNER)
+
+    class Svid:
+        version = 1
+        chain_pem, key_pem = ca.leaf(ENDPOINT_ID)
+
+    svid = Svid()
+    endpoint = BundleEndpoint(lambda: ca.bundle(), timedelta(minutes=5), Registry())
+    server = await serve_bundle_endpoint(endpoint, "127.0.0.1:0", endpoint.spiffe_context(svid))
+    port = server.sockets[0].getsockname()[1]
+    record = relationship(Endpoint(http(b""), port=port), endpoint_url=f"https://127.0.0.1:{port}/")
+    try:
+        await fetch_bundle(record, ca.bundle())
+        # Rotated to an SVID with another ID: the next handshake presents it, and a client
+        # configured for the old ID refuses it.
+        svid.chain_pem, svid.key_pem = ca.leaf("spiffe://partner.example/elsewhere")
+        svid.version = 2
+        with pytest.raises(BundleFetchError, match="not the configured"):
+            await fetch_bundle(record, ca.bundle())
+    finally:
+        server.close()
