@@ -141,7 +141,7 @@ async def _apply(server: ServerProcess, n: int) -> tuple[int, float]:
 
     async with server.admin_channel() as channel:
         stub = admin_pb2_grpc.AdminStub(channel)
-        await stub.GetPolicy(admin_pb2.GetPolicyRequest(), timeout=60)  # connection up before timing
+        await stub.ListPolicyRevisions(admin_pb2.ListPolicyRevisionsRequest(), timeout=60)  # connection up first
         sent = time.time()
         reply = await stub.ApplyPolicy(admin_pb2.ApplyPolicyRequest(
             documents=POLICY.format(n=n), author="bench", comment=f"bench {n}"), timeout=60)

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from tests.etcd_process import free_port
 from tests.integration.harness import AgentProcess, ServerProcess
 from tests.integration.test_agent import HEADER, UID
-from tests.integration.test_ha import Traffic, _echo_server, wait_for
+from tests.integration.test_ha import Traffic, _echo_server, first_x509_message, wait_for
 from trustmesh._proto.spiffe.workload import workload_pb2, workload_pb2_grpc
 from trustmesh.der import load_der_certificates
 from trustmesh.errors import VerificationError
@@ -61,28 +61,12 @@ def federate(server: ServerProcess, partner: ServerProcess, tmp_path: Path) -> N
 
 def federated_roots(agent: AgentProcess, td: str) -> int:
     """How many roots of `td` the agent's workload receives in its federated bundles."""
-    channel = grpc.insecure_channel(f"unix:{agent.socket}")
-    try:
-        stream = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel).FetchX509SVID(
-            workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=10)
-        message = next(stream)
-        stream.cancel()
-    finally:
-        channel.close()
-    raw = message.federated_bundles.get(f"spiffe://{td}")
+    raw = first_x509_message(agent).federated_bundles.get(f"spiffe://{td}")
     return len(load_der_certificates(raw)) if raw else 0
 
 
 def own_chain(agent: AgentProcess) -> list[x509.Certificate]:
-    channel = grpc.insecure_channel(f"unix:{agent.socket}")
-    try:
-        stream = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel).FetchX509SVID(
-            workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=10)
-        message = next(stream)
-        stream.cancel()
-    finally:
-        channel.close()
-    return load_der_certificates(message.svids[0].x509_svid)
+    return load_der_certificates(first_x509_message(agent).svids[0].x509_svid)
 
 
 @dataclass

@@ -291,18 +291,23 @@ def _talk(port: int) -> bytes:
         return b""
 
 
-def _workload_view(agent: AgentProcess) -> tuple[int, list[bytes], bytes]:
-    """(number of roots in the workload's bundle, the SVID chain (DER certs), one message's raw
-    bundle) as a workload sees them right now."""
+def first_x509_message(agent: AgentProcess) -> workload_pb2.X509SVIDResponse:
+    """The first FetchX509SVID message a workload (this process) gets from the agent now."""
     channel = grpc.insecure_channel(f"unix:{agent.socket}")
     try:
         stream = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel).FetchX509SVID(
             workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=10)
-        message = next(stream)
+        message: workload_pb2.X509SVIDResponse = next(stream)
         stream.cancel()
     finally:
         channel.close()
-    svid = message.svids[0]
+    return message
+
+
+def _workload_view(agent: AgentProcess) -> tuple[int, list[bytes], bytes]:
+    """(number of roots in the workload's bundle, the SVID chain (DER certs), one message's raw
+    bundle) as a workload sees them right now."""
+    svid = first_x509_message(agent).svids[0]
     chain = [c.public_bytes(serialization.Encoding.DER) for c in load_der_certificates(svid.x509_svid)]
     return len(load_der_certificates(svid.bundle)), chain, svid.bundle
 

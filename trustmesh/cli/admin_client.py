@@ -120,3 +120,13 @@ def message_dict(message: Message) -> dict[str, Any]:
         if field.type in _INT64 and field.name in data and not isinstance(data[field.name], list):
             data[field.name] = int(data[field.name])
     return data
+
+
+def read_input_file(path: Path, flag: str, limit: int, what: str) -> bytes:
+    """A small input file (a bundle, a CSR) read whole, refusing one far too large to be `what`."""
+    try:
+        if path.stat().st_size > limit:
+            raise AdminCallError(f"{flag} {path} is larger than {limit // 1024} KiB; is it {what}?")
+        return path.read_bytes()
+    except OSError as err:
+        raise AdminCallError(f"cannot read {flag} {path}: {err.strerror}") from err

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2
-from trustmesh.cli.admin_client import TIMEOUT, AdminCallError, add_socket_flag, call, print_json
+from trustmesh.cli.admin_client import TIMEOUT, AdminCallError, add_socket_flag, call, print_json, read_input_file
 
 _PROFILES = {
     "https_web": admin_pb2.BUNDLE_ENDPOINT_PROFILE_HTTPS_WEB,
@@ -28,13 +28,7 @@ def _relationship(r: admin_pb2.FederationRelationship) -> dict[str, Any]:
 def _add(args: argparse.Namespace) -> int:
     bundle = b""
     if args.bundle_file:
-        path = Path(args.bundle_file)
-        try:
-            if path.stat().st_size > MAX_BUNDLE_FILE:
-                raise AdminCallError(f"--bundle-file {path} is larger than 1 MiB; is it a SPIFFE bundle?")
-            bundle = path.read_bytes()
-        except OSError as err:
-            raise AdminCallError(f"cannot read --bundle-file {path}: {err.strerror}") from err
+        bundle = read_input_file(Path(args.bundle_file), "--bundle-file", MAX_BUNDLE_FILE, "a SPIFFE bundle")
     if args.endpoint and not args.profile:
         raise AdminCallError("--endpoint needs --profile https_web or https_spiffe")
     req = admin_pb2.CreateFederationRelationshipRequest(

@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2
-from trustmesh.cli.admin_client import TIMEOUT, AdminCallError, add_socket_flag, call
+from trustmesh.cli.admin_client import TIMEOUT, AdminCallError, add_socket_flag, call, read_input_file
 from trustmesh.duration import parse_duration
 
 MAX_CSR_FILE = 16 * 1024
@@ -18,12 +18,7 @@ MAX_CSR_FILE = 16 * 1024
 
 def _read_csr(path: Path) -> bytes:
     """The CSR as DER, from a PEM or DER file (the server parses and checks it)."""
-    try:
-        if path.stat().st_size > MAX_CSR_FILE:
-            raise AdminCallError(f"--csr {path} is larger than 16 KiB; is it a certificate signing request?")
-        data = path.read_bytes()
-    except OSError as err:
-        raise AdminCallError(f"cannot read --csr {path}: {err.strerror}") from err
+    data = read_input_file(path, "--csr", MAX_CSR_FILE, "a certificate signing request")
     if b"-----BEGIN" in data:
         try:
             return x509.load_pem_x509_csr(data).public_bytes(serialization.Encoding.DER)
