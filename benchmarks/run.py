@@ -61,7 +61,8 @@ def main() -> int:
         (HERE / "RESULTS.md").write_text(
             "# Benchmark results\n\n"
             f"Measured with `scripts/bench` on {time.strftime('%Y-%m-%d')}; machine: {machine()}.\n"
-            "Each value is measured against its reference in the same run.\n\n" + text + "\n")
+            "Each value is measured against its reference in the same run.\n\n" + text + "\n"
+            + ("\n" + (HERE / "analysis.md").read_text() if (HERE / "analysis.md").exists() else ""))
     return 0
 
 

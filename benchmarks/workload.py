@@ -51,7 +51,9 @@ async def _first_message(socket_path: Path) -> tuple[float, object]:
     from trustmesh._proto.spiffe.workload import workload_pb2, workload_pb2_grpc
 
     started = time.perf_counter()
-    async with grpc.aio.insecure_channel(f"unix:{socket_path}") as channel:
+    # Its own connection, as a separate workload process would have.
+    async with grpc.aio.insecure_channel(f"unix:{socket_path}", options=[("grpc.use_local_subchannel_pool", 1)]
+                                         ) as channel:
         call = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel).FetchX509SVID(
             workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=60)
         message = await call.read()
@@ -66,7 +68,10 @@ async def _fanout(socket_path: Path, streams: int) -> tuple[float, float]:
 
     from trustmesh._proto.spiffe.workload import workload_pb2, workload_pb2_grpc
 
-    channels = [grpc.aio.insecure_channel(f"unix:{socket_path}") for _ in range(max(1, streams // 50))]
+    # One connection per 50 streams (HTTP/2 allows 100 at once on one), as separate workload
+    # processes would have: a local subchannel pool keeps grpc from sharing one connection.
+    channels = [grpc.aio.insecure_channel(f"unix:{socket_path}", options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(max(1, streams // 50))]
     calls = [workload_pb2_grpc.SpiffeWorkloadAPIStub(channels[i % len(channels)]).FetchX509SVID(
         workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=120) for i in range(streams)]
     firsts = await asyncio.gather(*(c.read() for c in calls))
