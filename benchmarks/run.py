@@ -57,7 +57,7 @@ def main() -> int:
     (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
     text = table(results)
     print(text)
-    if not args.quick:
+    if not args.quick and not args.only:  # RESULTS.md holds complete runs only
         (HERE / "RESULTS.md").write_text(
             "# Benchmark results\n\n"
             f"Measured with `scripts/bench` on {time.strftime('%Y-%m-%d')}; machine: {machine()}.\n"
