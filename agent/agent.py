@@ -18,13 +18,7 @@ from datetime import datetime, timezone
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from trustmesh.bundle import Bundle
-from trustmesh.logs import log_event
-from trustmesh.metrics import Registry, serve_metrics, split_host_port
-from trustmesh.policy import Policy
-from trustmesh.spiffeid import TrustDomain
-
-from agent.attestation import (
+from trustmesh.agent.attestation import (
     BUNDLE_FILE,
     NO_IDENTITY_HINT,
     SVID_FILE,
@@ -42,16 +36,21 @@ from agent.attestation import (
     save_identity,
     trust_domain_of_roots,
 )
-from agent.authorize import Authorizer
-from agent.backoff import backoff_delay
-from agent.config import AgentConfig
-from agent.node_client import NodeClient
-from agent.proxy.listeners import Flow, InboundListener, OutboundListener, ServiceConfig
-from agent.proxy.reporter import FlowReporter
-from agent.svid_cache import SvidCache
-from agent.sync import SyncClient
-from agent.workload_api import WorkloadAPI, WorkloadAPIServer
-from agent.workload_attestor import WorkloadAttestor
+from trustmesh.agent.authorize import Authorizer
+from trustmesh.agent.backoff import backoff_delay
+from trustmesh.agent.config import AgentConfig
+from trustmesh.agent.node_client import NodeClient
+from trustmesh.agent.proxy.listeners import Flow, InboundListener, OutboundListener, ServiceConfig
+from trustmesh.agent.proxy.reporter import FlowReporter
+from trustmesh.agent.svid_cache import SvidCache
+from trustmesh.agent.sync import SyncClient
+from trustmesh.agent.workload_api import WorkloadAPI, WorkloadAPIServer
+from trustmesh.agent.workload_attestor import WorkloadAttestor
+from trustmesh.bundle import Bundle
+from trustmesh.logs import log_event
+from trustmesh.metrics import Registry, serve_metrics, split_host_port
+from trustmesh.policy import Policy
+from trustmesh.spiffeid import TrustDomain
 
 log = logging.getLogger("trustmesh.agent")
 

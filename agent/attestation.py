@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import grpc
 from cryptography import x509
@@ -24,6 +24,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc
+from trustmesh.agent.backoff import backoff_delay, renew_at, seconds_until
+from trustmesh.agent.config import RotationConfig
+from trustmesh.agent.convert import bundle_from_pb
 from trustmesh.bundle import Bundle
 from trustmesh.errors import TrustmeshError, VerificationError
 from trustmesh.keys import PrivateKey, generate_private_key
@@ -32,10 +35,6 @@ from trustmesh.metrics import Registry
 from trustmesh.naming import server_dns_name
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 from trustmesh.x509svid import build_csr, spiffe_id_from_certificate, verify_x509_svid
-
-from agent.backoff import backoff_delay, renew_at, seconds_until
-from agent.config import RotationConfig
-from agent.convert import bundle_from_pb
 
 log = logging.getLogger("trustmesh.agent.attestation")
 
@@ -251,7 +250,7 @@ async def _read(call: grpc.aio.StreamStreamCall) -> node_pb2.AttestResponse:
     message = await call.read()
     if message is grpc.aio.EOF:  # an error status would have raised AioRpcError instead
         raise AgentAttestationError("the server ended attestation without an answer")
-    return message
+    return cast(node_pb2.AttestResponse, message)
 
 
 def _sign_challenge(key: PrivateKey, message: bytes) -> bytes:

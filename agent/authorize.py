@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 from datetime import datetime, timezone
+from typing import Any
 
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
@@ -14,13 +15,12 @@ from grpclib.server import Stream
 
 from trustmesh._proto.trustmesh.v1 import agent_pb2
 from trustmesh._proto.trustmesh.v1.agent_grpc import AgentAuthorizationBase
+from trustmesh.agent.identity import IdentitySource
+from trustmesh.agent.workload_attestor import WorkloadAttestationError, WorkloadAttestor
 from trustmesh.errors import InvalidSpiffeIdError
 from trustmesh.metrics import Registry
 from trustmesh.policy import Decision, Policy
 from trustmesh.spiffeid import SpiffeId
-
-from agent.identity import IdentitySource
-from agent.workload_attestor import WorkloadAttestationError, WorkloadAttestor
 
 
 class Authorizer(AgentAuthorizationBase):
@@ -31,7 +31,7 @@ class Authorizer(AgentAuthorizationBase):
         self._clock = clock or (lambda: datetime.now(timezone.utc))
         self._calls = metrics.counter("trustmesh_authorize_calls_total", "Authorize calls by verdict", ["verdict"])
 
-    async def Authorize(self, stream: Stream) -> None:
+    async def Authorize(self, stream: Stream[Any, Any]) -> None:
         request = await stream.recv_message()
         assert request is not None
         sock: socket.socket | None = stream.peer._transport.get_extra_info("socket")  # noqa: SLF001

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trustmesh.agent.proxy.listeners import ServiceConfig
 from trustmesh.spiffeid import TrustDomain
-
-from agent.proxy.listeners import ServiceConfig
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,8 @@ import grpc
 from cryptography import x509
 
 from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc
+from trustmesh.agent.attestation import AgentIdentity, channel
 from trustmesh.spiffeid import TrustDomain
-
-from agent.attestation import AgentIdentity, channel
 
 RPC_TIMEOUT = 30.0
 # Longer than any unary call's deadline, so closing a retired channel cancels nothing.
@@ -100,8 +99,9 @@ class NodeClient:
         return list(reply.results)
 
     async def sign_jwt(self, entry_id: str, audiences: list[str]) -> node_pb2.SignJWTResponse:
-        return await self.stub().SignJWT(node_pb2.SignJWTRequest(entry_id=entry_id, audiences=audiences),
-                                         timeout=RPC_TIMEOUT)
+        reply: node_pb2.SignJWTResponse = await self.stub().SignJWT(
+            node_pb2.SignJWTRequest(entry_id=entry_id, audiences=audiences), timeout=RPC_TIMEOUT)
+        return reply
 
     async def renew_agent(self, csr: bytes) -> Sequence[bytes]:
         reply = await self.stub().RenewAgent(node_pb2.RenewAgentRequest(csr=csr), timeout=RPC_TIMEOUT)

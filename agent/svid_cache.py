@@ -23,6 +23,10 @@ import grpc
 from cryptography import x509
 
 from trustmesh._proto.trustmesh.v1 import node_pb2
+from trustmesh.agent.backoff import backoff_delay, renew_at, seconds_until
+from trustmesh.agent.config import RotationConfig
+from trustmesh.agent.convert import AgentEntry
+from trustmesh.agent.identity import NoIdentityError, WorkloadJwtSvid, WorkloadX509Svid
 from trustmesh.bundle import BundleSet
 from trustmesh.errors import TrustmeshError
 from trustmesh.keys import PrivateKey, generate_private_key
@@ -31,11 +35,6 @@ from trustmesh.metrics import Registry
 from trustmesh.selectors import matches
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 from trustmesh.x509svid import X509Svid, build_csr
-
-from agent.backoff import backoff_delay, renew_at, seconds_until
-from agent.config import RotationConfig
-from agent.convert import AgentEntry
-from agent.identity import NoIdentityError, WorkloadJwtSvid, WorkloadX509Svid
 
 log = logging.getLogger("trustmesh.svid_cache")
 

@@ -31,6 +31,10 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc, types_pb2
+from trustmesh.agent.attestation import write_private
+from trustmesh.agent.backoff import backoff_delay
+from trustmesh.agent.config import RotationConfig
+from trustmesh.agent.convert import AgentEntry, bundle_from_pb, entry_from_pb
 from trustmesh.bundle import Bundle, BundleSet
 from trustmesh.errors import BundleError
 from trustmesh.logs import log_event
@@ -38,11 +42,6 @@ from trustmesh.metrics import Registry
 from trustmesh.policy import Policy
 from trustmesh.policy.wire import policy_from_pb, policy_to_pb
 from trustmesh.spiffeid import TrustDomain
-
-from agent.attestation import write_private
-from agent.backoff import backoff_delay
-from agent.config import RotationConfig
-from agent.convert import AgentEntry, bundle_from_pb, entry_from_pb
 
 log = logging.getLogger("trustmesh.sync")
 

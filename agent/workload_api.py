@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
@@ -48,6 +48,8 @@ from grpclib.server import Server, Stream
 
 from trustmesh._proto.spiffe.workload import workload_pb2
 from trustmesh._proto.spiffe.workload.workload_grpc import SpiffeWorkloadAPIBase
+from trustmesh.agent.identity import IdentitySource, NoIdentityError, WorkloadX509Svid
+from trustmesh.agent.workload_attestor import SocketLike, WorkloadAttestationError
 from trustmesh.bundle import Bundle, BundleSet
 from trustmesh.errors import InvalidSpiffeIdError, TrustmeshError, VerificationError
 from trustmesh.jwtsvid import validate_jwt_svid
@@ -55,9 +57,6 @@ from trustmesh.keys import private_key_to_pkcs8_der
 from trustmesh.logs import log_event
 from trustmesh.metrics import Registry
 from trustmesh.spiffeid import SpiffeId
-
-from agent.identity import IdentitySource, NoIdentityError, WorkloadX509Svid
-from agent.workload_attestor import SocketLike, WorkloadAttestationError
 
 log = logging.getLogger("trustmesh.workload_api")
 
@@ -85,7 +84,7 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _peer_socket(stream: Stream) -> SocketLike | None:
+def _peer_socket(stream: Stream[Any, Any]) -> SocketLike | None:
     # grpclib has no public accessor for the connection's socket; its Peer wraps the
     # asyncio transport, whose "socket" extra is the accepted unix socket.
     transport = stream.peer._transport  # noqa: SLF001
@@ -187,7 +186,7 @@ class WorkloadAPI(SpiffeWorkloadAPIBase):
         finally:
             self._calls.inc(method=method, code=code)
 
-    async def _request(self, stream: Stream, method: str) -> tuple[Message, list[str]]:
+    async def _request(self, stream: Stream[Any, Any], method: str) -> tuple[Message, list[str]]:
         """The request and the caller's selectors, or the standard's refusal."""
         if stream.metadata is None or stream.metadata.get(HEADER) != "true":
             raise GRPCError(Status.INVALID_ARGUMENT,
@@ -218,7 +217,7 @@ class WorkloadAPI(SpiffeWorkloadAPIBase):
                   uid=next((s[9:] for s in selectors if s.startswith("unix:uid:")), "?"))
         return GRPCError(Status.PERMISSION_DENIED, "no identity issued")
 
-    async def _watch(self, stream: Stream, method: str, selectors: list[str],
+    async def _watch(self, stream: Stream[Any, Any], method: str, selectors: list[str],
                      build: Callable[[], _M | None]) -> None:
         """Send `build()` now and after every change that alters it; never return."""
         await self._synced()
@@ -266,12 +265,12 @@ class WorkloadAPI(SpiffeWorkloadAPIBase):
         return x509_svid_response(self._source.x509_svids_for(selectors), bundles,
                                   bundles.get(self._source.trust_domain))
 
-    async def FetchX509SVID(self, stream: Stream) -> None:
+    async def FetchX509SVID(self, stream: Stream[Any, Any]) -> None:
         async with self._call("FetchX509SVID"):
             _, selectors = await self._request(stream, "FetchX509SVID")
             await self._watch(stream, "FetchX509SVID", selectors, lambda: self._x509_snapshot(selectors))
 
-    async def FetchX509Bundles(self, stream: Stream) -> None:
+    async def FetchX509Bundles(self, stream: Stream[Any, Any]) -> None:
         async with self._call("FetchX509Bundles"):
             _, selectors = await self._request(stream, "FetchX509Bundles")
             await self._watch(stream, "FetchX509Bundles", selectors,
@@ -279,7 +278,7 @@ class WorkloadAPI(SpiffeWorkloadAPIBase):
 
     # --- JWT ---------------------------------------------------------------------------------
 
-    async def FetchJWTSVID(self, stream: Stream) -> None:
+    async def FetchJWTSVID(self, stream: Stream[Any, Any]) -> None:
         async with self._call("FetchJWTSVID"):
             request, selectors = await self._request(stream, "FetchJWTSVID")
             assert isinstance(request, workload_pb2.JWTSVIDRequest)
@@ -310,13 +309,13 @@ class WorkloadAPI(SpiffeWorkloadAPIBase):
             await stream.send_message(workload_pb2.JWTSVIDResponse(
                 svids=[workload_pb2.JWTSVID(spiffe_id=s.spiffe_id, svid=s.token, hint=s.hint) for s in svids]))
 
-    async def FetchJWTBundles(self, stream: Stream) -> None:
+    async def FetchJWTBundles(self, stream: Stream[Any, Any]) -> None:
         async with self._call("FetchJWTBundles"):
             _, selectors = await self._request(stream, "FetchJWTBundles")
             await self._watch(stream, "FetchJWTBundles", selectors,
                               lambda: jwt_bundles_response(self._source.bundles()))
 
-    async def ValidateJWTSVID(self, stream: Stream) -> None:
+    async def ValidateJWTSVID(self, stream: Stream[Any, Any]) -> None:
         async with self._call("ValidateJWTSVID"):
             # Attested like every call, but not entitlement-checked: validating a token
             # against public keys reveals nothing a caller could not compute itself.

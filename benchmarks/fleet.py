@@ -54,12 +54,12 @@ spec:
 async def _agent(index: int, token: str, cfg: dict[str, str], out: queue.SimpleQueue[str],
                  ready: asyncio.Event, counter: list[int], total: int) -> None:
     import grpc
+    from cryptography.hazmat.primitives import serialization
 
+    from tests.integration.node_client import pem_chain
     from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc
     from trustmesh.keys import generate_private_key
     from trustmesh.x509svid import build_csr
-    from tests.integration.node_client import pem_chain
-    from cryptography.hazmat.primitives import serialization
 
     roots = Path(cfg["bundle"]).read_bytes()
     options = [("grpc.ssl_target_name_override", cfg["dns"])]

@@ -12,7 +12,6 @@ busy), and the latency of a batch of 1 and of 100 (p50, p99).
 from __future__ import annotations
 
 import asyncio
-import statistics
 import sys
 import tempfile
 import time

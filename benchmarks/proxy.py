@@ -64,10 +64,11 @@ def echo_server() -> int:
 
 def fetch_svid(socket_path: Path, spiffe_id: str, out: Path) -> tuple[Path, Path]:
     """Fetch an X509-SVID through the agent's Workload API (as the workload would)."""
-    from trustmesh._proto.spiffe.workload import workload_pb2, workload_pb2_grpc
     import grpc
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
+
+    from trustmesh._proto.spiffe.workload import workload_pb2, workload_pb2_grpc
     from trustmesh.der import load_der_certificates
 
     stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(grpc.insecure_channel(f"unix:{socket_path}"))

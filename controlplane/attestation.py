@@ -20,6 +20,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
+from trustmesh.controlplane.registration import NODE_NAME, token_hash
+from trustmesh.controlplane.runtime import ServerRuntime
+from trustmesh.controlplane.store.records import AttestedNode
 from trustmesh.duration import format_duration
 from trustmesh.errors import (
     AlreadyExistsError,
@@ -33,10 +36,6 @@ from trustmesh.errors import (
 from trustmesh.naming import agent_id
 from trustmesh.spiffeid import SpiffeId
 from trustmesh.x509svid import X509Svid, issued_by
-
-from controlplane.registration import NODE_NAME, token_hash
-from controlplane.runtime import ServerRuntime
-from controlplane.store.records import AttestedNode
 
 X509POP_CONTEXT = b"trustmesh-x509pop-v1:"
 NONCE_BYTES = 32

@@ -24,10 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from trustmesh.controlplane.store.records import AuditEvent, RecordFormatError
 from trustmesh.errors import ConflictError
 from trustmesh.logs import log_event
-
-from controlplane.store.records import AuditEvent, RecordFormatError
 
 log = logging.getLogger("trustmesh.audit")
 

@@ -16,9 +16,8 @@ from __future__ import annotations
 from collections import defaultdict, deque
 from collections.abc import Iterable
 
+from trustmesh.controlplane.store.records import AttestedNode, RegistrationEntry
 from trustmesh.selectors import matches
-
-from controlplane.store.records import AttestedNode, RegistrationEntry
 
 
 class AuthorizedIndex:

@@ -13,12 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from trustmesh.controlplane.config import MAX_JWT_TTL
+from trustmesh.controlplane.federation import refresh_due
+from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.errors import CAError, FailedPreconditionError, StoreError, TrustmeshError
 from trustmesh.logs import log_event
-
-from controlplane.config import MAX_JWT_TTL
-from controlplane.federation import refresh_due
-from controlplane.runtime import ServerRuntime
 
 log = logging.getLogger("trustmesh.duties")
 

@@ -27,14 +27,13 @@ from urllib.parse import urlsplit
 from cryptography import x509
 
 from trustmesh.bundle import Bundle
+from trustmesh.controlplane.runtime import ServerRuntime
+from trustmesh.controlplane.store.records import BundleRecord, FederationRecord
 from trustmesh.errors import BundleError, InvalidSpiffeIdError, TrustmeshError, VerificationError
 from trustmesh.logs import log_event
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 from trustmesh.tls import peer_chain
 from trustmesh.x509svid import verify_x509_svid
-
-from controlplane.runtime import ServerRuntime
-from controlplane.store.records import BundleRecord, FederationRecord
 
 log = logging.getLogger("trustmesh.federation")
 

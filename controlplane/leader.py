@@ -19,11 +19,10 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from trustmesh.controlplane.store import Store
 from trustmesh.errors import StoreError, StoreUnavailableError
 from trustmesh.logs import log_event
 from trustmesh.metrics import Registry
-
-from controlplane.store import Store
 
 log = logging.getLogger("trustmesh.leader")
 

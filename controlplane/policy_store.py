@@ -12,12 +12,11 @@ from datetime import datetime, timezone
 
 import yaml
 
+from trustmesh.controlplane.runtime import ServerRuntime
+from trustmesh.controlplane.store.records import PolicyRevision
 from trustmesh.errors import ConflictError, InvalidArgumentError, NotFoundError
 from trustmesh.policy import Policy, load_text
 from trustmesh.policy.model import Allowlist
-
-from controlplane.runtime import ServerRuntime
-from controlplane.store.records import PolicyRevision
 
 MAX_PROBLEMS_SHOWN = 50
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, Protocol
 
+from trustmesh.controlplane.config import MAX_JWT_TTL, MAX_X509_TTL, MIN_JWT_TTL, MIN_X509_TTL
+from trustmesh.controlplane.store.records import AttestedNode, JoinToken, RegistrationEntry
 from trustmesh.errors import (
     AlreadyExistsError,
     ConflictError,
@@ -28,9 +30,6 @@ from trustmesh.errors import (
 from trustmesh.naming import agent_id, is_reserved, node_name_of, server_dns_name, server_id
 from trustmesh.selectors import InvalidSelectorError, parse_selectors
 from trustmesh.spiffeid import SpiffeId, TrustDomain
-
-from controlplane.config import MAX_JWT_TTL, MAX_X509_TTL, MIN_JWT_TTL, MIN_X509_TTL
-from controlplane.store.records import AttestedNode, JoinToken, RegistrationEntry
 
 # \Z, not $: "$" also matches before a final newline, and "node-1\n" is no node name.
 NODE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")

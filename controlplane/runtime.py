@@ -6,12 +6,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from trustmesh.controlplane.audit import AuditLog
+from trustmesh.controlplane.ca.authority import CertificateAuthority
+from trustmesh.controlplane.config import ServerConfig
+from trustmesh.controlplane.store import Store
 from trustmesh.metrics import Registry
-
-from controlplane.audit import AuditLog
-from controlplane.ca.authority import CertificateAuthority
-from controlplane.config import ServerConfig
-from controlplane.store import Store
 
 
 @dataclass

@@ -20,23 +20,22 @@ import grpc
 from cryptography.hazmat.primitives import hashes, serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from trustmesh.controlplane.api.admin import AdminAPI
+from trustmesh.controlplane.api.node import NodeAPI
+from trustmesh.controlplane.audit import AuditLog
+from trustmesh.controlplane.bundle_endpoint import BundleEndpoint, serve_bundle_endpoint
+from trustmesh.controlplane.ca.authority import CAConfig, CertificateAuthority, needs_rotation
+from trustmesh.controlplane.ca.kek import KeyEncryptionKey
+from trustmesh.controlplane.config import ServerConfig
+from trustmesh.controlplane.duties import leader_duties
+from trustmesh.controlplane.leader import LeaderElection
+from trustmesh.controlplane.runtime import ServerRuntime
+from trustmesh.controlplane.store import Store, open_store
 from trustmesh.errors import KeyEncryptionError, StoreError, TrustmeshError
 from trustmesh.keys import generate_private_key
 from trustmesh.logs import log_event
 from trustmesh.metrics import serve_metrics, split_host_port
 from trustmesh.naming import server_dns_name, server_id
-
-from controlplane.api.admin import AdminAPI
-from controlplane.api.node import NodeAPI
-from controlplane.audit import AuditLog
-from controlplane.bundle_endpoint import BundleEndpoint, serve_bundle_endpoint
-from controlplane.ca.authority import CAConfig, CertificateAuthority, needs_rotation
-from controlplane.ca.kek import KeyEncryptionKey
-from controlplane.config import ServerConfig
-from controlplane.duties import leader_duties
-from controlplane.leader import LeaderElection
-from controlplane.runtime import ServerRuntime
-from controlplane.store import Store, open_store
 
 log = logging.getLogger("trustmesh.server")
 
@@ -161,7 +160,8 @@ async def _rotation_loop(rt: ServerRuntime, creds: ServingCredentials, stop: asy
 
 def _listen(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials, flag: str) -> int:
     try:
-        return server.add_secure_port(address, creds)
+        port: int = server.add_secure_port(address, creds)
+        return port
     except RuntimeError as err:
         raise TrustmeshError(f"cannot listen on {address}: address in use or not available; pick another {flag}") from err
 

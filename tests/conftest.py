@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import os
-
 import pytest
 
-from controlplane.store import Store, open_store
 from tests.etcd_process import EtcdNotInstalled, running_etcd
+from trustmesh.controlplane.store import Store, open_store
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from trustmesh.agent.proxy.tls import CertificateRevokedError, client_context, server_context, verify_peer
 from trustmesh.bundle import BundleSet
 from trustmesh.errors import VerificationError
 from trustmesh.logs import log_event
@@ -29,8 +30,6 @@ from trustmesh.metrics import Registry, split_host_port
 from trustmesh.policy import Decision, Policy
 from trustmesh.spiffeid import SpiffeId
 from trustmesh.x509svid import X509Svid
-
-from agent.proxy.tls import CertificateRevokedError, client_context, server_context, verify_peer
 
 log = logging.getLogger("trustmesh.proxy")
 

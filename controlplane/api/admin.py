@@ -13,12 +13,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2, admin_pb2_grpc, types_pb2
-from trustmesh.spiffeid import TrustDomain
-
-from controlplane.api.convert import audit_event_to_pb, bundle_to_pb, entry_to_pb, node_to_pb, selector_text
-from controlplane.api.node import NodeAPI
-from controlplane.api.convert import ca_authorities_pb
-from controlplane.api.status import (
+from trustmesh.bundle import Bundle
+from trustmesh.controlplane.api.convert import (
+    audit_event_to_pb,
+    bundle_to_pb,
+    ca_authorities_pb,
+    entry_to_pb,
+    node_to_pb,
+    selector_text,
+)
+from trustmesh.controlplane.api.federation_check import check_partner_request, check_relationship
+from trustmesh.controlplane.api.node import NodeAPI
+from trustmesh.controlplane.api.status import (
     FailedPreconditionError,
     InvalidArgumentError,
     PermissionDeniedError,
@@ -26,22 +32,21 @@ from controlplane.api.status import (
     UnavailableError,
     grpc_errors,
 )
-from controlplane.config import MAX_JWT_TTL
-from controlplane.duties import take_root_step
-from controlplane.federation import BundleFetchError, refresh, stored_bundle
-from controlplane.api.federation_check import check_partner_request, check_relationship
-from controlplane.policy_store import PolicyService
-from controlplane.registration import EntrySpec, Registry, check_entry_id
-from controlplane.runtime import ServerRuntime
-from controlplane.store.records import (
+from trustmesh.controlplane.config import MAX_JWT_TTL
+from trustmesh.controlplane.duties import take_root_step
+from trustmesh.controlplane.federation import BundleFetchError, refresh, stored_bundle
+from trustmesh.controlplane.policy_store import PolicyService
+from trustmesh.controlplane.registration import EntrySpec, Registry, check_entry_id
+from trustmesh.controlplane.runtime import ServerRuntime
+from trustmesh.controlplane.store.records import (
     AuditEvent,
     BundleRecord,
     FederationRecord,
     PartnerCertificate,
     PolicyRevision,
 )
-from trustmesh.bundle import Bundle
 from trustmesh.errors import CAError, InvalidSpiffeIdError, NotFoundError, SvidError, VerificationError
+from trustmesh.spiffeid import TrustDomain
 from trustmesh.x509svid import spiffe_id_from_certificate
 
 # Who made an admin change. grpcio cannot read SO_PEERCRED on the unix socket, so the

@@ -12,10 +12,9 @@ from cryptography.hazmat.primitives import serialization
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2, types_pb2
 from trustmesh.bundle import Bundle
+from trustmesh.controlplane.ca.journal import CAJournal
+from trustmesh.controlplane.store.records import AttestedNode, AuditEvent, RegistrationEntry
 from trustmesh.keys import spki_der
-
-from controlplane.ca.journal import CAJournal
-from controlplane.store.records import AttestedNode, AuditEvent, RegistrationEntry
 
 
 def _selector_pb(text: str) -> types_pb2.Selector:

@@ -11,11 +11,10 @@ from datetime import timedelta
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2
 from trustmesh.bundle import Bundle
+from trustmesh.controlplane.federation import BundleFetchError, parse_endpoint_url, validate_bundle
+from trustmesh.controlplane.store.records import FederationRecord
 from trustmesh.errors import InvalidArgumentError, InvalidSpiffeIdError
 from trustmesh.spiffeid import SpiffeId, TrustDomain
-
-from controlplane.federation import BundleFetchError, parse_endpoint_url, validate_bundle
-from controlplane.store.records import FederationRecord
 
 _PROFILES = {
     admin_pb2.BUNDLE_ENDPOINT_PROFILE_UNSPECIFIED: "",

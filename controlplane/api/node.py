@@ -22,6 +22,29 @@ from google.protobuf.message import Message
 
 from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc, types_pb2
 from trustmesh.bundle import Bundle
+from trustmesh.controlplane.api.convert import bundle_to_pb, entry_to_pb
+from trustmesh.controlplane.api.peer import PeerAgent, peer_agent
+from trustmesh.controlplane.api.status import (
+    InvalidArgumentError,
+    PermissionDeniedError,
+    UnavailableError,
+    grpc_errors,
+    status_code_for,
+)
+from trustmesh.controlplane.attestation import NodeAttestor
+from trustmesh.controlplane.authorized import AuthorizedIndex
+from trustmesh.controlplane.policy_store import PolicyService
+from trustmesh.controlplane.runtime import ServerRuntime
+from trustmesh.controlplane.store import CompactedError
+from trustmesh.controlplane.store.records import (
+    AttestedNode,
+    BundleRecord,
+    Change,
+    PartnerCertificate,
+    PolicyRevision,
+    RecordFormatError,
+    RegistrationEntry,
+)
 from trustmesh.errors import (
     BundleError,
     CAError,
@@ -36,30 +59,6 @@ from trustmesh.naming import server_id
 from trustmesh.policy import Policy
 from trustmesh.policy.wire import policy_to_pb
 from trustmesh.spiffeid import SpiffeId, TrustDomain
-
-from controlplane.api.convert import bundle_to_pb, entry_to_pb
-from controlplane.api.peer import PeerAgent, peer_agent
-from controlplane.api.status import (
-    InvalidArgumentError,
-    PermissionDeniedError,
-    UnavailableError,
-    grpc_errors,
-    status_code_for,
-)
-from controlplane.attestation import NodeAttestor
-from controlplane.authorized import AuthorizedIndex
-from controlplane.policy_store import PolicyService
-from controlplane.runtime import ServerRuntime
-from controlplane.store import CompactedError
-from controlplane.store.records import (
-    AttestedNode,
-    BundleRecord,
-    Change,
-    PartnerCertificate,
-    PolicyRevision,
-    RecordFormatError,
-    RegistrationEntry,
-)
 
 log = logging.getLogger("trustmesh.node")
 

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 import grpc
 from cryptography import x509
 
+from trustmesh.controlplane.api.status import PermissionDeniedError, UnauthenticatedError
 from trustmesh.errors import VerificationError
 from trustmesh.naming import node_name_of
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 from trustmesh.x509svid import spiffe_id_from_certificate
-
-from controlplane.api.status import PermissionDeniedError, UnauthenticatedError
 
 
 @dataclass(frozen=True)

@@ -15,18 +15,18 @@ from contextlib import asynccontextmanager
 import grpc
 
 from trustmesh.errors import (
-    FailedPreconditionError,
-    InvalidArgumentError,
-    PermissionDeniedError,
-    UnauthenticatedError,
-    UnavailableError,
     AlreadyExistsError,
     ConflictError,
+    FailedPreconditionError,
+    InvalidArgumentError,
     InvalidSpiffeIdError,
     NotFoundError,
+    PermissionDeniedError,
     StoreUnavailableError,
     SvidError,
     TrustmeshError,
+    UnauthenticatedError,
+    UnavailableError,
     VerificationError,
 )
 from trustmesh.logs import log_event

@@ -26,6 +26,16 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from trustmesh.bundle import Bundle, JwtAuthority
+from trustmesh.controlplane.ca.journal import (
+    CAJournal,
+    JwtKeySlot,
+    RootSlot,
+    SigningCARecord,
+    Status,
+    jwt_aad,
+    root_aad,
+)
+from trustmesh.controlplane.ca.kek import KeyEncryptionKey
 from trustmesh.errors import CAError, ConflictError, SvidError, TrustmeshError
 from trustmesh.jwtsvid import sign_jwt_svid
 from trustmesh.keys import (
@@ -46,17 +56,6 @@ from trustmesh.x509svid import (
     build_leaf_certificate,
     parse_csr,
 )
-
-from controlplane.ca.journal import (
-    CAJournal,
-    JwtKeySlot,
-    RootSlot,
-    SigningCARecord,
-    Status,
-    jwt_aad,
-    root_aad,
-)
-from controlplane.ca.kek import KeyEncryptionKey
 
 _SAVE_RETRIES = 20
 MAX_LEAF_TTL = timedelta(days=366)  # far above any entry's bound; guards date arithmetic

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from trustmesh.errors import CAError
 
@@ -236,7 +236,7 @@ class CAJournal:
 def _status(value: Any) -> Status:  # Any in, checked, Literal out
     if value not in _STATUSES:
         raise CAError(f"CA journal is corrupt: unknown slot status {value!r}")
-    return value
+    return cast(Status, value)
 
 
 def root_aad(trust_domain: str, slot_id: str) -> bytes:

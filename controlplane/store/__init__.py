@@ -3,9 +3,9 @@
 No module outside this package knows which backend runs; open one with ``open_store``.
 """
 
-from controlplane.store.kv import CompactedError
-from controlplane.store.open import open_store
-from controlplane.store.records import (
+from trustmesh.controlplane.store.kv import CompactedError
+from trustmesh.controlplane.store.open import open_store
+from trustmesh.controlplane.store.records import (
     AttestedNode,
     AuditEvent,
     BundleRecord,
@@ -15,7 +15,7 @@ from controlplane.store.records import (
     RecordFormatError,
     RegistrationEntry,
 )
-from controlplane.store.store import InvalidRecordError, Store
+from trustmesh.controlplane.store.store import InvalidRecordError, Store
 
 __all__ = [
     "AttestedNode",

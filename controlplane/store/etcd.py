@@ -18,9 +18,7 @@ import aetcd
 import grpc
 from aetcd import rpc
 
-from trustmesh.errors import StoreError, StoreUnavailableError
-
-from controlplane.store.kv import (
+from trustmesh.controlplane.store.kv import (
     CompactedError,
     Compare,
     CompareOp,
@@ -39,6 +37,7 @@ from controlplane.store.kv import (
     check_ops,
     prefix_end,
 )
+from trustmesh.errors import StoreError, StoreUnavailableError
 
 DEFAULT_NAMESPACE = "/trustmesh/"
 DEFAULT_TIMEOUT = 5.0

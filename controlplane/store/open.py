@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trustmesh.controlplane.store.etcd import DEFAULT_NAMESPACE, DEFAULT_TIMEOUT, EtcdKV, parse_endpoints
+from trustmesh.controlplane.store.sqlite import SqliteKV
+from trustmesh.controlplane.store.store import Store
 from trustmesh.errors import StoreError
-
-from controlplane.store.etcd import DEFAULT_NAMESPACE, DEFAULT_TIMEOUT, EtcdKV, parse_endpoints
-from controlplane.store.sqlite import SqliteKV
-from controlplane.store.store import Store
 
 SQLITE_FILE = "store.db"
 

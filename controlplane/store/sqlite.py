@@ -20,9 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from trustmesh.errors import StoreError, StoreUnavailableError
-
-from controlplane.store.kv import (
+from trustmesh.controlplane.store.kv import (
     CompactedError,
     Compare,
     Delete,
@@ -39,6 +37,7 @@ from controlplane.store.kv import (
     check_ops,
     prefix_end,
 )
+from trustmesh.errors import StoreError, StoreUnavailableError
 
 # How many revisions of change history to keep for watchers that fall behind. A watcher
 # further behind than this gets CompactedError and re-reads a snapshot.

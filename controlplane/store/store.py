@@ -27,16 +27,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import replace
 from types import TracebackType
 from typing import TypeVar
 
-from trustmesh.errors import AlreadyExistsError, ConflictError, NotFoundError, StoreError
-
-from collections.abc import Sequence
-
-from controlplane.store.kv import (
+from trustmesh.controlplane.store.kv import (
     Compare,
     Delete,
     Event,
@@ -48,17 +44,18 @@ from controlplane.store.kv import (
     Put,
     TxnResult,
 )
-from controlplane.store.records import (
+from trustmesh.controlplane.store.records import (
     AttestedNode,
     AuditEvent,
     BundleRecord,
     Change,
+    FederationRecord,
     JoinToken,
+    PartnerCertificate,
     PolicyRevision,
     RegistrationEntry,
-    FederationRecord,
-    PartnerCertificate,
 )
+from trustmesh.errors import AlreadyExistsError, ConflictError, NotFoundError, StoreError
 
 ENTRIES = "entries/"
 ENTRY_INDEX = "entry-index/"

@@ -14,10 +14,10 @@ from typing import Any
 import grpc
 import pytest
 
-from controlplane.store import Store, open_store
 from tests.integration.harness import ServerProcess
 from tests.integration.node_client import NodeClient
 from trustmesh._proto.trustmesh.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+from trustmesh.controlplane.store import Store, open_store
 
 TD = "example.org"
 

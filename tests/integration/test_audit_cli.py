@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from controlplane.store import Store, open_store
-from controlplane.store.kv import Delete
 from tests.integration.harness import ServerProcess
+from trustmesh.controlplane.store import Store, open_store
+from trustmesh.controlplane.store.kv import Delete
 
 
 def _shown(server: ServerProcess, *args: str) -> list[dict[str, Any]]:

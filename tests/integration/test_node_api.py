@@ -19,13 +19,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from controlplane.store import Store, open_store
-from controlplane.store.records import BundleRecord, JoinToken, RegistrationEntry
 from tests.etcd_process import running_etcd
 from tests.integration.harness import ServerProcess
 from tests.integration.node_client import NodeClient, SyncReader, pem_chain
 from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc
 from trustmesh.bundle import Bundle
+from trustmesh.controlplane.store import Store, open_store
+from trustmesh.controlplane.store.records import BundleRecord, JoinToken, RegistrationEntry
 from trustmesh.keys import generate_private_key
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 from trustmesh.x509svid import build_csr, spiffe_id_from_certificate, verify_x509_svid

@@ -16,9 +16,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent import attestation
-from agent.agent import _obtain_identity
-from agent.attestation import (
+from trustmesh.agent import attestation
+from trustmesh.agent.agent import _obtain_identity
+from trustmesh.agent.attestation import (
     KEY_FILE,
     SVID_FILE,
     AgentAttestationError,
@@ -33,7 +33,7 @@ from agent.attestation import (
     save_identity,
     write_private,
 )
-from agent.config import AgentConfig, RotationConfig
+from trustmesh.agent.config import AgentConfig, RotationConfig
 from trustmesh.keys import PrivateKey, generate_private_key
 from trustmesh.metrics import Registry
 from trustmesh.spiffeid import SpiffeId, TrustDomain

@@ -14,15 +14,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
-from controlplane.api.status import FailedPreconditionError, InvalidArgumentError, PermissionDeniedError
-from controlplane.attestation import X509POP_CONTEXT, NodeAttestor
-from controlplane.audit import AuditLog
-from controlplane.ca.authority import CAConfig, CertificateAuthority
-from controlplane.ca.kek import KeyEncryptionKey
-from controlplane.config import ServerConfig
-from controlplane.runtime import ServerRuntime
-from controlplane.store import open_store
-from controlplane.store.records import AttestedNode, JoinToken
+from trustmesh.controlplane.api.status import FailedPreconditionError, InvalidArgumentError, PermissionDeniedError
+from trustmesh.controlplane.attestation import X509POP_CONTEXT, NodeAttestor
+from trustmesh.controlplane.audit import AuditLog
+from trustmesh.controlplane.ca.authority import CAConfig, CertificateAuthority
+from trustmesh.controlplane.ca.kek import KeyEncryptionKey
+from trustmesh.controlplane.config import ServerConfig
+from trustmesh.controlplane.runtime import ServerRuntime
+from trustmesh.controlplane.store import open_store
+from trustmesh.controlplane.store.records import AttestedNode, JoinToken
 from trustmesh.errors import NotFoundError
 from trustmesh.keys import generate_private_key
 from trustmesh.spiffeid import SpiffeId, TrustDomain

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from controlplane.audit import GENESIS, AuditLog, link, verify_events
-from controlplane.store import AuditEvent, Store
-from controlplane.store.kv import Delete
+from trustmesh.controlplane.audit import GENESIS, AuditLog, link, verify_events
+from trustmesh.controlplane.store import AuditEvent, Store
+from trustmesh.controlplane.store.kv import Delete
 
 KEY = b"k" * 32
 ATTACKER_KEY = b"x" * 32
@@ -113,7 +113,7 @@ async def test_empty_log_verifies(store: Store) -> None:
 
 
 async def test_verify_pages_through_a_long_chain(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    import controlplane.audit as audit
+    import trustmesh.controlplane.audit as audit
 
     monkeypatch.setattr(audit, "_PAGE", 3)
     log = await _log(store, 10)

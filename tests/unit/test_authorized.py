@@ -8,11 +8,11 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane.api.convert import entry_to_pb
-from controlplane.api.node import PAGE_BYTES, PAGE_ENTRIES, delta_messages, paged
-from controlplane.authorized import AuthorizedIndex, ResumeLog
 from trustmesh._proto.trustmesh.v1 import types_pb2
-from controlplane.store.records import AttestedNode, RegistrationEntry
+from trustmesh.controlplane.api.convert import entry_to_pb
+from trustmesh.controlplane.api.node import PAGE_BYTES, PAGE_ENTRIES, delta_messages, paged
+from trustmesh.controlplane.authorized import AuthorizedIndex, ResumeLog
+from trustmesh.controlplane.store.records import AttestedNode, RegistrationEntry
 from trustmesh.selectors import matches
 
 SERVER = "spiffe://example.org/trustmesh/server"

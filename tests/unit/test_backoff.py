@@ -8,8 +8,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from agent.backoff import backoff_delay, renew_at, seconds_until
-from agent.config import RotationConfig
+from trustmesh.agent.backoff import backoff_delay, renew_at, seconds_until
+from trustmesh.agent.config import RotationConfig
 
 NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)
 

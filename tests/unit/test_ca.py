@@ -17,10 +17,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from controlplane.ca.authority import CAConfig, CertificateAuthority, needs_rotation
-from controlplane.ca.kek import KeyEncryptionKey
-from controlplane.store import Store, open_store
 from trustmesh.bundle import Bundle
+from trustmesh.controlplane.ca.authority import CAConfig, CertificateAuthority, needs_rotation
+from trustmesh.controlplane.ca.kek import KeyEncryptionKey
+from trustmesh.controlplane.store import Store, open_store
 from trustmesh.errors import CAError, KeyEncryptionError, SvidError, TrustmeshError, VerificationError
 from trustmesh.jwtsvid import validate_jwt_svid
 from trustmesh.keys import generate_private_key, key_id, private_key_to_pkcs8_der, spki_der
@@ -593,7 +593,7 @@ async def test_losing_the_create_race_adopts_the_winners_ca(tmp_path: Path) -> N
 @pytest.mark.parametrize("data", [b"[" * 100_000, b"\xff\xfe", b"[]", b'{"v": 1}', b'{"v": 1, "trust_domain": "example.org", '
                                   b'"roots": {"id": 1}, "jwt_keys": []}', b'{"v": 2}'])
 def test_journal_parsing_only_ever_raises_ca_error(data: bytes) -> None:
-    from controlplane.ca.journal import CAJournal
+    from trustmesh.controlplane.ca.journal import CAJournal
 
     with pytest.raises(CAError, match="corrupt|not supported"):
         CAJournal.from_bytes(data)

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from controlplane.ca.authority import CertificateAuthority
-from controlplane.ca.journal import CAJournal
-from controlplane.config import MAX_JWT_TTL
-from controlplane.store import Store
 from tests.unit.test_ca import KEK, LEDGER, TD, Clock, _config, _der
+from trustmesh.controlplane.ca.authority import CertificateAuthority
+from trustmesh.controlplane.ca.journal import CAJournal
+from trustmesh.controlplane.config import MAX_JWT_TTL
+from trustmesh.controlplane.store import Store
 from trustmesh.errors import CAError, VerificationError
 from trustmesh.jwtsvid import validate_jwt_svid
 from trustmesh.keys import generate_private_key

@@ -17,15 +17,21 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane.audit import AuditLog
-from controlplane.ca.authority import CAConfig, CertificateAuthority
-from controlplane.ca.kek import KeyEncryptionKey
-from controlplane.config import ServerConfig
-from controlplane.federation import BundleFetchError, fetch_bundle, parse_endpoint_url, refresh, validate_bundle
-from controlplane.runtime import ServerRuntime
-from controlplane.store import Store, open_store
-from controlplane.store.records import BundleRecord, FederationRecord
 from trustmesh.bundle import Bundle
+from trustmesh.controlplane.audit import AuditLog
+from trustmesh.controlplane.ca.authority import CAConfig, CertificateAuthority
+from trustmesh.controlplane.ca.kek import KeyEncryptionKey
+from trustmesh.controlplane.config import ServerConfig
+from trustmesh.controlplane.federation import (
+    BundleFetchError,
+    fetch_bundle,
+    parse_endpoint_url,
+    refresh,
+    validate_bundle,
+)
+from trustmesh.controlplane.runtime import ServerRuntime
+from trustmesh.controlplane.store import Store, open_store
+from trustmesh.controlplane.store.records import BundleRecord, FederationRecord
 from trustmesh.keys import PrivateKey, generate_private_key
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 from trustmesh.tls import load_key_and_chain
@@ -269,7 +275,7 @@ def _web_pki(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 
 async def test_our_endpoint_over_https_web(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from controlplane.bundle_endpoint import BundleEndpoint, serve_bundle_endpoint
+    from trustmesh.controlplane.bundle_endpoint import BundleEndpoint, serve_bundle_endpoint
     from trustmesh.metrics import Registry
 
     ca = PartnerCA(PARTNER)
@@ -305,7 +311,7 @@ async def test_our_endpoint_over_https_web(tmp_path: Path, monkeypatch: pytest.M
 
 
 async def test_our_endpoint_over_https_spiffe_serves_the_rotated_svid(tmp_path: Path) -> None:
-    from controlplane.bundle_endpoint import BundleEndpoint, serve_bundle_endpoint
+    from trustmesh.controlplane.bundle_endpoint import BundleEndpoint, serve_bundle_endpoint
     from trustmesh.metrics import Registry
 
     ca = PartnerCA(PARTNER)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane.ca.kek import KeyEncryptionKey
+from trustmesh.controlplane.ca.kek import KeyEncryptionKey
 from trustmesh.errors import KeyEncryptionError
 
 KEY = bytes(range(32))

@@ -15,23 +15,22 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.store.etcd import EtcdKV, parse_endpoints
-from controlplane.store.kv import (
+from tests.etcd_process import free_port, running_etcd
+from trustmesh.controlplane.store.etcd import EtcdKV, parse_endpoints
+from trustmesh.controlplane.store.kv import (
     CompactedError,
     Compare,
     CompareOp,
     Delete,
     DeletePrefix,
     Event,
-    EventType,
     Get,
     InvalidTxnError,
     KVBackend,
     Put,
     Target,
 )
-from controlplane.store.sqlite import SqliteKV
-from tests.etcd_process import free_port, running_etcd
+from trustmesh.controlplane.store.sqlite import SqliteKV
 from trustmesh.errors import StoreError, StoreUnavailableError
 
 # Upper bound for waiting on a watch event that must come; a test that hits it fails.

@@ -1,8 +1,11 @@
 """The dependency rules of DESIGN.md, checked on every run so they cannot rot silently.
 
-- the kernel (`trustmesh`) imports neither `controlplane` nor `agent`, except `trustmesh.cli`,
-  the composition root;
-- `controlplane` and `agent` never import each other;
+- one import root: `controlplane/` and `agent/` are imported as `trustmesh.controlplane` and
+  `trustmesh.agent` (the links trustmesh/controlplane and trustmesh/agent point at them), never
+  as top-level packages;
+- the kernel (`trustmesh`) imports neither `trustmesh.controlplane` nor `trustmesh.agent`, except
+  `trustmesh.cli`, the composition root;
+- `trustmesh.controlplane` and `trustmesh.agent` never import each other;
 - only `controlplane/store` knows which storage backend runs (sqlite3, aetcd);
 - grpclib is only for the agent's unix-socket servers; generated code is only imported, never
   written by hand (its freshness is checked in test_proto.py).
@@ -11,15 +14,23 @@
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+SIDES = {"controlplane": "trustmesh.controlplane", "agent": "trustmesh.agent"}
+
+
 def _modules(package: str) -> list[Path]:
-    return sorted(p for p in (ROOT / package).rglob("*.py") if "_proto" not in p.parts)
+    # os.walk does not follow the links trustmesh/controlplane and trustmesh/agent, so each
+    # file is checked once, under the folder it really lives in.
+    found = []
+    for folder, dirs, files in os.walk(ROOT / package):
+        dirs[:] = [d for d in dirs if d not in ("_proto", "__pycache__")]
+        found += [Path(folder) / f for f in files if f.endswith(".py")]
+    return sorted(found)
 
 
 def _imports(path: Path) -> set[str]:
@@ -33,8 +44,8 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-def _top(name: str) -> str:
-    return name.split(".", 1)[0]
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def _violations(package: str, forbidden: set[str], exempt: tuple[str, ...] = ()) -> list[str]:
@@ -44,22 +55,31 @@ def _violations(package: str, forbidden: set[str], exempt: tuple[str, ...] = ())
         if rel.startswith(exempt):
             continue
         for name in _imports(path):
-            if _top(name) in forbidden:
+            if any(_within(name, prefix) for prefix in forbidden):
                 bad.append(f"{rel} imports {name}")
     return bad
 
 
+def test_one_import_root() -> None:
+    bad = []
+    for package in ("trustmesh", "controlplane", "agent", "tests", "benchmarks", "scripts"):
+        bad += _violations(package, set(SIDES))
+    assert bad == []
+    for folder, package in SIDES.items():
+        link = ROOT / "trustmesh" / folder
+        assert link.is_symlink() and link.resolve() == (ROOT / folder).resolve(), f"{link} must link to {folder}/"
+
+
 def test_kernel_imports_neither_side_except_the_cli() -> None:
-    assert _violations("trustmesh", {"controlplane", "agent"}, exempt=("trustmesh/cli/",)) == []
+    assert _violations("trustmesh", set(SIDES.values()), exempt=("trustmesh/cli/",)) == []
 
 
 def test_controlplane_never_imports_the_agent() -> None:
-    assert _violations("controlplane", {"agent"}) == []
+    assert _violations("controlplane", {"trustmesh.agent"}) == []
 
 
-@pytest.mark.skipif(not (ROOT / "agent").exists(), reason="agent package not written yet")
 def test_agent_never_imports_the_controlplane() -> None:
-    assert _violations("agent", {"controlplane"}) == []
+    assert _violations("agent", {"trustmesh.controlplane"}) == []
 
 
 def test_only_the_store_package_knows_the_backend() -> None:
@@ -75,3 +95,5 @@ def test_the_checker_sees_imports() -> None:
     # Guard against a checker that silently finds nothing (e.g. a wrong ROOT).
     assert _modules("trustmesh"), "no kernel modules found"
     assert "trustmesh.errors" in _imports(ROOT / "trustmesh" / "spiffeid.py")
+    assert _violations("controlplane", {"trustmesh.controlplane.store"}), "the checker misses the store imports"
+    assert not any("controlplane" in p.parts for p in _modules("trustmesh")), "the walk followed a link"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from controlplane.leader import LeaderElection
-from controlplane.store import Store
+from trustmesh.controlplane.leader import LeaderElection
+from trustmesh.controlplane.store import Store
 from trustmesh.metrics import Registry
 
 

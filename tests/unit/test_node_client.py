@@ -6,12 +6,13 @@ from __future__ import annotations
 import time
 from datetime import datetime, timedelta, timezone
 
-from agent.attestation import AgentIdentity
-from agent.node_client import NodeClient
+from cryptography.hazmat.primitives import serialization
+
+from trustmesh.agent.attestation import AgentIdentity
+from trustmesh.agent.node_client import NodeClient
 from trustmesh.keys import generate_private_key
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 from trustmesh.x509svid import build_ca_certificate, build_leaf_certificate
-from cryptography.hazmat.primitives import serialization
 
 TD = TrustDomain("example.org")
 NOW = datetime.now(timezone.utc)

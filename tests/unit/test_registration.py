@@ -4,8 +4,8 @@ rules end to end through the server process)."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from controlplane.api.status import FailedPreconditionError, InvalidArgumentError
-from controlplane.audit import AuditLog
-from controlplane.config import MAX_JWT_TTL, MAX_X509_TTL
-from controlplane.registration import (
+from trustmesh.controlplane.api.status import FailedPreconditionError, InvalidArgumentError
+from trustmesh.controlplane.audit import AuditLog
+from trustmesh.controlplane.config import MAX_JWT_TTL, MAX_X509_TTL
+from trustmesh.controlplane.registration import (
     DEFAULT_TOKEN_TTL,
     MAX_SHOWN,
     MAX_TOKEN_TTL,
@@ -30,8 +30,8 @@ from controlplane.registration import (
     token_hash,
     validate_entry,
 )
-from controlplane.store import Store, open_store
-from controlplane.store.records import AttestedNode, AuditEvent
+from trustmesh.controlplane.store import Store, open_store
+from trustmesh.controlplane.store.records import AttestedNode, AuditEvent
 from trustmesh.errors import AlreadyExistsError, ConflictError, NotFoundError
 from trustmesh.spiffeid import TrustDomain
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.store import (
+from tests.etcd_process import free_port
+from trustmesh.controlplane.store import (
     AttestedNode,
     AuditEvent,
     BundleRecord,
@@ -29,9 +30,8 @@ from controlplane.store import (
     Store,
     open_store,
 )
-from controlplane.store.etcd import EtcdKV, parse_endpoints
-from controlplane.store.store import ENTRY_INDEX, entry_identity_key
-from tests.etcd_process import free_port
+from trustmesh.controlplane.store.etcd import EtcdKV, parse_endpoints
+from trustmesh.controlplane.store.store import ENTRY_INDEX, entry_identity_key
 from trustmesh.errors import (
     AlreadyExistsError,
     ConflictError,

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from controlplane.store.kv import Delete, EventType, KVBackend, LeaseNotFoundError, Put
 from tests.unit.test_kv_contract import WAIT, kv, next_batch  # noqa: F401 - the fixture
+from trustmesh.controlplane.store.kv import Delete, EventType, KVBackend, LeaseNotFoundError, Put
 
 __all__ = ["kv"]
 

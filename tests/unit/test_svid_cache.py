@@ -12,11 +12,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent.config import RotationConfig
-from agent.convert import AgentEntry
-from agent.identity import IdentitySource, NoIdentityError
-from agent.svid_cache import MAX_JWT_CACHE, IdentityUnavailableError, SvidCache
 from trustmesh._proto.trustmesh.v1 import node_pb2
+from trustmesh.agent.config import RotationConfig
+from trustmesh.agent.convert import AgentEntry
+from trustmesh.agent.identity import IdentitySource, NoIdentityError
+from trustmesh.agent.svid_cache import MAX_JWT_CACHE, IdentityUnavailableError, SvidCache
 from trustmesh.keys import generate_private_key
 from trustmesh.metrics import Registry
 from trustmesh.spiffeid import SpiffeId, TrustDomain

@@ -14,10 +14,10 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from agent.config import RotationConfig
-from agent.convert import AgentEntry
-from agent.sync import STATE_FILE, SyncClient, SyncState
 from trustmesh._proto.trustmesh.v1 import node_pb2, types_pb2
+from trustmesh.agent.config import RotationConfig
+from trustmesh.agent.convert import AgentEntry
+from trustmesh.agent.sync import STATE_FILE, SyncClient, SyncState
 from trustmesh.bundle import Bundle, BundleSet
 from trustmesh.keys import generate_private_key
 from trustmesh.metrics import Registry
@@ -286,7 +286,7 @@ async def test_banned_is_told_apart_and_retried_only_rarely(tmp_path: Path, capl
     finally:
         task.cancel()
     refused = [r for r in caplog.records if r.getMessage() == "agent_refused"]
-    assert refused and "an operator must re-admit it" in str(getattr(refused[0], "fields")["hint"])
+    assert refused and "an operator must re-admit it" in str(refused[0].fields["hint"])
 
 
 async def test_a_rotated_svid_reopens_the_stream_at_once(tmp_path: Path) -> None:

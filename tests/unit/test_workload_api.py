@@ -35,10 +35,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent.identity import NoIdentityError, WorkloadJwtSvid, WorkloadX509Svid
-from agent.workload_api import WorkloadAPI, WorkloadAPIServer, WorkloadApiError
-from agent.workload_attestor import SocketLike, WorkloadAttestationError, WorkloadAttestor
 from trustmesh._proto.spiffe.workload import workload_pb2, workload_pb2_grpc
+from trustmesh.agent.identity import NoIdentityError, WorkloadJwtSvid, WorkloadX509Svid
+from trustmesh.agent.workload_api import WorkloadAPI, WorkloadApiError, WorkloadAPIServer
+from trustmesh.agent.workload_attestor import SocketLike, WorkloadAttestationError, WorkloadAttestor
 from trustmesh.bundle import Bundle, BundleSet, JwtAuthority
 from trustmesh.der import load_der_certificates
 from trustmesh.errors import TrustmeshError

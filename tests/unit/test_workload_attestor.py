@@ -20,7 +20,7 @@ from typing import overload
 
 import pytest
 
-from agent.workload_attestor import PeerCredentials, WorkloadAttestationError, WorkloadAttestor
+from trustmesh.agent.workload_attestor import PeerCredentials, WorkloadAttestationError, WorkloadAttestor
 from trustmesh.selectors import Selector
 
 EXE = os.path.realpath(sys.executable)

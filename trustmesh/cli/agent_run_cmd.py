@@ -43,7 +43,7 @@ examples:
 """
 
 
-def add_run_subcommand(sub: argparse._SubParsersAction) -> None:
+def add_run_subcommand(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = sub.add_parser(
         "run", help="run the node agent beside the services of this host",
         description=("Attest this node (once), keep the agent identity in --data-dir, serve the SPIFFE "
@@ -83,7 +83,7 @@ def _as_tuple(value: Any) -> tuple[str, ...]:
 
 def _services(raw: Any) -> tuple[Any, ...]:
     """The `services:` list of the config file, validated with messages that name the field."""
-    from agent.proxy.listeners import InboundConfig, OutboundConfig, ServiceConfig
+    from trustmesh.agent.proxy.listeners import InboundConfig, OutboundConfig, ServiceConfig
     from trustmesh.metrics import split_host_port
     from trustmesh.spiffeid import SpiffeId
 
@@ -143,7 +143,7 @@ def _join_token(values: dict[str, Any]) -> str | None:
 
 
 def _build_config(args: argparse.Namespace) -> Any:
-    from agent.config import AgentConfig  # the composition root may import both sides
+    from trustmesh.agent.config import AgentConfig  # the composition root may import both sides
 
     values = resolve(args, DEFAULTS, args.config)
     servers = _as_tuple(values["server"])
@@ -179,7 +179,7 @@ def _build_config(args: argparse.Namespace) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from agent.agent import run_agent
+    from trustmesh.agent.agent import run_agent
 
     asyncio.run(run_agent(_build_config(args)))
     return 0

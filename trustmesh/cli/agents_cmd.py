@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from trustmesh._proto.trustmesh.v1 import admin_pb2
 from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call, message_dict, print_json
 from trustmesh.cli.agent_run_cmd import add_run_subcommand
+from trustmesh.cli.config import show_help
 
 EXAMPLES = """\
 examples:
@@ -55,7 +56,7 @@ def _evict(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     agent = commands.add_parser(
         "agent", help="run the node agent; list, ban or evict attested agents",
         description="The node agent (`agent run`), and the control plane's view of attested agents.",
@@ -88,4 +89,4 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="the agent's SPIFFE ID (spiffe://<td>/agent/NODE) or just its node name")
         add_socket_flag(p)
         p.set_defaults(func=func)
-    agent.set_defaults(func=lambda _a: agent.print_help() or 2)
+    agent.set_defaults(func=show_help(agent))

@@ -10,6 +10,7 @@ from typing import Any
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2
 from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call, print_json
+from trustmesh.cli.config import show_help
 from trustmesh.duration import parse_duration
 from trustmesh.errors import TrustmeshError
 
@@ -84,7 +85,7 @@ def _verify(args: argparse.Namespace) -> int:
     return 1
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     audit = commands.add_parser("audit", help="read and verify the tamper-evident audit log",
                                 description="Every attestation, issuance, admin change and refusal is an event "
                                             "in a hash chain keyed by the server's key-encryption key.")
@@ -111,4 +112,4 @@ def register(commands: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_socket_flag(p)
     p.set_defaults(func=_verify)
-    audit.set_defaults(func=lambda _a: audit.print_help() or 2)
+    audit.set_defaults(func=show_help(audit))

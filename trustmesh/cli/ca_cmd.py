@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2
 from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call, print_json
+from trustmesh.cli.config import show_help
 
 _KINDS = {
     admin_pb2.CA_AUTHORITY_KIND_X509_ROOT: "root",
@@ -103,7 +104,7 @@ examples:
 """
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ca = commands.add_parser("ca", help="show the CA journal; rotate the root CA",
                              description="The CA journal: roots, each replica's signing CA and the JWT keys, "
                                          "with their states (prepared, active, old).")
@@ -123,4 +124,4 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_socket_flag(p)
     p.set_defaults(func=_rotate)
-    ca.set_defaults(func=lambda _a: ca.print_help() or 2)
+    ca.set_defaults(func=show_help(ca))

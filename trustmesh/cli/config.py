@@ -9,6 +9,7 @@ config file never silently falls back to a default.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +57,13 @@ def resolve(args: argparse.Namespace, defaults: dict[str, Any], config_path: str
         else:
             merged[key] = default
     return merged
+
+
+def show_help(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """The action of a command group run without a subcommand: its help, and exit status 2."""
+
+    def action(_args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    return action

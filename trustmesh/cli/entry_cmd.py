@@ -13,6 +13,7 @@ from typing import Any
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2, types_pb2
 from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call, message_dict, print_json
+from trustmesh.cli.config import show_help
 from trustmesh.duration import format_duration, parse_duration
 from trustmesh.errors import TrustmeshError
 
@@ -206,7 +207,7 @@ def _entry_flags(p: argparse.ArgumentParser, *, create: bool) -> None:
     add_socket_flag(p)
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     entry = commands.add_parser(
         "entry", help="manage registration entries (who gets which SPIFFE ID)",
         description="Create, list, show, update and delete registration entries. An entry says: the agent of "
@@ -266,4 +267,4 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--expected-revision", type=int, metavar="N", help="refuse unless the entry is at this revision")
     add_socket_flag(p)
     p.set_defaults(func=_delete)
-    entry.set_defaults(func=lambda _a: entry.print_help() or 2)
+    entry.set_defaults(func=show_help(entry))

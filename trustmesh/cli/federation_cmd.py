@@ -9,6 +9,7 @@ from typing import Any
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2
 from trustmesh.cli.admin_client import TIMEOUT, AdminCallError, add_socket_flag, call, print_json, read_input_file
+from trustmesh.cli.config import show_help
 
 _PROFILES = {
     "https_web": admin_pb2.BUNDLE_ENDPOINT_PROFILE_HTTPS_WEB,
@@ -113,7 +114,7 @@ def _bundle_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bundle = commands.add_parser("bundle", help="print a trust bundle (this trust domain's, or a partner's)",
                                  description="Print a trust bundle: this trust domain's (to hand to a partner "
                                              "out of band, for `federation add --bundle-file`) or a federated one.")
@@ -126,7 +127,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                    help="spiffe: the SPIFFE bundle document (JWKS JSON, default); pem: the X.509 roots")
     add_socket_flag(p)
     p.set_defaults(func=_bundle_show)
-    bundle.set_defaults(func=lambda _a: bundle.print_help() or 2)
+    bundle.set_defaults(func=show_help(bundle))
 
     fed = commands.add_parser("federation", help="trust partner trust domains (SPIFFE federation)",
                               description="Federation relationships: whose bundles this trust domain fetches, "
@@ -158,4 +159,4 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("trust_domain", help="the partner's trust domain")
     add_socket_flag(p)
     p.set_defaults(func=_refresh)
-    fed.set_defaults(func=lambda _a: fed.print_help() or 2)
+    fed.set_defaults(func=show_help(fed))

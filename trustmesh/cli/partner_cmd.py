@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives import serialization
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2
 from trustmesh.cli.admin_client import TIMEOUT, AdminCallError, add_socket_flag, call, read_input_file
+from trustmesh.cli.config import show_help
 from trustmesh.duration import parse_duration
 
 MAX_CSR_FILE = 16 * 1024
@@ -71,7 +72,7 @@ then allow spiffe://example.org/partners/acme in an allowlist like any other ID.
 """
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     partner = commands.add_parser("partner", help="issue and revoke certificates for partners without SPIFFE",
                                   description="Certificates for partners that run no SPIFFE system: signed from "
                                               "the partner's CSR (the key stays with the partner) by a partner CA "
@@ -92,4 +93,4 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--reason", help="why (kept in the audit log)")
     add_socket_flag(p)
     p.set_defaults(func=_revoke)
-    partner.set_defaults(func=lambda _a: partner.print_help() or 2)
+    partner.set_defaults(func=show_help(partner))

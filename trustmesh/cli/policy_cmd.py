@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2
 from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call
+from trustmesh.cli.config import show_help
 from trustmesh.errors import InvalidSpiffeIdError, TrustmeshError
 from trustmesh.policy import Policy, bundle_documents, load_paths, load_text
 from trustmesh.spiffeid import SpiffeId
@@ -133,7 +134,7 @@ def _rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     policy = commands.add_parser("policy", help="allowlists as code: lint, test, diff, apply, history, rollback",
                                  description="Service-to-service allowlists (default deny), checked in CI and "
                                              "applied to the server from the same files.",
@@ -182,4 +183,4 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--author", help="who (default: your user name)")
     add_socket_flag(p)
     p.set_defaults(func=_rollback)
-    policy.set_defaults(func=lambda _a: policy.print_help() or 2)
+    policy.set_defaults(func=show_help(policy))

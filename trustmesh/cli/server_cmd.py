@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Any
 
-from trustmesh.cli.config import ConfigError, resolve
+from trustmesh.cli.config import ConfigError, resolve, show_help
 from trustmesh.duration import parse_duration
 from trustmesh.errors import InvalidSpiffeIdError
 from trustmesh.spiffeid import TrustDomain
@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     server = commands.add_parser(
         "server",
         help="run the control plane (certificate authority and registry)",
@@ -112,11 +112,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     fed.add_argument("--bundle-refresh-hint", metavar="DURATION",
                      help="how often partners should fetch the bundle (spiffe_refresh_hint, default 5m)")
     run.set_defaults(func=_run)
-    server.set_defaults(func=lambda _a: server.print_help() or 2)
+    server.set_defaults(func=show_help(server))
 
 
 def _build_config(args: argparse.Namespace) -> Any:
-    from controlplane.config import ServerConfig  # the composition root may import both sides
+    from trustmesh.controlplane.config import ServerConfig  # the composition root may import both sides
 
     values = resolve(args, DEFAULTS, args.config)
     if not values["trust_domain"]:
@@ -164,7 +164,7 @@ def _build_config(args: argparse.Namespace) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from controlplane.server import run_server
+    from trustmesh.controlplane.server import run_server
 
     config = _build_config(args)
     asyncio.run(run_server(config))

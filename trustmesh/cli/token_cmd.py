@@ -6,6 +6,7 @@ import argparse
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2
 from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call
+from trustmesh.cli.config import show_help
 from trustmesh.duration import parse_duration
 from trustmesh.errors import TrustmeshError
 
@@ -34,7 +35,7 @@ def _create(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     token = commands.add_parser(
         "token", help="create join tokens for new nodes",
         description="Join tokens let a new node's agent attest once. They are random (256 bits), single-use, "
@@ -54,4 +55,4 @@ def register(commands: argparse._SubParsersAction) -> None:
                    help="how long the token stays valid, 1m to 7d (default 10m)")
     add_socket_flag(p)
     p.set_defaults(func=_create)
-    token.set_defaults(func=lambda _a: token.print_help() or 2)
+    token.set_defaults(func=show_help(token))

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from trustmesh.policy.model import MODES, AllowRule, Allowlist, IdPattern, Policy, PolicyError
+from trustmesh.policy.model import MODES, Allowlist, AllowRule, IdPattern, Policy, PolicyError
 
 API_VERSION = "trustmesh/v1"
 KIND = "Allowlist"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from trustmesh._proto.trustmesh.v1 import types_pb2
-from trustmesh.policy.model import AllowRule, Allowlist, IdPattern, Mode, Policy
+from trustmesh.policy.model import Allowlist, AllowRule, IdPattern, Mode, Policy
 
 _MODES = {"enforce": types_pb2.POLICY_MODE_ENFORCE, "audit": types_pb2.POLICY_MODE_AUDIT}
 
