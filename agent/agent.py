@@ -148,7 +148,7 @@ async def _announce_ready(cache: SvidCache, identity: AgentIdentity, config: Age
     # outage at first start it serves as soon as entries arrive.
     await _wait_briefly(cache.wait_until_synced(), FIRST_SYNC_WAIT)
     log_event(log, "ready", spiffe_id=identity.spiffe_id, socket=str(config.socket_path),
-              servers=",".join(config.servers), metrics=config.metrics or "off")
+              servers=",".join(config.server), metrics=config.metrics or "off")
 
 
 async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
@@ -172,7 +172,7 @@ async def _run(config: AgentConfig, stop: asyncio.Event) -> None:
     identity, roots = await _obtain_identity(config, stop)
     td = identity.spiffe_id.trust_domain
     metrics = Registry()
-    client = NodeClient(config.servers, _pem(roots), td, identity)
+    client = NodeClient(config.server, _pem(roots), td, identity)
     cache = SvidCache(td, client, metrics, rotation=config.rotation)
     # The SVID file was written when the identity arrived (attested just now, or renewed
     # before a restart): renewal is timed from then, not from the back-dated NotBefore.

@@ -1,12 +1,22 @@
-"""The agent's configuration, as one frozen value built by the CLI."""
+"""The agent's configuration, as one frozen value built by the CLI.
+
+Each field of ``AgentConfig`` that an operator sets is declared here once, with its flag,
+config-file key, default, parser and help (see ``trustmesh.options``); ``trustmesh agent run``
+derives its flags and its config-file loader from these declarations.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from trustmesh.agent.proxy.listeners import ServiceConfig
-from trustmesh.spiffeid import TrustDomain
+from trustmesh.agent.proxy.listeners import InboundConfig, OutboundConfig, ServiceConfig
+from trustmesh.metrics import split_host_port
+from trustmesh.options import HOST_PORT, PATH, TEXT, TRUST_DOMAIN, ConfigError, Parser, internal, option
+from trustmesh.spiffeid import SpiffeId, TrustDomain
+
+TOKEN_ENV = "TRUSTMESH_JOIN_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -33,21 +43,79 @@ class RotationConfig:
             raise ValueError("backoff_base must be positive and at most backoff_cap")
 
 
+def _services(raw: Any) -> tuple[ServiceConfig, ...]:
+    """The `services:` list of the config file, validated with messages that name the field."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("services: must be a list of {name, spiffe_id, inbound, outbound}")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"services[{i}]"
+        if not isinstance(item, dict) or not item.get("name") or not item.get("spiffe_id"):
+            raise ConfigError(f"{where}: needs name and spiffe_id")
+        unknown = set(item) - {"name", "spiffe_id", "inbound", "outbound", "allow_tls12"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        try:
+            sid = SpiffeId.parse(str(item["spiffe_id"]))
+            inbound = None
+            if item.get("inbound") is not None:
+                inb = item["inbound"]
+                split_host_port(str(inb["listen"]))
+                split_host_port(str(inb["forward"]))
+                inbound = InboundConfig(str(inb["listen"]), str(inb["forward"]))
+            routes = []
+            for route in item.get("outbound") or []:
+                split_host_port(str(route["listen"]))
+                split_host_port(str(route["connect"]))
+                routes.append(OutboundConfig(str(route["listen"]), str(route["connect"]),
+                                             SpiffeId.parse(str(route["expect"]))))
+        except (KeyError, TypeError) as err:
+            raise ConfigError(f"{where}: missing or malformed field {err}") from err
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from err
+        out.append(ServiceConfig(name=str(item["name"]), spiffe_id=sid, inbound=inbound, outbound=tuple(routes),
+                                 allow_tls12=bool(item.get("allow_tls12", False))))
+    return tuple(out)
+
+
+SERVICES = Parser("LIST", _services)
+
+
 @dataclass(frozen=True)
 class AgentConfig:
-    servers: tuple[str, ...]  # Node API addresses (mTLS), tried in turn
-    trust_bundle: Path  # bootstrap trust bundle (PEM roots of the trust domain)
-    data_dir: Path = Path("./.trustmesh/agent")
-    join_token: str | None = None
-    attest_servers: tuple[str, ...] = ()  # default: each server's host with port + 1
-    socket: Path | None = None
-    metrics: str | None = None
-    x509pop_cert: Path | None = None
-    x509pop_key: Path | None = None
-    # None: taken from the SPIFFE ID of the bundle's root; when given, it must agree.
-    trust_domain: TrustDomain | None = None
-    services: tuple[ServiceConfig, ...] = ()
-    rotation: RotationConfig = field(default_factory=RotationConfig)
+    server: tuple[str, ...] = option(
+        "the control plane's Node API (its --bind); repeat for several replicas, tried in turn", HOST_PORT,
+        repeat=True, required="--server HOST:PORT is required (the control plane's --bind address)")
+    trust_bundle: Path = option(
+        "PEM file of the trust domain's roots (the server's bundle.pem)", PATH,
+        required="--trust-bundle FILE is required (the bundle.pem the control plane wrote)")
+    data_dir: Path = option("state directory", PATH, default=Path(".trustmesh/agent"))
+    join_token: str | None = option(f"one-time join token, needed on the first start only (or ${TOKEN_ENV})",
+                                    TEXT, default=None, metavar="TOKEN")
+    join_token_file: Path | None = option(
+        "read the join token from this file instead (e.g. a mounted Kubernetes Secret); "
+        "a missing file is fine once the node has attested", PATH, default=None)
+    attest_server: tuple[str, ...] = option(
+        "the control plane's attestation address (its --attest-bind); "
+        "default: each --server's host with its port + 1", HOST_PORT, repeat=True, default=())
+    socket: Path | None = option("Workload API socket path (default <data-dir>/workload.sock)", PATH, default=None)
+    metrics: str | None = option("host:port to serve Prometheus metrics on (default off)", HOST_PORT, default=None)
+    x509pop_cert: Path | None = option("node certificate chain (PEM) for x509pop attestation", PATH, default=None)
+    x509pop_key: Path | None = option("the node certificate's private key (PEM) for x509pop", PATH, default=None)
+    trust_domain: TrustDomain | None = option(
+        "expected trust domain, e.g. example.org (default: read from the bundle's root; when given, a bundle "
+        "of another domain is refused)", TRUST_DOMAIN, default=None)
+    services: tuple[ServiceConfig, ...] = option(
+        "the services on this node and their listeners: a list of {name, spiffe_id, inbound, outbound}",
+        SERVICES, flag=False, default=())
+    rotation: RotationConfig = internal("renewal and retry timing; production uses the defaults, tests shorten them",
+                                        default_factory=RotationConfig)
+
+    def __post_init__(self) -> None:
+        if bool(self.x509pop_cert) != bool(self.x509pop_key):
+            raise ConfigError("--x509pop-cert and --x509pop-key go together")
 
     @property
     def socket_path(self) -> Path:
@@ -55,10 +123,10 @@ class AgentConfig:
 
     @property
     def attest_addresses(self) -> tuple[str, ...]:
-        if self.attest_servers:
-            return self.attest_servers
+        if self.attest_server:
+            return self.attest_server
         out = []
-        for server in self.servers:
+        for server in self.server:
             host, _, port = server.rpartition(":")
             out.append(f"{host}:{int(port) + 1}")
         return tuple(out)

@@ -1,13 +1,19 @@
-"""The server's configuration, as one frozen value built by the CLI."""
+"""The server's configuration, as one frozen value built by the CLI.
+
+Each field that an operator sets is declared here once, with its flag, config-file key, default,
+parser and help (see ``trustmesh.options``); ``trustmesh server run`` derives its flags and its
+config-file loader from these declarations.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from trustmesh.options import DURATION, HOST_PORT, PATH, TEXT, TRUST_DOMAIN, ConfigError, internal, one_of, option
 from trustmesh.spiffeid import TrustDomain
 
 # Bounds an entry's TTLs must fall within; outside them is INVALID_ARGUMENT.
@@ -16,32 +22,77 @@ MAX_X509_TTL = timedelta(days=30)
 MIN_JWT_TTL = timedelta(seconds=1)
 MAX_JWT_TTL = timedelta(days=1)
 
+FEDERATION = "federation (serving this trust domain's bundle to partners)"
+
 
 @dataclass(frozen=True)
 class ServerConfig:
-    trust_domain: TrustDomain
-    data_dir: Path
-    store_url: str = "sqlite"
-    kek_file: Path | None = None
-    bind: str = "127.0.0.1:8081"
-    attest_bind: str = "127.0.0.1:8082"
-    admin_socket: Path | None = None
-    admin_bind: str | None = None  # optional remote admin API, mTLS with admin-entry SVIDs
-    default_x509_ttl: timedelta = timedelta(hours=1)
-    default_jwt_ttl: timedelta = timedelta(minutes=5)
-    agent_ttl: timedelta = timedelta(hours=1)
-    ca_ttl: timedelta = timedelta(hours=24)
-    root_ttl: timedelta = timedelta(days=365)
-    metrics: str | None = None
-    x509pop_ca: Path | None = None  # PEM roots that node certificates for x509pop chain to
-    prune_nodes_after: timedelta = timedelta(days=1)  # forget agents whose SVID expired this long ago
-    bundle_endpoint: str | None = None  # host:port serving our SPIFFE bundle to federated partners
-    bundle_endpoint_profile: str = "https_spiffe"  # or "https_web" with the two files below
-    bundle_endpoint_cert: Path | None = None
-    bundle_endpoint_key: Path | None = None
-    bundle_refresh_hint: timedelta = timedelta(minutes=5)  # spiffe_refresh_hint we publish
-    leader_ttl: int = 5  # seconds; a dead leader's duties move to another replica after about this
-    replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    trust_domain: TrustDomain = option(
+        "the trust domain, e.g. example.org", TRUST_DOMAIN,
+        required="--trust-domain is required (e.g. --trust-domain example.org)")
+    data_dir: Path = option("state directory", PATH, default=Path(".trustmesh/server"))
+    bind: str = option("agent-facing gRPC address", HOST_PORT, default="127.0.0.1:8081")
+    attest_bind: str = option(
+        "address where new agents attest (TLS without a client certificate; serves only attestation); "
+        "every other agent call goes to --bind with mTLS", HOST_PORT, default="127.0.0.1:8082")
+    admin_bind: str | None = option(
+        "also serve the admin API on this host:port over mTLS, for remote administrators whose SVIDs are "
+        "registration entries marked --admin (default off)", HOST_PORT, default=None)
+    admin_socket: Path | None = option("admin API unix socket (default <data-dir>/admin.sock)", PATH, default=None)
+    store: str = option(
+        "'sqlite' (embedded, in the data dir), 'sqlite:///path/file.db' or 'etcd://host:port[,host:port…]'",
+        TEXT, default="sqlite", metavar="URL")
+    kek_file: Path | None = option(
+        "file holding the 32-byte key-encryption key (raw, hex or base64; mode 0600). "
+        "Default: $TRUSTMESH_KEK, else <data-dir>/kek.bin generated on first start (sqlite only)",
+        PATH, default=None)
+    default_x509_ttl: timedelta = option("X.509-SVID lifetime when an entry sets none", DURATION,
+                                         default=timedelta(hours=1))
+    default_jwt_ttl: timedelta = option("JWT-SVID lifetime when an entry sets none", DURATION,
+                                        default=timedelta(minutes=5))
+    ca_ttl: timedelta = option("lifetime of this replica's signing CA", DURATION, default=timedelta(hours=24))
+    root_ttl: timedelta = option("lifetime of a new root CA", DURATION, default=timedelta(days=365))
+    agent_ttl: timedelta = option("lifetime of agent SVIDs; agents renew at half-life", DURATION,
+                                  default=timedelta(hours=1))
+    x509pop_ca: Path | None = option(
+        "PEM file of CA certificates that node certificates chain to, enabling x509pop node attestation",
+        PATH, default=None)
+    metrics: str | None = option("host:port to serve Prometheus metrics on (default off)", HOST_PORT, default=None)
+    replica_id: str = option(
+        "this replica's name in the CA journal, logs and leader election; unique per running process "
+        "(default <hostname>-<pid>)", TEXT, metavar="NAME",
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    prune_agents_after: timedelta = option(
+        "the leader replica forgets agents whose SVID expired this long ago (they must attest again anyway); "
+        "banned agents are kept", DURATION, default=timedelta(days=1))
+    bundle_endpoint: str | None = option(
+        "serve the SPIFFE bundle over HTTPS here, for federated partners (default off)", HOST_PORT,
+        default=None, group=FEDERATION)
+    bundle_endpoint_profile: str = option(
+        "https_spiffe: TLS with the server's SVID, spiffe://<td>/trustmesh/server; "
+        "https_web: TLS with the web-PKI certificate given below", one_of("https_spiffe", "https_web"),
+        default="https_spiffe", group=FEDERATION)
+    bundle_endpoint_cert: Path | None = option("https_web: the certificate chain (PEM)", PATH, default=None,
+                                               group=FEDERATION)
+    bundle_endpoint_key: Path | None = option("https_web: its private key (PEM)", PATH, default=None,
+                                              group=FEDERATION)
+    bundle_refresh_hint: timedelta = option(
+        "how often partners should fetch the bundle (spiffe_refresh_hint)", DURATION,
+        default=timedelta(minutes=5), group=FEDERATION)
+    leader_ttl: int = internal("seconds; a dead leader's duties move to another replica after about this",
+                               default=5)
+
+    def __post_init__(self) -> None:
+        web_files = (self.bundle_endpoint_cert, self.bundle_endpoint_key)
+        if self.bundle_endpoint_profile not in ("https_spiffe", "https_web"):
+            raise ConfigError(
+                f"--bundle-endpoint-profile {self.bundle_endpoint_profile!r}: use https_spiffe or https_web")
+        if self.bundle_endpoint_profile == "https_web" and self.bundle_endpoint and not all(web_files):
+            raise ConfigError(
+                "--bundle-endpoint-profile https_web needs --bundle-endpoint-cert and --bundle-endpoint-key")
+        if self.bundle_endpoint_profile == "https_spiffe" and any(web_files):
+            raise ConfigError(
+                "--bundle-endpoint-cert/--bundle-endpoint-key go with --bundle-endpoint-profile https_web")
 
     @property
     def bundle_path(self) -> Path:
@@ -53,4 +104,4 @@ class ServerConfig:
 
     @property
     def embedded(self) -> bool:
-        return not self.store_url.startswith("etcd://")
+        return not self.store.startswith("etcd://")

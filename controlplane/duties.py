@@ -77,10 +77,10 @@ async def run_once(rt: ServerRuntime, *, prune: bool = True) -> None:
     tokens = await rt.store.delete_expired_join_tokens(now)
     if tokens:
         log_event(log, "join_tokens_pruned", count=tokens)
-    nodes = await rt.store.delete_expired_nodes(now - rt.config.prune_nodes_after.total_seconds())
+    nodes = await rt.store.delete_expired_nodes(now - rt.config.prune_agents_after.total_seconds())
     for node in nodes:
         await rt.audit.record("agent.pruned", actor=LEADER_ACTOR, subject=node,
-                              reason=f"agent SVID expired more than {rt.config.prune_nodes_after} ago")
+                              reason=f"agent SVID expired more than {rt.config.prune_agents_after} ago")
     if nodes:
         log_event(log, "agents_pruned", count=len(nodes))
 

@@ -202,7 +202,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         loop.add_signal_handler(sig, stop.set)
 
     kek = load_kek(config)
-    store: Store = await open_store(config.store_url, config.data_dir)
+    store: Store = await open_store(config.store, config.data_dir)
     node_server: grpc.aio.Server | None = None
     attest_server: grpc.aio.Server | None = None
     remote_admin: grpc.aio.Server | None = None
@@ -279,7 +279,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
                     admin_socket=str(config.admin_socket_path),
                     admin_bind=(f"{split_host_port(config.admin_bind)[0]}:{remote_admin_port}"
                                 if config.admin_bind else "off"),
-                    store=config.store_url.split("://", 1)[0],
+                    store=config.store.split("://", 1)[0],
                     bundle=str(config.bundle_path), root_sha256=ca.root.fingerprint(hashes.SHA256()).hex(),
                     metrics=config.metrics or "off", replica=config.replica_id, bundle_endpoint=bundle_address,
                 )

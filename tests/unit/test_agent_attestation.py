@@ -134,7 +134,7 @@ def test_restart_reuses_a_valid_identity_and_says_why_it_cannot(tmp_path: Path) 
 def config_for(tmp_path: Path, root: x509.Certificate, **kw: object) -> AgentConfig:
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes(pem(root))
-    return AgentConfig(servers=("127.0.0.1:1",), attest_servers=("127.0.0.1:1",), trust_bundle=bundle,
+    return AgentConfig(server=("127.0.0.1:1",), attest_server=("127.0.0.1:1",), trust_bundle=bundle,
                        data_dir=tmp_path / "agent", **kw)  # type: ignore[arg-type]
 
 

@@ -1,23 +1,32 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from trustmesh.cli import server_cmd
-from trustmesh.cli.config import ConfigError, load_config_file, resolve
+from trustmesh.cli.config import ConfigError, build, load_config_file, resolve
 from trustmesh.cli.main import build_parser
+from trustmesh.options import HOST_PORT, PATH, TEXT, option
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Small:
+    bind: str = option("an address", HOST_PORT, default="d:1")
+    data_dir: Path = option("a directory", PATH, default=Path("d"))
+    store: str = option("a store", TEXT, default="sqlite")
 
 
 def test_flags_beat_the_file_which_beats_defaults(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data-dir: /from/file\nbind: 1.2.3.4:1\n")
     args = argparse.Namespace(bind="5.6.7.8:2", data_dir=None)
-    out = resolve(args, {"bind": "d", "data_dir": "d", "store": "sqlite"}, str(cfg))
-    assert out == {"bind": "5.6.7.8:2", "data_dir": "/from/file", "store": "sqlite"}
+    out = build(Small, resolve(Small, args, str(cfg)))
+    assert out == Small(bind="5.6.7.8:2", data_dir=Path("/from/file"), store="sqlite")
 
 
 @pytest.mark.parametrize(("text", "message"), [("- a\n- b\n", "mapping"), ("a: [\n", "not valid YAML"),
@@ -26,7 +35,7 @@ def test_bad_files_are_refused(tmp_path: Path, text: str, message: str) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(text)
     with pytest.raises(ConfigError, match=message):
-        resolve(argparse.Namespace(), {"bind": "x"}, str(cfg))
+        resolve(Small, argparse.Namespace(), str(cfg))
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
@@ -47,7 +56,7 @@ def test_the_shipped_agent_config_is_valid() -> None:
     from trustmesh.cli.agent_run_cmd import _build_config
 
     config = _build_config(args)
-    assert config.servers == ("cp-1.internal:8081", "cp-2.internal:8081")
+    assert config.server == ("cp-1.internal:8081", "cp-2.internal:8081")
     assert config.attest_addresses == ("cp-1.internal:8082", "cp-2.internal:8082")
     ledger, payments = config.services
     assert ledger.inbound.forward == "127.0.0.1:8080"

@@ -131,10 +131,10 @@ def test_kubernetes_topology() -> None:
 def test_config_files_load_with_the_real_config_code() -> None:
     server_args = _parse(["server", "run", "--config", str(DEPLOY / "systemd" / "server.yaml")])
     config = server_cmd._build_config(server_args)
-    assert config.store_url.startswith("etcd://")
+    assert config.store.startswith("etcd://")
     for path in (DEPLOY / "systemd" / "agent.yaml", DEPLOY / "agent.example.yaml"):
         agent_args = _parse(["agent", "run", "--config", str(path)])
-        assert agent_run_cmd._build_config(agent_args).servers
+        assert agent_run_cmd._build_config(agent_args).server
     server_cmd._build_config(_parse(["server", "run", "--config", str(DEPLOY / "server.example.yaml")]))
 
 

@@ -1,28 +1,34 @@
-"""Flags and YAML config files, merged one way everywhere.
+"""Flags and YAML config files, derived from the config dataclass and merged one way everywhere.
 
-Precedence: a flag given on the command line wins, then the value in ``--config FILE``,
-then the built-in default. Config keys are the flag names without dashes, with ``_`` or
-``-`` between words (``data_dir`` or ``data-dir``). Unknown keys are an error, so a typo in a
-config file never silently falls back to a default.
+A command's options are the :func:`trustmesh.options.option` fields of its config dataclass
+(``ServerConfig``, ``AgentConfig``): :func:`add_options` turns them into flags and
+:func:`load_config` reads them back from the flags and the ``--config`` file into one value of
+that dataclass. Precedence: a flag given on the command line wins, then the value in
+``--config FILE``, then the dataclass default. Config keys are the flag names without dashes,
+with ``-`` or ``_`` between words (``data-dir`` or ``data_dir``). Unknown keys are an error, so a
+typo in a config file never silently falls back to a default.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
-from trustmesh.errors import TrustmeshError
+from trustmesh.options import ConfigError, Option, declared, flag_name, has_default, key_name, shown_default
 
+__all__ = ["ConfigError", "HelpFormatter", "add_options", "build", "load_config", "load_config_file", "resolve",
+           "show_help"]
 
-class ConfigError(TrustmeshError):
-    """A config file or flag value is wrong."""
+T = TypeVar("T")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file, its keys as written."""
     try:
         text = Path(path).read_text()
     except OSError as err:
@@ -35,28 +41,103 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must be a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    return {str(k): v for k, v in data.items()}
 
 
-def resolve(args: argparse.Namespace, defaults: dict[str, Any], config_path: str | None) -> dict[str, Any]:
-    """Merge flags (None means 'not given'), the config file and defaults into one dict."""
-    file_values = load_config_file(config_path) if config_path else {}
-    unknown = sorted(set(file_values) - set(defaults))
-    if unknown:
-        known = ", ".join(sorted(k.replace("_", "-") for k in defaults))
-        raise ConfigError(
-            f"config file {config_path}: unknown option(s) {', '.join(unknown)}; known options: {known}"
+def add_options(parser: argparse.ArgumentParser, config_class: type[Any]) -> None:
+    """One flag per option field of ``config_class`` (dest = the field name), plus ``--config``."""
+    file_only = [key_name(f.name) for f, decl in declared(config_class) if not decl.flag]
+    parser.add_argument("--config", metavar="FILE", help="YAML file of options (keys are the flag names"
+                        + (f"; set only there: {', '.join(file_only)}" if file_only else "") + ")")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f, decl in declared(config_class):
+        if not decl.flag:
+            continue
+        target: Any = parser
+        if decl.group:
+            target = groups.get(decl.group) or groups.setdefault(decl.group, parser.add_argument_group(decl.group))
+        default = shown_default(f)
+        shown = " (required)" if not has_default(f) else f" (default {default})" if default is not None else ""
+        target.add_argument(
+            flag_name(f.name), dest=f.name, default=None, action="append" if decl.repeat else "store",
+            metavar=decl.shown_metavar, choices=decl.parser.choices,
+            help=decl.help + shown,
         )
-    merged: dict[str, Any] = {}
-    for key, default in defaults.items():
-        flag = getattr(args, key, None)
-        if flag is not None:
-            merged[key] = flag
-        elif key in file_values:
-            merged[key] = file_values[key]
+
+
+def _file_values(config_class: type[Any], config_path: str) -> dict[str, Any]:
+    """The config file's values by field name, refusing unknown keys and a key given twice."""
+    names = {key_name(f.name): f.name for f, _ in declared(config_class)}
+    out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    unknown = []
+    for key, value in load_config_file(config_path).items():
+        name = names.get(key.replace("_", "-"))
+        if name is None:
+            unknown.append(key)
+        elif name in spelled:
+            raise ConfigError(f"config file {config_path}: {key_name(name)} is given twice "
+                              f"(as {spelled[name]} and {key})")
         else:
-            merged[key] = default
-    return merged
+            spelled[name] = key
+            out[name] = value
+    if unknown:
+        hints = [f"{key} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
+            key.replace("_", "-"), list(names), n=1)) else key for key in sorted(unknown)]
+        raise ConfigError(f"config file {config_path}: unknown option(s) {', '.join(hints)}; "
+                          f"known options: {', '.join(sorted(names))}")
+    return out
+
+
+def _parse(decl: Option, where: str, raw: Any) -> Any:
+    try:
+        if decl.repeat:
+            items = raw if isinstance(raw, (list, tuple)) else [raw]
+            return tuple(decl.parser.read(item) for item in items)
+        return decl.parser.read(raw)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def resolve(config_class: type[Any], args: argparse.Namespace, config_path: str | None) -> dict[str, Any]:
+    """The parsed values given by a flag (None means 'not given') or else by the config file.
+
+    Options given nowhere are left out, so that the dataclass supplies its own default.
+    """
+    file_values = _file_values(config_class, config_path) if config_path else {}
+    out: dict[str, Any] = {}
+    for f, decl in declared(config_class):
+        given = getattr(args, f.name, None) if decl.flag else None
+        if given is not None:
+            out[f.name] = _parse(decl, flag_name(f.name), given)
+        elif file_values.get(f.name) is not None:
+            where = flag_name(f.name) if decl.flag else key_name(f.name)
+            out[f.name] = _parse(decl, where, file_values[f.name])
+    return out
+
+
+def build(config_class: type[T], values: Mapping[str, Any]) -> T:
+    """The config value; a required option that is missing is a ConfigError naming its flag."""
+    for f, decl in declared(config_class):
+        if not has_default(f) and not values.get(f.name):
+            raise ConfigError(decl.required or f"{flag_name(f.name)} is required")
+    return config_class(**values)
+
+
+def load_config(config_class: type[T], args: argparse.Namespace) -> T:
+    """Flags over ``--config FILE`` over defaults, as one value of ``config_class``."""
+    return build(config_class, resolve(config_class, args, getattr(args, "config", None)))
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps one-paragraph descriptions to the terminal; keeps text laid out in lines (examples) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 def show_help(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
