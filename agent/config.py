@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from trustmesh.agent.proxy.listeners import InboundConfig, OutboundConfig, ServiceConfig
-from trustmesh.metrics import split_host_port
 from trustmesh.options import HOST_PORT, PATH, TEXT, TRUST_DOMAIN, ConfigError, Parser, internal, option
 from trustmesh.spiffeid import SpiffeId, TrustDomain
+
+if TYPE_CHECKING:  # the proxy is imported when a config is read, not whenever the CLI builds its parser
+    from trustmesh.agent.proxy.listeners import ServiceConfig
 
 TOKEN_ENV = "TRUSTMESH_JOIN_TOKEN"
 
@@ -45,6 +46,9 @@ class RotationConfig:
 
 def _services(raw: Any) -> tuple[ServiceConfig, ...]:
     """The `services:` list of the config file, validated with messages that name the field."""
+    from trustmesh.agent.proxy.listeners import InboundConfig, OutboundConfig, ServiceConfig
+    from trustmesh.metrics import split_host_port
+
     if raw is None:
         return ()
     if not isinstance(raw, list):

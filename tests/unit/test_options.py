@@ -169,18 +169,31 @@ def test_flag_over_file_over_default_on_the_real_server_config(tmp_path: Path) -
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("ca-ttl: soon", "--ca-ttl: invalid duration 'soon'"),
-    ("ca-ttl: [1h]", "--ca-ttl: invalid duration"),
-    ("bind: nowhere", "--bind: invalid address 'nowhere'"),
-    ("metrics: {a: 1}", "--metrics: expected one value"),
-    ("trust-domain: Example.ORG", "--trust-domain: invalid trust domain 'Example.ORG'"),
-    ("bundle-endpoint-profile: https_other", "--bundle-endpoint-profile: 'https_other': use https_spiffe or"),
+    ("ca-ttl: soon", "ca-ttl: invalid duration 'soon'"),
+    ("ca-ttl: [1h]", "ca-ttl: invalid duration"),
+    ("bind: nowhere", "bind: invalid address 'nowhere'"),
+    ("metrics: {a: 1}", "metrics: expected one value"),
+    ("trust-domain: Example.ORG", "trust-domain: invalid trust domain 'Example.ORG'"),
+    ("bundle-endpoint-profile: https_other", "bundle-endpoint-profile: 'https_other': use https_spiffe or"),
 ])
-def test_bad_file_values_name_the_option(tmp_path: Path, text: str, message: str) -> None:
+def test_bad_file_values_name_the_file_and_the_key(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("trust-domain: example.org\n" * ("trust-domain" not in text) + text + "\n")
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=f"^config file {path}: " + message.replace("[", r"\[")):
         resolve(ServerConfig, _parse(("server", "run"), ["--config", str(path)]), str(path))
+
+
+def test_bad_flag_values_name_the_flag() -> None:
+    with pytest.raises(ConfigError, match="^--ca-ttl: invalid duration 'soon'"):
+        resolve(ServerConfig, _parse(("server", "run"), ["--trust-domain", "example.org", "--ca-ttl", "soon"]), None)
+    with pytest.raises(ConfigError, match="^--server: invalid address 'nowhere'"):
+        resolve(AgentConfig, _parse(("agent", "run"), ["--server", "h:1", "--server", "nowhere"]), None)
+
+
+def test_off_and_null_in_a_file_mean_not_given(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"trust-domain": "example.org", "metrics": False, "admin-bind": None, "ca-ttl": None})
+    config = build(ServerConfig, resolve(ServerConfig, _parse(("server", "run"), ["--config", path]), path))
+    assert config.metrics is None and config.admin_bind is None and config.ca_ttl == timedelta(hours=24)
 
 
 def test_required_options_and_cross_checks(tmp_path: Path) -> None:

@@ -95,8 +95,10 @@ def _parse(decl: Option, where: str, raw: Any) -> Any:
             items = raw if isinstance(raw, (list, tuple)) else [raw]
             return tuple(decl.parser.read(item) for item in items)
         return decl.parser.read(raw)
-    except ConfigError:
-        raise
+    except ConfigError as err:
+        if where.startswith("--"):
+            raise
+        raise ConfigError(f"{where.rpartition(': ')[0]}: {err}") from err  # it names its key already
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from err
 
@@ -104,17 +106,19 @@ def _parse(decl: Option, where: str, raw: Any) -> Any:
 def resolve(config_class: type[Any], args: argparse.Namespace, config_path: str | None) -> dict[str, Any]:
     """The parsed values given by a flag (None means 'not given') or else by the config file.
 
-    Options given nowhere are left out, so that the dataclass supplies its own default.
+    Options given nowhere are left out, so that the dataclass supplies its own default. In a
+    file, ``null`` means not given, and so does ``false`` (YAML's ``off``) for an option that is
+    off by default (``metrics: off``).
     """
     file_values = _file_values(config_class, config_path) if config_path else {}
     out: dict[str, Any] = {}
     for f, decl in declared(config_class):
         given = getattr(args, f.name, None) if decl.flag else None
+        in_file = file_values.get(f.name)
         if given is not None:
             out[f.name] = _parse(decl, flag_name(f.name), given)
-        elif file_values.get(f.name) is not None:
-            where = flag_name(f.name) if decl.flag else key_name(f.name)
-            out[f.name] = _parse(decl, where, file_values[f.name])
+        elif in_file is not None and not (in_file is False and f.default is None):
+            out[f.name] = _parse(decl, f"config file {config_path}: {key_name(f.name)}", in_file)
     return out
 
 
