@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import aclosing, suppress
 from contextvars import ContextVar, Token
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -192,7 +192,7 @@ class _Call:
     method: Method
     started: float
     code: grpc.StatusCode = grpc.StatusCode.OK
-    token: Token[Caller] | None = field(default=None)
+    token: Token[Caller] | None = None
 
 
 class CallLayer(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
@@ -213,6 +213,8 @@ class CallLayer(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships
         self._seconds = metrics.histogram("trustmesh_grpc_call_seconds",
                                           "time from a gRPC call's start to its status (streams: their lifetime)",
                                           ["service", "method"])
+        # Wrapped once per registered handler, not per call: at most one entry per method served.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
@@ -222,7 +224,12 @@ class CallLayer(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships
         if handler is None:
             return None  # no such method on this server: gRPC answers UNIMPLEMENTED
         full: str = handler_call_details.method
-        return self._wrap(handler, Method.parse(full), self._table.get(full))
+        cached = self._wrapped.get(full)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, Method.parse(full), self._table.get(full))
+        self._wrapped[full] = (handler, wrapped)
+        return wrapped
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: Method, rule: Rule | None) -> grpc.RpcMethodHandler:
         attribute, factory = _HANDLER_FACTORIES[(handler.request_streaming, handler.response_streaming)]
