@@ -1,9 +1,10 @@
-"""The one place that turns domain errors into gRPC status codes.
+"""The one place that turns errors into gRPC status codes and messages.
 
-Handlers raise trustmesh errors; `grpc_errors` (a context manager used by every servicer)
-aborts the call with the matching code and the error's own message, which is written for a
-person to act on. Anything that is not a trustmesh error is a bug: it is logged with its
-traceback and answered as INTERNAL without leaking details to the caller.
+Handlers raise trustmesh errors; the call layer (calls.py) answers each call that raised
+with the matching code and the error's own message, which is written for a person to act
+on. Anything that is not a trustmesh error is a bug: it is logged with its traceback and
+answered as INTERNAL without leaking details to the caller. `grpc_errors` applies the same
+mapping inside a handler, for servicers not yet served through the call layer.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ log = logging.getLogger("trustmesh.api")
 # The request-level errors live in trustmesh.errors so transport-free code can raise them
 # without importing grpc; they are re-exported here for the servicers.
 __all__ = ["FailedPreconditionError", "InvalidArgumentError", "PermissionDeniedError", "UnauthenticatedError",
-           "UnavailableError", "grpc_errors", "status_code_for"]
+           "UnavailableError", "grpc_errors", "status_code_for", "status_for"]
 
 
 # Most specific first: the first isinstance match wins.
@@ -64,18 +65,26 @@ def status_code_for(err: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def status_for(err: Exception, method: str) -> tuple[grpc.StatusCode, str]:
+    """The status a caller gets when `method` raised `err`; logs the bugs among them."""
+    if isinstance(err, (TrustmeshError, ValueError)):
+        return status_code_for(err), str(err)
+    if isinstance(err, NotImplementedError):
+        # What the generated servicer base classes raise for a method a servicer leaves out.
+        return grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server"
+    # The outermost edge of a call: the bug is logged with its traceback for us; the caller
+    # gets INTERNAL without internals.
+    log.error("unhandled error", exc_info=err, extra={"fields": {"method": method}})
+    log_event(log, "internal_error", level=logging.ERROR, method=method, error=type(err).__name__)
+    return grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log"
+
+
 @asynccontextmanager
 async def grpc_errors(context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
     try:
         yield
-    except (TrustmeshError, ValueError) as err:
-        code = status_code_for(err)
-        await context.abort(code, str(err))
     except grpc.aio.AbortError:
         raise
-    except Exception as err:  # noqa: BLE001 - the edge: a bug must not leak its details
-        # Deliberately broad: this is the outermost edge of a call. The bug is logged
-        # with its traceback for us; the caller gets INTERNAL without internals.
-        log.exception("unhandled error", extra={"fields": {"method": method}})
-        log_event(log, "internal_error", level=logging.ERROR, method=method, error=type(err).__name__)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
+    except Exception as err:  # noqa: BLE001 - status_for maps every error, bugs to INTERNAL
+        code, message = status_for(err, method)
+        await context.abort(code, message)

@@ -1,0 +1,125 @@
+"""Who is calling, for each listener of the server: the authenticators of the call layer.
+
+gRPC already verified any client certificate against our roots during the handshake (the
+server trusts only its own trust domain's roots). An authenticator reads the leaf, says
+which kind of caller it belongs to, and leaves the "may it call this method" question to
+the table in calls.py. It raises only when the caller cannot be identified at all, or is an
+agent that may no longer act as one (not attested, banned, evicted, superseded SVID).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+from cryptography import x509
+
+from trustmesh.controlplane.api.calls import (
+    ANONYMOUS_CALLER,
+    Authenticator,
+    Caller,
+    CallerKind,
+    DenialHook,
+    Method,
+    current_caller,
+)
+from trustmesh.controlplane.api.peer import PeerAgent
+from trustmesh.controlplane.store.records import AttestedNode
+from trustmesh.errors import UnauthenticatedError, VerificationError
+from trustmesh.naming import node_name_of
+from trustmesh.spiffeid import SpiffeId, TrustDomain
+from trustmesh.x509svid import spiffe_id_from_certificate
+
+# Who made an admin change on the unix socket. grpcio cannot read SO_PEERCRED there, so
+# the socket itself (mode 0600, owned by the server's user) is the identity.
+LOCAL_ADMIN = "admin:local-socket"
+LOCAL_ADMIN_CALLER = Caller(CallerKind.LOCAL_ADMIN, LOCAL_ADMIN)
+
+
+class AgentAuthenticator(Protocol):
+    def authenticate(self, peer: PeerAgent) -> AttestedNode:
+        """The agent's current node record; raises when it may not act as an agent now."""
+        ...
+
+
+class AdminCheck(Protocol):
+    def is_admin(self, spiffe_id: str) -> bool: ...
+
+
+class AuditRecorder(Protocol):
+    def record(self, kind: str, *, actor: str, subject: str = "", outcome: str = "ok",
+               **details: Any) -> Awaitable[object]: ...
+
+
+@dataclass(frozen=True)
+class AuthenticatedAgent:
+    """The payload of an agent caller: the SVID it presented and its node record."""
+
+    peer: PeerAgent
+    node: AttestedNode
+
+
+def current_agent() -> AuthenticatedAgent:
+    """The agent calling the Node API method being handled."""
+    return current_caller().payload_as(AuthenticatedAgent)
+
+
+def client_svid(context: grpc.aio.ServicerContext, missing: str) -> tuple[SpiffeId, x509.Certificate]:
+    """The SPIFFE ID and leaf of the caller's TLS client certificate; `missing` says what to present."""
+    auth = context.auth_context() or {}
+    pems = auth.get("x509_pem_cert") or []
+    if not pems:
+        raise UnauthenticatedError(missing)
+    try:
+        leaf = x509.load_pem_x509_certificate(pems[0])
+        return spiffe_id_from_certificate(leaf), leaf
+    except (ValueError, VerificationError) as err:
+        raise UnauthenticatedError(f"the client certificate is not an X509-SVID: {err}") from err
+
+
+async def anonymous(context: grpc.aio.ServicerContext) -> Caller:
+    """The attestation listener: no client certificate, so nobody is known yet."""
+    return ANONYMOUS_CALLER
+
+
+async def local_admin(context: grpc.aio.ServicerContext) -> Caller:
+    """The admin unix socket: whoever can open it is the local admin."""
+    return LOCAL_ADMIN_CALLER
+
+
+def agents(td: TrustDomain, records: AgentAuthenticator) -> Authenticator:
+    """The Node API listener: an agent SVID of `td` whose node record lets it act as that agent."""
+
+    async def authenticate(context: grpc.aio.ServicerContext) -> Caller:
+        sid, leaf = client_svid(context, "this call needs the agent's X509-SVID as TLS client certificate; attest "
+                                         "first (the Node API listener is --bind; attestation is on --attest-bind)")
+        if sid.trust_domain != td or node_name_of(sid) is None:
+            return Caller(CallerKind.WORKLOAD, str(sid), sid)
+        peer = PeerAgent(sid, format(leaf.serial_number, "x"), leaf.not_valid_after_utc.timestamp())
+        return Caller(CallerKind.AGENT, peer.id, AuthenticatedAgent(peer, records.authenticate(peer)))
+
+    return authenticate
+
+
+def remote_admins(td: TrustDomain, admins: AdminCheck) -> Authenticator:
+    """The remote admin listener: the SVID of an entry of `td` marked admin."""
+
+    async def authenticate(context: grpc.aio.ServicerContext) -> Caller:
+        sid, _ = client_svid(context, "the remote admin API needs an admin SVID as TLS client certificate")
+        if sid.trust_domain == td and admins.is_admin(str(sid)):
+            return Caller(CallerKind.REMOTE_ADMIN, f"admin:{sid}", sid)
+        return Caller(CallerKind.WORKLOAD, str(sid), sid)
+
+    return authenticate
+
+
+def audit_admin_denials(audit: AuditRecorder) -> DenialHook:
+    """Every caller the remote admin listener refuses becomes an `admin.call` audit event."""
+
+    async def denied(caller: Caller, method: Method) -> None:
+        reason = "not an admin entry" if caller.kind is CallerKind.WORKLOAD else f"{caller.kind} may not call it"
+        await audit.record("admin.call", actor=caller.id, subject=method.name, outcome="denied", reason=reason)
+
+    return denied
