@@ -13,12 +13,15 @@ from datetime import datetime, timezone
 import yaml
 
 from trustmesh.controlplane.runtime import ServerRuntime
-from trustmesh.controlplane.store.records import PolicyRevision
+from trustmesh.controlplane.store.records import PolicyRevision as PolicyRevision  # re-exported: the API's value
 from trustmesh.errors import ConflictError, InvalidArgumentError, NotFoundError
 from trustmesh.policy import Policy, load_text
 from trustmesh.policy.model import Allowlist
 
 MAX_PROBLEMS_SHOWN = 50
+# A revision's author and comment are the caller's words, kept with the revision: bounded.
+MAX_AUTHOR = 256
+MAX_COMMENT = 1024
 
 
 def canonical(policy: Policy) -> str:
@@ -64,6 +67,20 @@ class PolicyService:
     async def head(self) -> PolicyRevision | None:
         return await self._rt.store.get_policy_head()
 
+    async def get(self, revision: int = 0) -> PolicyRevision:
+        """Revision `revision`, or the head when 0."""
+        if revision:
+            return await self._rt.store.get_policy_revision(revision)
+        head = await self.head()
+        if head is None:
+            raise NotFoundError("no policy has been applied yet: everything is denied by default; "
+                                "apply one with `trustmesh policy apply FILE`")
+        return head
+
+    async def revisions(self) -> list[PolicyRevision]:
+        """Every revision, oldest first (as the store lists them)."""
+        return await self._rt.store.list_policy_revisions()
+
     async def diff(self, documents: str, against: int = 0) -> tuple[bool, str, int]:
         new = self.parse_new(documents)
         base = await (self._rt.store.get_policy_revision(against) if against else self.head())
@@ -73,6 +90,9 @@ class PolicyService:
 
     async def apply(self, documents: str, *, author: str, comment: str, expected_head: int, dry_run: bool,
                     actor: str, kind: str = "policy.apply") -> tuple[int, bool, str]:
+        """Validate, diff against the head and append a revision (unless nothing changed or
+        `dry_run`): (head revision after, changed, diff). `expected_head` 0: do not check."""
+        author, comment = author[:MAX_AUTHOR], comment[:MAX_COMMENT]
         try:
             new = self.parse_new(documents)
             head = await self.head()
@@ -95,6 +115,9 @@ class PolicyService:
 
     async def rollback(self, revision: int, *, author: str, comment: str, expected_head: int,
                        actor: str) -> int:
+        if revision <= 0:
+            raise InvalidArgumentError("name the revision to roll back to; see `trustmesh policy history`")
+        comment = comment[:MAX_COMMENT]
         try:
             target = await self._rt.store.get_policy_revision(revision)
         except NotFoundError:

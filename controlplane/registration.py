@@ -17,7 +17,9 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from trustmesh.controlplane.config import MAX_JWT_TTL, MAX_X509_TTL, MIN_JWT_TTL, MIN_X509_TTL
-from trustmesh.controlplane.store.records import AttestedNode, JoinToken, RegistrationEntry
+from trustmesh.controlplane.store.records import AttestedNode as AttestedNode  # re-exported: the API's values
+from trustmesh.controlplane.store.records import JoinToken
+from trustmesh.controlplane.store.records import RegistrationEntry as RegistrationEntry  # likewise
 from trustmesh.errors import (
     AlreadyExistsError,
     ConflictError,
@@ -45,6 +47,8 @@ TOKEN_PREFIX = "tmjt_"
 MAX_LIST_ITEMS = 32
 # The longest selector the kernel accepts is unix:path with a 4096-byte path.
 MAX_SELECTOR_LEN = 4200
+# The most entries one ListEntries page holds (also the default page size).
+MAX_PAGE = 1000
 # Refusal messages and audit events quote the offending input; hostile input can be
 # megabytes, and a gRPC status message over 16 KiB is dropped by the transport itself.
 MAX_SHOWN = 96
@@ -188,11 +192,43 @@ def validate_entry(spec: EntrySpec, td: TrustDomain) -> EntrySpec:
     )
 
 
+@dataclass(frozen=True)
+class EntryQuery:
+    """Entries of `parent_id` and `spiffe_id` ("" = any), ordered by id, `page_size` at a time
+    (0 = the largest page), starting after the entry id `page_token` ("" = from the start)."""
+
+    parent_id: str = ""
+    spiffe_id: str = ""
+    page_size: int = 0
+    page_token: str = ""
+
+
+@dataclass(frozen=True)
+class EntryPage:
+    entries: tuple[RegistrationEntry, ...]
+    next_page_token: str  # "" on the last page
+
+
+def page_entries(entries: Sequence[RegistrationEntry], query: EntryQuery) -> EntryPage:
+    """One page of `entries` (already filtered by parent) as `query` asks (pure)."""
+    if query.page_size < 0:
+        raise InvalidArgumentError("page_size must not be negative")
+    size = min(query.page_size or MAX_PAGE, MAX_PAGE)
+    found = [e for e in entries if not query.spiffe_id or str(e.spiffe_id) == query.spiffe_id]
+    found.sort(key=lambda e: e.id)
+    if query.page_token:
+        found = [e for e in found if e.id > query.page_token]
+    page = found[:size]
+    return EntryPage(tuple(page), page[-1].id if len(found) > size else "")
+
+
 class RegistryStore(Protocol):
     """The part of the Store that registration needs."""
 
     async def create_entry(self, entry: RegistrationEntry) -> RegistrationEntry: ...
     async def get_entry(self, entry_id: str) -> RegistrationEntry: ...
+    async def list_entries(self, parent_id: str | None = None) -> list[RegistrationEntry]: ...
+    async def list_attested_nodes(self) -> list[AttestedNode]: ...
     async def update_entry(self, entry: RegistrationEntry, *,
                            expected_revision: int | None = None) -> RegistrationEntry: ...
     async def delete_entry(self, entry_id: str, *, expected_revision: int | None = None) -> None: ...
@@ -235,6 +271,14 @@ class Registry:
         await self._audit(kind, actor, clipped, outcome="denied", reason=str(err))
 
     # --- entries ------------------------------------------------------------------------
+
+    async def get_entry(self, entry_id: str) -> RegistrationEntry:
+        return await self._store.get_entry(check_entry_id(entry_id))
+
+    async def list_entries(self, query: EntryQuery) -> EntryPage:
+        if query.page_size < 0:
+            raise InvalidArgumentError("page_size must not be negative")
+        return page_entries(await self._store.list_entries(parent_id=query.parent_id or None), query)
 
     async def create_entry(self, spec: EntrySpec, actor: str) -> RegistrationEntry:
         try:
@@ -319,6 +363,9 @@ class Registry:
         return token, record
 
     # --- agents ---------------------------------------------------------------------------
+
+    async def list_agents(self) -> list[AttestedNode]:
+        return sorted(await self._store.list_attested_nodes(), key=lambda n: str(n.spiffe_id))
 
     def agent_id_of(self, node_name: str) -> str:
         return str(agent_id(self._td, check_node_name(node_name)))

@@ -6,14 +6,17 @@ Protobuf stops here: handlers and the domain see records and dataclasses only.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2, types_pb2
 from trustmesh.bundle import Bundle
-from trustmesh.controlplane.ca.journal import CAJournal
-from trustmesh.controlplane.store.records import AttestedNode, AuditEvent, RegistrationEntry
+from trustmesh.controlplane.audit_query import AuditEvent
+from trustmesh.controlplane.ca_admin import Authority
+from trustmesh.controlplane.federation_admin import Relationship, RelationshipSpec
+from trustmesh.controlplane.policy_store import PolicyRevision
+from trustmesh.controlplane.registration import AttestedNode, EntrySpec, RegistrationEntry
 from trustmesh.keys import spki_der
 
 
@@ -70,6 +73,11 @@ def audit_event_to_pb(event: AuditEvent) -> types_pb2.AuditEvent:
     )
 
 
+_KINDS = {
+    "x509_root": admin_pb2.CA_AUTHORITY_KIND_X509_ROOT,
+    "x509_signing": admin_pb2.CA_AUTHORITY_KIND_X509_SIGNING,
+    "jwt_key": admin_pb2.CA_AUTHORITY_KIND_JWT_KEY,
+}
 _STATES = {
     "prepared": admin_pb2.CA_AUTHORITY_STATE_PREPARED,
     "active": admin_pb2.CA_AUTHORITY_STATE_ACTIVE,
@@ -77,33 +85,65 @@ _STATES = {
 }
 
 
-def ca_authorities_pb(journal: CAJournal) -> list[admin_pb2.CAAuthority]:
-    """Roots, then the replicas' signing CAs, then JWT keys; each in journal order."""
-    out: list[admin_pb2.CAAuthority] = []
-    for root in journal.roots:
-        cert = x509.load_der_x509_certificate(root.cert_der)
-        out.append(admin_pb2.CAAuthority(
-            kind=admin_pb2.CA_AUTHORITY_KIND_X509_ROOT, state=_STATES[root.status], certificate=root.cert_der,
-            serial=f"{cert.serial_number:x}", not_before=int(cert.not_valid_before_utc.timestamp()),
-            not_after=int(root.not_after), prepared_at=int(root.created_at), activated_at=int(root.activated_at),
-            retired_at=int(root.demoted_at), key_id=root.id,
-        ))
-    # A replica's newest signing CA is the one it signs with; earlier ones only linger
-    # in the record until they expire.
-    newest = {s.replica_id: s for s in journal.signing_cas}
-    for signing in journal.signing_cas:
-        cert = x509.load_der_x509_certificate(signing.cert_der)
-        state = "active" if newest[signing.replica_id] is signing else "old"
-        out.append(admin_pb2.CAAuthority(
-            kind=admin_pb2.CA_AUTHORITY_KIND_X509_SIGNING, state=_STATES[state], certificate=signing.cert_der,
-            serial=f"{cert.serial_number:x}", not_before=int(cert.not_valid_before_utc.timestamp()),
-            not_after=int(signing.not_after), activated_at=int(signing.created_at), replica=signing.replica_id,
-            key_id=signing.root_id,
-        ))
-    for key in journal.jwt_keys:
-        out.append(admin_pb2.CAAuthority(
-            kind=admin_pb2.CA_AUTHORITY_KIND_JWT_KEY, state=_STATES[key.status], key_id=key.kid,
-            not_before=int(key.created_at), not_after=int(key.not_after), prepared_at=int(key.created_at),
-            activated_at=int(key.activated_at), retired_at=int(key.demoted_at),
-        ))
-    return out
+def ca_authorities_pb(authorities: Iterable[Authority]) -> list[admin_pb2.CAAuthority]:
+    return [admin_pb2.CAAuthority(
+        kind=_KINDS[a.kind], state=_STATES[a.state], certificate=a.certificate, serial=a.serial, key_id=a.key_id,
+        not_before=int(a.not_before), not_after=int(a.not_after), prepared_at=int(a.prepared_at),
+        activated_at=int(a.activated_at), retired_at=int(a.retired_at), replica=a.replica,
+    ) for a in authorities]
+
+
+# --- admin requests and answers ----------------------------------------------------------------
+
+# Unknown enum values pass through as their number, which the domain refuses by name.
+_STEPS: dict[int, str] = {
+    admin_pb2.ROOT_ROTATION_STEP_UNSPECIFIED: "next",
+    admin_pb2.ROOT_ROTATION_STEP_PREPARE: "prepare",
+    admin_pb2.ROOT_ROTATION_STEP_ACTIVATE: "activate",
+    admin_pb2.ROOT_ROTATION_STEP_RETIRE: "retire",
+}
+_PROFILES: dict[int, str] = {
+    admin_pb2.BUNDLE_ENDPOINT_PROFILE_UNSPECIFIED: "",
+    admin_pb2.BUNDLE_ENDPOINT_PROFILE_HTTPS_WEB: "https_web",
+    admin_pb2.BUNDLE_ENDPOINT_PROFILE_HTTPS_SPIFFE: "https_spiffe",
+}
+_PROFILE_PB = {
+    "https_web": admin_pb2.BUNDLE_ENDPOINT_PROFILE_HTTPS_WEB,
+    "https_spiffe": admin_pb2.BUNDLE_ENDPOINT_PROFILE_HTTPS_SPIFFE,
+}
+
+
+def root_step_from_pb(step: int) -> str:
+    return _STEPS.get(step, str(step))
+
+
+def entry_spec_from_pb(entry: types_pb2.Entry) -> EntrySpec:
+    return EntrySpec(
+        spiffe_id=entry.spiffe_id, parent_id=entry.parent_id,
+        selectors=[selector_text(s) for s in entry.selectors],
+        x509_ttl=entry.x509_ttl_seconds, jwt_ttl=entry.jwt_ttl_seconds,
+        dns_names=list(entry.dns_names), federates_with=list(entry.federates_with), admin=entry.admin,
+    )
+
+
+def relationship_spec_from_pb(request: admin_pb2.CreateFederationRelationshipRequest) -> RelationshipSpec:
+    return RelationshipSpec(
+        trust_domain=request.trust_domain, endpoint_url=request.bundle_endpoint_url,
+        profile=_PROFILES.get(request.profile, str(request.profile)),
+        endpoint_spiffe_id=request.endpoint_spiffe_id, bundle=request.bundle)
+
+
+def relationship_to_pb(rel: Relationship) -> admin_pb2.FederationRelationship:
+    record = rel.record
+    return admin_pb2.FederationRelationship(
+        trust_domain=str(record.trust_domain), bundle_endpoint_url=record.endpoint_url,
+        profile=_PROFILE_PB.get(record.profile, admin_pb2.BUNDLE_ENDPOINT_PROFILE_UNSPECIFIED),
+        endpoint_spiffe_id=str(record.endpoint_spiffe_id),
+        bundle_sequence_number=(rel.bundle.sequence_number or 0) if rel.bundle is not None else 0,
+        last_refreshed_at=int(record.last_refreshed_at), last_error=record.last_error,
+    )
+
+
+def revision_to_pb(record: PolicyRevision) -> admin_pb2.PolicyRevision:
+    return admin_pb2.PolicyRevision(revision=record.revision, documents=record.documents, author=record.author,
+                                    comment=record.comment, created_at=int(record.created_at), sha256=record.sha256)

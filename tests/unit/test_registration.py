@@ -18,15 +18,19 @@ from trustmesh.controlplane.audit import AuditLog
 from trustmesh.controlplane.config import MAX_JWT_TTL, MAX_X509_TTL
 from trustmesh.controlplane.registration import (
     DEFAULT_TOKEN_TTL,
+    MAX_PAGE,
     MAX_SHOWN,
     MAX_TOKEN_TTL,
     MIN_TOKEN_TTL,
+    EntryQuery,
     EntrySpec,
+    RegistrationEntry,
     Registry,
     check_dns_name,
     check_entry_id,
     check_node_name,
     check_token_ttl,
+    page_entries,
     token_hash,
     validate_entry,
 )
@@ -51,7 +55,8 @@ def spec(**kw: object) -> EntrySpec:
 
 
 def test_canonical_form() -> None:
-    clean = validate_entry(spec(selectors=["unix:uid:1", "unix:gid:2", "unix:uid:1"], dns_names=["A.Example.", "a.example"],
+    clean = validate_entry(spec(selectors=["unix:uid:1", "unix:gid:2", "unix:uid:1"],
+                                dns_names=["A.Example.", "a.example"],
                                 federates_with=["spiffe://partner.example", "partner.example"]), TD)
     assert clean.selectors == ("unix:gid:2", "unix:uid:1")
     assert clean.dns_names == ("a.example",)
@@ -334,3 +339,59 @@ async def test_a_ban_wins_over_a_concurrent_renewal(store: Store) -> None:
     banned = await registry.ban_agent("node-1", ADMIN)
     stored = await store.get_attested_node(node.spiffe_id)
     assert racing.raced and banned.banned and stored.banned and stored.cert_serial == "02"
+
+
+# --- reading: entries by id, pages of entries, agents --------------------------------------------
+
+
+async def test_get_entry_checks_the_id_first(registry: Registry) -> None:
+    created = await registry.create_entry(spec(), ADMIN)
+    assert await registry.get_entry(created.id) == created
+    with pytest.raises(InvalidArgumentError, match="an entry id is required"):
+        await registry.get_entry("")
+    with pytest.raises(InvalidArgumentError, match="invalid entry id '../x'"):
+        await registry.get_entry("../x")
+    with pytest.raises(NotFoundError):
+        await registry.get_entry("f" * 32)
+
+
+async def test_entries_are_listed_in_pages_by_id_with_filters(registry: Registry) -> None:
+    other_parent = "spiffe://example.org/agent/node-2"
+    made = [await registry.create_entry(spec(spiffe_id=f"spiffe://example.org/w{i % 3}", selectors=[f"unix:uid:{i}"],
+                                             parent_id=AGENT if i < 5 else other_parent), ADMIN) for i in range(7)]
+    ids = sorted(e.id for e in made)
+
+    async def page(**kw: object) -> tuple[list[str], str]:
+        found = await registry.list_entries(EntryQuery(**kw))  # type: ignore[arg-type]
+        return [e.id for e in found.entries], found.next_page_token
+
+    assert await page() == (ids, "")
+    assert await page(page_size=3) == (ids[:3], ids[2])
+    assert await page(page_size=3, page_token=ids[2]) == (ids[3:6], ids[5])
+    assert await page(page_size=3, page_token=ids[5]) == (ids[6:], "")
+    assert await page(page_size=7) == (ids, "")
+    by_parent = sorted(e.id for e in made if e.parent_id == other_parent)
+    assert await page(parent_id=other_parent) == (by_parent, "")
+    w1 = sorted(e.id for e in made if e.spiffe_id == "spiffe://example.org/w1")
+    assert await page(spiffe_id="spiffe://example.org/w1") == (w1, "")
+    assert await page(spiffe_id="spiffe://example.org/w1", parent_id=AGENT) == (
+        sorted(e.id for e in made if e.spiffe_id == "spiffe://example.org/w1" and e.parent_id == AGENT), "")
+    assert await page(spiffe_id="spiffe://example.org/none") == ([], "")
+    with pytest.raises(InvalidArgumentError, match="^page_size must not be negative$"):
+        await page(page_size=-1)
+
+
+def test_pages_are_capped() -> None:
+    entries = [RegistrationEntry(id=f"{i:04d}", spiffe_id="spiffe://example.org/w", parent_id=AGENT,
+                                 selectors=("unix:uid:1",), x509_ttl=0, jwt_ttl=0, dns_names=(), federates_with=(),
+                                 admin=False, created_at=0.0, updated_at=0.0) for i in range(MAX_PAGE + 5)]
+    for size in (0, MAX_PAGE + 1, 10**9):
+        found = page_entries(entries, EntryQuery(page_size=size))
+        assert len(found.entries) == MAX_PAGE and found.next_page_token == f"{MAX_PAGE - 1:04d}"
+
+
+async def test_agents_are_listed_by_spiffe_id(registry: Registry, store: Store) -> None:
+    assert await registry.list_agents() == []
+    for node in ("node-2", "node-10", "node-1"):
+        await _attested(store, node)
+    assert [n.node_name for n in await registry.list_agents()] == ["node-1", "node-10", "node-2"]

@@ -1,0 +1,115 @@
+"""The certificate authority as admins see and steer it (transport-free).
+
+`authorities` is the journal as a flat list an operator reads (roots, then the replicas'
+signing CAs, then JWT keys); `CAAdmin` shows it and takes root-rotation steps by hand,
+through the same `take_root_step` the leader's schedule uses, so both are audited alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from cryptography import x509
+
+from trustmesh.controlplane.ca.journal import CAJournal
+from trustmesh.controlplane.config import MAX_JWT_TTL
+from trustmesh.controlplane.duties import take_root_step
+from trustmesh.controlplane.runtime import ServerRuntime
+from trustmesh.errors import FailedPreconditionError, InvalidArgumentError
+
+AuthorityKind = Literal["x509_root", "x509_signing", "jwt_key"]
+AuthorityState = Literal["prepared", "active", "old"]
+# "next": prepare a new root if none is prepared, else activate the prepared one.
+ROOT_STEPS = ("next", "prepare", "activate", "retire")
+
+
+@dataclass(frozen=True)
+class Authority:
+    """One root, signing CA or JWT key. Times are Unix seconds; 0 means "not reached"."""
+
+    kind: AuthorityKind
+    state: AuthorityState
+    key_id: str  # roots: the journal's root id; signing CAs: the root they chain to; JWT keys: the kid
+    not_before: float
+    not_after: float
+    certificate: bytes = b""  # X.509 kinds: DER
+    serial: str = ""  # X.509 kinds: lower-case hex
+    prepared_at: float = 0.0
+    activated_at: float = 0.0
+    retired_at: float = 0.0
+    replica: str = ""  # signing CAs: the server replica that holds it
+
+
+@dataclass(frozen=True)
+class CAStatus:
+    authorities: tuple[Authority, ...]
+    leader: str  # the replica running the rotation schedule; "" when none holds the lease now
+    next_step: str  # the root-rotation step the schedule would take now; "" when none is due
+
+
+@dataclass(frozen=True)
+class RotationResult:
+    authorities: tuple[Authority, ...]  # the journal after the step
+    detail: str  # what the step did, in words
+
+
+def authorities(journal: CAJournal) -> tuple[Authority, ...]:
+    """Roots, then the replicas' signing CAs, then JWT keys; each in journal order (pure)."""
+    out: list[Authority] = []
+    for root in journal.roots:
+        cert = x509.load_der_x509_certificate(root.cert_der)
+        out.append(Authority(
+            kind="x509_root", state=root.status, certificate=root.cert_der, serial=f"{cert.serial_number:x}",
+            not_before=cert.not_valid_before_utc.timestamp(), not_after=root.not_after,
+            prepared_at=root.created_at, activated_at=root.activated_at, retired_at=root.demoted_at, key_id=root.id,
+        ))
+    # A replica's newest signing CA is the one it signs with; earlier ones only linger
+    # in the record until they expire.
+    newest = {s.replica_id: s for s in journal.signing_cas}
+    for signing in journal.signing_cas:
+        cert = x509.load_der_x509_certificate(signing.cert_der)
+        out.append(Authority(
+            kind="x509_signing", state="active" if newest[signing.replica_id] is signing else "old",
+            certificate=signing.cert_der, serial=f"{cert.serial_number:x}",
+            not_before=cert.not_valid_before_utc.timestamp(), not_after=signing.not_after,
+            activated_at=signing.created_at, replica=signing.replica_id, key_id=signing.root_id,
+        ))
+    for key in journal.jwt_keys:
+        out.append(Authority(
+            kind="jwt_key", state=key.status, key_id=key.kid, not_before=key.created_at, not_after=key.not_after,
+            prepared_at=key.created_at, activated_at=key.activated_at, retired_at=key.demoted_at,
+        ))
+    return tuple(out)
+
+
+class CAAdmin:
+    def __init__(self, rt: ServerRuntime) -> None:
+        self._rt = rt
+
+    async def status(self) -> CAStatus:
+        # Another replica may have moved the journal a moment ago; show the stored one.
+        await self._rt.ca.reload()
+        journal = self._rt.ca.journal
+        step = journal.next_root_step(self._rt.clock(), MAX_JWT_TTL.total_seconds()) or ""
+        leader = await self._rt.store.get_leader("duties") or ""
+        return CAStatus(authorities(journal), leader, step)
+
+    async def rotate_root(self, step: str, actor: str) -> RotationResult:
+        """Take one root-rotation step now: one of ROOT_STEPS. A step out of order is refused
+        (FAILED_PRECONDITION) and the refusal audited."""
+        await self._rt.ca.reload()
+        if step not in ROOT_STEPS:
+            raise InvalidArgumentError(f"unknown root rotation step {step[:32]}; use prepare, activate or retire")
+        if step == "next":
+            step = "activate" if self._rt.ca.journal.prepared_root() is not None else "prepare"
+        try:
+            detail = await take_root_step(self._rt, step, actor=actor)
+        except FailedPreconditionError as err:
+            await self._rt.audit.record("ca.rotation_refused", actor=actor, subject=step, outcome="denied",
+                                        reason=str(err))
+            raise
+        return RotationResult(authorities(self._rt.ca.journal), detail)
+
+
+__all__ = ["ROOT_STEPS", "Authority", "CAAdmin", "CAStatus", "RotationResult", "authorities"]
