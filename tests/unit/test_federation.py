@@ -299,8 +299,10 @@ async def test_our_endpoint_over_https_web(tmp_path: Path, monkeypatch: pytest.M
         assert bundle.refresh_hint == timedelta(seconds=42)
         # The endpoint serves only GET of its path.
         raw_ctx = ssl.create_default_context(cafile=str(ca_file))
-        for request, status in ((b"GET /other HTTP/1.1\r\n\r\n", b"404"), (b"POST /bundle HTTP/1.1\r\n\r\n", b"405"),
-                                (b"garbage\r\n\r\n", b"400")):
+        # (HTTP/1.1 without Host is a 400, as RFC 9112 section 3.2 requires.)
+        for request, status in ((b"GET /other HTTP/1.1\r\nHost: localhost\r\n\r\n", b"404"),
+                                (b"POST /bundle HTTP/1.1\r\nHost: localhost\r\n\r\n", b"405"),
+                                (b"garbage\r\n\r\n", b"400"), (b"GET /bundle HTTP/1.1\r\n\r\n", b"400")):
             reader, writer = await asyncio.open_connection("localhost", port, ssl=raw_ctx)
             writer.write(request)
             await writer.drain()

@@ -25,7 +25,7 @@ def test_counter_gauge_histogram_render_in_prometheus_text_format() -> None:
     assert 'trustmesh_things_total{outcome="we\\"ird\\n"} 2' in text
     assert "trustmesh_streams 2" in text
     assert 'trustmesh_latency_seconds_bucket{le="0.1"} 1' in text  # le is inclusive
-    assert 'trustmesh_latency_seconds_bucket{le="1"} 2' in text
+    assert 'trustmesh_latency_seconds_bucket{le="1.0"} 2' in text  # prometheus_client prints bounds as floats
     assert 'trustmesh_latency_seconds_bucket{le="+Inf"} 3' in text
     assert "trustmesh_latency_seconds_count 3" in text
     assert h.count() == 3
