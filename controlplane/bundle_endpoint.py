@@ -113,10 +113,11 @@ class BundleEndpoint:
         self._requests.inc(status=str(status))
 
 
-async def serve_bundle_endpoint(endpoint: BundleEndpoint, address: str, ctx: ssl.SSLContext) -> HttpServer:
+async def serve_bundle_endpoint(endpoint: BundleEndpoint, address: str, ctx: ssl.SSLContext, *,
+                                limits: Limits = LIMITS) -> HttpServer:
     host, port = split_host_port(address)
     try:
-        server = await serve_http(endpoint.handle, host, port, ssl_context=ctx, limits=LIMITS, on_status=endpoint.count)
+        server = await serve_http(endpoint.handle, host, port, ssl_context=ctx, limits=limits, on_status=endpoint.count)
     except OSError as err:
         raise TrustmeshError(f"cannot serve the bundle endpoint on {address}: {err.strerror}; "
                              "pick another --bundle-endpoint") from err
