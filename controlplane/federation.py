@@ -161,7 +161,8 @@ async def _get(endpoint: Endpoint, ctx: ssl.SSLContext, timeout: float,
             if check_peer is not None:
                 # Before a byte of the body is read: the request carries nothing secret, the
                 # answer is trusted only once the endpoint has proven its SPIFFE ID.
-                check_peer(response.extensions["network_stream"].get_extra_info("ssl_object"))
+                stream = response.extensions.get("network_stream")
+                check_peer(stream.get_extra_info("ssl_object") if stream is not None else None)
             _check_head(response)
             return await _read_body(response)
         finally:

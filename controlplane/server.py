@@ -250,7 +250,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
             await remote_admin.start()
         if config.metrics:
             host, mport = split_host_port(config.metrics)
-            metrics_server = await serve_metrics(rt.metrics, host, mport)
+            metrics_server = await serve_metrics(rt.metrics, host, mport, ready=node_api.ready.is_set)
         bundle_address = "off"
         if config.bundle_endpoint:
             endpoint = BundleEndpoint(ca.bundle, config.bundle_refresh_hint, rt.metrics)

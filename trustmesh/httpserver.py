@@ -117,8 +117,10 @@ async def serve_http(handler: Handler, host: str, port: int, *, ssl_context: ssl
 
 def reply(status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> web.Response:
     """One response, then the connection closes: these endpoints take one request each."""
-    # The type goes in as a header: aiohttp's content_type argument refuses a charset parameter.
-    response = web.Response(status=status, body=body, headers={**(headers or {}), "Content-Type": content_type})
+    # The type goes in as a header: aiohttp's content_type argument refuses a charset parameter;
+    # our own Server header, so aiohttp's (with its version) is not added.
+    response = web.Response(status=status, body=body,
+                            headers={"Server": "trustmesh", **(headers or {}), "Content-Type": content_type})
     response.force_close()
     return response
 
