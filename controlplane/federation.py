@@ -178,10 +178,8 @@ def _chain(err: BaseException) -> list[BaseException]:
     return found
 
 
-def _fetch_error(err: httpx.HTTPError, endpoint: Endpoint, timeout: float) -> BundleFetchError:
-    """httpx's errors in the terms of BundleFetchError.reason (and of the fetch before it)."""
-    if isinstance(err, httpx.TimeoutException):
-        return BundleFetchError("timeout", f"the bundle endpoint {endpoint.url} did not answer within {timeout:.0f}s")
+def _fetch_error(err: httpx.HTTPError, endpoint: Endpoint) -> BundleFetchError:
+    """httpx's errors in the terms of BundleFetchError.reason (the metric label)."""
     chain = _chain(err)
     tls = next((e for e in chain if isinstance(e, ssl.SSLError)), None)
     if tls is not None:
@@ -206,11 +204,11 @@ async def fetch_bundle(relationship: FederationRecord, known: Bundle | None, *,
     try:
         async with asyncio.timeout(timeout):
             body = await _get(endpoint, ctx, timeout, check_peer)
-    except TimeoutError as err:
+    except (TimeoutError, httpx.TimeoutException) as err:
         raise BundleFetchError("timeout", f"the bundle endpoint {endpoint.url} did not answer within "
                                           f"{timeout:.0f}s") from err
     except httpx.HTTPError as err:
-        raise _fetch_error(err, endpoint, timeout) from err
+        raise _fetch_error(err, endpoint) from err
     except ssl.SSLError as err:
         raise BundleFetchError("tls", f"TLS with {endpoint.url} failed: {err.reason or err}") from err
     except OSError as err:
