@@ -303,7 +303,8 @@ class AgentRenewer:
         self._rand = rand or random.Random()
         self._renewals = metrics.counter("trustmesh_agent_svid_renewals_total", "agent SVID renewals by outcome",
                                          ["outcome"])
-        self._expires = metrics.gauge("trustmesh_agent_svid_expiry_seconds", "unix time the agent SVID expires")
+        self._expires = metrics.gauge("trustmesh_agent_svid_expiry_timestamp_seconds",
+                                      "unix time the agent SVID expires")
 
     def _due(self, identity: AgentIdentity, received_at: datetime | None = None) -> datetime:
         # Measure the lifetime from when we received the SVID: the CA back-dates NotBefore

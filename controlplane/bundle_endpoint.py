@@ -12,7 +12,6 @@ Requests are hostile input: one small GET per connection, bounded in size and ti
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
 from collections.abc import Callable
@@ -20,8 +19,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 
+from aiohttp import web
+
 from trustmesh.bundle import Bundle
 from trustmesh.errors import TrustmeshError
+from trustmesh.httpserver import HttpServer, Limits, reply, serve_http
 from trustmesh.logs import log_event
 from trustmesh.metrics import Registry, split_host_port
 from trustmesh.tls import load_key_and_chain
@@ -30,6 +32,8 @@ log = logging.getLogger("trustmesh.bundle_endpoint")
 
 REQUEST_TIMEOUT = 5.0
 MAX_REQUEST_BYTES = 8 * 1024
+LIMITS = Limits(request_timeout=REQUEST_TIMEOUT, max_line_bytes=MAX_REQUEST_BYTES, max_header_bytes=MAX_REQUEST_BYTES)
+NO_STORE = {"Cache-Control": "no-store"}
 
 
 class SvidSource(Protocol):
@@ -97,47 +101,27 @@ class BundleEndpoint:
     def document(self) -> bytes:
         return self._bundle().with_refresh_hint(self._hint).to_jwks()
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            status, body, kind = await asyncio.wait_for(self._answer(reader), REQUEST_TIMEOUT)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
-                ssl.SSLError):
-            status, body, kind = 400, b"bad request\n", "text/plain"
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        # Method first, then the path as sent (query ignored): a POST anywhere is a 405.
+        if request.method != "GET":
+            return reply(405, b"only GET\n", "text/plain", NO_STORE)
+        if request.raw_path.split("?", 1)[0] != self._path:
+            return reply(404, b"not found\n", "text/plain", NO_STORE)
+        return reply(200, self.document(), "application/json", NO_STORE)
+
+    def count(self, status: int) -> None:
         self._requests.inc(status=str(status))
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}[status]
-        try:
-            writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
-                         "Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode() + body)
-            await writer.drain()
-        except (ConnectionError, ssl.SSLError):
-            pass
-        finally:
-            writer.close()
-
-    async def _answer(self, reader: asyncio.StreamReader) -> tuple[int, bytes, str]:
-        head = await reader.readuntil(b"\r\n\r\n")
-        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-        parts = request_line.split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            return 400, b"bad request\n", "text/plain"
-        method, target = parts[0], parts[1]
-        if method != "GET":
-            return 405, b"only GET\n", "text/plain"
-        if target.split("?", 1)[0] != self._path:
-            return 404, b"not found\n", "text/plain"
-        return 200, self.document(), "application/json"
 
 
-async def serve_bundle_endpoint(endpoint: BundleEndpoint, address: str, ctx: ssl.SSLContext) -> asyncio.Server:
+async def serve_bundle_endpoint(endpoint: BundleEndpoint, address: str, ctx: ssl.SSLContext, *,
+                                limits: Limits = LIMITS) -> HttpServer:
     host, port = split_host_port(address)
     try:
-        server = await asyncio.start_server(endpoint.handle, host, port, ssl=ctx, limit=MAX_REQUEST_BYTES,
-                                            ssl_handshake_timeout=REQUEST_TIMEOUT)
+        server = await serve_http(endpoint.handle, host, port, ssl_context=ctx, limits=limits, on_status=endpoint.count)
     except OSError as err:
         raise TrustmeshError(f"cannot serve the bundle endpoint on {address}: {err.strerror}; "
                              "pick another --bundle-endpoint") from err
-    bound = server.sockets[0].getsockname()
-    log_event(log, "bundle_endpoint_listening", address=f"{bound[0]}:{bound[1]}")
+    log_event(log, "bundle_endpoint_listening", address=server.address)
     return server
 
 

@@ -20,10 +20,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from functools import partial
 from urllib.parse import urlsplit
 
+import httpx
 from cryptography import x509
 
 from trustmesh.bundle import Bundle
@@ -105,8 +108,7 @@ def _client_context(profile: str, known: Bundle | None) -> ssl.SSLContext:
     return ctx
 
 
-def _check_spiffe_peer(writer: asyncio.StreamWriter, known: Bundle, expected: SpiffeId) -> None:
-    ssl_object = writer.get_extra_info("ssl_object")
+def _check_spiffe_peer(ssl_object: ssl.SSLObject | None, known: Bundle, expected: SpiffeId) -> None:
     chain = peer_chain(ssl_object) if ssl_object is not None else []
     if not chain:
         raise BundleFetchError("tls", "the bundle endpoint presented no certificate")
@@ -121,58 +123,72 @@ def _check_spiffe_peer(writer: asyncio.StreamWriter, known: Bundle, expected: Sp
         raise BundleFetchError("tls", f"the bundle endpoint is {found}, not the configured {expected}")
 
 
-async def _read_response(reader: asyncio.StreamReader) -> bytes:
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.LimitOverrunError as err:
-        raise BundleFetchError("garbage", "the bundle endpoint's response headers are too large") from err
-    except asyncio.IncompleteReadError as err:
-        raise BundleFetchError("garbage", "the bundle endpoint closed the connection mid-response") from err
-    if len(head) > MAX_HEADER_BYTES:
+def _check_head(response: httpx.Response) -> None:
+    if response.status_code != 200:  # redirects included: they are not followed
+        raise BundleFetchError("http_status", f"the bundle endpoint answered HTTP {response.status_code}")
+    if sum(len(name) + len(value) + 4 for name, value in response.headers.raw) > MAX_HEADER_BYTES:
         raise BundleFetchError("garbage", "the bundle endpoint's response headers are too large")
-    lines = head.decode("latin-1").split("\r\n")
-    status = lines[0].split(" ", 2)
-    if len(status) < 2 or not status[0].startswith("HTTP/1.") or not status[1].isdigit():
-        raise BundleFetchError("garbage", f"the bundle endpoint did not answer HTTP: {lines[0][:80]!r}")
-    if status[1] != "200":
-        raise BundleFetchError("http_status", f"the bundle endpoint answered HTTP {status[1]}")
-    headers = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        return await _read_chunked(reader)
-    if "content-length" in headers:
-        if not headers["content-length"].isdigit() or int(headers["content-length"]) > MAX_RESPONSE_BYTES:
-            raise BundleFetchError("garbage", "the bundle endpoint's response is too large or has a bad length")
-        try:
-            return await reader.readexactly(int(headers["content-length"]))
-        except asyncio.IncompleteReadError as err:
-            raise BundleFetchError("garbage", "the bundle endpoint's response was cut short") from err
-    body = await reader.read(MAX_RESPONSE_BYTES + 1)
-    if len(body) > MAX_RESPONSE_BYTES:
-        raise BundleFetchError("garbage", "the bundle endpoint's response is larger than 1 MiB")
-    return body
+    length = response.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_RESPONSE_BYTES):
+        raise BundleFetchError("garbage", "the bundle endpoint's response is too large or has a bad length")
 
 
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+async def _read_body(response: httpx.Response) -> bytes:
     body = bytearray()
-    while True:
-        size_line = (await reader.readline()).split(b";")[0].strip()
-        try:
-            size = int(size_line, 16)
-        except ValueError as err:
-            raise BundleFetchError("garbage", "the bundle endpoint sent a malformed chunk") from err
-        if size == 0:
-            return bytes(body)
-        if len(body) + size > MAX_RESPONSE_BYTES:
+    # Raw bytes: no Content-Encoding is asked for or undone (a compressed body is not a bundle),
+    # so the cap bounds what is held in memory.
+    async for chunk in response.aiter_raw():
+        body += chunk
+        if len(body) > MAX_RESPONSE_BYTES:
             raise BundleFetchError("garbage", "the bundle endpoint's response is larger than 1 MiB")
+    return bytes(body)
+
+
+async def _get(endpoint: Endpoint, ctx: ssl.SSLContext, timeout: float,
+               check_peer: Callable[[ssl.SSLObject | None], None] | None) -> bytes:
+    try:
+        # trust_env: HTTPS_PROXY / NO_PROXY from the environment, as operators expect.
+        client = httpx.AsyncClient(verify=ctx, trust_env=True, follow_redirects=False,
+                                   timeout=httpx.Timeout(timeout),
+                                   limits=httpx.Limits(max_connections=1, max_keepalive_connections=0))
+    except ImportError as err:  # e.g. ALL_PROXY=socks5://... without socksio
+        raise BundleFetchError("config", f"cannot use the proxy the environment names: {err}") from err
+    async with client:
+        request = client.build_request("GET", endpoint.url, headers={
+            "Accept": "application/json", "Accept-Encoding": "identity", "User-Agent": "trustmesh"})
+        response = await client.send(request, stream=True)
         try:
-            body += await reader.readexactly(size)
-            await reader.readexactly(2)
-        except asyncio.IncompleteReadError as err:
-            raise BundleFetchError("garbage", "the bundle endpoint's response was cut short") from err
+            if check_peer is not None:
+                # Before a byte of the body is read: the request carries nothing secret, the
+                # answer is trusted only once the endpoint has proven its SPIFFE ID.
+                stream = response.extensions.get("network_stream")
+                check_peer(stream.get_extra_info("ssl_object") if stream is not None else None)
+            _check_head(response)
+            return await _read_body(response)
+        finally:
+            await response.aclose()
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    found: list[BaseException] = []
+    seen: BaseException | None = err
+    while seen is not None and seen not in found:
+        found.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return found
+
+
+def _fetch_error(err: httpx.HTTPError, endpoint: Endpoint) -> BundleFetchError:
+    """httpx's errors in the terms of BundleFetchError.reason (the metric label)."""
+    chain = _chain(err)
+    tls = next((e for e in chain if isinstance(e, ssl.SSLError)), None)
+    if tls is not None:
+        return BundleFetchError("tls", f"TLS with {endpoint.url} failed: {tls.reason or tls}")
+    if isinstance(err, (httpx.ProtocolError, httpx.DecodingError)):
+        return BundleFetchError("garbage", f"the bundle endpoint did not answer valid HTTP: {err}")
+    # The most specific cause: "Connection refused" rather than "all connection attempts failed".
+    detail = next((e.strerror for e in chain if isinstance(e, OSError) and e.strerror), str(err) or type(err).__name__)
+    return BundleFetchError("unreachable", f"cannot reach {endpoint.url}: {detail}")
 
 
 async def fetch_bundle(relationship: FederationRecord, known: Bundle | None, *,
@@ -181,27 +197,18 @@ async def fetch_bundle(relationship: FederationRecord, known: Bundle | None, *,
     td = TrustDomain(relationship.trust_domain)
     endpoint = parse_endpoint_url(relationship.endpoint_url)
     ctx = _client_context(relationship.profile, known)
-
-    async def exchange() -> bytes:
-        reader, writer = await asyncio.open_connection(
-            endpoint.host, endpoint.port, ssl=ctx, server_hostname=endpoint.host,
-            limit=MAX_HEADER_BYTES)
-        try:
-            if relationship.profile == "https_spiffe":
-                assert known is not None
-                _check_spiffe_peer(writer, known, SpiffeId.parse(relationship.endpoint_spiffe_id))
-            writer.write(f"GET {endpoint.path} HTTP/1.1\r\nHost: {endpoint.host}\r\nAccept: application/json\r\n"
-                         "User-Agent: trustmesh\r\nConnection: close\r\n\r\n".encode())
-            await writer.drain()
-            return await _read_response(reader)
-        finally:
-            writer.close()
-
+    check_peer = None
+    if relationship.profile == "https_spiffe":
+        assert known is not None  # _client_context refused https_spiffe without it
+        check_peer = partial(_check_spiffe_peer, known=known, expected=SpiffeId.parse(relationship.endpoint_spiffe_id))
     try:
-        body = await asyncio.wait_for(exchange(), timeout)
-    except asyncio.TimeoutError as err:
+        async with asyncio.timeout(timeout):
+            body = await _get(endpoint, ctx, timeout, check_peer)
+    except (TimeoutError, httpx.TimeoutException) as err:
         raise BundleFetchError("timeout", f"the bundle endpoint {endpoint.url} did not answer within "
                                           f"{timeout:.0f}s") from err
+    except httpx.HTTPError as err:
+        raise _fetch_error(err, endpoint) from err
     except ssl.SSLError as err:
         raise BundleFetchError("tls", f"TLS with {endpoint.url} failed: {err.reason or err}") from err
     except OSError as err:

@@ -32,6 +32,7 @@ from trustmesh.controlplane.leader import LeaderElection
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store import Store, open_store
 from trustmesh.errors import KeyEncryptionError, StoreError, TrustmeshError
+from trustmesh.httpserver import HttpServer
 from trustmesh.keys import generate_private_key
 from trustmesh.logs import log_event
 from trustmesh.metrics import serve_metrics, split_host_port
@@ -207,8 +208,8 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
     attest_server: grpc.aio.Server | None = None
     remote_admin: grpc.aio.Server | None = None
     admin_server: grpc.aio.Server | None = None
-    metrics_server: asyncio.Server | None = None
-    bundle_server: asyncio.Server | None = None
+    metrics_server: HttpServer | None = None
+    bundle_server: HttpServer | None = None
     try:
         ca = await CertificateAuthority.load_or_create(
             CAConfig(trust_domain=config.trust_domain, replica_id=config.replica_id,
@@ -249,7 +250,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
             await remote_admin.start()
         if config.metrics:
             host, mport = split_host_port(config.metrics)
-            metrics_server = await serve_metrics(rt.metrics, host, mport)
+            metrics_server = await serve_metrics(rt.metrics, host, mport, ready=node_api.ready.is_set)
         bundle_address = "off"
         if config.bundle_endpoint:
             endpoint = BundleEndpoint(ca.bundle, config.bundle_refresh_hint, rt.metrics)

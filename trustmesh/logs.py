@@ -45,6 +45,8 @@ def setup_logging(level: str = "info") -> None:
     root.setLevel(level.upper())
     # grpclib logs every cancelled stream (a workload hanging up) at INFO: routine, not news.
     logging.getLogger("grpclib").setLevel(max(logging.WARNING, root.level))
+    # httpx logs every request at INFO; a federation refresh logs its own outcome as an event.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
 
 
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:

@@ -1,178 +1,157 @@
-"""Prometheus metrics in the text exposition format, with no dependency.
+"""Prometheus metrics for the server and the agent, on prometheus_client.
 
-Counters, gauges and histograms with labels, and a tiny asyncio HTTP endpoint that serves
-``GET /metrics``. Both the server and the agent use it; names are ``trustmesh_…``.
+`Registry` is the narrow facade the rest of the code calls: a metric is declared where it is
+used (`metrics.counter(name, help, labels).inc(outcome="ok")`), label values are keyword
+arguments, and declaring the same metric again returns the first declaration. Each `Registry`
+owns its own prometheus_client `CollectorRegistry`, never the library's global one, so several
+registries (tests, several servers in one process) never see each other's samples. Every
+registry also carries the process metrics (`process_*`), `python_info` and
+`trustmesh_build_info{version=...}`. Names are `trustmesh_…`; a gauge that holds a point in
+time is named `…_timestamp_seconds`.
+
+`serve_metrics` serves them over plain HTTP: `GET /metrics`, plus `/healthz` (the process
+answers) and `/readyz` (it is ready to serve).
 """
 
 from __future__ import annotations
 
-import asyncio
-import bisect
-import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+import prometheus_client
+from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.registry import CollectorRegistry
+
+from trustmesh import __version__
+from trustmesh.httpserver import HttpServer, reply, serve_http
 
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
+# `_created` series double every counter and histogram for a start time nobody here reads.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated upstream
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
+W = TypeVar("W", prometheus_client.Counter, prometheus_client.Gauge, prometheus_client.Histogram)
 
 
-def _num(value: float) -> str:
-    if value == math.inf:
-        return "+Inf"
-    return repr(float(value)) if not float(value).is_integer() else str(int(value))
-
-
-class _Metric:
-    kind = ""
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
+class _Metric(Generic[W]):
+    def __init__(self, name: str, labels: Sequence[str], metric: W) -> None:
         self.name = name
-        self.help = help_text
         self.label_names = tuple(labels)
-        self._lock = threading.Lock()
+        self._metric: W = metric
 
-    def _key(self, labels: dict[str, str]) -> tuple[str, ...]:
+    def _child(self, labels: dict[str, str]) -> W:
         if set(labels) != set(self.label_names):
             raise ValueError(f"metric {self.name} takes labels {self.label_names}, got {tuple(labels)}")
-        return tuple(str(labels[n]) for n in self.label_names)
+        if not self.label_names:
+            return self._metric
+        return self._metric.labels(**{k: str(v) for k, v in labels.items()})
 
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+    def _sample(self, sample_name: str, labels: dict[str, str]) -> float:
+        self._child(labels)  # the same label check as on writes
+        wanted = {k: str(v) for k, v in labels.items()}
+        for family in self._metric.collect():
+            for sample in family.samples:
+                if sample.name == sample_name and sample.labels == wanted:
+                    return float(sample.value)
+        return 0.0
 
-    def render(self) -> list[str]:
-        raise NotImplementedError
 
-
-class Counter(_Metric):
-    kind = "counter"
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, labels)
-        self._values: dict[tuple[str, ...], float] = {}
-
+class Counter(_Metric[prometheus_client.Counter]):
     def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
+        self._child(labels).inc(amount)
 
     def value(self, **labels: str) -> float:
-        return self._values.get(self._key(labels), 0.0)
-
-    def render(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return self.header() + [f"{self.name}{_labels(self.label_names, k)} {_num(v)}" for k, v in items]
+        return self._sample(self.name, labels)
 
 
-class Gauge(Counter):
-    kind = "gauge"
-
+class Gauge(_Metric[prometheus_client.Gauge]):
     def set(self, value: float, **labels: str) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = value
+        self._child(labels).set(value)
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        self._child(labels).inc(amount)
 
     def dec(self, amount: float = 1.0, **labels: str) -> None:
-        self.inc(-amount, **labels)
+        self._child(labels).dec(amount)
+
+    def value(self, **labels: str) -> float:
+        return self._sample(self.name, labels)
 
 
-class Histogram(_Metric):
-    kind = "histogram"
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = (),
-                 buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
-        super().__init__(name, help_text, labels)
-        self.buckets = tuple(sorted(buckets))
-        self._series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
-
+class Histogram(_Metric[prometheus_client.Histogram]):
     def observe(self, value: float, **labels: str) -> None:
-        key = self._key(labels)
-        with self._lock:
-            counts, sums = self._series.setdefault(key, ([0] * (len(self.buckets) + 1), [0.0]))
-            counts[bisect.bisect_left(self.buckets, value)] += 1
-            sums[0] += value
+        self._child(labels).observe(value)
 
     def count(self, **labels: str) -> int:
-        series = self._series.get(self._key(labels))
-        return sum(series[0]) if series else 0
+        return int(self._sample(self.name + "_count", labels))
 
-    def render(self) -> list[str]:
-        lines = self.header()
-        with self._lock:
-            items = sorted((k, (list(c), s[0])) for k, (c, s) in self._series.items())
-        for key, (counts, total) in items:
-            running = 0
-            for bound, n in zip((*self.buckets, math.inf), counts):
-                running += n
-                le = 'le="' + _num(bound) + '"'
-                lines.append(f"{self.name}_bucket{_labels(self.label_names, key, le)} {running}")
-            lines.append(f"{self.name}_sum{_labels(self.label_names, key)} {_num(total)}")
-            lines.append(f"{self.name}_count{_labels(self.label_names, key)} {running}")
-        return lines
+
+M = TypeVar("M", Counter, Gauge, Histogram)
 
 
 class Registry:
     def __init__(self) -> None:
-        self._metrics: dict[str, _Metric] = {}
+        self.collector_registry = CollectorRegistry(auto_describe=True)
+        prometheus_client.ProcessCollector(registry=self.collector_registry)
+        prometheus_client.PlatformCollector(registry=self.collector_registry)
+        prometheus_client.Info("trustmesh_build", "the trustmesh release this process runs",
+                               registry=self.collector_registry).info({"version": __version__})
+        self._metrics: dict[str, Counter | Gauge | Histogram] = {}
+        self._lock = threading.Lock()
 
-    def _add(self, metric: _Metric) -> _Metric:
-        existing = self._metrics.get(metric.name)
-        if existing is not None:
-            if type(existing) is not type(metric) or existing.label_names != metric.label_names:
-                raise ValueError(f"metric {metric.name} registered twice with different shapes")
+    def _get(self, kind: type[M], name: str, labels: Sequence[str], make: Callable[[], M]) -> M:
+        with self._lock:
+            existing = self._metrics.get(name)
+            if existing is None:
+                self._metrics[name] = made = make()
+                return made
+            if not isinstance(existing, kind) or existing.label_names != tuple(labels):
+                raise ValueError(f"metric {name} registered twice with different shapes")
             return existing
-        self._metrics[metric.name] = metric
-        return metric
 
     def counter(self, name: str, help_text: str, labels: Sequence[str] = ()) -> Counter:
-        return self._add(Counter(name, help_text, labels))  # type: ignore[return-value]
+        if not name.endswith("_total"):
+            # prometheus_client would append `_total` itself, renaming the series.
+            raise ValueError(f"counter {name} must be named ..._total")
+        return self._get(Counter, name, labels, lambda: Counter(name, labels, prometheus_client.Counter(
+            name, help_text, labels, registry=self.collector_registry)))
 
     def gauge(self, name: str, help_text: str, labels: Sequence[str] = ()) -> Gauge:
-        return self._add(Gauge(name, help_text, labels))  # type: ignore[return-value]
+        return self._get(Gauge, name, labels, lambda: Gauge(name, labels, prometheus_client.Gauge(
+            name, help_text, labels, registry=self.collector_registry)))
 
     def histogram(self, name: str, help_text: str, labels: Sequence[str] = (),
                   buckets: Sequence[float] = DEFAULT_BUCKETS) -> Histogram:
-        return self._add(Histogram(name, help_text, labels, buckets))  # type: ignore[return-value]
+        return self._get(Histogram, name, labels, lambda: Histogram(name, labels, prometheus_client.Histogram(
+            name, help_text, labels, registry=self.collector_registry, buckets=buckets)))
 
     def render(self) -> str:
-        lines: list[str] = []
-        for name in sorted(self._metrics):
-            lines.extend(self._metrics[name].render())
-        return "\n".join(lines) + "\n"
+        """Every metric in the Prometheus text format (version 0.0.4)."""
+        return prometheus_client.generate_latest(self.collector_registry).decode()
 
 
-async def serve_metrics(registry: Registry, host: str, port: int) -> asyncio.Server:
-    """Serve ``GET /metrics`` (HTTP/1.0 style: one response, then close)."""
+NOT_FOUND = b"not found: metrics are at /metrics (and /healthz, /readyz)\n"
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
-            line = request.split(b"\r\n", 1)[0].decode("latin-1")
-            parts = line.split()
-            if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
-                body = registry.render().encode()
-                head = "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
-            else:
-                body = b"not found: metrics are at /metrics\n"
-                head = "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\n"
-            writer.write(f"{head}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-            await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
 
-    return await asyncio.start_server(handle, host, port, limit=16 * 1024)
+async def serve_metrics(registry: Registry, host: str, port: int, *,
+                        ready: Callable[[], bool] | None = None) -> HttpServer:
+    """Serve `GET /metrics`, `/healthz` and `/readyz` (503 until `ready()` is true)."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        path = request.raw_path.split("?", 1)[0]
+        if request.method == "GET" and path == "/metrics":
+            return reply(200, registry.render().encode(), CONTENT_TYPE_PLAIN_0_0_4)
+        if request.method == "GET" and path == "/healthz":
+            return reply(200, b"ok\n", "text/plain")
+        if request.method == "GET" and path == "/readyz":
+            if ready is None or ready():
+                return reply(200, b"ready\n", "text/plain")
+            return reply(503, b"not ready\n", "text/plain")
+        return reply(404, NOT_FOUND, "text/plain")
+
+    return await serve_http(handle, host, port)
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -180,3 +159,6 @@ def split_host_port(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise ValueError(f"invalid address {address!r}: use host:port, e.g. 127.0.0.1:9090")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+__all__ = ["Counter", "Gauge", "Histogram", "Registry", "serve_metrics", "split_host_port"]

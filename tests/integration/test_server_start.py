@@ -85,3 +85,27 @@ def test_config_file_values_and_unknown_keys(tmp_path: Path) -> None:
     server = ServerProcess(data_dir=tmp_path / "c")
     result = server.cli("server", "run", "--config", str(cfg))
     assert result.returncode == 1 and "bogus_option" in result.stderr
+
+
+def test_metrics_health_and_readiness_over_http(make_server: Callable[..., ServerProcess]) -> None:
+    import urllib.error
+    import urllib.request
+
+    from tests.etcd_process import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    make_server("m", extra=["--metrics", address])  # returns once the server logged `ready`
+
+    def get(path: str) -> tuple[int, str, str]:
+        try:
+            with urllib.request.urlopen(f"http://{address}{path}", timeout=5) as reply:
+                return reply.status, reply.headers["Content-Type"], reply.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.headers["Content-Type"], err.read().decode()
+
+    status, kind, text = get("/metrics")
+    assert status == 200 and kind == "text/plain; version=0.0.4; charset=utf-8"
+    assert "trustmesh_leader " in text and "process_resident_memory_bytes " in text
+    assert 'trustmesh_build_info{version="' in text
+    assert get("/healthz")[0] == 200 and get("/readyz")[0] == 200
+    assert get("/nothing")[0] == 404

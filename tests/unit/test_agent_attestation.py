@@ -293,3 +293,5 @@ async def test_renewal_runs_at_half_life_and_slows_down_when_refused(tmp_path: P
     finally:
         task.cancel()
     assert "trustmesh_agent_svid_renewals_total{outcome=\"renewed\"} 1" in registry.render()
+    expiry = registry.gauge("trustmesh_agent_svid_expiry_timestamp_seconds", "").value()
+    assert expiry == client.identity.expires_at.timestamp()  # a point in time: named ..._timestamp_seconds

@@ -179,6 +179,111 @@ async def test_a_down_endpoint() -> None:
     assert info.value.reason == "unreachable"
 
 
+def chunked(*chunks: bytes, size_lines: tuple[bytes, ...] = ()) -> Callable[[], bytes]:
+    lines = size_lines or tuple(f"{len(c):x}".encode() for c in chunks)
+    body = b"".join(line + b"\r\n" + c + b"\r\n" for line, c in zip(lines, chunks, strict=True))
+    return lambda: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body + b"0\r\n\r\n"
+
+
+async def test_a_chunked_answer_is_decoded(partner: tuple[PartnerCA, Endpoint]) -> None:
+    ca, endpoint = partner
+    jwks = ca.bundle().to_jwks()
+    endpoint.answer = chunked(jwks[:10], jwks[10:])
+    bundle, body = await fetch_bundle(relationship(endpoint), ca.bundle())
+    assert body == jwks and bundle.x509_authorities == (ca.root,)
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("redirect", "http_status"), ("chunked_huge", "garbage"), ("bad_chunk", "garbage"), ("cut_short", "garbage"),
+    ("huge_headers", "garbage"), ("bad_length", "garbage"), ("unbounded_huge", "garbage"), ("gzip", "garbage"),
+])
+async def test_hostile_http_is_refused(partner: tuple[PartnerCA, Endpoint], case: str, reason: str) -> None:
+    import gzip
+
+    ca, endpoint = partner
+    jwks = ca.bundle().to_jwks()
+    endpoint.answer = {
+        # Redirects are not followed: the configured URL is the partner's endpoint.
+        "redirect": lambda: (b"HTTP/1.1 302 Found\r\nLocation: https://elsewhere.example/\r\n"
+                             b"Content-Length: 0\r\n\r\n"),
+        "chunked_huge": chunked(*([b"x" * 65536] * 20)),
+        "bad_chunk": chunked(b"{}", size_lines=(b"zz",)),
+        "cut_short": lambda: b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + jwks[:10],
+        "huge_headers": lambda: b"HTTP/1.1 200 OK\r\nX-Pad: " + b"p" * 20000 + b"\r\n\r\n" + jwks,
+        "bad_length": lambda: b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n" + jwks,
+        "unbounded_huge": lambda: b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b" " * (2 * 1024 * 1024),
+        # Not asked for (Accept-Encoding: identity), so not undone: no decompression bombs.
+        "gzip": lambda: (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: "
+                         + str(len(gzip.compress(jwks))).encode() + b"\r\n\r\n" + gzip.compress(jwks)),
+    }[case]
+    with pytest.raises(BundleFetchError) as info:
+        await fetch_bundle(relationship(endpoint), ca.bundle())
+    assert info.value.reason == reason, info.value
+    assert endpoint.requests == 1
+
+
+@dataclass
+class ConnectProxy:
+    """An HTTP CONNECT proxy, as an operator's egress proxy would be: it records each target."""
+
+    targets: list[str] = field(default_factory=list)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            method, target, _ = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")[0].decode().split(" ")
+            if method != "CONNECT":
+                writer.write(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+                return
+            self.targets.append(target)
+            host, port = target.rsplit(":", 1)
+            up_reader, up_writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    try:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+    except ConnectionError:
+        pass
+    finally:
+        sink.close()
+
+
+async def test_the_fetch_goes_through_the_https_proxy(partner: tuple[PartnerCA, Endpoint],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.etcd_process import free_port
+
+    ca, endpoint = partner
+    proxy = ConnectProxy()
+    server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        bundle, _ = await fetch_bundle(relationship(endpoint), ca.bundle())
+        assert bundle.x509_authorities == (ca.root,)
+        assert proxy.targets == [f"127.0.0.1:{endpoint.port}"] and endpoint.requests == 1
+        # Through the tunnel the endpoint's SPIFFE ID is checked all the same.
+        with pytest.raises(BundleFetchError, match="not the configured") as info:
+            await fetch_bundle(relationship(endpoint, endpoint_spiffe_id="spiffe://partner.example/other"),
+                               ca.bundle())
+        assert info.value.reason == "tls" and len(proxy.targets) == 2
+        # A proxy that is down is not gone around.
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{free_port()}")
+        with pytest.raises(BundleFetchError) as info:
+            await fetch_bundle(relationship(endpoint), ca.bundle())
+        assert info.value.reason == "unreachable" and endpoint.requests == 2
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize("url", ["http://x.example/", "https:///nohost", "ftp://x.example/", "https://u:p@x.example/",
                                  "https://x.example:99999/", "x.example"])
 def test_endpoint_urls_must_be_https_with_a_host(url: str) -> None:
@@ -299,8 +404,10 @@ async def test_our_endpoint_over_https_web(tmp_path: Path, monkeypatch: pytest.M
         assert bundle.refresh_hint == timedelta(seconds=42)
         # The endpoint serves only GET of its path.
         raw_ctx = ssl.create_default_context(cafile=str(ca_file))
-        for request, status in ((b"GET /other HTTP/1.1\r\n\r\n", b"404"), (b"POST /bundle HTTP/1.1\r\n\r\n", b"405"),
-                                (b"garbage\r\n\r\n", b"400")):
+        # (HTTP/1.1 without Host is a 400, as RFC 9112 section 3.2 requires.)
+        for request, status in ((b"GET /other HTTP/1.1\r\nHost: localhost\r\n\r\n", b"404"),
+                                (b"POST /bundle HTTP/1.1\r\nHost: localhost\r\n\r\n", b"405"),
+                                (b"garbage\r\n\r\n", b"400"), (b"GET /bundle HTTP/1.1\r\n\r\n", b"400")):
             reader, writer = await asyncio.open_connection("localhost", port, ssl=raw_ctx)
             writer.write(request)
             await writer.drain()
@@ -335,3 +442,56 @@ async def test_our_endpoint_over_https_spiffe_serves_the_rotated_svid(tmp_path: 
             await fetch_bundle(record, ca.bundle())
     finally:
         server.close()
+
+
+async def _exchange(port: int, ctx: ssl.SSLContext | None, request: bytes) -> bytes:
+    """Send `request`, then read until the server closes the connection."""
+    reader, writer = await asyncio.open_connection("localhost" if ctx else "127.0.0.1", port, ssl=ctx)
+    writer.write(request)
+    try:
+        return await asyncio.wait_for(reader.read(), 3)
+    except (ConnectionError, ssl.SSLError):
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_our_endpoint_headers_counts_and_hostile_clients(tmp_path: Path) -> None:
+    from trustmesh.controlplane.bundle_endpoint import BundleEndpoint, serve_bundle_endpoint
+    from trustmesh.httpserver import Limits
+    from trustmesh.metrics import Registry
+
+    ca = PartnerCA(PARTNER)
+    ca_file, cert, key = _web_pki(tmp_path)
+    metrics = Registry()
+    endpoint = BundleEndpoint(lambda: ca.bundle(), timedelta(minutes=5), metrics, path="/bundle")
+    server = await serve_bundle_endpoint(endpoint, "127.0.0.1:0", BundleEndpoint.web_context(cert, key),
+                                         limits=Limits(request_timeout=0.5))
+    port = server.sockets[0].getsockname()[1]
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    loop = asyncio.get_running_loop()
+    try:
+        answer = await _exchange(port, ctx, b"GET /bundle?ignored=1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        head, body = answer.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        assert lines[0] == "HTTP/1.1 200 OK"
+        headers = {k.lower(): v for k, _, v in (line.partition(": ") for line in lines[1:])}
+        assert headers["content-type"] == "application/json" and headers["cache-control"] == "no-store"
+        assert headers["connection"] == "close"  # one request per connection
+        assert Bundle.from_jwks(body, PARTNER).refresh_hint == timedelta(minutes=5)
+        # Oversized request lines and headers are refused, not buffered.
+        long_line = await _exchange(port, ctx, b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert long_line.split(b" ")[1] == b"400"
+        long_header = await _exchange(port, ctx, b"GET /bundle HTTP/1.1\r\nHost: localhost\r\nX: "
+                                      + b"a" * 20000 + b"\r\n\r\n")
+        assert long_header.split(b" ")[1] in (b"400", b"431")
+        # A client that sends half a request, or never starts TLS, is cut off at the limit.
+        for tls, request in ((ctx, b"GET /bundle HTTP/1.1\r\n"), (None, b"")):
+            started = loop.time()
+            assert await _exchange(port, tls, request) == b""
+            assert loop.time() - started < 2.5
+        # Every answer is counted by status, aiohttp's own 400s included.
+        requests = metrics.counter("trustmesh_bundle_endpoint_requests_total", "", ["status"])
+        assert requests.value(status="200") == 1 and requests.value(status="400") >= 1
+    finally:
+        await server.wait_closed()

@@ -224,7 +224,10 @@ def make(tmp_path: Path, **kw: object) -> tuple[SyncClient, FakeConnection, Sink
 
 
 def metric(registry: Registry, line: str) -> bool:
-    return line in registry.render().splitlines()
+    # By value: the exposition prints 1 as "1.0".
+    sample, value = line.rsplit(" ", 1)
+    return any(s == sample and float(v) == float(value)
+               for s, _, v in (rendered.rpartition(" ") for rendered in registry.render().splitlines()))
 
 
 async def until(predicate: object, timeout: float = 3.0) -> None:

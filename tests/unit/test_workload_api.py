@@ -757,5 +757,5 @@ async def test_metrics_count_calls_by_method_and_code(served: Served) -> None:
     assert served.calls("FetchJWTSVID", "OK") == 1
     assert served.calls("FetchJWTSVID", "INVALID_ARGUMENT") == 1
     rendered = served.metrics.render()
-    assert 'trustmesh_workload_api_calls_total{method="FetchJWTSVID",code="OK"} 1' in rendered
+    assert 'trustmesh_workload_api_calls_total{code="OK",method="FetchJWTSVID"} 1' in rendered  # labels sorted
     assert "PRIVATE KEY" not in rendered
