@@ -23,7 +23,6 @@ from trustmesh.controlplane.api.convert import (
     selector_text,
 )
 from trustmesh.controlplane.api.federation_check import check_partner_request, check_relationship
-from trustmesh.controlplane.api.node import NodeAPI
 from trustmesh.controlplane.api.status import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -37,6 +36,7 @@ from trustmesh.controlplane.duties import take_root_step
 from trustmesh.controlplane.federation import BundleFetchError, refresh, stored_bundle
 from trustmesh.controlplane.policy_store import PolicyService
 from trustmesh.controlplane.registration import EntrySpec, Registry, check_entry_id
+from trustmesh.controlplane.registry_view import RegistryView
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import (
     AuditEvent,
@@ -74,10 +74,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     """One instance serves the local socket (`remote=False`), another the optional mTLS
     listener, where the caller must present the SVID of an entry marked `admin`."""
 
-    def __init__(self, rt: ServerRuntime, node_api: NodeAPI, *, remote: bool = False) -> None:
+    def __init__(self, rt: ServerRuntime, view: RegistryView, *, remote: bool = False) -> None:
         self._rt = rt
         self._registry = Registry(rt.config.trust_domain, rt.store, rt.audit, rt.clock)
-        self._node_api = node_api
+        self._view = view
         self._remote = remote
         self._policy = PolicyService(rt)
 
@@ -92,7 +92,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             caller = spiffe_id_from_certificate(x509.load_pem_x509_certificate(pems[0]))
         except (ValueError, VerificationError) as err:
             raise UnauthenticatedError(f"the client certificate is not an X509-SVID: {err}") from err
-        if caller.trust_domain != self._rt.config.trust_domain or not self._node_api.is_admin(str(caller)):
+        if caller.trust_domain != self._rt.config.trust_domain or not self._view.is_admin(str(caller)):
             await self._rt.audit.record("admin.call", actor=str(caller), subject=method, outcome="denied",
                                         reason="not an admin entry")
             raise PermissionDeniedError(
@@ -433,9 +433,9 @@ def _revision_pb(record: PolicyRevision) -> admin_pb2.PolicyRevision:
 
 
 class AdminAPI:
-    def __init__(self, rt: ServerRuntime, node_api: NodeAPI) -> None:
+    def __init__(self, rt: ServerRuntime, view: RegistryView) -> None:
         self._rt = rt
-        self._node_api = node_api
+        self._view = view
 
     def register(self, server: grpc.aio.Server, *, remote: bool = False) -> None:
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self._rt, self._node_api, remote=remote), server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self._rt, self._view, remote=remote), server)
