@@ -392,7 +392,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             journal = self._rt.ca.journal
             step = _STEPS.get(request.step)
             if step is None:
-                raise InvalidArgumentError(f"unknown root rotation step {request.step}; use prepare, activate or retire")
+                raise InvalidArgumentError(f"unknown root rotation step {request.step}; "
+                                           "use prepare, activate or retire")
             if step == "next":
                 step = "activate" if journal.prepared_root() is not None else "prepare"
             try:
