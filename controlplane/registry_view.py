@@ -151,6 +151,15 @@ class RegistryView:
         """Serials of the revoked partner certificates: every agent enforces them."""
         return self._revoked
 
+    def authorized_for(self, agent: str) -> list[RegistrationEntry]:
+        """The entries this agent may use (its own and its node aliases'), by id."""
+        return self.index.authorized_for(agent)
+
+    def changed_since(self, agent: str, revision: int) -> set[str] | None:
+        """Ids of this agent's entries that changed after `revision`; None when the view
+        cannot tell (the agent needs a snapshot)."""
+        return self.index.changed_since(agent, revision)
+
     def authorized_entry(self, agent: str, entry_id: str) -> RegistrationEntry | None:
         """The entry when it exists and this agent may use it; else None (the same answer
         for unknown and foreign entries)."""

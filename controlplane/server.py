@@ -2,7 +2,10 @@
 
 Reads top to bottom like the flow it starts: open the store, load the key-encryption key,
 load or create the CA (never silently a new one), publish the trust bundle agents bootstrap
-from, start the agent-facing gRPC server (TLS, the server's own SVID, rotated in place),
+from, build the registry view (the in-memory registry every API reads, kept current by the
+store's change feed) with its subscribers and the domain services the servicers call (sign:
+NodeServicer -> issuance.py -> the CA; push: the view -> sync_service.py -> sync_delta.py),
+start the agent-facing gRPC server (TLS, the server's own SVID, rotated in place),
 the admin server on a unix socket (mode 0600: file permissions are the access control),
 metrics, and the background loops, then announce `ready`. Everything runs in one
 TaskGroup: the first failure stops all; SIGTERM stops all cleanly.

@@ -47,7 +47,7 @@ class SyncStream:
         """The first messages: a delta when the agent can resume from `since`, else a snapshot."""
         view = self._view
         state = self._service.state_for(self.peer.id)
-        changed = view.index.changed_since(self.peer.id, since) if 0 < since <= state.revision else None
+        changed = view.changed_since(self.peer.id, since) if 0 < since <= state.revision else None
         begun = sync_delta.start(state, since=since, changed=changed,
                                  known_trust_domains=set(view.federated_bundles) | view.deleted_bundles,
                                  bundle_sequences=bundle_sequences, policy_changed_at=view.policy_changed_at)
@@ -96,7 +96,7 @@ class SyncService:
 
     def state_for(self, agent: str) -> sync_delta.AgentState:
         view = self.view
-        return sync_delta.agent_state(view.index.authorized_for(agent), own_bundle=self.trust_bundle(),
+        return sync_delta.agent_state(view.authorized_for(agent), own_bundle=self.trust_bundle(),
                                       federated=view.federated_bundles, policy=view.policy,
                                       revoked_serials=view.revoked_serials, revision=view.revision)
 
