@@ -2,7 +2,10 @@
 
 Reads top to bottom like the flow it starts: open the store, load the key-encryption key,
 load or create the CA (never silently a new one), publish the trust bundle agents bootstrap
-from, start the agent-facing gRPC server (TLS, the server's own SVID, rotated in place),
+from, build the registry view (the in-memory registry every API reads, kept current by the
+store's change feed) with its subscribers and the domain services the servicers call (sign:
+NodeServicer -> issuance.py -> the CA; push: the view -> sync_service.py -> sync_delta.py),
+start the agent-facing gRPC server (TLS, the server's own SVID, rotated in place),
 the admin server on a unix socket (mode 0600: file permissions are the access control),
 metrics, and the background loops, then announce `ready`. Everything runs in one
 TaskGroup: the first failure stops all; SIGTERM stops all cleanly.
@@ -15,22 +18,27 @@ import logging
 import os
 import signal
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import grpc
 from cryptography.hazmat.primitives import hashes, serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from trustmesh.controlplane.api.admin import AdminAPI
-from trustmesh.controlplane.api.node import NodeAPI
+from trustmesh.controlplane.api.node import NodeServicer
+from trustmesh.controlplane.attestation import NodeAttestor
 from trustmesh.controlplane.audit import AuditLog
 from trustmesh.controlplane.bundle_endpoint import BundleEndpoint, serve_bundle_endpoint
 from trustmesh.controlplane.ca.authority import CAConfig, CertificateAuthority, needs_rotation
 from trustmesh.controlplane.ca.kek import KeyEncryptionKey
 from trustmesh.controlplane.config import ServerConfig
 from trustmesh.controlplane.duties import leader_duties
+from trustmesh.controlplane.issuance import IssuanceService
 from trustmesh.controlplane.leader import LeaderElection
+from trustmesh.controlplane.registry_view import CAJournalChanged, RegistryEvent, RegistrySubscriber, RegistryView
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store import Store, open_store
+from trustmesh.controlplane.sync_service import SyncService
 from trustmesh.errors import KeyEncryptionError, StoreError, TrustmeshError
 from trustmesh.httpserver import HttpServer
 from trustmesh.keys import generate_private_key
@@ -159,12 +167,26 @@ async def _rotation_loop(rt: ServerRuntime, creds: ServingCredentials, stop: asy
             log_event(log, "rotation_deferred", level=logging.WARNING, error=str(err))
 
 
+def republish_ca(ca: CertificateAuthority, bundle_path: Path) -> RegistrySubscriber:
+    """The registry view's subscriber for CA journal changes: another replica (or our own
+    rotation) moved the journal, so pick up the new roots and keys and rewrite bundle.pem.
+    The view awaits it before it wakes every agent to receive the new bundle."""
+
+    async def on_event(event: RegistryEvent) -> None:
+        if isinstance(event, CAJournalChanged):
+            await ca.reload()
+            ca.write_bundle_pem(bundle_path)
+
+    return on_event
+
+
 def _listen(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials, flag: str) -> int:
     try:
         port: int = server.add_secure_port(address, creds)
         return port
     except RuntimeError as err:
-        raise TrustmeshError(f"cannot listen on {address}: address in use or not available; pick another {flag}") from err
+        raise TrustmeshError(f"cannot listen on {address}: address in use or not available; "
+                             f"pick another {flag}") from err
 
 
 def _add_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
@@ -179,7 +201,8 @@ async def _start_admin_server(rt: ServerRuntime, admin: AdminAPI) -> grpc.aio.Se
     if path.is_socket():
         path.unlink()  # a stale socket from a previous run
     elif path.exists():
-        raise TrustmeshError(f"admin socket path {path} exists and is not a socket; remove it or pick another --admin-socket")
+        raise TrustmeshError(f"admin socket path {path} exists and is not a socket; "
+                             "remove it or pick another --admin-socket")
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
     admin.register(server)
     _add_health(server)
@@ -224,16 +247,24 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
 
         creds = ServingCredentials(ca, config)
         await creds.renew()
-        node_api = NodeAPI(rt)
-        admin_api = AdminAPI(rt, node_api)
+        # The registry view follows the store's change feed and is what every API reads;
+        # its subscribers: the CA reload (first, so agents are woken with the new bundle)
+        # and the open sync streams.
+        view = RegistryView(store, config.trust_domain, rt.metrics, rt.clock)
+        view.subscribe(republish_ca(ca, config.bundle_path))
+        sync = SyncService(view, ca.bundle, rt.metrics, rt.clock)
+        view.subscribe(sync.on_registry_event)
+        # Agents: attestation, then signing (issuance) and the push of what they may use (sync).
+        node = NodeServicer(view, NodeAttestor(rt), IssuanceService(rt, view), sync)
+        admin_api = AdminAPI(rt, view)
         node_server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ])
-        node_api.register(node_server)
+        node.register(node_server)
         health_servicer = _add_health(node_server)
         attest_server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024)])
-        node_api.register_attestation(attest_server)
+        node.register_attestation(attest_server)
         attest_health = _add_health(attest_server)
         port = _listen(node_server, config.bind, creds.credentials(require_client_cert=True), "--bind")
         attest_port = _listen(attest_server, config.attest_bind, creds.credentials(require_client_cert=False),
@@ -250,7 +281,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
             await remote_admin.start()
         if config.metrics:
             host, mport = split_host_port(config.metrics)
-            metrics_server = await serve_metrics(rt.metrics, host, mport, ready=node_api.ready.is_set)
+            metrics_server = await serve_metrics(rt.metrics, host, mport, ready=view.ready.is_set)
         bundle_address = "off"
         if config.bundle_endpoint:
             endpoint = BundleEndpoint(ca.bundle, config.bundle_refresh_hint, rt.metrics)
@@ -260,13 +291,13 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
             bound = bundle_server.sockets[0].getsockname()
             bundle_address = f"{bound[0]}:{bound[1]}"
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(node_api.run(stop), name="node-api")
+            tasks.create_task(view.run(stop), name="registry-view")
             tasks.create_task(_rotation_loop(rt, creds, stop), name="rotation")
             election = LeaderElection(store, config.replica_id, rt.metrics, ttl=config.leader_ttl)
             tasks.create_task(election.run(stop, lambda: leader_duties(rt)), name="leader-election")
             # `ready` (and SERVING) only once the registry is loaded: before that every agent
             # call would be answered "still loading, retry".
-            loaded = asyncio.create_task(node_api.ready.wait())
+            loaded = asyncio.create_task(view.ready.wait())
             stopping = asyncio.create_task(stop.wait())
             await asyncio.wait({loaded, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if loaded.done():

@@ -25,7 +25,6 @@ from trustmesh.controlplane.api.convert import (
     revision_to_pb,
     root_step_from_pb,
 )
-from trustmesh.controlplane.api.node import NodeAPI
 from trustmesh.controlplane.api.status import PermissionDeniedError, UnauthenticatedError, grpc_errors
 from trustmesh.controlplane.audit_query import AuditQueries, AuditQuery
 from trustmesh.controlplane.ca_admin import CAAdmin
@@ -33,6 +32,7 @@ from trustmesh.controlplane.federation_admin import FederationAdmin
 from trustmesh.controlplane.partners import PartnerCertificates, PartnerRequest
 from trustmesh.controlplane.policy_store import PolicyService
 from trustmesh.controlplane.registration import EntryQuery, Registry
+from trustmesh.controlplane.registry_view import RegistryView
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.errors import VerificationError
 from trustmesh.x509svid import spiffe_id_from_certificate
@@ -63,10 +63,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     """One instance serves the local socket (`remote=False`), another the optional mTLS
     listener, where the caller must present the SVID of an entry marked `admin`."""
 
-    def __init__(self, rt: ServerRuntime, node_api: NodeAPI, *, remote: bool = False,
+    def __init__(self, rt: ServerRuntime, view: RegistryView, *, remote: bool = False,
                  services: AdminServices | None = None) -> None:
         self._rt = rt
-        self._node_api = node_api
+        self._view = view
         self._remote = remote
         self._domain = services or AdminServices.of(rt)
 
@@ -81,7 +81,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             caller = spiffe_id_from_certificate(x509.load_pem_x509_certificate(pems[0]))
         except (ValueError, VerificationError) as err:
             raise UnauthenticatedError(f"the client certificate is not an X509-SVID: {err}") from err
-        if caller.trust_domain != self._rt.config.trust_domain or not self._node_api.is_admin(str(caller)):
+        if caller.trust_domain != self._rt.config.trust_domain or not self._view.is_admin(str(caller)):
             await self._rt.audit.record("admin.call", actor=str(caller), subject=method, outcome="denied",
                                         reason="not an admin entry")
             raise PermissionDeniedError(
@@ -289,11 +289,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
 
 class AdminAPI:
-    def __init__(self, rt: ServerRuntime, node_api: NodeAPI) -> None:
+    def __init__(self, rt: ServerRuntime, view: RegistryView) -> None:
         self._rt = rt
-        self._node_api = node_api
+        self._view = view
         self._services = AdminServices.of(rt)
 
     def register(self, server: grpc.aio.Server, *, remote: bool = False) -> None:
         admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminServicer(self._rt, self._node_api, remote=remote, services=self._services), server)
+            AdminServicer(self._rt, self._view, remote=remote, services=self._services), server)

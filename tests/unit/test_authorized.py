@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from trustmesh._proto.trustmesh.v1 import types_pb2
 from trustmesh.controlplane.api.convert import entry_to_pb
-from trustmesh.controlplane.api.node import PAGE_BYTES, PAGE_ENTRIES, delta_messages, paged
 from trustmesh.controlplane.authorized import AuthorizedIndex, ResumeLog
 from trustmesh.controlplane.store.records import AttestedNode, RegistrationEntry
+from trustmesh.controlplane.sync_delta import PAGE_BYTES, PAGE_ENTRIES, delta_messages, paged
 from trustmesh.selectors import matches
 
 SERVER = "spiffe://example.org/trustmesh/server"
@@ -21,7 +21,8 @@ ALIASES = ["spiffe://example.org/alias/a", "spiffe://example.org/alias/b"]
 NODE_SELECTORS = ["node:name:n0", "node:name:n1", "x509pop:subject:cn:rack1", "x509pop:subject:cn:rack2"]
 
 
-def entry(i: int, parent: str, selectors: tuple[str, ...] = ("unix:uid:1",), spiffe_id: str | None = None) -> RegistrationEntry:
+def entry(i: int, parent: str, selectors: tuple[str, ...] = ("unix:uid:1",),
+          spiffe_id: str | None = None) -> RegistrationEntry:
     return RegistrationEntry(id=f"e{i}", spiffe_id=spiffe_id or f"spiffe://example.org/w{i}", parent_id=parent,
                              selectors=selectors, x509_ttl=0, jwt_ttl=0, dns_names=(), federates_with=(),
                              admin=False, created_at=0, updated_at=0)
@@ -29,7 +30,8 @@ def entry(i: int, parent: str, selectors: tuple[str, ...] = ("unix:uid:1",), spi
 
 def node(agent: str, selectors: tuple[str, ...]) -> AttestedNode:
     return AttestedNode(spiffe_id=agent, node_name=agent.rsplit("/", 1)[1], attestation_type="join_token",
-                        cert_serial="1", cert_not_after=0, banned=False, created_at=0, updated_at=0, selectors=selectors)
+                        cert_serial="1", cert_not_after=0, banned=False, created_at=0, updated_at=0,
+                        selectors=selectors)
 
 
 def oracle(entries: dict[str, RegistrationEntry], nodes: dict[str, AttestedNode], agent: str) -> list[str]:
@@ -86,7 +88,8 @@ def test_index_always_equals_the_brute_force_answer(operations: list[tuple], per
                 entries.pop(eid, None)
                 affected = idx.apply_entry(eid, None, revision)
             else:
-                e = replace(entry(i, parent, (sel,), spiffe_id=alias_id if parent == SERVER else None), revision=revision)
+                e = replace(entry(i, parent, (sel,), spiffe_id=alias_id if parent == SERVER else None),
+                            revision=revision)
                 entries[eid] = e
                 affected = idx.apply_entry(eid, e, revision)
         else:

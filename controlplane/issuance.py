@@ -1,0 +1,207 @@
+"""What an attested agent asks of the control plane (transport-free): workload X509-SVIDs in
+batches, JWT-SVIDs, its own renewal, and reports of the connections its listeners decided.
+
+Every request is checked against the registry view (an agent gets SVIDs only for the
+entries it is authorized for, and learns nothing about other nodes' entries by probing ids),
+signed by the CA, counted in the metrics and written to the audit log. Results are typed
+values; the Node servicer turns them into protobuf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Literal, Protocol
+
+from trustmesh.bundle import Bundle
+from trustmesh.controlplane.runtime import ServerRuntime
+from trustmesh.controlplane.store.records import AttestedNode, RegistrationEntry
+from trustmesh.errors import InvalidArgumentError, PermissionDeniedError, SvidError, TrustmeshError
+from trustmesh.spiffeid import SpiffeId
+from trustmesh.x509svid import X509Svid
+
+MAX_BATCH = 1000
+MAX_AUDIENCES = 16
+MAX_FLOW_COUNTERS = 10_000
+
+
+class AuthorizedEntries(Protocol):
+    """What issuance needs of the registry view."""
+
+    def authorized_entry(self, agent: str, entry_id: str) -> RegistrationEntry | None: ...
+
+    async def node_written(self, node: AttestedNode) -> None: ...
+
+
+# --- typed requests and results -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class X509Request:
+    entry_id: str
+    csr: bytes
+
+
+@dataclass(frozen=True)
+class X509Issued:
+    entry_id: str
+    spiffe_id: str
+    svid: X509Svid
+
+
+@dataclass(frozen=True)
+class X509Refused:
+    """An item that got no SVID: `denied` (not authorized for this agent, or unknown) or
+    `invalid` (the CSR or the entry could not be signed; `cause` says why)."""
+
+    entry_id: str
+    outcome: Literal["denied", "invalid"]
+    message: str
+    cause: TrustmeshError | None = None
+
+
+X509Outcome = X509Issued | X509Refused
+
+
+@dataclass(frozen=True)
+class JwtIssued:
+    token: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class FlowCounter:
+    """Connections with the same (source, destination, port, decision, rule, mode) counted
+    over [first_seen, last_seen] by an agent's listeners."""
+
+    source_id: str
+    destination_id: str
+    port: int
+    denied: bool  # denied by the policy (with audit mode the connection still went through)
+    audit_mode: bool
+    rule: str
+    count: int
+    first_seen: int
+    last_seen: int
+
+
+# --- the service --------------------------------------------------------------------------
+
+
+class IssuanceService:
+    def __init__(self, rt: ServerRuntime, view: AuthorizedEntries) -> None:
+        self._rt = rt
+        self._view = view
+        metrics = rt.metrics
+        self._x509 = metrics.counter("trustmesh_x509_svids_total", "X509-SVID requests by outcome", ["outcome"])
+        self._jwt = metrics.counter("trustmesh_jwt_svids_total", "JWT-SVID requests by outcome", ["outcome"])
+        self._renewals = metrics.counter("trustmesh_agent_renewals_total", "agent SVID renewals")
+        self._flows = metrics.counter("trustmesh_flow_decisions_total", "connection decisions reported by agents",
+                                      ["decision"])
+
+    def trust_bundle(self) -> Bundle:
+        """Our trust domain's bundle, as handed to a newly attested agent."""
+        return self._rt.ca.bundle()
+
+    async def sign_x509_batch(self, agent: str, items: Sequence[X509Request]) -> list[X509Outcome]:
+        """One outcome per item, in order; a bad item fails alone."""
+        if not items:
+            raise InvalidArgumentError(f"the batch is empty; send 1 to {MAX_BATCH} (entry id, CSR) items")
+        if len(items) > MAX_BATCH:
+            raise InvalidArgumentError(f"at most {MAX_BATCH} items per batch, got {len(items)}; split the batch")
+        results: list[X509Outcome | None] = [None] * len(items)
+        work: list[tuple[int, RegistrationEntry]] = []
+        denied: list[str] = []
+        for i, item in enumerate(items):
+            entry = self._view.authorized_entry(agent, item.entry_id)
+            if entry is None:
+                # Unknown and foreign entries get the same answer: an agent learns
+                # nothing about other nodes' entries by probing ids.
+                denied.append(item.entry_id[:64])
+                results[i] = X509Refused(item.entry_id, "denied",
+                                         f"entry {item.entry_id[:64]!r} is not authorized for agent {agent}")
+            else:
+                work.append((i, entry))
+        default_ttl = self._rt.config.default_x509_ttl
+        # One call for the whole batch: the CA signs it off the event loop.
+        signed = await self._rt.ca.sign_x509_svids([
+            (items[i].csr, SpiffeId.parse(e.spiffe_id),
+             timedelta(seconds=e.x509_ttl) if e.x509_ttl else default_ttl, e.dns_names)
+            for i, e in work
+        ]) if work else []
+        issued: list[str] = []
+        invalid: list[str] = []
+        for (i, entry), outcome in zip(work, signed, strict=True):
+            if isinstance(outcome, TrustmeshError):
+                invalid.append(entry.id)
+                results[i] = X509Refused(entry.id, "invalid", f"entry {entry.id}: {outcome}", outcome)
+                continue
+            issued.append(entry.id)
+            results[i] = X509Issued(entry.id, entry.spiffe_id, outcome)
+        self._x509.inc(len(issued), outcome="issued")
+        self._x509.inc(len(denied), outcome="denied")
+        self._x509.inc(len(invalid), outcome="invalid")
+        audit = self._rt.audit
+        if issued or invalid:
+            await audit.record("svid.issue", actor=agent, subject=agent, outcome="ok" if not invalid else "partial",
+                               issued=len(issued), invalid=len(invalid), entry_ids=issued[:100],
+                               invalid_entry_ids=invalid[:100])
+        if denied:
+            await audit.record("svid.issue", actor=agent, subject=agent, outcome="denied",
+                               reason="entries not authorized for this agent", denied=len(denied),
+                               entry_ids=denied[:100])
+        return [r for r in results if r is not None]
+
+    async def sign_jwt(self, agent: str, entry_id: str, audiences: Sequence[str]) -> JwtIssued:
+        if not audiences or len(audiences) > MAX_AUDIENCES or any(not a or len(a) > 256 for a in audiences):
+            raise InvalidArgumentError(f"give 1 to {MAX_AUDIENCES} audiences of 1 to 256 characters each")
+        entry = self._view.authorized_entry(agent, entry_id)
+        if entry is None:
+            await self._rt.audit.record("jwt.issue", actor=agent, subject=entry_id[:64], outcome="denied",
+                                        reason="entry not authorized for this agent")
+            self._jwt.inc(outcome="denied")
+            raise PermissionDeniedError(f"entry {entry_id[:64]!r} is not authorized for agent {agent}")
+        ttl = timedelta(seconds=entry.jwt_ttl) if entry.jwt_ttl else self._rt.config.default_jwt_ttl
+        token, expires = self._rt.ca.sign_jwt_svid(SpiffeId.parse(entry.spiffe_id), audiences, ttl)
+        await self._rt.audit.record("jwt.issue", actor=agent, subject=entry.spiffe_id, entry_id=entry.id,
+                                    audiences=list(audiences))
+        self._jwt.inc(outcome="issued")
+        return JwtIssued(token, expires)
+
+    async def renew_agent(self, agent: SpiffeId, node: AttestedNode, csr: bytes) -> X509Svid:
+        """A new agent SVID for an authenticated agent, recorded on its node record."""
+        try:
+            svid = await self._rt.ca.sign_x509_svid(csr, agent, self._rt.config.agent_ttl)
+        except SvidError as err:
+            raise InvalidArgumentError(f"agent CSR refused: {err}") from err
+        # Compare-and-swap on the revision we hold: a ban written meanwhile makes this
+        # fail (ABORTED) instead of being overwritten with banned=False.
+        updated = await self._rt.store.update_attested_node(
+            replace(node, cert_serial=format(svid.leaf.serial_number, "x"),
+                    cert_not_after=svid.expires_at.timestamp(), updated_at=self._rt.clock()),
+            expected_revision=node.revision or None)
+        await self._view.node_written(updated)
+        await self._rt.audit.record("agent.renew", actor=str(agent), subject=str(agent),
+                                    serial=updated.cert_serial, previous_serial=node.cert_serial)
+        self._renewals.inc()
+        return svid
+
+    async def report_flows(self, agent: str, counters: Sequence[FlowCounter]) -> None:
+        """Count every reported decision; denials, and what audit mode would have denied,
+        also become audit events."""
+        if len(counters) > MAX_FLOW_COUNTERS:
+            raise InvalidArgumentError(f"at most {MAX_FLOW_COUNTERS} counters per report; report more often")
+        for c in counters:  # validate all before counting any
+            if c.count < 0 or c.port > 65535 or len(c.source_id) > 2048 or len(c.destination_id) > 2048 \
+                    or len(c.rule) > 512:
+                raise InvalidArgumentError("a flow counter is out of range (count >= 0, port <= 65535, "
+                                           "IDs of at most 2048 and rule names of at most 512 characters)")
+        for c in counters:
+            self._flows.inc(c.count, decision="deny" if c.denied else ("audit" if c.audit_mode else "allow"))
+            if c.denied or c.audit_mode:
+                await self._rt.audit.record(
+                    "connection.denied" if c.denied else "connection.audit", actor=agent,
+                    subject=c.destination_id, outcome="denied" if c.denied else "would-deny",
+                    source=c.source_id or "unverified", port=c.port, rule=c.rule, count=c.count,
+                    first_seen=c.first_seen, last_seen=c.last_seen)

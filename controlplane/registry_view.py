@@ -1,0 +1,385 @@
+"""The registry view: the in-memory registry every API of this replica reads.
+
+It loads the registry once, then follows the store's change feed forever (it is its only
+reader), and owns what the feed keeps current: the authorized-entry index with the attested
+nodes, the renewal grace of each agent's previous SVID, the evictions it remembers, the
+federated bundles, the partner-certificate revocations and the policy in force. Answering a
+call from it costs no store read, so an idle fleet causes none.
+
+After every applied batch it publishes one typed event to its subscribers: which agents'
+view changed (`AgentsChanged`), or that every agent's did (`AllAgentsChanged`). A moved CA
+journal is published first as `CAJournalChanged` and awaited, so that the subscriber that
+reloads the CA has done so before the agents are woken to receive the new bundle.
+
+Agent authentication is a read of the view too: a ban or eviction takes effect for the next
+call (and ends the agent's sync stream at its next wake-up) on every replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from trustmesh.bundle import Bundle
+from trustmesh.controlplane.authorized import AuthorizedIndex
+from trustmesh.controlplane.policy_store import PolicyService
+from trustmesh.controlplane.store import CompactedError, Store
+from trustmesh.controlplane.store.records import (
+    AttestedNode,
+    BundleRecord,
+    Change,
+    PartnerCertificate,
+    PolicyRevision,
+    RecordFormatError,
+    RegistrationEntry,
+)
+from trustmesh.errors import (
+    BundleError,
+    InvalidSpiffeIdError,
+    PermissionDeniedError,
+    StoreError,
+    StoreUnavailableError,
+    UnavailableError,
+)
+from trustmesh.logs import log_event
+from trustmesh.metrics import Registry
+from trustmesh.naming import server_id
+from trustmesh.policy import Policy
+from trustmesh.spiffeid import TrustDomain
+
+log = logging.getLogger("trustmesh.registry")
+
+RENEWAL_GRACE = 300.0  # seconds the previous agent SVID keeps working for calls after a renewal
+MAX_REMEMBERED_EVICTIONS = 10_000
+FEED_RETRY_MAX = 5.0
+
+
+# --- events -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AgentsChanged:
+    """What these agents are authorized for (entries, node record) may have changed."""
+
+    agents: frozenset[str]
+    revision: int
+
+
+@dataclass(frozen=True)
+class AllAgentsChanged:
+    """Something every agent receives changed (bundles, policy, revocations), or the
+    registry was (re)loaded."""
+
+    revision: int
+
+
+@dataclass(frozen=True)
+class CAJournalChanged:
+    """Another replica (or our own rotation) moved the CA journal."""
+
+    revision: int
+
+
+RegistryEvent = AgentsChanged | AllAgentsChanged | CAJournalChanged
+RegistrySubscriber = Callable[[RegistryEvent], Awaitable[None]]
+
+
+class PresentedSvid(Protocol):
+    """The agent SVID a caller presented: its agent ID and certificate serial (hex)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def serial(self) -> str: ...
+
+
+# --- the view -----------------------------------------------------------------------------
+
+
+class RegistryView:
+    def __init__(self, store: Store, trust_domain: TrustDomain, metrics: Registry,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._td = trust_domain
+        self._metrics = metrics
+        self._clock = clock
+        self._subscribers: list[RegistrySubscriber] = []
+        self.index = AuthorizedIndex(str(server_id(trust_domain)))
+        self.ready = asyncio.Event()  # set once the registry is loaded: nothing is answered before
+        self.revision = 0  # every change up to this store revision is in the view
+        self.policy = Policy()
+        self.policy_changed_at = 0  # the store revision at which the policy in force arrived
+        self.policy_committed_at = 0.0  # when the policy in force was applied (its record's time)
+        self._federated: dict[str, Bundle] = {}  # trust domain -> its stored bundle
+        self._gone_bundles: set[str] = set()  # trust domains whose stored bundle was deleted
+        self._revoked: frozenset[str] = frozenset()  # serials of revoked partner certificates
+        self._partner_revocations: dict[str, bool] = {}  # serial -> revoked, for every partner certificate
+        self._previous_serials: dict[str, tuple[str, float]] = {}  # agent -> (serial, usable until)
+        self._evicted: OrderedDict[str, None] = OrderedDict()
+
+    def subscribe(self, subscriber: RegistrySubscriber) -> None:
+        self._subscribers.append(subscriber)
+
+    async def _publish(self, event: RegistryEvent) -> None:
+        for subscriber in self._subscribers:
+            await subscriber(event)
+
+    # --- reads --------------------------------------------------------------------------
+
+    @property
+    def trust_domain(self) -> TrustDomain:
+        return self._td
+
+    @property
+    def federated_bundles(self) -> Mapping[str, Bundle]:
+        """The usable stored bundle of every federated trust domain."""
+        return self._federated
+
+    @property
+    def deleted_bundles(self) -> frozenset[str]:
+        """Trust domains whose stored bundle was deleted since the server started."""
+        return frozenset(self._gone_bundles)
+
+    @property
+    def revoked_serials(self) -> frozenset[str]:
+        """Serials of the revoked partner certificates: every agent enforces them."""
+        return self._revoked
+
+    def authorized_for(self, agent: str) -> list[RegistrationEntry]:
+        """The entries this agent may use (its own and its node aliases'), by id."""
+        return self.index.authorized_for(agent)
+
+    def changed_since(self, agent: str, revision: int) -> set[str] | None:
+        """Ids of this agent's entries that changed after `revision`; None when the view
+        cannot tell (the agent needs a snapshot)."""
+        return self.index.changed_since(agent, revision)
+
+    def authorized_entry(self, agent: str, entry_id: str) -> RegistrationEntry | None:
+        """The entry when it exists and this agent may use it; else None (the same answer
+        for unknown and foreign entries)."""
+        entry = self.index.entries.get(entry_id)
+        if entry is None or not self.index.is_authorized(agent, entry_id):
+            return None
+        return entry
+
+    def is_admin(self, spiffe_id: str) -> bool:
+        """True when some registration entry for this ID is marked admin."""
+        return self.index.is_admin(spiffe_id)
+
+    # --- agent authentication -----------------------------------------------------------
+
+    def authenticate(self, peer: PresentedSvid) -> AttestedNode:
+        """The caller's node record; refuses evicted, banned and superseded SVIDs."""
+        node = self._current_node(peer.id)
+        if peer.serial != node.cert_serial:
+            previous = self._previous_serials.get(peer.id)
+            if previous is None or previous[0] != peer.serial or previous[1] < self._clock():
+                raise PermissionDeniedError(
+                    f"agent {peer.id} presented a superseded SVID (serial {peer.serial}); use the renewed one, "
+                    "or attest again")
+        return node
+
+    def authenticate_stream(self, peer: PresentedSvid, opened: AttestedNode) -> None:
+        """Re-check an open stream after a change: the same attestation, not banned.
+
+        A renewal does not end the stream (the agent renewed, it was not revoked); an
+        eviction does, and so does a new attestation of the same name after one.
+        """
+        node = self._current_node(peer.id)
+        if node.created_at != opened.created_at:
+            raise PermissionDeniedError(f"agent {peer.id} was attested again since this stream opened; "
+                                        "reconnect with the new agent SVID")
+
+    def _current_node(self, agent: str) -> AttestedNode:
+        if not self.ready.is_set():
+            raise UnavailableError("the server is still loading its registry; retry in a moment")
+        node = self.index.nodes.get(agent)
+        if node is None:
+            name = agent.rsplit("/", 1)[-1]
+            if agent in self._evicted:
+                raise PermissionDeniedError(f"agent {agent} was evicted; re-attest with a new join token "
+                                            f"(`trustmesh token create --node {name}`)")
+            raise PermissionDeniedError(f"agent {agent} is not attested; attest with a join token "
+                                        f"(`trustmesh token create --node {name}`) or x509pop")
+        if node.banned:
+            raise PermissionDeniedError(f"agent {agent} is banned")
+        return node
+
+    # --- changes ------------------------------------------------------------------------
+
+    async def node_written(self, node: AttestedNode) -> None:
+        """Apply our own node write at once; the change feed will confirm it."""
+        if self.ready.is_set():
+            agents = self._node_change(node.spiffe_id, node, node.revision)
+            if agents:
+                await self._publish(AgentsChanged(frozenset(agents), self.revision))
+
+    def _node_change(self, agent: str, node: AttestedNode | None, revision: int) -> set[str]:
+        old = self.index.nodes.get(agent)
+        if old is not None and revision and old.revision > revision:
+            return set()  # we already applied a newer write of our own (node_written)
+        if node is None:
+            self._previous_serials.pop(agent, None)
+            self._evicted[agent] = None
+            self._evicted.move_to_end(agent)
+            while len(self._evicted) > MAX_REMEMBERED_EVICTIONS:
+                self._evicted.popitem(last=False)
+        else:
+            self._evicted.pop(agent, None)
+            if old is not None and old.created_at == node.created_at and old.cert_serial != node.cert_serial:
+                # A renewal (or x509pop re-attestation): calls with the previous SVID keep
+                # working briefly, on every replica, while the agent switches over.
+                self._previous_serials[agent] = (old.cert_serial, self._clock() + RENEWAL_GRACE)
+            elif old is None or old.created_at != node.created_at:
+                self._previous_serials.pop(agent, None)
+        # Our own writes may come without a revision; the revision we are at is a safe
+        # lower bound for where this agent's resumable history starts.
+        return self.index.apply_node(agent, node, revision or self.revision)
+
+    def _set_federated(self, trust_domain: str, record: BundleRecord | None) -> None:
+        if record is None or trust_domain == self._td.name:
+            self._federated.pop(trust_domain, None)
+            self._gone_bundles.add(trust_domain)
+            return
+        try:
+            bundle = Bundle.from_jwks(record.jwks, TrustDomain(trust_domain)).with_sequence_number(record.sequence)
+        except (BundleError, InvalidSpiffeIdError) as err:
+            log_event(log, "federated_bundle_unusable", level=logging.ERROR, trust_domain=trust_domain,
+                      error=str(err), hint="store a valid SPIFFE bundle for it again")
+            self._federated.pop(trust_domain, None)
+            return
+        self._federated[trust_domain] = bundle
+        self._gone_bundles.discard(trust_domain)
+
+    async def _load(self) -> int:
+        store = self._store
+        revision = await store.current_revision()
+        entries, nodes = await store.list_entries(), await store.list_attested_nodes()
+        policy = PolicyService.parse_stored(await store.get_policy_head())
+        bundles = await store.list_bundles()
+        partners = await store.list_partner_certificates()
+        self.index.load(entries, nodes, revision)
+        self._partner_revocations = {c.serial: c.revoked_at > 0 for c in partners}
+        self._revoked = frozenset(serial for serial, revoked in self._partner_revocations.items() if revoked)
+        self.policy, self.policy_changed_at = policy, revision
+        self._gone_bundles |= set(self._federated)
+        self._federated.clear()
+        for record in bundles:
+            self._set_federated(record.trust_domain, record)
+        self.revision = revision
+        self.ready.set()
+        log_event(log, "registry_loaded", entries=len(self.index.entries), agents=len(self.index.nodes),
+                  federated_bundles=len(self._federated), revision=revision)
+        return revision
+
+    async def _apply(self, change: Change) -> set[str] | None:
+        """Apply one change; return the agents whose view changed (None: all)."""
+        if change.kind == "entry":
+            entry = change.record if isinstance(change.record, RegistrationEntry) else None
+            return self.index.apply_entry(change.key, entry, change.revision)
+        if change.kind == "node":
+            node = change.record if isinstance(change.record, AttestedNode) else None
+            return self._node_change(change.key, node, change.revision)
+        if change.kind == "bundle":
+            self._set_federated(change.key, change.record if isinstance(change.record, BundleRecord) else None)
+            return None
+        if change.kind == "policy" and isinstance(change.record, PolicyRevision):
+            if change.record.revision > self.policy.revision:
+                self.policy = PolicyService.parse_stored(change.record)
+                self.policy_changed_at = change.revision
+                self.policy_committed_at = change.record.created_at
+                self._metrics.gauge("trustmesh_policy_revision", "policy revision in force").set(
+                    change.record.revision)
+                return None
+        if change.kind == "partner":
+            # A revocation reaches every agent at once: it is part of what each enforces.
+            record = change.record if isinstance(change.record, PartnerCertificate) else None
+            if record is None:
+                self._partner_revocations.pop(change.key, None)
+            else:
+                self._partner_revocations[change.key] = record.revoked_at > 0
+            revoked = frozenset(serial for serial, gone in self._partner_revocations.items() if gone)
+            if revoked == self._revoked:
+                return set()
+            self._revoked = revoked
+            return None
+        if change.kind == "ca":
+            # The CA subscriber picks up the new roots and keys (and republishes bundle.pem)
+            # before the batch ends and every agent is woken to receive the new bundle.
+            await self._publish(CAJournalChanged(change.revision))
+            return None
+        return set()
+
+    async def _follow(self) -> None:
+        """Keep the view current from the change feed, forever; resume after outages."""
+        connected = self._metrics.gauge("trustmesh_change_feed_connected", "1 while the store's change feed runs")
+        revision: int | None = None  # None: (re)load everything first
+        failures = 0
+        while True:
+            try:
+                if revision is None:
+                    revision = await self._load()
+                    await self._publish(AllAgentsChanged(revision))
+                connected.set(1)
+                async for batch in self._store.watch(revision):
+                    wake: set[str] | None = set()
+                    for change in batch:
+                        agents = await self._apply(change)
+                        wake = None if agents is None or wake is None else wake | agents
+                        revision = max(revision, change.revision)
+                    # Subscribers hear of a batch only once all of it is in, so the revision
+                    # streams report to agents covers everything they send.
+                    self.revision = revision
+                    if wake is None:
+                        await self._publish(AllAgentsChanged(revision))
+                    elif wake:
+                        await self._publish(AgentsChanged(frozenset(wake), revision))
+                    if failures:
+                        log_event(log, "change_feed_resumed", revision=revision, after_failures=failures)
+                        failures = 0
+            except CompactedError:
+                log_event(log, "change_feed_compacted", level=logging.WARNING, revision=revision)
+                revision = None
+                continue
+            except RecordFormatError as err:
+                if revision is None:
+                    raise  # the registry itself is unreadable: stop loudly, do not serve a guess
+                # A record we cannot read (e.g. an audit event edited by hand): reload what
+                # we need and carry on after it, rather than stop serving every agent.
+                log_event(log, "change_feed_unreadable_record", level=logging.ERROR, revision=revision,
+                          error=str(err))
+                revision = None
+                continue
+            except StoreUnavailableError as err:
+                connected.set(0)
+                failures += 1
+                delay = min(FEED_RETRY_MAX, 0.1 * 2 ** min(failures, 6))
+                # Calls keep being answered from the view meanwhile; changes made while the
+                # store is unreachable arrive when the watch resumes from `revision`.
+                log_event(log, "change_feed_unavailable", level=logging.WARNING, revision=revision,
+                          error=str(err), retry_in=f"{delay:.1f}s")
+                await asyncio.sleep(delay)
+                continue
+            connected.set(0)
+            raise UnavailableError("the store's change feed ended unexpectedly (store closed?)")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Load, then follow the change feed until `stop` is set; a lost feed is an error."""
+        follow = asyncio.create_task(self._follow(), name="change-feed")
+        stopper = asyncio.create_task(stop.wait(), name="stop")
+        try:
+            done, _ = await asyncio.wait({follow, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if follow in done:
+                follow.result()  # re-raise: the change feed must never end silently
+        except StoreError as err:
+            raise UnavailableError(f"lost the store's change feed: {err}") from err
+        finally:
+            for task in (follow, stopper):
+                task.cancel()
+            await asyncio.gather(follow, stopper, return_exceptions=True)
