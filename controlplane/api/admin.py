@@ -122,7 +122,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             size = min(request.page_size or MAX_PAGE, MAX_PAGE)
             entries = await self._rt.store.list_entries(parent_id=request.parent_id or None)
             if request.spiffe_id:
-                entries = [e for e in entries if e.spiffe_id == request.spiffe_id]
+                entries = [e for e in entries if str(e.spiffe_id) == request.spiffe_id]
             entries.sort(key=lambda e: e.id)
             if request.page_token:
                 entries = [e for e in entries if e.id > request.page_token]
@@ -157,7 +157,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                          context: grpc.aio.ServicerContext) -> admin_pb2.ListAgentsResponse:
         async with grpc_errors(context, "ListAgents"):
             await self._authorize(context, "ListAgents")
-            nodes = sorted(await self._rt.store.list_attested_nodes(), key=lambda n: n.spiffe_id)
+            nodes = sorted(await self._rt.store.list_attested_nodes(), key=lambda n: str(n.spiffe_id))
             return admin_pb2.ListAgentsResponse(agents=[node_to_pb(n) for n in nodes])
 
     async def BanAgent(self, request: admin_pb2.BanAgentRequest,
@@ -342,7 +342,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             serial = f"{svid.leaf.serial_number:x}"
             expires = svid.leaf.not_valid_after_utc.timestamp()
             await self._rt.store.create_partner_certificate(PartnerCertificate(
-                serial=serial, spiffe_id=str(spiffe_id), not_after=expires, issued_at=self._rt.clock(),
+                serial=serial, spiffe_id=spiffe_id, not_after=expires, issued_at=self._rt.clock(),
                 issued_by=actor))
             await self._rt.audit.record("partner.issue", actor=actor, subject=str(spiffe_id), serial=serial,
                                         not_after=int(expires))
@@ -366,7 +366,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 raise FailedPreconditionError(f"partner certificate {serial} ({cert.spiffe_id}) is already revoked")
             await self._rt.store.replace_partner_certificate(
                 replace(cert, revoked_at=self._rt.clock(), reason=request.reason), revision)
-            await self._rt.audit.record("partner.revoke", actor=actor, subject=cert.spiffe_id, serial=serial,
+            await self._rt.audit.record("partner.revoke", actor=actor, subject=str(cert.spiffe_id), serial=serial,
                                         reason=request.reason)
             return admin_pb2.RevokePartnerCertificateResponse()
 

@@ -38,9 +38,15 @@ from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store import CompactedError
 from trustmesh.controlplane.store.records import (
     AttestedNode,
+    BundleChanged,
     BundleRecord,
+    CaChanged,
     Change,
+    EntryChanged,
+    NodeChanged,
     PartnerCertificate,
+    PartnerChanged,
+    PolicyChanged,
     PolicyRevision,
     RecordFormatError,
     RegistrationEntry,
@@ -267,7 +273,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             default_ttl = self._rt.config.default_x509_ttl
             # One call for the whole batch: the CA signs it off the event loop.
             signed = await self._rt.ca.sign_x509_svids([
-                (request.items[i].csr, SpiffeId.parse(e.spiffe_id),
+                (request.items[i].csr, e.spiffe_id,
                  timedelta(seconds=e.x509_ttl) if e.x509_ttl else default_ttl, e.dns_names)
                 for i, e in work
             ]) if work else []
@@ -282,7 +288,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                     continue
                 issued.append(entry.id)
                 results[i] = node_pb2.X509SignResult(entry_id=entry.id, svid=node_pb2.X509Svid(
-                    spiffe_id=entry.spiffe_id, cert_chain=[c.public_bytes(_DER) for c in outcome.cert_chain],
+                    spiffe_id=str(entry.spiffe_id), cert_chain=[c.public_bytes(_DER) for c in outcome.cert_chain],
                     expires_at=int(outcome.expires_at.timestamp())))
             counter = self._rt.metrics.counter("trustmesh_x509_svids_total", "X509-SVID requests by outcome",
                                                ["outcome"])
@@ -315,8 +321,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                                          ["outcome"]).inc(outcome="denied")
                 raise PermissionDeniedError(f"entry {request.entry_id[:64]!r} is not authorized for agent {peer.id}")
             ttl = timedelta(seconds=entry.jwt_ttl) if entry.jwt_ttl else self._rt.config.default_jwt_ttl
-            token, expires = self._rt.ca.sign_jwt_svid(SpiffeId.parse(entry.spiffe_id), audiences, ttl)
-            await self._rt.audit.record("jwt.issue", actor=peer.id, subject=entry.spiffe_id, entry_id=entry.id,
+            token, expires = self._rt.ca.sign_jwt_svid(entry.spiffe_id, audiences, ttl)
+            await self._rt.audit.record("jwt.issue", actor=peer.id, subject=str(entry.spiffe_id), entry_id=entry.id,
                                         audiences=audiences)
             self._rt.metrics.counter("trustmesh_jwt_svids_total", "JWT-SVID requests by outcome",
                                      ["outcome"]).inc(outcome="issued")
@@ -355,7 +361,7 @@ class NodeAPI:
     def __init__(self, rt: ServerRuntime) -> None:
         self.rt = rt
         self._td = rt.config.trust_domain
-        self.index = AuthorizedIndex(str(server_id(self._td)))
+        self.index = AuthorizedIndex(server_id(self._td))
         self.attestor = NodeAttestor(rt)
         self.ready = asyncio.Event()
         self.revision = 0  # every change up to this store revision is in the index
@@ -522,7 +528,7 @@ class NodeAPI:
         """Our own bundle, and the stored bundle of every trust domain these entries federate with."""
         own = bundle_to_pb(self.rt.ca.bundle())
         bundles = {own.trust_domain: own}
-        for td in sorted({td for e in entries for td in e.federates_with}):
+        for td in sorted({td.name for e in entries for td in e.federates_with}):
             federated = self._federated.get(td)
             if federated is not None and td not in bundles:
                 bundles[td] = federated
@@ -530,7 +536,7 @@ class NodeAPI:
 
     def _compiled_policy(self, entries: Iterable[RegistrationEntry]) -> types_pb2.CompiledPolicy:
         """The allowlists deciding for the destinations this agent's workloads serve."""
-        policy = self.policy.for_destinations([SpiffeId.parse(e.spiffe_id) for e in entries])
+        policy = self.policy.for_destinations([e.spiffe_id for e in entries])
         return policy_to_pb(replace(policy, revoked_serials=self._revoked))
 
     # --- the change feed ----------------------------------------------------------------
@@ -538,7 +544,7 @@ class NodeAPI:
     def node_written(self, node: AttestedNode) -> None:
         """Apply our own node write at once; the change feed will confirm it."""
         if self.ready.is_set():
-            self._wake(self._node_change(node.spiffe_id, node, node.revision))
+            self._wake(self._node_change(str(node.spiffe_id), node, node.revision))
 
     def _node_change(self, agent: str, node: AttestedNode | None, revision: int) -> set[str]:
         old = self.index.nodes.get(agent)
@@ -600,41 +606,37 @@ class NodeAPI:
 
     async def _apply(self, change: Change) -> set[str] | None:
         """Apply one change; return the agents whose streams must look again (None: all)."""
-        if change.kind == "entry":
-            entry = change.record if isinstance(change.record, RegistrationEntry) else None
-            return self.index.apply_entry(change.key, entry, change.revision)
-        if change.kind == "node":
-            node = change.record if isinstance(change.record, AttestedNode) else None
-            return self._node_change(change.key, node, change.revision)
-        if change.kind == "bundle":
-            self._set_federated(change.key, change.record if isinstance(change.record, BundleRecord) else None)
-            return None
-        if change.kind == "policy" and isinstance(change.record, PolicyRevision):
-            if change.record.revision > self.policy.revision:
-                self.policy = PolicyService.parse_stored(change.record)
-                self._policy_changed_at = change.revision
-                self._policy_committed_at = change.record.created_at
-                self.rt.metrics.gauge("trustmesh_policy_revision", "policy revision in force").set(
-                    change.record.revision)
+        match change:
+            case EntryChanged(key, entry, revision):
+                return self.index.apply_entry(key, entry, revision)
+            case NodeChanged(key, node, revision):
+                return self._node_change(key, node, revision)
+            case BundleChanged(key, bundle):
+                self._set_federated(key, bundle)
                 return None
-        if change.kind == "partner":
-            # A revocation reaches every agent at once: it is part of what each enforces.
-            record = change.record if isinstance(change.record, PartnerCertificate) else None
-            if record is None:
-                self._partner_revocations.pop(change.key, None)
-            else:
-                self._partner_revocations[change.key] = record.revoked_at > 0
-            revoked = frozenset(serial for serial, gone in self._partner_revocations.items() if gone)
-            if revoked == self._revoked:
-                return set()
-            self._revoked = revoked
-            return None
-        if change.kind == "ca":
-            # Another replica (or our own rotation) moved the CA journal: pick up the new
-            # roots and keys, republish bundle.pem, and push the bundle to every agent.
-            await self.rt.ca.reload()
-            self.rt.ca.write_bundle_pem(self.rt.config.bundle_path)
-            return None
+            case PolicyChanged(policy=PolicyRevision() as policy) if policy.revision > self.policy.revision:
+                self.policy = PolicyService.parse_stored(policy)
+                self._policy_changed_at = change.revision
+                self._policy_committed_at = policy.created_at
+                self.rt.metrics.gauge("trustmesh_policy_revision", "policy revision in force").set(policy.revision)
+                return None
+            case PartnerChanged(serial, certificate):
+                # A revocation reaches every agent at once: it is part of what each enforces.
+                if certificate is None:
+                    self._partner_revocations.pop(serial, None)
+                else:
+                    self._partner_revocations[serial] = certificate.revoked_at > 0
+                revoked = frozenset(s for s, gone in self._partner_revocations.items() if gone)
+                if revoked == self._revoked:
+                    return set()
+                self._revoked = revoked
+                return None
+            case CaChanged():
+                # Another replica (or our own rotation) moved the CA journal: pick up the new
+                # roots and keys, republish bundle.pem, and push the bundle to every agent.
+                await self.rt.ca.reload()
+                self.rt.ca.write_bundle_pem(self.rt.config.bundle_path)
+                return None
         return set()
 
     async def _follow(self) -> None:
