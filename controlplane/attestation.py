@@ -128,8 +128,8 @@ class NodeAttestor:
             raise await self._deny(agent, self._taken(existing), "join_token")
         svid = await self._issue(csr, agent, "join_token")
         node = AttestedNode(spiffe_id=agent_id(self._td, record.node_name), node_name=record.node_name,
-                            attestation_type="join_token", cert_serial=_serial(svid), cert_not_after=svid.expires_at.timestamp(), banned=False,
-                            created_at=now, updated_at=now,
+                            attestation_type="join_token", cert_serial=_serial(svid),
+                            cert_not_after=svid.expires_at.timestamp(), banned=False, created_at=now, updated_at=now,
                             selectors=(Selector("join_token", f"node:{record.node_name}"),
                                        Selector("node", f"name:{record.node_name}")))
         try:
