@@ -44,7 +44,6 @@ from trustmesh.controlplane.store.records import (
     Change,
     EntryChanged,
     NodeChanged,
-    PartnerCertificate,
     PartnerChanged,
     PolicyChanged,
     PolicyRevision,
@@ -64,7 +63,7 @@ from trustmesh.logs import log_event
 from trustmesh.naming import server_id
 from trustmesh.policy import Policy
 from trustmesh.policy.wire import policy_to_pb
-from trustmesh.spiffeid import SpiffeId, TrustDomain
+from trustmesh.spiffeid import TrustDomain
 
 log = logging.getLogger("trustmesh.node")
 
