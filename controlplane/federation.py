@@ -178,7 +178,7 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
 async def fetch_bundle(relationship: FederationRecord, known: Bundle | None, *,
                        timeout: float = FETCH_TIMEOUT) -> tuple[Bundle, bytes]:
     """Fetch and validate the partner's bundle; (bundle, the JWKS bytes as served)."""
-    td = TrustDomain(relationship.trust_domain)
+    td = relationship.trust_domain
     endpoint = parse_endpoint_url(relationship.endpoint_url)
     ctx = _client_context(relationship.profile, known)
 
@@ -189,7 +189,9 @@ async def fetch_bundle(relationship: FederationRecord, known: Bundle | None, *,
         try:
             if relationship.profile == "https_spiffe":
                 assert known is not None
-                _check_spiffe_peer(writer, known, SpiffeId.parse(relationship.endpoint_spiffe_id))
+                if relationship.endpoint_spiffe_id is None:
+                    raise InvalidSpiffeIdError("", "an https_spiffe relationship needs the endpoint's SPIFFE ID")
+                _check_spiffe_peer(writer, known, relationship.endpoint_spiffe_id)
             writer.write(f"GET {endpoint.path} HTTP/1.1\r\nHost: {endpoint.host}\r\nAccept: application/json\r\n"
                          "User-Agent: trustmesh\r\nConnection: close\r\n\r\n".encode())
             await writer.drain()
@@ -261,7 +263,7 @@ async def stored_bundle(rt: ServerRuntime, trust_domain: str) -> tuple[Bundle | 
 async def refresh(rt: ServerRuntime, relationship: FederationRecord, *, actor: str) -> Bundle:
     """Fetch one partner's bundle now; store it if it changed. Raises BundleFetchError
     after recording the failure (the stored bundle is left as it was)."""
-    td = relationship.trust_domain
+    td = relationship.trust_domain.name
     counter = rt.metrics.counter("trustmesh_federation_refresh_total", "federated bundle fetches by outcome",
                                  ["trust_domain", "outcome", "reason"])
     now = rt.clock()

@@ -278,7 +278,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             await self._authorize(context, "ListFederationRelationships")
             out = []
             for record in await self._rt.store.list_federations():
-                bundle, _ = await stored_bundle(self._rt, record.trust_domain)
+                bundle, _ = await stored_bundle(self._rt, record.trust_domain.name)
                 out.append(_relationship_pb(record, bundle))
             return admin_pb2.ListFederationRelationshipsResponse(relationships=out)
 
@@ -293,12 +293,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 await self._rt.audit.record("federation.create", actor=actor, subject=request.trust_domain[:255],
                                             outcome="denied", reason=str(err))
                 raise
-            bundle_record = None if bundle is None else BundleRecord(record.trust_domain, request.bundle, 1,
+            bundle_record = None if bundle is None else BundleRecord(record.trust_domain.name, request.bundle, 1,
                                                                      self._rt.clock())
             await self._rt.store.create_federation(record, bundle_record)
-            await self._rt.audit.record("federation.create", actor=actor, subject=record.trust_domain,
+            await self._rt.audit.record("federation.create", actor=actor, subject=record.trust_domain.name,
                                         endpoint=record.endpoint_url, profile=record.profile,
-                                        endpoint_spiffe_id=record.endpoint_spiffe_id)
+                                        endpoint_spiffe_id=str(record.endpoint_spiffe_id or ""))
             return admin_pb2.CreateFederationRelationshipResponse(relationship=_relationship_pb(record, bundle))
 
     async def DeleteFederationRelationship(self, request: admin_pb2.DeleteFederationRelationshipRequest,
@@ -412,9 +412,9 @@ _PROFILE_PB = {
 
 def _relationship_pb(record: FederationRecord, bundle: Bundle | None) -> admin_pb2.FederationRelationship:
     return admin_pb2.FederationRelationship(
-        trust_domain=record.trust_domain, bundle_endpoint_url=record.endpoint_url,
+        trust_domain=record.trust_domain.name, bundle_endpoint_url=record.endpoint_url,
         profile=_PROFILE_PB.get(record.profile, admin_pb2.BUNDLE_ENDPOINT_PROFILE_UNSPECIFIED),
-        endpoint_spiffe_id=record.endpoint_spiffe_id,
+        endpoint_spiffe_id=str(record.endpoint_spiffe_id or ""),
         bundle_sequence_number=(bundle.sequence_number or 0) if bundle is not None else 0,
         last_refreshed_at=int(record.last_refreshed_at), last_error=record.last_error,
     )

@@ -50,7 +50,7 @@ def check_relationship(request: admin_pb2.CreateFederationRelationshipRequest, o
     elif not request.bundle:
         raise InvalidArgumentError("give the partner's bundle endpoint (--endpoint URL --profile …) or its bundle "
                                    "(--bundle-file FILE)")
-    endpoint_id = ""
+    endpoint_id: SpiffeId | None = None
     if profile == "https_spiffe":
         if not request.endpoint_spiffe_id or not request.bundle:
             raise InvalidArgumentError("the https_spiffe profile needs --endpoint-spiffe-id (the endpoint's SPIFFE ID) "
@@ -62,7 +62,7 @@ def check_relationship(request: admin_pb2.CreateFederationRelationshipRequest, o
             raise InvalidArgumentError(f"--endpoint-spiffe-id: {err}") from err
         if endpoint.trust_domain != td:
             raise InvalidArgumentError(f"--endpoint-spiffe-id {endpoint} is not in the partner's trust domain {td}")
-        endpoint_id = str(endpoint)
+        endpoint_id = endpoint
     elif request.endpoint_spiffe_id:
         raise InvalidArgumentError("--endpoint-spiffe-id goes only with --profile https_spiffe")
     bundle = None
@@ -71,7 +71,7 @@ def check_relationship(request: admin_pb2.CreateFederationRelationshipRequest, o
             bundle = validate_bundle(request.bundle, td, None)
         except BundleFetchError as err:
             raise InvalidArgumentError(f"--bundle-file: {err}") from err
-    record = FederationRecord(trust_domain=td.name, endpoint_url=url, profile=profile, endpoint_spiffe_id=endpoint_id,
+    record = FederationRecord(trust_domain=td, endpoint_url=url, profile=profile, endpoint_spiffe_id=endpoint_id,
                               created_at=now)
     return record, bundle
 

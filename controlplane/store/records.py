@@ -110,6 +110,14 @@ def _selectors(kind: str, obj: dict[str, Any], name: str) -> tuple[Selector, ...
         ) from err
 
 
+def _trust_domain(kind: str, obj: dict[str, Any], name: str) -> TrustDomain:
+    text = _field(kind, obj, name, str)
+    try:
+        return _parse_td(text)
+    except InvalidSpiffeIdError as err:
+        raise RecordFormatError(f"stored {kind} record field {name!r} is not a trust domain ({err})") from err
+
+
 def _trust_domains(kind: str, obj: dict[str, Any], name: str) -> tuple[TrustDomain, ...]:
     try:
         return tuple(_parse_td(t) for t in _strings(kind, obj, name))
@@ -382,10 +390,10 @@ class FederationRecord:
     The bundle itself is a BundleRecord under the same trust domain.
     """
 
-    trust_domain: str
+    trust_domain: TrustDomain
     endpoint_url: str
     profile: str  # "https_web", "https_spiffe", or "" (no endpoint)
-    endpoint_spiffe_id: str
+    endpoint_spiffe_id: SpiffeId | None  # only for https_spiffe; stored as "" when None
     created_at: float
     last_refreshed_at: float = 0.0
     last_error: str = ""
@@ -396,10 +404,10 @@ class FederationRecord:
         return _dump(
             "federation",
             {
-                "trust_domain": self.trust_domain,
+                "trust_domain": self.trust_domain.name,
                 "endpoint_url": self.endpoint_url,
                 "profile": self.profile,
-                "endpoint_spiffe_id": self.endpoint_spiffe_id,
+                "endpoint_spiffe_id": "" if self.endpoint_spiffe_id is None else str(self.endpoint_spiffe_id),
                 "created_at": self.created_at,
                 "last_refreshed_at": self.last_refreshed_at,
                 "last_error": self.last_error,
@@ -412,10 +420,10 @@ class FederationRecord:
         k = "federation"
         o = _load(k, data)
         return cls(
-            trust_domain=_field(k, o, "trust_domain", str),
+            trust_domain=_trust_domain(k, o, "trust_domain"),
             endpoint_url=_field(k, o, "endpoint_url", str),
             profile=_field(k, o, "profile", str),
-            endpoint_spiffe_id=_field(k, o, "endpoint_spiffe_id", str),
+            endpoint_spiffe_id=_spiffe_id(k, o, "endpoint_spiffe_id") if o.get("endpoint_spiffe_id") != "" else None,
             created_at=float(_field(k, o, "created_at", _NUMBER)),
             last_refreshed_at=float(_field(k, o, "last_refreshed_at", _NUMBER)),
             last_error=_field(k, o, "last_error", str),

@@ -516,11 +516,11 @@ class Store:
 
     async def create_federation(self, record: FederationRecord, bundle: BundleRecord | None) -> None:
         """A new relationship, with its initial bundle if given, in one transaction."""
-        key = FEDERATION + _need(record.trust_domain, "trust domain")
+        key = FEDERATION + record.trust_domain.name
         ops: list[Op] = [Put(key, record.to_json())]
         guards = [Compare.absent(key)]
         if bundle is not None:
-            ops.append(Put(BUNDLES + record.trust_domain, bundle.to_json()))
+            ops.append(Put(BUNDLES + record.trust_domain.name, bundle.to_json()))
         result = await self._kv.txn(guards, ops)
         if not result.succeeded:
             raise AlreadyExistsError(
@@ -538,10 +538,10 @@ class Store:
     async def update_federation(self, record: FederationRecord, bundle: BundleRecord | None = None) -> bool:
         """Save the refresh outcome (and a new bundle) over exactly the record read;
         False when the relationship changed or was removed meanwhile (nothing written)."""
-        key = FEDERATION + record.trust_domain
+        key = FEDERATION + record.trust_domain.name
         ops: list[Op] = [Put(key, record.to_json())]
         if bundle is not None:
-            ops.append(Put(BUNDLES + record.trust_domain, bundle.to_json()))
+            ops.append(Put(BUNDLES + record.trust_domain.name, bundle.to_json()))
         result = await self._kv.txn([Compare.mod_revision(key, record.revision)], ops)
         return result.succeeded
 

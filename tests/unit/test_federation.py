@@ -114,6 +114,10 @@ def relationship(endpoint: Endpoint, **kw: object) -> FederationRecord:
     fields: dict[str, object] = dict(trust_domain=PARTNER.name, endpoint_url=endpoint.url, profile="https_spiffe",
                                      endpoint_spiffe_id=ENDPOINT_ID, created_at=0.0)
     fields.update(kw)
+    # Records hold parsed values; the tests name them as text, as the CLI would.
+    sid = fields["endpoint_spiffe_id"]
+    fields["endpoint_spiffe_id"] = SpiffeId.parse(sid) if isinstance(sid, str) and sid else None
+    fields["trust_domain"] = TrustDomain(str(fields["trust_domain"]))
     return FederationRecord(**fields)  # type: ignore[arg-type]
 
 

@@ -700,6 +700,9 @@ def test_v1_bytes_decode_to_typed_records_and_encode_back_unchanged(name: str) -
         assert isinstance(record.spiffe_id, SpiffeId) and all(isinstance(s, Selector) for s in record.selectors)
     if isinstance(record, PartnerCertificate):
         assert isinstance(record.spiffe_id, SpiffeId)
+    if isinstance(record, FederationRecord):
+        assert isinstance(record.trust_domain, TrustDomain)
+        assert (record.endpoint_spiffe_id is None) == (record.profile != "https_spiffe")
 
 
 def test_v1_entry_holds_parsed_values() -> None:
