@@ -33,7 +33,7 @@ from trustmesh.controlplane.registration import (
 from trustmesh.controlplane.store import Store, open_store
 from trustmesh.controlplane.store.records import AttestedNode, AuditEvent
 from trustmesh.errors import AlreadyExistsError, ConflictError, NotFoundError
-from trustmesh.spiffeid import TrustDomain
+from trustmesh.spiffeid import SpiffeId, TrustDomain
 
 TD = TrustDomain("example.org")
 AGENT = "spiffe://example.org/agent/node-1"
@@ -216,7 +216,7 @@ async def _events(store: Store) -> list[AuditEvent]:
 
 async def _attested(store: Store, node: str = "node-1") -> AttestedNode:
     return await store.create_attested_node(AttestedNode(
-        spiffe_id=f"spiffe://example.org/agent/{node}", node_name=node, attestation_type="join_token",
+        spiffe_id=SpiffeId.parse(f"spiffe://example.org/agent/{node}"), node_name=node, attestation_type="join_token",
         cert_serial="01", cert_not_after=1_790_003_600.0, banned=False, created_at=1.0, updated_at=1.0))
 
 

@@ -572,6 +572,39 @@ async def test_watch_decodes_typed_changes_in_order(store: Store) -> None:
     assert revisions == sorted(set(revisions))
 
 
+async def test_watch_types_federation_and_partner_changes(store: Store) -> None:
+    start = await store.current_revision()
+    feed = store.watch(start)
+    relationship = FederationRecord(TrustDomain("partner.example"), "https://partner.example/b", "https_spiffe",
+                                    SpiffeId.parse("spiffe://partner.example/server"), 1.0)
+    await store.create_federation(relationship, BundleRecord("partner.example", b"{}", 1, 1.0))
+    cert = PartnerCertificate("7a", SpiffeId.parse(f"{TD}/partners/acme"), 9.0, 1.0, "admin")
+    await store.create_partner_certificate(cert)
+    await store.delete_federation("partner.example")
+
+    batches = [await next_changes(feed) for _ in range(3)]
+    described = []
+    for change in (c for b in batches for c in b):
+        match change:
+            case FederationChanged(key, FederationRecord() as record):
+                assert record == replace(relationship, revision=change.revision)
+                described.append(f"federation {key}")
+            case FederationChanged(key, None):
+                described.append(f"federation {key} gone")
+            case BundleChanged(key, BundleRecord()):
+                described.append(f"bundle {key}")
+            case BundleChanged(key, None):
+                described.append(f"bundle {key} gone")
+            case PartnerChanged(key, PartnerCertificate() as record):
+                assert record == cert
+                described.append(f"partner {key}")
+            case _:
+                described.append(f"unexpected {change}")
+    assert sorted(described) == ["bundle partner.example", "bundle partner.example gone", "federation partner.example",
+                                 "federation partner.example gone", "partner 7a"]
+    await feed.aclose()
+
+
 async def test_watch_resumes_exactly_and_reports_compaction(store: Store) -> None:
     start = await store.current_revision()
     for i in range(4):
