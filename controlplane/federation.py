@@ -285,7 +285,7 @@ async def refresh(rt: ServerRuntime, relationship: FederationRecord, *, actor: s
     changed = record is None or record.jwks != body
     new_record = None
     if changed:
-        new_record = BundleRecord(td, body, (record.sequence if record else 0) + 1, now)
+        new_record = BundleRecord(relationship.trust_domain, body, (record.sequence if record else 0) + 1, now)
     done = replace(relationship, last_error="", last_refreshed_at=now,
                    next_refresh_at=now + refresh_interval(bundle).total_seconds())
     if await rt.store.update_federation(done, new_record):

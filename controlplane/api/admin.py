@@ -293,7 +293,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 await self._rt.audit.record("federation.create", actor=actor, subject=request.trust_domain[:255],
                                             outcome="denied", reason=str(err))
                 raise
-            bundle_record = None if bundle is None else BundleRecord(record.trust_domain.name, request.bundle, 1,
+            bundle_record = None if bundle is None else BundleRecord(record.trust_domain, request.bundle, 1,
                                                                      self._rt.clock())
             await self._rt.store.create_federation(record, bundle_record)
             await self._rt.audit.record("federation.create", actor=actor, subject=record.trust_domain.name,

@@ -596,7 +596,7 @@ class NodeAPI:
         self._gone_bundles |= set(self._federated)
         self._federated.clear()
         for record in bundles:
-            self._set_federated(record.trust_domain, record)
+            self._set_federated(record.trust_domain.name, record)
         self.revision = revision
         self.ready.set()
         log_event(log, "registry_loaded", entries=len(self.index.entries), agents=len(self.index.nodes),

@@ -301,7 +301,7 @@ class PolicyRevision:
 
 @dataclass(frozen=True)
 class BundleRecord:
-    trust_domain: str
+    trust_domain: TrustDomain
     jwks: bytes  # the SPIFFE bundle JSON, kept byte for byte (base64 in the record)
     sequence: int
     updated_at: float
@@ -310,7 +310,7 @@ class BundleRecord:
         return _dump(
             "bundle",
             {
-                "trust_domain": self.trust_domain,
+                "trust_domain": self.trust_domain.name,
                 "jwks": base64.b64encode(self.jwks).decode("ascii"),
                 "sequence": self.sequence,
                 "updated_at": self.updated_at,
@@ -326,7 +326,7 @@ class BundleRecord:
         except binascii.Error as err:
             raise RecordFormatError(f"stored bundle record has bad base64 jwks ({err})") from err
         return cls(
-            trust_domain=_field(k, o, "trust_domain", str),
+            trust_domain=_trust_domain(k, o, "trust_domain"),
             jwks=jwks,
             sequence=_field(k, o, "sequence", int),
             updated_at=float(_field(k, o, "updated_at", _NUMBER)),

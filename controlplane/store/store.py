@@ -65,7 +65,7 @@ from trustmesh.controlplane.store.records import (
     TokenChanged,
 )
 from trustmesh.errors import AlreadyExistsError, ConflictError, NotFoundError, StoreError
-from trustmesh.spiffeid import SpiffeId
+from trustmesh.spiffeid import SpiffeId, TrustDomain
 
 ENTRIES = "entries/"
 ENTRY_INDEX = "entry-index/"
@@ -482,7 +482,7 @@ class Store:
         self, record: BundleRecord, *, expected_sequence: int | None = None
     ) -> BundleRecord:
         """Store a bundle; with ``expected_sequence`` only over that sequence (0 = absent)."""
-        key = BUNDLES + _need(record.trust_domain, "trust domain")
+        key = BUNDLES + record.trust_domain.name
         if expected_sequence is None:
             await self._kv.txn([], [Put(key, record.to_json())])
             return record
@@ -502,15 +502,15 @@ class Store:
             f"(it was at {actual} and may have moved since); re-read it and retry"
         )
 
-    async def get_bundle(self, trust_domain: str) -> BundleRecord:
-        kv = await self._get(BUNDLES + trust_domain, f"bundle of {trust_domain}")
+    async def get_bundle(self, trust_domain: TrustDomain | str) -> BundleRecord:
+        kv = await self._get(BUNDLES + str(trust_domain), f"bundle of {trust_domain}")
         return BundleRecord.from_json(kv.value)
 
     async def list_bundles(self) -> list[BundleRecord]:
         return await self._list(BUNDLES, lambda kv: BundleRecord.from_json(kv.value))
 
-    async def delete_bundle(self, trust_domain: str) -> None:
-        await self._delete(BUNDLES + trust_domain, f"bundle of {trust_domain}")
+    async def delete_bundle(self, trust_domain: TrustDomain | str) -> None:
+        await self._delete(BUNDLES + str(trust_domain), f"bundle of {trust_domain}")
 
     # -- federation relationships ----------------------------------------------------
 

@@ -366,7 +366,7 @@ def _partner_bundle(sequence: int) -> tuple[BundleRecord, x509.Certificate]:
             .not_valid_after(now + timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(key, hashes.SHA256()))
     jwks = Bundle(TrustDomain("partner.example"), (root,), sequence_number=sequence).to_jwks()
-    return BundleRecord("partner.example", jwks, sequence, time.time()), root
+    return BundleRecord(TrustDomain("partner.example"), jwks, sequence, time.time()), root
 
 
 @pytest.mark.etcd

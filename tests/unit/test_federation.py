@@ -218,7 +218,7 @@ async def test_refresh_stores_a_new_bundle_and_keeps_the_last_good_one_on_failur
     ca, endpoint = partner
     initial = ca.bundle(sequence=1)
     await runtime.store.create_federation(relationship(endpoint),
-                                          BundleRecord(PARTNER.name, initial.to_jwks(), 1, 0.0))
+                                          BundleRecord(PARTNER, initial.to_jwks(), 1, 0.0))
     # A newer bundle (a second root, sequence 2) is fetched and stored.
     newer_root = PartnerCA(PARTNER)
     newer = Bundle(PARTNER, (ca.root, newer_root.root), (), sequence_number=2, refresh_hint=timedelta(seconds=30))

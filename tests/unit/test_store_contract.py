@@ -157,7 +157,7 @@ async def index_keys(store: Store) -> list[str]:
         node(banned=True),
         token(),
         PolicyRevision(3, "kind: Allowlist\n", "alice", "why", 1.5, "ab" * 32),
-        BundleRecord("partner.example", b'{"keys":[]}\xff', 7, 12.25),
+        BundleRecord(TrustDomain("partner.example"), b'{"keys":[]}\xff', 7, 12.25),
         audit(1, "0" * 64),
     ],
 )
@@ -439,7 +439,7 @@ async def test_policy_revisions_list_in_numeric_order(store: Store) -> None:
 
 
 async def test_bundle_crud_and_sequence_cas(store: Store) -> None:
-    b1 = BundleRecord("partner.example", b'{"keys":[1]}', 1, 10.0)
+    b1 = BundleRecord(TrustDomain("partner.example"), b'{"keys":[1]}', 1, 10.0)
     with pytest.raises(ConflictError, match="not at sequence 3"):
         await store.put_bundle(b1, expected_sequence=3)
     with pytest.raises(NotFoundError):
@@ -450,8 +450,8 @@ async def test_bundle_crud_and_sequence_cas(store: Store) -> None:
         await store.put_bundle(b2, expected_sequence=0)
     await store.put_bundle(b2, expected_sequence=1)
     assert await store.get_bundle("partner.example") == b2
-    await store.put_bundle(BundleRecord("a.example", b"{}", 1, 1.0))  # unconditional
-    assert [b.trust_domain for b in await store.list_bundles()] == ["a.example", "partner.example"]
+    await store.put_bundle(BundleRecord(TrustDomain("a.example"), b"{}", 1, 1.0))  # unconditional
+    assert [b.trust_domain.name for b in await store.list_bundles()] == ["a.example", "partner.example"]
     await store.delete_bundle("a.example")
     with pytest.raises(NotFoundError):
         await store.delete_bundle("a.example")
@@ -548,7 +548,7 @@ async def test_watch_decodes_typed_changes_in_order(store: Store) -> None:
     await store.create_join_token(token())
     await store.consume_join_token_and_attest("h1", node())
     await store.append_policy_revision("doc", "a", "", 1.0, expected_head=0)
-    await store.put_bundle(BundleRecord("partner.example", b"{}", 1, 1.0))
+    await store.put_bundle(BundleRecord(TrustDomain("partner.example"), b"{}", 1, 1.0))
     await store.save_ca_state(b"ca", expected_version=0)
     await store.append_audit_event(audit(1, ""))
     await store.delete_entry("e1")
@@ -577,7 +577,7 @@ async def test_watch_types_federation_and_partner_changes(store: Store) -> None:
     feed = store.watch(start)
     relationship = FederationRecord(TrustDomain("partner.example"), "https://partner.example/b", "https_spiffe",
                                     SpiffeId.parse("spiffe://partner.example/server"), 1.0)
-    await store.create_federation(relationship, BundleRecord("partner.example", b"{}", 1, 1.0))
+    await store.create_federation(relationship, BundleRecord(TrustDomain("partner.example"), b"{}", 1, 1.0))
     cert = PartnerCertificate("7a", SpiffeId.parse(f"{TD}/partners/acme"), 9.0, 1.0, "admin")
     await store.create_partner_certificate(cert)
     await store.delete_federation("partner.example")
@@ -733,8 +733,9 @@ def test_v1_bytes_decode_to_typed_records_and_encode_back_unchanged(name: str) -
         assert isinstance(record.spiffe_id, SpiffeId) and all(isinstance(s, Selector) for s in record.selectors)
     if isinstance(record, PartnerCertificate):
         assert isinstance(record.spiffe_id, SpiffeId)
-    if isinstance(record, FederationRecord):
+    if isinstance(record, (FederationRecord, BundleRecord)):
         assert isinstance(record.trust_domain, TrustDomain)
+    if isinstance(record, FederationRecord):
         assert (record.endpoint_spiffe_id is None) == (record.profile != "https_spiffe")
 
 
