@@ -4,6 +4,10 @@ Every record serialises to sorted, compact JSON carrying ``"v": 1``, so a later 
 be told apart and the bytes of an unchanged record never change (the audit chain and the
 value compares in the store rely on that). Store-assigned fields (``revision``) are not
 serialised: the store fills them from the key's mod_revision when it reads.
+
+Fields hold parsed values (``SpiffeId``, ``Selector``, ``TrustDomain``) so that no reader
+parses them again; in JSON they are their text, byte for byte what the string-typed records
+of earlier versions wrote (tests/unit/fixtures/records_v1.json keeps a sample of those).
 """
 
 from __future__ import annotations
