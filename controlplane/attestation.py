@@ -34,6 +34,7 @@ from trustmesh.errors import (
     TrustmeshError,
 )
 from trustmesh.naming import agent_id
+from trustmesh.selectors import Selector
 from trustmesh.spiffeid import SpiffeId
 from trustmesh.x509svid import X509Svid, issued_by
 
@@ -97,7 +98,7 @@ class NodeAttestor:
             raise await self.invalid(f"agent CSR refused: {err}", method, agent) from err
 
     async def _ok(self, node: AttestedNode, method: str) -> None:
-        await self._rt.audit.record("node.attest", actor=f"node:{node.node_name}", subject=node.spiffe_id,
+        await self._rt.audit.record("node.attest", actor=f"node:{node.node_name}", subject=str(node.spiffe_id),
                                     method=method, serial=node.cert_serial)
         self._rt.metrics.counter("trustmesh_node_attestations_total", "node attestations by method and outcome",
                                  ["method", "outcome"]).inc(method=method, outcome="ok")
@@ -126,10 +127,11 @@ class NodeAttestor:
         if existing is not None:
             raise await self._deny(agent, self._taken(existing), "join_token")
         svid = await self._issue(csr, agent, "join_token")
-        node = AttestedNode(spiffe_id=agent, node_name=record.node_name, attestation_type="join_token",
-                            cert_serial=_serial(svid), cert_not_after=svid.expires_at.timestamp(), banned=False,
-                            created_at=now, updated_at=now,
-                            selectors=(f"join_token:node:{record.node_name}", f"node:name:{record.node_name}"))
+        node = AttestedNode(spiffe_id=agent_id(self._td, record.node_name), node_name=record.node_name,
+                            attestation_type="join_token", cert_serial=_serial(svid),
+                            cert_not_after=svid.expires_at.timestamp(), banned=False, created_at=now, updated_at=now,
+                            selectors=(Selector("join_token", f"node:{record.node_name}"),
+                                       Selector("node", f"name:{record.node_name}")))
         try:
             await store.consume_join_token_and_attest(digest, node)
         except NotFoundError:
@@ -209,11 +211,11 @@ class NodeAttestor:
             raise await self._deny(agent, self._taken(existing), "x509pop")
         svid = await self._issue(csr, agent, "x509pop")
         now = self._rt.clock()
-        selectors = (f"node:name:{name}", f"x509pop:subject:cn:{name}",
-                     f"x509pop:ca:fingerprint:{challenge.ca_fingerprint}",
-                     f"x509pop:serialnumber:{format(challenge.leaf.serial_number, 'x')}")
+        selectors = (Selector("node", f"name:{name}"), Selector("x509pop", f"subject:cn:{name}"),
+                     Selector("x509pop", f"ca:fingerprint:{challenge.ca_fingerprint}"),
+                     Selector("x509pop", f"serialnumber:{format(challenge.leaf.serial_number, 'x')}"))
         if existing is None:
-            node = AttestedNode(spiffe_id=agent, node_name=name, attestation_type="x509pop",
+            node = AttestedNode(spiffe_id=agent_id(self._td, name), node_name=name, attestation_type="x509pop",
                                 cert_serial=_serial(svid), cert_not_after=svid.expires_at.timestamp(),
                                 banned=False, created_at=now, updated_at=now, selectors=selectors)
             try:

@@ -18,11 +18,15 @@ from collections.abc import Iterable
 
 from trustmesh.controlplane.store.records import AttestedNode, RegistrationEntry
 from trustmesh.selectors import matches
+from trustmesh.spiffeid import SpiffeId
 
 
 class AuthorizedIndex:
-    def __init__(self, server_id: str, resume_per_agent: int = 128) -> None:
-        self._server_id = server_id
+    # Agent IDs are keyed as text: they are what the peer's certificate and the sync streams
+    # name, and a record's parent compares with them after one str().
+    def __init__(self, server_id: SpiffeId, resume_per_agent: int = 128) -> None:
+        self._server = server_id
+        self._server_id = str(server_id)
         self.resume = ResumeLog(resume_per_agent)
         self._reset()
 
@@ -45,34 +49,36 @@ class AuthorizedIndex:
         self._reset()
         self.resume.reset(revision)
         for node in nodes:
-            self.nodes[node.spiffe_id] = node
+            self.nodes[str(node.spiffe_id)] = node
         for entry in entries:
             self._add_entry(entry)
         self._recompute_all_memberships()
 
     def _add_entry(self, entry: RegistrationEntry) -> None:
         self.entries[entry.id] = entry
-        self._by_parent[entry.parent_id].add(entry.id)
-        if entry.parent_id == self._server_id:
-            self._alias_entries[entry.spiffe_id].add(entry.id)
+        parent = str(entry.parent_id)
+        self._by_parent[parent].add(entry.id)
+        if parent == self._server_id:
+            self._alias_entries[str(entry.spiffe_id)].add(entry.id)
         if entry.admin:
-            self._admins[entry.spiffe_id] += 1
+            self._admins[str(entry.spiffe_id)] += 1
 
     def _remove_entry(self, entry_id: str) -> RegistrationEntry | None:
         entry = self.entries.pop(entry_id, None)
         if entry is None:
             return None
-        self._by_parent[entry.parent_id].discard(entry_id)
-        if not self._by_parent[entry.parent_id]:
-            del self._by_parent[entry.parent_id]
-        if entry.parent_id == self._server_id:
-            self._alias_entries[entry.spiffe_id].discard(entry_id)
-            if not self._alias_entries[entry.spiffe_id]:
-                del self._alias_entries[entry.spiffe_id]
+        parent, spiffe_id = str(entry.parent_id), str(entry.spiffe_id)
+        self._by_parent[parent].discard(entry_id)
+        if not self._by_parent[parent]:
+            del self._by_parent[parent]
+        if parent == self._server_id:
+            self._alias_entries[spiffe_id].discard(entry_id)
+            if not self._alias_entries[spiffe_id]:
+                del self._alias_entries[spiffe_id]
         if entry.admin:
-            self._admins[entry.spiffe_id] -= 1
-            if not self._admins[entry.spiffe_id]:
-                del self._admins[entry.spiffe_id]
+            self._admins[spiffe_id] -= 1
+            if not self._admins[spiffe_id]:
+                del self._admins[spiffe_id]
         return entry
 
     def _aliases_of(self, node: AttestedNode) -> set[str]:
@@ -119,15 +125,15 @@ class AuthorizedIndex:
         old = self._remove_entry(entry_id)
         affected: set[str] = set()
         if old is not None:
-            affected |= self._affected_by_parent(old.parent_id)
+            affected |= self._affected_by_parent(str(old.parent_id))
         if entry is not None:
             self._add_entry(entry)
-            affected |= self._affected_by_parent(entry.parent_id)
-        alias_touched = (old is not None and old.parent_id == self._server_id) or (
-            entry is not None and entry.parent_id == self._server_id)
+            affected |= self._affected_by_parent(str(entry.parent_id))
+        alias_touched = (old is not None and old.parent_id == self._server) or (
+            entry is not None and entry.parent_id == self._server)
         if alias_touched:
             affected |= self._recompute_all_memberships()
-            for alias in {e.spiffe_id for e in (old, entry) if e is not None}:
+            for alias in {str(e.spiffe_id) for e in (old, entry) if e is not None}:
                 affected |= self._affected_by_parent(alias)
         return {a for a in affected if a in self.nodes}, alias_touched
 
@@ -165,7 +171,8 @@ class AuthorizedIndex:
         entry = self.entries.get(entry_id)
         if entry is None:
             return False
-        return entry.parent_id == agent or entry.parent_id in self._node_aliases.get(agent, ())
+        parent = str(entry.parent_id)
+        return parent == agent or parent in self._node_aliases.get(agent, ())
 
 
 class ResumeLog:

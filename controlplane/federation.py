@@ -194,13 +194,15 @@ def _fetch_error(err: httpx.HTTPError, endpoint: Endpoint) -> BundleFetchError:
 async def fetch_bundle(relationship: FederationRecord, known: Bundle | None, *,
                        timeout: float = FETCH_TIMEOUT) -> tuple[Bundle, bytes]:
     """Fetch and validate the partner's bundle; (bundle, the JWKS bytes as served)."""
-    td = TrustDomain(relationship.trust_domain)
+    td = relationship.trust_domain
     endpoint = parse_endpoint_url(relationship.endpoint_url)
     ctx = _client_context(relationship.profile, known)
     check_peer = None
     if relationship.profile == "https_spiffe":
         assert known is not None  # _client_context refused https_spiffe without it
-        check_peer = partial(_check_spiffe_peer, known=known, expected=SpiffeId.parse(relationship.endpoint_spiffe_id))
+        if relationship.endpoint_spiffe_id is None:
+            raise InvalidSpiffeIdError("", "an https_spiffe relationship needs the endpoint's SPIFFE ID")
+        check_peer = partial(_check_spiffe_peer, known=known, expected=relationship.endpoint_spiffe_id)
     try:
         async with asyncio.timeout(timeout):
             body = await _get(endpoint, ctx, timeout, check_peer)
@@ -268,7 +270,7 @@ async def stored_bundle(rt: ServerRuntime, trust_domain: str) -> tuple[Bundle | 
 async def refresh(rt: ServerRuntime, relationship: FederationRecord, *, actor: str) -> Bundle:
     """Fetch one partner's bundle now; store it if it changed. Raises BundleFetchError
     after recording the failure (the stored bundle is left as it was)."""
-    td = relationship.trust_domain
+    td = relationship.trust_domain.name
     counter = rt.metrics.counter("trustmesh_federation_refresh_total", "federated bundle fetches by outcome",
                                  ["trust_domain", "outcome", "reason"])
     now = rt.clock()
@@ -290,7 +292,7 @@ async def refresh(rt: ServerRuntime, relationship: FederationRecord, *, actor: s
     changed = record is None or record.jwks != body
     new_record = None
     if changed:
-        new_record = BundleRecord(td, body, (record.sequence if record else 0) + 1, now)
+        new_record = BundleRecord(relationship.trust_domain, body, (record.sequence if record else 0) + 1, now)
     done = replace(relationship, last_error="", last_refreshed_at=now,
                    next_refresh_at=now + refresh_interval(bundle).total_seconds())
     if await rt.store.update_federation(done, new_record):

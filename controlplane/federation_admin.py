@@ -97,7 +97,7 @@ def check_relationship(spec: RelationshipSpec, own: TrustDomain, now: float) -> 
     elif not spec.bundle:
         raise InvalidArgumentError("give the partner's bundle endpoint (--endpoint URL --profile …) or its bundle "
                                    "(--bundle-file FILE)")
-    endpoint_id = ""
+    endpoint_id: SpiffeId | None = None
     if profile == "https_spiffe":
         if not spec.endpoint_spiffe_id or not spec.bundle:
             raise InvalidArgumentError("the https_spiffe profile needs --endpoint-spiffe-id (the endpoint's SPIFFE ID) "
@@ -109,7 +109,7 @@ def check_relationship(spec: RelationshipSpec, own: TrustDomain, now: float) -> 
             raise InvalidArgumentError(f"--endpoint-spiffe-id: {err}") from err
         if endpoint.trust_domain != td:
             raise InvalidArgumentError(f"--endpoint-spiffe-id {endpoint} is not in the partner's trust domain {td}")
-        endpoint_id = str(endpoint)
+        endpoint_id = endpoint
     elif spec.endpoint_spiffe_id:
         raise InvalidArgumentError("--endpoint-spiffe-id goes only with --profile https_spiffe")
     bundle = None
@@ -118,7 +118,7 @@ def check_relationship(spec: RelationshipSpec, own: TrustDomain, now: float) -> 
             bundle = validate_bundle(spec.bundle, td, None)
         except BundleFetchError as err:
             raise InvalidArgumentError(f"--bundle-file: {err}") from err
-    record = FederationRecord(trust_domain=td.name, endpoint_url=url, profile=profile, endpoint_spiffe_id=endpoint_id,
+    record = FederationRecord(trust_domain=td, endpoint_url=url, profile=profile, endpoint_spiffe_id=endpoint_id,
                               created_at=now)
     return record, bundle
 
@@ -134,7 +134,7 @@ class FederationAdmin:
     async def relationships(self) -> list[Relationship]:
         out = []
         for record in await self._rt.store.list_federations():
-            bundle, _ = await stored_bundle(self._rt, record.trust_domain)
+            bundle, _ = await stored_bundle(self._rt, record.trust_domain.name)
             out.append(Relationship(record, bundle))
         return out
 
@@ -148,9 +148,9 @@ class FederationAdmin:
         bundle_record = None if bundle is None else BundleRecord(record.trust_domain, spec.bundle, 1,
                                                                  self._rt.clock())
         await self._rt.store.create_federation(record, bundle_record)
-        await self._rt.audit.record("federation.create", actor=actor, subject=record.trust_domain,
+        await self._rt.audit.record("federation.create", actor=actor, subject=record.trust_domain.name,
                                     endpoint=record.endpoint_url, profile=record.profile,
-                                    endpoint_spiffe_id=record.endpoint_spiffe_id)
+                                    endpoint_spiffe_id=str(record.endpoint_spiffe_id or ""))
         return Relationship(record, bundle)
 
     async def delete(self, trust_domain: str, actor: str) -> None:

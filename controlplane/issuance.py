@@ -46,7 +46,7 @@ class X509Request:
 @dataclass(frozen=True)
 class X509Issued:
     entry_id: str
-    spiffe_id: str
+    spiffe_id: SpiffeId
     svid: X509Svid
 
 
@@ -126,7 +126,7 @@ class IssuanceService:
         default_ttl = self._rt.config.default_x509_ttl
         # One call for the whole batch: the CA signs it off the event loop.
         signed = await self._rt.ca.sign_x509_svids([
-            (items[i].csr, SpiffeId.parse(e.spiffe_id),
+            (items[i].csr, e.spiffe_id,
              timedelta(seconds=e.x509_ttl) if e.x509_ttl else default_ttl, e.dns_names)
             for i, e in work
         ]) if work else []
@@ -163,8 +163,8 @@ class IssuanceService:
             self._jwt.inc(outcome="denied")
             raise PermissionDeniedError(f"entry {entry_id[:64]!r} is not authorized for agent {agent}")
         ttl = timedelta(seconds=entry.jwt_ttl) if entry.jwt_ttl else self._rt.config.default_jwt_ttl
-        token, expires = self._rt.ca.sign_jwt_svid(SpiffeId.parse(entry.spiffe_id), audiences, ttl)
-        await self._rt.audit.record("jwt.issue", actor=agent, subject=entry.spiffe_id, entry_id=entry.id,
+        token, expires = self._rt.ca.sign_jwt_svid(entry.spiffe_id, audiences, ttl)
+        await self._rt.audit.record("jwt.issue", actor=agent, subject=str(entry.spiffe_id), entry_id=entry.id,
                                     audiences=list(audiences))
         self._jwt.inc(outcome="issued")
         return JwtIssued(token, expires)

@@ -91,7 +91,7 @@ class PartnerCertificates:
         serial = f"{svid.leaf.serial_number:x}"
         expires = svid.leaf.not_valid_after_utc.timestamp()
         await self._rt.store.create_partner_certificate(PartnerCertificate(
-            serial=serial, spiffe_id=str(spiffe_id), not_after=expires, issued_at=self._rt.clock(),
+            serial=serial, spiffe_id=spiffe_id, not_after=expires, issued_at=self._rt.clock(),
             issued_by=actor))
         await self._rt.audit.record("partner.issue", actor=actor, subject=str(spiffe_id), serial=serial,
                                     not_after=int(expires))

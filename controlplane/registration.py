@@ -30,7 +30,7 @@ from trustmesh.errors import (
     TrustmeshError,
 )
 from trustmesh.naming import agent_id, is_reserved, node_name_of, server_dns_name, server_id
-from trustmesh.selectors import InvalidSelectorError, parse_selectors
+from trustmesh.selectors import InvalidSelectorError, Selector, parse_selectors
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 
 # \Z, not $: "$" also matches before a final newline, and "node-1\n" is no node name.
@@ -132,8 +132,35 @@ class EntrySpec:
     admin: bool = False
 
 
+@dataclass(frozen=True)
+class CheckedEntry:
+    """An EntrySpec after `check_entry`: canonical and typed, ready to become a record."""
+
+    spiffe_id: SpiffeId
+    parent_id: SpiffeId
+    selectors: tuple[Selector, ...]  # de-duplicated and sorted
+    x509_ttl: int
+    jwt_ttl: int
+    dns_names: tuple[str, ...]
+    federates_with: tuple[TrustDomain, ...]  # de-duplicated and sorted by name
+    admin: bool
+
+    def as_spec(self) -> EntrySpec:
+        return EntrySpec(
+            spiffe_id=str(self.spiffe_id), parent_id=str(self.parent_id),
+            selectors=tuple(str(s) for s in self.selectors), x509_ttl=self.x509_ttl, jwt_ttl=self.jwt_ttl,
+            dns_names=self.dns_names, federates_with=tuple(td.name for td in self.federates_with),
+            admin=self.admin,
+        )
+
+
 def validate_entry(spec: EntrySpec, td: TrustDomain) -> EntrySpec:
     """Return the canonical form of `spec`, or raise InvalidArgumentError saying what to fix."""
+    return check_entry(spec, td).as_spec()
+
+
+def check_entry(spec: EntrySpec, td: TrustDomain) -> CheckedEntry:
+    """The canonical, typed form of `spec`, or InvalidArgumentError saying what to fix."""
     try:
         sid = SpiffeId.parse(spec.spiffe_id)
     except InvalidSpiffeIdError as err:
@@ -169,13 +196,13 @@ def validate_entry(spec: EntrySpec, td: TrustDomain) -> EntrySpec:
             raise InvalidArgumentError(
                 f"selector {shown(text)} is longer than {MAX_SELECTOR_LEN} characters")
     try:
-        selectors = tuple(str(s) for s in parse_selectors(spec.selectors))
+        selectors = parse_selectors(spec.selectors)
     except InvalidSelectorError as err:
         raise InvalidArgumentError(str(err)) from err
     if len(spec.dns_names) > MAX_LIST_ITEMS or len(spec.federates_with) > MAX_LIST_ITEMS:
         raise InvalidArgumentError(f"at most {MAX_LIST_ITEMS} DNS names and {MAX_LIST_ITEMS} federated trust domains")
     dns = tuple(dict.fromkeys(check_dns_name(d, td) for d in spec.dns_names))
-    federated = []
+    federated: set[TrustDomain] = set()
     for text in spec.federates_with:
         try:
             other = TrustDomain.parse(text)
@@ -183,12 +210,12 @@ def validate_entry(spec: EntrySpec, td: TrustDomain) -> EntrySpec:
             raise InvalidArgumentError(f"--federates-with: {err}") from err
         if other == td:
             raise InvalidArgumentError(f"--federates-with {other} is this server's own trust domain")
-        federated.append(other.name)
-    return EntrySpec(
-        spiffe_id=str(sid), parent_id=str(parent), selectors=selectors,
+        federated.add(other)
+    return CheckedEntry(
+        spiffe_id=sid, parent_id=parent, selectors=selectors,
         x509_ttl=_ttl(spec.x509_ttl, MIN_X509_TTL, MAX_X509_TTL, "--x509-ttl"),
         jwt_ttl=_ttl(spec.jwt_ttl, MIN_JWT_TTL, MAX_JWT_TTL, "--jwt-ttl"),
-        dns_names=dns, federates_with=tuple(sorted(set(federated))), admin=spec.admin,
+        dns_names=dns, federates_with=tuple(sorted(federated)), admin=spec.admin,
     )
 
 
@@ -282,12 +309,12 @@ class Registry:
 
     async def create_entry(self, spec: EntrySpec, actor: str) -> RegistrationEntry:
         try:
-            clean = validate_entry(spec, self._td)
+            clean = check_entry(spec, self._td)
             now = self._clock()
             entry = RegistrationEntry(
                 id=uuid.uuid4().hex, spiffe_id=clean.spiffe_id, parent_id=clean.parent_id,
-                selectors=tuple(clean.selectors), x509_ttl=clean.x509_ttl, jwt_ttl=clean.jwt_ttl,
-                dns_names=tuple(clean.dns_names), federates_with=tuple(clean.federates_with),
+                selectors=clean.selectors, x509_ttl=clean.x509_ttl, jwt_ttl=clean.jwt_ttl,
+                dns_names=clean.dns_names, federates_with=clean.federates_with,
                 admin=clean.admin, created_at=now, updated_at=now,
             )
             # One transaction writes the entry and its uniqueness claim, or neither.
@@ -295,8 +322,9 @@ class Registry:
         except (InvalidArgumentError, AlreadyExistsError) as err:
             await self._refused("entry.create", actor, spec.spiffe_id, err)
             raise
-        await self._audit("entry.create", actor, created.spiffe_id, entry_id=created.id, parent_id=created.parent_id,
-                          selectors=list(created.selectors), admin=created.admin)
+        await self._audit("entry.create", actor, str(created.spiffe_id), entry_id=created.id,
+                          parent_id=str(created.parent_id), selectors=[str(s) for s in created.selectors],
+                          admin=created.admin)
         return created
 
     async def update_entry(self, entry_id: str, spec: EntrySpec, actor: str,
@@ -305,18 +333,19 @@ class Registry:
         try:
             check_entry_id(entry_id)
             current = await self._store.get_entry(entry_id)
-            clean = validate_entry(spec, self._td)
+            clean = check_entry(spec, self._td)
             updated = replace(
-                current, spiffe_id=clean.spiffe_id, parent_id=clean.parent_id, selectors=tuple(clean.selectors),
-                x509_ttl=clean.x509_ttl, jwt_ttl=clean.jwt_ttl, dns_names=tuple(clean.dns_names),
-                federates_with=tuple(clean.federates_with), admin=clean.admin, updated_at=self._clock(),
+                current, spiffe_id=clean.spiffe_id, parent_id=clean.parent_id, selectors=clean.selectors,
+                x509_ttl=clean.x509_ttl, jwt_ttl=clean.jwt_ttl, dns_names=clean.dns_names,
+                federates_with=clean.federates_with, admin=clean.admin, updated_at=self._clock(),
             )
             result = await self._store.update_entry(updated, expected_revision=expected_revision or None)
         except TrustmeshError as err:
             await self._refused("entry.update", actor, entry_id, err)
             raise
-        await self._audit("entry.update", actor, result.spiffe_id, entry_id=entry_id, parent_id=result.parent_id,
-                          selectors=list(result.selectors), admin=result.admin)
+        await self._audit("entry.update", actor, str(result.spiffe_id), entry_id=entry_id,
+                          parent_id=str(result.parent_id), selectors=[str(s) for s in result.selectors],
+                          admin=result.admin)
         return result
 
     async def delete_entry(self, entry_id: str, actor: str, expected_revision: int | None = None) -> RegistrationEntry:
@@ -327,7 +356,7 @@ class Registry:
         except TrustmeshError as err:
             await self._refused("entry.delete", actor, entry_id, err)
             raise
-        await self._audit("entry.delete", actor, entry.spiffe_id, entry_id=entry_id)
+        await self._audit("entry.delete", actor, str(entry.spiffe_id), entry_id=entry_id)
         return entry
 
     # --- join tokens --------------------------------------------------------------------

@@ -31,9 +31,14 @@ from trustmesh.controlplane.policy_store import PolicyService
 from trustmesh.controlplane.store import CompactedError, Store
 from trustmesh.controlplane.store.records import (
     AttestedNode,
+    BundleChanged,
     BundleRecord,
+    CaChanged,
     Change,
-    PartnerCertificate,
+    EntryChanged,
+    NodeChanged,
+    PartnerChanged,
+    PolicyChanged,
     PolicyRevision,
     RecordFormatError,
     RegistrationEntry,
@@ -110,7 +115,7 @@ class RegistryView:
         self._metrics = metrics
         self._clock = clock
         self._subscribers: list[RegistrySubscriber] = []
-        self.index = AuthorizedIndex(str(server_id(trust_domain)))
+        self.index = AuthorizedIndex(server_id(trust_domain))
         self.ready = asyncio.Event()  # set once the registry is loaded: nothing is answered before
         self.revision = 0  # every change up to this store revision is in the view
         self.policy = Policy()
@@ -216,7 +221,7 @@ class RegistryView:
     async def node_written(self, node: AttestedNode) -> None:
         """Apply our own node write at once; the change feed will confirm it."""
         if self.ready.is_set():
-            agents = self._node_change(node.spiffe_id, node, node.revision)
+            agents = self._node_change(str(node.spiffe_id), node, node.revision)
             if agents:
                 await self._publish(AgentsChanged(frozenset(agents), self.revision))
 
@@ -271,7 +276,7 @@ class RegistryView:
         self._gone_bundles |= set(self._federated)
         self._federated.clear()
         for record in bundles:
-            self._set_federated(record.trust_domain, record)
+            self._set_federated(record.trust_domain.name, record)
         self.revision = revision
         self.ready.set()
         log_event(log, "registry_loaded", entries=len(self.index.entries), agents=len(self.index.nodes),
@@ -280,40 +285,37 @@ class RegistryView:
 
     async def _apply(self, change: Change) -> set[str] | None:
         """Apply one change; return the agents whose view changed (None: all)."""
-        if change.kind == "entry":
-            entry = change.record if isinstance(change.record, RegistrationEntry) else None
-            return self.index.apply_entry(change.key, entry, change.revision)
-        if change.kind == "node":
-            node = change.record if isinstance(change.record, AttestedNode) else None
-            return self._node_change(change.key, node, change.revision)
-        if change.kind == "bundle":
-            self._set_federated(change.key, change.record if isinstance(change.record, BundleRecord) else None)
-            return None
-        if change.kind == "policy" and isinstance(change.record, PolicyRevision):
-            if change.record.revision > self.policy.revision:
-                self.policy = PolicyService.parse_stored(change.record)
-                self.policy_changed_at = change.revision
-                self.policy_committed_at = change.record.created_at
-                self._metrics.gauge("trustmesh_policy_revision", "policy revision in force").set(
-                    change.record.revision)
+        match change:
+            case EntryChanged(key, entry, revision):
+                return self.index.apply_entry(key, entry, revision)
+            case NodeChanged(key, node, revision):
+                return self._node_change(key, node, revision)
+            case BundleChanged(key, bundle):
+                self._set_federated(key, bundle)
                 return None
-        if change.kind == "partner":
-            # A revocation reaches every agent at once: it is part of what each enforces.
-            record = change.record if isinstance(change.record, PartnerCertificate) else None
-            if record is None:
-                self._partner_revocations.pop(change.key, None)
-            else:
-                self._partner_revocations[change.key] = record.revoked_at > 0
-            revoked = frozenset(serial for serial, gone in self._partner_revocations.items() if gone)
-            if revoked == self._revoked:
-                return set()
-            self._revoked = revoked
-            return None
-        if change.kind == "ca":
-            # The CA subscriber picks up the new roots and keys (and republishes bundle.pem)
-            # before the batch ends and every agent is woken to receive the new bundle.
-            await self._publish(CAJournalChanged(change.revision))
-            return None
+            case PolicyChanged(policy=PolicyRevision() as policy, revision=revision) \
+                    if policy.revision > self.policy.revision:
+                self.policy = PolicyService.parse_stored(policy)
+                self.policy_changed_at = revision
+                self.policy_committed_at = policy.created_at
+                self._metrics.gauge("trustmesh_policy_revision", "policy revision in force").set(policy.revision)
+                return None
+            case PartnerChanged(serial, certificate):
+                # A revocation reaches every agent at once: it is part of what each enforces.
+                if certificate is None:
+                    self._partner_revocations.pop(serial, None)
+                else:
+                    self._partner_revocations[serial] = certificate.revoked_at > 0
+                revoked = frozenset(s for s, gone in self._partner_revocations.items() if gone)
+                if revoked == self._revoked:
+                    return set()
+                self._revoked = revoked
+                return None
+            case CaChanged(revision=revision):
+                # The CA subscriber picks up the new roots and keys (and republishes bundle.pem)
+                # before the batch ends and every agent is woken to receive the new bundle.
+                await self._publish(CAJournalChanged(revision))
+                return None
         return set()
 
     async def _follow(self) -> None:

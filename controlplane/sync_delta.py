@@ -23,7 +23,6 @@ from trustmesh.controlplane.api.convert import bundle_to_pb, entry_to_pb
 from trustmesh.controlplane.store.records import RegistrationEntry
 from trustmesh.policy import Policy
 from trustmesh.policy.wire import policy_to_pb
-from trustmesh.spiffeid import SpiffeId
 
 # A sync message holds at most this many entries and about this many bytes: with 4 MB as
 # gRPC's message limit, a page never comes near it whatever the entries hold.
@@ -96,11 +95,11 @@ def agent_state(entries: Sequence[RegistrationEntry], *, own_bundle: Bundle, fed
     every trust domain they federate with, and the allowlists deciding for their destinations."""
     own = bundle_to_pb(own_bundle)
     bundles = {own.trust_domain: own}
-    for td in sorted({td for e in entries for td in e.federates_with}):
+    for td in sorted({td.name for e in entries for td in e.federates_with}):
         stored = federated.get(td)
         if stored is not None and td not in bundles:
             bundles[td] = bundle_to_pb(stored)
-    compiled = policy.for_destinations([SpiffeId.parse(e.spiffe_id) for e in entries])
+    compiled = policy.for_destinations([e.spiffe_id for e in entries])
     return AgentState(entries, bundles, policy_to_pb(replace(compiled, revoked_serials=revoked_serials)), revision)
 
 

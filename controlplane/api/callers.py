@@ -26,7 +26,7 @@ from trustmesh.controlplane.api.calls import (
     current_caller,
 )
 from trustmesh.controlplane.api.peer import PeerAgent
-from trustmesh.controlplane.store.records import AttestedNode
+from trustmesh.controlplane.registration import AttestedNode
 from trustmesh.errors import UnauthenticatedError, VerificationError
 from trustmesh.naming import node_name_of
 from trustmesh.spiffeid import SpiffeId, TrustDomain

@@ -18,11 +18,11 @@ from trustmesh.controlplane.federation_admin import Relationship, RelationshipSp
 from trustmesh.controlplane.policy_store import PolicyRevision
 from trustmesh.controlplane.registration import AttestedNode, EntrySpec, RegistrationEntry
 from trustmesh.keys import spki_der
+from trustmesh.selectors import Selector
 
 
-def _selector_pb(text: str) -> types_pb2.Selector:
-    sel_type, _, value = text.partition(":")
-    return types_pb2.Selector(type=sel_type, value=value)
+def _selector_pb(selector: Selector) -> types_pb2.Selector:
+    return types_pb2.Selector(type=selector.type, value=selector.value)
 
 
 def selector_text(sel: types_pb2.Selector) -> str:
@@ -31,10 +31,10 @@ def selector_text(sel: types_pb2.Selector) -> str:
 
 def entry_to_pb(entry: RegistrationEntry) -> types_pb2.Entry:
     return types_pb2.Entry(
-        id=entry.id, spiffe_id=entry.spiffe_id, parent_id=entry.parent_id,
+        id=entry.id, spiffe_id=str(entry.spiffe_id), parent_id=str(entry.parent_id),
         selectors=[_selector_pb(s) for s in entry.selectors],
         x509_ttl_seconds=entry.x509_ttl, jwt_ttl_seconds=entry.jwt_ttl,
-        dns_names=list(entry.dns_names), federates_with=list(entry.federates_with),
+        dns_names=list(entry.dns_names), federates_with=[td.name for td in entry.federates_with],
         admin=entry.admin, revision=entry.revision,
         created_at=int(entry.created_at), updated_at=int(entry.updated_at),
     )
@@ -42,7 +42,7 @@ def entry_to_pb(entry: RegistrationEntry) -> types_pb2.Entry:
 
 def node_to_pb(node: AttestedNode) -> types_pb2.AttestedNode:
     return types_pb2.AttestedNode(
-        spiffe_id=node.spiffe_id, node_name=node.node_name, attestation_type=node.attestation_type,
+        spiffe_id=str(node.spiffe_id), node_name=node.node_name, attestation_type=node.attestation_type,
         cert_serial=node.cert_serial, cert_not_after=int(node.cert_not_after), banned=node.banned,
         created_at=int(node.created_at), updated_at=int(node.updated_at),
         selectors=[_selector_pb(s) for s in node.selectors], revision=node.revision,

@@ -158,7 +158,7 @@ def _chain(svid: X509Svid) -> list[bytes]:
 def _x509_result(outcome: X509Outcome) -> node_pb2.X509SignResult:
     if isinstance(outcome, X509Issued):
         return node_pb2.X509SignResult(entry_id=outcome.entry_id, svid=node_pb2.X509Svid(
-            spiffe_id=outcome.spiffe_id, cert_chain=_chain(outcome.svid),
+            spiffe_id=str(outcome.spiffe_id), cert_chain=_chain(outcome.svid),
             expires_at=int(outcome.svid.expires_at.timestamp())))
     if outcome.outcome == "denied":
         code = grpc.StatusCode.PERMISSION_DENIED

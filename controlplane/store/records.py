@@ -4,18 +4,25 @@ Every record serialises to sorted, compact JSON carrying ``"v": 1``, so a later 
 be told apart and the bytes of an unchanged record never change (the audit chain and the
 value compares in the store rely on that). Store-assigned fields (``revision``) are not
 serialised: the store fills them from the key's mod_revision when it reads.
+
+Fields hold parsed values (``SpiffeId``, ``Selector``, ``TrustDomain``) so that no reader
+parses them again; in JSON they are their text, byte for byte what the string-typed records
+of earlier versions wrote (tests/unit/fixtures/records_v1.json keeps a sample of those).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from trustmesh.errors import StoreError
+from trustmesh.errors import InvalidSpiffeIdError, StoreError
+from trustmesh.selectors import Selector
+from trustmesh.spiffeid import SpiffeId, TrustDomain
 
 FORMAT_VERSION = 1
 
@@ -67,16 +74,77 @@ def _strings(kind: str, obj: dict[str, Any], name: str) -> tuple[str, ...]:
 _NUMBER = (int, float)
 
 
+# Decoding parses each ID once per distinct text: a registry of 100k entries under a few
+# thousand agents repeats the same parent IDs, trust domains and selectors over and over.
+@functools.lru_cache(maxsize=65536)
+def _parse_id(text: str) -> SpiffeId:
+    return SpiffeId.parse(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_td(text: str) -> TrustDomain:
+    return TrustDomain(text)
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_selector(text: str) -> Selector:
+    # Not Selector.parse: what is stored was validated when it was written (and node
+    # selectors come from attestation itself); a stricter rule in a later version must
+    # not make an existing store unreadable. Only the shape "type:value" is required.
+    sel_type, sep, value = text.partition(":")
+    if not sep or not sel_type or not value:
+        raise ValueError(text)
+    return Selector(sel_type, value)
+
+
+def _spiffe_id(kind: str, obj: dict[str, Any], name: str) -> SpiffeId:
+    text = _field(kind, obj, name, str)
+    try:
+        return _parse_id(text)
+    except InvalidSpiffeIdError as err:
+        raise RecordFormatError(f"stored {kind} record field {name!r} is not a SPIFFE ID ({err})") from err
+
+
+def _selectors(kind: str, obj: dict[str, Any], name: str) -> tuple[Selector, ...]:
+    try:
+        return tuple(_parse_selector(t) for t in _strings(kind, obj, name))
+    except ValueError as err:
+        raise RecordFormatError(
+            f"stored {kind} record field {name!r} holds {str(err)[:96]!r}, which is no TYPE:VALUE selector"
+        ) from err
+
+
+def _trust_domain(kind: str, obj: dict[str, Any], name: str) -> TrustDomain:
+    text = _field(kind, obj, name, str)
+    try:
+        return _parse_td(text)
+    except InvalidSpiffeIdError as err:
+        raise RecordFormatError(f"stored {kind} record field {name!r} is not a trust domain ({err})") from err
+
+
+def _trust_domains(kind: str, obj: dict[str, Any], name: str) -> tuple[TrustDomain, ...]:
+    try:
+        return tuple(_parse_td(t) for t in _strings(kind, obj, name))
+    except InvalidSpiffeIdError as err:
+        raise RecordFormatError(f"stored {kind} record field {name!r} holds a bad trust domain ({err})") from err
+
+
+def _texts(values: tuple[object, ...]) -> list[str]:
+    return [str(v) for v in values]
+
+
 @dataclass(frozen=True)
 class RegistrationEntry:
     id: str
-    spiffe_id: str
-    parent_id: str
-    selectors: tuple[str, ...]  # each "type:value", e.g. "unix:uid:1000"
+    spiffe_id: SpiffeId
+    # An agent ID, or a node alias: the SPIFFE ID of an alias entry (one whose parent is
+    # the server's ID). Both are SPIFFE IDs, so one type holds either.
+    parent_id: SpiffeId
+    selectors: tuple[Selector, ...]  # e.g. unix:uid:1000, kept in stored order
     x509_ttl: int  # seconds
     jwt_ttl: int  # seconds
     dns_names: tuple[str, ...]
-    federates_with: tuple[str, ...]
+    federates_with: tuple[TrustDomain, ...]
     admin: bool
     created_at: float
     updated_at: float
@@ -87,13 +155,13 @@ class RegistrationEntry:
             "entry",
             {
                 "id": self.id,
-                "spiffe_id": self.spiffe_id,
-                "parent_id": self.parent_id,
-                "selectors": list(self.selectors),
+                "spiffe_id": str(self.spiffe_id),
+                "parent_id": str(self.parent_id),
+                "selectors": _texts(self.selectors),
                 "x509_ttl": self.x509_ttl,
                 "jwt_ttl": self.jwt_ttl,
                 "dns_names": list(self.dns_names),
-                "federates_with": list(self.federates_with),
+                "federates_with": _texts(self.federates_with),
                 "admin": self.admin,
                 "created_at": self.created_at,
                 "updated_at": self.updated_at,
@@ -106,13 +174,13 @@ class RegistrationEntry:
         o = _load(k, data)
         return cls(
             id=_field(k, o, "id", str),
-            spiffe_id=_field(k, o, "spiffe_id", str),
-            parent_id=_field(k, o, "parent_id", str),
-            selectors=_strings(k, o, "selectors"),
+            spiffe_id=_spiffe_id(k, o, "spiffe_id"),
+            parent_id=_spiffe_id(k, o, "parent_id"),
+            selectors=_selectors(k, o, "selectors"),
             x509_ttl=_field(k, o, "x509_ttl", int),
             jwt_ttl=_field(k, o, "jwt_ttl", int),
             dns_names=_strings(k, o, "dns_names"),
-            federates_with=_strings(k, o, "federates_with"),
+            federates_with=_trust_domains(k, o, "federates_with"),
             admin=_field(k, o, "admin", bool),
             created_at=float(_field(k, o, "created_at", _NUMBER)),
             updated_at=float(_field(k, o, "updated_at", _NUMBER)),
@@ -122,7 +190,7 @@ class RegistrationEntry:
 
 @dataclass(frozen=True)
 class AttestedNode:
-    spiffe_id: str
+    spiffe_id: SpiffeId  # the agent ID
     node_name: str
     attestation_type: str
     cert_serial: str
@@ -130,14 +198,14 @@ class AttestedNode:
     banned: bool
     created_at: float
     updated_at: float
-    selectors: tuple[str, ...] = ()
+    selectors: tuple[Selector, ...] = ()  # from node attestation, e.g. node:name:node-1
     revision: int = 0  # the store's mod_revision, filled on read
 
     def to_json(self) -> bytes:
         return _dump(
             "node",
             {
-                "spiffe_id": self.spiffe_id,
+                "spiffe_id": str(self.spiffe_id),
                 "node_name": self.node_name,
                 "attestation_type": self.attestation_type,
                 "cert_serial": self.cert_serial,
@@ -145,7 +213,7 @@ class AttestedNode:
                 "banned": self.banned,
                 "created_at": self.created_at,
                 "updated_at": self.updated_at,
-                "selectors": list(self.selectors),
+                "selectors": _texts(self.selectors),
             },
         )
 
@@ -154,7 +222,7 @@ class AttestedNode:
         k = "attested node"
         o = _load(k, data)
         return cls(
-            spiffe_id=_field(k, o, "spiffe_id", str),
+            spiffe_id=_spiffe_id(k, o, "spiffe_id"),
             node_name=_field(k, o, "node_name", str),
             attestation_type=_field(k, o, "attestation_type", str),
             cert_serial=_field(k, o, "cert_serial", str),
@@ -162,7 +230,7 @@ class AttestedNode:
             banned=_field(k, o, "banned", bool),
             created_at=float(_field(k, o, "created_at", _NUMBER)),
             updated_at=float(_field(k, o, "updated_at", _NUMBER)),
-            selectors=_strings(k, o, "selectors"),
+            selectors=_selectors(k, o, "selectors"),
             revision=revision,
         )
 
@@ -237,7 +305,7 @@ class PolicyRevision:
 
 @dataclass(frozen=True)
 class BundleRecord:
-    trust_domain: str
+    trust_domain: TrustDomain
     jwks: bytes  # the SPIFFE bundle JSON, kept byte for byte (base64 in the record)
     sequence: int
     updated_at: float
@@ -246,7 +314,7 @@ class BundleRecord:
         return _dump(
             "bundle",
             {
-                "trust_domain": self.trust_domain,
+                "trust_domain": self.trust_domain.name,
                 "jwks": base64.b64encode(self.jwks).decode("ascii"),
                 "sequence": self.sequence,
                 "updated_at": self.updated_at,
@@ -262,7 +330,7 @@ class BundleRecord:
         except binascii.Error as err:
             raise RecordFormatError(f"stored bundle record has bad base64 jwks ({err})") from err
         return cls(
-            trust_domain=_field(k, o, "trust_domain", str),
+            trust_domain=_trust_domain(k, o, "trust_domain"),
             jwks=jwks,
             sequence=_field(k, o, "sequence", int),
             updated_at=float(_field(k, o, "updated_at", _NUMBER)),
@@ -318,25 +386,6 @@ class AuditEvent:
         )
 
 
-CHANGE_KINDS = ("entry", "node", "token", "policy", "bundle", "ca", "audit")
-
-
-@dataclass(frozen=True)
-class Change:
-    """One change from the store's change feed.
-
-    ``key`` is the record's own key (entry id, node SPIFFE ID, token hash, policy revision
-    number, trust domain, "journal" for the CA, audit seq). ``record`` is the decoded
-    record after the change (bytes for the CA journal), or None when ``deleted``.
-    """
-
-    kind: str
-    key: str
-    revision: int
-    deleted: bool
-    record: object | None
-
-
 @dataclass(frozen=True)
 class FederationRecord:
     """A federation relationship: where to fetch a partner trust domain's bundle, and how.
@@ -345,10 +394,10 @@ class FederationRecord:
     The bundle itself is a BundleRecord under the same trust domain.
     """
 
-    trust_domain: str
+    trust_domain: TrustDomain
     endpoint_url: str
     profile: str  # "https_web", "https_spiffe", or "" (no endpoint)
-    endpoint_spiffe_id: str
+    endpoint_spiffe_id: SpiffeId | None  # only for https_spiffe; stored as "" when None
     created_at: float
     last_refreshed_at: float = 0.0
     last_error: str = ""
@@ -359,10 +408,10 @@ class FederationRecord:
         return _dump(
             "federation",
             {
-                "trust_domain": self.trust_domain,
+                "trust_domain": self.trust_domain.name,
                 "endpoint_url": self.endpoint_url,
                 "profile": self.profile,
-                "endpoint_spiffe_id": self.endpoint_spiffe_id,
+                "endpoint_spiffe_id": "" if self.endpoint_spiffe_id is None else str(self.endpoint_spiffe_id),
                 "created_at": self.created_at,
                 "last_refreshed_at": self.last_refreshed_at,
                 "last_error": self.last_error,
@@ -375,10 +424,10 @@ class FederationRecord:
         k = "federation"
         o = _load(k, data)
         return cls(
-            trust_domain=_field(k, o, "trust_domain", str),
+            trust_domain=_trust_domain(k, o, "trust_domain"),
             endpoint_url=_field(k, o, "endpoint_url", str),
             profile=_field(k, o, "profile", str),
-            endpoint_spiffe_id=_field(k, o, "endpoint_spiffe_id", str),
+            endpoint_spiffe_id=_spiffe_id(k, o, "endpoint_spiffe_id") if o.get("endpoint_spiffe_id") != "" else None,
             created_at=float(_field(k, o, "created_at", _NUMBER)),
             last_refreshed_at=float(_field(k, o, "last_refreshed_at", _NUMBER)),
             last_error=_field(k, o, "last_error", str),
@@ -392,7 +441,7 @@ class PartnerCertificate:
     """A certificate issued to a partner from its CSR; ``revoked_at`` > 0 once revoked."""
 
     serial: str  # lower-case hex
-    spiffe_id: str
+    spiffe_id: SpiffeId
     not_after: float
     issued_at: float
     issued_by: str
@@ -404,7 +453,7 @@ class PartnerCertificate:
             "partner certificate",
             {
                 "serial": self.serial,
-                "spiffe_id": self.spiffe_id,
+                "spiffe_id": str(self.spiffe_id),
                 "not_after": self.not_after,
                 "issued_at": self.issued_at,
                 "issued_by": self.issued_by,
@@ -419,10 +468,129 @@ class PartnerCertificate:
         o = _load(k, data)
         return cls(
             serial=_field(k, o, "serial", str),
-            spiffe_id=_field(k, o, "spiffe_id", str),
+            spiffe_id=_spiffe_id(k, o, "spiffe_id"),
             not_after=float(_field(k, o, "not_after", _NUMBER)),
             issued_at=float(_field(k, o, "issued_at", _NUMBER)),
             issued_by=_field(k, o, "issued_by", str),
             revoked_at=float(_field(k, o, "revoked_at", _NUMBER)),
             reason=_field(k, o, "reason", str),
         )
+
+
+# --- the change feed ---------------------------------------------------------------------
+#
+# One change type per record kind, each carrying its record after the change (None when
+# it was deleted) and the store revision of the change. Consumers handle them with
+# ``match``; ``kind`` is a label for logs and metrics, not something to dispatch on.
+
+
+@dataclass(frozen=True, slots=True)
+class EntryChanged:
+    kind: ClassVar[str] = "entry"
+    key: str  # the entry id
+    entry: RegistrationEntry | None
+    revision: int
+
+    @property
+    def deleted(self) -> bool:
+        return self.entry is None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeChanged:
+    kind: ClassVar[str] = "node"
+    key: str  # the agent ID, as the node is keyed
+    node: AttestedNode | None
+    revision: int
+
+    @property
+    def deleted(self) -> bool:
+        return self.node is None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenChanged:
+    kind: ClassVar[str] = "token"
+    key: str  # the token hash
+    token: JoinToken | None
+    revision: int
+
+    @property
+    def deleted(self) -> bool:
+        return self.token is None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyChanged:
+    kind: ClassVar[str] = "policy"
+    key: str  # the policy revision number, decimal
+    policy: PolicyRevision | None
+    revision: int
+
+    @property
+    def deleted(self) -> bool:
+        return self.policy is None
+
+
+@dataclass(frozen=True, slots=True)
+class BundleChanged:
+    kind: ClassVar[str] = "bundle"
+    key: str  # the trust domain name
+    bundle: BundleRecord | None
+    revision: int
+
+    @property
+    def deleted(self) -> bool:
+        return self.bundle is None
+
+
+@dataclass(frozen=True, slots=True)
+class CaChanged:
+    kind: ClassVar[str] = "ca"
+    key: str  # always "journal"
+    journal: bytes | None  # opaque (encrypted by the CA module)
+    revision: int
+
+    @property
+    def deleted(self) -> bool:
+        return self.journal is None
+
+
+@dataclass(frozen=True, slots=True)
+class FederationChanged:
+    kind: ClassVar[str] = "federation"
+    key: str  # the partner trust domain name
+    federation: FederationRecord | None
+    revision: int
+
+    @property
+    def deleted(self) -> bool:
+        return self.federation is None
+
+
+@dataclass(frozen=True, slots=True)
+class PartnerChanged:
+    kind: ClassVar[str] = "partner"
+    key: str  # the certificate serial, lower-case hex
+    certificate: PartnerCertificate | None
+    revision: int
+
+    @property
+    def deleted(self) -> bool:
+        return self.certificate is None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditAppended:
+    kind: ClassVar[str] = "audit"
+    key: str  # the event's sequence number, decimal
+    event: AuditEvent | None
+    revision: int
+
+    @property
+    def deleted(self) -> bool:
+        return self.event is None
+
+
+Change = (EntryChanged | NodeChanged | TokenChanged | PolicyChanged | BundleChanged | CaChanged
+          | FederationChanged | PartnerChanged | AuditAppended)

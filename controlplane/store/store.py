@@ -46,16 +46,26 @@ from trustmesh.controlplane.store.kv import (
 )
 from trustmesh.controlplane.store.records import (
     AttestedNode,
+    AuditAppended,
     AuditEvent,
+    BundleChanged,
     BundleRecord,
+    CaChanged,
     Change,
+    EntryChanged,
+    FederationChanged,
     FederationRecord,
     JoinToken,
+    NodeChanged,
     PartnerCertificate,
+    PartnerChanged,
+    PolicyChanged,
     PolicyRevision,
     RegistrationEntry,
+    TokenChanged,
 )
 from trustmesh.errors import AlreadyExistsError, ConflictError, NotFoundError, StoreError
+from trustmesh.spiffeid import SpiffeId, TrustDomain
 
 ENTRIES = "entries/"
 ENTRY_INDEX = "entry-index/"
@@ -89,8 +99,10 @@ def _numbered(prefix: str, n: int) -> str:
 
 def entry_identity_key(entry: RegistrationEntry) -> str:
     """The uniqueness index key: one entry per (spiffe_id, parent_id, selector set)."""
+    # Text, sorted as text: the key must stay what earlier versions wrote.
     identity = json.dumps(
-        [entry.spiffe_id, entry.parent_id, sorted(set(entry.selectors))], separators=(",", ":")
+        [str(entry.spiffe_id), str(entry.parent_id), sorted({str(s) for s in entry.selectors})],
+        separators=(",", ":"),
     )
     return ENTRY_INDEX + hashlib.sha256(identity.encode()).hexdigest()
 
@@ -245,11 +257,13 @@ class Store:
     async def get_entry(self, entry_id: str) -> RegistrationEntry:
         return self._entry(await self._get(ENTRIES + entry_id, f"registration entry {entry_id!r}"))
 
-    async def list_entries(self, parent_id: str | None = None) -> list[RegistrationEntry]:
+    async def list_entries(self, parent_id: SpiffeId | str | None = None) -> list[RegistrationEntry]:
+        """Every entry, or those under ``parent_id`` (as text, any text: no match, no error)."""
         entries = await self._list(ENTRIES, self._entry)
         if parent_id is None:
             return entries
-        return [e for e in entries if e.parent_id == parent_id]
+        parent = str(parent_id)
+        return [e for e in entries if str(e.parent_id) == parent]
 
     async def update_entry(
         self, entry: RegistrationEntry, *, expected_revision: int | None = None
@@ -313,12 +327,12 @@ class Store:
         return AttestedNode.from_json(kv.value, revision=kv.mod_revision)
 
     async def create_attested_node(self, node: AttestedNode) -> AttestedNode:
-        key = NODES + _need(node.spiffe_id, "node SPIFFE ID")
+        key = NODES + str(node.spiffe_id)
         revision = await self._create(key, node.to_json(), f"attested node {node.spiffe_id}")
         return replace(node, revision=revision)
 
-    async def get_attested_node(self, spiffe_id: str) -> AttestedNode:
-        return self._node(await self._get(NODES + spiffe_id, f"attested node {spiffe_id}"))
+    async def get_attested_node(self, spiffe_id: SpiffeId | str) -> AttestedNode:
+        return self._node(await self._get(NODES + str(spiffe_id), f"attested node {spiffe_id}"))
 
     async def list_attested_nodes(self) -> list[AttestedNode]:
         return await self._list(NODES, self._node)
@@ -327,15 +341,15 @@ class Store:
         self, node: AttestedNode, *, expected_revision: int | None = None
     ) -> AttestedNode:
         revision = await self._replace(
-            NODES + node.spiffe_id,
+            NODES + str(node.spiffe_id),
             node.to_json(),
             expected_revision,
             f"attested node {node.spiffe_id}",
         )
         return replace(node, revision=revision)
 
-    async def delete_attested_node(self, spiffe_id: str) -> None:
-        await self._delete(NODES + spiffe_id, f"attested node {spiffe_id}")
+    async def delete_attested_node(self, spiffe_id: SpiffeId | str) -> None:
+        await self._delete(NODES + str(spiffe_id), f"attested node {spiffe_id}")
 
     # -- join tokens -----------------------------------------------------------------
 
@@ -360,7 +374,7 @@ class Store:
         Expiry is the caller's rule (it owns the clock); read the token first to check it.
         """
         token_key = TOKENS + token_hash
-        node_key = NODES + _need(node.spiffe_id, "node SPIFFE ID")
+        node_key = NODES + str(node.spiffe_id)
         result = await self._kv.txn(
             [Compare.exists(token_key), Compare.absent(node_key)],
             [Delete(token_key), Put(node_key, node.to_json())],
@@ -401,7 +415,7 @@ class Store:
             # Guarded by the revision we judged: a node that renewed meanwhile stays.
             result = await self._kv.txn([Compare.mod_revision(kv.key, kv.mod_revision)], [Delete(kv.key)])
             if result.succeeded:
-                deleted.append(node.spiffe_id)
+                deleted.append(str(node.spiffe_id))
         return deleted
 
     # -- policy revisions ------------------------------------------------------------
@@ -468,7 +482,7 @@ class Store:
         self, record: BundleRecord, *, expected_sequence: int | None = None
     ) -> BundleRecord:
         """Store a bundle; with ``expected_sequence`` only over that sequence (0 = absent)."""
-        key = BUNDLES + _need(record.trust_domain, "trust domain")
+        key = BUNDLES + record.trust_domain.name
         if expected_sequence is None:
             await self._kv.txn([], [Put(key, record.to_json())])
             return record
@@ -488,25 +502,25 @@ class Store:
             f"(it was at {actual} and may have moved since); re-read it and retry"
         )
 
-    async def get_bundle(self, trust_domain: str) -> BundleRecord:
-        kv = await self._get(BUNDLES + trust_domain, f"bundle of {trust_domain}")
+    async def get_bundle(self, trust_domain: TrustDomain | str) -> BundleRecord:
+        kv = await self._get(BUNDLES + str(trust_domain), f"bundle of {trust_domain}")
         return BundleRecord.from_json(kv.value)
 
     async def list_bundles(self) -> list[BundleRecord]:
         return await self._list(BUNDLES, lambda kv: BundleRecord.from_json(kv.value))
 
-    async def delete_bundle(self, trust_domain: str) -> None:
-        await self._delete(BUNDLES + trust_domain, f"bundle of {trust_domain}")
+    async def delete_bundle(self, trust_domain: TrustDomain | str) -> None:
+        await self._delete(BUNDLES + str(trust_domain), f"bundle of {trust_domain}")
 
     # -- federation relationships ----------------------------------------------------
 
     async def create_federation(self, record: FederationRecord, bundle: BundleRecord | None) -> None:
         """A new relationship, with its initial bundle if given, in one transaction."""
-        key = FEDERATION + _need(record.trust_domain, "trust domain")
+        key = FEDERATION + record.trust_domain.name
         ops: list[Op] = [Put(key, record.to_json())]
         guards = [Compare.absent(key)]
         if bundle is not None:
-            ops.append(Put(BUNDLES + record.trust_domain, bundle.to_json()))
+            ops.append(Put(BUNDLES + record.trust_domain.name, bundle.to_json()))
         result = await self._kv.txn(guards, ops)
         if not result.succeeded:
             raise AlreadyExistsError(
@@ -524,10 +538,10 @@ class Store:
     async def update_federation(self, record: FederationRecord, bundle: BundleRecord | None = None) -> bool:
         """Save the refresh outcome (and a new bundle) over exactly the record read;
         False when the relationship changed or was removed meanwhile (nothing written)."""
-        key = FEDERATION + record.trust_domain
+        key = FEDERATION + record.trust_domain.name
         ops: list[Op] = [Put(key, record.to_json())]
         if bundle is not None:
-            ops.append(Put(BUNDLES + record.trust_domain, bundle.to_json()))
+            ops.append(Put(BUNDLES + record.trust_domain.name, bundle.to_json()))
         result = await self._kv.txn([Compare.mod_revision(key, record.revision)], ops)
         return result.succeeded
 
@@ -706,38 +720,31 @@ class Store:
 
 
 def _decode_change(event: Event) -> Change | None:
-    deleted = event.type is EventType.DELETE
-    key, value, rev = event.key, event.value, event.mod_revision
-
-    def change(kind: str, name: str, decode: Callable[[bytes], object]) -> Change:
-        return Change(kind, name, rev, deleted, None if deleted else decode(value))
-
+    key, rev = event.key, event.mod_revision
+    value = None if event.type is EventType.DELETE else event.value
     if key.startswith(ENTRIES):
-        return change(
-            "entry",
-            key[len(ENTRIES) :],
-            lambda v: RegistrationEntry.from_json(v, revision=rev),
-        )
+        entry = None if value is None else RegistrationEntry.from_json(value, revision=rev)
+        return EntryChanged(key[len(ENTRIES):], entry, rev)
     if key.startswith(NODES):
-        return change(
-            "node", key[len(NODES) :], lambda v: AttestedNode.from_json(v, revision=rev)
-        )
+        node = None if value is None else AttestedNode.from_json(value, revision=rev)
+        return NodeChanged(key[len(NODES):], node, rev)
     if key.startswith(TOKENS):
-        return change("token", key[len(TOKENS) :], JoinToken.from_json)
+        return TokenChanged(key[len(TOKENS):], None if value is None else JoinToken.from_json(value), rev)
     if key.startswith(POLICY_REVISIONS):
-        return change(
-            "policy", str(int(key[len(POLICY_REVISIONS) :])), PolicyRevision.from_json
-        )
+        policy = None if value is None else PolicyRevision.from_json(value)
+        return PolicyChanged(str(int(key[len(POLICY_REVISIONS):])), policy, rev)
     if key.startswith(BUNDLES):
-        return change("bundle", key[len(BUNDLES) :], BundleRecord.from_json)
+        return BundleChanged(key[len(BUNDLES):], None if value is None else BundleRecord.from_json(value), rev)
     if key == CA_JOURNAL:
-        return change("ca", "journal", bytes)
+        return CaChanged("journal", None if value is None else bytes(value), rev)
     if key.startswith(FEDERATION):
-        return change("federation", key[len(FEDERATION) :],
-                      lambda v: FederationRecord.from_json(v, revision=rev))
+        federation = None if value is None else FederationRecord.from_json(value, revision=rev)
+        return FederationChanged(key[len(FEDERATION):], federation, rev)
     if key.startswith(PARTNER_CERTS):
-        return change("partner", key[len(PARTNER_CERTS) :], PartnerCertificate.from_json)
+        cert = None if value is None else PartnerCertificate.from_json(value)
+        return PartnerChanged(key[len(PARTNER_CERTS):], cert, rev)
     if key.startswith(AUDIT_EVENTS):
-        return change("audit", str(int(key[len(AUDIT_EVENTS) :])), AuditEvent.from_json)
+        event_ = None if value is None else AuditEvent.from_json(value)
+        return AuditAppended(str(int(key[len(AUDIT_EVENTS):])), event_, rev)
     # Index keys and heads move with the records above; they are not changes of their own.
     return None

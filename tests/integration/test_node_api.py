@@ -27,6 +27,7 @@ from trustmesh.bundle import Bundle
 from trustmesh.controlplane.store import Store, open_store
 from trustmesh.controlplane.store.records import BundleRecord, JoinToken, RegistrationEntry
 from trustmesh.keys import generate_private_key
+from trustmesh.selectors import Selector
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 from trustmesh.x509svid import build_csr, spiffe_id_from_certificate, verify_x509_svid
 
@@ -365,7 +366,7 @@ def _partner_bundle(sequence: int) -> tuple[BundleRecord, x509.Certificate]:
             .not_valid_after(now + timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(key, hashes.SHA256()))
     jwks = Bundle(TrustDomain("partner.example"), (root,), sequence_number=sequence).to_jwks()
-    return BundleRecord("partner.example", jwks, sequence, time.time()), root
+    return BundleRecord(TrustDomain("partner.example"), jwks, sequence, time.time()), root
 
 
 @pytest.mark.etcd
@@ -430,11 +431,12 @@ async def test_a_large_snapshot_is_paged(make_server: Callable[..., ServerProces
     now = time.time()
     # Entries as large as validation allows (32 long selectors each): 1,100 of them is far
     # more than one 4 MB message could hold.
-    selectors = tuple(sorted(f"unix:path:/opt/{'x' * 200}/{j}" for j in range(32)))
+    selectors = tuple(Selector.parse(s) for s in sorted(f"unix:path:/opt/{'x' * 200}/{j}" for j in range(32)))
 
     async def create(i: int) -> None:
         await store.create_entry(RegistrationEntry(
-            id=f"bulk-{i:05d}", spiffe_id=f"spiffe://example.org/bulk/{i}", parent_id=agent.spiffe_id,
+            id=f"bulk-{i:05d}", spiffe_id=SpiffeId.parse(f"spiffe://example.org/bulk/{i}"),
+            parent_id=SpiffeId.parse(str(agent.spiffe_id)),
             selectors=selectors, x509_ttl=0, jwt_ttl=0, dns_names=(), federates_with=(), admin=False,
             created_at=now, updated_at=now))
 

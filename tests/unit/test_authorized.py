@@ -13,7 +13,8 @@ from trustmesh.controlplane.api.convert import entry_to_pb
 from trustmesh.controlplane.authorized import AuthorizedIndex, ResumeLog
 from trustmesh.controlplane.store.records import AttestedNode, RegistrationEntry
 from trustmesh.controlplane.sync_delta import PAGE_BYTES, PAGE_ENTRIES, delta_messages, paged
-from trustmesh.selectors import matches
+from trustmesh.selectors import Selector, matches
+from trustmesh.spiffeid import SpiffeId
 
 SERVER = "spiffe://example.org/trustmesh/server"
 AGENTS = [f"spiffe://example.org/agent/n{i}" for i in range(4)]
@@ -21,29 +22,35 @@ ALIASES = ["spiffe://example.org/alias/a", "spiffe://example.org/alias/b"]
 NODE_SELECTORS = ["node:name:n0", "node:name:n1", "x509pop:subject:cn:rack1", "x509pop:subject:cn:rack2"]
 
 
+def _selectors(texts: tuple[str, ...]) -> tuple[Selector, ...]:
+    return tuple(Selector.parse(t) for t in texts)
+
+
 def entry(i: int, parent: str, selectors: tuple[str, ...] = ("unix:uid:1",),
           spiffe_id: str | None = None) -> RegistrationEntry:
-    return RegistrationEntry(id=f"e{i}", spiffe_id=spiffe_id or f"spiffe://example.org/w{i}", parent_id=parent,
-                             selectors=selectors, x509_ttl=0, jwt_ttl=0, dns_names=(), federates_with=(),
+    return RegistrationEntry(id=f"e{i}", spiffe_id=SpiffeId.parse(spiffe_id or f"spiffe://example.org/w{i}"),
+                             parent_id=SpiffeId.parse(parent), selectors=_selectors(selectors), x509_ttl=0,
+                             jwt_ttl=0, dns_names=(), federates_with=(),
                              admin=False, created_at=0, updated_at=0)
 
 
 def node(agent: str, selectors: tuple[str, ...]) -> AttestedNode:
-    return AttestedNode(spiffe_id=agent, node_name=agent.rsplit("/", 1)[1], attestation_type="join_token",
+    return AttestedNode(spiffe_id=SpiffeId.parse(agent), node_name=agent.rsplit("/", 1)[1],
+                        attestation_type="join_token",
                         cert_serial="1", cert_not_after=0, banned=False, created_at=0, updated_at=0,
-                        selectors=selectors)
+                        selectors=_selectors(selectors))
 
 
 def oracle(entries: dict[str, RegistrationEntry], nodes: dict[str, AttestedNode], agent: str) -> list[str]:
     if agent not in nodes:
-        return sorted(e.id for e in entries.values() if e.parent_id == agent)
-    aliases = {e.spiffe_id for e in entries.values()
-               if e.parent_id == SERVER and matches(e.selectors, nodes[agent].selectors)}
-    return sorted(e.id for e in entries.values() if e.parent_id == agent or e.parent_id in aliases)
+        return sorted(e.id for e in entries.values() if str(e.parent_id) == agent)
+    aliases = {str(e.spiffe_id) for e in entries.values()
+               if str(e.parent_id) == SERVER and matches(e.selectors, nodes[agent].selectors)}
+    return sorted(e.id for e in entries.values() if str(e.parent_id) == agent or str(e.parent_id) in aliases)
 
 
 def test_direct_and_alias_entries() -> None:
-    idx = AuthorizedIndex(SERVER)
+    idx = AuthorizedIndex(SpiffeId.parse(SERVER))
     idx.load([entry(1, AGENTS[0]), entry(2, AGENTS[1]),
               entry(3, SERVER, ("x509pop:subject:cn:rack1",), spiffe_id=ALIASES[0]), entry(4, ALIASES[0])],
              [node(AGENTS[0], ("x509pop:subject:cn:rack1",)), node(AGENTS[1], ("x509pop:subject:cn:rack2",))])
@@ -73,7 +80,7 @@ ops = st.lists(
 @given(ops, st.sampled_from([3, 128]))
 @settings(max_examples=300, deadline=None)
 def test_index_always_equals_the_brute_force_answer(operations: list[tuple], per_agent: int) -> None:
-    idx = AuthorizedIndex(SERVER, resume_per_agent=per_agent)
+    idx = AuthorizedIndex(SpiffeId.parse(SERVER), resume_per_agent=per_agent)
     idx.load([], [], revision=1)
     entries: dict[str, RegistrationEntry] = {}
     nodes: dict[str, AttestedNode] = {}

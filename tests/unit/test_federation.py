@@ -114,6 +114,10 @@ def relationship(endpoint: Endpoint, **kw: object) -> FederationRecord:
     fields: dict[str, object] = dict(trust_domain=PARTNER.name, endpoint_url=endpoint.url, profile="https_spiffe",
                                      endpoint_spiffe_id=ENDPOINT_ID, created_at=0.0)
     fields.update(kw)
+    # Records hold parsed values; the tests name them as text, as the CLI would.
+    sid = fields["endpoint_spiffe_id"]
+    fields["endpoint_spiffe_id"] = SpiffeId.parse(sid) if isinstance(sid, str) and sid else None
+    fields["trust_domain"] = TrustDomain(str(fields["trust_domain"]))
     return FederationRecord(**fields)  # type: ignore[arg-type]
 
 
@@ -319,7 +323,7 @@ async def test_refresh_stores_a_new_bundle_and_keeps_the_last_good_one_on_failur
     ca, endpoint = partner
     initial = ca.bundle(sequence=1)
     await runtime.store.create_federation(relationship(endpoint),
-                                          BundleRecord(PARTNER.name, initial.to_jwks(), 1, 0.0))
+                                          BundleRecord(PARTNER, initial.to_jwks(), 1, 0.0))
     # A newer bundle (a second root, sequence 2) is fetched and stored.
     newer_root = PartnerCA(PARTNER)
     newer = Bundle(PARTNER, (ca.root, newer_root.root), (), sequence_number=2, refresh_hint=timedelta(seconds=30))

@@ -115,7 +115,10 @@ def test_the_node_api_reaches_store_ca_and_audit_only_through_the_domain() -> No
 
 def test_the_domain_never_imports_grpc_or_protobuf() -> None:
     wire = {"grpc", "grpc_health", "google.protobuf", "trustmesh._proto"}
-    exempt = ("controlplane/api/", "controlplane/server.py", "controlplane/store/etcd.py")
+    # The sync delta is built in its wire form (pages are sized by their encoded bytes, and a
+    # stream remembers what it sent as encoded messages), like agent/sync.py on the other side.
+    exempt = ("controlplane/api/", "controlplane/server.py", "controlplane/store/etcd.py",
+              "controlplane/sync_delta.py", "controlplane/sync_service.py")
     assert _violations("controlplane", wire, exempt=exempt) == []
 
 

@@ -37,7 +37,7 @@ from trustmesh.controlplane.registration import (
 from trustmesh.controlplane.store import Store, open_store
 from trustmesh.controlplane.store.records import AttestedNode, AuditEvent
 from trustmesh.errors import AlreadyExistsError, ConflictError, NotFoundError
-from trustmesh.spiffeid import TrustDomain
+from trustmesh.spiffeid import SpiffeId, TrustDomain
 
 TD = TrustDomain("example.org")
 AGENT = "spiffe://example.org/agent/node-1"
@@ -221,7 +221,7 @@ async def _events(store: Store) -> list[AuditEvent]:
 
 async def _attested(store: Store, node: str = "node-1") -> AttestedNode:
     return await store.create_attested_node(AttestedNode(
-        spiffe_id=f"spiffe://example.org/agent/{node}", node_name=node, attestation_type="join_token",
+        spiffe_id=SpiffeId.parse(f"spiffe://example.org/agent/{node}"), node_name=node, attestation_type="join_token",
         cert_serial="01", cert_not_after=1_790_003_600.0, banned=False, created_at=1.0, updated_at=1.0))
 
 
@@ -370,12 +370,12 @@ async def test_entries_are_listed_in_pages_by_id_with_filters(registry: Registry
     assert await page(page_size=3, page_token=ids[2]) == (ids[3:6], ids[5])
     assert await page(page_size=3, page_token=ids[5]) == (ids[6:], "")
     assert await page(page_size=7) == (ids, "")
-    by_parent = sorted(e.id for e in made if e.parent_id == other_parent)
+    by_parent = sorted(e.id for e in made if str(e.parent_id) == other_parent)
     assert await page(parent_id=other_parent) == (by_parent, "")
-    w1 = sorted(e.id for e in made if e.spiffe_id == "spiffe://example.org/w1")
+    w1 = sorted(e.id for e in made if str(e.spiffe_id) == "spiffe://example.org/w1")
     assert await page(spiffe_id="spiffe://example.org/w1") == (w1, "")
     assert await page(spiffe_id="spiffe://example.org/w1", parent_id=AGENT) == (
-        sorted(e.id for e in made if e.spiffe_id == "spiffe://example.org/w1" and e.parent_id == AGENT), "")
+        sorted(e.id for e in made if str(e.spiffe_id) == "spiffe://example.org/w1" and str(e.parent_id) == AGENT), "")
     assert await page(spiffe_id="spiffe://example.org/none") == ([], "")
     with pytest.raises(InvalidArgumentError, match="^page_size must not be negative$"):
         await page(page_size=-1)

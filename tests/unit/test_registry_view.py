@@ -30,7 +30,8 @@ from trustmesh.controlplane.store.records import AttestedNode, BundleRecord, Par
 from trustmesh.controlplane.sync_service import SyncService
 from trustmesh.errors import PermissionDeniedError, UnavailableError
 from trustmesh.metrics import Registry
-from trustmesh.spiffeid import TrustDomain
+from trustmesh.selectors import Selector
+from trustmesh.spiffeid import SpiffeId, TrustDomain
 
 TD = TrustDomain("example.org")
 KEK = KeyEncryptionKey(bytes(range(32)))
@@ -56,14 +57,14 @@ class Presented:
 
 def node(agent: str, serial: str = "1", created_at: float = T0, banned: bool = False) -> AttestedNode:
     name = agent.rsplit("/", 1)[1]
-    return AttestedNode(spiffe_id=agent, node_name=name, attestation_type="join_token", cert_serial=serial,
+    return AttestedNode(spiffe_id=SpiffeId.parse(agent), node_name=name, attestation_type="join_token", cert_serial=serial,
                         cert_not_after=T0 + 3600, banned=banned, created_at=created_at, updated_at=created_at,
-                        selectors=(f"node:name:{name}",))
+                        selectors=(Selector.parse(f"node:name:{name}"),))
 
 
 def entry(i: int, parent: str) -> RegistrationEntry:
-    return RegistrationEntry(id=f"e{i}", spiffe_id=f"spiffe://example.org/w{i}", parent_id=parent,
-                             selectors=("unix:uid:1",), x509_ttl=0, jwt_ttl=0, dns_names=(), federates_with=(),
+    return RegistrationEntry(id=f"e{i}", spiffe_id=SpiffeId.parse(f"spiffe://example.org/w{i}"),
+                             parent_id=SpiffeId.parse(parent), selectors=(Selector.parse("unix:uid:1"),), x509_ttl=0, jwt_ttl=0, dns_names=(), federates_with=(),
                              admin=i == 99, created_at=T0, updated_at=T0)
 
 
@@ -126,7 +127,7 @@ async def test_the_load_is_published_to_every_agent_and_nothing_is_answered_befo
     async with running(world.view):
         loaded = await world.next_event()
         assert isinstance(loaded, AllAgentsChanged) and loaded.revision == world.view.revision > 0
-        assert world.view.authenticate(Presented(A, "1")).spiffe_id == A
+        assert str(world.view.authenticate(Presented(A, "1")).spiffe_id) == A
 
 
 async def test_entry_and_node_changes_name_the_agents_they_concern(world: World) -> None:
@@ -154,7 +155,7 @@ async def test_entry_and_node_changes_name_the_agents_they_concern(world: World)
 async def test_bundles_policy_and_revocations_reach_every_agent(world: World) -> None:
     async with running(world.view):
         await world.next_event()
-        unusable = BundleRecord(trust_domain="partner.example", jwks=b"{}", sequence=1, updated_at=T0)
+        unusable = BundleRecord(trust_domain=TrustDomain("partner.example"), jwks=b"{}", sequence=1, updated_at=T0)
         await world.store.put_bundle(unusable)
         assert isinstance(await world.next_event(), AllAgentsChanged)
         assert "partner.example" not in world.view.federated_bundles, "an unusable bundle is never used"
@@ -168,7 +169,7 @@ async def test_bundles_policy_and_revocations_reach_every_agent(world: World) ->
         assert world.view.policy.revision == head.revision == 1
         assert world.view.policy_changed_at == event.revision and world.view.policy_committed_at == T0 - 5
 
-        cert = PartnerCertificate(serial="ab12", spiffe_id="spiffe://example.org/partner/x", not_after=T0 + 60,
+        cert = PartnerCertificate(serial="ab12", spiffe_id=SpiffeId.parse("spiffe://example.org/partner/x"), not_after=T0 + 60,
                                   issued_at=T0, issued_by="ops")
         await world.store.create_partner_certificate(cert)
         await world.quiet()  # a new unrevoked certificate changes nothing any agent enforces
@@ -256,7 +257,7 @@ async def test_sync_streams_wake_only_for_their_own_agent(world: World) -> None:
             await world.next_event()
             assert a.wake.is_set() and not b.wake.is_set()
             a.wake.clear()
-            await world.store.put_bundle(BundleRecord(trust_domain="partner.example", jwks=b"{}", sequence=1,
+            await world.store.put_bundle(BundleRecord(trust_domain=TrustDomain("partner.example"), jwks=b"{}", sequence=1,
                                                       updated_at=T0))
             await world.next_event()
             assert a.wake.is_set() and b.wake.is_set()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -31,6 +32,19 @@ from trustmesh.controlplane.store import (
     open_store,
 )
 from trustmesh.controlplane.store.etcd import EtcdKV, parse_endpoints
+from trustmesh.controlplane.store.records import (
+    AuditAppended,
+    BundleChanged,
+    CaChanged,
+    EntryChanged,
+    FederationChanged,
+    FederationRecord,
+    NodeChanged,
+    PartnerCertificate,
+    PartnerChanged,
+    PolicyChanged,
+    TokenChanged,
+)
 from trustmesh.controlplane.store.store import ENTRY_INDEX, entry_identity_key
 from trustmesh.errors import (
     AlreadyExistsError,
@@ -39,6 +53,8 @@ from trustmesh.errors import (
     StoreError,
     StoreUnavailableError,
 )
+from trustmesh.selectors import Selector
+from trustmesh.spiffeid import SpiffeId, TrustDomain
 
 WAIT = 10.0
 TD = "spiffe://example.org"
@@ -57,6 +73,22 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         await s.close()
 
 
+def _typed(fields: dict[str, object]) -> dict[str, object]:
+    """Records hold parsed values; the tests name them as text, as an admin would."""
+    out = dict(fields)
+    for name in ("spiffe_id", "parent_id"):
+        if isinstance(out.get(name), str):
+            out[name] = SpiffeId.parse(str(out[name]))
+    selectors = out.get("selectors", ())
+    assert isinstance(selectors, tuple)
+    out["selectors"] = tuple(Selector.parse(s) if isinstance(s, str) else s for s in selectors)
+    if "federates_with" in out:
+        federates_with = out["federates_with"]
+        assert isinstance(federates_with, tuple)
+        out["federates_with"] = tuple(TrustDomain.parse(t) if isinstance(t, str) else t for t in federates_with)
+    return out
+
+
 def entry(id: str = "e1", **kw: object) -> RegistrationEntry:
     fields: dict[str, object] = dict(
         id=id,
@@ -72,7 +104,7 @@ def entry(id: str = "e1", **kw: object) -> RegistrationEntry:
         updated_at=1000.0,
     )
     fields.update(kw)
-    return RegistrationEntry(**fields)  # type: ignore[arg-type]
+    return RegistrationEntry(**_typed(fields))  # type: ignore[arg-type]
 
 
 def node(name: str = "node-1", **kw: object) -> AttestedNode:
@@ -88,7 +120,7 @@ def node(name: str = "node-1", **kw: object) -> AttestedNode:
         selectors=("node:name:" + name,),
     )
     fields.update(kw)
-    return AttestedNode(**fields)  # type: ignore[arg-type]
+    return AttestedNode(**_typed(fields))  # type: ignore[arg-type]
 
 
 def token(hash_: str = "h1", expires_at: float = 2000.0) -> JoinToken:
@@ -125,7 +157,7 @@ async def index_keys(store: Store) -> list[str]:
         node(banned=True),
         token(),
         PolicyRevision(3, "kind: Allowlist\n", "alice", "why", 1.5, "ab" * 32),
-        BundleRecord("partner.example", b'{"keys":[]}\xff', 7, 12.25),
+        BundleRecord(TrustDomain("partner.example"), b'{"keys":[]}\xff', 7, 12.25),
         audit(1, "0" * 64),
     ],
 )
@@ -187,7 +219,7 @@ async def test_entry_with_the_same_id_is_refused(store: Store) -> None:
     await store.create_entry(entry())
     with pytest.raises(AlreadyExistsError, match="'e1' already exists"):
         await store.create_entry(entry(spiffe_id=f"{TD}/other"))
-    assert (await store.get_entry("e1")).spiffe_id == f"{TD}/payments"
+    assert (await store.get_entry("e1")).spiffe_id == SpiffeId.parse(f"{TD}/payments")
     assert len(await index_keys(store)) == 1
 
 
@@ -219,9 +251,9 @@ async def test_update_into_another_entrys_identity_is_refused_atomically(store: 
     await store.create_entry(entry("b", selectors=("unix:uid:2000",)))
     before = await index_keys(store)
     with pytest.raises(AlreadyExistsError, match="'b' already registers"):
-        await store.update_entry(replace(a, selectors=("unix:uid:2000",), x509_ttl=1))
+        await store.update_entry(replace(a, selectors=(Selector.parse("unix:uid:2000"),), x509_ttl=1))
     got = await store.get_entry("a")
-    assert (got.selectors, got.x509_ttl, got.revision) == (("unix:uid:1000",), 3600, a.revision)
+    assert (got.selectors, got.x509_ttl, got.revision) == ((Selector.parse("unix:uid:1000"),), 3600, a.revision)
     assert await index_keys(store) == before
 
 
@@ -407,7 +439,7 @@ async def test_policy_revisions_list_in_numeric_order(store: Store) -> None:
 
 
 async def test_bundle_crud_and_sequence_cas(store: Store) -> None:
-    b1 = BundleRecord("partner.example", b'{"keys":[1]}', 1, 10.0)
+    b1 = BundleRecord(TrustDomain("partner.example"), b'{"keys":[1]}', 1, 10.0)
     with pytest.raises(ConflictError, match="not at sequence 3"):
         await store.put_bundle(b1, expected_sequence=3)
     with pytest.raises(NotFoundError):
@@ -418,8 +450,8 @@ async def test_bundle_crud_and_sequence_cas(store: Store) -> None:
         await store.put_bundle(b2, expected_sequence=0)
     await store.put_bundle(b2, expected_sequence=1)
     assert await store.get_bundle("partner.example") == b2
-    await store.put_bundle(BundleRecord("a.example", b"{}", 1, 1.0))  # unconditional
-    assert [b.trust_domain for b in await store.list_bundles()] == ["a.example", "partner.example"]
+    await store.put_bundle(BundleRecord(TrustDomain("a.example"), b"{}", 1, 1.0))  # unconditional
+    assert [b.trust_domain.name for b in await store.list_bundles()] == ["a.example", "partner.example"]
     await store.delete_bundle("a.example")
     with pytest.raises(NotFoundError):
         await store.delete_bundle("a.example")
@@ -516,7 +548,7 @@ async def test_watch_decodes_typed_changes_in_order(store: Store) -> None:
     await store.create_join_token(token())
     await store.consume_join_token_and_attest("h1", node())
     await store.append_policy_revision("doc", "a", "", 1.0, expected_head=0)
-    await store.put_bundle(BundleRecord("partner.example", b"{}", 1, 1.0))
+    await store.put_bundle(BundleRecord(TrustDomain("partner.example"), b"{}", 1, 1.0))
     await store.save_ca_state(b"ca", expected_version=0)
     await store.append_audit_event(audit(1, ""))
     await store.delete_entry("e1")
@@ -525,17 +557,52 @@ async def test_watch_decodes_typed_changes_in_order(store: Store) -> None:
     got = [[(c.kind, c.key, c.deleted) for c in b] for b in batches]
     assert got[0] == [("entry", "e1", False)]  # the index key is not a change of its own
     assert got[1] == [("token", "h1", False)]
-    assert sorted(got[2]) == [("node", node().spiffe_id, False), ("token", "h1", True)]
+    assert sorted(got[2]) == [("node", str(node().spiffe_id), False), ("token", "h1", True)]
     assert got[3] == [("policy", "1", False)]
     assert got[4] == [("bundle", "partner.example", False)]
     assert got[5] == [("ca", "journal", False)]
     assert got[6] == [("audit", "1", False)]
     assert got[7] == [("entry", "e1", True)]
-    assert batches[0][0].record == created
-    assert batches[5][0].record == b"ca"
-    assert batches[7][0].record is None
+    assert batches[0][0] == EntryChanged("e1", created, created.revision)
+    assert batches[5][0] == CaChanged("journal", b"ca", batches[5][0].revision)
+    assert batches[7][0] == EntryChanged("e1", None, batches[7][0].revision)
+    kinds = {type(c) for b in batches for c in b}
+    assert kinds == {EntryChanged, TokenChanged, NodeChanged, PolicyChanged, BundleChanged, CaChanged, AuditAppended}
     revisions = [b[0].revision for b in batches]
     assert revisions == sorted(set(revisions))
+
+
+async def test_watch_types_federation_and_partner_changes(store: Store) -> None:
+    start = await store.current_revision()
+    feed = store.watch(start)
+    relationship = FederationRecord(TrustDomain("partner.example"), "https://partner.example/b", "https_spiffe",
+                                    SpiffeId.parse("spiffe://partner.example/server"), 1.0)
+    await store.create_federation(relationship, BundleRecord(TrustDomain("partner.example"), b"{}", 1, 1.0))
+    cert = PartnerCertificate("7a", SpiffeId.parse(f"{TD}/partners/acme"), 9.0, 1.0, "admin")
+    await store.create_partner_certificate(cert)
+    await store.delete_federation("partner.example")
+
+    batches = [await next_changes(feed) for _ in range(3)]
+    described = []
+    for change in (c for b in batches for c in b):
+        match change:
+            case FederationChanged(key, FederationRecord() as record):
+                assert record == replace(relationship, revision=change.revision)
+                described.append(f"federation {key}")
+            case FederationChanged(key, None):
+                described.append(f"federation {key} gone")
+            case BundleChanged(key, BundleRecord()):
+                described.append(f"bundle {key}")
+            case BundleChanged(key, None):
+                described.append(f"bundle {key} gone")
+            case PartnerChanged(key, PartnerCertificate() as record):
+                assert record == cert
+                described.append(f"partner {key}")
+            case _:
+                described.append(f"unexpected {change}")
+    assert sorted(described) == ["bundle partner.example", "bundle partner.example gone", "federation partner.example",
+                                 "federation partner.example gone", "partner 7a"]
+    await feed.aclose()
 
 
 async def test_watch_resumes_exactly_and_reports_compaction(store: Store) -> None:
@@ -606,3 +673,136 @@ async def test_etcd_store_is_shared_between_replicas(etcd_server: str, tmp_path:
     finally:
         await a.close()
         await b.close()
+
+
+# -- stores written by earlier versions ------------------------------------------------
+#
+# fixtures/records_v1.json holds one record of every kind as the version before typed
+# records wrote it (string IDs and selectors). A store holding those bytes must load into
+# typed records, re-encode to the very same bytes, and keep the entry's uniqueness key.
+
+FIXTURE = Path(__file__).parent / "fixtures" / "records_v1.json"
+
+
+def stored_v1() -> dict[str, bytes]:
+    return {name: text.encode() for name, text in json.loads(FIXTURE.read_text()).items()}
+
+
+def v1_key(name: str, data: bytes) -> str:
+    """Where the earlier version stored the record, from its own JSON."""
+    o = json.loads(data)
+    kind = name.split("_")[0]
+    return {
+        "entry": lambda: f"entries/{o.get('id')}",
+        "node": lambda: f"nodes/{o.get('spiffe_id')}",
+        "token": lambda: f"tokens/{o.get('token_hash')}",
+        "policy": lambda: f"policy/revisions/{o.get('revision', 0):020d}",
+        "bundle": lambda: f"bundles/{o.get('trust_domain')}",
+        "audit": lambda: f"audit/events/{o.get('seq', 0):020d}",
+        "federation": lambda: f"federation/{o.get('trust_domain')}",
+        "partner": lambda: f"partner-certs/{o.get('serial')}",
+    }[kind]()
+
+
+def v1_identity_key(data: bytes) -> str:
+    o = json.loads(data)
+    identity = json.dumps([o["spiffe_id"], o["parent_id"], sorted(set(o["selectors"]))], separators=(",", ":"))
+    return ENTRY_INDEX + hashlib.sha256(identity.encode()).hexdigest()
+
+
+def test_the_fixture_covers_every_record_kind() -> None:
+    kinds = {name.split("_")[0] for name in stored_v1()}
+    assert kinds == {"entry", "node", "token", "policy", "bundle", "audit", "federation", "partner"}
+
+
+@pytest.mark.parametrize("name", sorted(stored_v1()))
+def test_v1_bytes_decode_to_typed_records_and_encode_back_unchanged(name: str) -> None:
+    data = stored_v1()[name]
+    decoder = {
+        "entry": RegistrationEntry, "node": AttestedNode, "token": JoinToken, "policy": PolicyRevision,
+        "bundle": BundleRecord, "audit": AuditEvent, "federation": FederationRecord, "partner": PartnerCertificate,
+    }[name.split("_")[0]]
+    record = decoder.from_json(data)  # type: ignore[attr-defined]
+    assert record.to_json() == data
+    if isinstance(record, RegistrationEntry):
+        assert isinstance(record.spiffe_id, SpiffeId) and isinstance(record.parent_id, SpiffeId)
+        assert all(isinstance(s, Selector) for s in record.selectors)
+        assert all(isinstance(td, TrustDomain) for td in record.federates_with)
+        assert entry_identity_key(record) == v1_identity_key(data)
+    if isinstance(record, AttestedNode):
+        assert isinstance(record.spiffe_id, SpiffeId) and all(isinstance(s, Selector) for s in record.selectors)
+    if isinstance(record, PartnerCertificate):
+        assert isinstance(record.spiffe_id, SpiffeId)
+    if isinstance(record, (FederationRecord, BundleRecord)):
+        assert isinstance(record.trust_domain, TrustDomain)
+    if isinstance(record, FederationRecord):
+        assert (record.endpoint_spiffe_id is None) == (record.profile != "https_spiffe")
+
+
+def test_v1_entry_holds_parsed_values() -> None:
+    e = RegistrationEntry.from_json(stored_v1()["entry"])
+    assert e.spiffe_id == SpiffeId.parse("spiffe://example.org/ledger")
+    assert e.parent_id == SpiffeId.parse("spiffe://example.org/agent/node-1")
+    assert e.selectors == (Selector.parse("unix:path:/usr/bin/ledger"), Selector.parse("unix:uid:1000"))
+    assert e.federates_with == (TrustDomain("partner.example"),)
+    alias = RegistrationEntry.from_json(stored_v1()["entry_node_alias"])
+    assert alias.parent_id == SpiffeId.parse("spiffe://example.org/trustmesh/server")
+    under_alias = RegistrationEntry.from_json(stored_v1()["entry_alias_parent"])
+    assert under_alias.parent_id == alias.spiffe_id  # a node alias is a SPIFFE ID too
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("spiffe_id", "example.org/ledger"), ("parent_id", "spiffe://Example.org/agent/x"),
+     ("selectors", ["no-colon"]), ("federates_with", ["Bad_TD!"]), ("selectors", [7])],
+)
+def test_stored_ids_and_selectors_that_do_not_parse_are_refused_clearly(field: str, value: object) -> None:
+    o = json.loads(stored_v1()["entry"])
+    o[field] = value
+    with pytest.raises(RecordFormatError, match=field):
+        RegistrationEntry.from_json(json.dumps(o).encode())
+
+
+async def test_a_store_written_by_the_previous_version_loads(store: Store) -> None:
+    stored = stored_v1()
+    start = await store.current_revision()
+    feed = store.watch(start)
+    for name, data in sorted(stored.items()):
+        await store.raw_put(v1_key(name, data), data)
+        if name.startswith("entry"):
+            await store.raw_put(v1_identity_key(data), json.loads(data)["id"].encode())
+    await store.raw_put("policy/head", b"3")
+
+    loaded: list[object] = [
+        *await store.list_entries(), *await store.list_attested_nodes(), *await store.list_join_tokens(),
+        *await store.list_policy_revisions(), *await store.list_bundles(), *await store.list_audit_events(),
+        *await store.list_federations(), *await store.list_partner_certificates(),
+    ]
+    assert sorted(r.to_json() for r in loaded) == sorted(stored.values())  # type: ignore[attr-defined]
+    ledger = await store.get_entry("0f3c")
+    assert ledger.spiffe_id == SpiffeId.parse("spiffe://example.org/ledger") and ledger.revision > 0
+    assert [e.id for e in await store.list_entries(parent_id=SpiffeId.parse(f"{TD}/agent/node-1"))] == ["0f3c"]
+    node_1 = await store.get_attested_node(SpiffeId.parse(f"{TD}/agent/node-1"))
+    assert Selector.parse("node:name:node-1") in node_1.selectors
+    assert (await store.get_policy_head()) is not None
+    # The index keys the previous version wrote still guard uniqueness.
+    with pytest.raises(AlreadyExistsError, match="'0f3c' already registers"):
+        await store.create_entry(replace(ledger, id="dup"))
+    # ... and update and delete find them (nothing left behind).
+    await store.update_entry(replace(ledger, x509_ttl=600))
+    for e in await store.list_entries():
+        await store.delete_entry(e.id)
+    assert await index_keys(store) == []
+
+    seen: dict[str, bytes] = {}
+    while len(seen) < len(stored):
+        for change in await next_changes(feed):
+            match change:
+                case EntryChanged(entry=RegistrationEntry() as record) | NodeChanged(node=AttestedNode() as record) \
+                        | TokenChanged(token=JoinToken() as record) | PolicyChanged(policy=PolicyRevision() as record) \
+                        | BundleChanged(bundle=BundleRecord() as record) | AuditAppended(event=AuditEvent() as record) \
+                        | FederationChanged(federation=FederationRecord() as record) \
+                        | PartnerChanged(certificate=PartnerCertificate() as record):
+                    seen[f"{change.kind}/{change.key}"] = record.to_json()
+    assert sorted(seen.values()) == sorted(stored.values())
+    await feed.aclose()

@@ -15,7 +15,8 @@ from trustmesh.bundle import Bundle
 from trustmesh.controlplane import sync_delta
 from trustmesh.controlplane.store.records import RegistrationEntry
 from trustmesh.policy import Allowlist, AllowRule, IdPattern, Policy
-from trustmesh.spiffeid import TrustDomain
+from trustmesh.selectors import Selector
+from trustmesh.spiffeid import SpiffeId, TrustDomain
 
 AGENT = "spiffe://example.org/agent/n1"
 OWN = TrustDomain("example.org")
@@ -36,9 +37,9 @@ def _bundle(td: TrustDomain, sequence: int = 1) -> Bundle:
 
 
 def entry(i: int, revision: int = 1, federates_with: tuple[str, ...] = ()) -> RegistrationEntry:
-    return RegistrationEntry(id=f"e{i}", spiffe_id=f"spiffe://example.org/w{i}", parent_id=AGENT,
-                             selectors=("unix:uid:1",), x509_ttl=0, jwt_ttl=0, dns_names=(),
-                             federates_with=federates_with, admin=False, created_at=0, updated_at=0,
+    return RegistrationEntry(id=f"e{i}", spiffe_id=SpiffeId.parse(f"spiffe://example.org/w{i}"),
+                             parent_id=SpiffeId.parse(AGENT), selectors=(Selector.parse("unix:uid:1"),), x509_ttl=0, jwt_ttl=0, dns_names=(),
+                             federates_with=tuple(TrustDomain(td) for td in federates_with), admin=False, created_at=0, updated_at=0,
                              revision=revision)
 
 
