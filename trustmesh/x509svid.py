@@ -427,6 +427,12 @@ def _verify_chain(
         # expired"); when it finds none, the library was stricter, and its reason stands.
         _walk(chain, roots, spiffe_id, leaf_dns, now)
         raise VerificationError(f"certificate chain failed path validation: {err}") from err
+    # The library ends a path at any certificate of the store, the leaf included: a leaf
+    # listed in the bundle would need no issuer at all. An X509-SVID is issued by a signing
+    # certificate of its trust domain, always.
+    if len(path) < 2:
+        _walk(chain, roots, spiffe_id, leaf_dns, now)
+        raise VerificationError("leaf certificate is itself a trust anchor; it must be issued by a signing certificate")
     # The library takes the intermediates as a pool, in any order; an X509-SVID chain is
     # presented leaf first, each certificate followed by its issuer (extra ones may trail).
     if list(path[:-1]) != list(chain[: len(path) - 1]):

@@ -284,3 +284,19 @@ def test_path_building_passes_over_a_root_that_breaks_a_spiffe_rule() -> None:
     assert verify_x509_svid([leaf], {TD: [good, bad]}, now=NOW) == LEDGER
     _refused([leaf], "root certificate may not sign", anchors={TD: [bad]})
 
+
+
+def test_a_leaf_listed_in_the_bundle_is_no_trust_anchor_for_itself() -> None:
+    # The library ends a path at any certificate of its store; a leaf pinned in the bundle
+    # must still be issued by a signing certificate.
+    key = generate_private_key()
+    pinned = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pinned")]))
+              .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pinned")]))
+              .public_key(key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(NOW - timedelta(minutes=1)).not_valid_after(NOW + timedelta(hours=1))
+              .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(LEDGER))]), critical=False)
+              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+              .add_extension(_usage(sign=False), critical=True)
+              .sign(key, hashes.SHA256()))
+    _refused([pinned], "root certificate is not a CA", anchors={TD: [pinned]})
+    _refused([pinned], "root certificate is not a CA", anchors={TD: [ROOT, pinned]})
