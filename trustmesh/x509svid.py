@@ -417,12 +417,16 @@ def _verify_chain(
     _check_signature_hash(leaf, "leaf certificate")
     leaf_dns = _dns_sans(leaf)
     anchors = _library_anchors(tuple(roots))
-    if anchors is None or not _fits_library(chain):
+    if anchors is None:
         _walk(chain, roots, spiffe_id, leaf_dns, now)
         return spiffe_id
     try:
         path = _library_verifier(anchors, td, now).verify(leaf, list(chain[1:])).chain
     except libverify.VerificationError as err:
+        if not _fits_library(chain):
+            # Refused for a form SPIFFE allows and the library does not know: the walk decides.
+            _walk(chain, roots, spiffe_id, leaf_dns, now)
+            return spiffe_id
         # The walk names the broken rule in SPIFFE terms ("intermediate certificate
         # expired"); when it finds none, the library was stricter, and its reason stands.
         _walk(chain, roots, spiffe_id, leaf_dns, now)
@@ -461,8 +465,9 @@ def _check_signing_certificate(
 # --- path validation by cryptography.x509.verification ---------------------------------
 
 # Key and signature algorithms outside the library's (CA/Browser Forum) set that SPIFFE
-# allows; chains that use them are validated by _walk. Ed25519 and Ed448 use one OID each
-# for the key and the signature.
+# allows; when the library refuses a chain that uses them, _walk decides. Ed25519 and Ed448
+# use one OID each for the key and the signature. Asked only after a refusal, so the common
+# chain pays nothing for it; the library refuses such a chain before any signature check.
 _OUTSIDE_LIBRARY_ALGORITHMS: Final = frozenset({PublicKeyAlgorithmOID.ED25519, PublicKeyAlgorithmOID.ED448})
 
 # A leaf is checked by _check_leaf before the library sees it, and has exactly one path;
