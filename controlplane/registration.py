@@ -20,6 +20,7 @@ from trustmesh.controlplane.config import MAX_JWT_TTL, MAX_X509_TTL, MIN_JWT_TTL
 from trustmesh.controlplane.store.records import AttestedNode as AttestedNode  # re-exported: the API's values
 from trustmesh.controlplane.store.records import JoinToken
 from trustmesh.controlplane.store.records import RegistrationEntry as RegistrationEntry  # likewise
+from trustmesh.dnsname import InvalidDnsNameError, dns_name_covers, normalize_dns_name
 from trustmesh.errors import (
     AlreadyExistsError,
     ConflictError,
@@ -38,7 +39,6 @@ NODE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
 # Entry ids are ours (uuid4 hex), but the store keys records by them, so an id from a
 # request is held to a plain shape: no '/' to wander into other key ranges, no megabytes.
 ENTRY_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
-DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 MIN_TOKEN_TTL = timedelta(minutes=1)
 MAX_TOKEN_TTL = timedelta(days=7)
 DEFAULT_TOKEN_TTL = timedelta(minutes=10)
@@ -85,13 +85,13 @@ def check_entry_id(entry_id: str) -> str:
 
 
 def check_dns_name(name: str, td: TrustDomain) -> str:
-    """A DNS SAN: 1-253 characters of LDH labels; stored lower case without a final dot."""
-    canonical = name.lower().rstrip(".")
-    if not canonical or len(canonical) > 253 or not all(DNS_LABEL.match(label) for label in canonical.split(".")):
-        raise InvalidArgumentError(
-            f"invalid DNS name {shown(name)}: use dot-separated labels of letters, digits and '-', "
-            "e.g. ledger.internal")
-    if canonical == server_dns_name(td):
+    """A DNS SAN by the kernel's one rule (`trustmesh.dnsname`), in its canonical form."""
+    try:
+        canonical = normalize_dns_name(name)
+    except InvalidDnsNameError as err:
+        raise InvalidArgumentError(str(err)) from err
+    # A wildcard covering the server's name would let a workload pose as the server.
+    if dns_name_covers(canonical, server_dns_name(td)):
         raise InvalidArgumentError(
             f"DNS name {shown(name)} is reserved for the trustmesh server and cannot be registered")
     return canonical

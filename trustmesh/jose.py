@@ -1,8 +1,11 @@
 """The small part of JOSE that SPIFFE needs: base64url, JWKs for public keys, compact JWS.
 
-Written on `cryptography` alone, on purpose: general JWT libraries accept far more than the
-SPIFFE standards allow (``alg: none``, HMAC, keys named inside the token), and each of those
-allowances has been a real vulnerability. Here every accepted form is listed explicitly:
+Signatures are made and checked by PyJWT's algorithm implementations, taken from a
+``PyJWS`` that has only our allowlist registered (``none`` and HMAC are not in it at all).
+General JWT libraries accept far more than the SPIFFE standards allow (``alg: none``, HMAC,
+keys named inside the token, padded or non-canonical base64url, duplicate JSON members),
+and each of those allowances has been a real vulnerability; so the token's form is checked
+here, before the library sees it, and every accepted form is listed explicitly:
 
 * base64url is the unpadded, canonical form only (RFC 7515 section 2), so one token has one
   spelling and a signature cannot be replayed under a second encoding;
@@ -11,6 +14,11 @@ allowances has been a real vulnerability. Here every accepted form is listed exp
   an incident, not input;
 * signatures are ES256/ES384/ES512 (raw ``R||S``, RFC 7518 section 3.4, never DER),
   RS256/384/512, PS256/384/512 and EdDSA (Ed25519), and the key type must fit the algorithm.
+
+JWKs stay on ``cryptography``: PyJWT's ``from_jwk`` accepts private JWKs (and returns a
+private key), secp256k1 and Ed448, padded or non-canonical base64url and leading zero
+octets, and sets no RSA minimum; refusing all of that would mean checking every member
+here first, leaving the library nothing but the final ``public_key()`` call.
 
 Errors are ``JoseError``; the JWT-SVID and bundle modules translate them at their edge.
 """
@@ -24,14 +32,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import (
-    decode_dss_signature,
-    encode_dss_signature,
-)
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from jwt.algorithms import Algorithm
 
 from trustmesh.errors import TrustmeshError
 
@@ -251,23 +255,26 @@ def spki_der(key: PublicKey) -> bytes:
 @dataclass(frozen=True, slots=True)
 class _Alg:
     family: str  # "EC", "RSA", "RSA-PSS" or "EdDSA"
-    hash: type[hashes.HashAlgorithm] | None
     curve: str | None = None  # the JWK curve name an EC key must have
 
 
+# The JWT-SVID standard's list (RS*, ES*, PS*), and EdDSA, which trustmesh keys may be.
 ALGORITHMS: Final[Mapping[str, _Alg]] = {
-    "ES256": _Alg("EC", hashes.SHA256, "P-256"),
-    "ES384": _Alg("EC", hashes.SHA384, "P-384"),
-    "ES512": _Alg("EC", hashes.SHA512, "P-521"),
-    "RS256": _Alg("RSA", hashes.SHA256),
-    "RS384": _Alg("RSA", hashes.SHA384),
-    "RS512": _Alg("RSA", hashes.SHA512),
-    "PS256": _Alg("RSA-PSS", hashes.SHA256),
-    "PS384": _Alg("RSA-PSS", hashes.SHA384),
-    "PS512": _Alg("RSA-PSS", hashes.SHA512),
-    "EdDSA": _Alg("EdDSA", None),
+    "ES256": _Alg("EC", "P-256"),
+    "ES384": _Alg("EC", "P-384"),
+    "ES512": _Alg("EC", "P-521"),
+    "RS256": _Alg("RSA"),
+    "RS384": _Alg("RSA"),
+    "RS512": _Alg("RSA"),
+    "PS256": _Alg("RSA-PSS"),
+    "PS384": _Alg("RSA-PSS"),
+    "PS512": _Alg("RSA-PSS"),
+    "EdDSA": _Alg("EdDSA"),
 }
 SUPPORTED_ALGORITHMS: Final = frozenset(ALGORITHMS)
+
+# Only the allowlist is registered: an algorithm outside it cannot even be looked up.
+_JWS: Final = jwt.PyJWS(algorithms=sorted(SUPPORTED_ALGORITHMS))
 
 
 def check_algorithm(alg: object) -> str:
@@ -332,63 +339,36 @@ def _key_kind(key: object) -> str:
     return type(key).__name__
 
 
-def _json_compact(value: Mapping[str, Any]) -> bytes:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=True).encode()
+def _library_algorithm(alg: str) -> Algorithm:
+    return _JWS.get_algorithm_by_name(alg)
 
 
 def sign(alg: str, key: PrivateKey, signing_input: bytes) -> bytes:
     """The JWS signature bytes for ``signing_input`` (ECDSA as raw ``R||S``)."""
     if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)):
         raise JoseError(f"signing needs a private key, got {type(key).__name__}")
-    spec = _check_key_fits(alg, key)
-    if spec.family == "EC":
-        assert isinstance(key, ec.EllipticCurvePrivateKey) and spec.hash and spec.curve
-        der = key.sign(signing_input, ec.ECDSA(spec.hash()))
-        r, s = decode_dss_signature(der)
-        size = _EC_CURVES[spec.curve][1]
-        return r.to_bytes(size, "big") + s.to_bytes(size, "big")
-    if spec.family == "RSA":
-        assert isinstance(key, rsa.RSAPrivateKey) and spec.hash
-        return key.sign(signing_input, padding.PKCS1v15(), spec.hash())
-    if spec.family == "RSA-PSS":
-        assert isinstance(key, rsa.RSAPrivateKey) and spec.hash
-        return key.sign(signing_input, _pss(spec.hash), spec.hash())
-    assert isinstance(key, ed25519.Ed25519PrivateKey)
-    return key.sign(signing_input)
-
-
-def _pss(hash_cls: type[hashes.HashAlgorithm]) -> padding.PSS:
-    # RFC 7518 section 3.5: MGF1 with the same hash, salt as long as the hash output.
-    return padding.PSS(mgf=padding.MGF1(hash_cls()), salt_length=hash_cls().digest_size)
+    _check_key_fits(alg, key)
+    algorithm = _library_algorithm(alg)
+    signature: bytes = algorithm.sign(signing_input, algorithm.prepare_key(key))
+    return signature
 
 
 def verify(alg: str, key: PublicKey, signing_input: bytes, signature: bytes) -> None:
     """Raise ``JoseError`` unless ``signature`` is a valid ``alg`` signature by ``key``."""
     spec = _check_key_fits(alg, check_public_key(key))
+    if spec.family == "EC" and spec.curve is not None:
+        size = _EC_CURVES[spec.curve][1]
+        # RFC 7518 section 3.4: exactly R||S, each the curve's size. A DER signature has
+        # another length; it is refused by name rather than as a failed signature.
+        if len(signature) != 2 * size:
+            raise JoseError(f"{alg} signature must be {2 * size} bytes (raw R||S), got {len(signature)}")
+    algorithm = _library_algorithm(alg)
     try:
-        if spec.family == "EC":
-            assert isinstance(key, ec.EllipticCurvePublicKey) and spec.hash and spec.curve
-            size = _EC_CURVES[spec.curve][1]
-            # RFC 7518 section 3.4: exactly R||S, each the curve's size. A DER signature has
-            # another length and is refused here rather than silently converted.
-            if len(signature) != 2 * size:
-                raise JoseError(
-                    f"{alg} signature must be {2 * size} bytes (raw R||S), got {len(signature)}"
-                )
-            r = int.from_bytes(signature[:size], "big")
-            s = int.from_bytes(signature[size:], "big")
-            key.verify(encode_dss_signature(r, s), signing_input, ec.ECDSA(spec.hash()))
-        elif spec.family == "RSA":
-            assert isinstance(key, rsa.RSAPublicKey) and spec.hash
-            key.verify(signature, signing_input, padding.PKCS1v15(), spec.hash())
-        elif spec.family == "RSA-PSS":
-            assert isinstance(key, rsa.RSAPublicKey) and spec.hash
-            key.verify(signature, signing_input, _pss(spec.hash), spec.hash())
-        else:
-            assert isinstance(key, ed25519.Ed25519PublicKey)
-            key.verify(signature, signing_input)
-    except InvalidSignature as err:
-        raise JoseError("signature does not verify") from err
+        valid = algorithm.verify(signing_input, algorithm.prepare_key(key), signature)
+    except (jwt.InvalidKeyError, TypeError, ValueError) as err:  # pragma: no cover - _check_key_fits ran first
+        raise JoseError(f"key cannot verify {alg}: {err}") from err
+    if not valid:
+        raise JoseError("signature does not verify")
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,26 +446,11 @@ def jws_sign(header: Mapping[str, Any], payload: bytes, private_key: PrivateKey)
     """A compact JWS. ``header['alg']`` defaults to the key's algorithm and must fit the key."""
     full = dict(header)
     full.setdefault("alg", algorithm_for_key(private_key))
-    header_b64 = b64url_encode(_json_compact(full))
-    signing_input = f"{header_b64}.{b64url_encode(payload)}"
-    signature = sign(full["alg"], private_key, signing_input.encode("ascii"))
-    return f"{signing_input}.{b64url_encode(signature)}"
-
-
-def jws_verify(
-    token: str,
-    public_key: PublicKey,
-    *,
-    algorithms: frozenset[str] | set[str] = SUPPORTED_ALGORITHMS,
-    max_size: int = 64 * 1024,
-) -> tuple[Mapping[str, Any], bytes]:
-    """Verify a compact JWS against one known key; return (header, payload)."""
-    jws = parse_compact(token, max_size=max_size)
-    alg = check_algorithm(jws.header.get("alg"))
-    if alg not in algorithms:
-        raise JoseError(f"algorithm {alg!r} is not allowed here")
-    if "crit" in jws.header:
-        # RFC 7515 section 4.1.11: extensions we do not understand must make the JWS invalid.
-        raise JoseError("JWS header 'crit' is not supported")
-    verify(alg, public_key, jws.signing_input, jws.signature)
-    return jws.header, jws.payload
+    if not isinstance(private_key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)):
+        raise JoseError(f"signing needs a private key, got {type(private_key).__name__}")
+    _check_key_fits(full["alg"], private_key)
+    try:
+        # The header is written with sorted keys and no spaces, so one header has one spelling.
+        return _JWS.encode(payload, private_key, algorithm=full["alg"], headers=full, sort_headers=True)
+    except jwt.PyJWTError as err:
+        raise JoseError(f"cannot sign: {err}") from err

@@ -7,24 +7,35 @@ Signing (CA) certificates: CA=true with keyCertSign; a SPIFFE ID on one has no p
 
 Verification never trusts a mixed trust store: a chain is checked only against the roots
 of the trust domain named in its leaf, so a partner's CA can never vouch for our IDs.
+
+Path validation (chain building, signatures, validity, basic constraints and path length,
+unknown critical extensions, DNS name constraints) runs on ``cryptography.x509.verification``
+wherever its profile fits; the SPIFFE rules sit on top, before it (the leaf) and after it
+(every signing certificate of the path it found). Two SPIFFE forms lie outside that profile
+and keep the verifier's own walk (``_walk``): Ed25519 keys and signatures (its algorithm set
+is the CA/Browser Forum's, with no EdDSA, and our CA issues to Ed25519 workload keys), and
+URI name constraints (it refuses every URI constraint against a URI SAN, and the SPIFFE ID
+is a URI SAN). The same walk explains a refusal of the library in SPIFFE terms.
 """
 
 from __future__ import annotations
 
-import re
+import functools
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
+from cryptography.x509 import verification as libverify
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID, PublicKeyAlgorithmOID
 
 from trustmesh.der import load_der_certificates
+from trustmesh.dnsname import InvalidDnsNameError, normalize_dns_name
 from trustmesh.errors import InvalidSpiffeIdError, SvidError, VerificationError
 from trustmesh.keys import PrivateKey, PublicKey, spki_der
 from trustmesh.spiffeid import SpiffeId, TrustDomain
@@ -33,8 +44,6 @@ MAX_CSR_BYTES = 16 * 1024
 MAX_CHAIN_DEPTH = 8
 ORGANIZATION = "trustmesh"
 MAX_COMMON_NAME = 64  # ub-common-name in RFC 5280; longer DNS names stay in the SAN only
-MAX_DNS_NAME = 253
-_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 # Critical extensions this verifier acts on. RFC 5280 says a certificate with any other
 # critical extension must be refused, since its issuer meant it to restrict something we
@@ -87,8 +96,10 @@ def build_leaf_certificate(
         raise SvidError(f"a leaf X509-SVID needs a SPIFFE ID with a path, not {spiffe_id}")
     if isinstance(dns_names, str):
         raise SvidError("dns_names must be a sequence of names, not one string")
-    for name in dns_names:
-        _check_dns_name(name)
+    try:
+        dns_names = [normalize_dns_name(name) for name in dns_names]
+    except InvalidDnsNameError as err:
+        raise SvidError(str(err)) from err
     _check_window(not_before, not_after)
     # The first DNS name doubles as the CN (for old clients), when it fits a CN at all.
     if dns_names and len(dns_names[0]) <= MAX_COMMON_NAME:
@@ -127,21 +138,6 @@ def build_leaf_certificate(
         .add_extension(_aki(issuer), critical=False)
     )
     return builder.sign(issuer_key, _hash_for(issuer_key))
-
-
-def _check_dns_name(name: object) -> None:
-    """An LDH host name, optionally with a leading '*' label; anything else is refused."""
-    if not isinstance(name, str):
-        raise SvidError(f"DNS name {name!r} is not a string")
-    shown = name if len(name) <= 80 else name[:77] + "..."
-    labels = name.split(".")
-    if labels[0] == "*" and len(labels) > 1:
-        labels = labels[1:]
-    if not name or len(name) > MAX_DNS_NAME or not all(_DNS_LABEL.fullmatch(label) for label in labels):
-        raise SvidError(
-            f"invalid DNS name {shown!r}: use at most {MAX_DNS_NAME} characters of dot-separated labels "
-            "of ASCII letters, digits and '-' (a leading '*.' is allowed)"
-        )
 
 
 def _check_window(not_before: datetime, not_after: datetime) -> None:
@@ -198,7 +194,9 @@ def build_ca_certificate(
             critical=True,
         )
         # A signing certificate may carry the trust domain's ID, never one with a path.
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(trust_domain.id))]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(trust_domain.id))]), critical=False
+        )
         .add_extension(ski, critical=False)
     )
     if issuer is not None:
@@ -260,7 +258,9 @@ def _check_validity(cert: x509.Certificate, now: datetime, what: str) -> None:
 def _check_critical_extensions(cert: x509.Certificate, what: str) -> None:
     for ext in _extensions(cert):
         if ext.critical and ext.oid not in _UNDERSTOOD_CRITICAL:
-            raise VerificationError(f"{what} has a critical extension this verifier does not understand ({ext.oid.dotted_string})")
+            raise VerificationError(
+                f"{what} has a critical extension this verifier does not understand ({ext.oid.dotted_string})"
+            )
 
 
 def _check_signature_hash(cert: x509.Certificate, what: str) -> None:
@@ -416,8 +416,153 @@ def _verify_chain(
     _check_validity(leaf, now, "leaf certificate")
     _check_signature_hash(leaf, "leaf certificate")
     leaf_dns = _dns_sans(leaf)
+    anchors = _library_anchors(tuple(roots))
+    if anchors is None:
+        _walk(chain, roots, spiffe_id, leaf_dns, now)
+        return spiffe_id
+    try:
+        path = _library_verifier(anchors, td, now).verify(leaf, list(chain[1:])).chain
+    except libverify.VerificationError as err:
+        if not _fits_library(chain):
+            # Refused for a form SPIFFE allows and the library does not know: the walk decides.
+            _walk(chain, roots, spiffe_id, leaf_dns, now)
+            return spiffe_id
+        # The walk names the broken rule in SPIFFE terms ("intermediate certificate
+        # expired"); when it finds none, the library was stricter, and its reason stands.
+        _walk(chain, roots, spiffe_id, leaf_dns, now)
+        raise VerificationError(f"certificate chain failed path validation: {err}") from err
+    # The library ends a path at any certificate of the store, the leaf included: a leaf
+    # listed in the bundle would need no issuer at all. An X509-SVID is issued by a signing
+    # certificate of its trust domain, always.
+    if len(path) < 2:
+        _walk(chain, roots, spiffe_id, leaf_dns, now)
+        raise VerificationError("leaf certificate is itself a trust anchor; it must be issued by a signing certificate")
+    # The library takes the intermediates as a pool, in any order; an X509-SVID chain is
+    # presented leaf first, each certificate followed by its issuer (extra ones may trail).
+    if list(path[:-1]) != list(chain[: len(path) - 1]):
+        _walk(chain, roots, spiffe_id, leaf_dns, now)
+        raise VerificationError("certificate chain is out of order: each certificate must be followed by its issuer")
+    # What _ca_policy cannot say: validity to the microsecond (the library compares whole
+    # seconds) and name constraints on the SPIFFE ID, which the library does not evaluate.
+    last = len(path) - 1
+    for index, cert in enumerate(path[1:], start=1):
+        role = "root certificate" if index == last else "intermediate certificate"
+        _check_validity(cert, now, role)
+        _check_name_constraints(cert, spiffe_id, leaf_dns, role)
+    return spiffe_id
 
-    current, depth = leaf, 0
+
+def _check_signing_certificate(
+    cert: x509.Certificate, spiffe_id: SpiffeId, leaf_dns: Sequence[str], depth: int, now: datetime, role: str
+) -> None:
+    _check_ca(cert, spiffe_id.trust_domain, depth, role)
+    _check_validity(cert, now, role)
+    if role != "root certificate":  # a root is trusted as it is, not for its signature
+        _check_signature_hash(cert, role)
+    _check_name_constraints(cert, spiffe_id, leaf_dns, role)
+
+
+# --- path validation by cryptography.x509.verification ---------------------------------
+
+# Key and signature algorithms outside the library's (CA/Browser Forum) set that SPIFFE
+# allows; when the library refuses a chain that uses them, _walk decides. Ed25519 and Ed448
+# use one OID each for the key and the signature. Asked only after a refusal, so the common
+# chain pays nothing for it; the library refuses such a chain before any signature check.
+_OUTSIDE_LIBRARY_ALGORITHMS: Final = frozenset({PublicKeyAlgorithmOID.ED25519, PublicKeyAlgorithmOID.ED448})
+
+# A leaf is checked by _check_leaf before the library sees it, and has exactly one path;
+# the library adds nothing to its extension rules but would refuse leaves without an
+# authority key identifier, which the X509-SVID standard does not require.
+_EE_POLICY: Final = libverify.ExtensionPolicy.permit_all()
+
+
+def _fits_library(chain: Sequence[x509.Certificate]) -> bool:
+    try:
+        for cert in chain:
+            if (cert.public_key_algorithm_oid in _OUTSIDE_LIBRARY_ALGORITHMS
+                    or cert.signature_algorithm_oid in _OUTSIDE_LIBRARY_ALGORITHMS):
+                return False
+        return not any(_has_uri_name_constraints(cert) for cert in chain[1:])
+    except (ValueError, VerificationError):
+        return False  # malformed: the walk refuses it with a reason
+
+
+def _has_uri_name_constraints(cert: x509.Certificate) -> bool:
+    nc = _extension(cert, x509.NameConstraints)
+    if nc is None:
+        return False
+    subtrees = (*(nc.permitted_subtrees or ()), *(nc.excluded_subtrees or ()))
+    return any(isinstance(name, x509.UniformResourceIdentifier) for name in subtrees)
+
+
+@functools.lru_cache(maxsize=64)
+def _library_anchors(roots: tuple[x509.Certificate, ...]) -> libverify.Store | None:
+    """The trust store of one bundle's roots; None when a root needs the walk.
+
+    Cached: bundles change rarely, and handshakes ask for the same roots again and again.
+    """
+    try:
+        if any(_has_uri_name_constraints(root) for root in roots):
+            return None
+    except VerificationError:
+        return None
+    return libverify.Store(list(roots))
+
+
+def _library_verifier(anchors: libverify.Store, td: TrustDomain, now: datetime) -> libverify.ClientVerifier:
+    # A client verifier: it asks for no DNS or IP subject, which an X509-SVID need not have.
+    return (
+        libverify.PolicyBuilder()
+        .store(anchors)
+        .time(now)
+        .max_chain_depth(MAX_CHAIN_DEPTH)
+        .extension_policies(ca_policy=_ca_policy(td), ee_policy=_EE_POLICY)
+        .build_client_verifier()
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _ca_policy(td: TrustDomain) -> libverify.ExtensionPolicy:
+    """The X509-SVID rules for signing certificates, as the library's extension policy.
+
+    Rules inside the policy steer its path building: a candidate root that breaks one is
+    passed over for the next, as during a root rotation. Failures carry no role name
+    ("intermediate" or "root"); the walk supplies it when it explains a refusal.
+    """
+
+    def key_usage(_policy: libverify.Policy, _cert: x509.Certificate, usage: x509.KeyUsage) -> None:
+        if not usage.key_cert_sign:
+            raise ValueError("a signing certificate needs the keyCertSign key usage")
+
+    def san(_policy: libverify.Policy, _cert: x509.Certificate, names: x509.SubjectAlternativeName | None) -> None:
+        for uri in [] if names is None else names.get_values_for_type(x509.UniformResourceIdentifier):
+            sid = SpiffeId.parse(uri)  # InvalidSpiffeIdError is a ValueError: a refusal
+            if sid.trust_domain != td or not sid.is_trust_domain_id:
+                raise ValueError(f"signing certificate has SPIFFE ID {sid}, not {td.id}")
+
+    return (
+        libverify.ExtensionPolicy.permit_all()
+        # Not required critical: the X509-SVID standard only requires cA=true, which the
+        # library checks together with pathLenConstraint for every signing certificate.
+        .require_present(x509.BasicConstraints, libverify.Criticality.AGNOSTIC, None)
+        .require_present(x509.KeyUsage, libverify.Criticality.AGNOSTIC, key_usage)
+        .may_be_present(x509.SubjectAlternativeName, libverify.Criticality.AGNOSTIC, san)
+    )
+
+
+# --- the verifier's own walk ------------------------------------------------------------
+
+
+def _walk(
+    chain: Sequence[x509.Certificate],
+    roots: Sequence[x509.Certificate],
+    spiffe_id: SpiffeId,
+    leaf_dns: Sequence[str],
+    now: datetime,
+) -> None:
+    """Follow the chain from the leaf to a root of its trust domain, checking each link."""
+    td = spiffe_id.trust_domain
+    current, depth = chain[0], 0
     intermediates = list(chain[1:])
     for _ in range(MAX_CHAIN_DEPTH):
         # Several roots may match (a root re-issued with the same key and name sits in the
@@ -427,13 +572,11 @@ def _verify_chain(
         for root in roots:
             if issued_by(current, root):
                 try:
-                    _check_ca(root, td, depth, "root certificate")
-                    _check_validity(root, now, "root certificate")
-                    _check_name_constraints(root, spiffe_id, leaf_dns, "root certificate")
+                    _check_signing_certificate(root, spiffe_id, leaf_dns, depth, now, "root certificate")
                 except VerificationError as err:
                     refusal = refusal or err
                     continue
-                return spiffe_id
+                return
         if refusal is not None:
             raise refusal
         # Not yet at a root: the next certificate presented must have issued this one.
@@ -442,10 +585,7 @@ def _verify_chain(
         issuer = intermediates.pop(0)
         if not issued_by(current, issuer):
             raise VerificationError("certificate chain is broken: a certificate was not signed by the next one")
-        _check_ca(issuer, td, depth, "intermediate certificate")
-        _check_validity(issuer, now, "intermediate certificate")
-        _check_signature_hash(issuer, "intermediate certificate")
-        _check_name_constraints(issuer, spiffe_id, leaf_dns, "intermediate certificate")
+        _check_signing_certificate(issuer, spiffe_id, leaf_dns, depth, now, "intermediate certificate")
         current, depth = issuer, depth + 1
     raise VerificationError(f"certificate chain longer than {MAX_CHAIN_DEPTH}")
 

@@ -175,6 +175,24 @@ def test_jwtsvid_is_hashable_and_equal_by_content() -> None:
     assert len({validate(token), validate(token)}) == 1
 
 
+def test_tokens_interoperate_with_an_independent_pyjwt_encoder_and_decoder() -> None:
+    # PyJWT makes and checks the signatures inside trustmesh too, but its token handling
+    # (header, claims, base64url) is its own: a token from either side is read by the other.
+    import jwt
+
+    theirs = jwt.encode(good_claims(), EC384, algorithm="ES384", headers={"kid": "k384"})
+    assert validate(theirs).algorithm == "ES384"
+    ours = mint(RSA, "krsa")
+    claims = jwt.decode(ours, RSA.public_key(), algorithms=["RS256"], audience="ledger",
+                        options={"verify_exp": False, "verify_iat": False})
+    assert claims["sub"] == str(WORKLOAD)
+
+
+def test_only_the_allowlist_is_registered_with_the_jose_library() -> None:
+    assert sorted(jose._JWS.get_algorithms()) == sorted(jose.SUPPORTED_ALGORITHMS)
+    assert not {"none", "HS256", "HS384", "HS512", "ES256K"} & jose.SUPPORTED_ALGORITHMS
+
+
 # --------------------------------------------------------------------------- signing refusals
 
 

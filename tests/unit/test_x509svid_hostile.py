@@ -65,8 +65,8 @@ def _leaf(issuer: x509.Certificate, issuer_key: PrivateKey, dns: tuple[str, ...]
                                   not_after=NOW + timedelta(hours=1), dns_names=dns)
 
 
-def _refused(chain: list[x509.Certificate], match: str, anchors: dict[TrustDomain, list[x509.Certificate]] | None = None,
-             now: datetime = NOW) -> None:
+def _refused(chain: list[x509.Certificate], match: str,
+             anchors: dict[TrustDomain, list[x509.Certificate]] | None = None, now: datetime = NOW) -> None:
     with pytest.raises(VerificationError, match=match):
         verify_x509_svid(chain, anchors if anchors is not None else ANCHORS, now=now)
 
@@ -77,8 +77,9 @@ def _usage(*, sign: bool) -> x509.KeyUsage:
                          encipher_only=False, decipher_only=False)
 
 
-def _self_signed_root(name: str, usage: x509.KeyUsage | None,
-                      extra: list[tuple[x509.ExtensionType, bool]] | None = None) -> tuple[x509.Certificate, PrivateKey]:
+def _self_signed_root(
+    name: str, usage: x509.KeyUsage | None, extra: list[tuple[x509.ExtensionType, bool]] | None = None
+) -> tuple[x509.Certificate, PrivateKey]:
     key = generate_private_key()
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     b = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
@@ -234,3 +235,68 @@ def test_a_sha1_signed_leaf_is_refused_by_name(tmp_path: Path) -> None:
     # openssl starts the leaf at the real clock's now, so check at that time.
     at = leaf.not_valid_before_utc + timedelta(seconds=1)
     _refused([leaf, INTER], "leaf certificate is signed with sha1, which is too weak", now=at)
+
+
+# --- path validation by cryptography.x509.verification ---------------------------------------------
+
+
+def _inter_with_key(key: object, name: str = "weak signing") -> x509.Certificate:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    return (x509.CertificateBuilder().subject_name(subject).issuer_name(ROOT.subject)
+            .public_key(key.public_key())  # type: ignore[attr-defined]
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - timedelta(hours=1)).not_valid_after(NOW + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_usage(sign=True), critical=True)
+            .sign(ROOT_KEY, hashes.SHA256()))
+
+
+def test_the_library_refuses_what_no_spiffe_rule_names_a_weak_rsa_intermediate() -> None:
+    # Every SPIFFE rule holds, but a 1024-bit RSA key signs the leaf: the walk alone
+    # accepted this; the library's key-size rule refuses it, and its reason is given.
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    weak_key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    weak = _inter_with_key(weak_key)
+    _refused([_leaf(weak, weak_key), weak], "failed path validation: .*RSA key is too weak")
+    strong_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    strong = _inter_with_key(strong_key, "strong signing")
+    assert verify_x509_svid([_leaf(strong, strong_key), strong], ANCHORS, now=NOW) == LEDGER  # control
+
+
+def test_path_building_passes_over_a_root_that_breaks_a_spiffe_rule() -> None:
+    # Two roots with one name and one key (a rotation): the first may not sign certificates,
+    # the second may. Whichever order the bundle lists them in, the good one is found.
+    key = generate_private_key()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rotating root")])
+
+    def root(usage: x509.KeyUsage) -> x509.Certificate:
+        return (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(NOW - timedelta(days=1)).not_valid_after(NOW + timedelta(days=30))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .add_extension(usage, critical=True)
+                .sign(key, hashes.SHA256()))
+
+    bad, good = root(_usage(sign=False)), root(_usage(sign=True))
+    leaf = _leaf(good, key)
+    assert verify_x509_svid([leaf], {TD: [bad, good]}, now=NOW) == LEDGER
+    assert verify_x509_svid([leaf], {TD: [good, bad]}, now=NOW) == LEDGER
+    _refused([leaf], "root certificate may not sign", anchors={TD: [bad]})
+
+
+
+def test_a_leaf_listed_in_the_bundle_is_no_trust_anchor_for_itself() -> None:
+    # The library ends a path at any certificate of its store; a leaf pinned in the bundle
+    # must still be issued by a signing certificate.
+    key = generate_private_key()
+    pinned = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pinned")]))
+              .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pinned")]))
+              .public_key(key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(NOW - timedelta(minutes=1)).not_valid_after(NOW + timedelta(hours=1))
+              .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(LEDGER))]), critical=False)
+              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+              .add_extension(_usage(sign=False), critical=True)
+              .sign(key, hashes.SHA256()))
+    _refused([pinned], "root certificate is not a CA", anchors={TD: [pinned]})
+    _refused([pinned], "root certificate is not a CA", anchors={TD: [ROOT, pinned]})
