@@ -24,7 +24,9 @@ import grpc
 from cryptography.hazmat.primitives import hashes, serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from trustmesh.controlplane.api.admin import AdminAPI
+from trustmesh.controlplane.api import callers
+from trustmesh.controlplane.api.admin import AdminServicer, AdminServices
+from trustmesh.controlplane.api.calls import CallLayer
 from trustmesh.controlplane.api.node import NodeServicer
 from trustmesh.controlplane.attestation import NodeAttestor
 from trustmesh.controlplane.audit import AuditLog
@@ -195,7 +197,16 @@ def _add_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
     return servicer
 
 
-async def _start_admin_server(rt: ServerRuntime, admin: AdminAPI) -> grpc.aio.Server:
+def _grpc_server(layer: CallLayer, max_receive: int = MAX_MESSAGE_BYTES) -> grpc.aio.Server:
+    """A gRPC server whose every call goes through `layer`: authentication, the per-method
+    authorization table, error mapping and call metrics (controlplane/api/calls.py)."""
+    return grpc.aio.server(interceptors=[layer], options=[
+        ("grpc.max_receive_message_length", max_receive),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ])
+
+
+async def _start_admin_server(rt: ServerRuntime, admin: AdminServicer) -> grpc.aio.Server:
     path = rt.config.admin_socket_path
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if path.is_socket():
@@ -203,7 +214,7 @@ async def _start_admin_server(rt: ServerRuntime, admin: AdminAPI) -> grpc.aio.Se
     elif path.exists():
         raise TrustmeshError(f"admin socket path {path} exists and is not a socket; "
                              "remove it or pick another --admin-socket")
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    server = _grpc_server(CallLayer(callers.local_admin, rt.metrics))
     admin.register(server)
     _add_health(server)
     # The socket must never exist with looser permissions, not even for an instant.
@@ -256,14 +267,12 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         view.subscribe(sync.on_registry_event)
         # Agents: attestation, then signing (issuance) and the push of what they may use (sync).
         node = NodeServicer(view, NodeAttestor(rt), IssuanceService(rt, view), sync)
-        admin_api = AdminAPI(rt, view)
-        node_server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ])
+        admin = AdminServicer(AdminServices.of(rt))
+        td = config.trust_domain
+        node_server = _grpc_server(CallLayer(callers.agents(td, view), rt.metrics))
         node.register(node_server)
         health_servicer = _add_health(node_server)
-        attest_server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024)])
+        attest_server = _grpc_server(CallLayer(callers.anonymous, rt.metrics), max_receive=64 * 1024)
         node.register_attestation(attest_server)
         attest_health = _add_health(attest_server)
         port = _listen(node_server, config.bind, creds.credentials(require_client_cert=True), "--bind")
@@ -271,11 +280,12 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
                               "--attest-bind")
         await node_server.start()
         await attest_server.start()
-        admin_server = await _start_admin_server(rt, admin_api)
+        admin_server = await _start_admin_server(rt, admin)
         remote_admin_port = 0
         if config.admin_bind:
-            remote_admin = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
-            admin_api.register(remote_admin, remote=True)
+            remote_admin = _grpc_server(CallLayer(callers.remote_admins(td, view), rt.metrics,
+                                                  on_denied=callers.audit_admin_denials(rt.audit)))
+            admin.register(remote_admin)
             remote_admin_port = _listen(remote_admin, config.admin_bind, creds.credentials(require_client_cert=True),
                                         "--admin-bind")
             await remote_admin.start()

@@ -1,7 +1,7 @@
 """The agent-facing Node service: protobuf in, domain calls, protobuf out.
 
-Every call but Attest is authenticated by the agent's X509-SVID (peer.py) and checked against
-the registry view's attested-node records (`_agent`); the rules live in the domain:
+The call layer (calls.py) authenticates every call but Attest by the agent's X509-SVID and the
+registry view's attested-node records before a handler runs; the rules live in the domain:
 attestation.py (Attest), issuance.py (signing, renewal, flow reports) and sync_service.py
 with sync_delta.py (the sync stream).
 """
@@ -15,9 +15,10 @@ import grpc
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc, types_pb2
+from trustmesh.controlplane.api.callers import current_agent
 from trustmesh.controlplane.api.convert import bundle_to_pb
-from trustmesh.controlplane.api.peer import PeerAgent, peer_agent
-from trustmesh.controlplane.api.status import grpc_errors, status_code_for
+from trustmesh.controlplane.api.peer import PeerAgent
+from trustmesh.controlplane.api.status import status_code_for
 from trustmesh.controlplane.attestation import NodeAttestor
 from trustmesh.controlplane.issuance import (
     MAX_FLOW_COUNTERS,
@@ -27,8 +28,8 @@ from trustmesh.controlplane.issuance import (
     X509Outcome,
     X509Request,
 )
+from trustmesh.controlplane.registration import AttestedNode
 from trustmesh.controlplane.registry_view import RegistryView
-from trustmesh.controlplane.store.records import AttestedNode
 from trustmesh.controlplane.sync_service import SyncService
 from trustmesh.errors import CAError
 from trustmesh.x509svid import X509Svid
@@ -59,10 +60,11 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         })
         server.add_generic_rpc_handlers((handler,))
 
-    def _agent(self, context: grpc.aio.ServicerContext) -> tuple[PeerAgent, AttestedNode]:
-        """The calling agent and its node record; refuses evicted, banned and superseded SVIDs."""
-        peer = peer_agent(context, self._view.trust_domain)
-        return peer, self._view.authenticate(peer)
+    @staticmethod
+    def _agent() -> tuple[PeerAgent, AttestedNode]:
+        """The calling agent and its node record, as the call layer authenticated them."""
+        agent = current_agent()
+        return agent.peer, agent.node
 
     # --- attestation --------------------------------------------------------------------
 
@@ -70,28 +72,27 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                      context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.AttestResponse]:
         # At most two messages are read, each within ATTEST_STEP_TIMEOUT; anything after
         # the result is ignored, so the conversation is bounded in time and size.
-        async with grpc_errors(context, "Attest"):
-            attestor = self._attestor
-            first = await self._next(request_iterator, "first")
-            step = first.WhichOneof("step")
-            if step == "join_token":
-                attested = await attestor.attest_join_token(first.join_token, first.csr)
-            elif step == "x509pop":
-                challenge = await attestor.x509pop_challenge(list(first.x509pop.cert_chain))
-                yield node_pb2.AttestResponse(challenge=node_pb2.X509PopChallenge(nonce=challenge.nonce))
-                answer = await self._next(request_iterator, "challenge response")
-                if answer.WhichOneof("step") != "challenge_response":
-                    raise await attestor.invalid("expected the x509pop challenge response as second message",
-                                                 "x509pop", challenge.node_name)
-                attested = await attestor.x509pop_finish(
-                    challenge, answer.challenge_response.signature, answer.csr or first.csr)
-            else:
-                raise await attestor.invalid("the first Attest message must carry a join_token or x509pop evidence")
-            await self._view.node_written(attested.node)
-            yield node_pb2.AttestResponse(result=node_pb2.AttestResult(
-                spiffe_id=str(attested.svid.spiffe_id), svid_chain=_chain(attested.svid),
-                bundle=bundle_to_pb(self._issuance.trust_bundle()),
-            ))
+        attestor = self._attestor
+        first = await self._next(request_iterator, "first")
+        step = first.WhichOneof("step")
+        if step == "join_token":
+            attested = await attestor.attest_join_token(first.join_token, first.csr)
+        elif step == "x509pop":
+            challenge = await attestor.x509pop_challenge(list(first.x509pop.cert_chain))
+            yield node_pb2.AttestResponse(challenge=node_pb2.X509PopChallenge(nonce=challenge.nonce))
+            answer = await self._next(request_iterator, "challenge response")
+            if answer.WhichOneof("step") != "challenge_response":
+                raise await attestor.invalid("expected the x509pop challenge response as second message",
+                                             "x509pop", challenge.node_name)
+            attested = await attestor.x509pop_finish(
+                challenge, answer.challenge_response.signature, answer.csr or first.csr)
+        else:
+            raise await attestor.invalid("the first Attest message must carry a join_token or x509pop evidence")
+        await self._view.node_written(attested.node)
+        yield node_pb2.AttestResponse(result=node_pb2.AttestResult(
+            spiffe_id=str(attested.svid.spiffe_id), svid_chain=_chain(attested.svid),
+            bundle=bundle_to_pb(self._issuance.trust_bundle()),
+        ))
 
     async def _next(self, it: AsyncIterator[node_pb2.AttestRequest], what: str) -> node_pb2.AttestRequest:
         try:
@@ -105,50 +106,45 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
 
     async def RenewAgent(self, request: node_pb2.RenewAgentRequest,
                          context: grpc.aio.ServicerContext) -> node_pb2.RenewAgentResponse:
-        async with grpc_errors(context, "RenewAgent"):
-            peer, node = self._agent(context)
-            svid = await self._issuance.renew_agent(peer.spiffe_id, node, request.csr)
-            return node_pb2.RenewAgentResponse(svid_chain=_chain(svid))
+        peer, node = self._agent()
+        svid = await self._issuance.renew_agent(peer.spiffe_id, node, request.csr)
+        return node_pb2.RenewAgentResponse(svid_chain=_chain(svid))
 
     # --- sync ---------------------------------------------------------------------------
 
     async def Sync(self, request: node_pb2.SyncRequest,
                    context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.SyncResponse]:
-        async with grpc_errors(context, "Sync"):
-            peer, node = self._agent(context)
-            with self._sync.open(peer, node, peer.not_after) as stream:
-                for message in stream.start(request.since_revision, dict(request.bundle_sequences)):
+        peer, node = self._agent()
+        with self._sync.open(peer, node, peer.not_after) as stream:
+            for message in stream.start(request.since_revision, dict(request.bundle_sequences)):
+                yield message
+            while True:
+                for message in await stream.next():
                     yield message
-                while True:
-                    for message in await stream.next():
-                        yield message
 
     # --- issuance -----------------------------------------------------------------------
 
     async def BatchSignX509(self, request: node_pb2.BatchSignX509Request,
                             context: grpc.aio.ServicerContext) -> node_pb2.BatchSignX509Response:
-        async with grpc_errors(context, "BatchSignX509"):
-            peer, _ = self._agent(context)
-            outcomes = await self._issuance.sign_x509_batch(
-                peer.id, [X509Request(item.entry_id, item.csr) for item in request.items])
-            return node_pb2.BatchSignX509Response(results=[_x509_result(o) for o in outcomes])
+        peer, _ = self._agent()
+        outcomes = await self._issuance.sign_x509_batch(
+            peer.id, [X509Request(item.entry_id, item.csr) for item in request.items])
+        return node_pb2.BatchSignX509Response(results=[_x509_result(o) for o in outcomes])
 
     async def SignJWT(self, request: node_pb2.SignJWTRequest,
                       context: grpc.aio.ServicerContext) -> node_pb2.SignJWTResponse:
-        async with grpc_errors(context, "SignJWT"):
-            peer, _ = self._agent(context)
-            issued = await self._issuance.sign_jwt(peer.id, request.entry_id, list(request.audiences))
-            return node_pb2.SignJWTResponse(token=issued.token, expires_at=int(issued.expires_at.timestamp()))
+        peer, _ = self._agent()
+        issued = await self._issuance.sign_jwt(peer.id, request.entry_id, list(request.audiences))
+        return node_pb2.SignJWTResponse(token=issued.token, expires_at=int(issued.expires_at.timestamp()))
 
     async def ReportFlows(self, request: node_pb2.ReportFlowsRequest,
                           context: grpc.aio.ServicerContext) -> node_pb2.ReportFlowsResponse:
-        async with grpc_errors(context, "ReportFlows"):
-            peer, _ = self._agent(context)
-            # One counter past the limit is enough for the service to refuse an oversized
-            # report; converting all of a hostile one first would stall the event loop.
-            counters = [_flow_counter(c) for c in request.counters[:MAX_FLOW_COUNTERS + 1]]
-            await self._issuance.report_flows(peer.id, counters)
-            return node_pb2.ReportFlowsResponse()
+        peer, _ = self._agent()
+        # One counter past the limit is enough for the service to refuse an oversized
+        # report; converting all of a hostile one first would stall the event loop.
+        counters = [_flow_counter(c) for c in request.counters[:MAX_FLOW_COUNTERS + 1]]
+        await self._issuance.report_flows(peer.id, counters)
+        return node_pb2.ReportFlowsResponse()
 
 
 def _chain(svid: X509Svid) -> list[bytes]:

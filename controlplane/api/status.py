@@ -3,15 +3,12 @@
 Handlers raise trustmesh errors; the call layer (calls.py) answers each call that raised
 with the matching code and the error's own message, which is written for a person to act
 on. Anything that is not a trustmesh error is a bug: it is logged with its traceback and
-answered as INTERNAL without leaking details to the caller. `grpc_errors` applies the same
-mapping inside a handler, for servicers not yet served through the call layer.
+answered as INTERNAL without leaking details to the caller.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import grpc
 
@@ -37,7 +34,7 @@ log = logging.getLogger("trustmesh.api")
 # The request-level errors live in trustmesh.errors so transport-free code can raise them
 # without importing grpc; they are re-exported here for the servicers.
 __all__ = ["FailedPreconditionError", "InvalidArgumentError", "PermissionDeniedError", "UnauthenticatedError",
-           "UnavailableError", "grpc_errors", "status_code_for", "status_for"]
+           "UnavailableError", "status_code_for", "status_for"]
 
 
 # Most specific first: the first isinstance match wins.
@@ -77,14 +74,3 @@ def status_for(err: Exception, method: str) -> tuple[grpc.StatusCode, str]:
     log.error("unhandled error", exc_info=err, extra={"fields": {"method": method}})
     log_event(log, "internal_error", level=logging.ERROR, method=method, error=type(err).__name__)
     return grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log"
-
-
-@asynccontextmanager
-async def grpc_errors(context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
-    try:
-        yield
-    except grpc.aio.AbortError:
-        raise
-    except Exception as err:  # noqa: BLE001 - status_for maps every error, bugs to INTERNAL
-        code, message = status_for(err, method)
-        await context.abort(code, message)

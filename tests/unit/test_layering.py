@@ -22,8 +22,6 @@ import ast
 import os
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -101,16 +99,10 @@ def test_only_the_store_package_knows_the_backend() -> None:
 # What the API layer reaches only through domain services (registration, policy_store,
 # federation_admin, partners, ca_admin, audit_query, ...).
 API_MAY_NOT_IMPORT = {"trustmesh.controlplane.store", "trustmesh.controlplane.ca", "trustmesh.controlplane.audit"}
-NODE_API = "controlplane/api/node.py"
 
 
 def test_the_api_layer_reaches_store_ca_and_audit_only_through_the_domain() -> None:
-    assert _violations("controlplane/api", API_MAY_NOT_IMPORT, exempt=(NODE_API,)) == []
-
-
-@pytest.mark.xfail(strict=False, reason="node.py is being moved to the registry view")
-def test_the_node_api_reaches_store_ca_and_audit_only_through_the_domain() -> None:
-    assert [v for v in _violations("controlplane/api", API_MAY_NOT_IMPORT) if v.startswith(NODE_API)] == []
+    assert _violations("controlplane/api", API_MAY_NOT_IMPORT) == []
 
 
 def test_the_domain_never_imports_grpc_or_protobuf() -> None:
