@@ -41,6 +41,8 @@ class ServerConfig:
     bundle_endpoint_key: Path | None = None
     bundle_refresh_hint: timedelta = timedelta(minutes=5)  # spiffe_refresh_hint we publish
     leader_ttl: int = 5  # seconds; a dead leader's duties move to another replica after about this
+    # processes signing X509-SVID batches (0: a thread of the server process, as before)
+    signing_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     @property

@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "bundle_endpoint_cert": None,
     "bundle_endpoint_key": None,
     "bundle_refresh_hint": "5m",
+    "signing_workers": None,
 }
 
 
@@ -101,6 +102,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="the leader replica forgets agents whose SVID expired this long ago (they must attest "
         "again anyway); banned agents are kept (default 24h)",
     )
+    run.add_argument(
+        "--signing-workers", metavar="N",
+        help="processes that sign X.509-SVIDs, for issuance on every core; 0 signs in a thread of the "
+        "server process (default: the number of CPUs)",
+    )
     fed = run.add_argument_group("federation (serving this trust domain's bundle to partners)")
     fed.add_argument("--bundle-endpoint", metavar="HOST:PORT",
                      help="serve the SPIFFE bundle over HTTPS here, for federated partners (default off)")
@@ -158,6 +164,14 @@ def _build_config(args: argparse.Namespace) -> Any:
         bundle_endpoint_key=Path(web_files[1]).expanduser() if web_files[1] else None,
         **durations,
     )
+    if values["signing_workers"] is not None:
+        try:
+            workers = int(values["signing_workers"])
+        except (TypeError, ValueError):
+            workers = -1
+        if workers < 0:
+            raise ConfigError(f"--signing-workers {values['signing_workers']!r}: give 0 or a positive number")
+        config = dataclasses.replace(config, signing_workers=workers)
     if values["replica_id"]:
         config = dataclasses.replace(config, replica_id=str(values["replica_id"]))
     return config
