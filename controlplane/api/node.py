@@ -282,7 +282,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                     continue
                 issued.append(entry.id)
                 results[i] = node_pb2.X509SignResult(entry_id=entry.id, svid=node_pb2.X509Svid(
-                    spiffe_id=entry.spiffe_id, cert_chain=[c.public_bytes(_DER) for c in outcome.cert_chain],
+                    spiffe_id=entry.spiffe_id, cert_chain=outcome.chain_ders(),
                     expires_at=int(outcome.expires_at.timestamp())))
             counter = self._rt.metrics.counter("trustmesh_x509_svids_total", "X509-SVID requests by outcome",
                                                ["outcome"])

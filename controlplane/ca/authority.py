@@ -477,7 +477,8 @@ class CertificateAuthority:
         outcomes = await pool.sign(material, items)
         for index, item, outcome in zip(work, items, outcomes, strict=True):
             if isinstance(outcome, bytes):
-                out[index] = _issued(item[1], (x509.load_der_x509_certificate(outcome), signing.cert))
+                out[index] = _issued(item[1], (x509.load_der_x509_certificate(outcome), signing.cert),
+                                     (outcome, material.cert_der))
             else:
                 out[index] = outcome_error(outcome)
         return out
@@ -535,7 +536,7 @@ class CertificateAuthority:
             raise
 
 
-def _issued(spiffe_id: SpiffeId, chain: tuple[x509.Certificate, ...]) -> X509Svid:
+def _issued(spiffe_id: SpiffeId, chain: tuple[x509.Certificate, ...], ders: tuple[bytes, ...]) -> X509Svid:
     """An X509Svid for a leaf a worker built for exactly `spiffe_id` under our signing CA.
 
     The checks of `X509Svid.__post_init__` (the leaf's URI SAN is this ID) hold by
@@ -545,6 +546,7 @@ def _issued(spiffe_id: SpiffeId, chain: tuple[x509.Certificate, ...]) -> X509Svi
     object.__setattr__(svid, "spiffe_id", spiffe_id)
     object.__setattr__(svid, "cert_chain", chain)
     object.__setattr__(svid, "private_key", None)
+    object.__setattr__(svid, "_ders", ders)  # the bytes the worker signed and the CA's, encoded once
     return svid
 
 
