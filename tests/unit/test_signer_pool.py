@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from trustmesh.controlplane.ca.authority import CAConfig, CertificateAuthority
 from trustmesh.controlplane.ca.kek import KeyEncryptionKey
@@ -73,6 +74,9 @@ async def test_batch_on_workers_follows_the_same_rules(ca: CertificateAuthority)
     assert ok2.spiffe_id == other and ok2.leaf.extensions.get_extension_for_class(
         x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName) == ["b.internal"]
     assert verify_x509_svid(ok0.cert_chain, {TD: ca.x509_authorities()}) == LEDGER
+    # The DER handed out is exactly the certificates' own encoding.
+    assert ok0.chain_ders() == tuple(c.public_bytes(serialization.Encoding.DER) for c in ok0.cert_chain)
+    assert ok0.chain_der() == b"".join(ok0.chain_ders())
     assert "invalid DNS name" in str(results[5])
     single = await ca.sign_x509_svid(build_csr(generate_private_key()), LEDGER, timedelta(minutes=5))
     assert single.cert_chain[1] == ca.signing_ca
