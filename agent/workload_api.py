@@ -154,6 +154,10 @@ class WorkloadAPI(SpiffeWorkloadAPIBase):
                                                 "Workload API callers that could not be attested")
         self._sent = metrics.counter("trustmesh_workload_api_messages_sent_total",
                                      "snapshots sent on Workload API streams", ["method"])
+        # X509-SVID snapshots built at the current source version, by the entries they hold:
+        # a hundred callers of one workload share one build (and one key encoding).
+        self._x509_built: dict[tuple[str, ...], workload_pb2.X509SVIDResponse | None] = {}
+        self._x509_built_version = -1
         self._closing = asyncio.Event()
         self._open = 0
         self._drained = asyncio.Event()
@@ -261,9 +265,22 @@ class WorkloadAPI(SpiffeWorkloadAPIBase):
     # --- X.509 -------------------------------------------------------------------------------
 
     def _x509_snapshot(self, selectors: list[str]) -> workload_pb2.X509SVIDResponse | None:
+        # Which SVIDs a caller gets is decided afresh every time (expiry included); only the
+        # message for that set is reused while the source's version (SVIDs, bundles) holds.
+        version = self._source.version
+        svids = self._source.x509_svids_for(selectors)
+        if version != self._x509_built_version:
+            self._x509_built.clear()
+            self._x509_built_version = version
+        key = tuple(item.entry_id for item in svids)
+        if key in self._x509_built:
+            return self._x509_built[key]
         bundles = self._source.bundles()
-        return x509_svid_response(self._source.x509_svids_for(selectors), bundles,
-                                  bundles.get(self._source.trust_domain))
+        message = x509_svid_response(svids, bundles, bundles.get(self._source.trust_domain))
+        if len(self._x509_built) >= 1024:
+            self._x509_built.clear()
+        self._x509_built[key] = message
+        return message
 
     async def FetchX509SVID(self, stream: Stream[Any, Any]) -> None:
         async with self._call("FetchX509SVID"):

@@ -167,6 +167,9 @@ class WorkloadAttestor:
         self._hash_cache: OrderedDict[_Key, str] = OrderedDict()
         # One hash per binary even when a thousand of its processes connect at once.
         self._hashing: dict[_Key, asyncio.Future[str]] = {}
+        # Likewise one user/group lookup per (uid, gid) at a time: callers arriving while it
+        # runs share its answer (nothing is kept after it, so a renamed user shows at once).
+        self._naming: dict[tuple[int, int], asyncio.Future[list[str]]] = {}
 
     async def attest(self, sock: SocketLike) -> list[str]:
         creds = peer_credentials(sock)
@@ -190,8 +193,7 @@ class WorkloadAttestor:
     async def selectors_for(self, creds: PeerCredentials) -> list[str]:
         before = _start_time(self._proc, creds.pid)
         selectors = [f"unix:uid:{creds.uid}", f"unix:gid:{creds.gid}"]
-        # NSS may be LDAP or sssd: never block the event loop on it.
-        selectors += await asyncio.to_thread(_names, creds.uid, creds.gid)
+        selectors += await self._names(creds.uid, creds.gid)
         exe_link = f"{self._proc}/{creds.pid}/exe"
         try:
             exe = os.readlink(exe_link)
@@ -205,6 +207,23 @@ class WorkloadAttestor:
         if _start_time(self._proc, creds.pid) != before:
             raise WorkloadAttestationError(f"process {creds.pid} was replaced during attestation (pid reuse)")
         return selectors
+
+    async def _names(self, uid: int, gid: int) -> list[str]:
+        key = (uid, gid)
+        task = self._naming.get(key)
+        if task is None:
+            # NSS may be LDAP or sssd: never block the event loop on it.
+            task = asyncio.ensure_future(asyncio.to_thread(_names, uid, gid))
+            self._naming[key] = task
+            task.add_done_callback(lambda done: self._named(key, done))
+        # shield: one caller hanging up must not cancel the lookup others wait for.
+        return list(await asyncio.shield(task))
+
+    def _named(self, key: tuple[int, int], task: asyncio.Future[list[str]]) -> None:
+        if self._naming.get(key) is task:
+            del self._naming[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure reaches the waiters, never "never retrieved"
 
     async def _sha256(self, path: str) -> str | None:
         """The sha256 of the file `path` resolves to, or None when it is too large or unreadable."""

@@ -78,7 +78,8 @@ def fetch_svid(socket_path: Path, spiffe_id: str, out: Path) -> tuple[Path, Path
             if svid.spiffe_id == spiffe_id:
                 chain = load_der_certificates(svid.x509_svid)
                 key = serialization.load_der_private_key(svid.x509_svid_key, None)
-                cert_path, key_path = out / f"{spiffe_id.rsplit('/', 1)[1]}.pem", out / f"{spiffe_id.rsplit('/', 1)[1]}.key"
+                name = spiffe_id.rsplit("/", 1)[1]
+                cert_path, key_path = out / f"{name}.pem", out / f"{name}.key"
                 cert_path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain))
                 key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                        serialization.NoEncryption()))

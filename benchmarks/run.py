@@ -32,7 +32,7 @@ def table(results: list[dict[str, object]]) -> str:
         rows.append((str(r["name"]), f"{r['value']} {r['unit']}", f"{r['reference_value']} ({r['reference']})",
                      str(r["ratio"]), str(r["goal"])))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 

@@ -70,7 +70,8 @@ def run(quick: bool) -> list[dict[str, object]]:
     return [
         row("scale.sync_cost_ratio", at_large, "s per snapshot", f"the same at {small:,} entries", at_small,
             "<= 1.3", params),
-        row("scale.server_rss", rss, "MiB", "none (reported)", 0.0, "report", {**params, "at_entries": large}, ratio=0.0),
+        row("scale.server_rss", rss, "MiB", "none (reported)", 0.0, "report", {**params, "at_entries": large},
+            ratio=0.0),
     ]
 
 

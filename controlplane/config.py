@@ -13,7 +13,18 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from trustmesh.options import DURATION, HOST_PORT, PATH, TEXT, TRUST_DOMAIN, ConfigError, internal, one_of, option
+from trustmesh.options import (
+    COUNT,
+    DURATION,
+    HOST_PORT,
+    PATH,
+    TEXT,
+    TRUST_DOMAIN,
+    ConfigError,
+    internal,
+    one_of,
+    option,
+)
 from trustmesh.spiffeid import TrustDomain
 
 # Bounds an entry's TTLs must fall within; outside them is INVALID_ARGUMENT.
@@ -79,6 +90,9 @@ class ServerConfig:
     bundle_refresh_hint: timedelta = option(
         "how often partners should fetch the bundle (spiffe_refresh_hint)", DURATION,
         default=timedelta(minutes=5), group=FEDERATION)
+    signing_workers: int = option(
+        "processes that sign X.509-SVIDs, for issuance on every core; 0 signs in a thread of the server "
+        "process (default: the number of CPUs)", COUNT, default_factory=lambda: os.cpu_count() or 1)
     leader_ttl: int = internal("seconds; a dead leader's duties move to another replica after about this",
                                default=5)
 

@@ -6,16 +6,31 @@ that are due, and forgets expired join tokens, expired partner certificates and 
 whose SVID expired long ago. Each step is one compare-and-swap in the
 store, so a leader that loses its lease mid-step leaves nothing half-done, and a step
 repeated by the next leader finds nothing left to do.
+
+Deciding what is due costs the store nothing: the leader reads the federation
+relationships and the expiry times once when it takes over (`LeaderState`), then keeps
+them current from the store's change feed, so an idle trust domain sees no periodic reads
+(only the leader's lease keep-alives).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from trustmesh.controlplane.config import MAX_JWT_TTL
 from trustmesh.controlplane.federation import refresh_due
 from trustmesh.controlplane.runtime import ServerRuntime
+from trustmesh.controlplane.store.records import (
+    AttestedNode,
+    Change,
+    FederationChanged,
+    FederationRecord,
+    NodeChanged,
+    PartnerChanged,
+    TokenChanged,
+)
 from trustmesh.errors import CAError, FailedPreconditionError, StoreError, TrustmeshError
 from trustmesh.logs import log_event
 
@@ -65,12 +80,74 @@ async def take_root_step(rt: ServerRuntime, step: str, *, actor: str) -> str:
     return detail
 
 
-async def run_once(rt: ServerRuntime, *, prune: bool = True) -> None:
+class LeaderState:
+    """The federation relationships and the earliest expiry of what pruning forgets (join
+    tokens, agents, partner certificates), read once and then kept from the change feed."""
+
+    def __init__(self, rt: ServerRuntime) -> None:
+        self._rt = rt
+        self.federations: dict[str, FederationRecord] = {}
+        # (kind, key) -> when the record becomes prunable; banned agents never do.
+        self._expiries: dict[tuple[str, str], float] = {}
+        self.revision = 0
+
+    async def load(self) -> None:
+        store = self._rt.store
+        revision = await store.current_revision()
+        self.federations = {f.trust_domain.name: f for f in await store.list_federations()}
+        self._expiries = {("token", t.token_hash): t.expires_at for t in await store.list_join_tokens()}
+        self._expiries.update((("partner", c.serial), c.not_after) for c in await store.list_partner_certificates())
+        for node in await store.list_attested_nodes():
+            self._note_node(str(node.spiffe_id), node)
+        self.revision = revision
+
+    def _note_node(self, key: str, node: AttestedNode) -> None:
+        if node.banned:
+            self._expiries.pop(("node", key), None)
+        else:
+            self._expiries[("node", key)] = node.cert_not_after + self._rt.config.prune_agents_after.total_seconds()
+
+    def apply(self, change: Change) -> None:
+        match change:
+            case FederationChanged(key, None):
+                self.federations.pop(key, None)
+            case FederationChanged(key, federation) if federation is not None:
+                self.federations[key] = federation
+            case TokenChanged(key, token):
+                self._expire(("token", key), None if token is None else token.expires_at)
+            case PartnerChanged(key, certificate):
+                self._expire(("partner", key), None if certificate is None else certificate.not_after)
+            case NodeChanged(key, node):
+                if node is None:
+                    self._expire(("node", key), None)
+                else:
+                    self._note_node(key, node)
+        self.revision = max(self.revision, change.revision)
+
+    def _expire(self, key: tuple[str, str], at: float | None) -> None:
+        if at is None:
+            self._expiries.pop(key, None)
+        else:
+            self._expiries[key] = at
+
+    async def follow(self) -> None:
+        """Apply the change feed until cancelled; raises when the feed fails (the caller
+        reloads and follows again)."""
+        async for batch in self._rt.store.watch(self.revision):
+            for change in batch:
+                self.apply(change)
+
+    def next_expiry(self) -> float:
+        return min(self._expiries.values(), default=float("inf"))
+
+
+async def run_once(rt: ServerRuntime, *, prune: bool = True, state: LeaderState | None = None) -> None:
+    """One round of duties; with `state`, the federations are taken from it (no store read)."""
     now = rt.clock()
     step = rt.ca.journal.next_root_step(now, MAX_JWT_TTL.total_seconds())
     if step is not None:
         await take_root_step(rt, step, actor=LEADER_ACTOR)
-    await refresh_due(rt, LEADER_ACTOR)
+    await refresh_due(rt, LEADER_ACTOR, None if state is None else list(state.federations.values()))
     if not prune:
         return
     await rt.store.delete_expired_partner_certificates(now)
@@ -88,21 +165,39 @@ async def run_once(rt: ServerRuntime, *, prune: bool = True) -> None:
 async def leader_duties(rt: ServerRuntime, interval: float = INTERVAL_SECONDS) -> None:
     """Run until cancelled (when leadership ends). A failed round is logged and retried.
 
-    The rotation step and federation refreshes are looked at every `interval`; pruning,
-    which reads every node and token, only every PRUNE_SECONDS.
+    The rotation step and federation refreshes are looked at every `interval`, from memory;
+    pruning, which reads every node and token, runs when the leader takes over and then
+    only once something has expired, at most every PRUNE_SECONDS.
     """
     failures = rt.metrics.counter("trustmesh_leader_duty_failures_total", "leader duty rounds that failed")
+    state = LeaderState(rt)
+    follower: asyncio.Task[None] | None = None
     last_prune = float("-inf")
-    while True:
-        prune = rt.clock() - last_prune >= PRUNE_SECONDS
-        try:
-            await run_once(rt, prune=prune)
-            if prune:
-                last_prune = rt.clock()
-        except (StoreError, TrustmeshError) as err:
-            failures.inc()
-            log_event(log, "leader_duty_failed", level=logging.WARNING, error=str(err))
-        await asyncio.sleep(interval)
+    try:
+        while True:
+            try:
+                if follower is None or follower.done():
+                    if follower is not None and not follower.cancelled() and follower.exception() is not None:
+                        log_event(log, "leader_change_feed_failed", level=logging.WARNING,
+                                  error=str(follower.exception()))
+                    follower = None
+                    await state.load()
+                    follower = asyncio.create_task(state.follow(), name="leader-change-feed")
+                now = rt.clock()
+                prune = now - last_prune >= PRUNE_SECONDS and (
+                    last_prune == float("-inf") or state.next_expiry() <= now)
+                await run_once(rt, prune=prune, state=state)
+                if prune:
+                    last_prune = rt.clock()
+            except (StoreError, TrustmeshError) as err:
+                failures.inc()
+                log_event(log, "leader_duty_failed", level=logging.WARNING, error=str(err))
+            await asyncio.sleep(interval)
+    finally:
+        if follower is not None:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StoreError, TrustmeshError):
+                await follower
 
 
-__all__ = ["leader_duties", "run_once", "take_root_step"]
+__all__ = ["LeaderState", "leader_duties", "run_once", "take_root_step"]

@@ -305,9 +305,11 @@ async def refresh(rt: ServerRuntime, relationship: FederationRecord, *, actor: s
     return bundle
 
 
-async def refresh_due(rt: ServerRuntime, actor: str) -> None:
+async def refresh_due(rt: ServerRuntime, actor: str, relationships: list[FederationRecord] | None = None) -> None:
+    """Refresh every relationship that is due; `relationships` as the caller knows them
+    (the leader keeps them from the change feed), else read from the store."""
     now = rt.clock()
-    for relationship in await rt.store.list_federations():
+    for relationship in relationships if relationships is not None else await rt.store.list_federations():
         if relationship.endpoint_url and now >= relationship.next_refresh_at:
             try:
                 await refresh(rt, relationship, actor=actor)

@@ -244,10 +244,11 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
     admin_server: grpc.aio.Server | None = None
     metrics_server: HttpServer | None = None
     bundle_server: HttpServer | None = None
+    ca: CertificateAuthority | None = None
     try:
         ca = await CertificateAuthority.load_or_create(
             CAConfig(trust_domain=config.trust_domain, replica_id=config.replica_id,
-                     root_ttl=config.root_ttl, ca_ttl=config.ca_ttl),
+                     root_ttl=config.root_ttl, ca_ttl=config.ca_ttl, signing_workers=config.signing_workers),
             store, kek,
         )
         ca.write_bundle_pem(config.bundle_path)
@@ -337,4 +338,6 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         for plain in (metrics_server, bundle_server):
             if plain is not None:
                 plain.close()
+        if ca is not None:
+            ca.close()  # the signing workers exit with the server
         await store.close()

@@ -148,7 +148,15 @@ def _trust_domain(value: Any) -> TrustDomain:
         raise ValueError(f"invalid trust domain {text!r}: {err.reason}") from err
 
 
+def _count(value: Any) -> int:
+    text = _scalar(value).strip()
+    if not text.isdigit():
+        raise ValueError(f"{text!r}: give 0 or a positive whole number")
+    return int(text)
+
+
 TEXT = Parser("TEXT", _scalar)
+COUNT = Parser("N", _count)
 DURATION = Parser("DURATION", _duration)
 HOST_PORT = Parser("HOST:PORT", _host_port)
 PATH = Parser("PATH", _path)

@@ -674,7 +674,16 @@ class X509Svid:
 
     def chain_der(self) -> bytes:
         """Concatenated DER, leaf first: the Workload API's `x509_svid` field."""
-        return b"".join(c.public_bytes(serialization.Encoding.DER) for c in self.cert_chain)
+        return b"".join(self.chain_ders())
+
+    def chain_ders(self) -> tuple[bytes, ...]:
+        """Each certificate's DER, leaf first; encoded once per SVID (the CA fills it in when
+        it has the bytes already), since re-encoding a parsed certificate is not free."""
+        ders: tuple[bytes, ...] | None = self.__dict__.get("_ders")
+        if ders is None:
+            ders = tuple(c.public_bytes(serialization.Encoding.DER) for c in self.cert_chain)
+            object.__setattr__(self, "_ders", ders)
+        return ders
 
     def chain_pem(self) -> bytes:
         return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.cert_chain)

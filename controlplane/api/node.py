@@ -148,7 +148,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
 
 
 def _chain(svid: X509Svid) -> list[bytes]:
-    return [c.public_bytes(_DER) for c in svid.cert_chain]
+    return list(svid.chain_ders())
 
 
 def _x509_result(outcome: X509Outcome) -> node_pb2.X509SignResult:

@@ -5,7 +5,8 @@ Trust chain: root CA (long-lived, key sealed in the journal) -> this replica's s
 
 A leaf takes ONLY the public key from the CSR: the SPIFFE ID, DNS names, lifetime and
 extensions come from the caller (the server's own registration record). CPU-heavy work
-runs in a thread so the event loop keeps serving.
+runs off the event loop: X509-SVID batches on a pool of signing processes when
+`CAConfig.signing_workers` > 0 (see `signer_pool`), everything else in a thread.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from trustmesh.controlplane.ca.journal import (
     root_aad,
 )
 from trustmesh.controlplane.ca.kek import KeyEncryptionKey
+from trustmesh.controlplane.ca.signer_pool import SignerPool, SigningMaterial, SignItem, outcome_error
 from trustmesh.errors import CAError, ConflictError, SvidError, TrustmeshError
 from trustmesh.jwtsvid import sign_jwt_svid
 from trustmesh.keys import (
@@ -78,6 +80,7 @@ class CAConfig:
     ca_ttl: timedelta = timedelta(hours=24)
     key_kind: str = "ec-p256"
     backdate: timedelta = timedelta(seconds=30)
+    signing_workers: int = 0  # processes signing X509-SVID batches; 0 signs in a thread of this process
 
     def __post_init__(self) -> None:
         # Checked here so a bad setting is one clear error at start, not a failure deep in
@@ -91,6 +94,8 @@ class CAConfig:
                 raise CAError(f"{name} must be positive, got {ttl}")
         if self.backdate < timedelta(0):
             raise CAError(f"backdate must not be negative, got {self.backdate}")
+        if self.signing_workers < 0:
+            raise CAError(f"signing_workers must be 0 (sign in a thread) or more, got {self.signing_workers}")
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,9 @@ class CertificateAuthority:
         self._jwt_keys: dict[str, PrivateKey] = {}
         self._signing: SigningCA | None = None
         self._partner: SigningCA | None = None
+        # The signing CA as the workers receive it, encoded once per rotation.
+        self._material: SigningMaterial | None = None
+        self._pool = SignerPool(config.signing_workers) if config.signing_workers else None
         # Set whenever the journal changes (here or, via reload, on another replica): the
         # rotation loop wakes on it to follow a new root at once.
         self.changed = asyncio.Event()
@@ -236,8 +244,19 @@ class CertificateAuthority:
 
     async def rotate_signing_ca(self) -> x509.Certificate:
         """Make a fresh signing CA under the active root and record it in the journal."""
-        self._signing = await self._new_intermediate(self._config.replica_id, "signing CA")
-        return self._signing.cert
+        signing = await self._new_intermediate(self._config.replica_id, "signing CA")
+        generation = self._material.generation + 1 if self._material else 1
+        material = SigningMaterial(generation, private_key_to_pkcs8_der(signing.key),
+                                   signing.cert.public_bytes(serialization.Encoding.DER))
+        self._signing, self._material = signing, material
+        if self._pool is not None and generation == 1:
+            self._pool.start()
+        return signing.cert
+
+    def close(self) -> None:
+        """Stop the signing workers, if any (waits for them to exit)."""
+        if self._pool is not None:
+            self._pool.close()
 
     async def _new_intermediate(self, holder: str, role: str) -> SigningCA:
         """An intermediate CA under the active root, its key in memory only; recorded in the
@@ -371,27 +390,32 @@ class CertificateAuthority:
 
     def _check_id(self, spiffe_id: SpiffeId) -> None:
         if spiffe_id.trust_domain != self._config.trust_domain:
-            raise CAError(f"{spiffe_id} is outside trust domain {self._config.trust_domain}; this CA signs only its own")
+            raise CAError(f"{spiffe_id} is outside trust domain {self._config.trust_domain}; "
+                          "this CA signs only its own")
         if spiffe_id.is_trust_domain_id:
             raise CAError(f"{spiffe_id} has no path; an X509-SVID names a workload")
 
-    def _sign_leaf(self, public_key: PublicKey, spiffe_id: SpiffeId, ttl: timedelta,
-                   dns_names: Sequence[str]) -> X509Svid:
+    def _leaf_window(self, signing: SigningCA | None, spiffe_id: SpiffeId, ttl: timedelta,
+                     now: datetime) -> tuple[SigningCA, datetime, datetime]:
+        """Check a leaf request against the CA's rules; (signing CA, NotBefore, NotAfter)."""
         self._check_id(spiffe_id)
         if ttl <= timedelta(0):
             raise CAError(f"lifetime must be positive, got {ttl}")
         if ttl > MAX_LEAF_TTL:
             raise CAError(f"lifetime {ttl} is longer than the {MAX_LEAF_TTL.days} days a leaf may live")
-        signing = self._signing
         if signing is None:
             raise CAError("the signing CA is not ready")
-        now = self._clock()
         not_after = min(now + ttl, signing.cert.not_valid_after_utc)
         if not_after <= now:
             raise CAError("the signing CA has expired; it must be rotated before issuing")
+        return signing, now - self._config.backdate, not_after
+
+    def _sign_leaf(self, public_key: PublicKey, spiffe_id: SpiffeId, ttl: timedelta,
+                   dns_names: Sequence[str]) -> X509Svid:
+        signing, not_before, not_after = self._leaf_window(self._signing, spiffe_id, ttl, self._clock())
         leaf = build_leaf_certificate(
             spiffe_id=spiffe_id, public_key=public_key, issuer=signing.cert, issuer_key=signing.key,
-            not_before=now - self._config.backdate, not_after=not_after, dns_names=tuple(dns_names),
+            not_before=not_before, not_after=not_after, dns_names=tuple(dns_names),
         )
         return X509Svid(spiffe_id, (leaf, signing.cert))
 
@@ -401,12 +425,20 @@ class CertificateAuthority:
 
     async def sign_x509_svid(self, csr_der: bytes, spiffe_id: SpiffeId, ttl: timedelta,
                              dns_names: Sequence[str] = ()) -> X509Svid:
+        if self._pool is not None:
+            (outcome,) = await self.sign_x509_svids([(csr_der, spiffe_id, ttl, dns_names)])
+            if isinstance(outcome, TrustmeshError):
+                raise outcome
+            return outcome
         return await asyncio.to_thread(self._sign_csr, csr_der, spiffe_id, ttl, dns_names)
 
     async def sign_x509_svids(
         self, batch: Sequence[tuple[bytes, SpiffeId, timedelta, Sequence[str]]]
     ) -> list[X509Svid | TrustmeshError]:
-        """Sign a whole batch in one thread hop; a bad item fails alone."""
+        """Sign a whole batch in one hop (to the signing processes, or a thread); a bad item
+        fails alone. A pool whose workers keep dying raises UnavailableError."""
+        if self._pool is not None:
+            return await self._sign_on_pool(self._pool, batch)
 
         def run() -> list[X509Svid | TrustmeshError]:
             out: list[X509Svid | TrustmeshError] = []
@@ -418,6 +450,38 @@ class CertificateAuthority:
             return out
 
         return await asyncio.to_thread(run)
+
+    async def _sign_on_pool(self, pool: SignerPool, batch: Sequence[tuple[bytes, SpiffeId, timedelta, Sequence[str]]]
+                            ) -> list[X509Svid | TrustmeshError]:
+        # The checks that need no CSR run here; the workers parse the CSRs and sign. The
+        # signing CA is taken once, so every leaf of the batch chains to the one that signed it.
+        signing, material, now = self._signing, self._material, self._clock()
+        out: list[X509Svid | TrustmeshError] = []
+        work: list[int] = []
+        items: list[SignItem] = []
+        for csr_der, spiffe_id, ttl, dns in batch:
+            try:
+                _, not_before, not_after = self._leaf_window(signing, spiffe_id, ttl, now)
+            except CAError as err:
+                out.append(err)
+                continue
+            if isinstance(dns, str):
+                out.append(SvidError("dns_names must be a sequence of names, not one string"))
+                continue
+            work.append(len(out))
+            out.append(_NOT_SIGNED)
+            items.append((csr_der, spiffe_id, not_before, not_after, tuple(dns)))
+        if not items:
+            return out
+        assert signing is not None and material is not None  # _leaf_window refused the batch otherwise
+        outcomes = await pool.sign(material, items)
+        for index, item, outcome in zip(work, items, outcomes, strict=True):
+            if isinstance(outcome, bytes):
+                out[index] = _issued(item[1], (x509.load_der_x509_certificate(outcome), signing.cert),
+                                     (outcome, material.cert_der))
+            else:
+                out[index] = outcome_error(outcome)
+        return out
 
     async def sign_public_key(self, public_key: PublicKey, spiffe_id: SpiffeId, ttl: timedelta,
                               dns_names: Sequence[str] = ()) -> X509Svid:
@@ -470,6 +534,24 @@ class CertificateAuthority:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _issued(spiffe_id: SpiffeId, chain: tuple[x509.Certificate, ...], ders: tuple[bytes, ...]) -> X509Svid:
+    """An X509Svid for a leaf a worker built for exactly `spiffe_id` under our signing CA.
+
+    The checks of `X509Svid.__post_init__` (the leaf's URI SAN is this ID) hold by
+    construction here; re-parsing every leaf would cost the event loop about 30 µs an SVID.
+    """
+    svid = object.__new__(X509Svid)
+    object.__setattr__(svid, "spiffe_id", spiffe_id)
+    object.__setattr__(svid, "cert_chain", chain)
+    object.__setattr__(svid, "private_key", None)
+    object.__setattr__(svid, "_ders", ders)  # the bytes the worker signed and the CA's, encoded once
+    return svid
+
+
+# Holds a batch slot until its worker's outcome replaces it.
+_NOT_SIGNED = CAError("not signed")
 
 
 def _common_name(text: str) -> str:

@@ -77,3 +77,18 @@ def test_bad_service_declarations_are_refused(tmp_path: Path, services: str, mes
     cfg.write_text(f"server: [127.0.0.1:8081]\ntrust-bundle: /x.pem\n{services}\n")
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         _build_config(build_parser().parse_args(["agent", "run", "--config", str(cfg)]))
+
+
+def test_signing_workers_default_to_the_cpus_and_zero_means_a_thread() -> None:
+    import os
+
+    def build(*extra: str) -> object:
+        return server_cmd._build_config(build_parser().parse_args(
+            ["server", "run", "--trust-domain", "example.org", *extra]))
+
+    assert build().signing_workers == (os.cpu_count() or 1)  # type: ignore[attr-defined]
+    assert build("--signing-workers", "0").signing_workers == 0  # type: ignore[attr-defined]
+    assert build("--signing-workers", "3").signing_workers == 3  # type: ignore[attr-defined]
+    for bad in ("-1", "many"):
+        with pytest.raises(ConfigError, match="--signing-workers"):
+            build("--signing-workers", bad)
