@@ -34,7 +34,6 @@ import socket
 import weakref
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -51,6 +50,7 @@ from trustmesh._proto.spiffe.workload.workload_grpc import SpiffeWorkloadAPIBase
 from trustmesh.agent.identity import IdentitySource, NoIdentityError, WorkloadX509Svid
 from trustmesh.agent.workload_attestor import SocketLike, WorkloadAttestationError
 from trustmesh.bundle import Bundle, BundleSet
+from trustmesh.clock import Clock, utc_now
 from trustmesh.errors import InvalidSpiffeIdError, TrustmeshError, VerificationError
 from trustmesh.jwtsvid import validate_jwt_svid
 from trustmesh.keys import private_key_to_pkcs8_der
@@ -78,10 +78,6 @@ class Attestor(Protocol):
     """What the Workload API needs to know who is calling: selectors from the kernel."""
 
     async def attest(self, sock: SocketLike) -> list[str]: ...
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _peer_socket(stream: Stream[Any, Any]) -> SocketLike | None:
@@ -142,7 +138,7 @@ class WorkloadAPI(SpiffeWorkloadAPIBase):
     """The five Workload API methods over an IdentitySource, for any caller the attestor names."""
 
     def __init__(self, source: IdentitySource, attestor: Attestor, metrics: Registry,
-                 clock: Callable[[], datetime] = _now, sync_timeout: float = 30.0) -> None:
+                 clock: Clock = utc_now, sync_timeout: float = 30.0) -> None:
         self._source = source
         self._attestor = attestor
         self._clock = clock

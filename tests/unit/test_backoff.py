@@ -8,8 +8,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from trustmesh.agent.backoff import backoff_delay, renew_at, seconds_until
 from trustmesh.agent.config import RotationConfig
+from trustmesh.backoff import backoff_delay, renew_at, seconds_until
 
 NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)
 

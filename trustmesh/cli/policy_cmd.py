@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from trustmesh._proto.trustmesh.v1 import admin_pb2
 from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call
 from trustmesh.cli.config import show_help
+from trustmesh.clock import utc_now
 from trustmesh.errors import InvalidSpiffeIdError, TrustmeshError
 from trustmesh.policy import Policy, bundle_documents, load_paths, load_text
 from trustmesh.spiffeid import SpiffeId
@@ -50,7 +51,7 @@ def _test(args: argparse.Namespace) -> int:
         source, destination = SpiffeId.parse(args.source), SpiffeId.parse(args.to)
     except InvalidSpiffeIdError as err:
         raise PolicyArgsError(str(err)) from err
-    at = datetime.now(timezone.utc)
+    at = utc_now()
     if args.at:
         try:
             at = datetime.fromisoformat(args.at.replace("Z", "+00:00"))
