@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 
 import yaml
 
+from trustmesh.clip import REASON, clip
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import PolicyRevision
 from trustmesh.errors import ConflictError, InvalidArgumentError, NotFoundError
@@ -86,7 +87,8 @@ class PolicyService:
             record = await self._rt.store.append_policy_revision(
                 documents, author or actor, comment, self._rt.clock(), expected_head=current)
         except (InvalidArgumentError, ConflictError) as err:
-            await self._rt.audit.record(kind, actor=actor, subject="policy", outcome="denied", reason=str(err)[:2000])
+            await self._rt.audit.record(kind, actor=actor, subject="policy", outcome="denied",
+                                        reason=clip(str(err), REASON))
             raise
         await self._rt.audit.record(kind, actor=actor, subject="policy", revision=record.revision,
                                     sha256=record.sha256, allowlists=[a.name for a in new.allowlists],

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 from trustmesh.bundle import Bundle
+from trustmesh.clip import AUTHOR, COMMENT, SHOWN, clip, shown
 from trustmesh.controlplane.api.convert import (
     audit_event_to_pb,
     bundle_to_pb,
@@ -194,7 +195,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         async with grpc_errors(context, "ApplyPolicy"):
             actor = await self._authorize(context, "ApplyPolicy")
             revision, changed, diff = await self._policy.apply(
-                request.documents, author=request.author[:256], comment=request.comment[:1024],
+                request.documents, author=clip(request.author, AUTHOR), comment=clip(request.comment, COMMENT),
                 expected_head=request.expected_head_revision, dry_run=request.dry_run, actor=actor)
             return admin_pb2.ApplyPolicyResponse(revision=revision, changed=changed, diff=diff)
 
@@ -232,8 +233,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             actor = await self._authorize(context, "RollbackPolicy")
             if request.revision <= 0:
                 raise InvalidArgumentError("name the revision to roll back to; see `trustmesh policy history`")
-            revision = await self._policy.rollback(request.revision, author=request.author[:256],
-                                                   comment=request.comment[:1024],
+            revision = await self._policy.rollback(request.revision, author=clip(request.author, AUTHOR),
+                                                   comment=clip(request.comment, COMMENT),
                                                    expected_head=request.expected_head_revision, actor=actor)
             return admin_pb2.RollbackPolicyResponse(revision=revision)
 
@@ -290,7 +291,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             try:
                 record, bundle = check_relationship(request, self._rt.config.trust_domain, self._rt.clock())
             except InvalidArgumentError as err:
-                await self._rt.audit.record("federation.create", actor=actor, subject=request.trust_domain[:255],
+                await self._rt.audit.record("federation.create", actor=actor, subject=clip(request.trust_domain, SHOWN),
                                             outcome="denied", reason=str(err))
                 raise
             bundle_record = None if bundle is None else BundleRecord(record.trust_domain, request.bundle, 1,
@@ -336,7 +337,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 spiffe_id, ttl = check_partner_request(request, self._rt.config.trust_domain)
                 svid = await self._rt.ca.sign_partner_certificate(request.csr, spiffe_id, ttl)
             except (InvalidArgumentError, SvidError, CAError) as err:
-                await self._rt.audit.record("partner.issue", actor=actor, subject=request.spiffe_id[:255],
+                await self._rt.audit.record("partner.issue", actor=actor, subject=clip(request.spiffe_id, SHOWN),
                                             outcome="denied", reason=str(err))
                 raise InvalidArgumentError(str(err)) from err
             serial = f"{svid.leaf.serial_number:x}"
@@ -357,7 +358,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             actor = await self._authorize(context, "RevokePartnerCertificate")
             serial = request.serial.strip().lower().removeprefix("0x")
             if not serial or len(serial) > 64 or any(c not in "0123456789abcdef" for c in serial):
-                raise InvalidArgumentError(f"serial {request.serial[:80]!r} is not a hexadecimal serial number; "
+                raise InvalidArgumentError(f"serial {shown(request.serial)} is not a hexadecimal serial number; "
                                            "`trustmesh partner list` shows them")
             if len(request.reason) > 1024:
                 raise InvalidArgumentError("--reason is longer than 1024 characters")
@@ -424,7 +425,7 @@ def _trust_domain_arg(text: str) -> str:
     try:
         return TrustDomain.parse(text).name
     except InvalidSpiffeIdError as err:
-        raise InvalidArgumentError(f"trust domain {text[:96]!r}: {err}") from err
+        raise InvalidArgumentError(f"trust domain {shown(text)}: {err}") from err
 
 
 def _revision_pb(record: PolicyRevision) -> admin_pb2.PolicyRevision:

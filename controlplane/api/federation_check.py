@@ -11,6 +11,7 @@ from datetime import timedelta
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2
 from trustmesh.bundle import Bundle
+from trustmesh.clip import shown
 from trustmesh.controlplane.federation import BundleFetchError, parse_endpoint_url, validate_bundle
 from trustmesh.controlplane.store.records import FederationRecord
 from trustmesh.errors import InvalidArgumentError, InvalidSpiffeIdError
@@ -29,7 +30,7 @@ def check_relationship(request: admin_pb2.CreateFederationRelationshipRequest, o
     try:
         td = TrustDomain.parse(request.trust_domain)
     except InvalidSpiffeIdError as err:
-        raise InvalidArgumentError(f"trust domain {request.trust_domain[:96]!r}: {err}") from err
+        raise InvalidArgumentError(f"trust domain {shown(request.trust_domain)}: {err}") from err
     if td == own:
         raise InvalidArgumentError(f"{td} is this server's own trust domain; federate with another one")
     profile = _PROFILES.get(request.profile)
