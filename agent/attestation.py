@@ -23,7 +23,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc
 from trustmesh.agent.config import RotationConfig
-from trustmesh.agent.convert import bundle_from_pb
 from trustmesh.backoff import backoff_delay, renew_at, seconds_until
 from trustmesh.bundle import Bundle
 from trustmesh.clock import Clock, utc_now
@@ -34,6 +33,7 @@ from trustmesh.logs import log_event
 from trustmesh.metrics import Registry
 from trustmesh.naming import server_dns_name
 from trustmesh.spiffeid import SpiffeId, TrustDomain
+from trustmesh.wire import bundle_from_pb
 from trustmesh.x509svid import build_csr, spiffe_id_from_certificate, verify_x509_svid
 
 log = logging.getLogger("trustmesh.agent.attestation")

@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError
 
 from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc, types_pb2
 from trustmesh.agent.config import RotationConfig
-from trustmesh.agent.convert import AgentEntry, bundle_from_pb, entry_from_pb
+from trustmesh.agent.convert import AgentEntry, entry_from_pb
 from trustmesh.backoff import backoff_delay
 from trustmesh.bundle import Bundle, BundleSet
 from trustmesh.errors import BundleError
@@ -42,6 +42,7 @@ from trustmesh.metrics import Registry
 from trustmesh.policy import Policy
 from trustmesh.policy.wire import policy_from_pb, policy_to_pb
 from trustmesh.spiffeid import TrustDomain
+from trustmesh.wire import bundle_from_pb
 
 log = logging.getLogger("trustmesh.sync")
 

@@ -56,6 +56,7 @@ from trustmesh.jwtsvid import validate_jwt_svid
 from trustmesh.keys import private_key_to_pkcs8_der
 from trustmesh.logs import log_event
 from trustmesh.metrics import Registry
+from trustmesh.selectors import value_of
 from trustmesh.spiffeid import SpiffeId
 
 log = logging.getLogger("trustmesh.workload_api")
@@ -210,7 +211,7 @@ class WorkloadAPI(SpiffeWorkloadAPIBase):
 
     def _deny(self, method: str, selectors: Collection[str]) -> GRPCError:
         log_event(log, "workload_denied", method=method,
-                  uid=next((s[9:] for s in selectors if s.startswith("unix:uid:")), "?"))
+                  uid=value_of(selectors, "unix:uid") or "?")
         return GRPCError(Status.PERMISSION_DENIED, "no identity issued")
 
     async def _watch(self, stream: Stream[Any, Any], method: str, selectors: list[str],

@@ -17,11 +17,9 @@ from trustmesh.bundle import Bundle
 from trustmesh.clip import AUTHOR, COMMENT, SHOWN, clip, shown
 from trustmesh.controlplane.api.convert import (
     audit_event_to_pb,
-    bundle_to_pb,
     ca_authorities_pb,
     entry_to_pb,
     node_to_pb,
-    selector_text,
 )
 from trustmesh.controlplane.api.federation_check import check_partner_request, check_relationship
 from trustmesh.controlplane.api.node import NodeAPI
@@ -48,6 +46,7 @@ from trustmesh.controlplane.store.records import (
 )
 from trustmesh.errors import CAError, InvalidSpiffeIdError, NotFoundError, SvidError, VerificationError
 from trustmesh.spiffeid import TrustDomain
+from trustmesh.wire import bundle_to_pb, selector_from_pb
 from trustmesh.x509svid import spiffe_id_from_certificate
 
 # Who made an admin change. grpcio cannot read SO_PEERCRED on the unix socket, so the
@@ -65,7 +64,7 @@ _STEPS = {
 def _spec(entry: types_pb2.Entry) -> EntrySpec:
     return EntrySpec(
         spiffe_id=entry.spiffe_id, parent_id=entry.parent_id,
-        selectors=[selector_text(s) for s in entry.selectors],
+        selectors=[str(selector_from_pb(s)) for s in entry.selectors],
         x509_ttl=entry.x509_ttl_seconds, jwt_ttl=entry.jwt_ttl_seconds,
         dns_names=list(entry.dns_names), federates_with=list(entry.federates_with), admin=entry.admin,
     )
