@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 import yaml
 
 from trustmesh.clip import REASON, clip
+from trustmesh.clock import format_utc
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import PolicyRevision
 from trustmesh.errors import ConflictError, InvalidArgumentError, NotFoundError
@@ -27,7 +28,7 @@ def canonical(policy: Policy) -> str:
     def one(a: Allowlist) -> dict[str, object]:
         return {"name": a.name, "owner": a.owner, "destination": str(a.destination), "ports": list(a.ports),
                 "mode": a.mode,
-                "allow": [{"from": str(r.source), **({"expires": r.expires.strftime("%Y-%m-%dT%H:%M:%SZ")}
+                "allow": [{"from": str(r.source), **({"expires": format_utc(r.expires)}
                                                       if r.expires else {})} for r in a.allow]}
     docs = [one(a) for a in sorted(policy.allowlists, key=lambda a: a.name)]
     return "".join(yaml.safe_dump(d, sort_keys=False) + "---\n" for d in docs)

@@ -8,12 +8,13 @@ that one set of rules, with one set of messages, applies to the CLI and the API 
 from __future__ import annotations
 
 import argparse
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2, types_pb2
 from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call, message_dict, print_json
 from trustmesh.cli.config import show_help
+from trustmesh.clock import format_utc
 from trustmesh.duration import format_duration, parse_duration
 from trustmesh.errors import TrustmeshError
 from trustmesh.naming import agent_id
@@ -79,10 +80,6 @@ def _parent(args: argparse.Namespace, *, required: bool) -> str:
     return ""
 
 
-def _when(ts: int) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ") if ts else "-"
-
-
 def _ttl(seconds: int) -> str:
     return format_duration(timedelta(seconds=seconds)) if seconds else "default"
 
@@ -139,7 +136,7 @@ def _show(args: argparse.Namespace) -> int:
         ("x509 ttl", _ttl(e.x509_ttl_seconds)), ("jwt ttl", _ttl(e.jwt_ttl_seconds)),
         ("dns names", ", ".join(e.dns_names) or "-"), ("federates with", ", ".join(e.federates_with) or "-"),
         ("admin", "yes" if e.admin else "no"), ("revision", e.revision),
-        ("created", _when(e.created_at)), ("updated", _when(e.updated_at)),
+        ("created", format_utc(e.created_at)), ("updated", format_utc(e.updated_at)),
     ]
     for key, value in lines:
         print(f"{key + ':':16} {value}")

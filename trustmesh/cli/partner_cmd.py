@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from trustmesh._proto.trustmesh.v1 import admin_pb2
 from trustmesh.cli.admin_client import TIMEOUT, AdminCallError, add_socket_flag, call, read_input_file
 from trustmesh.cli.config import show_help
+from trustmesh.clock import format_utc
 from trustmesh.duration import parse_duration
 from trustmesh.files import atomic_write
 
@@ -45,7 +46,7 @@ def _issue(args: argparse.Namespace) -> int:
     except OSError as err:
         raise AdminCallError(f"cannot write --out {out}: {err.strerror}") from err
     print(f"issued {args.spiffe_id}: serial {reply.serial}, expires "
-          f"{x509.load_der_x509_certificate(reply.cert_chain[0]).not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}; "
+          f"{format_utc(x509.load_der_x509_certificate(reply.cert_chain[0]).not_valid_after_utc)}; "
           f"chain written to {out}")
     print(f"revoke with: trustmesh partner revoke {reply.serial}")
     return 0
