@@ -37,7 +37,6 @@ from trustmesh.agent.attestation import (
     trust_domain_of_roots,
 )
 from trustmesh.agent.authorize import Authorizer
-from trustmesh.agent.backoff import backoff_delay
 from trustmesh.agent.config import AgentConfig
 from trustmesh.agent.node_client import NodeClient
 from trustmesh.agent.proxy.listeners import Flow, InboundListener, OutboundListener, ServiceConfig
@@ -46,6 +45,7 @@ from trustmesh.agent.svid_cache import SvidCache
 from trustmesh.agent.sync import SyncClient
 from trustmesh.agent.workload_api import WorkloadAPI, WorkloadAPIServer
 from trustmesh.agent.workload_attestor import WorkloadAttestor
+from trustmesh.backoff import backoff_delay
 from trustmesh.bundle import Bundle
 from trustmesh.logs import log_event
 from trustmesh.metrics import Registry, serve_metrics, split_host_port

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol, cast
 
@@ -24,16 +22,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc
-from trustmesh.agent.backoff import backoff_delay, renew_at, seconds_until
 from trustmesh.agent.config import RotationConfig
-from trustmesh.agent.convert import bundle_from_pb
+from trustmesh.backoff import backoff_delay, renew_at, seconds_until
 from trustmesh.bundle import Bundle
+from trustmesh.clock import Clock, utc_now
 from trustmesh.errors import TrustmeshError, VerificationError
+from trustmesh.files import atomic_write
 from trustmesh.keys import PrivateKey, generate_private_key
 from trustmesh.logs import log_event
 from trustmesh.metrics import Registry
 from trustmesh.naming import server_dns_name
 from trustmesh.spiffeid import SpiffeId, TrustDomain
+from trustmesh.wire import bundle_from_pb
 from trustmesh.x509svid import build_csr, spiffe_id_from_certificate, verify_x509_svid
 
 log = logging.getLogger("trustmesh.agent.attestation")
@@ -41,6 +41,8 @@ log = logging.getLogger("trustmesh.agent.attestation")
 SVID_FILE = "agent_svid.pem"
 KEY_FILE = "agent_key.pem"
 BUNDLE_FILE = "bundle.pem"
+# Others may traverse to the public files (SVID, bundle); the key inside is 0600.
+DATA_DIR_MODE = 0o711
 X509POP_CONTEXT = b"trustmesh-x509pop-v1:"
 
 
@@ -82,22 +84,6 @@ class AgentIdentity:
         return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain)
 
 
-def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write atomically (temp file in the same directory, fsync, rename) with `mode`."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def trust_domain_of_roots(roots: list[x509.Certificate]) -> TrustDomain:
     for root in roots:
         try:
@@ -117,13 +103,15 @@ def load_roots(path: Path) -> list[x509.Certificate]:
 
 
 def save_identity(data_dir: Path, identity: AgentIdentity) -> None:
-    write_private(data_dir / KEY_FILE, identity.key_pem(), 0o600)
-    write_private(data_dir / SVID_FILE, identity.chain_pem(), 0o644)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=DATA_DIR_MODE)
+    atomic_write(data_dir / KEY_FILE, identity.key_pem(), 0o600)
+    atomic_write(data_dir / SVID_FILE, identity.chain_pem(), 0o644)
 
 
 def save_bundle(data_dir: Path, bundle: Bundle) -> None:
     if bundle.x509_authorities:
-        write_private(data_dir / BUNDLE_FILE, bundle.x509_authorities_pem(), 0o644)
+        data_dir.mkdir(parents=True, exist_ok=True, mode=DATA_DIR_MODE)
+        atomic_write(data_dir / BUNDLE_FILE, bundle.x509_authorities_pem(), 0o644)
 
 
 def inspect_identity(data_dir: Path, roots: Sequence[x509.Certificate], td: TrustDomain,
@@ -263,10 +251,6 @@ def _sign_challenge(key: PrivateKey, message: bytes) -> bytes:
     raise AgentAttestationError(f"unsupported x509pop key type {type(key).__name__}")
 
 
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 # --- renewal --------------------------------------------------------------------------------
 
 
@@ -294,7 +278,7 @@ class AgentRenewer:
     client, which opens a new channel with it (grpcio cannot swap a client cert in place)."""
 
     def __init__(self, config: RenewerConfig, client: RenewalClient, metrics: Registry,
-                 clock: Callable[[], datetime] = utc_now, rand: random.Random | None = None, *,
+                 clock: Clock = utc_now, rand: random.Random | None = None, *,
                  received_at: datetime | None = None) -> None:
         self._config = config
         self._received_at = received_at  # when the current identity arrived (its file's mtime)

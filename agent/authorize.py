@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import Any
 
 from grpclib.const import Status
@@ -17,6 +16,7 @@ from trustmesh._proto.trustmesh.v1 import agent_pb2
 from trustmesh._proto.trustmesh.v1.agent_grpc import AgentAuthorizationBase
 from trustmesh.agent.identity import IdentitySource
 from trustmesh.agent.workload_attestor import WorkloadAttestationError, WorkloadAttestor
+from trustmesh.clock import Clock, utc_now
 from trustmesh.errors import InvalidSpiffeIdError
 from trustmesh.metrics import Registry
 from trustmesh.policy import Decision, Policy
@@ -26,9 +26,9 @@ from trustmesh.spiffeid import SpiffeId
 class Authorizer(AgentAuthorizationBase):
     def __init__(self, source: IdentitySource, attestor: WorkloadAttestor, policy: Callable[[], Policy],
                  report: Callable[[SpiffeId | None, SpiffeId, int, Decision], None], metrics: Registry,
-                 clock: Callable[[], datetime] | None = None) -> None:
+                 clock: Clock = utc_now) -> None:
         self._source, self._attestor, self._policy, self._report = source, attestor, policy, report
-        self._clock = clock or (lambda: datetime.now(timezone.utc))
+        self._clock = clock
         self._calls = metrics.counter("trustmesh_authorize_calls_total", "Authorize calls by verdict", ["verdict"])
 
     async def Authorize(self, stream: Stream[Any, Any]) -> None:

@@ -1,16 +1,13 @@
-"""Wire messages -> the agent's own values. The agent never imports the control plane."""
+"""Entries on the wire -> the agent's own values (bundles and selectors: `trustmesh/wire.py`).
+
+The agent never imports the control plane."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from trustmesh._proto.trustmesh.v1 import types_pb2
-from trustmesh.bundle import Bundle, JwtAuthority
-from trustmesh.spiffeid import TrustDomain
+from trustmesh.wire import selector_from_pb
 
 
 @dataclass(frozen=True)
@@ -38,18 +35,6 @@ class AgentEntry:
 
 
 def entry_from_pb(e: types_pb2.Entry) -> AgentEntry:
-    return AgentEntry(id=e.id, spiffe_id=e.spiffe_id, selectors=tuple(f"{s.type}:{s.value}" for s in e.selectors),
+    return AgentEntry(id=e.id, spiffe_id=e.spiffe_id, selectors=tuple(str(selector_from_pb(s)) for s in e.selectors),
                       x509_ttl=e.x509_ttl_seconds, jwt_ttl=e.jwt_ttl_seconds, dns_names=tuple(e.dns_names),
                       federates_with=tuple(e.federates_with), revision=e.revision)
-
-
-def bundle_from_pb(b: types_pb2.Bundle) -> Bundle:
-    return Bundle(
-        TrustDomain(b.trust_domain),
-        tuple(x509.load_der_x509_certificate(d) for d in b.x509_authorities),
-        tuple(JwtAuthority(a.key_id, load_der_public_key(a.public_key),  # type: ignore[arg-type]
-                           datetime.fromtimestamp(a.expires_at, timezone.utc) if a.expires_at else None)
-              for a in b.jwt_authorities),
-        sequence_number=b.sequence_number or None,
-        refresh_hint=timedelta(seconds=b.refresh_hint_seconds) if b.refresh_hint_seconds else None,
-    )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Protocol
@@ -23,11 +23,12 @@ import grpc
 from cryptography import x509
 
 from trustmesh._proto.trustmesh.v1 import node_pb2
-from trustmesh.agent.backoff import backoff_delay, renew_at, seconds_until
 from trustmesh.agent.config import RotationConfig
 from trustmesh.agent.convert import AgentEntry
 from trustmesh.agent.identity import NoIdentityError, WorkloadJwtSvid, WorkloadX509Svid
+from trustmesh.backoff import backoff_delay, renew_at, seconds_until
 from trustmesh.bundle import BundleSet
+from trustmesh.clock import Clock, utc_now
 from trustmesh.errors import TrustmeshError
 from trustmesh.keys import PrivateKey, generate_private_key
 from trustmesh.logs import log_event
@@ -66,13 +67,9 @@ def _shape(entry: AgentEntry) -> tuple[object, ...]:
     return (entry.spiffe_id, entry.dns_names, entry.x509_ttl)
 
 
-def _utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 class SvidCache:
     def __init__(self, trust_domain: TrustDomain, signer: Signer, metrics: Registry,
-                 clock: Callable[[], datetime] = _utc_now, rand: random.Random | None = None, *,
+                 clock: Clock = utc_now, rand: random.Random | None = None, *,
                  rotation: RotationConfig = RotationConfig()) -> None:
         self._td = trust_domain
         self._rotation = rotation

@@ -31,17 +31,18 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc, types_pb2
-from trustmesh.agent.attestation import write_private
-from trustmesh.agent.backoff import backoff_delay
 from trustmesh.agent.config import RotationConfig
-from trustmesh.agent.convert import AgentEntry, bundle_from_pb, entry_from_pb
+from trustmesh.agent.convert import AgentEntry, entry_from_pb
+from trustmesh.backoff import backoff_delay
 from trustmesh.bundle import Bundle, BundleSet
 from trustmesh.errors import BundleError
+from trustmesh.files import atomic_write
 from trustmesh.logs import log_event
 from trustmesh.metrics import Registry
 from trustmesh.policy import Policy
 from trustmesh.policy.wire import policy_from_pb, policy_to_pb
 from trustmesh.spiffeid import TrustDomain
+from trustmesh.wire import bundle_from_pb
 
 log = logging.getLogger("trustmesh.sync")
 
@@ -219,7 +220,7 @@ class SyncClient:
         log_event(log, "sync_state_loaded", entries=len(self.entries), revision=self.revision)
 
     def _persist(self) -> None:
-        write_private(self._data_dir / STATE_FILE, self._state_data.to_json(), 0o600)
+        atomic_write(self._data_dir / STATE_FILE, self._state_data.to_json(), 0o600)
 
     def _publish(self) -> None:
         self._policy_revision.set(self.policy.revision)

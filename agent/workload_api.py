@@ -34,7 +34,6 @@ import socket
 import weakref
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -51,11 +50,13 @@ from trustmesh._proto.spiffe.workload.workload_grpc import SpiffeWorkloadAPIBase
 from trustmesh.agent.identity import IdentitySource, NoIdentityError, WorkloadX509Svid
 from trustmesh.agent.workload_attestor import SocketLike, WorkloadAttestationError
 from trustmesh.bundle import Bundle, BundleSet
+from trustmesh.clock import Clock, utc_now
 from trustmesh.errors import InvalidSpiffeIdError, TrustmeshError, VerificationError
 from trustmesh.jwtsvid import validate_jwt_svid
 from trustmesh.keys import private_key_to_pkcs8_der
 from trustmesh.logs import log_event
 from trustmesh.metrics import Registry
+from trustmesh.selectors import value_of
 from trustmesh.spiffeid import SpiffeId
 
 log = logging.getLogger("trustmesh.workload_api")
@@ -78,10 +79,6 @@ class Attestor(Protocol):
     """What the Workload API needs to know who is calling: selectors from the kernel."""
 
     async def attest(self, sock: SocketLike) -> list[str]: ...
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _peer_socket(stream: Stream[Any, Any]) -> SocketLike | None:
@@ -142,7 +139,7 @@ class WorkloadAPI(SpiffeWorkloadAPIBase):
     """The five Workload API methods over an IdentitySource, for any caller the attestor names."""
 
     def __init__(self, source: IdentitySource, attestor: Attestor, metrics: Registry,
-                 clock: Callable[[], datetime] = _now, sync_timeout: float = 30.0) -> None:
+                 clock: Clock = utc_now, sync_timeout: float = 30.0) -> None:
         self._source = source
         self._attestor = attestor
         self._clock = clock
@@ -218,7 +215,7 @@ class WorkloadAPI(SpiffeWorkloadAPIBase):
 
     def _deny(self, method: str, selectors: Collection[str]) -> GRPCError:
         log_event(log, "workload_denied", method=method,
-                  uid=next((s[9:] for s in selectors if s.startswith("unix:uid:")), "?"))
+                  uid=value_of(selectors, "unix:uid") or "?")
         return GRPCError(Status.PERMISSION_DENIED, "no identity issued")
 
     async def _watch(self, stream: Stream[Any, Any], method: str, selectors: list[str],

@@ -11,6 +11,9 @@ sys.path.insert(0, str(ROOT))
 
 from tests.integration.harness import ServerProcess  # noqa: E402
 from trustmesh._proto.trustmesh.v1 import admin_pb2, admin_pb2_grpc, types_pb2  # noqa: E402
+from trustmesh.naming import agent_id  # noqa: E402
+from trustmesh.spiffeid import TrustDomain  # noqa: E402
+from trustmesh.wire import selector_to_pb  # noqa: E402
 
 
 async def create_entries(server: ServerProcess, node: str, count: int, *, prefix: str = "svc",
@@ -25,8 +28,8 @@ async def create_entries(server: ServerProcess, node: str, count: int, *, prefix
 
         async def one(i: int) -> None:
             entry = types_pb2.Entry(spiffe_id=f"spiffe://{server.trust_domain}/{prefix}-{start + i}",
-                                    parent_id=f"spiffe://{server.trust_domain}/agent/{node}",
-                                    selectors=[types_pb2.Selector(type="unix", value=f"uid:{10000 + start + i}")])
+                                    parent_id=str(agent_id(TrustDomain(server.trust_domain), node)),
+                                    selectors=[selector_to_pb(f"unix:uid:{10000 + start + i}")])
             async with semaphore:
                 reply = await stub.CreateEntry(admin_pb2.CreateEntryRequest(entry=entry), timeout=60)
             ids[i] = reply.entry.id

@@ -148,13 +148,16 @@ async def _tokens(server: ServerProcess, n: int) -> list[str]:
 async def _create_entry(server: ServerProcess, agent: int, name: str) -> float:
     """Register an entry for one fleet agent; when the request was sent."""
     from trustmesh._proto.trustmesh.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+    from trustmesh.naming import agent_id
+    from trustmesh.spiffeid import TrustDomain
+    from trustmesh.wire import selector_to_pb
 
     async with server.admin_channel() as channel:
         stub = admin_pb2_grpc.AdminStub(channel)
         await stub.ListPolicyRevisions(admin_pb2.ListPolicyRevisionsRequest(), timeout=60)  # connection up first
         entry = types_pb2.Entry(spiffe_id=f"spiffe://{server.trust_domain}/{name}",
-                                parent_id=f"spiffe://{server.trust_domain}/agent/fleet-{agent}",
-                                selectors=[types_pb2.Selector(type="unix", value="uid:4242")])
+                                parent_id=str(agent_id(TrustDomain(server.trust_domain), f"fleet-{agent}")),
+                                selectors=[selector_to_pb("unix:uid:4242")])
         sent = time.time()
         await stub.CreateEntry(admin_pb2.CreateEntryRequest(entry=entry), timeout=60)
         return sent

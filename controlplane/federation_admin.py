@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trustmesh.bundle import Bundle
+from trustmesh.clip import SHOWN, clip, shown
 from trustmesh.controlplane.federation import (
     PROFILES,
     BundleFetchError,
@@ -33,7 +34,6 @@ from trustmesh.spiffeid import SpiffeId, TrustDomain
 
 MAX_URL = 2048
 # Audit subjects quote the caller's words; a trust domain name is at most 255 characters.
-MAX_SUBJECT = 255
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def parse_trust_domain(text: str) -> TrustDomain:
     try:
         return TrustDomain.parse(text)
     except InvalidSpiffeIdError as err:
-        raise InvalidArgumentError(f"trust domain {text[:96]!r}: {err}") from err
+        raise InvalidArgumentError(f"trust domain {shown(text)}: {err}") from err
 
 
 def check_relationship(spec: RelationshipSpec, own: TrustDomain, now: float) -> tuple[FederationRecord, Bundle | None]:
@@ -81,7 +81,7 @@ def check_relationship(spec: RelationshipSpec, own: TrustDomain, now: float) -> 
         raise InvalidArgumentError(f"{td} is this server's own trust domain; federate with another one")
     profile = spec.profile
     if profile and profile not in PROFILES:
-        raise InvalidArgumentError(f"unknown bundle endpoint profile {profile[:32]}; use https_web or https_spiffe")
+        raise InvalidArgumentError(f"unknown bundle endpoint profile {clip(profile, 32)}; use https_web or https_spiffe")
     url = spec.endpoint_url
     if len(url) > MAX_URL:
         raise InvalidArgumentError(f"the bundle endpoint URL is longer than {MAX_URL} characters")
@@ -142,7 +142,7 @@ class FederationAdmin:
         try:
             record, bundle = check_relationship(spec, self._rt.config.trust_domain, self._rt.clock())
         except InvalidArgumentError as err:
-            await self._rt.audit.record("federation.create", actor=actor, subject=spec.trust_domain[:MAX_SUBJECT],
+            await self._rt.audit.record("federation.create", actor=actor, subject=clip(spec.trust_domain, SHOWN),
                                         outcome="denied", reason=str(err))
             raise
         bundle_record = None if bundle is None else BundleRecord(record.trust_domain, spec.bundle, 1,

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Literal, Protocol
 
 from trustmesh.bundle import Bundle
+from trustmesh.clip import ENTRY_ID, clip, shown
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import AttestedNode, RegistrationEntry
 from trustmesh.errors import InvalidArgumentError, PermissionDeniedError, SvidError, TrustmeshError
@@ -118,9 +119,9 @@ class IssuanceService:
             if entry is None:
                 # Unknown and foreign entries get the same answer: an agent learns
                 # nothing about other nodes' entries by probing ids.
-                denied.append(item.entry_id[:64])
+                denied.append(clip(item.entry_id, ENTRY_ID))
                 results[i] = X509Refused(item.entry_id, "denied",
-                                         f"entry {item.entry_id[:64]!r} is not authorized for agent {agent}")
+                                         f"entry {shown(item.entry_id, ENTRY_ID)} is not authorized for agent {agent}")
             else:
                 work.append((i, entry))
         default_ttl = self._rt.config.default_x509_ttl
@@ -158,10 +159,10 @@ class IssuanceService:
             raise InvalidArgumentError(f"give 1 to {MAX_AUDIENCES} audiences of 1 to 256 characters each")
         entry = self._view.authorized_entry(agent, entry_id)
         if entry is None:
-            await self._rt.audit.record("jwt.issue", actor=agent, subject=entry_id[:64], outcome="denied",
+            await self._rt.audit.record("jwt.issue", actor=agent, subject=clip(entry_id, ENTRY_ID), outcome="denied",
                                         reason="entry not authorized for this agent")
             self._jwt.inc(outcome="denied")
-            raise PermissionDeniedError(f"entry {entry_id[:64]!r} is not authorized for agent {agent}")
+            raise PermissionDeniedError(f"entry {shown(entry_id, ENTRY_ID)} is not authorized for agent {agent}")
         ttl = timedelta(seconds=entry.jwt_ttl) if entry.jwt_ttl else self._rt.config.default_jwt_ttl
         token, expires = self._rt.ca.sign_jwt_svid(entry.spiffe_id, audiences, ttl)
         await self._rt.audit.record("jwt.issue", actor=agent, subject=str(entry.spiffe_id), entry_id=entry.id,

@@ -13,6 +13,7 @@ from datetime import timedelta
 
 from cryptography import x509
 
+from trustmesh.clip import SHOWN, clip, shown
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import PartnerCertificate
 from trustmesh.errors import CAError, FailedPreconditionError, InvalidArgumentError, InvalidSpiffeIdError, SvidError
@@ -26,7 +27,6 @@ MAX_CSR_BYTES = 16 * 1024
 MAX_SERIAL = 64
 MAX_REASON = 1024
 # Audit subjects quote the caller's words; clip them.
-MAX_SUBJECT = 255
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def check_serial(text: str) -> str:
     """A serial number as stored (lower-case hex, no 0x), or INVALID_ARGUMENT."""
     serial = text.strip().lower().removeprefix("0x")
     if not serial or len(serial) > MAX_SERIAL or any(c not in "0123456789abcdef" for c in serial):
-        raise InvalidArgumentError(f"serial {text[:80]!r} is not a hexadecimal serial number; "
+        raise InvalidArgumentError(f"serial {shown(text)} is not a hexadecimal serial number; "
                                    "`trustmesh partner list` shows them")
     return serial
 
@@ -85,7 +85,7 @@ class PartnerCertificates:
             spiffe_id, ttl = check_partner_request(request, self._rt.config.trust_domain)
             svid = await self._rt.ca.sign_partner_certificate(request.csr, spiffe_id, ttl)
         except (InvalidArgumentError, SvidError, CAError) as err:
-            await self._rt.audit.record("partner.issue", actor=actor, subject=request.spiffe_id[:MAX_SUBJECT],
+            await self._rt.audit.record("partner.issue", actor=actor, subject=clip(request.spiffe_id, SHOWN),
                                         outcome="denied", reason=str(err))
             raise InvalidArgumentError(str(err)) from err
         serial = f"{svid.leaf.serial_number:x}"

@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 
 import yaml
 
+from trustmesh.clip import AUTHOR, COMMENT, REASON, clip
+from trustmesh.clock import format_utc
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import PolicyRevision as PolicyRevision  # re-exported: the API's value
 from trustmesh.errors import ConflictError, InvalidArgumentError, NotFoundError
@@ -20,8 +22,6 @@ from trustmesh.policy.model import Allowlist
 
 MAX_PROBLEMS_SHOWN = 50
 # A revision's author and comment are the caller's words, kept with the revision: bounded.
-MAX_AUTHOR = 256
-MAX_COMMENT = 1024
 
 
 def canonical(policy: Policy) -> str:
@@ -29,7 +29,7 @@ def canonical(policy: Policy) -> str:
     def one(a: Allowlist) -> dict[str, object]:
         return {"name": a.name, "owner": a.owner, "destination": str(a.destination), "ports": list(a.ports),
                 "mode": a.mode,
-                "allow": [{"from": str(r.source), **({"expires": r.expires.strftime("%Y-%m-%dT%H:%M:%SZ")}
+                "allow": [{"from": str(r.source), **({"expires": format_utc(r.expires)}
                                                       if r.expires else {})} for r in a.allow]}
     docs = [one(a) for a in sorted(policy.allowlists, key=lambda a: a.name)]
     return "".join(yaml.safe_dump(d, sort_keys=False) + "---\n" for d in docs)
@@ -92,7 +92,7 @@ class PolicyService:
                     actor: str, kind: str = "policy.apply") -> tuple[int, bool, str]:
         """Validate, diff against the head and append a revision (unless nothing changed or
         `dry_run`): (head revision after, changed, diff). `expected_head` 0: do not check."""
-        author, comment = author[:MAX_AUTHOR], comment[:MAX_COMMENT]
+        author, comment = clip(author, AUTHOR), clip(comment, COMMENT)
         try:
             new = self.parse_new(documents)
             head = await self.head()
@@ -106,7 +106,8 @@ class PolicyService:
             record = await self._rt.store.append_policy_revision(
                 documents, author or actor, comment, self._rt.clock(), expected_head=current)
         except (InvalidArgumentError, ConflictError) as err:
-            await self._rt.audit.record(kind, actor=actor, subject="policy", outcome="denied", reason=str(err)[:2000])
+            await self._rt.audit.record(kind, actor=actor, subject="policy", outcome="denied",
+                                        reason=clip(str(err), REASON))
             raise
         await self._rt.audit.record(kind, actor=actor, subject="policy", revision=record.revision,
                                     sha256=record.sha256, allowlists=[a.name for a in new.allowlists],
@@ -117,7 +118,7 @@ class PolicyService:
                        actor: str) -> int:
         if revision <= 0:
             raise InvalidArgumentError("name the revision to roll back to; see `trustmesh policy history`")
-        comment = comment[:MAX_COMMENT]
+        comment = clip(comment, COMMENT)
         try:
             target = await self._rt.store.get_policy_revision(revision)
         except NotFoundError:

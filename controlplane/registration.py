@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, Protocol
 
+from trustmesh.clip import SHOWN, clip, shown
 from trustmesh.controlplane.config import MAX_JWT_TTL, MAX_X509_TTL, MIN_JWT_TTL, MIN_X509_TTL
 from trustmesh.controlplane.store.records import AttestedNode as AttestedNode  # re-exported: the API's values
 from trustmesh.controlplane.store.records import JoinToken
@@ -49,14 +50,6 @@ MAX_LIST_ITEMS = 32
 MAX_SELECTOR_LEN = 4200
 # The most entries one ListEntries page holds (also the default page size).
 MAX_PAGE = 1000
-# Refusal messages and audit events quote the offending input; hostile input can be
-# megabytes, and a gRPC status message over 16 KiB is dropped by the transport itself.
-MAX_SHOWN = 96
-
-
-def shown(text: str) -> str:
-    """`text` quoted for a message, clipped so that hostile input cannot bloat it."""
-    return repr(text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "...")
 
 
 def token_hash(token: str) -> str:
@@ -294,8 +287,7 @@ class Registry:
 
     async def _refused(self, kind: str, actor: str, subject: str, err: TrustmeshError) -> None:
         # The subject is the caller's own words, which may be hostile: clip it.
-        clipped = subject if len(subject) <= MAX_SHOWN else subject[:MAX_SHOWN] + "..."
-        await self._audit(kind, actor, clipped, outcome="denied", reason=str(err))
+        await self._audit(kind, actor, clip(subject, SHOWN), outcome="denied", reason=str(err))
 
     # --- entries ------------------------------------------------------------------------
 

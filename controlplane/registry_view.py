@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from trustmesh.backoff import backoff_ceiling
 from trustmesh.bundle import Bundle
 from trustmesh.controlplane.authorized import AuthorizedIndex
 from trustmesh.controlplane.policy_store import PolicyService
@@ -361,7 +362,7 @@ class RegistryView:
             except StoreUnavailableError as err:
                 connected.set(0)
                 failures += 1
-                delay = min(FEED_RETRY_MAX, 0.1 * 2 ** min(failures, 6))
+                delay = backoff_ceiling(failures, base=0.1, cap=FEED_RETRY_MAX)
                 # Calls keep being answered from the view meanwhile; changes made while the
                 # store is unreachable arrive when the watch resumes from `revision`.
                 log_event(log, "change_feed_unavailable", level=logging.WARNING, revision=revision,

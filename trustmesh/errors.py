@@ -6,6 +6,8 @@ The mapping to gRPC status codes lives at the API edge, never here.
 
 from __future__ import annotations
 
+from trustmesh.clip import shown
+
 
 class TrustmeshError(Exception):
     """Root of every error trustmesh raises on purpose."""
@@ -17,8 +19,7 @@ class InvalidSpiffeIdError(TrustmeshError, ValueError):
     def __init__(self, value: str, reason: str) -> None:
         self.value = value
         self.reason = reason
-        shown = value if len(value) <= 120 else value[:117] + "..."
-        super().__init__(f"invalid SPIFFE ID {shown!r}: {reason}")
+        super().__init__(f"invalid SPIFFE ID {shown(value)}: {reason}")
 
 
 class SvidError(TrustmeshError):

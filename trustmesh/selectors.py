@@ -68,10 +68,19 @@ class Selector:
     value: str
 
     @classmethod
-    def parse(cls, text: str) -> Selector:
+    def from_text(cls, text: str) -> Selector:
+        """Split the TYPE:VALUE text form, checking nothing else: for carrying a selector to
+        whoever checks it (the server audits what it refuses, so a client must not pre-empt it)."""
         if not isinstance(text, str) or ":" not in text:
             raise InvalidSelectorError(str(text), "use TYPE:VALUE, e.g. unix:uid:1000")
         sel_type, value = text.split(":", 1)
+        return cls(sel_type, value)
+
+    @classmethod
+    def parse(cls, text: str) -> Selector:
+        """The selector `text` names, if it is one the kernel can produce; else InvalidSelectorError."""
+        selector = cls.from_text(text)
+        sel_type, value = selector.type, selector.value
         keys = KNOWN.get(sel_type)
         if keys is None:
             raise InvalidSelectorError(
@@ -82,7 +91,7 @@ class Selector:
                 problem = keys[key](value[len(key) + 1:])
                 if problem:
                     raise InvalidSelectorError(text, f"{sel_type}:{key} {problem}")
-                return cls(sel_type, value)
+                return selector
         known = ", ".join(f"{sel_type}:{k}:" for k in sorted(keys))
         raise InvalidSelectorError(text, f"unknown {sel_type} selector; known: {known}")
 
@@ -93,6 +102,12 @@ class Selector:
 def parse_selectors(texts: Iterable[str]) -> tuple[Selector, ...]:
     """Parse, de-duplicate and sort: the canonical form entries are stored and compared in."""
     return tuple(sorted({Selector.parse(t) for t in texts}))
+
+
+def value_of(selectors: Iterable[Selector | str], kind: str) -> str | None:
+    """The value of the first selector of `kind` (e.g. "unix:uid" -> "1000"), for a log line."""
+    prefix = kind + ":"
+    return next((str(s)[len(prefix):] for s in selectors if str(s).startswith(prefix)), None)
 
 
 def matches(required: Iterable[Selector | str], present: Iterable[Selector | str]) -> bool:

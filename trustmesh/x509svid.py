@@ -24,7 +24,7 @@ import functools
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Final, TypeVar
 
 from cryptography import x509
@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509 import verification as libverify
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID, PublicKeyAlgorithmOID
 
+from trustmesh.clock import utc_now
 from trustmesh.der import load_der_certificates
 from trustmesh.dnsname import InvalidDnsNameError, normalize_dns_name
 from trustmesh.errors import InvalidSpiffeIdError, SvidError, VerificationError
@@ -62,10 +63,6 @@ _WEAK_HASHES = ("md5", "sha1")
 
 
 _E = TypeVar("_E", bound=x509.ExtensionType)
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _hash_for(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384 | None:
@@ -387,7 +384,7 @@ def verify_x509_svid(
     The chain is checked only against the anchors of the leaf's own trust domain.
     """
     if now is None:
-        now = _now()
+        now = utc_now()
     elif now.tzinfo is None:
         raise ValueError("now must be a timezone-aware datetime")
     if not chain:

@@ -20,10 +20,10 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 from trustmesh.agent.proxy.tls import CertificateRevokedError, client_context, server_context, verify_peer
 from trustmesh.bundle import BundleSet
+from trustmesh.clock import Clock, utc_now
 from trustmesh.errors import VerificationError
 from trustmesh.logs import log_event
 from trustmesh.metrics import Registry, split_host_port
@@ -65,9 +65,9 @@ class Flow:
 
     def __init__(self, svid_for: Callable[[SpiffeId], X509Svid | None], bundles: Callable[[], BundleSet],
                  policy: Callable[[], Policy], report: Callable[[SpiffeId | None, SpiffeId, int, Decision], None],
-                 metrics: Registry, clock: Callable[[], datetime] | None = None) -> None:
+                 metrics: Registry, clock: Clock = utc_now) -> None:
         self.svid_for, self.bundles, self.policy, self.report = svid_for, bundles, policy, report
-        self.clock = clock or (lambda: datetime.now(timezone.utc))
+        self.clock = clock
         self.connections = metrics.counter("trustmesh_proxy_connections_total", "proxied connections by decision",
                                            ["service", "direction", "decision"])
         self.open = metrics.gauge("trustmesh_proxy_open_connections", "open proxied connections", ["service"])

@@ -12,12 +12,11 @@ Private keys reach OpenSSL through an anonymous memory file (memfd; see trustmes
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
-from datetime import datetime, timezone
 
 from cryptography.hazmat.primitives import serialization
 
 from trustmesh.bundle import BundleSet
+from trustmesh.clock import Clock, utc_now
 from trustmesh.errors import VerificationError
 from trustmesh.spiffeid import SpiffeId
 from trustmesh.tls import load_key_and_chain, peer_chain
@@ -63,12 +62,12 @@ class CertificateRevokedError(VerificationError):
         super().__init__(f"{spiffe_id} presented certificate {serial}, which was revoked")
 
 
-def verify_peer(ssl_object: ssl.SSLObject, bundles: BundleSet, now: Callable[[], datetime] | None = None,
+def verify_peer(ssl_object: ssl.SSLObject, bundles: BundleSet, now: Clock = utc_now,
                 revoked: frozenset[str] = frozenset()) -> SpiffeId:
     chain = peer_chain(ssl_object)
     if not chain:
         raise VerificationError("the peer presented no certificate")
-    found = verify_x509_svid(chain, bundles.x509_anchors(), now=(now or (lambda: datetime.now(timezone.utc)))())
+    found = verify_x509_svid(chain, bundles.x509_anchors(), now=now())
     for cert in chain:
         serial = f"{cert.serial_number:x}"
         if serial in revoked:

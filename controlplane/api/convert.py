@@ -8,21 +8,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from cryptography.hazmat.primitives import serialization
-
 from trustmesh._proto.trustmesh.v1 import admin_pb2, types_pb2
-from trustmesh.bundle import Bundle
 from trustmesh.controlplane.audit_query import AuditEvent
 from trustmesh.controlplane.ca_admin import Authority
 from trustmesh.controlplane.federation_admin import Relationship, RelationshipSpec
 from trustmesh.controlplane.policy_store import PolicyRevision
 from trustmesh.controlplane.registration import AttestedNode, EntrySpec, RegistrationEntry
-from trustmesh.keys import spki_der
-from trustmesh.selectors import Selector
-
-
-def _selector_pb(selector: Selector) -> types_pb2.Selector:
-    return types_pb2.Selector(type=selector.type, value=selector.value)
+from trustmesh.wire import bundle_to_pb as bundle_to_pb
+from trustmesh.wire import selector_to_pb
 
 
 def selector_text(sel: types_pb2.Selector) -> str:
@@ -32,7 +25,7 @@ def selector_text(sel: types_pb2.Selector) -> str:
 def entry_to_pb(entry: RegistrationEntry) -> types_pb2.Entry:
     return types_pb2.Entry(
         id=entry.id, spiffe_id=str(entry.spiffe_id), parent_id=str(entry.parent_id),
-        selectors=[_selector_pb(s) for s in entry.selectors],
+        selectors=[selector_to_pb(s) for s in entry.selectors],
         x509_ttl_seconds=entry.x509_ttl, jwt_ttl_seconds=entry.jwt_ttl,
         dns_names=list(entry.dns_names), federates_with=[td.name for td in entry.federates_with],
         admin=entry.admin, revision=entry.revision,
@@ -45,23 +38,7 @@ def node_to_pb(node: AttestedNode) -> types_pb2.AttestedNode:
         spiffe_id=str(node.spiffe_id), node_name=node.node_name, attestation_type=node.attestation_type,
         cert_serial=node.cert_serial, cert_not_after=int(node.cert_not_after), banned=node.banned,
         created_at=int(node.created_at), updated_at=int(node.updated_at),
-        selectors=[_selector_pb(s) for s in node.selectors], revision=node.revision,
-    )
-
-
-def bundle_to_pb(bundle: Bundle) -> types_pb2.Bundle:
-    return types_pb2.Bundle(
-        trust_domain=bundle.trust_domain.name,
-        x509_authorities=[c.public_bytes(serialization.Encoding.DER) for c in bundle.x509_authorities],
-        jwt_authorities=[
-            types_pb2.JwtAuthority(
-                key_id=a.key_id, public_key=spki_der(a.public_key),
-                expires_at=int(a.expires_at.timestamp()) if a.expires_at else 0,
-            )
-            for a in bundle.jwt_authorities
-        ],
-        refresh_hint_seconds=int(bundle.refresh_hint.total_seconds()) if bundle.refresh_hint else 0,
-        sequence_number=bundle.sequence_number or 0,
+        selectors=[selector_to_pb(s) for s in node.selectors], revision=node.revision,
     )
 
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import secrets
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -27,6 +25,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from trustmesh.bundle import Bundle, JwtAuthority
+from trustmesh.clock import Clock, utc_now
 from trustmesh.controlplane.ca.journal import (
     CAJournal,
     JwtKeySlot,
@@ -39,6 +38,7 @@ from trustmesh.controlplane.ca.journal import (
 from trustmesh.controlplane.ca.kek import KeyEncryptionKey
 from trustmesh.controlplane.ca.signer_pool import SignerPool, SigningMaterial, SignItem, outcome_error
 from trustmesh.errors import CAError, ConflictError, SvidError, TrustmeshError
+from trustmesh.files import atomic_write
 from trustmesh.jwtsvid import sign_jwt_svid
 from trustmesh.keys import (
     KEY_KINDS,
@@ -66,10 +66,6 @@ MAX_LEAF_TTL = timedelta(days=366)  # far above any entry's bound; guards date a
 class CAStateStore(Protocol):
     async def load_ca_state(self) -> tuple[bytes | None, int]: ...
     async def save_ca_state(self, data: bytes, expected_version: int) -> int: ...
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -117,7 +113,7 @@ class CertificateAuthority:
         config: CAConfig,
         store: CAStateStore,
         kek: KeyEncryptionKey,
-        clock: Callable[[], datetime],
+        clock: Clock,
         journal: CAJournal,
         version: int,
     ) -> None:
@@ -147,7 +143,7 @@ class CertificateAuthority:
         config: CAConfig,
         store: CAStateStore,
         kek: KeyEncryptionKey,
-        clock: Callable[[], datetime] = utc_now,
+        clock: Clock = utc_now,
     ) -> CertificateAuthority:
         """Load the CA (wrong KEK or tampered keys: KeyEncryptionError, never a new CA),
         create it on first start, then make this process's signing CA."""
@@ -523,17 +519,7 @@ class CertificateAuthority:
         """Atomically (temp file + rename) write the roots as PEM, mode 0644."""
         data = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.x509_authorities())
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".bundle-")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, data, 0o644)
 
 
 def _issued(spiffe_id: SpiffeId, chain: tuple[x509.Certificate, ...], ders: tuple[bytes, ...]) -> X509Svid:

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from trustmesh.errors import KeyEncryptionError
+from trustmesh.files import atomic_write
 
 KEK_BYTES = 32
 _MAGIC = b"TMK1"
@@ -109,20 +110,11 @@ class KeyEncryptionKey:
         """Create a new random KEK file with mode 0600; never overwrites an existing file."""
         key = os.urandom(KEK_BYTES)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            atomic_write(path, key.hex().encode() + b"\n", 0o600, overwrite=False)
         except FileExistsError as err:
             raise KeyEncryptionError(f"key-encryption key file {path} already exists; not overwriting it") from err
-        except OSError as err:
+        except (FileNotFoundError, NotADirectoryError, PermissionError) as err:
             raise KeyEncryptionError(f"cannot create key-encryption key file {path}: {err.strerror}") from err
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(key.hex().encode() + b"\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-        except BaseException:
-            # Never leave a half-written KEK behind: the next attempt would refuse to overwrite it.
-            Path(path).unlink(missing_ok=True)
-            raise
         return cls(key)
 
     def derive(self, label: str) -> bytes:

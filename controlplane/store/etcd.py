@@ -18,6 +18,7 @@ import aetcd
 import grpc
 from aetcd import rpc
 
+from trustmesh.backoff import backoff_ceiling
 from trustmesh.controlplane.store.kv import (
     CompactedError,
     Compare,
@@ -193,7 +194,7 @@ class EtcdKV:
         last: StoreError | None = None
         for attempt in range(attempts):
             if attempt:
-                await asyncio.sleep(min(0.05 * 2**attempt, 0.5))  # an election takes ~1 s
+                await asyncio.sleep(backoff_ceiling(attempt, base=0.05, cap=0.5))  # an election takes ~1 s
             try:
                 client = await self._connected()
             except StoreUnavailableError as err:

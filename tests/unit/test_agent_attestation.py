@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import stat
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
@@ -16,7 +15,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from trustmesh.agent import attestation
 from trustmesh.agent.agent import _obtain_identity
 from trustmesh.agent.attestation import (
     KEY_FILE,
@@ -31,7 +29,6 @@ from trustmesh.agent.attestation import (
     load_identity,
     load_x509pop,
     save_identity,
-    write_private,
 )
 from trustmesh.agent.config import AgentConfig, RotationConfig
 from trustmesh.keys import PrivateKey, generate_private_key
@@ -81,33 +78,6 @@ def test_key_is_0600_and_written_atomically(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "d" / KEY_FILE).stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "d" / SVID_FILE).stat().st_mode) == 0o644
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [KEY_FILE, SVID_FILE], "no temp files left"
-
-
-def test_a_failed_write_leaves_the_old_file_and_no_debris(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    target = tmp_path / "agent_key.pem"
-    write_private(target, b"old")
-
-    def broken_fsync(_fd: int) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(attestation.os, "fsync", broken_fsync)
-    with pytest.raises(OSError):
-        write_private(target, b"new")
-    assert target.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["agent_key.pem"]
-
-
-def test_the_key_is_never_readable_by_others_even_for_a_moment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[int] = []
-    real_replace = os.replace
-
-    def spying_replace(src: str, dst: str) -> None:
-        seen.append(stat.S_IMODE(os.stat(src).st_mode))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(attestation.os, "replace", spying_replace)
-    write_private(tmp_path / "k.pem", b"secret")
-    assert seen == [0o600]
 
 
 def test_restart_reuses_a_valid_identity_and_says_why_it_cannot(tmp_path: Path) -> None:

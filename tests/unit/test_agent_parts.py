@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives import serialization
 
 from trustmesh._proto.trustmesh.v1 import node_pb2
 from trustmesh.agent.attestation import AgentIdentity, load_identity, save_identity
-from trustmesh.agent.backoff import backoff_delay, renew_at
 from trustmesh.agent.convert import AgentEntry
 from trustmesh.agent.svid_cache import SvidCache
 from trustmesh.agent.workload_attestor import PeerCredentials, WorkloadAttestationError, WorkloadAttestor
+from trustmesh.backoff import backoff_delay, renew_at
 from trustmesh.keys import generate_private_key
 from trustmesh.metrics import Registry
 from trustmesh.spiffeid import SpiffeId, TrustDomain

@@ -8,8 +8,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from trustmesh.agent.backoff import backoff_delay, renew_at, seconds_until
 from trustmesh.agent.config import RotationConfig
+from trustmesh.backoff import backoff_ceiling, backoff_delay, renew_at, seconds_until
 
 NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)
 
@@ -20,6 +20,21 @@ def test_backoff_stays_within_the_capped_exponential_ceiling(attempt: int) -> No
     ceiling = min(30.0, 0.5 * 2 ** min(attempt, 32))
     delays = [backoff_delay(attempt, base=0.5, cap=30.0, rand=rand) for _ in range(300)]
     assert all(0.0 <= d <= ceiling for d in delays)
+
+
+def test_the_ceiling_doubles_from_base_to_cap_and_stays_finite() -> None:
+    # The etcd client retries a dead member on exactly these steps (no jitter: it is one client).
+    assert [backoff_ceiling(a, base=0.05, cap=0.5) for a in range(1, 6)] == [0.1, 0.2, 0.4, 0.5, 0.5]
+    assert backoff_ceiling(0) == 0.5 and backoff_ceiling(10**9) == 30.0
+    assert backoff_ceiling(-3) == 0.5, "a negative attempt counts as the first"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_seeded_random_gives_the_same_delays_within_the_ceiling(seed: int) -> None:
+    first = [backoff_delay(a, base=0.25, cap=4.0, rand=random.Random(seed)) for a in range(12)]
+    again = [backoff_delay(a, base=0.25, cap=4.0, rand=random.Random(seed)) for a in range(12)]
+    assert first == again
+    assert all(0.0 <= d <= backoff_ceiling(a, base=0.25, cap=4.0) for a, d in enumerate(first))
 
 
 def test_backoff_is_full_jitter_not_a_fixed_step() -> None:

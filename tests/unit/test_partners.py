@@ -10,6 +10,7 @@ import pytest
 from cryptography import x509
 
 from tests.unit.server_runtime import ADMIN, TD, Clock, audit_events, server_runtime
+from trustmesh.clip import MARKER, SHOWN
 from trustmesh.controlplane.partners import (
     DEFAULT_PARTNER_TTL,
     MAX_CSR_BYTES,
@@ -103,7 +104,7 @@ async def test_a_refused_issue_is_audited_and_nothing_is_stored(runtime: ServerR
     assert await partners.certificates() == []
     events = await audit_events(runtime, "partner.issue")
     assert [e.outcome for e in events] == ["denied", "denied"]
-    assert len(events[0].subject) == 255 and events[1].subject == ACME
+    assert len(events[0].subject) == SHOWN and events[0].subject.endswith(MARKER) and events[1].subject == ACME
     assert all(e.details["reason"] for e in events)
 
 

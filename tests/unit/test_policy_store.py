@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.unit.server_runtime import ADMIN, audit_events, server_runtime
-from trustmesh.controlplane.policy_store import MAX_AUTHOR, MAX_COMMENT, PolicyService
+from trustmesh.clip import AUTHOR, COMMENT, MARKER
+from trustmesh.controlplane.policy_store import PolicyService
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.errors import InvalidArgumentError, NotFoundError
 
@@ -57,9 +58,10 @@ async def test_author_and_comment_are_bounded(runtime: ServerRuntime) -> None:
     policy = PolicyService(runtime)
     revision = await apply(policy, "payments", author="a" * 10_000, comment="c" * 10_000)
     stored = await policy.get(revision)
-    assert stored.author == "a" * MAX_AUTHOR and stored.comment == "c" * MAX_COMMENT
+    assert stored.author == "a" * (AUTHOR - len(MARKER)) + MARKER
+    assert stored.comment == "c" * (COMMENT - len(MARKER)) + MARKER
     [event] = await audit_events(runtime, "policy.apply")
-    assert event.details["comment"] == "c" * MAX_COMMENT
+    assert event.details["comment"] == stored.comment
 
 
 async def test_rollback(runtime: ServerRuntime) -> None:

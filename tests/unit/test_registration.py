@@ -13,13 +13,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from trustmesh.clip import SHOWN as MAX_SHOWN
 from trustmesh.controlplane.api.status import FailedPreconditionError, InvalidArgumentError
 from trustmesh.controlplane.audit import AuditLog
 from trustmesh.controlplane.config import MAX_JWT_TTL, MAX_X509_TTL
 from trustmesh.controlplane.registration import (
     DEFAULT_TOKEN_TTL,
     MAX_PAGE,
-    MAX_SHOWN,
     MAX_TOKEN_TTL,
     MIN_TOKEN_TTL,
     EntryQuery,

@@ -7,12 +7,12 @@ subcommand; the rest are admin calls over the server's admin socket.
 from __future__ import annotations
 
 import argparse
-from datetime import datetime, timezone
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2
 from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call, message_dict, print_json
 from trustmesh.cli.agent_run_cmd import add_run_subcommand
 from trustmesh.cli.config import show_help
+from trustmesh.clock import format_utc
 
 EXAMPLES = """\
 examples:
@@ -20,10 +20,6 @@ examples:
   trustmesh agent ban node-7                               (same as spiffe://<td>/agent/node-7)
   trustmesh agent evict spiffe://example.org/agent/node-3  (the host was replaced; it may join again)
 """
-
-
-def _when(ts: int) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ") if ts else "-"
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -36,7 +32,7 @@ def _list(args: argparse.Namespace) -> int:
         return 0
     rows = [("AGENT", "NODE", "ATTESTATION", "SVID EXPIRES", "STATUS")]
     for a in reply.agents:
-        rows.append((a.spiffe_id, a.node_name, a.attestation_type, _when(a.cert_not_after),
+        rows.append((a.spiffe_id, a.node_name, a.attestation_type, format_utc(a.cert_not_after),
                      "banned" if a.banned else "active"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:

@@ -11,6 +11,7 @@ from typing import Any
 from trustmesh._proto.trustmesh.v1 import admin_pb2
 from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call, print_json
 from trustmesh.cli.config import show_help
+from trustmesh.clock import format_utc, parse_utc
 from trustmesh.duration import parse_duration
 from trustmesh.errors import TrustmeshError
 
@@ -30,12 +31,9 @@ def parse_since(text: str | None, now: float | None = None) -> int:
     except ValueError:
         pass
     try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return int(parse_utc(text).timestamp())
     except ValueError as err:
         raise AuditArgsError(f"--since {text!r}: use an ISO time like 2026-11-22T10:00:00Z or a duration like 1h") from err
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return int(when.timestamp())
 
 
 def _printable(value: object) -> str:
@@ -65,7 +63,7 @@ def _show(args: argparse.Namespace) -> int:
                      "details": json.loads(e.details_json or "{}"), "hash": e.hash} for e in events])
         return 0
     for e in events:
-        when = datetime.fromtimestamp(e.time, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        when = format_utc(e.time)
         details = json.loads(e.details_json or "{}")
         extra = " ".join(f"{_printable(k)}={_printable(v)}" for k, v in sorted(details.items()))
         print(f"{e.seq:>6} {when} {_printable(e.kind):<14} {_printable(e.outcome):<7} "

@@ -8,7 +8,6 @@ commands show where that stands and take a step now, e.g. after a suspected comp
 from __future__ import annotations
 
 import argparse
-from datetime import datetime, timezone
 from typing import Any
 
 from cryptography import x509
@@ -17,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from trustmesh._proto.trustmesh.v1 import admin_pb2
 from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call, print_json
 from trustmesh.cli.config import show_help
+from trustmesh.clock import format_utc
 
 _KINDS = {
     admin_pb2.CA_AUTHORITY_KIND_X509_ROOT: "root",
@@ -34,12 +34,6 @@ _STEPS = {
     "activate": admin_pb2.ROOT_ROTATION_STEP_ACTIVATE,
     "retire": admin_pb2.ROOT_ROTATION_STEP_RETIRE,
 }
-
-
-def _when(seconds: int) -> str:
-    if not seconds:
-        return "-"
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _authority(a: admin_pb2.CAAuthority) -> dict[str, Any]:
@@ -60,9 +54,9 @@ def _print_table(authorities: list[dict[str, Any]]) -> None:
     print(f"{'KIND':<11} {'STATE':<9} {'ID':<34} {'NOT AFTER':<21} {'ACTIVATED':<21} DETAIL")
     for a in authorities:
         detail = f"replica {a['replica']}, under root {a['root']}" if a["kind"] == "signing-ca" else (
-            f"old since {_when(a['retired_at'])}" if a["state"] == "old" else "")
-        print(f"{a['kind']:<11} {a['state']:<9} {a['id'][:34]:<34} {_when(a['not_after']):<21} "
-              f"{_when(a['activated_at']):<21} {detail}")
+            f"old since {format_utc(a['retired_at'])}" if a["state"] == "old" else "")
+        print(f"{a['kind']:<11} {a['state']:<9} {a['id'][:34]:<34} {format_utc(a['not_after']):<21} "
+              f"{format_utc(a['activated_at']):<21} {detail}")
 
 
 def _show(args: argparse.Namespace) -> int:

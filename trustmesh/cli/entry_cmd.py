@@ -8,14 +8,19 @@ that one set of rules, with one set of messages, applies to the CLI and the API 
 from __future__ import annotations
 
 import argparse
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2, types_pb2
 from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call, message_dict, print_json
 from trustmesh.cli.config import show_help
+from trustmesh.clock import format_utc
 from trustmesh.duration import format_duration, parse_duration
 from trustmesh.errors import TrustmeshError
+from trustmesh.naming import agent_id
+from trustmesh.selectors import InvalidSelectorError, Selector
+from trustmesh.spiffeid import TrustDomain
+from trustmesh.wire import selector_from_pb, selector_to_pb
 
 
 class EntryArgsError(TrustmeshError):
@@ -49,19 +54,17 @@ def _seconds(text: str | None, flag: str) -> int:
 
 
 def _selectors(texts: list[str]) -> list[types_pb2.Selector]:
-    out = []
-    for text in texts:
-        sel_type, colon, value = text.partition(":")
-        if not colon:
-            raise EntryArgsError(f"--selector {text!r}: use TYPE:VALUE, e.g. unix:uid:1000")
-        out.append(types_pb2.Selector(type=sel_type, value=value))
-    return out
+    # Only the TYPE:VALUE form is checked here: the server checks the rest, and audits what it refuses.
+    try:
+        return [selector_to_pb(Selector.from_text(text)) for text in texts]
+    except InvalidSelectorError as err:
+        raise EntryArgsError(f"--selector: {err}") from err
 
 
-def _server_trust_domain(args: argparse.Namespace) -> str:
+def _server_trust_domain(args: argparse.Namespace) -> TrustDomain:
     """The server's trust domain, so `--node NAME` becomes spiffe://<td>/agent/NAME."""
     reply = call(args, lambda s: s.GetBundle(admin_pb2.GetBundleRequest(), timeout=TIMEOUT))
-    return str(reply.bundle.trust_domain)
+    return TrustDomain(reply.bundle.trust_domain)
 
 
 def _parent(args: argparse.Namespace, *, required: bool) -> str:
@@ -71,14 +74,10 @@ def _parent(args: argparse.Namespace, *, required: bool) -> str:
     if args.parent_id:
         return str(args.parent_id)
     if args.node:
-        return f"spiffe://{_server_trust_domain(args)}/agent/{args.node}"
+        return str(agent_id(_server_trust_domain(args), args.node))
     if required:
         raise EntryArgsError("say which node's agent may hand out this identity: --node NAME or --parent-id ID")
     return ""
-
-
-def _when(ts: int) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ") if ts else "-"
 
 
 def _ttl(seconds: int) -> str:
@@ -117,11 +116,11 @@ def _list(args: argparse.Namespace) -> int:
     rows = [("ID", "SPIFFE ID", "PARENT", "SELECTORS", "X509 TTL", "JWT TTL")]
     for e in entries:
         rows.append((e.id, e.spiffe_id + (" (admin)" if e.admin else ""), e.parent_id,
-                     ",".join(f"{s.type}:{s.value}" for s in e.selectors),
+                     ",".join(str(selector_from_pb(s)) for s in e.selectors),
                      _ttl(e.x509_ttl_seconds), _ttl(e.jwt_ttl_seconds)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(col.ljust(w) for col, w in zip(row, widths)).rstrip())
+        print("  ".join(col.ljust(w) for col, w in zip(row, widths, strict=True)).rstrip())
     return 0
 
 
@@ -133,11 +132,11 @@ def _show(args: argparse.Namespace) -> int:
         return 0
     lines: list[tuple[str, Any]] = [
         ("id", e.id), ("spiffe id", e.spiffe_id), ("parent id", e.parent_id),
-        ("selectors", ", ".join(f"{s.type}:{s.value}" for s in e.selectors)),
+        ("selectors", ", ".join(str(selector_from_pb(s)) for s in e.selectors)),
         ("x509 ttl", _ttl(e.x509_ttl_seconds)), ("jwt ttl", _ttl(e.jwt_ttl_seconds)),
         ("dns names", ", ".join(e.dns_names) or "-"), ("federates with", ", ".join(e.federates_with) or "-"),
         ("admin", "yes" if e.admin else "no"), ("revision", e.revision),
-        ("created", _when(e.created_at)), ("updated", _when(e.updated_at)),
+        ("created", format_utc(e.created_at)), ("updated", format_utc(e.updated_at)),
     ]
     for key, value in lines:
         print(f"{key + ':':16} {value}")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2
 from trustmesh.cli.admin_client import TIMEOUT, AdminCallError, add_socket_flag, call, print_json, read_input_file
 from trustmesh.cli.config import show_help
+from trustmesh.clock import format_utc
 
 _PROFILES = {
     "https_web": admin_pb2.BUNDLE_ENDPOINT_PROFILE_HTTPS_WEB,
@@ -43,10 +43,6 @@ def _add(args: argparse.Namespace) -> int:
     return 0
 
 
-def _when(seconds: int) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if seconds else "never"
-
-
 def _list(args: argparse.Namespace) -> int:
     reply = call(args, lambda s: s.ListFederationRelationships(admin_pb2.ListFederationRelationshipsRequest(),
                                                                timeout=TIMEOUT))
@@ -60,7 +56,7 @@ def _list(args: argparse.Namespace) -> int:
         source = f"{r['endpoint']} ({r['profile']})" if r["endpoint"] else "bundle set by hand"
         state = f"error: {r['last_error']}" if r["last_error"] else "ok"
         print(f"{r['trust_domain']:<32} {source:<56} seq {r['bundle_sequence']:<6} "
-              f"refreshed {_when(r['last_refreshed_at'])}  {state}")
+              f"refreshed {format_utc(r['last_refreshed_at'], missing='never')}  {state}")
     return 0
 
 

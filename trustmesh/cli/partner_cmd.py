@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from cryptography import x509
@@ -12,7 +11,9 @@ from cryptography.hazmat.primitives import serialization
 from trustmesh._proto.trustmesh.v1 import admin_pb2
 from trustmesh.cli.admin_client import TIMEOUT, AdminCallError, add_socket_flag, call, read_input_file
 from trustmesh.cli.config import show_help
+from trustmesh.clock import format_utc
 from trustmesh.duration import parse_duration
+from trustmesh.files import atomic_write
 
 MAX_CSR_FILE = 16 * 1024
 
@@ -40,15 +41,12 @@ def _issue(args: argparse.Namespace) -> int:
                    for c in reply.cert_chain)
     out = Path(args.out)
     # A certificate is public, but write it whole or not at all.
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_bytes(pem)
-        os.replace(tmp, out)
+        atomic_write(out, pem, 0o644)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise AdminCallError(f"cannot write --out {out}: {err.strerror}") from err
     print(f"issued {args.spiffe_id}: serial {reply.serial}, expires "
-          f"{x509.load_der_x509_certificate(reply.cert_chain[0]).not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}; "
+          f"{format_utc(x509.load_der_x509_certificate(reply.cert_chain[0]).not_valid_after_utc)}; "
           f"chain written to {out}")
     print(f"revoke with: trustmesh partner revoke {reply.serial}")
     return 0

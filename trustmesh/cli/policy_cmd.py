@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import getpass
-from datetime import datetime, timezone
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2
 from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call
 from trustmesh.cli.config import show_help
+from trustmesh.clock import format_utc, parse_utc, utc_now
 from trustmesh.errors import InvalidSpiffeIdError, TrustmeshError
 from trustmesh.policy import Policy, bundle_documents, load_paths, load_text
 from trustmesh.spiffeid import SpiffeId
@@ -50,14 +50,12 @@ def _test(args: argparse.Namespace) -> int:
         source, destination = SpiffeId.parse(args.source), SpiffeId.parse(args.to)
     except InvalidSpiffeIdError as err:
         raise PolicyArgsError(str(err)) from err
-    at = datetime.now(timezone.utc)
+    at = utc_now()
     if args.at:
         try:
-            at = datetime.fromisoformat(args.at.replace("Z", "+00:00"))
+            at = parse_utc(args.at)
         except ValueError as err:
             raise PolicyArgsError(f"--at {args.at!r}: use an ISO time like 2026-12-31T00:00:00Z") from err
-        if at.tzinfo is None:
-            at = at.replace(tzinfo=timezone.utc)
     if args.paths:
         loaded = load_paths(args.paths, now=at)
         if loaded.problems:
@@ -111,7 +109,7 @@ def _show(args: argparse.Namespace) -> int:
     reply = call(args, lambda s: s.GetPolicy(admin_pb2.GetPolicyRequest(revision=args.revision or 0), timeout=TIMEOUT))
     p = reply.policy
     print(f"# revision {p.revision} by {p.author} at "
-          f"{datetime.fromtimestamp(p.created_at, timezone.utc):%Y-%m-%dT%H:%M:%SZ}: {p.comment}")
+          f"{format_utc(p.created_at)}: {p.comment}")
     print(p.documents)
     return 0
 
@@ -121,7 +119,7 @@ def _history(args: argparse.Namespace) -> int:
     if not reply.revisions:
         print("no policy applied yet: everything is denied by default")
     for r in reply.revisions:
-        when = datetime.fromtimestamp(r.created_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        when = format_utc(r.created_at)
         print(f"{r.revision:>5}  {when}  {r.author:<16} {r.sha256[:12]}  {r.comment}")
     return 0
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from trustmesh.clock import utc_now
 from trustmesh.policy.model import MODES, Allowlist, AllowRule, IdPattern, Policy, PolicyError
 
 API_VERSION = "trustmesh/v1"
@@ -159,7 +160,7 @@ def load_many(sources: Iterable[tuple[str, str]], now: datetime | None = None, *
               reject_expired: bool = True) -> Loaded:
     """`reject_expired` flags rules whose expiry has passed (right when applying new text;
     wrong when re-reading a stored revision, where lapsed rules simply stop matching)."""
-    now = now or datetime.now(timezone.utc)
+    now = now or utc_now()
     problems: list[Problem] = []
     allowlists: list[tuple[Allowlist, Problem]] = []
     for source, text in sources:
