@@ -107,6 +107,12 @@ def entry_identity_key(entry: RegistrationEntry) -> str:
     return ENTRY_INDEX + hashlib.sha256(identity.encode()).hexdigest()
 
 
+def _check_revision(what: str, current: int, expected: int | None) -> None:
+    """Compare-and-swap from the caller's side: it read `expected`; a newer write wins."""
+    if expected is not None and current != expected:
+        raise ConflictError(f"{what} is at revision {current}, not {expected}; re-read it and retry")
+
+
 def _need(value: str, what: str) -> str:
     if not value:
         raise InvalidRecordError(f"{what} must not be empty")
@@ -273,11 +279,7 @@ class Store:
         new_index = entry_identity_key(entry)
         for _ in range(_RETRIES):
             current = await self._get(key, what)
-            if expected_revision is not None and current.mod_revision != expected_revision:
-                raise ConflictError(
-                    f"{what} is at revision {current.mod_revision}, not {expected_revision}; "
-                    "re-read it and retry"
-                )
+            _check_revision(what, current.mod_revision, expected_revision)
             old_index = entry_identity_key(self._entry(current))
             compares = [Compare.mod_revision(key, current.mod_revision)]
             ops: list[Op] = [Put(key, entry.to_json())]
@@ -307,11 +309,7 @@ class Store:
         what = f"registration entry {entry_id!r}"
         for _ in range(_RETRIES):
             current = await self._get(key, what)
-            if expected_revision is not None and current.mod_revision != expected_revision:
-                raise ConflictError(
-                    f"{what} is at revision {current.mod_revision}, not {expected_revision}; "
-                    "re-read it and retry"
-                )
+            _check_revision(what, current.mod_revision, expected_revision)
             index = entry_identity_key(self._entry(current))
             result = await self._kv.txn(
                 [Compare.mod_revision(key, current.mod_revision)], [Delete(key), Delete(index)]
