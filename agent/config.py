@@ -44,6 +44,10 @@ class RotationConfig:
             raise ValueError("backoff_base must be positive and at most backoff_cap")
 
 
+# The production timing, the default of every component that takes a RotationConfig.
+DEFAULT_ROTATION = RotationConfig()
+
+
 def _services(raw: Any) -> tuple[ServiceConfig, ...]:
     """The `services:` list of the config file, validated with messages that name the field."""
     from trustmesh.agent.proxy.listeners import InboundConfig, OutboundConfig, ServiceConfig

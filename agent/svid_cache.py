@@ -23,7 +23,7 @@ import grpc
 from cryptography import x509
 
 from trustmesh._proto.trustmesh.v1 import node_pb2
-from trustmesh.agent.config import RotationConfig
+from trustmesh.agent.config import DEFAULT_ROTATION, RotationConfig
 from trustmesh.agent.convert import AgentEntry
 from trustmesh.agent.identity import NoIdentityError, WorkloadJwtSvid, WorkloadX509Svid
 from trustmesh.backoff import backoff_delay, renew_at, seconds_until
@@ -70,7 +70,7 @@ def _shape(entry: AgentEntry) -> tuple[object, ...]:
 class SvidCache:
     def __init__(self, trust_domain: TrustDomain, signer: Signer, metrics: Registry,
                  clock: Clock = utc_now, rand: random.Random | None = None, *,
-                 rotation: RotationConfig = RotationConfig()) -> None:
+                 rotation: RotationConfig = DEFAULT_ROTATION) -> None:
         self._td = trust_domain
         self._rotation = rotation
         self._signer = signer

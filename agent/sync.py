@@ -31,7 +31,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc, types_pb2
-from trustmesh.agent.config import RotationConfig
+from trustmesh.agent.config import DEFAULT_ROTATION, RotationConfig
 from trustmesh.agent.convert import AgentEntry, entry_from_pb
 from trustmesh.backoff import backoff_delay
 from trustmesh.bundle import Bundle, BundleSet
@@ -162,7 +162,7 @@ class SyncClient:
     def __init__(self, client: SyncConnection, cache: EntrySink, data_dir: Path, td: TrustDomain,
                  metrics: Registry, on_own_bundle: Callable[[Bundle], None], rand: random.Random | None = None,
                  on_policy: Callable[[Policy], None] | None = None, *,
-                 rotation: RotationConfig = RotationConfig(), idle_timeout: float = IDLE_TIMEOUT) -> None:
+                 rotation: RotationConfig = DEFAULT_ROTATION, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self._client = client
         self._cache = cache
         self._data_dir = data_dir

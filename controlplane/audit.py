@@ -79,7 +79,9 @@ def verify_events(key: bytes, events: list[AuditEvent], *, prev_hash: str = GENE
                                 f"event {ev.seq} does not link to event {ev.seq - 1} (reordered or replaced)")
         want = link(key, ev.seq, ev.time, ev.kind, ev.actor, ev.subject, ev.outcome, ev.details, ev.prev_hash)
         if not hmac.compare_digest(want, ev.hash):
-            return VerifyResult(False, checked, ev.seq, f"event {ev.seq} was edited: its content does not match its link")
+            return VerifyResult(
+                False, checked, ev.seq, f"event {ev.seq} was edited: its content does not match its link"
+            )
         prev_hash, expect_seq = ev.hash, ev.seq + 1
         checked += 1
     return VerifyResult(True, checked)
@@ -98,8 +100,9 @@ class AuditLog:
         self._head: AuditEvent | None = None
         self._head_loaded = False
 
-    async def record(self, kind: str, *, actor: str, subject: str = "", outcome: str = "ok",
-                     **details: Any) -> AuditEvent:
+    async def record(
+        self, kind: str, *, actor: str, subject: str = "", outcome: str = "ok", **details: Any
+    ) -> AuditEvent:
         """Append one event. Retries on a lost race with another replica; never half-writes."""
         async with self._lock:
             for _ in range(_MAX_RETRIES):
@@ -111,9 +114,17 @@ class AuditLog:
                 prev_hash = GENESIS if prev is None else prev.hash
                 at = round(float(self._clock()), 6)
                 clean = json.loads(json.dumps(details, sort_keys=True, default=str))
-                event = AuditEvent(seq=seq, time=at, kind=kind, actor=actor, subject=subject,
-                                   outcome=outcome, details=clean, prev_hash=prev_hash,
-                                   hash=link(self._key, seq, at, kind, actor, subject, outcome, clean, prev_hash))
+                event = AuditEvent(
+                    seq=seq,
+                    time=at,
+                    kind=kind,
+                    actor=actor,
+                    subject=subject,
+                    outcome=outcome,
+                    details=clean,
+                    prev_hash=prev_hash,
+                    hash=link(self._key, seq, at, kind, actor, subject, outcome, clean, prev_hash),
+                )
                 try:
                     self._head = await self._store.append_audit_event(event)
                 except ConflictError:
@@ -121,8 +132,9 @@ class AuditLog:
                     continue
                 log_event(log, "audit", kind=kind, actor=actor, subject=subject, outcome=outcome, seq=seq)
                 return self._head
-            raise ConflictError(f"could not append audit event {kind!r} after {_MAX_RETRIES} tries; "
-                                "the audit head is changing too fast")
+            raise ConflictError(
+                f"could not append audit event {kind!r} after {_MAX_RETRIES} tries; the audit head is changing too fast"
+            )
 
     async def verify(self) -> VerifyResult:
         """Walk the whole chain page by page and check that the head is its last event."""
@@ -149,13 +161,18 @@ class AuditLog:
         try:
             head = await self._store.get_audit_head()
         except RecordFormatError as err:
-            return VerifyResult(False, total, (last.seq + 1) if last else 1,
-                                f"the chain head is unreadable ({err}); it was overwritten")
+            return VerifyResult(
+                False, total, (last.seq + 1) if last else 1, f"the chain head is unreadable ({err}); it was overwritten"
+            )
         if head is None and last is None:
             return VerifyResult(True, 0)
         if head is None or last is None or head.seq != last.seq or head.hash != last.hash:
             head_seq = head.seq if head else 0
-            return VerifyResult(False, total, (last.seq + 1) if last else 1,
-                                f"the chain head names event {head_seq} but the log ends at event "
-                                f"{last.seq if last else 0} (events were removed from the end)")
+            return VerifyResult(
+                False,
+                total,
+                (last.seq + 1) if last else 1,
+                f"the chain head names event {head_seq} but the log ends at event "
+                f"{last.seq if last else 0} (events were removed from the end)",
+            )
         return VerifyResult(True, total)

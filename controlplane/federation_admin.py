@@ -81,7 +81,9 @@ def check_relationship(spec: RelationshipSpec, own: TrustDomain, now: float) -> 
         raise InvalidArgumentError(f"{td} is this server's own trust domain; federate with another one")
     profile = spec.profile
     if profile and profile not in PROFILES:
-        raise InvalidArgumentError(f"unknown bundle endpoint profile {clip(profile, 32)}; use https_web or https_spiffe")
+        raise InvalidArgumentError(
+            f"unknown bundle endpoint profile {clip(profile, 32)}; use https_web or https_spiffe"
+        )
     url = spec.endpoint_url
     if len(url) > MAX_URL:
         raise InvalidArgumentError(f"the bundle endpoint URL is longer than {MAX_URL} characters")
@@ -95,14 +97,17 @@ def check_relationship(spec: RelationshipSpec, own: TrustDomain, now: float) -> 
     elif profile or spec.endpoint_spiffe_id:
         raise InvalidArgumentError("--profile and --endpoint-spiffe-id go with --endpoint URL")
     elif not spec.bundle:
-        raise InvalidArgumentError("give the partner's bundle endpoint (--endpoint URL --profile …) or its bundle "
-                                   "(--bundle-file FILE)")
+        raise InvalidArgumentError(
+            "give the partner's bundle endpoint (--endpoint URL --profile …) or its bundle (--bundle-file FILE)"
+        )
     endpoint_id: SpiffeId | None = None
     if profile == "https_spiffe":
         if not spec.endpoint_spiffe_id or not spec.bundle:
-            raise InvalidArgumentError("the https_spiffe profile needs --endpoint-spiffe-id (the endpoint's SPIFFE ID) "
-                                       "and --bundle-file (the partner's current bundle, obtained out of band, which "
-                                       "authenticates the first fetch)")
+            raise InvalidArgumentError(
+                "the https_spiffe profile needs --endpoint-spiffe-id (the endpoint's SPIFFE ID) "
+                "and --bundle-file (the partner's current bundle, obtained out of band, which "
+                "authenticates the first fetch)"
+            )
         try:
             endpoint = SpiffeId.parse(spec.endpoint_spiffe_id)
         except InvalidSpiffeIdError as err:
@@ -118,8 +123,9 @@ def check_relationship(spec: RelationshipSpec, own: TrustDomain, now: float) -> 
             bundle = validate_bundle(spec.bundle, td, None)
         except BundleFetchError as err:
             raise InvalidArgumentError(f"--bundle-file: {err}") from err
-    record = FederationRecord(trust_domain=td, endpoint_url=url, profile=profile, endpoint_spiffe_id=endpoint_id,
-                              created_at=now)
+    record = FederationRecord(
+        trust_domain=td, endpoint_url=url, profile=profile, endpoint_spiffe_id=endpoint_id, created_at=now
+    )
     return record, bundle
 
 
@@ -142,15 +148,24 @@ class FederationAdmin:
         try:
             record, bundle = check_relationship(spec, self._rt.config.trust_domain, self._rt.clock())
         except InvalidArgumentError as err:
-            await self._rt.audit.record("federation.create", actor=actor, subject=clip(spec.trust_domain, SHOWN),
-                                        outcome="denied", reason=str(err))
+            await self._rt.audit.record(
+                "federation.create",
+                actor=actor,
+                subject=clip(spec.trust_domain, SHOWN),
+                outcome="denied",
+                reason=str(err),
+            )
             raise
-        bundle_record = None if bundle is None else BundleRecord(record.trust_domain, spec.bundle, 1,
-                                                                 self._rt.clock())
+        bundle_record = None if bundle is None else BundleRecord(record.trust_domain, spec.bundle, 1, self._rt.clock())
         await self._rt.store.create_federation(record, bundle_record)
-        await self._rt.audit.record("federation.create", actor=actor, subject=record.trust_domain.name,
-                                    endpoint=record.endpoint_url, profile=record.profile,
-                                    endpoint_spiffe_id=str(record.endpoint_spiffe_id or ""))
+        await self._rt.audit.record(
+            "federation.create",
+            actor=actor,
+            subject=record.trust_domain.name,
+            endpoint=record.endpoint_url,
+            profile=record.profile,
+            endpoint_spiffe_id=str(record.endpoint_spiffe_id or ""),
+        )
         return Relationship(record, bundle)
 
     async def delete(self, trust_domain: str, actor: str) -> None:
@@ -162,13 +177,16 @@ class FederationAdmin:
         """Fetch the partner's bundle endpoint now; the last good bundle stays on failure."""
         record = await self._rt.store.get_federation(parse_trust_domain(trust_domain).name)
         if not record.endpoint_url:
-            raise FailedPreconditionError(f"the relationship with {record.trust_domain} has no bundle endpoint; "
-                                          "its bundle is set by hand (`trustmesh federation add --bundle-file`)")
+            raise FailedPreconditionError(
+                f"the relationship with {record.trust_domain} has no bundle endpoint; "
+                "its bundle is set by hand (`trustmesh federation add --bundle-file`)"
+            )
         try:
             return await refresh_bundle(self._rt, record, actor=actor)
         except BundleFetchError as err:
-            raise UnavailableError(f"could not refresh the bundle of {record.trust_domain} ({err}); "
-                                   "the last good bundle stays in force") from err
+            raise UnavailableError(
+                f"could not refresh the bundle of {record.trust_domain} ({err}); the last good bundle stays in force"
+            ) from err
 
     async def bundle(self, trust_domain: str = "") -> TrustBundle:
         """The bundle of `trust_domain`: ours (the default) or a partner's as last stored."""
@@ -179,10 +197,19 @@ class FederationAdmin:
             return TrustBundle(bundle, bundle.to_jwks())
         federated, record = await stored_bundle(self._rt, td)
         if federated is None or record is None:
-            raise NotFoundError(f"this server holds no bundle for {td}; `trustmesh federation list` shows the "
-                                "partners it federates with")
+            raise NotFoundError(
+                f"this server holds no bundle for {td}; `trustmesh federation list` shows the "
+                "partners it federates with"
+            )
         return TrustBundle(federated, record.jwks)
 
 
-__all__ = ["FederationAdmin", "FederationRecord", "Relationship", "RelationshipSpec", "TrustBundle",
-           "check_relationship", "parse_trust_domain"]
+__all__ = [
+    "FederationAdmin",
+    "FederationRecord",
+    "Relationship",
+    "RelationshipSpec",
+    "TrustBundle",
+    "check_relationship",
+    "parse_trust_domain",
+]

@@ -19,10 +19,11 @@ from google.protobuf.message import Message
 
 from trustmesh._proto.trustmesh.v1 import node_pb2, types_pb2
 from trustmesh.bundle import Bundle
-from trustmesh.controlplane.api.convert import bundle_to_pb, entry_to_pb
+from trustmesh.controlplane.api.convert import entry_to_pb
 from trustmesh.controlplane.store.records import RegistrationEntry
 from trustmesh.policy import Policy
 from trustmesh.policy.wire import policy_to_pb
+from trustmesh.wire import bundle_to_pb
 
 # A sync message holds at most this many entries and about this many bytes: with 4 MB as
 # gRPC's message limit, a page never comes near it whatever the entries hold.
@@ -89,12 +90,12 @@ class AgentState:
     revision: int
 
 
-def agent_state(entries: Sequence[RegistrationEntry], *, own_bundle: Bundle, federated: Mapping[str, Bundle],
+def agent_state(entries: Sequence[RegistrationEntry], *, own_bundle: types_pb2.Bundle,
+                federated: Mapping[str, Bundle],
                 policy: Policy, revoked_serials: frozenset[str], revision: int) -> AgentState:
     """The state of an agent authorized for `entries`: our own bundle and the stored bundle of
     every trust domain they federate with, and the allowlists deciding for their destinations."""
-    own = bundle_to_pb(own_bundle)
-    bundles = {own.trust_domain: own}
+    bundles = {own_bundle.trust_domain: own_bundle}
     for td in sorted({td.name for e in entries for td in e.federates_with}):
         stored = federated.get(td)
         if stored is not None and td not in bundles:

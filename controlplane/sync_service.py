@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
-from trustmesh._proto.trustmesh.v1 import node_pb2
+from trustmesh._proto.trustmesh.v1 import node_pb2, types_pb2
 from trustmesh.bundle import Bundle
 from trustmesh.controlplane import sync_delta
 from trustmesh.controlplane.registry_view import (
@@ -27,8 +27,10 @@ from trustmesh.controlplane.registry_view import (
 from trustmesh.controlplane.store.records import AttestedNode
 from trustmesh.errors import UnavailableError
 from trustmesh.metrics import Registry
+from trustmesh.wire import bundle_to_pb
 
 SYNC_KEEPALIVE = 300.0  # an idle sync stream gets an empty delta this often (finds dead peers)
+OWN_BUNDLE_SECONDS = 1.0  # how long the wire form of our bundle is reused across streams
 
 
 class SyncStream:
@@ -91,12 +93,23 @@ class SyncService:
         self._gauge = metrics.gauge("trustmesh_sync_streams", "open agent sync streams")
         self.starts = metrics.counter("trustmesh_sync_starts_total", "sync streams opened, by how they began",
                                       ["kind"])
+        self._own: types_pb2.Bundle | None = None
+        self._own_until = 0.0
         self._convergence = metrics.histogram(
             "trustmesh_policy_convergence_seconds", "from a policy revision's commit to its delivery to each agent")
 
+    def _own_bundle(self) -> types_pb2.Bundle:
+        """Our bundle in its wire form, built once per wake-up of the fleet rather than once per
+        agent: it changes with the CA journal (whose event empties this) and, as old roots and
+        keys expire, with time (hence the short lifetime)."""
+        now = self.clock()
+        if self._own is None or now >= self._own_until:
+            self._own, self._own_until = bundle_to_pb(self.trust_bundle()), now + OWN_BUNDLE_SECONDS
+        return self._own
+
     def state_for(self, agent: str) -> sync_delta.AgentState:
         view = self.view
-        return sync_delta.agent_state(view.authorized_for(agent), own_bundle=self.trust_bundle(),
+        return sync_delta.agent_state(view.authorized_for(agent), own_bundle=self._own_bundle(),
                                       federated=view.federated_bundles, policy=view.policy,
                                       revoked_serials=view.revoked_serials, revision=view.revision)
 
@@ -124,7 +137,8 @@ class SyncService:
             case AllAgentsChanged():
                 self._wake(list(self._streams))
             case CAJournalChanged():
-                pass  # the batch's AllAgentsChanged follows, once the CA has reloaded
+                # The CA has reloaded; the batch's AllAgentsChanged follows and pushes its bundle.
+                self._own = None
 
     def _wake(self, agents: Iterable[str]) -> None:
         for agent in agents:

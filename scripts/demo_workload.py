@@ -33,9 +33,11 @@ def main() -> int:
             for svid in message.svids:
                 leaf = load_der_certificates(svid.x509_svid)[0]
                 life = (leaf.not_valid_after_utc - leaf.not_valid_before_utc).total_seconds()
-                print(f"uid {os.getuid()}: {svid.spiffe_id}  serial …{leaf.serial_number % 100000:05d}  "
-                      f"valid until {leaf.not_valid_after_utc:%H:%M:%S} UTC ({life:.0f}s incl. 30s clock-skew allowance)",
-                      flush=True)
+                print(
+                    f"uid {os.getuid()}: {svid.spiffe_id}  serial …{leaf.serial_number % 100000:05d}  "
+                    f"valid until {leaf.not_valid_after_utc:%H:%M:%S} UTC ({life:.0f}s incl. 30s clock-skew allowance)",
+                    flush=True,
+                )
             if count >= args.updates:
                 stream.cancel()
                 break

@@ -45,7 +45,9 @@ def _sha256(value: str) -> str | None:
 
 
 def _node_name(value: str) -> str | None:
-    return None if re.fullmatch(r"[A-Za-z0-9._-]{1,128}", value) else "must be a node name ([A-Za-z0-9._-], at most 128)"
+    return (
+        None if re.fullmatch(r"[A-Za-z0-9._-]{1,128}", value) else "must be a node name ([A-Za-z0-9._-], at most 128)"
+    )
 
 
 def _any(value: str) -> str | None:
@@ -88,7 +90,7 @@ class Selector:
             )
         for key in sorted(keys, key=len, reverse=True):
             if value.startswith(key + ":"):
-                problem = keys[key](value[len(key) + 1:])
+                problem = keys[key](value[len(key) + 1 :])
                 if problem:
                     raise InvalidSelectorError(text, f"{sel_type}:{key} {problem}")
                 return selector
@@ -107,7 +109,7 @@ def parse_selectors(texts: Iterable[str]) -> tuple[Selector, ...]:
 def value_of(selectors: Iterable[Selector | str], kind: str) -> str | None:
     """The value of the first selector of `kind` (e.g. "unix:uid" -> "1000"), for a log line."""
     prefix = kind + ":"
-    return next((str(s)[len(prefix):] for s in selectors if str(s).startswith(prefix)), None)
+    return next((str(s)[len(prefix) :] for s in selectors if str(s).startswith(prefix)), None)
 
 
 def matches(required: Iterable[Selector | str], present: Iterable[Selector | str]) -> bool:

@@ -61,12 +61,22 @@ class FlowReporter:
         if not self._counts:
             return
         counts, self._counts = self._counts, {}
-        request = node_pb2.ReportFlowsRequest(counters=[
-            node_pb2.FlowCounter(source_id=src, destination_id=dst, port=port,
-                                 decision=node_pb2.FLOW_DECISION_ALLOW if allowed else node_pb2.FLOW_DECISION_DENY,
-                                 rule=rule, mode=types_pb2.POLICY_MODE_AUDIT if c.audit_only else types_pb2.POLICY_MODE_ENFORCE,
-                                 count=c.count, first_seen=int(c.first), last_seen=int(c.last))
-            for (src, dst, port, allowed, rule), c in counts.items()])
+        request = node_pb2.ReportFlowsRequest(
+            counters=[
+                node_pb2.FlowCounter(
+                    source_id=src,
+                    destination_id=dst,
+                    port=port,
+                    decision=node_pb2.FLOW_DECISION_ALLOW if allowed else node_pb2.FLOW_DECISION_DENY,
+                    rule=rule,
+                    mode=types_pb2.POLICY_MODE_AUDIT if c.audit_only else types_pb2.POLICY_MODE_ENFORCE,
+                    count=c.count,
+                    first_seen=int(c.first),
+                    last_seen=int(c.last),
+                )
+                for (src, dst, port, allowed, rule), c in counts.items()
+            ]
+        )
         try:
             await self._send(request)
         except grpc.aio.AioRpcError as err:

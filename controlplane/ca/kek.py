@@ -60,7 +60,9 @@ class KeyEncryptionKey:
             raise KeyEncryptionError(f"a key-encryption key is {KEK_BYTES} bytes, got {len(key)}")
         self._key = bytes(key)
         # An identifier derived one-way from the key, safe to store and log.
-        self.fingerprint = hmac.new(self._key, b"trustmesh kek fingerprint", hashlib.sha256).hexdigest()[: 2 * _FP_BYTES]
+        self.fingerprint = hmac.new(self._key, b"trustmesh kek fingerprint", hashlib.sha256).hexdigest()[
+            : 2 * _FP_BYTES
+        ]
 
     def __repr__(self) -> str:
         return f"KeyEncryptionKey(fingerprint={self.fingerprint})"
@@ -119,7 +121,9 @@ class KeyEncryptionKey:
 
     def derive(self, label: str) -> bytes:
         """An independent 32-byte key for another purpose (e.g. the audit chain)."""
-        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"trustmesh:" + label.encode()).derive(self._key)
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"trustmesh:" + label.encode()).derive(
+            self._key
+        )
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         nonce = os.urandom(_NONCE_BYTES)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 import aetcd
@@ -231,6 +232,9 @@ class EtcdKV:
 
     # -- reads -----------------------------------------------------------------------
 
+    def _range(self, request: Any, c: Any) -> Awaitable[Any]:
+        return c.kvstub.Range(request, timeout=self._timeout, metadata=c.metadata)  # type: ignore[no-any-return]
+
     async def get(self, key: str) -> KeyValue | None:
         request = rpc.RangeRequest(key=self._full(key))
         response = await self._call(
@@ -258,10 +262,7 @@ class EtcdKV:
                 sort_order=rpc.RangeRequest.ASCEND,
                 sort_target=rpc.RangeRequest.KEY,
             )
-            response = await self._call(
-                f"listing {prefix!r}",
-                lambda c: c.kvstub.Range(request, timeout=self._timeout, metadata=c.metadata),
-            )
+            response = await self._call(f"listing {prefix!r}", partial(self._range, request))
             pinned = pinned or response.header.revision
             out.extend(self._kv(raw) for raw in response.kvs)
             if not response.more or not response.kvs:

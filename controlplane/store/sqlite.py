@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -485,12 +486,16 @@ class SqliteKV:
     def _change_row(row: tuple[int, bytes, bytes, int]) -> _ChangeRow:
         return _ChangeRow(int(row[0]), bytes(row[1]).decode(), bytes(row[2]), bool(row[3]))
 
+    def _past(self, revision: int) -> bool:
+        """Closed, or changed since `revision`: what a watcher waits for."""
+        return self._closed or self._head > revision
+
     async def watch(
         self, prefix: str, start_revision: int
     ) -> AsyncGenerator[list[Event], None]:
         seen = start_revision
         while not self._closed:
-            head, compacted, rows = await self._run(lambda: self._read_changes(prefix, seen))
+            head, compacted, rows = await self._run(partial(self._read_changes, prefix, seen))
             # History before `compacted` is gone: we can serve (seen, head] only if the
             # first revision we need, seen + 1, is still kept.
             if seen + 1 < compacted:
@@ -506,7 +511,7 @@ class SqliteKV:
                 yield batch
             seen = max(seen, head)
             async with self._changed:
-                await self._changed.wait_for(lambda: self._closed or self._head > seen)
+                await self._changed.wait_for(partial(self._past, seen))
                 if self._closed:
                     return
 

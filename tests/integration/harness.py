@@ -134,7 +134,9 @@ class ServerProcess(_Process):
             private_key=key_pem, certificate_chain=chain_pem,
         )
         return grpc.aio.secure_channel(
-            address or (self.bind if key is not None else self.attest_bind), creds, options=[("grpc.ssl_target_name_override", server_dns_name(self.td))]
+            address or (self.bind if key is not None else self.attest_bind),
+            creds,
+            options=[("grpc.ssl_target_name_override", server_dns_name(self.td))],
         )
 
     def admin_channel(self) -> grpc.aio.Channel:
@@ -164,8 +166,16 @@ class AgentProcess(_Process):
     replicas: list[ServerProcess] = field(default_factory=list)
 
     def start(self, timeout: float = READY_TIMEOUT) -> AgentProcess:
-        args = trustmesh_cmd("agent", "run", "--trust-bundle", str(self.server.bundle_path),
-                             "--data-dir", str(self.data_dir), "--socket", str(self.socket))
+        args = trustmesh_cmd(
+            "agent",
+            "run",
+            "--trust-bundle",
+            str(self.server.bundle_path),
+            "--data-dir",
+            str(self.data_dir),
+            "--socket",
+            str(self.socket),
+        )
         for replica in [self.server, *self.replicas]:
             args += ["--server", replica.bind, "--attest-server", replica.attest_bind]
         if self.join_token:

@@ -116,12 +116,19 @@ def test_header_required_and_unregistered_uid_denied(setup: tuple[ServerProcess,
         os.setuid(65534)
         stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(grpc.insecure_channel("unix:{agent.socket}"))
         try:
-            next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=[("workload.spiffe.io", "true")], timeout=10))
+            md = [("workload.spiffe.io", "true")]
+            next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=md, timeout=10))
         except grpc.RpcError as err:
             print(err.code().name)
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}, cwd="/")
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        cwd="/",
+    )
     assert out.stdout.strip() == "PERMISSION_DENIED", out.stderr
 
 
@@ -134,12 +141,14 @@ def test_jwt_svid_and_bundles(setup: tuple[ServerProcess, AgentProcess]) -> None
     token = reply.svids[0].svid
     _, claims = parse_insecure(token)
     assert claims["sub"] == "spiffe://example.org/ledger" and sorted(claims["aud"]) == ["audit", "payments"]
-    valid = api.ValidateJWTSVID(workload_pb2.ValidateJWTSVIDRequest(audience="audit", svid=token), metadata=HEADER,
-                                timeout=10)
+    valid = api.ValidateJWTSVID(
+        workload_pb2.ValidateJWTSVIDRequest(audience="audit", svid=token), metadata=HEADER, timeout=10
+    )
     assert valid.spiffe_id == "spiffe://example.org/ledger"
     with pytest.raises(grpc.RpcError) as info:
-        api.ValidateJWTSVID(workload_pb2.ValidateJWTSVIDRequest(audience="other", svid=token), metadata=HEADER,
-                            timeout=10)
+        api.ValidateJWTSVID(
+            workload_pb2.ValidateJWTSVIDRequest(audience="other", svid=token), metadata=HEADER, timeout=10
+        )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(grpc.RpcError) as info:
         api.FetchJWTSVID(workload_pb2.JWTSVIDRequest(), metadata=HEADER, timeout=10)
@@ -204,7 +213,8 @@ def test_churn_and_garbage_leak_nothing_and_hurt_no_one(setup: tuple[ServerProce
     for _ in range(100):
         channel = grpc.insecure_channel(f"unix:{agent.socket}")
         stream = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel).FetchX509SVID(
-            workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=10)
+            workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=10
+        )
         next(stream)
         stream.cancel()
         channel.close()
@@ -219,23 +229,28 @@ def test_churn_and_garbage_leak_nothing_and_hurt_no_one(setup: tuple[ServerProce
     watcher.cancel()
 
 
-def test_authorize_answers_from_the_policy_the_agent_holds(setup: tuple[ServerProcess, AgentProcess],
-                                                           tmp_path: Path) -> None:
+def test_authorize_answers_from_the_policy_the_agent_holds(
+    setup: tuple[ServerProcess, AgentProcess], tmp_path: Path
+) -> None:
     from trustmesh._proto.trustmesh.v1 import agent_pb2, agent_pb2_grpc
 
     server, agent = setup
     entry(server, "ledger")
     policy = tmp_path / "p.yaml"
-    policy.write_text("apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: ledger-access}\n"
-                      "spec: {destination: spiffe://example.org/ledger, ports: [9443],"
-                      " allow: [{from: spiffe://example.org/payments}]}\n")
+    policy.write_text(
+        "apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: ledger-access}\n"
+        "spec: {destination: spiffe://example.org/ledger, ports: [9443],"
+        " allow: [{from: spiffe://example.org/payments}]}\n"
+    )
     server.cli("policy", "apply", str(policy), check=True)
     agent.start()
     authz = agent_pb2_grpc.AgentAuthorizationStub(grpc.insecure_channel(f"unix:{agent.socket}"))
 
     def ask(source: str, port: int = 9443) -> agent_pb2.AuthorizeResponse:
-        return authz.Authorize(agent_pb2.AuthorizeRequest(source_id=source, destination_id="spiffe://example.org/ledger",
-                                                          port=port), timeout=10)
+        return authz.Authorize(
+            agent_pb2.AuthorizeRequest(source_id=source, destination_id="spiffe://example.org/ledger", port=port),
+            timeout=10,
+        )
 
     deadline = time.monotonic() + 10
     while ask("spiffe://example.org/payments").policy_revision < 1 and time.monotonic() < deadline:
@@ -250,8 +265,9 @@ def test_authorize_answers_from_the_policy_the_agent_holds(setup: tuple[ServerPr
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_authorize_covers_ports_prefixes_audit_mode_and_expiry(setup: tuple[ServerProcess, AgentProcess],
-                                                               tmp_path: Path) -> None:
+def test_authorize_covers_ports_prefixes_audit_mode_and_expiry(
+    setup: tuple[ServerProcess, AgentProcess], tmp_path: Path
+) -> None:
     from datetime import datetime, timedelta, timezone
 
     from trustmesh._proto.trustmesh.v1 import agent_pb2, agent_pb2_grpc
@@ -286,9 +302,12 @@ spec:
     agent.start()
     authz = agent_pb2_grpc.AgentAuthorizationStub(grpc.insecure_channel(f"unix:{agent.socket}"))
 
-    def ask(source: str, destination: str = "spiffe://example.org/ledger", port: int = 9443) -> agent_pb2.AuthorizeResponse:
-        return authz.Authorize(agent_pb2.AuthorizeRequest(source_id=source, destination_id=destination, port=port),
-                               timeout=10)
+    def ask(
+        source: str, destination: str = "spiffe://example.org/ledger", port: int = 9443
+    ) -> agent_pb2.AuthorizeResponse:
+        return authz.Authorize(
+            agent_pb2.AuthorizeRequest(source_id=source, destination_id=destination, port=port), timeout=10
+        )
 
     deadline = time.monotonic() + 10
     while ask("spiffe://example.org/x").policy_revision < 1 and time.monotonic() < deadline:
@@ -312,19 +331,38 @@ spec:
 def _run_agent_once(server: ServerProcess, data_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     from tests.integration.harness import trustmesh_cmd
 
-    return subprocess.run(trustmesh_cmd("agent", "run", "--server", server.bind, "--attest-server", server.attest_bind,
-                                        "--trust-bundle", str(server.bundle_path), "--data-dir", str(data_dir),
-                                        "--socket", str(data_dir / "w.sock"), *extra),
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        trustmesh_cmd(
+            "agent",
+            "run",
+            "--server",
+            server.bind,
+            "--attest-server",
+            server.attest_bind,
+            "--trust-bundle",
+            str(server.bundle_path),
+            "--data-dir",
+            str(data_dir),
+            "--socket",
+            str(data_dir / "w.sock"),
+            *extra,
+        ),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
-def test_no_identity_and_a_refused_token_are_clear_errors(make_server: Callable[..., ServerProcess],
-                                                          tmp_path: Path) -> None:
+def test_no_identity_and_a_refused_token_are_clear_errors(
+    make_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
     server = make_server()
     first = _run_agent_once(server, tmp_path / "a")
     assert first.returncode == 1
-    assert ("trustmesh: error: this agent has no identity yet: start it once with --join-token "
-            "(create one with `trustmesh token create --node NAME`)") in first.stderr
+    assert (
+        "trustmesh: error: this agent has no identity yet: start it once with --join-token "
+        "(create one with `trustmesh token create --node NAME`)"
+    ) in first.stderr
     tok = server.cli("token", "create", "--node", "node-1", check=True).stdout.strip()
     AgentProcess(server, tmp_path / "b", join_token=tok).start().stop()
     reused = _run_agent_once(server, tmp_path / "c", "--join-token", tok)  # single use: refused now

@@ -65,7 +65,9 @@ def test_apply_diff_history_rollback_and_refusals(server: ServerProcess, tmp_pat
     test_server = server.cli("policy", "test", "--from", "spiffe://example.org/ns/batch/job",
                              "--to", "spiffe://example.org/ledger", "--port", "9443")
     assert test_server.returncode == 0, test_server.stdout + test_server.stderr
-    assert "revision 3 now holds the documents of revision 1" in server.cli("policy", "rollback", "1", check=True).stdout
+    assert (
+        "revision 3 now holds the documents of revision 1" in server.cli("policy", "rollback", "1", check=True).stdout
+    )
     shown = server.cli("policy", "show", check=True).stdout
     assert "revision 3" in shown and "ns/batch" not in shown
     stale = server.cli("policy", "apply", str(first), "--expected-revision", "1")
@@ -77,8 +79,17 @@ def test_apply_diff_history_rollback_and_refusals(server: ServerProcess, tmp_pat
 async def test_a_new_revision_is_pushed_to_connected_agents(server: ServerProcess, tmp_path: Path) -> None:
     agent = NodeClient(server)
     await agent.attest(server.cli("token", "create", "--node", "node-1", check=True).stdout.strip())
-    server.cli("entry", "create", "--spiffe-id", "spiffe://example.org/ledger", "--node", "node-1",
-               "--selector", "unix:uid:1000", check=True)
+    server.cli(
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/ledger",
+        "--node",
+        "node-1",
+        "--selector",
+        "unix:uid:1000",
+        check=True,
+    )
     async with agent.channel() as channel:
         call = node_pb2_grpc.NodeStub(channel).Sync(node_pb2.SyncRequest())
         snapshot = await asyncio.wait_for(call.read(), 10)
@@ -92,8 +103,11 @@ async def test_a_new_revision_is_pushed_to_connected_agents(server: ServerProces
         assert [a.name for a in policy.allowlists] == ["ledger-access"] and policy.revision == 1
         # An allowlist for a service this node does not run is not sent to it.
         other = tmp_path / "other.yaml"
-        other.write_text(DOC.format(rules="    - from: spiffe://example.org/payments\n")
-                         .replace("ledger-access", "reports").replace("/ledger", "/reports"))
+        other.write_text(
+            DOC.format(rules="    - from: spiffe://example.org/payments\n")
+            .replace("ledger-access", "reports")
+            .replace("/ledger", "/reports")
+        )
         server.cli("policy", "apply", str(path), str(other), check=True)
         delta = await asyncio.wait_for(call.read(), 10)
         pushed = policy_from_pb(delta.delta.policy)

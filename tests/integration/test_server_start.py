@@ -15,7 +15,10 @@ from tests.integration.harness import ServerProcess
 
 
 def _roots(server: ServerProcess) -> list[bytes]:
-    return [c.fingerprint(c.signature_hash_algorithm) for c in x509.load_pem_x509_certificates(server.bundle_path.read_bytes())]  # type: ignore[arg-type]
+    return [
+        c.fingerprint(c.signature_hash_algorithm)
+        for c in x509.load_pem_x509_certificates(server.bundle_path.read_bytes())
+    ]  # type: ignore[arg-type]
 
 
 async def test_serves_health_over_tls_and_on_the_admin_socket(server: ServerProcess) -> None:
@@ -29,8 +32,9 @@ async def test_serves_health_over_tls_and_on_the_admin_socket(server: ServerProc
     assert mode == 0o600
 
 
-async def test_a_client_trusting_another_ca_cannot_connect(server: ServerProcess, tmp_path: Path,
-                                                           make_server: Callable[..., ServerProcess]) -> None:
+async def test_a_client_trusting_another_ca_cannot_connect(
+    server: ServerProcess, tmp_path: Path, make_server: Callable[..., ServerProcess]
+) -> None:
     other = make_server("other")
     async with server.node_channel(roots_pem=other.bundle_path.read_bytes()) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -66,15 +70,26 @@ def test_missing_trust_domain_and_bad_flags_are_reported(tmp_path: Path) -> None
     assert "--trust-domain is required" in result.stderr
     result = server.cli("server", "run", "--trust-domain", "Example.ORG", "--data-dir", str(tmp_path / "x"))
     assert result.returncode == 1 and "lower case" in result.stderr
-    result = server.cli("server", "run", "--trust-domain", "example.org", "--ca-ttl", "soon",
-                        "--data-dir", str(tmp_path / "x"))
+    result = server.cli(
+        "server", "run", "--trust-domain", "example.org", "--ca-ttl", "soon", "--data-dir", str(tmp_path / "x")
+    )
     assert result.returncode == 1 and "--ca-ttl" in result.stderr
 
 
 def test_etcd_store_needs_a_shared_kek(tmp_path: Path, etcd_server: str) -> None:
     server = ServerProcess(data_dir=tmp_path / "e", store=f"{etcd_server}/nokek")
-    result = server.cli("server", "run", "--trust-domain", "example.org", "--data-dir", str(tmp_path / "e"),
-                        "--store", f"{etcd_server}/nokek", "--bind", "127.0.0.1:0")
+    result = server.cli(
+        "server",
+        "run",
+        "--trust-domain",
+        "example.org",
+        "--data-dir",
+        str(tmp_path / "e"),
+        "--store",
+        f"{etcd_server}/nokek",
+        "--bind",
+        "127.0.0.1:0",
+    )
     assert result.returncode == 1
     assert "--kek-file" in result.stderr
 

@@ -31,27 +31,44 @@ def _ca(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     return cert, key
 
 
-def _node_cert(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _node_cert(
+    ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, cn: str
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(NOW - timedelta(hours=1)).not_valid_after(NOW + timedelta(days=1))
-            .sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(hours=1))
+        .not_valid_after(NOW + timedelta(days=1))
+        .sign(ca_key, hashes.SHA256())
+    )
     return cert, key
 
 
-async def _attest(server: ServerProcess, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey,
-                  sign_with: ec.EllipticCurvePrivateKey | None = None) -> node_pb2.AttestResult:
+async def _attest(
+    server: ServerProcess,
+    cert: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+    sign_with: ec.EllipticCurvePrivateKey | None = None,
+) -> node_pb2.AttestResult:
     async with server.node_channel() as channel:
         call = node_pb2_grpc.NodeStub(channel).Attest(timeout=20)
         csr = build_csr(generate_private_key())
-        await call.write(node_pb2.AttestRequest(csr=csr, x509pop=node_pb2.X509PopEvidence(
-            cert_chain=[cert.public_bytes(serialization.Encoding.DER)])))
+        await call.write(
+            node_pb2.AttestRequest(
+                csr=csr, x509pop=node_pb2.X509PopEvidence(cert_chain=[cert.public_bytes(serialization.Encoding.DER)])
+            )
+        )
         challenge = await call.read()
         nonce = challenge.challenge.nonce
         assert len(nonce) == 32
         signature = (sign_with or key).sign(b"trustmesh-x509pop-v1:" + nonce, ec.ECDSA(hashes.SHA256()))
-        await call.write(node_pb2.AttestRequest(challenge_response=node_pb2.X509PopChallengeResponse(signature=signature)))
+        await call.write(
+            node_pb2.AttestRequest(challenge_response=node_pb2.X509PopChallengeResponse(signature=signature))
+        )
         await call.done_writing()
         reply = await call.read()
         return reply.result
@@ -83,8 +100,12 @@ async def test_x509pop_refuses_foreign_certs_and_wrong_proofs(pop_server: tuple)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         async with server.node_channel() as channel:
             call = node_pb2_grpc.NodeStub(channel).Attest(timeout=20)
-            await call.write(node_pb2.AttestRequest(csr=build_csr(generate_private_key()), x509pop=node_pb2.X509PopEvidence(
-                cert_chain=[cert.public_bytes(serialization.Encoding.DER)])))
+            await call.write(
+                node_pb2.AttestRequest(
+                    csr=build_csr(generate_private_key()),
+                    x509pop=node_pb2.X509PopEvidence(cert_chain=[cert.public_bytes(serialization.Encoding.DER)]),
+                )
+            )
             await call.read()
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and "does not chain" in info.value.details()
     good, good_key = _node_cert(ca, ca_key, "node-8")

@@ -42,33 +42,61 @@ class Clock:
         return self.now
 
 
-def _ca_cert(name: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None) -> x509.Certificate:
+def _ca_cert(
+    name: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
+) -> x509.Certificate:
     when = datetime.fromtimestamp(T0, timezone.utc)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     issuer_name, signer = (issuer[0].subject, issuer[1]) if issuer else (subject, key)
-    return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(when - timedelta(hours=1))
-            .not_valid_after(when + timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(signer, hashes.SHA256()))
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(when - timedelta(hours=1))
+        .not_valid_after(when + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(signer, hashes.SHA256())
+    )
 
 
-def _node_cert(issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], cn: str, key: NodeKey | None = None,
-               key_usage: x509.KeyUsage | None = None) -> tuple[x509.Certificate, NodeKey]:
+def _node_cert(
+    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    cn: str,
+    key: NodeKey | None = None,
+    key_usage: x509.KeyUsage | None = None,
+) -> tuple[x509.Certificate, NodeKey]:
     key = key or ec.generate_private_key(ec.SECP256R1())
     when = datetime.fromtimestamp(T0, timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-               .issuer_name(issuer[0].subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(when - timedelta(hours=1)).not_valid_after(when + timedelta(hours=2)))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(issuer[0].subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(when - timedelta(hours=1))
+        .not_valid_after(when + timedelta(hours=2))
+    )
     if key_usage is not None:
         builder = builder.add_extension(key_usage, critical=True)
     return builder.sign(issuer[1], hashes.SHA256()), key
 
 
 def _usage(digital_signature: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(digital_signature=digital_signature, content_commitment=False, key_encipherment=True,
-                         data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-                         encipher_only=False, decipher_only=False)
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=True,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def _sign(key: NodeKey, message: bytes) -> bytes:
@@ -84,22 +112,30 @@ def _der(cert: x509.Certificate) -> bytes:
 
 
 class World:
-    def __init__(self, rt: ServerRuntime, clock: Clock, node_ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]) -> None:
+    def __init__(
+        self, rt: ServerRuntime, clock: Clock, node_ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
+    ) -> None:
         self.rt, self.clock, self.node_ca = rt, clock, node_ca
         self.attestor = NodeAttestor(rt)
 
     async def token(self, node: str, ttl: float = 600, secret: str | None = None) -> str:
         secret = secret or f"tmjt_{node}-{self.clock.now}"
-        await self.rt.store.create_join_token(JoinToken(token_hash=hashlib.sha256(secret.encode()).hexdigest(),
-                                                        node_name=node, expires_at=self.clock.now + ttl,
-                                                        created_at=self.clock.now))
+        await self.rt.store.create_join_token(
+            JoinToken(
+                token_hash=hashlib.sha256(secret.encode()).hexdigest(),
+                node_name=node,
+                expires_at=self.clock.now + ttl,
+                created_at=self.clock.now,
+            )
+        )
         return secret
 
     async def audit(self) -> list[tuple[str, str, str]]:
-        return [(e.kind, e.outcome, str(e.details.get("reason", "")))
-                for e in await self.rt.store.list_audit_events()]
+        return [(e.kind, e.outcome, str(e.details.get("reason", ""))) for e in await self.rt.store.list_audit_events()]
 
-    async def pop(self, cert_chain: list[x509.Certificate], key: NodeKey, sign_with: NodeKey | None = None) -> AttestedNode:
+    async def pop(
+        self, cert_chain: list[x509.Certificate], key: NodeKey, sign_with: NodeKey | None = None
+    ) -> AttestedNode:
         challenge = await self.attestor.x509pop_challenge([_der(c) for c in cert_chain])
         assert len(challenge.nonce) == 32
         signature = _sign(sign_with or key, X509POP_CONTEXT + challenge.nonce)
@@ -114,10 +150,16 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     pem.write_bytes(node_ca[0].public_bytes(serialization.Encoding.PEM))
     store = await open_store("sqlite", tmp_path)
     clock = Clock()
-    ca = await CertificateAuthority.load_or_create(CAConfig(trust_domain=TD, replica_id="r1"), store, KEK,
-                                                   clock=lambda: datetime.fromtimestamp(clock.now, timezone.utc))
+    ca = await CertificateAuthority.load_or_create(
+        CAConfig(trust_domain=TD, replica_id="r1"),
+        store,
+        KEK,
+        clock=lambda: datetime.fromtimestamp(clock.now, timezone.utc),
+    )
     config = ServerConfig(trust_domain=TD, data_dir=tmp_path, x509pop_ca=pem)
-    rt = ServerRuntime(config=config, store=store, ca=ca, audit=AuditLog(store, KEK.derive("audit"), clock), clock=clock)
+    rt = ServerRuntime(
+        config=config, store=store, ca=ca, audit=AuditLog(store, KEK.derive("audit"), clock), clock=clock
+    )
     yield World(rt, clock, node_ca)
     await store.close()
 
@@ -181,7 +223,9 @@ async def test_a_banned_node_cannot_attest_again(world: World) -> None:
     node = await world.rt.store.get_attested_node("spiffe://example.org/agent/node-1")
     await world.rt.store.update_attested_node(AttestedNode(**{**node.__dict__, "banned": True}))
     with pytest.raises(PermissionDeniedError, match="node-1 is banned"):
-        await world.attestor.attest_join_token(await world.token("node-1", secret="b"), build_csr(generate_private_key()))
+        await world.attestor.attest_join_token(
+            await world.token("node-1", secret="b"), build_csr(generate_private_key())
+        )
 
 
 async def test_a_bad_csr_is_invalid_and_spends_no_token(world: World) -> None:

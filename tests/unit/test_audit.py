@@ -64,7 +64,7 @@ async def test_events_form_a_chain_that_verifies(store: Store) -> None:
     events = await store.list_audit_events()
     assert [e.seq for e in events] == [1, 2, 3, 4, 5]
     assert events[0].prev_hash == GENESIS
-    assert all(b.prev_hash == a.hash for a, b in zip(events, events[1:]))
+    assert all(b.prev_hash == a.hash for a, b in zip(events, events[1:], strict=False))
     assert len({e.hash for e in events}) == 5
     assert [e.details for e in events] == [{"n": i} for i in range(5)]
     assert [e.subject for e in events] == [f"spiffe://example.org/s{i}" for i in range(5)]
@@ -294,7 +294,7 @@ async def test_two_replicas_extend_one_chain(store: Store) -> None:
     assert sorted((e.actor, e.details["i"]) for e in events) == sorted(
         (f"replica-{n}", i) for n in "ab" for i in range(20)), "every record landed exactly once"
     assert events[0].prev_hash == GENESIS
-    assert all(y.prev_hash == x.hash for x, y in zip(events, events[1:]))
+    assert all(y.prev_hash == x.hash for x, y in zip(events, events[1:], strict=False))
     for log in (a, b):
         result = await log.verify()
         assert result.ok and result.checked == 40

@@ -590,8 +590,17 @@ async def test_losing_the_create_race_adopts_the_winners_ca(tmp_path: Path) -> N
     await winner_store.close()
 
 
-@pytest.mark.parametrize("data", [b"[" * 100_000, b"\xff\xfe", b"[]", b'{"v": 1}', b'{"v": 1, "trust_domain": "example.org", '
-                                  b'"roots": {"id": 1}, "jwt_keys": []}', b'{"v": 2}'])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"[" * 100_000,
+        b"\xff\xfe",
+        b"[]",
+        b'{"v": 1}',
+        b'{"v": 1, "trust_domain": "example.org", "roots": {"id": 1}, "jwt_keys": []}',
+        b'{"v": 2}',
+    ],
+)
 def test_journal_parsing_only_ever_raises_ca_error(data: bytes) -> None:
     from trustmesh.controlplane.ca.journal import CAJournal
 

@@ -137,7 +137,8 @@ async def test_a_refused_relationship_is_audited_and_nothing_is_stored(runtime: 
         await admin.create(web(trust_domain="x" * 1000, profile=""), ADMIN)
     assert await admin.relationships() == []
     [event] = await audit_events(runtime, "federation.create")
-    assert event.outcome == "denied" and event.subject == clip("x" * 1000, SHOWN) and "trust domain" in event.details["reason"]
+    assert event.outcome == "denied" and event.subject == clip("x" * 1000, SHOWN)
+    assert "trust domain" in event.details["reason"]
 
 
 async def test_a_relationship_without_endpoint_is_not_refreshed(runtime: ServerRuntime, partner_ca: PartnerCA) -> None:

@@ -89,7 +89,9 @@ def test_readable_by_others_is_refused_with_the_fix(tmp_path: Path, mode: int) -
 
 @pytest.mark.parametrize("mode", [0o600, 0o400])
 def test_owner_only_modes_are_accepted(tmp_path: Path, mode: int) -> None:
-    assert KeyEncryptionKey.from_file(_write(tmp_path / "k", KEY, mode)).fingerprint == KeyEncryptionKey(KEY).fingerprint
+    assert (
+        KeyEncryptionKey.from_file(_write(tmp_path / "k", KEY, mode)).fingerprint == KeyEncryptionKey(KEY).fingerprint
+    )
 
 
 def test_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -217,8 +219,11 @@ def test_a_blob_relabelled_with_another_fingerprint_still_fails() -> None:
         wrong.open(bytes(blob), b"a")
 
 
-@pytest.mark.parametrize("where", [HEADER - 12, HEADER - 1, HEADER, HEADER + 5, -16, -1],
-                         ids=["nonce-first", "nonce-last", "ct-first", "ct-mid", "tag-first", "tag-last"])
+@pytest.mark.parametrize(
+    "where",
+    [HEADER - 12, HEADER - 1, HEADER, HEADER + 5, -16, -1],
+    ids=["nonce-first", "nonce-last", "ct-first", "ct-mid", "tag-first", "tag-last"],
+)
 def test_any_flipped_byte_is_detected(where: int) -> None:
     kek = KeyEncryptionKey(KEY)
     blob = bytearray(kek.seal(b"private key material", b"a"))

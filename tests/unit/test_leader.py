@@ -46,7 +46,7 @@ async def test_one_leader_runs_the_duty_and_hands_over_when_it_stops(store: Stor
         assert await _until(lambda: len(running) == 1 and running[0] != leader, timeout=5)
         assert not elections[leader].is_leader
     finally:
-        for name, stop in stops.items():
+        for stop in stops.values():
             stop.set()
         await asyncio.gather(*tasks.values(), return_exceptions=True)
     assert running == []

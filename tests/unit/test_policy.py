@@ -49,19 +49,52 @@ def policy():  # type: ignore[no-untyped-def]
     ("source", "destination", "port", "at", "verdict", "rule"),
     [
         ("spiffe://example.org/payments", "spiffe://example.org/ledger", 9443, NOW, "ALLOW", "ledger-access allow[0]"),
-        ("spiffe://example.org/ns/batch/job-1", "spiffe://example.org/ledger", 9443, NOW, "ALLOW", "ledger-access allow[1]"),
+        (
+            "spiffe://example.org/ns/batch/job-1",
+            "spiffe://example.org/ledger",
+            9443,
+            NOW,
+            "ALLOW",
+            "ledger-access allow[1]",
+        ),
         ("spiffe://example.org/ns/batchjob", "spiffe://example.org/ledger", 9443, NOW, "DENY", "default deny"),
         ("spiffe://example.org/ns/batch", "spiffe://example.org/ledger", 9443, NOW, "DENY", "default deny"),
         ("spiffe://example.org/frontend", "spiffe://example.org/ledger", 9443, NOW, "DENY", "default deny"),
         ("spiffe://example.org/payments", "spiffe://example.org/ledger", 8080, NOW, "DENY", "default deny"),
         ("spiffe://example.org/payments", "spiffe://example.org/ledger", None, NOW, "DENY", "default deny"),
-        ("spiffe://partner.example/settlement", "spiffe://example.org/ledger", 9443, NOW, "ALLOW", "ledger-access allow[2]"),
-        ("spiffe://partner.example/settlement", "spiffe://example.org/ledger", 9443,
-         datetime(2026, 12, 31, tzinfo=timezone.utc), "DENY", "default deny"),
+        (
+            "spiffe://partner.example/settlement",
+            "spiffe://example.org/ledger",
+            9443,
+            NOW,
+            "ALLOW",
+            "ledger-access allow[2]",
+        ),
+        (
+            "spiffe://partner.example/settlement",
+            "spiffe://example.org/ledger",
+            9443,
+            datetime(2026, 12, 31, tzinfo=timezone.utc),
+            "DENY",
+            "default deny",
+        ),
         ("spiffe://example.org/payments", "spiffe://example.org/unknown", 9443, NOW, "DENY", "default deny"),
-        ("spiffe://partner.example/x", "spiffe://example.org/reports/daily", 443, NOW, "ALLOW", "reports-audit allow[0]"),
-        ("spiffe://example.org/payments", "spiffe://example.org/reports/daily", 443, NOW, "ALLOW",
-         "reports-audit (audit mode)"),
+        (
+            "spiffe://partner.example/x",
+            "spiffe://example.org/reports/daily",
+            443,
+            NOW,
+            "ALLOW",
+            "reports-audit allow[0]",
+        ),
+        (
+            "spiffe://example.org/payments",
+            "spiffe://example.org/reports/daily",
+            443,
+            NOW,
+            "ALLOW",
+            "reports-audit (audit mode)",
+        ),
     ],
 )
 def test_decisions(source: str, destination: str, port: int | None, at: datetime, verdict: str, rule: str) -> None:
@@ -71,8 +104,12 @@ def test_decisions(source: str, destination: str, port: int | None, at: datetime
 
 def test_reasons_say_why() -> None:
     p = policy()
-    assert "expired at 2026-12-31" in p.decide(S("spiffe://partner.example/settlement"), S("spiffe://example.org/ledger"),
-                                              9443, NOW + timedelta(days=60)).reason
+    assert (
+        "expired at 2026-12-31"
+        in p.decide(
+            S("spiffe://partner.example/settlement"), S("spiffe://example.org/ledger"), 9443, NOW + timedelta(days=60)
+        ).reason
+    )
     assert "no allowlist covers" in p.decide(S("spiffe://example.org/a"), S("spiffe://example.org/b"), 1, NOW).reason
     audit = p.decide(S("spiffe://example.org/x"), S("spiffe://example.org/reports/r"), 1, NOW)
     assert audit.audit_only and "enforce would deny" in audit.reason
@@ -86,24 +123,60 @@ def test_an_empty_policy_denies_everything() -> None:
 @pytest.mark.parametrize(
     ("text", "field", "message"),
     [
-        ("apiVersion: v2\nkind: Allowlist\nmetadata: {name: a}\nspec: {destination: spiffe://e.org/x, allow: [{from: spiffe://e.org/y}]}",
-         "apiVersion", "trustmesh/v1"),
-        ("apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: a, colour: red}\nspec: {destination: spiffe://e.org/x, allow: [{from: spiffe://e.org/y}]}",
-         "metadata.colour", "unknown key"),
-        ("apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: a}\nspec: {destination: spiffe://E.org/x, allow: [{from: spiffe://e.org/y}]}",
-         "spec.destination", "lower case"),
-        ("apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: a}\nspec: {destination: spiffe://e.org/x, mode: block, allow: [{from: spiffe://e.org/y}]}",
-         "spec.mode", "unknown mode"),
-        ("apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: a}\nspec: {destination: spiffe://e.org/x, allow: [{from: spiffe://e.org/y, expires: 2020-01-01T00:00:00Z}]}",
-         "spec.allow[0].expires", "in the past"),
-        ("apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: a}\nspec: {destination: spiffe://e.org/x, allow: [{from: spiffe://e.org/y}, {from: spiffe://e.org/y}]}",
-         "spec.allow[1].from", "duplicates"),
-        ("apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: a}\nspec: {destination: spiffe://e.org/x, ports: [0, 70000], allow: [{from: spiffe://e.org/y}]}",
-         "spec.ports[0]", "not a port"),
-        ("apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: a}\nspec: {destination: spiffe://e.org/x, allow: []}",
-         "spec.allow", "is required"),
-        ("apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: a}\nspec: {destination: spiffe://e.org/x*, allow: [{from: spiffe://e.org/y}]}",
-         "spec.destination", "wildcard"),
+        (
+            "apiVersion: v2\nkind: Allowlist\nmetadata: {name: a}\n"
+            "spec: {destination: spiffe://e.org/x, allow: [{from: spiffe://e.org/y}]}",
+            "apiVersion",
+            "trustmesh/v1",
+        ),
+        (
+            "apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: a, colour: red}\n"
+            "spec: {destination: spiffe://e.org/x, allow: [{from: spiffe://e.org/y}]}",
+            "metadata.colour",
+            "unknown key",
+        ),
+        (
+            "apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: a}\n"
+            "spec: {destination: spiffe://E.org/x, allow: [{from: spiffe://e.org/y}]}",
+            "spec.destination",
+            "lower case",
+        ),
+        (
+            "apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: a}\n"
+            "spec: {destination: spiffe://e.org/x, mode: block, allow: [{from: spiffe://e.org/y}]}",
+            "spec.mode",
+            "unknown mode",
+        ),
+        (
+            "apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: a}\n"
+            "spec: {destination: spiffe://e.org/x, allow: [{from: spiffe://e.org/y, expires: 2020-01-01T00:00:00Z}]}",
+            "spec.allow[0].expires",
+            "in the past",
+        ),
+        (
+            "apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: a}\n"
+            "spec: {destination: spiffe://e.org/x, allow: [{from: spiffe://e.org/y}, {from: spiffe://e.org/y}]}",
+            "spec.allow[1].from",
+            "duplicates",
+        ),
+        (
+            "apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: a}\n"
+            "spec: {destination: spiffe://e.org/x, ports: [0, 70000], allow: [{from: spiffe://e.org/y}]}",
+            "spec.ports[0]",
+            "not a port",
+        ),
+        (
+            "apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: a}\n"
+            "spec: {destination: spiffe://e.org/x, allow: []}",
+            "spec.allow",
+            "is required",
+        ),
+        (
+            "apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: a}\n"
+            "spec: {destination: spiffe://e.org/x*, allow: [{from: spiffe://e.org/y}]}",
+            "spec.destination",
+            "wildcard",
+        ),
         ("key: [unclosed", "(yaml)", "not valid YAML"),
     ],
 )
@@ -116,15 +189,26 @@ def test_problems_name_file_document_and_field(text: str, field: str, message: s
 
 
 def test_every_problem_is_reported_not_just_the_first() -> None:
-    text = ("apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: a, x: 1}\n"
-            "spec: {destination: nope, mode: m, ports: [x], allow: [{from: bad}], extra: 1}\n")
+    text = (
+        "apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: a, x: 1}\n"
+        "spec: {destination: nope, mode: m, ports: [x], allow: [{from: bad}], extra: 1}\n"
+    )
     fields = {p.field for p in load_text(text, "f.yaml", NOW).problems}
-    assert {"metadata.x", "spec.destination", "spec.mode", "spec.ports[0]", "spec.allow[0].from", "spec.extra"} <= fields
+    assert {
+        "metadata.x",
+        "spec.destination",
+        "spec.mode",
+        "spec.ports[0]",
+        "spec.allow[0].from",
+        "spec.extra",
+    } <= fields
 
 
 def test_overlaps_and_duplicate_names_across_documents() -> None:
-    doc = ("apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: %s}\n"
-           "spec: {destination: spiffe://e.org/x, ports: [1], allow: [{from: spiffe://e.org/%s}]}\n")
+    doc = (
+        "apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: %s}\n"
+        "spec: {destination: spiffe://e.org/x, ports: [1], allow: [{from: spiffe://e.org/%s}]}\n"
+    )
     loaded = load_text(doc % ("a", "y") + "---\n" + doc % ("a", "z"), "f.yaml", NOW)
     messages = " ".join(p.message for p in loaded.problems)
     assert "also defined" in messages and "overlaps allowlist 'a'" in messages
@@ -143,8 +227,11 @@ def test_node_compilation_keeps_only_what_the_node_serves() -> None:
 # --- property tests ----------------------------------------------------------------------------
 
 segment = st.text(alphabet=string.ascii_lowercase + string.digits + "-", min_size=1, max_size=8)
-ids = st.builds(lambda td, segs: SpiffeId.parse(f"spiffe://{td}.org" + "".join("/" + s for s in segs)),
-                st.sampled_from(["example", "partner"]), st.lists(segment, min_size=1, max_size=4))
+ids = st.builds(
+    lambda td, segs: SpiffeId.parse(f"spiffe://{td}.org" + "".join("/" + s for s in segs)),
+    st.sampled_from(["example", "partner"]),
+    st.lists(segment, min_size=1, max_size=4),
+)
 
 
 @given(ids, ids)

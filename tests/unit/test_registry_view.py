@@ -57,15 +57,33 @@ class Presented:
 
 def node(agent: str, serial: str = "1", created_at: float = T0, banned: bool = False) -> AttestedNode:
     name = agent.rsplit("/", 1)[1]
-    return AttestedNode(spiffe_id=SpiffeId.parse(agent), node_name=name, attestation_type="join_token", cert_serial=serial,
-                        cert_not_after=T0 + 3600, banned=banned, created_at=created_at, updated_at=created_at,
-                        selectors=(Selector.parse(f"node:name:{name}"),))
+    return AttestedNode(
+        spiffe_id=SpiffeId.parse(agent),
+        node_name=name,
+        attestation_type="join_token",
+        cert_serial=serial,
+        cert_not_after=T0 + 3600,
+        banned=banned,
+        created_at=created_at,
+        updated_at=created_at,
+        selectors=(Selector.parse(f"node:name:{name}"),),
+    )
 
 
 def entry(i: int, parent: str) -> RegistrationEntry:
-    return RegistrationEntry(id=f"e{i}", spiffe_id=SpiffeId.parse(f"spiffe://example.org/w{i}"),
-                             parent_id=SpiffeId.parse(parent), selectors=(Selector.parse("unix:uid:1"),), x509_ttl=0, jwt_ttl=0, dns_names=(), federates_with=(),
-                             admin=i == 99, created_at=T0, updated_at=T0)
+    return RegistrationEntry(
+        id=f"e{i}",
+        spiffe_id=SpiffeId.parse(f"spiffe://example.org/w{i}"),
+        parent_id=SpiffeId.parse(parent),
+        selectors=(Selector.parse("unix:uid:1"),),
+        x509_ttl=0,
+        jwt_ttl=0,
+        dns_names=(),
+        federates_with=(),
+        admin=i == 99,
+        created_at=T0,
+        updated_at=T0,
+    )
 
 
 POLICY = """apiVersion: trustmesh/v1
@@ -169,8 +187,13 @@ async def test_bundles_policy_and_revocations_reach_every_agent(world: World) ->
         assert world.view.policy.revision == head.revision == 1
         assert world.view.policy_changed_at == event.revision and world.view.policy_committed_at == T0 - 5
 
-        cert = PartnerCertificate(serial="ab12", spiffe_id=SpiffeId.parse("spiffe://example.org/partner/x"), not_after=T0 + 60,
-                                  issued_at=T0, issued_by="ops")
+        cert = PartnerCertificate(
+            serial="ab12",
+            spiffe_id=SpiffeId.parse("spiffe://example.org/partner/x"),
+            not_after=T0 + 60,
+            issued_at=T0,
+            issued_by="ops",
+        )
         await world.store.create_partner_certificate(cert)
         await world.quiet()  # a new unrevoked certificate changes nothing any agent enforces
         _, revision = await world.store.get_partner_certificate("ab12")
@@ -206,8 +229,9 @@ async def test_authentication_follows_renewals_bans_and_evictions(world: World) 
         opened = world.view.authenticate(Presented(A, "1"))
         current = world.view.index.nodes[A]
 
-        renewed = await world.store.update_attested_node(replace(current, cert_serial="2"),
-                                                         expected_revision=current.revision)
+        renewed = await world.store.update_attested_node(
+            replace(current, cert_serial="2"), expected_revision=current.revision
+        )
         await world.view.node_written(renewed)  # our own write applies at once, before the feed
         assert world.events.get_nowait() == AgentsChanged(frozenset({A}), world.view.revision)
         assert world.view.authenticate(Presented(A, "2")).cert_serial == "2"
@@ -220,8 +244,9 @@ async def test_authentication_follows_renewals_bans_and_evictions(world: World) 
             world.view.authenticate(Presented(A, "3"))
 
         await world.next_event()  # the feed confirms the renewal
-        banned = await world.store.update_attested_node(replace(renewed, banned=True),
-                                                        expected_revision=renewed.revision)
+        banned = await world.store.update_attested_node(
+            replace(renewed, banned=True), expected_revision=renewed.revision
+        )
         await world.next_event()
         with pytest.raises(PermissionDeniedError, match="banned"):
             world.view.authenticate(Presented(A, "2"))
@@ -250,15 +275,18 @@ async def test_sync_streams_wake_only_for_their_own_agent(world: World) -> None:
     world.view.subscribe(sync.on_registry_event)
     async with running(world.view):
         await world.next_event()
-        with sync.open(Presented(A, "1"), world.view.index.nodes[A], T0 + 3600) as a, \
-                sync.open(Presented(B, "1"), world.view.index.nodes[B], T0 + 3600) as b:
+        with (
+            sync.open(Presented(A, "1"), world.view.index.nodes[A], T0 + 3600) as a,
+            sync.open(Presented(B, "1"), world.view.index.nodes[B], T0 + 3600) as b,
+        ):
             assert own.gauge("trustmesh_sync_streams", "").value() == 2
             await world.store.create_entry(entry(1, A))
             await world.next_event()
             assert a.wake.is_set() and not b.wake.is_set()
             a.wake.clear()
-            await world.store.put_bundle(BundleRecord(trust_domain=TrustDomain("partner.example"), jwks=b"{}", sequence=1,
-                                                      updated_at=T0))
+            await world.store.put_bundle(
+                BundleRecord(trust_domain=TrustDomain("partner.example"), jwks=b"{}", sequence=1, updated_at=T0)
+            )
             await world.next_event()
             assert a.wake.is_set() and b.wake.is_set()
         assert own.gauge("trustmesh_sync_streams", "").value() == 0
@@ -268,10 +296,12 @@ async def test_the_ca_subscriber_reloads_the_ca_and_rewrites_bundle_pem(world: W
     def when() -> datetime:
         return datetime.fromtimestamp(world.clock.now, timezone.utc)
 
-    ours = await CertificateAuthority.load_or_create(CAConfig(trust_domain=TD, replica_id="r1"), world.store, KEK,
-                                                     clock=when)
-    other = await CertificateAuthority.load_or_create(CAConfig(trust_domain=TD, replica_id="r2"), world.store,
-                                                      KEK, clock=when)
+    ours = await CertificateAuthority.load_or_create(
+        CAConfig(trust_domain=TD, replica_id="r1"), world.store, KEK, clock=when
+    )
+    other = await CertificateAuthority.load_or_create(
+        CAConfig(trust_domain=TD, replica_id="r2"), world.store, KEK, clock=when
+    )
     pem = tmp_path / "bundle.pem"
     world.view.subscribe(republish_ca(ours, pem))
     async with running(world.view):

@@ -156,16 +156,25 @@ class FakeSource:
                             spiffe_id: str | None = None) -> list[WorkloadJwtSvid]:
         if self.signer_down:
             raise TrustmeshError("the control plane is unreachable")
-        entries = [e for e in self._matching(selectors) if spiffe_id in (None, str(self.ours.td.spiffe_id("/" + e.path)))]
+        entries = [e for e in self._matching(selectors)
+                   if spiffe_id in (None, str(self.ours.td.spiffe_id("/" + e.path)))]
         if not entries:
             raise NoIdentityError("no identity issued")
-        return [WorkloadJwtSvid(str(self.ours.td.spiffe_id("/" + e.path)), self.ours.jwt(e.path, audiences))
-                for e in entries]
+        return [
+            WorkloadJwtSvid(str(self.ours.td.spiffe_id("/" + e.path)), self.ours.jwt(e.path, audiences))
+            for e in entries
+        ]
 
     # --- what the test does to it ---
 
-    def register(self, entry_id: str, path: str, *selectors: str, federates_with: tuple[TrustDomain, ...] = (),
-                 signed: bool = True) -> None:
+    def register(
+        self,
+        entry_id: str,
+        path: str,
+        *selectors: str,
+        federates_with: tuple[TrustDomain, ...] = (),
+        signed: bool = True,
+    ) -> None:
         self.entries[entry_id] = FakeEntry(entry_id, path, frozenset(selectors or (ME,)), federates_with)
         if signed:
             self.svids[entry_id] = self.ours.svid(path)
@@ -209,7 +218,8 @@ class Served:
 
     def calls(self, method: str, code: str) -> float:
         return self.metrics.counter("trustmesh_workload_api_calls_total", "", ["method", "code"]).value(
-            method=method, code=code)
+            method=method, code=code
+        )
 
     def open_streams(self) -> float:
         gauge = self.metrics.gauge("trustmesh_workload_api_streams", "", ["method"])
@@ -270,21 +280,24 @@ def leaf_serial(svid: workload_pb2.X509SVID) -> int:
 # --- the standard's refusals ---------------------------------------------------------------------
 
 
-def _all_calls(stub: workload_pb2_grpc.SpiffeWorkloadAPIStub,
-               metadata: Sequence[tuple[str, str]] | None) -> dict[str, Callable[[], Awaitable[object]]]:
+def _all_calls(
+    stub: workload_pb2_grpc.SpiffeWorkloadAPIStub, metadata: Sequence[tuple[str, str]] | None
+) -> dict[str, Callable[[], Awaitable[object]]]:
     return {
         "FetchX509SVID": lambda: stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=metadata).read(),
         "FetchX509Bundles": lambda: stub.FetchX509Bundles(workload_pb2.X509BundlesRequest(), metadata=metadata).read(),
         "FetchJWTBundles": lambda: stub.FetchJWTBundles(workload_pb2.JWTBundlesRequest(), metadata=metadata).read(),
         "FetchJWTSVID": lambda: stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["a"]), metadata=metadata),
         "ValidateJWTSVID": lambda: stub.ValidateJWTSVID(
-            workload_pb2.ValidateJWTSVIDRequest(audience="a", svid="x.y.z"), metadata=metadata),
+            workload_pb2.ValidateJWTSVIDRequest(audience="a", svid="x.y.z"), metadata=metadata
+        ),
     }
 
 
 @pytest.mark.parametrize("metadata", [None, (("workload.spiffe.io", "false"),), (("workload.spiffe.io", "TRUE "),)])
 async def test_every_call_without_the_security_header_is_invalid_argument(
-        served: Served, metadata: Sequence[tuple[str, str]] | None) -> None:
+    served: Served, metadata: Sequence[tuple[str, str]] | None
+) -> None:
     served.source.register("e1", "ledger")
     for method, call in _all_calls(served.stub, metadata).items():
         assert await code_of(call()) == grpc.StatusCode.INVALID_ARGUMENT, method
@@ -308,7 +321,8 @@ class FailingAttestor:
 
 
 async def test_a_caller_that_cannot_be_attested_is_unavailable(
-        short_dir: Path, authorities: tuple[Authority, Authority]) -> None:
+    short_dir: Path, authorities: tuple[Authority, Authority]
+) -> None:
     s = await _serve(short_dir, FakeSource(*authorities), FailingAttestor())
     try:
         s.source.register("e1", "ledger")
@@ -334,20 +348,25 @@ async def test_the_first_x509_message_is_a_complete_snapshot(served: Served) -> 
     source.register("e3", "not-me", "unix:uid:4242")
     call = served.stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)
     first = await call.read()  # no change needed to get it
-    assert sorted(s.spiffe_id for s in first.svids) == ["spiffe://example.org/ledger",
-                                                        "spiffe://example.org/ledger-admin"]
+    assert sorted(s.spiffe_id for s in first.svids) == [
+        "spiffe://example.org/ledger",
+        "spiffe://example.org/ledger-admin",
+    ]
     own_root = source.ours.root.public_bytes(serialization.Encoding.DER)
     for svid in first.svids:
         chain = load_der_certificates(svid.x509_svid)
         expected = source.svids["e1" if svid.spiffe_id.endswith("/ledger") else "e2"]
         assert chain[0] == expected.leaf  # leaf first
         key = serialization.load_der_private_key(svid.x509_svid_key, None)  # PKCS#8 DER
-        assert key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) \
-            == chain[0].public_key().public_bytes(serialization.Encoding.DER,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+        assert key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ) == chain[0].public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
         assert svid.bundle == own_root
     assert dict(first.federated_bundles) == {
-        "spiffe://partner.example": source.partner.root.public_bytes(serialization.Encoding.DER)}
+        "spiffe://partner.example": source.partner.root.public_bytes(serialization.Encoding.DER)
+    }
     call.cancel()
 
 
@@ -364,8 +383,9 @@ async def test_rotation_is_pushed_and_identical_snapshots_are_not_resent(served:
     assert second.svids[0].x509_svid_key != first.svids[0].x509_svid_key
     # A bundle change is a new complete snapshot too.
     extra = Authority.make(TD)
-    source.set_bundles(source.bundles().with_bundle(
-        Bundle(TD, (source.ours.root, extra.root), source.ours.bundle().jwt_authorities)))
+    source.set_bundles(
+        source.bundles().with_bundle(Bundle(TD, (source.ours.root, extra.root), source.ours.bundle().jwt_authorities))
+    )
     third = await call.read()
     assert load_der_certificates(third.svids[0].bundle) == [source.ours.root, extra.root]
     assert leaf_serial(third.svids[0]) == new.leaf.serial_number
@@ -378,8 +398,10 @@ async def test_an_added_entry_appears_and_a_deleted_one_is_withdrawn_on_the_open
     call = served.stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)
     assert [s.spiffe_id for s in (await call.read()).svids] == ["spiffe://example.org/ledger"]
     source.register("e2", "audit")
-    assert sorted(s.spiffe_id for s in (await call.read()).svids) == ["spiffe://example.org/audit",
-                                                                      "spiffe://example.org/ledger"]
+    assert sorted(s.spiffe_id for s in (await call.read()).svids) == [
+        "spiffe://example.org/audit",
+        "spiffe://example.org/ledger",
+    ]
     source.delete("e1")
     assert [s.spiffe_id for s in (await call.read()).svids] == ["spiffe://example.org/audit"]
     source.delete("e2")  # the last one: the stream ends, but never with OK
@@ -408,8 +430,10 @@ async def test_x509_bundles_stream_holds_every_trust_domain_and_follows_changes(
     call = served.stub.FetchX509Bundles(workload_pb2.X509BundlesRequest(), metadata=HEADER)
     first = await call.read()
     der = serialization.Encoding.DER
-    assert dict(first.bundles) == {"spiffe://example.org": source.ours.root.public_bytes(der),
-                                   "spiffe://partner.example": source.partner.root.public_bytes(der)}
+    assert dict(first.bundles) == {
+        "spiffe://example.org": source.ours.root.public_bytes(der),
+        "spiffe://partner.example": source.partner.root.public_bytes(der),
+    }
     source.rotate("e1")  # an SVID rotation does not change the bundles: nothing is sent
     source.set_bundles(source.bundles().without(PARTNER))
     second = await call.read()
@@ -436,28 +460,34 @@ async def test_jwt_bundles_are_jwks_of_jwt_keys_each_with_a_kid(served: Served) 
 async def test_a_jwt_svid_carries_every_requested_audience(served: Served) -> None:
     served.source.register("e1", "ledger")
     served.source.register("e2", "audit")
-    reply = await served.stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["payments", "audit"]),
-                                           metadata=HEADER)
+    reply = await served.stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["payments", "audit"]), metadata=HEADER)
     assert sorted(s.spiffe_id for s in reply.svids) == ["spiffe://example.org/audit", "spiffe://example.org/ledger"]
     for svid in reply.svids:
         _, claims = parse_insecure(svid.svid)
         assert sorted(claims["aud"]) == ["audit", "payments"] and claims["sub"] == svid.spiffe_id
     only = await served.stub.FetchJWTSVID(
-        workload_pb2.JWTSVIDRequest(audience=["x"], spiffe_id="spiffe://example.org/audit"), metadata=HEADER)
+        workload_pb2.JWTSVIDRequest(audience=["x"], spiffe_id="spiffe://example.org/audit"), metadata=HEADER
+    )
     assert [s.spiffe_id for s in only.svids] == ["spiffe://example.org/audit"]
 
 
-@pytest.mark.parametrize("request_, code", [
-    (workload_pb2.JWTSVIDRequest(), grpc.StatusCode.INVALID_ARGUMENT),
-    (workload_pb2.JWTSVIDRequest(audience=[""]), grpc.StatusCode.INVALID_ARGUMENT),
-    (workload_pb2.JWTSVIDRequest(audience=["a"] + [f"b{i}" for i in range(20)]), grpc.StatusCode.INVALID_ARGUMENT),
-    (workload_pb2.JWTSVIDRequest(audience=["a" * 257]), grpc.StatusCode.INVALID_ARGUMENT),
-    (workload_pb2.JWTSVIDRequest(audience=["a"], spiffe_id="not a spiffe id"), grpc.StatusCode.INVALID_ARGUMENT),
-    (workload_pb2.JWTSVIDRequest(audience=["a"], spiffe_id="spiffe://example.org/not-mine"),
-     grpc.StatusCode.PERMISSION_DENIED),
-])
-async def test_bad_jwt_svid_requests_are_refused(served: Served, request_: workload_pb2.JWTSVIDRequest,
-                                                 code: grpc.StatusCode) -> None:
+@pytest.mark.parametrize(
+    "request_, code",
+    [
+        (workload_pb2.JWTSVIDRequest(), grpc.StatusCode.INVALID_ARGUMENT),
+        (workload_pb2.JWTSVIDRequest(audience=[""]), grpc.StatusCode.INVALID_ARGUMENT),
+        (workload_pb2.JWTSVIDRequest(audience=["a"] + [f"b{i}" for i in range(20)]), grpc.StatusCode.INVALID_ARGUMENT),
+        (workload_pb2.JWTSVIDRequest(audience=["a" * 257]), grpc.StatusCode.INVALID_ARGUMENT),
+        (workload_pb2.JWTSVIDRequest(audience=["a"], spiffe_id="not a spiffe id"), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            workload_pb2.JWTSVIDRequest(audience=["a"], spiffe_id="spiffe://example.org/not-mine"),
+            grpc.StatusCode.PERMISSION_DENIED,
+        ),
+    ],
+)
+async def test_bad_jwt_svid_requests_are_refused(
+    served: Served, request_: workload_pb2.JWTSVIDRequest, code: grpc.StatusCode
+) -> None:
     served.source.register("e1", "ledger")
     assert await code_of(served.stub.FetchJWTSVID(request_, metadata=HEADER)) == code
 
@@ -474,20 +504,23 @@ async def test_a_jwt_svid_that_cannot_be_signed_now_is_unavailable(served: Serve
 async def test_validate_accepts_our_tokens_and_a_federated_partners(served: Served) -> None:
     served.source.register("e1", "ledger")
     ours = served.source.ours.jwt("payments", ["ledger", "audit"])
-    reply = await served.stub.ValidateJWTSVID(workload_pb2.ValidateJWTSVIDRequest(audience="audit", svid=ours),
-                                              metadata=HEADER)
+    reply = await served.stub.ValidateJWTSVID(
+        workload_pb2.ValidateJWTSVIDRequest(audience="audit", svid=ours), metadata=HEADER
+    )
     assert reply.spiffe_id == "spiffe://example.org/payments"
     assert reply.claims["sub"] == "spiffe://example.org/payments"
     assert list(reply.claims["aud"]) == ["ledger", "audit"]
     assert reply.claims["exp"] > 0
     theirs = served.source.partner.jwt("settlement", ["ledger"])
-    reply = await served.stub.ValidateJWTSVID(workload_pb2.ValidateJWTSVIDRequest(audience="ledger", svid=theirs),
-                                              metadata=HEADER)
+    reply = await served.stub.ValidateJWTSVID(
+        workload_pb2.ValidateJWTSVIDRequest(audience="ledger", svid=theirs), metadata=HEADER
+    )
     assert reply.spiffe_id == "spiffe://partner.example/settlement"
 
 
-async def test_validate_refuses_bad_tokens_with_the_reason(served: Served,
-                                                           authorities: tuple[Authority, Authority]) -> None:
+async def test_validate_refuses_bad_tokens_with_the_reason(
+    served: Served, authorities: tuple[Authority, Authority]
+) -> None:
     source = served.source
     source.register("e1", "ledger")
     good = source.ours.jwt("payments", ["ledger"])
@@ -506,14 +539,20 @@ async def test_validate_refuses_bad_tokens_with_the_reason(served: Served,
     }
     for reason, (audience, token) in cases.items():
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await served.stub.ValidateJWTSVID(workload_pb2.ValidateJWTSVIDRequest(audience=audience, svid=token),
-                                              metadata=HEADER)
+            await served.stub.ValidateJWTSVID(
+                workload_pb2.ValidateJWTSVIDRequest(audience=audience, svid=token), metadata=HEADER
+            )
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, reason
         assert reason.strip() in (info.value.details() or ""), (reason, info.value.details())
     served.clock.now = NOW + timedelta(hours=1)  # the token has expired by the server's clock
-    assert await code_of(served.stub.ValidateJWTSVID(
-        workload_pb2.ValidateJWTSVIDRequest(audience="ledger", svid=good), metadata=HEADER)) \
+    assert (
+        await code_of(
+            served.stub.ValidateJWTSVID(
+                workload_pb2.ValidateJWTSVIDRequest(audience="ledger", svid=good), metadata=HEADER
+            )
+        )
         == grpc.StatusCode.INVALID_ARGUMENT
+    )
 
 
 # --- another uid, from the kernel -------------------------------------------------------------------
@@ -531,9 +570,12 @@ OTHER_UID_CLIENT = textwrap.dedent("""
     stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(grpc.insecure_channel("unix:" + sys.argv[1]))
     md = [("workload.spiffe.io", "true")]
     calls = {
-        "x509": lambda: next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=md, timeout=20)).svids[0].spiffe_id,
-        "jwt": lambda: stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["a"]), metadata=md, timeout=20).svids[0].spiffe_id,
-        "bundles": lambda: ",".join(sorted(next(stub.FetchX509Bundles(workload_pb2.X509BundlesRequest(), metadata=md, timeout=20)).bundles)),
+        "x509": lambda: next(stub.FetchX509SVID(
+            workload_pb2.X509SVIDRequest(), metadata=md, timeout=20)).svids[0].spiffe_id,
+        "jwt": lambda: stub.FetchJWTSVID(
+            workload_pb2.JWTSVIDRequest(audience=["a"]), metadata=md, timeout=20).svids[0].spiffe_id,
+        "bundles": lambda: ",".join(sorted(next(stub.FetchX509Bundles(
+            workload_pb2.X509BundlesRequest(), metadata=md, timeout=20)).bundles)),
     }
     for name, call in calls.items():
         try:
@@ -545,9 +587,16 @@ OTHER_UID_CLIENT = textwrap.dedent("""
 
 async def _run_as(uid: int, path: Path) -> dict[str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", OTHER_UID_CLIENT, str(path), str(uid),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd="/",
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+        sys.executable,
+        "-c",
+        OTHER_UID_CLIENT,
+        str(path),
+        str(uid),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd="/",
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
     return dict(line.split(" ", 1) for line in out.decode().splitlines())
@@ -557,12 +606,17 @@ async def test_an_unregistered_uid_is_denied_and_a_registered_one_served(served:
     if os.getuid() != 0:
         pytest.skip("needs root to run a workload as another uid")
     served.source.register("e1", "ledger")  # this process (uid 0)
-    assert await _run_as(65534, served.path) == {"x509": "PERMISSION_DENIED", "jwt": "PERMISSION_DENIED",
-                                                 "bundles": "PERMISSION_DENIED"}
+    assert await _run_as(65534, served.path) == {
+        "x509": "PERMISSION_DENIED",
+        "jwt": "PERMISSION_DENIED",
+        "bundles": "PERMISSION_DENIED",
+    }
     served.source.register("e2", "nobody", "unix:uid:65534", "unix:user:nobody")
-    assert await _run_as(65534, served.path) == {"x509": "spiffe://example.org/nobody",
-                                                 "jwt": "spiffe://example.org/nobody",
-                                                 "bundles": "spiffe://example.org,spiffe://partner.example"}
+    assert await _run_as(65534, served.path) == {
+        "x509": "spiffe://example.org/nobody",
+        "jwt": "spiffe://example.org/nobody",
+        "bundles": "spiffe://example.org,spiffe://partner.example",
+    }
     # and uid 0 still gets only its own
     first = await served.stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER).read()
     assert [s.spiffe_id for s in first.svids] == ["spiffe://example.org/ledger"]
@@ -574,11 +628,18 @@ async def test_an_unregistered_uid_is_denied_and_a_registered_one_served(served:
 def _raw_request(method: str = "FetchX509SVID", window: int = 65535, header: bool = True) -> bytes:
     """The bytes of an HTTP/2 connection that opens one Workload API call, written by hand."""
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-    conn.local_settings = h2.settings.Settings(client=True, initial_values={
-        h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+    conn.local_settings = h2.settings.Settings(
+        client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window}
+    )
     conn.initiate_connection()
-    headers = [(":method", "POST"), (":scheme", "http"), (":path", f"/SpiffeWorkloadAPI/{method}"),
-               (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers")]
+    headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", f"/SpiffeWorkloadAPI/{method}"),
+        (":authority", "localhost"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
     if header:
         headers.append(("workload.spiffe.io", "true"))
     conn.send_headers(1, headers)
@@ -625,7 +686,8 @@ async def test_connection_churn_and_garbage_leak_no_descriptors_or_tasks(served:
     for _ in range(50):  # and real clients hanging up mid-stream
         async with grpc.aio.insecure_channel(f"unix:{served.path}") as channel:
             call = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel).FetchX509SVID(
-                workload_pb2.X509SVIDRequest(), metadata=HEADER)
+                workload_pb2.X509SVIDRequest(), metadata=HEADER
+            )
             await call.read()
             call.cancel()
     await eventually(lambda: served.open_streams() == 0, "every stream is closed")
@@ -665,9 +727,19 @@ async def test_a_request_without_a_message_is_invalid_argument(served: Served) -
     served.source.register("e1", "ledger")
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
     conn.initiate_connection()
-    conn.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/SpiffeWorkloadAPI/FetchJWTSVID"),
-                          (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers"),
-                          ("workload.spiffe.io", "true")], end_stream=True)
+    conn.send_headers(
+        1,
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/SpiffeWorkloadAPI/FetchJWTSVID"),
+            (":authority", "localhost"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            ("workload.spiffe.io", "true"),
+        ],
+        end_stream=True,
+    )
     reader, writer = await asyncio.open_unix_connection(str(served.path))
     writer.write(conn.data_to_send())
     status: str | None = None
@@ -710,7 +782,8 @@ async def test_socket_file_lifecycle(short_dir: Path, authorities: tuple[Authori
 
 
 async def test_serve_runs_until_cancelled_and_cancels_open_streams(
-        short_dir: Path, authorities: tuple[Authority, Authority]) -> None:
+    short_dir: Path, authorities: tuple[Authority, Authority]
+) -> None:
     source = FakeSource(*authorities)
     source.register("e1", "ledger")
     path = short_dir / "workload.sock"
@@ -720,7 +793,8 @@ async def test_serve_runs_until_cancelled_and_cancels_open_streams(
     await eventually(path.exists, "the socket appears")
     async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
         call = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel).FetchX509SVID(
-            workload_pb2.X509SVIDRequest(), metadata=HEADER)
+            workload_pb2.X509SVIDRequest(), metadata=HEADER
+        )
         await call.read()
         serving.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -732,8 +806,7 @@ async def test_serve_runs_until_cancelled_and_cancels_open_streams(
     assert metrics.gauge("trustmesh_workload_api_streams", "", ["method"]).value(method="FetchX509SVID") == 0
 
 
-async def test_close_cuts_a_reader_that_never_reads(short_dir: Path,
-                                                    authorities: tuple[Authority, Authority]) -> None:
+async def test_close_cuts_a_reader_that_never_reads(short_dir: Path, authorities: tuple[Authority, Authority]) -> None:
     s = await _serve(short_dir, FakeSource(*authorities))
     s.source.register("e1", "ledger")
     stuck = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

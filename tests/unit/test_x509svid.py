@@ -350,12 +350,22 @@ def test_spiffe_id_from_certificate_needs_exactly_one_spiffe_uri(uris: list[str]
 
 def test_dns_sans_do_not_count_as_uri_sans() -> None:
     key = generate_private_key()
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(INTER.subject)
-            .public_key(key.public_key()).serial_number(7)
-            .not_valid_before(NOW).not_valid_after(NOW + timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("ledger"), x509.UniformResourceIdentifier(str(LEDGER)),
-                                                        x509.DNSName("spiffe.example")]), critical=True)
-            .sign(INTER_KEY, hashes.SHA256()))  # type: ignore[arg-type]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(INTER.subject)
+        .public_key(key.public_key())
+        .serial_number(7)
+        .not_valid_before(NOW)
+        .not_valid_after(NOW + timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("ledger"), x509.UniformResourceIdentifier(str(LEDGER)), x509.DNSName("spiffe.example")]
+            ),
+            critical=True,
+        )
+        .sign(INTER_KEY, hashes.SHA256())
+    )  # type: ignore[arg-type]
     assert spiffe_id_from_certificate(cert) == LEDGER
 
 
@@ -495,8 +505,11 @@ def test_a_partner_root_cannot_vouch_for_our_trust_domain() -> None:
     _refused([forged, attacker_root], "belongs to trust domain partner.example", anchors=anchors)
     # Through an intermediate it made for "example.org": still refused.
     fake_inter, fake_key = _ca(attacker_root, attacker_key, td=TD)
-    _refused([_leaf(fake_inter, fake_key), fake_inter], "does not lead to a root of trust domain example.org",
-             anchors=anchors)
+    _refused(
+        [_leaf(fake_inter, fake_key), fake_inter],
+        "does not lead to a root of trust domain example.org",
+        anchors=anchors,
+    )
     # Control: the same attacker root does vouch for its own trust domain.
     own = _leaf(attacker_root, attacker_key, spiffe_id=PARTNER_API)
     assert verify_x509_svid([own], anchors, now=NOW) == PARTNER_API
@@ -515,14 +528,26 @@ def test_refuses_a_trust_domain_with_no_anchors() -> None:
 def test_refuses_an_intermediate_that_is_not_a_ca() -> None:
     # A real leaf SVID used to sign another: signature and names fine, CA=false.
     fake_key = generate_private_key()
-    fake_issuer = _raw(ROOT, ROOT_KEY, uris=["spiffe://example.org/x"], subject=x509.Name(
-        [x509.NameAttribute(NameOID.COMMON_NAME, "sneaky")]), key=fake_key)
+    fake_issuer = _raw(
+        ROOT,
+        ROOT_KEY,
+        uris=["spiffe://example.org/x"],
+        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sneaky")]),
+        key=fake_key,
+    )
     leaf = _leaf(fake_issuer, fake_key)
     leaf.verify_directly_issued_by(fake_issuer)
     _refused([leaf, fake_issuer], "intermediate certificate is not a CA")
     # No basic constraints at all is no better.
-    bare = _raw(ROOT, ROOT_KEY, uris=[], ca=None, usage=_usage(key_cert_sign=True),
-                subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bare")]), key=fake_key)
+    bare = _raw(
+        ROOT,
+        ROOT_KEY,
+        uris=[],
+        ca=None,
+        usage=_usage(key_cert_sign=True),
+        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bare")]),
+        key=fake_key,
+    )
     _refused([_leaf(bare, fake_key), bare], "not a CA")
 
 
@@ -559,8 +584,11 @@ def test_refuses_a_chain_longer_than_the_root_path_length_allows() -> None:
     root, root_key = _ca(path_length=0)
     inter1, key1 = _ca(root, root_key)
     inter2, key2 = _ca(inter1, key1)
-    _refused([_leaf(inter2, key2), inter2, inter1], "root certificate path length constraint 0 exceeded",
-             anchors={TD: [root]})
+    _refused(
+        [_leaf(inter2, key2), inter2, inter1],
+        "root certificate path length constraint 0 exceeded",
+        anchors={TD: [root]},
+    )
     _refused([_leaf(inter1, key1), inter1], "path length", anchors={TD: [root]})
     # Control: path length 0 still lets the root sign leaves directly.
     assert verify_x509_svid([_leaf(root, root_key)], {TD: [root]}, now=NOW) == LEDGER
@@ -602,15 +630,22 @@ def test_refuses_empty_and_overlong_chains() -> None:
 
 def test_refuses_a_critical_extension_it_does_not_understand() -> None:
     key = generate_private_key()
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(INTER.subject)
-            .public_key(key.public_key()).serial_number(9)
-            .not_valid_before(NOW - timedelta(minutes=1)).not_valid_after(NOW + timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(LEDGER))]), critical=True)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_usage(), critical=True)
-            .add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00"),
-                           critical=True)
-            .sign(INTER_KEY, hashes.SHA256()))  # type: ignore[arg-type]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(INTER.subject)
+        .public_key(key.public_key())
+        .serial_number(9)
+        .not_valid_before(NOW - timedelta(minutes=1))
+        .not_valid_after(NOW + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(LEDGER))]), critical=True)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_usage(), critical=True)
+        .add_extension(
+            x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00"), critical=True
+        )
+        .sign(INTER_KEY, hashes.SHA256())
+    )  # type: ignore[arg-type]
     _refused([cert, INTER], "critical extension")
 
 
@@ -718,7 +753,8 @@ def test_a_csr_whose_key_was_swapped_is_refused() -> None:
 
 def _der_spki(key: object) -> bytes:
     return key.public_key().public_bytes(  # type: ignore[attr-defined]
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def test_a_csr_with_an_unknown_version_is_refused_as_svid_error() -> None:
@@ -843,8 +879,14 @@ def _unknown_algorithm_pkcs8() -> bytes:
         (lambda: b"", "not a valid"),
         (lambda: b"not a key", "not a valid"),
         (lambda: private_key_to_pkcs8_der(LEAF_KEY)[:-3], "not a valid"),
-        (lambda: LEAF_KEY.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                                        serialization.BestAvailableEncryption(b"pw")), "not a valid"),
+        (
+            lambda: LEAF_KEY.private_bytes(
+                serialization.Encoding.DER,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"pw"),
+            ),
+            "not a valid",
+        ),
         (_unknown_algorithm_pkcs8, "not a valid"),
         (lambda: private_key_to_pkcs8_der(x25519.X25519PrivateKey.generate()), "unsupported private key type"),  # type: ignore[arg-type]
     ],
@@ -861,8 +903,11 @@ def test_key_id_is_stable_short_and_distinct() -> None:
     assert kid == key_id(a.public_key())
     assert kid == key_id(load_private_key_pkcs8_der(private_key_to_pkcs8_der(a)).public_key())
     assert kid != key_id(b.public_key())
-    assert len(kid) == 27 and "=" not in kid and set(kid) <= set(
-        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+    assert (
+        len(kid) == 27
+        and "=" not in kid
+        and set(kid) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+    )
     fp = public_key_fingerprint(a.public_key())
     assert len(fp) == 64 and fp == public_key_fingerprint(a.public_key()) != public_key_fingerprint(b.public_key())
     ed = generate_private_key("ed25519")
@@ -941,7 +986,9 @@ def test_mutated_chains_only_raise_svid_error(edits: list[tuple[int, int]]) -> N
 @pytest.mark.filterwarnings("ignore::cryptography.utils.CryptographyDeprecationWarning")
 @given(st.sampled_from(["leaf", "intermediate"]), _EDITS)
 @_FUZZ
-def test_mutated_certificates_are_refused_or_still_name_the_signed_identity(which: str, edits: list[tuple[int, int]]) -> None:
+def test_mutated_certificates_are_refused_or_still_name_the_signed_identity(
+    which: str, edits: list[tuple[int, int]]
+) -> None:
     original = LEAF if which == "leaf" else INTER
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

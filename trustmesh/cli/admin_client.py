@@ -40,7 +40,9 @@ def add_socket_flag(parser: argparse.ArgumentParser) -> None:
     )
     remote = parser.add_argument_group(
         "remote administration (instead of the socket; the server runs with --admin-bind)")
-    remote.add_argument("--admin-server", metavar="HOST:PORT", help=f"the server's --admin-bind address (or ${SERVER_ENV})")
+    remote.add_argument(
+        "--admin-server", metavar="HOST:PORT", help=f"the server's --admin-bind address (or ${SERVER_ENV})"
+    )
     remote.add_argument("--admin-cert", metavar="PEM", help="your admin X509-SVID chain (an entry marked --admin)")
     remote.add_argument("--admin-key", metavar="PEM", help="its private key")
     remote.add_argument("--trust-bundle", metavar="PEM", help="the trust domain's roots (the server's bundle.pem)")
@@ -53,9 +55,11 @@ def _remote_channel(args: argparse.Namespace, server: str) -> grpc.Channel:
         raise AdminCallError(f"--admin-server needs {', '.join(missing)} as well")
     try:
         roots_pem = Path(args.trust_bundle).read_bytes()
-        creds = grpc.ssl_channel_credentials(root_certificates=roots_pem,
-                                             private_key=Path(args.admin_key).read_bytes(),
-                                             certificate_chain=Path(args.admin_cert).read_bytes())
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=roots_pem,
+            private_key=Path(args.admin_key).read_bytes(),
+            certificate_chain=Path(args.admin_cert).read_bytes(),
+        )
         td = trust_domain_of(x509.load_pem_x509_certificates(roots_pem))
     except (OSError, ValueError) as err:
         raise AdminCallError(f"cannot read the admin credentials: {err}") from err
@@ -105,8 +109,13 @@ def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
 
 
-_INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
-          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
+_INT64 = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+}
 
 
 def message_dict(message: Message) -> dict[str, Any]:
@@ -114,8 +123,9 @@ def message_dict(message: Message) -> dict[str, Any]:
 
     Proto JSON writes 64-bit integers as strings; revisions, TTLs and times read better
     (and compare more easily in scripts) as numbers, so top-level ones are turned back."""
-    data: dict[str, Any] = MessageToDict(message, preserving_proto_field_name=True,
-                                         always_print_fields_with_no_presence=True)
+    data: dict[str, Any] = MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
     for field in message.DESCRIPTOR.fields:
         if field.type in _INT64 and field.name in data and not isinstance(data[field.name], list):
             data[field.name] = int(data[field.name])

@@ -6,9 +6,10 @@ import argparse
 import json
 import time
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any
 
-from trustmesh._proto.trustmesh.v1 import admin_pb2
+from trustmesh._proto.trustmesh.v1 import admin_pb2, admin_pb2_grpc
 from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call, print_json
 from trustmesh.cli.config import show_help
 from trustmesh.clock import format_utc, parse_utc
@@ -18,6 +19,12 @@ from trustmesh.errors import TrustmeshError
 
 class AuditArgsError(TrustmeshError):
     pass
+
+
+def _list_events(req: admin_pb2.ListAuditEventsRequest,
+                 stub: admin_pb2_grpc.AdminStub) -> admin_pb2.ListAuditEventsResponse:
+    reply: admin_pb2.ListAuditEventsResponse = stub.ListAuditEvents(req, timeout=TIMEOUT)
+    return reply
 
 
 def parse_since(text: str | None, now: float | None = None) -> int:
@@ -33,7 +40,9 @@ def parse_since(text: str | None, now: float | None = None) -> int:
     try:
         return int(parse_utc(text).timestamp())
     except ValueError as err:
-        raise AuditArgsError(f"--since {text!r}: use an ISO time like 2026-11-22T10:00:00Z or a duration like 1h") from err
+        raise AuditArgsError(
+            f"--since {text!r}: use an ISO time like 2026-11-22T10:00:00Z or a duration like 1h"
+        ) from err
 
 
 def _printable(value: object) -> str:
@@ -50,24 +59,39 @@ def _show(args: argparse.Namespace) -> int:
     events: list[Any] = []
     cursor = 0
     while len(events) < args.limit:
-        req = admin_pb2.ListAuditEventsRequest(since_seq=cursor, since_time=since, kind=args.kind or "",
-                                               limit=min(1000, args.limit - len(events)))
-        reply = call(args, lambda s: s.ListAuditEvents(req, timeout=TIMEOUT))
+        req = admin_pb2.ListAuditEventsRequest(
+            since_seq=cursor, since_time=since, kind=args.kind or "", limit=min(1000, args.limit - len(events))
+        )
+        reply = call(args, partial(_list_events, req))
         events.extend(reply.events)
         if not reply.next_seq:
             break
         cursor = reply.next_seq
     if args.json:
-        print_json([{"seq": e.seq, "time": datetime.fromtimestamp(e.time, timezone.utc).isoformat(),
-                     "kind": e.kind, "actor": e.actor, "subject": e.subject, "outcome": e.outcome,
-                     "details": json.loads(e.details_json or "{}"), "hash": e.hash} for e in events])
+        print_json(
+            [
+                {
+                    "seq": e.seq,
+                    "time": datetime.fromtimestamp(e.time, timezone.utc).isoformat(),
+                    "kind": e.kind,
+                    "actor": e.actor,
+                    "subject": e.subject,
+                    "outcome": e.outcome,
+                    "details": json.loads(e.details_json or "{}"),
+                    "hash": e.hash,
+                }
+                for e in events
+            ]
+        )
         return 0
     for e in events:
         when = format_utc(e.time)
         details = json.loads(e.details_json or "{}")
         extra = " ".join(f"{_printable(k)}={_printable(v)}" for k, v in sorted(details.items()))
-        print(f"{e.seq:>6} {when} {_printable(e.kind):<14} {_printable(e.outcome):<7} "
-              f"{_printable(e.actor)} -> {_printable(e.subject)} {extra}".rstrip())
+        print(
+            f"{e.seq:>6} {when} {_printable(e.kind):<14} {_printable(e.outcome):<7} "
+            f"{_printable(e.actor)} -> {_printable(e.subject)} {extra}".rstrip()
+        )
     if not events:
         print("no audit events")
     return 0
@@ -78,36 +102,52 @@ def _verify(args: argparse.Namespace) -> int:
     if reply.ok:
         print(f"audit log intact: {reply.checked} events verified")
         return 0
-    print(f"audit log BROKEN at event {reply.first_broken_seq}: {reply.reason} "
-          f"({reply.checked} events before it verified)")
+    print(
+        f"audit log BROKEN at event {reply.first_broken_seq}: {reply.reason} "
+        f"({reply.checked} events before it verified)"
+    )
     return 1
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    audit = commands.add_parser("audit", help="read and verify the tamper-evident audit log",
-                                description="Every attestation, issuance, admin change and refusal is an event "
-                                            "in a hash chain keyed by the server's key-encryption key.")
+    audit = commands.add_parser(
+        "audit",
+        help="read and verify the tamper-evident audit log",
+        description="Every attestation, issuance, admin change and refusal is an event "
+        "in a hash chain keyed by the server's key-encryption key.",
+    )
     sub = audit.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", title="subcommands")
-    p = sub.add_parser("show", help="print audit events, oldest first",
-                       epilog="examples:\n  trustmesh audit show --since 1h\n"
-                              "  trustmesh audit show --since 2026-11-22T10:00:00Z --kind node.attest --json",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--since", metavar="TIME",
-                   help="only events at or after this ISO time (2026-11-22T10:00:00Z), or within this "
-                        "duration back from now (1h = the last hour)")
-    p.add_argument("--kind", help="only events of this kind, e.g. entry.create, token.create, agent.ban, "
-                                  "node.attest, svid.issue")
-    p.add_argument("--limit", type=int, default=1000, metavar="N",
-                   help="at most this many events, oldest first (default 1000)")
+    p = sub.add_parser(
+        "show",
+        help="print audit events, oldest first",
+        epilog="examples:\n  trustmesh audit show --since 1h\n"
+        "  trustmesh audit show --since 2026-11-22T10:00:00Z --kind node.attest --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--since",
+        metavar="TIME",
+        help="only events at or after this ISO time (2026-11-22T10:00:00Z), or within this "
+        "duration back from now (1h = the last hour)",
+    )
+    p.add_argument(
+        "--kind", help="only events of this kind, e.g. entry.create, token.create, agent.ban, node.attest, svid.issue"
+    )
+    p.add_argument(
+        "--limit", type=int, default=1000, metavar="N", help="at most this many events, oldest first (default 1000)"
+    )
     p.add_argument("--json", action="store_true", help="print a JSON array instead of one line per event")
     add_socket_flag(p)
     p.set_defaults(func=_show)
-    p = sub.add_parser("verify", help="check the whole chain; exits 1 and names the first broken event",
-                       description="Walk the whole hash chain. Prints `audit log intact: N events verified` and "
-                                   "exits 0, or names the first event that was edited, removed or reordered "
-                                   "and exits 1.",
-                       epilog="example:\n  trustmesh audit verify || alert-security-team",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "verify",
+        help="check the whole chain; exits 1 and names the first broken event",
+        description="Walk the whole hash chain. Prints `audit log intact: N events verified` and "
+        "exits 0, or names the first event that was edited, removed or reordered "
+        "and exits 1.",
+        epilog="example:\n  trustmesh audit verify || alert-security-team",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_socket_flag(p)
     p.set_defaults(func=_verify)
     audit.set_defaults(func=show_help(audit))

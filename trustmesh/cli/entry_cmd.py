@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
-from trustmesh._proto.trustmesh.v1 import admin_pb2, types_pb2
+from trustmesh._proto.trustmesh.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call, message_dict, print_json
 from trustmesh.cli.config import show_help
 from trustmesh.clock import format_utc
@@ -42,6 +43,12 @@ examples:
 
 SELECTOR_HELP = ("TYPE:VALUE the workload must match (repeat for several; all must match): "
                  "unix:uid:N, unix:gid:N, unix:user:NAME, unix:group:NAME, unix:path:/abs/exe, unix:sha256:HEX")
+
+
+def _list_entries(req: admin_pb2.ListEntriesRequest,
+                  stub: admin_pb2_grpc.AdminStub) -> admin_pb2.ListEntriesResponse:
+    reply: admin_pb2.ListEntriesResponse = stub.ListEntries(req, timeout=TIMEOUT)
+    return reply
 
 
 def _seconds(text: str | None, flag: str) -> int:
@@ -102,7 +109,7 @@ def _list(args: argparse.Namespace) -> int:
     token = ""
     while True:
         req = admin_pb2.ListEntriesRequest(parent_id=parent, spiffe_id=args.spiffe_id or "", page_token=token)
-        reply = call(args, lambda s: s.ListEntries(req, timeout=TIMEOUT))
+        reply = call(args, partial(_list_entries, req))
         entries.extend(reply.entries)
         token = reply.next_page_token
         if not token:
