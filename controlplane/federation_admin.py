@@ -21,6 +21,7 @@ from trustmesh.controlplane.federation import (
     validate_bundle,
 )
 from trustmesh.controlplane.federation import refresh as refresh_bundle
+from trustmesh.controlplane.registration import spiffe_id_arg
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import BundleRecord, FederationRecord
 from trustmesh.errors import (
@@ -108,10 +109,7 @@ def check_relationship(spec: RelationshipSpec, own: TrustDomain, now: float) -> 
                 "and --bundle-file (the partner's current bundle, obtained out of band, which "
                 "authenticates the first fetch)"
             )
-        try:
-            endpoint = SpiffeId.parse(spec.endpoint_spiffe_id)
-        except InvalidSpiffeIdError as err:
-            raise InvalidArgumentError(f"--endpoint-spiffe-id: {err}") from err
+        endpoint = spiffe_id_arg(spec.endpoint_spiffe_id, "--endpoint-spiffe-id")
         if endpoint.trust_domain != td:
             raise InvalidArgumentError(f"--endpoint-spiffe-id {endpoint} is not in the partner's trust domain {td}")
         endpoint_id = endpoint

@@ -14,9 +14,10 @@ from datetime import timedelta
 from cryptography import x509
 
 from trustmesh.clip import SHOWN, clip, shown
+from trustmesh.controlplane.registration import spiffe_id_arg
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import PartnerCertificate
-from trustmesh.errors import CAError, FailedPreconditionError, InvalidArgumentError, InvalidSpiffeIdError, SvidError
+from trustmesh.errors import CAError, FailedPreconditionError, InvalidArgumentError, SvidError
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 
 PARTNERS_PATH = "/partners/"
@@ -47,10 +48,7 @@ class IssuedCertificate:
 
 def check_partner_request(request: PartnerRequest, own: TrustDomain) -> tuple[SpiffeId, timedelta]:
     """The partner's SPIFFE ID and certificate lifetime, or INVALID_ARGUMENT saying why (pure)."""
-    try:
-        spiffe_id = SpiffeId.parse(request.spiffe_id)
-    except InvalidSpiffeIdError as err:
-        raise InvalidArgumentError(f"--spiffe-id: {err}") from err
+    spiffe_id = spiffe_id_arg(request.spiffe_id, "--spiffe-id")
     if spiffe_id.trust_domain != own:
         raise InvalidArgumentError(f"{spiffe_id} is not in this trust domain; partner certificates name "
                                    f"spiffe://{own.name}{PARTNERS_PATH}NAME")

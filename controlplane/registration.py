@@ -152,12 +152,17 @@ def validate_entry(spec: EntrySpec, td: TrustDomain) -> EntrySpec:
     return check_entry(spec, td).as_spec()
 
 
+def spiffe_id_arg(text: str, flag: str) -> SpiffeId:
+    """The SPIFFE ID a person gave with `flag`, or INVALID_ARGUMENT naming the flag and the fault."""
+    try:
+        return SpiffeId.parse(text)
+    except InvalidSpiffeIdError as err:
+        raise InvalidArgumentError(f"{flag}: {err}") from err
+
+
 def check_entry(spec: EntrySpec, td: TrustDomain) -> CheckedEntry:
     """The canonical, typed form of `spec`, or InvalidArgumentError saying what to fix."""
-    try:
-        sid = SpiffeId.parse(spec.spiffe_id)
-    except InvalidSpiffeIdError as err:
-        raise InvalidArgumentError(f"--spiffe-id: {err}") from err
+    sid = spiffe_id_arg(spec.spiffe_id, "--spiffe-id")
     if sid.trust_domain != td:
         raise InvalidArgumentError(
             f"--spiffe-id {sid} is in trust domain {sid.trust_domain}, not this server's {td}; "
@@ -167,10 +172,7 @@ def check_entry(spec: EntrySpec, td: TrustDomain) -> CheckedEntry:
         raise InvalidArgumentError(f"--spiffe-id {sid} has no path; name a workload, e.g. spiffe://{td}/ledger")
     if is_reserved(sid):
         raise InvalidArgumentError(f"--spiffe-id {sid} is reserved for trustmesh agents and servers")
-    try:
-        parent = SpiffeId.parse(spec.parent_id)
-    except InvalidSpiffeIdError as err:
-        raise InvalidArgumentError(f"--parent-id: {err}") from err
+    parent = spiffe_id_arg(spec.parent_id, "--parent-id")
     if parent.trust_domain != td:
         raise InvalidArgumentError(f"--parent-id {parent} is not in trust domain {td}")
     if parent == sid:
