@@ -47,8 +47,9 @@ from trustmesh.agent.workload_api import WorkloadAPI, WorkloadAPIServer
 from trustmesh.agent.workload_attestor import WorkloadAttestor
 from trustmesh.backoff import backoff_delay
 from trustmesh.bundle import Bundle
+from trustmesh.hostport import split_host_port
 from trustmesh.logs import log_event
-from trustmesh.metrics import Registry, serve_metrics, split_host_port
+from trustmesh.metrics import Registry, serve_metrics
 from trustmesh.policy import Policy
 from trustmesh.spiffeid import TrustDomain
 
@@ -210,7 +211,7 @@ async def _run(config: AgentConfig, stop: asyncio.Event) -> None:
     try:
         await server.start()
         if config.metrics:
-            host, port = split_host_port(config.metrics)
+            host, port = split_host_port(config.metrics, listening=True)
             metrics_server = await serve_metrics(metrics, host, port)
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(sync.run(), name="sync")

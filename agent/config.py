@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trustmesh.hostport import join_host_port, split_host_port
 from trustmesh.options import HOST_PORT, PATH, TEXT, TRUST_DOMAIN, ConfigError, Parser, internal, option
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 
@@ -51,7 +52,6 @@ DEFAULT_ROTATION = RotationConfig()
 def _services(raw: Any) -> tuple[ServiceConfig, ...]:
     """The `services:` list of the config file, validated with messages that name the field."""
     from trustmesh.agent.proxy.listeners import InboundConfig, OutboundConfig, ServiceConfig
-    from trustmesh.metrics import split_host_port
 
     if raw is None:
         return ()
@@ -70,12 +70,12 @@ def _services(raw: Any) -> tuple[ServiceConfig, ...]:
             inbound = None
             if item.get("inbound") is not None:
                 inb = item["inbound"]
-                split_host_port(str(inb["listen"]))
+                split_host_port(str(inb["listen"]), listening=True)
                 split_host_port(str(inb["forward"]))
                 inbound = InboundConfig(str(inb["listen"]), str(inb["forward"]))
             routes = []
             for route in item.get("outbound") or []:
-                split_host_port(str(route["listen"]))
+                split_host_port(str(route["listen"]), listening=True)
                 split_host_port(str(route["connect"]))
                 routes.append(OutboundConfig(str(route["listen"]), str(route["connect"]),
                                              SpiffeId.parse(str(route["expect"]))))
@@ -135,6 +135,6 @@ class AgentConfig:
             return self.attest_server
         out = []
         for server in self.server:
-            host, _, port = server.rpartition(":")
-            out.append(f"{host}:{int(port) + 1}")
+            host, port = split_host_port(server)
+            out.append(join_host_port(host, port + 1))
         return tuple(out)

@@ -23,9 +23,10 @@ from aiohttp import web
 
 from trustmesh.bundle import Bundle
 from trustmesh.errors import TrustmeshError
+from trustmesh.hostport import split_host_port
 from trustmesh.httpserver import HttpServer, Limits, reply, serve_http
 from trustmesh.logs import log_event
-from trustmesh.metrics import Registry, split_host_port
+from trustmesh.metrics import Registry
 from trustmesh.tls import load_key_and_chain
 
 log = logging.getLogger("trustmesh.bundle_endpoint")
@@ -115,7 +116,7 @@ class BundleEndpoint:
 
 async def serve_bundle_endpoint(endpoint: BundleEndpoint, address: str, ctx: ssl.SSLContext, *,
                                 limits: Limits = LIMITS) -> HttpServer:
-    host, port = split_host_port(address)
+    host, port = split_host_port(address, listening=True)
     try:
         server = await serve_http(endpoint.handle, host, port, ssl_context=ctx, limits=limits, on_status=endpoint.count)
     except OSError as err:

@@ -42,10 +42,11 @@ from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store import Store, open_store
 from trustmesh.controlplane.sync_service import SyncService
 from trustmesh.errors import KeyEncryptionError, StoreError, TrustmeshError
+from trustmesh.hostport import split_host_port
 from trustmesh.httpserver import HttpServer
 from trustmesh.keys import generate_private_key
 from trustmesh.logs import log_event
-from trustmesh.metrics import serve_metrics, split_host_port
+from trustmesh.metrics import serve_metrics
 from trustmesh.naming import server_dns_name, server_id
 
 log = logging.getLogger("trustmesh.server")
@@ -98,7 +99,7 @@ class ServingCredentials:
 
     async def renew(self) -> None:
         key = generate_private_key("ec-p256")
-        host = split_host_port(self._config.bind)[0]
+        host = split_host_port(self._config.bind, listening=True)[0]
         dns = [server_dns_name(self._config.trust_domain), "localhost"]
         if host and host not in dns and not host.replace(".", "").isdigit() and ":" not in host:
             dns.append(host)
@@ -291,7 +292,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
                                         "--admin-bind")
             await remote_admin.start()
         if config.metrics:
-            host, mport = split_host_port(config.metrics)
+            host, mport = split_host_port(config.metrics, listening=True)
             metrics_server = await serve_metrics(rt.metrics, host, mport, ready=view.ready.is_set)
         bundle_address = "off"
         if config.bundle_endpoint:
@@ -314,13 +315,13 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
             if loaded.done():
                 await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
                 await attest_health.set("", health_pb2.HealthCheckResponse.SERVING)
-                bind_host = split_host_port(config.bind)[0]
+                bind_host = split_host_port(config.bind, listening=True)[0]
                 log_event(
                     log, "ready",
                     trust_domain=config.trust_domain, bind=f"{bind_host}:{port}",
-                    attest_bind=f"{split_host_port(config.attest_bind)[0]}:{attest_port}",
+                    attest_bind=f"{split_host_port(config.attest_bind, listening=True)[0]}:{attest_port}",
                     admin_socket=str(config.admin_socket_path),
-                    admin_bind=(f"{split_host_port(config.admin_bind)[0]}:{remote_admin_port}"
+                    admin_bind=(f"{split_host_port(config.admin_bind, listening=True)[0]}:{remote_admin_port}"
                                 if config.admin_bind else "off"),
                     store=config.store.split("://", 1)[0],
                     bundle=str(config.bundle_path), root_sha256=ca.root.fingerprint(hashes.SHA256()).hex(),

@@ -154,11 +154,4 @@ async def serve_metrics(registry: Registry, host: str, port: int, *,
     return await serve_http(handle, host, port)
 
 
-def split_host_port(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"invalid address {address!r}: use host:port, e.g. 127.0.0.1:9090")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-__all__ = ["Counter", "Gauge", "Histogram", "Registry", "serve_metrics", "split_host_port"]
+__all__ = ["Counter", "Gauge", "Histogram", "Registry", "serve_metrics"]

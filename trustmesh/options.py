@@ -22,6 +22,7 @@ from typing import Any
 
 from trustmesh.duration import format_duration, parse_duration
 from trustmesh.errors import InvalidSpiffeIdError, TrustmeshError
+from trustmesh.hostport import split_host_port
 from trustmesh.spiffeid import TrustDomain
 
 _OPTION = "trustmesh.option"
@@ -127,9 +128,7 @@ def _duration(value: Any) -> timedelta:
 
 def _host_port(value: Any) -> str:
     text = _scalar(value).strip()
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"invalid address {text!r}: use host:port, e.g. 127.0.0.1:8081")
+    split_host_port(text)
     return text
 
 

@@ -25,8 +25,9 @@ from trustmesh.agent.proxy.tls import CertificateRevokedError, client_context, s
 from trustmesh.bundle import BundleSet
 from trustmesh.clock import Clock, utc_now
 from trustmesh.errors import VerificationError
+from trustmesh.hostport import split_host_port
 from trustmesh.logs import log_event
-from trustmesh.metrics import Registry, split_host_port
+from trustmesh.metrics import Registry
 from trustmesh.policy import Decision, Policy
 from trustmesh.spiffeid import SpiffeId
 from trustmesh.x509svid import X509Svid
@@ -116,7 +117,7 @@ class InboundListener:
 
     @property
     def port(self) -> int:
-        return split_host_port(self.service.inbound.listen)[1] if self.service.inbound else 0
+        return split_host_port(self.service.inbound.listen, listening=True)[1] if self.service.inbound else 0
 
     def _current_context(self) -> ssl.SSLContext | None:
         svid = self.flow.svid_for(self.service.spiffe_id)
@@ -136,7 +137,7 @@ class InboundListener:
 
     async def start(self) -> None:
         assert self.service.inbound is not None
-        host, port = split_host_port(self.service.inbound.listen)
+        host, port = split_host_port(self.service.inbound.listen, listening=True)
         base = self._current_context()
         if base is None:
             raise VerificationError(f"no SVID for {self.service.spiffe_id} yet: is an entry registered for it "
@@ -245,7 +246,7 @@ class OutboundListener:
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> None:
-        host, port = split_host_port(self.route.listen)
+        host, port = split_host_port(self.route.listen, listening=True)
         self._server = await asyncio.start_server(self._handle, host, port, backlog=1024)
         log_event(log, "outbound_listening", service=self.service.name, listen=self.route.listen,
                   connect=self.route.connect, expect=self.route.expect)

@@ -40,6 +40,7 @@ from trustmesh.controlplane.store.kv import (
     prefix_end,
 )
 from trustmesh.errors import StoreError, StoreUnavailableError
+from trustmesh.hostport import split_host_port
 
 DEFAULT_NAMESPACE = "/trustmesh/"
 DEFAULT_TIMEOUT = 5.0
@@ -76,12 +77,13 @@ def parse_endpoints(url: str) -> list[tuple[str, int]]:
         raise StoreError(f"etcd store url {url!r} must look like etcd://host:port[,host:port]")
     endpoints: list[tuple[str, int]] = []
     for item in rest.rstrip("/").split(","):
-        host, colon, port_text = item.strip().rpartition(":")
-        if not colon or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise StoreError(
-                f"etcd endpoint {item!r} in {url!r} must be host:port, e.g. 127.0.0.1:2379"
-            )
-        endpoints.append((host, int(port_text)))
+        try:
+            host, port = split_host_port(item)
+        except ValueError:
+            port = 0
+        if not port:
+            raise StoreError(f"etcd endpoint {item!r} in {url!r} must be host:port, e.g. 127.0.0.1:2379")
+        endpoints.append((host, port))
     return endpoints
 
 

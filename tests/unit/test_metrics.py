@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from trustmesh.metrics import Registry, serve_metrics, split_host_port
+from trustmesh.hostport import join_host_port, split_host_port
+from trustmesh.metrics import Registry, serve_metrics
 
 
 def test_counter_gauge_histogram_render_in_prometheus_text_format() -> None:
@@ -64,13 +65,19 @@ async def test_http_endpoint_serves_metrics_and_404s_the_rest() -> None:
 @pytest.mark.parametrize(("text", "want"), [("127.0.0.1:9090", ("127.0.0.1", 9090)), (":9090", ("0.0.0.0", 9090)),
                                             ("[::1]:80", ("::1", 80))])
 def test_split_host_port(text: str, want: tuple[str, int]) -> None:
-    assert split_host_port(text) == want
+    assert split_host_port(text, listening=True) == want
+    assert split_host_port(join_host_port(*want)) == want  # and back
 
 
-@pytest.mark.parametrize("text", ["9090", "host:", "host:port"])
+@pytest.mark.parametrize("text", ["9090", "host:", "host:port", "host:65536"])
 def test_split_host_port_refuses(text: str) -> None:
     with pytest.raises(ValueError):
-        split_host_port(text)
+        split_host_port(text, listening=True)
+
+
+def test_an_address_to_connect_to_names_its_host() -> None:
+    with pytest.raises(ValueError, match="use host:port"):
+        split_host_port(":9090")
 
 
 def test_each_registry_is_its_own_with_process_and_build_metrics() -> None:
