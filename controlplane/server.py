@@ -7,7 +7,9 @@ store's change feed) with its subscribers and the domain services the servicers 
 NodeServicer -> issuance.py -> the CA; push: the view -> sync_service.py -> sync_delta.py),
 start the agent-facing gRPC server (TLS, the server's own SVID, rotated in place),
 the admin server on a unix socket (mode 0600: file permissions are the access control),
-metrics, and the background loops, then announce `ready`. Everything runs in one
+metrics, and the background loops, then announce `ready`. Every gRPC listener puts each call
+through one CallLayer (api/calls.py): who is calling, the per-method table of who may call
+what, error mapping and call metrics. Everything runs in one
 TaskGroup: the first failure stops all; SIGTERM stops all cleanly.
 """
 
