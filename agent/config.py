@@ -100,7 +100,8 @@ class AgentConfig:
         "PEM file of the trust domain's roots (the server's bundle.pem)", PATH,
         required="--trust-bundle FILE is required (the bundle.pem the control plane wrote)")
     data_dir: Path = option("state directory", PATH, default=Path(".trustmesh/agent"))
-    join_token: str | None = option(f"one-time join token, needed on the first start only (or ${TOKEN_ENV})",
+    join_token: str | None = option(f"one-time join token, needed on the first start only; on the command line "
+                                    f"every local user can read it: prefer --join-token-file or ${TOKEN_ENV}",
                                     TEXT, default=None, metavar="TOKEN")
     join_token_file: Path | None = option(
         "read the join token from this file instead (e.g. a mounted Kubernetes Secret); "

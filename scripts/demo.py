@@ -192,12 +192,15 @@ def main() -> int:
             for node, template in (("node-1", NODE1_CONFIG), ("node-2", NODE2_CONFIG)):
                 token = cli("token", "create", "--node", node, "--ttl", "5m")
                 say(f"{node}: join token (single use, stored only hashed): {token[:8]}…")
+                token_file = work / f"{node}.token"  # a file, not argv: /proc/PID/cmdline is world-readable
+                token_file.write_text(token)
+                token_file.chmod(0o600)
                 (work / f"{node}.yaml").write_text(template.format(td=TRUST_DOMAIN, echo=echo_port, **ports))
                 agent, agent_log = start(node, "agent", "run", "--config", str(work / f"{node}.yaml"),
                                          "--server", bind, "--attest-server", attest_bind,
                                          "--trust-bundle", str(work / "server" / "bundle.pem"),
                                          "--data-dir", str(work / node), "--socket", str(work / f"{node}.sock"),
-                                         "--join-token", token)
+                                         "--join-token-file", str(token_file))
                 ready = wait_for(agent_log, r"event=ready spiffe_id=(\S+)", agent, f"the {node} agent")
                 agent_logs[node] = (agent, agent_log)
                 say(f"{node}: agent identity {ready.group(1)}; Workload API at unix://{work / f'{node}.sock'}")

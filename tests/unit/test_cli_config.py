@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trustmesh.cli import server_cmd
+from trustmesh.cli import agent_run_cmd, server_cmd
 from trustmesh.cli.config import ConfigError, build, load_config_file, resolve
 from trustmesh.cli.main import build_parser
 from trustmesh.options import HOST_PORT, PATH, TEXT, option
@@ -92,3 +92,19 @@ def test_signing_workers_default_to_the_cpus_and_zero_means_a_thread() -> None:
     for bad in ("-1", "many"):
         with pytest.raises(ConfigError, match="--signing-workers"):
             build("--signing-workers", bad)
+
+
+def test_a_join_token_on_the_command_line_is_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # argv is world-readable in /proc/PID/cmdline: the flag still works, with a warning; the
+    # file (and the environment variable) carry the token without one.
+    base = ["agent", "run", "--server", "127.0.0.1:8081", "--trust-bundle", str(tmp_path / "b.pem")]
+    config = agent_run_cmd._build_config(build_parser().parse_args([*base, "--join-token", "tmjt_secret"]))
+    assert config.join_token == "tmjt_secret"
+    err = capsys.readouterr().err
+    assert "--join-token puts the token on the command line" in err and "--join-token-file" in err
+    assert "tmjt_secret" not in err
+    token_file = tmp_path / "token"
+    token_file.write_text("tmjt_fromfile\n")
+    config = agent_run_cmd._build_config(build_parser().parse_args([*base, "--join-token-file", str(token_file)]))
+    assert config.join_token == "tmjt_fromfile"
+    assert capsys.readouterr().err == ""

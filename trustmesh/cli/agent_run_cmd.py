@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,10 @@ __all__ = ["TOKEN_ENV", "add_run_subcommand"]
 
 EXAMPLES = """\
 examples:
-  # first start on a new node: attest with a one-time token
+  # first start on a new node: attest with a one-time token, kept off the command line
+  trustmesh token create --node node-1 > /etc/trustmesh/join-token   # on the control plane; copy it over
   trustmesh agent run --server cp.internal:8081 --trust-bundle bundle.pem \\
-      --join-token "$(trustmesh token create --node node-1)"
+      --join-token-file /etc/trustmesh/join-token
   # every later start re-attaches with the identity kept in --data-dir
   trustmesh agent run --server cp.internal:8081 --trust-bundle bundle.pem
   # two control-plane replicas, tried in turn; options from a file (flags win over it)
@@ -66,9 +68,16 @@ def _join_token(values: Mapping[str, Any]) -> str | None:
     return os.environ.get(TOKEN_ENV, "").strip() or None
 
 
+ARGV_TOKEN_WARNING = (
+    "warning: --join-token puts the token on the command line, where every local user can read it "
+    f"(/proc/PID/cmdline) until it is used; pass it with --join-token-file FILE or ${TOKEN_ENV}")
+
+
 def _build_config(args: argparse.Namespace) -> Any:
     from trustmesh.agent.config import AgentConfig
 
+    if getattr(args, "join_token", None):
+        print(ARGV_TOKEN_WARNING, file=sys.stderr)
     values = resolve(AgentConfig, args, args.config)
     values["join_token"] = _join_token(values)
     return build(AgentConfig, values)

@@ -17,8 +17,8 @@ class TokenArgsError(TrustmeshError):
 
 EXAMPLES = """\
 examples:
-  TOKEN=$(trustmesh token create --node node-1 --ttl 15m)
-  trustmesh agent run --join-token "$TOKEN" --trust-bundle bundle.pem --server cp.internal:8081
+  trustmesh token create --node node-1 --ttl 15m > join-token   # copy the file to node-1 (mode 0600)
+  trustmesh agent run --join-token-file join-token --trust-bundle bundle.pem --server cp.internal:8081
 """
 
 
