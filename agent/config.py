@@ -51,7 +51,7 @@ DEFAULT_ROTATION = RotationConfig()
 
 def _services(raw: Any) -> tuple[ServiceConfig, ...]:
     """The `services:` list of the config file, validated with messages that name the field."""
-    from trustmesh.agent.proxy.listeners import InboundConfig, OutboundConfig, ServiceConfig
+    from trustmesh.agent.proxy.listeners import InboundConfig, OutboundConfig, ServiceConfig, check_listen
 
     if raw is None:
         return ()
@@ -75,10 +75,10 @@ def _services(raw: Any) -> tuple[ServiceConfig, ...]:
                 inbound = InboundConfig(str(inb["listen"]), str(inb["forward"]))
             routes = []
             for route in item.get("outbound") or []:
-                split_host_port(str(route["listen"]), listening=True)
+                check_listen(str(route["listen"]), unix=True)  # host:port, or unix:/path (SO_PEERCRED)
                 split_host_port(str(route["connect"]))
                 routes.append(OutboundConfig(str(route["listen"]), str(route["connect"]),
-                                             SpiffeId.parse(str(route["expect"]))))
+                                             SpiffeId.parse(str(route["expect"])), _socket_mode(route.get("mode"))))
         except (KeyError, TypeError) as err:
             raise ConfigError(f"{where}: missing or malformed field {err}") from err
         except ValueError as err:
@@ -86,6 +86,19 @@ def _services(raw: Any) -> tuple[ServiceConfig, ...]:
         out.append(ServiceConfig(name=str(item["name"]), spiffe_id=sid, inbound=inbound, outbound=tuple(routes),
                                  allow_tls12=bool(item.get("allow_tls12", False))))
     return tuple(out)
+
+
+def _socket_mode(raw: Any) -> int | None:
+    """An outbound unix socket's file mode: octal text ("0660") or a YAML number."""
+    if raw is None:
+        return None
+    try:
+        mode = int(raw, 8) if isinstance(raw, str) else int(raw)
+    except ValueError as err:
+        raise ValueError(f"mode {raw!r} is not an octal file mode such as \"0660\"") from err
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"mode {raw!r} is not a file mode (0000 to 0777)")
+    return mode
 
 
 SERVICES = Parser("LIST", _services)

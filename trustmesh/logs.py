@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./:@,+")
@@ -51,3 +52,37 @@ def setup_logging(level: str = "info") -> None:
 
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
     logger.log(level, event, extra={"fields": fields})
+
+
+class RateLimitedLog:
+    """At most one line per key per `interval` seconds, for events a caller can trigger at
+    will (refusals, resource errors): a flood must not become a flood of log lines. Lines held
+    back are counted and reported as ``suppressed=N`` on the next line of their key. At most
+    `max_keys` keys are remembered; past that, keys share one budget (one line per interval)."""
+
+    _OVERFLOW = ("<other keys>",)
+
+    def __init__(self, logger: logging.Logger, interval: float = 60.0, max_keys: int = 1024,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._max_keys = max_keys
+        self._clock = clock
+        self._keys: dict[tuple[object, ...], tuple[float, int]] = {}  # key -> (last line at, held back since)
+
+    def log(self, key: tuple[object, ...], event: str, level: int = logging.WARNING, **fields: Any) -> bool:
+        """Log `event` unless a line of `key` went out less than `interval` ago; True if logged."""
+        now = self._clock()
+        if key not in self._keys and len(self._keys) >= self._max_keys:
+            self._keys = {k: v for k, v in self._keys.items() if now - v[0] < self._interval}
+            if len(self._keys) >= self._max_keys:
+                key = self._OVERFLOW
+        last = self._keys.get(key)
+        if last is not None and now - last[0] < self._interval:
+            self._keys[key] = (last[0], last[1] + 1)
+            return False
+        if last is not None and last[1]:
+            fields["suppressed"] = last[1]
+        self._keys[key] = (now, 0)
+        log_event(self._logger, event, level, **fields)
+        return True

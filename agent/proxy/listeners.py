@@ -1,34 +1,61 @@
 """Inbound and outbound mTLS listeners that enforce the allowlist.
 
-Inbound: terminate mTLS with the service's own SVID, verify the client's chain against its
-own trust domain's bundle, decide with the policy, and only then forward bytes to the local
-service. Denied connections are closed right after the handshake and reported. Open
-connections are re-checked whenever the policy changes (and every second, so time-bound
-access lapses by itself); those no longer allowed are closed.
+Inbound: accept plain TCP, run the TLS handshake ourselves (so a refused handshake is seen:
+no client certificate, unknown CA, expired: classified, counted, logged rate-limited per
+source address and reason, and reported), terminate mTLS with the service's own SVID, verify
+the client's chain against its own trust domain's bundle, decide with the policy, and only
+then forward bytes to the local service. Denied connections are closed right after the
+handshake and reported. Open connections are re-checked whenever the policy changes (and
+every second, so time-bound access lapses by itself); those no longer allowed, or whose
+client presented a certificate revoked since, are closed.
 
-Outbound: accept plaintext from the local service, dial the remote with the service's SVID,
-and refuse a server whose SPIFFE ID is not the expected one.
+Outbound: accept plaintext from a local process, on loopback TCP or on a unix socket
+(`listen: unix:/path`), and first find out who it is (trustmesh.agent.localpeer): every
+process holding the client's end of the connection must match the selectors of a
+registration entry of the service's SPIFFE ID on this node, i.e. must be a process the
+Workload API would hand that very SVID to. Several holders (a caller that forked) must all
+match; a caller that cannot be tied to a process is refused. A refused caller is closed
+before anything is dialled, so not a byte of it leaves the node; the refusal is counted,
+logged (rate-limited, with uid and pid) and reported. Admitted callers are dialled to the
+remote with the service's SVID, and a server whose SPIFFE ID is not the expected one is refused.
 
-A rotated SVID is used for the next handshake at once (the context is swapped in the SNI
-callback, which runs for every ClientHello); open connections are not dropped.
+A rotated SVID is used for the next handshake at once (each handshake takes the current
+context); open connections are not dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
+import socket
 import ssl
-from collections.abc import Callable
+import stat
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
-from trustmesh.agent.proxy.tls import CertificateRevokedError, client_context, server_context, verify_peer
+from trustmesh.agent.identity import WorkloadX509Svid
+from trustmesh.agent.localpeer import LocalPeer, LocalPeerError, PeerResolver, PinnedHolder, UnixSocket
+from trustmesh.agent.proxy.tls import (
+    CertificateRevokedError,
+    chain_serials,
+    client_context,
+    handshake_failure,
+    server_context,
+    verify_peer,
+)
+from trustmesh.agent.workload_attestor import WorkloadAttestationError, WorkloadAttestor
 from trustmesh.bundle import BundleSet
 from trustmesh.clock import Clock, utc_now
-from trustmesh.errors import VerificationError
-from trustmesh.hostport import split_host_port
-from trustmesh.logs import log_event
+from trustmesh.errors import TrustmeshError, VerificationError
+from trustmesh.hostport import join_host_port, split_host_port
+from trustmesh.logs import RateLimitedLog, log_event
 from trustmesh.metrics import Registry
 from trustmesh.policy import Decision, Policy
+from trustmesh.selectors import value_of
 from trustmesh.spiffeid import SpiffeId
 from trustmesh.x509svid import X509Svid
 
@@ -37,6 +64,31 @@ log = logging.getLogger("trustmesh.proxy")
 HANDSHAKE_TIMEOUT = 10.0
 CHUNK = 64 * 1024
 RECHECK_SECONDS = 1.0
+UNIX_PREFIX = "unix:"
+UNIX_SOCKET_MODE = 0o666  # who may connect is not who is admitted: every caller is checked
+MAX_HOLDERS = 16  # a socket shared by more processes is refused rather than checked at length
+REFUSAL_LOG_SECONDS = 60.0
+
+
+class ListenerError(TrustmeshError):
+    """A listener cannot start (its address is taken or malformed)."""
+
+
+def unix_listen_path(listen: str) -> str | None:
+    """The socket path of a `unix:/abs/path` listen address; None for host:port."""
+    if not listen.startswith(UNIX_PREFIX):
+        return None
+    path = listen[len(UNIX_PREFIX):]
+    if not path.startswith("/") or "\x00" in path or len(path) > 107:
+        raise ValueError(f"invalid address {listen!r}: use unix:/absolute/path.sock (at most 107 bytes)")
+    return path
+
+
+def check_listen(listen: str, *, unix: bool = False) -> None:
+    """ValueError when `listen` is no address to listen on (`unix:` only where `unix`)."""
+    if unix and unix_listen_path(listen) is not None:
+        return
+    split_host_port(listen, listening=True)
 
 
 @dataclass(frozen=True)
@@ -47,9 +99,10 @@ class InboundConfig:
 
 @dataclass(frozen=True)
 class OutboundConfig:
-    listen: str
+    listen: str  # host:port (loopback), or unix:/path
     connect: str
     expect: SpiffeId
+    mode: int | None = None  # a unix socket's file mode (default UNIX_SOCKET_MODE)
 
 
 @dataclass(frozen=True)
@@ -61,17 +114,124 @@ class ServiceConfig:
     allow_tls12: bool = False
 
 
+@runtime_checkable
+class Identities(Protocol):
+    """What the caller check needs of the SVID cache: the SVIDs the Workload API would hand
+    a process with these selectors (so an outbound listener admits exactly those processes)."""
+
+    def x509_svids_for(self, selectors: Collection[str]) -> list[WorkloadX509Svid]: ...
+
+
+Refused = Callable[[str, str, str, str], None]  # (kind, subject, peer, reason), aggregated upstream
+
+
+@runtime_checkable
+class RefusalSink(Protocol):
+    def refused(self, kind: str, subject: str, peer: str, reason: str) -> None: ...
+
+
+def _owner(method: object, kind: type[Any]) -> Any:
+    owner = getattr(method, "__self__", None)
+    return owner if isinstance(owner, kind) else None
+
+
+@dataclass(frozen=True)
+class CallerRefusal:
+    reason: str  # a short, fixed label (metric label, aggregated audit)
+    detail: str
+    uid: int | None = None
+    pid: int | None = None
+    exe: str | None = None
+
+    @property
+    def peer(self) -> str:
+        return f"uid={self.uid if self.uid is not None else '?'} pid={self.pid if self.pid is not None else '?'}"
+
+
+class CallerCheck:
+    """Who may use a service's outbound listener: only processes the Workload API would give
+    the service's SVID to. `proc` is where /proc is read."""
+
+    def __init__(self, resolver: PeerResolver, attestor: WorkloadAttestor, identities: Identities | None,
+                 proc: str = "/proc") -> None:
+        self._resolver = resolver
+        self._attestor = attestor
+        self._identities = identities
+        self._proc = proc
+
+    async def tcp(self, service: SpiffeId, peer: tuple[str, int], ours: tuple[str, int]) -> CallerRefusal | None:
+        try:
+            local = await self._resolver.tcp(peer, ours)
+        except LocalPeerError as err:
+            return CallerRefusal(err.reason, str(err))
+        return await self._judge(service, local)
+
+    async def unix(self, service: SpiffeId, sock: UnixSocket) -> CallerRefusal | None:
+        try:
+            local, creds = await self._resolver.unix(sock)
+        except LocalPeerError as err:
+            return CallerRefusal(err.reason, str(err))
+        return await self._judge(service, local, creds.pid)
+
+    async def _judge(self, service: SpiffeId, local: LocalPeer, connector: int | None = None) -> CallerRefusal | None:
+        first = connector if connector is not None else local.holders[0].pid
+        if self._identities is None:
+            return CallerRefusal("no_entries", "the agent cannot read its entries' selectors", local.uid, first)
+        if len(local.holders) > MAX_HOLDERS:
+            return CallerRefusal("too_many_holders", f"{len(local.holders)} processes hold the caller's socket",
+                                 local.uid, first)
+        for holder in local.holders:
+            try:
+                with PinnedHolder(local, holder, self._proc) as pinned:
+                    selectors = await self._attestor.selectors_for(pinned.credentials)
+                    pinned.confirm()
+            except LocalPeerError as err:
+                return CallerRefusal(err.reason, str(err), local.uid, holder.pid)
+            except WorkloadAttestationError as err:
+                return CallerRefusal("gone", str(err), local.uid, holder.pid)
+            if not any(s.svid.spiffe_id == service for s in self._identities.x509_svids_for(selectors)):
+                count = len(local.holders)
+                others = f" (one of {count} processes holding the socket)" if count > 1 else ""
+                return CallerRefusal("no_match", f"process {holder.pid}{others} matches no entry of {service} "
+                                     "on this node", pinned.credentials.uid, holder.pid,
+                                     value_of(selectors, "unix:path"))
+        return None
+
+
 class Flow:
-    """Who the listeners ask for SVIDs, bundles, policy and where they report decisions."""
+    """Who the listeners ask for SVIDs, bundles, policy, callers' identities, and where they
+    report decisions and refusals."""
 
     def __init__(self, svid_for: Callable[[SpiffeId], X509Svid | None], bundles: Callable[[], BundleSet],
                  policy: Callable[[], Policy], report: Callable[[SpiffeId | None, SpiffeId, int, Decision], None],
-                 metrics: Registry, clock: Clock = utc_now) -> None:
+                 metrics: Registry, clock: Clock = utc_now, *, identities: Identities | None = None,
+                 refused: Refused | None = None, attestor: WorkloadAttestor | None = None,
+                 resolver: PeerResolver | None = None) -> None:
         self.svid_for, self.bundles, self.policy, self.report = svid_for, bundles, policy, report
         self.clock = clock
+        # The composition root (agent.py) builds Flow from the SVID cache's and the flow
+        # reporter's methods; until it passes `identities` and `refused` itself, they come from
+        # the objects behind those methods. Without them the outbound listeners refuse everyone.
+        self.identities: Identities | None = identities or _owner(svid_for, Identities)
+        sink = _owner(report, RefusalSink)
+        self.refused: Refused | None = refused or (sink.refused if sink is not None else None)
+        self.callers = CallerCheck(resolver or PeerResolver(), attestor or WorkloadAttestor(), self.identities)
         self.connections = metrics.counter("trustmesh_proxy_connections_total", "proxied connections by decision",
                                            ["service", "direction", "decision"])
         self.open = metrics.gauge("trustmesh_proxy_open_connections", "open proxied connections", ["service"])
+        self.refusals = metrics.counter(
+            "trustmesh_proxy_refusals_total",
+            "connections refused before any policy decision: kind=handshake (inbound TLS) or outbound_caller "
+            "(a local process that is not the service)", ["service", "kind", "reason"])
+        self._refusal_log = RateLimitedLog(log, REFUSAL_LOG_SECONDS)
+
+    def refuse(self, kind: str, service: ServiceConfig, peer: str, reason: str, key: str, **fields: Any) -> None:
+        """Count, log (one line per service, `key` and reason a minute) and report a refusal."""
+        self.refusals.inc(service=service.name, kind=kind, reason=reason)
+        self._refusal_log.log((kind, service.name, key, reason), f"{kind}_refused", service=service.name,
+                              peer=peer, reason=reason, **fields)
+        if self.refused is not None:
+            self.refused(kind, str(service.spiffe_id), peer, reason)
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -98,11 +258,36 @@ async def _splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
             w.close()
 
 
+class _Unread(asyncio.Protocol):
+    """Holds an accepted TCP connection unread until its handler starts TLS on it, so not a
+    byte of the ClientHello is consumed before the TLS layer is in place."""
+
+    def __init__(self, start: Callable[[asyncio.Transport], Awaitable[None]], tasks: set[asyncio.Task[None]]) -> None:
+        self._start = start
+        self._tasks = tasks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()
+        task = asyncio.ensure_future(self._start(transport))
+        self._tasks.add(task)  # held until done: asyncio keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass  # before TLS: the handshake that follows sees the closed transport
+
+
 @dataclass(eq=False)
 class _Open:
     source: SpiffeId
     port: int
+    serials: frozenset[str]  # of the chain the client presented, for revocations made later
     task: asyncio.Task[None]
+
+
+def _address(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return join_host_port(str(peer[0]), int(peer[1])) if isinstance(peer, tuple) and len(peer) >= 2 else "unknown"
 
 
 @dataclass
@@ -130,57 +315,81 @@ class InboundListener:
             self._ctx_key = key
         return self._ctx
 
-    def _sni(self, sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
-        current = self._current_context()
-        if current is not None:
-            sslobj.context = current
-
     async def start(self) -> None:
         assert self.service.inbound is not None
         host, port = split_host_port(self.service.inbound.listen, listening=True)
-        base = self._current_context()
-        if base is None:
+        if self._current_context() is None:
             raise VerificationError(f"no SVID for {self.service.spiffe_id} yet: is an entry registered for it "
                                     "on this node?")
-        # The listening context only routes the handshake into the current one.
-        listen_ctx = server_context(self.flow.svid_for(self.service.spiffe_id), self.flow.bundles(),  # type: ignore[arg-type]
-                                    allow_tls12=self.service.allow_tls12)
-        listen_ctx.sni_callback = self._sni
-        self._server = await asyncio.start_server(self._handle, host, port, ssl=listen_ctx,
-                                                  ssl_handshake_timeout=HANDSHAKE_TIMEOUT, backlog=1024)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Unread(self._handle, self._tasks), host, port,
+                                                backlog=1024)
         self._tasks.add(asyncio.create_task(self._recheck_loop(), name=f"recheck-{self.service.name}"))
         log_event(log, "inbound_listening", service=self.service.name, listen=self.service.inbound.listen,
                   forward=self.service.inbound.forward)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, transport: asyncio.Transport) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # asyncio keeps only a weak reference to connection handlers
         try:
-            await self._serve(reader, writer, task)
+            streams = await self._handshake(transport)
+            if streams is not None:
+                await self._serve(*streams, task)
         except asyncio.CancelledError:
-            writer.close()  # cut by policy or shutdown: end quietly, the cut was already reported
-        finally:
-            self._tasks.discard(task)
+            transport.abort()  # cut by policy or shutdown: end quietly, the cut was already reported
+
+    async def _handshake(self, transport: asyncio.Transport) -> tuple[asyncio.StreamReader,
+                                                                      asyncio.StreamWriter] | None:
+        """TLS on the accepted connection; None (and the refusal counted and reported) when it fails."""
+        loop = asyncio.get_running_loop()
+        source = _address(transport)
+        ctx = self._current_context()
+        if ctx is None or transport.is_closing():
+            transport.abort()
+            return None
+        reader = asyncio.StreamReader(limit=CHUNK, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        try:
+            tls = await loop.start_tls(transport, protocol, ctx, server_side=True,
+                                       ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as err:  # ssl.SSLError is an OSError
+            self._handshake_refused(source, handshake_failure(err), str(err))
+            transport.abort()
+            return None
+        if tls is None:  # the client went away mid-handshake without an error
+            self._handshake_refused(source, "closed", "the client closed the connection during the handshake")
+            transport.abort()
+            return None
+        return reader, asyncio.StreamWriter(tls, protocol, reader, loop)
+
+    def _handshake_refused(self, source: str, reason: str, detail: str) -> None:
+        host = split_host_port(source)[0] if source != "unknown" else source
+        if reason == "closed":
+            # A client that hung up (a port probe, a health check) refused nothing: counted only.
+            self.flow.refusals.inc(service=self.service.name, kind="handshake", reason=reason)
+            return
+        self.flow.refuse("handshake", self.service, source, reason, host, detail=detail)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      task: asyncio.Task[None]) -> None:
         service = self.service
         assert service.inbound is not None
         sslobj = writer.get_extra_info("ssl_object")
+        source_address = _address(writer.transport)
         try:
             source: SpiffeId | None = verify_peer(sslobj, self.flow.bundles(), self.flow.clock,
                                                   self.flow.policy().revoked_serials)
         except CertificateRevokedError as err:
+            # Both: the flow record names the identity, the handshake refusal the address.
             decision = Decision(False, "revoked certificate", f"client refused: {err}")
             self.flow.report(err.spiffe_id, service.spiffe_id, self.port, decision)
             self.flow.connections.inc(service=service.name, direction="inbound", decision="refused")
+            self._handshake_refused(source_address, "revoked", str(err))
             writer.close()
             return
         except VerificationError as err:
-            decision = Decision(False, "peer verification", f"client refused: {err}")
-            self.flow.report(None, service.spiffe_id, self.port, decision)
             self.flow.connections.inc(service=service.name, direction="inbound", decision="refused")
+            self._handshake_refused(source_address, "untrusted_chain", str(err))
             writer.close()
             return
         assert source is not None
@@ -198,7 +407,7 @@ class InboundListener:
             log_event(log, "forward_failed", level=logging.WARNING, service=service.name, error=str(err))
             writer.close()
             return
-        entry = _Open(source, self.port, task)
+        entry = _Open(source, self.port, chain_serials(sslobj), task)
         self._open.add(entry)
         self.flow.open.inc(service=service.name)
         try:
@@ -211,13 +420,20 @@ class InboundListener:
             self.flow.open.dec(service=service.name)
 
     def recheck(self) -> int:
-        """Close open connections the current policy no longer allows; return how many."""
+        """Close open connections the current policy no longer allows, or whose client's
+        certificate has been revoked since; return how many."""
         policy, now, closed = self.flow.policy(), self.flow.clock(), 0
         for conn in list(self._open):
-            decision = policy.decide(conn.source, self.service.spiffe_id, conn.port, now)
+            revoked = conn.serials & policy.revoked_serials
+            if revoked:
+                decision = Decision(False, "revoked certificate",
+                                    f"{conn.source} presented certificate {min(revoked)}, which was revoked")
+            else:
+                decision = policy.decide(conn.source, self.service.spiffe_id, conn.port, now)
             if not decision.allowed:
                 self.flow.report(conn.source, self.service.spiffe_id, conn.port, decision)
                 conn.task.cancel()
+                self._open.discard(conn)  # reported once, even if the next recheck comes before the cut
                 closed += 1
         if closed:
             log_event(log, "connections_cut", service=self.service.name, count=closed)
@@ -229,12 +445,33 @@ class InboundListener:
             self.recheck()
 
     async def close(self) -> None:
-        for task in self._tasks:
+        for task in list(self._tasks):
             task.cancel()
         if self._server is not None:
             self._server.close()
         for conn in list(self._open):
             conn.task.cancel()
+
+
+async def _claim_socket_path(path: Path) -> None:
+    """Remove a socket file left by a previous run, but never steal a live listener's socket
+    nor remove anything that is not a socket."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise ListenerError(f"{path} exists and is not a socket; remove it or choose another listen path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(probe, str(path))
+    except OSError as err:
+        if err.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise ListenerError(f"cannot check whether {path} is in use: {err.strerror}") from err
+    else:
+        raise ListenerError(f"another process is serving on {path}; stop it or choose another listen path")
+    finally:
+        probe.close()
+    path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -244,10 +481,20 @@ class OutboundListener:
     flow: Flow
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _unix_path: Path | None = None
 
     async def start(self) -> None:
-        host, port = split_host_port(self.route.listen, listening=True)
-        self._server = await asyncio.start_server(self._handle, host, port, backlog=1024)
+        unix_path = unix_listen_path(self.route.listen)
+        if unix_path is None:
+            host, port = split_host_port(self.route.listen, listening=True)
+            self._server = await asyncio.start_server(self._handle, host, port, backlog=1024)
+        else:
+            path = Path(unix_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            await _claim_socket_path(path)
+            self._server = await asyncio.start_unix_server(self._handle, str(path), backlog=1024)
+            os.chmod(path, self.route.mode if self.route.mode is not None else UNIX_SOCKET_MODE)
+            self._unix_path = path
         log_event(log, "outbound_listening", service=self.service.name, listen=self.route.listen,
                   connect=self.route.connect, expect=self.route.expect)
 
@@ -262,7 +509,22 @@ class OutboundListener:
         finally:
             self._tasks.discard(task)
 
+    async def _caller_refusal(self, writer: asyncio.StreamWriter) -> CallerRefusal | None:
+        if self._unix_path is not None:
+            return await self.flow.callers.unix(self.service.spiffe_id, writer.get_extra_info("socket"))
+        peer, ours = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+        return await self.flow.callers.tcp(self.service.spiffe_id, (peer[0], peer[1]), (ours[0], ours[1]))
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Who connected, before anything is dialled: a refused caller sends no byte off the node.
+        refusal = await self._caller_refusal(writer)
+        if refusal is not None:
+            self.flow.connections.inc(service=self.service.name, direction="outbound", decision="caller_refused")
+            self.flow.refuse("outbound_caller", self.service, refusal.peer, refusal.reason,
+                             str(refusal.uid), listen=self.route.listen, uid=refusal.uid, pid=refusal.pid,
+                             exe=refusal.exe or "", detail=refusal.detail)
+            writer.transport.abort()  # what it sent is dropped unread
+            return
         svid = self.flow.svid_for(self.service.spiffe_id)
         if svid is None:
             writer.close()
@@ -297,3 +559,5 @@ class OutboundListener:
             self._server.close()
         for task in list(self._tasks):
             task.cancel()
+        if self._unix_path is not None:
+            self._unix_path.unlink(missing_ok=True)

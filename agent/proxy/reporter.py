@@ -39,6 +39,7 @@ class FlowReporter:
         self._counts: dict[tuple[str, str, int, bool, str], _Count] = {}
         self._decisions = metrics.counter("trustmesh_policy_decisions_total", "connection decisions",
                                           ["destination", "decision", "rule"])
+        self.refused_stub_count = 0  # STUB (issue 13, branch i13-outbound): see refused() below
 
     def report(self, source: SpiffeId | None, destination: SpiffeId, port: int, decision: Decision) -> None:
         self._decisions.inc(destination=str(destination), decision=decision.verdict.lower(), rule=decision.rule)
@@ -56,6 +57,13 @@ class FlowReporter:
         else:
             entry.count += 1
             entry.last = now
+
+    # --- STUB (issue 13, branch i13-outbound) -----------------------------------------------
+    # The listeners call refused() for handshake refusals and refused outbound callers. The
+    # aggregated, audited implementation is another change of issue 13; this stub, with that
+    # exact signature, only counts so the listeners can call it meanwhile. Replace it whole.
+    def refused(self, kind: str, subject: str, peer: str, reason: str) -> None:
+        self.refused_stub_count += 1
 
     async def flush(self) -> None:
         if not self._counts:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ssl
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from trustmesh.bundle import BundleSet
@@ -62,6 +63,16 @@ class CertificateRevokedError(VerificationError):
         super().__init__(f"{spiffe_id} presented certificate {serial}, which was revoked")
 
 
+def serial_text(cert: x509.Certificate) -> str:
+    """A certificate's serial as revocations name it (lower-case hex)."""
+    return f"{cert.serial_number:x}"
+
+
+def chain_serials(ssl_object: ssl.SSLObject) -> frozenset[str]:
+    """The serials of every certificate the peer presented, to check later revocations against."""
+    return frozenset(serial_text(cert) for cert in peer_chain(ssl_object))
+
+
 def verify_peer(ssl_object: ssl.SSLObject, bundles: BundleSet, now: Clock = utc_now,
                 revoked: frozenset[str] = frozenset()) -> SpiffeId:
     chain = peer_chain(ssl_object)
@@ -69,7 +80,46 @@ def verify_peer(ssl_object: ssl.SSLObject, bundles: BundleSet, now: Clock = utc_
         raise VerificationError("the peer presented no certificate")
     found = verify_x509_svid(chain, bundles.x509_anchors(), now=now())
     for cert in chain:
-        serial = f"{cert.serial_number:x}"
+        serial = serial_text(cert)
         if serial in revoked:
             raise CertificateRevokedError(found, serial)
     return found
+
+
+# OpenSSL's X509_V_ERR_* codes (x509_vfy.h) that a refused client certificate reports.
+_VERIFY_REASONS = {
+    2: "unknown_ca",  # unable to get issuer certificate
+    9: "not_yet_valid",
+    10: "expired",
+    18: "unknown_ca",  # self-signed certificate
+    19: "unknown_ca",  # self-signed certificate in chain
+    20: "unknown_ca",  # unable to get local issuer certificate
+    21: "unknown_ca",  # unable to verify the first certificate
+    23: "revoked",
+}
+
+
+def handshake_failure(err: BaseException) -> str:
+    """A short, fixed label for why a TLS handshake failed (a metric label, an audit reason):
+    no_client_certificate, unknown_ca, expired, not_yet_valid, revoked, bad_certificate,
+    protocol (no common TLS version or cipher), not_tls, client_alert (the client refused us),
+    timeout, closed (the client went away), tls_error (anything else OpenSSL refused)."""
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return _VERIFY_REASONS.get(err.verify_code, "bad_certificate")
+    if isinstance(err, ssl.SSLError):
+        reason = err.reason or ""
+        if reason in ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "NO_CERTIFICATE_RETURNED"):
+            return "no_client_certificate"
+        if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "UNKNOWN_PROTOCOL"):
+            return "not_tls"
+        if reason in ("UNSUPPORTED_PROTOCOL", "NO_SHARED_CIPHER", "NO_PROTOCOLS_AVAILABLE",
+                      "TLSV1_ALERT_PROTOCOL_VERSION", "VERSION_TOO_LOW"):
+            return "protocol"
+        if reason.startswith(("TLSV1_ALERT_", "SSLV3_ALERT_", "TLSV13_ALERT_")):
+            return "client_alert"
+        if isinstance(err, ssl.SSLEOFError) or reason == "UNEXPECTED_EOF_WHILE_READING":
+            return "closed"
+        return "tls_error"
+    if isinstance(err, (ConnectionAbortedError, TimeoutError)):
+        return "timeout"  # asyncio aborts a handshake that outlives its timeout
+    return "closed"
