@@ -5,8 +5,10 @@ inbound listener terminates mTLS, verifies the caller and applies the allowlist.
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
+import sys
 import tempfile
 import threading
 import time
@@ -24,6 +26,7 @@ from cryptography.x509.oid import NameOID
 from tests.etcd_process import free_port
 from tests.integration.harness import AgentProcess, ServerProcess
 
+SELF_EXE = os.path.realpath(sys.executable)
 POLICY = """\
 apiVersion: trustmesh/v1
 kind: Allowlist
@@ -104,9 +107,11 @@ class Mesh:
 def mesh(make_server: Callable[..., ServerProcess], tmp_path: Path, echo: int) -> Iterator[Mesh]:
     server = make_server()
     ledger_port, pay_port, front_port, wrong_port = free_port(), free_port(), free_port(), free_port()
+    # The test process itself is the services' caller, so their entries name it (uid and binary):
+    # an outbound listener admits only processes its service's entry matches.
     for name in ("ledger", "payments", "frontend"):
         server.cli("entry", "create", "--spiffe-id", f"spiffe://example.org/{name}", "--node", "node-1",
-                   "--selector", "unix:uid:4242", check=True)
+                   "--selector", f"unix:uid:{os.getuid()}", "--selector", f"unix:path:{SELF_EXE}", check=True)
     _policy(server, tmp_path, ledger_port, "spiffe://example.org/payments")
     config = tmp_path / "agent.yaml"
     config.write_text(f"""\
