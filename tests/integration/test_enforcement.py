@@ -6,12 +6,14 @@ inbound listener terminates mTLS, verifies the caller and applies the allowlist.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -101,12 +103,23 @@ class Mesh:
     payments: int
     frontend: int
     wrong: int
+    metrics: int
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample from the agent's /metrics (0 when absent)."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=5).read().decode()
+        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in text.splitlines():
+            if line.startswith(f"{name}{{{wanted}}} "):
+                return float(line.split()[-1])
+        return 0.0
 
 
 @pytest.fixture
 def mesh(make_server: Callable[..., ServerProcess], tmp_path: Path, echo: int) -> Iterator[Mesh]:
     server = make_server()
-    ledger_port, pay_port, front_port, wrong_port = free_port(), free_port(), free_port(), free_port()
+    ledger_port, pay_port, front_port, wrong_port, metrics = free_port(), free_port(), free_port(), free_port(), \
+        free_port()
     # The test process itself is the services' caller, so their entries name it (uid and binary):
     # an outbound listener admits only processes its service's entry matches.
     for name in ("ledger", "payments", "frontend"):
@@ -115,6 +128,7 @@ def mesh(make_server: Callable[..., ServerProcess], tmp_path: Path, echo: int) -
     _policy(server, tmp_path, ledger_port, "spiffe://example.org/payments")
     config = tmp_path / "agent.yaml"
     config.write_text(f"""\
+metrics: 127.0.0.1:{metrics}
 services:
   - name: ledger
     spiffe_id: spiffe://example.org/ledger
@@ -136,7 +150,7 @@ services:
     agent = AgentProcess(server, tmp_path / "agent", join_token=token, config=config).start()
     try:
         assert _wait_for(lambda: "inbound_listening" in agent.log() and agent.log().count("outbound_listening") >= 3)
-        yield Mesh(server, agent, ledger_port, pay_port, front_port, wrong_port)
+        yield Mesh(server, agent, ledger_port, pay_port, front_port, wrong_port, metrics)
     finally:
         agent.stop()
 
@@ -211,6 +225,17 @@ def test_hostile_clients_are_refused_and_everyone_else_keeps_being_served(mesh: 
     assert _tls_client(mesh.ledger, client()) == b""  # no client certificate
     assert _tls_client(mesh.ledger, client(_self_signed())) == b""  # our ID, but an unknown CA
     assert _tls_client(mesh.ledger, client(version=ssl.TLSVersion.TLSv1_2)) == b""  # TLS 1.3 only by default
+    # Each refusal at the handshake is seen: logged with its reason and source, and counted.
+    for reason in ("no_client_certificate", "unknown_ca", "protocol"):
+        pattern = rf"event=handshake_refused service=ledger peer=127\.0\.0\.1:\d+ reason={reason} "
+        assert _wait_for(lambda p=pattern: re.search(p, mesh.agent.log()) is not None), reason
+        assert mesh.metric("trustmesh_proxy_refusals_total", service="ledger", kind="handshake", reason=reason) == 1
+    # Logged once a minute per source address and reason, however many come: a flood is counted, not echoed.
+    for _ in range(20):
+        _tls_client(mesh.ledger, client())
+    assert mesh.metric("trustmesh_proxy_refusals_total", service="ledger", kind="handshake",
+                       reason="no_client_certificate") == 21
+    assert mesh.agent.log().count("reason=no_client_certificate") == 1
     # Half-open handshakes and a flood of connections do not starve anyone.
     idle = [socket.create_connection(("127.0.0.1", mesh.ledger), timeout=5) for _ in range(50)]
     flood = []
@@ -287,3 +312,43 @@ async def test_expired_client_certificates_are_refused_and_fresh_ones_pass(mesh:
     # Positive control: an allowed ID with a valid SVID from another node goes straight through.
     assert await asyncio.to_thread(_tls_client, mesh.ledger, ctx(fresh)) == b"hello"
     assert await asyncio.to_thread(_tls_client, mesh.ledger, ctx(stale)) == b""  # expired: refused
+    assert _wait_for(lambda: "event=handshake_refused service=ledger" in mesh.agent.log()
+                     and "reason=expired" in mesh.agent.log()), mesh.agent.log()[-2000:]
+
+
+@pytest.mark.slow
+def test_revoking_a_partner_certificate_cuts_its_open_connection(mesh: Mesh, tmp_path: Path) -> None:
+    from trustmesh.keys import generate_private_key
+    from trustmesh.x509svid import build_csr
+
+    _policy(mesh.server, tmp_path, mesh.ledger, "spiffe://example.org/payments", "spiffe://example.org/partners/acme")
+    key = generate_private_key()
+    (tmp_path / "acme.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    (tmp_path / "acme.csr").write_bytes(build_csr(key))
+    issued = mesh.server.cli("partner", "issue", "--spiffe-id", "spiffe://example.org/partners/acme", "--csr",
+                             str(tmp_path / "acme.csr"), "--ttl", "1h", "--out", str(tmp_path / "acme.pem"),
+                             check=True).stdout
+    serial = re.search(r"serial (\w+)", issued).group(1)  # type: ignore[union-attr]
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(str(tmp_path / "acme.pem"), str(tmp_path / "acme.key"))
+    assert _wait_for(lambda: _tls_client(mesh.ledger, ctx) == b"hello")  # once the new policy is in
+    raw = socket.create_connection(("127.0.0.1", mesh.ledger), timeout=10)
+    with ctx.wrap_socket(raw) as conn:
+        conn.sendall(b"ping")
+        assert conn.recv(16) == b"ping"
+        mesh.server.cli("partner", "revoke", serial, "--reason", "key exposed", check=True)
+        conn.settimeout(15)  # a policy push arrives in well under a second; 15 s means "never"
+        try:
+            leftover = conn.recv(16)
+        except (ConnectionResetError, ssl.SSLError):
+            leftover = b""
+        except TimeoutError:
+            leftover = b"<still open>"
+        assert leftover == b"", "the revoked partner's open connection kept working"
+    assert _tls_client(mesh.ledger, ctx) == b""  # and a new one is refused
+    assert _wait_for(lambda: "revoked" in mesh.server.cli("audit", "show", "--kind", "connection.denied",
+                                                          "--json", check=True).stdout)
