@@ -47,7 +47,7 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -241,15 +241,32 @@ def _find_tcp(queries: Iterable[_TcpQuery], proc: str, netlink: bool) -> dict[_T
     return found
 
 
-def find_holders(inodes: Iterable[int], proc: str = "/proc") -> dict[int, list[Holder]]:
-    """Every process with a descriptor on each of `inodes` (one pass over /proc/*/fd)."""
-    links = {f"socket:[{inode}]": inode for inode in inodes}
-    found: dict[int, list[Holder]] = {inode: [] for inode in links.values()}
+def find_holders(sockets: Mapping[int, int], proc: str = "/proc", skip: int | None = None) -> dict[int, list[Holder]]:
+    """Every process with a descriptor on each socket of `sockets` ({inode: owner uid}), in one
+    pass over /proc/*/fd, except the process `skip` (the agent: its own table grows with its
+    load, and it never holds a caller's socket).
+
+    Only processes running as one of the sockets' owners or as root are looked at (/proc/PID
+    belongs to the process's effective uid, or to root when it is not dumpable), which spares
+    reading every other user's descriptors. A holder under a third uid can only have received
+    the socket from a process of its owner (descriptor passing, or a fork that changed uid,
+    which takes root): a process that can pass the socket on could relay its bytes anyway."""
+    links = {f"socket:[{inode}]": inode for inode in sockets}
+    found: dict[int, list[Holder]] = {inode: [] for inode in sockets}
     if not links:
         return found
+    owners = {0, *sockets.values()}
+    pids = []
     with os.scandir(proc) as entries:
-        pids = [int(e.name) for e in entries if e.name.isdigit()]
-    for pid in pids:
+        for entry in entries:
+            if not entry.name.isdigit() or int(entry.name) == skip:
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_uid in owners:
+                    pids.append(int(entry.name))
+            except OSError:
+                continue  # gone
+    for pid in sorted(pids):
         try:
             fd_dir = os.open(f"{proc}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
@@ -289,7 +306,8 @@ def _hits(fd_dir: int, links: dict[str, int]) -> dict[str, int]:
     return hits
 
 
-def scan(queries: Iterable[_Query], proc: str = "/proc", netlink: bool = True) -> dict[_Query, _Result]:
+def scan(queries: Iterable[_Query], proc: str = "/proc", netlink: bool = True,
+         skip: int | None = None) -> dict[_Query, _Result]:
     """Resolve a batch of lookups: the client sockets by sock_diag (`netlink`) or one read of
     the socket tables, then their holders in one pass over /proc."""
     queries = list(queries)
@@ -304,7 +322,7 @@ def scan(queries: Iterable[_Query], proc: str = "/proc", netlink: bool = True) -
         else:
             results[query] = LocalPeerError("no_socket", "the caller's socket is not in this node's socket table "
                                             "(it closed, or it is in another network namespace)")
-    holders = find_holders((inode for inode, _ in inodes.values()), proc)
+    holders = find_holders(dict(inodes.values()), proc, skip)
     for query, (inode, uid) in inodes.items():
         seen = tuple(holders.get(inode, ()))
         if not seen and isinstance(query, _InodeQuery) and query.connector is not None:
@@ -348,10 +366,12 @@ def unix_peer_inode(sock: UnixSocket) -> int | None:
 
 class PeerResolver:
     """Resolves callers to their holders, sharing one scan among every lookup made while the
-    previous scan ran. `proc` is where /proc is read (tests point it at a fake tree)."""
+    previous scan ran. `proc` is where /proc is read (tests point it at a fake tree); the agent
+    passes `scan_self=False` (see find_holders)."""
 
-    def __init__(self, proc: str = "/proc", netlink: bool | None = None) -> None:
+    def __init__(self, proc: str = "/proc", netlink: bool | None = None, scan_self: bool = True) -> None:
         self._proc = proc
+        self._skip = None if scan_self else os.getpid()
         self._netlink = netlink  # None: probed at the first scan
         self._waiting: dict[_Query, list[asyncio.Future[_Result]]] = {}
         self._scanner: asyncio.Task[None] | None = None
@@ -397,7 +417,7 @@ class PeerResolver:
             try:
                 if self._netlink is None:
                     self._netlink = await asyncio.to_thread(inet_diag_works)
-                results = await asyncio.to_thread(scan, list(batch), self._proc, self._netlink)
+                results = await asyncio.to_thread(scan, list(batch), self._proc, self._netlink, self._skip)
             except OSError as err:
                 failed = LocalPeerError("unreadable", f"cannot read the socket tables in {self._proc}: {err}")
                 results = dict.fromkeys(batch, failed)

@@ -6,7 +6,10 @@ service. nginx runs its stream module with `ssl_verify_client on` and one worker
 like the one agent process. Measured:
 
 - new mTLS handshakes per second (`openssl s_time -new`, full TLS 1.3 handshakes);
-- bulk MB/s through the proxy (a client streams data and reads the echo back).
+- bulk MB/s through the proxy (a client streams data and reads the echo back);
+- the caller check of an outbound listener (which local process connected, and does it match
+  the service's entry): microseconds per check, against the cost of a whole outbound
+  connection through the agent (accept, check, mTLS dial, one echo), measured in the same run.
 
 Run through `scripts/bench` (or `python benchmarks/proxy.py [--quick]`).
 """
@@ -230,6 +233,96 @@ def cpu_per_1000_requests(port: int, cert: Path, key: Path, pid: int, requests: 
     return (_cpu_seconds(pids) - before) / requests * 1000
 
 
+def outbound_connection_us(port: int, connections: int) -> float:
+    """Microseconds per connection through an outbound listener, one after another: accept,
+    caller check, mTLS dial to the inbound listener, one 1-byte echo, close."""
+    started = time.perf_counter()
+    for _ in range(connections):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(b"x")
+            if conn.recv(1) != b"x":
+                raise RuntimeError("the outbound listener refused the benchmark's own process")
+    return (time.perf_counter() - started) / connections * 1e6
+
+
+def caller_check_us(checks: int, concurrent: int) -> tuple[float, float]:
+    """(µs per caller check one at a time, µs per check when `concurrent` arrive together),
+    in this process, with the agent's own code: find the client socket (sock_diag), every
+    process holding it (/proc/*/fd), pin each and read its selectors."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from trustmesh.agent.localpeer import PeerResolver
+    from trustmesh.agent.proxy.listeners import CallerCheck
+    from trustmesh.agent.workload_attestor import WorkloadAttestor
+    from trustmesh.spiffeid import SpiffeId
+
+    service = SpiffeId.parse("spiffe://example.org/payments")
+
+    class Everyone:  # the entry matches every caller: the check runs to its end and admits
+        def x509_svids_for(self, selectors: object) -> list[object]:
+            return [SimpleNamespace(svid=SimpleNamespace(spiffe_id=service))]
+
+    async def measure() -> tuple[float, float]:
+        # Here this process is the caller, so its own table is scanned (the agent skips its own).
+        check = CallerCheck(PeerResolver(scan_self=True), WorkloadAttestor(), Everyone())  # type: ignore[arg-type]
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(1024)
+        ours = server.getsockname()
+
+        def connect() -> tuple[socket.socket, socket.socket, tuple[str, int]]:
+            client = socket.create_connection(ours)
+            accepted, peer = server.accept()
+            return client, accepted, peer
+
+        async def one_check() -> float:
+            client, accepted, peer = connect()  # one caller at a time, as a quiet service calls
+            try:
+                started = time.perf_counter()
+                refusal = await check.tcp(service, peer, ours)
+                elapsed = time.perf_counter() - started
+            finally:
+                client.close()
+                accepted.close()
+            if refusal is not None:
+                raise RuntimeError(f"the caller check refused the benchmark's own process: {refusal}")
+            return elapsed
+
+        try:
+            await one_check()  # warm: the selectors' user names and the binary's hash are cached
+            one = sum([await one_check() for _ in range(checks)]) / checks * 1e6
+            pairs = [connect() for _ in range(concurrent)]
+            try:
+                started = time.perf_counter()
+                refusals = await asyncio.gather(*(check.tcp(service, peer, ours) for _, _, peer in pairs))
+                together = (time.perf_counter() - started) / concurrent * 1e6
+            finally:
+                for client, accepted, _ in pairs:
+                    client.close()
+                    accepted.close()
+            if any(refusals):
+                raise RuntimeError(f"the caller check refused the benchmark's own process: {refusals[0]}")
+            return one, together
+        finally:
+            server.close()
+
+    return asyncio.run(measure())
+
+
+def _host_descriptors() -> tuple[int, int]:
+    """(processes, descriptors) on this host: what one caller check has to scan."""
+    processes = descriptors = 0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                descriptors += len(os.listdir(entry / "fd"))
+                processes += 1
+            except OSError:
+                continue
+    return processes, descriptors
+
+
 def run(quick: bool) -> list[dict[str, object]]:
     if shutil.which("nginx") is None:
         raise SystemExit("nginx is not installed: `apt-get install nginx libnginx-mod-stream` (scripts/bench does it)")
@@ -244,7 +337,7 @@ def run(quick: bool) -> list[dict[str, object]]:
         for name in ("ledger", "payments"):
             server.cli("entry", "create", "--spiffe-id", f"spiffe://example.org/{name}", "--node", "node-1",
                        "--selector", f"unix:uid:{os.getuid()}", check=True)
-        agent_port, nginx_port = free_port(), free_port()
+        agent_port, nginx_port, outbound_port = free_port(), free_port(), free_port()
         policy = work / "policy.yaml"
         policy.write_text("apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: bench}\n"
                           f"spec: {{destination: spiffe://example.org/ledger, ports: [{agent_port}],"
@@ -252,11 +345,15 @@ def run(quick: bool) -> list[dict[str, object]]:
         server.cli("policy", "apply", str(policy), check=True)
         config = work / "agent.yaml"
         config.write_text(f"services:\n  - name: ledger\n    spiffe_id: spiffe://example.org/ledger\n"
-                          f"    inbound: {{listen: 127.0.0.1:{agent_port}, forward: 127.0.0.1:{backend}}}\n")
+                          f"    inbound: {{listen: 127.0.0.1:{agent_port}, forward: 127.0.0.1:{backend}}}\n"
+                          f"  - name: payments\n    spiffe_id: spiffe://example.org/payments\n    outbound:\n"
+                          f"      - {{listen: 127.0.0.1:{outbound_port}, connect: 127.0.0.1:{agent_port}, "
+                          "expect: spiffe://example.org/ledger}\n")
         token = server.cli("token", "create", "--node", "node-1", check=True).stdout.strip()
         agent = AgentProcess(server, work / "agent", join_token=token, config=config).start()
         deadline = time.monotonic() + 20
-        while "inbound_listening" not in agent.log() and time.monotonic() < deadline:
+        while ("inbound_listening" not in agent.log() or "outbound_listening" not in agent.log()) \
+                and time.monotonic() < deadline:
             time.sleep(0.1)
         ledger_cert, ledger_key = fetch_svid(agent.socket, "spiffe://example.org/ledger", work)
         client_cert, client_key = fetch_svid(agent.socket, "spiffe://example.org/payments", work)
@@ -284,6 +381,18 @@ def run(quick: bool) -> list[dict[str, object]]:
                         round(ref, 4), "ratio": round(ours / ref, 3) if ref else 0.0,
                         "goal": "report (anchors: ztunnel 0.06, Envoy sidecar 0.20 vCPU per 1,000 rps)",
                         "params": {"requests": requests, "connections": 10, "size": "1 KB each way"}})
+        connections, concurrent = (100, 100) if quick else (1_000, 500)
+        whole = outbound_connection_us(outbound_port, connections)
+        one, together = caller_check_us(connections, concurrent)
+        processes, descriptors = _host_descriptors()
+        results.append({"name": "proxy.caller_check", "value": round(one, 1), "unit": "µs per outbound connection",
+                        "reference": "a whole outbound connection through the agent (accept, check, mTLS dial, "
+                                     "1-byte echo), one after another", "reference_value": round(whole, 1),
+                        "ratio": round(one / whole, 3), "goal": "report (share of an outbound connection's cost)",
+                        "params": {"connections": connections, "host_processes": processes,
+                                   "host_descriptors": descriptors, "concurrent": concurrent,
+                                   "us_per_check_when_concurrent": round(together, 1),
+                                   "lookup": "sock_diag + /proc/*/fd scan + pidfd + selectors"}})
         return results
     finally:
         if nginx is not None:

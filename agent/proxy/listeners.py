@@ -215,7 +215,8 @@ class Flow:
         self.identities: Identities | None = identities or _owner(svid_for, Identities)
         sink = _owner(report, RefusalSink)
         self.refused: Refused | None = refused or (sink.refused if sink is not None else None)
-        self.callers = CallerCheck(resolver or PeerResolver(), attestor or WorkloadAttestor(), self.identities)
+        self.callers = CallerCheck(resolver or PeerResolver(scan_self=False), attestor or WorkloadAttestor(),
+                                   self.identities)
         self.connections = metrics.counter("trustmesh_proxy_connections_total", "proxied connections by decision",
                                            ["service", "direction", "decision"])
         self.open = metrics.gauge("trustmesh_proxy_open_connections", "open proxied connections", ["service"])

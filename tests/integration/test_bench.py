@@ -17,8 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 EXPECTED_PREFIXES = ("issuance.sqlite.", "issuance.etcd.", "propagation.policy.", "propagation.entry.", "idle_load.",
                      "workload_api.first_response", "workload_api.rotation_fanout", "workload_api.agent_rss",
-                     "proxy.handshakes", "proxy.bulk", "proxy.cpu_per_1000_requests", "scale.sync_cost_ratio",
-                     "scale.server_rss")
+                     "proxy.handshakes", "proxy.bulk", "proxy.cpu_per_1000_requests", "proxy.caller_check",
+                     "scale.sync_cost_ratio", "scale.server_rss")
 
 
 @pytest.mark.slow
