@@ -16,25 +16,27 @@ Nothing the caller says is used.
 Either way the *holders* are every process with a descriptor linking to ``socket:[INODE]``
 (``ss -p`` reads ``/proc/*/fd`` the same way), because a descriptor outlives the process that
 made it: a caller may fork, keep the socket in a child and exec something else. The lookup
-returns all of them; `pin_holder` then checks one, and the listener admits a connection only
+returns all of them; `PinnedHolder` then checks one, and the listener admits a connection only
 when every holder passes (see trustmesh.agent.proxy.listeners).
 
 Cost and floods: finding the holders reads every process's descriptor table, O(descriptors on
 the host), a few milliseconds. Lookups that arrive while a scan runs wait for the next one and
 share it, so a flood of connections costs one scan per scan time, not one per connection.
 
-pid reuse: a pid found in the scan is only a number. `pin_holder` opens a pidfd to whatever
+pid reuse: a pid found in the scan is only a number. `PinnedHolder` opens a pidfd to whatever
 process has that pid now, checks that this process still holds the socket and started when
 the scanned one did, and `PinnedHolder.confirm` checks after the caller's selectors were read
 that the pidfd's process is still alive (a pid is not reused while its process exists), so
 everything read from /proc/PID in between was that process.
 
-What this cannot see, and why it does not matter for a refusal: processes in another pid
-namespace and descriptor tables other than a process's main one (a thread that unshared its
-table with CLONE_FILES). A socket none of whose holders is visible is refused; a hidden
-extra holder can only be hidden by a process of the socket owner's own uid, which could
-ptrace the visible one anyway. Without root (or CAP_SYS_PTRACE) other users' descriptor
-tables cannot be read: run the agent as root, as the Workload API needs for /proc/PID/exe.
+What this does not see, and why that is safe: processes in another pid namespace, descriptor
+tables other than a process's main one (a thread that unshared its table with CLONE_FILES),
+and processes under a uid that is neither the socket's owner nor root (see find_holders). A
+socket none of whose holders is visible is refused. An extra holder can be hidden only by a
+process of the socket owner's own uid (which could ptrace the visible holder anyway) or be
+handed the socket by one (which could relay its bytes anyway). Without root (or
+CAP_SYS_PTRACE) other users' descriptor tables cannot be read: run the agent as root, as the
+Workload API needs for /proc/PID/exe.
 """
 
 from __future__ import annotations
@@ -97,8 +99,9 @@ class Holder:
 
 @dataclass(frozen=True)
 class LocalPeer:
-    """The client end of a local connection: its socket's inode, the uid the kernel recorded
-    for it (sk_uid for TCP, SO_PEERCRED for unix) and every process holding it."""
+    """The client end of a local connection: its socket's inode (0 where the kernel cannot
+    tell: a unix socket without unix_diag), the uid the kernel recorded for it (sk_uid for
+    TCP, SO_PEERCRED for unix) and every process holding it."""
 
     inode: int
     uid: int
@@ -159,7 +162,6 @@ class _TcpQuery:
 class _InodeQuery:
     inode: int
     uid: int
-    connector: Holder | None  # the SO_PEERCRED process: the holder when the scan sees none
 
 
 _Query = _TcpQuery | _InodeQuery
@@ -325,8 +327,6 @@ def scan(queries: Iterable[_Query], proc: str = "/proc", netlink: bool = True,
     holders = find_holders(dict(inodes.values()), proc, skip)
     for query, (inode, uid) in inodes.items():
         seen = tuple(holders.get(inode, ()))
-        if not seen and isinstance(query, _InodeQuery) and query.connector is not None:
-            seen = (query.connector,)
         if seen:
             results[query] = LocalPeer(inode, uid, seen)
         else:
@@ -389,16 +389,14 @@ class PeerResolver:
         except WorkloadAttestationError as err:
             raise LocalPeerError("no_credentials", str(err)) from err
         peer_inode = unix_peer_inode(sock)
+        if peer_inode is not None:
+            return await self._lookup(_InodeQuery(peer_inode, creds.uid)), creds
+        # No unix_diag in this kernel: the connecting process is all the kernel tells us.
         try:
             connector = Holder(creds.pid, _start_time(self._proc, creds.pid))
-        except WorkloadAttestationError:
-            connector = None
-        if peer_inode is None:
-            # No sock_diag: the connecting process is all the kernel tells us.
-            if connector is None:
-                raise LocalPeerError("no_process", f"the caller (pid {creds.pid}) is gone")
-            return LocalPeer(0, creds.uid, (connector,)), creds
-        return await self._lookup(_InodeQuery(peer_inode, creds.uid, connector)), creds
+        except WorkloadAttestationError as err:
+            raise LocalPeerError("gone", f"the caller (pid {creds.pid}) is gone") from err
+        return LocalPeer(0, creds.uid, (connector,)), creds
 
     async def _lookup(self, query: _Query) -> LocalPeer:
         future: asyncio.Future[_Result] = asyncio.get_running_loop().create_future()

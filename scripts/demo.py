@@ -236,9 +236,12 @@ def main() -> int:
         policy_file = work / "ledger-access.yaml"
         with step("allowlists as code: payments may call the ledger; frontend for 6 seconds only"):
             # The services' own identities: the ledger on node-1, payments and frontend on node-2.
+            # This demo process is their caller, so the entries name it (uid and binary): an
+            # outbound listener admits only processes its service's entry matches.
+            caller = [f"unix:uid:{os.getuid()}", f"unix:path:{os.path.realpath(sys.executable)}"]
             for name, node in (("ledger", "node-1"), ("payments", "node-2"), ("frontend", "node-2")):
                 cli("entry", "create", "--spiffe-id", f"spiffe://{TRUST_DOMAIN}/{name}", "--node", node,
-                    "--selector", "unix:uid:4242")
+                    "--selector", caller[0], "--selector", caller[1])
             say(f"services: ledger on node-1 (inbound :{ports['ledger']}), payments and frontend on node-2")
             lapse = datetime.now(timezone.utc) + timedelta(seconds=6)
             policy_file.write_text(POLICY.format(td=TRUST_DOMAIN, port=ports["ledger"], rules=(

@@ -150,7 +150,12 @@ class CallerRefusal:
 
 class CallerCheck:
     """Who may use a service's outbound listener: only processes the Workload API would give
-    the service's SVID to. `proc` is where /proc is read."""
+    the service's SVID to (their selectors match an entry of that SPIFFE ID on this node).
+
+    Every process holding the caller's end of the connection must match: a socket shared by
+    several processes (a caller that forked and exec'd, or passed it on) is admitted only when
+    all of them would receive the SVID themselves, and one held by more than MAX_HOLDERS
+    processes is refused outright. `proc` is where /proc is read."""
 
     def __init__(self, resolver: PeerResolver, attestor: WorkloadAttestor, identities: Identities | None,
                  proc: str = "/proc") -> None:
@@ -188,7 +193,7 @@ class CallerCheck:
             except LocalPeerError as err:
                 return CallerRefusal(err.reason, str(err), local.uid, holder.pid)
             except WorkloadAttestationError as err:
-                return CallerRefusal("gone", str(err), local.uid, holder.pid)
+                return CallerRefusal("attestation_failed", str(err), local.uid, holder.pid)
             if not any(s.svid.spiffe_id == service for s in self._identities.x509_svids_for(selectors)):
                 count = len(local.holders)
                 others = f" (one of {count} processes holding the socket)" if count > 1 else ""

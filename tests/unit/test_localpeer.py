@@ -99,7 +99,7 @@ def test_a_scan_finds_every_holder_and_refuses_what_no_process_holds(fake_proc: 
     time_wait = _TcpQuery(endpoint("127.0.0.1", 40001), ours)
     orphan = _TcpQuery(endpoint("127.0.0.1", 40002), ours)
     missing = _TcpQuery(endpoint("127.0.0.1", 40009), ours)
-    by_inode = _InodeQuery(501, 0, None)
+    by_inode = _InodeQuery(501, 0)
     results = scan([caller, v6, time_wait, orphan, missing, by_inode], str(fake_proc), netlink=False)
     assert results[caller] == LocalPeer(500, 65534, (Holder(10, "111"), Holder(11, "222")))
     assert results[v6] == LocalPeer(503, 1000, (Holder(11, "222"),))
