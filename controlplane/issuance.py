@@ -16,6 +16,7 @@ from typing import Literal, Protocol
 
 from trustmesh.bundle import Bundle
 from trustmesh.clip import ENTRY_ID, clip, shown
+from trustmesh.controlplane.flow_audit import FlowAudit, FlowCounter, RefusalCounter
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import AttestedNode, RegistrationEntry
 from trustmesh.errors import InvalidArgumentError, PermissionDeniedError, SvidError, TrustmeshError
@@ -24,7 +25,8 @@ from trustmesh.x509svid import X509Svid
 
 MAX_BATCH = 1000
 MAX_AUDIENCES = 16
-MAX_FLOW_COUNTERS = 10_000
+MAX_FLOW_COUNTERS = 10_000  # flow and refusal counters in one report
+REFUSAL_KINDS = frozenset({"handshake", "outbound-caller"})  # metric labels; anything else is "other"
 
 
 class AuthorizedEntries(Protocol):
@@ -71,35 +73,22 @@ class JwtIssued:
     expires_at: datetime
 
 
-@dataclass(frozen=True)
-class FlowCounter:
-    """Connections with the same (source, destination, port, decision, rule, mode) counted
-    over [first_seen, last_seen] by an agent's listeners."""
-
-    source_id: str
-    destination_id: str
-    port: int
-    denied: bool  # denied by the policy (with audit mode the connection still went through)
-    audit_mode: bool
-    rule: str
-    count: int
-    first_seen: int
-    last_seen: int
-
-
 # --- the service --------------------------------------------------------------------------
 
 
 class IssuanceService:
-    def __init__(self, rt: ServerRuntime, view: AuthorizedEntries) -> None:
+    def __init__(self, rt: ServerRuntime, view: AuthorizedEntries, flows: FlowAudit | None = None) -> None:
         self._rt = rt
         self._view = view
+        self.flows = flows or FlowAudit(rt.audit, rt.config.flow_audit_interval.total_seconds())
         metrics = rt.metrics
         self._x509 = metrics.counter("trustmesh_x509_svids_total", "X509-SVID requests by outcome", ["outcome"])
         self._jwt = metrics.counter("trustmesh_jwt_svids_total", "JWT-SVID requests by outcome", ["outcome"])
         self._renewals = metrics.counter("trustmesh_agent_renewals_total", "agent SVID renewals")
         self._flows = metrics.counter("trustmesh_flow_decisions_total", "connection decisions reported by agents",
                                       ["decision"])
+        self._refusals = metrics.counter("trustmesh_reported_refusals_total",
+                                         "connections agents report they refused before any decision", ["kind"])
 
     def trust_bundle(self) -> Bundle:
         """Our trust domain's bundle, as handed to a newly attested agent."""
@@ -188,21 +177,23 @@ class IssuanceService:
         self._renewals.inc()
         return svid
 
-    async def report_flows(self, agent: str, counters: Sequence[FlowCounter]) -> None:
-        """Count every reported decision; denials, and what audit mode would have denied,
-        also become audit events."""
-        if len(counters) > MAX_FLOW_COUNTERS:
+    async def report_flows(self, agent: str, counters: Sequence[FlowCounter],
+                           refusals: Sequence[RefusalCounter] = ()) -> None:
+        """Count every reported decision and refusal; denials, what audit mode would have
+        denied, and refusals reach the audit log as the agent's claim, aggregated (FlowAudit)."""
+        if len(counters) + len(refusals) > MAX_FLOW_COUNTERS:
             raise InvalidArgumentError(f"at most {MAX_FLOW_COUNTERS} counters per report; report more often")
         for c in counters:  # validate all before counting any
             if c.count < 0 or c.port > 65535 or len(c.source_id) > 2048 or len(c.destination_id) > 2048 \
                     or len(c.rule) > 512:
                 raise InvalidArgumentError("a flow counter is out of range (count >= 0, port <= 65535, "
                                            "IDs of at most 2048 and rule names of at most 512 characters)")
+        for r in refusals:
+            if r.count < 0 or len(r.kind) > 64 or len(r.subject) > 2048 or len(r.peer) > 512 or len(r.reason) > 512:
+                raise InvalidArgumentError("a refusal counter is out of range (count >= 0, a kind of at most 64, "
+                                           "a subject of at most 2048, a peer and a reason of at most 512 characters)")
         for c in counters:
             self._flows.inc(c.count, decision="deny" if c.denied else ("audit" if c.audit_mode else "allow"))
-            if c.denied or c.audit_mode:
-                await self._rt.audit.record(
-                    "connection.denied" if c.denied else "connection.audit", actor=agent,
-                    subject=c.destination_id, outcome="denied" if c.denied else "would-deny",
-                    source=c.source_id or "unverified", port=c.port, rule=c.rule, count=c.count,
-                    first_seen=c.first_seen, last_seen=c.last_seen)
+        for r in refusals:
+            self._refusals.inc(r.count, kind=r.kind if r.kind in REFUSAL_KINDS else "other")
+        await self.flows.add(agent, counters, refusals)

@@ -270,7 +270,8 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         sync = SyncService(view, ca.bundle, rt.metrics, rt.clock)
         view.subscribe(sync.on_registry_event)
         # Agents: attestation, then signing (issuance) and the push of what they may use (sync).
-        node = NodeServicer(view, NodeAttestor(rt), IssuanceService(rt, view), sync)
+        issuance = IssuanceService(rt, view)
+        node = NodeServicer(view, NodeAttestor(rt), issuance, sync)
         admin = AdminServicer(AdminServices.of(rt))
         td = config.trust_domain
         node_server = _grpc_server(CallLayer(callers.agents(td, view), rt.metrics))
@@ -307,6 +308,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(view.run(stop), name="registry-view")
             tasks.create_task(_rotation_loop(rt, creds, stop), name="rotation")
+            tasks.create_task(issuance.flows.run(stop), name="flow-audit")
             election = LeaderElection(store, config.replica_id, rt.metrics, ttl=config.leader_ttl)
             tasks.create_task(election.run(stop, lambda: leader_duties(rt)), name="leader-election")
             # `ready` (and SERVING) only once the registry is loaded: before that every agent

@@ -20,9 +20,9 @@ from trustmesh.controlplane.api.convert import bundle_to_pb
 from trustmesh.controlplane.api.peer import PeerAgent
 from trustmesh.controlplane.api.status import status_code_for
 from trustmesh.controlplane.attestation import NodeAttestor
+from trustmesh.controlplane.flow_audit import FlowCounter, RefusalCounter
 from trustmesh.controlplane.issuance import (
     MAX_FLOW_COUNTERS,
-    FlowCounter,
     IssuanceService,
     X509Issued,
     X509Outcome,
@@ -143,7 +143,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         # One counter past the limit is enough for the service to refuse an oversized
         # report; converting all of a hostile one first would stall the event loop.
         counters = [_flow_counter(c) for c in request.counters[:MAX_FLOW_COUNTERS + 1]]
-        await self._issuance.report_flows(peer.id, counters)
+        refusals = [_refusal_counter(r) for r in request.refusals[:MAX_FLOW_COUNTERS + 1 - len(counters)]]
+        await self._issuance.report_flows(peer.id, counters, refusals)
         return node_pb2.ReportFlowsResponse()
 
 
@@ -171,3 +172,8 @@ def _flow_counter(c: node_pb2.FlowCounter) -> FlowCounter:
                        denied=c.decision == node_pb2.FLOW_DECISION_DENY,
                        audit_mode=c.mode == types_pb2.POLICY_MODE_AUDIT, rule=c.rule, count=c.count,
                        first_seen=c.first_seen, last_seen=c.last_seen)
+
+
+def _refusal_counter(r: node_pb2.RefusalCounter) -> RefusalCounter:
+    return RefusalCounter(kind=r.kind, subject=r.subject, peer=r.peer, reason=r.reason, count=r.count,
+                          first_seen=r.first_seen, last_seen=r.last_seen)

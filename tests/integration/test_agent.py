@@ -257,8 +257,18 @@ def test_authorize_answers_from_the_policy_the_agent_holds(
         time.sleep(0.1)
     allowed = ask("spiffe://example.org/payments")
     assert allowed.allowed and allowed.rule == "ledger-access allow[0]" and allowed.policy_revision == 1
+    # Questions about identities the caller (ledger) is not are answered, never reported.
+    for i in range(50):
+        forged = authz.Authorize(agent_pb2.AuthorizeRequest(source_id=f"spiffe://example.org/intruder{i}",
+                                                            destination_id="spiffe://example.org/vault"), timeout=10)
+        assert not forged.allowed
     denied = ask("spiffe://example.org/frontend")
     assert not denied.allowed and denied.rule == "default deny" and "frontend" in denied.reason
+    deadline = time.monotonic() + 15
+    while "example.org/frontend" not in (audit := server.cli("audit", "show", "--json", check=True).stdout):
+        assert time.monotonic() < deadline, "the ledger's own denial was not reported"
+        time.sleep(0.2)
+    assert "intruder" not in audit and "vault" not in audit
     assert not ask("spiffe://example.org/payments", port=22).allowed
     with pytest.raises(grpc.RpcError) as info:
         ask("not-an-id")
