@@ -459,17 +459,17 @@ class Registry:
         await self._audit("agent.evict", actor, agent, node_name=node.node_name)
         return node
 
-    async def clear_agent(self, text: str, actor: str) -> AttestedNode:
+    async def clear_agent(self, text: str, actor: str) -> tuple[AttestedNode, bool]:
         """Clear a suspected-clone mark once the operator has checked the node (clones.py sets
-        it). The agent was never cut off by the mark itself, so nothing else changes; a ban
-        stays, whatever the mark."""
+        it); True when there was one. The agent was never cut off by the mark itself, so
+        nothing else changes; a ban stays, whatever the mark."""
         try:
             agent = self.resolve_agent(text)
             for _ in range(_BAN_RETRIES):
                 node = await self._require_node(agent)
                 if node.status is NodeStatus.ACTIVE:
                     await self._audit("agent.clear", actor, agent, already_clear=True)
-                    return node
+                    return node, False
                 try:
                     cleared = await self._store.update_attested_node(
                         replace(node, status=NodeStatus.ACTIVE, status_reason="", status_at=self._clock(),
@@ -485,4 +485,4 @@ class Registry:
             raise
         await self._audit("agent.clear", actor, agent, node_name=cleared.node_name, previous_status=str(node.status),
                           previous_reason=node.status_reason)
-        return cleared
+        return cleared, True

@@ -120,8 +120,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def ClearAgent(self, request: admin_pb2.ClearAgentRequest,
                          context: grpc.aio.ServicerContext) -> admin_pb2.ClearAgentResponse:
         actor = current_caller().id
-        cleared = await self._domain.registry.clear_agent(request.spiffe_id, actor)
-        return admin_pb2.ClearAgentResponse(agent=node_to_pb(cleared))
+        node, cleared = await self._domain.registry.clear_agent(request.spiffe_id, actor)
+        return admin_pb2.ClearAgentResponse(agent=node_to_pb(node), cleared=cleared)
 
     async def GetBundle(self, request: admin_pb2.GetBundleRequest,
                         context: grpc.aio.ServicerContext) -> admin_pb2.GetBundleResponse:

@@ -176,10 +176,12 @@ class ClearAgentRequest(_message.Message):
     def __init__(self, spiffe_id: _Optional[str] = ...) -> None: ...
 
 class ClearAgentResponse(_message.Message):
-    __slots__ = ("agent",)
+    __slots__ = ("agent", "cleared")
     AGENT_FIELD_NUMBER: _ClassVar[int]
+    CLEARED_FIELD_NUMBER: _ClassVar[int]
     agent: _types_pb2.AttestedNode
-    def __init__(self, agent: _Optional[_Union[_types_pb2.AttestedNode, _Mapping]] = ...) -> None: ...
+    cleared: bool
+    def __init__(self, agent: _Optional[_Union[_types_pb2.AttestedNode, _Mapping]] = ..., cleared: _Optional[bool] = ...) -> None: ...
 
 class GetBundleRequest(_message.Message):
     __slots__ = ("trust_domain",)
