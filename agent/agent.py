@@ -91,9 +91,11 @@ def _bundle_source(config: AgentConfig) -> Path:
     return stored if stored.exists() else config.trust_bundle
 
 
-async def _obtain_identity(config: AgentConfig, stop: asyncio.Event, state: ServerState,
-                           metrics: Registry) -> tuple[AgentIdentity, list[x509.Certificate]]:
+async def _obtain_identity(config: AgentConfig, stop: asyncio.Event, metrics: Registry | None = None,
+                           state: ServerState | None = None) -> tuple[AgentIdentity, list[x509.Certificate]]:
     """The stored identity, or a new one from attestation (retried while no server answers)."""
+    metrics = metrics or Registry()
+    state = state or ServerState(metrics)
     bundle_path = _bundle_source(config)
     roots = load_roots(bundle_path)
     td = _trust_domain(config, roots)
@@ -249,7 +251,7 @@ async def _run(config: AgentConfig, stop: asyncio.Event) -> None:
 
 async def _serve(config: AgentConfig, stop: asyncio.Event, metrics: Registry) -> None:
     server_state = ServerState(metrics)
-    identity, roots = await _obtain_identity(config, stop, server_state, metrics)
+    identity, roots = await _obtain_identity(config, stop, metrics, server_state)
     td = identity.spiffe_id.trust_domain
     bundle_path = _bundle_source(config)
     client = NodeClient(config.server, _pem(roots), td, identity, bundle_path=bundle_path,

@@ -317,3 +317,46 @@ def test_a_wrong_trust_bundle_is_named_once_and_one_data_directory_holds_one_age
         launch(again, agent_args(again, "--join-token-file", str(token_file), bundle=wrong), r"event=server_untrusted")
     finally:
         again.stop()
+
+
+@pytest.mark.etcd
+async def test_failover_between_replicas_does_not_flag_but_a_renewal_elsewhere_does(
+        make_server: Callable[..., ServerProcess], etcd_server: str, relay_to: Callable[[str], Relay]) -> None:
+    url = f"{etcd_server}/clone{os.urandom(5).hex()}"
+    a, b = (make_server(f"replica-{n}", store=url, env={"TRUSTMESH_KEK": "33" * 32}, extra=["--replica-id", n])
+            for n in ("a", "b"))
+    agent = NodeClient(a)
+    await agent.attest(a.cli("token", "create", "--node", "node-1", check=True).stdout.strip())
+    async with agent.channel(a) as on_a:
+        stream = SyncReader(on_a)
+        await stream.snapshot()
+        await agent.renew()  # on A, from this machine
+        # The agent fails over to B while A still holds its old stream: same machine, no flag.
+        for _ in range(50):  # B learns of the renewal from the store's change feed
+            try:
+                async with agent.channel(b) as on_b:
+                    await SyncReader(on_b).snapshot()
+                break
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "superseded" in (err.details() or "")
+                await asyncio.sleep(0.1)
+        stream.cancel()
+    assert status(a) == "active" and audit(a, "agent.suspected_clone") == []
+
+    # Now a copy of the key renews on B from another machine while the agent streams on A:
+    # A hears of the renewal from the store and ends the stream, naming the clone.
+    async with agent.channel(a) as on_a:
+        stream = SyncReader(on_a)
+        await stream.snapshot()
+        reader = asyncio.ensure_future(stream.next(timeout=20))
+        thief = NodeClient(b, agent.key, list(agent.chain_der), agent.spiffe_id)
+        relay = relay_to(b.bind)
+        async with b.node_channel(thief.key, pem_chain(thief.chain_der), address=relay.address) as stolen:
+            await node_pb2_grpc.NodeStub(stolen).RenewAgent(
+                node_pb2.RenewAgentRequest(csr=build_csr(generate_private_key())), timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await reader
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and "in use elsewhere" in (info.value.details() or "")
+    wait_for(lambda: status(a) == "suspected-clone", "the mark, seen through replica A")
+    [event] = audit(b, "agent.suspected_clone")
+    assert (details(event)["first_address"], details(event)["second_address"]) == ("127.0.0.2", "127.0.0.1")
