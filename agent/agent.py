@@ -201,7 +201,8 @@ def hold_data_dir(data_dir: Path) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as err:
-        raise DataDirInUseError(f"cannot open the lock file {path}: {err.strerror}") from err
+        raise TrustmeshError(f"cannot open the lock file {path}: {err.strerror}; check --data-dir and its "
+                             "permissions") from err
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -261,6 +261,15 @@ def _metrics(address: str) -> str:
         return str(reply.read().decode())
 
 
+def _sample(text: str, sample: str) -> float:
+    """The value of one sample line of a Prometheus exposition (0 when absent)."""
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    return 0.0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -290,9 +299,11 @@ def test_a_wrong_trust_bundle_is_named_once_and_one_data_directory_holds_one_age
     try:
         launch(agent, args, r"event=server_untrusted")
         # It keeps retrying (with backoff), and says so once.
-        wait_for(lambda: 'trustmesh_agent_attest_failures_total{reason="untrusted"} 4' in _metrics(metrics),
-                 "several attestation attempts")
-        assert 'trustmesh_agent_server_state{state="untrusted"} 1' in _metrics(metrics)
+        failures = 'trustmesh_agent_attest_failures_total{reason="untrusted"}'
+        wait_for(lambda: _sample(_metrics(metrics), failures) >= 4, "several attestation attempts")
+        text = _metrics(metrics)
+        assert _sample(text, 'trustmesh_agent_server_state{state="untrusted"}') == 1
+        assert _sample(text, 'trustmesh_agent_server_state{state="unreachable"}') == 0
         log = agent.log()
         errors = [line for line in log.splitlines() if "level=error" in line]
         assert len(errors) == 1, log
