@@ -125,7 +125,7 @@ def judge(node: AttestedNode, peer: PresentedSvid, live: Collection[str], now: f
         if node.renewed_from and peer.host and peer.host != node.renewed_from:
             raise SuspectedCloneError(Suspicion(peer.id, "superseded_svid", node.renewed_from, peer.host,
                                                 peer.serial, node.cert_serial))
-        if old is not node.superseded[0] or now > node.renewed_at + grace:
+        if old.serial != node.superseded[0].serial or now > node.renewed_at + grace:
             raise superseded_refusal(peer.id, peer.serial)
         # The previous SVID, right after the renewal, from the renewing address: a retry of a
         # renewal whose answer was lost, or a call already under way when it renewed.

@@ -207,3 +207,14 @@ async def test_the_guard_task_records_and_stops() -> None:
     assert world.events[0]["reason"] == "superseded_svid"
     stop.set()
     await asyncio.wait_for(task, 3)
+
+
+def test_an_x509pop_reattestation_from_a_second_address_while_live_is_refused() -> None:
+    world = World()
+    g = guard(world)
+    g.check_reattestation(A, AWAY)  # nobody live: the node moved, or lost its data directory
+    with g.streaming(Peer(A, "3", HOME)):
+        g.check_reattestation(A, HOME)
+        with pytest.raises(SuspectedCloneError) as info:
+            g.check_reattestation(A, AWAY)
+    assert info.value.suspicion.reason == "second_address"
