@@ -24,10 +24,12 @@ replicas (the renewing address travels in the shared record; live streams are pe
 and an agent holds one at a time).
 
 Limits, by construction: addresses are what the server sees, so agents behind one NAT look
-like one machine, and a copy used from that same machine or NAT is noticed only once it
-presents a superseded SVID; two copies on two replicas at once are noticed once one renews.
-An agent that moves to a new address while the server still holds its old, silently dead
-stream is flagged too (rare; an operator clears it).
+like one machine, and a copy used from that same machine or NAT is not told apart from the
+agent (its superseded SVID is refused, but nothing is flagged). Two copies streaming to two
+replicas at once are noticed when one of them renews. An agent that moves to a new address
+while the server still holds its old, silently dead stream is flagged too, and so is one
+whose connections leave from changing (temporary IPv6) addresses: give agent hosts a stable
+address towards the control plane, or clear the mark.
 
 `judge` is the pure rule; `CloneGuard` applies it to the call layer's agents, holds where
 each agent's streams come from, and writes marks and audit events from its own task (so the
