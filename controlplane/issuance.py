@@ -16,6 +16,7 @@ from typing import Literal, Protocol
 
 from trustmesh.bundle import Bundle
 from trustmesh.clip import ENTRY_ID, clip, shown
+from trustmesh.controlplane.clones import next_superseded
 from trustmesh.controlplane.flow_audit import FlowAudit, FlowCounter, RefusalCounter
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import AttestedNode, RegistrationEntry
@@ -159,8 +160,11 @@ class IssuanceService:
         self._jwt.inc(outcome="issued")
         return JwtIssued(token, expires)
 
-    async def renew_agent(self, agent: SpiffeId, node: AttestedNode, csr: bytes) -> X509Svid:
-        """A new agent SVID for an authenticated agent, recorded on its node record."""
+    async def renew_agent(self, agent: SpiffeId, node: AttestedNode, csr: bytes, address: str = "") -> X509Svid:
+        """A new agent SVID for an authenticated agent, recorded on its node record with the
+        address it was renewed from and the SVID it replaces (clones.py reads both)."""
+        now = self._rt.clock()
+        superseded = next_superseded(node, now)  # refuses an agent that renews far too often
         try:
             svid = await self._rt.ca.sign_x509_svid(csr, agent, self._rt.config.agent_ttl)
         except SvidError as err:
@@ -169,11 +173,12 @@ class IssuanceService:
         # fail (ABORTED) instead of being overwritten with banned=False.
         updated = await self._rt.store.update_attested_node(
             replace(node, cert_serial=format(svid.leaf.serial_number, "x"),
-                    cert_not_after=svid.expires_at.timestamp(), updated_at=self._rt.clock()),
+                    cert_not_after=svid.expires_at.timestamp(), updated_at=now, renewed_from=address,
+                    renewed_at=now, superseded=superseded),
             expected_revision=node.revision or None)
         await self._view.node_written(updated)
         await self._rt.audit.record("agent.renew", actor=str(agent), subject=str(agent),
-                                    serial=updated.cert_serial, previous_serial=node.cert_serial)
+                                    serial=updated.cert_serial, previous_serial=node.cert_serial, address=address)
         self._renewals.inc()
         return svid
 

@@ -6,6 +6,7 @@ and the standard Workload API messages; a second workload runs as uid 65534.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -173,6 +174,10 @@ def test_restart_after_sigkill_needs_no_token_and_outages_keep_svids(setup: tupl
     again = next(stub(agent).FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=20))
     assert again.svids and time.monotonic() - started < 15
     assert "event=identity_loaded" in agent.log()
+    # The same agent again, from the same address: no copied key suspected (issue 13, hole 6).
+    [node] = json.loads(server.cli("agent", "list", "--json", check=True).stdout)
+    assert node["status"] == "active"
+    assert "agent.suspected_clone" not in server.cli("audit", "show", "--json", check=True).stdout
     # The control plane goes away for longer than a rotation period (15 s at a 30 s TTL).
     server.stop()
     time.sleep(16)
