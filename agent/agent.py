@@ -1,19 +1,23 @@
 """The node agent's composition root.
 
-Top to bottom: load the trust bundle, load the stored agent identity or attest once, build
-the node client, the SVID cache and the sync stream, start the Workload API socket and the
-metrics endpoint, then run every component in one TaskGroup (the first failure stops the
-rest) until SIGTERM/SIGINT; `ready` is logged once the socket serves and the first sync
-(from the server, or the state kept on disk) is in, or after a short wait without one.
+Top to bottom: hold the data directory (one agent per directory: a second exits at once,
+naming the first's pid), serve the metrics endpoint, load the trust bundle, load the stored
+agent identity or attest once, build the node client, the SVID cache and the sync stream,
+start the Workload API socket, then run every component in one TaskGroup (the first failure
+stops the rest) until SIGTERM/SIGINT; `ready` is logged once the socket serves and the first
+sync (from the server, or the state kept on disk) is in, or after a short wait without one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import signal
 from collections.abc import Awaitable
 from datetime import datetime, timezone
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -38,7 +42,7 @@ from trustmesh.agent.attestation import (
 )
 from trustmesh.agent.authorize import Authorizer
 from trustmesh.agent.config import AgentConfig
-from trustmesh.agent.node_client import NodeClient
+from trustmesh.agent.node_client import NodeClient, ServerState, server_untrusted, untrusted_message
 from trustmesh.agent.proxy.listeners import Flow, InboundListener, OutboundListener, ServiceConfig
 from trustmesh.agent.proxy.reporter import FlowReporter
 from trustmesh.agent.svid_cache import SvidCache
@@ -47,6 +51,7 @@ from trustmesh.agent.workload_api import WorkloadAPI, WorkloadAPIServer
 from trustmesh.agent.workload_attestor import WorkloadAttestor
 from trustmesh.backoff import backoff_delay
 from trustmesh.bundle import Bundle
+from trustmesh.errors import TrustmeshError
 from trustmesh.hostport import split_host_port
 from trustmesh.logs import log_event
 from trustmesh.metrics import Registry, serve_metrics
@@ -56,6 +61,11 @@ from trustmesh.spiffeid import TrustDomain
 log = logging.getLogger("trustmesh.agent")
 
 FIRST_SYNC_WAIT = 10.0
+LOCK_FILE = "agent.lock"
+
+
+class DataDirInUseError(TrustmeshError):
+    """Another agent process runs on this data directory."""
 
 
 class _Stopped(Exception):
@@ -74,11 +84,20 @@ def _trust_domain(config: AgentConfig, roots: list[x509.Certificate]) -> TrustDo
     return found
 
 
-async def _obtain_identity(config: AgentConfig, stop: asyncio.Event) -> tuple[AgentIdentity, list[x509.Certificate]]:
+def _bundle_source(config: AgentConfig) -> Path:
+    """Where the agent's roots come from: the bundle kept from the server is newer than the
+    bootstrap one given with --trust-bundle (it follows root rotations)."""
+    stored = config.data_dir / BUNDLE_FILE
+    return stored if stored.exists() else config.trust_bundle
+
+
+async def _obtain_identity(config: AgentConfig, stop: asyncio.Event, metrics: Registry | None = None,
+                           state: ServerState | None = None) -> tuple[AgentIdentity, list[x509.Certificate]]:
     """The stored identity, or a new one from attestation (retried while no server answers)."""
-    stored_bundle = config.data_dir / BUNDLE_FILE
-    # The bundle kept from the server is newer than the bootstrap one (a rotated root).
-    roots = load_roots(stored_bundle if stored_bundle.exists() else config.trust_bundle)
+    metrics = metrics or Registry()
+    state = state or ServerState(metrics)
+    bundle_path = _bundle_source(config)
+    roots = load_roots(bundle_path)
     td = _trust_domain(config, roots)
     identity, why_not = inspect_identity(config.data_dir, roots, td)
     if identity is not None:
@@ -90,6 +109,8 @@ async def _obtain_identity(config: AgentConfig, stop: asyncio.Event) -> tuple[Ag
     if config.join_token is None and x509pop is None:
         raise AgentAttestationError(f"{why_not}: {NO_IDENTITY_HINT}")
     rotation = config.rotation
+    failures = metrics.counter("trustmesh_agent_attest_failures_total", "attestation attempts that reached no "
+                               "server, or only one the trust bundle does not trust", ["reason"])
     attempt = 0
     while True:
         try:
@@ -102,8 +123,8 @@ async def _obtain_identity(config: AgentConfig, stop: asyncio.Event) -> tuple[Ag
         except AttestServerUnreachableError as err:
             # The token is not spent: wait for the server rather than make the operator retry.
             delay = backoff_delay(attempt, base=rotation.backoff_base, cap=rotation.backoff_cap)
-            log_event(log, "server_unreachable", level=logging.WARNING, call="Attest", detail=str(err),
-                      attempt=attempt, retry_in=round(delay, 1))
+            reason = await _attest_failed(config, roots, td, bundle_path, state, err, attempt, delay)
+            failures.inc(reason=reason)
             attempt += 1
             try:
                 await asyncio.wait_for(stop.wait(), delay)
@@ -114,6 +135,26 @@ async def _obtain_identity(config: AgentConfig, stop: asyncio.Event) -> tuple[Ag
     save_bundle(config.data_dir, bundle)
     log_event(log, "attested", spiffe_id=identity.spiffe_id, expires_at=identity.expires_at.isoformat())
     return identity, list(bundle.x509_authorities) or roots
+
+
+async def _attest_failed(config: AgentConfig, roots: list[x509.Certificate], td: TrustDomain, bundle_path: Path,
+                         state: ServerState, err: AttestServerUnreachableError, attempt: int, delay: float) -> str:
+    """Say why attestation failed: a server that answers with a certificate our bundle does not
+    trust (once, at ERROR: retrying cannot fix it), or no server at all (each attempt)."""
+    for address in config.attest_addresses:
+        why = await server_untrusted(address, _pem(roots), td)
+        if why is None:
+            continue
+        if state.set("untrusted"):
+            log_event(log, "server_untrusted", level=logging.ERROR, server=address,
+                      error=untrusted_message(bundle_path, bundle_path != config.trust_bundle), detail=why)
+        else:
+            log_event(log, "server_untrusted", level=logging.DEBUG, server=address, detail=why, attempt=attempt)
+        return "untrusted"
+    state.set("unreachable")
+    log_event(log, "server_unreachable", level=logging.WARNING, call="Attest", detail=str(err),
+              attempt=attempt, retry_in=round(delay, 1))
+    return "unreachable"
 
 
 async def _wait_briefly(waiting: Awaitable[None], timeout: float) -> None:
@@ -152,28 +193,70 @@ async def _announce_ready(cache: SvidCache, identity: AgentIdentity, config: Age
               servers=",".join(config.server), metrics=config.metrics or "off")
 
 
+def hold_data_dir(data_dir: Path) -> int:
+    """Lock the data directory for this process (the lock goes with the process, however it
+    ends), or raise naming the pid of the agent that holds it: two agents on one directory
+    would both run as the same node, on the same key and socket."""
+    path = data_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise TrustmeshError(f"cannot open the lock file {path}: {err.strerror}; check --data-dir and its "
+                             "permissions") from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DataDirInUseError(f"another agent (pid {holder}) is running on the data directory {data_dir}; "
+                                "stop it first, or give this agent its own --data-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     # 0711: other users may reach the Workload API socket inside by name, but cannot list the
     # directory; the agent key and state files in it are 0600 on their own.
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    config.data_dir.chmod(0o711)
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
+    lock = hold_data_dir(config.data_dir)
     try:
-        await _run(config, stop)
-    finally:
+        config.data_dir.chmod(0o711)
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT)
         for sig in signals:
-            loop.remove_signal_handler(sig)
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await _run(config, stop)
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+    finally:
+        os.close(lock)
 
 
 async def _run(config: AgentConfig, stop: asyncio.Event) -> None:
-    identity, roots = await _obtain_identity(config, stop)
-    td = identity.spiffe_id.trust_domain
     metrics = Registry()
-    client = NodeClient(config.server, _pem(roots), td, identity)
+    # Served from the start, so an agent that cannot attest yet is seen, and seen why.
+    metrics_server = None
+    if config.metrics:
+        host, port = split_host_port(config.metrics, listening=True)
+        metrics_server = await serve_metrics(metrics, host, port)
+    try:
+        await _serve(config, stop, metrics)
+    finally:
+        if metrics_server is not None:
+            metrics_server.close()
+
+
+async def _serve(config: AgentConfig, stop: asyncio.Event, metrics: Registry) -> None:
+    server_state = ServerState(metrics)
+    identity, roots = await _obtain_identity(config, stop, metrics, server_state)
+    td = identity.spiffe_id.trust_domain
+    bundle_path = _bundle_source(config)
+    client = NodeClient(config.server, _pem(roots), td, identity, bundle_path=bundle_path,
+                        bundle_from_server=bundle_path != config.trust_bundle)
     cache = SvidCache(td, client, metrics, rotation=config.rotation)
     # The SVID file was written when the identity arrived (attested just now, or renewed
     # before a restart): renewal is timed from then, not from the back-dated NotBefore.
@@ -195,14 +278,13 @@ async def _run(config: AgentConfig, stop: asyncio.Event) -> None:
             listener.recheck()
 
     sync = SyncClient(client, cache, config.data_dir, td, metrics, own_bundle_changed, on_policy=policy_changed,
-                      rotation=config.rotation)
+                      rotation=config.rotation, server_state=server_state)
     flow = Flow(cache.svid_for, cache.bundles, lambda: sync.policy, reporter.report, metrics)
     attestor = WorkloadAttestor()
     server = WorkloadAPIServer(config.socket_path, WorkloadAPI(cache, attestor, metrics),
                                Authorizer(cache, attestor, lambda: sync.policy, reporter.report, metrics))
     # The state kept on disk first: a restart during an outage serves at once.
     sync.load_persisted()
-    metrics_server = None
 
     async def stopper() -> None:
         await stop.wait()
@@ -210,9 +292,6 @@ async def _run(config: AgentConfig, stop: asyncio.Event) -> None:
 
     try:
         await server.start()
-        if config.metrics:
-            host, port = split_host_port(config.metrics, listening=True)
-            metrics_server = await serve_metrics(metrics, host, port)
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(sync.run(), name="sync")
             tasks.create_task(cache.run(), name="svid-cache")
@@ -232,6 +311,4 @@ async def _run(config: AgentConfig, stop: asyncio.Event) -> None:
             await route.close()
         await reporter.flush()
         await server.close()
-        if metrics_server is not None:
-            metrics_server.close()
         await client.close()

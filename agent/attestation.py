@@ -324,8 +324,9 @@ class AgentRenewer:
                 if err.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
                     self._renewals.inc(outcome="refused")
                     log_event(log, "agent_refused", level=logging.ERROR, call="RenewAgent", code=err.code().name,
-                              detail=err.details(), hint="the agent is banned or evicted by the server; an operator "
-                                                         "must re-admit it")
+                              detail=err.details(), hint="the server refuses this agent (banned, evicted, or its "
+                                                         "identity in use elsewhere: see detail); an operator must "
+                                                         "re-admit it")
                     delay = rotation.refused_retry
                 else:
                     self._renewals.inc(outcome="unreachable")

@@ -5,29 +5,93 @@ channel. The old one is retired, not closed at once: a request in flight on it f
 it is closed after a grace period. Consumers that hold a long stream (sync) watch
 `generation` and reopen their stream on the new channel. Several server addresses are tried
 in turn (`failover`), and the channel to an address that failed is closed right away.
+
+How the control plane looks from here is one metric, `trustmesh_agent_server_state{state}`
+(`ServerState`). gRPC reports a server whose certificate does not chain to our roots as
+merely UNAVAILABLE, so `server_untrusted` asks the server itself over plain TLS, and the
+agent can say which of the two it is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from cryptography import x509
 
 from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc
 from trustmesh.agent.attestation import AgentIdentity, channel
+from trustmesh.hostport import split_host_port
+from trustmesh.metrics import Registry
+from trustmesh.naming import server_dns_name
 from trustmesh.spiffeid import TrustDomain
 
 RPC_TIMEOUT = 30.0
 # Longer than any unary call's deadline, so closing a retired channel cancels nothing.
 RETIRE_GRACE = RPC_TIMEOUT + 5.0
+PROBE_TIMEOUT = 5.0
+# connected: the sync stream runs; unreachable: no server answers; untrusted: a server
+# answers but its certificate does not chain to our trust bundle; banned: the server
+# refuses this agent (banned, evicted, or its identity in use elsewhere).
+STATES = ("connected", "unreachable", "untrusted", "banned")
+
+
+class ServerState:
+    """The agent's view of the control plane: `trustmesh_agent_server_state{state}` is 1 for
+    the current state and 0 for the others. Shared by attestation and the sync stream."""
+
+    def __init__(self, metrics: Registry) -> None:
+        self._gauge = metrics.gauge("trustmesh_agent_server_state", "1 for the agent's current state", ["state"])
+        self.state = ""
+        self.set("unreachable")
+
+    def set(self, state: str) -> bool:
+        """Move to `state`; True when that is a change (worth one log line)."""
+        if state == self.state:
+            return False
+        if state not in STATES:
+            raise ValueError(f"unknown server state {state!r}")
+        self.state = state
+        for s in STATES:
+            self._gauge.set(1 if s == state else 0, state=s)
+        return True
+
+
+async def server_untrusted(address: str, roots_pem: bytes, td: TrustDomain,
+                           timeout: float = PROBE_TIMEOUT) -> str | None:
+    """Why the server at `address` fails verification against `roots_pem`, or None when it
+    passes (or cannot be reached at all, which is another problem). The same checks as the
+    agent's gRPC channels: the chain, and the name reserved for the server of `td`."""
+    context = ssl.create_default_context(cadata=roots_pem.decode("ascii", errors="replace"))
+    try:
+        host, port = split_host_port(address)
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=context, server_hostname=server_dns_name(td)), timeout)
+    except ssl.SSLCertVerificationError as err:
+        return str(err.verify_message or err.reason or err)
+    except (OSError, ValueError, asyncio.TimeoutError):
+        return None  # refused, reset, timed out, or the handshake failed for another reason
+    writer.close()
+    return None
+
+
+def untrusted_message(bundle: Path, from_server: bool) -> str:
+    """What to do about a server that our trust bundle does not trust (`bundle`: the file the
+    roots came from; `from_server`: the copy kept in the data directory, not the flag's)."""
+    if from_server:
+        return (f"the server's certificate does not chain to the trust bundle {bundle} (kept from the server); "
+                f"check --server, or remove {bundle} to start again from --trust-bundle")
+    return f"the server's certificate does not chain to the trust bundle {bundle}; check --trust-bundle"
 
 
 class NodeClient:
     def __init__(self, servers: Sequence[str], roots_pem: bytes, td: TrustDomain, identity: AgentIdentity,
-                 *, retire_grace: float = RETIRE_GRACE) -> None:
+                 *, retire_grace: float = RETIRE_GRACE, bundle_path: Path | None = None,
+                 bundle_from_server: bool = True) -> None:
         if not servers:
             raise ValueError("at least one --server address is needed")
         self._servers = list(servers)
@@ -40,6 +104,8 @@ class NodeClient:
         self._retired: list[tuple[grpc.aio.Channel, float]] = []  # (channel, close at, monotonic)
         self._generation = 0
         self._new_channel = asyncio.Event()
+        self._bundle_path = bundle_path
+        self._bundle_from_server = bundle_from_server
 
     # --- state ------------------------------------------------------------------------------
 
@@ -85,6 +151,17 @@ class NodeClient:
         if roots_pem != self._roots_pem:
             self._roots_pem = roots_pem
             self._next_generation(self._retire_grace)
+
+    async def untrusted(self) -> str | None:
+        """Why the current server fails verification against our roots (see
+        `server_untrusted`); None when it does not."""
+        return await server_untrusted(self.address, self._roots_pem, self._td)
+
+    @property
+    def untrusted_message(self) -> str:
+        if self._bundle_path is None:
+            return "the server's certificate does not chain to the agent's trust bundle"
+        return untrusted_message(self._bundle_path, self._bundle_from_server)
 
     def failover(self) -> None:
         """Move to the next address; the failed channel is closed at the next tick."""

@@ -121,6 +121,10 @@ class SvidCache:
     def entries_match(self, selectors: Collection[str]) -> bool:
         return bool(self._matching(selectors))
 
+    def spiffe_ids_for(self, selectors: Collection[str]) -> frozenset[str]:
+        """The SPIFFE IDs of every entry these selectors match, whether or not an SVID is ready."""
+        return frozenset(str(e.spiffe_id) for e in self._matching(selectors))
+
     def x509_svids_for(self, selectors: Collection[str]) -> list[WorkloadX509Svid]:
         now = self._clock()
         out = []

@@ -8,9 +8,11 @@ on disk so a restart during an outage still serves.
 
 Reconnects use capped exponential backoff with full jitter. The logs and the metrics
 `trustmesh_agent_server_state{state}` and `trustmesh_agent_sync_reconnects_total{reason}`
-tell apart: connected, server unreachable, and agent banned or evicted (PERMISSION_DENIED on
-a call made with the agent SVID; the agent then asks again only rarely and keeps serving
-what it has). A token refused at attestation ends the agent at start (see attestation.py).
+tell apart: connected, server unreachable, server untrusted (it answers, but its
+certificate does not chain to our trust bundle: said once, at ERROR, naming the bundle),
+and agent refused (banned, evicted, or its identity in use elsewhere: PERMISSION_DENIED on a
+call made with the agent SVID; the agent then asks again only rarely and keeps serving what
+it has). A token refused at attestation ends the agent at start (see attestation.py).
 
 When the agent SVID rotates, the stream is reopened on the new channel at once: the server
 ends a stream whose certificate has expired, and the old channel is to be closed.
@@ -33,6 +35,7 @@ from google.protobuf.message import DecodeError
 from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc, types_pb2
 from trustmesh.agent.config import DEFAULT_ROTATION, RotationConfig
 from trustmesh.agent.convert import AgentEntry, entry_from_pb
+from trustmesh.agent.node_client import ServerState
 from trustmesh.backoff import backoff_delay
 from trustmesh.bundle import Bundle, BundleSet
 from trustmesh.errors import BundleError
@@ -47,7 +50,6 @@ from trustmesh.wire import bundle_from_pb
 log = logging.getLogger("trustmesh.sync")
 
 STATE_FILE = "sync_state.json"
-STATES = ("connected", "unreachable", "banned")
 BANNED_RETRY = RotationConfig().refused_retry
 # The server sends a keepalive on an idle stream every 300 s; two missed ones mean the
 # connection is dead without anyone having told us (a partition, a vanished NAT entry).
@@ -69,6 +71,15 @@ class SyncConnection(Protocol):
     def stub(self) -> node_pb2_grpc.NodeStub: ...
 
     def failover(self) -> None: ...
+
+    async def untrusted(self) -> str | None:
+        """Why the current server fails verification against our trust bundle, if it does."""
+        ...
+
+    @property
+    def untrusted_message(self) -> str:
+        """What to tell the operator then (names the bundle)."""
+        ...
 
 
 class EntrySink(Protocol):
@@ -162,7 +173,8 @@ class SyncClient:
     def __init__(self, client: SyncConnection, cache: EntrySink, data_dir: Path, td: TrustDomain,
                  metrics: Registry, on_own_bundle: Callable[[Bundle], None], rand: random.Random | None = None,
                  on_policy: Callable[[Policy], None] | None = None, *,
-                 rotation: RotationConfig = DEFAULT_ROTATION, idle_timeout: float = IDLE_TIMEOUT) -> None:
+                 rotation: RotationConfig = DEFAULT_ROTATION, idle_timeout: float = IDLE_TIMEOUT,
+                 server_state: ServerState | None = None) -> None:
         self._client = client
         self._cache = cache
         self._data_dir = data_dir
@@ -174,12 +186,10 @@ class SyncClient:
         self._idle_timeout = idle_timeout
         self._state_data = SyncState()
         self._policy_revision = metrics.gauge("trustmesh_agent_policy_revision", "policy revision the agent holds")
-        self._state = metrics.gauge("trustmesh_agent_server_state", "1 for the agent's current state", ["state"])
+        self._server_state = server_state or ServerState(metrics)
         self._reconnects = metrics.counter("trustmesh_agent_sync_reconnects_total", "sync reconnects by reason",
                                            ["reason"])
         self._revision = metrics.gauge("trustmesh_agent_sync_revision", "store revision the agent has applied")
-        self.state = ""
-        self._set_state("unreachable")
 
     # Read by the agent (policy for its listeners) and by tests.
     @property
@@ -198,12 +208,12 @@ class SyncClient:
     def policy(self) -> Policy:
         return self._state_data.policy
 
-    def _set_state(self, state: str) -> None:
-        if state == self.state:
-            return
-        self.state = state
-        for s in STATES:
-            self._state.set(1 if s == state else 0, state=s)
+    @property
+    def state(self) -> str:
+        return self._server_state.state
+
+    def _set_state(self, state: str) -> bool:
+        return self._server_state.set(state)
 
     # --- persistence ----------------------------------------------------------------------
 
@@ -293,22 +303,37 @@ class SyncClient:
                     self._set_state("banned")
                     log_event(log, "agent_refused", level=logging.ERROR, call="Sync", code=code.name,
                               detail=err.details(),
-                              hint="the agent is banned or evicted by the server; an operator must re-admit it; "
-                                   "serving what it has until it expires")
+                              hint="the server refuses this agent (banned, evicted, or its identity in use "
+                                   "elsewhere: see detail); an operator must re-admit it; serving what it has "
+                                   "until it expires")
                     reason, delay = "banned", rotation.refused_retry
                 else:
-                    reason, delay = self._unreachable(code.name, err.details() or "", attempt)
+                    reason, delay = await self._unreachable(code, err.details() or "", attempt)
                     attempt += 1
             except TimeoutError as err:
-                reason, delay = self._unreachable("SILENT", str(err), attempt)
+                reason, delay = await self._unreachable(None, str(err), attempt)
                 attempt += 1
             self._reconnects.inc(reason=reason)
             await asyncio.sleep(delay)
 
-    def _unreachable(self, code: str, detail: str, attempt: int) -> tuple[str, float]:
-        self._set_state("unreachable")
-        log_event(log, "server_unreachable", level=logging.WARNING, server=self._client.address,
-                  code=code, detail=detail, attempt=attempt)
+    async def _unreachable(self, code: grpc.StatusCode | None, detail: str, attempt: int) -> tuple[str, float]:
+        """The stream failed for want of a server (`code` None: it went silent). Tell an
+        untrusted server from an absent one, then try the next address after a backoff."""
+        why = await self._client.untrusted() if code == grpc.StatusCode.UNAVAILABLE else None
+        if why is not None:
+            reason = "untrusted"
+            if self._set_state("untrusted"):
+                # Once per episode: retrying cannot fix this, the operator must.
+                log_event(log, "server_untrusted", level=logging.ERROR, server=self._client.address,
+                          error=self._client.untrusted_message, detail=why)
+            else:
+                log_event(log, "server_untrusted", level=logging.DEBUG, server=self._client.address,
+                          detail=why, attempt=attempt)
+        else:
+            reason = "unreachable"
+            self._set_state("unreachable")
+            log_event(log, "server_unreachable", level=logging.WARNING, server=self._client.address,
+                      code=code.name if code is not None else "SILENT", detail=detail, attempt=attempt)
         self._client.failover()
-        return "unreachable", backoff_delay(attempt, base=self._rotation.backoff_base, cap=self._rotation.backoff_cap,
-                                            rand=self._rand)
+        return reason, backoff_delay(attempt, base=self._rotation.backoff_base, cap=self._rotation.backoff_cap,
+                                     rand=self._rand)

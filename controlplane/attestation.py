@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
+from trustmesh.controlplane.clones import next_superseded
 from trustmesh.controlplane.registration import NODE_NAME, token_hash
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import AttestedNode
@@ -105,7 +106,8 @@ class NodeAttestor:
 
     # --- join token ---------------------------------------------------------------------
 
-    async def attest_join_token(self, token: str, csr: bytes) -> Attested:
+    async def attest_join_token(self, token: str, csr: bytes, address: str = "") -> Attested:
+        """`address`: where the agent attests from (its host), kept as where its SVID lives."""
         store = self._rt.store
         if not token or len(token) > 256:
             raise await self._deny("unknown", "join token is missing or malformed", "join_token")
@@ -131,7 +133,8 @@ class NodeAttestor:
                             attestation_type="join_token", cert_serial=_serial(svid),
                             cert_not_after=svid.expires_at.timestamp(), banned=False, created_at=now, updated_at=now,
                             selectors=(Selector("join_token", f"node:{record.node_name}"),
-                                       Selector("node", f"name:{record.node_name}")))
+                                       Selector("node", f"name:{record.node_name}")),
+                            renewed_from=address, renewed_at=now)
         try:
             await store.consume_join_token_and_attest(digest, node)
         except NotFoundError:
@@ -200,7 +203,8 @@ class NodeAttestor:
             current, rest = rest[0], rest[1:]
         return None
 
-    async def x509pop_finish(self, challenge: X509PopChallenge, signature: bytes, csr: bytes) -> Attested:
+    async def x509pop_finish(self, challenge: X509PopChallenge, signature: bytes, csr: bytes,
+                             address: str = "") -> Attested:
         name = challenge.node_name
         if not _proves_possession(challenge.leaf, X509POP_CONTEXT + challenge.nonce, signature):
             raise await self._deny(name, "x509pop challenge signature is invalid: the node did not prove it holds "
@@ -209,15 +213,22 @@ class NodeAttestor:
         existing = await self._find(agent)
         if existing is not None and (existing.banned or existing.attestation_type != "x509pop"):
             raise await self._deny(agent, self._taken(existing), "x509pop")
-        svid = await self._issue(csr, agent, "x509pop")
         now = self._rt.clock()
+        # A re-attestation replaces the SVID as a renewal does: the one it replaces is kept as
+        # superseded, so a copy of it still in use elsewhere is noticed (clones.py).
+        try:
+            superseded = next_superseded(existing, now) if existing is not None else ()
+        except PermissionDeniedError as err:
+            raise await self._deny(agent, str(err), "x509pop") from None
+        svid = await self._issue(csr, agent, "x509pop")
         selectors = (Selector("node", f"name:{name}"), Selector("x509pop", f"subject:cn:{name}"),
                      Selector("x509pop", f"ca:fingerprint:{challenge.ca_fingerprint}"),
                      Selector("x509pop", f"serialnumber:{format(challenge.leaf.serial_number, 'x')}"))
         if existing is None:
             node = AttestedNode(spiffe_id=agent_id(self._td, name), node_name=name, attestation_type="x509pop",
                                 cert_serial=_serial(svid), cert_not_after=svid.expires_at.timestamp(),
-                                banned=False, created_at=now, updated_at=now, selectors=selectors)
+                                banned=False, created_at=now, updated_at=now, selectors=selectors,
+                                renewed_from=address, renewed_at=now)
             try:
                 await self._rt.store.create_attested_node(node)
             except AlreadyExistsError:
@@ -226,7 +237,8 @@ class NodeAttestor:
             # Re-attestation of a known x509pop node: the new SVID replaces the old one.
             node = await self._rt.store.update_attested_node(
                 replace(existing, cert_serial=_serial(svid), cert_not_after=svid.expires_at.timestamp(),
-                        selectors=selectors, updated_at=now),
+                        selectors=selectors, updated_at=now, renewed_from=address, renewed_at=now,
+                        superseded=superseded),
                 expected_revision=existing.revision or None)
         await self._ok(node, "x509pop")
         return Attested(node, svid)

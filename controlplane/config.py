@@ -90,6 +90,10 @@ class ServerConfig:
     bundle_refresh_hint: timedelta = option(
         "how often partners should fetch the bundle (spiffe_refresh_hint)", DURATION,
         default=timedelta(minutes=5), group=FEDERATION)
+    flow_audit_interval: timedelta = option(
+        "agents' flow reports (denials, refusals) become at most one flows.reported audit event per agent "
+        "per this interval; the first after a quiet interval is written at once", DURATION,
+        default=timedelta(minutes=1))
     signing_workers: int = option(
         "processes that sign X.509-SVIDs, for issuance on every core; 0 signs in a thread of the server "
         "process (default: the number of CPUs)", COUNT, default_factory=lambda: os.cpu_count() or 1)

@@ -16,6 +16,8 @@ from typing import Literal, Protocol
 
 from trustmesh.bundle import Bundle
 from trustmesh.clip import ENTRY_ID, clip, shown
+from trustmesh.controlplane.clones import next_superseded
+from trustmesh.controlplane.flow_audit import FlowAudit, FlowCounter, RefusalCounter
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import AttestedNode, RegistrationEntry
 from trustmesh.errors import InvalidArgumentError, PermissionDeniedError, SvidError, TrustmeshError
@@ -24,7 +26,8 @@ from trustmesh.x509svid import X509Svid
 
 MAX_BATCH = 1000
 MAX_AUDIENCES = 16
-MAX_FLOW_COUNTERS = 10_000
+MAX_FLOW_COUNTERS = 10_000  # flow and refusal counters in one report
+REFUSAL_KINDS = frozenset({"handshake", "outbound-caller"})  # metric labels; anything else is "other"
 
 
 class AuthorizedEntries(Protocol):
@@ -71,35 +74,22 @@ class JwtIssued:
     expires_at: datetime
 
 
-@dataclass(frozen=True)
-class FlowCounter:
-    """Connections with the same (source, destination, port, decision, rule, mode) counted
-    over [first_seen, last_seen] by an agent's listeners."""
-
-    source_id: str
-    destination_id: str
-    port: int
-    denied: bool  # denied by the policy (with audit mode the connection still went through)
-    audit_mode: bool
-    rule: str
-    count: int
-    first_seen: int
-    last_seen: int
-
-
 # --- the service --------------------------------------------------------------------------
 
 
 class IssuanceService:
-    def __init__(self, rt: ServerRuntime, view: AuthorizedEntries) -> None:
+    def __init__(self, rt: ServerRuntime, view: AuthorizedEntries, flows: FlowAudit | None = None) -> None:
         self._rt = rt
         self._view = view
+        self.flows = flows or FlowAudit(rt.audit, rt.config.flow_audit_interval.total_seconds())
         metrics = rt.metrics
         self._x509 = metrics.counter("trustmesh_x509_svids_total", "X509-SVID requests by outcome", ["outcome"])
         self._jwt = metrics.counter("trustmesh_jwt_svids_total", "JWT-SVID requests by outcome", ["outcome"])
         self._renewals = metrics.counter("trustmesh_agent_renewals_total", "agent SVID renewals")
         self._flows = metrics.counter("trustmesh_flow_decisions_total", "connection decisions reported by agents",
                                       ["decision"])
+        self._refusals = metrics.counter("trustmesh_reported_refusals_total",
+                                         "connections agents report they refused before any decision", ["kind"])
 
     def trust_bundle(self) -> Bundle:
         """Our trust domain's bundle, as handed to a newly attested agent."""
@@ -170,8 +160,11 @@ class IssuanceService:
         self._jwt.inc(outcome="issued")
         return JwtIssued(token, expires)
 
-    async def renew_agent(self, agent: SpiffeId, node: AttestedNode, csr: bytes) -> X509Svid:
-        """A new agent SVID for an authenticated agent, recorded on its node record."""
+    async def renew_agent(self, agent: SpiffeId, node: AttestedNode, csr: bytes, address: str = "") -> X509Svid:
+        """A new agent SVID for an authenticated agent, recorded on its node record with the
+        address it was renewed from and the SVID it replaces (clones.py reads both)."""
+        now = self._rt.clock()
+        superseded = next_superseded(node, now)  # refuses an agent that renews far too often
         try:
             svid = await self._rt.ca.sign_x509_svid(csr, agent, self._rt.config.agent_ttl)
         except SvidError as err:
@@ -180,29 +173,32 @@ class IssuanceService:
         # fail (ABORTED) instead of being overwritten with banned=False.
         updated = await self._rt.store.update_attested_node(
             replace(node, cert_serial=format(svid.leaf.serial_number, "x"),
-                    cert_not_after=svid.expires_at.timestamp(), updated_at=self._rt.clock()),
+                    cert_not_after=svid.expires_at.timestamp(), updated_at=now, renewed_from=address,
+                    renewed_at=now, superseded=superseded),
             expected_revision=node.revision or None)
         await self._view.node_written(updated)
         await self._rt.audit.record("agent.renew", actor=str(agent), subject=str(agent),
-                                    serial=updated.cert_serial, previous_serial=node.cert_serial)
+                                    serial=updated.cert_serial, previous_serial=node.cert_serial, address=address)
         self._renewals.inc()
         return svid
 
-    async def report_flows(self, agent: str, counters: Sequence[FlowCounter]) -> None:
-        """Count every reported decision; denials, and what audit mode would have denied,
-        also become audit events."""
-        if len(counters) > MAX_FLOW_COUNTERS:
+    async def report_flows(self, agent: str, counters: Sequence[FlowCounter],
+                           refusals: Sequence[RefusalCounter] = ()) -> None:
+        """Count every reported decision and refusal; denials, what audit mode would have
+        denied, and refusals reach the audit log as the agent's claim, aggregated (FlowAudit)."""
+        if len(counters) + len(refusals) > MAX_FLOW_COUNTERS:
             raise InvalidArgumentError(f"at most {MAX_FLOW_COUNTERS} counters per report; report more often")
         for c in counters:  # validate all before counting any
             if c.count < 0 or c.port > 65535 or len(c.source_id) > 2048 or len(c.destination_id) > 2048 \
                     or len(c.rule) > 512:
                 raise InvalidArgumentError("a flow counter is out of range (count >= 0, port <= 65535, "
                                            "IDs of at most 2048 and rule names of at most 512 characters)")
+        for r in refusals:
+            if r.count < 0 or len(r.kind) > 64 or len(r.subject) > 2048 or len(r.peer) > 512 or len(r.reason) > 512:
+                raise InvalidArgumentError("a refusal counter is out of range (count >= 0, a kind of at most 64, "
+                                           "a subject of at most 2048, a peer and a reason of at most 512 characters)")
         for c in counters:
             self._flows.inc(c.count, decision="deny" if c.denied else ("audit" if c.audit_mode else "allow"))
-            if c.denied or c.audit_mode:
-                await self._rt.audit.record(
-                    "connection.denied" if c.denied else "connection.audit", actor=agent,
-                    subject=c.destination_id, outcome="denied" if c.denied else "would-deny",
-                    source=c.source_id or "unverified", port=c.port, rule=c.rule, count=c.count,
-                    first_seen=c.first_seen, last_seen=c.last_seen)
+        for r in refusals:
+            self._refusals.inc(r.count, kind=r.kind if r.kind in REFUSAL_KINDS else "other")
+        await self.flows.add(agent, counters, refusals)

@@ -20,6 +20,7 @@ from trustmesh.clip import SHOWN, clip, shown
 from trustmesh.controlplane.config import MAX_JWT_TTL, MAX_X509_TTL, MIN_JWT_TTL, MIN_X509_TTL
 from trustmesh.controlplane.store.records import AttestedNode as AttestedNode  # re-exported: the API's values
 from trustmesh.controlplane.store.records import JoinToken
+from trustmesh.controlplane.store.records import NodeStatus as NodeStatus  # likewise
 from trustmesh.controlplane.store.records import RegistrationEntry as RegistrationEntry  # likewise
 from trustmesh.dnsname import InvalidDnsNameError, dns_name_covers, normalize_dns_name
 from trustmesh.errors import (
@@ -457,3 +458,31 @@ class Registry:
             raise
         await self._audit("agent.evict", actor, agent, node_name=node.node_name)
         return node
+
+    async def clear_agent(self, text: str, actor: str) -> tuple[AttestedNode, bool]:
+        """Clear a suspected-clone mark once the operator has checked the node (clones.py sets
+        it); True when there was one. The agent was never cut off by the mark itself, so
+        nothing else changes; a ban stays, whatever the mark."""
+        try:
+            agent = self.resolve_agent(text)
+            for _ in range(_BAN_RETRIES):
+                node = await self._require_node(agent)
+                if node.status is NodeStatus.ACTIVE:
+                    await self._audit("agent.clear", actor, agent, already_clear=True)
+                    return node, False
+                try:
+                    cleared = await self._store.update_attested_node(
+                        replace(node, status=NodeStatus.ACTIVE, status_reason="", status_at=self._clock(),
+                                updated_at=self._clock()),
+                        expected_revision=node.revision or None)
+                except ConflictError:
+                    continue  # renewed (or marked again) meanwhile: clear the record as it is now
+                break
+            else:
+                raise ConflictError(f"agent {agent} kept changing while being cleared; run the clear again")
+        except TrustmeshError as err:
+            await self._refused("agent.clear", actor, text, err)
+            raise
+        await self._audit("agent.clear", actor, agent, node_name=cleared.node_name, previous_status=str(node.status),
+                          previous_reason=node.status_reason)
+        return cleared, True

@@ -2,7 +2,7 @@
 
 It loads the registry once, then follows the store's change feed forever (it is its only
 reader), and owns what the feed keeps current: the authorized-entry index with the attested
-nodes, the renewal grace of each agent's previous SVID, the evictions it remembers, the
+nodes (whose records carry each agent's superseded SVIDs), the evictions it remembers, the
 federated bundles, the partner-certificate revocations and the policy in force. Answering a
 call from it costs no store read, so an idle fleet causes none.
 
@@ -60,7 +60,6 @@ from trustmesh.spiffeid import TrustDomain
 
 log = logging.getLogger("trustmesh.registry")
 
-RENEWAL_GRACE = 300.0  # seconds the previous agent SVID keeps working for calls after a renewal
 MAX_REMEMBERED_EVICTIONS = 10_000
 FEED_RETRY_MAX = 5.0
 
@@ -126,7 +125,6 @@ class RegistryView:
         self._gone_bundles: set[str] = set()  # trust domains whose stored bundle was deleted
         self._revoked: frozenset[str] = frozenset()  # serials of revoked partner certificates
         self._partner_revocations: dict[str, bool] = {}  # serial -> revoked, for every partner certificate
-        self._previous_serials: dict[str, tuple[str, float]] = {}  # agent -> (serial, usable until)
         self._evicted: OrderedDict[str, None] = OrderedDict()
 
     def subscribe(self, subscriber: RegistrySubscriber) -> None:
@@ -180,16 +178,10 @@ class RegistryView:
 
     # --- agent authentication -----------------------------------------------------------
 
-    def authenticate(self, peer: PresentedSvid) -> AttestedNode:
-        """The caller's node record; refuses evicted, banned and superseded SVIDs."""
-        node = self._current_node(peer.id)
-        if peer.serial != node.cert_serial:
-            previous = self._previous_serials.get(peer.id)
-            if previous is None or previous[0] != peer.serial or previous[1] < self._clock():
-                raise PermissionDeniedError(
-                    f"agent {peer.id} presented a superseded SVID (serial {peer.serial}); use the renewed one, "
-                    "or attest again")
-        return node
+    def node_for(self, agent: str) -> AttestedNode:
+        """The agent's node record, if it may act as that agent at all: refuses evicted, banned
+        and unknown agents. Which SVID it presents, from where, is clones.py's question."""
+        return self._current_node(agent)
 
     def authenticate_stream(self, peer: PresentedSvid, opened: AttestedNode) -> None:
         """Re-check an open stream after a change: the same attestation, not banned.
@@ -231,19 +223,12 @@ class RegistryView:
         if old is not None and revision and old.revision > revision:
             return set()  # we already applied a newer write of our own (node_written)
         if node is None:
-            self._previous_serials.pop(agent, None)
             self._evicted[agent] = None
             self._evicted.move_to_end(agent)
             while len(self._evicted) > MAX_REMEMBERED_EVICTIONS:
                 self._evicted.popitem(last=False)
         else:
             self._evicted.pop(agent, None)
-            if old is not None and old.created_at == node.created_at and old.cert_serial != node.cert_serial:
-                # A renewal (or x509pop re-attestation): calls with the previous SVID keep
-                # working briefly, on every replica, while the agent switches over.
-                self._previous_serials[agent] = (old.cert_serial, self._clock() + RENEWAL_GRACE)
-            elif old is None or old.created_at != node.created_at:
-                self._previous_serials.pop(agent, None)
         # Our own writes may come without a revision; the revision we are at is a safe
         # lower bound for where this agent's resumable history starts.
         return self.index.apply_node(agent, node, revision or self.revision)

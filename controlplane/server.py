@@ -35,6 +35,7 @@ from trustmesh.controlplane.audit import AuditLog
 from trustmesh.controlplane.bundle_endpoint import BundleEndpoint, serve_bundle_endpoint
 from trustmesh.controlplane.ca.authority import CAConfig, CertificateAuthority, needs_rotation
 from trustmesh.controlplane.ca.kek import KeyEncryptionKey
+from trustmesh.controlplane.clones import CloneGuard
 from trustmesh.controlplane.config import ServerConfig
 from trustmesh.controlplane.duties import leader_duties
 from trustmesh.controlplane.issuance import IssuanceService
@@ -267,13 +268,17 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         # and the open sync streams.
         view = RegistryView(store, config.trust_domain, rt.metrics, rt.clock)
         view.subscribe(republish_ca(ca, config.bundle_path))
-        sync = SyncService(view, ca.bundle, rt.metrics, rt.clock)
+        # One agent identity, one place: the guard authenticates every agent call against the
+        # node records and the agent's live streams, and marks suspected clones.
+        guard = CloneGuard(view, store, rt.audit, rt.metrics, rt.clock)
+        sync = SyncService(view, ca.bundle, rt.metrics, rt.clock, guard)
         view.subscribe(sync.on_registry_event)
         # Agents: attestation, then signing (issuance) and the push of what they may use (sync).
-        node = NodeServicer(view, NodeAttestor(rt), IssuanceService(rt, view), sync)
+        issuance = IssuanceService(rt, view)
+        node = NodeServicer(view, NodeAttestor(rt), issuance, sync, guard)
         admin = AdminServicer(AdminServices.of(rt))
         td = config.trust_domain
-        node_server = _grpc_server(CallLayer(callers.agents(td, view), rt.metrics))
+        node_server = _grpc_server(CallLayer(callers.agents(td, guard), rt.metrics))
         node.register(node_server)
         health_servicer = _add_health(node_server)
         attest_server = _grpc_server(CallLayer(callers.anonymous, rt.metrics), max_receive=64 * 1024)
@@ -307,6 +312,8 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(view.run(stop), name="registry-view")
             tasks.create_task(_rotation_loop(rt, creds, stop), name="rotation")
+            tasks.create_task(issuance.flows.run(stop), name="flow-audit")
+            tasks.create_task(guard.run(stop), name="clone-guard")
             election = LeaderElection(store, config.replica_id, rt.metrics, ttl=config.leader_ttl)
             tasks.create_task(election.run(stop, lambda: leader_duties(rt)), name="leader-election")
             # `ready` (and SERVING) only once the registry is loaded: before that every agent

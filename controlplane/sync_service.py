@@ -11,16 +11,17 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Protocol
 
 from trustmesh._proto.trustmesh.v1 import node_pb2, types_pb2
 from trustmesh.bundle import Bundle
 from trustmesh.controlplane import sync_delta
+from trustmesh.controlplane.clones import PresentedSvid
 from trustmesh.controlplane.registry_view import (
     AgentsChanged,
     AllAgentsChanged,
     CAJournalChanged,
-    PresentedSvid,
     RegistryEvent,
     RegistryView,
 )
@@ -31,6 +32,31 @@ from trustmesh.wire import bundle_to_pb
 
 SYNC_KEEPALIVE = 300.0  # an idle sync stream gets an empty delta this often (finds dead peers)
 OWN_BUNDLE_SECONDS = 1.0  # how long the wire form of our bundle is reused across streams
+
+
+class StreamGuard(Protocol):
+    """Who may hold a stream (clones.py's CloneGuard): one agent identity streams from one place."""
+
+    def streaming(self, peer: PresentedSvid) -> AbstractContextManager[None]:
+        """Refuse a stream from a second address; hold this one's address while it is open."""
+        ...
+
+    def recheck_stream(self, peer: PresentedSvid, opened: AttestedNode) -> None:
+        """Raise when the stream's agent may no longer stream (banned, evicted, cloned)."""
+        ...
+
+
+class _ViewGuard:
+    """The guard when none is given (tests of the stream alone): the view's own checks."""
+
+    def __init__(self, view: RegistryView) -> None:
+        self._view = view
+
+    def streaming(self, peer: PresentedSvid) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def recheck_stream(self, peer: PresentedSvid, opened: AttestedNode) -> None:
+        self._view.authenticate_stream(peer, opened)
 
 
 class SyncStream:
@@ -75,7 +101,7 @@ class SyncStream:
         except asyncio.TimeoutError:
             keepalive = True
         self.wake.clear()
-        self._view.authenticate_stream(self.peer, self._opened)
+        self._service.guard.recheck_stream(self.peer, self._opened)
         messages, self._sent = sync_delta.next_delta(self._service.state_for(self.peer.id), self._sent,
                                                      keepalive=keepalive)
         for message in messages:
@@ -85,8 +111,9 @@ class SyncStream:
 
 class SyncService:
     def __init__(self, view: RegistryView, own_bundle: Callable[[], Bundle], metrics: Registry,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, guard: StreamGuard | None = None) -> None:
         self.view = view
+        self.guard = guard or _ViewGuard(view)
         self.trust_bundle = own_bundle  # our trust domain's bundle as it is now
         self.clock = clock
         self._streams: dict[str, set[SyncStream]] = defaultdict(set)
@@ -116,18 +143,22 @@ class SyncService:
     @contextmanager
     def open(self, peer: PresentedSvid, node: AttestedNode, not_after: float) -> Iterator[SyncStream]:
         """A stream for an authenticated agent, woken by the view until the block ends."""
-        stream = SyncStream(self, peer, node, not_after)
-        self._streams[peer.id].add(stream)
-        self._gauge.inc()
-        try:
-            yield stream
-        finally:
-            self._gauge.dec()
-            streams = self._streams.get(peer.id)
-            if streams is not None:
-                streams.discard(stream)
-                if not streams:
-                    del self._streams[peer.id]
+        with self.guard.streaming(peer):
+            stream = SyncStream(self, peer, node, not_after)
+            self._streams[peer.id].add(stream)
+            self._gauge.inc()
+            try:
+                yield stream
+            finally:
+                self._closed(peer, stream)
+
+    def _closed(self, peer: PresentedSvid, stream: SyncStream) -> None:
+        self._gauge.dec()
+        streams = self._streams.get(peer.id)
+        if streams is not None:
+            streams.discard(stream)
+            if not streams:
+                del self._streams[peer.id]
 
     async def on_registry_event(self, event: RegistryEvent) -> None:
         """The view's subscriber: wake the streams of the agents whose view changed."""

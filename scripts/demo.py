@@ -9,6 +9,7 @@ on exit or Ctrl-C (unless --keep).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -281,10 +282,14 @@ def main() -> int:
             conn.close()
 
         with step("checking the tamper-evident audit log"):
-            denied = cli("audit", "show", "--kind", "connection.denied").splitlines()
-            say(f"{len(denied)} denied-connection event(s), e.g.:")
-            for line in denied[-2:]:
-                say(line[:160])
+            # Denials reach the log as the agent's claim, one aggregated event per agent per minute.
+            reports = json.loads(cli("audit", "show", "--kind", "flows.reported", "--json"))
+            say(f"{len(reports)} flows.reported event(s) (the agent's aggregated claim), e.g.:")
+            for event in reports[-2:]:
+                d = event["details"]
+                flows = "; ".join(f"{f['source']} -> {f['destination']} x{f['count']} ({f['rule'] or 'no rule'})"
+                                  for f in d["flows"][:2])
+                say(f"#{event['seq']} {event['time']} {event['actor']}: denied={d['denied']} {flows}"[:200])
             say(cli("audit", "verify"))
 
         if args.keep:

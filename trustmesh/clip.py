@@ -13,6 +13,8 @@ MARKER = "..."
 SHOWN = 96
 # An entry ID echoed back to (or audited for) an agent that sent one: IDs are no longer.
 ENTRY_ID = 64
+# An identity, address or reason an agent reports, listed in an aggregated audit event.
+CLAIMED = 256
 # Free text stored with a policy revision.
 AUTHOR = 256
 COMMENT = 1024

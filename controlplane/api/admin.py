@@ -117,6 +117,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         await self._domain.registry.evict_agent(request.spiffe_id, actor)
         return admin_pb2.EvictAgentResponse()
 
+    async def ClearAgent(self, request: admin_pb2.ClearAgentRequest,
+                         context: grpc.aio.ServicerContext) -> admin_pb2.ClearAgentResponse:
+        actor = current_caller().id
+        node, cleared = await self._domain.registry.clear_agent(request.spiffe_id, actor)
+        return admin_pb2.ClearAgentResponse(agent=node_to_pb(node), cleared=cleared)
+
     async def GetBundle(self, request: admin_pb2.GetBundleRequest,
                         context: grpc.aio.ServicerContext) -> admin_pb2.GetBundleResponse:
         found = await self._domain.federation.bundle(request.trust_domain)

@@ -4,7 +4,8 @@ gRPC already verified any client certificate against our roots during the handsh
 server trusts only its own trust domain's roots). An authenticator reads the leaf, says
 which kind of caller it belongs to, and leaves the "may it call this method" question to
 the table in calls.py. It raises only when the caller cannot be identified at all, or is an
-agent that may no longer act as one (not attested, banned, evicted, superseded SVID).
+agent that may no longer act as one (not attested, banned, evicted, superseded SVID, or its
+identity in use from another address: controlplane/clones.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from trustmesh.controlplane.api.calls import (
     Method,
     current_caller,
 )
-from trustmesh.controlplane.api.peer import PeerAgent
+from trustmesh.controlplane.api.peer import PeerAgent, peer_host
 from trustmesh.controlplane.registration import AttestedNode
 from trustmesh.errors import UnauthenticatedError, VerificationError
 from trustmesh.naming import node_name_of
@@ -40,7 +41,8 @@ LOCAL_ADMIN_CALLER = Caller(CallerKind.LOCAL_ADMIN, LOCAL_ADMIN)
 
 class AgentAuthenticator(Protocol):
     def authenticate(self, peer: PeerAgent) -> AttestedNode:
-        """The agent's current node record; raises when it may not act as an agent now."""
+        """The agent's current node record; raises when it may not act as that agent now (from
+        that address, with that SVID)."""
         ...
 
 
@@ -97,7 +99,8 @@ def agents(td: TrustDomain, records: AgentAuthenticator) -> Authenticator:
                                          "first (the Node API listener is --bind; attestation is on --attest-bind)")
         if sid.trust_domain != td or node_name_of(sid) is None:
             return Caller(CallerKind.WORKLOAD, str(sid), sid)
-        peer = PeerAgent(sid, format(leaf.serial_number, "x"), leaf.not_valid_after_utc.timestamp())
+        peer = PeerAgent(sid, format(leaf.serial_number, "x"), leaf.not_valid_after_utc.timestamp(),
+                         peer_host(context.peer()))
         return Caller(CallerKind.AGENT, peer.id, AuthenticatedAgent(peer, records.authenticate(peer)))
 
     return authenticate

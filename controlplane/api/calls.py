@@ -122,6 +122,7 @@ CALLS: Mapping[str, Rule] = MappingProxyType({
     "/trustmesh.v1.Admin/ListAgents": ADMINS,
     "/trustmesh.v1.Admin/BanAgent": ADMINS,
     "/trustmesh.v1.Admin/EvictAgent": ADMINS,
+    "/trustmesh.v1.Admin/ClearAgent": ADMINS,
     "/trustmesh.v1.Admin/GetBundle": ADMINS,
     "/trustmesh.v1.Admin/ListFederationRelationships": ADMINS,
     "/trustmesh.v1.Admin/CreateFederationRelationship": ADMINS,

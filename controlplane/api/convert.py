@@ -13,7 +13,7 @@ from trustmesh.controlplane.audit_query import AuditEvent
 from trustmesh.controlplane.ca_admin import Authority
 from trustmesh.controlplane.federation_admin import Relationship, RelationshipSpec
 from trustmesh.controlplane.policy_store import PolicyRevision
-from trustmesh.controlplane.registration import AttestedNode, EntrySpec, RegistrationEntry
+from trustmesh.controlplane.registration import AttestedNode, EntrySpec, NodeStatus, RegistrationEntry
 from trustmesh.wire import bundle_to_pb as bundle_to_pb
 from trustmesh.wire import selector_to_pb
 
@@ -39,7 +39,15 @@ def node_to_pb(node: AttestedNode) -> types_pb2.AttestedNode:
         cert_serial=node.cert_serial, cert_not_after=int(node.cert_not_after), banned=node.banned,
         created_at=int(node.created_at), updated_at=int(node.updated_at),
         selectors=[selector_to_pb(s) for s in node.selectors], revision=node.revision,
+        status=_NODE_STATUSES[node.status], status_reason=node.status_reason,
+        status_changed_at=int(node.status_at), renewed_from=node.renewed_from,
     )
+
+
+_NODE_STATUSES = {
+    NodeStatus.ACTIVE: types_pb2.AGENT_STATUS_ACTIVE,
+    NodeStatus.SUSPECTED_CLONE: types_pb2.AGENT_STATUS_SUSPECTED_CLONE,
+}
 
 
 def audit_event_to_pb(event: AuditEvent) -> types_pb2.AuditEvent:

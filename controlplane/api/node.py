@@ -1,9 +1,9 @@
 """The agent-facing Node service: protobuf in, domain calls, protobuf out.
 
-The call layer (calls.py) authenticates every call but Attest by the agent's X509-SVID and the
-registry view's attested-node records before a handler runs; the rules live in the domain:
-attestation.py (Attest), issuance.py (signing, renewal, flow reports) and sync_service.py
-with sync_delta.py (the sync stream).
+The call layer (calls.py) authenticates every call but Attest by the agent's X509-SVID, the
+registry view's attested-node records and clones.py (one identity, one place) before a
+handler runs; the rules live in the domain: attestation.py (Attest), issuance.py (signing,
+renewal, flow reports) and sync_service.py with sync_delta.py (the sync stream).
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc, types_pb2
 from trustmesh.controlplane.api.callers import current_agent
 from trustmesh.controlplane.api.convert import bundle_to_pb
-from trustmesh.controlplane.api.peer import PeerAgent
+from trustmesh.controlplane.api.peer import PeerAgent, peer_host
 from trustmesh.controlplane.api.status import status_code_for
 from trustmesh.controlplane.attestation import NodeAttestor
+from trustmesh.controlplane.clones import CloneGuard
+from trustmesh.controlplane.flow_audit import FlowCounter, RefusalCounter
 from trustmesh.controlplane.issuance import (
     MAX_FLOW_COUNTERS,
-    FlowCounter,
     IssuanceService,
     X509Issued,
     X509Outcome,
@@ -32,6 +33,7 @@ from trustmesh.controlplane.registration import AttestedNode
 from trustmesh.controlplane.registry_view import RegistryView
 from trustmesh.controlplane.sync_service import SyncService
 from trustmesh.errors import CAError
+from trustmesh.naming import agent_id
 from trustmesh.x509svid import X509Svid
 
 ATTEST_STEP_TIMEOUT = 30.0
@@ -40,8 +42,9 @@ _DER = Encoding.DER
 
 class NodeServicer(node_pb2_grpc.NodeServicer):
     def __init__(self, view: RegistryView, attestor: NodeAttestor, issuance: IssuanceService,
-                 sync: SyncService) -> None:
+                 sync: SyncService, guard: CloneGuard | None = None) -> None:
         self._view = view
+        self._guard = guard
         self._attestor = attestor
         self._issuance = issuance
         self._sync = sync
@@ -73,10 +76,11 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         # At most two messages are read, each within ATTEST_STEP_TIMEOUT; anything after
         # the result is ignored, so the conversation is bounded in time and size.
         attestor = self._attestor
+        address = peer_host(context.peer())
         first = await self._next(request_iterator, "first")
         step = first.WhichOneof("step")
         if step == "join_token":
-            attested = await attestor.attest_join_token(first.join_token, first.csr)
+            attested = await attestor.attest_join_token(first.join_token, first.csr, address)
         elif step == "x509pop":
             challenge = await attestor.x509pop_challenge(list(first.x509pop.cert_chain))
             yield node_pb2.AttestResponse(challenge=node_pb2.X509PopChallenge(nonce=challenge.nonce))
@@ -84,8 +88,10 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             if answer.WhichOneof("step") != "challenge_response":
                 raise await attestor.invalid("expected the x509pop challenge response as second message",
                                              "x509pop", challenge.node_name)
+            if self._guard is not None:
+                self._guard.check_reattestation(str(agent_id(self._view.trust_domain, challenge.node_name)), address)
             attested = await attestor.x509pop_finish(
-                challenge, answer.challenge_response.signature, answer.csr or first.csr)
+                challenge, answer.challenge_response.signature, answer.csr or first.csr, address)
         else:
             raise await attestor.invalid("the first Attest message must carry a join_token or x509pop evidence")
         await self._view.node_written(attested.node)
@@ -107,7 +113,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     async def RenewAgent(self, request: node_pb2.RenewAgentRequest,
                          context: grpc.aio.ServicerContext) -> node_pb2.RenewAgentResponse:
         peer, node = self._agent()
-        svid = await self._issuance.renew_agent(peer.spiffe_id, node, request.csr)
+        svid = await self._issuance.renew_agent(peer.spiffe_id, node, request.csr, peer.host)
         return node_pb2.RenewAgentResponse(svid_chain=_chain(svid))
 
     # --- sync ---------------------------------------------------------------------------
@@ -143,7 +149,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         # One counter past the limit is enough for the service to refuse an oversized
         # report; converting all of a hostile one first would stall the event loop.
         counters = [_flow_counter(c) for c in request.counters[:MAX_FLOW_COUNTERS + 1]]
-        await self._issuance.report_flows(peer.id, counters)
+        refusals = [_refusal_counter(r) for r in request.refusals[:MAX_FLOW_COUNTERS + 1 - len(counters)]]
+        await self._issuance.report_flows(peer.id, counters, refusals)
         return node_pb2.ReportFlowsResponse()
 
 
@@ -171,3 +178,8 @@ def _flow_counter(c: node_pb2.FlowCounter) -> FlowCounter:
                        denied=c.decision == node_pb2.FLOW_DECISION_DENY,
                        audit_mode=c.mode == types_pb2.POLICY_MODE_AUDIT, rule=c.rule, count=c.count,
                        first_seen=c.first_seen, last_seen=c.last_seen)
+
+
+def _refusal_counter(r: node_pb2.RefusalCounter) -> RefusalCounter:
+    return RefusalCounter(kind=r.kind, subject=r.subject, peer=r.peer, reason=r.reason, count=r.count,
+                          first_seen=r.first_seen, last_seen=r.last_seen)

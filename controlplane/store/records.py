@@ -18,6 +18,7 @@ import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, ClassVar
 
 from trustmesh.errors import InvalidSpiffeIdError, StoreError
@@ -188,6 +189,24 @@ class RegistrationEntry:
         )
 
 
+class NodeStatus(StrEnum):
+    """What the control plane concluded about an attested agent, apart from a ban."""
+
+    ACTIVE = "active"
+    # One agent identity was seen in two places at once (two connections from different
+    # addresses, or a superseded SVID still in use elsewhere): its key was probably copied.
+    # An operator bans the agent or clears the mark (`trustmesh agent clear`).
+    SUSPECTED_CLONE = "suspected-clone"
+
+
+@dataclass(frozen=True)
+class SupersededSvid:
+    """An agent SVID that a renewal replaced: still valid, but no longer the agent's own."""
+
+    serial: str  # hex
+    not_after: float
+
+
 @dataclass(frozen=True)
 class AttestedNode:
     spiffe_id: SpiffeId  # the agent ID
@@ -200,22 +219,37 @@ class AttestedNode:
     updated_at: float
     selectors: tuple[Selector, ...] = ()  # from node attestation, e.g. node:name:node-1
     revision: int = 0  # the store's mod_revision, filled on read
+    status: NodeStatus = NodeStatus.ACTIVE
+    status_reason: str = ""  # why the status is what it is (empty when active)
+    status_at: float = 0.0  # when the status last changed (0: never)
+    # The peer address (host) that obtained cert_serial, by attestation or renewal, and when;
+    # "" for records written before addresses were kept.
+    renewed_from: str = ""
+    renewed_at: float = 0.0
+    # The unexpired SVIDs of this attestation that renewals replaced, newest first: one of
+    # them presented from another address than `renewed_from` means a copied agent key.
+    superseded: tuple[SupersededSvid, ...] = ()
 
     def to_json(self) -> bytes:
-        return _dump(
-            "node",
-            {
-                "spiffe_id": str(self.spiffe_id),
-                "node_name": self.node_name,
-                "attestation_type": self.attestation_type,
-                "cert_serial": self.cert_serial,
-                "cert_not_after": self.cert_not_after,
-                "banned": self.banned,
-                "created_at": self.created_at,
-                "updated_at": self.updated_at,
-                "selectors": _texts(self.selectors),
-            },
-        )
+        fields: dict[str, Any] = {
+            "spiffe_id": str(self.spiffe_id),
+            "node_name": self.node_name,
+            "attestation_type": self.attestation_type,
+            "cert_serial": self.cert_serial,
+            "cert_not_after": self.cert_not_after,
+            "banned": self.banned,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "selectors": _texts(self.selectors),
+        }
+        # Written only when set, so a record without them keeps the bytes earlier versions wrote.
+        if self.status is not NodeStatus.ACTIVE:
+            fields.update(status=str(self.status), status_reason=self.status_reason, status_at=self.status_at)
+        if self.renewed_from:
+            fields.update(renewed_from=self.renewed_from, renewed_at=self.renewed_at)
+        if self.superseded:
+            fields["superseded"] = [{"serial": s.serial, "not_after": s.not_after} for s in self.superseded]
+        return _dump("node", fields)
 
     @classmethod
     def from_json(cls, data: bytes, *, revision: int = 0) -> AttestedNode:
@@ -232,7 +266,37 @@ class AttestedNode:
             updated_at=float(_field(k, o, "updated_at", _NUMBER)),
             selectors=_selectors(k, o, "selectors"),
             revision=revision,
+            status=_node_status(k, o),
+            status_reason=_optional(k, o, "status_reason", str, ""),
+            status_at=float(_optional(k, o, "status_at", _NUMBER, 0.0)),
+            renewed_from=_optional(k, o, "renewed_from", str, ""),
+            renewed_at=float(_optional(k, o, "renewed_at", _NUMBER, 0.0)),
+            superseded=_superseded(k, o),
         )
+
+
+def _optional(kind: str, obj: dict[str, Any], name: str, want: type | tuple[type, ...], default: Any) -> Any:
+    """A field later versions added: absent in older records, which read as `default`."""
+    return _field(kind, obj, name, want) if name in obj else default
+
+
+def _node_status(kind: str, obj: dict[str, Any]) -> NodeStatus:
+    text = _optional(kind, obj, "status", str, NodeStatus.ACTIVE.value)
+    try:
+        return NodeStatus(text)
+    except ValueError:
+        raise RecordFormatError(f"stored {kind} record has status {text[:40]!r}; this server knows "
+                                f"{', '.join(s.value for s in NodeStatus)}") from None
+
+
+def _superseded(kind: str, obj: dict[str, Any]) -> tuple[SupersededSvid, ...]:
+    out = []
+    for item in _optional(kind, obj, "superseded", list, []):
+        if not isinstance(item, dict) or not isinstance(item.get("serial"), str) \
+                or not isinstance(item.get("not_after"), _NUMBER) or isinstance(item.get("not_after"), bool):
+            raise RecordFormatError(f"stored {kind} record field 'superseded' must hold {{serial, not_after}} objects")
+        out.append(SupersededSvid(item["serial"], float(item["not_after"])))
+    return tuple(out)
 
 
 @dataclass(frozen=True)

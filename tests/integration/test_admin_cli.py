@@ -220,8 +220,10 @@ async def test_agents_list_ban_evict(server: ServerProcess) -> None:
     await one.attest(server.cli("token", "create", "--node", "node-1", check=True).stdout.strip())
     await two.attest(server.cli("token", "create", "--node", "node-2", check=True).stdout.strip())
     listed = json.loads(server.cli("agent", "list", "--json", check=True).stdout)
-    assert [(a["spiffe_id"], a["node_name"], a["banned"]) for a in listed] == [
-        ("spiffe://example.org/agent/node-1", "node-1", False), ("spiffe://example.org/agent/node-2", "node-2", False)]
+    assert [(a["spiffe_id"], a["node_name"], a["banned"], a["status"]) for a in listed] == [
+        ("spiffe://example.org/agent/node-1", "node-1", False, "active"),
+        ("spiffe://example.org/agent/node-2", "node-2", False, "active")]
+    assert listed[0]["renewed_from"] == "127.0.0.1", "the address it attested from"
     assert isinstance(listed[0]["cert_not_after"], int) and listed[0]["attestation_type"] == "join_token"
 
     # An attested node gets no second token: the message says how to replace the host.
@@ -233,6 +235,9 @@ async def test_agents_list_ban_evict(server: ServerProcess) -> None:
     assert "banned node-1" in server.cli("agent", "ban", "node-1", check=True).stdout
     table = server.cli("agent", "list", check=True).stdout
     assert any("node-1" in row and "banned" in row for row in table.splitlines())
+    assert json.loads(server.cli("agent", "list", "--json", check=True).stdout)[0]["status"] == "banned"
+    # Nothing to clear on an agent that is not marked suspected-clone; said and audited.
+    assert "no suspected-clone mark (status banned)" in server.cli("agent", "clear", "node-1", check=True).stdout
     server.cli("agent", "ban", "spiffe://example.org/agent/node-1", check=True)  # again: harmless
     result = server.cli("token", "create", "--node", "node-1")
     assert result.returncode == 1 and "banned" in result.stderr
@@ -251,7 +256,7 @@ async def test_agents_list_ban_evict(server: ServerProcess) -> None:
 
 
 def test_unknown_and_malformed_agents(server: ServerProcess) -> None:
-    for command in ("ban", "evict"):
+    for command in ("ban", "evict", "clear"):
         result = server.cli("agent", command, "node-9")
         assert result.returncode == 1 and "NOT_FOUND" in result.stderr and "no attested agent" in result.stderr
         assert "spiffe://example.org/agent/node-9" in result.stderr
@@ -260,8 +265,8 @@ def test_unknown_and_malformed_agents(server: ServerProcess) -> None:
         result = server.cli("agent", command, "spiffe://example.org/ledger")
         assert result.returncode == 1 and "not an agent ID" in result.stderr
     denied = [e for e in json.loads(server.cli("audit", "show", "--json", check=True).stdout)
-              if e["kind"] in ("agent.ban", "agent.evict")]
-    assert len(denied) == 6 and {e["outcome"] for e in denied} == {"denied"}
+              if e["kind"] in ("agent.ban", "agent.evict", "agent.clear")]
+    assert len(denied) == 9 and {e["outcome"] for e in denied} == {"denied"}
 
 
 # --- the Admin API with hostile input -----------------------------------------------------
@@ -355,7 +360,7 @@ GROUPS = {
     "server": ["run"],
     "token": ["create"],
     "entry": ["create", "list", "show", "update", "delete"],
-    "agent": ["run", "list", "ban", "evict"],
+    "agent": ["run", "list", "ban", "evict", "clear"],
     "audit": ["show", "verify"],
 }
 

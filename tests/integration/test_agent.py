@@ -6,6 +6,7 @@ and the standard Workload API messages; a second workload runs as uid 65534.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -173,6 +174,10 @@ def test_restart_after_sigkill_needs_no_token_and_outages_keep_svids(setup: tupl
     again = next(stub(agent).FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=20))
     assert again.svids and time.monotonic() - started < 15
     assert "event=identity_loaded" in agent.log()
+    # The same agent again, from the same address: no copied key suspected (issue 13, hole 6).
+    [node] = json.loads(server.cli("agent", "list", "--json", check=True).stdout)
+    assert node["status"] == "active"
+    assert "agent.suspected_clone" not in server.cli("audit", "show", "--json", check=True).stdout
     # The control plane goes away for longer than a rotation period (15 s at a 30 s TTL).
     server.stop()
     time.sleep(16)
@@ -257,8 +262,18 @@ def test_authorize_answers_from_the_policy_the_agent_holds(
         time.sleep(0.1)
     allowed = ask("spiffe://example.org/payments")
     assert allowed.allowed and allowed.rule == "ledger-access allow[0]" and allowed.policy_revision == 1
+    # Questions about identities the caller (ledger) is not are answered, never reported.
+    for i in range(50):
+        forged = authz.Authorize(agent_pb2.AuthorizeRequest(source_id=f"spiffe://example.org/intruder{i}",
+                                                            destination_id="spiffe://example.org/vault"), timeout=10)
+        assert not forged.allowed
     denied = ask("spiffe://example.org/frontend")
     assert not denied.allowed and denied.rule == "default deny" and "frontend" in denied.reason
+    deadline = time.monotonic() + 15
+    while "example.org/frontend" not in (audit := server.cli("audit", "show", "--json", check=True).stdout):
+        assert time.monotonic() < deadline, "the ledger's own denial was not reported"
+        time.sleep(0.2)
+    assert "intruder" not in audit and "vault" not in audit
     assert not ask("spiffe://example.org/payments", port=22).allowed
     with pytest.raises(grpc.RpcError) as info:
         ask("not-an-id")

@@ -163,9 +163,10 @@ def test_allow_deny_and_a_policy_change_that_cuts_an_open_connection(mesh: Mesh,
     assert _talk(front_port) == b""  # frontend -> ledger: denied after the handshake
     assert _talk(wrong_port) == b""  # the server is not the SPIFFE ID this route expects
     assert _wait_for(lambda: "not the expected spiffe://example.org/payments" in agent.log())
-    assert _wait_for(lambda: '"connection.denied"' in server.cli("audit", "show", "--json").stdout)
-    denied = server.cli("audit", "show", "--kind", "connection.denied", "--json", check=True).stdout
+    assert _wait_for(lambda: '"flows.reported"' in server.cli("audit", "show", "--json").stdout)
+    denied = server.cli("audit", "show", "--kind", "flows.reported", "--json", check=True).stdout
     assert "spiffe://example.org/frontend" in denied and "default deny" in denied
+    assert "not observed by the server" in denied  # the agent's claim, labelled as such
     # An open, allowed connection is cut when the policy withdraws the allow.
     conn = socket.create_connection(("127.0.0.1", pay_port), timeout=10)
     conn.sendall(b"ping")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import shutil
 import subprocess
 import time
@@ -11,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -539,3 +541,44 @@ async def test_the_change_feed_survives_an_etcd_restart(make_server: Callable[..
                 server.stop()
                 restarted.terminate()
                 restarted.wait(10)
+
+
+async def test_forged_flow_reports_cannot_flood_or_author_the_audit_log(server: ServerProcess) -> None:
+    """A compromised agent reporting 10,000 invented denials and refusals gets one aggregated
+    event, labelled as its claim, not one event per counter with the content it chose."""
+    agent = await attested(server, "node-1")
+    before = len(_audit_events(server))
+    now = int(time.time())
+    async with agent.channel() as channel:
+        stub = node_pb2_grpc.NodeStub(channel)
+        for batch in range(5):
+            await stub.ReportFlows(node_pb2.ReportFlowsRequest(
+                counters=[node_pb2.FlowCounter(
+                    source_id=f"spiffe://example.org/intruder-{batch}-{i}", destination_id="spiffe://example.org/vault",
+                    port=443, decision=node_pb2.FLOW_DECISION_DENY, rule="x" * 500, count=1,
+                    first_seen=now, last_seen=now) for i in range(1_900)],
+                refusals=[node_pb2.RefusalCounter(kind="handshake", subject="spiffe://example.org/vault",
+                                                  peer=f"10.0.0.{i}:4000", reason="unknown CA", count=2,
+                                                  first_seen=now, last_seen=now) for i in range(100)]),
+                timeout=30)
+        with pytest.raises(grpc.aio.AioRpcError) as info:  # a report past the limit is refused whole
+            await stub.ReportFlows(node_pb2.ReportFlowsRequest(
+                counters=[node_pb2.FlowCounter(count=1, decision=node_pb2.FLOW_DECISION_DENY)] * 9_999,
+                refusals=[node_pb2.RefusalCounter(kind="handshake", count=1)] * 2), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    events = _audit_events(server)[before:]
+    reported = [e for e in events if e["kind"] == "flows.reported"]
+    # Within one interval (a minute by default): the first report, audited at once, and nothing else.
+    assert len(events) == 1 and len(reported) == 1, [e["kind"] for e in events]
+    event = reported[0]
+    assert event["actor"] == "spiffe://example.org/agent/node-1" and event["outcome"] == "denied"
+    details = event["details"]
+    assert details["claim"].startswith("reported by the agent")
+    assert details["denied"] == 1_900 and details["refused"] == 200
+    assert len(details["flows"]) == 20 and len(details["refusals"]) == 20
+    assert details["unlisted"] == 1_900 - 20 + 200 - 40
+    assert all(len(f["rule"]) <= 256 for f in details["flows"])
+
+
+def _audit_events(server: ServerProcess) -> list[dict[str, Any]]:
+    return list(json.loads(server.cli("audit", "show", "--json", "--limit", "100000", check=True).stdout))

@@ -249,7 +249,7 @@ async def test_renewal_runs_at_half_life_and_slows_down_when_refused(tmp_path: P
     try:
         await asyncio.sleep(0.8)
         assert client.calls == 1, "a banned agent does not hammer the server"
-        assert any(e == "agent_refused" and "banned or evicted" in str(f["hint"]) for e, f in events(caplog))
+        assert any(e == "agent_refused" and "banned, evicted" in str(f["hint"]) for e, f in events(caplog))
     finally:
         task.cancel()
     client.error = None

@@ -169,7 +169,8 @@ async def test_the_node_listener_serves_attested_agents_only() -> None:
         await batch_sign(pki, listener, agent)
         [seen] = listener.seen.callers
         assert seen.peer == PeerAgent(SpiffeId.parse("spiffe://example.org/agent/node-1"),
-                                      format(agent[2].serial_number, "x"), agent[2].not_valid_after_utc.timestamp())
+                                      format(agent[2].serial_number, "x"), agent[2].not_valid_after_utc.timestamp(),
+                                      "127.0.0.1")  # the address the call came from, without its port
         assert seen.node is records.nodes["spiffe://example.org/agent/node-1"]
         for client, words in ((banned, "is banned"), (stranger, "is not attested"), (workload, "only agents")):
             with pytest.raises(grpc.aio.AioRpcError) as info:

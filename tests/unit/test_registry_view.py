@@ -17,7 +17,6 @@ from cryptography import x509
 from trustmesh.controlplane.ca.authority import CAConfig, CertificateAuthority
 from trustmesh.controlplane.ca.kek import KeyEncryptionKey
 from trustmesh.controlplane.registry_view import (
-    RENEWAL_GRACE,
     AgentsChanged,
     AllAgentsChanged,
     CAJournalChanged,
@@ -141,11 +140,11 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
 async def test_the_load_is_published_to_every_agent_and_nothing_is_answered_before(world: World) -> None:
     await world.store.create_attested_node(node(A))
     with pytest.raises(UnavailableError, match="still loading"):
-        world.view.authenticate(Presented(A, "1"))
+        world.view.node_for(A)
     async with running(world.view):
         loaded = await world.next_event()
         assert isinstance(loaded, AllAgentsChanged) and loaded.revision == world.view.revision > 0
-        assert str(world.view.authenticate(Presented(A, "1")).spiffe_id) == A
+        assert str(world.view.node_for(A).spiffe_id) == A
 
 
 async def test_entry_and_node_changes_name_the_agents_they_concern(world: World) -> None:
@@ -223,10 +222,11 @@ async def test_a_moved_ca_journal_is_published_and_awaited_before_agents_are_wok
 
 
 async def test_authentication_follows_renewals_bans_and_evictions(world: World) -> None:
+    """The node record an agent is judged by (which SVID, from where: test_clones.py)."""
     await world.store.create_attested_node(node(A, serial="1"))
     async with running(world.view):
         await world.next_event()
-        opened = world.view.authenticate(Presented(A, "1"))
+        opened = world.view.node_for(A)
         current = world.view.index.nodes[A]
 
         renewed = await world.store.update_attested_node(
@@ -234,14 +234,8 @@ async def test_authentication_follows_renewals_bans_and_evictions(world: World) 
         )
         await world.view.node_written(renewed)  # our own write applies at once, before the feed
         assert world.events.get_nowait() == AgentsChanged(frozenset({A}), world.view.revision)
-        assert world.view.authenticate(Presented(A, "2")).cert_serial == "2"
-        world.view.authenticate(Presented(A, "1"))  # the previous SVID, within its grace
+        assert world.view.node_for(A).cert_serial == "2"
         world.view.authenticate_stream(Presented(A, "1"), opened)  # a renewal does not end a stream
-        world.clock.now += RENEWAL_GRACE + 1
-        with pytest.raises(PermissionDeniedError, match="superseded"):
-            world.view.authenticate(Presented(A, "1"))
-        with pytest.raises(PermissionDeniedError, match="superseded"):
-            world.view.authenticate(Presented(A, "3"))
 
         await world.next_event()  # the feed confirms the renewal
         banned = await world.store.update_attested_node(
@@ -249,20 +243,20 @@ async def test_authentication_follows_renewals_bans_and_evictions(world: World) 
         )
         await world.next_event()
         with pytest.raises(PermissionDeniedError, match="banned"):
-            world.view.authenticate(Presented(A, "2"))
+            world.view.node_for(A)
         with pytest.raises(PermissionDeniedError, match="banned"):
             world.view.authenticate_stream(Presented(A, "2"), opened)
 
         await world.store.delete_attested_node(banned.spiffe_id)
         assert await world.next_event() == AgentsChanged(frozenset({A}), world.view.revision)
         with pytest.raises(PermissionDeniedError, match="was evicted"):
-            world.view.authenticate(Presented(A, "2"))
+            world.view.node_for(A)
         with pytest.raises(PermissionDeniedError, match="not attested"):
-            world.view.authenticate(Presented(B, "1"))
+            world.view.node_for(B)
 
         await world.store.create_attested_node(node(A, serial="9", created_at=T0 + 500))
         await world.next_event()
-        assert world.view.authenticate(Presented(A, "9")).cert_serial == "9"
+        assert world.view.node_for(A).cert_serial == "9"
         with pytest.raises(PermissionDeniedError, match="attested again"):
             world.view.authenticate_stream(Presented(A, "9"), opened)
 

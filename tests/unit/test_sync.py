@@ -165,6 +165,14 @@ class FakeConnection:
         self.failovers = 0
         self._new = asyncio.Event()
         self.address = "cp:8081"
+        self.untrusted_because: str | None = None  # what the TLS check of the server would say
+
+    async def untrusted(self) -> str | None:
+        return self.untrusted_because
+
+    @property
+    def untrusted_message(self) -> str:
+        return "the server's certificate does not chain to the trust bundle /b.pem; check --trust-bundle"
 
     async def wait_new_generation(self, after: int) -> int:
         while self.generation <= after:
@@ -290,6 +298,36 @@ async def test_banned_is_told_apart_and_retried_only_rarely(tmp_path: Path, capl
         task.cancel()
     refused = [r for r in caplog.records if r.getMessage() == "agent_refused"]
     assert refused and "an operator must re-admit it" in str(refused[0].fields["hint"])
+
+
+async def test_an_untrusted_server_is_named_once_and_retried(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    client, conn, sink, registry, _ = make(tmp_path)
+    conn.untrusted_because = "unable to get local issuer certificate"
+    task = asyncio.create_task(client.run())
+    try:
+        for n in range(1, 5):
+            (await conn.next_call(n)).queue.put_nowait(rpc_error(grpc.StatusCode.UNAVAILABLE))
+        await conn.next_call(5)
+        assert client.state == "untrusted" and metric(registry, 'trustmesh_agent_server_state{state="untrusted"} 1')
+        assert metric(registry, 'trustmesh_agent_server_state{state="unreachable"} 0')
+        assert metric(registry, 'trustmesh_agent_sync_reconnects_total{reason="untrusted"} 4')
+        assert conn.failovers == 4, "another replica may be the right server"
+        errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert [r.getMessage() for r in errors] == ["server_untrusted"], "said once, at ERROR, not per retry"
+        assert errors[0].levelno == logging.ERROR and "check --trust-bundle" in str(errors[0].fields["error"])
+        # Fixed (the right server answers): connected again; broken again later: said again.
+        conn.untrusted_because = None
+        for message in snapshot(4, [["a"]], []):
+            conn.calls[4].queue.put_nowait(message)
+        await until(lambda: client.state == "connected")
+        conn.untrusted_because = "unable to get local issuer certificate"
+        conn.calls[4].queue.put_nowait(rpc_error(grpc.StatusCode.UNAVAILABLE))
+        await conn.next_call(6)
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == ["server_untrusted"] * 2
+    finally:
+        task.cancel()
 
 
 async def test_a_rotated_svid_reopens_the_stream_at_once(tmp_path: Path) -> None:

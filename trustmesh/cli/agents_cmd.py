@@ -1,4 +1,4 @@
-"""`trustmesh agent …`: run the node agent, and list, ban or evict attested agents.
+"""`trustmesh agent …`: run the node agent, and list, ban, evict or clear attested agents.
 
 `agent run` (the node agent itself) lives in agent_run_cmd.py and is added here as one more
 subcommand; the rest are admin calls over the server's admin socket.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from trustmesh._proto.trustmesh.v1 import admin_pb2
+from trustmesh._proto.trustmesh.v1 import admin_pb2, types_pb2
 from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call, message_dict, print_json
 from trustmesh.cli.agent_run_cmd import add_run_subcommand
 from trustmesh.cli.config import show_help
@@ -19,24 +19,46 @@ examples:
   trustmesh agent list
   trustmesh agent ban node-7                               (same as spiffe://<td>/agent/node-7)
   trustmesh agent evict spiffe://example.org/agent/node-3  (the host was replaced; it may join again)
+  trustmesh agent clear node-4                             (its suspected-clone mark was checked: a false alarm)
 """
+
+# The status column and the JSON "status" field: a ban first, then what the server concluded.
+STATUSES = {
+    types_pb2.AGENT_STATUS_UNSPECIFIED: "active",  # a server from before statuses existed
+    types_pb2.AGENT_STATUS_ACTIVE: "active",
+    types_pb2.AGENT_STATUS_SUSPECTED_CLONE: "suspected-clone",
+}
+
+
+def status_of(agent: types_pb2.AttestedNode) -> str:
+    return "banned" if agent.banned else STATUSES.get(agent.status, "unknown")
+
+
+def _agent_dict(agent: types_pb2.AttestedNode) -> dict[str, object]:
+    data = message_dict(agent)
+    data["status"] = status_of(agent)
+    return data
 
 
 def _list(args: argparse.Namespace) -> int:
     reply = call(args, lambda s: s.ListAgents(admin_pb2.ListAgentsRequest(), timeout=TIMEOUT))
     if args.json:
-        print_json([message_dict(a) for a in reply.agents])
+        print_json([_agent_dict(a) for a in reply.agents])
         return 0
     if not reply.agents:
         print("no attested agents")
         return 0
     rows = [("AGENT", "NODE", "ATTESTATION", "SVID EXPIRES", "STATUS")]
     for a in reply.agents:
-        rows.append((a.spiffe_id, a.node_name, a.attestation_type, format_utc(a.cert_not_after),
-                     "banned" if a.banned else "active"))
+        rows.append((a.spiffe_id, a.node_name, a.attestation_type, format_utc(a.cert_not_after), status_of(a)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    for a in reply.agents:
+        if a.status == types_pb2.AGENT_STATUS_SUSPECTED_CLONE:
+            name = a.node_name
+            print(f"\n{name}: suspected clone since {format_utc(a.status_changed_at)}: {a.status_reason}; "
+                  f"ban it (`trustmesh agent ban {name}`) or, once checked, `trustmesh agent clear {name}`")
     return 0
 
 
@@ -52,16 +74,28 @@ def _evict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clear(args: argparse.Namespace) -> int:
+    reply = call(args, lambda s: s.ClearAgent(admin_pb2.ClearAgentRequest(spiffe_id=args.agent), timeout=TIMEOUT))
+    agent, status = reply.agent.spiffe_id, status_of(reply.agent)
+    if reply.cleared:
+        print(f"cleared the suspected-clone mark of {agent}: status {status}")
+    else:
+        print(f"{agent} has no suspected-clone mark (status {status}): nothing to clear")
+    return 0
+
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     agent = commands.add_parser(
-        "agent", help="run the node agent; list, ban or evict attested agents",
+        "agent", help="run the node agent; list, ban, evict or clear attested agents",
         description="The node agent (`agent run`), and the control plane's view of attested agents.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = agent.add_subparsers(dest="agent_command", metavar="SUBCOMMAND", title="subcommands")
     add_run_subcommand(sub)
 
     p = sub.add_parser("list", help="list attested agents (a table, or --json)",
-                       description="List the agents that have attested, with their status.",
+                       description="List the agents that have attested, with their status: active, banned, or "
+                                   "suspected-clone (one agent identity was seen from two addresses at once, so "
+                                   "its key was probably copied; ban the agent or clear the mark).",
                        epilog="example:\n  trustmesh agent list --json",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
@@ -76,6 +110,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         ("evict", _evict, "forget an agent so its node can join again",
          "Evict an agent: its SVID stops working at once and the node may attest again with a new join "
          "token (e.g. after the host was rebuilt). A banned agent cannot be evicted."),
+        ("clear", _clear, "clear an agent's suspected-clone mark",
+         "Clear the suspected-clone mark the server set when it saw this agent's identity from two addresses "
+         "at once (two connections, or a superseded SVID still in use elsewhere). Do it once the node is "
+         "checked and the alarm was false (e.g. the host moved to a new address); the clear is audited. The "
+         "second user was refused when it was seen; if the key was stolen, ban the agent instead. A ban is "
+         "not cleared by this."),
     ):
         p = sub.add_parser(name, help=summary, description=text,
                            epilog=f"examples:\n  trustmesh agent {name} node-7\n"

@@ -2,28 +2,23 @@
 
 Each subcommand lives in its own module and registers itself on the parser; this module
 only wires them, sets up logging and turns trustmesh errors into a message and exit 1.
+
+The command modules are imported when the parser is built, not with this module: gRPC core
+reads its logging settings when grpc is first imported, and `main` sets them first.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from trustmesh import __version__
-from trustmesh.cli import (
-    agents_cmd,
-    audit_cmd,
-    ca_cmd,
-    entry_cmd,
-    federation_cmd,
-    partner_cmd,
-    policy_cmd,
-    server_cmd,
-    token_cmd,
-)
 from trustmesh.errors import TrustmeshError
 from trustmesh.logs import setup_logging
+
+LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 DESCRIPTION = """\
 trustmesh issues short-lived SPIFFE identities (X.509 and JWT SVIDs) to workloads through
@@ -53,7 +48,33 @@ run `trustmesh COMMAND --help` for the options of each command.
 """
 
 
+def quiet_grpc_core(argv: Sequence[str]) -> None:
+    """Keep gRPC core's own stderr lines (handshake failures, "All log messages before
+    absl::InitializeLog() ...") out of our structured log, unless `--log-level debug`: each
+    failure they describe is reported once, as an event that says what to do. Must run
+    before grpc is imported."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--log-level", default="info")
+    known, _ = early.parse_known_args(argv)
+    if known.log_level == "debug":
+        return
+    os.environ["GRPC_VERBOSITY"] = "NONE"
+    os.environ["GRPC_TRACE"] = ""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from trustmesh.cli import (
+        agents_cmd,
+        audit_cmd,
+        ca_cmd,
+        entry_cmd,
+        federation_cmd,
+        partner_cmd,
+        policy_cmd,
+        server_cmd,
+        token_cmd,
+    )
+
     parser = argparse.ArgumentParser(
         prog="trustmesh",
         description=DESCRIPTION,
@@ -64,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="how much to log to stderr (default: info)",
+        choices=LOG_LEVELS,
+        help="how much to log to stderr (default: info; debug also lets gRPC core log)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     server_cmd.register(commands)
@@ -83,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_grpc_core(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

@@ -169,6 +169,20 @@ class EvictAgentResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ClearAgentRequest(_message.Message):
+    __slots__ = ("spiffe_id",)
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    spiffe_id: str
+    def __init__(self, spiffe_id: _Optional[str] = ...) -> None: ...
+
+class ClearAgentResponse(_message.Message):
+    __slots__ = ("agent", "cleared")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    CLEARED_FIELD_NUMBER: _ClassVar[int]
+    agent: _types_pb2.AttestedNode
+    cleared: bool
+    def __init__(self, agent: _Optional[_Union[_types_pb2.AttestedNode, _Mapping]] = ..., cleared: _Optional[bool] = ...) -> None: ...
+
 class GetBundleRequest(_message.Message):
     __slots__ = ("trust_domain",)
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]

@@ -80,6 +80,11 @@ class AdminStub:
                 request_serializer=trustmesh_dot_v1_dot_admin__pb2.EvictAgentRequest.SerializeToString,
                 response_deserializer=trustmesh_dot_v1_dot_admin__pb2.EvictAgentResponse.FromString,
                 _registered_method=True)
+        self.ClearAgent = channel.unary_unary(
+                '/trustmesh.v1.Admin/ClearAgent',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.ClearAgentRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.ClearAgentResponse.FromString,
+                _registered_method=True)
         self.GetBundle = channel.unary_unary(
                 '/trustmesh.v1.Admin/GetBundle',
                 request_serializer=trustmesh_dot_v1_dot_admin__pb2.GetBundleRequest.SerializeToString,
@@ -219,6 +224,14 @@ class AdminServicer:
 
     def EvictAgent(self, request, context):
         """Forgets the agent: it must attest again (with a new join token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearAgent(self, request, context):
+        """Clears a suspected-clone mark (after the operator checked the node); the
+        agent keeps working. A ban is not cleared: it is for good.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -377,6 +390,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.EvictAgent,
                     request_deserializer=trustmesh_dot_v1_dot_admin__pb2.EvictAgentRequest.FromString,
                     response_serializer=trustmesh_dot_v1_dot_admin__pb2.EvictAgentResponse.SerializeToString,
+            ),
+            'ClearAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearAgent,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.ClearAgentRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.ClearAgentResponse.SerializeToString,
             ),
             'GetBundle': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBundle,
@@ -702,6 +720,33 @@ class Admin:
             '/trustmesh.v1.Admin/EvictAgent',
             trustmesh_dot_v1_dot_admin__pb2.EvictAgentRequest.SerializeToString,
             trustmesh_dot_v1_dot_admin__pb2.EvictAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.Admin/ClearAgent',
+            trustmesh_dot_v1_dot_admin__pb2.ClearAgentRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.ClearAgentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -219,11 +219,31 @@ class FlowCounter(_message.Message):
     last_seen: int
     def __init__(self, source_id: _Optional[str] = ..., destination_id: _Optional[str] = ..., port: _Optional[int] = ..., decision: _Optional[_Union[FlowDecision, str]] = ..., rule: _Optional[str] = ..., mode: _Optional[_Union[_types_pb2.PolicyMode, str]] = ..., count: _Optional[int] = ..., first_seen: _Optional[int] = ..., last_seen: _Optional[int] = ...) -> None: ...
 
+class RefusalCounter(_message.Message):
+    __slots__ = ("kind", "subject", "peer", "reason", "count", "first_seen", "last_seen")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    subject: str
+    peer: str
+    reason: str
+    count: int
+    first_seen: int
+    last_seen: int
+    def __init__(self, kind: _Optional[str] = ..., subject: _Optional[str] = ..., peer: _Optional[str] = ..., reason: _Optional[str] = ..., count: _Optional[int] = ..., first_seen: _Optional[int] = ..., last_seen: _Optional[int] = ...) -> None: ...
+
 class ReportFlowsRequest(_message.Message):
-    __slots__ = ("counters",)
+    __slots__ = ("counters", "refusals")
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    REFUSALS_FIELD_NUMBER: _ClassVar[int]
     counters: _containers.RepeatedCompositeFieldContainer[FlowCounter]
-    def __init__(self, counters: _Optional[_Iterable[_Union[FlowCounter, _Mapping]]] = ...) -> None: ...
+    refusals: _containers.RepeatedCompositeFieldContainer[RefusalCounter]
+    def __init__(self, counters: _Optional[_Iterable[_Union[FlowCounter, _Mapping]]] = ..., refusals: _Optional[_Iterable[_Union[RefusalCounter, _Mapping]]] = ...) -> None: ...
 
 class ReportFlowsResponse(_message.Message):
     __slots__ = ()

@@ -13,9 +13,18 @@ class PolicyMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POLICY_MODE_UNSPECIFIED: _ClassVar[PolicyMode]
     POLICY_MODE_ENFORCE: _ClassVar[PolicyMode]
     POLICY_MODE_AUDIT: _ClassVar[PolicyMode]
+
+class AgentStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AGENT_STATUS_UNSPECIFIED: _ClassVar[AgentStatus]
+    AGENT_STATUS_ACTIVE: _ClassVar[AgentStatus]
+    AGENT_STATUS_SUSPECTED_CLONE: _ClassVar[AgentStatus]
 POLICY_MODE_UNSPECIFIED: PolicyMode
 POLICY_MODE_ENFORCE: PolicyMode
 POLICY_MODE_AUDIT: PolicyMode
+AGENT_STATUS_UNSPECIFIED: AgentStatus
+AGENT_STATUS_ACTIVE: AgentStatus
+AGENT_STATUS_SUSPECTED_CLONE: AgentStatus
 
 class Selector(_message.Message):
     __slots__ = ("type", "value")
@@ -120,7 +129,7 @@ class CompiledPolicy(_message.Message):
     def __init__(self, revision: _Optional[int] = ..., rules: _Optional[_Iterable[_Union[PolicyRule, _Mapping]]] = ..., revoked_serials: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AttestedNode(_message.Message):
-    __slots__ = ("spiffe_id", "node_name", "attestation_type", "cert_serial", "cert_not_after", "banned", "created_at", "updated_at", "selectors", "revision")
+    __slots__ = ("spiffe_id", "node_name", "attestation_type", "cert_serial", "cert_not_after", "banned", "created_at", "updated_at", "selectors", "revision", "status", "status_reason", "status_changed_at", "renewed_from")
     SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     ATTESTATION_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +140,10 @@ class AttestedNode(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     SELECTORS_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_REASON_FIELD_NUMBER: _ClassVar[int]
+    STATUS_CHANGED_AT_FIELD_NUMBER: _ClassVar[int]
+    RENEWED_FROM_FIELD_NUMBER: _ClassVar[int]
     spiffe_id: str
     node_name: str
     attestation_type: str
@@ -141,7 +154,11 @@ class AttestedNode(_message.Message):
     updated_at: int
     selectors: _containers.RepeatedCompositeFieldContainer[Selector]
     revision: int
-    def __init__(self, spiffe_id: _Optional[str] = ..., node_name: _Optional[str] = ..., attestation_type: _Optional[str] = ..., cert_serial: _Optional[str] = ..., cert_not_after: _Optional[int] = ..., banned: _Optional[bool] = ..., created_at: _Optional[int] = ..., updated_at: _Optional[int] = ..., selectors: _Optional[_Iterable[_Union[Selector, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
+    status: AgentStatus
+    status_reason: str
+    status_changed_at: int
+    renewed_from: str
+    def __init__(self, spiffe_id: _Optional[str] = ..., node_name: _Optional[str] = ..., attestation_type: _Optional[str] = ..., cert_serial: _Optional[str] = ..., cert_not_after: _Optional[int] = ..., banned: _Optional[bool] = ..., created_at: _Optional[int] = ..., updated_at: _Optional[int] = ..., selectors: _Optional[_Iterable[_Union[Selector, _Mapping]]] = ..., revision: _Optional[int] = ..., status: _Optional[_Union[AgentStatus, str]] = ..., status_reason: _Optional[str] = ..., status_changed_at: _Optional[int] = ..., renewed_from: _Optional[str] = ...) -> None: ...
 
 class AuditEvent(_message.Message):
     __slots__ = ("seq", "time", "kind", "actor", "subject", "outcome", "details_json", "prev_hash", "hash")
