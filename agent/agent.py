@@ -11,13 +11,16 @@ sync (from the server, or the state kept on disk) is in, or after a short wait w
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import logging
 import os
+import resource
 import signal
 from collections.abc import Awaitable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -41,7 +44,9 @@ from trustmesh.agent.attestation import (
     trust_domain_of_roots,
 )
 from trustmesh.agent.authorize import Authorizer
+from trustmesh.agent.caller_binding import CallerBinder
 from trustmesh.agent.config import AgentConfig
+from trustmesh.agent.localpeer import PeerResolver
 from trustmesh.agent.node_client import NodeClient, ServerState, server_untrusted, untrusted_message
 from trustmesh.agent.proxy.listeners import Flow, InboundListener, OutboundListener, ServiceConfig
 from trustmesh.agent.proxy.reporter import FlowReporter
@@ -53,7 +58,7 @@ from trustmesh.backoff import backoff_delay
 from trustmesh.bundle import Bundle
 from trustmesh.errors import TrustmeshError
 from trustmesh.hostport import split_host_port
-from trustmesh.logs import log_event
+from trustmesh.logs import RateLimitedLog, log_event
 from trustmesh.metrics import Registry, serve_metrics
 from trustmesh.policy import Policy
 from trustmesh.spiffeid import TrustDomain
@@ -215,6 +220,44 @@ def hold_data_dir(data_dir: Path) -> int:
     return fd
 
 
+def raise_descriptor_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (every local user may
+    connect to the agent; the systemd unit sets LimitNOFILE=65536). Returns the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass  # keep what we have; the log line below says how much that is
+    return soft
+
+
+def quiet_resource_errors(loop: asyncio.AbstractEventLoop, metrics: Registry) -> None:
+    """asyncio logs every failed accept() (out of descriptors: many lines a second under a
+    flood); count them and log each kind at most once a minute instead."""
+    errors = metrics.counter("trustmesh_agent_loop_errors_total",
+                             "errors asyncio reported outside any handler, by errno", ["error"])
+    limited = RateLimitedLog(log, 60.0)
+
+    def handler(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        err = context.get("exception")
+        if isinstance(err, OSError) and err.errno in _RESOURCE_ERRNOS:
+            name = errno.errorcode.get(err.errno or 0, "OSError")
+            errors.inc(error=name)
+            limited.log(("loop", name), "resource_exhausted", level=logging.ERROR,
+                        error=f"{context.get('message', '')}: {err.strerror}")
+            return
+        _loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
 async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     # 0711: other users may reach the Workload API socket inside by name, but cannot list the
     # directory; the agent key and state files in it are 0600 on their own.
@@ -224,6 +267,10 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> N
         config.data_dir.chmod(0o711)
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
+        descriptors = raise_descriptor_limit()
+        if descriptors < 4096:
+            log_event(log, "descriptor_limit_low", level=logging.WARNING, limit=descriptors,
+                      hint="raise it (LimitNOFILE=65536 in the systemd unit, ulimit -n)")
         signals = (signal.SIGTERM, signal.SIGINT)
         for sig in signals:
             loop.add_signal_handler(sig, stop.set)
@@ -238,6 +285,7 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> N
 
 async def _run(config: AgentConfig, stop: asyncio.Event) -> None:
     metrics = Registry()
+    quiet_resource_errors(asyncio.get_running_loop(), metrics)
     # Served from the start, so an agent that cannot attest yet is seen, and seen why.
     metrics_server = None
     if config.metrics:
@@ -280,9 +328,9 @@ async def _serve(config: AgentConfig, stop: asyncio.Event, metrics: Registry) ->
     sync = SyncClient(client, cache, config.data_dir, td, metrics, own_bundle_changed, on_policy=policy_changed,
                       rotation=config.rotation, server_state=server_state)
     flow = Flow(cache.svid_for, cache.bundles, lambda: sync.policy, reporter.report, metrics)
-    attestor = WorkloadAttestor()
-    server = WorkloadAPIServer(config.socket_path, WorkloadAPI(cache, attestor, metrics),
-                               Authorizer(cache, attestor, lambda: sync.policy, reporter.report, metrics))
+    api = WorkloadAPI(cache, CallerBinder(WorkloadAttestor(), PeerResolver(scan_self=False)), metrics)
+    server = WorkloadAPIServer(config.socket_path, api,
+                               Authorizer(cache, api.callers, lambda: sync.policy, reporter.report, metrics))
     # The state kept on disk first: a restart during an outage serves at once.
     sync.load_persisted()
 

@@ -1,6 +1,7 @@
 """`Authorize` on the agent's socket: the allowlist's decision for services that terminate
 mTLS themselves. Only workloads registered on this node may ask (the caller is attested
-from the kernel as for the Workload API), so the policy is no oracle for strangers.
+from the kernel and bound to its connection, as for the Workload API), so the policy is no
+oracle for strangers.
 
 The source and destination in a request are the caller's words. A decision is reported to
 the control plane (and so can reach the audit log) only when one side is an identity the
@@ -9,7 +10,6 @@ and counted, never reported, so a workload cannot plant events about services it
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
@@ -19,7 +19,7 @@ from grpclib.server import Stream
 
 from trustmesh._proto.trustmesh.v1 import agent_pb2
 from trustmesh._proto.trustmesh.v1.agent_grpc import AgentAuthorizationBase
-from trustmesh.agent.workload_attestor import WorkloadAttestationError, WorkloadAttestor
+from trustmesh.agent.workload_api import LocalCallers, recv_bounded
 from trustmesh.clock import Clock, utc_now
 from trustmesh.errors import InvalidSpiffeIdError
 from trustmesh.metrics import Registry
@@ -34,10 +34,10 @@ class CallerIdentities(Protocol):
 
 
 class Authorizer(AgentAuthorizationBase):
-    def __init__(self, source: CallerIdentities, attestor: WorkloadAttestor, policy: Callable[[], Policy],
+    def __init__(self, source: CallerIdentities, callers: LocalCallers, policy: Callable[[], Policy],
                  report: Callable[[SpiffeId | None, SpiffeId, int, Decision], None], metrics: Registry,
                  clock: Clock = utc_now) -> None:
-        self._source, self._attestor, self._policy, self._report = source, attestor, policy, report
+        self._source, self._callers, self._policy, self._report = source, callers, policy, report
         self._clock = clock
         self._calls = metrics.counter("trustmesh_authorize_calls_total", "Authorize calls by verdict", ["verdict"])
         self._unreported = metrics.counter(
@@ -45,15 +45,10 @@ class Authorizer(AgentAuthorizationBase):
             "Authorize answers not reported: neither side is an identity of the calling workload")
 
     async def Authorize(self, stream: Stream[Any, Any]) -> None:
-        request = await stream.recv_message()
-        assert request is not None
-        sock: socket.socket | None = stream.peer._transport.get_extra_info("socket")  # noqa: SLF001
-        if sock is None:
-            raise GRPCError(Status.UNAVAILABLE, "cannot identify the caller: no socket")
-        try:
-            selectors = await self._attestor.attest(sock)
-        except WorkloadAttestationError as err:
-            raise GRPCError(Status.UNAVAILABLE, f"could not attest the caller: {err}") from err
+        request = await recv_bounded(stream)
+        if not isinstance(request, agent_pb2.AuthorizeRequest):
+            raise GRPCError(Status.INVALID_ARGUMENT, "the request message is missing")
+        selectors = await self._callers.selectors(stream, "Authorize")
         caller_ids = self._source.spiffe_ids_for(selectors)
         if not caller_ids:
             raise GRPCError(Status.PERMISSION_DENIED, "only workloads registered on this node may ask")

@@ -22,6 +22,16 @@ per stream is ever pending and intermediate versions are skipped.
 The socket is made connectable by every local user (mode 0777, as SPIRE does): the
 caller's identity comes from the kernel, not from who could open the socket. Operators
 who want fewer callers restrict the directory that holds it.
+
+A caller is attested once, when its connection is accepted, and each request is checked to
+come from that very process, alone on the connection and running the same program
+(trustmesh.agent.caller_binding). Any local user can connect, so nothing a caller sends is
+buffered before it is bounded (`LocalCallers`): requests of at most MAX_REQUEST_BYTES,
+refused from the 5-byte gRPC length prefix before the body is read (HTTP/2 flow control
+keeps the rest with the client), small HTTP/2 windows, at most MAX_STREAMS_PER_CONNECTION
+streams per connection and MAX_CONNECTIONS_PER_UID connections per uid, and a connection
+that opens no stream within IDLE_SECONDS is closed. Refusals are counted and logged at most
+once a minute per uid and reason.
 """
 
 from __future__ import annotations
@@ -35,26 +45,30 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 from grpclib._typing import IServable
+from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
+from h2.settings import SettingCodes
 
 from trustmesh._proto.spiffe.workload import workload_pb2
 from trustmesh._proto.spiffe.workload.workload_grpc import SpiffeWorkloadAPIBase
+from trustmesh.agent.caller_binding import BoundCaller, CallerBinder, CallerChangedError
 from trustmesh.agent.identity import IdentitySource, NoIdentityError, WorkloadX509Svid
-from trustmesh.agent.workload_attestor import SocketLike, WorkloadAttestationError
+from trustmesh.agent.localpeer import UnixSocket
+from trustmesh.agent.workload_attestor import WorkloadAttestationError, WorkloadAttestor, peer_credentials
 from trustmesh.bundle import Bundle, BundleSet
 from trustmesh.clock import Clock, utc_now
 from trustmesh.errors import InvalidSpiffeIdError, TrustmeshError, VerificationError
 from trustmesh.jwtsvid import validate_jwt_svid
 from trustmesh.keys import private_key_to_pkcs8_der
-from trustmesh.logs import log_event
+from trustmesh.logs import RateLimitedLog, log_event
 from trustmesh.metrics import Registry
 from trustmesh.selectors import value_of
 from trustmesh.spiffeid import SpiffeId
@@ -67,6 +81,14 @@ MAX_AUDIENCE_LENGTH = 256
 MAX_TOKEN_LENGTH = 16 * 1024
 SOCKET_MODE = 0o777
 SHUTDOWN_GRACE = 2.0  # seconds for open streams to take their UNAVAILABLE before they are cut
+# Bounds for callers any local user can be (see the module docstring). Requests are a few
+# hundred bytes (a JWT-SVID to validate is at most MAX_TOKEN_LENGTH).
+MAX_REQUEST_BYTES = 64 * 1024
+MAX_CONNECTIONS_PER_UID = 128
+MAX_STREAMS_PER_CONNECTION = 16
+IDLE_SECONDS = 10.0
+_WINDOW = 65_535  # the smallest HTTP/2 window: what a caller may send before we read it
+_REFUSAL_LOG_SECONDS = 60.0
 
 _M = TypeVar("_M", bound=Message)
 
@@ -75,18 +97,150 @@ class WorkloadApiError(TrustmeshError):
     """The Workload API server cannot start (its socket path is taken or unusable)."""
 
 
-class Attestor(Protocol):
-    """What the Workload API needs to know who is calling: selectors from the kernel."""
+class Binder(Protocol):
+    """Who is calling, from the kernel: attested once per connection, checked per request."""
 
-    async def attest(self, sock: SocketLike) -> list[str]: ...
+    async def bind(self, sock: UnixSocket) -> BoundCaller: ...
+
+    async def check(self, bound: BoundCaller, sock: UnixSocket) -> list[str]: ...
 
 
-def _peer_socket(stream: Stream[Any, Any]) -> SocketLike | None:
-    # grpclib has no public accessor for the connection's socket; its Peer wraps the
-    # asyncio transport, whose "socket" extra is the accepted unix socket.
-    transport = stream.peer._transport  # noqa: SLF001
-    sock: SocketLike | None = transport.get_extra_info("socket")
-    return sock
+def _transport(stream: Stream[Any, Any]) -> Any:
+    # grpclib has no public accessor for a call's connection; its Peer wraps the asyncio
+    # transport, which is also what our protocol registered the connection under.
+    return stream.peer._transport  # noqa: SLF001
+
+
+class _Connection:
+    """One accepted connection: its caller's uid and the attestation started at accept."""
+
+    def __init__(self, sock: UnixSocket, uid: int, bound: asyncio.Future[BoundCaller]) -> None:
+        self.sock = sock
+        self.uid = uid
+        self.bound = bound
+        self.idle: asyncio.TimerHandle | None = None
+
+
+class LocalCallers:
+    """The connections of the agent's socket: admitted per uid, attested at accept, checked
+    per request. Shared by every service on the socket (Workload API, Authorize)."""
+
+    def __init__(self, binder: Binder, metrics: Registry, *, max_per_uid: int = MAX_CONNECTIONS_PER_UID,
+                 idle_seconds: float = IDLE_SECONDS) -> None:
+        self._binder = binder
+        self._max_per_uid = max_per_uid
+        self._idle_seconds = idle_seconds
+        self._by_transport: dict[Any, _Connection] = {}
+        self._per_uid: dict[int, int] = {}
+        self._open = metrics.gauge("trustmesh_workload_api_connections", "open connections to the agent's socket")
+        self._refused = metrics.counter("trustmesh_workload_api_refused_total",
+                                        "connections and requests refused to protect the agent, by reason",
+                                        ["reason"])
+        self._attest_failures = metrics.counter("trustmesh_workload_api_attestation_failures_total",
+                                                "Workload API callers that could not be attested")
+        self._log = RateLimitedLog(log, _REFUSAL_LOG_SECONDS)
+
+    def refused(self, reason: str, uid: int | str, **fields: Any) -> None:
+        self._refused.inc(reason=reason)
+        self._log.log((reason, uid), "workload_api_refused", reason=reason, uid=uid, **fields)
+
+    def opened(self, transport: Any) -> bool:
+        """Admit a new connection (False: close it) and start attesting its caller."""
+        sock = transport.get_extra_info("socket")
+        try:
+            creds = peer_credentials(sock)
+        except WorkloadAttestationError as err:
+            self.refused("no_credentials", "?", error=str(err))
+            return False
+        if self._per_uid.get(creds.uid, 0) >= self._max_per_uid:
+            self.refused("too_many_connections", creds.uid, pid=creds.pid, limit=self._max_per_uid)
+            return False
+        self._per_uid[creds.uid] = self._per_uid.get(creds.uid, 0) + 1
+        bound = asyncio.ensure_future(self._binder.bind(sock))
+        bound.add_done_callback(_retrieve)
+        connection = _Connection(sock, creds.uid, bound)
+        connection.idle = asyncio.get_running_loop().call_later(self._idle_seconds, self._idle, transport)
+        self._by_transport[transport] = connection
+        self._open.inc()
+        return True
+
+    def stream_started(self, transport: Any) -> None:
+        connection = self._by_transport.get(transport)
+        if connection is not None and connection.idle is not None:
+            connection.idle.cancel()
+            connection.idle = None
+
+    def _idle(self, transport: Any) -> None:
+        connection = self._by_transport.get(transport)
+        if connection is not None:
+            self.refused("idle", connection.uid, seconds=self._idle_seconds)
+            transport.close()
+
+    def closed(self, transport: Any) -> None:
+        connection = self._by_transport.pop(transport, None)
+        if connection is None:
+            return
+        self._open.dec()
+        left = self._per_uid.get(connection.uid, 1) - 1
+        if left:
+            self._per_uid[connection.uid] = left
+        else:
+            self._per_uid.pop(connection.uid, None)
+        if connection.idle is not None:
+            connection.idle.cancel()
+        if connection.bound.done():
+            if not connection.bound.cancelled() and connection.bound.exception() is None:
+                connection.bound.result().close()
+        else:
+            connection.bound.add_done_callback(_close_bound)
+            connection.bound.cancel()
+
+    async def selectors(self, stream: Stream[Any, Any], method: str) -> list[str]:
+        """The caller's selectors for one request, or the standard's refusal: UNAVAILABLE when
+        it cannot be attested (clients retry), PERMISSION_DENIED when the connection is no
+        longer only the attested process's."""
+        connection = self._by_transport.get(_transport(stream))
+        try:
+            if connection is None:
+                raise WorkloadAttestationError("the connection is not known to the agent")
+            bound = await asyncio.shield(connection.bound)
+            return await self._binder.check(bound, connection.sock)
+        except WorkloadAttestationError as err:
+            self._attest_failures.inc()
+            log_event(log, "workload_attestation_failed", level=logging.WARNING, method=method, error=str(err))
+            raise GRPCError(Status.UNAVAILABLE, f"could not attest the caller: {err}") from err
+        except CallerChangedError as err:
+            self.refused("caller_changed", connection.uid if connection else "?", method=method, error=str(err))
+            raise GRPCError(Status.PERMISSION_DENIED, str(err)) from err
+
+
+def _retrieve(future: asyncio.Future[BoundCaller]) -> None:
+    if not future.cancelled():
+        future.exception()  # a failure is reported to the request that awaits it, never "never retrieved"
+
+
+def _close_bound(future: asyncio.Future[BoundCaller]) -> None:
+    # An attestation that finished while its connection was closing: release its pidfd.
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
+
+
+async def recv_bounded(stream: Stream[Any, Any], limit: int = MAX_REQUEST_BYTES) -> Message | None:
+    """The next request message, refused with RESOURCE_EXHAUSTED from its 5-byte gRPC prefix
+    when longer than `limit`, before any of its body is read (grpclib's own recv_message reads
+    the whole announced length, acknowledging it to the sender as it goes)."""
+    h2_stream = stream._stream  # noqa: SLF001 - grpclib reads messages through this alone
+    prefix = await h2_stream.recv_data(5)
+    if not prefix:
+        return None
+    if prefix[0]:
+        raise GRPCError(Status.UNIMPLEMENTED, "compressed requests are not supported; send them uncompressed")
+    length = int.from_bytes(prefix[1:5], "big")
+    if length > limit:
+        raise GRPCError(Status.RESOURCE_EXHAUSTED, f"the request is {length} bytes; at most {limit} are accepted")
+    body = await h2_stream.recv_data(length)
+    message: Message = stream._codec.decode(body, stream._recv_type)  # noqa: SLF001
+    return message
 
 
 # --- snapshots: pure functions from what the source holds to the standard's messages -----
@@ -138,17 +292,16 @@ def jwt_bundles_response(bundles: BundleSet) -> workload_pb2.JWTBundlesResponse 
 class WorkloadAPI(SpiffeWorkloadAPIBase):
     """The five Workload API methods over an IdentitySource, for any caller the attestor names."""
 
-    def __init__(self, source: IdentitySource, attestor: Attestor, metrics: Registry,
+    def __init__(self, source: IdentitySource, attestor: WorkloadAttestor | Binder, metrics: Registry,
                  clock: Clock = utc_now, sync_timeout: float = 30.0) -> None:
         self._source = source
-        self._attestor = attestor
+        binder = CallerBinder(attestor) if isinstance(attestor, WorkloadAttestor) else attestor
+        self.callers = LocalCallers(binder, metrics)
         self._clock = clock
         self._sync_timeout = sync_timeout
         self._streams = metrics.gauge("trustmesh_workload_api_streams", "open Workload API streams", ["method"])
         self._calls = metrics.counter("trustmesh_workload_api_calls_total",
                                       "Workload API calls by method and final gRPC code", ["method", "code"])
-        self._attest_failures = metrics.counter("trustmesh_workload_api_attestation_failures_total",
-                                                "Workload API callers that could not be attested")
         self._sent = metrics.counter("trustmesh_workload_api_messages_sent_total",
                                      "snapshots sent on Workload API streams", ["method"])
         # X509-SVID snapshots built at the current source version, by the entries they hold:
@@ -192,19 +345,15 @@ class WorkloadAPI(SpiffeWorkloadAPIBase):
         if stream.metadata is None or stream.metadata.get(HEADER) != "true":
             raise GRPCError(Status.INVALID_ARGUMENT,
                             f"security header missing from request: send metadata '{HEADER}: true'")
-        request = await stream.recv_message()
+        try:
+            request = await recv_bounded(stream)
+        except GRPCError as err:
+            if err.status == Status.RESOURCE_EXHAUSTED:
+                self.callers.refused("request_too_large", "-", method=method, error=err.message)
+            raise
         if request is None:
             raise GRPCError(Status.INVALID_ARGUMENT, "the request message is missing")
-        sock = _peer_socket(stream)
-        try:
-            if sock is None:
-                raise WorkloadAttestationError("the connection has no socket to read credentials from")
-            selectors = await self._attestor.attest(sock)
-        except WorkloadAttestationError as err:
-            self._attest_failures.inc()
-            log_event(log, "workload_attestation_failed", level=logging.WARNING, method=method, error=str(err))
-            raise GRPCError(Status.UNAVAILABLE, f"could not attest the caller: {err}") from err
-        return request, selectors
+        return request, await self.callers.selectors(stream, method)
 
     async def _synced(self) -> None:
         try:
@@ -353,17 +502,63 @@ class WorkloadAPI(SpiffeWorkloadAPIBase):
                 workload_pb2.ValidateJWTSVIDResponse(spiffe_id=str(svid.spiffe_id), claims=claims))
 
 
-class _Server(Server):
-    """grpclib's Server, remembering its connections so that closing can close them (grpclib
-    cancels the calls but leaves idle connections open, and Python 3.12's wait_closed
-    waits for every connection)."""
+class _Protocol(H2Protocol):
+    """grpclib's connection, admitted and tracked by LocalCallers, with at most
+    MAX_STREAMS_PER_CONNECTION concurrent streams."""
 
-    def __init__(self, handlers: list[IServable]) -> None:
-        super().__init__(handlers)
+    callers: LocalCallers
+    admitted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self.callers.opened(transport):
+            cast(asyncio.Transport, transport).abort()
+            return
+        self.admitted = True
+        super().connection_made(transport)
+        h2 = self.connection._connection  # noqa: SLF001 - settings live on the h2 connection
+        h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS_PER_CONNECTION})
+        self.connection.flush()
+        self._transport = transport
+        self._streams_seen = 0
+
+    def data_received(self, data: bytes) -> None:
+        if not self.admitted:
+            return
+        super().data_received(data)
+        started = self.connection.streams_started
+        if started != self._streams_seen:
+            self._streams_seen = started
+            self.callers.stream_started(self._transport)
+
+    def pause_writing(self) -> None:
+        if self.admitted:
+            super().pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.admitted:
+            super().resume_writing()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.admitted:
+            self.callers.closed(self._transport)
+            super().connection_lost(exc)
+
+
+class _Server(Server):
+    """grpclib's Server with our protocol and small HTTP/2 windows, remembering its
+    connections so that closing can close them (grpclib cancels the calls but leaves idle
+    connections open, and Python 3.12's wait_closed waits for every connection)."""
+
+    def __init__(self, handlers: list[IServable], callers: LocalCallers) -> None:
+        super().__init__(handlers, config=Configuration(http2_connection_window_size=4 * _WINDOW,
+                                                        http2_stream_window_size=_WINDOW))
+        self._callers = callers
         self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
 
     def _protocol_factory(self) -> H2Protocol:
-        protocol = super()._protocol_factory()
+        plain = super()._protocol_factory()
+        protocol = _Protocol(plain.handler, plain.config, plain.h2_config)
+        protocol.callers = self._callers
         self._protocols.add(protocol)
         return protocol
 
@@ -392,7 +587,7 @@ class WorkloadAPIServer:
         path = self.socket_path
         path.parent.mkdir(parents=True, exist_ok=True)
         await _remove_stale_socket(path)
-        server = _Server(self._handlers)
+        server = _Server(self._handlers, self._api.callers)
         try:
             await server.start(path=str(path))
         except OSError as err:

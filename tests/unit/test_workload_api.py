@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from trustmesh._proto.spiffe.workload import workload_pb2, workload_pb2_grpc
 from trustmesh.agent.identity import NoIdentityError, WorkloadJwtSvid, WorkloadX509Svid
 from trustmesh.agent.workload_api import WorkloadAPI, WorkloadApiError, WorkloadAPIServer
-from trustmesh.agent.workload_attestor import SocketLike, WorkloadAttestationError, WorkloadAttestor
+from trustmesh.agent.workload_attestor import PeerCredentials, WorkloadAttestationError, WorkloadAttestor
 from trustmesh.bundle import Bundle, BundleSet, JwtAuthority
 from trustmesh.der import load_der_certificates
 from trustmesh.errors import TrustmeshError
@@ -315,8 +315,8 @@ async def test_a_caller_matching_no_entry_is_permission_denied_everywhere(served
     assert await code_of(calls["FetchX509SVID"]()) == grpc.StatusCode.PERMISSION_DENIED
 
 
-class FailingAttestor:
-    async def attest(self, sock: SocketLike) -> list[str]:
+class FailingAttestor(WorkloadAttestor):
+    async def selectors_for(self, creds: PeerCredentials) -> list[str]:
         raise WorkloadAttestationError("process 42 is gone")
 
 
