@@ -76,6 +76,9 @@ def survives_exec(proc: str, pid: int, inode: int) -> bool:
         try:
             if os.readlink(f"{directory}/{name}") != target:
                 continue
+        except OSError:
+            continue  # closed meanwhile (listdir's own descriptor, for one)
+        try:
             with open(f"{proc}/{pid}/fdinfo/{name}", "rb") as handle:
                 for line in handle:
                     if line.startswith(b"flags:") and not int(line.split()[1], 8) & _O_CLOEXEC_FLAG:
@@ -140,7 +143,8 @@ class CallerBinder:
         self._proc = proc
 
     async def bind(self, sock: UnixSocket) -> BoundCaller:
-        """Attest the process that connected, once. WorkloadAttestationError when it cannot be."""
+        """Attest the process that connected, once: WorkloadAttestationError when it cannot be
+        (clients retry), CallerChangedError when it exec'd or exited meanwhile."""
         creds = peer_credentials(sock)
         pidfd = _peer_pidfd(sock)
         try:
@@ -151,9 +155,6 @@ class CallerBinder:
             # Read twice around the selectors: an exec or an exit in between would have
             # mixed two programs into one answer.
             bound.check_same_process(self._proc)
-        except CallerChangedError as err:
-            _close(pidfd)
-            raise WorkloadAttestationError(str(err)) from err
         except BaseException:
             _close(pidfd)
             raise
