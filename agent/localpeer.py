@@ -19,9 +19,11 @@ made it: a caller may fork, keep the socket in a child and exec something else. 
 returns all of them; `PinnedHolder` then checks one, and the listener admits a connection only
 when every holder passes (see trustmesh.agent.proxy.listeners).
 
-Cost and floods: finding the holders reads every process's descriptor table, O(descriptors on
-the host), a few milliseconds. Lookups that arrive while a scan runs wait for the next one and
-share it, so a flood of connections costs one scan per scan time, not one per connection.
+Cost and floods: finding the holders reads the descriptor tables of root's and the socket
+owner's processes, O(their descriptors), a few milliseconds. Lookups that arrive while a scan
+runs wait for the next one and share it, so a flood of connections costs one scan per scan
+time, not one per connection; scans are batched per socket owner, so one user's flood (or
+vast descriptor table) slows only the checks of that user's own sockets.
 
 pid reuse: a pid found in the scan is only a number. `PinnedHolder` opens a pidfd to whatever
 process has that pid now, checks that this process still holds the socket and started when
@@ -49,9 +51,9 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from trustmesh.agent.workload_attestor import (
     PeerCredentials,
@@ -153,19 +155,11 @@ def parse_tcp_table(text: str) -> Iterator[SocketRow]:
 
 
 @dataclass(frozen=True)
-class _TcpQuery:
+class TcpQuery:
+    """An accepted TCP connection, by the address it came from and the one it reached."""
+
     peer: Endpoint
     ours: Endpoint
-
-
-@dataclass(frozen=True)
-class _InodeQuery:
-    inode: int
-    uid: int
-
-
-_Query = _TcpQuery | _InodeQuery
-_Result = LocalPeer | LocalPeerError
 
 
 def _diag_request(family: int, body: bytes) -> bytes | None:
@@ -185,7 +179,7 @@ def _diag_request(family: int, body: bytes) -> bytes | None:
     return data[_NLMSGHDR.size:min(length, len(data))]
 
 
-def _inet_diag(query: _TcpQuery) -> SocketRow | None:
+def _inet_diag(query: TcpQuery) -> SocketRow | None:
     """The client socket of `query` by an exact sock_diag lookup (a hash lookup in the kernel,
     where reading /proc/net/tcp walks the whole table: microseconds instead of milliseconds)."""
     (peer, peer_port), (ours, our_port) = query.peer, query.ours
@@ -214,14 +208,16 @@ def inet_diag_works() -> bool:
                 accepted, _ = server.accept()
                 with accepted:
                     host, port = client.getsockname()
-                    row = _inet_diag(_TcpQuery(endpoint(host, port), endpoint(*server.getsockname())))
+                    row = _inet_diag(TcpQuery(endpoint(host, port), endpoint(*server.getsockname())))
                     return row is not None and row.inode == os.fstat(client.fileno()).st_ino
     except OSError:
         return False
 
 
-def _find_tcp(queries: Iterable[_TcpQuery], proc: str, netlink: bool) -> dict[_TcpQuery, SocketRow]:
-    found: dict[_TcpQuery, SocketRow] = {}
+def find_tcp_sockets(queries: Iterable[TcpQuery], proc: str = "/proc",
+                     netlink: bool = True) -> dict[TcpQuery, SocketRow]:
+    """The client sockets of these connections that exist (inode 0, TIME_WAIT, counts as none)."""
+    found: dict[TcpQuery, SocketRow] = {}
     if netlink:
         for query in queries:
             row = _inet_diag(query)
@@ -308,33 +304,6 @@ def _hits(fd_dir: int, links: dict[str, int]) -> dict[str, int]:
     return hits
 
 
-def scan(queries: Iterable[_Query], proc: str = "/proc", netlink: bool = True,
-         skip: int | None = None) -> dict[_Query, _Result]:
-    """Resolve a batch of lookups: the client sockets by sock_diag (`netlink`) or one read of
-    the socket tables, then their holders in one pass over /proc."""
-    queries = list(queries)
-    tcp = _find_tcp([q for q in queries if isinstance(q, _TcpQuery)], proc, netlink)
-    inodes: dict[_Query, tuple[int, int]] = {}
-    results: dict[_Query, _Result] = {}
-    for query in queries:
-        if isinstance(query, _InodeQuery):
-            inodes[query] = (query.inode, query.uid)
-        elif query in tcp:
-            inodes[query] = (tcp[query].inode, tcp[query].uid)
-        else:
-            results[query] = LocalPeerError("no_socket", "the caller's socket is not in this node's socket table "
-                                            "(it closed, or it is in another network namespace)")
-    holders = find_holders(dict(inodes.values()), proc, skip)
-    for query, (inode, uid) in inodes.items():
-        seen = tuple(holders.get(inode, ()))
-        if seen:
-            results[query] = LocalPeer(inode, uid, seen)
-        else:
-            results[query] = LocalPeerError("no_process", f"no process on this node visibly holds the caller's "
-                                            f"socket (inode {inode}, uid {uid})")
-    return results
-
-
 class UnixSocket(SocketLike, Protocol):
     """An accepted unix socket (asyncio hands out a TransportSocket, not a `socket.socket`)."""
 
@@ -364,23 +333,93 @@ def unix_peer_inode(sock: UnixSocket) -> int | None:
     return None
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Batcher(Generic[K, V]):
+    """Runs `work(keys)` in a thread for every key asked for while its previous run ran, so a
+    flood of lookups costs one run per run time, not one per lookup."""
+
+    def __init__(self, work: Callable[[list[K]], Mapping[K, V]]) -> None:
+        self._work = work
+        self._waiting: dict[K, list[asyncio.Future[V]]] = {}
+        self._runner: asyncio.Task[None] | None = None
+        self.runs = 0
+
+    async def get(self, key: K) -> V:
+        future: asyncio.Future[V] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, []).append(future)
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.ensure_future(self._run())  # held here until it is done
+        return await future
+
+    async def _run(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, {}
+            self.runs += 1
+            try:
+                results = await asyncio.to_thread(self._work, list(batch))
+            except BaseException as err:
+                for future in (f for futures in batch.values() for f in futures if not f.done()):
+                    if isinstance(err, Exception):
+                        future.set_exception(err)
+                    else:
+                        future.cancel()
+                if not isinstance(err, Exception):
+                    raise
+                continue
+            for key, futures in batch.items():
+                for future in futures:
+                    if not future.done():  # a waiter that hung up was cancelled
+                        future.set_result(results[key])
+
+
 class PeerResolver:
-    """Resolves callers to their holders, sharing one scan among every lookup made while the
-    previous scan ran. `proc` is where /proc is read (tests point it at a fake tree); the agent
-    passes `scan_self=False` (see find_holders)."""
+    """Resolves callers to their holders. `proc` is where /proc is read (tests point it at a
+    fake tree); `netlink` says whether sock_diag answers (None: probed once); the agent passes
+    `scan_self=False` (see find_holders).
+
+    Holder scans are batched per socket owner: each uid has its own batch, which reads root's
+    and that uid's processes. A user who floods the listener with connections, or keeps a vast
+    descriptor table, slows only the checks of its own sockets, never another uid's."""
 
     def __init__(self, proc: str = "/proc", netlink: bool | None = None, scan_self: bool = True) -> None:
         self._proc = proc
         self._skip = None if scan_self else os.getpid()
-        self._netlink = netlink  # None: probed at the first scan
-        self._waiting: dict[_Query, list[asyncio.Future[_Result]]] = {}
-        self._scanner: asyncio.Task[None] | None = None
-        self.scans = 0  # how many scans ran (tests and the benchmark read it)
+        self._netlink = netlink
+        self._probe: asyncio.Future[bool] | None = None
+        self._tables: _Batcher[TcpQuery, SocketRow | None] = _Batcher(self._read_tables)
+        self._holders: dict[int, _Batcher[int, tuple[Holder, ...]]] = {}
+
+    @property
+    def scans(self) -> int:
+        """How many holder scans ran (tests and the benchmark read it)."""
+        return sum(b.runs for b in self._holders.values())
+
+    def _read_tables(self, queries: list[TcpQuery]) -> dict[TcpQuery, SocketRow | None]:
+        found = find_tcp_sockets(queries, self._proc, netlink=False)
+        return {q: found.get(q) for q in queries}
 
     async def tcp(self, peer: tuple[str, int], ours: tuple[str, int]) -> LocalPeer:
         """The holders of the client socket of an accepted TCP connection: `peer` is the
         address the connection came from, `ours` the address it reached."""
-        return await self._lookup(_TcpQuery(endpoint(*peer), endpoint(*ours)))
+        query = TcpQuery(endpoint(*peer), endpoint(*ours))
+        if self._netlink is None:
+            if self._probe is None:  # one probe, however many callers arrive meanwhile
+                self._probe = asyncio.ensure_future(asyncio.to_thread(inet_diag_works))
+            self._netlink = await asyncio.shield(self._probe)
+        try:
+            if self._netlink:
+                row = find_tcp_sockets([query], self._proc).get(query)  # one hash lookup: no thread needed
+            else:
+                row = await self._tables.get(query)
+        except OSError as err:
+            raise LocalPeerError("unreadable", f"cannot look the caller's socket up: {err}") from err
+        if row is None:
+            raise LocalPeerError("no_socket", "the caller's socket is not in this node's socket table "
+                                 "(it closed, or it is in another network namespace)")
+        return await self._holders_of(row.inode, row.uid)
 
     async def unix(self, sock: UnixSocket) -> tuple[LocalPeer, PeerCredentials]:
         """The holders of the client socket of an accepted unix connection, and SO_PEERCRED."""
@@ -390,7 +429,7 @@ class PeerResolver:
             raise LocalPeerError("no_credentials", str(err)) from err
         peer_inode = unix_peer_inode(sock)
         if peer_inode is not None:
-            return await self._lookup(_InodeQuery(peer_inode, creds.uid)), creds
+            return await self._holders_of(peer_inode, creds.uid), creds
         # No unix_diag in this kernel: the connecting process is all the kernel tells us.
         try:
             connector = Holder(creds.pid, _start_time(self._proc, creds.pid))
@@ -398,36 +437,22 @@ class PeerResolver:
             raise LocalPeerError("gone", f"the caller (pid {creds.pid}) is gone") from err
         return LocalPeer(0, creds.uid, (connector,)), creds
 
-    async def _lookup(self, query: _Query) -> LocalPeer:
-        future: asyncio.Future[_Result] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(query, []).append(future)
-        if self._scanner is None or self._scanner.done():
-            self._scanner = asyncio.ensure_future(self._scan_while_waiting())
-        result = await future
-        if isinstance(result, LocalPeerError):
-            raise result
-        return result
+    async def _holders_of(self, inode: int, uid: int) -> LocalPeer:
+        batcher = self._holders.get(uid)
+        if batcher is None:
+            def work(inodes: list[int]) -> dict[int, tuple[Holder, ...]]:
+                found = find_holders(dict.fromkeys(inodes, uid), self._proc, self._skip)
+                return {i: tuple(found[i]) for i in inodes}
 
-    async def _scan_while_waiting(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting, {}
-            self.scans += 1
-            try:
-                if self._netlink is None:
-                    self._netlink = await asyncio.to_thread(inet_diag_works)
-                results = await asyncio.to_thread(scan, list(batch), self._proc, self._netlink, self._skip)
-            except OSError as err:
-                failed = LocalPeerError("unreadable", f"cannot read the socket tables in {self._proc}: {err}")
-                results = dict.fromkeys(batch, failed)
-            except BaseException:
-                for futures in batch.values():
-                    for future in futures:
-                        future.cancel()
-                raise
-            for query, futures in batch.items():
-                for future in futures:
-                    if not future.done():  # a waiter that hung up was cancelled
-                        future.set_result(results[query])
+            batcher = self._holders[uid] = _Batcher(work)
+        try:
+            holders = await batcher.get(inode)
+        except OSError as err:
+            raise LocalPeerError("unreadable", f"cannot read {self._proc}: {err}") from err
+        if not holders:
+            raise LocalPeerError("no_process", f"no process on this node visibly holds the caller's socket "
+                                 f"(inode {inode}, uid {uid})")
+        return LocalPeer(inode, uid, holders)
 
 
 class _PidfdOpen(Protocol):

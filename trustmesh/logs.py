@@ -69,12 +69,15 @@ class RateLimitedLog:
         self._max_keys = max_keys
         self._clock = clock
         self._keys: dict[tuple[object, ...], tuple[float, int]] = {}  # key -> (last line at, held back since)
+        self._pruned = float("-inf")
 
     def log(self, key: tuple[object, ...], event: str, level: int = logging.WARNING, **fields: Any) -> bool:
         """Log `event` unless a line of `key` went out less than `interval` ago; True if logged."""
         now = self._clock()
         if key not in self._keys and len(self._keys) >= self._max_keys:
-            self._keys = {k: v for k, v in self._keys.items() if now - v[0] < self._interval}
+            if now - self._pruned >= 1.0:  # at most once a second, however many new keys come
+                self._keys = {k: v for k, v in self._keys.items() if now - v[0] < self._interval}
+                self._pruned = now
             if len(self._keys) >= self._max_keys:
                 key = self._OVERFLOW
         last = self._keys.get(key)

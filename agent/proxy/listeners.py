@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -459,6 +460,13 @@ class InboundListener:
             conn.task.cancel()
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 async def _claim_socket_path(path: Path) -> None:
     """Remove a socket file left by a previous run, but never steal a live listener's socket
     nor remove anything that is not a socket."""
@@ -493,6 +501,10 @@ class OutboundListener:
         unix_path = unix_listen_path(self.route.listen)
         if unix_path is None:
             host, port = split_host_port(self.route.listen, listening=True)
+            if not _loopback(host):
+                # Callers from other hosts are never admitted (their sockets are not this node's).
+                log_event(log, "outbound_not_loopback", level=logging.WARNING, service=self.service.name,
+                          listen=self.route.listen, hint="listen on 127.0.0.1 or a unix: socket")
             self._server = await asyncio.start_server(self._handle, host, port, backlog=1024)
         else:
             path = Path(unix_path)

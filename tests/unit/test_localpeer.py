@@ -21,13 +21,12 @@ from trustmesh.agent.localpeer import (
     LocalPeerError,
     PeerResolver,
     PinnedHolder,
-    _InodeQuery,
-    _TcpQuery,
+    TcpQuery,
     endpoint,
     find_holders,
+    find_tcp_sockets,
     inet_diag_works,
     parse_tcp_table,
-    scan,
 )
 
 HEADER = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
@@ -92,21 +91,19 @@ def fake_proc(tmp_path: Path) -> Path:
     return proc
 
 
-def test_a_scan_finds_every_holder_and_refuses_what_no_process_holds(fake_proc: Path) -> None:
+def test_the_tables_and_a_scan_find_every_holder_and_nothing_else(fake_proc: Path) -> None:
     ours = endpoint("127.0.0.1", 15001)
-    caller = _TcpQuery(endpoint("127.0.0.1", 40000), ours)
-    v6 = _TcpQuery(endpoint("::1", 40003), endpoint("::1", 15001))
-    time_wait = _TcpQuery(endpoint("127.0.0.1", 40001), ours)
-    orphan = _TcpQuery(endpoint("127.0.0.1", 40002), ours)
-    missing = _TcpQuery(endpoint("127.0.0.1", 40009), ours)
-    by_inode = _InodeQuery(501, 0)
-    results = scan([caller, v6, time_wait, orphan, missing, by_inode], str(fake_proc), netlink=False)
-    assert results[caller] == LocalPeer(500, 65534, (Holder(10, "111"), Holder(11, "222")))
-    assert results[v6] == LocalPeer(503, 1000, (Holder(11, "222"),))
-    assert results[by_inode] == LocalPeer(501, 0, (Holder(12, "333"),))
-    for query, reason in ((time_wait, "no_socket"), (missing, "no_socket"), (orphan, "no_process")):
-        result = results[query]
-        assert isinstance(result, LocalPeerError) and result.reason == reason, (query, result)
+    caller = TcpQuery(endpoint("127.0.0.1", 40000), ours)
+    v6 = TcpQuery(endpoint("::1", 40003), endpoint("::1", 15001))
+    time_wait = TcpQuery(endpoint("127.0.0.1", 40001), ours)
+    orphan = TcpQuery(endpoint("127.0.0.1", 40002), ours)
+    missing = TcpQuery(endpoint("127.0.0.1", 40009), ours)
+    rows = find_tcp_sockets([caller, v6, time_wait, orphan, missing], str(fake_proc), netlink=False)
+    assert {q: (r.inode, r.uid) for q, r in rows.items()} == {caller: (500, 65534), v6: (503, 1000),
+                                                             orphan: (502, 0)}
+    holders = find_holders({500: 65534, 503: 1000, 502: 0, 501: 0}, str(fake_proc))
+    assert holders == {500: [Holder(10, "111"), Holder(11, "222")], 503: [Holder(11, "222")], 502: [],
+                       501: [Holder(12, "333")]}
 
 
 def test_a_holder_is_pinned_and_refused_when_replaced_set_id_or_of_another_uid(tmp_path: Path) -> None:
@@ -178,9 +175,15 @@ async def test_a_real_connection_resolves_to_this_process_and_a_child_holding_it
     with pytest.raises(LocalPeerError) as unknown:
         await resolver.tcp(("127.0.0.1", 1), accepted.getsockname())
     assert unknown.value.reason == "no_socket"
+    # Nobody holds it any more (the caller exited after connecting): refused.
+    inode = found.inode
+    client.close()
+    with pytest.raises(LocalPeerError) as orphaned:
+        await resolver.tcp(peer, accepted.getsockname())
+    assert orphaned.value.reason in ("no_process", "no_socket"), inode
 
 
-async def test_lookups_made_together_share_one_scan() -> None:
+async def test_lookups_made_together_share_one_scan_per_socket_owner() -> None:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(64)
@@ -228,3 +231,38 @@ def test_holders_are_found_across_the_whole_proc(tmp_path: Path) -> None:
     found = find_holders({7001: 0, 7002: 2000}, str(proc), skip=107)
     assert [h.pid for h in found[7001]] == list(range(100, 140, 3))
     assert [h.pid for h in found[7002]] == [104, *range(110, 140, 3)]
+
+
+async def test_each_socket_owner_has_its_own_scan() -> None:
+    """A connection of uid 65534 is scanned apart from root's: one user's flood cannot hold
+    another's checks back (its holders are found in their own pass)."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to run a process as uid 65534")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    code = ("import socket, sys; c = socket.create_connection(('127.0.0.1', int(sys.argv[1]))); "
+            "print('connected', flush=True); sys.stdin.read()")
+    other = subprocess.Popen(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable,
+                              "-I", "-c", code, str(server.getsockname()[1])], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, cwd="/")
+    try:
+        assert other.stdout is not None and other.stdout.readline() == b"connected\n"
+        theirs, their_peer = server.accept()
+        mine = socket.create_connection(server.getsockname())
+        ours, our_peer = server.accept()
+        resolver = PeerResolver()
+        found = await asyncio.gather(resolver.tcp(their_peer, theirs.getsockname()),
+                                     resolver.tcp(our_peer, ours.getsockname()))
+        assert [(f.uid, [h.pid for h in f.holders]) for f in found] == [(65534, [other.pid]), (0, [os.getpid()])]
+        assert resolver.scans == 2
+        with pytest.raises(LocalPeerError) as refused:  # held by uid 65534, which is not the caller's uid 0
+            PinnedHolder(LocalPeer(found[0].inode, 0, found[0].holders), found[0].holders[0])
+        assert refused.value.reason == "uid_changed"
+        for s in (theirs, mine, ours):
+            s.close()
+    finally:
+        assert other.stdin is not None
+        other.stdin.close()
+        other.wait()
+        server.close()
