@@ -328,7 +328,8 @@ async def _serve(config: AgentConfig, stop: asyncio.Event, metrics: Registry) ->
     sync = SyncClient(client, cache, config.data_dir, td, metrics, own_bundle_changed, on_policy=policy_changed,
                       rotation=config.rotation, server_state=server_state)
     flow = Flow(cache.svid_for, cache.bundles, lambda: sync.policy, reporter.report, metrics)
-    api = WorkloadAPI(cache, CallerBinder(WorkloadAttestor(), PeerResolver(scan_self=False)), metrics)
+    api = WorkloadAPI(cache, CallerBinder(WorkloadAttestor(), PeerResolver(scan_self=False)), metrics,
+                      report=reporter.refused)
     server = WorkloadAPIServer(config.socket_path, api,
                                Authorizer(cache, api.callers, lambda: sync.policy, reporter.report, metrics))
     # The state kept on disk first: a restart during an outage serves at once.

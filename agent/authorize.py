@@ -19,7 +19,7 @@ from grpclib.server import Stream
 
 from trustmesh._proto.trustmesh.v1 import agent_pb2
 from trustmesh._proto.trustmesh.v1.agent_grpc import AgentAuthorizationBase
-from trustmesh.agent.workload_api import LocalCallers, recv_bounded
+from trustmesh.agent.workload_api import LocalCallers
 from trustmesh.clock import Clock, utc_now
 from trustmesh.errors import InvalidSpiffeIdError
 from trustmesh.metrics import Registry
@@ -45,7 +45,7 @@ class Authorizer(AgentAuthorizationBase):
             "Authorize answers not reported: neither side is an identity of the calling workload")
 
     async def Authorize(self, stream: Stream[Any, Any]) -> None:
-        request = await recv_bounded(stream)
+        request = await self._callers.receive(stream, "Authorize")
         if not isinstance(request, agent_pb2.AuthorizeRequest):
             raise GRPCError(Status.INVALID_ARGUMENT, "the request message is missing")
         selectors = await self._callers.selectors(stream, "Authorize")

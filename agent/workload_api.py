@@ -114,11 +114,15 @@ def _transport(stream: Stream[Any, Any]) -> Any:
 class _Connection:
     """One accepted connection: its caller's uid and the attestation started at accept."""
 
-    def __init__(self, sock: UnixSocket, uid: int, bound: asyncio.Future[BoundCaller]) -> None:
+    def __init__(self, sock: UnixSocket, uid: int, pid: int, bound: asyncio.Future[BoundCaller]) -> None:
         self.sock = sock
         self.uid = uid
+        self.pid = pid
         self.bound = bound
         self.idle: asyncio.TimerHandle | None = None
+
+
+RefusalReport = Callable[[str, str, str, str], None]  # (kind, subject, peer, reason)
 
 
 class LocalCallers:
@@ -126,8 +130,9 @@ class LocalCallers:
     per request. Shared by every service on the socket (Workload API, Authorize)."""
 
     def __init__(self, binder: Binder, metrics: Registry, *, max_per_uid: int = MAX_CONNECTIONS_PER_UID,
-                 idle_seconds: float = IDLE_SECONDS) -> None:
+                 idle_seconds: float = IDLE_SECONDS, report: RefusalReport | None = None) -> None:
         self._binder = binder
+        self._report = report
         self._max_per_uid = max_per_uid
         self._idle_seconds = idle_seconds
         self._by_transport: dict[Any, _Connection] = {}
@@ -140,9 +145,12 @@ class LocalCallers:
                                                 "Workload API callers that could not be attested")
         self._log = RateLimitedLog(log, _REFUSAL_LOG_SECONDS)
 
-    def refused(self, reason: str, uid: int | str, **fields: Any) -> None:
+    def refused(self, reason: str, uid: int | str, pid: int | str = "?", **fields: Any) -> None:
         self._refused.inc(reason=reason)
-        self._log.log((reason, uid), "workload_api_refused", reason=reason, uid=uid, **fields)
+        self._log.log((reason, uid), "workload_api_refused", reason=reason, uid=uid, pid=pid, **fields)
+        if self._report is not None and reason != "idle":
+            # To the control plane's aggregated audit (FlowReporter.refused): who, from where.
+            self._report("workload-api", "workload-api", f"uid={uid} pid={pid}", reason)
 
     def opened(self, transport: Any) -> bool:
         """Admit a new connection (False: close it) and start attesting its caller."""
@@ -153,12 +161,12 @@ class LocalCallers:
             self.refused("no_credentials", "?", error=str(err))
             return False
         if self._per_uid.get(creds.uid, 0) >= self._max_per_uid:
-            self.refused("too_many_connections", creds.uid, pid=creds.pid, limit=self._max_per_uid)
+            self.refused("too_many_connections", creds.uid, creds.pid, limit=self._max_per_uid)
             return False
         self._per_uid[creds.uid] = self._per_uid.get(creds.uid, 0) + 1
         bound = asyncio.ensure_future(self._binder.bind(sock))
         bound.add_done_callback(_retrieve)
-        connection = _Connection(sock, creds.uid, bound)
+        connection = _Connection(sock, creds.uid, creds.pid, bound)
         connection.idle = asyncio.get_running_loop().call_later(self._idle_seconds, self._idle, transport)
         self._by_transport[transport] = connection
         self._open.inc()
@@ -173,7 +181,7 @@ class LocalCallers:
     def _idle(self, transport: Any) -> None:
         connection = self._by_transport.get(transport)
         if connection is not None:
-            self.refused("idle", connection.uid, seconds=self._idle_seconds)
+            self.refused("idle", connection.uid, connection.pid, seconds=self._idle_seconds)
             transport.close()
 
     def closed(self, transport: Any) -> None:
@@ -195,6 +203,17 @@ class LocalCallers:
             connection.bound.add_done_callback(_close_bound)
             connection.bound.cancel()
 
+    async def receive(self, stream: Stream[Any, Any], method: str) -> Message | None:
+        """The call's request (`recv_bounded`), a refusal counted against its caller."""
+        try:
+            return await recv_bounded(stream)
+        except GRPCError as err:
+            if err.status == Status.RESOURCE_EXHAUSTED:
+                connection = self._by_transport.get(_transport(stream))
+                uid, pid = (connection.uid, connection.pid) if connection else ("?", "?")
+                self.refused("request_too_large", uid, pid, method=method, error=err.message)
+            raise
+
     async def selectors(self, stream: Stream[Any, Any], method: str) -> list[str]:
         """The caller's selectors for one request, or the standard's refusal: UNAVAILABLE when
         it cannot be attested (clients retry), PERMISSION_DENIED when the connection is no
@@ -210,7 +229,8 @@ class LocalCallers:
             log_event(log, "workload_attestation_failed", level=logging.WARNING, method=method, error=str(err))
             raise GRPCError(Status.UNAVAILABLE, f"could not attest the caller: {err}") from err
         except CallerChangedError as err:
-            self.refused("caller_changed", connection.uid if connection else "?", method=method, error=str(err))
+            self.refused("caller_changed", connection.uid if connection else "?",
+                         connection.pid if connection else "?", method=method, error=str(err))
             raise GRPCError(Status.PERMISSION_DENIED, str(err)) from err
 
 
@@ -293,10 +313,10 @@ class WorkloadAPI(SpiffeWorkloadAPIBase):
     """The five Workload API methods over an IdentitySource, for any caller the attestor names."""
 
     def __init__(self, source: IdentitySource, attestor: WorkloadAttestor | Binder, metrics: Registry,
-                 clock: Clock = utc_now, sync_timeout: float = 30.0) -> None:
+                 clock: Clock = utc_now, sync_timeout: float = 30.0, report: RefusalReport | None = None) -> None:
         self._source = source
         binder = CallerBinder(attestor) if isinstance(attestor, WorkloadAttestor) else attestor
-        self.callers = LocalCallers(binder, metrics)
+        self.callers = LocalCallers(binder, metrics, report=report)
         self._clock = clock
         self._sync_timeout = sync_timeout
         self._streams = metrics.gauge("trustmesh_workload_api_streams", "open Workload API streams", ["method"])
@@ -345,12 +365,7 @@ class WorkloadAPI(SpiffeWorkloadAPIBase):
         if stream.metadata is None or stream.metadata.get(HEADER) != "true":
             raise GRPCError(Status.INVALID_ARGUMENT,
                             f"security header missing from request: send metadata '{HEADER}: true'")
-        try:
-            request = await recv_bounded(stream)
-        except GRPCError as err:
-            if err.status == Status.RESOURCE_EXHAUSTED:
-                self.callers.refused("request_too_large", "-", method=method, error=err.message)
-            raise
+        request = await self.callers.receive(stream, method)
         if request is None:
             raise GRPCError(Status.INVALID_ARGUMENT, "the request message is missing")
         return request, await self.callers.selectors(stream, method)

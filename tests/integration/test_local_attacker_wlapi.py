@@ -93,6 +93,14 @@ def test_a_child_sharing_the_connection_of_a_process_that_execs_gets_nothing(
     assert "another program" in str(result["message"]) or "also held" in str(result["message"]), result
     # The legitimate workload, the same binary as when it connected, alone on its socket, is served.
     assert _fetch_as_root(agent) == ["spiffe://example.org/python"]
+    # The refusal reaches the audit log, in the agent's aggregated report, with uid and pid.
+    server = node[0]
+    deadline = time.monotonic() + 15
+    while "caller_changed" not in (audit := server.cli("audit", "show", "--kind", "flows.reported", "--json",
+                                                       check=True).stdout):
+        assert time.monotonic() < deadline, "the refusal was not audited"
+        time.sleep(0.2)
+    assert f"uid={65534 if nobody else 0} pid=" in audit
 
 
 def test_a_huge_request_is_refused_from_its_prefix_and_costs_the_agent_nothing(
