@@ -88,6 +88,11 @@ MAX_CONNECTIONS_PER_UID = 128
 MAX_STREAMS_PER_CONNECTION = 16
 IDLE_SECONDS = 10.0
 _WINDOW = 65_535  # the smallest HTTP/2 window: what a caller may send before we read it
+# Flow control covers DATA only. A header block may span any number of CONTINUATION frames,
+# which the HTTP/2 library buffers whole (up to 64 frames of 16 KiB per connection); and a
+# caller that never reads lets our answers (PING and SETTINGS acks included) pile up.
+MAX_HEADER_BLOCK_BYTES = 16 * 1024
+MAX_UNREAD_BYTES = 1 << 20
 _REFUSAL_LOG_SECONDS = 60.0
 
 _M = TypeVar("_M", bound=Message)
@@ -203,15 +208,18 @@ class LocalCallers:
             connection.bound.add_done_callback(_close_bound)
             connection.bound.cancel()
 
+    def refused_transport(self, transport: Any, reason: str, **fields: Any) -> None:
+        connection = self._by_transport.get(transport)
+        uid, pid = (connection.uid, connection.pid) if connection else ("?", "?")
+        self.refused(reason, uid, pid, **fields)
+
     async def receive(self, stream: Stream[Any, Any], method: str) -> Message | None:
         """The call's request (`recv_bounded`), a refusal counted against its caller."""
         try:
             return await recv_bounded(stream)
         except GRPCError as err:
             if err.status == Status.RESOURCE_EXHAUSTED:
-                connection = self._by_transport.get(_transport(stream))
-                uid, pid = (connection.uid, connection.pid) if connection else ("?", "?")
-                self.refused("request_too_large", uid, pid, method=method, error=err.message)
+                self.refused_transport(_transport(stream), "request_too_large", method=method, error=err.message)
             raise
 
     async def selectors(self, stream: Stream[Any, Any], method: str) -> list[str]:
@@ -517,6 +525,45 @@ class WorkloadAPI(SpiffeWorkloadAPIBase):
                 workload_pb2.ValidateJWTSVIDResponse(spiffe_id=str(svid.spiffe_id), claims=claims))
 
 
+class _HeaderBudget:
+    """Follows the HTTP/2 frame boundaries of what a caller sends, to refuse a header block
+    (HEADERS and its CONTINUATION frames) larger than MAX_HEADER_BLOCK_BYTES before the HTTP/2
+    library buffers it."""
+
+    _PREFACE = 24  # "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+    def __init__(self) -> None:
+        self._skip = self._PREFACE  # bytes of the current payload (or the preface) still to pass
+        self._head = b""  # a frame header split across reads
+        self._block = 0  # bytes of the header block being received
+
+    def feed(self, data: bytes) -> bool:
+        """False once a header block grows past the budget."""
+        view = memoryview(data)
+        while view:
+            if self._skip:
+                step = min(self._skip, len(view))
+                self._skip -= step
+                view = view[step:]
+                continue
+            need = 9 - len(self._head)
+            self._head += bytes(view[:need])
+            view = view[need:]
+            if len(self._head) < 9:
+                break
+            length = int.from_bytes(self._head[:3], "big")
+            kind, flags = self._head[3], self._head[4]
+            self._head = b""
+            self._skip = length
+            if kind in (0x1, 0x9):  # HEADERS, CONTINUATION
+                self._block += length
+                if self._block > MAX_HEADER_BLOCK_BYTES:
+                    return False
+                if flags & 0x4:  # END_HEADERS
+                    self._block = 0
+        return True
+
+
 class _Protocol(H2Protocol):
     """grpclib's connection, admitted and tracked by LocalCallers, with at most
     MAX_STREAMS_PER_CONNECTION concurrent streams."""
@@ -535,9 +582,18 @@ class _Protocol(H2Protocol):
         self.connection.flush()
         self._transport = transport
         self._streams_seen = 0
+        self._headers = _HeaderBudget()
 
     def data_received(self, data: bytes) -> None:
         if not self.admitted:
+            return
+        if not self._headers.feed(data):
+            self.callers.refused_transport(self._transport, "headers_too_large", limit=MAX_HEADER_BLOCK_BYTES)
+            cast(asyncio.Transport, self._transport).abort()
+            return
+        if cast(asyncio.WriteTransport, self._transport).get_write_buffer_size() > MAX_UNREAD_BYTES:
+            self.callers.refused_transport(self._transport, "not_reading", limit=MAX_UNREAD_BYTES)
+            cast(asyncio.Transport, self._transport).abort()
             return
         super().data_received(data)
         started = self.connection.streams_started

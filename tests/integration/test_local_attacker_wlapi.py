@@ -115,6 +115,19 @@ def test_a_huge_request_is_refused_from_its_prefix_and_costs_the_agent_nothing(
     assert _rss_mib(agent.proc.pid) < max(150.0, before + 10)
 
 
+def test_header_blocks_that_never_end_are_cut_before_they_are_buffered(
+        node: tuple[ServerProcess, AgentProcess]) -> None:
+    """Flow control does not cover headers: 128 connections each sending a megabyte of
+    CONTINUATION frames would have the HTTP/2 library hold 128 MiB."""
+    _, agent = node
+    assert agent.proc is not None
+    result = _run(agent, "headers", "128", nobody=True)
+    assert result["connections"] == 128
+    assert _rss_mib(agent.proc.pid) < 150
+    assert "reason=headers_too_large" in agent.log()
+    assert _fetch_as_root(agent) == ["spiffe://example.org/python"]
+
+
 @pytest.mark.slow
 def test_an_idle_connection_flood_by_one_uid_leaves_others_served(node: tuple[ServerProcess, AgentProcess]) -> None:
     _, agent = node

@@ -8,6 +8,7 @@ hold connections open. Prints one JSON line per result.
     wlapi_caller.py fork-exec SOCKET PROGRAM [ARGS...]   the child asks once PROGRAM runs
     wlapi_caller.py oversize SOCKET BYTES
     wlapi_caller.py flood SOCKET COUNT                   then waits until stdin closes
+    wlapi_caller.py headers SOCKET COUNT                 COUNT connections, each 1 MiB of header block
 """
 
 from __future__ import annotations
@@ -131,8 +132,29 @@ def main() -> None:
                 break
         emit({"connected": len(held)})
         sys.stdin.read()  # hold them until the test closes our stdin
+    elif mode == "headers":
+        # HEADERS without END_HEADERS, then CONTINUATION frames: flow control does not apply.
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        held, sent = [], 0
+        for _ in range(int(sys.argv[3])):
+            try:
+                sock = connect(path)
+                sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0, b""))
+                sock.sendall(_frame(1, 0, 1, bytes(16_000)))
+                for _ in range(63):
+                    sock.sendall(_frame(9, 0, 1, bytes(16_384)))
+                    sent += 16_384
+            except OSError:
+                pass  # the agent hung up on us: what we wanted to know
+            held.append(sock)
+        emit({"connections": len(held), "sent": sent})
     else:
         raise SystemExit(f"unknown mode {mode}")
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import h2.settings
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from hypothesis import given
+from hypothesis import strategies as st
 
 from trustmesh._proto.spiffe.workload import workload_pb2, workload_pb2_grpc
 from trustmesh.agent.identity import NoIdentityError, WorkloadJwtSvid, WorkloadX509Svid
@@ -832,3 +834,34 @@ async def test_metrics_count_calls_by_method_and_code(served: Served) -> None:
     rendered = served.metrics.render()
     assert 'trustmesh_workload_api_calls_total{code="OK",method="FetchJWTSVID"} 1' in rendered  # labels sorted
     assert "PRIVATE KEY" not in rendered
+
+
+# --- header blocks are bounded before the HTTP/2 library buffers them -------------------------
+
+
+def _frame(kind: int, flags: int, payload_len: int) -> bytes:
+    return payload_len.to_bytes(3, "big") + bytes([kind, flags]) + (1).to_bytes(4, "big") + bytes(payload_len)
+
+
+def _block(sizes: list[int]) -> bytes:
+    """One header block: HEADERS, then CONTINUATION frames; the last frame ends it."""
+    last = len(sizes) - 1
+    return b"".join(_frame(9 if i else 1, 0x4 if i == last else 0, n) for i, n in enumerate(sizes))
+
+
+@given(st.lists(st.lists(st.integers(min_value=0, max_value=9000), min_size=1, max_size=6), min_size=1, max_size=4),
+       st.lists(st.integers(min_value=1, max_value=5000), max_size=40))
+def test_the_header_budget_follows_frames_across_any_split(blocks: list[list[int]], cuts: list[int]) -> None:
+    from trustmesh.agent.workload_api import MAX_HEADER_BLOCK_BYTES, _HeaderBudget
+
+    # Preface, SETTINGS, a large DATA frame (not headers: never counted), then the blocks.
+    stream = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0) + _frame(0, 0, 40_000)
+    stream += b"".join(_block(sizes) for sizes in blocks)
+    budget = _HeaderBudget()
+    ok, position = True, 0
+    for cut in [*cuts, len(stream)]:
+        piece = stream[position:position + cut]
+        position += len(piece)
+        if piece and ok:
+            ok = budget.feed(piece)
+    assert ok == all(sum(sizes) <= MAX_HEADER_BLOCK_BYTES for sizes in blocks)
