@@ -30,7 +30,7 @@ buffered before it is bounded (`LocalCallers`): requests of at most MAX_REQUEST_
 refused from the 5-byte gRPC length prefix before the body is read (HTTP/2 flow control
 keeps the rest with the client), small HTTP/2 windows, at most MAX_STREAMS_PER_CONNECTION
 streams per connection and MAX_CONNECTIONS_PER_UID connections per uid, and a connection
-that opens no stream within IDLE_SECONDS is closed. Refusals are counted and logged at most
+that sends no whole request within IDLE_SECONDS is closed. Refusals are counted and logged at most
 once a minute per uid and reason.
 """
 
@@ -177,7 +177,8 @@ class LocalCallers:
         self._open.inc()
         return True
 
-    def stream_started(self, transport: Any) -> None:
+    def request_received(self, transport: Any) -> None:
+        """The connection sent a whole request: it is a caller, not a squatter."""
         connection = self._by_transport.get(transport)
         if connection is not None and connection.idle is not None:
             connection.idle.cancel()
@@ -216,11 +217,13 @@ class LocalCallers:
     async def receive(self, stream: Stream[Any, Any], method: str) -> Message | None:
         """The call's request (`recv_bounded`), a refusal counted against its caller."""
         try:
-            return await recv_bounded(stream)
+            message = await recv_bounded(stream)
         except GRPCError as err:
             if err.status == Status.RESOURCE_EXHAUSTED:
                 self.refused_transport(_transport(stream), "request_too_large", method=method, error=err.message)
             raise
+        self.request_received(_transport(stream))
+        return message
 
     async def selectors(self, stream: Stream[Any, Any], method: str) -> list[str]:
         """The caller's selectors for one request, or the standard's refusal: UNAVAILABLE when
@@ -321,10 +324,11 @@ class WorkloadAPI(SpiffeWorkloadAPIBase):
     """The five Workload API methods over an IdentitySource, for any caller the attestor names."""
 
     def __init__(self, source: IdentitySource, attestor: WorkloadAttestor | Binder, metrics: Registry,
-                 clock: Clock = utc_now, sync_timeout: float = 30.0, report: RefusalReport | None = None) -> None:
+                 clock: Clock = utc_now, sync_timeout: float = 30.0, report: RefusalReport | None = None,
+                 idle_seconds: float = IDLE_SECONDS) -> None:
         self._source = source
         binder = CallerBinder(attestor) if isinstance(attestor, WorkloadAttestor) else attestor
-        self.callers = LocalCallers(binder, metrics, report=report)
+        self.callers = LocalCallers(binder, metrics, report=report, idle_seconds=idle_seconds)
         self._clock = clock
         self._sync_timeout = sync_timeout
         self._streams = metrics.gauge("trustmesh_workload_api_streams", "open Workload API streams", ["method"])
@@ -581,7 +585,6 @@ class _Protocol(H2Protocol):
         h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS_PER_CONNECTION})
         self.connection.flush()
         self._transport = transport
-        self._streams_seen = 0
         self._headers = _HeaderBudget()
 
     def data_received(self, data: bytes) -> None:
@@ -596,10 +599,6 @@ class _Protocol(H2Protocol):
             cast(asyncio.Transport, self._transport).abort()
             return
         super().data_received(data)
-        started = self.connection.streams_started
-        if started != self._streams_seen:
-            self._streams_seen = started
-            self.callers.stream_started(self._transport)
 
     def pause_writing(self) -> None:
         if self.admitted:

@@ -865,3 +865,52 @@ def test_the_header_budget_follows_frames_across_any_split(blocks: list[list[int
         if piece and ok:
             ok = budget.feed(piece)
     assert ok == all(sum(sizes) <= MAX_HEADER_BLOCK_BYTES for sizes in blocks)
+
+
+async def test_a_connection_that_sends_no_whole_request_is_closed(
+        short_dir: Path, authorities: tuple[Authority, Authority]) -> None:
+    source = FakeSource(*authorities)
+    source.register("e1", "ledger")
+    metrics = Registry()
+    path = short_dir / "workload.sock"
+    server = WorkloadAPIServer(path, WorkloadAPI(source, WorkloadAttestor(), metrics, idle_seconds=0.3))
+    await server.start()
+    loop = asyncio.get_running_loop()
+
+    async def closed_by_agent(first: bytes) -> bool:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, str(path))
+        try:
+            if first:
+                await loop.sock_sendall(sock, first)
+            async with asyncio.timeout(10):
+                while await loop.sock_recv(sock, 65536):
+                    pass  # the agent's SETTINGS; then the end
+            return True
+        finally:
+            sock.close()
+
+    try:
+        assert await closed_by_agent(b"")  # connected, silent
+        # A stream opened (HEADERS) whose request never comes is no request either.
+        from hpack import Encoder
+
+        block = Encoder().encode([(":method", "POST"), (":scheme", "http"), (":authority", "localhost"),
+                                  (":path", "/SpiffeWorkloadAPI/FetchX509SVID"), ("content-type", "application/grpc"),
+                                  ("te", "trailers"), ("workload.spiffe.io", "true")])
+        headers = len(block).to_bytes(3, "big") + bytes([1, 0x4]) + (1).to_bytes(4, "big") + block
+        settings = bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # an empty SETTINGS frame, on stream 0
+        assert await closed_by_agent(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings + headers)
+        assert metrics.counter("trustmesh_workload_api_refused_total", "", ["reason"]).value(reason="idle") == 2
+        # A real caller keeps its stream past the idle time.
+        channel = grpc.aio.insecure_channel(f"unix:{path}")
+        stream = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel).FetchX509SVID(
+            workload_pb2.X509SVIDRequest(), metadata=HEADER)
+        assert (await stream.read()).svids
+        await asyncio.sleep(0.6)
+        assert not stream.done()
+        stream.cancel()
+        await channel.close()
+    finally:
+        await server.close()
