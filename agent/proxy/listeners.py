@@ -367,6 +367,9 @@ class InboundListener:
             self._handshake_refused(source, "closed", "the client closed the connection during the handshake")
             transport.abort()
             return None
+        # loop.start_tls never calls connection_made on the protocol it is given: without this
+        # the reader has no transport to pause, and a client could fill our memory.
+        protocol.connection_made(tls)
         return reader, asyncio.StreamWriter(tls, protocol, reader, loop)
 
     def _handshake_refused(self, source: str, reason: str, detail: str) -> None:
