@@ -33,6 +33,7 @@ import os
 import socket
 import ssl
 import stat
+import tempfile
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -491,6 +492,26 @@ async def _claim_socket_path(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
+def _bind_unix(path: Path, mode: int) -> socket.socket:
+    """A unix socket at `path` with `mode` from its first instant: bound and chmod'ed in a
+    private directory, then renamed into place, so nobody can swap the file for a symlink
+    between bind and chmod (and have us chmod what it points to)."""
+    private = tempfile.mkdtemp(prefix=".trustmesh-", dir=path.parent)  # 0700, ours alone
+    staged = os.path.join(private, "s")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(staged)
+        os.chmod(staged, mode)
+        os.rename(staged, path)
+    except BaseException:
+        sock.close()
+        Path(staged).unlink(missing_ok=True)
+        raise
+    finally:
+        os.rmdir(private)
+    return sock
+
+
 @dataclass
 class OutboundListener:
     service: ServiceConfig
@@ -513,8 +534,8 @@ class OutboundListener:
             path = Path(unix_path)
             path.parent.mkdir(parents=True, exist_ok=True)
             await _claim_socket_path(path)
-            self._server = await asyncio.start_unix_server(self._handle, str(path), backlog=1024)
-            os.chmod(path, self.route.mode if self.route.mode is not None else UNIX_SOCKET_MODE)
+            sock = _bind_unix(path, self.route.mode if self.route.mode is not None else UNIX_SOCKET_MODE)
+            self._server = await asyncio.start_unix_server(self._handle, sock=sock, backlog=1024)
             self._unix_path = path
         log_event(log, "outbound_listening", service=self.service.name, listen=self.route.listen,
                   connect=self.route.connect, expect=self.route.expect)
