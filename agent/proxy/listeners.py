@@ -352,8 +352,12 @@ class InboundListener:
         loop = asyncio.get_running_loop()
         source = _address(transport)
         ctx = self._current_context()
-        if ctx is None or transport.is_closing():
+        if ctx is None:  # our SVID expired (the server out of reach for too long): nothing to present
+            self._handshake_refused(source, "no_svid", f"no current SVID for {self.service.spiffe_id}")
             transport.abort()
+            return None
+        if transport.is_closing():
+            self._handshake_refused(source, "closed", "the client closed the connection before the handshake")
             return None
         reader = asyncio.StreamReader(limit=CHUNK, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
