@@ -66,6 +66,7 @@ log = logging.getLogger("trustmesh.proxy")
 HANDSHAKE_TIMEOUT = 10.0
 CHUNK = 64 * 1024
 RECHECK_SECONDS = 1.0
+HALF_CLOSE_SECONDS = 10.0  # after an EOF that cannot be passed on (see _splice)
 UNIX_PREFIX = "unix:"
 UNIX_SOCKET_MODE = 0o666  # who may connect is not who is admitted: every caller is checked
 MAX_HOLDERS = 16  # a socket shared by more processes is refused rather than checked at length
@@ -222,7 +223,7 @@ class Flow:
         self.identities: Identities | None = identities or _owner(svid_for, Identities)
         sink = _owner(report, RefusalSink)
         self.refused: Refused | None = refused or (sink.refused if sink is not None else None)
-        self.callers = CallerCheck(resolver or PeerResolver(scan_self=False), attestor or WorkloadAttestor(),
+        self.callers = CallerCheck(resolver or PeerResolver(skip=os.getpid()), attestor or WorkloadAttestor(),
                                    self.identities)
         self.connections = metrics.counter("trustmesh_proxy_connections_total", "proxied connections by decision",
                                            ["service", "direction", "decision"])
@@ -242,26 +243,39 @@ class Flow:
             self.refused(kind, str(service.spiffe_id), peer, reason)
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+    """Copy until EOF. "passed": the EOF was passed on (a TCP writer can half-close); "held":
+    it could not be (asyncio's TLS transports cannot half-close); "failed": the copy broke."""
     try:
         while chunk := await reader.read(CHUNK):
             writer.write(chunk)
             await writer.drain()
     except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
-        pass
-    finally:
-        try:
-            if writer.can_write_eof():
-                writer.write_eof()
-        except (OSError, RuntimeError):
-            pass
+        return "failed"
+    try:
+        if writer.can_write_eof():
+            writer.write_eof()
+            return "passed"
+    except (OSError, RuntimeError):
+        return "failed"
+    return "held"
 
 
 async def _splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
                   b: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+    pumps = {asyncio.ensure_future(_pump(a[0], b[1])), asyncio.ensure_future(_pump(b[0], a[1]))}
     try:
-        await asyncio.gather(_pump(a[0], b[1]), _pump(b[0], a[1]))
+        done, pending = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        outcomes = {task.result() for task in done}
+        if pending and outcomes == {"passed"}:
+            await asyncio.wait(pending)  # the other side knows and will finish
+        elif pending and "failed" not in outcomes:
+            # One side ended and the other cannot be told (no half-close over TLS): give the
+            # answer in flight a moment, then close, or both connections stay open for ever.
+            await asyncio.wait(pending, timeout=HALF_CLOSE_SECONDS)
     finally:
+        for task in pumps:
+            task.cancel()
         for w in (a[1], b[1]):
             w.close()
 
