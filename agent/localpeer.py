@@ -378,15 +378,15 @@ class _Batcher(Generic[K, V]):
 class PeerResolver:
     """Resolves callers to their holders. `proc` is where /proc is read (tests point it at a
     fake tree); `netlink` says whether sock_diag answers (None: probed once); the agent passes
-    `scan_self=False` (see find_holders).
+    passes its own pid as `skip` (see find_holders).
 
     Holder scans are batched per socket owner: each uid has its own batch, which reads root's
     and that uid's processes. A user who floods the listener with connections, or keeps a vast
     descriptor table, slows only the checks of its own sockets, never another uid's."""
 
-    def __init__(self, proc: str = "/proc", netlink: bool | None = None, scan_self: bool = True) -> None:
+    def __init__(self, proc: str = "/proc", netlink: bool | None = None, skip: int | None = None) -> None:
         self._proc = proc
-        self._skip = None if scan_self else os.getpid()
+        self._skip = skip
         self._netlink = netlink
         self._probe: asyncio.Future[bool] | None = None
         self._tables: _Batcher[TcpQuery, SocketRow | None] = _Batcher(self._read_tables)

@@ -245,10 +245,11 @@ def outbound_connection_us(port: int, connections: int) -> float:
     return (time.perf_counter() - started) / connections * 1e6
 
 
-def caller_check_us(checks: int, concurrent: int) -> tuple[float, float]:
+def caller_check_us(checks: int, concurrent: int, agent_pid: int | None = None) -> tuple[float, float]:
     """(µs per caller check one at a time, µs per check when `concurrent` arrive together),
     in this process, with the agent's own code: find the client socket (sock_diag), every
-    process holding it (/proc/*/fd), pin each and read its selectors."""
+    process holding it (/proc/*/fd), pin each and read its selectors. Like the agent, it does
+    not read the agent's own descriptors (`agent_pid`); this process, the caller, is read."""
     import asyncio
     from types import SimpleNamespace
 
@@ -264,8 +265,7 @@ def caller_check_us(checks: int, concurrent: int) -> tuple[float, float]:
             return [SimpleNamespace(svid=SimpleNamespace(spiffe_id=service))]
 
     async def measure() -> tuple[float, float]:
-        # Here this process is the caller, so its own table is scanned (the agent skips its own).
-        check = CallerCheck(PeerResolver(scan_self=True), WorkloadAttestor(), Everyone())  # type: ignore[arg-type]
+        check = CallerCheck(PeerResolver(skip=agent_pid), WorkloadAttestor(), Everyone())  # type: ignore[arg-type]
         server = socket.socket()
         server.bind(("127.0.0.1", 0))
         server.listen(1024)
@@ -383,7 +383,7 @@ def run(quick: bool) -> list[dict[str, object]]:
                         "params": {"requests": requests, "connections": 10, "size": "1 KB each way"}})
         connections, concurrent = (100, 100) if quick else (1_000, 500)
         whole = outbound_connection_us(outbound_port, connections)
-        one, together = caller_check_us(connections, concurrent)
+        one, together = caller_check_us(connections, concurrent, agent.proc.pid)
         processes, descriptors = _host_descriptors()
         results.append({"name": "proxy.caller_check", "value": round(one, 1), "unit": "µs per outbound connection",
                         "reference": "a whole outbound connection through the agent (accept, check, mTLS dial, "

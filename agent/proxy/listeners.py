@@ -33,6 +33,7 @@ import os
 import socket
 import ssl
 import stat
+import tempfile
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,7 @@ log = logging.getLogger("trustmesh.proxy")
 HANDSHAKE_TIMEOUT = 10.0
 CHUNK = 64 * 1024
 RECHECK_SECONDS = 1.0
+HALF_CLOSE_SECONDS = 10.0  # after an EOF that cannot be passed on (see _splice)
 UNIX_PREFIX = "unix:"
 UNIX_SOCKET_MODE = 0o666  # who may connect is not who is admitted: every caller is checked
 MAX_HOLDERS = 16  # a socket shared by more processes is refused rather than checked at length
@@ -221,7 +223,7 @@ class Flow:
         self.identities: Identities | None = identities or _owner(svid_for, Identities)
         sink = _owner(report, RefusalSink)
         self.refused: Refused | None = refused or (sink.refused if sink is not None else None)
-        self.callers = CallerCheck(resolver or PeerResolver(scan_self=False), attestor or WorkloadAttestor(),
+        self.callers = CallerCheck(resolver or PeerResolver(skip=os.getpid()), attestor or WorkloadAttestor(),
                                    self.identities)
         self.connections = metrics.counter("trustmesh_proxy_connections_total", "proxied connections by decision",
                                            ["service", "direction", "decision"])
@@ -241,26 +243,39 @@ class Flow:
             self.refused(kind, str(service.spiffe_id), peer, reason)
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+    """Copy until EOF. "passed": the EOF was passed on (a TCP writer can half-close); "held":
+    it could not be (asyncio's TLS transports cannot half-close); "failed": the copy broke."""
     try:
         while chunk := await reader.read(CHUNK):
             writer.write(chunk)
             await writer.drain()
     except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
-        pass
-    finally:
-        try:
-            if writer.can_write_eof():
-                writer.write_eof()
-        except (OSError, RuntimeError):
-            pass
+        return "failed"
+    try:
+        if writer.can_write_eof():
+            writer.write_eof()
+            return "passed"
+    except (OSError, RuntimeError):
+        return "failed"
+    return "held"
 
 
 async def _splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
                   b: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+    pumps = {asyncio.ensure_future(_pump(a[0], b[1])), asyncio.ensure_future(_pump(b[0], a[1]))}
     try:
-        await asyncio.gather(_pump(a[0], b[1]), _pump(b[0], a[1]))
+        done, pending = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        outcomes = {task.result() for task in done}
+        if pending and outcomes == {"passed"}:
+            await asyncio.wait(pending)  # the other side knows and will finish
+        elif pending and "failed" not in outcomes:
+            # One side ended and the other cannot be told (no half-close over TLS): give the
+            # answer in flight a moment, then close, or both connections stay open for ever.
+            await asyncio.wait(pending, timeout=HALF_CLOSE_SECONDS)
     finally:
+        for task in pumps:
+            task.cancel()
         for w in (a[1], b[1]):
             w.close()
 
@@ -351,8 +366,12 @@ class InboundListener:
         loop = asyncio.get_running_loop()
         source = _address(transport)
         ctx = self._current_context()
-        if ctx is None or transport.is_closing():
+        if ctx is None:  # our SVID expired (the server out of reach for too long): nothing to present
+            self._handshake_refused(source, "no_svid", f"no current SVID for {self.service.spiffe_id}")
             transport.abort()
+            return None
+        if transport.is_closing():
+            self._handshake_refused(source, "closed", "the client closed the connection before the handshake")
             return None
         reader = asyncio.StreamReader(limit=CHUNK, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
@@ -367,6 +386,9 @@ class InboundListener:
             self._handshake_refused(source, "closed", "the client closed the connection during the handshake")
             transport.abort()
             return None
+        # loop.start_tls never calls connection_made on the protocol it is given: without this
+        # the reader has no transport to pause, and a client could fill our memory.
+        protocol.connection_made(tls)
         return reader, asyncio.StreamWriter(tls, protocol, reader, loop)
 
     def _handshake_refused(self, source: str, reason: str, detail: str) -> None:
@@ -488,6 +510,26 @@ async def _claim_socket_path(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
+def _bind_unix(path: Path, mode: int) -> socket.socket:
+    """A unix socket at `path` with `mode` from its first instant: bound and chmod'ed in a
+    private directory, then renamed into place, so nobody can swap the file for a symlink
+    between bind and chmod (and have us chmod what it points to)."""
+    private = tempfile.mkdtemp(prefix=".trustmesh-", dir=path.parent)  # 0700, ours alone
+    staged = os.path.join(private, "s")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(staged)
+        os.chmod(staged, mode)
+        os.rename(staged, path)
+    except BaseException:
+        sock.close()
+        Path(staged).unlink(missing_ok=True)
+        raise
+    finally:
+        os.rmdir(private)
+    return sock
+
+
 @dataclass
 class OutboundListener:
     service: ServiceConfig
@@ -510,8 +552,8 @@ class OutboundListener:
             path = Path(unix_path)
             path.parent.mkdir(parents=True, exist_ok=True)
             await _claim_socket_path(path)
-            self._server = await asyncio.start_unix_server(self._handle, str(path), backlog=1024)
-            os.chmod(path, self.route.mode if self.route.mode is not None else UNIX_SOCKET_MODE)
+            sock = _bind_unix(path, self.route.mode if self.route.mode is not None else UNIX_SOCKET_MODE)
+            self._server = await asyncio.start_unix_server(self._handle, sock=sock, backlog=1024)
             self._unix_path = path
         log_event(log, "outbound_listening", service=self.service.name, listen=self.route.listen,
                   connect=self.route.connect, expect=self.route.expect)
