@@ -155,7 +155,7 @@ class LocalCallers:
         self._log.log((reason, uid), "workload_api_refused", reason=reason, uid=uid, pid=pid, **fields)
         if self._report is not None and reason != "idle":
             # To the control plane's aggregated audit (FlowReporter.refused): who, from where.
-            self._report("workload-api", "workload-api", f"uid={uid} pid={pid}", reason)
+            self._report("workload_api", "workload-api", f"uid={uid} pid={pid}", reason)
 
     def opened(self, transport: Any) -> bool:
         """Admit a new connection (False: close it) and start attesting its caller."""

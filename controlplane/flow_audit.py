@@ -58,7 +58,8 @@ class FlowCounter:
 class RefusalCounter:
     """Connections an agent refused before any policy decision, per (kind, subject, peer,
     reason): `handshake` (subject: the listener's service, peer: the source address) or
-    `outbound-caller` (subject: the service, peer: the local caller's uid and pid)."""
+    `outbound_caller` (subject: the service, peer: the local caller's uid and pid) or
+    `workload_api` (a local caller the agent's socket refused: uid and pid)."""
 
     kind: str
     subject: str

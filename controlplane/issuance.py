@@ -27,7 +27,7 @@ from trustmesh.x509svid import X509Svid
 MAX_BATCH = 1000
 MAX_AUDIENCES = 16
 MAX_FLOW_COUNTERS = 10_000  # flow and refusal counters in one report
-REFUSAL_KINDS = frozenset({"handshake", "outbound-caller"})  # metric labels; anything else is "other"
+REFUSAL_KINDS = frozenset({"handshake", "outbound_caller", "workload_api"})  # metric labels; anything else is "other"
 
 
 class AuthorizedEntries(Protocol):

@@ -37,7 +37,7 @@ import tempfile
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from trustmesh.agent.identity import WorkloadX509Svid
 from trustmesh.agent.localpeer import LocalPeer, LocalPeerError, PeerResolver, PinnedHolder, UnixSocket
@@ -117,7 +117,6 @@ class ServiceConfig:
     allow_tls12: bool = False
 
 
-@runtime_checkable
 class Identities(Protocol):
     """What the caller check needs of the SVID cache: the SVIDs the Workload API would hand
     a process with these selectors (so an outbound listener admits exactly those processes)."""
@@ -126,16 +125,6 @@ class Identities(Protocol):
 
 
 Refused = Callable[[str, str, str, str], None]  # (kind, subject, peer, reason), aggregated upstream
-
-
-@runtime_checkable
-class RefusalSink(Protocol):
-    def refused(self, kind: str, subject: str, peer: str, reason: str) -> None: ...
-
-
-def _owner(method: object, kind: type[Any]) -> Any:
-    owner = getattr(method, "__self__", None)
-    return owner if isinstance(owner, kind) else None
 
 
 @dataclass(frozen=True)
@@ -160,7 +149,7 @@ class CallerCheck:
     all of them would receive the SVID themselves, and one held by more than MAX_HOLDERS
     processes is refused outright. `proc` is where /proc is read."""
 
-    def __init__(self, resolver: PeerResolver, attestor: WorkloadAttestor, identities: Identities | None,
+    def __init__(self, resolver: PeerResolver, attestor: WorkloadAttestor, identities: Identities,
                  proc: str = "/proc") -> None:
         self._resolver = resolver
         self._attestor = attestor
@@ -183,8 +172,6 @@ class CallerCheck:
 
     async def _judge(self, service: SpiffeId, local: LocalPeer, connector: int | None = None) -> CallerRefusal | None:
         first = connector if connector is not None else local.holders[0].pid
-        if self._identities is None:
-            return CallerRefusal("no_entries", "the agent cannot read its entries' selectors", local.uid, first)
         if len(local.holders) > MAX_HOLDERS:
             return CallerRefusal("too_many_holders", f"{len(local.holders)} processes hold the caller's socket",
                                  local.uid, first)
@@ -212,17 +199,12 @@ class Flow:
 
     def __init__(self, svid_for: Callable[[SpiffeId], X509Svid | None], bundles: Callable[[], BundleSet],
                  policy: Callable[[], Policy], report: Callable[[SpiffeId | None, SpiffeId, int, Decision], None],
-                 metrics: Registry, clock: Clock = utc_now, *, identities: Identities | None = None,
-                 refused: Refused | None = None, attestor: WorkloadAttestor | None = None,
-                 resolver: PeerResolver | None = None) -> None:
+                 metrics: Registry, clock: Clock = utc_now, *, identities: Identities, refused: Refused,
+                 attestor: WorkloadAttestor | None = None, resolver: PeerResolver | None = None) -> None:
         self.svid_for, self.bundles, self.policy, self.report = svid_for, bundles, policy, report
         self.clock = clock
-        # The composition root (agent.py) builds Flow from the SVID cache's and the flow
-        # reporter's methods; until it passes `identities` and `refused` itself, they come from
-        # the objects behind those methods. Without them the outbound listeners refuse everyone.
-        self.identities: Identities | None = identities or _owner(svid_for, Identities)
-        sink = _owner(report, RefusalSink)
-        self.refused: Refused | None = refused or (sink.refused if sink is not None else None)
+        self.identities = identities
+        self.refused = refused
         self.callers = CallerCheck(resolver or PeerResolver(skip=os.getpid()), attestor or WorkloadAttestor(),
                                    self.identities)
         self.connections = metrics.counter("trustmesh_proxy_connections_total", "proxied connections by decision",
@@ -239,8 +221,7 @@ class Flow:
         self.refusals.inc(service=service.name, kind=kind, reason=reason)
         self._refusal_log.log((kind, service.name, key, reason), f"{kind}_refused", service=service.name,
                               peer=peer, reason=reason, **fields)
-        if self.refused is not None:
-            self.refused(kind, str(service.spiffe_id), peer, reason)
+        self.refused(kind, str(service.spiffe_id), peer, reason)
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
