@@ -67,11 +67,12 @@ async def _fanout(socket_path: Path, streams: int) -> tuple[float, float]:
     import grpc
 
     from trustmesh._proto.spiffe.workload import workload_pb2, workload_pb2_grpc
+    from trustmesh.agent.workload_api import MAX_STREAMS_PER_CONNECTION
 
-    # One connection per 50 streams (HTTP/2 allows 100 at once on one), as separate workload
+    # As many connections as the agent's per-connection stream cap needs, as separate workload
     # processes would have: a local subchannel pool keeps grpc from sharing one connection.
     channels = [grpc.aio.insecure_channel(f"unix:{socket_path}", options=[("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(max(1, streams // 50))]
+                for _ in range(max(1, -(-streams // MAX_STREAMS_PER_CONNECTION)))]
     calls = [workload_pb2_grpc.SpiffeWorkloadAPIStub(channels[i % len(channels)]).FetchX509SVID(
         workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=120) for i in range(streams)]
     firsts = await asyncio.gather(*(c.read() for c in calls))

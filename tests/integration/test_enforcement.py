@@ -351,5 +351,5 @@ def test_revoking_a_partner_certificate_cuts_its_open_connection(mesh: Mesh, tmp
             leftover = b"<still open>"
         assert leftover == b"", "the revoked partner's open connection kept working"
     assert _tls_client(mesh.ledger, ctx) == b""  # and a new one is refused
-    assert _wait_for(lambda: "revoked" in mesh.server.cli("audit", "show", "--kind", "connection.denied",
+    assert _wait_for(lambda: "revoked" in mesh.server.cli("audit", "show", "--kind", "flows.reported",
                                                           "--json", check=True).stdout)
