@@ -11,6 +11,9 @@ refuses (PERMISSION_DENIED, `CallerChangedError`) when:
 - it has exec'd since it was attested (/proc/PID/exe is another file: device and inode);
 - the client socket is held by any other process as well (sock_diag UNIX_DIAG_PEER gives the
   client socket's inode; every /proc/*/fd linking to it is a holder, as ``ss -xp`` shows).
+  This scan, the costly part (it reads the descriptor tables of root's and the caller's
+  processes), runs at the connection's first request; see `CallerBinder.check` for why a
+  later holder needs no new scan.
 
 One more case cannot be told apart afterwards: a process that connects and execs at once,
 before the agent has read /proc/PID/exe, is attested as the new program. Only a descriptor
@@ -98,6 +101,7 @@ class BoundCaller:
         self._exe = exe
         self._start = start
         self._pidfd = pidfd
+        self.checked: list[str] | None = None  # the selectors once the holders were checked
 
     @property
     def attested(self) -> list[str]:
@@ -164,6 +168,12 @@ class CallerBinder:
         """The bound caller's selectors, after checking it alone holds the connection and runs
         what it ran when attested; CallerChangedError otherwise."""
         bound.check_same_process(self._proc)
+        if bound.checked is not None:
+            # Holders are scanned once per connection: after a scan that found the attested
+            # process alone, another holder can only come from that process itself (a fork
+            # runs its program; passing the descriptor on is its own choice), and an exec
+            # since is caught above. So the scan, the costly part, is not repeated.
+            return list(bound.checked)
         pid = bound.creds.pid
         try:
             peer, _ = await self._resolver.unix(sock)
@@ -179,7 +189,8 @@ class CallerBinder:
             # See the module docstring: a program exec'd before attestation read /proc.
             selectors = [s for s in selectors if not s.startswith(BINARY_SELECTORS)]
         bound.check_same_process(self._proc)  # nothing changed while the holders were read
-        return selectors
+        bound.checked = selectors
+        return list(selectors)
 
 
 def _close(fd: int | None) -> None:

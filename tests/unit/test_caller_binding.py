@@ -36,28 +36,34 @@ async def test_a_caller_is_served_its_binary_selectors_only_while_they_can_be_tr
         pair: tuple[socket.socket, socket.socket]) -> None:
     ours, theirs = pair
     binder = CallerBinder()
-    bound = await binder.bind(ours)
-    try:
-        assert f"unix:path:{PYTHON}" in bound.attested
-        assert f"unix:path:{PYTHON}" in await binder.check(bound, ours)
-        # A descriptor that would survive exec: whoever holds it after an exec is not the
-        # program /proc showed, so path and hash selectors go; uid and gid stay.
-        theirs.set_inheritable(True)
-        selectors = await binder.check(bound, ours)
-        assert f"unix:uid:{os.getuid()}" in selectors
-        assert not [s for s in selectors if s.startswith(("unix:path:", "unix:sha256:"))]
-        theirs.set_inheritable(False)
-        # Another process holding the client end: refused, naming it.
-        child = os.fork()
-        if child == 0:
-            signal.pause()
-            os._exit(0)
+
+    async def selectors() -> list[str]:
+        bound = await binder.bind(ours)  # a connection of its own each time: one scan each
         try:
-            with pytest.raises(CallerChangedError, match=f"also held by process {child}"):
-                await binder.check(bound, ours)
+            assert f"unix:path:{PYTHON}" in bound.attested
+            first = await binder.check(bound, ours)
+            assert await binder.check(bound, ours) == first  # the next request reuses the scan
+            return first
         finally:
-            os.kill(child, signal.SIGKILL)
-            os.waitpid(child, 0)
-        assert f"unix:path:{PYTHON}" in await binder.check(bound, ours)  # alone again
+            bound.close()
+
+    assert f"unix:path:{PYTHON}" in await selectors()
+    # A descriptor that would survive exec: whoever holds it after an exec is not the
+    # program /proc showed, so path and hash selectors go; uid and gid stay.
+    theirs.set_inheritable(True)
+    kept = await selectors()
+    assert f"unix:uid:{os.getuid()}" in kept
+    assert not [s for s in kept if s.startswith(("unix:path:", "unix:sha256:"))]
+    theirs.set_inheritable(False)
+    # Another process holding the client end: refused, naming it.
+    child = os.fork()
+    if child == 0:
+        signal.pause()
+        os._exit(0)
+    try:
+        with pytest.raises(CallerChangedError, match=f"also held by process {child}"):
+            await selectors()
     finally:
-        bound.close()
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    assert f"unix:path:{PYTHON}" in await selectors()  # alone again
