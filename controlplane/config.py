@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from trustmesh.hostport import join_host_port, split_host_port
 from trustmesh.options import (
     COUNT,
     DURATION,
@@ -43,9 +44,10 @@ class ServerConfig:
         required="--trust-domain is required (e.g. --trust-domain example.org)")
     data_dir: Path = option("state directory", PATH, default=Path(".trustmesh/server"))
     bind: str = option("agent-facing gRPC address", HOST_PORT, default="127.0.0.1:8081")
-    attest_bind: str = option(
+    attest_bind: str | None = option(
         "address where new agents attest (TLS without a client certificate; serves only attestation); "
-        "every other agent call goes to --bind with mTLS", HOST_PORT, default="127.0.0.1:8082")
+        "every other agent call goes to --bind with mTLS (default: --bind's host, its port + 1, "
+        "where agents look by default)", HOST_PORT, default=None)
     admin_bind: str | None = option(
         "also serve the admin API on this host:port over mTLS, for remote administrators whose SVIDs are "
         "registration entries marked --admin (default off)", HOST_PORT, default=None)
@@ -101,6 +103,8 @@ class ServerConfig:
                                default=5)
 
     def __post_init__(self) -> None:
+        if self.attest_bind is None and split_host_port(self.bind, listening=True)[1] == 65535:
+            raise ConfigError("--bind on port 65535 leaves no port + 1 for attestation; give --attest-bind")
         web_files = (self.bundle_endpoint_cert, self.bundle_endpoint_key)
         if self.bundle_endpoint_profile not in ("https_spiffe", "https_web"):
             raise ConfigError(
@@ -111,6 +115,15 @@ class ServerConfig:
         if self.bundle_endpoint_profile == "https_spiffe" and any(web_files):
             raise ConfigError(
                 "--bundle-endpoint-cert/--bundle-endpoint-key go with --bundle-endpoint-profile https_web")
+
+    @property
+    def attest_address(self) -> str:
+        """--attest-bind, else --bind's host with its port + 1 (agents' default --attest-server);
+        with --bind on port 0 (any free port), any free port as well."""
+        if self.attest_bind:
+            return self.attest_bind
+        host, port = split_host_port(self.bind, listening=True)
+        return join_host_port(host, port + 1 if port else 0)
 
     @property
     def bundle_path(self) -> Path:

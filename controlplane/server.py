@@ -191,8 +191,8 @@ def _listen(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials
         port: int = server.add_secure_port(address, creds)
         return port
     except RuntimeError as err:
-        raise TrustmeshError(f"cannot listen on {address}: address in use or not available; "
-                             f"pick another {flag}") from err
+        raise TrustmeshError(f"cannot listen on {address} ({flag}): it is already in use or not an address "
+                             f"of this host; stop what holds it or pick another {flag}") from err
 
 
 def _add_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
@@ -207,6 +207,9 @@ def _grpc_server(layer: CallLayer, max_receive: int = MAX_MESSAGE_BYTES) -> grpc
     return grpc.aio.server(interceptors=[layer], options=[
         ("grpc.max_receive_message_length", max_receive),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        # grpc sets SO_REUSEPORT by default: a second server (another trust domain, say) could
+        # then bind our port too and take a share of our agents' connections. Ours alone.
+        ("grpc.so_reuseport", 0),
     ])
 
 
@@ -285,7 +288,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         node.register_attestation(attest_server)
         attest_health = _add_health(attest_server)
         port = _listen(node_server, config.bind, creds.credentials(require_client_cert=True), "--bind")
-        attest_port = _listen(attest_server, config.attest_bind, creds.credentials(require_client_cert=False),
+        attest_port = _listen(attest_server, config.attest_address, creds.credentials(require_client_cert=False),
                               "--attest-bind")
         await node_server.start()
         await attest_server.start()
@@ -328,7 +331,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
                 log_event(
                     log, "ready",
                     trust_domain=config.trust_domain, bind=f"{bind_host}:{port}",
-                    attest_bind=f"{split_host_port(config.attest_bind, listening=True)[0]}:{attest_port}",
+                    attest_bind=f"{split_host_port(config.attest_address, listening=True)[0]}:{attest_port}",
                     admin_socket=str(config.admin_socket_path),
                     admin_bind=(f"{split_host_port(config.admin_bind, listening=True)[0]}:{remote_admin_port}"
                                 if config.admin_bind else "off"),

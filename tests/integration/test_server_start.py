@@ -124,3 +124,20 @@ def test_metrics_health_and_readiness_over_http(make_server: Callable[..., Serve
     assert 'trustmesh_build_info{version="' in text
     assert get("/healthz")[0] == 200 and get("/readyz")[0] == 200
     assert get("/nothing")[0] == 404
+
+
+def test_a_second_server_on_the_same_ports_is_refused_not_sharing_them(
+        server: ServerProcess, make_server: Callable[..., ServerProcess]) -> None:
+    """gRPC's default SO_REUSEPORT let a second server (another trust domain) bind our ports
+    and take a share of the connections; each listener now owns its port."""
+    for flag, address in (("--bind", server.bind), ("--attest-bind", server.attest_bind)):
+        other = ServerProcess(data_dir=server.data_dir.parent / f"other{flag}", trust_domain="other.org",
+                              bind=server.bind if flag == "--bind" else "127.0.0.1:0",
+                              attest_bind=server.attest_bind if flag == "--attest-bind" else "127.0.0.1:0")
+        with pytest.raises(RuntimeError):
+            other.start(timeout=20)
+        assert other.proc is not None and other.proc.returncode == 1
+        lines = [line for line in other.log().splitlines() if line.strip()]
+        assert f"cannot listen on {address} ({flag}): it is already in use" in lines[-1], lines
+        assert "Traceback" not in other.log()
+    assert server.cli("entry", "list").returncode == 0  # the first one is untouched

@@ -108,3 +108,16 @@ def test_a_join_token_on_the_command_line_is_warned_about(tmp_path: Path, capsys
     config = agent_run_cmd._build_config(build_parser().parse_args([*base, "--join-token-file", str(token_file)]))
     assert config.join_token == "tmjt_fromfile"
     assert capsys.readouterr().err == ""
+
+
+def test_the_attestation_listener_defaults_to_the_bind_port_plus_one() -> None:
+    def build(*extra: str) -> object:
+        return server_cmd._build_config(build_parser().parse_args(
+            ["server", "run", "--trust-domain", "example.org", *extra]))
+
+    assert build().attest_address == "127.0.0.1:8082"  # type: ignore[attr-defined]
+    assert build("--bind", "0.0.0.0:9000").attest_address == "0.0.0.0:9001"  # type: ignore[attr-defined]
+    assert build("--bind", "[::1]:0").attest_address == "[::1]:0"  # type: ignore[attr-defined]  # both any free port
+    assert build("--bind", "0.0.0.0:9000", "--attest-bind", "10.0.0.1:7000").attest_address == "10.0.0.1:7000"  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="--attest-bind"):
+        build("--bind", "127.0.0.1:65535")
