@@ -30,7 +30,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-from trustmesh.agent.localpeer import LocalPeerError, PeerResolver, UnixSocket
+from trustmesh.agent.localpeer import LocalPeerError, PeerResolver, UnixSocket, socket_descriptors
 from trustmesh.agent.workload_attestor import (
     PeerCredentials,
     WorkloadAttestationError,
@@ -69,18 +69,10 @@ def _exe(proc: str, pid: int) -> _Exe | None:
 
 def survives_exec(proc: str, pid: int, inode: int) -> bool:
     """Whether `pid` holds socket `inode` on a descriptor without close-on-exec."""
-    target = f"socket:[{inode}]"
-    directory = f"{proc}/{pid}/fd"
-    try:
-        names = os.listdir(directory)
-    except OSError:
+    names = socket_descriptors(proc, pid, inode)
+    if names is None:
         return True  # cannot tell: assume the worse
     for name in names:
-        try:
-            if os.readlink(f"{directory}/{name}") != target:
-                continue
-        except OSError:
-            continue  # closed meanwhile (listdir's own descriptor, for one)
         try:
             with open(f"{proc}/{pid}/fdinfo/{name}", "rb") as handle:
                 for line in handle:

@@ -479,20 +479,27 @@ def _ids(proc: str, pid: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return uids, gids
 
 
-def _holds(proc: str, pid: int, inode: int) -> bool:
+def socket_descriptors(proc: str, pid: int, inode: int) -> list[str] | None:
+    """The descriptor numbers under which `pid` holds socket `inode`; None when its table
+    cannot be read."""
     target = f"socket:[{inode}]"
     directory = f"{proc}/{pid}/fd"
     try:
         names = os.listdir(directory)
     except OSError:
-        return False
+        return None
+    found = []
     for name in names:
         try:
             if os.readlink(f"{directory}/{name}") == target:
-                return True
+                found.append(name)
         except OSError:
-            continue
-    return False
+            continue  # closed meanwhile (listdir's own descriptor, for one)
+    return found
+
+
+def _holds(proc: str, pid: int, inode: int) -> bool:
+    return bool(socket_descriptors(proc, pid, inode))
 
 
 class PinnedHolder:

@@ -37,10 +37,8 @@ once a minute per uid and reason.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
-import socket
 import weakref
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
@@ -66,6 +64,7 @@ from trustmesh.agent.workload_attestor import WorkloadAttestationError, Workload
 from trustmesh.bundle import Bundle, BundleSet
 from trustmesh.clock import Clock, utc_now
 from trustmesh.errors import InvalidSpiffeIdError, TrustmeshError, VerificationError
+from trustmesh.files import SocketPathError, claim_socket_path
 from trustmesh.jwtsvid import validate_jwt_svid
 from trustmesh.keys import private_key_to_pkcs8_der
 from trustmesh.logs import RateLimitedLog, log_event
@@ -656,7 +655,10 @@ class WorkloadAPIServer:
             raise WorkloadApiError("a Workload API server starts once")
         path = self.socket_path
         path.parent.mkdir(parents=True, exist_ok=True)
-        await _remove_stale_socket(path)
+        try:
+            await claim_socket_path(path, "another --socket")
+        except SocketPathError as err:
+            raise WorkloadApiError(str(err)) from err
         server = _Server(self._handlers, self._api.callers)
         try:
             await server.start(path=str(path))
@@ -683,23 +685,3 @@ class WorkloadAPIServer:
             await asyncio.Event().wait()
         finally:
             await self.close()
-
-
-async def _remove_stale_socket(path: Path) -> None:
-    """Remove a socket file left by a previous run, but never steal a live agent's socket."""
-    if not path.exists() and not path.is_symlink():
-        return
-    if not path.is_socket():
-        raise WorkloadApiError(f"{path} exists and is not a socket; remove it or choose another --socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.setblocking(False)
-    try:
-        await asyncio.get_running_loop().sock_connect(probe, str(path))
-    except OSError as err:
-        if err.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise WorkloadApiError(f"cannot check whether {path} is in use: {err.strerror}") from err
-    else:
-        raise WorkloadApiError(f"another process is serving on {path}; stop it or choose another --socket")
-    finally:
-        probe.close()
-    path.unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""Writing a file whole or not at all, private from its first byte.
+"""Writing a file whole or not at all, private from its first byte; claiming the path of a
+unix socket we are about to listen on.
 
 Keys, identities and bundles are read by other processes (and by us after a crash): a
 reader must see the old file or the new one, never half of one, and a private key must
@@ -7,9 +8,15 @@ never exist on disk, even for an instant, with a mode that lets another user rea
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
+import socket
+import stat
 import tempfile
 from pathlib import Path
+
+from trustmesh.errors import TrustmeshError
 
 
 def atomic_write(path: Path | str, data: bytes, mode: int = 0o600, *, overwrite: bool = True) -> None:
@@ -55,3 +62,29 @@ def _sync_directory(directory: Path) -> None:
         pass  # likewise: the data is written; only its durability across a crash is weaker
     finally:
         os.close(fd)
+
+
+class SocketPathError(TrustmeshError):
+    """A unix socket path we were to listen on is taken or unusable."""
+
+
+async def claim_socket_path(path: Path, choose: str) -> None:
+    """Remove a socket file left by a previous run, but never steal a live server's socket
+    nor remove anything that is not a socket (a symlink included). `choose` names what the
+    user can change instead, e.g. "another --socket"."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise SocketPathError(f"{path} exists and is not a socket; remove it or choose {choose}")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(probe, str(path))
+    except OSError as err:
+        if err.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise SocketPathError(f"cannot check whether {path} is in use: {err.strerror}") from err
+    else:
+        raise SocketPathError(f"another process is serving on {path}; stop it or choose {choose}")
+    finally:
+        probe.close()
+    path.unlink(missing_ok=True)

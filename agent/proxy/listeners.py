@@ -26,13 +26,11 @@ context); open connections are not dropped.
 from __future__ import annotations
 
 import asyncio
-import errno
 import ipaddress
 import logging
 import os
 import socket
 import ssl
-import stat
 import tempfile
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
@@ -53,6 +51,7 @@ from trustmesh.agent.workload_attestor import WorkloadAttestationError, Workload
 from trustmesh.bundle import BundleSet
 from trustmesh.clock import Clock, utc_now
 from trustmesh.errors import TrustmeshError, VerificationError
+from trustmesh.files import SocketPathError, claim_socket_path
 from trustmesh.hostport import join_host_port, split_host_port
 from trustmesh.logs import RateLimitedLog, log_event
 from trustmesh.metrics import Registry
@@ -470,27 +469,6 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
-async def _claim_socket_path(path: Path) -> None:
-    """Remove a socket file left by a previous run, but never steal a live listener's socket
-    nor remove anything that is not a socket."""
-    if not path.exists() and not path.is_symlink():
-        return
-    if not stat.S_ISSOCK(path.lstat().st_mode):
-        raise ListenerError(f"{path} exists and is not a socket; remove it or choose another listen path")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.setblocking(False)
-    try:
-        await asyncio.get_running_loop().sock_connect(probe, str(path))
-    except OSError as err:
-        if err.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise ListenerError(f"cannot check whether {path} is in use: {err.strerror}") from err
-    else:
-        raise ListenerError(f"another process is serving on {path}; stop it or choose another listen path")
-    finally:
-        probe.close()
-    path.unlink(missing_ok=True)
-
-
 def _bind_unix(path: Path, mode: int) -> socket.socket:
     """A unix socket at `path` with `mode` from its first instant: bound and chmod'ed in a
     private directory, then renamed into place, so nobody can swap the file for a symlink
@@ -532,7 +510,10 @@ class OutboundListener:
         else:
             path = Path(unix_path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            await _claim_socket_path(path)
+            try:
+                await claim_socket_path(path, "another listen path")
+            except SocketPathError as err:
+                raise ListenerError(str(err)) from err
             sock = _bind_unix(path, self.route.mode if self.route.mode is not None else UNIX_SOCKET_MODE)
             self._server = await asyncio.start_unix_server(self._handle, sock=sock, backlog=1024)
             self._unix_path = path

@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -184,3 +186,30 @@ class AgentProcess(_Process):
             args += ["--config", str(self.config)]
         self._launch("agent", self.data_dir, args, r"event=ready", timeout)
         return self
+
+
+def echo_server() -> tuple[int, threading.Event]:
+    """A plain TCP echo service on loopback (a service behind an inbound listener): its port,
+    and the event that stops it."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    stop = threading.Event()
+
+    def serve() -> None:
+        srv.settimeout(0.2)
+        with srv:
+            while not stop.is_set():
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    continue
+                threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+    def echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv.getsockname()[1], stop

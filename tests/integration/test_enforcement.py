@@ -11,7 +11,6 @@ import socket
 import ssl
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -26,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.etcd_process import free_port
-from tests.integration.harness import AgentProcess, ServerProcess
+from tests.integration.harness import AgentProcess, ServerProcess, echo_server
 
 SELF_EXE = os.path.realpath(sys.executable)
 POLICY = """\
@@ -44,31 +43,9 @@ spec:
 @pytest.fixture
 def echo() -> Iterator[int]:
     """A plain TCP echo service: the ledger behind its inbound listener."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(64)
-    stop = threading.Event()
-
-    def serve() -> None:
-        srv.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                continue
-            threading.Thread(target=_echo, args=(conn,), daemon=True).start()
-
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield srv.getsockname()[1]
+    port, stop = echo_server()
+    yield port
     stop.set()
-    thread.join(2)
-    srv.close()
 
 
 def _talk(port: int, message: bytes = b"hello ledger", timeout: float = 5) -> bytes:

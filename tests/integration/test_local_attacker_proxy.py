@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.etcd_process import free_port
-from tests.integration.harness import AgentProcess, ServerProcess
+from tests.integration.harness import AgentProcess, ServerProcess, echo_server
 
 SELF_EXE = os.path.realpath(sys.executable)
 NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
@@ -100,30 +100,6 @@ class Relay:
         self._srv.close()
 
 
-def _echo() -> tuple[int, threading.Event]:
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(64)
-    stop = threading.Event()
-
-    def serve() -> None:
-        srv.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                continue
-            threading.Thread(target=echo, args=(conn,), daemon=True).start()
-
-    def echo(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    threading.Thread(target=serve, daemon=True).start()
-    return srv.getsockname()[1], stop
-
-
 def _wait_for(predicate: Callable[[], bool], timeout: float = 20) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -172,7 +148,7 @@ class Node:
 @pytest.fixture
 def node(make_server: Callable[..., ServerProcess], tmp_path: Path) -> Iterator[Node]:
     server = make_server()
-    echo_port, stop_echo = _echo()
+    echo_port, stop_echo = echo_server()
     ledger, tcp = free_port(), free_port()
     relay = Relay(ledger)
     public = Path(tempfile.mkdtemp(prefix="trustmesh-out-"))
