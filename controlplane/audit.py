@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from trustmesh.controlplane.audit_anchor import AuditAnchor
 from trustmesh.controlplane.store.records import AuditEvent, RecordFormatError
 from trustmesh.errors import ConflictError
 from trustmesh.logs import log_event
@@ -99,6 +100,8 @@ class AuditLog:
         self._lock = asyncio.Lock()
         self._head: AuditEvent | None = None
         self._head_loaded = False
+        # Checkpoints of the head outside the store (audit_anchor.py); the server sets it.
+        self.anchor: AuditAnchor | None = None
 
     async def record(
         self, kind: str, *, actor: str, subject: str = "", outcome: str = "ok", **details: Any
@@ -131,6 +134,8 @@ class AuditLog:
                     self._head_loaded = False  # another replica appended: re-read the head
                     continue
                 log_event(log, "audit", kind=kind, actor=actor, subject=subject, outcome=outcome, seq=seq)
+                if self.anchor is not None:
+                    self.anchor.note(event)
                 return self._head
             raise ConflictError(
                 f"could not append audit event {kind!r} after {_MAX_RETRIES} tries; the audit head is changing too fast"

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from trustmesh.controlplane.audit import VerifyResult
+from trustmesh.controlplane.audit_anchor import AnchorCheck
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import AuditEvent
+from trustmesh.controlplane.store.sealing import IntegrityFailure
 from trustmesh.errors import InvalidArgumentError
 
 MAX_AUDIT_PAGE = 5000
@@ -65,13 +67,51 @@ class AuditQueries:
     async def events(self, query: AuditQuery) -> AuditPage:
         return await list_events(self._rt.store, query)
 
-    async def verify(self) -> VerifyResult:
-        """Walk the whole chain; the time it takes is the histogram trustmesh_audit_verify_seconds."""
+    async def verify(self) -> AuditVerification:
+        """Walk the whole chain, check it against the anchor outside the store, and check every
+        registry record's MAC; the time it takes is the histogram trustmesh_audit_verify_seconds."""
         started = time.monotonic()
-        result = await self._rt.audit.verify()
+        chain = await self._rt.audit.verify()
+        anchor = self._rt.audit.anchor
+        if anchor is None:
+            check = AnchorCheck(True, None)
+        elif anchor.broken:
+            check = AnchorCheck(False, None, anchor.broken)
+        else:
+            check = await anchor.check(self._rt.store)
+        checked, failures = await self._rt.store.check_records()
         self._rt.metrics.histogram("trustmesh_audit_verify_seconds", "time to verify the audit chain").observe(
             time.monotonic() - started)
-        return result
+        return AuditVerification(chain, check, anchor.target if anchor else "off", checked, tuple(failures))
 
 
-__all__ = ["MAX_AUDIT_PAGE", "AuditEvent", "AuditPage", "AuditQueries", "AuditQuery", "VerifyResult", "list_events"]
+@dataclass(frozen=True)
+class AuditVerification:
+    """`audit verify`: the chain, the chain against its anchor, and the registry records' MACs."""
+
+    chain: VerifyResult
+    anchor: AnchorCheck
+    anchor_target: str
+    records_checked: int
+    record_failures: tuple[IntegrityFailure, ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.chain.ok and self.anchor.ok and not self.record_failures
+
+    @property
+    def reason(self) -> str:
+        """The first problem found, as one sentence; empty when ok."""
+        if not self.chain.ok:
+            return self.chain.reason
+        if not self.anchor.ok:
+            return self.anchor.reason
+        if self.record_failures:
+            f = self.record_failures[0]
+            more = f" (and {len(self.record_failures) - 1} more)" if len(self.record_failures) > 1 else ""
+            return f"stored {f.kind} record {f.key!r} fails its MAC: {f.reason}{more}"
+        return ""
+
+
+__all__ = ["MAX_AUDIT_PAGE", "AuditEvent", "AuditVerification", "AuditPage",
+           "AuditQueries", "AuditQuery", "VerifyResult", "list_events"]

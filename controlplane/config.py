@@ -96,6 +96,16 @@ class ServerConfig:
         "agents' flow reports (denials, refusals) become at most one flows.reported audit event per agent "
         "per this interval; the first after a quiet interval is written at once", DURATION,
         default=timedelta(minutes=1))
+    audit_anchor: str | None = option(
+        "where checkpoints of the audit chain are written, outside the store, so that cutting or wiping the "
+        "log is detected: a file (best on another machine or an append-only mount), 'syslog' (not read back "
+        "by `audit verify`), or 'off' (default <data-dir>/audit-anchor.jsonl)", TEXT, default=None,
+        metavar="FILE|syslog|off")
+    audit_anchor_every: int = option(
+        "write an audit checkpoint after this many events (and at most --audit-anchor-interval after the last)",
+        COUNT, default=100)
+    audit_anchor_interval: timedelta = option(
+        "longest time an audit event stays unanchored", DURATION, default=timedelta(minutes=1))
     signing_workers: int = option(
         "processes that sign X.509-SVIDs, for issuance on every core; 0 signs in a thread of the server "
         "process (default: the number of CPUs)", COUNT, default_factory=lambda: os.cpu_count() or 1)
@@ -124,6 +134,10 @@ class ServerConfig:
             return self.attest_bind
         host, port = split_host_port(self.bind, listening=True)
         return join_host_port(host, port + 1 if port else 0)
+
+    @property
+    def audit_anchor_target(self) -> str:
+        return self.audit_anchor or str(self.data_dir / "audit-anchor.jsonl")
 
     @property
     def bundle_path(self) -> Path:

@@ -26,12 +26,14 @@ import grpc
 from cryptography.hazmat.primitives import hashes, serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from trustmesh.controlplane import integrity
 from trustmesh.controlplane.api import callers
 from trustmesh.controlplane.api.admin import AdminServicer, AdminServices
 from trustmesh.controlplane.api.calls import CallLayer
 from trustmesh.controlplane.api.node import NodeServicer
 from trustmesh.controlplane.attestation import NodeAttestor
 from trustmesh.controlplane.audit import AuditLog
+from trustmesh.controlplane.audit_anchor import AuditAnchor
 from trustmesh.controlplane.bundle_endpoint import BundleEndpoint, serve_bundle_endpoint
 from trustmesh.controlplane.ca.authority import CAConfig, CertificateAuthority, needs_rotation
 from trustmesh.controlplane.ca.kek import KeyEncryptionKey
@@ -252,6 +254,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
     metrics_server: HttpServer | None = None
     bundle_server: HttpServer | None = None
     ca: CertificateAuthority | None = None
+    anchor: AuditAnchor | None = None
     try:
         ca = await CertificateAuthority.load_or_create(
             CAConfig(trust_domain=config.trust_domain, replica_id=config.replica_id,
@@ -260,6 +263,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         )
         ca.write_bundle_pem(config.bundle_path)
         rt = ServerRuntime(config=config, store=store, ca=ca, audit=AuditLog(store, kek.derive("audit-chain")))
+        anchor = await integrity.protect(rt, kek.derive)
         store_ops = rt.metrics.counter("trustmesh_store_operations_total", "requests this replica sent to the store",
                                        ["operation"])
         store.observe(lambda op: store_ops.inc(operation=op))
@@ -316,6 +320,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
             tasks.create_task(view.run(stop), name="registry-view")
             tasks.create_task(_rotation_loop(rt, creds, stop), name="rotation")
             tasks.create_task(issuance.flows.run(stop), name="flow-audit")
+            tasks.create_task(anchor.run(stop), name="audit-anchor")
             tasks.create_task(guard.run(stop), name="clone-guard")
             election = LeaderElection(store, config.replica_id, rt.metrics, ttl=config.leader_ttl)
             tasks.create_task(election.run(stop, lambda: leader_duties(rt)), name="leader-election")
@@ -353,4 +358,6 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
                 plain.close()
         if ca is not None:
             ca.close()  # the signing workers exit with the server
+        if anchor is not None:
+            await anchor.flush()  # the events of the last moments, once nothing appends any more
         await store.close()

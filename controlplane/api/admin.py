@@ -168,8 +168,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def VerifyAudit(self, request: admin_pb2.VerifyAuditRequest,
                           context: grpc.aio.ServicerContext) -> admin_pb2.VerifyAuditResponse:
         result = await self._domain.audit.verify()
-        return admin_pb2.VerifyAuditResponse(ok=result.ok, checked=result.checked,
-                                             first_broken_seq=result.first_broken_seq, reason=result.reason)
+        return admin_pb2.VerifyAuditResponse(
+            ok=result.ok, checked=result.chain.checked, first_broken_seq=result.chain.first_broken_seq,
+            reason=result.reason, records_checked=result.records_checked,
+            record_failures=[f"{f.kind} {f.key}: {f.reason}" for f in result.record_failures],
+            anchored_seq=result.anchor.checkpoint.seq if result.anchor.checkpoint else 0, anchor=result.anchor_target)
 
     # --- federation ----------------------------------------------------------------------------
 

@@ -17,6 +17,10 @@ Key layout (below the backend's own namespace)::
     ca/journal                      opaque CA state (encrypted by the CA module)
     audit/events/<20 digits>        AuditEvent
     audit/head                      the latest AuditEvent (a copy, for the chain CAS)
+    meta/sealed                     present once every record carries a MAC (sealing.py)
+
+Every record kind but the audit log (chained with its own HMAC) and the CA journal (sealed
+with AES-GCM by the CA) is stored with a MAC once the server calls ``seal_records``.
 
 Reading a consistent picture and following it: take ``current_revision()``, list what
 you need, then ``watch(that revision)``. Changes made between the two reads are replayed
@@ -27,10 +31,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from types import TracebackType
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from trustmesh.controlplane.store.kv import (
     Compare,
@@ -64,6 +68,14 @@ from trustmesh.controlplane.store.records import (
     RegistrationEntry,
     TokenChanged,
 )
+from trustmesh.controlplane.store.sealing import (
+    FailureHook,
+    IntegrityFailure,
+    RecordIntegrityError,
+    RecordSealer,
+    SealingKV,
+    split,
+)
 from trustmesh.errors import AlreadyExistsError, ConflictError, NotFoundError, StoreError
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 
@@ -80,6 +92,21 @@ AUDIT_HEAD = "audit/head"
 LEADER = "leader/"
 FEDERATION = "federation/"
 PARTNER_CERTS = "partner-certs/"
+SEAL_MARKER = "meta/sealed"
+
+# Every key that carries a MAC, and its record kind (the HKDF label of its MAC key).
+SEALED_KINDS: tuple[tuple[str, str], ...] = (
+    (ENTRIES, "entry"),
+    (ENTRY_INDEX, "entry-index"),
+    (NODES, "node"),
+    (TOKENS, "join-token"),
+    (POLICY_REVISIONS, "policy-revision"),
+    (POLICY_HEAD, "policy-head"),
+    (BUNDLES, "bundle"),
+    (FEDERATION, "federation"),
+    (PARTNER_CERTS, "partner-certificate"),
+    (SEAL_MARKER, "meta"),
+)
 
 # Writes without an expected revision retry this often when another writer slips in
 # between our read and our transaction, then give up with ConflictError.
@@ -117,6 +144,15 @@ def _need(value: str, what: str) -> str:
     if not value:
         raise InvalidRecordError(f"{what} must not be empty")
     return value
+
+
+class ReplayCheck(Protocol):
+    """Checks records whose older versions must not come back (controlplane/replay.py)."""
+
+    def observe(self, event: AuditEvent) -> None: ...
+    def node(self, key: str, node: AttestedNode) -> AttestedNode: ...
+    def partner(self, key: str, cert: PartnerCertificate) -> PartnerCertificate: ...
+    def policy_head(self, key: str, revision: int) -> int: ...
 
 
 class _CountingKV:
@@ -172,8 +208,63 @@ class Store:
     """Typed records over a KVBackend; the same code runs on SQLite and on etcd."""
 
     def __init__(self, kv: KVBackend) -> None:
+        self._raw = kv
         self._counting = _CountingKV(kv)
         self._kv: KVBackend = self._counting
+        self._sealer: RecordSealer | None = None
+        self.replay: ReplayCheck | None = None
+
+    # -- record integrity ------------------------------------------------------------
+
+    async def seal_records(self, derive: Callable[[str], bytes], on_failure: FailureHook, *,
+                           may_upgrade: Callable[[], Awaitable[bool]]) -> int | None:
+        """From now on, seal every record written and check every record read.
+
+        A store without the seal marker was written by a version without MACs: its records
+        are sealed here, once, if ``may_upgrade()`` agrees (the server asks the audit chain
+        whether this store was sealed before, so deleting the marker cannot launder rows
+        written without the KEK). Returns how many records were sealed, None when the store
+        was sealed already (or may not be upgraded).
+        """
+        sealer = RecordSealer(derive, SEALED_KINDS)
+        sealed: int | None = None
+        if await self._raw.get(SEAL_MARKER) is None and await may_upgrade():
+            sealed = 0
+            for kv in await self._sealed_records():
+                if split(kv.value)[1] is not None:
+                    continue
+                # Guarded by the revision read: a record that changed meanwhile was written by
+                # a sealing writer already.
+                result = await self._raw.txn([Compare.mod_revision(kv.key, kv.mod_revision)],
+                                             [Put(kv.key, sealer.seal(kv.key, kv.value))])
+                sealed += int(result.succeeded)
+            await self._raw.txn([Compare.absent(SEAL_MARKER)], [Put(SEAL_MARKER, sealer.seal(SEAL_MARKER, b"1"))])
+        self._sealer = sealer
+        self._counting.inner = SealingKV(self._raw, sealer, on_failure)
+        return sealed
+
+    async def _sealed_records(self) -> list[KeyValue]:
+        """Every stored record of a sealed kind, as stored (MAC trailer and all)."""
+        out: list[KeyValue] = []
+        for prefix, _kind in SEALED_KINDS:
+            if prefix.endswith("/"):
+                out += await self._raw.range(prefix)
+            elif (kv := await self._raw.get(prefix)) is not None:
+                out.append(kv)
+        return out
+
+    async def check_records(self) -> tuple[int, list[IntegrityFailure]]:
+        """(records checked, the ones that fail their MAC), for `audit verify`."""
+        if self._sealer is None:
+            return 0, []
+        records = await self._sealed_records()
+        failures = []
+        for kv in records:
+            try:
+                self._sealer.open(kv.key, kv.value)
+            except RecordIntegrityError as err:
+                failures.append(err.failure)
+        return len(records), failures
 
     def observe(self, callback: Callable[[str], None]) -> None:
         """Call `callback(operation)` for every request sent to the backend."""
@@ -320,9 +411,13 @@ class Store:
 
     # -- attested nodes --------------------------------------------------------------
 
-    @staticmethod
-    def _node(kv: KeyValue) -> AttestedNode:
-        return AttestedNode.from_json(kv.value, revision=kv.mod_revision)
+    def _node(self, kv: KeyValue) -> AttestedNode:
+        node = AttestedNode.from_json(kv.value, revision=kv.mod_revision)
+        return node if self.replay is None else self.replay.node(kv.key, node)
+
+    def _partner(self, kv: KeyValue) -> PartnerCertificate:
+        cert = PartnerCertificate.from_json(kv.value)
+        return cert if self.replay is None else self.replay.partner(kv.key, cert)
 
     async def create_attested_node(self, node: AttestedNode) -> AttestedNode:
         key = NODES + str(node.spiffe_id)
@@ -407,7 +502,7 @@ class Store:
         and must attest again anyway). Banned nodes stay: the ban must outlive the SVID."""
         deleted: list[str] = []
         for kv in await self._kv.range(NODES):
-            node = AttestedNode.from_json(kv.value)
+            node = self._node(kv)
             if node.banned or node.cert_not_after >= expired_before:
                 continue
             # Guarded by the revision we judged: a node that renewed meanwhile stays.
@@ -469,7 +564,10 @@ class Store:
             return None
         # Revisions are immutable and the head only moves forward, so reading the
         # revision after the head (not in one snapshot) is still consistent.
-        return await self.get_policy_revision(int(head.value))
+        revision = int(head.value)
+        if self.replay is not None:
+            revision = self.replay.policy_head(POLICY_HEAD, revision)
+        return await self.get_policy_revision(revision)
 
     async def list_policy_revisions(self) -> list[PolicyRevision]:
         return await self._list(POLICY_REVISIONS, lambda kv: PolicyRevision.from_json(kv.value))
@@ -559,10 +657,10 @@ class Store:
 
     async def get_partner_certificate(self, serial: str) -> tuple[PartnerCertificate, int]:
         kv = await self._get(PARTNER_CERTS + _need(serial, "serial"), f"partner certificate {serial}")
-        return PartnerCertificate.from_json(kv.value), kv.mod_revision
+        return self._partner(kv), kv.mod_revision
 
     async def list_partner_certificates(self) -> list[PartnerCertificate]:
-        return await self._list(PARTNER_CERTS, lambda kv: PartnerCertificate.from_json(kv.value))
+        return await self._list(PARTNER_CERTS, self._partner)
 
     async def replace_partner_certificate(self, cert: PartnerCertificate, revision: int) -> None:
         key = PARTNER_CERTS + cert.serial
@@ -642,6 +740,8 @@ class Store:
                 f"another writer appended audit event {event.seq} first; "
                 "recompute on the new head and retry"
             )
+        if self.replay is not None:
+            self.replay.observe(event)
         return event
 
     async def get_audit_head(self) -> AuditEvent | None:
@@ -689,13 +789,14 @@ class Store:
     # -- raw access (tests and repair tools only) ------------------------------------
 
     async def raw_get(self, key: str) -> bytes | None:
-        """The stored bytes under ``key`` (e.g. ``Store.audit_event_key(3)``)."""
-        kv = await self._kv.get(key)
+        """The stored bytes under ``key`` (e.g. ``Store.audit_event_key(3)``), MAC and all."""
+        kv = await self._raw.get(key)
         return None if kv is None else kv.value
 
     async def raw_put(self, key: str, value: bytes) -> int:
-        """Overwrite ``key`` bypassing every invariant: for tamper tests and repairs only."""
-        return (await self._kv.txn([], [Put(key, value)])).revision
+        """Overwrite ``key`` with exactly ``value``, bypassing every invariant and the MAC:
+        for tamper tests and repairs only."""
+        return (await self._raw.txn([], [Put(key, value)])).revision
 
     # -- change feed -----------------------------------------------------------------
 
@@ -712,37 +813,38 @@ class Store:
         Raises CompactedError when that history is gone: re-read, then watch again.
         """
         async for events in self._kv.watch("", start_revision):
-            changes = [c for c in map(_decode_change, events) if c is not None]
+            changes = [c for c in (self._decode_change(e) for e in events) if c is not None]
             if changes:
                 yield changes
 
-
-def _decode_change(event: Event) -> Change | None:
-    key, rev = event.key, event.mod_revision
-    value = None if event.type is EventType.DELETE else event.value
-    if key.startswith(ENTRIES):
-        entry = None if value is None else RegistrationEntry.from_json(value, revision=rev)
-        return EntryChanged(key[len(ENTRIES):], entry, rev)
-    if key.startswith(NODES):
-        node = None if value is None else AttestedNode.from_json(value, revision=rev)
-        return NodeChanged(key[len(NODES):], node, rev)
-    if key.startswith(TOKENS):
-        return TokenChanged(key[len(TOKENS):], None if value is None else JoinToken.from_json(value), rev)
-    if key.startswith(POLICY_REVISIONS):
-        policy = None if value is None else PolicyRevision.from_json(value)
-        return PolicyChanged(str(int(key[len(POLICY_REVISIONS):])), policy, rev)
-    if key.startswith(BUNDLES):
-        return BundleChanged(key[len(BUNDLES):], None if value is None else BundleRecord.from_json(value), rev)
-    if key == CA_JOURNAL:
-        return CaChanged("journal", None if value is None else bytes(value), rev)
-    if key.startswith(FEDERATION):
-        federation = None if value is None else FederationRecord.from_json(value, revision=rev)
-        return FederationChanged(key[len(FEDERATION):], federation, rev)
-    if key.startswith(PARTNER_CERTS):
-        cert = None if value is None else PartnerCertificate.from_json(value)
-        return PartnerChanged(key[len(PARTNER_CERTS):], cert, rev)
-    if key.startswith(AUDIT_EVENTS):
-        event_ = None if value is None else AuditEvent.from_json(value)
-        return AuditAppended(str(int(key[len(AUDIT_EVENTS):])), event_, rev)
-    # Index keys and heads move with the records above; they are not changes of their own.
-    return None
+    def _decode_change(self, event: Event) -> Change | None:
+        key, rev = event.key, event.mod_revision
+        value = None if event.type is EventType.DELETE else event.value
+        if key.startswith(ENTRIES):
+            entry = None if value is None else RegistrationEntry.from_json(value, revision=rev)
+            return EntryChanged(key[len(ENTRIES):], entry, rev)
+        if key.startswith(NODES):
+            node = None if value is None else self._node(KeyValue(key, value, 0, rev, 0))
+            return NodeChanged(key[len(NODES):], node, rev)
+        if key.startswith(TOKENS):
+            return TokenChanged(key[len(TOKENS):], None if value is None else JoinToken.from_json(value), rev)
+        if key.startswith(POLICY_REVISIONS):
+            policy = None if value is None else PolicyRevision.from_json(value)
+            return PolicyChanged(str(int(key[len(POLICY_REVISIONS):])), policy, rev)
+        if key.startswith(BUNDLES):
+            return BundleChanged(key[len(BUNDLES):], None if value is None else BundleRecord.from_json(value), rev)
+        if key == CA_JOURNAL:
+            return CaChanged("journal", None if value is None else bytes(value), rev)
+        if key.startswith(FEDERATION):
+            federation = None if value is None else FederationRecord.from_json(value, revision=rev)
+            return FederationChanged(key[len(FEDERATION):], federation, rev)
+        if key.startswith(PARTNER_CERTS):
+            cert = None if value is None else self._partner(KeyValue(key, value, 0, rev, 0))
+            return PartnerChanged(key[len(PARTNER_CERTS):], cert, rev)
+        if key.startswith(AUDIT_EVENTS):
+            event_ = None if value is None else AuditEvent.from_json(value)
+            if event_ is not None and self.replay is not None:
+                self.replay.observe(event_)  # another replica's event: its facts count here too
+            return AuditAppended(str(int(key[len(AUDIT_EVENTS):])), event_, rev)
+        # Index keys and heads move with the records above; they are not changes of their own.
+        return None

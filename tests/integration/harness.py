@@ -21,6 +21,9 @@ from pathlib import Path
 import grpc
 from cryptography.hazmat.primitives import serialization
 
+from trustmesh.controlplane.ca.kek import KeyEncryptionKey
+from trustmesh.controlplane.store import Store
+from trustmesh.controlplane.store.sealing import IntegrityFailure
 from trustmesh.keys import PrivateKey
 from trustmesh.naming import server_dns_name
 from trustmesh.spiffeid import TrustDomain
@@ -213,3 +216,16 @@ def echo_server() -> tuple[int, threading.Event]:
 
     threading.Thread(target=serve, daemon=True).start()
     return srv.getsockname()[1], stop
+
+
+async def seal_as_replica(store: Store, kek_hex: str) -> Store:
+    """Make a test's own handle on a server's store write and check records as another
+    replica holding the same KEK would (record MACs), instead of as a writer without it."""
+    async def ignore(_failure: IntegrityFailure) -> None:
+        return None
+
+    async def never() -> bool:
+        return False
+
+    await store.seal_records(KeyEncryptionKey(bytes.fromhex(kek_hex)).derive, ignore, may_upgrade=never)
+    return store

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from tests.etcd_process import running_etcd
-from tests.integration.harness import ServerProcess
+from tests.integration.harness import ServerProcess, seal_as_replica
 from tests.integration.node_client import NodeClient, SyncReader, pem_chain
 from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc
 from trustmesh.bundle import Bundle
@@ -350,7 +350,7 @@ async def test_jwt_svids_for_authorized_entries_only(server: ServerProcess) -> N
 async def etcd_store(etcd_server: str, tmp_path: Path) -> AsyncIterator[tuple[str, Store]]:
     """A fresh etcd namespace, and the test's own handle on it (as another writer would have)."""
     url = f"{etcd_server}/t{uuid.uuid4().hex[:12]}"
-    store = await open_store(url, tmp_path / "direct")
+    store = await seal_as_replica(await open_store(url, tmp_path / "direct"), KEK_ENV["TRUSTMESH_KEK"])
     yield url, store
     await store.close()
 

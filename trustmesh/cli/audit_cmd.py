@@ -99,13 +99,22 @@ def _show(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     reply = call(args, lambda s: s.VerifyAudit(admin_pb2.VerifyAuditRequest(), timeout=300))
+    anchored = (f"anchored up to event {reply.anchored_seq} in {reply.anchor}" if reply.anchored_seq
+                else f"no checkpoint in {reply.anchor} yet")
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": reply.ok, "events_checked": reply.checked, "first_broken_seq": reply.first_broken_seq,
+                          "reason": reply.reason, "records_checked": reply.records_checked,
+                          "record_failures": list(reply.record_failures), "anchored_seq": reply.anchored_seq,
+                          "anchor": reply.anchor}, indent=2))
+        return 0 if reply.ok else 1
     if reply.ok:
-        print(f"audit log intact: {reply.checked} events verified")
+        print(f"audit log intact: {reply.checked} events verified, {anchored}; "
+              f"{reply.records_checked} registry records carry a valid MAC")
         return 0
-    print(
-        f"audit log BROKEN at event {reply.first_broken_seq}: {reply.reason} "
-        f"({reply.checked} events before it verified)"
-    )
+    where = f" at event {reply.first_broken_seq}" if reply.first_broken_seq else ""
+    print(f"audit log BROKEN{where}: {reply.reason} ({reply.checked} events verified, {anchored})")
+    for failure in reply.record_failures:
+        print(f"  record failed its MAC: {failure}")
     return 1
 
 
@@ -141,13 +150,15 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.set_defaults(func=_show)
     p = sub.add_parser(
         "verify",
-        help="check the whole chain; exits 1 and names the first broken event",
-        description="Walk the whole hash chain. Prints `audit log intact: N events verified` and "
-        "exits 0, or names the first event that was edited, removed or reordered "
-        "and exits 1.",
-        epilog="example:\n  trustmesh audit verify || alert-security-team",
+        help="check the chain, its anchor outside the store, and every registry record's MAC",
+        description="Walk the whole hash chain, check that it still holds the newest checkpoint the server "
+        "wrote outside the store (--audit-anchor), and check the MAC of every registry record. Exits 0 "
+        "when all hold; otherwise names the first problem (an edited, removed or reordered event, a cut "
+        "or wiped log, a record written without the key-encryption key) and exits 1.",
+        epilog="examples:\n  trustmesh audit verify || alert-security-team\n  trustmesh audit verify --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     add_socket_flag(p)
     p.set_defaults(func=_verify)
     audit.set_defaults(func=show_help(audit))

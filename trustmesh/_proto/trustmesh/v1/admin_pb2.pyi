@@ -476,13 +476,21 @@ class VerifyAuditRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class VerifyAuditResponse(_message.Message):
-    __slots__ = ("ok", "checked", "first_broken_seq", "reason")
+    __slots__ = ("ok", "checked", "first_broken_seq", "reason", "records_checked", "record_failures", "anchored_seq", "anchor")
     OK_FIELD_NUMBER: _ClassVar[int]
     CHECKED_FIELD_NUMBER: _ClassVar[int]
     FIRST_BROKEN_SEQ_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    ANCHORED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     checked: int
     first_broken_seq: int
     reason: str
-    def __init__(self, ok: _Optional[bool] = ..., checked: _Optional[int] = ..., first_broken_seq: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    records_checked: int
+    record_failures: _containers.RepeatedScalarFieldContainer[str]
+    anchored_seq: int
+    anchor: str
+    def __init__(self, ok: _Optional[bool] = ..., checked: _Optional[int] = ..., first_broken_seq: _Optional[int] = ..., reason: _Optional[str] = ..., records_checked: _Optional[int] = ..., record_failures: _Optional[_Iterable[str]] = ..., anchored_seq: _Optional[int] = ..., anchor: _Optional[str] = ...) -> None: ...
