@@ -3,8 +3,9 @@ seal an existing store for the first time.
 
 The check itself lives in store/sealing.py; this is the reaction: an ERROR line (at most one
 a minute per record), the counter ``trustmesh_store_integrity_failures_total{kind}``, and an
-audit event ``store.integrity_failure`` (at most one a minute per record: a watch that keeps
-replaying a bad row must not flood the log it is reported in).
+audit event ``store.integrity_failure`` (at most one an hour per record, and at most 60 a
+minute in all, the rest counted into the next one: a store writer who plants many bad rows,
+which every listing reads again, must not flood the log they are reported in).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ SEALED_EVENT = "store.sealed"
 FAILURE_EVENT = "store.integrity_failure"
 ACTOR = "trustmesh:server"
 _WINDOW = 60.0
+_AUDIT_PER_RECORD = 3600.0
+_AUDIT_PER_MINUTE = 60
 
 
 class IntegrityMonitor:
@@ -38,6 +41,8 @@ class IntegrityMonitor:
                                          "stored records that failed their MAC check and were not used", ["kind"])
         self._lines = RateLimitedLog(log, _WINDOW, clock=clock)
         self._audited: dict[tuple[str, str], float] = {}
+        self._minute = (0.0, 0)  # (start of the current minute, events audited in it)
+        self._suppressed = 0
         self._clock = clock
         self.audit: AuditLog | None = None
 
@@ -47,13 +52,22 @@ class IntegrityMonitor:
                         record_kind=failure.kind, record_key=failure.key[:200], reason=failure.reason)
         now = self._clock()
         mark = (failure.kind, failure.key)
-        if self.audit is None or now - self._audited.get(mark, float("-inf")) < _WINDOW:
+        if self.audit is None or now - self._audited.get(mark, float("-inf")) < _AUDIT_PER_RECORD:
             return
+        started, count = self._minute
+        if now - started >= _WINDOW:
+            started, count = now, 0
+        if count >= _AUDIT_PER_MINUTE:
+            self._suppressed += 1
+            return
+        self._minute = (started, count + 1)
         if len(self._audited) > 4096:
-            self._audited = {k: t for k, t in self._audited.items() if now - t < _WINDOW}
+            self._audited = {k: t for k, t in self._audited.items() if now - t < _AUDIT_PER_RECORD}
         self._audited[mark] = now
+        suppressed, self._suppressed = self._suppressed, 0
         await self.audit.record(FAILURE_EVENT, actor=ACTOR, subject=failure.key[:200], outcome="denied",
-                                record_kind=failure.kind, reason=failure.reason)
+                                record_kind=failure.kind, reason=failure.reason,
+                                **({"others_not_audited": suppressed} if suppressed else {}))
 
 
 async def was_sealed_before(store: Store) -> bool:

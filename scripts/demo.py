@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -157,7 +158,7 @@ def main() -> int:
     env = {**os.environ, "TRUSTMESH_ADMIN_SOCKET": str(work / "server" / "admin.sock"),
            "PYTHONPATH": str(ROOT)}
     procs: list[subprocess.Popen[bytes]] = []
-    step = Step(total=9)
+    step = Step(total=10)
     ports: dict[str, int] = {}
     echo_port = start_echo()
     as_root = os.getuid() == 0
@@ -291,6 +292,26 @@ def main() -> int:
                                   for f in d["flows"][:2])
                 say(f"#{event['seq']} {event['time']} {event['actor']}: denied={d['denied']} {flows}"[:200])
             say(cli("audit", "verify"))
+
+        with step("a store writer without the key-encryption key cannot mint identities"):
+            # What someone with write access to store.db (but not the KEK) can try: an admin
+            # entry for an identity of their own, written straight into the database.
+            forged = {"v": 1, "id": "forged", "spiffe_id": f"spiffe://{TRUST_DOMAIN}/attacker",
+                      "parent_id": f"spiffe://{TRUST_DOMAIN}/agent/node-1", "selectors": ["unix:uid:0"],
+                      "x509_ttl": 3600, "jwt_ttl": 300, "dns_names": [], "federates_with": [], "admin": True,
+                      "created_at": time.time(), "updated_at": time.time()}
+            with sqlite3.connect(work / "server" / "store.db") as db:
+                db.execute("INSERT INTO kv (key, value, create_rev, mod_rev, version) VALUES (?, ?, 1, 1, 1)",
+                           (b"entries/forged", json.dumps(forged).encode()))
+            say(f"wrote an admin entry for spiffe://{TRUST_DOMAIN}/attacker into store.db by hand (no valid MAC)")
+            listed = [e["spiffe_id"] for e in json.loads(cli("entry", "list", "--json"))]
+            say(f"entry list: {len(listed)} entries; the forged one is "
+                f"{'LISTED (FAILED)' if any('attacker' in s for s in listed) else 'not used'}")
+            verify = subprocess.run(trustmesh("audit", "verify"), capture_output=True, text=True, env=env, timeout=60)
+            say(f"audit verify (exit {verify.returncode}): {verify.stdout.splitlines()[0][:150]}…")
+            with sqlite3.connect(work / "server" / "store.db") as db:
+                db.execute("DELETE FROM kv WHERE key = ?", (b"entries/forged",))
+            say("row removed again; the refusal stays on record as a store.integrity_failure audit event")
 
         if args.keep:
             print(f"\neverything keeps running; files and logs are in {work}")

@@ -23,6 +23,7 @@ def test_demo_runs_end_to_end_and_stops_everything() -> None:
     assert "frontend -> ledger: DENIED" in out
     assert "connection closed within" in out
     assert "audit log intact" in out
+    assert "the forged one is not used" in out and "audit verify (exit 1): audit log BROKEN" in out
     assert out.rstrip().endswith("demo finished; everything stopped.")
     leftovers = subprocess.run(["pgrep", "-f", "trustmesh-demo-"], capture_output=True, text=True)
     assert leftovers.stdout.strip() == "", "the demo left processes running"

@@ -66,5 +66,5 @@ async def test_negative_arguments_are_refused(runtime: ServerRuntime) -> None:
 
 async def test_verify_is_timed(runtime: ServerRuntime) -> None:
     result = await AuditQueries(runtime).verify()
-    assert result.ok and result.checked == 10
+    assert result.ok and result.chain.checked == 10
     assert "trustmesh_audit_verify_seconds_count 1" in runtime.metrics.render()

@@ -10,8 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.unit.server_runtime import audit_events, server_runtime
 from trustmesh.controlplane.audit import AuditLog
 from trustmesh.controlplane.ca.kek import KeyEncryptionKey
+from trustmesh.controlplane.integrity import FAILURE_EVENT, IntegrityMonitor
 from trustmesh.controlplane.replay import ReplayGuard
 from trustmesh.controlplane.store import AttestedNode, JoinToken, NodeChanged, Store, open_store
 from trustmesh.controlplane.store.sealing import IntegrityFailure, RecordIntegrityError, RecordSealer, split
@@ -131,3 +133,22 @@ async def test_the_replay_guard_holds_one_way_facts_from_the_audit_chain(tmp_pat
     assert await fresh.load(lambda s, n: store.list_audit_events(since_seq=s, limit=n)) == 2
     assert fresh.banned == guard.banned and fresh.policy_revision == 4
     await store.close()
+
+
+async def test_integrity_failures_are_audited_once_per_record_and_at_most_60_a_minute(tmp_path: Path) -> None:
+    async with server_runtime(tmp_path) as rt:
+        now = [1000.0]
+        monitor = IntegrityMonitor(rt.metrics, clock=lambda: now[0])
+        monitor.audit = rt.audit
+        for i in range(100):
+            await monitor(IntegrityFailure("entry", f"entries/{i}", "it carries no MAC"))
+        for _ in range(3):
+            await monitor(IntegrityFailure("entry", "entries/0", "it carries no MAC"))  # read again: not again
+        assert len(await audit_events(rt, FAILURE_EVENT)) == 60
+        now[0] += 61
+        await monitor(IntegrityFailure("node", "nodes/x", "its MAC does not match its key and content"))
+        events = await audit_events(rt, FAILURE_EVENT)
+        assert len(events) == 61 and events[-1].details["others_not_audited"] == 40
+        assert events[-1].outcome == "denied" and events[-1].subject == "nodes/x"
+        text = rt.metrics.render()
+        assert 'trustmesh_store_integrity_failures_total{kind="entry"} 103.0' in text
