@@ -456,7 +456,8 @@ class Registry:
         except TrustmeshError as err:
             await self._refused("agent.evict", actor, text, err)
             raise
-        await self._audit("agent.evict", actor, agent, node_name=node.node_name)
+        # The serial lets the replay guard refuse this attestation if its record is put back.
+        await self._audit("agent.evict", actor, agent, node_name=node.node_name, cert_serial=node.cert_serial)
         return node
 
     async def clear_agent(self, text: str, actor: str) -> tuple[AttestedNode, bool]:

@@ -3,7 +3,8 @@ policy head.
 
 A record MAC (store/sealing.py) proves the control plane wrote a value, not that it is the
 *latest* value: someone who can write the store may put back a validly sealed older node
-record (banned: false), partner certificate (not revoked) or policy head. Those three facts
+record (banned: false, or one that was evicted), partner certificate (not revoked) or policy
+head. Those three facts
 only ever move one way, and each move is an audit event; the audit chain cannot be forged
 without the KEK, and cutting it is caught by its anchor outside the store. So the guard
 learns the facts from the chain (all of it at start, then every event appended or watched)
@@ -24,6 +25,7 @@ from trustmesh.controlplane.store.sealing import IntegrityFailure
 
 _PAGE = 1000
 BAN = "agent.ban"
+EVICT = "agent.evict"
 PRUNED = "agent.pruned"
 REVOKE = "partner.revoke"
 POLICY = ("policy.apply", "policy.rollback")
@@ -34,6 +36,7 @@ class ReplayGuard:
 
     def __init__(self, on_failure: Callable[[IntegrityFailure], Coroutine[Any, Any, None]]) -> None:
         self.banned: set[str] = set()  # agent IDs
+        self.evicted: set[tuple[str, str]] = set()  # (agent ID, SVID serial) of evicted attestations
         self.revoked: set[str] = set()  # partner certificate serials
         self.policy_revision = 0  # the newest policy revision applied
         self._on_failure = on_failure
@@ -53,6 +56,8 @@ class ReplayGuard:
             return
         if event.kind == BAN:
             self.banned.add(event.subject)
+        elif event.kind == EVICT and isinstance(event.details.get("cert_serial"), str):
+            self.evicted.add((event.subject, event.details["cert_serial"]))
         elif event.kind == PRUNED:
             self.banned.discard(event.subject)
         elif event.kind == REVOKE and isinstance(event.details.get("serial"), str):
@@ -68,7 +73,13 @@ class ReplayGuard:
     # -- the checks the store applies to every record it decodes ---------------------------
 
     def node(self, key: str, node: AttestedNode) -> AttestedNode:
-        if node.banned or str(node.spiffe_id) not in self.banned:
+        agent = str(node.spiffe_id)
+        if (agent, node.cert_serial) in self.evicted:
+            # An evicted attestation put back: no SVID of it may renew or call again (the
+            # operator can evict the record, and the node attest anew).
+            self._report("node", key, "an older record was put back: the audit log says this attestation was evicted")
+            return replace(node, cert_serial="", superseded=())
+        if node.banned or agent not in self.banned:
             return node
         self._report("node", key, "an older record was put back: the audit log says this agent is banned")
         return replace(node, banned=True)

@@ -152,3 +152,26 @@ async def test_integrity_failures_are_audited_once_per_record_and_at_most_60_a_m
         assert events[-1].outcome == "denied" and events[-1].subject == "nodes/x"
         text = rt.metrics.render()
         assert 'trustmesh_store_integrity_failures_total{kind="entry"} 103.0' in text
+
+
+async def test_an_evicted_attestation_put_back_cannot_renew(tmp_path: Path) -> None:
+    failures: list[IntegrityFailure] = []
+    store = await _sealed_store(tmp_path, failures)
+
+    async def hook(failure: IntegrityFailure) -> None:
+        failures.append(failure)
+
+    store.replay = ReplayGuard(hook)
+    node = AttestedNode(SpiffeId.parse("spiffe://example.org/agent/m"), "m", "join_token", "0a", 1e10, False, 1, 1)
+    await store.create_attested_node(node)
+    kept = await store.raw_get("nodes/spiffe://example.org/agent/m")
+    await store.delete_attested_node(node.spiffe_id)
+    await AuditLog(store, KEK.derive("audit-chain")).record(
+        "agent.evict", actor="me", subject=str(node.spiffe_id), cert_serial="0a")
+    assert kept is not None
+    await store.raw_put("nodes/spiffe://example.org/agent/m", kept)
+    back = await store.get_attested_node(node.spiffe_id)
+    assert back.cert_serial == "" and not back.superseded  # no SVID of it matches any more
+    await asyncio.sleep(0)
+    assert [f.kind for f in failures] == ["node"] and "evicted" in failures[0].reason
+    await store.close()
