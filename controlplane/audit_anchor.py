@@ -80,6 +80,11 @@ class AuditAnchor:
         self.broken = ""  # why checkpoints stopped: the chain no longer agrees with the anchor
 
     @property
+    def last(self) -> Checkpoint | None:
+        """The newest checkpoint written or read."""
+        return self._last
+
+    @property
     def path(self) -> Path | None:
         return None if self.target in (SYSLOG, OFF) else Path(self.target)
 

@@ -76,7 +76,7 @@ class AuditQueries:
         if anchor is None:
             check = AnchorCheck(True, None)
         elif anchor.broken:
-            check = AnchorCheck(False, None, anchor.broken)
+            check = AnchorCheck(False, anchor.last, anchor.broken)
         else:
             check = await anchor.check(self._rt.store)
         checked, failures = await self._rt.store.check_records()
