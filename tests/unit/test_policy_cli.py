@@ -75,6 +75,7 @@ def test_test_answers_as_of_at(files: Path, capsys: pytest.CaptureFixture[str]) 
     (("good.yaml", "--from", "not-an-id"), "not-an-id"),
     (("good.yaml", "--from", "spiffe://example.org/payments", "--at", "tomorrow"), "--at 'tomorrow'"),
     (("--from", "spiffe://example.org/payments",), "cannot reach the trustmesh server"),
+    (("good.yaml", "--from", "spiffe://example.org/payments", "--port", "99999"), "--port 99999: a port is 1 to"),
 ])
 def test_test_invalid_input_is_2_not_deny(files: Path, capsys: pytest.CaptureFixture[str], args: tuple[str, ...],
                                           message: str) -> None:

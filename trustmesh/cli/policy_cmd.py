@@ -12,6 +12,7 @@ from trustmesh.cli.config import show_help
 from trustmesh.clock import format_utc, parse_utc, utc_now
 from trustmesh.errors import InvalidSpiffeIdError, TrustmeshError
 from trustmesh.policy import Policy, bundle_documents, load_paths, load_text
+from trustmesh.policy.loader import REVISION
 from trustmesh.spiffeid import SpiffeId
 
 EXAMPLES = """\
@@ -57,7 +58,8 @@ def _lint(args: argparse.Namespace) -> int:
 
 def _server_policy(args: argparse.Namespace) -> Policy:
     reply = call(args, lambda s: s.GetPolicy(admin_pb2.GetPolicyRequest(), timeout=TIMEOUT))
-    loaded = load_text(reply.policy.documents, f"revision {reply.policy.revision}", reject_expired=False)
+    loaded = load_text(reply.policy.documents, f"revision {reply.policy.revision}", reject_expired=False,
+                       limits=REVISION)
     return loaded.policy
 
 
@@ -75,6 +77,8 @@ def _test_decision(args: argparse.Namespace) -> int:
         source, destination = SpiffeId.parse(args.source), SpiffeId.parse(args.to)
     except InvalidSpiffeIdError as err:
         raise PolicyArgsError(str(err)) from err
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise PolicyArgsError(f"--port {args.port}: a port is 1 to 65535")
     at = utc_now()
     if args.at:
         try:
