@@ -8,6 +8,7 @@ concurrent applies cannot both win; every apply and refusal is audited.
 from __future__ import annotations
 
 import difflib
+import logging
 from datetime import datetime, timezone
 
 import yaml
@@ -18,7 +19,11 @@ from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import PolicyRevision as PolicyRevision  # re-exported: the API's value
 from trustmesh.errors import ConflictError, InvalidArgumentError, NotFoundError
 from trustmesh.policy import Policy, load_text
+from trustmesh.policy.loader import REVISION
 from trustmesh.policy.model import Allowlist
+from trustmesh.policy.wire import compiled_size_problem
+
+log = logging.getLogger("trustmesh.policy_store")
 
 MAX_PROBLEMS_SHOWN = 50
 # A revision's author and comment are the caller's words, kept with the revision: bounded.
@@ -49,7 +54,9 @@ class PolicyService:
         return datetime.fromtimestamp(self._rt.clock(), timezone.utc)
 
     def parse_new(self, documents: str) -> Policy:
-        loaded = load_text(documents, "policy", self._now())
+        loaded = load_text(documents, "policy", self._now(), limits=REVISION)
+        if loaded.ok and (too_large := compiled_size_problem(loaded.policy)):
+            raise InvalidArgumentError(f"{too_large}; nothing was applied")
         if not loaded.ok:
             shown = "; ".join(str(p) for p in loaded.problems[:MAX_PROBLEMS_SHOWN])
             more = len(loaded.problems) - MAX_PROBLEMS_SHOWN
@@ -61,7 +68,12 @@ class PolicyService:
     def parse_stored(record: PolicyRevision | None) -> Policy:
         if record is None:
             return Policy()
-        loaded = load_text(record.documents, f"revision {record.revision}", reject_expired=False)
+        loaded = load_text(record.documents, f"revision {record.revision}", reject_expired=False, limits=REVISION)
+        if loaded.problems:
+            # Applied before a stricter rule existed (or written around the API): what is
+            # refused is not enforced; say so loudly rather than deny without a trace.
+            log.error("stored policy revision has problems; refused parts are not enforced revision=%d problems=%s",
+                      record.revision, "; ".join(str(p) for p in loaded.problems[:MAX_PROBLEMS_SHOWN]))
         return Policy(loaded.policy.allowlists, record.revision)
 
     async def head(self) -> PolicyRevision | None:

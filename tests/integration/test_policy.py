@@ -7,9 +7,13 @@ import asyncio
 import time
 from pathlib import Path
 
+import grpc
+
 from tests.integration.harness import ServerProcess
 from tests.integration.node_client import NodeClient
-from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc
+from tests.unit.test_policy_store import large_allowlist
+from tests.unit.test_policy_strict import BOMB
+from trustmesh._proto.trustmesh.v1 import admin_pb2, admin_pb2_grpc, node_pb2, node_pb2_grpc
 from trustmesh.policy.wire import policy_from_pb
 
 DOC = """\
@@ -113,3 +117,39 @@ async def test_a_new_revision_is_pushed_to_connected_agents(server: ServerProces
         pushed = policy_from_pb(delta.delta.policy)
         assert pushed.revision == 2 and [a.name for a in pushed.allowlists] == ["ledger-access"]
         call.cancel()
+
+
+async def test_hostile_policies_are_refused_and_the_previous_revision_stays(server: ServerProcess,
+                                                                           tmp_path: Path) -> None:
+    good = write(tmp_path / "p.yaml", "spiffe://example.org/payments")
+    server.cli("policy", "apply", str(good), check=True)
+    # Straight to the server, as a client that skips the CLI's own checks would send them.
+    hostile = {"alias bomb": BOMB, "50,000-deep nesting": "[" * 50_000 + "]" * 50_000,
+               "duplicate mode": good.read_text().replace("spec:\n", "spec:\n  mode: enforce\n  mode: audit\n")}
+    async with server.admin_channel() as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        for what, documents in hostile.items():
+            try:
+                await stub.ApplyPolicy(admin_pb2.ApplyPolicyRequest(documents=documents, author="mallory"))
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (what, err.details())
+                assert "nothing was applied" in (err.details() or ""), what
+            else:
+                raise AssertionError(f"{what} was applied")
+    # Files that each pass lint but together compile to more than any node may be sent.
+    big = tmp_path / "big"
+    big.mkdir()
+    for name in ("a", "b"):
+        (big / f"{name}.yaml").write_text(large_allowlist(name))
+    assert server.cli("policy", "lint", str(big)).returncode == 0
+    refused = server.cli("policy", "apply", str(big))
+    assert refused.returncode == 1
+    assert "above the limit of 1048576 bytes (MAX_COMPILED_POLICY_BYTES)" in refused.stderr
+    assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    (tmp_path / "empty").mkdir()
+    empty = server.cli("policy", "apply", str(tmp_path / "empty"))
+    assert empty.returncode == 1 and "pass --allow-empty to deny everything deliberately" in empty.stderr
+    assert server.cli("policy", "history", check=True).stdout.count("\n") == 1
+    still = server.cli("policy", "test", "--from", "spiffe://example.org/payments",
+                       "--to", "spiffe://example.org/ledger", "--port", "9443")
+    assert still.returncode == 0 and "ledger-access" in still.stdout

@@ -177,7 +177,7 @@ def test_an_empty_policy_denies_everything() -> None:
             "spec.destination",
             "wildcard",
         ),
-        ("key: [unclosed", "(yaml)", "not valid YAML"),
+        ("key: [unclosed", "line 1", "not valid YAML"),
     ],
 )
 def test_problems_name_file_document_and_field(text: str, field: str, message: str) -> None:

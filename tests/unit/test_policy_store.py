@@ -78,3 +78,24 @@ async def test_rollback(runtime: ServerRuntime) -> None:
     assert head.revision == back and "payments" in head.documents
     assert head.comment == f"rollback to revision {first}" and head.author == ADMIN
     assert [e.kind for e in await audit_events(runtime, "policy.rollback")] == ["policy.rollback"]
+
+
+def large_allowlist(name: str, rules: int = 1000, path_chars: int = 560) -> str:
+    """An allowlist of ~0.6 MB: two of them compile to more than MAX_COMPILED_POLICY_BYTES."""
+    lines = "".join(f"    - from: spiffe://example.org/{i:04d}{'x' * path_chars}\n" for i in range(rules))
+    return (f"apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {{name: {name}}}\nspec:\n"
+            f"  destination: spiffe://example.org/{name}\n  allow:\n{lines}")
+
+
+async def test_apply_refuses_what_no_node_could_receive(runtime: ServerRuntime) -> None:
+    # Agents must never be the ones to discover that a policy is too large to send them.
+    policy = PolicyService(runtime)
+    first = await apply(policy, "payments")
+    for documents, limit in ((large_allowlist("a") + "---\n" + large_allowlist("b"), "(MAX_COMPILED_POLICY_BYTES)"),
+                             (DOC.format(source="x").replace("owner: payments", "owner: &a payments"),
+                              "anchors (&a) are not allowed")):
+        with pytest.raises(InvalidArgumentError, match=r"nothing was applied") as err:
+            await policy.apply(documents, author="", comment="", expected_head=0, dry_run=False, actor=ADMIN)
+        assert limit in str(err.value)
+    assert (await policy.get()).revision == first
+    assert [e.outcome for e in await audit_events(runtime, "policy.apply")] == ["ok", "denied", "denied"]

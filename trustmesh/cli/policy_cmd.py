@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import sys
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2
 from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call
@@ -11,16 +12,25 @@ from trustmesh.cli.config import show_help
 from trustmesh.clock import format_utc, parse_utc, utc_now
 from trustmesh.errors import InvalidSpiffeIdError, TrustmeshError
 from trustmesh.policy import Policy, bundle_documents, load_paths, load_text
+from trustmesh.policy.loader import REVISION
 from trustmesh.spiffeid import SpiffeId
 
 EXAMPLES = """\
 examples (the same files in CI and in production):
-  trustmesh policy lint policies/                       # exit 1 on any problem
+  trustmesh policy lint policies/                       # exit 0 clean, 1 problems, 2 unreadable
+  trustmesh policy lint --strict policies/              # expired rules are problems too
   trustmesh policy test policies/ --from spiffe://example.org/payments \\
-      --to spiffe://example.org/ledger --port 9443      # exit 0 allow, 1 deny
+      --to spiffe://example.org/ledger --port 9443      # exit 0 allow, 1 deny, 2 invalid input
+  trustmesh policy test policies/ --from spiffe://partner.example/settlement \\
+      --to spiffe://example.org/ledger --at 2027-01-01T00:00:00Z   # as of that time
   trustmesh policy diff policies/                       # what apply would change
   trustmesh policy apply policies/ --comment "JIRA-123: batch may read the ledger"
+  trustmesh policy apply empty-dir/ --allow-empty       # deny everything, deliberately
   trustmesh policy history; trustmesh policy rollback 7
+
+policy files are read strictly: duplicate keys, anchors and aliases, tags other than the
+core ones, and YAML 1.1 numbers such as 010 or 1:20 are refused with file, document and
+line; files, nesting, names, owners, rules and the compiled policy have size limits.
 """
 
 
@@ -28,28 +38,47 @@ class PolicyArgsError(TrustmeshError):
     pass
 
 
+LINT_CLEAN, LINT_PROBLEMS, LINT_UNREADABLE = 0, 1, 2
+TEST_ALLOW, TEST_DENY, TEST_INVALID = 0, 1, 2
+
+
 def _lint(args: argparse.Namespace) -> int:
-    loaded = load_paths(args.paths)
+    loaded = load_paths(args.paths, reject_expired=args.strict)
     for problem in loaded.problems:
         print(problem)
+    for warning in loaded.warnings:
+        print(f"warning: {warning}")
     if loaded.problems:
         print(f"{len(loaded.problems)} problem(s)")
-        return 1
-    print(f"ok: {len(loaded.policy.allowlists)} allowlist(s)")
-    return 0
+        return LINT_UNREADABLE if loaded.unreadable else LINT_PROBLEMS
+    warned = f", {len(loaded.warnings)} warning(s) (--strict makes them problems)" if loaded.warnings else ""
+    print(f"ok: {len(loaded.policy.allowlists)} allowlist(s){warned}")
+    return LINT_CLEAN
 
 
 def _server_policy(args: argparse.Namespace) -> Policy:
     reply = call(args, lambda s: s.GetPolicy(admin_pb2.GetPolicyRequest(), timeout=TIMEOUT))
-    loaded = load_text(reply.policy.documents, f"revision {reply.policy.revision}", reject_expired=False)
+    loaded = load_text(reply.policy.documents, f"revision {reply.policy.revision}", reject_expired=False,
+                       limits=REVISION)
     return loaded.policy
 
 
 def _test(args: argparse.Namespace) -> int:
+    # 1 means deny, so a CI gate must never read a bad file or a missing server as "deny".
+    try:
+        return _test_decision(args)
+    except TrustmeshError as err:
+        print(f"trustmesh: error: {err}", file=sys.stderr)
+        return TEST_INVALID
+
+
+def _test_decision(args: argparse.Namespace) -> int:
     try:
         source, destination = SpiffeId.parse(args.source), SpiffeId.parse(args.to)
     except InvalidSpiffeIdError as err:
         raise PolicyArgsError(str(err)) from err
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise PolicyArgsError(f"--port {args.port}: a port is 1 to 65535")
     at = utc_now()
     if args.at:
         try:
@@ -57,7 +86,8 @@ def _test(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise PolicyArgsError(f"--at {args.at!r}: use an ISO time like 2026-12-31T00:00:00Z") from err
     if args.paths:
-        loaded = load_paths(args.paths, now=at)
+        # As of `at`: a rule expired by then simply does not match (not a problem).
+        loaded = load_paths(args.paths, now=at, reject_expired=False)
         if loaded.problems:
             for problem in loaded.problems:
                 print(problem)
@@ -67,15 +97,18 @@ def _test(args: argparse.Namespace) -> int:
         policy = _server_policy(args)
     decision = policy.decide(source, destination, args.port, at)
     print(f"{decision.verdict}  {decision.rule}: {decision.reason}")
-    return 0 if decision.allowed else 1
+    return TEST_ALLOW if decision.allowed else TEST_DENY
 
 
-def _documents(args: argparse.Namespace) -> str:
+def _documents(args: argparse.Namespace, *, allow_empty: bool = True) -> str:
     loaded = load_paths(args.paths)
     if loaded.problems:
         for problem in loaded.problems:
             print(problem)
         raise PolicyArgsError(f"{len(loaded.problems)} problem(s): nothing was sent to the server")
+    if not loaded.policy.allowlists and not allow_empty:
+        raise PolicyArgsError(f"no allowlists in {' '.join(args.paths)}: applying would deny every connection; "
+                              "pass --allow-empty to deny everything deliberately")
     return bundle_documents(args.paths)
 
 
@@ -89,7 +122,7 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    documents = _documents(args)
+    documents = _documents(args, allow_empty=args.allow_empty)
     req = admin_pb2.ApplyPolicyRequest(documents=documents, author=args.author or getpass.getuser(),
                                        comment=args.comment or "", dry_run=args.dry_run,
                                        expected_head_revision=args.expected_revision or 0)
@@ -139,18 +172,23 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                                  epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = policy.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", title="subcommands")
 
-    p = sub.add_parser("lint", help="check allowlist files; prints every problem, exit 1 if any")
+    p = sub.add_parser("lint", help="check allowlist files; prints every problem, exit 1 if any",
+                       description="Exit 0 when clean (expired rules are warnings), 1 on any problem, 2 when a "
+                                   "file cannot be read.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="YAML files or directories of them")
+    p.add_argument("--strict", action="store_true", help="rules that have already expired are problems, not warnings")
     p.set_defaults(func=_lint)
 
     p = sub.add_parser("test", help="would SOURCE reach DESTINATION? prints ALLOW or DENY and the deciding rule",
-                       description="Exit 0 for allow and 1 for deny, so it can gate a CI pipeline. Without "
-                                   "PATHs it asks the server's current policy.")
+                       description="Exit 0 for allow, 1 for deny and 2 for invalid input (bad files, IDs or "
+                                   "time, or no server), so it can gate a CI pipeline. Without PATHs it asks the "
+                                   "server's current policy.")
     p.add_argument("paths", nargs="*", metavar="PATH", help="YAML files or directories (default: the server's policy)")
     p.add_argument("--from", dest="source", required=True, metavar="ID", help="the calling workload's SPIFFE ID")
     p.add_argument("--to", required=True, metavar="ID", help="the called workload's SPIFFE ID")
     p.add_argument("--port", type=int, help="the destination port")
-    p.add_argument("--at", metavar="TIME", help="decide as of this ISO time (e.g. to check an expiry)")
+    p.add_argument("--at", metavar="TIME", help="decide as of this ISO 8601 time, e.g. 2027-01-01T00:00:00Z; "
+                                                "rules expired by then do not match")
     add_socket_flag(p)
     p.set_defaults(func=_test)
 
@@ -163,6 +201,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             p.add_argument("--author", help="who (default: your user name)")
             p.add_argument("--dry-run", action="store_true", help="validate and diff only")
             p.add_argument("--expected-revision", type=int, help="refuse if the head is no longer this revision")
+            p.add_argument("--allow-empty", action="store_true",
+                           help="apply even when PATHs hold no allowlist (denies every connection)")
         add_socket_flag(p)
         p.set_defaults(func=func)
 

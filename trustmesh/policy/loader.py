@@ -2,6 +2,8 @@
 
 A file may hold several documents (`---`). Loading never stops at the first problem: a
 platform team sees everything to fix in one CI run. Nothing with a problem is ever applied.
+YAML is read by the strict loader (strict_yaml.py: no duplicate keys, aliases, YAML 1.1
+numbers or deep nesting); every size is bounded by a named limit that the message names.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import yaml
 
 from trustmesh.clock import utc_now
 from trustmesh.policy.model import MODES, Allowlist, AllowRule, IdPattern, Policy, PolicyError
+from trustmesh.policy.strict_yaml import describe, load_all_strict
 
 API_VERSION = "trustmesh/v1"
 KIND = "Allowlist"
@@ -23,7 +26,29 @@ TOP_KEYS = {"apiVersion", "kind", "metadata", "spec"}
 META_KEYS = {"name", "owner"}
 SPEC_KEYS = {"destination", "ports", "mode", "allow"}
 RULE_KEYS = {"from", "expires"}
-MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
+MAX_FILE_BYTES = 1024 * 1024  # one policy file
+MAX_REVISION_BYTES = 3 * 1024 * 1024  # every file of a revision together: under gRPC's 4 MiB message limit
+MAX_ALLOWLISTS_PER_FILE = 1000
+MAX_ALLOWLISTS_PER_REVISION = 10_000
+MAX_RULES_PER_ALLOWLIST = 1000
+MAX_PORTS_PER_ALLOWLIST = 100
+MAX_NAME_CHARS = 128
+MAX_OWNER_CHARS = 256
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one text may hold: a file on disk, or a whole revision as the server gets it."""
+
+    max_bytes: int
+    max_bytes_name: str
+    max_allowlists: int
+    max_allowlists_name: str
+
+
+FILE = Limits(MAX_FILE_BYTES, "MAX_FILE_BYTES", MAX_ALLOWLISTS_PER_FILE, "MAX_ALLOWLISTS_PER_FILE")
+REVISION = Limits(MAX_REVISION_BYTES, "MAX_REVISION_BYTES", MAX_ALLOWLISTS_PER_REVISION,
+                  "MAX_ALLOWLISTS_PER_REVISION")
 
 
 @dataclass(frozen=True)
@@ -41,6 +66,9 @@ class Problem:
 class Loaded:
     policy: Policy
     problems: tuple[Problem, ...]
+    # Rules already expired, when not refused (`reject_expired=False`): they simply never match.
+    warnings: tuple[Problem, ...] = ()
+    unreadable: bool = False  # a file could not be read at all (lint's exit 2)
 
     @property
     def ok(self) -> bool:
@@ -60,11 +88,14 @@ def _parse_time(value: Any) -> datetime:
 
 
 class _Doc:
-    def __init__(self, source: str, index: int, problems: list[Problem]) -> None:
-        self.source, self.index, self.problems = source, index, problems
+    def __init__(self, source: str, index: int, problems: list[Problem], warnings: list[Problem]) -> None:
+        self.source, self.index, self.problems, self.warnings = source, index, problems, warnings
 
     def problem(self, field: str, message: str) -> None:
         self.problems.append(Problem(self.source, self.index, field, message))
+
+    def warning(self, field: str, message: str) -> None:
+        self.warnings.append(Problem(self.source, self.index, field, message))
 
     def unknown(self, mapping: dict[str, Any], allowed: set[str], where: str) -> None:
         for key in sorted(set(map(str, mapping)) - allowed):
@@ -88,9 +119,17 @@ def _load_one(raw: Any, doc: _Doc, now: datetime, reject_expired: bool) -> Allow
     else:
         doc.unknown(meta, META_KEYS, "metadata")
         name = str(meta["name"]) if isinstance(meta.get("name"), str) else ""
-        if not name or len(name) > 128:
-            doc.problem("metadata.name", "is required: a name of 1 to 128 characters")
-        owner = str(meta.get("owner") or "")
+        if not name or len(name) > MAX_NAME_CHARS:
+            doc.problem("metadata.name", f"is required: a name of 1 to {MAX_NAME_CHARS} characters (MAX_NAME_CHARS)")
+            name = ""
+        raw_owner = meta.get("owner")
+        if raw_owner is not None and not isinstance(raw_owner, str):
+            doc.problem("metadata.owner", f"must be text, got {type(raw_owner).__name__}")
+        elif raw_owner is not None and len(raw_owner) > MAX_OWNER_CHARS:
+            doc.problem("metadata.owner", f"{len(raw_owner)} characters, above the limit of {MAX_OWNER_CHARS} "
+                                          "(MAX_OWNER_CHARS)")
+        else:
+            owner = raw_owner or ""
     spec = raw.get("spec")
     if not isinstance(spec, dict):
         doc.problem("spec", "is required")
@@ -105,10 +144,13 @@ def _load_one(raw: Any, doc: _Doc, now: datetime, reject_expired: bool) -> Allow
     raw_ports = spec.get("ports", [])
     if not isinstance(raw_ports, list):
         doc.problem("spec.ports", "must be a list of port numbers, e.g. [9443]")
+    elif len(raw_ports) > MAX_PORTS_PER_ALLOWLIST:
+        doc.problem("spec.ports", f"{len(raw_ports)} ports, above the limit of {MAX_PORTS_PER_ALLOWLIST} "
+                                  "(MAX_PORTS_PER_ALLOWLIST); use one allowlist without ports for all of them")
     else:
         for i, port in enumerate(raw_ports):
             if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-                doc.problem(f"spec.ports[{i}]", f"{port!r} is not a port number (1 to 65535)")
+                doc.problem(f"spec.ports[{i}]", f"{port!r} is not a port number (a decimal 1 to 65535)")
             elif port in ports:
                 doc.problem(f"spec.ports[{i}]", f"port {port} is listed twice")
             else:
@@ -120,6 +162,10 @@ def _load_one(raw: Any, doc: _Doc, now: datetime, reject_expired: bool) -> Allow
     raw_rules = spec.get("allow")
     if not isinstance(raw_rules, list) or not raw_rules:
         doc.problem("spec.allow", "is required: a list of {from: SPIFFE ID or prefix/*, expires: optional time}")
+        raw_rules = []
+    elif len(raw_rules) > MAX_RULES_PER_ALLOWLIST:
+        doc.problem("spec.allow", f"{len(raw_rules)} rules, above the limit of {MAX_RULES_PER_ALLOWLIST} "
+                                  "(MAX_RULES_PER_ALLOWLIST); split it by destination or use a prefix/*")
         raw_rules = []
     seen: dict[str, int] = {}
     for i, rule in enumerate(raw_rules):
@@ -140,8 +186,12 @@ def _load_one(raw: Any, doc: _Doc, now: datetime, reject_expired: bool) -> Allow
             except ValueError as err:
                 doc.problem(f"{where}.expires", f"{rule['expires']!r} is not an ISO time: {err}")
                 continue
-            if reject_expired and expires <= now:
-                doc.problem(f"{where}.expires", f"{expires:%Y-%m-%dT%H:%M:%SZ} is in the past; remove the rule")
+            if expires <= now:
+                if reject_expired:
+                    doc.problem(f"{where}.expires", f"{expires:%Y-%m-%dT%H:%M:%SZ} is in the past; remove the rule")
+                else:
+                    doc.warning(f"{where}.expires", f"expired at {expires:%Y-%m-%dT%H:%M:%SZ}: the rule no longer "
+                                                    "matches (and a new apply refuses it); remove the rule")
         if str(source) in seen:
             doc.problem(f"{where}.from", f"duplicates spec.allow[{seen[str(source)]}] ({source})")
         seen[str(source)] = i
@@ -152,30 +202,46 @@ def _load_one(raw: Any, doc: _Doc, now: datetime, reject_expired: bool) -> Allow
                      mode=mode, owner=owner)
 
 
-def load_text(text: str, source: str, now: datetime | None = None, *, reject_expired: bool = True) -> Loaded:
-    return load_many([(source, text)], now, reject_expired=reject_expired)
+def load_text(text: str, source: str, now: datetime | None = None, *, reject_expired: bool = True,
+              limits: Limits = FILE) -> Loaded:
+    return load_many([(source, text)], now, reject_expired=reject_expired, limits=limits)
+
+
+def _documents(source: str, text: str, limits: Limits, problems: list[Problem]) -> list[Any]:
+    """The documents of one text, or [] after adding the one problem that refuses it."""
+    size = len(text.encode())
+    if size > limits.max_bytes:
+        problems.append(Problem(source, 1, "(file)", f"{size} bytes, above the limit of {limits.max_bytes} bytes "
+                                                     f"({limits.max_bytes_name})"))
+        return []
+    try:
+        documents = load_all_strict(text, source)
+    except yaml.YAMLError as err:
+        index, line, message = describe(err)
+        problems.append(Problem(source, index, f"line {line}" if line else "(yaml)", message))
+        return []
+    count = sum(raw is not None for raw in documents)
+    if count > limits.max_allowlists:
+        problems.append(Problem(source, 1, "(file)", f"{count} documents, above the limit of {limits.max_allowlists} "
+                                                     f"({limits.max_allowlists_name})"))
+        return []
+    return documents
 
 
 def load_many(sources: Iterable[tuple[str, str]], now: datetime | None = None, *,
-              reject_expired: bool = True) -> Loaded:
-    """`reject_expired` flags rules whose expiry has passed (right when applying new text;
-    wrong when re-reading a stored revision, where lapsed rules simply stop matching)."""
+              reject_expired: bool = True, limits: Limits = FILE) -> Loaded:
+    """`reject_expired` refuses rules whose expiry has passed (right when applying new text);
+    without it they are warnings (lint, and re-reading a stored revision, where lapsed rules
+    simply stop matching). `limits` bound each text (a file, or a revision on the server)."""
     now = now or utc_now()
     problems: list[Problem] = []
+    warnings: list[Problem] = []
     allowlists: list[tuple[Allowlist, Problem]] = []
     for source, text in sources:
-        if len(text.encode()) > MAX_DOCUMENT_BYTES:
-            problems.append(Problem(source, 1, "(file)", f"larger than {MAX_DOCUMENT_BYTES} bytes"))
-            continue
-        try:
-            documents = list(yaml.safe_load_all(text))
-        except yaml.YAMLError as err:
-            problems.append(Problem(source, 1, "(yaml)", f"not valid YAML: {err}"))
-            continue
-        for index, raw in enumerate(documents, start=1):
+        for index, raw in enumerate(_documents(source, text, limits, problems), start=1):
             if raw is None:
                 continue
-            doc = _Doc(source, index, problems)
+            doc = _Doc(source, index, problems, warnings)
             allowlist = _load_one(raw, doc, now, reject_expired)
             if allowlist is not None:
                 allowlists.append((allowlist, Problem(source, index, "", "")))
@@ -194,11 +260,12 @@ def load_many(sources: Iterable[tuple[str, str]], now: datetime | None = None, *
                                     f"overlaps allowlist {other!r} ({first.source} document {first.document}): "
                                     "same destination and ports; merge their rules into one allowlist"))
         scopes.setdefault(scope, (allowlist.name, where))
-    return Loaded(Policy(tuple(a for a, _ in allowlists)), tuple(problems))
+    return Loaded(Policy(tuple(a for a, _ in allowlists)), tuple(problems), tuple(warnings))
 
 
-def load_paths(paths: Iterable[str | Path], now: datetime | None = None) -> Loaded:
-    """Load files, or every *.yaml/*.yml under a directory (sorted), as one policy."""
+def load_paths(paths: Iterable[str | Path], now: datetime | None = None, *, reject_expired: bool = True) -> Loaded:
+    """Load files, or every *.yaml/*.yml under a directory (sorted), as one policy: each
+    file within FILE limits, all of them together within a revision's."""
     sources: list[tuple[str, str]] = []
     problems: list[Problem] = []
     for raw in paths:
@@ -206,11 +273,25 @@ def load_paths(paths: Iterable[str | Path], now: datetime | None = None) -> Load
         files = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml")) if path.is_dir() else [path]
         for file in files:
             try:
+                size = file.stat().st_size
+                if size > MAX_FILE_BYTES:  # refused without reading it all
+                    problems.append(Problem(str(file), 1, "(file)", f"{size} bytes, above the limit of "
+                                                                    f"{MAX_FILE_BYTES} bytes (MAX_FILE_BYTES)"))
+                    continue
                 sources.append((str(file), file.read_text()))
             except (OSError, UnicodeDecodeError) as err:
                 problems.append(Problem(str(file), 1, "(file)", f"cannot read: {err}"))
-    loaded = load_many(sources, now)
-    return Loaded(loaded.policy, tuple(problems) + loaded.problems)
+    unreadable = any(p.message.startswith("cannot read") for p in problems)
+    loaded = load_many(sources, now, reject_expired=reject_expired)
+    total = sum(len(text.encode()) for _, text in sources)
+    if total > MAX_REVISION_BYTES:
+        problems.append(Problem("(all files)", 1, "(size)", f"{total} bytes together, above the limit of "
+                                                            f"{MAX_REVISION_BYTES} bytes (MAX_REVISION_BYTES)"))
+    if len(loaded.policy.allowlists) > MAX_ALLOWLISTS_PER_REVISION:
+        problems.append(Problem("(all files)", 1, "(count)", f"{len(loaded.policy.allowlists)} allowlists, above the "
+                                                             f"limit of {MAX_ALLOWLISTS_PER_REVISION} "
+                                                             "(MAX_ALLOWLISTS_PER_REVISION)"))
+    return Loaded(loaded.policy, tuple(problems) + loaded.problems, loaded.warnings, unreadable)
 
 
 def bundle_documents(paths: Iterable[str | Path]) -> str:

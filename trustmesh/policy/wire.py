@@ -2,6 +2,10 @@
 
 The server compiles what a node needs and the agent rebuilds the same `Policy` from it, so
 both sides decide with the one function in model.py.
+
+MAX_COMPILED_POLICY_BYTES bounds what any node can be sent, well under gRPC's 4 MiB
+message limit (which also carries the node's entries and bundles): the server refuses a
+revision above it at apply, so no agent ever finds out by failing to receive an update.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from datetime import datetime, timezone
 
 from trustmesh._proto.trustmesh.v1 import types_pb2
 from trustmesh.policy.model import Allowlist, AllowRule, IdPattern, Mode, Policy
+
+MAX_COMPILED_POLICY_BYTES = 1024 * 1024
 
 _MODES = {"enforce": types_pb2.POLICY_MODE_ENFORCE, "audit": types_pb2.POLICY_MODE_AUDIT}
 
@@ -36,6 +42,16 @@ def policy_to_pb(policy: Policy) -> types_pb2.CompiledPolicy:
         ))
     return types_pb2.CompiledPolicy(revision=policy.revision, rules=rules,
                                     revoked_serials=sorted(policy.revoked_serials))
+
+
+def compiled_size_problem(policy: Policy) -> str | None:
+    """Why `policy` is too large to send, or None. A node is sent a subset of the whole
+    compiled policy, so bounding the whole bounds every node, whatever entries it gets later."""
+    size = policy_to_pb(policy).ByteSize()
+    if size <= MAX_COMPILED_POLICY_BYTES:
+        return None
+    return (f"the compiled policy is {size} bytes, above the limit of {MAX_COMPILED_POLICY_BYTES} bytes "
+            "(MAX_COMPILED_POLICY_BYTES) that a node may be sent; split rules by prefix/* or remove some")
 
 
 def policy_from_pb(message: types_pb2.CompiledPolicy) -> Policy:
