@@ -125,7 +125,8 @@ class ServerConfig:
                                           ("--etcd-key", self.etcd_key), ("--etcd-user", self.etcd_user),
                                           ("--etcd-password-file", self.etcd_password_file)) if value]
         if self.embedded and given:
-            raise ConfigError(f"{', '.join(given)} apply to an etcd store only; the store is {self.store!r}")
+            raise ConfigError(f"{', '.join(given)}: etcd options, but the store is {self.store!r}; "
+                              "give an etcd://host:port store url or drop them")
         if not self.embedded and (problem := self.etcd_security.problem(self.store.partition("://")[0])):
             raise ConfigError(problem)
         if self.attest_bind is None and split_host_port(self.bind, listening=True)[1] == 65535:

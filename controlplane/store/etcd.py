@@ -319,6 +319,8 @@ class EtcdKV:
             return client
         hint = ("; check that etcd is running and that the store url lists its client endpoints"
                 if unreachable else "")
+        if n == 1:
+            raise StoreUnavailableError(f"cannot use etcd at {problems[0]}{hint}")
         raise StoreUnavailableError(f"cannot use etcd at {self._names()} ({'; '.join(problems)}){hint}")
 
     def _explain(self, err: rpc.AioRpcError) -> tuple[str, bool]:

@@ -22,6 +22,8 @@ from aetcd import rpc
 
 from tests.etcd_process import EtcdProcess, EtcdTls, make_tls_material, running_etcd
 from tests.integration.harness import ServerProcess
+from trustmesh.controlplane.store.etcd import EtcdKV, EtcdSecurity, parse_endpoints
+from trustmesh.controlplane.store.kv import Put
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 
@@ -174,3 +176,25 @@ def test_auth_refusals_are_one_line_naming_the_cause(auth_etcd: AuthEtcd, tmp_pa
     plain = url.replace("etcd+https://", "etcd://")
     line = _refused(tmp_path, plain, "--etcd-user", "trustmesh", "--etcd-password-file", str(right))
     assert "in clear" in line
+
+
+async def test_an_expired_auth_token_is_renewed_without_losing_a_write(auth_etcd: AuthEtcd, tmp_path: Path) -> None:
+    """etcd drops a user's tokens when its password is set (as when a token's TTL runs out):
+    the next request, an unguarded write included, signs in again and goes through."""
+    security = EtcdSecurity(ca=auth_etcd.tls.ca, user="trustmesh", password_file=_password_file(tmp_path))
+    kv = await EtcdKV.connect(parse_endpoints(auth_etcd.etcd.url), namespace=f"{PREFIX}renew/",
+                              security=security, scheme="etcd+https")
+    try:
+        await kv.txn([], [Put("before", b"1")])
+        credentials = grpc.ssl_channel_credentials(auth_etcd.tls.ca.read_bytes())
+        async with grpc.aio.secure_channel(f"127.0.0.1:{auth_etcd.etcd.client_port}", credentials) as channel:
+            auth = rpc.AuthStub(channel)
+            token = (await auth.Authenticate(rpc.AuthenticateRequest(name="root", password="root-password"))).token
+            root = (("token", token),)
+            # A password change ends every token of the user; the password stays what the file says.
+            await auth.UserChangePassword(rpc.AuthUserChangePasswordRequest(name="trustmesh", password=PASSWORD),
+                                          metadata=root, timeout=10)
+        await kv.txn([], [Put("after", b"2")])  # unguarded: retried only because etcd never ran it
+        assert [(v.key, v.value) for v in await kv.range("")] == [("after", b"2"), ("before", b"1")]
+    finally:
+        await kv.close()
