@@ -22,8 +22,6 @@ from aetcd import rpc
 
 from tests.etcd_process import EtcdProcess, EtcdTls, make_tls_material, running_etcd
 from tests.integration.harness import ServerProcess
-from trustmesh.controlplane.store.etcd import EtcdKV, EtcdSecurity, parse_endpoints
-from trustmesh.controlplane.store.kv import Put
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 
@@ -181,6 +179,9 @@ def test_auth_refusals_are_one_line_naming_the_cause(auth_etcd: AuthEtcd, tmp_pa
 async def test_an_expired_auth_token_is_renewed_without_losing_a_write(auth_etcd: AuthEtcd, tmp_path: Path) -> None:
     """etcd drops a user's tokens when its password is set (as when a token's TTL runs out):
     the next request, an unguarded write included, signs in again and goes through."""
+    from trustmesh.controlplane.store.etcd import EtcdKV, EtcdSecurity, parse_endpoints  # this test's subject
+    from trustmesh.controlplane.store.kv import Put
+
     security = EtcdSecurity(ca=auth_etcd.tls.ca, user="trustmesh", password_file=_password_file(tmp_path))
     kv = await EtcdKV.connect(parse_endpoints(auth_etcd.etcd.url), namespace=f"{PREFIX}renew/",
                               security=security, scheme="etcd+https")
