@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from trustmesh.controlplane.store.etcd import SCHEMES as ETCD_SCHEMES
+from trustmesh.controlplane.store.etcd import EtcdSecurity
 from trustmesh.hostport import join_host_port, split_host_port
 from trustmesh.options import (
     COUNT,
@@ -35,6 +37,7 @@ MIN_JWT_TTL = timedelta(seconds=1)
 MAX_JWT_TTL = timedelta(days=1)
 
 FEDERATION = "federation (serving this trust domain's bundle to partners)"
+ETCD = "etcd store (TLS and authentication; every call, leases and watches included)"
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,23 @@ class ServerConfig:
         "registration entries marked --admin (default off)", HOST_PORT, default=None)
     admin_socket: Path | None = option("admin API unix socket (default <data-dir>/admin.sock)", PATH, default=None)
     store: str = option(
-        "'sqlite' (embedded, in the data dir), 'sqlite:///path/file.db' or 'etcd://host:port[,host:port…]'",
+        "'sqlite' (embedded, in the data dir), 'sqlite:///path/file.db' or 'etcd://host:port[,host:port…][/prefix]' "
+        "(TLS when --etcd-ca/--etcd-cert are given; 'etcd+https://' always TLS)",
         TEXT, default="sqlite", metavar="URL")
+    etcd_ca: Path | None = option(
+        "PEM CA certificate(s) that etcd's server certificate must chain to; turns on TLS to etcd "
+        "(etcd+https:// without it uses the system CA file)", PATH, default=None, group=ETCD)
+    etcd_cert: Path | None = option(
+        "PEM client certificate trustmesh presents to etcd (for etcd's --client-cert-auth); with --etcd-key",
+        PATH, default=None, group=ETCD)
+    etcd_key: Path | None = option("its private key (PEM; not readable by other users)", PATH, default=None,
+                                   group=ETCD)
+    etcd_user: str | None = option(
+        "etcd user to sign in as (etcd auth enabled); its role needs readwrite on the store url's prefix; "
+        "needs TLS", TEXT, default=None, metavar="NAME", group=ETCD)
+    etcd_password_file: Path | None = option(
+        "file holding that user's password (one line; not readable by other users)", PATH, default=None,
+        group=ETCD)
     kek_file: Path | None = option(
         "file holding the 32-byte key-encryption key (raw, hex or base64; mode 0600). "
         "Default: $TRUSTMESH_KEK, else <data-dir>/kek.bin generated on first start (sqlite only)",
@@ -113,6 +131,14 @@ class ServerConfig:
                                default=5)
 
     def __post_init__(self) -> None:
+        given = [flag for flag, value in (("--etcd-ca", self.etcd_ca), ("--etcd-cert", self.etcd_cert),
+                                          ("--etcd-key", self.etcd_key), ("--etcd-user", self.etcd_user),
+                                          ("--etcd-password-file", self.etcd_password_file)) if value]
+        if self.embedded and given:
+            raise ConfigError(f"{', '.join(given)}: etcd options, but the store is {self.store!r}; "
+                              "give an etcd://host:port store url or drop them")
+        if not self.embedded and (problem := self.etcd_security.problem(self.store.partition("://")[0])):
+            raise ConfigError(problem)
         if self.attest_bind is None and split_host_port(self.bind, listening=True)[1] == 65535:
             raise ConfigError("--bind on port 65535 leaves no port + 1 for attestation; give --attest-bind")
         web_files = (self.bundle_endpoint_cert, self.bundle_endpoint_key)
@@ -149,4 +175,10 @@ class ServerConfig:
 
     @property
     def embedded(self) -> bool:
-        return not self.store.startswith("etcd://")
+        scheme, sep, _ = self.store.partition("://")
+        return not (sep and scheme in ETCD_SCHEMES)
+
+    @property
+    def etcd_security(self) -> EtcdSecurity:
+        return EtcdSecurity(ca=self.etcd_ca, cert=self.etcd_cert, key=self.etcd_key, user=self.etcd_user,
+                            password_file=self.etcd_password_file)

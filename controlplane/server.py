@@ -246,7 +246,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         loop.add_signal_handler(sig, stop.set)
 
     kek = load_kek(config)
-    store: Store = await open_store(config.store, config.data_dir)
+    store: Store = await open_store(config.store, config.data_dir, etcd_security=config.etcd_security)
     node_server: grpc.aio.Server | None = None
     attest_server: grpc.aio.Server | None = None
     remote_admin: grpc.aio.Server | None = None

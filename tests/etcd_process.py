@@ -1,7 +1,9 @@
 """Start a real, throw-away etcd for tests: free loopback ports, a temporary data dir.
 
 Waits (bounded) until etcd answers its /health endpoint and kills it afterwards. Tests
-that need etcd skip with a clear message only when no ``etcd`` binary is on PATH.
+that need etcd skip with a clear message only when no ``etcd`` binary is on PATH. With
+``tls`` (see ``make_tls_material``) etcd serves its clients over TLS only, and with
+``client_cert_auth`` also demands a client certificate from its CA.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -17,7 +20,14 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
@@ -32,14 +42,83 @@ class EtcdStartError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class EtcdTls:
+    """PEM files for an etcd that serves TLS: its CA, its server certificate (SAN 127.0.0.1)
+    and a client certificate from the same CA; ``other_ca`` signed nothing here."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+    other_client_cert: Path  # a client certificate from other_ca, which etcd does not trust
+    other_client_key: Path
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _certificate(name: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,
+                 issuer_key: ec.EllipticCurvePrivateKey, usage: x509.ObjectIdentifier | None) -> x509.Certificate:
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(issuer.subject if issuer else x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=usage is None, path_length=None), critical=True)
+    )
+    if usage is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(IPv4Address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def make_tls_material(directory: Path) -> EtcdTls:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, plus a second CA
+    with its own client certificate (for refusals), as PEM files in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+
+    def write(name: str, data: bytes) -> None:
+        paths[name] = directory / f"{name}.pem"
+        paths[name].write_bytes(data)
+        paths[name].chmod(0o600)
+
+    for prefix in ("", "other_"):
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca = _certificate(f"{prefix}etcd test ca", ca_key, None, ca_key, None)
+        write(f"{prefix}ca", ca.public_bytes(serialization.Encoding.PEM))
+        kinds = [("client", ExtendedKeyUsageOID.CLIENT_AUTH)]
+        if not prefix:
+            kinds.append(("server", ExtendedKeyUsageOID.SERVER_AUTH))
+        for kind, usage in kinds:
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = _certificate(f"{prefix}{kind}", key, ca, ca_key, usage)
+            write(f"{prefix}{kind}_cert", cert.public_bytes(serialization.Encoding.PEM))
+            write(f"{prefix}{kind}_key", _key_pem(key))
+    return EtcdTls(**paths)
+
+
+@dataclass(frozen=True)
 class EtcdProcess:
     client_port: int
     process: subprocess.Popen[bytes]
     data_dir: Path
+    tls: EtcdTls | None = None
 
     @property
     def url(self) -> str:
-        return f"etcd://127.0.0.1:{self.client_port}"
+        """The store url: etcd+https:// when etcd serves TLS (give trustmesh --etcd-ca etc.)."""
+        return f"etcd{'+https' if self.tls else ''}://127.0.0.1:{self.client_port}"
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -58,16 +137,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _healthy(port: int) -> bool:
+def _healthy(port: int, tls: EtcdTls | None = None) -> bool:
+    context = None
+    if tls is not None:
+        context = ssl.create_default_context(cafile=str(tls.ca))
+        context.load_cert_chain(tls.client_cert, tls.client_key)
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1.0) as resp:
+        with urllib.request.urlopen(f"http{'s' if tls else ''}://127.0.0.1:{port}/health", timeout=1.0,
+                                    context=context) as resp:
             return bool(json.loads(resp.read()).get("health") == "true")
     except (urllib.error.URLError, OSError, ValueError):
         return False
 
 
 @contextmanager
-def running_etcd() -> Iterator[EtcdProcess]:
+def running_etcd(tls: EtcdTls | None = None, *, client_cert_auth: bool = False) -> Iterator[EtcdProcess]:
     binary = shutil.which("etcd")
     if binary is None:
         raise EtcdNotInstalled("etcd is not on PATH; install etcd 3.4+ (scripts/test does)")
@@ -75,14 +159,21 @@ def running_etcd() -> Iterator[EtcdProcess]:
         data_dir = Path(tmp) / "data"
         client, peer = free_port(), free_port()
         log_path = Path(tmp) / "etcd.log"
+        scheme = "https" if tls else "http"
+        secure: list[str] = []
+        if tls is not None:
+            secure = ["--cert-file", str(tls.server_cert), "--key-file", str(tls.server_key)]
+            if client_cert_auth:
+                secure += ["--client-cert-auth", "--trusted-ca-file", str(tls.ca)]
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
                 [
                     binary,
                     "--name", "test",
                     "--data-dir", str(data_dir),
-                    "--listen-client-urls", f"http://127.0.0.1:{client}",
-                    "--advertise-client-urls", f"http://127.0.0.1:{client}",
+                    "--listen-client-urls", f"{scheme}://127.0.0.1:{client}",
+                    "--advertise-client-urls", f"{scheme}://127.0.0.1:{client}",
+                    *secure,
                     "--listen-peer-urls", f"http://127.0.0.1:{peer}",
                     "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
                     "--initial-cluster", f"test=http://127.0.0.1:{peer}",
@@ -92,10 +183,10 @@ def running_etcd() -> Iterator[EtcdProcess]:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        etcd = EtcdProcess(client, process, data_dir)
+        etcd = EtcdProcess(client, process, data_dir, tls)
         try:
             deadline = time.monotonic() + START_TIMEOUT
-            while not _healthy(client):
+            while not _healthy(client, tls):
                 if process.poll() is not None or time.monotonic() > deadline:
                     tail = log_path.read_text(errors="replace")[-2000:]
                     raise EtcdStartError(f"etcd did not become healthy on port {client}:\n{tail}")

@@ -1,21 +1,25 @@
-"""The production backend: the KV interface on an etcd v3 cluster, through ``aetcd``.
+"""The production backend: the KV interface on an etcd v3 cluster, through ``aetcd``'s stubs.
 
-aetcd's ``Client`` owns the gRPC channel (and authentication, should we add it); the
-requests themselves go through the etcd stubs that aetcd exposes, because its high-level
-helpers drop what the KV contract needs: ``transaction`` hides the header revision,
-``get_prefix`` has no limit, and ``watch`` flattens events so one transaction's changes
-can no longer be told apart. Every key is stored under a namespace so several
-deployments (and tests) can share one cluster.
+Only etcd's generated gRPC stubs come from aetcd. Its ``Client`` is not used: it opens
+plaintext channels only (no TLS, no client certificate) and never renews its auth token,
+and its high-level helpers drop what the KV contract needs (``transaction`` hides the
+header revision, ``get_prefix`` has no limit, ``watch`` flattens events so one
+transaction's changes can no longer be told apart). ``_Connection`` is one channel to one
+member, TLS and authenticated when the operator says so (``EtcdSecurity``), and every call
+(reads, transactions, leases, watches) goes through it. Every key is stored under a
+namespace so several deployments (and tests) can share one cluster.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
-import aetcd
 import grpc
 from aetcd import rpc
 
@@ -40,7 +44,8 @@ from trustmesh.controlplane.store.kv import (
     prefix_end,
 )
 from trustmesh.errors import StoreError, StoreUnavailableError
-from trustmesh.hostport import split_host_port
+from trustmesh.files import read_private_file
+from trustmesh.hostport import join_host_port, split_host_port
 
 DEFAULT_NAMESPACE = "/trustmesh/"
 DEFAULT_TIMEOUT = 5.0
@@ -70,11 +75,125 @@ class _HistoryCompactedError(StoreError):
     """A request named a revision etcd has compacted (not a watch: see CompactedError)."""
 
 
+class _TokenRenewed(StoreUnavailableError):
+    """etcd refused a request for an expired auth token, unrun; a new token is in place."""
+
+
+# etcd://: TLS when --etcd-ca/--etcd-cert/--etcd-key say so; etcd+https://: always TLS;
+# etcd+http://: plaintext, and refused together with TLS flags.
+SCHEMES = ("etcd", "etcd+https", "etcd+http")
+_MAX_PASSWORD_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class EtcdSecurity:
+    """The operator's choice of how trustmesh proves itself to etcd and checks etcd back:
+    paths from --etcd-ca, --etcd-cert, --etcd-key, --etcd-user and --etcd-password-file."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    user: str | None = None
+    password_file: Path | None = None
+
+    def problem(self, scheme: str) -> str | None:
+        """What is wrong with these settings for a store url of this scheme, or None."""
+        if (self.cert is None) != (self.key is None):
+            return "--etcd-cert and --etcd-key go together: give both (the client certificate and its key) or neither"
+        if (self.user is None) != (self.password_file is None):
+            return "--etcd-user and --etcd-password-file go together: give both or neither"
+        tls = self.tls_requested or scheme == "etcd+https"
+        if scheme == "etcd+http" and self.tls_requested:
+            return ("the store url says etcd+http:// (plaintext) but --etcd-ca/--etcd-cert/--etcd-key ask for TLS; "
+                    "use etcd:// or etcd+https://")
+        if self.user is not None and not tls:
+            return ("--etcd-user would send its password to etcd in clear; use TLS to etcd "
+                    "(--etcd-ca FILE, or an etcd+https:// store url)")
+        return None
+
+    @property
+    def tls_requested(self) -> bool:
+        return any(p is not None for p in (self.ca, self.cert, self.key))
+
+
+@dataclass(frozen=True)
+class _Access:
+    """EtcdSecurity with its files read (once, at startup): what each connection uses."""
+
+    tls: bool = False
+    roots: bytes | None = None
+    roots_source: str = ""  # for messages: which file the server certificate is checked against
+    cert_chain: bytes | None = None
+    private_key: bytes | None = None
+    cert_source: str = ""
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+def _read_access(security: EtcdSecurity, scheme: str) -> _Access:
+    if (problem := security.problem(scheme)) is not None:
+        raise StoreError(problem)
+    tls = security.tls_requested or scheme == "etcd+https"
+    roots = chain = key = None
+    roots_source = cert_source = ""
+    if tls:
+        if security.ca is not None:
+            roots, roots_source = _read_public(security.ca, "--etcd-ca"), f"--etcd-ca {security.ca}"
+        else:
+            # No --etcd-ca: the host's CA store, as OpenSSL finds it (on Debian
+            # /etc/ssl/certs/ca-certificates.crt), not gRPC's own bundled list.
+            paths = ssl.get_default_verify_paths()
+            system = paths.cafile or paths.openssl_cafile
+            try:
+                roots = Path(system).read_bytes()
+            except OSError as err:
+                raise StoreError(f"TLS to etcd without --etcd-ca checks etcd's certificate against the system CA "
+                                 f"file {system}, which cannot be read ({err.strerror}); give --etcd-ca FILE") from err
+            roots_source = f"the system CA file {system} (no --etcd-ca given)"
+        if security.cert is not None and security.key is not None:
+            chain = _read_public(security.cert, "--etcd-cert")
+            key = read_private_file(security.key, "--etcd-key", limit=1 << 16)
+            cert_source = f"--etcd-cert {security.cert}"
+    password = None
+    if security.password_file is not None:
+        raw = read_private_file(security.password_file, "--etcd-password-file", limit=_MAX_PASSWORD_BYTES)
+        password = raw.decode(errors="replace").rstrip("\r\n")
+        if not password:
+            raise StoreError(f"--etcd-password-file {security.password_file} is empty; write the etcd "
+                             "user's password in it")
+    return _Access(tls, roots, roots_source, chain, key, cert_source, security.user, password)
+
+
+def _read_public(path: Path, flag: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise StoreError(f"cannot read {flag} {path}: {err.strerror}") from err
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise StoreError(f"{flag} {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    return data
+
+
+class _Connection:
+    """One gRPC channel to one etcd member, the stubs on it, and the auth token (if any)
+    that every request carries as metadata."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.kvstub = rpc.KVStub(channel)
+        self.leasestub = rpc.LeaseStub(channel)
+        self.metadata: tuple[tuple[str, str], ...] | None = None
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
 def parse_endpoints(url: str) -> list[tuple[str, int]]:
     """``etcd://h1:p1,h2:p2`` -> [(h1, p1), (h2, p2)], with errors that say what to fix."""
     scheme, sep, rest = url.partition("://")
-    if scheme != "etcd" or not sep:
-        raise StoreError(f"etcd store url {url!r} must look like etcd://host:port[,host:port]")
+    if scheme not in SCHEMES or not sep:
+        raise StoreError(f"etcd store url {url!r} must look like etcd://host:port[,host:port] "
+                         "(or etcd+https://, always TLS)")
     endpoints: list[tuple[str, int]] = []
     for item in rest.rstrip("/").split(","):
         try:
@@ -91,7 +210,7 @@ class EtcdKV:
     """KVBackend on etcd. Build it with ``await EtcdKV.connect(endpoints)``."""
 
     def __init__(
-        self, endpoints: Sequence[tuple[str, int]], namespace: str, timeout: float
+        self, endpoints: Sequence[tuple[str, int]], namespace: str, timeout: float, access: _Access | None = None
     ) -> None:
         if not endpoints:
             raise StoreError("no etcd endpoints given; name at least one host:port")
@@ -100,7 +219,8 @@ class EtcdKV:
         self._endpoints = list(endpoints)
         self._ns = namespace.encode()
         self._timeout = timeout
-        self._client: Any = None  # aetcd.Client once connected
+        self._access = access or _Access()
+        self._client: _Connection | None = None  # once connected
         self._current = 0  # index of the endpoint in use, or to try first
         self._closed = False
         self._watch_calls: set[Any] = set()  # open watch streams, ended by close()
@@ -113,8 +233,15 @@ class EtcdKV:
         *,
         namespace: str = DEFAULT_NAMESPACE,
         timeout: float = DEFAULT_TIMEOUT,
+        security: EtcdSecurity | None = None,
+        scheme: str = "etcd",
     ) -> EtcdKV:
-        kv = cls(endpoints, namespace, timeout)
+        """Connect to the first endpoint that answers and proves it may use the namespace.
+
+        Every refusal (TLS either way, user or password, a role without the namespace) is
+        one StoreUnavailableError naming its cause and what to do, after at most `timeout`
+        per endpoint."""
+        kv = cls(endpoints, namespace, timeout, _read_access(security or EtcdSecurity(), scheme))
         await kv._connected()
         return kv
 
@@ -123,7 +250,7 @@ class EtcdKV:
     def _names(self) -> str:
         return ", ".join(f"{h}:{p}" for h, p in self._endpoints)
 
-    async def _connected(self) -> Any:
+    async def _connected(self) -> _Connection:
         """The live client, connecting (endpoints in order) if there is none."""
         if self._closed:
             raise StoreUnavailableError("the etcd store is closed")
@@ -135,33 +262,108 @@ class EtcdKV:
                 self._client = await self._first_answering()
             return self._client
 
-    async def _first_answering(self) -> Any:
+    def _channel(self, host: str, port: int) -> grpc.aio.Channel:
+        target = join_host_port(host, port)
+        access = self._access
+        if not access.tls:
+            return grpc.aio.insecure_channel(target)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=access.roots, private_key=access.private_key, certificate_chain=access.cert_chain)
+        return grpc.aio.secure_channel(target, credentials)
+
+    async def _authenticate(self, client: _Connection) -> None:
+        """Sign in as --etcd-user: etcd answers with a token that every request then carries."""
+        access = self._access
+        if access.user is None:
+            return
+        request = rpc.AuthenticateRequest(name=access.user, password=access.password or "")
+        reply = await rpc.AuthStub(client.channel).Authenticate(request, timeout=self._timeout)
+        client.metadata = (("token", reply.token),)
+
+    async def _check_access(self, client: _Connection) -> None:
+        """Prove that this connection may read and write the whole namespace, without writing.
+
+        etcd checks the permissions of every operation in a transaction, whichever branch
+        runs, so a transaction whose compare can never hold (a key's version below 0) and
+        whose success branch deletes the namespace checks read and write rights on all of
+        it and changes nothing. A role limited to another prefix, or read-only, fails here
+        at startup instead of at the first write."""
+        low, high = self._prefix_range("")
+        never = rpc.Compare(key=self._ns, target=rpc.Compare.VERSION, result=rpc.Compare.LESS, version=0)
+        request = rpc.TxnRequest(
+            compare=[never],
+            success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=low, range_end=high))],
+        )
+        reply = await client.kvstub.Txn(request, timeout=self._timeout, metadata=client.metadata)
+        if reply.succeeded:  # pragma: no cover - a version is never negative
+            raise StoreError("etcd ran a transaction whose compare cannot hold; refusing to use it")
+
+    async def _first_answering(self) -> _Connection:
         problems: list[str] = []
         n = len(self._endpoints)
+        unreachable = True
         for step in range(n):
             index = (self._current + step) % n
             host, port = self._endpoints[index]
-            client = aetcd.Client(host=host, port=port, timeout=self._timeout)
+            client = _Connection(self._channel(host, port))
             try:
-                await client.connect()
-                # connect() only builds a channel; one cheap read proves etcd answers.
-                await client.kvstub.Range(
-                    rpc.RangeRequest(key=self._ns, count_only=True),
-                    timeout=self._timeout,
-                    metadata=client.metadata,
-                )
-            except (rpc.AioRpcError, aetcd.ClientError) as err:
-                problems.append(f"{host}:{port}: {_describe(err)}")
+                await self._authenticate(client)
+                await self._check_access(client)
+            except rpc.AioRpcError as err:
+                cause, reachable = self._explain(err)
+                unreachable = unreachable and not reachable
+                problems.append(f"{join_host_port(host, port)}: {cause}")
                 await client.close()
                 continue
             self._current = index
             return client
-        raise StoreUnavailableError(
-            f"cannot reach etcd at {self._names()} ({'; '.join(problems)}); check that etcd "
-            "is running and that the store url lists its client endpoints"
-        )
+        hint = ("; check that etcd is running and that the store url lists its client endpoints"
+                if unreachable else "")
+        if n == 1:
+            raise StoreUnavailableError(f"cannot use etcd at {problems[0]}{hint}")
+        raise StoreUnavailableError(f"cannot use etcd at {self._names()} ({'; '.join(problems)}){hint}")
 
-    async def _drop_client(self, failed: Any) -> None:
+    def _explain(self, err: rpc.AioRpcError) -> tuple[str, bool]:
+        """What a refused first request means, and what to do; and whether etcd answered at all."""
+        details = err.details() or err.code().name
+        access = self._access
+        ns = self._ns.decode()
+        if access.tls:
+            if "CERTIFICATE_VERIFY_FAILED" in details:
+                return (f"etcd's certificate is not signed by a CA in {access.roots_source}; give --etcd-ca "
+                        "the CA that signed etcd's --cert-file", True)
+            if "Hostname Verification" in details or "Peer name" in details:
+                return ("etcd's certificate does not name this address; use the host name or IP address that "
+                        "is in its subject alternative names in the store url", True)
+            if any(s in details for s in ("BAD_CERTIFICATE", "CERTIFICATE_REQUIRED", "TSI_DATA_CORRUPTED",
+                                          "UNKNOWN_CA", "CERTIFICATE_UNKNOWN")):
+                if access.cert_chain is None:
+                    return ("etcd demands a client certificate (--client-cert-auth); give --etcd-cert and "
+                            "--etcd-key", True)
+                return (f"etcd refused trustmesh's client certificate ({access.cert_source}); use one signed "
+                        "by a CA in etcd's --trusted-ca-file, for client authentication", True)
+            if "WRONG_VERSION_NUMBER" in details or "Handshake read failed" in details:
+                return ("etcd does not answer TLS here; if it serves plaintext, configure its "
+                        "--cert-file/--key-file (trustmesh will not send credentials in clear)", True)
+        elif "Socket closed" in details:
+            return ("etcd closed the connection: does it serve TLS? Then use --etcd-ca FILE "
+                    "(or an etcd+https:// store url)", True)
+        if "authentication failed" in details or "invalid user" in details.lower():
+            return (f"etcd refused user {access.user!r} and the password in --etcd-password-file "
+                    "(wrong user or password); fix the file or the user in etcd", True)
+        if "authentication is not enabled" in details:
+            return ("--etcd-user is given but etcd has authentication disabled, so anyone who reaches it can "
+                    "write the store; run `etcdctl auth enable` (or drop --etcd-user)", True)
+        if "user name is empty" in details or "user name not found" in details:
+            return ("etcd requires authentication; give --etcd-user and --etcd-password-file (or a client "
+                    "certificate whose common name is an etcd user)", True)
+        if err.code() == grpc.StatusCode.PERMISSION_DENIED or "permission denied" in details:
+            who = f"user {access.user!r}" if access.user else "this client"
+            return (f"etcd denies {who} read and write on the prefix {ns}; grant a role "
+                    f"`etcdctl role grant-permission ROLE readwrite {ns} --prefix=true`", True)
+        return _describe(err), err.code() not in _UNREACHABLE
+
+    async def _drop_client(self, failed: _Connection) -> None:
         """Forget a failed connection so the next call tries the next endpoint."""
         if self._client is not failed:
             return  # another caller already replaced it
@@ -169,8 +371,17 @@ class EtcdKV:
         self._current = (self._current + 1) % len(self._endpoints)
         await failed.close()
 
-    async def _translate(self, err: rpc.AioRpcError, doing: str, client: Any) -> StoreError:
+    async def _translate(self, err: rpc.AioRpcError, doing: str, client: _Connection) -> StoreError:
         details = err.details() or err.code().name
+        if err.code() == grpc.StatusCode.UNAUTHENTICATED and "auth token" in details and self._access.user:
+            # etcd's token expired (after --auth-token-ttl idle, or a JWT's lifetime): sign in
+            # again on the same channel, so open watches stay, and let the caller retry.
+            try:
+                await self._authenticate(client)
+            except rpc.AioRpcError as again:
+                return StoreUnavailableError(
+                    f"etcd's auth token expired while {doing} and signing in again failed: {self._explain(again)[0]}")
+            return _TokenRenewed(f"etcd's auth token expired while {doing}; signed in again, retry")
         if err.code() in _UNREACHABLE:
             host, port = self._endpoints[self._current]
             await self._drop_client(client)
@@ -195,9 +406,12 @@ class EtcdKV:
         """
         attempts = len(self._endpoints) + 1 if retry else 1
         last: StoreError | None = None
-        for attempt in range(attempts):
+        attempt = 0
+        extra = 1  # one more try after a renewed token, whatever `retry` says
+        while attempt < attempts:
             if attempt:
                 await asyncio.sleep(backoff_ceiling(attempt, base=0.05, cap=0.5))  # an election takes ~1 s
+            attempt += 1
             try:
                 client = await self._connected()
             except StoreUnavailableError as err:
@@ -209,6 +423,9 @@ class EtcdKV:
                 translated = await self._translate(err, doing, client)
                 if not isinstance(translated, StoreUnavailableError):
                     raise translated from err
+                if isinstance(translated, _TokenRenewed) and attempt == attempts and extra:
+                    # etcd refused the request before running it: one more try, even for a write.
+                    attempts, extra = attempts + 1, 0
                 last = translated
         assert last is not None
         raise last

@@ -102,8 +102,10 @@ def test_compose_is_three_replicas_on_three_etcd_members() -> None:
     ids = set()
     for argv in servers.values():
         args = _parse(argv)
-        assert args.store.startswith("etcd://") and all(f"etcd{i}:2379" in args.store for i in (1, 2, 3))
+        assert args.store.startswith("etcd+https://") and all(f"etcd{i}:2379" in args.store for i in (1, 2, 3))
         assert args.kek_file == "/run/secrets/kek"
+        assert (args.etcd_ca, args.etcd_cert, args.etcd_key) == (
+            "/run/secrets/etcd-ca", "/run/secrets/etcd-cert", "/run/secrets/etcd-key")
         ids.add(args.replica_id)
     assert len(ids) == 3, "each replica has its own replica id"
     agent = _parse(_compose_commands()["agent"])
@@ -124,14 +126,17 @@ def test_kubernetes_topology() -> None:
     for resource in kustomization["resources"]:
         assert (DEPLOY / "kubernetes" / resource).exists(), resource
     server = next(a for a in _k8s_commands() if a[:2] == ["server", "run"])
-    store = _parse(server).store
-    assert all(f"etcd-{i}.etcd:2379" in store for i in range(3))
+    args = _parse(server)
+    assert all(f"etcd-{i}.etcd:2379" in args.store for i in range(3))
+    assert args.store.startswith("etcd+https://") and args.etcd_ca and args.etcd_cert and args.etcd_key
+    etcd = " ".join(kinds["StatefulSet/etcd"]["spec"]["template"]["spec"]["containers"][0]["command"])
+    assert "--client-cert-auth" in etcd and "--peer-client-cert-auth" in etcd and "http://0.0.0.0:2379" not in etcd
 
 
 def test_config_files_load_with_the_real_config_code() -> None:
     server_args = _parse(["server", "run", "--config", str(DEPLOY / "systemd" / "server.yaml")])
     config = server_cmd._build_config(server_args)
-    assert config.store.startswith("etcd://")
+    assert config.store.startswith("etcd+https://") and config.etcd_ca and config.etcd_cert
     for path in (DEPLOY / "systemd" / "agent.yaml", DEPLOY / "agent.example.yaml"):
         agent_args = _parse(["agent", "run", "--config", str(path)])
         assert agent_run_cmd._build_config(agent_args).server

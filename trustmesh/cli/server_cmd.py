@@ -18,8 +18,11 @@ examples:
   trustmesh server run --trust-domain example.org
   # options from a file (flags win over it)
   trustmesh server run --config /etc/trustmesh/server.yaml
-  # one of several replicas sharing an etcd cluster and one key-encryption key
-  trustmesh server run --trust-domain example.org --store etcd://10.0.0.11:2379,10.0.0.12:2379/trustmesh \\
+  # one of several replicas sharing an etcd cluster (over TLS, with a client certificate)
+  # and one key-encryption key
+  trustmesh server run --trust-domain example.org --store etcd+https://10.0.0.11:2379,10.0.0.12:2379/trustmesh \\
+      --etcd-ca /etc/trustmesh/etcd/ca.pem --etcd-cert /etc/trustmesh/etcd/trustmesh.pem \\
+      --etcd-key /etc/trustmesh/etcd/trustmesh-key.pem \\
       --kek-file /etc/trustmesh/kek.bin --bind 0.0.0.0:8081 --attest-bind 0.0.0.0:8082
 """
 
