@@ -94,24 +94,28 @@ class PrivateFileError(TrustmeshError):
     """A file holding a secret is missing, unreadable, too large or readable by others."""
 
 
-def read_private_file(path: Path, what: str, *, limit: int = 1 << 20) -> bytes:
+def read_private_file(path: Path, what: str, *, limit: int = 1 << 20, group_may_read: bool = True) -> bytes:
     """The bytes of a secret (a password, a private key) that other users must not read.
 
-    Refused when others (not the owner, not the group) may read or write it: the secret
-    would already be known to every account on the host. Mode and contents come from one
-    open file, so a swap between the check and the read cannot slip in another file.
+    Refused when others (and, unless `group_may_read`, the group) may read or write it: the
+    secret would already be known to every account on the host. Mode and contents come from
+    one open file, so a swap between the check and the read cannot slip in another file.
     `what` names the file for messages, e.g. "--etcd-password-file".
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never hang on a FIFO
+    except FileNotFoundError as err:
+        raise PrivateFileError(f"{what} {path} does not exist") from err
     except OSError as err:
         raise PrivateFileError(f"cannot read {what} {path}: {err.strerror}") from err
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise PrivateFileError(f"cannot read {what} {path}: not a regular file")
-        if st.st_mode & stat.S_IRWXO:
-            raise PrivateFileError(f"{what} {path} is open to other users (mode {oct(st.st_mode & 0o777)}); "
+        closed = stat.S_IRWXO if group_may_read else stat.S_IRWXG | stat.S_IRWXO
+        if st.st_mode & closed:
+            who = "other users" if group_may_read else "group or others"
+            raise PrivateFileError(f"{what} {path} is open to {who} (mode {oct(st.st_mode & 0o777)}); "
                                    f"run `chmod 600 {path}`")
         data = os.read(fd, limit + 1)  # bounded: a wrong path (a log, a device) is not slurped whole
     except OSError as err:

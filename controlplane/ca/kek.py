@@ -13,7 +13,6 @@ import binascii
 import hashlib
 import hmac
 import os
-import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -22,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from trustmesh.errors import KeyEncryptionError
-from trustmesh.files import atomic_write
+from trustmesh.files import PrivateFileError, atomic_write, read_private_file
 
 KEK_BYTES = 32
 _MAGIC = b"TMK1"
@@ -71,33 +70,10 @@ class KeyEncryptionKey:
     def from_file(cls, path: Path | str) -> KeyEncryptionKey:
         path = Path(path)
         try:
-            # Mode and contents come from one open file, so a swap between a check and a
-            # read cannot slip in a file whose mode was never checked.
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never hang on a FIFO
-        except FileNotFoundError as err:
-            raise KeyEncryptionError(f"key-encryption key file {path} does not exist") from err
-        except OSError as err:
-            raise KeyEncryptionError(f"cannot read key-encryption key file {path}: {err.strerror}") from err
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise KeyEncryptionError(f"cannot read key-encryption key file {path}: not a regular file")
-            if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise KeyEncryptionError(
-                    f"key-encryption key file {path} is open to group or others "
-                    f"(mode {oct(st.st_mode & 0o777)}); run `chmod 600 {path}`"
-                )
-            # A key file is tens of bytes; reading a bounded amount keeps a wrong path
-            # (a log, a device) from being slurped whole.
-            data = os.read(fd, _MAX_FILE_BYTES + 1)
-        except OSError as err:
-            raise KeyEncryptionError(f"cannot read key-encryption key file {path}: {err.strerror}") from err
-        finally:
-            os.close(fd)
-        if len(data) > _MAX_FILE_BYTES:
-            raise KeyEncryptionError(
-                f"key-encryption key file {path} does not hold a {KEK_BYTES}-byte key (it is far too large)"
-            )
+            # A key file is tens of bytes; the bound keeps a wrong path (a log) from being read whole.
+            data = read_private_file(path, "key-encryption key file", limit=_MAX_FILE_BYTES, group_may_read=False)
+        except PrivateFileError as err:
+            raise KeyEncryptionError(str(err)) from err
         return cls(_decode(data, f"key-encryption key file {path}"))
 
     @classmethod

@@ -41,6 +41,9 @@ def _sample(decl: Option) -> Any:
             "TEXT": "some-text", "N": "3", "TRUST_DOMAIN": "example.org", "LIST": SERVICES}[decl.parser.metavar]
 
 
+CONSISTENT = {"store": "etcd+https://10.1.2.3:2379"}
+
+
 def _run_parser(command: tuple[str, str]) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = build_parser()
     for word in command:
@@ -111,10 +114,12 @@ def test_the_parser_accepts_each_flag(command: tuple[str, str], cls: type[Any], 
 def test_a_file_setting_every_option_fills_every_field(tmp_path: Path, command: tuple[str, str], cls: type[Any],
                                                       required: dict[str, Any], not_options: set[str]) -> None:
     options = list(declared(cls))
-    path = _write(tmp_path, {key_name(f.name): _sample(decl) for f, decl in options})
+    # Options that only go together with a certain value of another (etcd flags with an etcd store).
+    samples = {f.name: CONSISTENT.get(f.name, _sample(decl)) for f, decl in options}
+    path = _write(tmp_path, {key_name(f.name): samples[f.name] for f, _ in options})
     config = build(cls, resolve(cls, _parse(command, ["--config", path]), path))
     for f, decl in options:
-        value = decl.parser.read(_sample(decl))
+        value = decl.parser.read(samples[f.name])
         assert getattr(config, f.name) == ((value,) if decl.repeat else value), f.name
 
 
