@@ -31,7 +31,7 @@ from typing import Protocol
 
 from trustmesh.clock import format_utc
 from trustmesh.controlplane.store.records import AuditEvent
-from trustmesh.errors import NotFoundError, StoreError
+from trustmesh.errors import NotFoundError, StoreError, TrustmeshError
 from trustmesh.logs import log_event
 
 log = logging.getLogger("trustmesh.audit")
@@ -62,8 +62,8 @@ class AnchorCheck:
     reason: str = ""
 
 
-class AnchorError(Exception):
-    """The checkpoint file cannot be used (unreadable, or a line that is not ours)."""
+class AnchorError(TrustmeshError):
+    """The checkpoint file cannot be used (unwritable, unreadable, or a line that is not ours)."""
 
 
 class AuditAnchor:
@@ -159,6 +159,16 @@ class AuditAnchor:
         return AnchorCheck(True, cp)
 
     # -- writing ------------------------------------------------------------------------
+
+    def probe(self) -> None:
+        """Fail at start, not at the first checkpoint, when the anchor file cannot be written."""
+        if self.path is None:
+            return
+        try:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        except OSError as err:
+            raise AnchorError(f"cannot write the audit anchor {self.path}: {err.strerror}; create its directory, "
+                              "fix its permissions, or choose another --audit-anchor (a file, syslog or off)") from err
 
     def note(self, event: AuditEvent) -> None:
         """Called after every append: anchor now every `every_events` events, else soon."""

@@ -90,31 +90,32 @@ async def was_sealed_before(store: Store) -> bool:
 async def protect(rt: ServerRuntime, derive: Callable[[str], bytes]) -> AuditAnchor:
     """Seal the store's records (upgrading a store that predates MACs) and anchor the audit
     chain; call before anything else reads the registry. Returns the anchor to run."""
-    monitor = IntegrityMonitor(rt.metrics)
-
-    async def may_upgrade() -> bool:
-        return not await was_sealed_before(rt.store)
-
-    sealed = await rt.store.seal_records(derive, monitor, may_upgrade=may_upgrade)
-    guard = ReplayGuard(monitor)
-    await guard.load(lambda since, limit: rt.store.list_audit_events(since_seq=since, limit=limit))
-    rt.store.replay = guard
     cfg = rt.config
     anchor = AuditAnchor(cfg.audit_anchor_target, derive("audit-anchor"), every_events=cfg.audit_anchor_every,
                          interval=cfg.audit_anchor_interval.total_seconds())
+    anchor.probe()  # before anything is written: a start that fails leaves the store as it was
     # Checked before this start appends anything: an append onto a cut chain would hide the cut.
     check = await anchor.check(rt.store)
-    monitor.audit = rt.audit
     if not check.ok:
         anchor.broken = check.reason
         rt.metrics.counter("trustmesh_audit_anchor_failures_total",
                            "times the audit chain did not hold its checkpoint outside the store").inc()
         log_event(log, "audit.anchor_mismatch", logging.ERROR, reason=check.reason)
-    rt.audit.anchor = anchor
-    if not check.ok:
         await rt.audit.record("audit.anchor_mismatch", actor=ACTOR, subject="audit", outcome="denied",
                               reason=check.reason, anchor=anchor.target)
-    if sealed is not None:
-        log_event(log, "store.sealed", records=sealed)
-        await rt.audit.record(SEALED_EVENT, actor=ACTOR, subject="store", records=sealed)
+    rt.audit.anchor = anchor
+    monitor = IntegrityMonitor(rt.metrics)
+    monitor.audit = rt.audit
+
+    async def may_upgrade() -> bool:
+        return not await was_sealed_before(rt.store)
+
+    async def sealed(records: int) -> None:
+        log_event(log, "store.sealed", records=records)
+        await rt.audit.record(SEALED_EVENT, actor=ACTOR, subject="store", records=records)
+
+    await rt.store.seal_records(derive, monitor, may_upgrade=may_upgrade, on_sealed=sealed)
+    guard = ReplayGuard(monitor)
+    await guard.load(lambda since, limit: rt.store.list_audit_events(since_seq=since, limit=limit))
+    rt.store.replay = guard
     return anchor

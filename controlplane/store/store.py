@@ -217,27 +217,35 @@ class Store:
     # -- record integrity ------------------------------------------------------------
 
     async def seal_records(self, derive: Callable[[str], bytes], on_failure: FailureHook, *,
-                           may_upgrade: Callable[[], Awaitable[bool]]) -> int | None:
+                           may_upgrade: Callable[[], Awaitable[bool]],
+                           on_sealed: Callable[[int], Awaitable[None]] | None = None) -> int | None:
         """From now on, seal every record written and check every record read.
 
         A store without the seal marker was written by a version without MACs: its records
         are sealed here, once, if ``may_upgrade()`` agrees (the server asks the audit chain
         whether this store was sealed before, so deleting the marker cannot launder rows
-        written without the KEK). Returns how many records were sealed, None when the store
-        was sealed already (or may not be upgraded).
+        written without the KEK; a deleted marker is reported and written again).
+        ``on_sealed(count)`` runs after the records are sealed and before the marker is
+        written (the server audits there), so a crash in between never leaves a marker
+        without its audit event. Returns how many records were sealed, None when none were.
         """
         sealer = RecordSealer(derive, SEALED_KINDS)
         sealed: int | None = None
-        if await self._raw.get(SEAL_MARKER) is None and await may_upgrade():
-            sealed = 0
-            for kv in await self._sealed_records():
-                if split(kv.value)[1] is not None:
-                    continue
-                # Guarded by the revision read: a record that changed meanwhile was written by
-                # a sealing writer already.
-                result = await self._raw.txn([Compare.mod_revision(kv.key, kv.mod_revision)],
-                                             [Put(kv.key, sealer.seal(kv.key, kv.value))])
-                sealed += int(result.succeeded)
+        if await self._raw.get(SEAL_MARKER) is None:
+            if await may_upgrade():
+                sealed = 0
+                for kv in await self._sealed_records():
+                    if split(kv.value)[1] is not None:
+                        continue
+                    # Guarded by the revision read: a record that changed meanwhile was written by
+                    # a sealing writer already.
+                    result = await self._raw.txn([Compare.mod_revision(kv.key, kv.mod_revision)],
+                                                 [Put(kv.key, sealer.seal(kv.key, kv.value))])
+                    sealed += int(result.succeeded)
+                if on_sealed is not None:
+                    await on_sealed(sealed)
+            else:
+                await on_failure(IntegrityFailure("meta", SEAL_MARKER, "the seal marker was deleted"))
             await self._raw.txn([Compare.absent(SEAL_MARKER)], [Put(SEAL_MARKER, sealer.seal(SEAL_MARKER, b"1"))])
         self._sealer = sealer
         self._counting.inner = SealingKV(self._raw, sealer, on_failure)
