@@ -21,6 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,6 +34,11 @@ log = logging.getLogger("trustmesh.audit")
 GENESIS = "0" * 64
 _MAX_RETRIES = 50
 _PAGE = 1000
+
+# Where the call being served comes from (an address, or a local process), set by the call
+# layer (api/calls.py) for callers that carry one. Every event recorded while serving that
+# call says it (`source` in its details), so no domain service has to pass it along.
+call_source: ContextVar[str] = ContextVar("trustmesh_audit_source", default="")
 
 
 class AuditStore(Protocol):
@@ -113,6 +119,8 @@ class AuditLog:
                 seq = 1 if prev is None else prev.seq + 1
                 prev_hash = GENESIS if prev is None else prev.hash
                 at = round(float(self._clock()), 6)
+                if "source" not in details and call_source.get():
+                    details["source"] = call_source.get()
                 clean = json.loads(json.dumps(details, sort_keys=True, default=str))
                 event = AuditEvent(
                     seq=seq,

@@ -26,12 +26,12 @@ from trustmesh.controlplane.api.calls import (
     Method,
     current_caller,
 )
-from trustmesh.controlplane.api.peer import PeerAgent, peer_host
+from trustmesh.controlplane.api.peer import PeerAgent, peer_address, peer_host
 from trustmesh.controlplane.registration import AttestedNode
 from trustmesh.errors import UnauthenticatedError, VerificationError
 from trustmesh.naming import node_name_of
 from trustmesh.spiffeid import SpiffeId, TrustDomain
-from trustmesh.x509svid import spiffe_id_from_certificate
+from trustmesh.x509svid import admin_entry_of, spiffe_id_from_certificate
 
 # Who made an admin change on the unix socket. grpcio cannot read SO_PEERCRED there, so
 # the socket itself (mode 0600, owned by the server's user) is the identity.
@@ -47,7 +47,7 @@ class AgentAuthenticator(Protocol):
 
 
 class AdminCheck(Protocol):
-    def is_admin(self, spiffe_id: str) -> bool: ...
+    def is_admin_entry(self, entry_id: str, spiffe_id: str) -> bool: ...
 
 
 class AuditRecorder(Protocol):
@@ -107,13 +107,21 @@ def agents(td: TrustDomain, records: AgentAuthenticator) -> Authenticator:
 
 
 def remote_admins(td: TrustDomain, admins: AdminCheck) -> Authenticator:
-    """The remote admin listener: the SVID of an entry of `td` marked admin."""
+    """The remote admin listener: an SVID of `td` issued from an entry marked admin.
+
+    The SVID must name the entry it was issued from (x509svid.ADMIN_ENTRY_OID, set by the CA
+    for admin entries only), and that entry must, at this call, still exist, still be marked
+    admin and still be for this SPIFFE ID: the same ID registered without --admin elsewhere
+    gets nothing, and unmarking or deleting the entry revokes its SVIDs' rights at once.
+    """
 
     async def authenticate(context: grpc.aio.ServicerContext) -> Caller:
-        sid, _ = client_svid(context, "the remote admin API needs an admin SVID as TLS client certificate")
-        if sid.trust_domain == td and admins.is_admin(str(sid)):
-            return Caller(CallerKind.REMOTE_ADMIN, f"admin:{sid}", sid)
-        return Caller(CallerKind.WORKLOAD, str(sid), sid)
+        sid, leaf = client_svid(context, "the remote admin API needs an admin SVID as TLS client certificate")
+        source = peer_address(context.peer())
+        entry = admin_entry_of(leaf)
+        if sid.trust_domain == td and entry and admins.is_admin_entry(entry, str(sid)):
+            return Caller(CallerKind.REMOTE_ADMIN, f"admin:{sid}", sid, source=source)
+        return Caller(CallerKind.WORKLOAD, str(sid), sid, source=source)
 
     return authenticate
 
@@ -122,7 +130,8 @@ def audit_admin_denials(audit: AuditRecorder) -> DenialHook:
     """Every caller the remote admin listener refuses becomes an `admin.call` audit event."""
 
     async def denied(caller: Caller, method: Method) -> None:
-        reason = "not an admin entry" if caller.kind is CallerKind.WORKLOAD else f"{caller.kind} may not call it"
+        reason = ("its SVID was not issued from an entry marked admin" if caller.kind is CallerKind.WORKLOAD
+                  else f"{caller.kind} may not call it")
         await audit.record("admin.call", actor=caller.id, subject=method.name, outcome="denied", reason=reason)
 
     return denied

@@ -54,11 +54,11 @@ class Pki:
                                          issuer_key=self.key, not_before=NOW - timedelta(hours=1),
                                          not_after=NOW + timedelta(days=1), path_length=1, common_name="root")
 
-    def svid(self, sid: str, dns: tuple[str, ...] = ()) -> tuple[bytes, bytes, x509.Certificate]:
+    def svid(self, sid: str, dns: tuple[str, ...] = (), admin_entry: str = "") -> tuple[bytes, bytes, x509.Certificate]:
         key = generate_private_key()
         cert = build_leaf_certificate(spiffe_id=SpiffeId.parse(sid), public_key=key.public_key(), issuer=self.root,
                                       issuer_key=self.key, not_before=NOW - timedelta(minutes=1),
-                                      not_after=NOW + timedelta(hours=1), dns_names=dns)
+                                      not_after=NOW + timedelta(hours=1), dns_names=dns, admin_entry=admin_entry)
         return _key_pem(key), _pem(cert), cert
 
 
@@ -223,18 +223,18 @@ class Audit:
 
 @dataclass
 class Admins:
-    ids: frozenset[str]
+    entries: dict[str, str]  # admin entry id -> its SPIFFE ID
 
-    def is_admin(self, spiffe_id: str) -> bool:
-        return spiffe_id in self.ids
+    def is_admin_entry(self, entry_id: str, spiffe_id: str) -> bool:
+        return self.entries.get(entry_id) == spiffe_id
 
 
 async def test_the_remote_admin_listener_serves_admin_entries_and_audits_the_others() -> None:
     pki = Pki()
-    admin = pki.svid("spiffe://example.org/ops")
+    admin = pki.svid("spiffe://example.org/ops", admin_entry="e-ops")
     plain = pki.svid("spiffe://example.org/web")
     audit = Audit()
-    listener = await listen(pki, callers.remote_admins(TD, Admins(frozenset({"spiffe://example.org/ops"}))),
+    listener = await listen(pki, callers.remote_admins(TD, Admins({"e-ops": "spiffe://example.org/ops"})),
                             client_cert=True, on_denied=callers.audit_admin_denials(audit))
     try:
         await list_entries(pki, listener, admin)
@@ -245,7 +245,8 @@ async def test_the_remote_admin_listener_serves_admin_entries_and_audits_the_oth
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert (info.value.details() or "").startswith("spiffe://example.org/web may not use the admin API")
         assert audit.events == [("admin.call", {"actor": "spiffe://example.org/web", "subject": "ListEntries",
-                                                "outcome": "denied", "reason": "not an admin entry"})]
+                                                "outcome": "denied",
+                                                "reason": "its SVID was not issued from an entry marked admin"})]
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await batch_sign(pki, listener, admin)  # an admin is no agent
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
