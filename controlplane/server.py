@@ -29,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from trustmesh.controlplane.api import callers
 from trustmesh.controlplane.api.admin import AdminServicer, AdminServices
 from trustmesh.controlplane.api.calls import CallLayer
+from trustmesh.controlplane.api.local_socket import AdminSocket
 from trustmesh.controlplane.api.node import NodeServicer
 from trustmesh.controlplane.attestation import NodeAttestor
 from trustmesh.controlplane.audit import AuditLog
@@ -213,25 +214,12 @@ def _grpc_server(layer: CallLayer, max_receive: int = MAX_MESSAGE_BYTES) -> grpc
     ])
 
 
-async def _start_admin_server(rt: ServerRuntime, admin: AdminServicer) -> grpc.aio.Server:
-    path = rt.config.admin_socket_path
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.is_socket():
-        path.unlink()  # a stale socket from a previous run
-    elif path.exists():
-        raise TrustmeshError(f"admin socket path {path} exists and is not a socket; "
-                             "remove it or pick another --admin-socket")
-    server = _grpc_server(CallLayer(callers.local_admin, rt.metrics))
+async def _start_admin_server(rt: ServerRuntime, admin: AdminServicer, sock: AdminSocket) -> grpc.aio.Server:
+    """The admin API on the unix socket (mode 0600), each caller named by its uid (local_socket.py)."""
+    server = _grpc_server(CallLayer(callers.local_admins(sock), rt.metrics))
     admin.register(server)
     _add_health(server)
-    # The socket must never exist with looser permissions, not even for an instant.
-    old_umask = os.umask(0o177)
-    try:
-        server.add_insecure_port(f"unix:{path}")
-        await server.start()
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o600)
+    await sock.start(server)
     return server
 
 
@@ -249,6 +237,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
     attest_server: grpc.aio.Server | None = None
     remote_admin: grpc.aio.Server | None = None
     admin_server: grpc.aio.Server | None = None
+    admin_socket: AdminSocket | None = None
     metrics_server: HttpServer | None = None
     bundle_server: HttpServer | None = None
     ca: CertificateAuthority | None = None
@@ -292,7 +281,8 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
                               "--attest-bind")
         await node_server.start()
         await attest_server.start()
-        admin_server = await _start_admin_server(rt, admin)
+        admin_socket = AdminSocket(config.admin_socket_path)
+        admin_server = await _start_admin_server(rt, admin, admin_socket)
         remote_admin_port = 0
         if config.admin_bind:
             remote_admin = _grpc_server(CallLayer(callers.remote_admins(td, view), rt.metrics,
@@ -348,6 +338,8 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
                 await grpc_server.stop(grace=1)
         if admin_server is not None:
             await admin_server.stop(grace=1)
+        if admin_socket is not None:
+            await admin_socket.close()
         for plain in (metrics_server, bundle_server):
             if plain is not None:
                 plain.close()

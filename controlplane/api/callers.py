@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import grpc
 from cryptography import x509
 
+from trustmesh.agent.workload_attestor import PeerCredentials
 from trustmesh.controlplane.api.calls import (
     ANONYMOUS_CALLER,
     Authenticator,
@@ -32,11 +33,6 @@ from trustmesh.errors import UnauthenticatedError, VerificationError
 from trustmesh.naming import node_name_of
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 from trustmesh.x509svid import admin_entry_of, spiffe_id_from_certificate
-
-# Who made an admin change on the unix socket. grpcio cannot read SO_PEERCRED there, so
-# the socket itself (mode 0600, owned by the server's user) is the identity.
-LOCAL_ADMIN = "admin:local-socket"
-LOCAL_ADMIN_CALLER = Caller(CallerKind.LOCAL_ADMIN, LOCAL_ADMIN)
 
 
 class AgentAuthenticator(Protocol):
@@ -86,9 +82,27 @@ async def anonymous(context: grpc.aio.ServicerContext) -> Caller:
     return ANONYMOUS_CALLER
 
 
-async def local_admin(context: grpc.aio.ServicerContext) -> Caller:
-    """The admin unix socket: whoever can open it is the local admin."""
-    return LOCAL_ADMIN_CALLER
+class LocalCallers(Protocol):
+    def caller_of(self, peer: str | None) -> PeerCredentials | None: ...
+
+
+def local_admin_id(uid: int) -> str:
+    """How the audit log names a local admin: by the uid the kernel gave for its connection."""
+    return f"local (uid {uid})"
+
+
+def local_admins(sockets: LocalCallers) -> Authenticator:
+    """The admin unix socket (mode 0600: whoever can open it is a local admin), named by the
+    uid and pid the kernel gives for the connection (SO_PEERCRED, read by local_socket.py)."""
+
+    async def authenticate(context: grpc.aio.ServicerContext) -> Caller:
+        creds = sockets.caller_of(context.peer())
+        if creds is None:
+            raise UnauthenticatedError("this connection did not come through the admin socket; connect to the "
+                                       "server's --admin-socket")
+        return Caller(CallerKind.LOCAL_ADMIN, local_admin_id(creds.uid), source=f"pid {creds.pid}")
+
+    return authenticate
 
 
 def agents(td: TrustDomain, records: AgentAuthenticator) -> Authenticator:

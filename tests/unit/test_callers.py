@@ -8,6 +8,8 @@ registry view (the AgentAuthenticator protocol), with the same refusals.
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -21,7 +23,15 @@ from cryptography.hazmat.primitives import serialization
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2, admin_pb2_grpc, node_pb2, node_pb2_grpc
 from trustmesh.controlplane.api import callers
-from trustmesh.controlplane.api.calls import ANONYMOUS_CALLER, Authenticator, CallLayer, DenialHook, current_caller
+from trustmesh.controlplane.api.calls import (
+    ANONYMOUS_CALLER,
+    Authenticator,
+    CallerKind,
+    CallLayer,
+    DenialHook,
+    current_caller,
+)
+from trustmesh.controlplane.api.local_socket import AdminSocket
 from trustmesh.controlplane.api.peer import PeerAgent
 from trustmesh.controlplane.store.records import AttestedNode
 from trustmesh.errors import PermissionDeniedError
@@ -255,16 +265,30 @@ async def test_the_remote_admin_listener_serves_admin_entries_and_audits_the_oth
         await listener.server.stop(None)
 
 
-async def test_the_admin_socket_is_the_local_admin(tmp_path: Path) -> None:
-    pki = Pki()
-    listener = await listen(pki, callers.local_admin, client_cert=None, socket=tmp_path / "admin.sock")
+async def test_the_admin_socket_names_the_caller_by_its_uid(tmp_path: Path) -> None:
+    seen = Seen()
+    sock = AdminSocket(tmp_path / "admin.sock")
+    server = grpc.aio.server(interceptors=[CallLayer(callers.local_admins(sock), Registry())],
+                             options=[("grpc.so_reuseport", 0)])
+    node_pb2_grpc.add_NodeServicer_to_server(seen, server)
+    admin_pb2_grpc.add_AdminServicer_to_server(seen, server)
+    await sock.start(server)
+    listener = Listener(server, seen, f"unix:{tmp_path / 'admin.sock'}")
     try:
-        await list_entries(pki, listener, None)
-        assert listener.seen.callers == [callers.LOCAL_ADMIN_CALLER]
-        assert callers.LOCAL_ADMIN_CALLER.id == "admin:local-socket"
+        assert stat.S_IMODE((tmp_path / "admin.sock").stat().st_mode) == 0o600
+        await list_entries(Pki(), listener, None)
+        [caller] = seen.callers
+        assert (caller.kind, caller.id, caller.source) == (CallerKind.LOCAL_ADMIN, f"local (uid {os.getuid()})",
+                                                           f"pid {os.getpid()}")
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await batch_sign(pki, listener, None)
+            await batch_sign(Pki(), listener, None)
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # Around the socket, straight to the gRPC server behind it: nobody the kernel named.
+        around = Listener(server, seen, f"unix:{sock._inner}")  # noqa: SLF001
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await list_entries(Pki(), around, None)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
-        await listener.server.stop(None)
-
+        await server.stop(None)
+        await sock.close()
+    assert not (tmp_path / "admin.sock").exists()
