@@ -21,10 +21,10 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from trustmesh.controlplane.call_source import call_source
 from trustmesh.controlplane.store.records import AuditEvent, RecordFormatError
 from trustmesh.errors import ConflictError
 from trustmesh.logs import log_event
@@ -34,11 +34,6 @@ log = logging.getLogger("trustmesh.audit")
 GENESIS = "0" * 64
 _MAX_RETRIES = 50
 _PAGE = 1000
-
-# Where the call being served comes from (an address, or a local process), set by the call
-# layer (api/calls.py) for callers that carry one. Every event recorded while serving that
-# call says it (`source` in its details), so no domain service has to pass it along.
-call_source: ContextVar[str] = ContextVar("trustmesh_audit_source", default="")
 
 
 class AuditStore(Protocol):

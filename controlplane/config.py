@@ -96,6 +96,10 @@ class ServerConfig:
         "agents' flow reports (denials, refusals) become at most one flows.reported audit event per agent "
         "per this interval; the first after a quiet interval is written at once", DURATION,
         default=timedelta(minutes=1))
+    attest_audit_interval: timedelta = option(
+        "failed attestations become at most one node.attest audit event per source address per this "
+        "interval; the first after a quiet interval is written at once", DURATION,
+        default=timedelta(minutes=1))
     signing_workers: int = option(
         "processes that sign X.509-SVIDs, for issuance on every core; 0 signs in a thread of the server "
         "process (default: the number of CPUs)", COUNT, default_factory=lambda: os.cpu_count() or 1)

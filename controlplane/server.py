@@ -267,7 +267,8 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         view.subscribe(sync.on_registry_event)
         # Agents: attestation, then signing (issuance) and the push of what they may use (sync).
         issuance = IssuanceService(rt, view)
-        node = NodeServicer(view, NodeAttestor(rt), issuance, sync, guard)
+        attestor = NodeAttestor(rt)
+        node = NodeServicer(view, attestor, issuance, sync, guard)
         admin = AdminServicer(AdminServices.of(rt))
         td = config.trust_domain
         node_server = _grpc_server(CallLayer(callers.agents(td, guard), rt.metrics))
@@ -306,6 +307,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
             tasks.create_task(view.run(stop), name="registry-view")
             tasks.create_task(_rotation_loop(rt, creds, stop), name="rotation")
             tasks.create_task(issuance.flows.run(stop), name="flow-audit")
+            tasks.create_task(attestor.failures.run(stop), name="attestation-failures-audit")
             tasks.create_task(guard.run(stop), name="clone-guard")
             election = LeaderElection(store, config.replica_id, rt.metrics, ttl=config.leader_ttl)
             tasks.create_task(election.run(stop, lambda: leader_duties(rt)), name="leader-election")

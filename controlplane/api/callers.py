@@ -11,13 +11,12 @@ identity in use from another address: controlplane/clones.py).
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import grpc
 from cryptography import x509
 
-from trustmesh.agent.workload_attestor import PeerCredentials
 from trustmesh.controlplane.api.calls import (
     ANONYMOUS_CALLER,
     Authenticator,
@@ -31,6 +30,7 @@ from trustmesh.controlplane.api.peer import PeerAgent, peer_address, peer_host
 from trustmesh.controlplane.registration import AttestedNode
 from trustmesh.errors import UnauthenticatedError, VerificationError
 from trustmesh.naming import node_name_of
+from trustmesh.peercred import PeerCredentials
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 from trustmesh.x509svid import admin_entry_of, spiffe_id_from_certificate
 
@@ -78,8 +78,9 @@ def client_svid(context: grpc.aio.ServicerContext, missing: str) -> tuple[Spiffe
 
 
 async def anonymous(context: grpc.aio.ServicerContext) -> Caller:
-    """The attestation listener: no client certificate, so nobody is known yet."""
-    return ANONYMOUS_CALLER
+    """The attestation listener: no client certificate, so nobody is known yet; only where the
+    call comes from (its host: failures are aggregated and rate-limited per source address)."""
+    return replace(ANONYMOUS_CALLER, source=peer_host(context.peer()))
 
 
 class LocalCallers(Protocol):

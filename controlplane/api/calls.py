@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import grpc
 
 from trustmesh.controlplane.api.status import status_for
-from trustmesh.controlplane.audit import call_source
+from trustmesh.controlplane.call_source import call_source
 from trustmesh.errors import PermissionDeniedError
 from trustmesh.logs import log_event
 from trustmesh.metrics import Registry

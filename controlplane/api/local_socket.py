@@ -26,9 +26,9 @@ from pathlib import Path
 
 import grpc
 
-from trustmesh.agent.workload_attestor import PeerCredentials, WorkloadAttestationError, peer_credentials
 from trustmesh.files import claim_socket_path
 from trustmesh.logs import log_event
+from trustmesh.peercred import PeerCredentials, PeerCredentialsError, peer_credentials
 
 log = logging.getLogger("trustmesh.admin_socket")
 
@@ -75,7 +75,7 @@ class AdminSocket:
         try:
             try:
                 creds = peer_credentials(writer.get_extra_info("socket"))
-            except WorkloadAttestationError as err:
+            except PeerCredentialsError as err:
                 log_event(log, "admin_caller_unknown", level=logging.WARNING, error=str(err))
                 return
             inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

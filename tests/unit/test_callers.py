@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -212,7 +212,7 @@ async def test_the_attestation_listener_serves_anonymous_attest_only() -> None:
     listener = await listen(pki, callers.anonymous, client_cert=False)
     try:
         assert await attest(pki, listener, None) == [node_pb2.AttestResponse()]
-        assert listener.seen.callers == [ANONYMOUS_CALLER]
+        assert listener.seen.callers == [replace(ANONYMOUS_CALLER, source="127.0.0.1")]
         for call in (batch_sign, list_entries):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await call(pki, listener, None)
