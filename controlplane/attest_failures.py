@@ -37,10 +37,6 @@ MAX_SOURCES = 10_000
 OTHER_SOURCES = "other sources"  # the key of failures past MAX_SOURCES
 MAX_REASONS = 100  # distinct (method, outcome, subject, reason) kept per source between events
 TOP = 20  # listed in one event, largest counts first
-# A node attests once, and again only after an eviction or with x509pop re-attestation; a
-# fleet behind one NAT address starting at once gets its burst, then retries with backoff.
-RATE_PER_SECOND = 1.0
-BURST = 20
 
 
 @dataclass
@@ -117,12 +113,16 @@ def _iso(seconds: float | None) -> str:
 class AttestationFailures:
     """The rate limit and the aggregated audit of failed attestations, per source address."""
 
-    def __init__(self, audit: AuditLog, metrics: Registry, interval: float, *,
-                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, audit: AuditLog, metrics: Registry, interval: float, *, per_minute: int = 60,
+                 burst: int = 20, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        """A node attests once, and again only after an eviction or with x509pop; a fleet behind
+        one NAT address starting at once gets `burst`, then `per_minute` (0: no limit)."""
         self._audit = audit
         self._clock = clock
         self._window: AuditWindow[_Failures] = AuditWindow(interval, _Failures, self._write, monotonic)
-        self._buckets = KeyedTokenBuckets(RATE_PER_SECOND, BURST, MAX_SOURCES, monotonic)
+        self._buckets = (KeyedTokenBuckets(per_minute / 60, max(1, burst), MAX_SOURCES, monotonic)
+                         if per_minute else None)
         self._limited = metrics.counter("trustmesh_attestations_rate_limited_total",
                                         "attestation attempts refused because their source sent too many")
 
@@ -134,7 +134,7 @@ class AttestationFailures:
 
     async def admit(self, source: str) -> None:
         """Refuse (RESOURCE_EXHAUSTED) an attempt from a source that attempts too often."""
-        if self._buckets.allow(source):
+        if self._buckets is None or self._buckets.allow(source):
             return
         self._limited.inc()
         key = self._key(source)

@@ -69,7 +69,9 @@ class NodeAttestor:
         self._rt = rt
         self._td = rt.config.trust_domain
         self._node_cas = self._load_node_cas()
-        self.failures = AttestationFailures(rt.audit, rt.metrics, rt.config.attest_audit_interval.total_seconds(),
+        config = rt.config
+        self.failures = AttestationFailures(rt.audit, rt.metrics, config.attest_audit_interval.total_seconds(),
+                                            per_minute=config.attest_per_minute, burst=config.attest_burst,
                                             clock=rt.clock)
 
     def _load_node_cas(self) -> list[x509.Certificate]:

@@ -96,6 +96,11 @@ class ServerConfig:
         "agents' flow reports (denials, refusals) become at most one flows.reported audit event per agent "
         "per this interval; the first after a quiet interval is written at once", DURATION,
         default=timedelta(minutes=1))
+    attest_per_minute: int = option(
+        "attestation attempts each source address may make per minute, after a burst of --attest-burst; "
+        "more are refused with RESOURCE_EXHAUSTED (agents retry with backoff); 0: no limit", COUNT, default=60)
+    attest_burst: int = option("attestation attempts a source address may make at once (see --attest-per-minute)",
+                               COUNT, default=20)
     attest_audit_interval: timedelta = option(
         "failed attestations become at most one node.attest audit event per source address per this "
         "interval; the first after a quiet interval is written at once", DURATION,
