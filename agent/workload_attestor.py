@@ -36,17 +36,17 @@ import os
 import pwd
 import socket
 import stat
-import struct
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol, overload
 
 from trustmesh.errors import TrustmeshError
+from trustmesh.peercred import PeerCredentials as PeerCredentials
+from trustmesh.peercred import PeerCredentialsError
+from trustmesh.peercred import SocketLike as SocketLike
+from trustmesh.peercred import peer_credentials as read_peer_credentials
 
 MAX_HASH_BYTES = 1 << 30
 HASH_CACHE_SIZE = 4096
-_UCRED = struct.Struct("3i")
 # Not in Python 3.11's socket module; the value is the same on every Linux architecture
 # that uses the generic socket option numbers (x86, arm, riscv, ...).
 _SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
@@ -57,35 +57,11 @@ class WorkloadAttestationError(TrustmeshError):
     """The caller could not be attested (Workload API: UNAVAILABLE, so clients retry)."""
 
 
-@dataclass(frozen=True)
-class PeerCredentials:
-    pid: int
-    uid: int
-    gid: int
-
-
-class SocketLike(Protocol):
-    """What attestation needs of a connected unix socket (asyncio hands out a
-    TransportSocket, which is not a `socket.socket` but has getsockopt)."""
-
-    @overload
-    def getsockopt(self, level: int, optname: int, /) -> int: ...
-
-    @overload
-    def getsockopt(self, level: int, optname: int, buflen: int, /) -> bytes: ...
-
-
 def peer_credentials(sock: SocketLike) -> PeerCredentials:
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    except OSError as err:
-        raise WorkloadAttestationError(f"cannot read the caller's credentials (SO_PEERCRED): {err}") from err
-    if not isinstance(raw, bytes) or len(raw) != _UCRED.size:
-        raise WorkloadAttestationError("the socket gave no peer credentials (is it a unix socket?)")
-    pid, uid, gid = _UCRED.unpack(raw)
-    if pid <= 0:
-        raise WorkloadAttestationError("the caller's pid is unknown (is it in another pid namespace?)")
-    return PeerCredentials(pid, uid, gid)
+        return read_peer_credentials(sock)
+    except PeerCredentialsError as err:
+        raise WorkloadAttestationError(str(err)) from err
 
 
 def _peer_pidfd(sock: SocketLike) -> int | None:

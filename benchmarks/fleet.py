@@ -180,7 +180,9 @@ async def _apply(server: ServerProcess, n: int) -> tuple[int, float]:
 def fleet(n: int, workers: int, idle_seconds: float, applies: int, entries: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="trustmesh-bench-fleet-") as tmp:
         metrics = f"127.0.0.1:{free_port()}"
-        server = ServerProcess(data_dir=Path(tmp) / "server", extra=["--metrics", metrics]).start()
+        # The whole fleet attests from one address here: lift the per-source attestation limit.
+        server = ServerProcess(data_dir=Path(tmp) / "server",
+                               extra=["--metrics", metrics, "--attest-per-minute", "0"]).start()
         procs: list[subprocess.Popen[str]] = []
         try:
             tokens = asyncio.run(_tokens(server, n))

@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
+from trustmesh.controlplane.attest_failures import AttestationFailures
+from trustmesh.controlplane.call_source import call_source
 from trustmesh.controlplane.clones import next_superseded
 from trustmesh.controlplane.registration import NODE_NAME, token_hash
 from trustmesh.controlplane.runtime import ServerRuntime
@@ -67,6 +69,10 @@ class NodeAttestor:
         self._rt = rt
         self._td = rt.config.trust_domain
         self._node_cas = self._load_node_cas()
+        config = rt.config
+        self.failures = AttestationFailures(rt.audit, rt.metrics, config.attest_audit_interval.total_seconds(),
+                                            per_minute=config.attest_per_minute, burst=config.attest_burst,
+                                            clock=rt.clock)
 
     def _load_node_cas(self) -> list[x509.Certificate]:
         path = self._rt.config.x509pop_ca
@@ -77,11 +83,16 @@ class NodeAttestor:
         except (OSError, ValueError) as err:
             raise TrustmeshError(f"--x509pop-ca {path}: cannot read PEM CA certificates ({err})") from err
 
+    async def admit(self, source: str) -> None:
+        """Refuse (RESOURCE_EXHAUSTED) an attempt from a source address that attempts too often."""
+        await self.failures.admit(source)
+
     async def _refusal(self, subject: str, reason: str, method: str, outcome: str) -> None:
-        await self._rt.audit.record("node.attest", actor=f"node:{subject}", subject=subject, outcome=outcome,
-                                    method=method, reason=reason)
         self._rt.metrics.counter("trustmesh_node_attestations_total", "node attestations by method and outcome",
                                  ["method", "outcome"]).inc(method=method, outcome=outcome)
+        # Anyone can fail attestation as often as they like: aggregated per source address
+        # (attest_failures.py). The source is the one the call layer found for this call.
+        await self.failures.failed(call_source.get(), method, outcome, subject, reason)
 
     async def _deny(self, subject: str, reason: str, method: str) -> PermissionDeniedError:
         await self._refusal(subject, reason, method, "denied")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from trustmesh.controlplane.audit_anchor import AuditAnchor
+from trustmesh.controlplane.call_source import call_source
 from trustmesh.controlplane.store.records import AuditEvent, RecordFormatError
 from trustmesh.errors import ConflictError
 from trustmesh.logs import log_event
@@ -116,6 +117,8 @@ class AuditLog:
                 seq = 1 if prev is None else prev.seq + 1
                 prev_hash = GENESIS if prev is None else prev.hash
                 at = round(float(self._clock()), 6)
+                if "source" not in details and call_source.get():
+                    details["source"] = call_source.get()
                 clean = json.loads(json.dumps(details, sort_keys=True, default=str))
                 event = AuditEvent(
                     seq=seq,

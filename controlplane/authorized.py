@@ -39,8 +39,6 @@ class AuthorizedIndex:
         # agent ID -> alias SPIFFE IDs it belongs to, and the reverse
         self._node_aliases: dict[str, set[str]] = defaultdict(set)
         self._alias_members: dict[str, set[str]] = defaultdict(set)
-        # SPIFFE ID -> how many entries marked admin register it (remote admin callers)
-        self._admins: dict[str, int] = defaultdict(int)
 
     # --- loading and changes ------------------------------------------------------------
 
@@ -60,8 +58,6 @@ class AuthorizedIndex:
         self._by_parent[parent].add(entry.id)
         if parent == self._server_id:
             self._alias_entries[str(entry.spiffe_id)].add(entry.id)
-        if entry.admin:
-            self._admins[str(entry.spiffe_id)] += 1
 
     def _remove_entry(self, entry_id: str) -> RegistrationEntry | None:
         entry = self.entries.pop(entry_id, None)
@@ -75,10 +71,6 @@ class AuthorizedIndex:
             self._alias_entries[spiffe_id].discard(entry_id)
             if not self._alias_entries[spiffe_id]:
                 del self._alias_entries[spiffe_id]
-        if entry.admin:
-            self._admins[spiffe_id] -= 1
-            if not self._admins[spiffe_id]:
-                del self._admins[spiffe_id]
         return entry
 
     def _aliases_of(self, node: AttestedNode) -> set[str]:
@@ -162,10 +154,6 @@ class AuthorizedIndex:
         for alias in self._node_aliases.get(agent, ()):
             ids |= self._by_parent.get(alias, set())
         return [self.entries[i] for i in sorted(ids)]
-
-    def is_admin(self, spiffe_id: str) -> bool:
-        """True when some registration entry for this ID is marked admin."""
-        return spiffe_id in self._admins
 
     def is_authorized(self, agent: str, entry_id: str) -> bool:
         entry = self.entries.get(entry_id)

@@ -124,6 +124,15 @@ class ServerConfig:
         COUNT, default=100)
     audit_anchor_interval: timedelta = option(
         "longest time an audit event stays unanchored", DURATION, default=timedelta(minutes=1))
+    attest_per_minute: int = option(
+        "attestation attempts each source address may make per minute, after a burst of --attest-burst; "
+        "more are refused with RESOURCE_EXHAUSTED (agents retry with backoff); 0: no limit", COUNT, default=60)
+    attest_burst: int = option("attestation attempts a source address may make at once (see --attest-per-minute)",
+                               COUNT, default=20)
+    attest_audit_interval: timedelta = option(
+        "failed attestations become at most one node.attest audit event per source address per this "
+        "interval; the first after a quiet interval is written at once", DURATION,
+        default=timedelta(minutes=1))
     signing_workers: int = option(
         "processes that sign X.509-SVIDs, for issuance on every core; 0 signs in a thread of the server "
         "process (default: the number of CPUs)", COUNT, default_factory=lambda: os.cpu_count() or 1)

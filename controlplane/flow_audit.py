@@ -19,7 +19,6 @@ and only agents that reported since their last event are held.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,9 +27,7 @@ from typing import Any
 
 from trustmesh.clip import CLAIMED, clip
 from trustmesh.controlplane.audit import AuditLog
-from trustmesh.logs import log_event
-
-log = logging.getLogger("trustmesh.flow_audit")
+from trustmesh.controlplane.audit_window import AuditWindow
 
 KIND = "flows.reported"
 CLAIM = "reported by the agent; not observed by the server"
@@ -168,68 +165,34 @@ def _iso(seconds: int | None) -> str:
 
 
 class FlowAudit:
-    """Turns agents' reports into at most one `flows.reported` event per agent per interval."""
+    """Turns agents' reports into at most one `flows.reported` event per agent per interval
+    (audit_window.py: the first after a quiet interval at once, the rest summed)."""
 
     def __init__(self, audit: AuditLog, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._audit = audit
-        self._interval = interval
-        self._clock = clock
-        self._pending: dict[str, _Pending] = {}
-        self._last_event: dict[str, float] = {}  # agent -> when its last event was written
-        self._lock = asyncio.Lock()
+        self._window: AuditWindow[_Pending] = AuditWindow(interval, _Pending, self._write, clock)
 
     async def add(self, agent: str, counters: Sequence[FlowCounter], refusals: Sequence[RefusalCounter]) -> None:
         """Take one report; audit it at once when the agent's last event is an interval old."""
-        pending = self._pending.setdefault(agent, _Pending())
+        pending = self._window.pending(agent)
         for c in counters:
             pending.add_flow(c)
         for r in refusals:
             pending.add_refusal(r)
         if not pending.worth_auditing:
             # Only allowed traffic: the metrics have it; keep nothing.
-            del self._pending[agent]
+            self._window.discard(agent)
             return
-        if self._due(agent):
-            await self._emit(agent)
+        await self._window.offer(agent)
 
-    def _due(self, agent: str) -> bool:
-        last = self._last_event.get(agent)
-        return last is None or self._clock() - last >= self._interval
-
-    async def _emit(self, agent: str) -> None:
-        async with self._lock:  # one writer at a time: no report is audited twice
-            pending = self._pending.pop(agent, None)
-            if pending is None or not pending.worth_auditing:
-                return
-            outcome = "denied" if pending.denied else ("would-deny" if pending.would_deny else "refused")
-            try:
-                await self._audit.record(KIND, actor=agent, subject=agent, outcome=outcome, **pending.details())
-            except Exception as err:  # noqa: BLE001 - the store may be down: keep it for the next tick
-                later = self._pending.get(agent)
-                if later is not None:
-                    pending.merge(later)
-                self._pending[agent] = pending
-                log_event(log, "flow_audit_failed", level=logging.WARNING, agent=agent, error=str(err))
-                return
-            self._last_event[agent] = self._clock()
+    async def _write(self, agent: str, pending: _Pending) -> None:
+        outcome = "denied" if pending.denied else ("would-deny" if pending.would_deny else "refused")
+        await self._audit.record(KIND, actor=agent, subject=agent, outcome=outcome, **pending.details())
 
     async def flush_due(self) -> None:
         """Write the events whose interval has passed, and forget agents that went quiet."""
-        for agent in [a for a in self._pending if self._due(a)]:
-            await self._emit(agent)
-        now = self._clock()
-        for agent in [a for a, t in self._last_event.items() if now - t >= self._interval and
-                      a not in self._pending]:
-            del self._last_event[agent]
+        await self._window.flush_due()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Flush due events until `stop`; then write what is pending, so nothing reported is lost."""
-        tick = max(0.1, min(self._interval / 4, 5.0))
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=tick)
-            except TimeoutError:
-                pass
-            await self.flush_due()
-        for agent in list(self._pending):
-            await self._emit(agent)
+        await self._window.run(stop)

@@ -117,8 +117,9 @@ class IssuanceService:
         default_ttl = self._rt.config.default_x509_ttl
         # One call for the whole batch: the CA signs it off the event loop.
         signed = await self._rt.ca.sign_x509_svids([
+            # An admin entry's SVID names the entry: admin rights follow it, not the ID (callers.py).
             (items[i].csr, e.spiffe_id,
-             timedelta(seconds=e.x509_ttl) if e.x509_ttl else default_ttl, e.dns_names)
+             timedelta(seconds=e.x509_ttl) if e.x509_ttl else default_ttl, e.dns_names, e.id if e.admin else "")
             for i, e in work
         ]) if work else []
         issued: list[str] = []

@@ -172,9 +172,11 @@ class RegistryView:
             return None
         return entry
 
-    def is_admin(self, spiffe_id: str) -> bool:
-        """True when some registration entry for this ID is marked admin."""
-        return self.index.is_admin(spiffe_id)
+    def is_admin_entry(self, entry_id: str, spiffe_id: str) -> bool:
+        """True when entry `entry_id` exists now, is marked admin, and is for `spiffe_id`: the
+        remote admin listener's check of an SVID that names the admin entry it came from."""
+        entry = self.index.entries.get(entry_id)
+        return entry is not None and entry.admin and str(entry.spiffe_id) == spiffe_id
 
     # --- agent authentication -----------------------------------------------------------
 

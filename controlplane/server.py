@@ -30,6 +30,7 @@ from trustmesh.controlplane import integrity
 from trustmesh.controlplane.api import callers
 from trustmesh.controlplane.api.admin import AdminServicer, AdminServices
 from trustmesh.controlplane.api.calls import CallLayer
+from trustmesh.controlplane.api.local_socket import AdminSocket
 from trustmesh.controlplane.api.node import NodeServicer
 from trustmesh.controlplane.attestation import NodeAttestor
 from trustmesh.controlplane.audit import AuditLog
@@ -215,25 +216,12 @@ def _grpc_server(layer: CallLayer, max_receive: int = MAX_MESSAGE_BYTES) -> grpc
     ])
 
 
-async def _start_admin_server(rt: ServerRuntime, admin: AdminServicer) -> grpc.aio.Server:
-    path = rt.config.admin_socket_path
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.is_socket():
-        path.unlink()  # a stale socket from a previous run
-    elif path.exists():
-        raise TrustmeshError(f"admin socket path {path} exists and is not a socket; "
-                             "remove it or pick another --admin-socket")
-    server = _grpc_server(CallLayer(callers.local_admin, rt.metrics))
+async def _start_admin_server(rt: ServerRuntime, admin: AdminServicer, sock: AdminSocket) -> grpc.aio.Server:
+    """The admin API on the unix socket (mode 0600), each caller named by its uid (local_socket.py)."""
+    server = _grpc_server(CallLayer(callers.local_admins(sock), rt.metrics))
     admin.register(server)
     _add_health(server)
-    # The socket must never exist with looser permissions, not even for an instant.
-    old_umask = os.umask(0o177)
-    try:
-        server.add_insecure_port(f"unix:{path}")
-        await server.start()
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o600)
+    await sock.start(server)
     return server
 
 
@@ -251,6 +239,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
     attest_server: grpc.aio.Server | None = None
     remote_admin: grpc.aio.Server | None = None
     admin_server: grpc.aio.Server | None = None
+    admin_socket: AdminSocket | None = None
     metrics_server: HttpServer | None = None
     bundle_server: HttpServer | None = None
     ca: CertificateAuthority | None = None
@@ -282,7 +271,8 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         view.subscribe(sync.on_registry_event)
         # Agents: attestation, then signing (issuance) and the push of what they may use (sync).
         issuance = IssuanceService(rt, view)
-        node = NodeServicer(view, NodeAttestor(rt), issuance, sync, guard)
+        attestor = NodeAttestor(rt)
+        node = NodeServicer(view, attestor, issuance, sync, guard)
         admin = AdminServicer(AdminServices.of(rt))
         td = config.trust_domain
         node_server = _grpc_server(CallLayer(callers.agents(td, guard), rt.metrics))
@@ -296,7 +286,8 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
                               "--attest-bind")
         await node_server.start()
         await attest_server.start()
-        admin_server = await _start_admin_server(rt, admin)
+        admin_socket = AdminSocket(config.admin_socket_path)
+        admin_server = await _start_admin_server(rt, admin, admin_socket)
         remote_admin_port = 0
         if config.admin_bind:
             remote_admin = _grpc_server(CallLayer(callers.remote_admins(td, view), rt.metrics,
@@ -321,6 +312,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
             tasks.create_task(_rotation_loop(rt, creds, stop), name="rotation")
             tasks.create_task(issuance.flows.run(stop), name="flow-audit")
             tasks.create_task(anchor.run(stop), name="audit-anchor")
+            tasks.create_task(attestor.failures.run(stop), name="attestation-failures-audit")
             tasks.create_task(guard.run(stop), name="clone-guard")
             election = LeaderElection(store, config.replica_id, rt.metrics, ttl=config.leader_ttl)
             tasks.create_task(election.run(stop, lambda: leader_duties(rt)), name="leader-election")
@@ -353,6 +345,8 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
                 await grpc_server.stop(grace=1)
         if admin_server is not None:
             await admin_server.stop(grace=1)
+        if admin_socket is not None:
+            await admin_socket.close()
         for plain in (metrics_server, bundle_server):
             if plain is not None:
                 plain.close()

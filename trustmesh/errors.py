@@ -84,3 +84,7 @@ class FailedPreconditionError(TrustmeshError):
 
 class UnavailableError(TrustmeshError):
     """Try again later."""
+
+
+class ResourceExhaustedError(TrustmeshError):
+    """The caller sent too much, too often (a rate limit): slow down."""

@@ -61,6 +61,18 @@ _UNDERSTOOD_CRITICAL = frozenset({
 # Hashes too weak to accept in a signature anywhere in a chain.
 _WEAK_HASHES = ("md5", "sha1")
 
+# Admin rights belong to a registration entry, not to a SPIFFE ID: the same ID may be
+# registered, without --admin, on another node. So the SVID of an entry marked admin names
+# that entry in this private, non-critical extension (its value: a DER UTF8String with the
+# entry id), and the remote admin listener checks it against the registry at every call.
+# Chosen over recording issued serials per entry: it needs no store writes at issuance
+# (issuance stays one hop to the signing processes), is the same answer on every replica
+# and after restarts, and the CA's signature makes it unforgeable. Only admin entries' SVIDs
+# carry it, so ordinary SVIDs reveal nothing new to the peers they are shown to.
+# The OID is under 2.25 (X.667: a UUID as an OID, no registration needed).
+ADMIN_ENTRY_OID: Final = x509.ObjectIdentifier("2.25.81686435213080646658136956642639316499")
+MAX_ADMIN_ENTRY_ID = 256
+
 
 _E = TypeVar("_E", bound=x509.ExtensionType)
 
@@ -88,7 +100,10 @@ def build_leaf_certificate(
     not_after: datetime,
     dns_names: Sequence[str] = (),
     serial: int | None = None,
+    admin_entry: str = "",
 ) -> x509.Certificate:
+    """`admin_entry`: the id of the admin registration entry the SVID is issued from
+    (ADMIN_ENTRY_OID); empty for every other SVID."""
     if spiffe_id.is_trust_domain_id:
         raise SvidError(f"a leaf X509-SVID needs a SPIFFE ID with a path, not {spiffe_id}")
     if isinstance(dns_names, str):
@@ -134,7 +149,43 @@ def build_leaf_certificate(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(_aki(issuer), critical=False)
     )
+    if admin_entry:
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(ADMIN_ENTRY_OID, _der_utf8(admin_entry)), critical=False)
     return builder.sign(issuer_key, _hash_for(issuer_key))
+
+
+def _der_utf8(text: str) -> bytes:
+    data = text.encode()
+    if not 0 < len(data) <= MAX_ADMIN_ENTRY_ID:
+        raise SvidError(f"an admin entry id must be 1 to {MAX_ADMIN_ENTRY_ID} bytes, got {len(data)}")
+    length = bytes([len(data)]) if len(data) < 0x80 else bytes([0x81 if len(data) < 0x100 else 0x82]) + \
+        len(data).to_bytes(1 if len(data) < 0x100 else 2, "big")
+    return b"\x0c" + length + data
+
+
+def admin_entry_of(cert: x509.Certificate) -> str:
+    """The admin entry id a leaf was issued from (ADMIN_ENTRY_OID), or "" when it names none
+    or the extension is malformed (which gives no admin rights, never an error)."""
+    try:
+        value = cert.extensions.get_extension_for_oid(ADMIN_ENTRY_OID).value
+    except (x509.ExtensionNotFound, ValueError):
+        return ""
+    raw = value.value if isinstance(value, x509.UnrecognizedExtension) else b""
+    if len(raw) < 2 or raw[0] != 0x0C:
+        return ""
+    first, header = raw[1], 2
+    if first & 0x80:
+        count = first & 0x7F
+        if count not in (1, 2) or len(raw) < 2 + count:
+            return ""
+        first, header = int.from_bytes(raw[2:2 + count], "big"), 2 + count
+    if len(raw) != header + first or not 0 < first <= MAX_ADMIN_ENTRY_ID:
+        return ""
+    try:
+        return raw[header:].decode()
+    except UnicodeDecodeError:
+        return ""
 
 
 def _check_window(not_before: datetime, not_after: datetime) -> None:

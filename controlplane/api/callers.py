@@ -11,7 +11,7 @@ identity in use from another address: controlplane/clones.py).
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import grpc
@@ -26,17 +26,13 @@ from trustmesh.controlplane.api.calls import (
     Method,
     current_caller,
 )
-from trustmesh.controlplane.api.peer import PeerAgent, peer_host
+from trustmesh.controlplane.api.peer import PeerAgent, peer_address, peer_host
 from trustmesh.controlplane.registration import AttestedNode
 from trustmesh.errors import UnauthenticatedError, VerificationError
 from trustmesh.naming import node_name_of
+from trustmesh.peercred import PeerCredentials
 from trustmesh.spiffeid import SpiffeId, TrustDomain
-from trustmesh.x509svid import spiffe_id_from_certificate
-
-# Who made an admin change on the unix socket. grpcio cannot read SO_PEERCRED there, so
-# the socket itself (mode 0600, owned by the server's user) is the identity.
-LOCAL_ADMIN = "admin:local-socket"
-LOCAL_ADMIN_CALLER = Caller(CallerKind.LOCAL_ADMIN, LOCAL_ADMIN)
+from trustmesh.x509svid import admin_entry_of, spiffe_id_from_certificate
 
 
 class AgentAuthenticator(Protocol):
@@ -47,7 +43,7 @@ class AgentAuthenticator(Protocol):
 
 
 class AdminCheck(Protocol):
-    def is_admin(self, spiffe_id: str) -> bool: ...
+    def is_admin_entry(self, entry_id: str, spiffe_id: str) -> bool: ...
 
 
 class AuditRecorder(Protocol):
@@ -82,13 +78,32 @@ def client_svid(context: grpc.aio.ServicerContext, missing: str) -> tuple[Spiffe
 
 
 async def anonymous(context: grpc.aio.ServicerContext) -> Caller:
-    """The attestation listener: no client certificate, so nobody is known yet."""
-    return ANONYMOUS_CALLER
+    """The attestation listener: no client certificate, so nobody is known yet; only where the
+    call comes from (its host: failures are aggregated and rate-limited per source address)."""
+    return replace(ANONYMOUS_CALLER, source=peer_host(context.peer()))
 
 
-async def local_admin(context: grpc.aio.ServicerContext) -> Caller:
-    """The admin unix socket: whoever can open it is the local admin."""
-    return LOCAL_ADMIN_CALLER
+class LocalCallers(Protocol):
+    def caller_of(self, peer: str | None) -> PeerCredentials | None: ...
+
+
+def local_admin_id(uid: int) -> str:
+    """How the audit log names a local admin: by the uid the kernel gave for its connection."""
+    return f"local (uid {uid})"
+
+
+def local_admins(sockets: LocalCallers) -> Authenticator:
+    """The admin unix socket (mode 0600: whoever can open it is a local admin), named by the
+    uid and pid the kernel gives for the connection (SO_PEERCRED, read by local_socket.py)."""
+
+    async def authenticate(context: grpc.aio.ServicerContext) -> Caller:
+        creds = sockets.caller_of(context.peer())
+        if creds is None:
+            raise UnauthenticatedError("this connection did not come through the admin socket; connect to the "
+                                       "server's --admin-socket")
+        return Caller(CallerKind.LOCAL_ADMIN, local_admin_id(creds.uid), source=f"pid {creds.pid}")
+
+    return authenticate
 
 
 def agents(td: TrustDomain, records: AgentAuthenticator) -> Authenticator:
@@ -107,13 +122,21 @@ def agents(td: TrustDomain, records: AgentAuthenticator) -> Authenticator:
 
 
 def remote_admins(td: TrustDomain, admins: AdminCheck) -> Authenticator:
-    """The remote admin listener: the SVID of an entry of `td` marked admin."""
+    """The remote admin listener: an SVID of `td` issued from an entry marked admin.
+
+    The SVID must name the entry it was issued from (x509svid.ADMIN_ENTRY_OID, set by the CA
+    for admin entries only), and that entry must, at this call, still exist, still be marked
+    admin and still be for this SPIFFE ID: the same ID registered without --admin elsewhere
+    gets nothing, and unmarking or deleting the entry revokes its SVIDs' rights at once.
+    """
 
     async def authenticate(context: grpc.aio.ServicerContext) -> Caller:
-        sid, _ = client_svid(context, "the remote admin API needs an admin SVID as TLS client certificate")
-        if sid.trust_domain == td and admins.is_admin(str(sid)):
-            return Caller(CallerKind.REMOTE_ADMIN, f"admin:{sid}", sid)
-        return Caller(CallerKind.WORKLOAD, str(sid), sid)
+        sid, leaf = client_svid(context, "the remote admin API needs an admin SVID as TLS client certificate")
+        source = peer_address(context.peer())
+        entry = admin_entry_of(leaf)
+        if sid.trust_domain == td and entry and admins.is_admin_entry(entry, str(sid)):
+            return Caller(CallerKind.REMOTE_ADMIN, f"admin:{sid}", sid, source=source)
+        return Caller(CallerKind.WORKLOAD, str(sid), sid, source=source)
 
     return authenticate
 
@@ -122,7 +145,8 @@ def audit_admin_denials(audit: AuditRecorder) -> DenialHook:
     """Every caller the remote admin listener refuses becomes an `admin.call` audit event."""
 
     async def denied(caller: Caller, method: Method) -> None:
-        reason = "not an admin entry" if caller.kind is CallerKind.WORKLOAD else f"{caller.kind} may not call it"
+        reason = ("its SVID was not issued from an entry marked admin" if caller.kind is CallerKind.WORKLOAD
+                  else f"{caller.kind} may not call it")
         await audit.record("admin.call", actor=caller.id, subject=method.name, outcome="denied", reason=reason)
 
     return denied

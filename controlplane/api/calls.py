@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import grpc
 
 from trustmesh.controlplane.api.status import status_for
+from trustmesh.controlplane.call_source import call_source
 from trustmesh.errors import PermissionDeniedError
 from trustmesh.logs import log_event
 from trustmesh.metrics import Registry
@@ -51,9 +52,12 @@ class CallerKind(StrEnum):
 @dataclass(frozen=True)
 class Caller:
     kind: CallerKind
-    id: str  # the actor that audit records name, e.g. an agent's SPIFFE ID or "admin:local-socket"
+    id: str  # the actor that audit records name, e.g. an agent's SPIFFE ID or "local (uid 0)"
     payload: object = None  # what the authenticator learnt and the handler needs (e.g. the node record)
     roles: frozenset[str] = frozenset()
+    # Where the call comes from, for the audit log (every event of the call names it):
+    # "127.0.0.1:50412" for a network peer, "pid 4242" on the admin socket; "" for none.
+    source: str = ""
 
     def payload_as(self, cls: type[T]) -> T:
         if not isinstance(self.payload, cls):
@@ -194,6 +198,7 @@ class _Call:
     started: float
     code: grpc.StatusCode = grpc.StatusCode.OK
     token: Token[Caller] | None = None
+    source_token: Token[str] | None = None
 
 
 class CallLayer(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
@@ -248,7 +253,7 @@ class CallLayer(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships
         async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = _Call(method, self._clock())
             try:
-                call.token = _caller.set(await self._admit(method, rule, context))
+                call.token = _caller.set(await self._admit(call, rule, context))
                 answer = inner(request, context)
                 if inspect.isawaitable(answer):
                     answer = await answer
@@ -268,7 +273,7 @@ class CallLayer(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships
         async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             call = _Call(method, self._clock())
             try:
-                call.token = _caller.set(await self._admit(method, rule, context))
+                call.token = _caller.set(await self._admit(call, rule, context))
                 # aclosing: if the client goes away mid-stream, the handler's own cleanup
                 # (finally blocks) runs now, not whenever the generator is collected.
                 async with aclosing(inner(request, context)) as answers:
@@ -286,16 +291,19 @@ class CallLayer(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships
 
         return behaviour
 
-    async def _admit(self, method: Method, rule: Rule | None, context: grpc.aio.ServicerContext) -> Caller:
+    async def _admit(self, call: _Call, rule: Rule | None, context: grpc.aio.ServicerContext) -> Caller:
+        method = call.method
         if rule is None:
             log_event(log, "call_not_in_table", level=logging.ERROR, method=str(method))
             raise PermissionDeniedError(f"{method} is not in the server's call table, so nobody may call it")
         if rule.anyone:
             return ANONYMOUS_CALLER
         caller = await self._authenticate(context)
+        if caller.source:
+            call.source_token = call_source.set(caller.source)
         if rule.permits(caller):
             return caller
-        log_event(log, "call_denied", method=str(method), caller=caller.id, kind=str(caller.kind))
+        log_event(log, "call_denied", method=str(method), caller=caller.id, kind=str(caller.kind), source=caller.source)
         if self._on_denied is not None:
             await self._on_denied(caller, method)
         raise PermissionDeniedError(f"{caller.id} {rule.refusal} ({method} is open to {rule.describe()})")
@@ -317,6 +325,9 @@ class CallLayer(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships
             # A stream closed from another task runs this in another context: nothing to undo there.
             with suppress(ValueError):
                 _caller.reset(call.token)
+        if call.source_token is not None:
+            with suppress(ValueError):
+                call_source.reset(call.source_token)
         service, name = call.method.service, call.method.name
         self._calls.inc(service=service, method=name, code=call.code.name)
         self._seconds.observe(self._clock() - call.started, service=service, method=name)

@@ -78,6 +78,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         attestor = self._attestor
         address = peer_host(context.peer())
         first = await self._next(request_iterator, "first")
+        # Before any check: a source that attempts too often is refused. (After the first
+        # message is read: a status sent before it reaches clients as INTERNAL, not as ours.)
+        await attestor.admit(address)
         step = first.WhichOneof("step")
         if step == "join_token":
             attested = await attestor.attest_join_token(first.join_token, first.csr, address)

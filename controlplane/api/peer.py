@@ -41,3 +41,12 @@ def peer_host(peer: str | None) -> str:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
     return str(address)
+
+
+def peer_address(peer: str | None) -> str:
+    """A gRPC peer string as the audit log shows where a call came from: host and port
+    ("ipv4:10.0.0.5:43210" -> "10.0.0.5:43210", "ipv6:%5B::1%5D:4321" -> "[::1]:4321")."""
+    if not peer:
+        return ""
+    scheme, _, rest = unquote(peer).partition(":")
+    return rest if scheme in ("ipv4", "ipv6") else unquote(peer)

@@ -20,6 +20,7 @@ from trustmesh.errors import (
     InvalidSpiffeIdError,
     NotFoundError,
     PermissionDeniedError,
+    ResourceExhaustedError,
     StoreUnavailableError,
     SvidError,
     TrustmeshError,
@@ -52,6 +53,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 
 

@@ -62,6 +62,17 @@ from trustmesh.x509svid import (
 _SAVE_RETRIES = 20
 MAX_LEAF_TTL = timedelta(days=366)  # far above any entry's bound; guards date arithmetic
 
+# One leaf to sign: CSR DER, SPIFFE ID, lifetime, DNS names, and optionally the id of the
+# admin entry it is issued from (x509svid.ADMIN_ENTRY_OID).
+LeafRequest = (tuple[bytes, SpiffeId, timedelta, Sequence[str]]
+               | tuple[bytes, SpiffeId, timedelta, Sequence[str], str])
+
+
+def _leaf_request(item: LeafRequest) -> tuple[bytes, SpiffeId, timedelta, Sequence[str], str]:
+    if len(item) == 4:
+        return (*item, "")
+    return item
+
 
 class CAStateStore(Protocol):
     async def load_ca_state(self) -> tuple[bytes | None, int]: ...
@@ -407,17 +418,18 @@ class CertificateAuthority:
         return signing, now - self._config.backdate, not_after
 
     def _sign_leaf(self, public_key: PublicKey, spiffe_id: SpiffeId, ttl: timedelta,
-                   dns_names: Sequence[str]) -> X509Svid:
+                   dns_names: Sequence[str], admin_entry: str = "") -> X509Svid:
         signing, not_before, not_after = self._leaf_window(self._signing, spiffe_id, ttl, self._clock())
         leaf = build_leaf_certificate(
             spiffe_id=spiffe_id, public_key=public_key, issuer=signing.cert, issuer_key=signing.key,
-            not_before=not_before, not_after=not_after, dns_names=tuple(dns_names),
+            not_before=not_before, not_after=not_after, dns_names=tuple(dns_names), admin_entry=admin_entry,
         )
         return X509Svid(spiffe_id, (leaf, signing.cert))
 
-    def _sign_csr(self, csr_der: bytes, spiffe_id: SpiffeId, ttl: timedelta, dns_names: Sequence[str]) -> X509Svid:
+    def _sign_csr(self, csr_der: bytes, spiffe_id: SpiffeId, ttl: timedelta, dns_names: Sequence[str],
+                  admin_entry: str = "") -> X509Svid:
         csr = parse_csr(csr_der)
-        return self._sign_leaf(csr.public_key(), spiffe_id, ttl, dns_names)  # type: ignore[arg-type]
+        return self._sign_leaf(csr.public_key(), spiffe_id, ttl, dns_names, admin_entry)  # type: ignore[arg-type]
 
     async def sign_x509_svid(self, csr_der: bytes, spiffe_id: SpiffeId, ttl: timedelta,
                              dns_names: Sequence[str] = ()) -> X509Svid:
@@ -428,9 +440,7 @@ class CertificateAuthority:
             return outcome
         return await asyncio.to_thread(self._sign_csr, csr_der, spiffe_id, ttl, dns_names)
 
-    async def sign_x509_svids(
-        self, batch: Sequence[tuple[bytes, SpiffeId, timedelta, Sequence[str]]]
-    ) -> list[X509Svid | TrustmeshError]:
+    async def sign_x509_svids(self, batch: Sequence[LeafRequest]) -> list[X509Svid | TrustmeshError]:
         """Sign a whole batch in one hop (to the signing processes, or a thread); a bad item
         fails alone. A pool whose workers keep dying raises UnavailableError."""
         if self._pool is not None:
@@ -438,24 +448,25 @@ class CertificateAuthority:
 
         def run() -> list[X509Svid | TrustmeshError]:
             out: list[X509Svid | TrustmeshError] = []
-            for csr_der, spiffe_id, ttl, dns in batch:
+            for item in batch:
+                csr_der, spiffe_id, ttl, dns, admin_entry = _leaf_request(item)
                 try:
-                    out.append(self._sign_csr(csr_der, spiffe_id, ttl, dns))
+                    out.append(self._sign_csr(csr_der, spiffe_id, ttl, dns, admin_entry))
                 except (SvidError, CAError) as err:
                     out.append(err)
             return out
 
         return await asyncio.to_thread(run)
 
-    async def _sign_on_pool(self, pool: SignerPool, batch: Sequence[tuple[bytes, SpiffeId, timedelta, Sequence[str]]]
-                            ) -> list[X509Svid | TrustmeshError]:
+    async def _sign_on_pool(self, pool: SignerPool, batch: Sequence[LeafRequest]) -> list[X509Svid | TrustmeshError]:
         # The checks that need no CSR run here; the workers parse the CSRs and sign. The
         # signing CA is taken once, so every leaf of the batch chains to the one that signed it.
         signing, material, now = self._signing, self._material, self._clock()
         out: list[X509Svid | TrustmeshError] = []
         work: list[int] = []
         items: list[SignItem] = []
-        for csr_der, spiffe_id, ttl, dns in batch:
+        for request in batch:
+            csr_der, spiffe_id, ttl, dns, admin_entry = _leaf_request(request)
             try:
                 _, not_before, not_after = self._leaf_window(signing, spiffe_id, ttl, now)
             except CAError as err:
@@ -466,7 +477,7 @@ class CertificateAuthority:
                 continue
             work.append(len(out))
             out.append(_NOT_SIGNED)
-            items.append((csr_der, spiffe_id, not_before, not_after, tuple(dns)))
+            items.append((csr_der, spiffe_id, not_before, not_after, tuple(dns), admin_entry))
         if not items:
             return out
         assert signing is not None and material is not None  # _leaf_window refused the batch otherwise

@@ -28,9 +28,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from trustmesh.errors import CAError, SvidError, TrustmeshError, UnavailableError
 from trustmesh.spiffeid import SpiffeId
 
-# One item to sign: CSR DER, SPIFFE ID, NotBefore, NotAfter, DNS names (all checked already,
-# except the CSR, which is parsed and checked in the worker).
-SignItem = tuple[bytes, SpiffeId, datetime, datetime, tuple[str, ...]]
+# One item to sign: CSR DER, SPIFFE ID, NotBefore, NotAfter, DNS names, and the admin entry it
+# is issued from ("" for others; x509svid.ADMIN_ENTRY_OID), all checked already except the
+# CSR, which is parsed and checked in the worker.
+SignItem = tuple[bytes, SpiffeId, datetime, datetime, tuple[str, ...], str]
 # What a worker sends back per item: the leaf's DER, or (error kind, message).
 SignOutcome = bytes | tuple[str, str]
 
@@ -77,12 +78,13 @@ def _sign_chunk(material: SigningMaterial, items: Sequence[SignItem]) -> list[Si
                          x509.load_der_x509_certificate(material.cert_der))
     _, key, cert = _worker_state
     out: list[SignOutcome] = []
-    for csr_der, spiffe_id, not_before, not_after, dns_names in items:
+    for csr_der, spiffe_id, not_before, not_after, dns_names, admin_entry in items:
         try:
             csr = parse_csr(csr_der)
             leaf = build_leaf_certificate(
                 spiffe_id=spiffe_id, public_key=csr.public_key(), issuer=cert,  # type: ignore[arg-type]
                 issuer_key=key, not_before=not_before, not_after=not_after, dns_names=dns_names,  # type: ignore[arg-type]
+                admin_entry=admin_entry,
             )
             out.append(leaf.public_bytes(Encoding.DER))
         except SvidError as err:

@@ -83,7 +83,9 @@ async def test_token_reuse_and_unknown_tokens_are_denied(server: ServerProcess) 
     err = await _attest_fails(server, "tmjt_not-a-real-token")
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "unknown or already used" in err.details()
     audit = server.cli("audit", "show", "--kind", "node.attest", "--json", check=True).stdout
-    assert audit.count('"denied"') == 2 and audit.count('"ok"') == 1
+    # The first failure from a source is audited at once; the next within a minute is summed
+    # into that source's next event (attest_failures.py).
+    assert audit.count('"denied"') == 1 and audit.count('"ok"') == 1
 
 
 async def test_a_node_name_attested_twice_is_denied_and_the_token_survives(server: ServerProcess) -> None:

@@ -8,8 +8,10 @@ registry view (the AgentAuthenticator protocol), with the same refusals.
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,15 @@ from cryptography.hazmat.primitives import serialization
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2, admin_pb2_grpc, node_pb2, node_pb2_grpc
 from trustmesh.controlplane.api import callers
-from trustmesh.controlplane.api.calls import ANONYMOUS_CALLER, Authenticator, CallLayer, DenialHook, current_caller
+from trustmesh.controlplane.api.calls import (
+    ANONYMOUS_CALLER,
+    Authenticator,
+    CallerKind,
+    CallLayer,
+    DenialHook,
+    current_caller,
+)
+from trustmesh.controlplane.api.local_socket import AdminSocket
 from trustmesh.controlplane.api.peer import PeerAgent
 from trustmesh.controlplane.store.records import AttestedNode
 from trustmesh.errors import PermissionDeniedError
@@ -54,11 +64,11 @@ class Pki:
                                          issuer_key=self.key, not_before=NOW - timedelta(hours=1),
                                          not_after=NOW + timedelta(days=1), path_length=1, common_name="root")
 
-    def svid(self, sid: str, dns: tuple[str, ...] = ()) -> tuple[bytes, bytes, x509.Certificate]:
+    def svid(self, sid: str, dns: tuple[str, ...] = (), admin_entry: str = "") -> tuple[bytes, bytes, x509.Certificate]:
         key = generate_private_key()
         cert = build_leaf_certificate(spiffe_id=SpiffeId.parse(sid), public_key=key.public_key(), issuer=self.root,
                                       issuer_key=self.key, not_before=NOW - timedelta(minutes=1),
-                                      not_after=NOW + timedelta(hours=1), dns_names=dns)
+                                      not_after=NOW + timedelta(hours=1), dns_names=dns, admin_entry=admin_entry)
         return _key_pem(key), _pem(cert), cert
 
 
@@ -202,7 +212,7 @@ async def test_the_attestation_listener_serves_anonymous_attest_only() -> None:
     listener = await listen(pki, callers.anonymous, client_cert=False)
     try:
         assert await attest(pki, listener, None) == [node_pb2.AttestResponse()]
-        assert listener.seen.callers == [ANONYMOUS_CALLER]
+        assert listener.seen.callers == [replace(ANONYMOUS_CALLER, source="127.0.0.1")]
         for call in (batch_sign, list_entries):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await call(pki, listener, None)
@@ -223,18 +233,18 @@ class Audit:
 
 @dataclass
 class Admins:
-    ids: frozenset[str]
+    entries: dict[str, str]  # admin entry id -> its SPIFFE ID
 
-    def is_admin(self, spiffe_id: str) -> bool:
-        return spiffe_id in self.ids
+    def is_admin_entry(self, entry_id: str, spiffe_id: str) -> bool:
+        return self.entries.get(entry_id) == spiffe_id
 
 
 async def test_the_remote_admin_listener_serves_admin_entries_and_audits_the_others() -> None:
     pki = Pki()
-    admin = pki.svid("spiffe://example.org/ops")
+    admin = pki.svid("spiffe://example.org/ops", admin_entry="e-ops")
     plain = pki.svid("spiffe://example.org/web")
     audit = Audit()
-    listener = await listen(pki, callers.remote_admins(TD, Admins(frozenset({"spiffe://example.org/ops"}))),
+    listener = await listen(pki, callers.remote_admins(TD, Admins({"e-ops": "spiffe://example.org/ops"})),
                             client_cert=True, on_denied=callers.audit_admin_denials(audit))
     try:
         await list_entries(pki, listener, admin)
@@ -245,7 +255,8 @@ async def test_the_remote_admin_listener_serves_admin_entries_and_audits_the_oth
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert (info.value.details() or "").startswith("spiffe://example.org/web may not use the admin API")
         assert audit.events == [("admin.call", {"actor": "spiffe://example.org/web", "subject": "ListEntries",
-                                                "outcome": "denied", "reason": "not an admin entry"})]
+                                                "outcome": "denied",
+                                                "reason": "its SVID was not issued from an entry marked admin"})]
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await batch_sign(pki, listener, admin)  # an admin is no agent
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -254,16 +265,30 @@ async def test_the_remote_admin_listener_serves_admin_entries_and_audits_the_oth
         await listener.server.stop(None)
 
 
-async def test_the_admin_socket_is_the_local_admin(tmp_path: Path) -> None:
-    pki = Pki()
-    listener = await listen(pki, callers.local_admin, client_cert=None, socket=tmp_path / "admin.sock")
+async def test_the_admin_socket_names_the_caller_by_its_uid(tmp_path: Path) -> None:
+    seen = Seen()
+    sock = AdminSocket(tmp_path / "admin.sock")
+    server = grpc.aio.server(interceptors=[CallLayer(callers.local_admins(sock), Registry())],
+                             options=[("grpc.so_reuseport", 0)])
+    node_pb2_grpc.add_NodeServicer_to_server(seen, server)
+    admin_pb2_grpc.add_AdminServicer_to_server(seen, server)
+    await sock.start(server)
+    listener = Listener(server, seen, f"unix:{tmp_path / 'admin.sock'}")
     try:
-        await list_entries(pki, listener, None)
-        assert listener.seen.callers == [callers.LOCAL_ADMIN_CALLER]
-        assert callers.LOCAL_ADMIN_CALLER.id == "admin:local-socket"
+        assert stat.S_IMODE((tmp_path / "admin.sock").stat().st_mode) == 0o600
+        await list_entries(Pki(), listener, None)
+        [caller] = seen.callers
+        assert (caller.kind, caller.id, caller.source) == (CallerKind.LOCAL_ADMIN, f"local (uid {os.getuid()})",
+                                                           f"pid {os.getpid()}")
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await batch_sign(pki, listener, None)
+            await batch_sign(Pki(), listener, None)
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # Around the socket, straight to the gRPC server behind it: nobody the kernel named.
+        around = Listener(server, seen, f"unix:{sock._inner}")  # noqa: SLF001
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await list_entries(Pki(), around, None)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
-        await listener.server.stop(None)
-
+        await server.stop(None)
+        await sock.close()
+    assert not (tmp_path / "admin.sock").exists()

@@ -81,7 +81,7 @@ async def test_memory_is_bounded_and_claimed_text_is_clipped(tmp_path: Path) -> 
         await flows.add(AGENT, [denied()], [])  # the leading event
         await flows.add(AGENT, [denied(f"spiffe://example.org/{i}-" + "a" * 2000) for i in range(MAX_KEYS + 500)],
                         [refusal(peer=f"10.1.{i // 250}.{i % 250}:1") for i in range(MAX_KEYS + 10)])
-        pending = flows._pending[AGENT]  # noqa: SLF001 - the bound is the point of this test
+        pending = flows._window.pending(AGENT)  # noqa: SLF001 - the bound is the point of this test
         assert len(pending.flows) <= MAX_KEYS and len(pending.refusals) <= MAX_KEYS
         clock.now += 60
         await flows.flush_due()

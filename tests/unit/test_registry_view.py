@@ -166,7 +166,9 @@ async def test_entry_and_node_changes_name_the_agents_they_concern(world: World)
 
         await world.store.create_entry(entry(99, B))
         await world.next_event()
-        assert world.view.is_admin("spiffe://example.org/w99") and not world.view.is_admin("spiffe://example.org/w1")
+        assert world.view.is_admin_entry("e99", "spiffe://example.org/w99")
+        assert not world.view.is_admin_entry("e1", "spiffe://example.org/w1")
+        assert not world.view.is_admin_entry("e99", "spiffe://example.org/w1")
 
 
 async def test_bundles_policy_and_revocations_reach_every_agent(world: World) -> None:

@@ -30,9 +30,11 @@ from trustmesh.keys import (
 )
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 from trustmesh.x509svid import (
+    ADMIN_ENTRY_OID,
     MAX_CHAIN_DEPTH,
     MAX_CSR_BYTES,
     X509Svid,
+    admin_entry_of,
     build_ca_certificate,
     build_csr,
     build_leaf_certificate,
@@ -1005,3 +1007,29 @@ def test_mutated_certificates_are_refused_or_still_name_the_signed_identity(
     # Accepted only if nothing signed changed: the identity is the one the CA signed.
     assert result == LEDGER
     assert cert.tbs_certificate_bytes == original.tbs_certificate_bytes
+
+
+# --- the admin entry extension ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry_id", ["e1", "x" * 127, "y" * 128, "z" * 256])
+def test_an_admin_svid_names_its_entry(entry_id: str) -> None:
+    key = generate_private_key()
+    leaf = build_leaf_certificate(spiffe_id=LEDGER, public_key=key.public_key(), issuer=INTER, issuer_key=INTER_KEY,
+                                  not_before=NOW - timedelta(minutes=1), not_after=NOW + timedelta(hours=1),
+                                  admin_entry=entry_id)
+    assert admin_entry_of(leaf) == entry_id
+    assert not leaf.extensions.get_extension_for_oid(ADMIN_ENTRY_OID).critical
+    assert admin_entry_of(_leaf(INTER, INTER_KEY)) == ""  # ordinary SVIDs name no entry
+
+
+@pytest.mark.parametrize("value", [b"", b"\x0c", b"\x0c\x05ab", b"\x04\x02ab", b"\x0c\x02\xff\xfe",
+                                   b"\x0c\x83\x00\x00\x01a", b"\x0c\x00"])
+def test_a_malformed_admin_entry_extension_names_no_entry(value: bytes) -> None:
+    key = generate_private_key()
+    leaf = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(INTER.subject)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(NOW).not_valid_after(NOW + timedelta(hours=1))
+            .add_extension(x509.UnrecognizedExtension(ADMIN_ENTRY_OID, value), critical=False)
+            .sign(INTER_KEY, hashes.SHA256()))  # type: ignore[arg-type]
+    assert admin_entry_of(leaf) == ""

@@ -75,6 +75,7 @@ def _show(args: argparse.Namespace) -> int:
                     "time": datetime.fromtimestamp(e.time, timezone.utc).isoformat(),
                     "kind": e.kind,
                     "actor": e.actor,
+                    "source": json.loads(e.details_json or "{}").get("source", ""),
                     "subject": e.subject,
                     "outcome": e.outcome,
                     "details": json.loads(e.details_json or "{}"),
@@ -87,10 +88,12 @@ def _show(args: argparse.Namespace) -> int:
     for e in events:
         when = format_utc(e.time)
         details = json.loads(e.details_json or "{}")
+        # Who, and from where: an address, or the pid on the admin socket ("-": not recorded).
+        source = details.pop("source", "") or "-"
         extra = " ".join(f"{_printable(k)}={_printable(v)}" for k, v in sorted(details.items()))
         print(
             f"{e.seq:>6} {when} {_printable(e.kind):<14} {_printable(e.outcome):<7} "
-            f"{_printable(e.actor)} -> {_printable(e.subject)} {extra}".rstrip()
+            f"{_printable(e.actor)} [{_printable(source)}] -> {_printable(e.subject)} {extra}".rstrip()
         )
     if not events:
         print("no audit events")
