@@ -7,15 +7,19 @@ through the same `take_root_step` the leader's schedule uses, so both are audite
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Literal
 
 from cryptography import x509
 
-from trustmesh.controlplane.ca.journal import CAJournal
+from trustmesh.clock import format_utc
+from trustmesh.controlplane.ca.journal import CAJournal, RootSlot
 from trustmesh.controlplane.config import MAX_JWT_TTL
 from trustmesh.controlplane.duties import take_root_step
 from trustmesh.controlplane.runtime import ServerRuntime
+from trustmesh.duration import format_duration
 from trustmesh.errors import FailedPreconditionError, InvalidArgumentError
 
 AuthorityKind = Literal["x509_root", "x509_signing", "jwt_key"]
@@ -52,6 +56,7 @@ class CAStatus:
 class RotationResult:
     authorities: tuple[Authority, ...]  # the journal after the step
     detail: str  # what the step did, in words
+    forced: bool = False  # an activation taken early on --force
 
 
 def authorities(journal: CAJournal) -> tuple[Authority, ...]:
@@ -83,6 +88,13 @@ def authorities(journal: CAJournal) -> tuple[Authority, ...]:
     return tuple(out)
 
 
+def activation_allowed_at(prepared: RootSlot, refresh_hint: timedelta) -> float:
+    """When the prepared root may become active (pure): a partner fetches our bundle at least
+    once per refresh hint, so by then every partner holds the root the new SVIDs chain to.
+    The root entered the bundle when it was prepared."""
+    return prepared.created_at + refresh_hint.total_seconds()
+
+
 class CAAdmin:
     def __init__(self, rt: ServerRuntime) -> None:
         self._rt = rt
@@ -95,21 +107,41 @@ class CAAdmin:
         leader = await self._rt.store.get_leader("duties") or ""
         return CAStatus(authorities(journal), leader, step)
 
-    async def rotate_root(self, step: str, actor: str) -> RotationResult:
+    async def rotate_root(self, step: str, actor: str, *, force: bool = False) -> RotationResult:
         """Take one root-rotation step now: one of ROOT_STEPS. A step out of order is refused
-        (FAILED_PRECONDITION) and the refusal audited."""
+        (FAILED_PRECONDITION) and the refusal audited; so is an activation sooner than the
+        bundle refresh hint after the root was prepared, unless `force` (audited as forced)."""
         await self._rt.ca.reload()
         if step not in ROOT_STEPS:
             raise InvalidArgumentError(f"unknown root rotation step {step[:32]}; use prepare, activate or retire")
         if step == "next":
             step = "activate" if self._rt.ca.journal.prepared_root() is not None else "prepare"
         try:
-            detail = await take_root_step(self._rt, step, actor=actor)
+            forced = step == "activate" and self._too_early(force)
+            detail = await take_root_step(self._rt, step, actor=actor, forced=forced)
         except FailedPreconditionError as err:
             await self._rt.audit.record("ca.rotation_refused", actor=actor, subject=step, outcome="denied",
                                         reason=str(err))
             raise
-        return RotationResult(authorities(self._rt.ca.journal), detail)
+        return RotationResult(authorities(self._rt.ca.journal), detail, forced)
+
+    def _too_early(self, force: bool) -> bool:
+        """Whether activating now comes before partners can have fetched the prepared root;
+        FAILED_PRECONDITION then, unless `force`."""
+        prepared = self._rt.ca.journal.prepared_root()
+        if prepared is None:
+            return False  # take_root_step says why nothing can be activated
+        hint = self._rt.config.bundle_refresh_hint
+        allowed = math.ceil(activation_allowed_at(prepared, hint))  # whole seconds, as shown
+        if self._rt.clock() >= allowed:
+            return False
+        if not force:
+            raise FailedPreconditionError(
+                f"root {prepared.id} is in the bundle since {format_utc(prepared.created_at)}; federated partners "
+                f"fetch it within the bundle refresh hint ({format_duration(hint)}), so it can be activated from "
+                f"{format_utc(allowed)} (or now with --force)")
+        return True
 
 
-__all__ = ["ROOT_STEPS", "Authority", "CAAdmin", "CAStatus", "RotationResult", "authorities"]
+__all__ = ["ROOT_STEPS", "Authority", "CAAdmin", "CAStatus", "RotationResult", "activation_allowed_at",
+           "authorities"]

@@ -41,9 +41,10 @@ PRUNE_SECONDS = 60.0
 LEADER_ACTOR = "trustmesh-leader"
 
 
-async def take_root_step(rt: ServerRuntime, step: str, *, actor: str) -> str:
+async def take_root_step(rt: ServerRuntime, step: str, *, actor: str, forced: bool = False) -> str:
     """Run one root-rotation step ('prepare', 'activate' or 'retire'); audited. Returns a
-    short description of what changed."""
+    short description of what changed. `forced`: an admin activated before partners could
+    have fetched the root (the audit event says so)."""
     ca = rt.ca
     try:
         # The journal says precisely why a step is out of order; that is the caller's
@@ -61,7 +62,7 @@ async def take_root_step(rt: ServerRuntime, step: str, *, actor: str) -> str:
     elif step == "activate":
         slot = await ca.activate_root()
         detail = f"root {slot.id} active; signing CAs now chain to it"
-        await rt.audit.record("ca.root_activated", actor=actor, subject=slot.id)
+        await rt.audit.record("ca.root_activated", actor=actor, subject=slot.id, forced=forced)
     elif step == "retire":
         roots, kids = await ca.retire_old(MAX_JWT_TTL)
         if not roots and not kids:

@@ -5,7 +5,13 @@ any way (down, slow, garbage, a bundle naming another trust domain, a sequence n
 went backwards, a TLS identity that is not the configured one) changes nothing: the last
 good bundle stays in force, the failure is logged at ERROR, counted in
 `trustmesh_federation_refresh_total{outcome="failed"}`, kept on the relationship
-(`trustmesh federation list` shows it) and audited once per run of failures.
+(`trustmesh federation list` shows it) and audited once per run of failures of one kind.
+
+Rollback: once a partner's bundle has carried a `spiffe_sequence`, every later one must carry
+one (a bundle without could re-add a root the partner removed), never lower, and the same
+number only with the same authorities. The highest sequence seen is kept on the relationship
+record, so a restart does not forget it. A bundle with the same authorities and sequence as
+the one held is not stored or audited again, whatever its bytes (key order, whitespace).
 
 Profiles, as the SPIFFE federation standard defines them:
 - `https_web`: the endpoint has a web-PKI server certificate for its host name, checked
@@ -215,11 +221,12 @@ async def fetch_bundle(relationship: FederationRecord, known: Bundle | None, *,
         raise BundleFetchError("tls", f"TLS with {endpoint.url} failed: {err.reason or err}") from err
     except OSError as err:
         raise BundleFetchError("unreachable", f"cannot reach {endpoint.url}: {err.strerror or err}") from err
-    return validate_bundle(body, td, known), body
+    return validate_bundle(body, td, known, carried=relationship.spiffe_sequence), body
 
 
-def validate_bundle(body: bytes, td: TrustDomain, known: Bundle | None) -> Bundle:
-    """Parse a fetched bundle and refuse what must never replace the one we hold."""
+def validate_bundle(body: bytes, td: TrustDomain, known: Bundle | None, *, carried: int | None = None) -> Bundle:
+    """Parse a fetched bundle and refuse what must never replace the one we hold; `carried`
+    is the highest spiffe_sequence the partner's bundles have carried (None: none has)."""
     try:
         bundle = Bundle.from_jwks(body, td)
     except BundleError as err:
@@ -231,11 +238,37 @@ def validate_bundle(body: bytes, td: TrustDomain, known: Bundle | None) -> Bundl
             if named != td:
                 raise BundleFetchError("wrong_trust_domain",
                                        f"the bundle served for {td} holds a CA of trust domain {named}")
-    if known is not None and known.sequence_number is not None and bundle.sequence_number is not None \
-            and bundle.sequence_number < known.sequence_number:
-        raise BundleFetchError("rollback", f"the bundle for {td} went back from sequence "
-                                           f"{known.sequence_number} to {bundle.sequence_number}")
+    check_sequence(bundle, known, carried)
     return bundle
+
+
+def same_content(a: Bundle, b: Bundle) -> bool:
+    """The same authorities and sequence, in any order and whatever the bytes (pure); the
+    refresh hint is scheduling advice, not content."""
+    return (a.sequence_number == b.sequence_number
+            and frozenset(a.x509_authorities) == frozenset(b.x509_authorities)
+            and frozenset(a.jwt_authorities) == frozenset(b.jwt_authorities))
+
+
+def check_sequence(bundle: Bundle, known: Bundle | None, carried: int | None) -> None:
+    """Refuse a bundle that could roll the partner's back (pure): once one carried a sequence
+    (`carried`, or the bundle held), each later one carries one, no lower, and the same
+    number only with the same content."""
+    td = bundle.trust_domain
+    seen = [s for s in (carried, known.sequence_number if known is not None else None) if s is not None]
+    if not seen:
+        return  # the partner does not number its bundles (and never has)
+    highest, sequence = max(seen), bundle.sequence_number
+    if sequence is None:
+        raise BundleFetchError("no_sequence", f"the bundle for {td} carries no spiffe_sequence, but its bundles "
+                                              f"have (up to {highest}); without one it could undo a change, so it "
+                                              "is refused")
+    if sequence < highest:
+        raise BundleFetchError("rollback", f"the bundle for {td} went back from sequence {highest} to {sequence}")
+    if sequence == highest and known is not None and known.sequence_number == highest \
+            and not same_content(known, bundle):
+        raise BundleFetchError("sequence_reused", f"the bundle for {td} changed its authorities but kept "
+                                                  f"sequence {sequence}; a changed bundle needs a higher one")
 
 
 def _spiffe_trust_domains(cert: x509.Certificate) -> list[TrustDomain]:
@@ -282,19 +315,24 @@ async def refresh(rt: ServerRuntime, relationship: FederationRecord, *, actor: s
         counter.inc(trust_domain=td, outcome="failed", reason=reason)
         log_event(log, "federated_bundle_refresh_failed", level=logging.ERROR, trust_domain=td, reason=reason,
                   error=str(err), keeping="the last good bundle")
-        if not relationship.last_error:
+        # Once per run of failures of one kind: a retry of the same failure adds nothing, a
+        # new kind (down, then serving a rolled-back bundle) is worth its own event.
+        if relationship.last_error.partition(":")[0] != reason:
             await rt.audit.record("federation.refresh_failed", actor=actor, subject=td, outcome="failed",
                                   reason=reason, error=str(err))
         failed = replace(relationship, last_error=f"{reason}: {err}",
                          next_refresh_at=now + RETRY_AFTER_FAILURE.total_seconds())
         await rt.store.update_federation(failed)
         raise BundleFetchError(reason, str(err)) from err
-    changed = record is None or record.jwks != body
+    # By content, not bytes: a partner may serialise the same bundle differently each time.
+    changed = record is None or known is None or not same_content(known, bundle)
     new_record = None
     if changed:
         new_record = BundleRecord(relationship.trust_domain, body, (record.sequence if record else 0) + 1, now)
+    carried = [s for s in (relationship.spiffe_sequence, bundle.sequence_number) if s is not None]
     done = replace(relationship, last_error="", last_refreshed_at=now,
-                   next_refresh_at=now + refresh_interval(bundle).total_seconds())
+                   next_refresh_at=now + refresh_interval(bundle).total_seconds(),
+                   spiffe_sequence=max(carried) if carried else None)
     if await rt.store.update_federation(done, new_record):
         counter.inc(trust_domain=td, outcome="changed" if changed else "unchanged", reason="")
         if changed:
@@ -302,6 +340,9 @@ async def refresh(rt: ServerRuntime, relationship: FederationRecord, *, actor: s
                                   sequence=bundle.sequence_number, x509_authorities=len(bundle.x509_authorities),
                                   jwt_authorities=len(bundle.jwt_authorities))
             log_event(log, "federated_bundle_updated", trust_domain=td, sequence=bundle.sequence_number)
+        else:
+            log_event(log, "federated_bundle_unchanged", level=logging.DEBUG, trust_domain=td,
+                      sequence=bundle.sequence_number)
     return bundle
 
 
@@ -317,5 +358,5 @@ async def refresh_due(rt: ServerRuntime, actor: str, relationships: list[Federat
                 pass  # recorded; the next due time retries it
 
 
-__all__ = ["BundleFetchError", "PROFILES", "fetch_bundle", "parse_endpoint_url", "refresh", "refresh_due",
-           "validate_bundle"]
+__all__ = ["BundleFetchError", "PROFILES", "check_sequence", "fetch_bundle", "parse_endpoint_url", "refresh",
+           "refresh_due", "same_content", "validate_bundle"]

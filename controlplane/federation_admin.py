@@ -121,8 +121,10 @@ def check_relationship(spec: RelationshipSpec, own: TrustDomain, now: float) -> 
             bundle = validate_bundle(spec.bundle, td, None)
         except BundleFetchError as err:
             raise InvalidArgumentError(f"--bundle-file: {err}") from err
+    # A sequence in the initial bundle already binds the fetches that follow (no rollback below it).
     record = FederationRecord(
-        trust_domain=td, endpoint_url=url, profile=profile, endpoint_spiffe_id=endpoint_id, created_at=now
+        trust_domain=td, endpoint_url=url, profile=profile, endpoint_spiffe_id=endpoint_id, created_at=now,
+        spiffe_sequence=None if bundle is None else bundle.sequence_number,
     )
     return record, bundle
 

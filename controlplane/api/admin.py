@@ -231,5 +231,6 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def RotateRoot(self, request: admin_pb2.RotateRootRequest,
                          context: grpc.aio.ServicerContext) -> admin_pb2.RotateRootResponse:
         actor = current_caller().id
-        done = await self._domain.ca.rotate_root(root_step_from_pb(request.step), actor)
-        return admin_pb2.RotateRootResponse(authorities=ca_authorities_pb(done.authorities), detail=done.detail)
+        done = await self._domain.ca.rotate_root(root_step_from_pb(request.step), actor, force=request.force)
+        return admin_pb2.RotateRootResponse(authorities=ca_authorities_pb(done.authorities), detail=done.detail,
+                                            forced=done.forced)

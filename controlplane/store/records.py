@@ -466,22 +466,26 @@ class FederationRecord:
     last_refreshed_at: float = 0.0
     last_error: str = ""
     next_refresh_at: float = 0.0
+    # The highest spiffe_sequence an accepted bundle of the partner has carried; None while
+    # none has. Once set, a bundle without a sequence, or with a lower one, is refused.
+    spiffe_sequence: int | None = None
     revision: int = 0  # the store's mod_revision, filled on read
 
     def to_json(self) -> bytes:
-        return _dump(
-            "federation",
-            {
-                "trust_domain": self.trust_domain.name,
-                "endpoint_url": self.endpoint_url,
-                "profile": self.profile,
-                "endpoint_spiffe_id": "" if self.endpoint_spiffe_id is None else str(self.endpoint_spiffe_id),
-                "created_at": self.created_at,
-                "last_refreshed_at": self.last_refreshed_at,
-                "last_error": self.last_error,
-                "next_refresh_at": self.next_refresh_at,
-            },
-        )
+        fields: dict[str, Any] = {
+            "trust_domain": self.trust_domain.name,
+            "endpoint_url": self.endpoint_url,
+            "profile": self.profile,
+            "endpoint_spiffe_id": "" if self.endpoint_spiffe_id is None else str(self.endpoint_spiffe_id),
+            "created_at": self.created_at,
+            "last_refreshed_at": self.last_refreshed_at,
+            "last_error": self.last_error,
+            "next_refresh_at": self.next_refresh_at,
+        }
+        # Written only when set, so a record without it keeps the bytes earlier versions wrote.
+        if self.spiffe_sequence is not None:
+            fields["spiffe_sequence"] = self.spiffe_sequence
+        return _dump("federation", fields)
 
     @classmethod
     def from_json(cls, data: bytes, revision: int = 0) -> FederationRecord:
@@ -496,6 +500,7 @@ class FederationRecord:
             last_refreshed_at=float(_field(k, o, "last_refreshed_at", _NUMBER)),
             last_error=_field(k, o, "last_error", str),
             next_refresh_at=float(_field(k, o, "next_refresh_at", _NUMBER)),
+            spiffe_sequence=_optional(k, o, "spiffe_sequence", int, None),
             revision=revision,
         )
 

@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
+from collections.abc import Callable
+from datetime import datetime
+
+import pytest
 
 from tests.integration.harness import ServerProcess
+from tests.integration.test_ha import wait_for
+
+
+@pytest.fixture
+def server(make_server: Callable[..., ServerProcess], store_url: str) -> ServerProcess:
+    """One server on each store backend, with a 1 s bundle refresh hint: a prepared root may
+    be activated a second after it entered the bundle."""
+    env = {} if store_url == "sqlite" else {"TRUSTMESH_KEK": "11" * 32}
+    return make_server(store=store_url, env=env, extra=["--bundle-refresh-hint", "1s"])
 
 
 def _show(server: ServerProcess) -> dict[str, object]:
@@ -40,8 +54,16 @@ def test_prepare_then_next_step_activates(server: ServerProcess) -> None:
     while server.bundle_path.read_bytes().count(b"BEGIN CERTIFICATE") != 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server.bundle_path.read_bytes().count(b"BEGIN CERTIFICATE") == 2
-    activated = server.cli("ca", "rotate", check=True).stdout  # the next step: activate
-    assert "active; signing CAs now chain to it" in activated
+    # The next step, activate, once the root has been in the bundle for the refresh hint (1 s).
+    results: list[subprocess.CompletedProcess[str]] = []
+
+    def rotate() -> bool:
+        results.append(server.cli("ca", "rotate"))
+        return results[-1].returncode == 0
+
+    assert wait_for(rotate), results[-1].stderr
+    activated = results[-1].stdout
+    assert "active; signing CAs now chain to it" in activated and "warning" not in results[-1].stderr
     assert _states(server, "root") == ["active", "old"] and _states(server, "jwt-key") == ["active", "old"]
     shown = _show(server)
     old = next(a for a in shown["authorities"] if a["kind"] == "root" and a["state"] == "old")  # type: ignore[index, union-attr]
@@ -51,3 +73,27 @@ def test_prepare_then_next_step_activates(server: ServerProcess) -> None:
     assert old["retired_at"] > 0 and new["activated_at"] > 0
     refused = server.cli("ca", "rotate", "--step", "retire")
     assert refused.returncode == 1 and "cannot be retired yet" in refused.stderr
+
+
+def test_activation_before_partners_can_have_the_root_is_refused_unless_forced(
+        make_server: Callable[..., ServerProcess]) -> None:
+    server = make_server(extra=["--bundle-refresh-hint", "1h"])
+    server.cli("ca", "rotate", "--step", "prepare", check=True)
+    prepared = next(a for a in _show(server)["authorities"] if a["state"] == "prepared")  # type: ignore[attr-defined]
+    for step in ("activate", "next"):
+        refused = server.cli("ca", "rotate", "--step", step)
+        assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert "Traceback" not in refused.stderr and "--force" in refused.stderr, refused.stderr
+        allowed = refused.stderr.split("can be activated from ")[1].split()[0]
+        # The prepared time travels in whole seconds; the allowed time is rounded up to one.
+        assert 0 <= datetime.fromisoformat(allowed).timestamp() - (prepared["prepared_at"] + 3600) <= 1, allowed
+    assert _states(server, "root") == ["active", "prepared"]
+    forced = server.cli("ca", "rotate", "--step", "activate", "--force", check=True)
+    assert "active; signing CAs now chain to it" in forced.stdout
+    assert forced.stderr.startswith("warning: --force activated the new root"), forced.stderr
+    assert _states(server, "root") == ["active", "old"]
+    refusals = json.loads(server.cli("audit", "show", "--kind", "ca.rotation_refused", "--json", check=True).stdout)
+    assert [e["subject"] for e in refusals] == ["activate", "activate"]
+    assert all("can be activated from" in e["details"]["reason"] for e in refusals)
+    [activated] = json.loads(server.cli("audit", "show", "--kind", "ca.root_activated", "--json", check=True).stdout)
+    assert activated["details"]["forced"] is True

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
@@ -142,7 +143,8 @@ def test_federated_mtls_under_an_allowlist_through_a_root_rotation(pair: Pair) -
         home.cli("ca", "rotate", "--step", "prepare", check=True)
         assert wait_for(lambda: federated_roots(pair.partner_agent, HOME) == 2, timeout=30), \
             partner.cli("federation", "list").stdout
-        home.cli("ca", "rotate", "--step", "activate", check=True)
+        # Activation is allowed once the root has been in the bundle for the refresh hint (1 s).
+        assert wait_for(lambda: home.cli("ca", "rotate", "--step", "activate").returncode == 0, timeout=10)
         roots = [x509.load_pem_x509_certificate(a["certificate_pem"].encode())
                  for a in json.loads(home.cli("ca", "show", "--json", check=True).stdout)["authorities"]
                  if a["kind"] == "root" and a["state"] == "active"]
@@ -316,3 +318,133 @@ def test_federation_cli_refusals_and_a_bundle_set_by_hand(server: ServerProcess,
     assert server.cli("bundle", "show", "--trust-domain", PARTNER).returncode == 1
     audit = json.loads(server.cli("audit", "show", "--kind", "federation.create", "--json", check=True).stdout)
     assert sum(e["outcome"] == "denied" for e in audit) >= 5
+
+
+# --- a hostile partner bundle endpoint (issue 14, hole 6) ------------------------------------
+
+
+class HostileEndpoint:
+    """A partner's https_spiffe bundle endpoint run by the test: it serves whatever bundle the
+    test sets, in bytes that differ at every fetch when `reshuffle` (key order, whitespace),
+    and counts the fetches."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        now = datetime.now(timezone.utc)
+        self.keys = [generate_private_key() for _ in range(2)]
+        # Root 0 is the one the partner removes; root 1 stays and signs the endpoint's SVID.
+        self.roots = [build_ca_certificate(trust_domain=TrustDomain(PARTNER), public_key=k.public_key(), issuer=None,
+                                           issuer_key=k, not_before=now - timedelta(minutes=1),
+                                           not_after=now + timedelta(hours=1), path_length=1,
+                                           common_name=f"partner root {i}") for i, k in enumerate(self.keys)]
+        key = generate_private_key()
+        leaf = build_leaf_certificate(spiffe_id=SpiffeId.parse(f"spiffe://{PARTNER}/bundle-endpoint"),
+                                      public_key=key.public_key(), issuer=self.roots[1], issuer_key=self.keys[1],
+                                      not_before=now - timedelta(minutes=1), not_after=now + timedelta(hours=1))
+        (tmp_path / "endpoint.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+        _write_key(tmp_path / "endpoint.key", key)
+        self.document: dict[str, object] = {"keys": []}
+        self.reshuffle = False
+        self.fetches = 0
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+                endpoint.fetches += 1
+                document = dict(endpoint.document)
+                if endpoint.reshuffle and endpoint.fetches % 2:
+                    document["keys"] = list(reversed(document["keys"]))  # type: ignore[call-overload]
+                body = json.dumps(document, indent=2 if endpoint.fetches % 2 else None).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(tmp_path / "endpoint.pem"), str(tmp_path / "endpoint.key"))
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"https://127.0.0.1:{self.httpd.server_address[1]}/"
+
+    def serve(self, roots: list[int], sequence: int | None, hint: int | None = None) -> bytes:
+        """Serve these roots with this spiffe_sequence (None: none); the bundle as JWKS."""
+        from trustmesh.bundle import Bundle
+
+        jwks = Bundle(TrustDomain(PARTNER), tuple(self.roots[i] for i in roots), sequence_number=sequence,
+                      refresh_hint=None if hint is None else timedelta(seconds=hint)).to_jwks()
+        self.document = json.loads(jwks)
+        return jwks
+
+    def add_to(self, server: ServerProcess, tmp_path: Path, initial: bytes) -> None:
+        (tmp_path / "partner-bundle.json").write_bytes(initial)
+        server.cli("federation", "add", "--trust-domain", PARTNER, "--endpoint", self.url, "--profile",
+                   "https_spiffe", "--endpoint-spiffe-id", f"spiffe://{PARTNER}/bundle-endpoint",
+                   "--bundle-file", str(tmp_path / "partner-bundle.json"), check=True)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def hostile(tmp_path: Path) -> Iterator[HostileEndpoint]:
+    endpoint = HostileEndpoint(tmp_path)
+    yield endpoint
+    endpoint.close()
+
+
+def partner_roots(server: ServerProcess) -> int:
+    shown = server.cli("bundle", "show", "--trust-domain", PARTNER, "--format", "pem", check=True).stdout
+    return shown.count("BEGIN CERTIFICATE")
+
+
+def audit_events(server: ServerProcess, kind: str) -> list[dict[str, object]]:
+    return json.loads(server.cli("audit", "show", "--kind", kind, "--json", check=True).stdout)  # type: ignore[no-any-return]
+
+
+def test_a_partner_cannot_roll_its_bundle_back_by_dropping_or_lowering_its_sequence(
+        make_server: Callable[..., ServerProcess], hostile: HostileEndpoint, tmp_path: Path) -> None:
+    server = make_server(trust_domain=HOME)
+    # Both roots, unnumbered, given out of band; then the partner removes root 0 at sequence 5.
+    hostile.add_to(server, tmp_path, hostile.serve([0, 1], None))
+    hostile.serve([1], 5)
+    server.cli("federation", "refresh", PARTNER, check=True)
+    assert partner_roots(server) == 1
+    # The same partner (or whoever took its endpoint) tries to re-add the removed root: with no
+    # sequence, with a lower one, with the same one; after a restart too.
+    attempts = [(None, "carries no spiffe_sequence", "no_sequence"), (1, "went back from sequence 5 to 1", "rollback"),
+                (5, "kept sequence 5", "sequence_reused")]
+    for restart, (sequence, message, reason) in [(False, a) for a in attempts] + [(True, attempts[0])]:
+        if restart:
+            server.stop()
+            server.start()
+        hostile.serve([0, 1], sequence)
+        refused = server.cli("federation", "refresh", PARTNER)
+        assert refused.returncode == 1 and message in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+        assert partner_roots(server) == 1, f"sequence {sequence}: the removed root came back"
+        failed = audit_events(server, "federation.refresh_failed")
+        assert any(e["details"]["reason"] == reason for e in failed), failed  # type: ignore[index]
+    # A real change, numbered higher, is still taken.
+    hostile.serve([0, 1], 6)
+    server.cli("federation", "refresh", PARTNER, check=True)
+    assert partner_roots(server) == 2
+    assert [e["details"]["sequence"] for e in audit_events(server, "federation.bundle_updated")] == [5, 6]  # type: ignore[index]
+
+
+def test_an_unchanged_partner_bundle_is_stored_and_audited_once(
+        make_server: Callable[..., ServerProcess], hostile: HostileEndpoint, tmp_path: Path) -> None:
+    server = make_server(trust_domain=HOME)
+    hostile.add_to(server, tmp_path, hostile.serve([1], 4))
+    # Then sequence 5, fetched every second (the 1 s refresh hint), in other bytes each time.
+    hostile.serve([1], 5, hint=1)
+    hostile.reshuffle = True
+    assert wait_for(lambda: hostile.fetches >= 3, timeout=30), server.log()[-2000:]
+    updated = audit_events(server, "federation.bundle_updated")
+    assert [e["details"]["sequence"] for e in updated] == [5], updated  # type: ignore[index]
+    listed = json.loads(server.cli("federation", "list", "--json", check=True).stdout)
+    assert listed[0]["last_error"] == "" and listed[0]["bundle_sequence"] == 5

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from tests.unit.server_runtime import ADMIN, audit_events, server_runtime
+from tests.unit.server_runtime import ADMIN, Clock, audit_events, server_runtime
 from trustmesh.controlplane.ca_admin import CAAdmin, authorities
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.errors import FailedPreconditionError, InvalidArgumentError
@@ -34,16 +34,44 @@ async def test_a_new_ca_shows_one_active_root_signing_ca_and_jwt_key(runtime: Se
     assert status.leader == "" and status.next_step == ""
 
 
+def _clock(rt: ServerRuntime) -> Clock:
+    assert isinstance(rt.clock, Clock)
+    return rt.clock
+
+
 async def test_steps_by_hand(runtime: ServerRuntime) -> None:
     ca = CAAdmin(runtime)
     prepared = await ca.rotate_root("next", ADMIN)
     assert "prepared" in prepared.detail
     assert sorted(a.state for a in prepared.authorities if a.kind == "x509_root") == ["active", "prepared"]
+    # Partners fetch the bundle once per refresh hint (5 minutes by default): then it may activate.
+    root = runtime.ca.journal.prepared_root()
+    assert root is not None
+    _clock(runtime).now = root.created_at + runtime.config.bundle_refresh_hint.total_seconds() + 1
     activated = await ca.rotate_root("next", ADMIN)
-    assert "active" in activated.detail
+    assert "active" in activated.detail and not activated.forced
     assert sorted(a.state for a in activated.authorities if a.kind == "x509_root") == ["active", "old"]
     assert activated.authorities == authorities(runtime.ca.journal)
     assert [e.kind for e in await runtime.store.list_audit_events()] == ["ca.root_prepared", "ca.root_activated"]
+
+
+async def test_activation_waits_for_partners_to_have_fetched_the_root(runtime: ServerRuntime) -> None:
+    ca = CAAdmin(runtime)
+    await ca.rotate_root("prepare", ADMIN)
+    root = runtime.ca.journal.prepared_root()
+    assert root is not None
+    _clock(runtime).now = root.created_at + 299
+    for step in ("activate", "next"):
+        with pytest.raises(FailedPreconditionError, match=r"can be activated from \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ "
+                                                          r"\(or now with --force\)$"):
+            await ca.rotate_root(step, ADMIN)
+    assert runtime.ca.journal.prepared_root() == root
+    forced = await ca.rotate_root("activate", ADMIN, force=True)
+    assert forced.forced and runtime.ca.journal.active_root().id == root.id
+    refused = await audit_events(runtime, "ca.rotation_refused")
+    assert [(e.subject, e.outcome) for e in refused] == [("activate", "denied")] * 2
+    [activated] = await audit_events(runtime, "ca.root_activated")
+    assert activated.details["forced"] is True
 
 
 async def test_out_of_order_steps_are_refused_audited_and_change_nothing(runtime: ServerRuntime) -> None:

@@ -27,6 +27,7 @@ from trustmesh.controlplane.federation import (
     fetch_bundle,
     parse_endpoint_url,
     refresh,
+    same_content,
     validate_bundle,
 )
 from trustmesh.controlplane.runtime import ServerRuntime
@@ -334,7 +335,7 @@ async def test_refresh_stores_a_new_bundle_and_keeps_the_last_good_one_on_failur
     record = await runtime.store.get_federation(PARTNER.name)
     assert record.last_error == "" and record.next_refresh_at - record.last_refreshed_at == pytest.approx(30)
     # Then the endpoint serves garbage, then a rolled-back bundle: nothing replaces the good one.
-    for answer in (http(b"{not json"), http(ca.bundle(sequence=1).to_jwks())):
+    for answer in (http(b"{not json"), http(ca.bundle(sequence=1).to_jwks()), http(ca.bundle(sequence=1).to_jwks())):
         endpoint.answer = answer
         with pytest.raises(BundleFetchError):
             await refresh(runtime, await runtime.store.get_federation(PARTNER.name), actor="test")
@@ -343,10 +344,10 @@ async def test_refresh_stores_a_new_bundle_and_keeps_the_last_good_one_on_failur
     assert record.last_error.startswith("rollback:")
     counter = runtime.metrics.counter("trustmesh_federation_refresh_total", "", ["trust_domain", "outcome", "reason"])
     assert counter.value(trust_domain=PARTNER.name, outcome="failed", reason="garbage") == 1
-    assert counter.value(trust_domain=PARTNER.name, outcome="failed", reason="rollback") == 1
-    # A run of failures is audited once, not at every retry.
+    assert counter.value(trust_domain=PARTNER.name, outcome="failed", reason="rollback") == 2
+    # A run of failures is audited once per kind (garbage, then rollback), not at every retry.
     events = [e.kind for e in await runtime.store.list_audit_events()]
-    assert events.count("federation.refresh_failed") == 1 and events.count("federation.bundle_updated") == 1
+    assert events.count("federation.refresh_failed") == 2 and events.count("federation.bundle_updated") == 1
     # The endpoint recovers: the next refresh succeeds and clears the error.
     endpoint.answer = http(replace(newer, sequence_number=3).to_jwks())
     await refresh(runtime, await runtime.store.get_federation(PARTNER.name), actor="test")
@@ -499,3 +500,47 @@ async def test_our_endpoint_headers_counts_and_hostile_clients(tmp_path: Path) -
         assert requests.value(status="200") == 1 and requests.value(status="400") >= 1
     finally:
         await server.wait_closed()
+
+
+# --- sequence numbers: once carried, always carried, only upwards (issue 14, hole 6) ----------
+
+
+def test_once_a_partner_numbered_its_bundles_it_cannot_stop_or_go_back() -> None:
+    ca, newer = PartnerCA(PARTNER), PartnerCA(PARTNER)
+    held = Bundle(PARTNER, (newer.root,), sequence_number=5)
+    both = Bundle(PARTNER, (ca.root, newer.root))
+    for known, carried in ((held, None), (None, 5), (Bundle(PARTNER, (newer.root,)), 5)):
+        with pytest.raises(BundleFetchError, match="carries no spiffe_sequence") as info:
+            validate_bundle(both.to_jwks(), PARTNER, known, carried=carried)
+        assert info.value.reason == "no_sequence"
+        with pytest.raises(BundleFetchError, match="went back from sequence 5 to 1"):
+            validate_bundle(both.with_sequence_number(1).to_jwks(), PARTNER, known, carried=carried)
+    with pytest.raises(BundleFetchError, match="kept sequence 5") as info:
+        validate_bundle(both.with_sequence_number(5).to_jwks(), PARTNER, held, carried=5)
+    assert info.value.reason == "sequence_reused"
+    # The same content in other bytes, and anything from a partner that never numbered: taken.
+    reordered = json.loads(held.to_jwks())
+    assert validate_bundle(json.dumps(reordered).encode(), PARTNER, held, carried=5) == held
+    assert validate_bundle(both.to_jwks(), PARTNER, Bundle(PARTNER, (ca.root,)), carried=None) == both
+
+
+def test_same_content_ignores_order_bytes_and_hint() -> None:
+    a, b = PartnerCA(PARTNER), PartnerCA(PARTNER)
+    one = Bundle(PARTNER, (a.root, b.root), sequence_number=3, refresh_hint=timedelta(seconds=1))
+    assert same_content(one, Bundle(PARTNER, (b.root, a.root), sequence_number=3))
+    assert not same_content(one, one.with_sequence_number(4))
+    assert not same_content(one, one.with_x509_authorities([a.root]))
+
+
+async def test_an_unchanged_bundle_is_not_stored_again_and_the_sequence_is_kept(
+        runtime: ServerRuntime, partner: tuple[PartnerCA, Endpoint]) -> None:
+    ca, endpoint = partner
+    await runtime.store.create_federation(relationship(endpoint), BundleRecord(PARTNER, ca.bundle(1).to_jwks(), 1, 0.0))
+    document = json.loads(ca.bundle(2).to_jwks())
+    for body in (json.dumps(document, indent=2), json.dumps(document), json.dumps(document, sort_keys=True)):
+        endpoint.answer = http(body.encode())
+        await refresh(runtime, await runtime.store.get_federation(PARTNER.name), actor="test")
+    assert (await runtime.store.get_bundle(PARTNER.name)).sequence == 2  # the record's own counter: one write
+    assert (await runtime.store.get_federation(PARTNER.name)).spiffe_sequence == 2
+    events = [e.kind for e in await runtime.store.list_audit_events()]
+    assert events == ["federation.bundle_updated"]

@@ -8,6 +8,7 @@ commands show where that stands and take a step now, e.g. after a suspected comp
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from cryptography import x509
@@ -72,10 +73,14 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _rotate(args: argparse.Namespace) -> int:
-    req = admin_pb2.RotateRootRequest(step=_STEPS[args.step])
+    req = admin_pb2.RotateRootRequest(step=_STEPS[args.step], force=args.force)
     reply = call(args, lambda s: s.RotateRoot(req, timeout=TIMEOUT))
+    if reply.forced:
+        print("warning: --force activated the new root before every federated partner can have fetched it; "
+              "partners that have not refreshed their bundle refuse SVIDs under it until they do", file=sys.stderr)
     if args.json:
-        print_json({"detail": reply.detail, "authorities": [_authority(a) for a in reply.authorities]})
+        print_json({"detail": reply.detail, "forced": reply.forced,
+                    "authorities": [_authority(a) for a in reply.authorities]})
         return 0
     print(reply.detail)
     _print_table([_authority(a) for a in reply.authorities])
@@ -87,7 +92,9 @@ a root rotation has three steps, each safe on its own:
   prepare   a new root (and JWT key) enters the bundle; agents and workloads receive it at
             once, partners at their next bundle refresh; nothing is signed with it yet
   activate  signing CAs of every replica move under the new root; new SVIDs chain to it,
-            existing ones stay valid (the old root is still in the bundle)
+            existing ones stay valid (the old root is still in the bundle); refused until
+            the new root has been in the bundle for the bundle refresh hint
+            (--bundle-refresh-hint), so partners hold it; --force overrides, audited
   retire    the old root leaves the bundle; refused while any signing CA under it is
             unexpired, because SVIDs chaining to it may still be in use
 
@@ -115,6 +122,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                        epilog=ROTATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--step", choices=list(_STEPS), default="next",
                    help="which step (default next: prepare when nothing is prepared, else activate)")
+    p.add_argument("--force", action="store_true",
+                   help="activate even before federated partners can have fetched the new root (audited)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_socket_flag(p)
     p.set_defaults(func=_rotate)

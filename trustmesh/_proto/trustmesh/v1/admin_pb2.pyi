@@ -406,18 +406,22 @@ class GetCAJournalResponse(_message.Message):
     def __init__(self, authorities: _Optional[_Iterable[_Union[CAAuthority, _Mapping]]] = ..., leader: _Optional[str] = ..., next_step: _Optional[str] = ...) -> None: ...
 
 class RotateRootRequest(_message.Message):
-    __slots__ = ("step",)
+    __slots__ = ("step", "force")
     STEP_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     step: RootRotationStep
-    def __init__(self, step: _Optional[_Union[RootRotationStep, str]] = ...) -> None: ...
+    force: bool
+    def __init__(self, step: _Optional[_Union[RootRotationStep, str]] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class RotateRootResponse(_message.Message):
-    __slots__ = ("authorities", "detail")
+    __slots__ = ("authorities", "detail", "forced")
     AUTHORITIES_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    FORCED_FIELD_NUMBER: _ClassVar[int]
     authorities: _containers.RepeatedCompositeFieldContainer[CAAuthority]
     detail: str
-    def __init__(self, authorities: _Optional[_Iterable[_Union[CAAuthority, _Mapping]]] = ..., detail: _Optional[str] = ...) -> None: ...
+    forced: bool
+    def __init__(self, authorities: _Optional[_Iterable[_Union[CAAuthority, _Mapping]]] = ..., detail: _Optional[str] = ..., forced: _Optional[bool] = ...) -> None: ...
 
 class IssuePartnerCertificateRequest(_message.Message):
     __slots__ = ("spiffe_id", "csr", "ttl_seconds")
