@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         token_cmd,
     )
 
-    parser = CommandParser(
+    parser: argparse.ArgumentParser = CommandParser(
         prog="trustmesh",
         description=DESCRIPTION,
         epilog=EPILOG,
