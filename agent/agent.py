@@ -57,6 +57,7 @@ from trustmesh.agent.workload_attestor import WorkloadAttestor
 from trustmesh.backoff import backoff_delay
 from trustmesh.bundle import Bundle
 from trustmesh.errors import TrustmeshError
+from trustmesh.files import ensure_directory
 from trustmesh.hostport import split_host_port
 from trustmesh.logs import RateLimitedLog, log_event
 from trustmesh.metrics import Registry, serve_metrics
@@ -261,7 +262,7 @@ _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     # 0711: other users may reach the Workload API socket inside by name, but cannot list the
     # directory; the agent key and state files in it are 0600 on their own.
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_directory(config.data_dir, "--data-dir")
     lock = hold_data_dir(config.data_dir)
     try:
         config.data_dir.chmod(0o711)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trustmesh.hostport import join_host_port, split_host_port
-from trustmesh.options import HOST_PORT, PATH, TEXT, TRUST_DOMAIN, ConfigError, Parser, internal, option
+from trustmesh.options import HOST_PORT, LISTEN_ADDRESS, PATH, TEXT, TRUST_DOMAIN, ConfigError, Parser, internal, option
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 
 if TYPE_CHECKING:  # the proxy is imported when a config is read, not whenever the CLI builds its parser
@@ -123,7 +123,7 @@ class AgentConfig:
         "the control plane's attestation address (its --attest-bind); "
         "default: each --server's host with its port + 1", HOST_PORT, repeat=True, default=())
     socket: Path | None = option("Workload API socket path (default <data-dir>/workload.sock)", PATH, default=None)
-    metrics: str | None = option("host:port to serve Prometheus metrics on (default off)", HOST_PORT, default=None)
+    metrics: str | None = option("host:port to serve Prometheus metrics on (default off)", LISTEN_ADDRESS, default=None)
     x509pop_cert: Path | None = option("node certificate chain (PEM) for x509pop attestation", PATH, default=None)
     x509pop_key: Path | None = option("the node certificate's private key (PEM) for x509pop", PATH, default=None)
     trust_domain: TrustDomain | None = option(

@@ -19,7 +19,7 @@ from trustmesh.hostport import join_host_port, split_host_port
 from trustmesh.options import (
     COUNT,
     DURATION,
-    HOST_PORT,
+    LISTEN_ADDRESS,
     PATH,
     TEXT,
     TRUST_DOMAIN,
@@ -46,14 +46,14 @@ class ServerConfig:
         "the trust domain, e.g. example.org", TRUST_DOMAIN,
         required="--trust-domain is required (e.g. --trust-domain example.org)")
     data_dir: Path = option("state directory", PATH, default=Path(".trustmesh/server"))
-    bind: str = option("agent-facing gRPC address", HOST_PORT, default="127.0.0.1:8081")
+    bind: str = option("agent-facing gRPC address", LISTEN_ADDRESS, default="127.0.0.1:8081")
     attest_bind: str | None = option(
         "address where new agents attest (TLS without a client certificate; serves only attestation); "
         "every other agent call goes to --bind with mTLS (default: --bind's host, its port + 1, "
-        "where agents look by default)", HOST_PORT, default=None)
+        "where agents look by default)", LISTEN_ADDRESS, default=None)
     admin_bind: str | None = option(
         "also serve the admin API on this host:port over mTLS, for remote administrators whose SVIDs are "
-        "registration entries marked --admin (default off)", HOST_PORT, default=None)
+        "registration entries marked --admin (default off)", LISTEN_ADDRESS, default=None)
     admin_socket: Path | None = option("admin API unix socket (default <data-dir>/admin.sock)", PATH, default=None)
     store: str = option(
         "'sqlite' (embedded, in the data dir), 'sqlite:///path/file.db' or 'etcd://host:port[,host:port…][/prefix]' "
@@ -88,7 +88,7 @@ class ServerConfig:
     x509pop_ca: Path | None = option(
         "PEM file of CA certificates that node certificates chain to, enabling x509pop node attestation",
         PATH, default=None)
-    metrics: str | None = option("host:port to serve Prometheus metrics on (default off)", HOST_PORT, default=None)
+    metrics: str | None = option("host:port to serve Prometheus metrics on (default off)", LISTEN_ADDRESS, default=None)
     replica_id: str = option(
         "this replica's name in the CA journal, logs and leader election; unique per running process "
         "(default <hostname>-<pid>)", TEXT, metavar="NAME",
@@ -97,7 +97,7 @@ class ServerConfig:
         "the leader replica forgets agents whose SVID expired this long ago (they must attest again anyway); "
         "banned agents are kept", DURATION, default=timedelta(days=1))
     bundle_endpoint: str | None = option(
-        "serve the SPIFFE bundle over HTTPS here, for federated partners (default off)", HOST_PORT,
+        "serve the SPIFFE bundle over HTTPS here, for federated partners (default off)", LISTEN_ADDRESS,
         default=None, group=FEDERATION)
     bundle_endpoint_profile: str = option(
         "https_spiffe: TLS with the server's SVID, spiffe://<td>/trustmesh/server; "

@@ -47,8 +47,9 @@ from trustmesh.controlplane.registry_view import CAJournalChanged, RegistryEvent
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store import Store, open_store
 from trustmesh.controlplane.sync_service import SyncService
-from trustmesh.errors import KeyEncryptionError, StoreError, TrustmeshError
-from trustmesh.hostport import split_host_port
+from trustmesh.errors import KeyEncryptionError, StoreError
+from trustmesh.files import ensure_directory
+from trustmesh.hostport import cannot_listen, join_host_port, split_host_port
 from trustmesh.httpserver import HttpServer
 from trustmesh.keys import generate_private_key
 from trustmesh.logs import log_event
@@ -191,11 +192,11 @@ def republish_ca(ca: CertificateAuthority, bundle_path: Path) -> RegistrySubscri
 
 def _listen(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials, flag: str) -> int:
     try:
-        port: int = server.add_secure_port(address, creds)
+        # gRPC reads `host:port` only; `:8081` (every interface) is spelled out for it.
+        port: int = server.add_secure_port(join_host_port(*split_host_port(address, listening=True)), creds)
         return port
     except RuntimeError as err:
-        raise TrustmeshError(f"cannot listen on {address} ({flag}): it is already in use or not an address "
-                             f"of this host; stop what holds it or pick another {flag}") from err
+        raise cannot_listen(address, flag) from err
 
 
 def _add_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
@@ -227,7 +228,7 @@ async def _start_admin_server(rt: ServerRuntime, admin: AdminServicer, sock: Adm
 
 async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) -> None:
     """Run until `stop` is set or SIGTERM/SIGINT arrives."""
-    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_directory(config.data_dir, "--data-dir")
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -304,7 +305,10 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
             endpoint = BundleEndpoint(ca.bundle, config.bundle_refresh_hint, rt.metrics)
             ctx = (endpoint.spiffe_context(creds) if config.bundle_endpoint_profile == "https_spiffe"
                    else BundleEndpoint.web_context(config.bundle_endpoint_cert, config.bundle_endpoint_key))  # type: ignore[arg-type]
-            bundle_server = await serve_bundle_endpoint(endpoint, config.bundle_endpoint, ctx)
+            try:
+                bundle_server = await serve_bundle_endpoint(endpoint, config.bundle_endpoint, ctx)
+            except OSError as err:
+                raise cannot_listen(config.bundle_endpoint, "--bundle-endpoint", err) from err
             bound = bundle_server.sockets[0].getsockname()
             bundle_address = f"{bound[0]}:{bound[1]}"
         async with asyncio.TaskGroup() as tasks:

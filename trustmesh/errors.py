@@ -42,6 +42,14 @@ class KeyEncryptionError(CAError):
     """A key-encryption key is missing, malformed or wrong, or a key blob was tampered with."""
 
 
+class ListenError(TrustmeshError):
+    """A listener could not bind its address: in use, not an address of this host, or privileged."""
+
+
+class LocalPathError(TrustmeshError):
+    """A local directory, file or socket named by a flag cannot be created, entered or used."""
+
+
 class StoreError(TrustmeshError):
     """The store failed; nothing was written."""
 

@@ -16,7 +16,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from trustmesh.errors import TrustmeshError
+from trustmesh.errors import LocalPathError, TrustmeshError
 
 
 def atomic_write(path: Path | str, data: bytes, mode: int = 0o600, *, overwrite: bool = True) -> None:
@@ -62,6 +62,27 @@ def _sync_directory(directory: Path) -> None:
         pass  # likewise: the data is written; only its durability across a crash is weaker
     finally:
         os.close(fd)
+
+
+def ensure_directory(path: Path, flag: str, mode: int = 0o700) -> None:
+    """Create `path` (and missing parents; the last one with `mode`) unless it exists, and check
+    that this process may create files in it; else one line naming `flag` and what to do."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=mode)
+    except FileExistsError as err:
+        raise LocalPathError(f"{flag} {path} exists and is not a directory; remove it or pick another {flag}") from err
+    except NotADirectoryError as err:
+        raise LocalPathError(f"cannot create {flag} {path}: a part of the path is a file, not a directory; "
+                             f"pick another {flag}") from err
+    except PermissionError as err:
+        raise LocalPathError(f"cannot create or enter {flag} {path}: permission denied for uid {os.getuid()}; "
+                             f"run as the directory's owner or pick another {flag}") from err
+    except OSError as err:
+        raise LocalPathError(f"cannot create {flag} {path}: {(err.strerror or str(err)).lower()}; "
+                             f"pick another {flag}") from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise LocalPathError(f"cannot write in {flag} {path}: permission denied for uid {os.getuid()}; "
+                             f"run as the directory's owner or pick another {flag}")
 
 
 class SocketPathError(TrustmeshError):

@@ -25,6 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import CollectorRegistry
 
 from trustmesh import __version__
+from trustmesh.hostport import cannot_listen, join_host_port
 from trustmesh.httpserver import HttpServer, reply, serve_http
 
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -137,7 +138,8 @@ NOT_FOUND = b"not found: metrics are at /metrics (and /healthz, /readyz)\n"
 
 async def serve_metrics(registry: Registry, host: str, port: int, *,
                         ready: Callable[[], bool] | None = None) -> HttpServer:
-    """Serve `GET /metrics`, `/healthz` and `/readyz` (503 until `ready()` is true)."""
+    """Serve `GET /metrics`, `/healthz` and `/readyz` (503 until `ready()` is true); an
+    address that cannot be bound is a ListenError naming --metrics (its one flag everywhere)."""
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         path = request.raw_path.split("?", 1)[0]
@@ -151,7 +153,10 @@ async def serve_metrics(registry: Registry, host: str, port: int, *,
             return reply(503, b"not ready\n", "text/plain")
         return reply(404, NOT_FOUND, "text/plain")
 
-    return await serve_http(handle, host, port)
+    try:
+        return await serve_http(handle, host, port)
+    except OSError as err:
+        raise cannot_listen(join_host_port(host, port), "--metrics", err) from err
 
 
 __all__ = ["Counter", "Gauge", "Histogram", "Registry", "serve_metrics"]

@@ -132,6 +132,12 @@ def _host_port(value: Any) -> str:
     return text
 
 
+def _listen_address(value: Any) -> str:
+    text = _scalar(value).strip()
+    split_host_port(text, listening=True)
+    return text
+
+
 def _path(value: Any) -> Path:
     text = _scalar(value)
     if not text:
@@ -157,7 +163,8 @@ def _count(value: Any) -> int:
 TEXT = Parser("TEXT", _scalar)
 COUNT = Parser("N", _count)
 DURATION = Parser("DURATION", _duration)
-HOST_PORT = Parser("HOST:PORT", _host_port)
+HOST_PORT = Parser("HOST:PORT", _host_port)  # an address to connect to: its host and real port
+LISTEN_ADDRESS = Parser("HOST:PORT", _listen_address)  # to listen on: `:PORT` is every interface, port 0 any free one
 PATH = Parser("PATH", _path)
 TRUST_DOMAIN = Parser("TRUST_DOMAIN", _trust_domain)
 

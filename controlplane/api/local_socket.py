@@ -26,7 +26,7 @@ from pathlib import Path
 
 import grpc
 
-from trustmesh.files import claim_socket_path
+from trustmesh.files import claim_socket_path, ensure_directory
 from trustmesh.logs import log_event
 from trustmesh.peercred import PeerCredentials, PeerCredentialsError, peer_credentials
 
@@ -48,10 +48,11 @@ class AdminSocket:
         self._listener: asyncio.AbstractServer | None = None
 
     async def start(self, server: grpc.aio.Server) -> None:
+        # Claimed before the inner server starts, so a refusal leaves nothing running.
+        ensure_directory(self._path.parent, "--admin-socket directory")
+        await claim_socket_path(self._path, "another --admin-socket")
         server.add_insecure_port(f"unix:{self._inner}")
         await server.start()
-        self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        await claim_socket_path(self._path, "another --admin-socket")
         # The socket must never exist with looser permissions, not even for an instant.
         old_umask = os.umask(0o177)
         try:
@@ -108,8 +109,9 @@ class AdminSocket:
         for relay in list(self._relays):
             with contextlib.suppress(asyncio.CancelledError):
                 await relay
-        with contextlib.suppress(FileNotFoundError):
-            self._path.unlink()
+        if self._listener is not None:  # only a socket we claimed is ours to remove
+            with contextlib.suppress(FileNotFoundError):
+                self._path.unlink()
         shutil.rmtree(self._private, ignore_errors=True)
 
 

@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2_grpc
 from trustmesh.errors import TrustmeshError, VerificationError
+from trustmesh.hostport import split_host_port
 from trustmesh.naming import server_dns_name
 from trustmesh.spiffeid import TrustDomain
 from trustmesh.x509svid import spiffe_id_from_certificate
@@ -54,6 +55,10 @@ def _remote_channel(args: argparse.Namespace, server: str) -> grpc.Channel:
     if missing:
         raise AdminCallError(f"--admin-server needs {', '.join(missing)} as well")
     try:
+        split_host_port(server)
+    except ValueError as err:
+        raise AdminCallError(f"--admin-server: {err}") from err
+    try:
         roots_pem = Path(args.trust_bundle).read_bytes()
         creds = grpc.ssl_channel_credentials(
             root_certificates=roots_pem,
@@ -79,6 +84,26 @@ def socket_path(args: argparse.Namespace) -> Path:
     return Path(getattr(args, "admin_socket", None) or os.environ.get(ENV) or DEFAULT_SOCKET)
 
 
+def _check_socket(path: Path) -> None:
+    """Say why the admin socket cannot be used before gRPC would, in words a person can act on:
+    missing (no server), or out of this user's reach (the data directory is the server user's)."""
+    try:
+        there = path.exists()
+        usable = os.access(path, os.R_OK | os.W_OK) if there else False
+    except PermissionError:
+        there, usable = True, False  # a directory on the way may not be entered
+    if not there:
+        raise AdminCallError(
+            f"cannot reach the trustmesh server at {path}: is `trustmesh server run` running? "
+            f"set --admin-socket or {ENV}"
+        )
+    if not usable:
+        raise AdminCallError(
+            f"permission denied opening the admin socket {path} as uid {os.getuid()}: run trustmesh as "
+            "the user that runs the server (or root), or use --admin-server with an admin SVID"
+        )
+
+
 def call(args: argparse.Namespace, invoke: Callable[[admin_pb2_grpc.AdminStub], T]) -> T:
     """Run one admin RPC; turn transport and status errors into messages a person can act on."""
     server = getattr(args, "admin_server", None) or os.environ.get(SERVER_ENV)
@@ -86,11 +111,7 @@ def call(args: argparse.Namespace, invoke: Callable[[admin_pb2_grpc.AdminStub], 
         channel, where = _remote_channel(args, server), server
     else:
         path = socket_path(args)
-        if not path.exists():
-            raise AdminCallError(
-                f"cannot reach the trustmesh server at {path}: is `trustmesh server run` running? "
-                f"set --admin-socket or {ENV}"
-            )
+        _check_socket(path)
         channel, where = grpc.insecure_channel(f"unix:{path}"), str(path)
     with channel:
         try:

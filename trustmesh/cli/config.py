@@ -33,15 +33,26 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         text = Path(path).read_text()
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}); give a YAML file") from err
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from err
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must be a mapping of option: value")
     return {str(k): v for k, v in data.items()}
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's message spans lines (with a caret drawing); ours is one: what, and where."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark or err.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"{err.problem or err.context or 'malformed'}{where}"
+    return " ".join(str(err).split())
 
 
 def add_options(parser: argparse.ArgumentParser, config_class: type[Any]) -> None:

@@ -13,12 +13,16 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from trustmesh import __version__
 from trustmesh.errors import TrustmeshError
 from trustmesh.logs import setup_logging
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
+DEBUG_ENV = "TRUSTMESH_DEBUG"
+EXIT_INTERNAL = 70  # EX_SOFTWARE (sysexits.h): a bug in trustmesh, not in what it was asked
+EXIT_PIPE = 141  # what a shell reports for a command ended by SIGPIPE, as `cat` is under `| head`
 
 DESCRIPTION = """\
 trustmesh issues short-lived SPIFFE identities (X.509 and JWT SVIDs) to workloads through
@@ -62,6 +66,14 @@ def quiet_grpc_core(argv: Sequence[str]) -> None:
     os.environ["GRPC_TRACE"] = ""
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse with usage errors on one line, like every other error (the usage text is one
+    `--help` away). Subcommand parsers are made of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from trustmesh.cli import (
         agents_cmd,
@@ -75,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         token_cmd,
     )
 
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = CommandParser(
         prog="trustmesh",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -103,21 +115,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(message: object) -> str:
+    """Any message as one line: errors quote files, servers and libraries whose text may span lines."""
+    return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def _stdout_gone() -> int:
+    """The reader of our output went away (`trustmesh audit show | head -1`): stop quietly, as
+    `cat` does. Whatever is still buffered has nowhere to go; stdout is pointed at /dev/null so
+    the interpreter's final flush cannot report the broken pipe ("Exception ignored ...")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_PIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    quiet_grpc_core(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:
-        parser.print_help()
-        return 2
-    setup_logging(args.log_level)
     try:
-        return int(args.func(args) or 0)
-    except TrustmeshError as err:
-        print(f"trustmesh: error: {err}", file=sys.stderr)
-        return 1
+        quiet_grpc_core(sys.argv[1:] if argv is None else argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "func", None) is None:
+            parser.print_help()
+            return 2
+        setup_logging(args.log_level)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is seen below
+        return code
     except KeyboardInterrupt:
         return 130
+    except SystemExit:
+        # argparse ends --help, --version and usage errors so; their output may meet a closed pipe too.
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _stdout_gone()
+        raise
+    except Exception as err:  # noqa: BLE001 - each error is reported by kind below, unexpected ones last
+        return _report(err)
+
+
+def _report(err: Exception) -> int:
+    """One line on stderr for `err`, and the exit status."""
+    leaf: BaseException = err
+    while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+        leaf = leaf.exceptions[0]  # a task group's one failure
+    if isinstance(leaf, TrustmeshError):
+        print(f"trustmesh: error: {one_line(leaf)}", file=sys.stderr)
+        return 1
+    if isinstance(leaf, BrokenPipeError):
+        return _stdout_gone()
+    # The last resort: every error a person can cause has its own message above; this is a bug.
+    if os.environ.get(DEBUG_ENV):
+        raise err
+    print(f"trustmesh: internal error: {type(leaf).__name__}: {one_line(leaf)} "
+          f"(run with {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 if __name__ == "__main__":
