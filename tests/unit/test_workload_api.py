@@ -88,9 +88,12 @@ class Authority:
         return X509Svid(self.td.spiffe_id("/" + path), (leaf,), key)
 
     def jwt(self, path: str, audiences: Sequence[str], expires_in: timedelta = timedelta(minutes=5)) -> str:
+        # Minted at the time of the call, not of the import: under xdist a module may be
+        # imported minutes before its tests run, and independent clients check `exp` by the wall clock.
+        now = datetime.now(timezone.utc)
         return sign_jwt_svid(spiffe_id=self.td.spiffe_id("/" + path), audiences=audiences,
                              private_key=self.jwt_key, key_id=self.kid,  # type: ignore[arg-type]
-                             expires_at=NOW + expires_in, issued_at=NOW)
+                             expires_at=now + expires_in, issued_at=now)
 
 
 @dataclass
@@ -198,11 +201,14 @@ class FakeSource:
 
 
 class Clock:
+    """The wall clock, until a test sets `now` (an independent client minting or checking a
+    token uses the wall clock too)."""
+
     def __init__(self) -> None:
-        self.now = NOW
+        self.now: datetime | None = None
 
     def __call__(self) -> datetime:
-        return self.now
+        return self.now if self.now is not None else datetime.now(timezone.utc)
 
 
 @dataclass
@@ -546,7 +552,7 @@ async def test_validate_refuses_bad_tokens_with_the_reason(
             )
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, reason
         assert reason.strip() in (info.value.details() or ""), (reason, info.value.details())
-    served.clock.now = NOW + timedelta(hours=1)  # the token has expired by the server's clock
+    served.clock.now = datetime.now(timezone.utc) + timedelta(hours=1)  # the token has expired by the server's clock
     assert (
         await code_of(
             served.stub.ValidateJWTSVID(
