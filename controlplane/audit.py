@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from trustmesh.controlplane.audit_anchor import AuditAnchor
-from trustmesh.controlplane.call_source import call_source
+from trustmesh.controlplane.call_source import call_role, call_source
 from trustmesh.controlplane.store.records import AuditEvent, RecordFormatError
 from trustmesh.errors import ConflictError
 from trustmesh.logs import log_event
@@ -119,6 +119,8 @@ class AuditLog:
                 at = round(float(self._clock()), 6)
                 if "source" not in details and call_source.get():
                     details["source"] = call_source.get()
+                if "role" not in details and call_role.get():
+                    details["role"] = call_role.get()
                 clean = json.loads(json.dumps(details, sort_keys=True, default=str))
                 event = AuditEvent(
                     seq=seq,

@@ -34,6 +34,12 @@ class AuditQuery:
     since_time: float = 0
     limit: int = 0
     kind: str = ""
+    actor: str = ""  # exact actor, or an operator's name (its SPIFFE ID's last segment)
+
+    def matches(self, event: AuditEvent) -> bool:
+        return (event.time >= self.since_time and (not self.kind or event.kind == self.kind)
+                and (not self.actor or event.actor == self.actor
+                     or ("/" not in self.actor and event.actor.endswith(f"/operator/{self.actor}"))))
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ async def list_events(store: AuditReader, query: AuditQuery) -> AuditPage:
         if not page:
             break
         cursor = page[-1].seq
-        out.extend(e for e in page if e.time >= query.since_time and (not query.kind or e.kind == query.kind))
+        out.extend(e for e in page if query.matches(e))
     out = out[:limit]
     next_seq = out[-1].seq if len(out) == limit else 0
     return AuditPage(tuple(out), next_seq)

@@ -37,6 +37,7 @@ MIN_JWT_TTL = timedelta(seconds=1)
 MAX_JWT_TTL = timedelta(days=1)
 
 FEDERATION = "federation (serving this trust domain's bundle to partners)"
+OPERATORS = "operators (people: enrollment, login with password and TOTP, roles)"
 ETCD = "etcd store (TLS and authentication; every call, leases and watches included)"
 
 
@@ -133,6 +134,20 @@ class ServerConfig:
         "failed attestations become at most one node.attest audit event per source address per this "
         "interval; the first after a quiet interval is written at once", DURATION,
         default=timedelta(minutes=1))
+    login_bind: str | None = option(
+        "where operators enroll and log in (TLS without a client certificate; serves only that); "
+        "only with --admin-bind (default: --admin-bind's host, its port + 1, where `trustmesh login` looks)",
+        LISTEN_ADDRESS, default=None, group=OPERATORS)
+    operator_cert_ttl: timedelta = option(
+        "lifetime of an operator certificate from `trustmesh login` (at most 12h)", DURATION,
+        default=timedelta(hours=8), group=OPERATORS)
+    login_max_failures: int = option(
+        "failed logins (any factor) within --login-failure-window that lock an operator", COUNT, default=5,
+        group=OPERATORS)
+    login_failure_window: timedelta = option("see --login-max-failures", DURATION, default=timedelta(minutes=15),
+                                             group=OPERATORS)
+    login_lockout: timedelta = option("how long a locked operator cannot log in", DURATION,
+                                      default=timedelta(minutes=15), group=OPERATORS)
     signing_workers: int = option(
         "processes that sign X.509-SVIDs, for issuance on every core; 0 signs in a thread of the server "
         "process (default: the number of CPUs)", COUNT, default_factory=lambda: os.cpu_count() or 1)
@@ -150,6 +165,14 @@ class ServerConfig:
             raise ConfigError(problem)
         if self.attest_bind is None and split_host_port(self.bind, listening=True)[1] == 65535:
             raise ConfigError("--bind on port 65535 leaves no port + 1 for attestation; give --attest-bind")
+        if self.login_bind and not self.admin_bind:
+            raise ConfigError("--login-bind serves operator login for the remote admin API; give --admin-bind too")
+        if self.admin_bind and not self.login_bind and split_host_port(self.admin_bind, listening=True)[1] == 65535:
+            raise ConfigError("--admin-bind on port 65535 leaves no port + 1 for operator login; give --login-bind")
+        if not timedelta(minutes=1) <= self.operator_cert_ttl <= timedelta(hours=12):
+            raise ConfigError("--operator-cert-ttl must be between 1m and 12h")
+        if self.login_max_failures < 1:
+            raise ConfigError("--login-max-failures must be at least 1")
         web_files = (self.bundle_endpoint_cert, self.bundle_endpoint_key)
         if self.bundle_endpoint_profile not in ("https_spiffe", "https_web"):
             raise ConfigError(
@@ -168,6 +191,15 @@ class ServerConfig:
         if self.attest_bind:
             return self.attest_bind
         host, port = split_host_port(self.bind, listening=True)
+        return join_host_port(host, port + 1 if port else 0)
+
+    @property
+    def login_address(self) -> str | None:
+        """--login-bind, else --admin-bind's host with its port + 1 (where `trustmesh login` looks);
+        none without --admin-bind."""
+        if self.login_bind or not self.admin_bind:
+            return self.login_bind
+        host, port = split_host_port(self.admin_bind, listening=True)
         return join_host_port(host, port + 1 if port else 0)
 
     @property

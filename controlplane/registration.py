@@ -172,7 +172,7 @@ def check_entry(spec: EntrySpec, td: TrustDomain) -> CheckedEntry:
     if sid.is_trust_domain_id:
         raise InvalidArgumentError(f"--spiffe-id {sid} has no path; name a workload, e.g. spiffe://{td}/ledger")
     if is_reserved(sid):
-        raise InvalidArgumentError(f"--spiffe-id {sid} is reserved for trustmesh agents and servers")
+        raise InvalidArgumentError(f"--spiffe-id {sid} is reserved for trustmesh agents, servers and operators")
     parent = spiffe_id_arg(spec.parent_id, "--parent-id")
     if parent.trust_domain != td:
         raise InvalidArgumentError(f"--parent-id {parent} is not in trust domain {td}")

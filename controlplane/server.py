@@ -31,6 +31,7 @@ from trustmesh.controlplane.api import callers
 from trustmesh.controlplane.api.admin import AdminServicer, AdminServices
 from trustmesh.controlplane.api.calls import CallLayer
 from trustmesh.controlplane.api.local_socket import AdminSocket
+from trustmesh.controlplane.api.login import OperatorLoginServicer
 from trustmesh.controlplane.api.node import NodeServicer
 from trustmesh.controlplane.attestation import NodeAttestor
 from trustmesh.controlplane.audit import AuditLog
@@ -43,6 +44,7 @@ from trustmesh.controlplane.config import ServerConfig
 from trustmesh.controlplane.duties import leader_duties
 from trustmesh.controlplane.issuance import IssuanceService
 from trustmesh.controlplane.leader import LeaderElection
+from trustmesh.controlplane.operators import Operators
 from trustmesh.controlplane.registry_view import CAJournalChanged, RegistryEvent, RegistrySubscriber, RegistryView
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store import Store, open_store
@@ -239,6 +241,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
     node_server: grpc.aio.Server | None = None
     attest_server: grpc.aio.Server | None = None
     remote_admin: grpc.aio.Server | None = None
+    login_server: grpc.aio.Server | None = None
     admin_server: grpc.aio.Server | None = None
     admin_socket: AdminSocket | None = None
     metrics_server: HttpServer | None = None
@@ -274,7 +277,8 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         issuance = IssuanceService(rt, view)
         attestor = NodeAttestor(rt)
         node = NodeServicer(view, attestor, issuance, sync, guard)
-        admin = AdminServicer(AdminServices.of(rt))
+        operators = Operators(rt, kek)
+        admin = AdminServicer(AdminServices.of(rt, operators))
         td = config.trust_domain
         node_server = _grpc_server(CallLayer(callers.agents(td, guard), rt.metrics))
         node.register(node_server)
@@ -289,14 +293,22 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         await attest_server.start()
         admin_socket = AdminSocket(config.admin_socket_path)
         admin_server = await _start_admin_server(rt, admin, admin_socket)
-        remote_admin_port = 0
+        remote_admin_port = login_port = 0
         if config.admin_bind:
-            remote_admin = _grpc_server(CallLayer(callers.remote_admins(td, view), rt.metrics,
-                                                  on_denied=callers.audit_admin_denials(rt.audit)))
+            remote_admin = _grpc_server(CallLayer(callers.remote_admins(td, view, operators), rt.metrics,
+                                                  on_denied=callers.audit_admin_denials(rt.audit),
+                                                  step_up=callers.operator_step_up(operators)))
             admin.register(remote_admin)
             remote_admin_port = _listen(remote_admin, config.admin_bind, creds.credentials(require_client_cert=True),
                                         "--admin-bind")
+            # Operators enroll and log in without a certificate: a listener of its own that
+            # serves only that (grpcio cannot ask for an optional client certificate).
+            login_server = _grpc_server(CallLayer(callers.anonymous, rt.metrics), max_receive=64 * 1024)
+            OperatorLoginServicer(operators).register(login_server)
+            login_port = _listen(login_server, config.login_address or "", creds.credentials(require_client_cert=False),
+                                 "--login-bind")
             await remote_admin.start()
+            await login_server.start()
         if config.metrics:
             host, mport = split_host_port(config.metrics, listening=True)
             metrics_server = await serve_metrics(rt.metrics, host, mport, ready=view.ready.is_set)
@@ -336,6 +348,8 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
                     admin_socket=str(config.admin_socket_path),
                     admin_bind=(f"{split_host_port(config.admin_bind, listening=True)[0]}:{remote_admin_port}"
                                 if config.admin_bind else "off"),
+                    login_bind=(f"{split_host_port(config.login_address, listening=True)[0]}:{login_port}"
+                                if config.login_address else "off"),
                     store=config.store.split("://", 1)[0],
                     bundle=str(config.bundle_path), root_sha256=ca.root.fingerprint(hashes.SHA256()).hex(),
                     metrics=config.metrics or "off", replica=config.replica_id, bundle_endpoint=bundle_address,
@@ -344,7 +358,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
             await stopping
         log_event(log, "stopping")
     finally:
-        for grpc_server in (node_server, attest_server, remote_admin):
+        for grpc_server in (node_server, attest_server, remote_admin, login_server):
             if grpc_server is not None:
                 await grpc_server.stop(grace=1)
         if admin_server is not None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 
 AGENT_PATH_PREFIX = "/agent/"
-RESERVED_PATH_PREFIXES = ("/agent", "/trustmesh")
+# Operators (people, controlplane/operators.py) are named under /operator: no entry may mint their IDs.
+RESERVED_PATH_PREFIXES = ("/agent", "/trustmesh", "/operator")
 
 
 def server_id(td: TrustDomain) -> SpiffeId:
@@ -36,5 +37,11 @@ def node_name_of(agent: SpiffeId) -> str | None:
 
 
 def is_reserved(spiffe_id: SpiffeId) -> bool:
-    """True for IDs only trustmesh itself may hold (agents and the server)."""
+    """True for IDs only trustmesh itself may hold (agents, the server, operators)."""
     return any(spiffe_id.path == p or spiffe_id.path.startswith(p + "/") for p in RESERVED_PATH_PREFIXES)
+
+
+# The roles an operator may hold (controlplane/api/calls.py says what each may call).
+OPERATOR_ROLES = ("admin", "security-officer", "policy-author", "auditor", "viewer")
+# The request metadata that carries an operator's one-time code for step-up calls.
+OTP_HEADER = "x-trustmesh-otp"

@@ -12,6 +12,7 @@ import grpc
 from cryptography.hazmat.primitives import serialization
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2, admin_pb2_grpc
+from trustmesh.controlplane.api.callers import AuthenticatedOperator
 from trustmesh.controlplane.api.calls import current_caller
 from trustmesh.controlplane.api.convert import (
     audit_event_to_pb,
@@ -20,6 +21,7 @@ from trustmesh.controlplane.api.convert import (
     entry_spec_from_pb,
     entry_to_pb,
     node_to_pb,
+    operator_to_pb,
     relationship_spec_from_pb,
     relationship_to_pb,
     revision_to_pb,
@@ -28,6 +30,7 @@ from trustmesh.controlplane.api.convert import (
 from trustmesh.controlplane.audit_query import AuditQueries, AuditQuery
 from trustmesh.controlplane.ca_admin import CAAdmin
 from trustmesh.controlplane.federation_admin import FederationAdmin
+from trustmesh.controlplane.operators import Operators
 from trustmesh.controlplane.partners import PartnerCertificates, PartnerRequest
 from trustmesh.controlplane.policy_store import PolicyService
 from trustmesh.controlplane.registration import EntryQuery, Registry
@@ -44,11 +47,12 @@ class AdminServices:
     partners: PartnerCertificates
     ca: CAAdmin
     audit: AuditQueries
+    operators: Operators
 
     @classmethod
-    def of(cls, rt: ServerRuntime) -> AdminServices:
+    def of(cls, rt: ServerRuntime, operators: Operators) -> AdminServices:
         return cls(Registry(rt.config.trust_domain, rt.store, rt.audit, rt.clock), PolicyService(rt),
-                   FederationAdmin(rt), PartnerCertificates(rt), CAAdmin(rt), AuditQueries(rt))
+                   FederationAdmin(rt), PartnerCertificates(rt), CAAdmin(rt), AuditQueries(rt), operators)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
@@ -161,7 +165,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def ListAuditEvents(self, request: admin_pb2.ListAuditEventsRequest,
                               context: grpc.aio.ServicerContext) -> admin_pb2.ListAuditEventsResponse:
         page = await self._domain.audit.events(AuditQuery(
-            since_seq=request.since_seq, since_time=request.since_time, limit=request.limit, kind=request.kind))
+            since_seq=request.since_seq, since_time=request.since_time, limit=request.limit, kind=request.kind,
+            actor=request.actor))
         return admin_pb2.ListAuditEventsResponse(events=[audit_event_to_pb(e) for e in page.events],
                                                  next_seq=page.next_seq)
 
@@ -234,3 +239,48 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         done = await self._domain.ca.rotate_root(root_step_from_pb(request.step), actor, force=request.force)
         return admin_pb2.RotateRootResponse(authorities=ca_authorities_pb(done.authorities), detail=done.detail,
                                             forced=done.forced)
+
+    # --- operators ------------------------------------------------------------------------
+
+    async def AddOperator(self, request: admin_pb2.AddOperatorRequest,
+                          context: grpc.aio.ServicerContext) -> admin_pb2.AddOperatorResponse:
+        ops = self._domain.operators
+        added = await ops.add(request.name, list(request.roles), request.team, current_caller().id)
+        return admin_pb2.AddOperatorResponse(operator=operator_to_pb(added.record, ops.trust_domain),
+                                             enrollment_token=added.token,
+                                             enrollment_expires_at=int(added.expires_at))
+
+    async def ListOperators(self, request: admin_pb2.ListOperatorsRequest,
+                            context: grpc.aio.ServicerContext) -> admin_pb2.ListOperatorsResponse:
+        ops = self._domain.operators
+        return admin_pb2.ListOperatorsResponse(operators=[operator_to_pb(r, ops.trust_domain)
+                                                          for r in await ops.list()])
+
+    async def DisableOperator(self, request: admin_pb2.DisableOperatorRequest,
+                              context: grpc.aio.ServicerContext) -> admin_pb2.DisableOperatorResponse:
+        ops = self._domain.operators
+        record = await ops.disable(request.name, current_caller().id)
+        return admin_pb2.DisableOperatorResponse(operator=operator_to_pb(record, ops.trust_domain))
+
+    async def RemoveOperator(self, request: admin_pb2.RemoveOperatorRequest,
+                             context: grpc.aio.ServicerContext) -> admin_pb2.RemoveOperatorResponse:
+        await self._domain.operators.remove(request.name, current_caller().id)
+        return admin_pb2.RemoveOperatorResponse()
+
+    async def ResetOperator(self, request: admin_pb2.ResetOperatorRequest,
+                            context: grpc.aio.ServicerContext) -> admin_pb2.ResetOperatorResponse:
+        ops = self._domain.operators
+        reset = await ops.reset(request.name, current_caller().id)
+        return admin_pb2.ResetOperatorResponse(operator=operator_to_pb(reset.record, ops.trust_domain),
+                                               enrollment_token=reset.token,
+                                               enrollment_expires_at=int(reset.expires_at))
+
+    async def WhoAmI(self, request: admin_pb2.WhoAmIRequest,
+                     context: grpc.aio.ServicerContext) -> admin_pb2.WhoAmIResponse:
+        caller = current_caller()
+        answer = admin_pb2.WhoAmIResponse(actor=caller.id, kind=str(caller.kind), source=caller.source)
+        if isinstance(caller.payload, AuthenticatedOperator):
+            answer.roles.extend(caller.payload.record.roles)
+            answer.team = caller.payload.record.team
+            answer.expires_at = int(caller.payload.expires_at)
+        return answer

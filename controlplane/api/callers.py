@@ -24,9 +24,12 @@ from trustmesh.controlplane.api.calls import (
     CallerKind,
     DenialHook,
     Method,
+    StepUpHook,
     current_caller,
 )
 from trustmesh.controlplane.api.peer import PeerAgent, peer_address, peer_host
+from trustmesh.controlplane.call_source import source_of_call
+from trustmesh.controlplane.operators import OperatorRecord
 from trustmesh.controlplane.registration import AttestedNode
 from trustmesh.errors import UnauthenticatedError, VerificationError
 from trustmesh.naming import node_name_of
@@ -44,6 +47,20 @@ class AgentAuthenticator(Protocol):
 
 class AdminCheck(Protocol):
     def is_admin_entry(self, entry_id: str, spiffe_id: str) -> bool: ...
+
+
+class OperatorCheck(Protocol):
+    async def authenticate(self, spiffe_id: SpiffeId, leaf: x509.Certificate) -> OperatorRecord | None: ...
+
+    async def step_up(self, name: str, otp: str, method: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class AuthenticatedOperator:
+    """The payload of an operator caller: its record at this call and its certificate's end."""
+
+    record: OperatorRecord
+    expires_at: float
 
 
 class AuditRecorder(Protocol):
@@ -88,8 +105,9 @@ class LocalCallers(Protocol):
 
 
 def local_admin_id(uid: int) -> str:
-    """How the audit log names a local admin: by the uid the kernel gave for its connection."""
-    return f"local (uid {uid})"
+    """How the audit log names a caller on the admin socket (the host's break-glass path): by
+    the uid the kernel gave for its connection."""
+    return f"local-root (uid {uid})" if uid == 0 else f"local (uid {uid})"
 
 
 def local_admins(sockets: LocalCallers) -> Authenticator:
@@ -121,7 +139,7 @@ def agents(td: TrustDomain, records: AgentAuthenticator) -> Authenticator:
     return authenticate
 
 
-def remote_admins(td: TrustDomain, admins: AdminCheck) -> Authenticator:
+def remote_admins(td: TrustDomain, admins: AdminCheck, operators: OperatorCheck | None = None) -> Authenticator:
     """The remote admin listener: an SVID of `td` issued from an entry marked admin.
 
     The SVID must name the entry it was issued from (x509svid.ADMIN_ENTRY_OID, set by the CA
@@ -131,8 +149,15 @@ def remote_admins(td: TrustDomain, admins: AdminCheck) -> Authenticator:
     """
 
     async def authenticate(context: grpc.aio.ServicerContext) -> Caller:
-        sid, leaf = client_svid(context, "the remote admin API needs an admin SVID as TLS client certificate")
+        sid, leaf = client_svid(context, "the remote admin API needs an operator certificate (`trustmesh login`) "
+                                         "or an admin SVID as TLS client certificate")
         source = peer_address(context.peer())
+        if operators is not None:
+            with source_of_call(source):
+                record = await operators.authenticate(sid, leaf)
+            if record is not None:
+                return Caller(CallerKind.OPERATOR, str(sid), AuthenticatedOperator(
+                    record, leaf.not_valid_after_utc.timestamp()), roles=frozenset(record.roles), source=source)
         entry = admin_entry_of(leaf)
         if sid.trust_domain == td and entry and admins.is_admin_entry(entry, str(sid)):
             return Caller(CallerKind.REMOTE_ADMIN, f"admin:{sid}", sid, source=source)
@@ -141,12 +166,25 @@ def remote_admins(td: TrustDomain, admins: AdminCheck) -> Authenticator:
     return authenticate
 
 
+def operator_step_up(operators: OperatorCheck) -> StepUpHook:
+    """Privileged calls of operators: a current one-time code, checked against its record."""
+
+    async def check(caller: Caller, otp: str, method: Method) -> None:
+        await operators.step_up(caller.payload_as(AuthenticatedOperator).record.name, otp, str(method))
+
+    return check
+
+
 def audit_admin_denials(audit: AuditRecorder) -> DenialHook:
     """Every caller the remote admin listener refuses becomes an `admin.call` audit event."""
 
     async def denied(caller: Caller, method: Method) -> None:
-        reason = ("its SVID was not issued from an entry marked admin" if caller.kind is CallerKind.WORKLOAD
-                  else f"{caller.kind} may not call it")
+        if caller.kind is CallerKind.WORKLOAD:
+            reason = "its SVID was not issued from an entry marked admin"
+        elif caller.kind is CallerKind.OPERATOR:
+            reason = f"roles {', '.join(sorted(caller.roles))} may not call it"
+        else:
+            reason = f"{caller.kind} may not call it"
         await audit.record("admin.call", actor=caller.id, subject=method.name, outcome="denied", reason=reason)
 
     return denied

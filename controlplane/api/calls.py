@@ -29,10 +29,11 @@ from typing import Any, TypeVar
 import grpc
 
 from trustmesh.controlplane.api.status import status_for
-from trustmesh.controlplane.call_source import call_source
+from trustmesh.controlplane.call_source import call_role, call_source
 from trustmesh.errors import PermissionDeniedError
 from trustmesh.logs import log_event
 from trustmesh.metrics import Registry
+from trustmesh.naming import OTP_HEADER
 
 log = logging.getLogger("trustmesh.api")
 
@@ -47,12 +48,13 @@ class CallerKind(StrEnum):
     WORKLOAD = "workload"  # a valid X509-SVID that gives no standing on this listener
     LOCAL_ADMIN = "local_admin"  # the admin unix socket: its file permissions are the access control
     REMOTE_ADMIN = "remote_admin"  # the SVID of an entry marked admin, on the remote admin listener
+    OPERATOR = "operator"  # a person's certificate from `trustmesh login`, with the roles of its record
 
 
 @dataclass(frozen=True)
 class Caller:
     kind: CallerKind
-    id: str  # the actor that audit records name, e.g. an agent's SPIFFE ID or "local (uid 0)"
+    id: str  # the actor that audit records name, e.g. an agent's SPIFFE ID or "local-root (uid 0)"
     payload: object = None  # what the authenticator learnt and the handler needs (e.g. the node record)
     roles: frozenset[str] = frozenset()
     # Where the call comes from, for the audit log (every event of the call names it):
@@ -80,6 +82,9 @@ class Rule:
     anyone: bool = False
     # What a refused caller reads after its own id; says what to do instead.
     refusal: str = "may not call this method"
+    # Operators must also present a current one-time code (metadata OTP_HEADER): privileged
+    # calls are not open to a stolen certificate alone.
+    step_up: bool = False
 
     def permits(self, caller: Caller) -> bool:
         return self.anyone or caller.kind in self.kinds or not self.roles.isdisjoint(caller.roles)
@@ -91,16 +96,47 @@ class Rule:
         return ", ".join(parts) or "nobody"
 
 
-def allow(*kinds: CallerKind, roles: Iterable[str] = (), refusal: str) -> Rule:
-    return Rule(frozenset(kinds), frozenset(roles), refusal=refusal)
+    def role_used(self, caller: Caller) -> str:
+        """What admitted `caller`, for the audit log: the first of its roles the rule lists."""
+        if caller.kind is CallerKind.LOCAL_ADMIN:
+            return "admin-socket"
+        if caller.kind is CallerKind.REMOTE_ADMIN:
+            return "admin"
+        return next((r for r in caller.roles if r in self.roles), "")
+
+
+def allow(*kinds: CallerKind, roles: Iterable[str] = (), refusal: str, step_up: bool = False) -> Rule:
+    return Rule(frozenset(kinds), frozenset(roles), refusal=refusal, step_up=step_up)
+
+
+ADMIN_REFUSAL = "may not use the admin API: register it with `trustmesh entry create … --admin`"
+ROLE_REFUSAL = "does not hold a role that may call this method; `trustmesh whoami` shows yours, an admin can add one"
+
+
+def admins(*roles: str, step_up: bool = False) -> Rule:
+    """An admin method: the admin socket, admin SVIDs, and operators holding `admin` or one of `roles`."""
+    return Rule(frozenset({CallerKind.LOCAL_ADMIN, CallerKind.REMOTE_ADMIN}), frozenset({"admin", *roles}),
+                refusal=ADMIN_REFUSAL, step_up=step_up)
 
 
 ANYONE = Rule(anyone=True)
 ATTESTING = allow(CallerKind.ANONYMOUS, refusal="may not attest over this connection: attest on the attestation "
                   "listener (--attest-bind), which asks for no client certificate")
 AGENTS = allow(CallerKind.AGENT, refusal="is not an agent of this trust domain; only agents may call the Node API")
-ADMINS = allow(CallerKind.LOCAL_ADMIN, CallerKind.REMOTE_ADMIN,
-               refusal="may not use the admin API: register it with `trustmesh entry create … --admin`")
+# The roles (issue: operators). Listings are open to every role; changes to the roles that own them.
+READERS = ("security-officer", "policy-author", "auditor", "viewer")
+ADMINS = admins()
+LISTINGS = admins(*READERS)
+POLICY_READ = admins("security-officer", "policy-author", "auditor")
+POLICY_WRITE = admins("policy-author")
+AUDIT = admins("auditor", "security-officer")
+SECURITY = admins("security-officer")
+SECURITY_STEP_UP = admins("security-officer", step_up=True)
+ADMIN_STEP_UP = admins(step_up=True)
+ANY_OPERATOR = admins(*READERS)
+# The login listener: nobody is known yet; the handlers check the factors.
+ATTESTING_OPERATORS = allow(CallerKind.ANONYMOUS, refusal="may not log in over this connection: log in on the "
+                            "login listener (--login-bind), which asks for no client certificate")
 
 # Every method of every service the server registers, keyed as gRPC names it. A new method
 # is refused until it is listed here (tests/unit/test_calls.py checks this against the
@@ -118,31 +154,40 @@ CALLS: Mapping[str, Rule] = MappingProxyType({
     "/trustmesh.v1.Node/ReportFlows": AGENTS,
 
     "/trustmesh.v1.Admin/CreateEntry": ADMINS,
-    "/trustmesh.v1.Admin/GetEntry": ADMINS,
-    "/trustmesh.v1.Admin/ListEntries": ADMINS,
+    "/trustmesh.v1.Admin/GetEntry": LISTINGS,
+    "/trustmesh.v1.Admin/ListEntries": LISTINGS,
     "/trustmesh.v1.Admin/UpdateEntry": ADMINS,
     "/trustmesh.v1.Admin/DeleteEntry": ADMINS,
     "/trustmesh.v1.Admin/CreateJoinToken": ADMINS,
-    "/trustmesh.v1.Admin/ListAgents": ADMINS,
-    "/trustmesh.v1.Admin/BanAgent": ADMINS,
-    "/trustmesh.v1.Admin/EvictAgent": ADMINS,
-    "/trustmesh.v1.Admin/ClearAgent": ADMINS,
-    "/trustmesh.v1.Admin/GetBundle": ADMINS,
-    "/trustmesh.v1.Admin/ListFederationRelationships": ADMINS,
+    "/trustmesh.v1.Admin/ListAgents": LISTINGS,
+    "/trustmesh.v1.Admin/BanAgent": SECURITY_STEP_UP,
+    "/trustmesh.v1.Admin/EvictAgent": SECURITY,
+    "/trustmesh.v1.Admin/ClearAgent": SECURITY,
+    "/trustmesh.v1.Admin/GetBundle": LISTINGS,
+    "/trustmesh.v1.Admin/ListFederationRelationships": LISTINGS,
     "/trustmesh.v1.Admin/CreateFederationRelationship": ADMINS,
     "/trustmesh.v1.Admin/DeleteFederationRelationship": ADMINS,
     "/trustmesh.v1.Admin/RefreshFederatedBundle": ADMINS,
-    "/trustmesh.v1.Admin/ApplyPolicy": ADMINS,
-    "/trustmesh.v1.Admin/DiffPolicy": ADMINS,
-    "/trustmesh.v1.Admin/GetPolicy": ADMINS,
-    "/trustmesh.v1.Admin/ListPolicyRevisions": ADMINS,
-    "/trustmesh.v1.Admin/RollbackPolicy": ADMINS,
-    "/trustmesh.v1.Admin/GetCAJournal": ADMINS,
-    "/trustmesh.v1.Admin/RotateRoot": ADMINS,
-    "/trustmesh.v1.Admin/IssuePartnerCertificate": ADMINS,
-    "/trustmesh.v1.Admin/RevokePartnerCertificate": ADMINS,
-    "/trustmesh.v1.Admin/ListAuditEvents": ADMINS,
-    "/trustmesh.v1.Admin/VerifyAudit": ADMINS,
+    "/trustmesh.v1.Admin/ApplyPolicy": POLICY_WRITE,
+    "/trustmesh.v1.Admin/DiffPolicy": POLICY_WRITE,
+    "/trustmesh.v1.Admin/GetPolicy": POLICY_READ,
+    "/trustmesh.v1.Admin/ListPolicyRevisions": POLICY_READ,
+    "/trustmesh.v1.Admin/RollbackPolicy": POLICY_WRITE,
+    "/trustmesh.v1.Admin/GetCAJournal": AUDIT,
+    "/trustmesh.v1.Admin/RotateRoot": SECURITY_STEP_UP,
+    "/trustmesh.v1.Admin/IssuePartnerCertificate": SECURITY_STEP_UP,
+    "/trustmesh.v1.Admin/RevokePartnerCertificate": SECURITY,
+    "/trustmesh.v1.Admin/ListAuditEvents": AUDIT,
+    "/trustmesh.v1.Admin/VerifyAudit": AUDIT,
+    "/trustmesh.v1.Admin/AddOperator": ADMIN_STEP_UP,
+    "/trustmesh.v1.Admin/ListOperators": admins("security-officer", "auditor"),
+    "/trustmesh.v1.Admin/DisableOperator": admins("security-officer"),
+    "/trustmesh.v1.Admin/RemoveOperator": ADMINS,
+    "/trustmesh.v1.Admin/ResetOperator": ADMIN_STEP_UP,
+    "/trustmesh.v1.Admin/WhoAmI": ANY_OPERATOR,
+
+    "/trustmesh.v1.OperatorLogin/Enroll": ATTESTING_OPERATORS,
+    "/trustmesh.v1.OperatorLogin/Login": ATTESTING_OPERATORS,
 })
 
 
@@ -180,6 +225,9 @@ def current_caller() -> Caller:
 
 Authenticator = Callable[[grpc.aio.ServicerContext], Awaitable[Caller]]
 DenialHook = Callable[[Caller, Method], Awaitable[None]]
+# Checks the one-time code (or "" when none was sent) an operator sent with a step-up call;
+# raises PermissionDeniedError when it is not a current, unused code of that operator.
+StepUpHook = Callable[[Caller, str, Method], Awaitable[None]]
 Behaviour = Callable[[Any, grpc.aio.ServicerContext], Any]
 
 _HANDLER_FACTORIES = {
@@ -199,6 +247,7 @@ class _Call:
     code: grpc.StatusCode = grpc.StatusCode.OK
     token: Token[Caller] | None = None
     source_token: Token[str] | None = None
+    role_token: Token[str] | None = None
 
 
 class CallLayer(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
@@ -209,8 +258,10 @@ class CallLayer(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships
     """
 
     def __init__(self, authenticate: Authenticator, metrics: Registry, *, table: Mapping[str, Rule] = CALLS,
-                 on_denied: DenialHook | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
+                 on_denied: DenialHook | None = None, step_up: StepUpHook | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self._authenticate = authenticate
+        self._step_up = step_up
         self._table = table
         self._on_denied = on_denied
         self._clock = clock
@@ -302,11 +353,17 @@ class CallLayer(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships
         if caller.source:
             call.source_token = call_source.set(caller.source)
         if rule.permits(caller):
+            call.role_token = call_role.set(rule.role_used(caller))
+            if rule.step_up and caller.kind is CallerKind.OPERATOR:
+                if self._step_up is None:
+                    raise PermissionDeniedError(f"{method} needs a one-time code, which this listener cannot check")
+                await self._step_up(caller, _metadata(context, OTP_HEADER), method)
             return caller
         log_event(log, "call_denied", method=str(method), caller=caller.id, kind=str(caller.kind), source=caller.source)
         if self._on_denied is not None:
             await self._on_denied(caller, method)
-        raise PermissionDeniedError(f"{caller.id} {rule.refusal} ({method} is open to {rule.describe()})")
+        refusal = ROLE_REFUSAL if caller.kind is CallerKind.OPERATOR else rule.refusal
+        raise PermissionDeniedError(f"{caller.id} {refusal} ({method} is open to {rule.describe()})")
 
     async def _fail(self, call: _Call, err: BaseException, context: grpc.aio.ServicerContext) -> None:
         """Record why the call ended; answer errors with their status (raises AbortError then)."""
@@ -328,9 +385,19 @@ class CallLayer(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships
         if call.source_token is not None:
             with suppress(ValueError):
                 call_source.reset(call.source_token)
+        if call.role_token is not None:
+            with suppress(ValueError):
+                call_role.reset(call.role_token)
         service, name = call.method.service, call.method.name
         self._calls.inc(service=service, method=name, code=call.code.name)
         self._seconds.observe(self._clock() - call.started, service=service, method=name)
+
+
+def _metadata(context: grpc.aio.ServicerContext, name: str) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == name and isinstance(value, str):
+            return value[:64]
+    return ""
 
 
 def _code_set(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:

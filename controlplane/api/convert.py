@@ -12,8 +12,10 @@ from trustmesh._proto.trustmesh.v1 import admin_pb2, types_pb2
 from trustmesh.controlplane.audit_query import AuditEvent
 from trustmesh.controlplane.ca_admin import Authority
 from trustmesh.controlplane.federation_admin import Relationship, RelationshipSpec
+from trustmesh.controlplane.operators import OperatorRecord, operator_id
 from trustmesh.controlplane.policy_store import PolicyRevision
 from trustmesh.controlplane.registration import AttestedNode, EntrySpec, NodeStatus, RegistrationEntry
+from trustmesh.spiffeid import TrustDomain
 from trustmesh.wire import bundle_to_pb as bundle_to_pb
 from trustmesh.wire import selector_to_pb
 
@@ -132,3 +134,10 @@ def relationship_to_pb(rel: Relationship) -> admin_pb2.FederationRelationship:
 def revision_to_pb(record: PolicyRevision) -> admin_pb2.PolicyRevision:
     return admin_pb2.PolicyRevision(revision=record.revision, documents=record.documents, author=record.author,
                                     comment=record.comment, created_at=int(record.created_at), sha256=record.sha256)
+
+
+def operator_to_pb(record: OperatorRecord, td: TrustDomain) -> admin_pb2.Operator:
+    return admin_pb2.Operator(
+        name=record.name, spiffe_id=str(operator_id(td, record.name)), roles=list(record.roles), team=record.team,
+        state=str(record.state), created_at=int(record.created_at), created_by=record.created_by,
+        locked_until=int(record.locked_until), enrolled_at=int(record.enrolled_at))

@@ -546,6 +546,71 @@ class PartnerCertificate:
         )
 
 
+class OperatorState(StrEnum):
+    PENDING = "pending"  # added, not enrolled yet (or reset)
+    ACTIVE = "active"
+    DISABLED = "disabled"
+
+
+@dataclass(frozen=True)
+class OperatorRecord:
+    """A person who administers trustmesh. Secrets are stored as an Argon2id hash (the
+    password), a SHA-256 hash (the enrollment token) and sealed under the KEK (the TOTP
+    secret); `epoch` is named in every operator certificate, so changing it (reset,
+    disable) ends every certificate issued before."""
+
+    name: str
+    roles: tuple[str, ...]
+    team: str
+    state: OperatorState
+    created_at: float
+    created_by: str
+    epoch: str
+    enroll_hash: str = ""
+    enroll_expires_at: float = 0.0
+    password_hash: str = ""
+    totp_sealed: str = ""  # base64 of the KEK-sealed secret
+    enrolled_at: float = 0.0
+    last_otp_step: int = 0  # the newest TOTP time step used: older and equal ones are refused
+    failures: tuple[float, ...] = ()  # times of recent failed logins
+    locked_until: float = 0.0
+    revision: int = field(default=0, compare=False)
+
+    def to_json(self) -> bytes:
+        return _dump("operator", {
+            "name": self.name, "roles": list(self.roles), "team": self.team, "state": str(self.state),
+            "created_at": self.created_at, "created_by": self.created_by, "epoch": self.epoch,
+            "enroll_hash": self.enroll_hash, "enroll_expires_at": self.enroll_expires_at,
+            "password_hash": self.password_hash, "totp_sealed": self.totp_sealed, "enrolled_at": self.enrolled_at,
+            "last_otp_step": self.last_otp_step, "failures": list(self.failures), "locked_until": self.locked_until,
+        })
+
+    @classmethod
+    def from_json(cls, data: bytes, *, revision: int = 0) -> OperatorRecord:
+        k = "operator"
+        o = _load(k, data)
+        state = _field(k, o, "state", str)
+        try:
+            parsed = OperatorState(state)
+        except ValueError:
+            raise RecordFormatError(f"stored {k} record has state {state[:40]!r}") from None
+        failures = _field(k, o, "failures", list)
+        if not all(isinstance(f, _NUMBER) and not isinstance(f, bool) for f in failures):
+            raise RecordFormatError(f"stored {k} record field 'failures' must hold numbers")
+        return cls(
+            name=_field(k, o, "name", str), roles=_strings(k, o, "roles"), team=_field(k, o, "team", str),
+            state=parsed, created_at=float(_field(k, o, "created_at", _NUMBER)),
+            created_by=_field(k, o, "created_by", str), epoch=_field(k, o, "epoch", str),
+            enroll_hash=_field(k, o, "enroll_hash", str),
+            enroll_expires_at=float(_field(k, o, "enroll_expires_at", _NUMBER)),
+            password_hash=_field(k, o, "password_hash", str), totp_sealed=_field(k, o, "totp_sealed", str),
+            enrolled_at=float(_field(k, o, "enrolled_at", _NUMBER)),
+            last_otp_step=int(_field(k, o, "last_otp_step", int)),
+            failures=tuple(float(f) for f in failures), locked_until=float(_field(k, o, "locked_until", _NUMBER)),
+            revision=revision,
+        )
+
+
 # --- the change feed ---------------------------------------------------------------------
 #
 # One change type per record kind, each carrying its record after the change (None when

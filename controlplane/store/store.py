@@ -61,6 +61,7 @@ from trustmesh.controlplane.store.records import (
     FederationRecord,
     JoinToken,
     NodeChanged,
+    OperatorRecord,
     PartnerCertificate,
     PartnerChanged,
     PolicyChanged,
@@ -92,6 +93,7 @@ AUDIT_HEAD = "audit/head"
 LEADER = "leader/"
 FEDERATION = "federation/"
 PARTNER_CERTS = "partner-certs/"
+OPERATORS = "operators/"
 SEAL_MARKER = "meta/sealed"
 
 # Every key that carries a MAC, and its record kind (the HKDF label of its MAC key).
@@ -105,6 +107,7 @@ SEALED_KINDS: tuple[tuple[str, str], ...] = (
     (BUNDLES, "bundle"),
     (FEDERATION, "federation"),
     (PARTNER_CERTS, "partner-certificate"),
+    (OPERATORS, "operator"),
     (SEAL_MARKER, "meta"),
 )
 
@@ -656,6 +659,32 @@ class Store:
         if not result.succeeded:
             raise NotFoundError(f"no federation relationship with {trust_domain}; "
                                 "`trustmesh federation list` shows them")
+
+    # -- operators -------------------------------------------------------------------
+
+    @staticmethod
+    def _operator(kv: KeyValue) -> OperatorRecord:
+        return OperatorRecord.from_json(kv.value, revision=kv.mod_revision)
+
+    async def create_operator(self, record: OperatorRecord) -> OperatorRecord:
+        rev = await self._create(OPERATORS + _need(record.name, "operator name"), record.to_json(),
+                                 f"operator {record.name}")
+        return replace(record, revision=rev)
+
+    async def get_operator(self, name: str) -> OperatorRecord:
+        return self._operator(await self._get(OPERATORS + _need(name, "operator name"), f"operator {name}"))
+
+    async def list_operators(self) -> list[OperatorRecord]:
+        return await self._list(OPERATORS, self._operator)
+
+    async def replace_operator(self, record: OperatorRecord) -> OperatorRecord:
+        """Write `record` over the stored one, only if that is still at `record.revision`."""
+        rev = await self._replace(OPERATORS + record.name, record.to_json(), record.revision,
+                                  f"operator {record.name}")
+        return replace(record, revision=rev)
+
+    async def delete_operator(self, name: str) -> None:
+        await self._delete(OPERATORS + _need(name, "operator name"), f"operator {name}")
 
     # -- partner certificates --------------------------------------------------------
 

@@ -43,7 +43,7 @@ def test_local_admin_calls_name_the_callers_uid(make_server: Callable[..., Serve
 
     events = json.loads(server.cli("audit", "show", "--json", "--kind", "token.create", "--admin-socket", str(sock),
                                    check=True).stdout)
-    assert [(e["actor"], e["details"]["node_name"]) for e in events] == [("local (uid 0)", "node-1"),
+    assert [(e["actor"], e["details"]["node_name"]) for e in events] == [("local-root (uid 0)", "node-1"),
                                                                          ("local (uid 65534)", "node-2")], events
     assert all(re.fullmatch(r"pid \d+", e["source"]) and e["source"] != f"pid {os.getpid()}" for e in events)
     lines = server.cli("audit", "show", "--kind", "token.create", "--admin-socket", str(sock),

@@ -123,7 +123,7 @@ def test_every_refusal_exits_1_writes_nothing_and_is_audited(server: ServerProce
     denied = [e for e in _audit(server, "entry.create") if e["outcome"] == "denied"]
     assert len(denied) == len(REFUSED) + 1
     for event, (_, message) in zip(denied, REFUSED, strict=False):  # the last denial is the duplicate
-        assert event["actor"] == "local (uid 0)"
+        assert event["actor"] == "local-root (uid 0)"
         assert message.replace("ALREADY_EXISTS", existing) in event["details"]["reason"], event
 
     # What the CLI itself refuses (nothing reaches the server): exit 1 with the fix.

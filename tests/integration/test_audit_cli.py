@@ -36,7 +36,7 @@ def test_audit_show_lists_changes_and_refusals(server: ServerProcess) -> None:
 
     events = _shown(server)
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-    mine = [(e["kind"], e["outcome"]) for e in events if e["actor"] == "local (uid 0)"]
+    mine = [(e["kind"], e["outcome"]) for e in events if e["actor"] == "local-root (uid 0)"]
     assert mine == [("token.create", "ok"), ("entry.create", "ok"), ("entry.create", "denied"),
                     ("agent.ban", "denied"), ("entry.delete", "ok")]
     created = next(e for e in events if e["kind"] == "entry.create" and e["outcome"] == "ok")
@@ -50,7 +50,7 @@ def test_audit_show_lists_changes_and_refusals(server: ServerProcess) -> None:
     lines = server.cli("audit", "show", check=True).stdout.splitlines()
     assert len(lines) == len(events)
     assert any("entry.create" in ln and "denied" in ln and
-               re.search(r"local \(uid 0\) \[pid \d+\] -> spiffe://partner\.example/x", ln) for ln in lines)
+               re.search(r"local-root \(uid 0\) \[pid \d+\] -> spiffe://partner\.example/x", ln) for ln in lines)
 
     # Filters.
     assert [e["kind"] for e in _shown(server, "--kind", "entry.delete")] == ["entry.delete"]

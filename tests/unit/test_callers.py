@@ -278,7 +278,7 @@ async def test_the_admin_socket_names_the_caller_by_its_uid(tmp_path: Path) -> N
         assert stat.S_IMODE((tmp_path / "admin.sock").stat().st_mode) == 0o600
         await list_entries(Pki(), listener, None)
         [caller] = seen.callers
-        assert (caller.kind, caller.id, caller.source) == (CallerKind.LOCAL_ADMIN, f"local (uid {os.getuid()})",
+        assert (caller.kind, caller.id, caller.source) == (CallerKind.LOCAL_ADMIN, f"local-root (uid {os.getuid()})",
                                                            f"pid {os.getpid()}")
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await batch_sign(Pki(), listener, None)

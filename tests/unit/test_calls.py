@@ -34,6 +34,8 @@ from trustmesh.metrics import Registry
 SERVICES: dict[str, tuple[Any, Any, Any]] = {  # service -> (pb2 module, base servicer class, add_to_server)
     "trustmesh.v1.Node": (node_pb2, node_pb2_grpc.NodeServicer, node_pb2_grpc.add_NodeServicer_to_server),
     "trustmesh.v1.Admin": (admin_pb2, admin_pb2_grpc.AdminServicer, admin_pb2_grpc.add_AdminServicer_to_server),
+    "trustmesh.v1.OperatorLogin": (admin_pb2, admin_pb2_grpc.OperatorLoginServicer,
+                                   admin_pb2_grpc.add_OperatorLoginServicer_to_server),
     "grpc.health.v1.Health": (health_pb2, health_pb2_grpc.HealthServicer,
                               health_pb2_grpc.add_HealthServicer_to_server),
 }
@@ -219,7 +221,7 @@ async def test_a_refusal_says_who_may_call_the_method_and_what_to_do(server: Ser
     code, details = await server.call_details(admin["CreateEntry"], "workload")
     assert code == grpc.StatusCode.PERMISSION_DENIED
     assert details == ("test:workload may not use the admin API: register it with `trustmesh entry create … --admin` "
-                       "(trustmesh.v1.Admin/CreateEntry is open to local_admin, remote_admin)")
+                       "(trustmesh.v1.Admin/CreateEntry is open to local_admin, remote_admin, role admin)")
     code, details = await server.call_details(node["BatchSignX509"], "workload")
     assert "only agents may call the Node API" in details and "open to agent" in details
     code, details = await server.call_details(node["Attest"], "agent")

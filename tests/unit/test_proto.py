@@ -302,6 +302,7 @@ ADMIN_RPCS = {
     "GetCAJournal", "RotateRoot",
     "IssuePartnerCertificate", "RevokePartnerCertificate",
     "ListAuditEvents", "VerifyAudit",
+    "AddOperator", "ListOperators", "DisableOperator", "RemoveOperator", "ResetOperator", "WhoAmI",
 }  # fmt: skip
 
 

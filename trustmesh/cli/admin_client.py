@@ -7,7 +7,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 from cryptography import x509
@@ -16,9 +16,11 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2_grpc
+from trustmesh.cli.profile import Profile, load_profile
+from trustmesh.clock import format_utc
 from trustmesh.errors import TrustmeshError, VerificationError
 from trustmesh.hostport import split_host_port
-from trustmesh.naming import server_dns_name
+from trustmesh.naming import OTP_HEADER, server_dns_name
 from trustmesh.spiffeid import TrustDomain
 from trustmesh.x509svid import spiffe_id_from_certificate
 
@@ -47,6 +49,9 @@ def add_socket_flag(parser: argparse.ArgumentParser) -> None:
     remote.add_argument("--admin-cert", metavar="PEM", help="your admin X509-SVID chain (an entry marked --admin)")
     remote.add_argument("--admin-key", metavar="PEM", help="its private key")
     remote.add_argument("--trust-bundle", metavar="PEM", help="the trust domain's roots (the server's bundle.pem)")
+    parser.add_argument("--otp", metavar="CODE",
+                        help="a current one-time code from your authenticator, for calls that need one "
+                             "(CA rotation, operator add/reset, agent ban, partner issue)")
 
 
 def _remote_channel(args: argparse.Namespace, server: str) -> grpc.Channel:
@@ -58,17 +63,58 @@ def _remote_channel(args: argparse.Namespace, server: str) -> grpc.Channel:
         split_host_port(server)
     except ValueError as err:
         raise AdminCallError(f"--admin-server: {err}") from err
+    return tls_channel(server, Path(args.trust_bundle), Path(args.admin_cert), Path(args.admin_key))
+
+
+def tls_channel(server: str, bundle: Path, cert: Path | None = None, key: Path | None = None) -> grpc.Channel:
+    """A TLS channel to the trustmesh server at `server`, checked against the roots in `bundle`
+    (the server's name is derived from the trust domain they name), with a client certificate
+    when `cert` and `key` are given."""
     try:
-        roots_pem = Path(args.trust_bundle).read_bytes()
+        roots_pem = bundle.read_bytes()
         creds = grpc.ssl_channel_credentials(
             root_certificates=roots_pem,
-            private_key=Path(args.admin_key).read_bytes(),
-            certificate_chain=Path(args.admin_cert).read_bytes(),
+            private_key=key.read_bytes() if key else None,
+            certificate_chain=cert.read_bytes() if cert else None,
         )
         td = trust_domain_of(x509.load_pem_x509_certificates(roots_pem))
     except (OSError, ValueError) as err:
-        raise AdminCallError(f"cannot read the admin credentials: {err}") from err
+        raise AdminCallError(f"cannot read the credentials for {server}: {err}") from err
     return grpc.secure_channel(server, creds, options=[("grpc.ssl_target_name_override", server_dns_name(td))])
+
+
+def _profile_channel(profile: Profile) -> grpc.Channel:
+    if profile.expired:
+        raise AdminCallError(f"your operator certificate ({profile.operator}) expired at "
+                             f"{format_utc(profile.expires_at)}: run `trustmesh login` again")
+    return tls_channel(profile.server, profile.bundle, profile.cert, profile.key)
+
+
+class _WithMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Adds fixed metadata (the step-up code) to every call of a channel."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def _details(self, details: Any) -> Any:
+        return _CallDetails(details.method, details.timeout, (*(details.metadata or ()), *self._metadata),
+                            details.credentials, getattr(details, "wait_for_ready", None),
+                            getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: Any
+    compression: Any
 
 
 def trust_domain_of(roots: list[x509.Certificate]) -> TrustDomain:
@@ -104,15 +150,27 @@ def _check_socket(path: Path) -> None:
         )
 
 
+def _channel(args: argparse.Namespace) -> tuple[grpc.Channel, str]:
+    """--admin-server (flag or environment) with an admin SVID; else the socket when one is
+    named (flag or environment); else the operator profile of `trustmesh login`; else the
+    default socket."""
+    server = getattr(args, "admin_server", None) or os.environ.get(SERVER_ENV)
+    explicit_socket = getattr(args, "admin_socket", None) or os.environ.get(ENV)
+    if server:
+        return _remote_channel(args, server), server
+    if not explicit_socket and (profile := load_profile()) is not None:
+        return _profile_channel(profile), f"{profile.server} as {profile.operator}"
+    path = socket_path(args)
+    _check_socket(path)
+    return grpc.insecure_channel(f"unix:{path}"), str(path)
+
+
 def call(args: argparse.Namespace, invoke: Callable[[admin_pb2_grpc.AdminStub], T]) -> T:
     """Run one admin RPC; turn transport and status errors into messages a person can act on."""
-    server = getattr(args, "admin_server", None) or os.environ.get(SERVER_ENV)
-    if server:
-        channel, where = _remote_channel(args, server), server
-    else:
-        path = socket_path(args)
-        _check_socket(path)
-        channel, where = grpc.insecure_channel(f"unix:{path}"), str(path)
+    channel, where = _channel(args)
+    otp = getattr(args, "otp", None)
+    if otp:
+        channel = grpc.intercept_channel(channel, _WithMetadata(((OTP_HEADER, otp.strip()),)))
     with channel:
         try:
             return invoke(admin_pb2_grpc.AdminStub(channel))

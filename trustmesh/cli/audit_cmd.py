@@ -60,7 +60,8 @@ def _show(args: argparse.Namespace) -> int:
     cursor = 0
     while len(events) < args.limit:
         req = admin_pb2.ListAuditEventsRequest(
-            since_seq=cursor, since_time=since, kind=args.kind or "", limit=min(1000, args.limit - len(events))
+            since_seq=cursor, since_time=since, kind=args.kind or "", actor=args.actor or "",
+            limit=min(1000, args.limit - len(events))
         )
         reply = call(args, partial(_list_events, req))
         events.extend(reply.events)
@@ -133,7 +134,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "show",
         help="print audit events, oldest first",
         epilog="examples:\n  trustmesh audit show --since 1h\n"
-        "  trustmesh audit show --since 2026-11-22T10:00:00Z --kind node.attest --json",
+        "  trustmesh audit show --since 2026-11-22T10:00:00Z --kind node.attest --json\n"
+        "  trustmesh audit show --actor alice   # what operator alice did",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -145,6 +147,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--kind", help="only events of this kind, e.g. entry.create, token.create, agent.ban, node.attest, svid.issue"
     )
+    p.add_argument(
+        "--actor", metavar="NAME",
+        help="only events by this actor: an operator's name (alice), a SPIFFE ID, or e.g. 'local-root (uid 0)'")
     p.add_argument(
         "--limit", type=int, default=1000, metavar="N", help="at most this many events, oldest first (default 1000)"
     )

@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         ca_cmd,
         entry_cmd,
         federation_cmd,
+        operator_cmd,
         partner_cmd,
         policy_cmd,
         server_cmd,
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca_cmd.register(commands)
     federation_cmd.register(commands)
     partner_cmd.register(commands)
+    operator_cmd.register(commands)
     version = commands.add_parser("version", help="print the trustmesh version")
     version.set_defaults(func=lambda _args: print(f"trustmesh {__version__}") or 0)
     return parser

@@ -456,16 +456,18 @@ class RevokePartnerCertificateResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ListAuditEventsRequest(_message.Message):
-    __slots__ = ("since_seq", "since_time", "limit", "kind")
+    __slots__ = ("since_seq", "since_time", "limit", "kind", "actor")
     SINCE_SEQ_FIELD_NUMBER: _ClassVar[int]
     SINCE_TIME_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
     since_seq: int
     since_time: int
     limit: int
     kind: str
-    def __init__(self, since_seq: _Optional[int] = ..., since_time: _Optional[int] = ..., limit: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
+    actor: str
+    def __init__(self, since_seq: _Optional[int] = ..., since_time: _Optional[int] = ..., limit: _Optional[int] = ..., kind: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
 
 class ListAuditEventsResponse(_message.Message):
     __slots__ = ("events", "next_seq")
@@ -498,3 +500,155 @@ class VerifyAuditResponse(_message.Message):
     anchored_seq: int
     anchor: str
     def __init__(self, ok: _Optional[bool] = ..., checked: _Optional[int] = ..., first_broken_seq: _Optional[int] = ..., reason: _Optional[str] = ..., records_checked: _Optional[int] = ..., record_failures: _Optional[_Iterable[str]] = ..., anchored_seq: _Optional[int] = ..., anchor: _Optional[str] = ...) -> None: ...
+
+class Operator(_message.Message):
+    __slots__ = ("name", "spiffe_id", "roles", "team", "state", "created_at", "created_by", "locked_until", "enrolled_at")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLES_FIELD_NUMBER: _ClassVar[int]
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    LOCKED_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    ENROLLED_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    spiffe_id: str
+    roles: _containers.RepeatedScalarFieldContainer[str]
+    team: str
+    state: str
+    created_at: int
+    created_by: str
+    locked_until: int
+    enrolled_at: int
+    def __init__(self, name: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., team: _Optional[str] = ..., state: _Optional[str] = ..., created_at: _Optional[int] = ..., created_by: _Optional[str] = ..., locked_until: _Optional[int] = ..., enrolled_at: _Optional[int] = ...) -> None: ...
+
+class AddOperatorRequest(_message.Message):
+    __slots__ = ("name", "roles", "team")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLES_FIELD_NUMBER: _ClassVar[int]
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    roles: _containers.RepeatedScalarFieldContainer[str]
+    team: str
+    def __init__(self, name: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., team: _Optional[str] = ...) -> None: ...
+
+class AddOperatorResponse(_message.Message):
+    __slots__ = ("operator", "enrollment_token", "enrollment_expires_at")
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    ENROLLMENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ENROLLMENT_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    operator: Operator
+    enrollment_token: str
+    enrollment_expires_at: int
+    def __init__(self, operator: _Optional[_Union[Operator, _Mapping]] = ..., enrollment_token: _Optional[str] = ..., enrollment_expires_at: _Optional[int] = ...) -> None: ...
+
+class ListOperatorsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListOperatorsResponse(_message.Message):
+    __slots__ = ("operators",)
+    OPERATORS_FIELD_NUMBER: _ClassVar[int]
+    operators: _containers.RepeatedCompositeFieldContainer[Operator]
+    def __init__(self, operators: _Optional[_Iterable[_Union[Operator, _Mapping]]] = ...) -> None: ...
+
+class DisableOperatorRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DisableOperatorResponse(_message.Message):
+    __slots__ = ("operator",)
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    operator: Operator
+    def __init__(self, operator: _Optional[_Union[Operator, _Mapping]] = ...) -> None: ...
+
+class RemoveOperatorRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RemoveOperatorResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResetOperatorRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ResetOperatorResponse(_message.Message):
+    __slots__ = ("operator", "enrollment_token", "enrollment_expires_at")
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    ENROLLMENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ENROLLMENT_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    operator: Operator
+    enrollment_token: str
+    enrollment_expires_at: int
+    def __init__(self, operator: _Optional[_Union[Operator, _Mapping]] = ..., enrollment_token: _Optional[str] = ..., enrollment_expires_at: _Optional[int] = ...) -> None: ...
+
+class WhoAmIRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WhoAmIResponse(_message.Message):
+    __slots__ = ("actor", "kind", "roles", "team", "source", "expires_at")
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROLES_FIELD_NUMBER: _ClassVar[int]
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    actor: str
+    kind: str
+    roles: _containers.RepeatedScalarFieldContainer[str]
+    team: str
+    source: str
+    expires_at: int
+    def __init__(self, actor: _Optional[str] = ..., kind: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., team: _Optional[str] = ..., source: _Optional[str] = ..., expires_at: _Optional[int] = ...) -> None: ...
+
+class EnrollRequest(_message.Message):
+    __slots__ = ("enrollment_token", "password")
+    ENROLLMENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    enrollment_token: str
+    password: str
+    def __init__(self, enrollment_token: _Optional[str] = ..., password: _Optional[str] = ...) -> None: ...
+
+class EnrollResponse(_message.Message):
+    __slots__ = ("operator", "totp_uri")
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    TOTP_URI_FIELD_NUMBER: _ClassVar[int]
+    operator: str
+    totp_uri: str
+    def __init__(self, operator: _Optional[str] = ..., totp_uri: _Optional[str] = ...) -> None: ...
+
+class LoginRequest(_message.Message):
+    __slots__ = ("operator", "password", "otp", "csr", "ttl_seconds")
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    OTP_FIELD_NUMBER: _ClassVar[int]
+    CSR_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    operator: str
+    password: str
+    otp: str
+    csr: bytes
+    ttl_seconds: int
+    def __init__(self, operator: _Optional[str] = ..., password: _Optional[str] = ..., otp: _Optional[str] = ..., csr: _Optional[bytes] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class LoginResponse(_message.Message):
+    __slots__ = ("cert_chain", "expires_at", "spiffe_id", "roles")
+    CERT_CHAIN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLES_FIELD_NUMBER: _ClassVar[int]
+    cert_chain: _containers.RepeatedScalarFieldContainer[bytes]
+    expires_at: int
+    spiffe_id: str
+    roles: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, cert_chain: _Optional[_Iterable[bytes]] = ..., expires_at: _Optional[int] = ..., spiffe_id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -165,6 +165,36 @@ class AdminStub:
                 request_serializer=trustmesh_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
                 response_deserializer=trustmesh_dot_v1_dot_admin__pb2.VerifyAuditResponse.FromString,
                 _registered_method=True)
+        self.AddOperator = channel.unary_unary(
+                '/trustmesh.v1.Admin/AddOperator',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.AddOperatorRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.AddOperatorResponse.FromString,
+                _registered_method=True)
+        self.ListOperators = channel.unary_unary(
+                '/trustmesh.v1.Admin/ListOperators',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.ListOperatorsRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.ListOperatorsResponse.FromString,
+                _registered_method=True)
+        self.DisableOperator = channel.unary_unary(
+                '/trustmesh.v1.Admin/DisableOperator',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.DisableOperatorRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.DisableOperatorResponse.FromString,
+                _registered_method=True)
+        self.RemoveOperator = channel.unary_unary(
+                '/trustmesh.v1.Admin/RemoveOperator',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.RemoveOperatorRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.RemoveOperatorResponse.FromString,
+                _registered_method=True)
+        self.ResetOperator = channel.unary_unary(
+                '/trustmesh.v1.Admin/ResetOperator',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.ResetOperatorRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.ResetOperatorResponse.FromString,
+                _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/trustmesh.v1.Admin/WhoAmI',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.WhoAmIResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -343,6 +373,50 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddOperator(self, request, context):
+        """---- operators (people) ----
+        Methods marked "step-up" need a current TOTP code of the calling operator
+        in the request metadata `x-trustmesh-otp` (the CLI's --otp).
+        Adds an operator and returns its one-time enrollment token (step-up).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOperators(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisableOperator(self, request, context):
+        """Disabled operators cannot log in; their certificates stop working at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveOperator(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetOperator(self, request, context):
+        """A new enrollment token; the old password, TOTP secret and certificates
+        die (step-up).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WhoAmI(self, request, context):
+        """Who the caller is, as the server sees it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -475,6 +549,36 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.VerifyAudit,
                     request_deserializer=trustmesh_dot_v1_dot_admin__pb2.VerifyAuditRequest.FromString,
                     response_serializer=trustmesh_dot_v1_dot_admin__pb2.VerifyAuditResponse.SerializeToString,
+            ),
+            'AddOperator': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddOperator,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.AddOperatorRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.AddOperatorResponse.SerializeToString,
+            ),
+            'ListOperators': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOperators,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.ListOperatorsRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.ListOperatorsResponse.SerializeToString,
+            ),
+            'DisableOperator': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableOperator,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.DisableOperatorRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.DisableOperatorResponse.SerializeToString,
+            ),
+            'RemoveOperator': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveOperator,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.RemoveOperatorRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.RemoveOperatorResponse.SerializeToString,
+            ),
+            'ResetOperator': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetOperator,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.ResetOperatorRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.ResetOperatorResponse.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.WhoAmIRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.WhoAmIResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1179,6 +1283,294 @@ class Admin:
             '/trustmesh.v1.Admin/VerifyAudit',
             trustmesh_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
             trustmesh_dot_v1_dot_admin__pb2.VerifyAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddOperator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.Admin/AddOperator',
+            trustmesh_dot_v1_dot_admin__pb2.AddOperatorRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.AddOperatorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOperators(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.Admin/ListOperators',
+            trustmesh_dot_v1_dot_admin__pb2.ListOperatorsRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.ListOperatorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisableOperator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.Admin/DisableOperator',
+            trustmesh_dot_v1_dot_admin__pb2.DisableOperatorRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.DisableOperatorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveOperator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.Admin/RemoveOperator',
+            trustmesh_dot_v1_dot_admin__pb2.RemoveOperatorRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.RemoveOperatorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetOperator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.Admin/ResetOperator',
+            trustmesh_dot_v1_dot_admin__pb2.ResetOperatorRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.ResetOperatorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.Admin/WhoAmI',
+            trustmesh_dot_v1_dot_admin__pb2.WhoAmIRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.WhoAmIResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class OperatorLoginStub:
+    """The login listener (--login-bind): asks for no client certificate, so that
+    an operator without a certificate can enroll and log in. Every failure is
+    UNAUTHENTICATED with the same words, whichever factor was wrong.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Enroll = channel.unary_unary(
+                '/trustmesh.v1.OperatorLogin/Enroll',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.EnrollResponse.FromString,
+                _registered_method=True)
+        self.Login = channel.unary_unary(
+                '/trustmesh.v1.OperatorLogin/Login',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.LoginRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.LoginResponse.FromString,
+                _registered_method=True)
+
+
+class OperatorLoginServicer:
+    """The login listener (--login-bind): asks for no client certificate, so that
+    an operator without a certificate can enroll and log in. Every failure is
+    UNAUTHENTICATED with the same words, whichever factor was wrong.
+    """
+
+    def Enroll(self, request, context):
+        """Sets the password and returns a new TOTP secret (once).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Login(self, request, context):
+        """Password + TOTP code + CSR -> a short-lived operator certificate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_OperatorLoginServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Enroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enroll,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.EnrollRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.EnrollResponse.SerializeToString,
+            ),
+            'Login': grpc.unary_unary_rpc_method_handler(
+                    servicer.Login,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.LoginRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.LoginResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'trustmesh.v1.OperatorLogin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('trustmesh.v1.OperatorLogin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class OperatorLogin:
+    """The login listener (--login-bind): asks for no client certificate, so that
+    an operator without a certificate can enroll and log in. Every failure is
+    UNAUTHENTICATED with the same words, whichever factor was wrong.
+    """
+
+    @staticmethod
+    def Enroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.OperatorLogin/Enroll',
+            trustmesh_dot_v1_dot_admin__pb2.EnrollRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.EnrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Login(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.OperatorLogin/Login',
+            trustmesh_dot_v1_dot_admin__pb2.LoginRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.LoginResponse.FromString,
             options,
             channel_credentials,
             insecure,
