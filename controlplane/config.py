@@ -148,6 +148,15 @@ class ServerConfig:
                                              group=OPERATORS)
     login_lockout: timedelta = option("how long a locked operator cannot log in", DURATION,
                                       default=timedelta(minutes=15), group=OPERATORS)
+    access_approvers: int = option(
+        "people (other than the requester) who must approve a just-in-time access request", COUNT, default=1,
+        group=OPERATORS)
+    access_approval_window: timedelta = option(
+        "a just-in-time access request not approved within this expires", DURATION, default=timedelta(hours=1),
+        group=OPERATORS)
+    access_max_grant: timedelta = option(
+        "the longest just-in-time grant (`access request --for`, `access break-glass --for`)", DURATION,
+        default=timedelta(hours=8), group=OPERATORS)
     signing_workers: int = option(
         "processes that sign X.509-SVIDs, for issuance on every core; 0 signs in a thread of the server "
         "process (default: the number of CPUs)", COUNT, default_factory=lambda: os.cpu_count() or 1)
@@ -171,6 +180,10 @@ class ServerConfig:
             raise ConfigError("--admin-bind on port 65535 leaves no port + 1 for operator login; give --login-bind")
         if not timedelta(minutes=1) <= self.operator_cert_ttl <= timedelta(hours=12):
             raise ConfigError("--operator-cert-ttl must be between 1m and 12h")
+        if self.access_approvers < 1:
+            raise ConfigError("--access-approvers must be at least 1 (four eyes: someone other than the requester)")
+        if self.access_max_grant < timedelta(minutes=1) or self.access_approval_window < timedelta(minutes=1):
+            raise ConfigError("--access-max-grant and --access-approval-window must be at least 1m")
         if self.login_max_failures < 1:
             raise ConfigError("--login-max-failures must be at least 1")
         web_files = (self.bundle_endpoint_cert, self.bundle_endpoint_key)

@@ -3,7 +3,8 @@
 It loads the registry once, then follows the store's change feed forever (it is its only
 reader), and owns what the feed keeps current: the authorized-entry index with the attested
 nodes (whose records carry each agent's superseded SVIDs), the evictions it remembers, the
-federated bundles, the partner-certificate revocations and the policy in force. Answering a
+federated bundles, the partner-certificate revocations and the policy in force: the applied
+revision plus one allowlist per just-in-time grant that is active (access.py). Answering a
 call from it costs no store read, so an idle fleet causes none.
 
 After every applied batch it publishes one typed event to its subscribers: which agents'
@@ -22,15 +23,18 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from trustmesh.backoff import backoff_ceiling
 from trustmesh.bundle import Bundle
+from trustmesh.controlplane.access import grant_allowlists
 from trustmesh.controlplane.authorized import AuthorizedIndex
 from trustmesh.controlplane.policy_store import PolicyService
 from trustmesh.controlplane.store import CompactedError, Store
 from trustmesh.controlplane.store.records import (
+    AccessChanged,
+    AccessGrant,
     AttestedNode,
     BundleChanged,
     BundleRecord,
@@ -118,7 +122,9 @@ class RegistryView:
         self.index = AuthorizedIndex(server_id(trust_domain))
         self.ready = asyncio.Event()  # set once the registry is loaded: nothing is answered before
         self.revision = 0  # every change up to this store revision is in the view
-        self.policy = Policy()
+        self.policy = Policy()  # what agents enforce: the applied revision plus the active grants
+        self._applied = Policy()  # the policy revision in force, as applied
+        self._grants: dict[str, AccessGrant] = {}  # just-in-time access requests, by id
         self.policy_changed_at = 0  # the store revision at which the policy in force arrived
         self.policy_committed_at = 0.0  # when the policy in force was applied (its record's time)
         self._federated: dict[str, Bundle] = {}  # trust domain -> its stored bundle
@@ -257,10 +263,12 @@ class RegistryView:
         policy = PolicyService.parse_stored(await store.get_policy_head())
         bundles = await store.list_bundles()
         partners = await store.list_partner_certificates()
+        self._grants = {g.id: g for g in await store.list_access_grants()}
         self.index.load(entries, nodes, revision)
         self._partner_revocations = {c.serial: c.revoked_at > 0 for c in partners}
         self._revoked = frozenset(serial for serial, revoked in self._partner_revocations.items() if revoked)
-        self.policy, self.policy_changed_at = policy, revision
+        self._applied, self.policy_changed_at = policy, revision
+        self._compose_policy()
         self._gone_bundles |= set(self._federated)
         self._federated.clear()
         for record in bundles:
@@ -282,8 +290,9 @@ class RegistryView:
                 self._set_federated(key, bundle)
                 return None
             case PolicyChanged(policy=PolicyRevision() as policy, revision=revision) \
-                    if policy.revision > self.policy.revision:
-                self.policy = PolicyService.parse_stored(policy)
+                    if policy.revision > self._applied.revision:
+                self._applied = PolicyService.parse_stored(policy)
+                self._compose_policy()
                 self.policy_changed_at = revision
                 self.policy_committed_at = policy.created_at
                 self._metrics.gauge("trustmesh_policy_revision", "policy revision in force").set(policy.revision)
@@ -299,12 +308,29 @@ class RegistryView:
                     return set()
                 self._revoked = revoked
                 return None
+            case AccessChanged(key, grant, revision):
+                if grant is None:
+                    self._grants.pop(key, None)
+                else:
+                    self._grants[key] = grant
+                before = self.policy
+                self._compose_policy()
+                if self.policy == before:
+                    return set()  # e.g. a request filed or denied: nothing any agent enforces changed
+                self.policy_changed_at = revision
+                return None
             case CaChanged(revision=revision):
                 # The CA subscriber picks up the new roots and keys (and republishes bundle.pem)
                 # before the batch ends and every agent is woken to receive the new bundle.
                 await self._publish(CAJournalChanged(revision))
                 return None
         return set()
+
+    def _compose_policy(self) -> None:
+        """The policy agents receive: the applied revision plus the grants active now. A grant
+        lapses by itself on every agent (its rule carries `expires`); revocation recomposes."""
+        granted = grant_allowlists(list(self._grants.values()), self._clock())
+        self.policy = replace(self._applied, allowlists=self._applied.allowlists + granted)
 
     async def _follow(self) -> None:
         """Keep the view current from the change feed, forever; resume after outages."""

@@ -12,9 +12,11 @@ import grpc
 from cryptography.hazmat.primitives import serialization
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2, admin_pb2_grpc
+from trustmesh.controlplane.access import AccessGrant, AccessRequests
 from trustmesh.controlplane.api.callers import AuthenticatedOperator
 from trustmesh.controlplane.api.calls import current_caller
 from trustmesh.controlplane.api.convert import (
+    access_to_pb,
     audit_event_to_pb,
     bundle_to_pb,
     ca_authorities_pb,
@@ -48,11 +50,13 @@ class AdminServices:
     ca: CAAdmin
     audit: AuditQueries
     operators: Operators
+    access: AccessRequests
 
     @classmethod
     def of(cls, rt: ServerRuntime, operators: Operators) -> AdminServices:
         return cls(Registry(rt.config.trust_domain, rt.store, rt.audit, rt.clock), PolicyService(rt),
-                   FederationAdmin(rt), PartnerCertificates(rt), CAAdmin(rt), AuditQueries(rt), operators)
+                   FederationAdmin(rt), PartnerCertificates(rt), CAAdmin(rt), AuditQueries(rt), operators,
+                   AccessRequests(rt))
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
@@ -284,3 +288,45 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             answer.team = caller.payload.record.team
             answer.expires_at = int(caller.payload.expires_at)
         return answer
+
+    # --- just-in-time access ----------------------------------------------------------------
+
+    def _grant(self, grant: AccessGrant) -> admin_pb2.AccessGrant:
+        return access_to_pb(grant, self._domain.access.state_of(grant))
+
+    async def RequestAccess(self, request: admin_pb2.RequestAccessRequest,
+                            context: grpc.aio.ServicerContext) -> admin_pb2.RequestAccessResponse:
+        grant = await self._domain.access.request(request.source, request.destination, request.port,
+                                                  request.duration_seconds, request.reason, current_caller().id)
+        return admin_pb2.RequestAccessResponse(grant=self._grant(grant))
+
+    async def ApproveAccess(self, request: admin_pb2.ApproveAccessRequest,
+                            context: grpc.aio.ServicerContext) -> admin_pb2.ApproveAccessResponse:
+        grant = await self._domain.access.approve(request.id, current_caller().id)
+        return admin_pb2.ApproveAccessResponse(grant=self._grant(grant))
+
+    async def DenyAccess(self, request: admin_pb2.DenyAccessRequest,
+                         context: grpc.aio.ServicerContext) -> admin_pb2.DenyAccessResponse:
+        grant = await self._domain.access.deny(request.id, request.reason, current_caller().id)
+        return admin_pb2.DenyAccessResponse(grant=self._grant(grant))
+
+    async def ListAccess(self, request: admin_pb2.ListAccessRequest,
+                         context: grpc.aio.ServicerContext) -> admin_pb2.ListAccessResponse:
+        grants = await self._domain.access.list(request.state)
+        return admin_pb2.ListAccessResponse(grants=[self._grant(g) for g in grants])
+
+    async def RevokeAccess(self, request: admin_pb2.RevokeAccessRequest,
+                           context: grpc.aio.ServicerContext) -> admin_pb2.RevokeAccessResponse:
+        grant = await self._domain.access.revoke(request.id, request.reason, current_caller().id)
+        return admin_pb2.RevokeAccessResponse(grant=self._grant(grant))
+
+    async def BreakGlass(self, request: admin_pb2.BreakGlassRequest,
+                         context: grpc.aio.ServicerContext) -> admin_pb2.BreakGlassResponse:
+        grant = await self._domain.access.break_glass(request.source, request.destination, request.port,
+                                                      request.duration_seconds, request.reason, current_caller().id)
+        return admin_pb2.BreakGlassResponse(grant=self._grant(grant))
+
+    async def ReviewAccess(self, request: admin_pb2.ReviewAccessRequest,
+                           context: grpc.aio.ServicerContext) -> admin_pb2.ReviewAccessResponse:
+        grant = await self._domain.access.review(request.id, request.note, current_caller().id)
+        return admin_pb2.ReviewAccessResponse(grant=self._grant(grant))

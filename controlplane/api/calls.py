@@ -185,6 +185,14 @@ CALLS: Mapping[str, Rule] = MappingProxyType({
     "/trustmesh.v1.Admin/RemoveOperator": ADMINS,
     "/trustmesh.v1.Admin/ResetOperator": ADMIN_STEP_UP,
     "/trustmesh.v1.Admin/WhoAmI": ANY_OPERATOR,
+    # Anyone may ask for just-in-time access; never the requester approves (access.py).
+    "/trustmesh.v1.Admin/RequestAccess": ANY_OPERATOR,
+    "/trustmesh.v1.Admin/ApproveAccess": SECURITY_STEP_UP,
+    "/trustmesh.v1.Admin/DenyAccess": SECURITY,
+    "/trustmesh.v1.Admin/ListAccess": LISTINGS,
+    "/trustmesh.v1.Admin/RevokeAccess": SECURITY,
+    "/trustmesh.v1.Admin/BreakGlass": ADMIN_STEP_UP,
+    "/trustmesh.v1.Admin/ReviewAccess": admins("security-officer", "auditor"),
 
     "/trustmesh.v1.OperatorLogin/Enroll": ATTESTING_OPERATORS,
     "/trustmesh.v1.OperatorLogin/Login": ATTESTING_OPERATORS,

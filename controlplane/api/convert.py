@@ -9,6 +9,7 @@ import json
 from collections.abc import Iterable
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2, types_pb2
+from trustmesh.controlplane.access import AccessGrant, AccessState
 from trustmesh.controlplane.audit_query import AuditEvent
 from trustmesh.controlplane.ca_admin import Authority
 from trustmesh.controlplane.federation_admin import Relationship, RelationshipSpec
@@ -141,3 +142,15 @@ def operator_to_pb(record: OperatorRecord, td: TrustDomain) -> admin_pb2.Operato
         name=record.name, spiffe_id=str(operator_id(td, record.name)), roles=list(record.roles), team=record.team,
         state=str(record.state), created_at=int(record.created_at), created_by=record.created_by,
         locked_until=int(record.locked_until), enrolled_at=int(record.enrolled_at))
+
+
+def access_to_pb(grant: AccessGrant, state: AccessState) -> admin_pb2.AccessGrant:
+    """`state`: the grant's state now (a pending or active grant expires by time alone)."""
+    return admin_pb2.AccessGrant(
+        id=grant.id, source=str(grant.source), destination=str(grant.destination), port=grant.port,
+        duration_seconds=int(grant.duration), reason=grant.reason, requester=grant.requester,
+        created_at=int(grant.created_at), approve_by=int(grant.approve_by), state=str(state),
+        approvals=list(grant.approvals), required_approvals=grant.required_approvals,
+        starts_at=int(grant.starts_at), expires_at=int(grant.expires_at), decided_by=grant.decided_by,
+        decision_reason=grant.decision_reason, break_glass=grant.break_glass, reviewed_by=grant.reviewed_by,
+        reviewed_at=int(grant.reviewed_at))

@@ -611,6 +611,86 @@ class OperatorRecord:
         )
 
 
+class AccessState(StrEnum):
+    """As stored; `pending` and `active` become `expired` by time alone (AccessGrant.state_at)."""
+
+    PENDING = "pending"
+    ACTIVE = "active"
+    DENIED = "denied"
+    REVOKED = "revoked"
+    EXPIRED = "expired"  # never stored: what a pending or active grant becomes by time
+
+
+@dataclass(frozen=True)
+class AccessGrant:
+    """A request for just-in-time access: one source, one destination, one port, for a
+    bounded time. Approved (by enough people other than the requester), it is an allow rule in
+    force until `expires_at`; break-glass grants are active at once and await a review."""
+
+    id: str
+    source: SpiffeId
+    destination: SpiffeId
+    port: int
+    duration: float  # seconds the grant lasts once active
+    reason: str
+    requester: str  # the actor, as the audit log names it
+    created_at: float
+    approve_by: float  # a request not approved by then expires
+    state: AccessState = AccessState.PENDING
+    approvals: tuple[str, ...] = ()
+    required_approvals: int = 1
+    starts_at: float = 0.0
+    expires_at: float = 0.0
+    decided_by: str = ""  # who denied or revoked it
+    decision_reason: str = ""
+    break_glass: bool = False
+    reviewed_by: str = ""
+    reviewed_at: float = 0.0
+    revision: int = field(default=0, compare=False)
+
+    def state_at(self, now: float) -> AccessState:
+        if self.state is AccessState.PENDING and now >= self.approve_by:
+            return AccessState.EXPIRED
+        if self.state is AccessState.ACTIVE and now >= self.expires_at:
+            return AccessState.EXPIRED
+        return self.state
+
+    def to_json(self) -> bytes:
+        return _dump("access grant", {
+            "id": self.id, "source": str(self.source), "destination": str(self.destination), "port": self.port,
+            "duration": self.duration, "reason": self.reason, "requester": self.requester,
+            "created_at": self.created_at, "approve_by": self.approve_by, "state": str(self.state),
+            "approvals": list(self.approvals), "required_approvals": self.required_approvals,
+            "starts_at": self.starts_at, "expires_at": self.expires_at, "decided_by": self.decided_by,
+            "decision_reason": self.decision_reason, "break_glass": self.break_glass,
+            "reviewed_by": self.reviewed_by, "reviewed_at": self.reviewed_at,
+        })
+
+    @classmethod
+    def from_json(cls, data: bytes, *, revision: int = 0) -> AccessGrant:
+        k = "access grant"
+        o = _load(k, data)
+        state = _field(k, o, "state", str)
+        try:
+            parsed = AccessState(state)
+        except ValueError:
+            raise RecordFormatError(f"stored {k} record has state {state[:40]!r}") from None
+        port = _field(k, o, "port", int)
+        if not 0 < port < 65536:
+            raise RecordFormatError(f"stored {k} record has port {port}")
+        return cls(
+            id=_field(k, o, "id", str), source=_spiffe_id(k, o, "source"), destination=_spiffe_id(k, o, "destination"),
+            port=port, duration=float(_field(k, o, "duration", _NUMBER)), reason=_field(k, o, "reason", str),
+            requester=_field(k, o, "requester", str), created_at=float(_field(k, o, "created_at", _NUMBER)),
+            approve_by=float(_field(k, o, "approve_by", _NUMBER)), state=parsed,
+            approvals=_strings(k, o, "approvals"), required_approvals=_field(k, o, "required_approvals", int),
+            starts_at=float(_field(k, o, "starts_at", _NUMBER)), expires_at=float(_field(k, o, "expires_at", _NUMBER)),
+            decided_by=_field(k, o, "decided_by", str), decision_reason=_field(k, o, "decision_reason", str),
+            break_glass=_field(k, o, "break_glass", bool), reviewed_by=_field(k, o, "reviewed_by", str),
+            reviewed_at=float(_field(k, o, "reviewed_at", _NUMBER)), revision=revision,
+        )
+
+
 # --- the change feed ---------------------------------------------------------------------
 #
 # One change type per record kind, each carrying its record after the change (None when
@@ -726,5 +806,17 @@ class AuditAppended:
         return self.event is None
 
 
+@dataclass(frozen=True, slots=True)
+class AccessChanged:
+    kind: ClassVar[str] = "access"
+    key: str  # the grant id
+    grant: AccessGrant | None
+    revision: int
+
+    @property
+    def deleted(self) -> bool:
+        return self.grant is None
+
+
 Change = (EntryChanged | NodeChanged | TokenChanged | PolicyChanged | BundleChanged | CaChanged
-          | FederationChanged | PartnerChanged | AuditAppended)
+          | FederationChanged | PartnerChanged | AuditAppended | AccessChanged)

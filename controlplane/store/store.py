@@ -49,6 +49,8 @@ from trustmesh.controlplane.store.kv import (
     TxnResult,
 )
 from trustmesh.controlplane.store.records import (
+    AccessChanged,
+    AccessGrant,
     AttestedNode,
     AuditAppended,
     AuditEvent,
@@ -94,6 +96,7 @@ LEADER = "leader/"
 FEDERATION = "federation/"
 PARTNER_CERTS = "partner-certs/"
 OPERATORS = "operators/"
+ACCESS = "access/"
 SEAL_MARKER = "meta/sealed"
 
 # Every key that carries a MAC, and its record kind (the HKDF label of its MAC key).
@@ -108,6 +111,7 @@ SEALED_KINDS: tuple[tuple[str, str], ...] = (
     (FEDERATION, "federation"),
     (PARTNER_CERTS, "partner-certificate"),
     (OPERATORS, "operator"),
+    (ACCESS, "access-grant"),
     (SEAL_MARKER, "meta"),
 )
 
@@ -686,6 +690,32 @@ class Store:
     async def delete_operator(self, name: str) -> None:
         await self._delete(OPERATORS + _need(name, "operator name"), f"operator {name}")
 
+    # -- just-in-time access --------------------------------------------------------
+
+    @staticmethod
+    def _access(kv: KeyValue) -> AccessGrant:
+        return AccessGrant.from_json(kv.value, revision=kv.mod_revision)
+
+    async def create_access_grant(self, grant: AccessGrant) -> AccessGrant:
+        rev = await self._create(ACCESS + _need(grant.id, "access request id"), grant.to_json(),
+                                 f"access request {grant.id}")
+        return replace(grant, revision=rev)
+
+    async def get_access_grant(self, grant_id: str) -> AccessGrant:
+        return self._access(await self._get(ACCESS + _need(grant_id, "access request id"),
+                                            f"access request {grant_id}"))
+
+    async def list_access_grants(self) -> list[AccessGrant]:
+        return await self._list(ACCESS, self._access)
+
+    async def replace_access_grant(self, grant: AccessGrant) -> AccessGrant:
+        """Write `grant` over the stored one, only if that is still at `grant.revision`."""
+        rev = await self._replace(ACCESS + grant.id, grant.to_json(), grant.revision, f"access request {grant.id}")
+        return replace(grant, revision=rev)
+
+    async def delete_access_grant(self, grant_id: str) -> None:
+        await self._delete(ACCESS + _need(grant_id, "access request id"), f"access request {grant_id}")
+
     # -- partner certificates --------------------------------------------------------
 
     async def create_partner_certificate(self, cert: PartnerCertificate) -> None:
@@ -878,6 +908,9 @@ class Store:
         if key.startswith(PARTNER_CERTS):
             cert = None if value is None else self._partner(KeyValue(key, value, 0, rev, 0))
             return PartnerChanged(key[len(PARTNER_CERTS):], cert, rev)
+        if key.startswith(ACCESS):
+            grant = None if value is None else AccessGrant.from_json(value, revision=rev)
+            return AccessChanged(key[len(ACCESS):], grant, rev)
         if key.startswith(AUDIT_EVENTS):
             event_ = None if value is None else AuditEvent.from_json(value)
             if event_ is not None and self.replay is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,3 +43,14 @@ def server(make_server: Callable[..., ServerProcess], store_url: str) -> ServerP
     if store_url != "sqlite":
         env["TRUSTMESH_KEK"] = "11" * 32
     return make_server(store=store_url, env=env)
+
+
+@pytest.fixture
+def admin_server(make_server: Callable[..., ServerProcess]) -> Iterator[tuple[ServerProcess, str, str]]:
+    """A server with the admin listener and the login listener on loopback: (server, admin, login)."""
+    server = make_server(extra=["--admin-bind", "127.0.0.1:0", "--login-bind", "127.0.0.1:0"])
+    log = server.log()
+    admin = re.search(r"admin_bind=(\S+)", log)
+    login = re.search(r"login_bind=(\S+)", log)
+    assert admin and login
+    yield server, admin.group(1), login.group(1)

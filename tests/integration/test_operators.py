@@ -5,115 +5,24 @@ over real mTLS, with TOTP codes computed here from the secret each operator enro
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import pyotp
-import pytest
 
-from tests.integration.harness import ServerProcess, trustmesh_cmd
+from tests.integration.harness import ServerProcess
+from tests.integration.operators_kit import PASSWORD, Operator, add_operator, audit, one_line
 from trustmesh._proto.trustmesh.v1 import admin_pb2
 from trustmesh.controlplane.api.calls import CALLS, CallerKind
 from trustmesh.naming import OPERATOR_ROLES, OTP_HEADER, server_dns_name
 
-PASSWORD = "correct horse battery staple"
-
-
-@dataclass
-class Operator:
-    """One person: a profile directory of its own and its TOTP secret."""
-
-    name: str
-    server: ServerProcess
-    admin_bind: str
-    login_bind: str
-    home: Path
-    totp: pyotp.TOTP | None = None
-    step: int = 0  # the newest step whose code was used
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if k not in ("TRUSTMESH_ADMIN_SOCKET", "TRUSTMESH_ADMIN_SERVER")}
-        env["TRUSTMESH_PROFILE_DIR"] = str(self.home / "profile")
-        return subprocess.run(trustmesh_cmd(*args), capture_output=True, text=True, env=env, timeout=60,
-                              cwd=self.home)
-
-    def code(self) -> str:
-        """A code of a step after the last one used (the server accepts each step once, and
-        one step ahead of now): waits for the next step only when both are used."""
-        assert self.totp is not None
-        while True:
-            now = int(time.time()) // 30
-            for step in (now, now + 1):
-                if step > self.step:
-                    self.step = step
-                    return self.totp.at(step * 30)
-            time.sleep(max(0.05, (now + 1) * 30 - time.time()))
-
-    def login_flags(self) -> list[str]:
-        return ["--server", self.admin_bind, "--login-server", self.login_bind,
-                "--trust-bundle", str(self.server.bundle_path), "--password-file", str(self.home / "pw")]
-
-    def enroll(self, token: str) -> None:
-        (self.home / "pw").write_text(PASSWORD + "\n")
-        result = self.run("operator", "enroll", *self.login_flags(), "--token", token)
-        assert result.returncode == 0, result.stderr
-        lines = result.stdout.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("otpauth://totp/"), result.stdout
-        parsed = pyotp.parse_uri(lines[0])
-        assert isinstance(parsed, pyotp.TOTP) and parsed.digits == 6 and parsed.interval == 30
-        self.totp = parsed
-
-    def login(self, otp: str | None = None) -> subprocess.CompletedProcess[str]:
-        return self.run("login", *self.login_flags(), "--operator", self.name, "--otp", otp or self.code())
-
-
-@pytest.fixture
-def admin_server(make_server: Callable[..., ServerProcess]) -> Iterator[tuple[ServerProcess, str, str]]:
-    server = make_server(extra=["--admin-bind", "127.0.0.1:0", "--login-bind", "127.0.0.1:0"])
-    log = server.log()
-    admin = re.search(r"admin_bind=(\S+)", log)
-    login = re.search(r"login_bind=(\S+)", log)
-    assert admin and login
-    yield server, admin.group(1), login.group(1)
-
-
-def _operator(setup: tuple[ServerProcess, str, str], tmp_path: Path, name: str, *roles: str,
-              team: str = "") -> Operator:
-    server, admin_bind, login_bind = setup
-    home = tmp_path / name
-    home.mkdir()
-    flags = [arg for role in roles for arg in ("--role", role)] + (["--team", team] if team else [])
-    added = server.cli("operator", "add", name, *flags, check=True).stdout.splitlines()
-    assert len(added) == 1 and len(added[0]) >= 40  # one line: the token
-    person = Operator(name, server, admin_bind, login_bind, home)
-    person.enroll(added[0])
-    return person
-
-
-def _one_line(result: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
-    for word in words:
-        assert word in result.stderr, result.stderr
-
-
-def _audit(server: ServerProcess, *flags: str) -> list[dict[str, object]]:
-    events: list[dict[str, object]] = json.loads(server.cli("audit", "show", "--json", *flags, check=True).stdout)
-    return events
-
 
 def test_enroll_login_use_and_audit(admin_server: tuple[ServerProcess, str, str], tmp_path: Path) -> None:
     server = admin_server[0]
-    alice = _operator(admin_server, tmp_path, "alice", "admin")
+    alice = add_operator(admin_server, tmp_path, "alice", "admin")
     # The token was single use.
     again = alice.run("operator", "enroll", *alice.login_flags(), "--token", "x" * 43)
-    _one_line(again, 1, "enrollment refused", "UNAUTHENTICATED")
+    one_line(again, 1, "enrollment refused", "UNAUTHENTICATED")
 
     result = alice.login()
     assert result.returncode == 0, result.stderr
@@ -130,11 +39,11 @@ def test_enroll_login_use_and_audit(admin_server: tuple[ServerProcess, str, str]
     listed = alice.run("agent", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     # A privileged call needs a fresh code on top of the certificate.
-    _one_line(alice.run("operator", "add", "carol", "--role", "viewer"), 1, "--otp", "PERMISSION_DENIED")
+    one_line(alice.run("operator", "add", "carol", "--role", "viewer"), 1, "--otp", "PERMISSION_DENIED")
     added = alice.run("operator", "add", "carol", "--role", "viewer", "--otp", alice.code())
     assert added.returncode == 0 and len(added.stdout.splitlines()) == 1, added.stderr
 
-    events = _audit(server, "--actor", "alice")
+    events = audit(server, "--actor", "alice")
     kinds = [e["kind"] for e in events]
     assert "operator.login" in kinds and "operator.add" in kinds
     add = next(e for e in events if e["kind"] == "operator.add" and e["subject"] == "carol")
@@ -142,15 +51,15 @@ def test_enroll_login_use_and_audit(admin_server: tuple[ServerProcess, str, str]
     assert isinstance(details, dict)
     assert add["actor"] == "spiffe://example.org/operator/alice" and details["role"] == "admin"
     assert str(details["source"]).startswith("127.0.0.1:")
-    root_add = next(e for e in _audit(server) if e["kind"] == "operator.add" and e["subject"] == "alice")
+    root_add = next(e for e in audit(server) if e["kind"] == "operator.add" and e["subject"] == "alice")
     assert str(root_add["actor"]).startswith("local-root (uid ")
     step_up = [e for e in events if e["kind"] == "operator.step_up"]
     assert step_up and step_up[0]["outcome"] == "denied"
 
     # Disabled: the certificate stops working at once, and so does login.
     server.cli("operator", "disable", "alice", check=True)
-    _one_line(alice.run("whoami"), 1, "no longer valid", "trustmesh login")
-    _one_line(alice.login(), 1, "login refused")
+    one_line(alice.run("whoami"), 1, "no longer valid", "trustmesh login")
+    one_line(alice.login(), 1, "login refused")
     assert alice.run("logout").returncode == 0 and not (profile / "operator-key.pem").exists()
 
 
@@ -158,7 +67,7 @@ def test_roles_follow_the_call_table(admin_server: tuple[ServerProcess, str, str
     """Every admin method x every role, over mTLS with each role's certificate: refused exactly
     where the table does not list the role; allowed step-up methods refuse a call without a code."""
     server = admin_server[0]
-    people = {role: _operator(admin_server, tmp_path, f"op-{role}", role) for role in OPERATOR_ROLES}
+    people = {role: add_operator(admin_server, tmp_path, f"op-{role}", role) for role in OPERATOR_ROLES}
     methods = sorted(m for m in CALLS if m.startswith("/trustmesh.v1.Admin/"))
     service = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
     roots = server.bundle_path.read_bytes()
@@ -189,35 +98,35 @@ def test_roles_follow_the_call_table(admin_server: tuple[ServerProcess, str, str
                 else:
                     assert code != grpc.StatusCode.PERMISSION_DENIED, where
                     assert CallerKind.LOCAL_ADMIN in rule.kinds  # the root socket keeps every method
-    denied = [e for e in _audit(server, "--kind", "admin.call") if e["outcome"] == "denied"]
+    denied = [e for e in audit(server, "--kind", "admin.call") if e["outcome"] == "denied"]
     assert any("op-viewer" in str(e["actor"]) for e in denied)
 
 
 def test_lockout_reused_codes_and_reset(admin_server: tuple[ServerProcess, str, str], tmp_path: Path) -> None:
     server = admin_server[0]
-    bob = _operator(admin_server, tmp_path, "bob", "auditor")
+    bob = add_operator(admin_server, tmp_path, "bob", "auditor")
     assert bob.login().returncode == 0
     used = bob.totp.at(bob.step * 30) if bob.totp else ""
     replay = bob.login(otp=used)  # the right password, a code already used
-    _one_line(replay, 1, "login refused")
+    one_line(replay, 1, "login refused")
     wrong = bob.run("login", *bob.login_flags(), "--operator", "nobody", "--otp", "123456")
     assert wrong.stderr == replay.stderr  # an unknown name reads exactly like a wrong factor
 
     (bob.home / "pw").write_text("not the password at all\n")
     for _ in range(4):  # 1 (the replay) + 4 = 5 failures in the window: locked
-        _one_line(bob.login(otp="000000"), 1, "login refused")
+        one_line(bob.login(otp="000000"), 1, "login refused")
     (bob.home / "pw").write_text(PASSWORD + "\n")
     locked = bob.login()
-    _one_line(locked, 1, "login refused")
+    one_line(locked, 1, "login refused")
     assert locked.stderr == replay.stderr  # locked reads like any other refusal
-    events = _audit(server, "--kind", "operator.locked")
+    events = audit(server, "--kind", "operator.locked")
     assert [e["subject"] for e in events] == ["bob"]
     listed = json.loads(server.cli("operator", "list", "--json", check=True).stdout)
     assert next(o for o in listed if o["name"] == "bob")["locked_until"] > time.time()
 
     # A reset gives a new token; the old certificate dies; enrolling again unlocks.
     token = server.cli("operator", "reset", "bob", check=True).stdout.strip()
-    _one_line(bob.run("whoami"), 1, "no longer valid")
+    one_line(bob.run("whoami"), 1, "no longer valid")
     bob.step = 0
     bob.enroll(token)
     assert bob.login().returncode == 0
@@ -226,18 +135,18 @@ def test_lockout_reused_codes_and_reset(admin_server: tuple[ServerProcess, str, 
 
 def test_refusals_are_one_line(admin_server: tuple[ServerProcess, str, str], tmp_path: Path) -> None:
     server = admin_server[0]
-    _one_line(server.cli("operator", "add", "Alice", "--role", "admin"), 1, "operator name", "a-z")
-    _one_line(server.cli("operator", "add", "al", "--role", "root"), 2, "invalid choice")
+    one_line(server.cli("operator", "add", "Alice", "--role", "admin"), 1, "operator name", "a-z")
+    one_line(server.cli("operator", "add", "al", "--role", "root"), 2, "invalid choice")
     server.cli("operator", "add", "dave", "--role", "viewer", check=True)
-    _one_line(server.cli("operator", "add", "dave", "--role", "viewer"), 1, "already exists", "reset")
-    _one_line(server.cli("operator", "disable", "nobody"), 1, "no operator nobody")
+    one_line(server.cli("operator", "add", "dave", "--role", "viewer"), 1, "already exists", "reset")
+    one_line(server.cli("operator", "disable", "nobody"), 1, "no operator nobody")
     home = tmp_path / "x"
     home.mkdir()
     person = Operator("dave", server, admin_server[1], admin_server[2], home)
     (home / "pw").write_text("short\n")
     token = server.cli("operator", "reset", "dave", check=True).stdout.strip()
-    _one_line(person.run("operator", "enroll", *person.login_flags(), "--token", token), 1, "12")
+    one_line(person.run("operator", "enroll", *person.login_flags(), "--token", token), 1, "12")
     gone = person.run("login", "--server", "127.0.0.1:1", "--login-server", "127.0.0.1:1", "--trust-bundle",
                       str(server.bundle_path), "--password-file", str(home / "pw"), "--operator", "dave", "--otp", "1")
-    _one_line(gone, 1, "cannot reach the login listener")
+    one_line(gone, 1, "cannot reach the login listener")
     assert OTP_HEADER == "x-trustmesh-otp"

@@ -51,7 +51,7 @@ def add_socket_flag(parser: argparse.ArgumentParser) -> None:
     remote.add_argument("--trust-bundle", metavar="PEM", help="the trust domain's roots (the server's bundle.pem)")
     parser.add_argument("--otp", metavar="CODE",
                         help="a current one-time code from your authenticator, for calls that need one "
-                             "(CA rotation, operator add/reset, agent ban, partner issue)")
+                             "(CA rotation, operator add/reset, agent ban, partner issue, access approve, break-glass)")
 
 
 def _remote_channel(args: argparse.Namespace, server: str) -> grpc.Channel:

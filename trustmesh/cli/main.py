@@ -76,6 +76,7 @@ class CommandParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from trustmesh.cli import (
+        access_cmd,
         agents_cmd,
         audit_cmd,
         ca_cmd,
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     federation_cmd.register(commands)
     partner_cmd.register(commands)
     operator_cmd.register(commands)
+    access_cmd.register(commands)
     version = commands.add_parser("version", help="print the trustmesh version")
     version.set_defaults(func=lambda _args: print(f"trustmesh {__version__}") or 0)
     return parser

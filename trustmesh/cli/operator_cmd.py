@@ -75,7 +75,7 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         print_json([message_dict(o) for o in reply.operators])
         return 0
-    print(f"{'NAME':<20} {'STATE':<9} {'OPERATOR_ROLES':<36} {'TEAM':<14} LOCKED UNTIL")
+    print(f"{'NAME':<20} {'STATE':<9} {'ROLES':<36} {'TEAM':<14} LOCKED UNTIL")
     for o in reply.operators:
         print(f"{o.name:<20} {o.state:<9} {','.join(o.roles):<36} {o.team or '-':<14} {format_utc(o.locked_until)}")
     return 0

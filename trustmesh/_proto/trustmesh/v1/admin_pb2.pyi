@@ -652,3 +652,151 @@ class LoginResponse(_message.Message):
     spiffe_id: str
     roles: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, cert_chain: _Optional[_Iterable[bytes]] = ..., expires_at: _Optional[int] = ..., spiffe_id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AccessGrant(_message.Message):
+    __slots__ = ("id", "source", "destination", "port", "duration_seconds", "reason", "requester", "created_at", "approve_by", "state", "approvals", "required_approvals", "starts_at", "expires_at", "decided_by", "decision_reason", "break_glass", "reviewed_by", "reviewed_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    APPROVE_BY_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    APPROVALS_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_APPROVALS_FIELD_NUMBER: _ClassVar[int]
+    STARTS_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
+    DECISION_REASON_FIELD_NUMBER: _ClassVar[int]
+    BREAK_GLASS_FIELD_NUMBER: _ClassVar[int]
+    REVIEWED_BY_FIELD_NUMBER: _ClassVar[int]
+    REVIEWED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    source: str
+    destination: str
+    port: int
+    duration_seconds: int
+    reason: str
+    requester: str
+    created_at: int
+    approve_by: int
+    state: str
+    approvals: _containers.RepeatedScalarFieldContainer[str]
+    required_approvals: int
+    starts_at: int
+    expires_at: int
+    decided_by: str
+    decision_reason: str
+    break_glass: bool
+    reviewed_by: str
+    reviewed_at: int
+    def __init__(self, id: _Optional[str] = ..., source: _Optional[str] = ..., destination: _Optional[str] = ..., port: _Optional[int] = ..., duration_seconds: _Optional[int] = ..., reason: _Optional[str] = ..., requester: _Optional[str] = ..., created_at: _Optional[int] = ..., approve_by: _Optional[int] = ..., state: _Optional[str] = ..., approvals: _Optional[_Iterable[str]] = ..., required_approvals: _Optional[int] = ..., starts_at: _Optional[int] = ..., expires_at: _Optional[int] = ..., decided_by: _Optional[str] = ..., decision_reason: _Optional[str] = ..., break_glass: _Optional[bool] = ..., reviewed_by: _Optional[str] = ..., reviewed_at: _Optional[int] = ...) -> None: ...
+
+class RequestAccessRequest(_message.Message):
+    __slots__ = ("source", "destination", "port", "duration_seconds", "reason")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    destination: str
+    port: int
+    duration_seconds: int
+    reason: str
+    def __init__(self, source: _Optional[str] = ..., destination: _Optional[str] = ..., port: _Optional[int] = ..., duration_seconds: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RequestAccessResponse(_message.Message):
+    __slots__ = ("grant",)
+    GRANT_FIELD_NUMBER: _ClassVar[int]
+    grant: AccessGrant
+    def __init__(self, grant: _Optional[_Union[AccessGrant, _Mapping]] = ...) -> None: ...
+
+class ApproveAccessRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ApproveAccessResponse(_message.Message):
+    __slots__ = ("grant",)
+    GRANT_FIELD_NUMBER: _ClassVar[int]
+    grant: AccessGrant
+    def __init__(self, grant: _Optional[_Union[AccessGrant, _Mapping]] = ...) -> None: ...
+
+class DenyAccessRequest(_message.Message):
+    __slots__ = ("id", "reason")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    reason: str
+    def __init__(self, id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DenyAccessResponse(_message.Message):
+    __slots__ = ("grant",)
+    GRANT_FIELD_NUMBER: _ClassVar[int]
+    grant: AccessGrant
+    def __init__(self, grant: _Optional[_Union[AccessGrant, _Mapping]] = ...) -> None: ...
+
+class ListAccessRequest(_message.Message):
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    def __init__(self, state: _Optional[str] = ...) -> None: ...
+
+class ListAccessResponse(_message.Message):
+    __slots__ = ("grants",)
+    GRANTS_FIELD_NUMBER: _ClassVar[int]
+    grants: _containers.RepeatedCompositeFieldContainer[AccessGrant]
+    def __init__(self, grants: _Optional[_Iterable[_Union[AccessGrant, _Mapping]]] = ...) -> None: ...
+
+class RevokeAccessRequest(_message.Message):
+    __slots__ = ("id", "reason")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    reason: str
+    def __init__(self, id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RevokeAccessResponse(_message.Message):
+    __slots__ = ("grant",)
+    GRANT_FIELD_NUMBER: _ClassVar[int]
+    grant: AccessGrant
+    def __init__(self, grant: _Optional[_Union[AccessGrant, _Mapping]] = ...) -> None: ...
+
+class BreakGlassRequest(_message.Message):
+    __slots__ = ("source", "destination", "port", "duration_seconds", "reason")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    destination: str
+    port: int
+    duration_seconds: int
+    reason: str
+    def __init__(self, source: _Optional[str] = ..., destination: _Optional[str] = ..., port: _Optional[int] = ..., duration_seconds: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class BreakGlassResponse(_message.Message):
+    __slots__ = ("grant",)
+    GRANT_FIELD_NUMBER: _ClassVar[int]
+    grant: AccessGrant
+    def __init__(self, grant: _Optional[_Union[AccessGrant, _Mapping]] = ...) -> None: ...
+
+class ReviewAccessRequest(_message.Message):
+    __slots__ = ("id", "note")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    note: str
+    def __init__(self, id: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...
+
+class ReviewAccessResponse(_message.Message):
+    __slots__ = ("grant",)
+    GRANT_FIELD_NUMBER: _ClassVar[int]
+    grant: AccessGrant
+    def __init__(self, grant: _Optional[_Union[AccessGrant, _Mapping]] = ...) -> None: ...

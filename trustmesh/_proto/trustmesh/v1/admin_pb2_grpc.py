@@ -195,6 +195,41 @@ class AdminStub:
                 request_serializer=trustmesh_dot_v1_dot_admin__pb2.WhoAmIRequest.SerializeToString,
                 response_deserializer=trustmesh_dot_v1_dot_admin__pb2.WhoAmIResponse.FromString,
                 _registered_method=True)
+        self.RequestAccess = channel.unary_unary(
+                '/trustmesh.v1.Admin/RequestAccess',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.RequestAccessRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.RequestAccessResponse.FromString,
+                _registered_method=True)
+        self.ApproveAccess = channel.unary_unary(
+                '/trustmesh.v1.Admin/ApproveAccess',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.ApproveAccessRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.ApproveAccessResponse.FromString,
+                _registered_method=True)
+        self.DenyAccess = channel.unary_unary(
+                '/trustmesh.v1.Admin/DenyAccess',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.DenyAccessRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.DenyAccessResponse.FromString,
+                _registered_method=True)
+        self.ListAccess = channel.unary_unary(
+                '/trustmesh.v1.Admin/ListAccess',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.ListAccessRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.ListAccessResponse.FromString,
+                _registered_method=True)
+        self.RevokeAccess = channel.unary_unary(
+                '/trustmesh.v1.Admin/RevokeAccess',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.RevokeAccessRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.RevokeAccessResponse.FromString,
+                _registered_method=True)
+        self.BreakGlass = channel.unary_unary(
+                '/trustmesh.v1.Admin/BreakGlass',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.BreakGlassRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.BreakGlassResponse.FromString,
+                _registered_method=True)
+        self.ReviewAccess = channel.unary_unary(
+                '/trustmesh.v1.Admin/ReviewAccess',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.ReviewAccessRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.ReviewAccessResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -417,6 +452,53 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RequestAccess(self, request, context):
+        """---- just-in-time access (four eyes) ----
+        Any operator may ask; people other than the requester approve.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveAccess(self, request, context):
+        """Step-up. Never by the requester, whatever its roles.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DenyAccess(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAccess(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeAccess(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BreakGlass(self, request, context):
+        """Active at once, flagged for review (step-up).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReviewAccess(self, request, context):
+        """Records the mandatory review of a break-glass grant (not by its requester).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -579,6 +661,41 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.WhoAmI,
                     request_deserializer=trustmesh_dot_v1_dot_admin__pb2.WhoAmIRequest.FromString,
                     response_serializer=trustmesh_dot_v1_dot_admin__pb2.WhoAmIResponse.SerializeToString,
+            ),
+            'RequestAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestAccess,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.RequestAccessRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.RequestAccessResponse.SerializeToString,
+            ),
+            'ApproveAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveAccess,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.ApproveAccessRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.ApproveAccessResponse.SerializeToString,
+            ),
+            'DenyAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.DenyAccess,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.DenyAccessRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.DenyAccessResponse.SerializeToString,
+            ),
+            'ListAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAccess,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.ListAccessRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.ListAccessResponse.SerializeToString,
+            ),
+            'RevokeAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeAccess,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.RevokeAccessRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.RevokeAccessResponse.SerializeToString,
+            ),
+            'BreakGlass': grpc.unary_unary_rpc_method_handler(
+                    servicer.BreakGlass,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.BreakGlassRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.BreakGlassResponse.SerializeToString,
+            ),
+            'ReviewAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReviewAccess,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.ReviewAccessRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.ReviewAccessResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1445,6 +1562,195 @@ class Admin:
             '/trustmesh.v1.Admin/WhoAmI',
             trustmesh_dot_v1_dot_admin__pb2.WhoAmIRequest.SerializeToString,
             trustmesh_dot_v1_dot_admin__pb2.WhoAmIResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.Admin/RequestAccess',
+            trustmesh_dot_v1_dot_admin__pb2.RequestAccessRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.RequestAccessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.Admin/ApproveAccess',
+            trustmesh_dot_v1_dot_admin__pb2.ApproveAccessRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.ApproveAccessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DenyAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.Admin/DenyAccess',
+            trustmesh_dot_v1_dot_admin__pb2.DenyAccessRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.DenyAccessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.Admin/ListAccess',
+            trustmesh_dot_v1_dot_admin__pb2.ListAccessRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.ListAccessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.Admin/RevokeAccess',
+            trustmesh_dot_v1_dot_admin__pb2.RevokeAccessRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.RevokeAccessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BreakGlass(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.Admin/BreakGlass',
+            trustmesh_dot_v1_dot_admin__pb2.BreakGlassRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.BreakGlassResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReviewAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.Admin/ReviewAccess',
+            trustmesh_dot_v1_dot_admin__pb2.ReviewAccessRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.ReviewAccessResponse.FromString,
             options,
             channel_credentials,
             insecure,
