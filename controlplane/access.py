@@ -126,30 +126,28 @@ class AccessRequests:
         return grant
 
     async def deny(self, grant_id: str, reason: str, actor: str) -> AccessGrant:
-        grant = await self.get(grant_id)
-        if grant.state_at(self._rt.clock()) is not AccessState.PENDING:
-            raise FailedPreconditionError(f"access request {grant.id} is {grant.state_at(self._rt.clock())}, "
-                                          "not pending; `access revoke` ends an active grant")
-        grant = await self._decide(grant, AccessState.DENIED, reason, actor)
-        await self._rt.audit.record("access.deny", actor=actor, subject=_subject(grant), request=grant.id,
-                                    requester=grant.requester, reason=clip(reason, MAX_REASON))
-        return grant
+        return await self._end(grant_id, AccessState.DENIED, (AccessState.PENDING,), reason, actor,
+                               "not pending; `access revoke` ends an active grant")
 
     async def revoke(self, grant_id: str, reason: str, actor: str) -> AccessGrant:
-        grant = await self.get(grant_id)
-        if grant.state_at(self._rt.clock()) not in (AccessState.ACTIVE, AccessState.PENDING):
-            raise FailedPreconditionError(f"access request {grant.id} is {grant.state_at(self._rt.clock())}; "
-                                          "nothing to revoke")
-        grant = await self._decide(grant, AccessState.REVOKED, reason, actor)
-        await self._rt.audit.record("access.revoke", actor=actor, subject=_subject(grant), request=grant.id,
-                                    requester=grant.requester, reason=clip(reason, MAX_REASON))
-        return grant
+        return await self._end(grant_id, AccessState.REVOKED, (AccessState.ACTIVE, AccessState.PENDING), reason,
+                               actor, "nothing to revoke")
 
-    async def _decide(self, grant: AccessGrant, state: AccessState, reason: str, actor: str) -> AccessGrant:
+    async def _end(self, grant_id: str, state: AccessState, from_states: tuple[AccessState, ...], reason: str,
+                   actor: str, otherwise: str) -> AccessGrant:
+        """Deny or revoke: record who ended the request and why, and audit it."""
         if len(reason) > MAX_REASON:
             raise InvalidArgumentError(f"--reason is longer than {MAX_REASON} characters")
-        return await self._rt.store.replace_access_grant(replace(grant, state=state, decided_by=actor,
+        grant = await self.get(grant_id)
+        now = self.state_of(grant)
+        if now not in from_states:
+            raise FailedPreconditionError(f"access request {grant.id} is {now}, {otherwise}")
+        grant = await self._rt.store.replace_access_grant(replace(grant, state=state, decided_by=actor,
                                                                  decision_reason=reason))
+        kind = "access.deny" if state is AccessState.DENIED else "access.revoke"
+        await self._rt.audit.record(kind, actor=actor, subject=_subject(grant), request=grant.id,
+                                    requester=grant.requester, reason=clip(reason, MAX_REASON))
+        return grant
 
     async def break_glass(self, source: str, destination: str, port: int, seconds: int, reason: str,
                           actor: str) -> AccessGrant:

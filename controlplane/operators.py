@@ -22,7 +22,6 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -47,7 +46,7 @@ from trustmesh.errors import (
     TrustmeshError,
     UnauthenticatedError,
 )
-from trustmesh.naming import OPERATOR_ROLES
+from trustmesh.naming import NAME, OPERATOR_ROLES
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 from trustmesh.x509svid import admin_entry_of
 
@@ -63,7 +62,6 @@ MIN_PASSWORD = 12
 MAX_PASSWORD = 1024
 MAX_CSR_BYTES = 16 * 1024
 TOTP_ISSUER = "trustmesh"
-_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 _EPOCH_PREFIX = "operator:"
 # The one answer to every failed login or enrollment: it must not tell which factor was wrong,
 # nor whether the operator exists.
@@ -76,7 +74,7 @@ STEP_UP_REFUSED = ("this call needs a current one-time code of yours: pass --otp
 
 
 def check_name(text: str, what: str = "operator name") -> str:
-    if not _NAME.fullmatch(text):
+    if not NAME.fullmatch(text):
         raise InvalidArgumentError(f"{what} {text[:80]!r} must be 1-63 characters of a-z, 0-9 and '-', "
                                    "starting with a letter")
     return text
@@ -100,7 +98,12 @@ def operator_name_of(spiffe_id: SpiffeId, td: TrustDomain) -> str | None:
     if spiffe_id.trust_domain != td or not spiffe_id.path.startswith(OPERATOR_PATH):
         return None
     name = spiffe_id.path[len(OPERATOR_PATH):]
-    return name if _NAME.fullmatch(name) else None
+    return name if NAME.fullmatch(name) else None
+
+
+# Enrollment tokens start with this: recognisable in a leak scan, and never with "-", which the
+# CLI would read as a flag (`--token -abc…`).
+ENROLL_PREFIX = "tmen_"
 
 
 def _token_hash(token: str) -> str:
@@ -163,7 +166,7 @@ class Operators:
 
     def _new_enrollment(self, record: OperatorRecord) -> tuple[str, OperatorRecord]:
         """A fresh token, and `record` with no credentials and a new epoch (old certificates die)."""
-        token = secrets.token_urlsafe(32)
+        token = ENROLL_PREFIX + secrets.token_urlsafe(32)
         return token, replace(
             record, state=OperatorState.PENDING, epoch=secrets.token_hex(8), enroll_hash=_token_hash(token),
             enroll_expires_at=self._rt.clock() + ENROLLMENT_TTL.total_seconds(), password_hash="", totp_sealed="",
@@ -230,7 +233,7 @@ class Operators:
         if not csr or len(csr) > MAX_CSR_BYTES:
             raise InvalidArgumentError("give a PKCS#10 certificate signing request (DER) for your own key")
         record = None
-        if _NAME.fullmatch(name):
+        if NAME.fullmatch(name):
             try:
                 record = await self._rt.store.get_operator(name)
             except NotFoundError:

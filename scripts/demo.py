@@ -1,9 +1,10 @@
 """The trustmesh demo, narrated step by step. Run it through `scripts/demo`.
 
-A control plane (embedded SQLite store) and one node agent run on loopback in a temporary
+A control plane (embedded SQLite store) and two node agents run on loopback in a temporary
 directory; two workloads, told apart by their uid, fetch their identities through the
-standard SPIFFE Workload API; one identity rotates while you watch. Everything is stopped
-on exit or Ctrl-C (unless --keep).
+standard SPIFFE Workload API; one identity rotates while you watch; allowlists as code are
+enforced between services; two operators log in with password and TOTP, and one grants the
+other's just-in-time request. Everything is stopped on exit or Ctrl-C (unless --keep).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pyotp
 from cryptography import x509
 
 TRUST_DOMAIN = "example.org"
@@ -144,6 +146,43 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+class Person:
+    """An operator with a profile directory of its own, driving the CLI as that person would."""
+
+    def __init__(self, name: str, work: Path, env: dict[str, str], admin_bind: str, login_bind: str) -> None:
+        self.name, self.home = name, work / f"operator-{name}"
+        self.home.mkdir(mode=0o700)
+        (self.home / "pw").write_text(f"{name}'s long demo passphrase\n")
+        (self.home / "pw").chmod(0o600)
+        # No TRUSTMESH_ADMIN_SOCKET: after login, admin commands go over mTLS with the certificate.
+        self.env = {k: v for k, v in env.items() if k != "TRUSTMESH_ADMIN_SOCKET"}
+        self.env["TRUSTMESH_PROFILE_DIR"] = str(self.home / "profile")
+        self.login_flags = ["--server", admin_bind, "--login-server", login_bind, "--trust-bundle",
+                            str(work / "server" / "bundle.pem"), "--password-file", str(self.home / "pw")]
+        self.totp: pyotp.TOTP | None = None
+        self.step = 0
+
+    def run(self, *cmd: str, check: bool = True) -> str:
+        result = subprocess.run(trustmesh(*cmd), capture_output=True, text=True, env=self.env, timeout=60)
+        if check and result.returncode != 0:
+            raise SystemExit(f"{self.name}: trustmesh {' '.join(cmd)} failed: {result.stderr.strip()}")
+        return (result.stdout if result.returncode == 0 else result.stderr).strip()
+
+    def code(self) -> str:
+        """What the authenticator app shows; each code is accepted once, so a second one in the
+        same 30 s is the next step's (the server accepts one step ahead)."""
+        assert self.totp is not None
+        self.step = max(self.step + 1, int(time.time()) // 30)
+        return self.totp.at(self.step * 30)
+
+    def enroll_and_login(self, token: str) -> str:
+        uri = self.run("operator", "enroll", *self.login_flags, "--token", token)
+        parsed = pyotp.parse_uri(uri)
+        assert isinstance(parsed, pyotp.TOTP)
+        self.totp = parsed
+        return self.run("login", *self.login_flags, "--operator", self.name, "--otp", self.code())
+
+
 def say(text: str) -> None:
     print(f"      {text}", flush=True)
 
@@ -158,7 +197,7 @@ def main() -> int:
     env = {**os.environ, "TRUSTMESH_ADMIN_SOCKET": str(work / "server" / "admin.sock"),
            "PYTHONPATH": str(ROOT)}
     procs: list[subprocess.Popen[bytes]] = []
-    step = Step(total=10)
+    step = Step(total=13)
     ports: dict[str, int] = {}
     echo_port = start_echo()
     as_root = os.getuid() == 0
@@ -179,9 +218,11 @@ def main() -> int:
         with step("starting the control plane (CA + registry, embedded SQLite store)"):
             server, server_log = start("server", "server", "run", "--trust-domain", TRUST_DOMAIN,
                                        "--data-dir", str(work / "server"), "--bind", "127.0.0.1:0",
-                                       "--attest-bind", "127.0.0.1:0")
-            ready = wait_for(server_log, r"event=ready .*? bind=(\S+) attest_bind=(\S+)", server, "the control plane")
-            bind, attest_bind = ready.group(1), ready.group(2)
+                                       "--attest-bind", "127.0.0.1:0", "--admin-bind", "127.0.0.1:0",
+                                       "--login-bind", "127.0.0.1:0")
+            ready = wait_for(server_log, r"event=ready .*? bind=(\S+) attest_bind=(\S+) .*?admin_bind=(\S+) "
+                             r"login_bind=(\S+)", server, "the control plane")
+            bind, attest_bind, admin_bind, login_bind = ready.groups()
             root = x509.load_pem_x509_certificates((work / "server" / "bundle.pem").read_bytes())[0]
             say(f"trust domain {TRUST_DOMAIN}; root CA valid until {root.not_valid_after_utc:%Y-%m-%d}; "
                 f"agents connect to {bind}")
@@ -265,6 +306,36 @@ def main() -> int:
                                                "--to", f"spiffe://{TRUST_DOMAIN}/ledger", "--port",
                                                str(ports["ledger"])), capture_output=True, text=True, env=env)
             say(f"why: {verdict.stdout.strip()}")
+
+        with step("people are identities too: two operators enroll (password + TOTP) and log in"):
+            alice = Person("alice", work, env, admin_bind, login_bind)
+            bob = Person("bob", work, env, admin_bind, login_bind)
+            for person in (alice, bob):
+                token = cli("operator", "add", person.name, "--role", "security-officer", "--team", "payments")
+                say(f"{person.name}: one-time enrollment token {token[:8]}… (from `operator add` on the root socket)")
+                say(f"{person.name}: {person.enroll_and_login(token)}")
+
+        with step("just-in-time access: alice asks for frontend -> ledger for 8 s; bob approves (four eyes)"):
+            request = alice.run("access", "request", "--from", f"spiffe://{TRUST_DOMAIN}/frontend", "--to",
+                                f"spiffe://{TRUST_DOMAIN}/ledger", "--port", str(ports["ledger"]), "--for", "8s",
+                                "--reason", "INC-1001: replay yesterday's settlement file")
+            say(f"alice: access request {request} (pending until someone else approves)")
+            refused = alice.run("access", "approve", request, "--otp", alice.code(), check=False)
+            say(f"alice approves her own: {refused}")
+            say(f"bob: {bob.run('access', 'approve', request, '--otp', bob.code())}")
+            grant = json.loads(bob.run("access", "list", "--json"))[0]
+            deadline = time.monotonic() + 5
+            while (answer := talk(ports["frontend"])).startswith("DENIED") and time.monotonic() < deadline:
+                time.sleep(0.2)  # the agents hear of the grant within a second
+            say(f"frontend -> ledger: {answer}")
+
+        with step("the grant lapses by itself, and the audit trail names who asked and who approved"):
+            time.sleep(max(0.0, grant["expires_at"] - time.time()) + 1)
+            say(f"frontend -> ledger after the grant's end: {talk(ports['frontend'])}")
+            for event in json.loads(alice.run("audit", "show", "--kind", "access.approve", "--json")):
+                d = event["details"]
+                say(f"#{event['seq']} {event['time']} access.approve {event['outcome']}: by {event['actor']} "
+                    f"(role {d.get('role', '-')}, from {d.get('source', '-')}), requested by {d['requester']}")
 
         with step("a policy change cuts an open connection (continuous verification)"):
             conn = socket.create_connection(("127.0.0.1", ports["payments"]), timeout=10)

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import re
+
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 
 AGENT_PATH_PREFIX = "/agent/"
@@ -45,3 +47,5 @@ def is_reserved(spiffe_id: SpiffeId) -> bool:
 OPERATOR_ROLES = ("admin", "security-officer", "policy-author", "auditor", "viewer")
 # The request metadata that carries an operator's one-time code for step-up calls.
 OTP_HEADER = "x-trustmesh-otp"
+# Operator and team names: a-z, 0-9 and '-', starting with a letter, at most 63 characters.
+NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2, admin_pb2_grpc
 from trustmesh.controlplane.access import AccessGrant, AccessRequests
-from trustmesh.controlplane.api.callers import AuthenticatedOperator
+from trustmesh.controlplane.api.callers import AuthenticatedOperator, policy_scope
 from trustmesh.controlplane.api.calls import current_caller
 from trustmesh.controlplane.api.convert import (
     access_to_pb,
@@ -24,6 +24,7 @@ from trustmesh.controlplane.api.convert import (
     entry_to_pb,
     node_to_pb,
     operator_to_pb,
+    ownership_to_pb,
     relationship_spec_from_pb,
     relationship_to_pb,
     revision_to_pb,
@@ -138,15 +139,17 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     async def ApplyPolicy(self, request: admin_pb2.ApplyPolicyRequest,
                           context: grpc.aio.ServicerContext) -> admin_pb2.ApplyPolicyResponse:
-        actor = current_caller().id
+        caller = current_caller()
         revision, changed, diff = await self._domain.policy.apply(
             request.documents, author=request.author, comment=request.comment,
-            expected_head=request.expected_head_revision, dry_run=request.dry_run, actor=actor)
+            expected_head=request.expected_head_revision, dry_run=request.dry_run, actor=caller.id,
+            team=request.team, allow_empty=request.allow_empty, scope=policy_scope(caller))
         return admin_pb2.ApplyPolicyResponse(revision=revision, changed=changed, diff=diff)
 
     async def DiffPolicy(self, request: admin_pb2.DiffPolicyRequest,
                          context: grpc.aio.ServicerContext) -> admin_pb2.DiffPolicyResponse:
-        changed, diff, against = await self._domain.policy.diff(request.documents, request.against_revision)
+        changed, diff, against = await self._domain.policy.diff(request.documents, request.against_revision,
+                                                                request.team)
         return admin_pb2.DiffPolicyResponse(changed=changed, diff=diff, against_revision=against)
 
     async def GetPolicy(self, request: admin_pb2.GetPolicyRequest,
@@ -160,11 +163,24 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     async def RollbackPolicy(self, request: admin_pb2.RollbackPolicyRequest,
                              context: grpc.aio.ServicerContext) -> admin_pb2.RollbackPolicyResponse:
-        actor = current_caller().id
+        caller = current_caller()
         revision = await self._domain.policy.rollback(request.revision, author=request.author,
                                                   comment=request.comment,
-                                                  expected_head=request.expected_head_revision, actor=actor)
+                                                  expected_head=request.expected_head_revision, actor=caller.id,
+                                                  scope=policy_scope(caller))
         return admin_pb2.RollbackPolicyResponse(revision=revision)
+
+    async def GetPolicyOwners(self, request: admin_pb2.GetPolicyOwnersRequest,
+                              context: grpc.aio.ServicerContext) -> admin_pb2.GetPolicyOwnersResponse:
+        ownership, record = await self._domain.policy.ownership()
+        return admin_pb2.GetPolicyOwnersResponse(
+            teams=ownership_to_pb(ownership), documents=record.documents if record else "",
+            updated_by=record.updated_by if record else "", updated_at=int(record.updated_at) if record else 0)
+
+    async def SetPolicyOwners(self, request: admin_pb2.SetPolicyOwnersRequest,
+                              context: grpc.aio.ServicerContext) -> admin_pb2.SetPolicyOwnersResponse:
+        ownership = await self._domain.policy.set_ownership(request.documents, current_caller().id)
+        return admin_pb2.SetPolicyOwnersResponse(teams=ownership_to_pb(ownership))
 
     async def ListAuditEvents(self, request: admin_pb2.ListAuditEventsRequest,
                               context: grpc.aio.ServicerContext) -> admin_pb2.ListAuditEventsResponse:

@@ -63,6 +63,15 @@ class AuthenticatedOperator:
     expires_at: float
 
 
+def policy_scope(caller: Caller) -> str | None:
+    """The team whose allowlists `caller` is confined to: an operator without the admin role
+    writes policy only for its team's destinations ("" when it has no team); None: not confined
+    (admins, admin SVIDs, the root socket)."""
+    if isinstance(caller.payload, AuthenticatedOperator) and "admin" not in caller.payload.record.roles:
+        return caller.payload.record.team
+    return None
+
+
 class AuditRecorder(Protocol):
     def record(self, kind: str, *, actor: str, subject: str = "", outcome: str = "ok",
                **details: Any) -> Awaitable[object]: ...

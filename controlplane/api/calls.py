@@ -185,6 +185,8 @@ CALLS: Mapping[str, Rule] = MappingProxyType({
     "/trustmesh.v1.Admin/RemoveOperator": ADMINS,
     "/trustmesh.v1.Admin/ResetOperator": ADMIN_STEP_UP,
     "/trustmesh.v1.Admin/WhoAmI": ANY_OPERATOR,
+    "/trustmesh.v1.Admin/GetPolicyOwners": LISTINGS,
+    "/trustmesh.v1.Admin/SetPolicyOwners": ADMIN_STEP_UP,
     # Anyone may ask for just-in-time access; never the requester approves (access.py).
     "/trustmesh.v1.Admin/RequestAccess": ANY_OPERATOR,
     "/trustmesh.v1.Admin/ApproveAccess": SECURITY_STEP_UP,

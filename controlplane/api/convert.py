@@ -16,6 +16,7 @@ from trustmesh.controlplane.federation_admin import Relationship, RelationshipSp
 from trustmesh.controlplane.operators import OperatorRecord, operator_id
 from trustmesh.controlplane.policy_store import PolicyRevision
 from trustmesh.controlplane.registration import AttestedNode, EntrySpec, NodeStatus, RegistrationEntry
+from trustmesh.policy.ownership import Ownership
 from trustmesh.spiffeid import TrustDomain
 from trustmesh.wire import bundle_to_pb as bundle_to_pb
 from trustmesh.wire import selector_to_pb
@@ -154,3 +155,7 @@ def access_to_pb(grant: AccessGrant, state: AccessState) -> admin_pb2.AccessGran
         starts_at=int(grant.starts_at), expires_at=int(grant.expires_at), decided_by=grant.decided_by,
         decision_reason=grant.decision_reason, break_glass=grant.break_glass, reviewed_by=grant.reviewed_by,
         reviewed_at=int(grant.reviewed_at))
+
+
+def ownership_to_pb(ownership: Ownership) -> list[admin_pb2.TeamOwnership]:
+    return [admin_pb2.TeamOwnership(team=team, destinations=patterns) for team, patterns in ownership.teams.items()]

@@ -691,6 +691,27 @@ class AccessGrant:
         )
 
 
+@dataclass(frozen=True)
+class OwnershipRecord:
+    """The ownership file in force: which team owns which destinations (policy/ownership.py)."""
+
+    documents: str  # the file's text, as the admin gave it
+    updated_by: str
+    updated_at: float
+    revision: int = field(default=0, compare=False)
+
+    def to_json(self) -> bytes:
+        return _dump("policy ownership", {"documents": self.documents, "updated_by": self.updated_by,
+                                          "updated_at": self.updated_at})
+
+    @classmethod
+    def from_json(cls, data: bytes, *, revision: int = 0) -> OwnershipRecord:
+        k = "policy ownership"
+        o = _load(k, data)
+        return cls(documents=_field(k, o, "documents", str), updated_by=_field(k, o, "updated_by", str),
+                   updated_at=float(_field(k, o, "updated_at", _NUMBER)), revision=revision)
+
+
 # --- the change feed ---------------------------------------------------------------------
 #
 # One change type per record kind, each carrying its record after the change (None when

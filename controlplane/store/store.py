@@ -64,6 +64,7 @@ from trustmesh.controlplane.store.records import (
     JoinToken,
     NodeChanged,
     OperatorRecord,
+    OwnershipRecord,
     PartnerCertificate,
     PartnerChanged,
     PolicyChanged,
@@ -97,6 +98,7 @@ FEDERATION = "federation/"
 PARTNER_CERTS = "partner-certs/"
 OPERATORS = "operators/"
 ACCESS = "access/"
+POLICY_OWNERS = "policy-owners"
 SEAL_MARKER = "meta/sealed"
 
 # Every key that carries a MAC, and its record kind (the HKDF label of its MAC key).
@@ -112,6 +114,7 @@ SEALED_KINDS: tuple[tuple[str, str], ...] = (
     (PARTNER_CERTS, "partner-certificate"),
     (OPERATORS, "operator"),
     (ACCESS, "access-grant"),
+    (POLICY_OWNERS, "policy-owners"),
     (SEAL_MARKER, "meta"),
 )
 
@@ -689,6 +692,21 @@ class Store:
 
     async def delete_operator(self, name: str) -> None:
         await self._delete(OPERATORS + _need(name, "operator name"), f"operator {name}")
+
+    # -- policy ownership -----------------------------------------------------------
+
+    async def get_policy_owners(self) -> OwnershipRecord | None:
+        kv = await self._kv.get(POLICY_OWNERS)
+        return None if kv is None else OwnershipRecord.from_json(kv.value, revision=kv.mod_revision)
+
+    async def put_policy_owners(self, record: OwnershipRecord, expected_revision: int) -> OwnershipRecord:
+        """Store the ownership file, only if the stored one is still at `expected_revision`
+        (0: only if there is none yet)."""
+        if expected_revision:
+            rev = await self._replace(POLICY_OWNERS, record.to_json(), expected_revision, "policy ownership")
+        else:
+            rev = await self._create(POLICY_OWNERS, record.to_json(), "policy ownership")
+        return replace(record, revision=rev)
 
     # -- just-in-time access --------------------------------------------------------
 

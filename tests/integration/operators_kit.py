@@ -76,6 +76,7 @@ def add_operator(setup: tuple[ServerProcess, str, str], tmp_path: Path, name: st
     flags = [arg for role in roles for arg in ("--role", role)] + (["--team", team] if team else [])
     added = server.cli("operator", "add", name, *flags, check=True).stdout.splitlines()
     assert len(added) == 1 and len(added[0]) >= 40  # one line: the token
+    assert added[0].startswith("tmen_")  # never "-…", which `--token` would take for a flag
     person = Operator(name, server, admin_bind, login_bind, home)
     person.enroll(added[0])
     return person

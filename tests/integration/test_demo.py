@@ -22,6 +22,12 @@ def test_demo_runs_end_to_end_and_stops_everything() -> None:
     assert "payments -> ledger over mTLS: ALLOWED" in out
     assert "frontend -> ledger: DENIED" in out
     assert "connection closed within" in out
+    # Just-in-time access: requested by alice, refused to her, approved by bob, used, lapsed.
+    assert "alice: logged in as spiffe://example.org/operator/alice" in out
+    assert "alice approves her own: trustmesh: error:" in out and "someone else must approve" in out
+    assert "bob: approved " in out and "frontend -> ledger: ALLOWED" in out
+    assert "frontend -> ledger after the grant's end: DENIED" in out
+    assert "access.approve ok: by spiffe://example.org/operator/bob (role security-officer" in out
     assert "audit log intact" in out
     assert "the forged one is not used" in out and "audit verify (exit 1): audit log BROKEN" in out
     assert out.rstrip().endswith("demo finished; everything stopped.")

@@ -5,9 +5,17 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+from pathlib import Path
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2
-from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call
+from trustmesh.cli.admin_client import (
+    TIMEOUT,
+    add_socket_flag,
+    call,
+    message_dict,
+    print_json,
+    read_input_file,
+)
 from trustmesh.cli.config import show_help
 from trustmesh.clock import format_utc, parse_utc, utc_now
 from trustmesh.errors import InvalidSpiffeIdError, TrustmeshError
@@ -27,6 +35,8 @@ examples (the same files in CI and in production):
   trustmesh policy apply policies/ --comment "JIRA-123: batch may read the ledger"
   trustmesh policy apply empty-dir/ --allow-empty       # deny everything, deliberately
   trustmesh policy history; trustmesh policy rollback 7
+  trustmesh policy owners --set owners.yaml --otp 123456   # which team owns which destinations (admin)
+  trustmesh policy apply teams/payments/ --team payments   # replace the payments team's allowlists only
 
 policy files are read strictly: duplicate keys, anchors and aliases, tags other than the
 core ones, and YAML 1.1 numbers such as 010 or 1:20 are refused with file, document and
@@ -40,6 +50,7 @@ class PolicyArgsError(TrustmeshError):
 
 LINT_CLEAN, LINT_PROBLEMS, LINT_UNREADABLE = 0, 1, 2
 TEST_ALLOW, TEST_DENY, TEST_INVALID = 0, 1, 2
+MAX_OWNERSHIP_BYTES = 256 * 1024
 
 
 def _lint(args: argparse.Namespace) -> int:
@@ -114,7 +125,8 @@ def _documents(args: argparse.Namespace, *, allow_empty: bool = True) -> str:
 
 def _diff(args: argparse.Namespace) -> int:
     documents = _documents(args)
-    reply = call(args, lambda s: s.DiffPolicy(admin_pb2.DiffPolicyRequest(documents=documents), timeout=TIMEOUT))
+    req = admin_pb2.DiffPolicyRequest(documents=documents, team=args.team or "")
+    reply = call(args, lambda s: s.DiffPolicy(req, timeout=TIMEOUT))
     print(reply.diff if reply.changed else f"no change against revision {reply.against_revision}", end="")
     if not reply.changed:
         print()
@@ -125,7 +137,8 @@ def _apply(args: argparse.Namespace) -> int:
     documents = _documents(args, allow_empty=args.allow_empty)
     req = admin_pb2.ApplyPolicyRequest(documents=documents, author=args.author or getpass.getuser(),
                                        comment=args.comment or "", dry_run=args.dry_run,
-                                       expected_head_revision=args.expected_revision or 0)
+                                       expected_head_revision=args.expected_revision or 0, team=args.team or "",
+                                       allow_empty=args.allow_empty)
     reply = call(args, lambda s: s.ApplyPolicy(req, timeout=TIMEOUT))
     if reply.diff:
         print(reply.diff, end="")
@@ -135,6 +148,29 @@ def _apply(args: argparse.Namespace) -> int:
         print(f"dry run: would replace revision {reply.revision}")
     else:
         print(f"applied as revision {reply.revision}")
+    return 0
+
+
+def _owners(args: argparse.Namespace) -> int:
+    if args.set:
+        text = read_input_file(Path(args.set), "--set", MAX_OWNERSHIP_BYTES, "an ownership file").decode(
+            errors="replace")
+        teams = call(args, lambda s: s.SetPolicyOwners(admin_pb2.SetPolicyOwnersRequest(documents=text),
+                                                       timeout=TIMEOUT)).teams
+        print(f"ownership set: {len(teams)} team(s), {sum(len(t.destinations) for t in teams)} destination pattern(s)")
+        return 0
+    reply = call(args, lambda s: s.GetPolicyOwners(admin_pb2.GetPolicyOwnersRequest(), timeout=TIMEOUT))
+    if args.json:
+        print_json(message_dict(reply))
+        return 0
+    if not reply.teams:
+        print("no ownership file set: no team owns any destination (only admins write allowlists); "
+              "set one with `trustmesh policy owners --set FILE`")
+        return 0
+    print(f"{'TEAM':<20} DESTINATIONS")
+    for team in reply.teams:
+        print(f"{team.team:<20} {', '.join(team.destinations)}")
+    print(f"# set by {reply.updated_by} at {format_utc(reply.updated_at)}")
     return 0
 
 
@@ -196,15 +232,34 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                              ("apply", _apply, "validate, then store these files as a new policy revision")):
         p = sub.add_parser(name, help=text)
         p.add_argument("paths", nargs="+", metavar="PATH", help="YAML files or directories of them")
+        p.add_argument("--team", metavar="TEAM",
+                       help="replace only this team's allowlists (the destinations it owns, `policy owners`); "
+                            "every other allowlist stays")
         if name == "apply":
             p.add_argument("--comment", help="why (kept in the history and the audit log)")
             p.add_argument("--author", help="who (default: your user name)")
             p.add_argument("--dry-run", action="store_true", help="validate and diff only")
             p.add_argument("--expected-revision", type=int, help="refuse if the head is no longer this revision")
             p.add_argument("--allow-empty", action="store_true",
-                           help="apply even when PATHs hold no allowlist (denies every connection)")
+                           help="apply even when PATHs hold no allowlist (denies every connection; with --team, "
+                                "removes all of the team's allowlists)")
         add_socket_flag(p)
         p.set_defaults(func=func)
+
+    p = sub.add_parser("owners", help="which team owns which destinations; --set FILE to change it (admin)",
+                       description="Teams own destinations (exact IDs or prefixes ending in /*; the most specific "
+                                   "pattern wins). A policy-author may change only allowlists whose destinations "
+                                   "its team owns; `policy apply --team TEAM` replaces that team's allowlists "
+                                   "only. Setting the file needs the admin role and --otp.",
+                       epilog="examples:\n  trustmesh policy owners\n  trustmesh policy owners --set owners.yaml "
+                              "--otp 123456\n\nowners.yaml:\n  apiVersion: trustmesh/v1\n  kind: Ownership\n"
+                              "  teams:\n    payments: [spiffe://example.org/payments, spiffe://example.org/ledger/*]\n"
+                              "    risk: [spiffe://example.org/fraud/*]",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--set", metavar="FILE", help="replace the ownership file with FILE")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_socket_flag(p)
+    p.set_defaults(func=_owners)
 
     p = sub.add_parser("show", help="print the documents of the current (or a given) revision")
     p.add_argument("--revision", type=int, help="a past revision (default: the current one)")

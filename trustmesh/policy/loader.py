@@ -303,3 +303,22 @@ def bundle_documents(paths: Iterable[str | Path]) -> str:
         for file in files:
             parts.append(f"# from {file}\n{file.read_text().strip()}\n")
     return "---\n".join(parts)
+
+
+def to_document(allowlist: Allowlist) -> dict[str, Any]:
+    """`allowlist` as the document that loads back to it (the inverse of `_load_one`)."""
+    def rule(r: AllowRule) -> dict[str, str]:
+        return {"from": str(r.source)} | ({"expires": r.expires.isoformat().replace("+00:00", "Z")}
+                                          if r.expires else {})
+    meta = {"name": allowlist.name} | ({"owner": allowlist.owner} if allowlist.owner else {})
+    spec: dict[str, Any] = {"destination": str(allowlist.destination)}
+    if allowlist.ports:
+        spec["ports"] = list(allowlist.ports)
+    spec["mode"] = allowlist.mode
+    spec["allow"] = [rule(r) for r in allowlist.allow]
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": meta, "spec": spec}
+
+
+def dump_documents(allowlists: Iterable[Allowlist]) -> str:
+    """The allowlists as one YAML text of documents (for a revision the server composes)."""
+    return "".join("---\n" + yaml.safe_dump(to_document(a), sort_keys=False) for a in allowlists)

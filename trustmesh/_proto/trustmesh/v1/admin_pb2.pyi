@@ -284,18 +284,22 @@ class PolicyRevision(_message.Message):
     def __init__(self, revision: _Optional[int] = ..., documents: _Optional[str] = ..., author: _Optional[str] = ..., comment: _Optional[str] = ..., created_at: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class ApplyPolicyRequest(_message.Message):
-    __slots__ = ("documents", "author", "comment", "expected_head_revision", "dry_run")
+    __slots__ = ("documents", "author", "comment", "expected_head_revision", "dry_run", "team", "allow_empty")
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     AUTHOR_FIELD_NUMBER: _ClassVar[int]
     COMMENT_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_HEAD_REVISION_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_EMPTY_FIELD_NUMBER: _ClassVar[int]
     documents: str
     author: str
     comment: str
     expected_head_revision: int
     dry_run: bool
-    def __init__(self, documents: _Optional[str] = ..., author: _Optional[str] = ..., comment: _Optional[str] = ..., expected_head_revision: _Optional[int] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+    team: str
+    allow_empty: bool
+    def __init__(self, documents: _Optional[str] = ..., author: _Optional[str] = ..., comment: _Optional[str] = ..., expected_head_revision: _Optional[int] = ..., dry_run: _Optional[bool] = ..., team: _Optional[str] = ..., allow_empty: _Optional[bool] = ...) -> None: ...
 
 class ApplyPolicyResponse(_message.Message):
     __slots__ = ("revision", "changed", "diff")
@@ -308,12 +312,14 @@ class ApplyPolicyResponse(_message.Message):
     def __init__(self, revision: _Optional[int] = ..., changed: _Optional[bool] = ..., diff: _Optional[str] = ...) -> None: ...
 
 class DiffPolicyRequest(_message.Message):
-    __slots__ = ("documents", "against_revision")
+    __slots__ = ("documents", "against_revision", "team")
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     AGAINST_REVISION_FIELD_NUMBER: _ClassVar[int]
+    TEAM_FIELD_NUMBER: _ClassVar[int]
     documents: str
     against_revision: int
-    def __init__(self, documents: _Optional[str] = ..., against_revision: _Optional[int] = ...) -> None: ...
+    team: str
+    def __init__(self, documents: _Optional[str] = ..., against_revision: _Optional[int] = ..., team: _Optional[str] = ...) -> None: ...
 
 class DiffPolicyResponse(_message.Message):
     __slots__ = ("changed", "diff", "against_revision")
@@ -364,6 +370,42 @@ class RollbackPolicyResponse(_message.Message):
     REVISION_FIELD_NUMBER: _ClassVar[int]
     revision: int
     def __init__(self, revision: _Optional[int] = ...) -> None: ...
+
+class TeamOwnership(_message.Message):
+    __slots__ = ("team", "destinations")
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    DESTINATIONS_FIELD_NUMBER: _ClassVar[int]
+    team: str
+    destinations: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, team: _Optional[str] = ..., destinations: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetPolicyOwnersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetPolicyOwnersResponse(_message.Message):
+    __slots__ = ("teams", "documents", "updated_by", "updated_at")
+    TEAMS_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_BY_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    teams: _containers.RepeatedCompositeFieldContainer[TeamOwnership]
+    documents: str
+    updated_by: str
+    updated_at: int
+    def __init__(self, teams: _Optional[_Iterable[_Union[TeamOwnership, _Mapping]]] = ..., documents: _Optional[str] = ..., updated_by: _Optional[str] = ..., updated_at: _Optional[int] = ...) -> None: ...
+
+class SetPolicyOwnersRequest(_message.Message):
+    __slots__ = ("documents",)
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    documents: str
+    def __init__(self, documents: _Optional[str] = ...) -> None: ...
+
+class SetPolicyOwnersResponse(_message.Message):
+    __slots__ = ("teams",)
+    TEAMS_FIELD_NUMBER: _ClassVar[int]
+    teams: _containers.RepeatedCompositeFieldContainer[TeamOwnership]
+    def __init__(self, teams: _Optional[_Iterable[_Union[TeamOwnership, _Mapping]]] = ...) -> None: ...
 
 class CAAuthority(_message.Message):
     __slots__ = ("kind", "state", "certificate", "serial", "key_id", "not_before", "not_after", "prepared_at", "activated_at", "retired_at", "replica")

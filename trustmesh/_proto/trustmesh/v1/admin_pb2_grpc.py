@@ -135,6 +135,16 @@ class AdminStub:
                 request_serializer=trustmesh_dot_v1_dot_admin__pb2.RollbackPolicyRequest.SerializeToString,
                 response_deserializer=trustmesh_dot_v1_dot_admin__pb2.RollbackPolicyResponse.FromString,
                 _registered_method=True)
+        self.GetPolicyOwners = channel.unary_unary(
+                '/trustmesh.v1.Admin/GetPolicyOwners',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.GetPolicyOwnersRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.GetPolicyOwnersResponse.FromString,
+                _registered_method=True)
+        self.SetPolicyOwners = channel.unary_unary(
+                '/trustmesh.v1.Admin/SetPolicyOwners',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.SetPolicyOwnersRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.SetPolicyOwnersResponse.FromString,
+                _registered_method=True)
         self.GetCAJournal = channel.unary_unary(
                 '/trustmesh.v1.Admin/GetCAJournal',
                 request_serializer=trustmesh_dot_v1_dot_admin__pb2.GetCAJournalRequest.SerializeToString,
@@ -362,6 +372,19 @@ class AdminServicer:
     def RollbackPolicy(self, request, context):
         """Appends a new revision carrying an old revision's documents.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicyOwners(self, request, context):
+        """Which team owns which destinations (team-scoped applies; policy-authors).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPolicyOwners(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -601,6 +624,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RollbackPolicy,
                     request_deserializer=trustmesh_dot_v1_dot_admin__pb2.RollbackPolicyRequest.FromString,
                     response_serializer=trustmesh_dot_v1_dot_admin__pb2.RollbackPolicyResponse.SerializeToString,
+            ),
+            'GetPolicyOwners': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicyOwners,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.GetPolicyOwnersRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.GetPolicyOwnersResponse.SerializeToString,
+            ),
+            'SetPolicyOwners': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPolicyOwners,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.SetPolicyOwnersRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.SetPolicyOwnersResponse.SerializeToString,
             ),
             'GetCAJournal': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCAJournal,
@@ -1238,6 +1271,60 @@ class Admin:
             '/trustmesh.v1.Admin/RollbackPolicy',
             trustmesh_dot_v1_dot_admin__pb2.RollbackPolicyRequest.SerializeToString,
             trustmesh_dot_v1_dot_admin__pb2.RollbackPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicyOwners(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.Admin/GetPolicyOwners',
+            trustmesh_dot_v1_dot_admin__pb2.GetPolicyOwnersRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.GetPolicyOwnersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPolicyOwners(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.Admin/SetPolicyOwners',
+            trustmesh_dot_v1_dot_admin__pb2.SetPolicyOwnersRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.SetPolicyOwnersResponse.FromString,
             options,
             channel_credentials,
             insecure,
