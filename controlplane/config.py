@@ -148,6 +148,12 @@ class ServerConfig:
                                              group=OPERATORS)
     login_lockout: timedelta = option("how long a locked operator cannot log in", DURATION,
                                       default=timedelta(minutes=15), group=OPERATORS)
+    login_per_minute: int = option(
+        "enrollment and login attempts each source address may make per minute, after a burst of "
+        "--login-burst; more are refused with RESOURCE_EXHAUSTED before any factor is checked; 0: no limit",
+        COUNT, default=10, group=OPERATORS)
+    login_burst: int = option("enrollment and login attempts a source address may make at once",
+                              COUNT, default=20, group=OPERATORS)
     access_approvers: int = option(
         "people (other than the requester) who must approve a just-in-time access request", COUNT, default=1,
         group=OPERATORS)

@@ -33,6 +33,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from cryptography import x509
 
 from trustmesh.controlplane.ca.kek import KeyEncryptionKey
+from trustmesh.controlplane.call_source import call_source
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import OperatorRecord, OperatorState
 from trustmesh.errors import (
@@ -43,10 +44,12 @@ from trustmesh.errors import (
     KeyEncryptionError,
     NotFoundError,
     PermissionDeniedError,
+    ResourceExhaustedError,
     TrustmeshError,
     UnauthenticatedError,
 )
 from trustmesh.naming import NAME, OPERATOR_ROLES
+from trustmesh.ratelimit import KeyedTokenBuckets
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 from trustmesh.x509svid import admin_entry_of
 
@@ -138,6 +141,12 @@ class Operators:
         self._td = rt.config.trust_domain
         # Argon2id (the library's default type) with its default cost: 64 MiB, 3 passes.
         self._hasher = PasswordHasher()
+        # Before any factor is checked (each check costs an Argon2 hash and an audit event):
+        # how often one address may try, whatever names it tries.
+        per_minute, burst = rt.config.login_per_minute, rt.config.login_burst
+        self._attempts = KeyedTokenBuckets(per_minute / 60, max(1, burst)) if per_minute else None
+        self._limited = rt.metrics.counter("trustmesh_operator_logins_rate_limited_total",
+                                           "enrollment and login attempts refused because their address sent too many")
         # A hash to verify unknown names against, so that they cost what known ones cost.
         self._decoy = self._hasher.hash(secrets.token_urlsafe(16))
 
@@ -204,8 +213,18 @@ class Operators:
 
     # --- enrollment and login (the login listener: nobody is known yet) --------------------
 
+    def _admit(self) -> None:
+        """Refuse (RESOURCE_EXHAUSTED) an attempt from an address that tries too often."""
+        address = call_source.get()  # the login listener names the peer's host (callers.anonymous)
+        if self._attempts is None or self._attempts.allow(address):
+            return
+        self._limited.inc()
+        raise ResourceExhaustedError(f"too many login attempts from {address or 'this address'}; retry in "
+                                     f"{max(1, round(self._attempts.retry_after(address)))}s")
+
     async def enroll(self, token: str, password: str) -> tuple[OperatorRecord, str]:
         """Set the password of the operator `token` was issued for; its new TOTP URI."""
+        self._admit()
         wanted = _token_hash(token) if 0 < len(token) <= 256 else ""
         now = self._rt.clock()
         found = next((r for r in await self._rt.store.list_operators()
@@ -228,6 +247,7 @@ class Operators:
         return record, uri
 
     async def login(self, name: str, password: str, otp: str, csr: bytes, ttl: timedelta) -> OperatorCertificate:
+        self._admit()
         if not timedelta(0) <= ttl <= timedelta(hours=12):
             raise InvalidArgumentError("the certificate lifetime must be at most 12h")
         if not csr or len(csr) > MAX_CSR_BYTES:

@@ -5,10 +5,14 @@ over real mTLS, with TOTP codes computed here from the secret each operator enro
 from __future__ import annotations
 
 import json
+import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import pytest
+from cryptography import x509
 
 from tests.integration.harness import ServerProcess
 from tests.integration.operators_kit import PASSWORD, Operator, add_operator, audit, one_line
@@ -151,3 +155,48 @@ def test_refusals_are_one_line(admin_server: tuple[ServerProcess, str, str], tmp
                       str(server.bundle_path), "--password-file", str(home / "pw"), "--operator", "dave", "--otp", "1")
     one_line(gone, 1, "cannot reach the login listener")
     assert OTP_HEADER == "x-trustmesh-otp"
+
+
+def test_an_expired_operator_certificate_is_refused(admin_server: tuple[ServerProcess, str, str],
+                                                    tmp_path: Path) -> None:
+    server = admin_server[0]
+    erin = add_operator(admin_server, tmp_path, "erin", "viewer")
+    result = erin.run("login", *erin.login_flags(), "--operator", "erin", "--otp", erin.code(), "--ttl", "5s")
+    assert result.returncode == 0, result.stderr
+    profile = erin.home / "profile"
+    cert = x509.load_pem_x509_certificate((profile / "operator.pem").read_bytes())
+    not_after = cert.not_valid_after_utc.timestamp()
+    assert not_after <= time.time() + 5
+    assert erin.run("whoami").returncode == 0
+    time.sleep(max(0.0, not_after - time.time()) + 1)
+    # The CLI says so before trying; the server refuses the certificate itself at the handshake.
+    one_line(erin.run("whoami"), 1, "expired at", "trustmesh login")
+    creds = grpc.ssl_channel_credentials(server.bundle_path.read_bytes(), (profile / "operator-key.pem").read_bytes(),
+                                         (profile / "operator.pem").read_bytes())
+    options = [("grpc.ssl_target_name_override", server_dns_name(server.td))]
+    with grpc.secure_channel(admin_server[1], creds, options=options) as channel:
+        call = channel.unary_unary("/trustmesh.v1.Admin/WhoAmI", request_serializer=lambda m: m.SerializeToString(),
+                                   response_deserializer=admin_pb2.WhoAmIResponse.FromString)
+        with pytest.raises(grpc.RpcError) as refused:
+            call(admin_pb2.WhoAmIRequest(), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_login_attempts_are_rate_limited_per_address(make_server: Callable[..., ServerProcess],
+                                                     tmp_path: Path) -> None:
+    """Before any factor is checked (an Argon2 hash and an audit event each): a burst, then the
+    refill rate, per source address, whatever operator names it tries."""
+    server = make_server(extra=["--admin-bind", "127.0.0.1:0", "--login-bind", "127.0.0.1:0",
+                                "--login-per-minute", "1", "--login-burst", "3"])
+    admin = re.search(r"admin_bind=(\S+)", server.log())
+    login = re.search(r"login_bind=(\S+)", server.log())
+    assert admin and login
+    home = tmp_path / "x"
+    home.mkdir()
+    (home / "pw").write_text(PASSWORD + "\n")
+    spray = Operator("nobody", server, admin.group(1), login.group(1), home)
+    for name in ("ann", "ben", "cat"):
+        one_line(spray.run("login", *spray.login_flags(), "--operator", name, "--otp", "123456"), 1, "login refused")
+    limited = spray.run("login", *spray.login_flags(), "--operator", "dan", "--otp", "123456")
+    one_line(limited, 1, "too many login attempts from 127.0.0.1", "retry in", "RESOURCE_EXHAUSTED")
+    assert [e["subject"] for e in audit(server, "--kind", "operator.login")] == ["ann", "ben", "cat"]
