@@ -327,13 +327,16 @@ async def _serve(config: AgentConfig, stop: asyncio.Event, metrics: Registry) ->
             listener.recheck()
 
     sync = SyncClient(client, cache, config.data_dir, td, metrics, own_bundle_changed, on_policy=policy_changed,
-                      rotation=config.rotation, server_state=server_state)
+                      rotation=config.rotation, server_state=server_state,
+                      permissive_listeners=[f"{s.name} {s.inbound.listen}" for s in config.services
+                                            if s.inbound is not None and s.inbound.mtls == "permissive"])
     # One attestor (its hash cache) and one resolver (its batched /proc scans) for every local
     # caller: Workload API, Authorize and the outbound listeners. The agent never holds a
     # caller's end of a socket, so its own descriptor table is not scanned.
     attestor, resolver = WorkloadAttestor(), PeerResolver(skip=os.getpid())
     flow = Flow(cache.svid_for, cache.bundles, lambda: sync.policy, reporter.report, metrics,
-                identities=cache, refused=reporter.refused, attestor=attestor, resolver=resolver)
+                identities=cache, refused=reporter.refused, attestor=attestor, resolver=resolver,
+                traffic=reporter.traffic, unverified=reporter.unverified)
     api = WorkloadAPI(cache, CallerBinder(attestor, resolver), metrics, report=reporter.refused)
     server = WorkloadAPIServer(config.socket_path, api,
                                Authorizer(cache, api.callers, lambda: sync.policy, reporter.report, metrics))

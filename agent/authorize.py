@@ -35,7 +35,7 @@ class CallerIdentities(Protocol):
 
 class Authorizer(AgentAuthorizationBase):
     def __init__(self, source: CallerIdentities, callers: LocalCallers, policy: Callable[[], Policy],
-                 report: Callable[[SpiffeId | None, SpiffeId, int, Decision], None], metrics: Registry,
+                 report: Callable[[SpiffeId | None, SpiffeId, int, Decision], object], metrics: Registry,
                  clock: Clock = utc_now) -> None:
         self._source, self._callers, self._policy, self._report = source, callers, policy, report
         self._clock = clock

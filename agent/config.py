@@ -51,7 +51,7 @@ DEFAULT_ROTATION = RotationConfig()
 
 def _services(raw: Any) -> tuple[ServiceConfig, ...]:
     """The `services:` list of the config file, validated with messages that name the field."""
-    from trustmesh.agent.proxy.listeners import InboundConfig, OutboundConfig, ServiceConfig, check_listen
+    from trustmesh.agent.proxy.listeners import MTLS_MODES, InboundConfig, OutboundConfig, ServiceConfig, check_listen
 
     if raw is None:
         return ()
@@ -72,7 +72,15 @@ def _services(raw: Any) -> tuple[ServiceConfig, ...]:
                 inb = item["inbound"]
                 split_host_port(str(inb["listen"]), listening=True)
                 split_host_port(str(inb["forward"]))
-                inbound = InboundConfig(str(inb["listen"]), str(inb["forward"]))
+                extra = set(inb) - {"listen", "forward", "mtls"}
+                if extra:
+                    raise ConfigError(f"{where}.inbound: unknown key(s) {', '.join(sorted(map(str, extra)))}; "
+                                      "use listen, forward and mtls")
+                mtls = inb.get("mtls", "strict")
+                if mtls not in MTLS_MODES:
+                    raise ConfigError(f"{where}.inbound.mtls: {str(mtls)[:20]!r} is not strict or permissive "
+                                      "(permissive also forwards plaintext clients, without an identity)")
+                inbound = InboundConfig(str(inb["listen"]), str(inb["forward"]), mtls)
             routes = []
             for route in item.get("outbound") or []:
                 check_listen(str(route["listen"]), unix=True)  # host:port, or unix:/path (SO_PEERCRED)

@@ -25,7 +25,7 @@ import base64
 import json
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -95,8 +95,10 @@ class SyncState:
 
     Pure: no I/O, so snapshot and delta handling are tested message by message."""
 
-    def __init__(self) -> None:
+    def __init__(self, permissive_listeners: Sequence[str] = ()) -> None:
         self.revision = 0
+        # Told to the server at every stream start, which keeps them on this agent's record.
+        self.permissive_listeners = tuple(permissive_listeners)
         self.entries: dict[str, AgentEntry] = {}
         self.bundles: dict[TrustDomain, Bundle] = {}
         self.policy = Policy()
@@ -111,6 +113,7 @@ class SyncState:
     def request(self) -> node_pb2.SyncRequest:
         return node_pb2.SyncRequest(
             since_revision=self.revision, policy_revision=self.policy.revision,
+            permissive_listeners=self.permissive_listeners,
             bundle_sequences={td.name: b.sequence_number for td, b in self.bundles.items() if b.sequence_number})
 
     def apply(self, response: node_pb2.SyncResponse) -> bool:
@@ -174,7 +177,7 @@ class SyncClient:
                  metrics: Registry, on_own_bundle: Callable[[Bundle], None], rand: random.Random | None = None,
                  on_policy: Callable[[Policy], None] | None = None, *,
                  rotation: RotationConfig = DEFAULT_ROTATION, idle_timeout: float = IDLE_TIMEOUT,
-                 server_state: ServerState | None = None) -> None:
+                 server_state: ServerState | None = None, permissive_listeners: Sequence[str] = ()) -> None:
         self._client = client
         self._cache = cache
         self._data_dir = data_dir
@@ -184,7 +187,7 @@ class SyncClient:
         self._rand = rand or random.Random()
         self._rotation = rotation
         self._idle_timeout = idle_timeout
-        self._state_data = SyncState()
+        self._state_data = SyncState(permissive_listeners)
         self._policy_revision = metrics.gauge("trustmesh_agent_policy_revision", "policy revision the agent holds")
         self._server_state = server_state or ServerState(metrics)
         self._reconnects = metrics.counter("trustmesh_agent_sync_reconnects_total", "sync reconnects by reason",

@@ -24,7 +24,7 @@ from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import AccessGrant as AccessGrant  # re-exported: the API's value
 from trustmesh.controlplane.store.records import AccessState as AccessState
 from trustmesh.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, PermissionDeniedError
-from trustmesh.policy.model import Allowlist, AllowRule, IdPattern
+from trustmesh.policy.model import GRANT_ALLOWLIST_PREFIX, Allowlist, AllowRule, IdPattern
 from trustmesh.spiffeid import SpiffeId
 
 MIN_GRANT = timedelta(seconds=5)  # shorter than any real need; a demo shows a grant lapse
@@ -38,7 +38,7 @@ def grant_allowlists(grants: list[AccessGrant], now: float) -> tuple[Allowlist, 
     """The allow rules of the grants in force at `now` (pure): one allowlist each, covering just
     its destination and port, whose one rule expires when the grant does."""
     return tuple(
-        Allowlist(name=f"access/{g.id}", destination=IdPattern.parse(str(g.destination)),
+        Allowlist(name=f"{GRANT_ALLOWLIST_PREFIX}{g.id}", destination=IdPattern.parse(str(g.destination)),
                   allow=(AllowRule(IdPattern.parse(str(g.source)),
                                    datetime.fromtimestamp(g.expires_at, timezone.utc)),),
                   ports=(g.port,), mode="enforce", owner="access")

@@ -44,6 +44,8 @@ from trustmesh.x509svid import X509Svid, issued_by
 X509POP_CONTEXT = b"trustmesh-x509pop-v1:"
 NONCE_BYTES = 32
 MAX_CHAIN = 8
+MAX_PERMISSIVE_LISTENERS = 64
+MAX_LISTENER_TEXT = 300
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,28 @@ class NodeAttestor:
                                  ["method", "outcome"]).inc(method=method, outcome="ok")
 
     # --- join token ---------------------------------------------------------------------
+
+    async def note_permissive_listeners(self, node: AttestedNode, listeners: Sequence[str]) -> AttestedNode | None:
+        """Keep on the agent's record the inbound listeners it says run `mtls: permissive`
+        (they forward plaintext callers without an identity), so `agent list` shows them. The
+        agent says so at each Sync stream start: written and audited only when they change.
+        Returns the updated record, or None when nothing changed."""
+        if len(listeners) > MAX_PERMISSIVE_LISTENERS or any(
+                len(item) > MAX_LISTENER_TEXT or not item.isprintable() for item in listeners):
+            raise InvalidArgumentError(f"permissive_listeners: at most {MAX_PERMISSIVE_LISTENERS} printable "
+                                       f"entries of at most {MAX_LISTENER_TEXT} characters")
+        wanted = tuple(sorted(set(listeners)))
+        if wanted == node.permissive_listeners:
+            return None
+        updated = await self._rt.store.update_attested_node(
+            replace(node, permissive_listeners=wanted, updated_at=self._rt.clock()),
+            expected_revision=node.revision or None)
+        await self._rt.audit.record("agent.permissive_listeners", actor=str(node.spiffe_id),
+                                    subject=str(node.spiffe_id), listeners=list(wanted),
+                                    previous=list(node.permissive_listeners),
+                                    claim="reported by the agent: plaintext callers of these listeners are forwarded "
+                                          "without an identity")
+        return updated
 
     async def attest_join_token(self, token: str, csr: bytes, address: str = "") -> Attested:
         """`address`: where the agent attests from (its host), kept as where its SVID lives."""

@@ -111,6 +111,12 @@ class ServerConfig:
     bundle_refresh_hint: timedelta = option(
         "how often partners should fetch the bundle (spiffe_refresh_hint)", DURATION,
         default=timedelta(minutes=5), group=FEDERATION)
+    flow_rollup_interval: timedelta = option(
+        "how often each replica writes the flows agents reported, summed per edge and hour, to the store "
+        "(a restart loses at most this much)", DURATION, default=timedelta(minutes=1))
+    flow_retention: timedelta = option(
+        "how long flow rollups are kept (`trustmesh flows`, `graph`, `policy suggest`); the leader deletes "
+        "older hours", DURATION, default=timedelta(days=30))
     flow_audit_interval: timedelta = option(
         "agents' flow reports (denials, refusals) become at most one flows.reported audit event per agent "
         "per this interval; the first after a quiet interval is written at once", DURATION,
@@ -186,6 +192,8 @@ class ServerConfig:
             raise ConfigError("--admin-bind on port 65535 leaves no port + 1 for operator login; give --login-bind")
         if not timedelta(minutes=1) <= self.operator_cert_ttl <= timedelta(hours=12):
             raise ConfigError("--operator-cert-ttl must be between 1m and 12h")
+        if self.flow_rollup_interval < timedelta(seconds=1) or self.flow_retention < timedelta(hours=1):
+            raise ConfigError("--flow-rollup-interval must be at least 1s and --flow-retention at least 1h")
         if self.access_approvers < 1:
             raise ConfigError("--access-approvers must be at least 1 (four eyes: someone other than the requester)")
         if self.access_max_grant < timedelta(minutes=1) or self.access_approval_window < timedelta(minutes=1):

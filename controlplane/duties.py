@@ -21,6 +21,7 @@ import logging
 
 from trustmesh.controlplane.config import MAX_JWT_TTL
 from trustmesh.controlplane.federation import refresh_due
+from trustmesh.controlplane.flow_store import FlowRollups
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import (
     AttestedNode,
@@ -163,7 +164,8 @@ async def run_once(rt: ServerRuntime, *, prune: bool = True, state: LeaderState 
         log_event(log, "agents_pruned", count=len(nodes))
 
 
-async def leader_duties(rt: ServerRuntime, interval: float = INTERVAL_SECONDS) -> None:
+async def leader_duties(rt: ServerRuntime, interval: float = INTERVAL_SECONDS,
+                        flows: FlowRollups | None = None) -> None:
     """Run until cancelled (when leadership ends). A failed round is logged and retried.
 
     The rotation step and federation refreshes are looked at every `interval`, from memory;
@@ -188,6 +190,8 @@ async def leader_duties(rt: ServerRuntime, interval: float = INTERVAL_SECONDS) -
                 prune = now - last_prune >= PRUNE_SECONDS and (
                     last_prune == float("-inf") or state.next_expiry() <= now)
                 await run_once(rt, prune=prune, state=state)
+                if flows is not None:
+                    await flows.prune()  # reads nothing once it knows the oldest hour
                 if prune:
                     last_prune = rt.clock()
             except (StoreError, TrustmeshError) as err:

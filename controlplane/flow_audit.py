@@ -49,6 +49,10 @@ class FlowCounter:
     count: int
     first_seen: int
     last_seen: int
+    bytes_in: int = 0  # from the source to the destination
+    bytes_out: int = 0
+    unverified: bool = False  # a plaintext client of a permissive listener: no identity, just an address
+    source_address: str = ""
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from trustmesh.bundle import Bundle
 from trustmesh.clip import ENTRY_ID, clip, shown
 from trustmesh.controlplane.clones import next_superseded
 from trustmesh.controlplane.flow_audit import FlowAudit, FlowCounter, RefusalCounter
+from trustmesh.controlplane.flow_store import FlowRollups, decision_of
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import AttestedNode, RegistrationEntry
 from trustmesh.errors import InvalidArgumentError, PermissionDeniedError, SvidError, TrustmeshError
@@ -78,10 +79,12 @@ class JwtIssued:
 
 
 class IssuanceService:
-    def __init__(self, rt: ServerRuntime, view: AuthorizedEntries, flows: FlowAudit | None = None) -> None:
+    def __init__(self, rt: ServerRuntime, view: AuthorizedEntries, flows: FlowAudit | None = None,
+                 rollups: FlowRollups | None = None) -> None:
         self._rt = rt
         self._view = view
         self.flows = flows or FlowAudit(rt.audit, rt.config.flow_audit_interval.total_seconds())
+        self.rollups = rollups
         metrics = rt.metrics
         self._x509 = metrics.counter("trustmesh_x509_svids_total", "X509-SVID requests by outcome", ["outcome"])
         self._jwt = metrics.counter("trustmesh_jwt_svids_total", "JWT-SVID requests by outcome", ["outcome"])
@@ -191,15 +194,18 @@ class IssuanceService:
             raise InvalidArgumentError(f"at most {MAX_FLOW_COUNTERS} counters per report; report more often")
         for c in counters:  # validate all before counting any
             if c.count < 0 or c.port > 65535 or len(c.source_id) > 2048 or len(c.destination_id) > 2048 \
-                    or len(c.rule) > 512:
-                raise InvalidArgumentError("a flow counter is out of range (count >= 0, port <= 65535, "
-                                           "IDs of at most 2048 and rule names of at most 512 characters)")
+                    or len(c.rule) > 512 or c.bytes_in < 0 or c.bytes_out < 0 or len(c.source_address) > 256:
+                raise InvalidArgumentError("a flow counter is out of range (count and bytes >= 0, port <= 65535, "
+                                           "IDs of at most 2048, rule names of at most 512 and addresses of at most "
+                                           "256 characters)")
         for r in refusals:
             if r.count < 0 or len(r.kind) > 64 or len(r.subject) > 2048 or len(r.peer) > 512 or len(r.reason) > 512:
                 raise InvalidArgumentError("a refusal counter is out of range (count >= 0, a kind of at most 64, "
                                            "a subject of at most 2048, a peer and a reason of at most 512 characters)")
         for c in counters:
-            self._flows.inc(c.count, decision="deny" if c.denied else ("audit" if c.audit_mode else "allow"))
+            self._flows.inc(c.count, decision=decision_of(c))
         for r in refusals:
             self._refusals.inc(r.count, kind=r.kind if r.kind in REFUSAL_KINDS else "other")
+        if self.rollups is not None:
+            self.rollups.add(agent, counters)
         await self.flows.add(agent, counters, refusals)

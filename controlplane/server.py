@@ -42,6 +42,7 @@ from trustmesh.controlplane.ca.kek import KeyEncryptionKey
 from trustmesh.controlplane.clones import CloneGuard
 from trustmesh.controlplane.config import ServerConfig
 from trustmesh.controlplane.duties import leader_duties
+from trustmesh.controlplane.flow_store import FlowRollups
 from trustmesh.controlplane.issuance import IssuanceService
 from trustmesh.controlplane.leader import LeaderElection
 from trustmesh.controlplane.operators import Operators
@@ -274,11 +275,12 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         sync = SyncService(view, ca.bundle, rt.metrics, rt.clock, guard)
         view.subscribe(sync.on_registry_event)
         # Agents: attestation, then signing (issuance) and the push of what they may use (sync).
-        issuance = IssuanceService(rt, view)
+        rollups = FlowRollups(rt, view, config.replica_id)
+        issuance = IssuanceService(rt, view, rollups=rollups)
         attestor = NodeAttestor(rt)
         node = NodeServicer(view, attestor, issuance, sync, guard)
         operators = Operators(rt, kek)
-        admin = AdminServicer(AdminServices.of(rt, operators))
+        admin = AdminServicer(AdminServices.of(rt, operators, rollups))
         td = config.trust_domain
         node_server = _grpc_server(CallLayer(callers.agents(td, guard), rt.metrics))
         node.register(node_server)
@@ -327,11 +329,12 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
             tasks.create_task(view.run(stop), name="registry-view")
             tasks.create_task(_rotation_loop(rt, creds, stop), name="rotation")
             tasks.create_task(issuance.flows.run(stop), name="flow-audit")
+            tasks.create_task(rollups.run(stop), name="flow-rollups")
             tasks.create_task(anchor.run(stop), name="audit-anchor")
             tasks.create_task(attestor.failures.run(stop), name="attestation-failures-audit")
             tasks.create_task(guard.run(stop), name="clone-guard")
             election = LeaderElection(store, config.replica_id, rt.metrics, ttl=config.leader_ttl)
-            tasks.create_task(election.run(stop, lambda: leader_duties(rt)), name="leader-election")
+            tasks.create_task(election.run(stop, lambda: leader_duties(rt, flows=rollups)), name="leader-election")
             # `ready` (and SERVING) only once the registry is loaded: before that every agent
             # call would be answered "still loading, retry".
             loaded = asyncio.create_task(view.ready.wait())

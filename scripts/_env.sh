@@ -56,3 +56,15 @@ tm_ensure_nginx() {
   # The package may start a system nginx on :80; the benchmark runs its own, so stop it.
   $sudo systemctl disable --now nginx >/dev/null 2>&1 || true
 }
+
+tm_ensure_graphviz() {
+  # `trustmesh graph --format dot` is checked by rendering it with Graphviz's own dot.
+  if command -v dot >/dev/null 2>&1; then
+    return 0
+  fi
+  tm_log "installing graphviz (the tests render \`trustmesh graph --format dot\` with it)"
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends graphviz >/dev/null
+}

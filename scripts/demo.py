@@ -197,7 +197,7 @@ def main() -> int:
     env = {**os.environ, "TRUSTMESH_ADMIN_SOCKET": str(work / "server" / "admin.sock"),
            "PYTHONPATH": str(ROOT)}
     procs: list[subprocess.Popen[bytes]] = []
-    step = Step(total=13)
+    step = Step(total=14)
     ports: dict[str, int] = {}
     echo_port = start_echo()
     as_root = os.getuid() == 0
@@ -336,6 +336,26 @@ def main() -> int:
                 d = event["details"]
                 say(f"#{event['seq']} {event['time']} access.approve {event['outcome']}: by {event['actor']} "
                     f"(role {d.get('role', '-')}, from {d.get('source', '-')}), requested by {d['requester']}")
+
+        with step("who talks to whom: the agents' flows, the service graph, allowlists suggested from them"):
+            # Agents report every connection (allowed, denied, audit, plaintext) every 2 s; the
+            # server sums them per edge and hour.
+            deadline = time.monotonic() + 10
+            while not (flows := json.loads(cli("flows", "--json"))) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            for f in flows:
+                say(f"{f['source'] or f['source_address']} -> {f['destination']}:{f['port']} {f['decision']} "
+                    f"x{f['connections']} ({f['bytes_in']} B in, {f['bytes_out']} B out) [{f['rule']}]")
+            say("trustmesh graph --format mermaid:")
+            for line in cli("graph", "--format", "mermaid").splitlines():
+                say(f"  {line}")
+            proposed = work / "proposed"
+            say(cli("policy", "suggest", "--since", "1h", str(proposed)).splitlines()[0])
+            rules = [line.strip() for line in (proposed / "ledger.yaml").read_text().splitlines()
+                     if line.strip().startswith(("# ", "- from", "mode"))][3:]
+            for line in rules:
+                say(f"  {line}")
+            say(f"policy simulate {proposed.name}/: {cli('policy', 'simulate', str(proposed)).splitlines()[-1]}")
 
         with step("a policy change cuts an open connection (continuous verification)"):
             conn = socket.create_connection(("127.0.0.1", ports["payments"]), timeout=10)

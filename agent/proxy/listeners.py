@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 from trustmesh.agent.identity import WorkloadX509Svid
 from trustmesh.agent.localpeer import LocalPeer, LocalPeerError, PeerResolver, PinnedHolder, UnixSocket
+from trustmesh.agent.proxy.reporter import FlowKey
 from trustmesh.agent.proxy.tls import (
     CertificateRevokedError,
     chain_serials,
@@ -70,6 +71,12 @@ UNIX_PREFIX = "unix:"
 UNIX_SOCKET_MODE = 0o666  # who may connect is not who is admitted: every caller is checked
 MAX_HOLDERS = 16  # a socket shared by more processes is refused rather than checked at length
 REFUSAL_LOG_SECONDS = 60.0
+TRAFFIC_SECONDS = 60.0  # bytes of long-lived connections are reported at least this often
+# A permissive listener waits this long for a client's first byte: a TLS client always speaks
+# first (its ClientHello), so silence means a plaintext protocol whose server speaks first.
+PEEK_SECONDS = 3.0
+TLS_HANDSHAKE_RECORD = 0x16  # the first byte of every TLS record carrying a handshake message
+MTLS_MODES = ("strict", "permissive")
 
 
 class ListenerError(TrustmeshError):
@@ -97,6 +104,9 @@ def check_listen(listen: str, *, unix: bool = False) -> None:
 class InboundConfig:
     listen: str
     forward: str
+    # strict: mTLS only. permissive (migration): plaintext clients are forwarded too, without an
+    # identity, and reported as `unverified` flows with their address.
+    mtls: str = "strict"
 
 
 @dataclass(frozen=True)
@@ -197,10 +207,15 @@ class Flow:
     report decisions and refusals."""
 
     def __init__(self, svid_for: Callable[[SpiffeId], X509Svid | None], bundles: Callable[[], BundleSet],
-                 policy: Callable[[], Policy], report: Callable[[SpiffeId | None, SpiffeId, int, Decision], None],
+                 policy: Callable[[], Policy], report: Callable[[SpiffeId | None, SpiffeId, int, Decision], FlowKey],
                  metrics: Registry, clock: Clock = utc_now, *, identities: Identities, refused: Refused,
-                 attestor: WorkloadAttestor | None = None, resolver: PeerResolver | None = None) -> None:
+                 attestor: WorkloadAttestor | None = None, resolver: PeerResolver | None = None,
+                 traffic: Callable[[FlowKey, int, int], None] = lambda key, bytes_in, bytes_out: None,
+                 unverified: Callable[[SpiffeId, int, str], FlowKey] | None = None) -> None:
         self.svid_for, self.bundles, self.policy, self.report = svid_for, bundles, policy, report
+        self.traffic = traffic
+        self.unverified = unverified or (lambda destination, port, host: ("", str(destination), port,
+                                                                          "unverified", "", host))
         self.clock = clock
         self.identities = identities
         self.refused = refused
@@ -223,12 +238,35 @@ class Flow:
         self.refused(kind, str(service.spiffe_id), peer, reason)
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+class Meter:
+    """Bytes a proxied connection moved each way; `take` returns what was not yet reported."""
+
+    __slots__ = ("key", "forward", "back", "_reported")
+
+    def __init__(self, key: FlowKey) -> None:
+        self.key = key
+        self.forward = 0  # from the client to the service: the flow's bytes_in
+        self.back = 0
+        self._reported = (0, 0)
+
+    def take(self) -> tuple[int, int]:
+        then = self._reported
+        self._reported = (self.forward, self.back)
+        return self.forward - then[0], self.back - then[1]
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, meter: Meter | None = None,
+                forward: bool = True) -> str:
     """Copy until EOF. "passed": the EOF was passed on (a TCP writer can half-close); "held":
     it could not be (asyncio's TLS transports cannot half-close); "failed": the copy broke."""
     try:
         while chunk := await reader.read(CHUNK):
             writer.write(chunk)
+            if meter is not None:
+                if forward:
+                    meter.forward += len(chunk)
+                else:
+                    meter.back += len(chunk)
             await writer.drain()
     except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
         return "failed"
@@ -242,8 +280,10 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> s
 
 
 async def _splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                  b: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
-    pumps = {asyncio.ensure_future(_pump(a[0], b[1])), asyncio.ensure_future(_pump(b[0], a[1]))}
+                  b: tuple[asyncio.StreamReader, asyncio.StreamWriter], meter: Meter | None = None) -> None:
+    """Copy both ways until done; `meter` counts a -> b as forward."""
+    pumps = {asyncio.ensure_future(_pump(a[0], b[1], meter, True)),
+             asyncio.ensure_future(_pump(b[0], a[1], meter, False))}
     try:
         done, pending = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         outcomes = {task.result() for task in done}
@@ -301,6 +341,12 @@ class InboundListener:
     _ctx_key: tuple[int, BundleSet] | None = None
     _ctx: ssl.SSLContext | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _meters: set[Meter] = field(default_factory=set)  # of the open forwarded connections
+    traffic_seconds: float = TRAFFIC_SECONDS
+
+    @property
+    def permissive(self) -> bool:
+        return self.service.inbound is not None and self.service.inbound.mtls == "permissive"
 
     @property
     def port(self) -> int:
@@ -327,13 +373,28 @@ class InboundListener:
         self._server = await loop.create_server(lambda: _Unread(self._handle, self._tasks), host, port,
                                                 backlog=1024)
         self._tasks.add(asyncio.create_task(self._recheck_loop(), name=f"recheck-{self.service.name}"))
+        self._tasks.add(asyncio.create_task(self._traffic_loop(), name=f"traffic-{self.service.name}"))
         log_event(log, "inbound_listening", service=self.service.name, listen=self.service.inbound.listen,
-                  forward=self.service.inbound.forward)
+                  forward=self.service.inbound.forward, mtls=self.service.inbound.mtls)
+        if self.permissive:
+            log_event(log, "permissive_listener", level=logging.WARNING, service=self.service.name,
+                      listen=self.service.inbound.listen,
+                      hint="plaintext clients are forwarded without an identity (reported as unverified flows: "
+                           "`trustmesh flows --decision unverified`); set mtls: strict once they are gone")
 
     async def _handle(self, transport: asyncio.Transport) -> None:
         task = asyncio.current_task()
         assert task is not None
         try:
+            if self.permissive:
+                first = await _first_byte(transport, PEEK_SECONDS)
+                if first == b"":
+                    self._handshake_refused(_address(transport), "closed", "the client closed the connection")
+                    transport.abort()
+                    return
+                if first is None or first[0] != TLS_HANDSHAKE_RECORD:
+                    await self._serve_plaintext(transport)
+                    return
             streams = await self._handshake(transport)
             if streams is not None:
                 await self._serve(*streams, task)
@@ -403,7 +464,7 @@ class InboundListener:
             return
         assert source is not None
         decision = self.flow.policy().decide(source, service.spiffe_id, self.port, self.flow.clock())
-        self.flow.report(source, service.spiffe_id, self.port, decision)
+        key = self.flow.report(source, service.spiffe_id, self.port, decision)
         if not decision.allowed:
             self.flow.connections.inc(service=service.name, direction="inbound", decision="deny")
             writer.close()
@@ -418,15 +479,61 @@ class InboundListener:
             return
         entry = _Open(source, self.port, chain_serials(sslobj), task)
         self._open.add(entry)
-        self.flow.open.inc(service=service.name)
         try:
-            await _splice((reader, writer), upstream)
-        except asyncio.CancelledError:
-            writer.close()
-            upstream[1].close()
+            await self._forward((reader, writer), upstream, Meter(key))
         finally:
             self._open.discard(entry)
-            self.flow.open.dec(service=service.name)
+
+    async def _forward(self, client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                       upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter], meter: Meter) -> None:
+        """Splice client and service, metering the bytes; what was not yet reported is at the end."""
+        self._meters.add(meter)
+        self.flow.open.inc(service=self.service.name)
+        try:
+            await _splice(client, upstream, meter)
+        except asyncio.CancelledError:
+            client[1].close()
+            upstream[1].close()
+        finally:
+            self._meters.discard(meter)
+            self.flow.open.dec(service=self.service.name)
+            self.flow.traffic(meter.key, *meter.take())
+
+    async def _serve_plaintext(self, transport: asyncio.Transport) -> None:
+        """A permissive listener's plaintext client: forwarded as it is, with no identity and
+        no policy decision (there is nobody to decide about), and reported as unverified with
+        the client's host so that someone finds and fixes it."""
+        service = self.service
+        assert service.inbound is not None
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=CHUNK, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        transport.resume_reading()
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        source = _address(transport)
+        host = split_host_port(source)[0] if source != "unknown" else source
+        key = self.flow.unverified(service.spiffe_id, self.port, host)
+        self.flow.connections.inc(service=service.name, direction="inbound", decision="unverified")
+        fhost, fport = split_host_port(service.inbound.forward)
+        try:
+            upstream = await asyncio.wait_for(asyncio.open_connection(fhost, fport), HANDSHAKE_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as err:
+            log_event(log, "forward_failed", level=logging.WARNING, service=service.name, error=str(err))
+            writer.close()
+            return
+        await self._forward((reader, writer), upstream, Meter(key))
+
+    def report_traffic(self) -> None:
+        """Report the bytes open connections moved since their last report."""
+        for meter in list(self._meters):
+            self.flow.traffic(meter.key, *meter.take())
+
+    async def _traffic_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.traffic_seconds)
+            self.report_traffic()
 
     def recheck(self) -> int:
         """Close open connections the current policy no longer allows, or whose client's
@@ -460,6 +567,38 @@ class InboundListener:
             self._server.close()
         for conn in list(self._open):
             conn.task.cancel()
+
+
+async def _first_byte(transport: asyncio.Transport, timeout: float) -> bytes | None:
+    """The client's first byte, left unread for whoever reads next (MSG_PEEK on a duplicate of
+    the socket's descriptor: the transport's own is paused and stays untouched); b"" when the
+    client closed, None when it sent nothing within `timeout`."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    loop = asyncio.get_running_loop()
+    peek = socket.socket(fileno=os.dup(sock.fileno()))
+    peek.setblocking(False)
+    got: asyncio.Future[bytes] = loop.create_future()
+
+    def readable() -> None:
+        if got.done():
+            return
+        try:
+            got.set_result(peek.recv(1, socket.MSG_PEEK))
+        except BlockingIOError:
+            return
+        except OSError:
+            got.set_result(b"")
+
+    loop.add_reader(peek.fileno(), readable)
+    try:
+        return await asyncio.wait_for(got, timeout)
+    except asyncio.TimeoutError:
+        return None
+    finally:
+        loop.remove_reader(peek.fileno())
+        peek.close()  # the duplicate only: the connection stays open
 
 
 def _loopback(host: str) -> bool:

@@ -1,9 +1,15 @@
-"""Decision telemetry: per (source, destination, port, decision, rule) counters, and per
-(kind, subject, peer, reason) counters of connections refused before any decision (a failed
-handshake, a local caller that is not the service), flushed to the control plane in batches.
-The server audits what it is sent as this agent's claim, aggregated per agent and interval.
-Counting never blocks a connection: a full or failed flush keeps the counters for the next
-one, and memory is bounded (a key past the limit is counted only in the metrics)."""
+"""Decision telemetry: per (source, destination, port, decision, rule) counters with the bytes
+each way, and per (kind, subject, peer, reason) counters of connections refused before any
+decision (a failed handshake, a local caller that is not the service), flushed to the control
+plane in batches. The server sums the first into its flow rollups (`trustmesh flows`) and
+audits denials and refusals as this agent's claim, aggregated per agent and interval.
+
+Counting never blocks a connection: a failed flush (the server out of reach) keeps the
+counters for the next one, so an outage loses nothing as long as memory allows. Memory is
+bounded: when a table is full, what is dropped first is a NEW key (an edge not seen since the
+last successful flush), counted only in the metrics (`trustmesh_flow_keys_dropped_total`);
+keys already held keep counting connections and bytes.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ _K = TypeVar("_K")
 
 MAX_KEYS = 10_000
 MAX_REFUSAL_KEYS = 1_000  # refusal keys carry attacker-chosen addresses: fewer of them
+BATCH = 5_000  # counters per report (the server takes at most 10,000)
 
 
 @dataclass
@@ -36,13 +43,33 @@ class _Count:
     count: int
     first: float
     last: float
-    audit_only: bool
+    bytes_in: int = 0  # from the source to the destination
+    bytes_out: int = 0
+
+
+# allow; deny; audit (allowed only because the allowlist is in audit mode); unverified (a
+# plaintext client of a permissive listener: no identity, its address host instead).
+FlowKind = str
+# (source ID or "", destination ID, port, kind, rule, client host for unverified flows or "")
+FlowKey = tuple[str, str, int, FlowKind, str, str]
+_WIRE: dict[FlowKind, tuple[node_pb2.FlowDecision, types_pb2.PolicyMode]] = {
+    "allow": (node_pb2.FLOW_DECISION_ALLOW, types_pb2.POLICY_MODE_ENFORCE),
+    "audit": (node_pb2.FLOW_DECISION_ALLOW, types_pb2.POLICY_MODE_AUDIT),
+    "deny": (node_pb2.FLOW_DECISION_DENY, types_pb2.POLICY_MODE_ENFORCE),
+    "unverified": (node_pb2.FLOW_DECISION_UNVERIFIED, types_pb2.POLICY_MODE_UNSPECIFIED),
+}
+
+
+def kind_of(decision: Decision) -> FlowKind:
+    if not decision.allowed:
+        return "deny"
+    return "audit" if decision.audit_only else "allow"
 
 
 class FlowReporter:
     def __init__(self, send: Callable[[node_pb2.ReportFlowsRequest], Awaitable[object]], metrics: Registry) -> None:
         self._send = send
-        self._counts: dict[tuple[str, str, int, bool, str], _Count] = {}
+        self._counts: dict[FlowKey, _Count] = {}
         self._refusals: dict[tuple[str, str, str, str], _Count] = {}
         self._decisions = metrics.counter("trustmesh_policy_decisions_total", "connection decisions",
                                           ["destination", "decision", "rule"])
@@ -52,23 +79,44 @@ class FlowReporter:
                                         "reports counted only in metrics because the pending report was full",
                                         ["table"])
 
-    def report(self, source: SpiffeId | None, destination: SpiffeId, port: int, decision: Decision) -> None:
+    def report(self, source: SpiffeId | None, destination: SpiffeId, port: int, decision: Decision) -> FlowKey:
+        """Count one connection's decision; the key it was counted under, for its bytes later."""
         self._decisions.inc(destination=str(destination), decision=decision.verdict.lower(), rule=decision.rule)
         if not decision.allowed or decision.audit_only:
             log_event(log, "connection_denied" if not decision.allowed else "audit_would_deny",
                       level=logging.WARNING, source=source or "unverified", destination=destination, port=port,
                       rule=decision.rule, reason=decision.reason)
-        key = (str(source) if source else "", str(destination), port, decision.allowed, decision.rule)
+        key = (str(source) if source else "", str(destination), port, kind_of(decision), decision.rule, "")
+        self._count(key, connections=1)
+        return key
+
+    def unverified(self, destination: SpiffeId, port: int, client_host: str) -> FlowKey:
+        """Count a plaintext client a permissive listener forwarded: no identity, no policy
+        decision, just where it came from (the host: one key per client, not per connection)."""
+        self._decisions.inc(destination=str(destination), decision="unverified", rule="")
+        key = ("", str(destination), port, "unverified", "", client_host)
+        self._count(key, connections=1)
+        return key
+
+    def traffic(self, key: FlowKey, bytes_in: int, bytes_out: int) -> None:
+        """Add bytes a connection counted under `key` moved since it was last metered (at
+        close, and every minute while it stays open); no connection is counted."""
+        if bytes_in or bytes_out:
+            self._count(key, connections=0, bytes_in=bytes_in, bytes_out=bytes_out)
+
+    def _count(self, key: FlowKey, *, connections: int, bytes_in: int = 0, bytes_out: int = 0) -> None:
         now = time.time()
         entry = self._counts.get(key)
         if entry is None:
             if len(self._counts) >= MAX_KEYS:
                 self._dropped.inc(table="decisions")  # bounded memory under a flood
                 return
-            self._counts[key] = _Count(1, now, now, decision.audit_only)
+            self._counts[key] = _Count(connections, now, now, bytes_in, bytes_out)
         else:
-            entry.count += 1
+            entry.count += connections
             entry.last = now
+            entry.bytes_in += bytes_in
+            entry.bytes_out += bytes_out
 
     def refused(self, kind: str, subject: str, peer: str, reason: str) -> None:
         """Count a connection refused before any policy decision. `kind` and `reason` are
@@ -82,7 +130,7 @@ class FlowReporter:
             if len(self._refusals) >= MAX_REFUSAL_KEYS:
                 self._dropped.inc(table="refusals")
                 return
-            self._refusals[key] = _Count(1, now, now, False)
+            self._refusals[key] = _Count(1, now, now)
         else:
             entry.count += 1
             entry.last = now
@@ -92,33 +140,34 @@ class FlowReporter:
             return
         counts, self._counts = self._counts, {}
         refusals, self._refusals = self._refusals, {}
-        request = node_pb2.ReportFlowsRequest(
-            counters=[
-                node_pb2.FlowCounter(
-                    source_id=src,
-                    destination_id=dst,
-                    port=port,
-                    decision=node_pb2.FLOW_DECISION_ALLOW if allowed else node_pb2.FLOW_DECISION_DENY,
-                    rule=rule,
-                    mode=types_pb2.POLICY_MODE_AUDIT if c.audit_only else types_pb2.POLICY_MODE_ENFORCE,
-                    count=c.count,
-                    first_seen=int(c.first),
-                    last_seen=int(c.last),
-                )
-                for (src, dst, port, allowed, rule), c in counts.items()
-            ],
-            refusals=[
-                node_pb2.RefusalCounter(kind=kind, subject=subject, peer=peer, reason=reason, count=c.count,
-                                        first_seen=int(c.first), last_seen=int(c.last))
-                for (kind, subject, peer, reason), c in refusals.items()
-            ],
-        )
-        try:
-            await self._send(request)
-        except grpc.aio.AioRpcError as err:
-            _merge_back(self._counts, counts)  # keep them for the next flush
-            _merge_back(self._refusals, refusals)
-            log_event(log, "flow_report_failed", level=logging.WARNING, code=err.code().name)
+        # In reports of at most BATCH counters: the server refuses larger ones, and a report it
+        # refuses would be kept and resent for ever.
+        flows, refused = list(counts.items()), list(refusals.items())
+        while flows or refused:
+            batch, flows = flows[:BATCH], flows[BATCH:]
+            refusal_batch, refused = refused[:BATCH - len(batch)], refused[BATCH - len(batch):]
+            request = node_pb2.ReportFlowsRequest(
+                counters=[
+                    node_pb2.FlowCounter(
+                        source_id=src, destination_id=dst, port=port, decision=_WIRE[kind][0], rule=rule,
+                        mode=_WIRE[kind][1], count=c.count, first_seen=int(c.first), last_seen=int(c.last),
+                        bytes_in=c.bytes_in, bytes_out=c.bytes_out, source_address=host)
+                    for (src, dst, port, kind, rule, host), c in batch
+                ],
+                refusals=[
+                    node_pb2.RefusalCounter(kind=kind, subject=subject, peer=peer, reason=reason, count=c.count,
+                                            first_seen=int(c.first), last_seen=int(c.last))
+                    for (kind, subject, peer, reason), c in refusal_batch
+                ],
+            )
+            try:
+                await self._send(request)
+            except grpc.aio.AioRpcError as err:
+                # Keep this batch and the ones not sent yet for the next flush.
+                _merge_back(self._counts, dict(batch + flows))
+                _merge_back(self._refusals, dict(refusal_batch + refused))
+                log_event(log, "flow_report_failed", level=logging.WARNING, code=err.code().name)
+                return
 
     async def run(self) -> None:
         while True:
@@ -135,3 +184,5 @@ def _merge_back(into: dict[_K, _Count], unsent: dict[_K, _Count]) -> None:
         else:
             newer.count += c.count
             newer.first = min(newer.first, c.first)
+            newer.bytes_in += c.bytes_in
+            newer.bytes_out += c.bytes_out

@@ -22,6 +22,7 @@ from trustmesh.controlplane.api.convert import (
     ca_authorities_pb,
     entry_spec_from_pb,
     entry_to_pb,
+    flow_to_pb,
     node_to_pb,
     operator_to_pb,
     ownership_to_pb,
@@ -33,6 +34,7 @@ from trustmesh.controlplane.api.convert import (
 from trustmesh.controlplane.audit_query import AuditQueries, AuditQuery
 from trustmesh.controlplane.ca_admin import CAAdmin
 from trustmesh.controlplane.federation_admin import FederationAdmin
+from trustmesh.controlplane.flow_store import FlowQuery, FlowRollups
 from trustmesh.controlplane.operators import Operators
 from trustmesh.controlplane.partners import PartnerCertificates, PartnerRequest
 from trustmesh.controlplane.policy_store import PolicyService
@@ -52,12 +54,13 @@ class AdminServices:
     audit: AuditQueries
     operators: Operators
     access: AccessRequests
+    flows: FlowRollups
 
     @classmethod
-    def of(cls, rt: ServerRuntime, operators: Operators) -> AdminServices:
+    def of(cls, rt: ServerRuntime, operators: Operators, flows: FlowRollups) -> AdminServices:
         return cls(Registry(rt.config.trust_domain, rt.store, rt.audit, rt.clock), PolicyService(rt),
                    FederationAdmin(rt), PartnerCertificates(rt), CAAdmin(rt), AuditQueries(rt), operators,
-                   AccessRequests(rt))
+                   AccessRequests(rt), flows)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
@@ -169,6 +172,14 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                                                   expected_head=request.expected_head_revision, actor=caller.id,
                                                   scope=policy_scope(caller))
         return admin_pb2.RollbackPolicyResponse(revision=revision)
+
+    async def ListFlows(self, request: admin_pb2.ListFlowsRequest,
+                        context: grpc.aio.ServicerContext) -> admin_pb2.ListFlowsResponse:
+        window = await self._domain.flows.query(FlowQuery(since=float(request.since), source=request.source,
+                                                          destination=request.destination,
+                                                          decision=request.decision))
+        return admin_pb2.ListFlowsResponse(edges=[flow_to_pb(f) for f in window.flows], since=int(window.since),
+                                           until=int(window.until))
 
     async def GetPolicyOwners(self, request: admin_pb2.GetPolicyOwnersRequest,
                               context: grpc.aio.ServicerContext) -> admin_pb2.GetPolicyOwnersResponse:

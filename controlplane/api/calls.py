@@ -186,6 +186,8 @@ CALLS: Mapping[str, Rule] = MappingProxyType({
     "/trustmesh.v1.Admin/ResetOperator": ADMIN_STEP_UP,
     "/trustmesh.v1.Admin/WhoAmI": ANY_OPERATOR,
     "/trustmesh.v1.Admin/GetPolicyOwners": LISTINGS,
+    # The map of who talks to whom: what `policy suggest` and `policy simulate` read in CI.
+    "/trustmesh.v1.Admin/ListFlows": LISTINGS,
     "/trustmesh.v1.Admin/SetPolicyOwners": ADMIN_STEP_UP,
     # Anyone may ask for just-in-time access; never the requester approves (access.py).
     "/trustmesh.v1.Admin/RequestAccess": ANY_OPERATOR,

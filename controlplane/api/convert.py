@@ -16,6 +16,7 @@ from trustmesh.controlplane.federation_admin import Relationship, RelationshipSp
 from trustmesh.controlplane.operators import OperatorRecord, operator_id
 from trustmesh.controlplane.policy_store import PolicyRevision
 from trustmesh.controlplane.registration import AttestedNode, EntrySpec, NodeStatus, RegistrationEntry
+from trustmesh.flows import Flow
 from trustmesh.policy.ownership import Ownership
 from trustmesh.spiffeid import TrustDomain
 from trustmesh.wire import bundle_to_pb as bundle_to_pb
@@ -45,6 +46,7 @@ def node_to_pb(node: AttestedNode) -> types_pb2.AttestedNode:
         selectors=[selector_to_pb(s) for s in node.selectors], revision=node.revision,
         status=_NODE_STATUSES[node.status], status_reason=node.status_reason,
         status_changed_at=int(node.status_at), renewed_from=node.renewed_from,
+        permissive_listeners=list(node.permissive_listeners),
     )
 
 
@@ -159,3 +161,10 @@ def access_to_pb(grant: AccessGrant, state: AccessState) -> admin_pb2.AccessGran
 
 def ownership_to_pb(ownership: Ownership) -> list[admin_pb2.TeamOwnership]:
     return [admin_pb2.TeamOwnership(team=team, destinations=patterns) for team, patterns in ownership.teams.items()]
+
+
+def flow_to_pb(flow: Flow) -> admin_pb2.FlowEdge:
+    return admin_pb2.FlowEdge(
+        source=flow.source, destination=flow.destination, port=flow.port, decision=flow.decision, rule=flow.rule,
+        connections=flow.connections, bytes_in=flow.bytes_in, bytes_out=flow.bytes_out,
+        first_seen=int(flow.first_seen), last_seen=int(flow.last_seen), source_address=flow.source_address)

@@ -124,6 +124,10 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     async def Sync(self, request: node_pb2.SyncRequest,
                    context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.SyncResponse]:
         peer, node = self._agent()
+        updated = await self._attestor.note_permissive_listeners(node, list(request.permissive_listeners))
+        if updated is not None:
+            await self._view.node_written(updated)
+            node = updated
         with self._sync.open(peer, node, peer.not_after) as stream:
             for message in stream.start(request.since_revision, dict(request.bundle_sequences)):
                 yield message
@@ -180,7 +184,8 @@ def _flow_counter(c: node_pb2.FlowCounter) -> FlowCounter:
     return FlowCounter(source_id=c.source_id, destination_id=c.destination_id, port=c.port,
                        denied=c.decision == node_pb2.FLOW_DECISION_DENY,
                        audit_mode=c.mode == types_pb2.POLICY_MODE_AUDIT, rule=c.rule, count=c.count,
-                       first_seen=c.first_seen, last_seen=c.last_seen)
+                       first_seen=c.first_seen, last_seen=c.last_seen, bytes_in=c.bytes_in, bytes_out=c.bytes_out,
+                       unverified=c.decision == node_pb2.FLOW_DECISION_UNVERIFIED, source_address=c.source_address)
 
 
 def _refusal_counter(r: node_pb2.RefusalCounter) -> RefusalCounter:

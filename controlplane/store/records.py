@@ -22,6 +22,7 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 from trustmesh.errors import InvalidSpiffeIdError, StoreError
+from trustmesh.flows import DECISIONS, Flow
 from trustmesh.selectors import Selector
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 
@@ -229,6 +230,8 @@ class AttestedNode:
     # The unexpired SVIDs of this attestation that renewals replaced, newest first: one of
     # them presented from another address than `renewed_from` means a copied agent key.
     superseded: tuple[SupersededSvid, ...] = ()
+    # Inbound listeners the agent says it runs with `mtls: permissive` ("service listen").
+    permissive_listeners: tuple[str, ...] = ()
 
     def to_json(self) -> bytes:
         fields: dict[str, Any] = {
@@ -249,6 +252,8 @@ class AttestedNode:
             fields.update(renewed_from=self.renewed_from, renewed_at=self.renewed_at)
         if self.superseded:
             fields["superseded"] = [{"serial": s.serial, "not_after": s.not_after} for s in self.superseded]
+        if self.permissive_listeners:
+            fields["permissive_listeners"] = list(self.permissive_listeners)
         return _dump("node", fields)
 
     @classmethod
@@ -272,6 +277,7 @@ class AttestedNode:
             renewed_from=_optional(k, o, "renewed_from", str, ""),
             renewed_at=float(_optional(k, o, "renewed_at", _NUMBER, 0.0)),
             superseded=_superseded(k, o),
+            permissive_listeners=_strings(k, o, "permissive_listeners") if "permissive_listeners" in o else (),
         )
 
 
@@ -710,6 +716,39 @@ class OwnershipRecord:
         o = _load(k, data)
         return cls(documents=_field(k, o, "documents", str), updated_by=_field(k, o, "updated_by", str),
                    updated_at=float(_field(k, o, "updated_at", _NUMBER)), revision=revision)
+
+
+@dataclass(frozen=True)
+class FlowShard:
+    """One replica's sums of one hour's flows, or the part of them that hashes to one shard."""
+
+    hour: int  # hours since the epoch
+    replica: str
+    shard: int
+    edges: tuple[Flow, ...]
+
+    def to_json(self) -> bytes:
+        return _dump("flow rollup", {"hour": self.hour, "replica": self.replica, "shard": self.shard, "edges": [
+            [e.source, e.destination, e.port, e.decision, e.rule, e.connections, e.bytes_in, e.bytes_out,
+             e.first_seen, e.last_seen, e.source_address] for e in self.edges]})
+
+    @classmethod
+    def from_json(cls, data: bytes) -> FlowShard:
+        k = "flow rollup"
+        o = _load(k, data)
+        raw = _field(k, o, "edges", list)
+        edges = []
+        for row in raw:
+            if not (isinstance(row, list) and len(row) == 11 and all(isinstance(v, str) for v in row[:2])
+                    and isinstance(row[2], int) and row[3] in DECISIONS and isinstance(row[4], str)
+                    and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in row[5:8])
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row[8:10])
+                    and isinstance(row[10], str) and 0 <= row[2] <= 65535):
+                raise RecordFormatError(f"stored {k} record has a malformed edge")
+            edges.append(Flow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
+                              float(row[8]), float(row[9]), row[10]))
+        return cls(hour=_field(k, o, "hour", int), replica=_field(k, o, "replica", str),
+                   shard=_field(k, o, "shard", int), edges=tuple(edges))
 
 
 # --- the change feed ---------------------------------------------------------------------

@@ -39,6 +39,7 @@ from typing import Protocol, TypeVar
 from trustmesh.controlplane.store.kv import (
     Compare,
     Delete,
+    DeletePrefix,
     Event,
     EventType,
     Get,
@@ -61,6 +62,7 @@ from trustmesh.controlplane.store.records import (
     EntryChanged,
     FederationChanged,
     FederationRecord,
+    FlowShard,
     JoinToken,
     NodeChanged,
     OperatorRecord,
@@ -69,6 +71,7 @@ from trustmesh.controlplane.store.records import (
     PartnerChanged,
     PolicyChanged,
     PolicyRevision,
+    RecordFormatError,
     RegistrationEntry,
     TokenChanged,
 )
@@ -99,6 +102,7 @@ PARTNER_CERTS = "partner-certs/"
 OPERATORS = "operators/"
 ACCESS = "access/"
 POLICY_OWNERS = "policy-owners"
+FLOWS = "flows/"
 SEAL_MARKER = "meta/sealed"
 
 # Every key that carries a MAC, and its record kind (the HKDF label of its MAC key).
@@ -115,8 +119,12 @@ SEALED_KINDS: tuple[tuple[str, str], ...] = (
     (OPERATORS, "operator"),
     (ACCESS, "access-grant"),
     (POLICY_OWNERS, "policy-owners"),
+    (FLOWS, "flow-rollup"),
     (SEAL_MARKER, "meta"),
 )
+
+# etcd refuses transactions of more than --max-txn-ops operations (128 by default).
+_MAX_TXN_OPS = 100
 
 # Writes without an expected revision retry this often when another writer slips in
 # between our read and our transaction, then give up with ConflictError.
@@ -692,6 +700,43 @@ class Store:
 
     async def delete_operator(self, name: str) -> None:
         await self._delete(OPERATORS + _need(name, "operator name"), f"operator {name}")
+
+    # -- flow rollups ---------------------------------------------------------------
+
+    @staticmethod
+    def _flow_key(hour: int, replica: str, shard: int) -> str:
+        # Zero-padded hours keep keys in time order, so a window is a range of keys.
+        return f"{FLOWS}{hour:010d}/{_need(replica, 'replica id')}/{shard:03d}"
+
+    async def put_flow_shards(self, shards: Sequence[FlowShard]) -> None:
+        """Write these rollups (each replaces what its replica stored for its hour and shard)
+        in one transaction."""
+        for i in range(0, len(shards), _MAX_TXN_OPS):  # etcd caps the operations of one transaction
+            await self._kv.txn([], [Put(self._flow_key(s.hour, s.replica, s.shard), s.to_json())
+                                    for s in shards[i:i + _MAX_TXN_OPS]])
+
+    async def list_flow_shards(self, since_hour: int = 0) -> list[FlowShard]:
+        """Every replica's rollups of the hours from `since_hour` on (unreadable ones left out)."""
+        start = f"{FLOWS}{since_hour - 1:010d}/~" if since_hour > 0 else None
+        shards = []
+        for kv in await self._kv.range(FLOWS, start_after=start):
+            try:
+                shards.append(FlowShard.from_json(kv.value))
+            except RecordFormatError:
+                continue  # telemetry: one bad record must not hide the rest
+        return [s for s in shards if s.hour >= since_hour]
+
+    async def oldest_flow_hour(self) -> int | None:
+        """The oldest hour any replica stored rollups for (one key read)."""
+        first = await self._kv.range(FLOWS, limit=1)
+        text = first[0].key[len(FLOWS):len(FLOWS) + 10] if first else ""
+        return int(text) if text.isdigit() else None
+
+    async def delete_flow_hours(self, start: int, end: int) -> None:
+        """Delete every replica's rollups of the hours in [start, end), without reading them."""
+        hours = list(range(start, end))
+        for i in range(0, len(hours), _MAX_TXN_OPS):  # etcd caps the operations of one transaction
+            await self._kv.txn([], [DeletePrefix(f"{FLOWS}{h:010d}/") for h in hours[i:i + _MAX_TXN_OPS]])
 
     # -- policy ownership -----------------------------------------------------------
 

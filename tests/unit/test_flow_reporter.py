@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from trustmesh._proto.trustmesh.v1 import node_pb2
-from trustmesh.agent.proxy.reporter import MAX_REFUSAL_KEYS, FlowReporter
+from trustmesh._proto.trustmesh.v1 import node_pb2, types_pb2
+from trustmesh.agent.proxy.reporter import MAX_KEYS, MAX_REFUSAL_KEYS, FlowReporter
 from trustmesh.metrics import Registry
 from trustmesh.policy import Decision
 from trustmesh.spiffeid import SpiffeId
@@ -59,3 +59,72 @@ async def test_a_flood_of_refusal_keys_is_bounded(extra: int) -> None:
         reporter.refused("handshake", str(LEDGER), f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", "unknown CA")
     await reporter.flush()
     assert len(send.sent[0].refusals) == MAX_REFUSAL_KEYS
+
+
+async def test_bytes_join_their_connections_key_and_survive_a_failed_send() -> None:
+    send = Sender()
+    reporter = FlowReporter(send, Registry())
+    payments = SpiffeId.parse("spiffe://example.org/payments")
+    key = reporter.report(payments, LEDGER, 9443, Decision(True, "ledger allow[0]", "ok"))
+    reporter.traffic(key, 100, 2_000)  # a long-lived connection's first minute
+    send.fail = True
+    await reporter.flush()
+    reporter.traffic(key, 5, 7)  # its close, while the server is away
+    reporter.traffic(key, 0, 0)  # nothing moved: nothing counted
+    send.fail = False
+    await reporter.flush()
+    [counter] = send.sent[0].counters
+    assert (counter.count, counter.bytes_in, counter.bytes_out) == (1, 105, 2_007)
+    # Bytes after a flush come under the same key without counting another connection.
+    reporter.traffic(key, 1, 1)
+    await reporter.flush()
+    [later] = send.sent[1].counters
+    assert (later.count, later.bytes_in, later.bytes_out, later.rule) == (0, 1, 1, "ledger allow[0]")
+
+
+async def test_decisions_audit_mode_and_unverified_callers_on_the_wire() -> None:
+    send = Sender()
+    reporter = FlowReporter(send, Registry())
+    web = SpiffeId.parse("spiffe://example.org/web")
+    reporter.report(web, LEDGER, 1, Decision(True, "ledger allow[0]", "ok"))
+    reporter.report(web, LEDGER, 1, Decision(True, "ledger (audit mode)", "would deny", audit_only=True))
+    reporter.report(web, LEDGER, 1, Decision(False, "default deny", "no rule"))
+    key = reporter.unverified(LEDGER, 1, "10.0.0.7")
+    reporter.unverified(LEDGER, 1, "10.0.0.7")  # the same client again: one key, two connections
+    reporter.traffic(key, 18, 0)
+    await reporter.flush()
+    got = {(c.decision, c.mode, c.source_id, c.source_address, c.count, c.bytes_in) for c in send.sent[0].counters}
+    assert got == {
+        (node_pb2.FLOW_DECISION_ALLOW, types_pb2.POLICY_MODE_ENFORCE, str(web), "", 1, 0),
+        (node_pb2.FLOW_DECISION_ALLOW, types_pb2.POLICY_MODE_AUDIT, str(web), "", 1, 0),
+        (node_pb2.FLOW_DECISION_DENY, types_pb2.POLICY_MODE_ENFORCE, str(web), "", 1, 0),
+        (node_pb2.FLOW_DECISION_UNVERIFIED, types_pb2.POLICY_MODE_UNSPECIFIED, "", "10.0.0.7", 2, 18)}
+
+
+async def test_a_full_table_drops_new_edges_first_and_keeps_counting_known_ones() -> None:
+    send, metrics = Sender(), Registry()
+    reporter = FlowReporter(send, metrics)
+    keys = [reporter.unverified(LEDGER, 1, f"10.{i // 65536}.{i // 256 % 256}.{i % 256}") for i in range(MAX_KEYS)]
+    reporter.unverified(LEDGER, 1, "192.0.2.1")  # one edge too many: dropped, counted
+    reporter.unverified(LEDGER, 1, keys[0][5])  # a known edge: still counted
+    reporter.traffic(keys[1], 10, 10)
+    await reporter.flush()
+    counters = {c.source_address: c for r in send.sent for c in r.counters}
+    assert len(counters) == MAX_KEYS and "192.0.2.1" not in counters
+    assert counters[keys[0][5]].count == 2 and counters[keys[1][5]].bytes_in == 10
+    assert 'trustmesh_flow_keys_dropped_total{table="decisions"} 1.0' in metrics.render()
+
+
+async def test_a_full_table_goes_out_in_reports_the_server_accepts() -> None:
+    from trustmesh.agent.proxy.reporter import BATCH
+    from trustmesh.controlplane.issuance import MAX_FLOW_COUNTERS
+
+    send = Sender()
+    reporter = FlowReporter(send, Registry())
+    for i in range(MAX_KEYS):
+        reporter.unverified(LEDGER, 1, f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
+    for i in range(MAX_REFUSAL_KEYS):
+        reporter.refused("handshake", str(LEDGER), f"192.0.{i // 256}.{i % 256}", "unknown CA")
+    await reporter.flush()
+    sizes = [len(r.counters) + len(r.refusals) for r in send.sent]
+    assert max(sizes) <= BATCH <= MAX_FLOW_COUNTERS and sum(sizes) == MAX_KEYS + MAX_REFUSAL_KEYS

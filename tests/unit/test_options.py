@@ -41,7 +41,8 @@ def _sample(decl: Option) -> Any:
             "TEXT": "some-text", "N": "3", "TRUST_DOMAIN": "example.org", "LIST": SERVICES}[decl.parser.metavar]
 
 
-CONSISTENT = {"store": "etcd+https://10.1.2.3:2379"}
+# Options that only make sense with certain values (an etcd URL; a retention of whole hours).
+CONSISTENT = {"store": "etcd+https://10.1.2.3:2379", "flow_retention": "2h"}
 
 
 def _run_parser(command: tuple[str, str]) -> argparse.ArgumentParser:

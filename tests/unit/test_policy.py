@@ -260,3 +260,17 @@ def test_arbitrary_yaml_never_crashes_the_loader(text: str) -> None:
 @given(ids, ids, st.integers(1, 65535))
 def test_no_allowlist_means_deny(source: SpiffeId, destination: SpiffeId, port: int) -> None:
     assert not load_text("", "x", NOW).policy.decide(source, destination, port, NOW).allowed
+
+
+def test_an_audit_allowlist_without_rules_discovers_and_denies_nothing() -> None:
+    from datetime import datetime, timezone
+
+    from trustmesh.policy import load_text
+    from trustmesh.spiffeid import SpiffeId
+
+    loaded = load_text("apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {name: discover}\n"
+                       "spec: {destination: spiffe://e.org/*, mode: audit, allow: []}", "discover.yaml")
+    assert loaded.problems == ()
+    decision = loaded.policy.decide(SpiffeId.parse("spiffe://e.org/a"), SpiffeId.parse("spiffe://e.org/b"), 443,
+                                    datetime.now(timezone.utc))
+    assert decision.allowed and decision.audit_only and decision.rule == "discover (audit mode)"

@@ -303,7 +303,7 @@ ADMIN_RPCS = {
     "IssuePartnerCertificate", "RevokePartnerCertificate",
     "ListAuditEvents", "VerifyAudit",
     "AddOperator", "ListOperators", "DisableOperator", "RemoveOperator", "ResetOperator", "WhoAmI",
-    "GetPolicyOwners", "SetPolicyOwners",
+    "GetPolicyOwners", "SetPolicyOwners", "ListFlows",
     "RequestAccess", "ApproveAccess", "DenyAccess", "ListAccess", "RevokeAccess", "BreakGlass", "ReviewAccess",
 }  # fmt: skip
 

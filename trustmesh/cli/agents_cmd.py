@@ -48,12 +48,17 @@ def _list(args: argparse.Namespace) -> int:
     if not reply.agents:
         print("no attested agents")
         return 0
-    rows = [("AGENT", "NODE", "ATTESTATION", "SVID EXPIRES", "STATUS")]
+    rows = [("AGENT", "NODE", "ATTESTATION", "SVID EXPIRES", "STATUS", "PERMISSIVE")]
     for a in reply.agents:
-        rows.append((a.spiffe_id, a.node_name, a.attestation_type, format_utc(a.cert_not_after), status_of(a)))
+        rows.append((a.spiffe_id, a.node_name, a.attestation_type, format_utc(a.cert_not_after), status_of(a),
+                     str(len(a.permissive_listeners)) if a.permissive_listeners else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    for a in reply.agents:
+        if a.permissive_listeners:
+            print(f"\n{a.node_name}: permissive inbound listeners (plaintext callers are forwarded without an "
+                  f"identity; see `trustmesh flows --decision unverified`): {', '.join(a.permissive_listeners)}")
     for a in reply.agents:
         if a.status == types_pb2.AGENT_STATUS_SUSPECTED_CLONE:
             name = a.node_name

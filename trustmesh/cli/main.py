@@ -41,6 +41,10 @@ examples:
       the attested agents; `trustmesh agent ban node-7` cuts one off for good
   trustmesh policy test policies/ --from spiffe://example.org/payments --to spiffe://example.org/ledger
       would payments reach the ledger under these allowlists? (exit 0 allow, 1 deny)
+  trustmesh flows --since 7d; trustmesh graph --format dot | dot -Tsvg > mesh.svg
+      who talks to whom, from what the agents saw (before you write an allowlist)
+  trustmesh policy suggest --since 7d proposed/
+      allowlists (audit mode) that allow exactly the observed traffic
   trustmesh audit show --since 1h
       every attestation, issuance, admin change and refusal of the last hour
   trustmesh audit verify
@@ -82,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         ca_cmd,
         entry_cmd,
         federation_cmd,
+        flows_cmd,
         operator_cmd,
         partner_cmd,
         policy_cmd,
@@ -108,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     entry_cmd.register(commands)
     agents_cmd.register(commands)
     policy_cmd.register(commands)
+    flows_cmd.register(commands)
     audit_cmd.register(commands)
     ca_cmd.register(commands)
     federation_cmd.register(commands)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from trustmesh._proto.trustmesh.v1 import admin_pb2
@@ -17,10 +18,15 @@ from trustmesh.cli.admin_client import (
     read_input_file,
 )
 from trustmesh.cli.config import show_help
+from trustmesh.cli.flows_cmd import fetch_flows
 from trustmesh.clock import format_utc, parse_utc, utc_now
 from trustmesh.errors import InvalidSpiffeIdError, TrustmeshError
+from trustmesh.flows import Flow, flow_to_dict, read_jsonl
 from trustmesh.policy import Policy, bundle_documents, load_paths, load_text
 from trustmesh.policy.loader import REVISION
+from trustmesh.policy.model import IdPattern, PolicyError
+from trustmesh.policy.ownership import ownership_of
+from trustmesh.policy.suggest import simulate, suggest
 from trustmesh.spiffeid import SpiffeId
 
 EXAMPLES = """\
@@ -37,6 +43,8 @@ examples (the same files in CI and in production):
   trustmesh policy history; trustmesh policy rollback 7
   trustmesh policy owners --set owners.yaml --otp 123456   # which team owns which destinations (admin)
   trustmesh policy apply teams/payments/ --team payments   # replace the payments team's allowlists only
+  trustmesh policy suggest --since 7d proposed/         # allowlists (audit mode) from observed traffic
+  trustmesh policy simulate proposed/ --since 7d        # exit 1 if they would deny observed traffic
 
 policy files are read strictly: duplicate keys, anchors and aliases, tags other than the
 core ones, and YAML 1.1 numbers such as 010 or 1:20 are refused with file, document and
@@ -201,6 +209,104 @@ def _rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flows_for(args: argparse.Namespace) -> list[Flow]:
+    """The observed flows: a `flows export` file with --flows, else the server's window."""
+    if args.flows:
+        return read_jsonl(Path(args.flows))
+    return fetch_flows(args, args.since)[0]
+
+
+def _team_filter(args: argparse.Namespace) -> Callable[[str], bool] | None:
+    if not args.team:
+        return None
+    reply = call(args, lambda s: s.GetPolicyOwners(admin_pb2.GetPolicyOwnersRequest(), timeout=TIMEOUT))
+    ownership = ownership_of((IdPattern.parse(d), t.team) for t in reply.teams for d in t.destinations)
+    if args.team not in ownership.teams:
+        raise PolicyArgsError(f"--team {args.team!r} owns no destination (see `trustmesh policy owners`)")
+    return lambda destination: ownership.team_of(IdPattern.parse(destination)) == args.team
+
+
+def _suggest(args: argparse.Namespace) -> int:
+    if args.min_connections < 1:
+        raise PolicyArgsError("--min-connections must be at least 1")
+    try:
+        prefixes = [IdPattern.parse(p if p.endswith("/*") else p.rstrip("/") + "/*") for p in args.group_prefix]
+    except PolicyError as err:
+        raise PolicyArgsError(f"--group-prefix: {err}") from err
+    owns = _team_filter(args)
+    suggestions = suggest(_flows_for(args), min_connections=args.min_connections, owns=owns,
+                          group_prefixes=prefixes, team=args.team or "")
+    out = Path(args.out_dir)
+    taken = [s.filename for s in suggestions if (out / s.filename).exists()]
+    if taken and not args.force:
+        raise PolicyArgsError(f"{out} already holds {', '.join(taken[:5])}: choose an empty directory or pass --force")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for s in suggestions:
+            (out / s.filename).write_text(s.text)
+    except OSError as err:
+        raise PolicyArgsError(f"cannot write to {out}: {err.strerror}") from err
+    if args.json:
+        print_json([{"destination": s.destination, "file": str(out / s.filename), "allowlists": s.allowlists,
+                     "unverified_callers": s.unverified} for s in suggestions])
+        return 0
+    if not suggestions:
+        print("no traffic went through in the window: nothing to suggest (see `trustmesh flows`)")
+        return 0
+    for s in suggestions:
+        note = f", {s.unverified} unverified caller(s) to resolve (comments)" if s.unverified else ""
+        print(f"wrote {out / s.filename}: {s.allowlists} allowlist(s) for {s.destination}{note}")
+    print(f"next: trustmesh policy lint {out}; trustmesh policy simulate {out}; then apply (audit mode)")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    # 1 means "would break observed traffic", so bad input or no server must never read as 0 or 1.
+    try:
+        return _simulation(args)
+    except TrustmeshError as err:
+        print(f"trustmesh: error: {err}", file=sys.stderr)
+        return TEST_INVALID
+
+
+def _simulation(args: argparse.Namespace) -> int:
+    at = utc_now()
+    loaded = load_paths(args.paths, now=at, reject_expired=False)
+    if loaded.problems:
+        for problem in loaded.problems:
+            print(problem, file=sys.stderr)
+        raise PolicyArgsError("fix the problems above first (see `trustmesh policy lint`)")
+    result = simulate(loaded.policy, _flows_for(args), at)
+    if args.json:
+        print_json({
+            "would_deny": [flow_to_dict(r.flow) | {"candidate_rule": r.rule, "reason": r.reason}
+                           for r in result.would_deny],
+            "unused_rules": [{"rule": rule, "from": source} for rule, source in result.unused_rules],
+            "newly_allowed": [flow_to_dict(f) for f in result.newly_allowed],
+            "unverified": [flow_to_dict(f) for f in result.unverified],
+            "granted": [flow_to_dict(f) for f in result.granted],
+            "flows_judged": result.judged})
+        return TEST_DENY if result.would_deny else TEST_ALLOW
+    for r in result.would_deny:
+        f = r.flow
+        print(f"WOULD DENY  {f.source} -> {f.destination}:{f.port}  {f.connections} connection(s), last seen "
+              f"{format_utc(f.last_seen)}: {r.reason}")
+    for rule, source in result.unused_rules:
+        print(f"UNUSED      {rule} (from {source}): no observed flow used it")
+    for f in result.newly_allowed:
+        print(f"NEWLY ALLOWED  {f.source} -> {f.destination}:{f.port}  (denied {f.connections} time(s) in the window)")
+    for f in result.unverified:
+        print(f"UNVERIFIED  {f.source_address} -> {f.destination}:{f.port}  {f.connections} connection(s): a "
+              "plaintext caller no allowlist can admit; strict mode refuses it")
+    for f in result.granted:
+        print(f"GRANTED     {f.source} -> {f.destination}:{f.port}  {f.connections} connection(s) under "
+              f"{f.rule.split(' ')[0]}: just-in-time access, not judged")
+    verdict = (f"{len(result.would_deny)} observed flow(s) would be denied" if result.would_deny
+               else "no observed flow would be denied")
+    print(f"{verdict}; {len(result.unused_rules)} rule(s) unused; {result.judged} flow(s) replayed")
+    return TEST_DENY if result.would_deny else TEST_ALLOW
+
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     policy = commands.add_parser("policy", help="allowlists as code: lint, test, diff, apply, history, rollback",
                                  description="Service-to-service allowlists (default deny), checked in CI and "
@@ -260,6 +366,49 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--json", action="store_true", help="print JSON")
     add_socket_flag(p)
     p.set_defaults(func=_owners)
+
+    p = sub.add_parser(
+        "suggest", help="write allowlists (audit mode) that allow exactly the observed traffic",
+        description="One YAML file per destination that saw traffic in the window, allowing exactly the "
+                    "identities and ports that went through (allow or audit decisions), in audit mode, with each "
+                    "rule's evidence as a comment. Denied connections never become rules; plaintext (unverified) "
+                    "callers are listed as comments to resolve. The output passes `policy lint`.",
+        epilog="examples:\n  trustmesh policy suggest --since 7d proposed/\n"
+               "  trustmesh policy suggest --since 30d --min-connections 10 --team payments proposed/\n"
+               "  trustmesh policy suggest --since 7d --group-prefix spiffe://example.org/batch proposed/\n"
+               "  trustmesh policy suggest --flows flows.jsonl proposed/     (offline, from `flows export`)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out_dir", metavar="OUT_DIR", help="where to write the files (created if missing)")
+    p.add_argument("--since", metavar="WHEN", default="7d",
+                   help="the window: a duration back from now or an ISO time (default 7d)")
+    p.add_argument("--min-connections", type=int, default=1, metavar="N",
+                   help="leave out sources seen fewer than N times (default 1)")
+    p.add_argument("--team", metavar="TEAM", help="only the destinations this team owns (`policy owners`)")
+    p.add_argument("--group-prefix", action="append", default=[], metavar="PREFIX",
+                   help="allow every observed source under PREFIX as one PREFIX/* rule (repeatable)")
+    p.add_argument("--flows", metavar="FILE", help="read flows from a `flows export` file instead of the server")
+    p.add_argument("--force", action="store_true", help="overwrite files of the same names in OUT_DIR")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
+    add_socket_flag(p)
+    p.set_defaults(func=_suggest)
+
+    p = sub.add_parser(
+        "simulate", help="replay observed flows against candidate allowlists: what would they deny?",
+        description="Every flow that went through in the window (allow or audit) is decided again by the "
+                    "candidate allowlists as if enforced; prints each one they would deny, every rule no flow "
+                    "used, denied flows they would allow, and unverified callers. Exit 0 when no observed flow "
+                    "would be denied, 1 when some would, 2 for invalid input (bad files, no server). Read-only: "
+                    "the viewer or auditor role is enough; offline with --flows.",
+        epilog="examples:\n  trustmesh policy simulate policies/ --since 7d\n"
+               "  trustmesh policy simulate policies/ --flows flows.jsonl --json   (CI, no server)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="the candidate: YAML files or directories of them")
+    p.add_argument("--since", metavar="WHEN", default="7d",
+                   help="the window: a duration back from now or an ISO time (default 7d)")
+    p.add_argument("--flows", metavar="FILE", help="read flows from a `flows export` file instead of the server")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_socket_flag(p)
+    p.set_defaults(func=_simulate)
 
     p = sub.add_parser("show", help="print the documents of the current (or a given) revision")
     p.add_argument("--revision", type=int, help="a past revision (default: the current one)")

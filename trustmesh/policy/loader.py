@@ -160,8 +160,11 @@ def _load_one(raw: Any, doc: _Doc, now: datetime, reject_expired: bool) -> Allow
         doc.problem("spec.mode", f"unknown mode {mode!r}; use enforce or audit")
     rules: list[AllowRule] = []
     raw_rules = spec.get("allow")
-    if not isinstance(raw_rules, list) or not raw_rules:
-        doc.problem("spec.allow", "is required: a list of {from: SPIFFE ID or prefix/*, expires: optional time}")
+    if raw_rules == [] and mode == "audit":
+        pass  # discovery: cover destinations, deny nothing, and see in the flows what enforce would deny
+    elif not isinstance(raw_rules, list) or not raw_rules:
+        doc.problem("spec.allow", "is required: a list of {from: SPIFFE ID or prefix/*, expires: optional time} "
+                                  "(only an audit-mode allowlist may say `allow: []`, to discover traffic)")
         raw_rules = []
     elif len(raw_rules) > MAX_RULES_PER_ALLOWLIST:
         doc.problem("spec.allow", f"{len(raw_rules)} rules, above the limit of {MAX_RULES_PER_ALLOWLIST} "

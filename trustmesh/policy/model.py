@@ -18,6 +18,9 @@ from trustmesh.spiffeid import SpiffeId, TrustDomain
 Mode = Literal["enforce", "audit"]
 MODES: tuple[Mode, ...] = ("enforce", "audit")
 DEFAULT_DENY = "default deny"
+# The allowlists the registry view adds for just-in-time access grants are named this + the
+# grant's ID; a connection they decided is temporary access, never evidence for a standing rule.
+GRANT_ALLOWLIST_PREFIX = "access/"
 
 
 class PolicyError(TrustmeshError, ValueError):

@@ -15,6 +15,7 @@ pattern covers belongs to no team: only admins write its allowlists.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import yaml
@@ -106,5 +107,9 @@ def parse_ownership(text: str, source: str = "ownership") -> Ownership:
     if problems:
         shown = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise PolicyError(f"{source}: {shown}")
-    claims.sort(key=lambda c: _specificity(c[0]), reverse=True)
-    return Ownership(tuple(claims))
+    return ownership_of(claims)
+
+
+def ownership_of(claims: Iterable[tuple[IdPattern, str]]) -> Ownership:
+    """(pattern, team) claims, already checked, ordered most specific first."""
+    return Ownership(tuple(sorted(claims, key=lambda c: _specificity(c[0]), reverse=True)))

@@ -842,3 +842,51 @@ class ReviewAccessResponse(_message.Message):
     GRANT_FIELD_NUMBER: _ClassVar[int]
     grant: AccessGrant
     def __init__(self, grant: _Optional[_Union[AccessGrant, _Mapping]] = ...) -> None: ...
+
+class FlowEdge(_message.Message):
+    __slots__ = ("source", "destination", "port", "decision", "rule", "connections", "bytes_in", "bytes_out", "first_seen", "last_seen", "source_address")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    destination: str
+    port: int
+    decision: str
+    rule: str
+    connections: int
+    bytes_in: int
+    bytes_out: int
+    first_seen: int
+    last_seen: int
+    source_address: str
+    def __init__(self, source: _Optional[str] = ..., destination: _Optional[str] = ..., port: _Optional[int] = ..., decision: _Optional[str] = ..., rule: _Optional[str] = ..., connections: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., first_seen: _Optional[int] = ..., last_seen: _Optional[int] = ..., source_address: _Optional[str] = ...) -> None: ...
+
+class ListFlowsRequest(_message.Message):
+    __slots__ = ("since", "source", "destination", "decision")
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    since: int
+    source: str
+    destination: str
+    decision: str
+    def __init__(self, since: _Optional[int] = ..., source: _Optional[str] = ..., destination: _Optional[str] = ..., decision: _Optional[str] = ...) -> None: ...
+
+class ListFlowsResponse(_message.Message):
+    __slots__ = ("edges", "since", "until")
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    edges: _containers.RepeatedCompositeFieldContainer[FlowEdge]
+    since: int
+    until: int
+    def __init__(self, edges: _Optional[_Iterable[_Union[FlowEdge, _Mapping]]] = ..., since: _Optional[int] = ..., until: _Optional[int] = ...) -> None: ...

@@ -135,6 +135,11 @@ class AdminStub:
                 request_serializer=trustmesh_dot_v1_dot_admin__pb2.RollbackPolicyRequest.SerializeToString,
                 response_deserializer=trustmesh_dot_v1_dot_admin__pb2.RollbackPolicyResponse.FromString,
                 _registered_method=True)
+        self.ListFlows = channel.unary_unary(
+                '/trustmesh.v1.Admin/ListFlows',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.ListFlowsRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.ListFlowsResponse.FromString,
+                _registered_method=True)
         self.GetPolicyOwners = channel.unary_unary(
                 '/trustmesh.v1.Admin/GetPolicyOwners',
                 request_serializer=trustmesh_dot_v1_dot_admin__pb2.GetPolicyOwnersRequest.SerializeToString,
@@ -371,6 +376,14 @@ class AdminServicer:
 
     def RollbackPolicy(self, request, context):
         """Appends a new revision carrying an old revision's documents.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFlows(self, request, context):
+        """Who talked to whom: the agents' flow reports, summed per edge over a window
+        (every replica's).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -624,6 +637,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RollbackPolicy,
                     request_deserializer=trustmesh_dot_v1_dot_admin__pb2.RollbackPolicyRequest.FromString,
                     response_serializer=trustmesh_dot_v1_dot_admin__pb2.RollbackPolicyResponse.SerializeToString,
+            ),
+            'ListFlows': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFlows,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.ListFlowsRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.ListFlowsResponse.SerializeToString,
             ),
             'GetPolicyOwners': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPolicyOwners,
@@ -1271,6 +1289,33 @@ class Admin:
             '/trustmesh.v1.Admin/RollbackPolicy',
             trustmesh_dot_v1_dot_admin__pb2.RollbackPolicyRequest.SerializeToString,
             trustmesh_dot_v1_dot_admin__pb2.RollbackPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFlows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.Admin/ListFlows',
+            trustmesh_dot_v1_dot_admin__pb2.ListFlowsRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.ListFlowsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -14,9 +14,11 @@ class FlowDecision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLOW_DECISION_UNSPECIFIED: _ClassVar[FlowDecision]
     FLOW_DECISION_ALLOW: _ClassVar[FlowDecision]
     FLOW_DECISION_DENY: _ClassVar[FlowDecision]
+    FLOW_DECISION_UNVERIFIED: _ClassVar[FlowDecision]
 FLOW_DECISION_UNSPECIFIED: FlowDecision
 FLOW_DECISION_ALLOW: FlowDecision
 FLOW_DECISION_DENY: FlowDecision
+FLOW_DECISION_UNVERIFIED: FlowDecision
 
 class AttestRequest(_message.Message):
     __slots__ = ("csr", "join_token", "x509pop", "challenge_response")
@@ -79,7 +81,7 @@ class RenewAgentResponse(_message.Message):
     def __init__(self, svid_chain: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class SyncRequest(_message.Message):
-    __slots__ = ("since_revision", "bundle_sequences", "policy_revision")
+    __slots__ = ("since_revision", "bundle_sequences", "policy_revision", "permissive_listeners")
     class BundleSequencesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -90,10 +92,12 @@ class SyncRequest(_message.Message):
     SINCE_REVISION_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     POLICY_REVISION_FIELD_NUMBER: _ClassVar[int]
+    PERMISSIVE_LISTENERS_FIELD_NUMBER: _ClassVar[int]
     since_revision: int
     bundle_sequences: _containers.ScalarMap[str, int]
     policy_revision: int
-    def __init__(self, since_revision: _Optional[int] = ..., bundle_sequences: _Optional[_Mapping[str, int]] = ..., policy_revision: _Optional[int] = ...) -> None: ...
+    permissive_listeners: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, since_revision: _Optional[int] = ..., bundle_sequences: _Optional[_Mapping[str, int]] = ..., policy_revision: _Optional[int] = ..., permissive_listeners: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SyncResponse(_message.Message):
     __slots__ = ("revision", "snapshot", "delta")
@@ -198,7 +202,7 @@ class SignJWTResponse(_message.Message):
     def __init__(self, token: _Optional[str] = ..., expires_at: _Optional[int] = ...) -> None: ...
 
 class FlowCounter(_message.Message):
-    __slots__ = ("source_id", "destination_id", "port", "decision", "rule", "mode", "count", "first_seen", "last_seen")
+    __slots__ = ("source_id", "destination_id", "port", "decision", "rule", "mode", "count", "first_seen", "last_seen", "bytes_in", "bytes_out", "source_address")
     SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_ID_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +212,9 @@ class FlowCounter(_message.Message):
     COUNT_FIELD_NUMBER: _ClassVar[int]
     FIRST_SEEN_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     source_id: str
     destination_id: str
     port: int
@@ -217,7 +224,10 @@ class FlowCounter(_message.Message):
     count: int
     first_seen: int
     last_seen: int
-    def __init__(self, source_id: _Optional[str] = ..., destination_id: _Optional[str] = ..., port: _Optional[int] = ..., decision: _Optional[_Union[FlowDecision, str]] = ..., rule: _Optional[str] = ..., mode: _Optional[_Union[_types_pb2.PolicyMode, str]] = ..., count: _Optional[int] = ..., first_seen: _Optional[int] = ..., last_seen: _Optional[int] = ...) -> None: ...
+    bytes_in: int
+    bytes_out: int
+    source_address: str
+    def __init__(self, source_id: _Optional[str] = ..., destination_id: _Optional[str] = ..., port: _Optional[int] = ..., decision: _Optional[_Union[FlowDecision, str]] = ..., rule: _Optional[str] = ..., mode: _Optional[_Union[_types_pb2.PolicyMode, str]] = ..., count: _Optional[int] = ..., first_seen: _Optional[int] = ..., last_seen: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., source_address: _Optional[str] = ...) -> None: ...
 
 class RefusalCounter(_message.Message):
     __slots__ = ("kind", "subject", "peer", "reason", "count", "first_seen", "last_seen")

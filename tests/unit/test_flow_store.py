@@ -1,0 +1,188 @@
+"""Flow rollups on a real SQLite store: sums per edge and hour, what a replica keeps of an
+agent's report, restarts, every replica's view, retention, and the store's own bounds."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.unit.server_runtime import TD, Clock, server_runtime
+from trustmesh.controlplane.flow_audit import FlowCounter
+from trustmesh.controlplane.flow_store import HOUR, SHARDS, FlowQuery, FlowRollups, decision_of
+from trustmesh.controlplane.runtime import ServerRuntime
+from trustmesh.controlplane.store.records import FlowShard, RegistrationEntry
+from trustmesh.errors import InvalidArgumentError
+from trustmesh.flows import Flow, merge
+from trustmesh.spiffeid import SpiffeId
+
+AGENT = f"spiffe://{TD.name}/agent/node-1"
+WEB = f"spiffe://{TD.name}/web"
+LEDGER = f"spiffe://{TD.name}/ledger"
+OTHER = f"spiffe://{TD.name}/other"
+
+
+@dataclasses.dataclass
+class _Entry:
+    spiffe_id: SpiffeId
+
+
+class _View:
+    """The entries each agent may use (the registry view's answer), set by the test."""
+
+    def __init__(self, entries: dict[str, list[str]]) -> None:
+        self.entries = entries
+
+    def authorized_for(self, agent: str) -> list[RegistrationEntry]:
+        return [_Entry(SpiffeId.parse(i)) for i in self.entries.get(agent, [])]  # type: ignore[misc]
+
+
+def counter(src: str = WEB, dst: str = LEDGER, *, count: int = 1, port: int = 8443, denied: bool = False,
+            audit: bool = False, rule: str = "ledger allow[0]", at: float = 0.0, bytes_in: int = 0,
+            bytes_out: int = 0, unverified: bool = False, address: str = "") -> FlowCounter:
+    return FlowCounter(source_id=src, destination_id=dst, port=port, denied=denied, audit_mode=audit, rule=rule,
+                       count=count, first_seen=int(at), last_seen=int(at), bytes_in=bytes_in, bytes_out=bytes_out,
+                       unverified=unverified, source_address=address)
+
+
+def _with(rt: ServerRuntime, **options: object) -> ServerRuntime:
+    return dataclasses.replace(rt, config=dataclasses.replace(rt.config, **options))
+
+
+def _counted(rt: ServerRuntime, name: str, **labels: str) -> float:
+    return rt.metrics.counter(name, "", list(labels)).value(**labels)
+
+
+def test_decisions_follow_the_agents_encoding() -> None:
+    assert decision_of(counter()) == "allow"
+    assert decision_of(counter(denied=True)) == "deny"
+    assert decision_of(counter(audit=True)) == "audit"  # allowed only because of audit mode
+    assert decision_of(counter(src="", unverified=True, address="10.0.0.7")) == "unverified"
+
+
+def test_merge_sums_one_edge_and_keeps_others_apart() -> None:
+    a = Flow(WEB, LEDGER, 443, "allow", "r", 2, 10, 20, 100.0, 200.0)
+    b = dataclasses.replace(a, connections=3, bytes_in=1, bytes_out=2, first_seen=50.0, last_seen=150.0)
+    c = dataclasses.replace(a, decision="deny")
+    merged = merge([a, b, c])
+    assert merged == [dataclasses.replace(a, connections=5, bytes_in=11, bytes_out=22, first_seen=50.0,
+                                          last_seen=200.0), c]
+
+
+async def test_counters_sum_per_edge_and_only_the_agents_own_are_kept(tmp_path: Path) -> None:
+    clock = Clock(1_000 * HOUR + 600)
+    async with server_runtime(tmp_path, clock) as rt:
+        rollups = FlowRollups(rt, _View({AGENT: [WEB]}), "r1")
+        now = clock.now
+        rollups.add(AGENT, [counter(count=2, at=now, bytes_in=100, bytes_out=1_000),
+                            counter(count=3, at=now, bytes_in=5, bytes_out=7),
+                            counter(denied=True, rule="default deny", at=now),
+                            # Traffic between two services this agent does not run: a claim about others.
+                            counter(src=OTHER, dst=LEDGER, count=50, at=now)])
+        window = await rollups.query(FlowQuery())
+        assert [(f.source, f.decision, f.connections, f.bytes_in, f.bytes_out) for f in window.flows] == [
+            (WEB, "allow", 5, 105, 1_007), (WEB, "deny", 1, 0, 0)]
+        assert _counted(rt, "trustmesh_flow_counters_dropped_total", reason="not_the_agents") == 1
+        assert (await rollups.query(FlowQuery(decision="deny"))).flows[0].rule == "default deny"
+        assert (await rollups.query(FlowQuery(source=OTHER))).flows == []
+        with pytest.raises(InvalidArgumentError, match="--decision"):
+            await rollups.query(FlowQuery(decision="maybe"))
+
+
+async def test_times_come_from_the_servers_clock(tmp_path: Path) -> None:
+    clock = Clock(1_000 * HOUR + 600)
+    async with server_runtime(tmp_path, clock) as rt:
+        rollups = FlowRollups(rt, _View({AGENT: [WEB]}), "r1")
+        # An agent claiming last year or next year lands within the last interval of this hour.
+        rollups.add(AGENT, [counter(at=clock.now - 365 * 86400), counter(port=1, at=clock.now + 86400)])
+        for flow in (await rollups.query(FlowQuery())).flows:
+            assert 1_000 * HOUR <= flow.first_seen <= flow.last_seen <= clock.now
+
+
+async def test_a_restart_keeps_what_was_flushed_and_replicas_see_each_other(tmp_path: Path) -> None:
+    clock = Clock(1_000 * HOUR + 600)
+    async with server_runtime(tmp_path, clock) as rt:
+        view = _View({AGENT: [WEB]})
+        first = FlowRollups(rt, view, "r1")
+        first.add(AGENT, [counter(count=4, at=clock.now)])
+        await first.flush()
+        first.add(AGENT, [counter(count=1, at=clock.now)])  # not flushed: lost with the process
+        # The next process (a new replica name) and another replica both see the flushed sums.
+        second = FlowRollups(rt, view, "r2")
+        second.add(AGENT, [counter(count=10, at=clock.now)])
+        assert (await second.query(FlowQuery())).flows[0].connections == 14
+        # The first replica reads its own unflushed sums instead of its stored ones (no double count).
+        assert (await first.query(FlowQuery())).flows[0].connections == 5
+        await second.flush()
+        third = FlowRollups(rt, view, "r3")
+        assert (await third.query(FlowQuery())).flows[0].connections == 14
+
+
+async def test_writes_are_bounded_by_shards_not_by_traffic(tmp_path: Path) -> None:
+    clock = Clock(1_000 * HOUR + 600)
+    async with server_runtime(tmp_path, clock) as rt:
+        agents = {f"spiffe://{TD.name}/agent/n{i}": [f"spiffe://{TD.name}/svc{i}"] for i in range(200)}
+        rollups = FlowRollups(rt, _View(agents), "r1")
+        for agent, (own,) in agents.items():
+            rollups.add(agent, [counter(src=own, dst=f"{LEDGER}{j}", count=100, at=clock.now) for j in range(20)])
+        await rollups.flush()
+        assert _counted(rt, "trustmesh_flow_rollup_writes_total") == SHARDS  # 4,000 edges, 16 records
+        await rollups.flush()  # nothing new: nothing written
+        assert _counted(rt, "trustmesh_flow_rollup_writes_total") == SHARDS
+        assert len((await rollups.query(FlowQuery())).flows) == 4_000
+
+
+async def test_the_window_and_retention(tmp_path: Path) -> None:
+    clock = Clock(1_000 * HOUR + 600)
+    async with server_runtime(tmp_path, clock) as base:
+        rt = _with(base, flow_retention=timedelta(hours=3))
+        view = _View({AGENT: [WEB]})
+        rollups = FlowRollups(rt, view, "r1")
+        for hour in range(6):
+            rollups.add(AGENT, [counter(port=8000 + hour, at=clock.now)])
+            await rollups.flush()
+            clock.now += HOUR
+        # Now in hour 1006: retention 3 h keeps hours 1003 (partly) to 1005.
+        assert sorted(f.port for f in (await rollups.query(FlowQuery())).flows) == [8003, 8004, 8005]
+        since = clock.now - 2 * HOUR
+        assert sorted(f.port for f in (await rollups.query(FlowQuery(since=since))).flows) == [8004, 8005]
+        await rollups.prune()
+        stored = {s.hour for s in await rt.store.list_flow_shards()}
+        assert stored == {1003, 1004, 1005}
+        clock.now += HOUR
+        await rollups.prune()  # the next round deletes only the hour that fell out since
+        assert {s.hour for s in await rt.store.list_flow_shards()} == {1004, 1005}
+
+
+async def test_a_malformed_stored_rollup_is_left_out(tmp_path: Path) -> None:
+    async with server_runtime(tmp_path) as rt:
+        good = FlowShard(5, "r1", 0, (Flow(WEB, LEDGER, 1, "allow", "", 1, 0, 0, 1.0, 1.0),))
+        bad = FlowShard(5, "r1", 1, (Flow(WEB, LEDGER, 1, "maybe", "", 1, 0, 0, 1.0, 1.0),))
+        await rt.store.put_flow_shards([good, bad])
+        assert await rt.store.list_flow_shards() == [good]
+        assert await rt.store.oldest_flow_hour() == 5
+
+
+async def test_permissive_listeners_are_kept_on_the_agents_record_only_when_they_change(tmp_path: Path) -> None:
+    from trustmesh.controlplane.attestation import MAX_PERMISSIVE_LISTENERS, NodeAttestor
+    from trustmesh.controlplane.store.records import AttestedNode
+
+    async with server_runtime(tmp_path) as rt:
+        node = await rt.store.create_attested_node(AttestedNode(
+            spiffe_id=SpiffeId.parse(AGENT), node_name="node-1", attestation_type="join_token", cert_serial="01",
+            cert_not_after=2e9, banned=False, created_at=1.0, updated_at=1.0))
+        attestor = NodeAttestor(rt)
+        updated = await attestor.note_permissive_listeners(node, ["fx 0.0.0.0:7000", "fx 0.0.0.0:7000"])
+        assert updated is not None and updated.permissive_listeners == ("fx 0.0.0.0:7000",)
+        stored = await rt.store.get_attested_node(AGENT)
+        assert stored.permissive_listeners == ("fx 0.0.0.0:7000",)
+        assert await attestor.note_permissive_listeners(stored, ["fx 0.0.0.0:7000"]) is None  # no write, no event
+        events = [e for e in await rt.store.list_audit_events() if e.kind == "agent.permissive_listeners"]
+        assert len(events) == 1 and events[0].details["listeners"] == ["fx 0.0.0.0:7000"]
+        cleared = await attestor.note_permissive_listeners(stored, [])  # back to strict: recorded too
+        assert cleared is not None and cleared.permissive_listeners == ()
+        for hostile in (["x"] * (MAX_PERMISSIVE_LISTENERS + 1), ["fx\n0.0.0.0:1"], ["y" * 301]):
+            with pytest.raises(InvalidArgumentError, match="permissive_listeners"):
+                await attestor.note_permissive_listeners(cleared, [f"{h}{i}" for i, h in enumerate(hostile)])
