@@ -191,7 +191,7 @@ async def leader_duties(rt: ServerRuntime, interval: float = INTERVAL_SECONDS,
                     last_prune == float("-inf") or state.next_expiry() <= now)
                 await run_once(rt, prune=prune, state=state)
                 if flows is not None:
-                    await flows.prune()  # reads nothing once it knows the oldest hour
+                    await flows.maintain()  # once an hour: compaction and retention
                 if prune:
                     last_prune = rt.clock()
             except (StoreError, TrustmeshError) as err:

@@ -8,8 +8,11 @@ the traffic or the number of agents (one transaction per interval). A query read
 replica's records for the window, with this replica's unflushed sums in place of its own
 stored ones, so `trustmesh flows` sees what every replica received; idle, nothing is read.
 A restart loses at most one interval (a new process is a new replica name; what the old one
-stored stays and counts). The leader deletes hours older than `--flow-retention`, by key
-prefix, without reading them.
+stored stays and counts). The leader, once an hour, merges every replica's hours of each day
+that ended over two hours ago into one record set for the day, and days into weeks once the
+week ended seven days ago (a 30-day window then reads about 10 record sets, not 720), and
+deletes what fell out of `--flow-retention` by key prefix, without reading it. A window that
+reaches into a merged day or week starts where it starts (the answer says so).
 
 Reports are the agents' claims. A counter is kept only when the reporting agent runs the
 source or the destination (one of the entries it may use names it): a compromised agent can
@@ -26,13 +29,14 @@ import logging
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from trustmesh.controlplane.flow_audit import FlowCounter
 from trustmesh.controlplane.runtime import ServerRuntime
-from trustmesh.controlplane.store.records import FlowShard, RegistrationEntry
+from trustmesh.controlplane.store.records import FlowRow, FlowShard, RegistrationEntry
+from trustmesh.controlplane.store.store import HOURS_PER
 from trustmesh.errors import InvalidArgumentError, InvalidSpiffeIdError, StoreError
-from trustmesh.flows import DECISIONS, Flow, merge
+from trustmesh.flows import DECISIONS, Flow
 from trustmesh.logs import log_event
 from trustmesh.spiffeid import SpiffeId
 
@@ -41,7 +45,11 @@ log = logging.getLogger("trustmesh.flows")
 HOUR = 3600
 SHARDS = 16  # records per replica and hour; each holds about MAX_EDGES_PER_HOUR / SHARDS edges
 MAX_EDGES_PER_HOUR = 50_000  # per replica; past it, new edges are counted as dropped
+MAX_ROWS_PER_RECORD = 4_000  # about 600 KB of JSON
 KEEP_HOURS = 2  # hours kept in memory after their last write (the current and the previous one)
+COMPACT_AFTER_HOURS = 2  # a day's hours are merged into the day this long after it ended
+KEEP_DAYS = 7  # days are merged into their week once the week ended this many days ago
+COMPACTED = "compacted"  # the replica name of merged days and weeks
 
 
 class AuthorizedEntries(Protocol):
@@ -78,6 +86,38 @@ def decision_of(counter: FlowCounter) -> str:
     return "audit" if counter.audit_mode else "allow"
 
 
+class _Sums:
+    """Per-edge sums over many stored rows: one tight loop, a small list per edge, a Flow
+    only per edge at the end (a 30-day window can hold hundreds of thousands of rows)."""
+
+    def __init__(self, query: FlowQuery) -> None:
+        self._query = query
+        self._acc: dict[tuple[str, str, int, str, str, str], list[Any]] = {}
+
+    def add_rows(self, rows: list[FlowRow]) -> None:
+        acc, q = self._acc, self._query
+        for src, dst, port, decision, rule, conns, bytes_in, bytes_out, first, last, address in rows:
+            if (q.source and src != q.source) or (q.destination and dst != q.destination) \
+                    or (q.decision and decision != q.decision):
+                continue
+            key = (src, dst, port, decision, rule, address)
+            sums = acc.get(key)
+            if sums is None:
+                acc[key] = [conns, bytes_in, bytes_out, first, last]
+                continue
+            sums[0] += conns
+            sums[1] += bytes_in
+            sums[2] += bytes_out
+            if first < sums[3]:
+                sums[3] = first
+            if last > sums[4]:
+                sums[4] = last
+
+    def flows(self) -> list[Flow]:
+        return [Flow(k[0], k[1], k[2], k[3], k[4], a[0], a[1], a[2], float(a[3]), float(a[4]), k[5])
+                for k, a in sorted(self._acc.items())]
+
+
 def _well_formed(c: FlowCounter) -> bool:
     """SPIFFE IDs where identities belong; for an unverified caller no ID and an IP address
     (it is printed in tables, graphs and suggested files' comments: nothing else gets in)."""
@@ -99,7 +139,7 @@ class FlowRollups:
         self._replica = replica
         self._hours: dict[int, dict[tuple[str, str, int, str, str, str], Flow]] = {}
         self._dirty: set[int] = set()
-        self._pruned_to: int | None = None  # the leader's: hours before this are gone
+        self._maintained_hour: int | None = None  # the leader's: the hour of its last compaction
         metrics = rt.metrics
         self._kept = metrics.counter("trustmesh_flow_edges_reported_total", "flow counters added to the rollups")
         self._dropped = metrics.counter("trustmesh_flow_counters_dropped_total",
@@ -140,12 +180,8 @@ class FlowRollups:
     async def flush(self) -> None:
         """Write the hours that changed since the last flush (one transaction per 100 records)."""
         dirty, self._dirty = self._dirty, set()
-        shards = []
-        for hour in sorted(dirty):
-            parts: list[list[Flow]] = [[] for _ in range(SHARDS)]
-            for key, flow in self._hours.get(hour, {}).items():
-                parts[zlib.crc32(repr(key).encode()) % SHARDS].append(flow)
-            shards += [FlowShard(hour, self._replica, i, tuple(part)) for i, part in enumerate(parts) if part]
+        shards = [shard for hour in sorted(dirty)
+                  for shard in _shards(list(self._hours.get(hour, {}).values()), hour, self._replica)]
         try:
             await self._rt.store.put_flow_shards(shards)
         except StoreError:
@@ -179,28 +215,86 @@ class FlowRollups:
         retention = self._rt.config.flow_retention.total_seconds()
         since = max(query.since, now - retention) if query.since > 0 else now - retention
         since_hour = int(since // HOUR)
-        flows = [f for shard in await self._rt.store.list_flow_shards(since_hour)
-                 if not (shard.replica == self._replica and shard.hour in self._hours)
-                 for f in shard.edges]
-        flows += [f for hour, edges in self._hours.items() if hour >= since_hour for f in edges.values()]
-        return FlowWindow([f for f in merge(flows) if query.matches(f)], since_hour * HOUR, now)
+        stored = await self._rt.store.list_flow_rows(since_hour)
+        compacted = {(level, period) for level, period, _, _ in stored if level != "hour"}
+        sums, start = _Sums(query), since_hour
+        for level, period, replica, rows in stored:
+            if _covered(level, period, compacted):
+                continue  # already in a day or week the leader merged it into
+            if level == "hour" and replica == self._replica and period in self._hours:
+                continue  # ours: the fresher copy in memory below
+            sums.add_rows(rows)
+            start = min(start, period * HOURS_PER[level])
+        sums.add_rows([[f.source, f.destination, f.port, f.decision, f.rule, f.connections, f.bytes_in, f.bytes_out,
+                        f.first_seen, f.last_seen, f.source_address]
+                       for hour, edges in self._hours.items()
+                       if hour >= since_hour and not _covered("hour", hour, compacted) for f in edges.values()])
+        # A window reaching into merged days or weeks starts where the first of them starts.
+        return FlowWindow(sums.flows(), start * HOUR, now)
 
-    # --- retention (the leader) ------------------------------------------------------------
+    # --- compaction and retention (the leader) ---------------------------------------------
 
-    async def prune(self) -> None:
-        """Delete the hours that fell out of `--flow-retention`: the first time from the oldest
-        stored hour (one key read), then only the hours that fell out since."""
-        cutoff = int((self._rt.clock() - self._rt.config.flow_retention.total_seconds()) // HOUR)
-        start = self._pruned_to
-        if start is None:
-            start = await self._rt.store.oldest_flow_hour()
-            if start is None:
-                self._pruned_to = cutoff
-                return
-        if start < cutoff:
-            await self._rt.store.delete_flow_hours(start, cutoff)
-            log_event(log, "flow_hours_pruned", hours=cutoff - start, before=cutoff * HOUR)
-        self._pruned_to = max(start, cutoff)
+    async def maintain(self) -> None:
+        """Once an hour: merge hours into days and days into weeks, then drop what fell out of
+        `--flow-retention`. Reads nothing between hours (the leader calls this every round)."""
+        now_hour = int(self._rt.clock() // HOUR)
+        if now_hour == self._maintained_hour:
+            return
+        await self.compact(now_hour)
+        await self.prune(now_hour)
+        self._maintained_hour = now_hour
+
+    async def compact(self, now_hour: int) -> None:
+        """Merge every replica's hours of each day that ended long enough ago (no replica writes
+        it any more) into that day, and the days of each week older than KEEP_DAYS into that week,
+        so a 30-day window reads about 10 records per edge instead of 720. Idempotent: a period
+        merged before a crash is not merged twice (its parts are only deleted)."""
+        settle = max(COMPACT_AFTER_HOURS, 2 * int(self._rt.config.flow_rollup_interval.total_seconds() // HOUR) + 1)
+        for level, into, last in (("hour", "day", (now_hour - settle) // 24),
+                                  ("day", "week", (now_hour // 24 - KEEP_DAYS) // 7)):
+            per = HOURS_PER[into] // HOURS_PER[level]
+            oldest = await self._rt.store.oldest_flow_period(level)
+            while oldest is not None and oldest // per < last:
+                target = oldest // per
+                if not await self._rt.store.flow_rows_of(into, target):
+                    sums = _Sums(FlowQuery())
+                    for period in range(target * per, (target + 1) * per):
+                        for _, rows in await self._rt.store.flow_rows_of(level, period):
+                            sums.add_rows(rows)
+                    await self._rt.store.put_flow_shards(_shards(sums.flows(), target, COMPACTED), into)
+                await self._rt.store.delete_flow_periods(level, target * per, (target + 1) * per)
+                log_event(log, "flows_compacted", into=into, period=target, start=target * HOURS_PER[into] * HOUR)
+                oldest = await self._rt.store.oldest_flow_period(level)
+
+    async def prune(self, now_hour: int | None = None) -> None:
+        """Delete what fell out of `--flow-retention`: hours before the cutoff, and days and weeks
+        that ended before it (a week is kept until all of it has)."""
+        if now_hour is None:
+            now_hour = int(self._rt.clock() // HOUR)
+        cutoff = now_hour - int(self._rt.config.flow_retention.total_seconds() // HOUR)
+        for level in ("hour", "day", "week"):
+            end = cutoff // HOURS_PER[level]  # periods before this one ended before the cutoff
+            oldest = await self._rt.store.oldest_flow_period(level)
+            if oldest is not None and oldest < end:
+                await self._rt.store.delete_flow_periods(level, oldest, end)
+                log_event(log, "flows_pruned", rollup=level, periods=end - oldest, before=end * HOURS_PER[level] * HOUR)
+
+
+def _covered(level: str, period: int, compacted: set[tuple[str, int]]) -> bool:
+    first_hour = period * HOURS_PER[level]
+    return any((upper, first_hour // HOURS_PER[upper]) in compacted
+               for upper in ("day", "week") if HOURS_PER[upper] > HOURS_PER[level])
+
+
+def _shards(flows: list[Flow], period: int, replica: str) -> list[FlowShard]:
+    """`flows` spread over records by edge: SHARDS of them, more when a merged day or week holds
+    so many edges that a record would grow past MAX_ROWS_PER_RECORD (etcd refuses requests of
+    more than 1.5 MiB)."""
+    count = max(SHARDS, -(-len(flows) // MAX_ROWS_PER_RECORD))
+    parts: list[list[Flow]] = [[] for _ in range(count)]
+    for flow in flows:
+        parts[zlib.crc32(repr(flow.key).encode()) % count].append(flow)
+    return [FlowShard(period, replica, i, tuple(part)) for i, part in enumerate(parts) if part]
 
 
 __all__ = ["FlowQuery", "FlowRollups", "FlowWindow", "decision_of"]

@@ -7,7 +7,14 @@ the client's chain against its own trust domain's bundle, decide with the policy
 then forward bytes to the local service. Denied connections are closed right after the
 handshake and reported. Open connections are re-checked whenever the policy changes (and
 every second, so time-bound access lapses by itself); those no longer allowed, or whose
-client presented a certificate revoked since, are closed.
+client presented a certificate revoked since, are closed. Every forwarded connection is
+metered: its bytes each way are reported under its decision's flow key when it closes, and
+every TRAFFIC_SECONDS while it stays open (deltas, so nothing is counted twice).
+
+A permissive inbound listener (`mtls: permissive`, for a migration) peeks at each client's
+first byte without consuming it: a TLS handshake record goes the way above; anything else, or
+silence for PEEK_SECONDS, is a plaintext client, forwarded as it is with no identity and no
+policy decision, and reported as an `unverified` flow with its host address and its bytes.
 
 Outbound: accept plaintext from a local process, on loopback TCP or on a unix socket
 (`listen: unix:/path`), and first find out who it is (trustmesh.agent.localpeer): every
@@ -505,6 +512,9 @@ class InboundListener:
         the client's host so that someone finds and fixes it."""
         service = self.service
         assert service.inbound is not None
+        if transport.is_closing():  # its reader would never see the end: nothing to forward
+            self._handshake_refused(_address(transport), "closed", "the client closed the connection")
+            return
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=CHUNK, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
@@ -706,6 +716,10 @@ class OutboundListener:
             if peer != self.route.expect:
                 raise VerificationError(f"the server is {peer}, not the expected {self.route.expect}")
         except VerificationError as err:
+            # The only flow an outbound listener reports: one that never reached a decision. A
+            # connection that reaches the destination's inbound listener is counted there (its
+            # decision and its bytes), by the destination's agent, so counting it here too would
+            # report every edge twice.
             self.flow.report(self.service.spiffe_id, self.route.expect, port,
                              Decision(False, "server verification", str(err)))
             self.flow.connections.inc(service=self.service.name, direction="outbound", decision="refused")
@@ -713,7 +727,7 @@ class OutboundListener:
             writer.close()
             return
         self.flow.connections.inc(service=self.service.name, direction="outbound", decision="allow")
-        await _splice((reader, writer), (up_reader, up_writer))
+        await _splice((reader, writer), (up_reader, up_writer))  # not metered: the inbound side meters it
 
     async def close(self) -> None:
         if self._server is not None:

@@ -8,7 +8,10 @@ Counting never blocks a connection: a failed flush (the server out of reach) kee
 counters for the next one, so an outage loses nothing as long as memory allows. Memory is
 bounded: when a table is full, what is dropped first is a NEW key (an edge not seen since the
 last successful flush), counted only in the metrics (`trustmesh_flow_keys_dropped_total`);
-keys already held keep counting connections and bytes.
+keys already held keep counting connections and bytes. A failed flush puts its counters back
+ahead of those counted while it was in flight, and the bound holds there too: the keys that
+were waiting are kept, and a key first seen during the failed send is the one dropped. An
+unverified key carries the client's host, not its port, so one client is one key.
 """
 
 from __future__ import annotations
@@ -163,9 +166,15 @@ class FlowReporter:
             try:
                 await self._send(request)
             except grpc.aio.AioRpcError as err:
-                # Keep this batch and the ones not sent yet for the next flush.
-                _merge_back(self._counts, dict(batch + flows))
-                _merge_back(self._refusals, dict(refusal_batch + refused))
+                # Keep this batch and the ones not sent yet for the next flush, ahead of the keys
+                # counted while the send was in flight (which may not push the table past its bound).
+                self._counts, lost = _merge_back(dict(batch + flows), self._counts, MAX_KEYS)
+                if lost:
+                    self._dropped.inc(lost, table="decisions")
+                self._refusals, lost = _merge_back(dict(refusal_batch + refused), self._refusals,
+                                                   MAX_REFUSAL_KEYS)
+                if lost:
+                    self._dropped.inc(lost, table="refusals")
                 log_event(log, "flow_report_failed", level=logging.WARNING, code=err.code().name)
                 return
 
@@ -175,14 +184,20 @@ class FlowReporter:
             await self.flush()
 
 
-def _merge_back(into: dict[_K, _Count], unsent: dict[_K, _Count]) -> None:
-    """Put counters a failed flush could not send back in front of what was counted meanwhile."""
-    for key, c in unsent.items():
-        newer = into.get(key)
-        if newer is None:
-            into[key] = c
+def _merge_back(unsent: dict[_K, _Count], newer: dict[_K, _Count], limit: int) -> tuple[dict[_K, _Count], int]:
+    """The counters a failed flush could not send, with those counted while it was in flight
+    added in; a key new to both that would pass `limit` is dropped (the new edge goes first,
+    as in `_count`). Returns the table and how many keys were dropped."""
+    merged, dropped = dict(unsent), 0
+    for key, c in newer.items():
+        older = merged.get(key)
+        if older is not None:
+            older.count += c.count
+            older.last = max(older.last, c.last)
+            older.bytes_in += c.bytes_in
+            older.bytes_out += c.bytes_out
+        elif len(merged) < limit:
+            merged[key] = c
         else:
-            newer.count += c.count
-            newer.first = min(newer.first, c.first)
-            newer.bytes_in += c.bytes_in
-            newer.bytes_out += c.bytes_out
+            dropped += 1
+    return merged, dropped

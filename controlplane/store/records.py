@@ -718,6 +718,30 @@ class OwnershipRecord:
                    updated_at=float(_field(k, o, "updated_at", _NUMBER)), revision=revision)
 
 
+# One edge of a stored rollup as its JSON row: source, destination, port, decision, rule,
+# connections, bytes in, bytes out, first seen, last seen, source address. Rows stay lists
+# when read: a 30-day window is hundreds of thousands of them (benchmarks/flows.py).
+FlowRow = list[Any]
+_DECISIONS = frozenset(DECISIONS)
+
+
+def flow_rows(kind: str, raw: object) -> list[FlowRow]:
+    """The stored rows, each checked field by field (in one pass: no per-row objects)."""
+    if not isinstance(raw, list):
+        raise RecordFormatError(f"stored {kind} record field 'edges' must be a list")
+    for row in raw:
+        if type(row) is not list or len(row) != 11:
+            raise RecordFormatError(f"stored {kind} record has a malformed edge")
+        src, dst, port, decision, rule, conns, bytes_in, bytes_out, first, last, address = row
+        # `type(x) is int` on purpose: a JSON true is a bool, which isinstance would take for 1.
+        if not (type(src) is str and type(dst) is str and type(port) is int and 0 <= port <= 65535
+                and decision in _DECISIONS and type(rule) is str and type(conns) is int and conns >= 0
+                and type(bytes_in) is int and bytes_in >= 0 and type(bytes_out) is int and bytes_out >= 0
+                and type(first) in _NUMBER and type(last) in _NUMBER and type(address) is str):
+            raise RecordFormatError(f"stored {kind} record has a malformed edge")
+    return raw
+
+
 @dataclass(frozen=True)
 class FlowShard:
     """One replica's sums of one hour's flows, or the part of them that hashes to one shard."""
@@ -732,23 +756,21 @@ class FlowShard:
             [e.source, e.destination, e.port, e.decision, e.rule, e.connections, e.bytes_in, e.bytes_out,
              e.first_seen, e.last_seen, e.source_address] for e in self.edges]})
 
+    @staticmethod
+    def rows_from_json(data: bytes) -> tuple[int, str, list[FlowRow]]:
+        """(hour, replica, rows) of a stored record, checked, without a Flow per row."""
+        k = "flow rollup"
+        o = _load(k, data)
+        return _field(k, o, "hour", int), _field(k, o, "replica", str), flow_rows(k, o.get("edges"))
+
     @classmethod
     def from_json(cls, data: bytes) -> FlowShard:
         k = "flow rollup"
         o = _load(k, data)
-        raw = _field(k, o, "edges", list)
-        edges = []
-        for row in raw:
-            if not (isinstance(row, list) and len(row) == 11 and all(isinstance(v, str) for v in row[:2])
-                    and isinstance(row[2], int) and row[3] in DECISIONS and isinstance(row[4], str)
-                    and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in row[5:8])
-                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row[8:10])
-                    and isinstance(row[10], str) and 0 <= row[2] <= 65535):
-                raise RecordFormatError(f"stored {k} record has a malformed edge")
-            edges.append(Flow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
-                              float(row[8]), float(row[9]), row[10]))
+        edges = tuple(Flow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], float(r[8]), float(r[9]), r[10])
+                      for r in flow_rows(k, o.get("edges")))
         return cls(hour=_field(k, o, "hour", int), replica=_field(k, o, "replica", str),
-                   shard=_field(k, o, "shard", int), edges=tuple(edges))
+                   shard=_field(k, o, "shard", int), edges=edges)
 
 
 # --- the change feed ---------------------------------------------------------------------

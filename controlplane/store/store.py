@@ -62,6 +62,7 @@ from trustmesh.controlplane.store.records import (
     EntryChanged,
     FederationChanged,
     FederationRecord,
+    FlowRow,
     FlowShard,
     JoinToken,
     NodeChanged,
@@ -103,6 +104,11 @@ OPERATORS = "operators/"
 ACCESS = "access/"
 POLICY_OWNERS = "policy-owners"
 FLOWS = "flows/"
+FLOW_DAYS = "flows-day/"
+FLOW_WEEKS = "flows-week/"
+# Each level of flow rollups: its key prefix and the digits of its period numbers.
+FLOW_LEVELS = {"hour": (FLOWS, 10), "day": (FLOW_DAYS, 7), "week": (FLOW_WEEKS, 6)}
+HOURS_PER = {"hour": 1, "day": 24, "week": 24 * 7}
 SEAL_MARKER = "meta/sealed"
 
 # Every key that carries a MAC, and its record kind (the HKDF label of its MAC key).
@@ -120,11 +126,14 @@ SEALED_KINDS: tuple[tuple[str, str], ...] = (
     (ACCESS, "access-grant"),
     (POLICY_OWNERS, "policy-owners"),
     (FLOWS, "flow-rollup"),
+    (FLOW_DAYS, "flow-rollup"),
+    (FLOW_WEEKS, "flow-rollup"),
     (SEAL_MARKER, "meta"),
 )
 
 # etcd refuses transactions of more than --max-txn-ops operations (128 by default).
 _MAX_TXN_OPS = 100
+_MAX_TXN_BYTES = 1_000_000  # and requests of more than --max-request-bytes (1.5 MiB by default)
 
 # Writes without an expected revision retry this often when another writer slips in
 # between our read and our transaction, then give up with ConflictError.
@@ -702,41 +711,87 @@ class Store:
         await self._delete(OPERATORS + _need(name, "operator name"), f"operator {name}")
 
     # -- flow rollups ---------------------------------------------------------------
+    #
+    # Three levels, each a key range in time order (zero-padded period numbers): hours, per
+    # replica, as each replica writes them; days and weeks, merged over every replica, as the
+    # leader compacts older hours and days into them (controlplane/flow_store.py).
 
     @staticmethod
-    def _flow_key(hour: int, replica: str, shard: int) -> str:
-        # Zero-padded hours keep keys in time order, so a window is a range of keys.
-        return f"{FLOWS}{hour:010d}/{_need(replica, 'replica id')}/{shard:03d}"
+    def _flow_key(level: str, period: int, replica: str, shard: int) -> str:
+        prefix, digits = FLOW_LEVELS[level]
+        return f"{prefix}{period:0{digits}d}/{_need(replica, 'replica id')}/{shard:03d}"
 
-    async def put_flow_shards(self, shards: Sequence[FlowShard]) -> None:
-        """Write these rollups (each replaces what its replica stored for its hour and shard)
-        in one transaction."""
-        for i in range(0, len(shards), _MAX_TXN_OPS):  # etcd caps the operations of one transaction
-            await self._kv.txn([], [Put(self._flow_key(s.hour, s.replica, s.shard), s.to_json())
-                                    for s in shards[i:i + _MAX_TXN_OPS]])
+    async def put_flow_shards(self, shards: Sequence[FlowShard], level: str = "hour") -> None:
+        """Write these rollups (each replaces what was stored for its period, replica and
+        shard), in as few transactions as etcd allows."""
+        batch: list[Op] = []
+        size = 0
+        for shard in shards:
+            put = Put(self._flow_key(level, shard.hour, shard.replica, shard.shard), shard.to_json())
+            # etcd caps a transaction's operations (--max-txn-ops) and bytes (--max-request-bytes).
+            if batch and (len(batch) >= _MAX_TXN_OPS or size + len(put.value) > _MAX_TXN_BYTES):
+                await self._kv.txn([], batch)
+                batch, size = [], 0
+            batch.append(put)
+            size += len(put.value)
+        if batch:
+            await self._kv.txn([], batch)
 
     async def list_flow_shards(self, since_hour: int = 0) -> list[FlowShard]:
-        """Every replica's rollups of the hours from `since_hour` on (unreadable ones left out)."""
-        start = f"{FLOWS}{since_hour - 1:010d}/~" if since_hour > 0 else None
+        """Every replica's hourly rollups from `since_hour` on (unreadable ones left out)."""
         shards = []
-        for kv in await self._kv.range(FLOWS, start_after=start):
+        for kv in await self._flow_range("hour", since_hour):
             try:
                 shards.append(FlowShard.from_json(kv.value))
             except RecordFormatError:
                 continue  # telemetry: one bad record must not hide the rest
         return [s for s in shards if s.hour >= since_hour]
 
-    async def oldest_flow_hour(self) -> int | None:
-        """The oldest hour any replica stored rollups for (one key read)."""
-        first = await self._kv.range(FLOWS, limit=1)
-        text = first[0].key[len(FLOWS):len(FLOWS) + 10] if first else ""
+    async def list_flow_rows(self, since_hour: int = 0) -> list[tuple[str, int, str, list[FlowRow]]]:
+        """(level, period, replica, rows) of every stored rollup that may hold flows from
+        `since_hour` on: the weeks and days that contain or follow it, and its hours."""
+        out = []
+        for level, first in (("week", since_hour // HOURS_PER["week"]), ("day", since_hour // HOURS_PER["day"]),
+                             ("hour", since_hour)):
+            for kv in await self._flow_range(level, first):
+                try:
+                    period, replica, rows = FlowShard.rows_from_json(kv.value)
+                except RecordFormatError:
+                    continue
+                if period >= first:
+                    out.append((level, period, replica, rows))
+        return out
+
+    async def flow_rows_of(self, level: str, period: int) -> list[tuple[str, list[FlowRow]]]:
+        """(replica, rows) of one period's rollups at one level."""
+        prefix, digits = FLOW_LEVELS[level]
+        out = []
+        for kv in await self._kv.range(f"{prefix}{period:0{digits}d}/"):
+            try:
+                _, replica, rows = FlowShard.rows_from_json(kv.value)
+            except RecordFormatError:
+                continue
+            out.append((replica, rows))
+        return out
+
+    async def _flow_range(self, level: str, first: int) -> list[KeyValue]:
+        prefix, digits = FLOW_LEVELS[level]
+        start = f"{prefix}{first - 1:0{digits}d}/~" if first > 0 else None
+        return await self._kv.range(prefix, start_after=start)
+
+    async def oldest_flow_period(self, level: str = "hour") -> int | None:
+        """The oldest period stored at this level (one key read)."""
+        prefix, digits = FLOW_LEVELS[level]
+        first = await self._kv.range(prefix, limit=1)
+        text = first[0].key[len(prefix):len(prefix) + digits] if first else ""
         return int(text) if text.isdigit() else None
 
-    async def delete_flow_hours(self, start: int, end: int) -> None:
-        """Delete every replica's rollups of the hours in [start, end), without reading them."""
-        hours = list(range(start, end))
-        for i in range(0, len(hours), _MAX_TXN_OPS):  # etcd caps the operations of one transaction
-            await self._kv.txn([], [DeletePrefix(f"{FLOWS}{h:010d}/") for h in hours[i:i + _MAX_TXN_OPS]])
+    async def delete_flow_periods(self, level: str, start: int, end: int) -> None:
+        """Delete the rollups of the periods in [start, end) at this level, without reading them."""
+        prefix, digits = FLOW_LEVELS[level]
+        periods = list(range(start, end))
+        for i in range(0, len(periods), _MAX_TXN_OPS):  # etcd caps the operations of one transaction
+            await self._kv.txn([], [DeletePrefix(f"{prefix}{p:0{digits}d}/") for p in periods[i:i + _MAX_TXN_OPS]])
 
     # -- policy ownership -----------------------------------------------------------
 

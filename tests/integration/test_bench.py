@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-EXPECTED_PREFIXES = ("issuance.sqlite.", "issuance.etcd.", "propagation.policy.", "propagation.entry.", "idle_load.",
+EXPECTED_PREFIXES = ("flows.ingestion", "flows.store_writes.", "flows.idle_reads.", "flows.graph_latency",
+                     "flows.simulate_latency", "issuance.sqlite.", "issuance.etcd.", "propagation.policy.",
+                     "propagation.entry.", "idle_load.",
                      "workload_api.first_response", "workload_api.rotation_fanout", "workload_api.agent_rss",
                      "proxy.handshakes", "proxy.bulk", "proxy.cpu_per_1000_requests", "proxy.caller_check",
                      "scale.sync_cost_ratio", "scale.server_rss")
@@ -30,7 +32,7 @@ def test_quick_benchmarks_write_complete_results(tmp_path: Path) -> None:
         pytest.skip("nginx is not installed (scripts/test installs it)")
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick"], cwd=ROOT,
                             env={**os.environ, "TRUSTMESH_BENCH_OUT": str(tmp_path)}, capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads((tmp_path / "latest.json").read_text())
     assert isinstance(rows, list) and rows

@@ -29,6 +29,10 @@ def test_demo_runs_end_to_end_and_stops_everything() -> None:
     assert "frontend -> ledger after the grant's end: DENIED" in out
     assert "access.approve ok: by spiffe://example.org/operator/bob (role security-officer" in out
     assert "audit log intact" in out
+    # The service graph of the demo's own traffic, and a suggestion that replays clean.
+    assert "spiffe://example.org/payments -> spiffe://example.org/ledger:" in out and "flowchart LR" in out
+    assert '- from: "spiffe://example.org/payments"' in out
+    assert "policy simulate proposed/: no observed flow would be denied" in out
     assert "the forged one is not used" in out and "audit verify (exit 1): audit log BROKEN" in out
     assert out.rstrip().endswith("demo finished; everything stopped.")
     leftovers = subprocess.run(["pgrep", "-f", "trustmesh-demo-"], capture_output=True, text=True)

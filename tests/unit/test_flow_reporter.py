@@ -128,3 +128,30 @@ async def test_a_full_table_goes_out_in_reports_the_server_accepts() -> None:
     await reporter.flush()
     sizes = [len(r.counters) + len(r.refusals) for r in send.sent]
     assert max(sizes) <= BATCH <= MAX_FLOW_COUNTERS and sum(sizes) == MAX_KEYS + MAX_REFUSAL_KEYS
+
+
+async def test_keys_counted_during_a_failed_send_do_not_push_the_table_past_its_bound() -> None:
+    metrics = Registry()
+    hosts = [f"10.{i // 65536}.{i // 256 % 256}.{i % 256}" for i in range(MAX_KEYS)]
+
+    class Flooded(Sender):
+        async def __call__(self, request: node_pb2.ReportFlowsRequest) -> object:
+            # While the send is in flight (the table empty): a known edge and a flood of new ones.
+            reporter.unverified(LEDGER, 1, hosts[0])
+            for i in range(3):
+                reporter.unverified(LEDGER, 1, f"192.0.2.{i}")
+            return await super().__call__(request)
+
+    send = Flooded()
+    reporter = FlowReporter(send, metrics)
+    for host in hosts:
+        reporter.unverified(LEDGER, 1, host)
+    send.fail = True
+    await reporter.flush()
+    send.fail = False
+    await reporter.flush()
+    counters = {c.source_address: c.count for r in send.sent for c in r.counters}
+    # The waiting edges all kept, the known one counted again, the new ones of the failed send dropped.
+    assert sum(len(r.counters) for r in send.sent) == len(counters) == MAX_KEYS
+    assert set(counters) == set(hosts) and counters[hosts[0]] == 2
+    assert 'trustmesh_flow_keys_dropped_total{table="decisions"} 3.0' in metrics.render()

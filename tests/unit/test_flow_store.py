@@ -156,13 +156,92 @@ async def test_the_window_and_retention(tmp_path: Path) -> None:
         assert {s.hour for s in await rt.store.list_flow_shards()} == {1004, 1005}
 
 
+async def _stored_periods(rt: ServerRuntime) -> dict[str, set[int]]:
+    periods: dict[str, set[int]] = {}
+    for level, period, _, _ in await rt.store.list_flow_rows(0):
+        periods.setdefault(level, set()).add(period)
+    return periods
+
+
+async def test_the_leader_merges_hours_into_days_and_days_into_weeks_without_changing_a_sum(
+        tmp_path: Path) -> None:
+    day0 = 20_000  # in the week of days 19,999 to 20,005 (weeks of days since the epoch)
+    clock = Clock(day0 * 24 * HOUR + 600)
+    async with server_runtime(tmp_path, clock) as base:
+        rt = _with(base, flow_retention=timedelta(days=60))
+        view = _View({AGENT: [WEB], f"{AGENT}-2": [WEB]})
+        one, two = FlowRollups(rt, view, "r1"), FlowRollups(rt, view, "r2")
+        # 20 days, two replicas, a report every 6 hours: two edges each time.
+        for _ in range(20 * 4):
+            one.add(AGENT, [counter(count=2, at=clock.now, bytes_in=10), counter(port=1, at=clock.now)])
+            two.add(f"{AGENT}-2", [counter(count=3, at=clock.now, bytes_out=7)])
+            await one.flush()
+            await two.flush()
+            clock.now += 6 * HOUR
+        before = (await one.query(FlowQuery())).flows
+        await one.maintain()
+        periods = await _stored_periods(rt)
+        now_day = int(clock.now // HOUR) // 24
+        # Hours only for the last day or two, days for the last one or two weeks, weeks before.
+        assert min(periods["hour"]) // 24 >= now_day - 1
+        assert periods["day"] and periods["week"] and max(periods["week"]) * 7 < min(periods["day"])
+        after = await one.query(FlowQuery())
+        assert after.flows == before  # every sum, first and last seen: the same
+        # A window starting inside a merged week starts at that week (and says so).
+        inside = await one.query(FlowQuery(since=(day0 + 2) * 24 * HOUR))
+        assert inside.since == (day0 // 7) * 7 * 24 * HOUR == min(periods["week"]) * 7 * 24 * HOUR
+        edge = next(f for f in after.flows if f.port == 8443)
+        assert (edge.connections, edge.bytes_in, edge.bytes_out) == (80 * 5, 80 * 10, 80 * 7)
+        await one.maintain()  # within the same hour: nothing read, nothing written
+        assert await _stored_periods(rt) == periods
+
+
+async def test_a_merge_cut_short_is_not_counted_twice(tmp_path: Path) -> None:
+    clock = Clock(20_000 * 24 * HOUR + 600)
+    async with server_runtime(tmp_path, clock) as base:
+        rt = _with(base, flow_retention=timedelta(days=60))
+        rollups = FlowRollups(rt, _View({AGENT: [WEB]}), "r1")
+        for _ in range(24):
+            rollups.add(AGENT, [counter(at=clock.now)])
+            await rollups.flush()
+            clock.now += HOUR
+        clock.now += 3 * HOUR
+        before = (await rollups.query(FlowQuery())).flows
+        # The leader wrote the day, then died before deleting its hours.
+        day = [f for f in before]
+        await rt.store.put_flow_shards([FlowShard(20_000, "compacted", 0, tuple(day))], "day")
+        assert (await rollups.query(FlowQuery())).flows == before  # the hours under the day are skipped
+        await rollups.maintain()  # the next leader only deletes them
+        assert (await rollups.query(FlowQuery())).flows == before
+        assert "hour" not in await _stored_periods(rt) or \
+            all(h // 24 > 20_000 for h in (await _stored_periods(rt))["hour"])
+
+
+async def test_retention_drops_whole_days_and_weeks(tmp_path: Path) -> None:
+    clock = Clock(20_000 * 24 * HOUR + 600)
+    async with server_runtime(tmp_path, clock) as base:
+        rt = _with(base, flow_retention=timedelta(days=10))
+        rollups = FlowRollups(rt, _View({AGENT: [WEB]}), "r1")
+        for _ in range(40):
+            rollups.add(AGENT, [counter(at=clock.now)])
+            await rollups.flush()
+            clock.now += 24 * HOUR
+        await rollups.maintain()
+        cutoff_hour = int(clock.now // HOUR) - 10 * 24
+        for level, period, _, _ in await rt.store.list_flow_rows(0):
+            span = {"hour": 1, "day": 24, "week": 168}[level]
+            assert (period + 1) * span > cutoff_hour  # nothing that ended before the cutoff is kept
+        window = await rollups.query(FlowQuery())
+        assert window.flows and window.flows[0].connections <= 10 + 7  # at most a week beyond retention
+
+
 async def test_a_malformed_stored_rollup_is_left_out(tmp_path: Path) -> None:
     async with server_runtime(tmp_path) as rt:
         good = FlowShard(5, "r1", 0, (Flow(WEB, LEDGER, 1, "allow", "", 1, 0, 0, 1.0, 1.0),))
         bad = FlowShard(5, "r1", 1, (Flow(WEB, LEDGER, 1, "maybe", "", 1, 0, 0, 1.0, 1.0),))
         await rt.store.put_flow_shards([good, bad])
         assert await rt.store.list_flow_shards() == [good]
-        assert await rt.store.oldest_flow_hour() == 5
+        assert await rt.store.oldest_flow_period() == 5
 
 
 async def test_permissive_listeners_are_kept_on_the_agents_record_only_when_they_change(tmp_path: Path) -> None:

@@ -8,14 +8,19 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
 
 from tests.etcd_process import free_port
 from tests.unit.test_workload_api import TD, Authority
+from trustmesh.agent.config import AgentConfig
 from trustmesh.agent.proxy.listeners import Flow, InboundConfig, InboundListener, ServiceConfig
 from trustmesh.agent.proxy.reporter import FlowKey, kind_of
 from trustmesh.agent.proxy.tls import client_context
 from trustmesh.bundle import BundleSet
 from trustmesh.metrics import Registry
+from trustmesh.options import ConfigError
 from trustmesh.policy import Decision, load_text
 from trustmesh.spiffeid import SpiffeId
 
@@ -114,6 +119,16 @@ async def test_permissive_forwards_plaintext_as_unverified_and_still_serves_mtls
         assert seen.connections[allowed] == 1
 
 
+async def test_permissive_still_denies_an_mtls_client_the_policy_does_not_allow() -> None:
+    seen = Seen()
+    async with listening("permissive", seen) as (listener, authority):
+        client = client_context(authority.svid("web"), BundleSet([authority.bundle()]))
+        assert await _exchange(listener.port, b"hello fx", client) == b""
+        denied = (str(TD.spiffe_id("/web")), str(FX), listener.port, "deny", "default deny", "")
+        await _until(lambda: seen.connections)
+        assert seen.connections == {denied: 1} and seen.bytes == {}  # identity known: never unverified
+
+
 async def test_strict_refuses_plaintext() -> None:
     seen = Seen()
     async with listening("strict", seen) as (listener, _):
@@ -150,3 +165,31 @@ async def test_a_silent_plaintext_client_is_forwarded_after_the_peek_wait(monkey
         assert await asyncio.wait_for(reader.readexactly(4), 5) == b"late"
         writer.close()
         assert list(seen.connections) == [("", str(FX), listener.port, "unverified", "", "127.0.0.1")]
+
+
+def _agent_config(tmp_path: Path, inbound: str) -> AgentConfig:
+    from trustmesh.cli.agent_run_cmd import _build_config
+    from trustmesh.cli.main import build_parser
+
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("server: [127.0.0.1:8081]\ntrust-bundle: /x.pem\n"
+                   f"services: [{{name: fx, spiffe_id: '{FX}', inbound: {inbound}}}]\n")
+    config: AgentConfig = _build_config(build_parser().parse_args(["agent", "run", "--config", str(cfg)]))
+    return config
+
+
+@pytest.mark.parametrize(("inbound", "mtls"), [
+    ("{listen: 127.0.0.1:9443, forward: 127.0.0.1:8080}", "strict"),
+    ("{listen: 127.0.0.1:9443, forward: 127.0.0.1:8080, mtls: strict}", "strict"),
+    ("{listen: 127.0.0.1:9443, forward: 127.0.0.1:8080, mtls: permissive}", "permissive"),
+])
+def test_the_config_reads_the_mtls_mode(tmp_path: Path, inbound: str, mtls: str) -> None:
+    [service] = _agent_config(tmp_path, inbound).services
+    assert service.inbound is not None and service.inbound.mtls == mtls
+
+
+@pytest.mark.parametrize("mode", ["bogus", "Permissive", "[strict]", "true"])
+def test_an_unknown_mtls_mode_is_a_one_line_config_error(tmp_path: Path, mode: str) -> None:
+    with pytest.raises(ConfigError, match=r"services\[0\]\.inbound\.mtls: .* is not strict or permissive") as err:
+        _agent_config(tmp_path, f"{{listen: 127.0.0.1:9443, forward: 127.0.0.1:8080, mtls: {mode}}}")
+    assert "\n" not in str(err.value)

@@ -163,9 +163,13 @@ class Simulation:
     judged: int  # flows replayed
 
 
+def _enforced(policy: Policy) -> Policy:
+    return replace(policy, allowlists=tuple(replace(a, mode="enforce") for a in policy.allowlists))
+
+
 def simulate(candidate: Policy, flows: Iterable[Flow], at: datetime) -> Simulation:
     """Replay observed flows against `candidate` as if it were enforced."""
-    enforcing = replace(candidate, allowlists=tuple(replace(a, mode="enforce") for a in candidate.allowlists))
+    relevant: dict[str, Policy] = {}
     would_deny: list[Refused] = []
     newly_allowed: list[Flow] = []
     unverified: list[Flow] = []
@@ -184,13 +188,15 @@ def simulate(candidate: Policy, flows: Iterable[Flow], at: datetime) -> Simulati
         except InvalidSpiffeIdError:
             continue
         judged += 1
-        decision = candidate.decide(source, destination, flow.port, at)
+        if flow.destination not in relevant:  # each destination's allowlists, found once
+            relevant[flow.destination] = candidate.for_destinations([destination])
+        decision = relevant[flow.destination].decide(source, destination, flow.port, at)
         really_allowed = decision.allowed and not decision.audit_only
         if really_allowed:
             used.add(decision.rule)
         if flow.decision in WENT_THROUGH and not really_allowed:
             # The reason enforcement would give (audit mode only postpones it).
-            enforced = enforcing.decide(source, destination, flow.port, at)
+            enforced = _enforced(relevant[flow.destination]).decide(source, destination, flow.port, at)
             note = " (an audit-mode allowlist lets it through until enforced)" if decision.audit_only else ""
             would_deny.append(Refused(flow, enforced.rule, enforced.reason + note))
         elif flow.decision == "deny" and really_allowed:
