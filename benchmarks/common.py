@@ -49,3 +49,29 @@ def row(name: str, value: float, unit: str, reference: str, reference_value: flo
         ratio = value / reference_value if reference_value else 0.0
     return {"name": name, "value": round(value, 3), "unit": unit, "reference": reference,
             "reference_value": round(reference_value, 3), "ratio": round(ratio, 3), "goal": goal, "params": params}
+
+
+async def attested_channel(token: str, cfg: dict[str, str]) -> Any:
+    """A lightweight agent: attest with `token` over the real Node protocol, then a grpc.aio
+    channel to the Node API with the agent SVID it got (cfg: bind, attest, bundle, dns)."""
+    import grpc
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.integration.node_client import pem_chain
+    from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc
+    from trustmesh.keys import generate_private_key
+    from trustmesh.x509svid import build_csr
+
+    roots = Path(cfg["bundle"]).read_bytes()
+    options = [("grpc.ssl_target_name_override", cfg["dns"])]
+    key = generate_private_key()
+    async with grpc.aio.secure_channel(cfg["attest"], grpc.ssl_channel_credentials(roots), options=options) as ch:
+        call = node_pb2_grpc.NodeStub(ch).Attest(timeout=120)
+        await call.write(node_pb2.AttestRequest(csr=build_csr(key), join_token=token))
+        await call.done_writing()
+        reply = await call.read()
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    creds = grpc.ssl_channel_credentials(roots, key_pem, pem_chain(list(reply.result.svid_chain)))
+    return grpc.aio.secure_channel(cfg["bind"], creds, options=options)
+

@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import percentile, row  # noqa: E402
+from benchmarks.common import attested_channel, percentile, row  # noqa: E402
 from tests.etcd_process import free_port  # noqa: E402
 from tests.integration.harness import ServerProcess  # noqa: E402
 
@@ -54,26 +54,9 @@ spec:
 
 async def _agent(index: int, token: str, cfg: dict[str, str], out: queue.SimpleQueue[str],
                  ready: asyncio.Event, counter: list[int], total: int) -> None:
-    import grpc
-    from cryptography.hazmat.primitives import serialization
-
-    from tests.integration.node_client import pem_chain
     from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc
-    from trustmesh.keys import generate_private_key
-    from trustmesh.x509svid import build_csr
 
-    roots = Path(cfg["bundle"]).read_bytes()
-    options = [("grpc.ssl_target_name_override", cfg["dns"])]
-    key = generate_private_key()
-    async with grpc.aio.secure_channel(cfg["attest"], grpc.ssl_channel_credentials(roots), options=options) as ch:
-        call = node_pb2_grpc.NodeStub(ch).Attest(timeout=120)
-        await call.write(node_pb2.AttestRequest(csr=build_csr(key), join_token=token))
-        await call.done_writing()
-        reply = await call.read()
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    creds = grpc.ssl_channel_credentials(roots, key_pem, pem_chain(list(reply.result.svid_chain)))
-    async with grpc.aio.secure_channel(cfg["bind"], creds, options=options) as ch:
+    async with await attested_channel(token, cfg) as ch:
         stream = node_pb2_grpc.NodeStub(ch).Sync(node_pb2.SyncRequest())
         async for message in stream:
             now = time.time()

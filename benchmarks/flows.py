@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import row  # noqa: E402
+from benchmarks.common import attested_channel, row  # noqa: E402
 from tests.etcd_process import free_port, running_etcd  # noqa: E402
 from tests.integration.harness import ServerProcess, trustmesh_cmd  # noqa: E402
 
@@ -47,26 +47,9 @@ REPORT_SECONDS = 2.0  # what an agent's FlowReporter does (FLUSH_SECONDS)
 
 async def _worker_agent(index: int, token: str, source: str, cfg: dict[str, str], edges: int,
                         go: asyncio.Event, stop: asyncio.Event, sent: list[int]) -> None:
-    import grpc
-    from cryptography.hazmat.primitives import serialization
-
-    from tests.integration.node_client import pem_chain
     from trustmesh._proto.trustmesh.v1 import node_pb2, node_pb2_grpc
-    from trustmesh.keys import generate_private_key
-    from trustmesh.x509svid import build_csr
 
-    roots = Path(cfg["bundle"]).read_bytes()
-    options = [("grpc.ssl_target_name_override", cfg["dns"])]
-    key = generate_private_key()
-    async with grpc.aio.secure_channel(cfg["attest"], grpc.ssl_channel_credentials(roots), options=options) as ch:
-        call = node_pb2_grpc.NodeStub(ch).Attest(timeout=120)
-        await call.write(node_pb2.AttestRequest(csr=build_csr(key), join_token=token))
-        await call.done_writing()
-        reply = await call.read()
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    creds = grpc.ssl_channel_credentials(roots, key_pem, pem_chain(list(reply.result.svid_chain)))
-    async with grpc.aio.secure_channel(cfg["bind"], creds, options=options) as ch:
+    async with await attested_channel(token, cfg) as ch:
         stub = node_pb2_grpc.NodeStub(ch)
         await ch.channel_ready()
         sent[1] += 1
@@ -411,8 +394,8 @@ def run(quick: bool) -> list[dict[str, object]]:
                            "server_kept_counters": int(got["kept"]), "server_dropped_counters": int(got["dropped"]),
                            "client": "one asyncio process, one mTLS channel per agent, reports pre-built"}))
 
-    # The window covers at least 3 rollup intervals (3.2 in quick, 4 in full).
-    agents, workers, window, interval = (100, 2, 16.0, "5s") if quick else (1000, 4, 40.0, "10s")
+    # The window covers at least 3 rollup intervals (4 in both).
+    agents, workers, window, interval = (60, 2, 8.0, "2s") if quick else (1000, 4, 40.0, "10s")
     load = store_load(agents, workers, window, interval)
     params = {"agents": agents, "edges_per_agent": 20, "distinct_edges": agents * 20,
               "report_every_s": REPORT_SECONDS, "store": "etcd (one member, same machine)",
@@ -426,14 +409,15 @@ def run(quick: bool) -> list[dict[str, object]]:
                        {**params, "counted": "get, range, revision and watch operations while no agent reports",
                         "all_non_lease_ops_per_s": round(load["idle_ops_per_s"], 3)}, ratio=0.0))
 
-    edges, hours, active = (2_000, 72, 24) if quick else (10_000, 720, 24)
-    read = reading(edges, hours, active, 3)
+    edges, hours, active = (1_000, 48, 24) if quick else (10_000, 720, 24)
+    read = reading(edges, hours, active, 1 if quick else 3)
     params = {"edges": edges, "days": hours // 24, "stored_edge_rows": read["rows"], "edges_returned": read["edges"],
               "model": f"hourly rollups; each edge active in one fixed hour of every {active} (plus 1% of "
                        "hours at random)", "store": "sqlite (filled offline through the server's Store, sealed)",
               "list_flows_server_s": round(read["list_flows"], 3), "list_flows_reply_bytes": read["reply_bytes"],
               "periods_compacted_at_start": read["compacted"],
-              "timing": "median of 3 runs of the CLI as a process, after the leader's start-up compaction"}
+              "timing": f"median of {1 if quick else 3} run(s) of the CLI as a process, after the leader's start-up "
+                        "compaction"}
     results.append(row("flows.graph_latency", read["graph"], "s", "`trustmesh --version` (CLI start-up), same run",
                        read["startup"], "< 1 s", params))
     results.append(row("flows.simulate_latency", read["simulate"], "s",

@@ -118,18 +118,51 @@ class _Sums:
                 for k, a in sorted(self._acc.items())]
 
 
-def _well_formed(c: FlowCounter) -> bool:
+EdgeKey = tuple[str, str, int, str, str, str]  # source, destination, port, decision, rule, source address
+
+
+def _flows_of(edges: dict[EdgeKey, list[Any]]) -> list[Flow]:
+    return [Flow(k[0], k[1], k[2], k[3], k[4], a[0], a[1], a[2], float(a[3]), float(a[4]), k[5])
+            for k, a in edges.items()]
+
+
+class _Validity:
     """SPIFFE IDs where identities belong; for an unverified caller no ID and an IP address
-    (it is printed in tables, graphs and suggested files' comments: nothing else gets in)."""
-    try:
-        SpiffeId.parse(c.destination_id)
+    (it is printed in tables, graphs and suggested files' comments: nothing else gets in).
+    Each distinct text is checked once."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, bool] = {}
+        self._addresses: dict[str, bool] = {}
+
+    def _id(self, text: str) -> bool:
+        known = self._ids.get(text)
+        if known is None:
+            try:
+                SpiffeId.parse(text)
+                known = True
+            except InvalidSpiffeIdError:
+                known = False
+            self._ids[text] = known
+        return known
+
+    def _address(self, text: str) -> bool:
+        known = self._addresses.get(text)
+        if known is None:
+            try:
+                ipaddress.ip_address(text)
+                known = True
+            except ValueError:
+                known = False
+            self._addresses[text] = known
+        return known
+
+    def counter(self, c: FlowCounter) -> bool:
+        if not self._id(c.destination_id):
+            return False
         if c.unverified:
-            ipaddress.ip_address(c.source_address)
-            return not c.source_id
-        SpiffeId.parse(c.source_id)
-    except (InvalidSpiffeIdError, ValueError):
-        return False
-    return True
+            return not c.source_id and self._address(c.source_address)
+        return self._id(c.source_id)
 
 
 class FlowRollups:
@@ -137,7 +170,8 @@ class FlowRollups:
         self._rt = rt
         self._view = view
         self._replica = replica
-        self._hours: dict[int, dict[tuple[str, str, int, str, str, str], Flow]] = {}
+        # hour -> edge -> [connections, bytes in, bytes out, first seen, last seen]
+        self._hours: dict[int, dict[EdgeKey, list[Any]]] = {}
         self._dirty: set[int] = set()
         self._maintained_hour: int | None = None  # the leader's: the hour of its last compaction
         metrics = rt.metrics
@@ -157,22 +191,36 @@ class FlowRollups:
         hour = int(now // HOUR)
         edges = self._hours.setdefault(hour, {})
         oldest = max(hour * HOUR, now - self._rt.config.flow_rollup_interval.total_seconds() - 60)
+        valid = _Validity()  # a report names few distinct IDs many times: each is checked once
+        dropped: dict[str, int] = {}
+        kept = 0
         for c in counters:
-            if not _well_formed(c):
-                self._dropped.inc(reason="malformed")
+            if not valid.counter(c):
+                dropped["malformed"] = dropped.get("malformed", 0) + 1
                 continue
             if c.source_id not in own and c.destination_id not in own:
-                self._dropped.inc(reason="not_the_agents")
+                dropped["not_the_agents"] = dropped.get("not_the_agents", 0) + 1
                 continue
-            flow = Flow(c.source_id, c.destination_id, c.port, decision_of(c), c.rule, c.count, c.bytes_in,
-                        c.bytes_out, min(max(float(c.first_seen), oldest), now),
-                        min(max(float(c.last_seen), oldest), now), c.source_address if c.unverified else "")
-            known = edges.get(flow.key)
-            if known is None and len(edges) >= MAX_EDGES_PER_HOUR:
-                self._dropped.inc(reason="too_many_edges")
-                continue
-            edges[flow.key] = flow if known is None else known.merged(flow)
-            self._kept.inc()
+            key = (c.source_id, c.destination_id, c.port, decision_of(c), c.rule,
+                   c.source_address if c.unverified else "")
+            first = min(max(float(c.first_seen), oldest), now)
+            last = min(max(float(c.last_seen), oldest), now)
+            sums = edges.get(key)
+            if sums is None:
+                if len(edges) >= MAX_EDGES_PER_HOUR:
+                    dropped["too_many_edges"] = dropped.get("too_many_edges", 0) + 1
+                    continue
+                edges[key] = [c.count, c.bytes_in, c.bytes_out, first, last]
+            else:
+                sums[0] += c.count
+                sums[1] += c.bytes_in
+                sums[2] += c.bytes_out
+                sums[3] = min(sums[3], first)
+                sums[4] = max(sums[4], last)
+            kept += 1
+        for reason, count in dropped.items():
+            self._dropped.inc(count, reason=reason)
+        self._kept.inc(kept)
         self._dirty.add(hour)
 
     # --- persistence -------------------------------------------------------------------------
@@ -181,7 +229,7 @@ class FlowRollups:
         """Write the hours that changed since the last flush (one transaction per 100 records)."""
         dirty, self._dirty = self._dirty, set()
         shards = [shard for hour in sorted(dirty)
-                  for shard in _shards(list(self._hours.get(hour, {}).values()), hour, self._replica)]
+                  for shard in _shards(_flows_of(self._hours.get(hour, {})), hour, self._replica)]
         try:
             await self._rt.store.put_flow_shards(shards)
         except StoreError:
@@ -225,10 +273,9 @@ class FlowRollups:
                 continue  # ours: the fresher copy in memory below
             sums.add_rows(rows)
             start = min(start, period * HOURS_PER[level])
-        sums.add_rows([[f.source, f.destination, f.port, f.decision, f.rule, f.connections, f.bytes_in, f.bytes_out,
-                        f.first_seen, f.last_seen, f.source_address]
+        sums.add_rows([[k[0], k[1], k[2], k[3], k[4], *a, k[5]]
                        for hour, edges in self._hours.items()
-                       if hour >= since_hour and not _covered("hour", hour, compacted) for f in edges.values()])
+                       if hour >= since_hour and not _covered("hour", hour, compacted) for k, a in edges.items()])
         # A window reaching into merged days or weeks starts where the first of them starts.
         return FlowWindow(sums.flows(), start * HOUR, now)
 

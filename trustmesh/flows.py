@@ -7,7 +7,7 @@ CLI reads (`trustmesh flows`, `graph`, `policy suggest`, `policy simulate`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from trustmesh.clock import format_utc, parse_utc
@@ -42,22 +42,6 @@ class Flow:
     def key(self) -> tuple[str, str, int, str, str, str]:
         """What makes two flows one edge."""
         return (self.source, self.destination, self.port, self.decision, self.rule, self.source_address)
-
-    def merged(self, other: Flow) -> Flow:
-        """This edge's sums with `other`'s (the same edge, another span or replica)."""
-        return replace(self, connections=self.connections + other.connections,
-                       bytes_in=self.bytes_in + other.bytes_in, bytes_out=self.bytes_out + other.bytes_out,
-                       first_seen=min(self.first_seen, other.first_seen),
-                       last_seen=max(self.last_seen, other.last_seen))
-
-
-def merge(flows: list[Flow]) -> list[Flow]:
-    """One flow per edge, summed, in a stable order (source, destination, port, decision)."""
-    edges: dict[tuple[str, str, int, str, str, str], Flow] = {}
-    for flow in flows:
-        known = edges.get(flow.key)
-        edges[flow.key] = flow if known is None else known.merged(flow)
-    return sorted(edges.values(), key=lambda f: f.key)
 
 
 class FlowFormatError(TrustmeshError):

@@ -477,12 +477,8 @@ class InboundListener:
             writer.close()
             return
         self.flow.connections.inc(service=service.name, direction="inbound", decision="allow")
-        host, port = split_host_port(service.inbound.forward)
-        try:
-            upstream = await asyncio.wait_for(asyncio.open_connection(host, port), HANDSHAKE_TIMEOUT)
-        except (OSError, asyncio.TimeoutError) as err:
-            log_event(log, "forward_failed", level=logging.WARNING, service=service.name, error=str(err))
-            writer.close()
+        upstream = await self._dial_service(writer)
+        if upstream is None:
             return
         entry = _Open(source, self.port, chain_serials(sslobj), task)
         self._open.add(entry)
@@ -526,14 +522,21 @@ class InboundListener:
         host = split_host_port(source)[0] if source != "unknown" else source
         key = self.flow.unverified(service.spiffe_id, self.port, host)
         self.flow.connections.inc(service=service.name, direction="inbound", decision="unverified")
-        fhost, fport = split_host_port(service.inbound.forward)
+        upstream = await self._dial_service(writer)
+        if upstream is not None:
+            await self._forward((reader, writer), upstream, Meter(key))
+
+    async def _dial_service(self, client: asyncio.StreamWriter) -> tuple[asyncio.StreamReader,
+                                                                         asyncio.StreamWriter] | None:
+        """Connect to the local service; None (the client closed, the failure logged) when it is down."""
+        assert self.service.inbound is not None
+        host, port = split_host_port(self.service.inbound.forward)
         try:
-            upstream = await asyncio.wait_for(asyncio.open_connection(fhost, fport), HANDSHAKE_TIMEOUT)
+            return await asyncio.wait_for(asyncio.open_connection(host, port), HANDSHAKE_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as err:
-            log_event(log, "forward_failed", level=logging.WARNING, service=service.name, error=str(err))
-            writer.close()
-            return
-        await self._forward((reader, writer), upstream, Meter(key))
+            log_event(log, "forward_failed", level=logging.WARNING, service=self.service.name, error=str(err))
+            client.close()
+            return None
 
     def report_traffic(self) -> None:
         """Report the bytes open connections moved since their last report."""

@@ -15,7 +15,7 @@ from trustmesh.controlplane.flow_store import HOUR, SHARDS, FlowQuery, FlowRollu
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import FlowShard, RegistrationEntry
 from trustmesh.errors import InvalidArgumentError
-from trustmesh.flows import Flow, merge
+from trustmesh.flows import Flow
 from trustmesh.spiffeid import SpiffeId
 
 AGENT = f"spiffe://{TD.name}/agent/node-1"
@@ -60,15 +60,6 @@ def test_decisions_follow_the_agents_encoding() -> None:
     assert decision_of(counter(denied=True)) == "deny"
     assert decision_of(counter(audit=True)) == "audit"  # allowed only because of audit mode
     assert decision_of(counter(src="", unverified=True, address="10.0.0.7")) == "unverified"
-
-
-def test_merge_sums_one_edge_and_keeps_others_apart() -> None:
-    a = Flow(WEB, LEDGER, 443, "allow", "r", 2, 10, 20, 100.0, 200.0)
-    b = dataclasses.replace(a, connections=3, bytes_in=1, bytes_out=2, first_seen=50.0, last_seen=150.0)
-    c = dataclasses.replace(a, decision="deny")
-    merged = merge([a, b, c])
-    assert merged == [dataclasses.replace(a, connections=5, bytes_in=11, bytes_out=22, first_seen=50.0,
-                                          last_seen=200.0), c]
 
 
 async def test_counters_sum_per_edge_and_only_the_agents_own_are_kept(tmp_path: Path) -> None:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from trustmesh.errors import TrustmeshError
 from trustmesh.options import ConfigError, Option, declared, flag_name, has_default, key_name, shown_default
 
 __all__ = ["ConfigError", "HelpFormatter", "add_options", "build", "load_config", "load_config_file", "resolve",
@@ -161,5 +163,19 @@ def show_help(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace],
     def action(_args: argparse.Namespace) -> int:
         parser.print_help()
         return 2
+
+    return action
+
+
+def invalid_as(code: int, run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """`run` for a command whose exit codes mean something to a pipeline (0 pass, 1 fail): any
+    error (a bad file, no server) becomes one line and `code`, never a pass or a fail."""
+
+    def action(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except TrustmeshError as err:
+            print(f"trustmesh: error: {err}", file=sys.stderr)
+            return code
 
     return action

@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         agents_cmd,
         audit_cmd,
         ca_cmd,
+        check_cmd,
         entry_cmd,
         federation_cmd,
         flows_cmd,
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     agents_cmd.register(commands)
     policy_cmd.register(commands)
     flows_cmd.register(commands)
+    check_cmd.register(commands)
     audit_cmd.register(commands)
     ca_cmd.register(commands)
     federation_cmd.register(commands)

@@ -17,7 +17,7 @@ from trustmesh.cli.admin_client import (
     print_json,
     read_input_file,
 )
-from trustmesh.cli.config import show_help
+from trustmesh.cli.config import invalid_as, show_help
 from trustmesh.cli.flows_cmd import fetch_flows
 from trustmesh.clock import format_utc, parse_utc, utc_now
 from trustmesh.errors import InvalidSpiffeIdError, TrustmeshError
@@ -80,15 +80,6 @@ def _server_policy(args: argparse.Namespace) -> Policy:
     loaded = load_text(reply.policy.documents, f"revision {reply.policy.revision}", reject_expired=False,
                        limits=REVISION)
     return loaded.policy
-
-
-def _test(args: argparse.Namespace) -> int:
-    # 1 means deny, so a CI gate must never read a bad file or a missing server as "deny".
-    try:
-        return _test_decision(args)
-    except TrustmeshError as err:
-        print(f"trustmesh: error: {err}", file=sys.stderr)
-        return TEST_INVALID
 
 
 def _test_decision(args: argparse.Namespace) -> int:
@@ -260,15 +251,6 @@ def _suggest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _simulate(args: argparse.Namespace) -> int:
-    # 1 means "would break observed traffic", so bad input or no server must never read as 0 or 1.
-    try:
-        return _simulation(args)
-    except TrustmeshError as err:
-        print(f"trustmesh: error: {err}", file=sys.stderr)
-        return TEST_INVALID
-
-
 def _simulation(args: argparse.Namespace) -> int:
     at = utc_now()
     loaded = load_paths(args.paths, now=at, reject_expired=False)
@@ -332,7 +314,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--at", metavar="TIME", help="decide as of this ISO 8601 time, e.g. 2027-01-01T00:00:00Z; "
                                                 "rules expired by then do not match")
     add_socket_flag(p)
-    p.set_defaults(func=_test)
+    p.set_defaults(func=invalid_as(TEST_INVALID, _test_decision))  # 1 means deny: never an error
 
     for name, func, text in (("diff", _diff, "show what applying these files would change on the server"),
                              ("apply", _apply, "validate, then store these files as a new policy revision")):
@@ -408,7 +390,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--flows", metavar="FILE", help="read flows from a `flows export` file instead of the server")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_socket_flag(p)
-    p.set_defaults(func=_simulate)
+    p.set_defaults(func=invalid_as(TEST_INVALID, _simulation))  # 1: would deny observed traffic
 
     p = sub.add_parser("show", help="print the documents of the current (or a given) revision")
     p.add_argument("--revision", type=int, help="a past revision (default: the current one)")
