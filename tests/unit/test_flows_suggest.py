@@ -187,3 +187,13 @@ def test_just_in_time_access_is_never_evidence_for_a_standing_rule() -> None:
     assert f"#   {FX}: 4 connection(s)" in s.text
     result = simulate(policy, [granted, *OBSERVED[:1]], NOW)
     assert result.would_deny == [] and result.granted == [granted]
+
+
+def test_destinations_with_the_same_file_name_do_not_overwrite_each_other(tmp_path: Path) -> None:
+    clashing = [flow(WEB, f"{TD}/a-b"), flow(WEB, f"{TD}/a/b"), flow(WEB, "spiffe://other.example/a-b")]
+    suggestions = suggest(clashing)
+    assert len({s.filename for s in suggestions}) == 3
+    out = write(tmp_path, clashing)
+    loaded = load_paths([out])
+    assert loaded.problems == ()  # names unique too
+    assert sorted(str(a.destination) for a in loaded.policy.allowlists) == sorted(f.destination for f in clashing)

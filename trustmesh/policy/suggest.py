@@ -10,6 +10,7 @@ the ports it used, and prefixes only where `--group-prefix` asks for them.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from collections import defaultdict
@@ -54,9 +55,15 @@ class Suggestion:
     unverified: int  # unverified callers listed as comments
 
 
-def _slug(destination: str) -> str:
+def _slug(destination: str, taken: set[str]) -> str:
+    """A file and allowlist name for `destination`, unique in this suggestion: /a-b and /a/b,
+    or the same path in two trust domains, must not overwrite each other."""
     path = SpiffeId.parse(destination).path.strip("/")
-    return re.sub(r"[^a-z0-9]+", "-", path.lower()).strip("-") or "root"
+    slug = re.sub(r"[^a-z0-9]+", "-", path.lower()).strip("-")[:80] or "root"
+    if slug in taken:
+        slug = f"{slug}-{hashlib.sha256(destination.encode()).hexdigest()[:8]}"
+    taken.add(slug)
+    return slug
 
 
 def _grouped(source: str, prefixes: Sequence[IdPattern]) -> str:
@@ -105,6 +112,7 @@ def suggest(flows: Iterable[Flow], *, min_connections: int = 1, owns: Callable[[
         except InvalidSpiffeIdError:
             continue  # a flow an agent reported with a malformed ID proves nothing
     out = []
+    taken: set[str] = set()
     for destination in sorted(set(seen) | set(unverified) | set(granted)):
         sources = {s: e for s, e in seen.get(destination, {}).items() if e.connections >= min_connections}
         callers = unverified.get(destination, {})
@@ -115,7 +123,7 @@ def suggest(flows: Iterable[Flow], *, min_connections: int = 1, owns: Callable[[
         groups: dict[tuple[int, ...], list[str]] = defaultdict(list)
         for source, evidence in sources.items():
             groups[tuple(sorted(evidence.ports))].append(source)
-        slug = _slug(destination)
+        slug = _slug(destination, taken)
         lines = [f"# Suggested by `trustmesh policy suggest` from observed traffic to {destination}.",
                  "# Audit mode: nothing is denied yet. Check it (`policy simulate`), apply it, watch for",
                  "# would-deny flows (`trustmesh flows --decision audit`), then set mode: enforce."]
