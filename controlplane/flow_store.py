@@ -27,7 +27,7 @@ import asyncio
 import ipaddress
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,7 +35,7 @@ from trustmesh.controlplane.flow_audit import FlowCounter
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import FlowRow, FlowShard, RegistrationEntry
 from trustmesh.controlplane.store.store import HOURS_PER
-from trustmesh.errors import InvalidArgumentError, InvalidSpiffeIdError, StoreError
+from trustmesh.errors import InvalidArgumentError, StoreError
 from trustmesh.flows import DECISIONS, Flow
 from trustmesh.logs import log_event
 from trustmesh.spiffeid import SpiffeId
@@ -65,10 +65,10 @@ class FlowQuery:
     destination: str = ""
     decision: str = ""
 
-    def matches(self, flow: Flow) -> bool:
-        return ((not self.source or flow.source == self.source)
-                and (not self.destination or flow.destination == self.destination)
-                and (not self.decision or flow.decision == self.decision))
+    def matches(self, source: str, destination: str, decision: str) -> bool:
+        return ((not self.source or source == self.source)
+                and (not self.destination or destination == self.destination)
+                and (not self.decision or decision == self.decision))
 
 
 @dataclass(frozen=True)
@@ -86,83 +86,83 @@ def decision_of(counter: FlowCounter) -> str:
     return "audit" if counter.audit_mode else "allow"
 
 
-class _Sums:
-    """Per-edge sums over many stored rows: one tight loop, a small list per edge, a Flow
-    only per edge at the end (a 30-day window can hold hundreds of thousands of rows)."""
+EdgeKey = tuple[str, str, int, str, str, str]  # source, destination, port, decision, rule, source address
 
-    def __init__(self, query: FlowQuery) -> None:
-        self._query = query
-        self._acc: dict[tuple[str, str, int, str, str, str], list[Any]] = {}
+
+class _Sums:
+    """Per-edge sums: a small list per edge ([connections, bytes in, bytes out, first seen,
+    last seen]), a Flow only per edge at the end (a 30-day window can hold hundreds of
+    thousands of stored rows). An hour's sums in memory, and a query's, are both one of these."""
+
+    def __init__(self, query: FlowQuery | None = None) -> None:
+        self._query = query or FlowQuery()
+        self._acc: dict[EdgeKey, list[Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self._acc)
+
+    def __contains__(self, key: EdgeKey) -> bool:
+        return key in self._acc
+
+    def add(self, key: EdgeKey, conns: int, bytes_in: int, bytes_out: int, first: float, last: float) -> None:
+        sums = self._acc.get(key)
+        if sums is None:
+            self._acc[key] = [conns, bytes_in, bytes_out, first, last]
+            return
+        sums[0] += conns
+        sums[1] += bytes_in
+        sums[2] += bytes_out
+        if first < sums[3]:
+            sums[3] = first
+        if last > sums[4]:
+            sums[4] = last
 
     def add_rows(self, rows: list[FlowRow]) -> None:
-        acc, q = self._acc, self._query
+        """Stored rows (records.FlowRow), the ones the query wants."""
+        wanted = self._query.matches
         for src, dst, port, decision, rule, conns, bytes_in, bytes_out, first, last, address in rows:
-            if (q.source and src != q.source) or (q.destination and dst != q.destination) \
-                    or (q.decision and decision != q.decision):
-                continue
-            key = (src, dst, port, decision, rule, address)
-            sums = acc.get(key)
-            if sums is None:
-                acc[key] = [conns, bytes_in, bytes_out, first, last]
-                continue
-            sums[0] += conns
-            sums[1] += bytes_in
-            sums[2] += bytes_out
-            if first < sums[3]:
-                sums[3] = first
-            if last > sums[4]:
-                sums[4] = last
+            if wanted(src, dst, decision):
+                self.add((src, dst, port, decision, rule, address), conns, bytes_in, bytes_out, first, last)
+
+    def add_sums(self, other: _Sums) -> None:
+        for key, sums in other._acc.items():
+            if self._query.matches(key[0], key[1], key[3]):
+                self.add(key, *sums)
 
     def flows(self) -> list[Flow]:
+        """The edges' flows, in edge order."""
         return [Flow(k[0], k[1], k[2], k[3], k[4], a[0], a[1], a[2], float(a[3]), float(a[4]), k[5])
                 for k, a in sorted(self._acc.items())]
 
 
-EdgeKey = tuple[str, str, int, str, str, str]  # source, destination, port, decision, rule, source address
-
-
-def _flows_of(edges: dict[EdgeKey, list[Any]]) -> list[Flow]:
-    return [Flow(k[0], k[1], k[2], k[3], k[4], a[0], a[1], a[2], float(a[3]), float(a[4]), k[5])
-            for k, a in edges.items()]
+def _checked(cache: dict[str, bool], text: str, parse: Callable[[str], object]) -> bool:
+    """Whether `parse` accepts `text` (it raises ValueError if not), asked once per text."""
+    known = cache.get(text)
+    if known is None:
+        try:
+            parse(text)
+            known = True
+        except ValueError:  # InvalidSpiffeIdError is one
+            known = False
+        cache[text] = known
+    return known
 
 
 class _Validity:
     """SPIFFE IDs where identities belong; for an unverified caller no ID and an IP address
     (it is printed in tables, graphs and suggested files' comments: nothing else gets in).
-    Each distinct text is checked once."""
+    A report names few distinct texts many times: each is checked once."""
 
     def __init__(self) -> None:
         self._ids: dict[str, bool] = {}
         self._addresses: dict[str, bool] = {}
 
-    def _id(self, text: str) -> bool:
-        known = self._ids.get(text)
-        if known is None:
-            try:
-                SpiffeId.parse(text)
-                known = True
-            except InvalidSpiffeIdError:
-                known = False
-            self._ids[text] = known
-        return known
-
-    def _address(self, text: str) -> bool:
-        known = self._addresses.get(text)
-        if known is None:
-            try:
-                ipaddress.ip_address(text)
-                known = True
-            except ValueError:
-                known = False
-            self._addresses[text] = known
-        return known
-
     def counter(self, c: FlowCounter) -> bool:
-        if not self._id(c.destination_id):
+        if not _checked(self._ids, c.destination_id, SpiffeId.parse):
             return False
         if c.unverified:
-            return not c.source_id and self._address(c.source_address)
-        return self._id(c.source_id)
+            return not c.source_id and _checked(self._addresses, c.source_address, ipaddress.ip_address)
+        return _checked(self._ids, c.source_id, SpiffeId.parse)
 
 
 class FlowRollups:
@@ -170,8 +170,7 @@ class FlowRollups:
         self._rt = rt
         self._view = view
         self._replica = replica
-        # hour -> edge -> [connections, bytes in, bytes out, first seen, last seen]
-        self._hours: dict[int, dict[EdgeKey, list[Any]]] = {}
+        self._hours: dict[int, _Sums] = {}  # this replica's sums of the recent hours
         self._dirty: set[int] = set()
         self._maintained_hour: int | None = None  # the leader's: the hour of its last compaction
         metrics = rt.metrics
@@ -189,9 +188,9 @@ class FlowRollups:
         own = {str(e.spiffe_id) for e in self._view.authorized_for(agent)}
         now = self._rt.clock()
         hour = int(now // HOUR)
-        edges = self._hours.setdefault(hour, {})
+        edges = self._hours.setdefault(hour, _Sums())
         oldest = max(hour * HOUR, now - self._rt.config.flow_rollup_interval.total_seconds() - 60)
-        valid = _Validity()  # a report names few distinct IDs many times: each is checked once
+        valid = _Validity()
         dropped: dict[str, int] = {}
         kept = 0
         for c in counters:
@@ -203,20 +202,11 @@ class FlowRollups:
                 continue
             key = (c.source_id, c.destination_id, c.port, decision_of(c), c.rule,
                    c.source_address if c.unverified else "")
-            first = min(max(float(c.first_seen), oldest), now)
-            last = min(max(float(c.last_seen), oldest), now)
-            sums = edges.get(key)
-            if sums is None:
-                if len(edges) >= MAX_EDGES_PER_HOUR:
-                    dropped["too_many_edges"] = dropped.get("too_many_edges", 0) + 1
-                    continue
-                edges[key] = [c.count, c.bytes_in, c.bytes_out, first, last]
-            else:
-                sums[0] += c.count
-                sums[1] += c.bytes_in
-                sums[2] += c.bytes_out
-                sums[3] = min(sums[3], first)
-                sums[4] = max(sums[4], last)
+            if key not in edges and len(edges) >= MAX_EDGES_PER_HOUR:
+                dropped["too_many_edges"] = dropped.get("too_many_edges", 0) + 1
+                continue
+            edges.add(key, c.count, c.bytes_in, c.bytes_out, min(max(float(c.first_seen), oldest), now),
+                      min(max(float(c.last_seen), oldest), now))
             kept += 1
         for reason, count in dropped.items():
             self._dropped.inc(count, reason=reason)
@@ -229,7 +219,8 @@ class FlowRollups:
         """Write the hours that changed since the last flush (one transaction per 100 records)."""
         dirty, self._dirty = self._dirty, set()
         shards = [shard for hour in sorted(dirty)
-                  for shard in _shards(_flows_of(self._hours.get(hour, {})), hour, self._replica)]
+                  for shard in _shards(self._hours[hour].flows() if hour in self._hours else [], hour,
+                                       self._replica)]
         try:
             await self._rt.store.put_flow_shards(shards)
         except StoreError:
@@ -273,9 +264,9 @@ class FlowRollups:
                 continue  # ours: the fresher copy in memory below
             sums.add_rows(rows)
             start = min(start, period * HOURS_PER[level])
-        sums.add_rows([[k[0], k[1], k[2], k[3], k[4], *a, k[5]]
-                       for hour, edges in self._hours.items()
-                       if hour >= since_hour and not _covered("hour", hour, compacted) for k, a in edges.items()])
+        for hour, edges in self._hours.items():
+            if hour >= since_hour and not _covered("hour", hour, compacted):
+                sums.add_sums(edges)
         # A window reaching into merged days or weeks starts where the first of them starts.
         return FlowWindow(sums.flows(), start * HOUR, now)
 
@@ -304,7 +295,7 @@ class FlowRollups:
             while oldest is not None and oldest // per < last:
                 target = oldest // per
                 if not await self._rt.store.flow_rows_of(into, target):
-                    sums = _Sums(FlowQuery())
+                    sums = _Sums()
                     for period in range(target * per, (target + 1) * per):
                         for _, rows in await self._rt.store.flow_rows_of(level, period):
                             sums.add_rows(rows)

@@ -204,7 +204,8 @@ class IssuanceService:
                                            "a subject of at most 2048, a peer and a reason of at most 512 characters)")
         decided: dict[str, int] = {}
         for c in counters:  # summed first: a labelled increment per counter costs more than the rest
-            decided[decision_of(c)] = decided.get(decision_of(c), 0) + c.count
+            decision = decision_of(c)
+            decided[decision] = decided.get(decision, 0) + c.count
         for decision, count in decided.items():
             self._flows.inc(count, decision=decision)
         for r in refusals:

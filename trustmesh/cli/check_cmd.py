@@ -13,8 +13,7 @@ import grpc
 from trustmesh._proto.trustmesh.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call, print_json
 from trustmesh.cli.config import invalid_as
-from trustmesh.policy import load_text
-from trustmesh.policy.loader import REVISION
+from trustmesh.cli.policy_cmd import revision_policy
 
 CLEAN, FINDINGS, INVALID = 0, 1, 2
 UNVERIFIED_WINDOW = 24 * 3600
@@ -62,10 +61,8 @@ def _findings(args: argparse.Namespace) -> list[Finding]:
                              f"{len(addresses)} plaintext caller address(es) in the last 24 h: "
                              f"{', '.join(sorted(addresses)[:5])}{' …' if len(addresses) > 5 else ''}",
                              "give these callers identities before the listener goes strict"))
-    policy = call(args, _policy_or_none)
-    loaded = load_text(policy.documents, f"revision {policy.revision}", reject_expired=False, limits=REVISION) \
-        if policy is not None else None
-    for allowlist in loaded.policy.allowlists if loaded is not None else ():
+    revision = call(args, _policy_or_none)
+    for allowlist in revision_policy(revision).allowlists if revision is not None else ():
         if allowlist.mode == "audit":
             found.append(Finding("audit_mode", allowlist.name,
                                  f"covers {allowlist.destination} but denies nothing",

@@ -103,17 +103,21 @@ def _create(args: argparse.Namespace) -> int:
     return 0
 
 
-def _list(args: argparse.Namespace) -> int:
-    parent = _parent(args, required=False)
+def list_entries(args: argparse.Namespace, parent: str = "", spiffe_id: str = "") -> list[types_pb2.Entry]:
+    """Every entry the server has (with these filters), page after page."""
     entries: list[types_pb2.Entry] = []
     token = ""
     while True:
-        req = admin_pb2.ListEntriesRequest(parent_id=parent, spiffe_id=args.spiffe_id or "", page_token=token)
+        req = admin_pb2.ListEntriesRequest(parent_id=parent, spiffe_id=spiffe_id, page_token=token)
         reply = call(args, partial(_list_entries, req))
         entries.extend(reply.entries)
         token = reply.next_page_token
         if not token:
-            break
+            return entries
+
+
+def _list(args: argparse.Namespace) -> int:
+    entries = list_entries(args, _parent(args, required=False), args.spiffe_id or "")
     if args.json:
         print_json([message_dict(e) for e in entries])
         return 0

@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from functools import partial
 
-from trustmesh._proto.trustmesh.v1 import admin_pb2, admin_pb2_grpc
+from trustmesh._proto.trustmesh.v1 import admin_pb2
 from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call, print_json
 from trustmesh.cli.audit_cmd import parse_since
+from trustmesh.cli.entry_cmd import list_entries
 from trustmesh.clock import format_utc
 from trustmesh.errors import InvalidSpiffeIdError, TrustmeshError
 from trustmesh.flowgraph import FORMATS, build, render
@@ -79,23 +79,8 @@ def _table(flows: list[Flow]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
-def _entries(args: argparse.Namespace) -> set[str]:
-    def page(req: admin_pb2.ListEntriesRequest, stub: admin_pb2_grpc.AdminStub) -> admin_pb2.ListEntriesResponse:
-        reply: admin_pb2.ListEntriesResponse = stub.ListEntries(req, timeout=TIMEOUT)
-        return reply
-
-    ids: set[str] = set()
-    token = ""
-    while True:
-        reply = call(args, partial(page, admin_pb2.ListEntriesRequest(page_token=token)))
-        ids.update(e.spiffe_id for e in reply.entries)
-        token = reply.next_page_token
-        if not token:
-            return ids
-
-
 def _orphans(args: argparse.Namespace, flows: list[Flow]) -> int:
-    entries = _entries(args)
+    entries = {e.spiffe_id for e in list_entries(args)}
     local = {SpiffeId.parse(i).trust_domain for i in entries}
     seen = {i for f in flows for i in (f.source, f.destination) if i}
     unregistered: list[str] = []

@@ -75,11 +75,14 @@ def _lint(args: argparse.Namespace) -> int:
     return LINT_CLEAN
 
 
+def revision_policy(revision: admin_pb2.PolicyRevision) -> Policy:
+    """A stored revision's allowlists (rules that lapsed since simply no longer match)."""
+    return load_text(revision.documents, f"revision {revision.revision}", reject_expired=False,
+                     limits=REVISION).policy
+
+
 def _server_policy(args: argparse.Namespace) -> Policy:
-    reply = call(args, lambda s: s.GetPolicy(admin_pb2.GetPolicyRequest(), timeout=TIMEOUT))
-    loaded = load_text(reply.policy.documents, f"revision {reply.policy.revision}", reject_expired=False,
-                       limits=REVISION)
-    return loaded.policy
+    return revision_policy(call(args, lambda s: s.GetPolicy(admin_pb2.GetPolicyRequest(), timeout=TIMEOUT)).policy)
 
 
 def _test_decision(args: argparse.Namespace) -> int:
