@@ -890,3 +890,79 @@ class ListFlowsResponse(_message.Message):
     since: int
     until: int
     def __init__(self, edges: _Optional[_Iterable[_Union[FlowEdge, _Mapping]]] = ..., since: _Optional[int] = ..., until: _Optional[int] = ...) -> None: ...
+
+class ExportTraceRequest(_message.Message):
+    __slots__ = ("since", "until")
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    since: int
+    until: int
+    def __init__(self, since: _Optional[int] = ..., until: _Optional[int] = ...) -> None: ...
+
+class ExportTraceResponse(_message.Message):
+    __slots__ = ("lines",)
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    lines: bytes
+    def __init__(self, lines: _Optional[bytes] = ...) -> None: ...
+
+class Quarantine(_message.Message):
+    __slots__ = ("target", "kind", "reason", "evidence", "detector", "score", "created_by", "created_at", "node")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    kind: str
+    reason: str
+    evidence: _containers.RepeatedScalarFieldContainer[str]
+    detector: str
+    score: float
+    created_by: str
+    created_at: int
+    node: str
+    def __init__(self, target: _Optional[str] = ..., kind: _Optional[str] = ..., reason: _Optional[str] = ..., evidence: _Optional[_Iterable[str]] = ..., detector: _Optional[str] = ..., score: _Optional[float] = ..., created_by: _Optional[str] = ..., created_at: _Optional[int] = ..., node: _Optional[str] = ...) -> None: ...
+
+class ListQuarantinesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListQuarantinesResponse(_message.Message):
+    __slots__ = ("quarantines",)
+    QUARANTINES_FIELD_NUMBER: _ClassVar[int]
+    quarantines: _containers.RepeatedCompositeFieldContainer[Quarantine]
+    def __init__(self, quarantines: _Optional[_Iterable[_Union[Quarantine, _Mapping]]] = ...) -> None: ...
+
+class AddQuarantineRequest(_message.Message):
+    __slots__ = ("target", "kind", "reason")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    kind: str
+    reason: str
+    def __init__(self, target: _Optional[str] = ..., kind: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AddQuarantineResponse(_message.Message):
+    __slots__ = ("quarantine",)
+    QUARANTINE_FIELD_NUMBER: _ClassVar[int]
+    quarantine: Quarantine
+    def __init__(self, quarantine: _Optional[_Union[Quarantine, _Mapping]] = ...) -> None: ...
+
+class ReleaseQuarantineRequest(_message.Message):
+    __slots__ = ("target", "reason")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    reason: str
+    def __init__(self, target: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReleaseQuarantineResponse(_message.Message):
+    __slots__ = ("quarantine",)
+    QUARANTINE_FIELD_NUMBER: _ClassVar[int]
+    quarantine: Quarantine
+    def __init__(self, quarantine: _Optional[_Union[Quarantine, _Mapping]] = ...) -> None: ...

@@ -140,6 +140,11 @@ class AdminStub:
                 request_serializer=trustmesh_dot_v1_dot_admin__pb2.ListFlowsRequest.SerializeToString,
                 response_deserializer=trustmesh_dot_v1_dot_admin__pb2.ListFlowsResponse.FromString,
                 _registered_method=True)
+        self.ExportTrace = channel.unary_stream(
+                '/trustmesh.v1.Admin/ExportTrace',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.ExportTraceRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.ExportTraceResponse.FromString,
+                _registered_method=True)
         self.GetPolicyOwners = channel.unary_unary(
                 '/trustmesh.v1.Admin/GetPolicyOwners',
                 request_serializer=trustmesh_dot_v1_dot_admin__pb2.GetPolicyOwnersRequest.SerializeToString,
@@ -244,6 +249,21 @@ class AdminStub:
                 '/trustmesh.v1.Admin/ReviewAccess',
                 request_serializer=trustmesh_dot_v1_dot_admin__pb2.ReviewAccessRequest.SerializeToString,
                 response_deserializer=trustmesh_dot_v1_dot_admin__pb2.ReviewAccessResponse.FromString,
+                _registered_method=True)
+        self.ListQuarantines = channel.unary_unary(
+                '/trustmesh.v1.Admin/ListQuarantines',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.ListQuarantinesRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.ListQuarantinesResponse.FromString,
+                _registered_method=True)
+        self.AddQuarantine = channel.unary_unary(
+                '/trustmesh.v1.Admin/AddQuarantine',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.AddQuarantineRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.AddQuarantineResponse.FromString,
+                _registered_method=True)
+        self.ReleaseQuarantine = channel.unary_unary(
+                '/trustmesh.v1.Admin/ReleaseQuarantine',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.ReleaseQuarantineRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.ReleaseQuarantineResponse.FromString,
                 _registered_method=True)
 
 
@@ -384,6 +404,14 @@ class AdminServicer:
     def ListFlows(self, request, context):
         """Who talked to whom: the agents' flow reports, summed per edge over a window
         (every replica's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportTrace(self, request, context):
+        """The per-minute flow trace this replica recorded (the `detect replay`
+        format), one JSON line per record, in time order, in chunks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -535,6 +563,27 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListQuarantines(self, request, context):
+        """Continuous verification: identities and nodes in quarantine (refused by
+        every agent, no SVIDs issued), put there by a response rule or by hand.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddQuarantine(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseQuarantine(self, request, context):
+        """Security officers, with step-up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -643,6 +692,11 @@ def add_AdminServicer_to_server(servicer, server):
                     request_deserializer=trustmesh_dot_v1_dot_admin__pb2.ListFlowsRequest.FromString,
                     response_serializer=trustmesh_dot_v1_dot_admin__pb2.ListFlowsResponse.SerializeToString,
             ),
+            'ExportTrace': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportTrace,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.ExportTraceRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.ExportTraceResponse.SerializeToString,
+            ),
             'GetPolicyOwners': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPolicyOwners,
                     request_deserializer=trustmesh_dot_v1_dot_admin__pb2.GetPolicyOwnersRequest.FromString,
@@ -747,6 +801,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ReviewAccess,
                     request_deserializer=trustmesh_dot_v1_dot_admin__pb2.ReviewAccessRequest.FromString,
                     response_serializer=trustmesh_dot_v1_dot_admin__pb2.ReviewAccessResponse.SerializeToString,
+            ),
+            'ListQuarantines': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQuarantines,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.ListQuarantinesRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.ListQuarantinesResponse.SerializeToString,
+            ),
+            'AddQuarantine': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddQuarantine,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.AddQuarantineRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.AddQuarantineResponse.SerializeToString,
+            ),
+            'ReleaseQuarantine': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseQuarantine,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.ReleaseQuarantineRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.ReleaseQuarantineResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1327,6 +1396,33 @@ class Admin:
             _registered_method=True)
 
     @staticmethod
+    def ExportTrace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/trustmesh.v1.Admin/ExportTrace',
+            trustmesh_dot_v1_dot_admin__pb2.ExportTraceRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.ExportTraceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetPolicyOwners(request,
             target,
             options=(),
@@ -1883,6 +1979,87 @@ class Admin:
             '/trustmesh.v1.Admin/ReviewAccess',
             trustmesh_dot_v1_dot_admin__pb2.ReviewAccessRequest.SerializeToString,
             trustmesh_dot_v1_dot_admin__pb2.ReviewAccessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQuarantines(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.Admin/ListQuarantines',
+            trustmesh_dot_v1_dot_admin__pb2.ListQuarantinesRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.ListQuarantinesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddQuarantine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.Admin/AddQuarantine',
+            trustmesh_dot_v1_dot_admin__pb2.AddQuarantineRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.AddQuarantineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseQuarantine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.Admin/ReleaseQuarantine',
+            trustmesh_dot_v1_dot_admin__pb2.ReleaseQuarantineRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.ReleaseQuarantineResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -119,14 +119,16 @@ class PolicyRule(_message.Message):
     def __init__(self, destination: _Optional[str] = ..., destination_is_prefix: _Optional[bool] = ..., ports: _Optional[_Iterable[int]] = ..., mode: _Optional[_Union[PolicyMode, str]] = ..., allow: _Optional[_Iterable[_Union[AllowedSource, _Mapping]]] = ..., allowlist: _Optional[str] = ..., owner: _Optional[str] = ..., rule_index: _Optional[int] = ...) -> None: ...
 
 class CompiledPolicy(_message.Message):
-    __slots__ = ("revision", "rules", "revoked_serials")
+    __slots__ = ("revision", "rules", "revoked_serials", "quarantined")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     RULES_FIELD_NUMBER: _ClassVar[int]
     REVOKED_SERIALS_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
     revision: int
     rules: _containers.RepeatedCompositeFieldContainer[PolicyRule]
     revoked_serials: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, revision: _Optional[int] = ..., rules: _Optional[_Iterable[_Union[PolicyRule, _Mapping]]] = ..., revoked_serials: _Optional[_Iterable[str]] = ...) -> None: ...
+    quarantined: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, revision: _Optional[int] = ..., rules: _Optional[_Iterable[_Union[PolicyRule, _Mapping]]] = ..., revoked_serials: _Optional[_Iterable[str]] = ..., quarantined: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AttestedNode(_message.Message):
     __slots__ = ("spiffe_id", "node_name", "attestation_type", "cert_serial", "cert_not_after", "banned", "created_at", "updated_at", "selectors", "revision", "status", "status_reason", "status_changed_at", "renewed_from", "permissive_listeners")
