@@ -181,10 +181,11 @@ class FlowRollups:
 
     # --- ingestion ---------------------------------------------------------------------------
 
-    def add(self, agent: str, counters: Sequence[FlowCounter]) -> None:
-        """Sum an agent's (already validated) counters into this hour's rollup."""
+    def add(self, agent: str, counters: Sequence[FlowCounter]) -> list[tuple[FlowCounter, bool]]:
+        """Sum an agent's (already validated) counters into this hour's rollup. Returns the
+        counters kept, each with whether the agent runs its source (for the detectors)."""
         if not counters:
-            return
+            return []
         own = {str(e.spiffe_id) for e in self._view.authorized_for(agent)}
         now = self._rt.clock()
         hour = int(now // HOUR)
@@ -192,7 +193,7 @@ class FlowRollups:
         oldest = max(hour * HOUR, now - self._rt.config.flow_rollup_interval.total_seconds() - 60)
         valid = _Validity()
         dropped: dict[str, int] = {}
-        kept = 0
+        kept: list[tuple[FlowCounter, bool]] = []
         for c in counters:
             if not valid.counter(c):
                 dropped["malformed"] = dropped.get("malformed", 0) + 1
@@ -207,11 +208,12 @@ class FlowRollups:
                 continue
             edges.add(key, c.count, c.bytes_in, c.bytes_out, min(max(float(c.first_seen), oldest), now),
                       min(max(float(c.last_seen), oldest), now))
-            kept += 1
+            kept.append((c, c.source_id in own))
         for reason, count in dropped.items():
             self._dropped.inc(count, reason=reason)
-        self._kept.inc(kept)
+        self._kept.inc(len(kept))
         self._dirty.add(hour)
+        return kept
 
     # --- persistence -------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Literal, Protocol
 from trustmesh.bundle import Bundle
 from trustmesh.clip import ENTRY_ID, clip, shown
 from trustmesh.controlplane.clones import next_superseded
+from trustmesh.controlplane.detection import DetectionService
 from trustmesh.controlplane.flow_audit import FlowAudit, FlowCounter, RefusalCounter
 from trustmesh.controlplane.flow_store import FlowRollups, decision_of
 from trustmesh.controlplane.runtime import ServerRuntime
@@ -85,6 +86,9 @@ class IssuanceService:
         self._view = view
         self.flows = flows or FlowAudit(rt.audit, rt.config.flow_audit_interval.total_seconds())
         self.rollups = rollups
+        # Continuous verification (detection.py): set by the server once it is built, since
+        # it needs the quarantine service, which needs the registry view.
+        self.detection: DetectionService | None = None
         metrics = rt.metrics
         self._x509 = metrics.counter("trustmesh_x509_svids_total", "X509-SVID requests by outcome", ["outcome"])
         self._jwt = metrics.counter("trustmesh_jwt_svids_total", "JWT-SVID requests by outcome", ["outcome"])
@@ -211,5 +215,7 @@ class IssuanceService:
         for r in refusals:
             self._refusals.inc(r.count, kind=r.kind if r.kind in REFUSAL_KINDS else "other")
         if self.rollups is not None:
-            self.rollups.add(agent, counters)
+            kept = self.rollups.add(agent, counters)
+            if self.detection is not None:
+                await self.detection.observe(agent, kept)
         await self.flows.add(agent, counters, refusals)

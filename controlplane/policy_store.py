@@ -36,6 +36,7 @@ from trustmesh.policy import Policy, load_text
 from trustmesh.policy.loader import REVISION, dump_documents
 from trustmesh.policy.model import Allowlist, PolicyError
 from trustmesh.policy.ownership import Ownership, parse_ownership
+from trustmesh.policy.responses import rule_to_dict
 from trustmesh.policy.wire import compiled_size_problem
 
 log = logging.getLogger("trustmesh.policy_store")
@@ -52,6 +53,8 @@ def canonical(policy: Policy) -> str:
                 "allow": [{"from": str(r.source), **({"expires": format_utc(r.expires)}
                                                       if r.expires else {})} for r in a.allow]}
     docs = [one(a) for a in sorted(policy.allowlists, key=lambda a: a.name)]
+    docs += [{"response": d.name, "owner": d.owner, "dry_run": d.dry_run, "rules": [rule_to_dict(r) for r in d.rules]}
+             for d in sorted(policy.responses.documents, key=lambda d: d.name)]
     return "".join(yaml.safe_dump(d, sort_keys=False) + "---\n" for d in docs)
 
 
@@ -145,6 +148,10 @@ class PolicyService:
         if not NAME.fullmatch(team):
             raise InvalidArgumentError(f"--team {team[:64]!r}: 1-63 characters of a-z, 0-9 and '-'")
         given = self.parse_new(documents)
+        if given.responses.documents:
+            raise PermissionDeniedError(
+                f"a team apply (--team {team}) carries allowlists only; Response documents "
+                f"({', '.join(d.name for d in given.responses.documents)}) are applied without --team")
         if not given.allowlists and not allow_empty:
             raise InvalidArgumentError(f"no allowlists given: this would remove every allowlist of team {team}; "
                                        "pass --allow-empty to do that deliberately")
@@ -154,8 +161,11 @@ class PolicyService:
             raise PermissionDeniedError(
                 f"team {team} does not own the destination of {_names(foreign)}; `trustmesh policy owners` "
                 "shows who owns what")
-        kept = [a for a in self.parse_stored(head).allowlists if ownership.team_of(a.destination) != team]
-        text = dump_documents(kept) + ("---\n" if kept else "") + documents
+        stored = self.parse_stored(head)
+        kept = [a for a in stored.allowlists if ownership.team_of(a.destination) != team]
+        # The responses in force stay as they are: they are no team's.
+        kept_text = dump_documents(kept, stored.responses)
+        text = kept_text + ("---\n" if kept_text else "") + documents
         # Other teams' rules may have lapsed since they were applied: they stay, lapsed.
         return text, self.parse_new(text, reject_expired=False)
 
@@ -171,6 +181,10 @@ class PolicyService:
         after = {a.name: a for a in new.allowlists}
         touched = [a for name in sorted(before.keys() | after.keys())
                    if before.get(name) != after.get(name) for a in (before.get(name), after.get(name)) if a]
+        if old.responses != new.responses:
+            raise PermissionDeniedError(f"team {scope} may change only its allowlists; Response documents "
+                                        "(what anomalies lead to) are changed by a policy-author without a team "
+                                        "or an admin")
         foreign = [a for a in touched if ownership.team_of(a.destination) != scope]
         if foreign:
             raise PermissionDeniedError(

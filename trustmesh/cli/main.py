@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         audit_cmd,
         ca_cmd,
         check_cmd,
+        detect_cmd,
         entry_cmd,
         federation_cmd,
         flows_cmd,
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     policy_cmd.register(commands)
     flows_cmd.register(commands)
     check_cmd.register(commands)
+    detect_cmd.register(commands)
     audit_cmd.register(commands)
     ca_cmd.register(commands)
     federation_cmd.register(commands)

@@ -71,7 +71,12 @@ def _lint(args: argparse.Namespace) -> int:
         print(f"{len(loaded.problems)} problem(s)")
         return LINT_UNREADABLE if loaded.unreadable else LINT_PROBLEMS
     warned = f", {len(loaded.warnings)} warning(s) (--strict makes them problems)" if loaded.warnings else ""
-    print(f"ok: {len(loaded.policy.allowlists)} allowlist(s){warned}")
+    responses = loaded.policy.responses
+    extra = ""
+    if responses.documents:
+        extra = f", {len(responses.documents)} Response document(s) with {len(responses.rules)} rule(s)" + \
+            (" (dry run: nothing is quarantined)" if responses.dry_run else "")
+    print(f"ok: {len(loaded.policy.allowlists)} allowlist(s){extra}{warned}")
     return LINT_CLEAN
 
 

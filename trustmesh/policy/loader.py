@@ -18,10 +18,14 @@ import yaml
 
 from trustmesh.clock import utc_now
 from trustmesh.policy.model import MODES, Allowlist, AllowRule, IdPattern, Policy, PolicyError
+from trustmesh.policy.responses import KIND as RESPONSE_KIND
+from trustmesh.policy.responses import ResponseDocument, ResponsePolicy, load_response
+from trustmesh.policy.responses import to_document as response_document
 from trustmesh.policy.strict_yaml import describe, load_all_strict
 
 API_VERSION = "trustmesh/v1"
 KIND = "Allowlist"
+KINDS = (KIND, RESPONSE_KIND)
 TOP_KEYS = {"apiVersion", "kind", "metadata", "spec"}
 META_KEYS = {"name", "owner"}
 SPEC_KEYS = {"destination", "ports", "mode", "allow"}
@@ -103,33 +107,49 @@ class _Doc:
                          f"unknown key; allowed here: {', '.join(sorted(allowed))}")
 
 
-def _load_one(raw: Any, doc: _Doc, now: datetime, reject_expired: bool) -> Allowlist | None:
+def _load_one(raw: Any, doc: _Doc, now: datetime, reject_expired: bool) -> Allowlist | ResponseDocument | None:
     if not isinstance(raw, dict):
-        doc.problem("(document)", "an Allowlist document must be a mapping")
+        doc.problem("(document)", "a policy document must be a mapping (kind: Allowlist or Response)")
         return None
     doc.unknown(raw, TOP_KEYS, "")
     if raw.get("apiVersion") != API_VERSION:
         doc.problem("apiVersion", f"must be {API_VERSION!r}, got {raw.get('apiVersion')!r}")
-    if raw.get("kind") != KIND:
-        doc.problem("kind", f"must be {KIND!r}, got {raw.get('kind')!r}")
+    kind = raw.get("kind")
+    if kind not in KINDS:
+        doc.problem("kind", f"must be {' or '.join(map(repr, KINDS))}, got {kind!r}")
+    name, owner = _metadata(raw, doc)
+    if kind == RESPONSE_KIND:
+        loaded = load_response(raw, name, doc.problem)
+        if loaded is None or not name:
+            return None
+        return ResponseDocument(name, owner, *loaded)
+    return _load_allowlist(raw, doc, name, owner, now, reject_expired)
+
+
+def _metadata(raw: dict[str, Any], doc: _Doc) -> tuple[str, str]:
     meta = raw.get("metadata")
     name, owner = "", ""
     if not isinstance(meta, dict):
         doc.problem("metadata", "is required: {name: ..., owner: ...}")
+        return name, owner
+    doc.unknown(meta, META_KEYS, "metadata")
+    name = str(meta["name"]) if isinstance(meta.get("name"), str) else ""
+    if not name or len(name) > MAX_NAME_CHARS:
+        doc.problem("metadata.name", f"is required: a name of 1 to {MAX_NAME_CHARS} characters (MAX_NAME_CHARS)")
+        name = ""
+    raw_owner = meta.get("owner")
+    if raw_owner is not None and not isinstance(raw_owner, str):
+        doc.problem("metadata.owner", f"must be text, got {type(raw_owner).__name__}")
+    elif raw_owner is not None and len(raw_owner) > MAX_OWNER_CHARS:
+        doc.problem("metadata.owner", f"{len(raw_owner)} characters, above the limit of {MAX_OWNER_CHARS} "
+                                      "(MAX_OWNER_CHARS)")
     else:
-        doc.unknown(meta, META_KEYS, "metadata")
-        name = str(meta["name"]) if isinstance(meta.get("name"), str) else ""
-        if not name or len(name) > MAX_NAME_CHARS:
-            doc.problem("metadata.name", f"is required: a name of 1 to {MAX_NAME_CHARS} characters (MAX_NAME_CHARS)")
-            name = ""
-        raw_owner = meta.get("owner")
-        if raw_owner is not None and not isinstance(raw_owner, str):
-            doc.problem("metadata.owner", f"must be text, got {type(raw_owner).__name__}")
-        elif raw_owner is not None and len(raw_owner) > MAX_OWNER_CHARS:
-            doc.problem("metadata.owner", f"{len(raw_owner)} characters, above the limit of {MAX_OWNER_CHARS} "
-                                          "(MAX_OWNER_CHARS)")
-        else:
-            owner = raw_owner or ""
+        owner = raw_owner or ""
+    return name, owner
+
+
+def _load_allowlist(raw: dict[str, Any], doc: _Doc, name: str, owner: str, now: datetime,
+                    reject_expired: bool) -> Allowlist | None:
     spec = raw.get("spec")
     if not isinstance(spec, dict):
         doc.problem("spec", "is required")
@@ -240,15 +260,26 @@ def load_many(sources: Iterable[tuple[str, str]], now: datetime | None = None, *
     problems: list[Problem] = []
     warnings: list[Problem] = []
     allowlists: list[tuple[Allowlist, Problem]] = []
+    responses: list[tuple[ResponseDocument, Problem]] = []
     for source, text in sources:
         for index, raw in enumerate(_documents(source, text, limits, problems), start=1):
             if raw is None:
                 continue
             doc = _Doc(source, index, problems, warnings)
-            allowlist = _load_one(raw, doc, now, reject_expired)
-            if allowlist is not None:
-                allowlists.append((allowlist, Problem(source, index, "", "")))
+            loaded = _load_one(raw, doc, now, reject_expired)
+            if isinstance(loaded, Allowlist):
+                allowlists.append((loaded, Problem(source, index, "", "")))
+            elif loaded is not None:
+                responses.append((loaded, Problem(source, index, "", "")))
     names: dict[str, Problem] = {}
+    for response, where in responses:
+        if response.name in names:
+            first = names[response.name]
+            problems.append(Problem(where.source, where.document, "metadata.name",
+                                    f"Response {response.name!r} is also defined in {first.source} "
+                                    f"document {first.document}"))
+        names.setdefault(response.name, where)
+    names = {}
     scopes: dict[tuple[str, tuple[int, ...]], tuple[str, Problem]] = {}
     for allowlist, where in allowlists:
         if allowlist.name in names:
@@ -263,7 +294,8 @@ def load_many(sources: Iterable[tuple[str, str]], now: datetime | None = None, *
                                     f"overlaps allowlist {other!r} ({first.source} document {first.document}): "
                                     "same destination and ports; merge their rules into one allowlist"))
         scopes.setdefault(scope, (allowlist.name, where))
-    return Loaded(Policy(tuple(a for a, _ in allowlists)), tuple(problems), tuple(warnings))
+    policy = Policy(tuple(a for a, _ in allowlists), responses=ResponsePolicy(tuple(r for r, _ in responses)))
+    return Loaded(policy, tuple(problems), tuple(warnings))
 
 
 def load_paths(paths: Iterable[str | Path], now: datetime | None = None, *, reject_expired: bool = True) -> Loaded:
@@ -322,6 +354,9 @@ def to_document(allowlist: Allowlist) -> dict[str, Any]:
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": meta, "spec": spec}
 
 
-def dump_documents(allowlists: Iterable[Allowlist]) -> str:
-    """The allowlists as one YAML text of documents (for a revision the server composes)."""
-    return "".join("---\n" + yaml.safe_dump(to_document(a), sort_keys=False) for a in allowlists)
+def dump_documents(allowlists: Iterable[Allowlist], responses: ResponsePolicy | None = None) -> str:
+    """The allowlists (and Response documents) as one YAML text of documents (for a revision
+    the server composes)."""
+    docs = [to_document(a) for a in allowlists]
+    docs += [response_document(r) for r in (responses.documents if responses else ())]
+    return "".join("---\n" + yaml.safe_dump(d, sort_keys=False) for d in docs)

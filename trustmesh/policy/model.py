@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Literal
 
 from trustmesh.errors import InvalidSpiffeIdError, TrustmeshError
+from trustmesh.policy.responses import ResponsePolicy
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 
 Mode = Literal["enforce", "audit"]
@@ -113,6 +114,8 @@ class Policy:
     # Certificates refused whatever the allowlists say (revoked partner certificates),
     # by serial in lower-case hex. Enforced at the handshake, before any rule is looked at.
     revoked_serials: frozenset[str] = frozenset()
+    # What anomalies lead to (kind: Response documents); read by the server, never sent to agents.
+    responses: ResponsePolicy = ResponsePolicy()
 
     def decide(self, source: SpiffeId, destination: SpiffeId, port: int | None, at: datetime) -> Decision:
         covering = [a for a in self.allowlists if a.covers(destination, port)]

@@ -1,0 +1,164 @@
+"""Continuous verification on the server: every flow report feeds the detection engine
+(trustmesh/detect/engine.py, the one `trustmesh detect replay` runs) as it arrives, and
+what the response policy decides happens here: an alert is logged, counted
+(`trustmesh_anomalies_total{detector,action}`), audited (`detect.anomaly`) and posted to
+the webhooks; a quarantine goes through the quarantine service, which stores it, audits it
+with its evidence and reaches every agent through the compiled policy.
+
+A report becomes trace records (the replay format) stamped with the server's clock: the node
+is the reporting agent's when that agent runs the source (its outbound listeners saw the
+connection), otherwise unknown (""): an inbound listener cannot tell which node a caller
+runs on. The same records go to the per-minute trace (`flows export --format jsonl`).
+
+The engine lives in this replica's memory: a restart learns again (`--learn` before anything
+is quarantined), and with several replicas each one sees the reports of its own agents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+import httpx
+
+from trustmesh.controlplane.flow_audit import FlowCounter
+from trustmesh.controlplane.flow_store import decision_of
+from trustmesh.controlplane.runtime import ServerRuntime
+from trustmesh.detect.engine import Alert, Engine, alert_to_dict
+from trustmesh.detect.trace import UNVERIFIED_PREFIX, TraceRecord
+from trustmesh.errors import TrustmeshError
+from trustmesh.logs import log_event
+from trustmesh.naming import node_name_of
+from trustmesh.policy import Policy
+from trustmesh.policy.responses import ResponsePolicy
+from trustmesh.spiffeid import SpiffeId
+
+log = logging.getLogger("trustmesh.detect")
+
+WEBHOOK_QUEUE = 1_000  # alerts waiting for the webhooks; past it they are dropped (and counted)
+WEBHOOK_TIMEOUT = 5.0
+DETECTOR_ACTOR = "detector"
+
+
+class Quarantines(Protocol):
+    """What the quarantine service offers the detectors."""
+
+    async def add(self, target: str, kind: str, reason: str, actor: str, *, node: str = "",
+                  evidence: Sequence[str] = (), detector: str = "", score: float = 0.0) -> object: ...
+
+
+class TraceSink(Protocol):
+    def add(self, records: Iterable[TraceRecord]) -> None: ...
+
+
+class PolicyView(Protocol):
+    """The registry view's answers: the policy in force (with its Response documents)."""
+
+    @property
+    def policy(self) -> Policy: ...
+
+
+def report_records(node: str, now: float, counters: Iterable[tuple[FlowCounter, bool]]) -> list[TraceRecord]:
+    """Trace records of one agent's report: (counter, whether the agent runs its source)."""
+    records = []
+    for c, runs_source in counters:
+        source = f"{UNVERIFIED_PREFIX}{c.source_address}" if c.unverified else c.source_id
+        records.append(TraceRecord(now, node if runs_source else "", source, c.destination_id, c.port,
+                                   decision_of(c), c.count, c.bytes_in, c.bytes_out))
+    return records
+
+
+class DetectionService:
+    def __init__(self, rt: ServerRuntime, view: PolicyView, quarantines: Quarantines,
+                 trace: TraceSink | None = None, *, learn: float, dry_run: bool = False,
+                 webhooks: Sequence[str] = ()) -> None:
+        self._rt = rt
+        self._view = view
+        self._quarantines = quarantines
+        self._trace = trace
+        self._dry_run = dry_run
+        self._responses_of = -1  # the policy revision the engine's responses come from
+        self.engine = Engine(ResponsePolicy(force_dry_run=dry_run), learn=learn)
+        self._webhooks = tuple(webhooks)
+        self._outbox: asyncio.Queue[dict[str, object]] = asyncio.Queue(WEBHOOK_QUEUE)
+        metrics = rt.metrics
+        self._anomalies = metrics.counter("trustmesh_anomalies_total", "anomalies the response policy acted on",
+                                          ["detector", "action"])
+        self._webhook_failures = metrics.counter("trustmesh_alert_webhook_failures_total",
+                                                 "alerts a webhook did not take (error, timeout or full queue)")
+        self._identities = metrics.gauge("trustmesh_detection_identities", "identities with a baseline")
+
+    def _responses(self) -> None:
+        policy = self._view.policy
+        if policy.revision != self._responses_of:
+            self.engine.responses = ResponsePolicy(policy.responses.documents, force_dry_run=self._dry_run)
+            self._responses_of = policy.revision
+
+    def released(self, identities: Iterable[str]) -> None:
+        """The identities in quarantine now: a released one is watched again."""
+        self.engine.set_quarantined(identities)
+
+    async def observe(self, agent: str, counters: Sequence[tuple[FlowCounter, bool]]) -> list[Alert]:
+        """Feed one agent's (validated, accepted) counters through the engine and act."""
+        if not counters:
+            return []
+        try:
+            node = node_name_of(SpiffeId.parse(agent)) or ""
+        except ValueError:
+            node = ""
+        records = report_records(node, self._rt.clock(), counters)
+        if self._trace is not None:
+            self._trace.add(records)
+        self._responses()
+        alerts = [a for r in records for a in self.engine.observe(r)]
+        self._identities.set(self.engine.identities())
+        for alert in alerts:
+            await self._act(alert, agent)
+        return alerts
+
+    async def _act(self, alert: Alert, agent: str) -> None:
+        self._anomalies.inc(detector=alert.detector, action="dry-run-quarantine" if alert.dry_run else alert.action)
+        details = alert_to_dict(alert)
+        log_event(log, "anomaly", level=logging.WARNING, **{k: str(v) for k, v in details.items()}, rule=alert.rule)
+        if alert.action == "quarantine" and not alert.dry_run:
+            target = alert.node if alert.target == "node" else alert.identity
+            try:
+                await self._quarantines.add(target, alert.target, alert.reason, DETECTOR_ACTOR, node=alert.node,
+                                            evidence=(alert.reason,), detector=alert.detector, score=alert.score)
+            except TrustmeshError as err:
+                # Still an alert: audited below with why the quarantine did not happen.
+                log_event(log, "quarantine_failed", level=logging.ERROR, target=target, error=str(err))
+                details["quarantine_error"] = str(err)
+        extra: dict[str, Any] = {k: v for k, v in details.items() if k not in ("identity", "ts")}
+        await self._rt.audit.record("detect.anomaly", actor=DETECTOR_ACTOR, subject=alert.identity,
+                                    reported_by=agent, rule=alert.rule, **extra)
+        if self._webhooks:
+            try:
+                self._outbox.put_nowait(details)
+            except asyncio.QueueFull:
+                self._webhook_failures.inc()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Post alerts to the webhooks, one at a time, until `stop`."""
+        if not self._webhooks:
+            await stop.wait()
+            return
+        async with httpx.AsyncClient(timeout=WEBHOOK_TIMEOUT) as client:
+            while not stop.is_set():
+                getter = asyncio.ensure_future(self._outbox.get())
+                stopper = asyncio.ensure_future(stop.wait())
+                done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                if getter not in done:
+                    getter.cancel()
+                    return
+                payload = getter.result()
+                for url in self._webhooks:
+                    try:
+                        response = await client.post(url, json=payload)
+                        response.raise_for_status()
+                    except httpx.HTTPError as err:
+                        self._webhook_failures.inc()
+                        log_event(log, "alert_webhook_failed", level=logging.WARNING, url=url, error=str(err))

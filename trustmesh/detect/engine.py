@@ -1,0 +1,446 @@
+"""The detection engine: per-identity baselines learned online from flow records, detectors
+that each give a score (0 to 1) and one sentence naming the feature, the baseline and the
+observed value, and the response policy that turns a score into an alert or a quarantine.
+
+One engine, fed in time order, is all there is: the server feeds it each flow report as it
+arrives, `trustmesh detect replay` feeds it a trace, so both give the same alerts for the
+same records and configuration. It is deterministic: no clocks, no randomness, dictionaries
+in insertion order.
+
+Baselines (per identity, the flow's source):
+  * peers: the (destination, port) pairs it uses; the nodes it runs on; the hours of the day
+    (UTC) it is active in;
+  * volume: per peer, the distribution of bytes and connections per 10-minute window (a
+    log-scale histogram, halved when it holds about 30 days of windows, so it adapts slowly);
+  * denials: the distribution of denied connections per 5-minute window.
+Learning: for `learn` seconds after an identity is first seen everything is learned and
+only the detectors that need no baseline (sweep, deny_burst) can fire; nothing is ever
+quarantined automatically in that period. Afterwards something new (a peer, a node, an hour)
+raises its alert once, and becomes part of the baseline only after it has been seen on
+PROMOTE_DAYS more days without raising one: a record that raised an alert (or comes from a
+quarantined identity) is never learned.
+
+Every table is bounded (identities, peers, nodes, windows): a trace or report is hostile
+input, and past a bound new keys are not learned rather than memory growing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from trustmesh.clock import format_utc
+from trustmesh.detect.trace import TraceRecord
+from trustmesh.policy.responses import ResponsePolicy
+
+DAY = 86400.0
+LEARN_DEFAULT = 7 * DAY
+VOLUME_WINDOW = 600  # seconds per volume window
+DENY_WINDOW = 300  # denials: the sliding window of a burst, and the windows of its baseline
+SWEEP_WINDOW = 300
+SLOW_WINDOW = 6 * 3600.0
+PROMOTE_DAYS = 3  # days something new must be seen, without an alert, to become normal
+MIN_VOLUME_WINDOWS = 24  # active windows of a peer before its volume baseline counts (4 hours)
+VOLUME_RATIO = 4.0  # observed / p99 from which volume alerts
+MIN_VOLUME_BYTES = 1_000_000  # below these nothing is "far outside" (tiny peers vary wildly)
+MIN_VOLUME_CONNECTIONS = 100
+SWEEP_MIN_TARGETS = 6  # distinct denied (destination, port) pairs in SWEEP_WINDOW
+SLOW_MIN_TARGETS = 4  # distinct denied targets never used before, in SLOW_WINDOW
+DENY_BURST_MIN = 20
+DENY_BURST_RATIO = 10.0
+HISTOGRAM_CAP = 30 * 144  # windows a histogram holds before it is halved (30 days of 10 minutes)
+ODD_HOURS_COOLDOWN = 6 * 3600.0
+BURST_COOLDOWN = 600.0
+INCIDENT_SECONDS = 600.0  # after an alert, the identity's records are not learned for this long
+NEW_PEER_COOLDOWN = 600.0  # one new-peer alert per identity per this long (a sweep is one incident)
+CONCURRENT_SECONDS = 600.0  # active on a known node this recently: a new node is concurrent use
+
+MAX_IDENTITIES = 100_000
+MAX_PEERS = 1_000  # learned + pending, per identity
+MAX_NODES = 256
+MAX_RECENT = 2_000  # records in an identity's sweep window
+
+
+def _bucket(value: float) -> int:
+    return 0 if value <= 0 else 1 + int(math.log2(value) * 4)
+
+
+class _Histogram:
+    """Counts of values in log-scale buckets (four per doubling): quantiles to within 19%,
+    in constant memory, the same on every run."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self.total = 0
+
+    def add(self, value: float) -> None:
+        b = _bucket(value)
+        self.counts[b] = self.counts.get(b, 0) + 1
+        self.total += 1
+        if self.total > HISTOGRAM_CAP:  # halve: old windows weigh less, the baseline keeps adapting
+            self.counts = {k: v // 2 for k, v in self.counts.items() if v // 2}
+            self.total = sum(self.counts.values())
+
+    def quantile(self, q: float) -> float:
+        """The upper edge of the bucket holding the q-quantile (0 for an empty histogram)."""
+        if not self.total:
+            return 0.0
+        rank = q * self.total
+        seen = 0
+        for b in sorted(self.counts):
+            seen += self.counts[b]
+            if seen >= rank:
+                return 0.0 if b == 0 else 2 ** (b / 4)
+        return 2 ** (max(self.counts) / 4)
+
+
+class _Novelty:
+    """Learned items, and items seen since learning ended, with the days they were seen on
+    without raising an alert."""
+
+    __slots__ = ("learned", "pending", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.learned: dict[object, None] = {}
+        self.pending: dict[object, set[int]] = {}
+        self.limit = limit
+
+    def __contains__(self, item: object) -> bool:
+        return item in self.learned
+
+    def learn(self, item: object) -> None:
+        if item not in self.learned and len(self.learned) + len(self.pending) < self.limit:
+            self.learned[item] = None
+
+    def is_new(self, item: object) -> bool:
+        """Never learned and never seen since: the first sighting, which alerts."""
+        return item not in self.learned and item not in self.pending
+
+    def saw(self, item: object, day: int, alerted: bool) -> None:
+        if item in self.learned:
+            return
+        days = self.pending.get(item)
+        if days is None:
+            if len(self.learned) + len(self.pending) >= self.limit:
+                return
+            days = self.pending[item] = set()
+            if alerted:
+                return  # the first sighting raised the alert: it is not evidence of normal
+        if alerted:
+            return
+        days.add(day)
+        if len(days) >= PROMOTE_DAYS:
+            del self.pending[item]
+            self.learned[item] = None
+
+
+class _Identity:
+    __slots__ = ("first", "peers", "destinations", "nodes", "node_seen", "hours", "vol_window", "vol_now",
+                 "vol_alerted", "vol_hist", "recent", "deny_window", "deny_now", "deny_hist", "denials",
+                 "slow", "until", "quarantined", "incident_until")
+
+    def __init__(self, first: float) -> None:
+        self.first = first
+        self.peers = _Novelty(MAX_PEERS)  # (destination, port)
+        self.destinations: set[str] = set()  # learned destinations, any port
+        self.nodes = _Novelty(MAX_NODES)
+        self.node_seen: dict[str, float] = {}  # learned node -> last active
+        self.hours = _Novelty(24)
+        self.vol_window = -1
+        self.vol_now: dict[str, list[int]] = {}  # destination -> [bytes, connections] this window
+        self.vol_alerted: set[str] = set()  # destinations whose window raised a volume alert
+        self.vol_hist: dict[str, tuple[_Histogram, _Histogram]] = {}
+        self.recent: deque[tuple[float, tuple[str, int], int]] = deque()  # (ts, target, denied)
+        self.deny_window = -1
+        self.deny_now = 0
+        self.deny_hist = _Histogram()
+        self.denials: deque[tuple[float, int]] = deque()  # (ts, denied connections), DENY_WINDOW
+        self.slow: deque[tuple[float, tuple[str, int]]] = deque()  # denied novel targets
+        self.until: dict[str, float] = {}  # detector -> end of its cooldown
+        self.quarantined = False
+        self.incident_until = 0.0  # records until then belong to an alerted incident: not learned
+
+
+@dataclass(frozen=True, slots=True)
+class Anomaly:
+    ts: float
+    identity: str
+    node: str
+    detector: str
+    score: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    ts: float
+    identity: str
+    node: str
+    detector: str
+    score: float
+    action: str  # alert or quarantine
+    reason: str
+    target: str = "identity"  # what a quarantine applies to: identity or node
+    dry_run: bool = False  # a quarantine the response policy would have made
+    rule: str = ""  # the response rule that decided
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.0f} {unit}" if n / scale >= 10 else f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _hour_span(hours: Iterable[object]) -> str:
+    known = sorted(h for h in hours if isinstance(h, int))
+    if not known:
+        return "none"
+    return ", ".join(f"{h:02d}" for h in known) if len(known) <= 6 else f"{known[0]:02d}–{known[-1]:02d} h"
+
+
+class Engine:
+    def __init__(self, responses: ResponsePolicy | None = None, learn: float = LEARN_DEFAULT) -> None:
+        self.responses = responses or ResponsePolicy()
+        self.learn = learn
+        self._ids: dict[str, _Identity] = {}
+        self.dropped = 0  # records of identities past MAX_IDENTITIES
+
+    # -- the state the server keeps in step with the registry -------------------------------
+
+    def set_quarantined(self, identities: Iterable[str]) -> None:
+        """Quarantine as the registry has it (a release by a person resumes detection)."""
+        keep = set(identities)
+        for name, ident in self._ids.items():
+            ident.quarantined = name in keep
+
+    def identities(self) -> int:
+        return len(self._ids)
+
+    # -- one record ------------------------------------------------------------------------
+
+    def observe(self, r: TraceRecord) -> list[Alert]:
+        ident = self._ids.get(r.source)
+        if ident is None:
+            if len(self._ids) >= MAX_IDENTITIES:
+                self.dropped += 1
+                return []
+            ident = self._ids[r.source] = _Identity(r.ts)
+        established = r.ts - ident.first >= self.learn
+        anomalies = self._detect(ident, r, established)
+        alerts = self._respond(ident, r, anomalies, established) if anomalies else []
+        if alerts:
+            ident.incident_until = r.ts + INCIDENT_SECONDS
+        if not ident.quarantined:
+            # Ignored anomalies are normal by decision of the response policy: learned too.
+            self._learn(ident, r, established, alerted=r.ts < ident.incident_until)
+        return alerts
+
+    def _respond(self, ident: _Identity, r: TraceRecord, anomalies: list[Anomaly], established: bool) -> list[Alert]:
+        if ident.quarantined:
+            return []
+        alerts = []
+        dry = self.responses.dry_run
+        for a in anomalies:
+            verdict = self.responses.verdict(a.identity, a.detector, a.score)
+            if verdict.action == "ignore":
+                continue
+            action = verdict.action
+            if action == "quarantine" and not established:
+                action = "alert"  # nothing quarantines while the identity is still being learned
+            if action == "quarantine" and verdict.target == "node" and not a.node:
+                action = "alert"  # no node to quarantine: say so rather than guess
+            alerts.append(Alert(a.ts, a.identity, a.node, a.detector, round(a.score, 3), action, a.reason,
+                                verdict.target if action == "quarantine" else "identity",
+                                dry and action == "quarantine", verdict.rule))
+        if any(a.action == "quarantine" and not a.dry_run and a.target == "identity" for a in alerts):
+            ident.quarantined = True  # its further records are evidence of the same incident
+        return alerts
+
+    # -- detectors ---------------------------------------------------------------------------
+
+    def _detect(self, ident: _Identity, r: TraceRecord, established: bool) -> list[Anomaly]:
+        out: list[Anomaly] = []
+        denied = r.connections if r.decision == "deny" else 0
+        target = (r.destination, r.port)
+        self._roll_windows(ident, r.ts)
+        now = ident.vol_now.get(r.destination)
+        if now is None:
+            now = ident.vol_now[r.destination] = [0, 0]
+        now[0] += r.bytes_in + r.bytes_out
+        now[1] += r.connections
+        if denied:
+            self._sweep(ident, r, target, denied, out)
+            self._deny_burst(ident, r, denied, out)
+        if not established:
+            return out
+        if ident.peers.is_new(target) and r.ts >= ident.until.get("new_peer", 0.0):
+            ident.until["new_peer"] = r.ts + NEW_PEER_COOLDOWN
+            self._new_peer(ident, r, target, out)
+        if denied and target not in ident.peers:
+            self._slow_sweep(ident, r, target, out)
+        self._volume(ident, r, now, out)
+        hour = int(r.ts // 3600) % 24
+        if ident.hours.is_new(hour) and (hour - 1) % 24 not in ident.hours and (hour + 1) % 24 not in ident.hours \
+                and r.ts >= ident.until.get("odd_hours", 0.0):
+            ident.until["odd_hours"] = r.ts + ODD_HOURS_COOLDOWN
+            out.append(Anomaly(r.ts, r.source, r.node, "odd_hours", 0.55,
+                               f"{r.source} active at {hour:02d}:00 UTC, an hour it was never active in "
+                               f"(its hours: {_hour_span(ident.hours.learned)})"))
+        if r.node and ident.nodes.is_new(r.node) and ident.nodes.learned:
+            concurrent = [n for n, seen in ident.node_seen.items() if r.ts - seen <= CONCURRENT_SECONDS]
+            known = ", ".join(sorted(map(str, ident.nodes.learned))[:5])
+            if concurrent:
+                out.append(Anomaly(r.ts, r.source, r.node, "new_node", 0.85,
+                                   f"{r.source} presented from {r.node}, a node it never ran on, while active on "
+                                   f"{', '.join(sorted(concurrent)[:3])} (possible credential replay; "
+                                   f"it runs on {known})"))
+            else:
+                out.append(Anomaly(r.ts, r.source, r.node, "new_node", 0.7,
+                                   f"{r.source} presented from {r.node}, a node it never ran on (it runs on {known})"))
+        return out
+
+    def _roll_windows(self, ident: _Identity, ts: float) -> None:
+        window = int(ts // VOLUME_WINDOW)
+        if window != ident.vol_window:
+            if ident.vol_window >= 0 and not ident.quarantined:
+                for dst, (nbytes, conns) in ident.vol_now.items():
+                    if dst in ident.vol_alerted:
+                        continue  # a window that raised an alert is not normal
+                    hist = ident.vol_hist.get(dst)
+                    if hist is None:
+                        if len(ident.vol_hist) >= MAX_PEERS:
+                            continue
+                        hist = ident.vol_hist[dst] = (_Histogram(), _Histogram())
+                    hist[0].add(nbytes)
+                    hist[1].add(conns)
+            ident.vol_window, ident.vol_now, ident.vol_alerted = window, {}, set()
+        dwindow = int(ts // DENY_WINDOW)
+        if dwindow != ident.deny_window:
+            if ident.deny_window >= 0 and not ident.quarantined and ident.until.get("deny_burst", 0.0) <= ts:
+                ident.deny_hist.add(ident.deny_now)
+            ident.deny_window, ident.deny_now = dwindow, 0
+
+    def _sweep(self, ident: _Identity, r: TraceRecord, target: tuple[str, int], denied: int,
+               out: list[Anomaly]) -> None:
+        recent = ident.recent
+        recent.append((r.ts, target, denied))
+        while recent and (recent[0][0] <= r.ts - SWEEP_WINDOW or len(recent) > MAX_RECENT):
+            recent.popleft()
+        if r.ts < ident.until.get("sweep", 0.0):
+            return
+        targets = {t for _, t, _ in recent}
+        if len(targets) < SWEEP_MIN_TARGETS:
+            return
+        ports = len({p for _, p in targets})
+        destinations = len({d for d, _ in targets})
+        score = min(1.0, 0.7 + 0.03 * (len(targets) - SWEEP_MIN_TARGETS))
+        ident.until["sweep"] = r.ts + BURST_COOLDOWN
+        out.append(Anomaly(r.ts, r.source, r.node, "sweep", score,
+                           f"{r.source} was denied on {len(targets)} distinct destination ports "
+                           f"({destinations} destination(s), {ports} port(s)) within {SWEEP_WINDOW // 60} min; "
+                           f"it normally uses {len(ident.peers.learned)}"))
+
+    def _deny_burst(self, ident: _Identity, r: TraceRecord, denied: int, out: list[Anomaly]) -> None:
+        ident.deny_now += denied
+        denials = ident.denials
+        denials.append((r.ts, denied))
+        while denials and denials[0][0] <= r.ts - DENY_WINDOW:
+            denials.popleft()
+        if r.ts < ident.until.get("deny_burst", 0.0):
+            return
+        total = sum(n for _, n in denials)
+        p99 = ident.deny_hist.quantile(0.99)
+        threshold = max(DENY_BURST_MIN, DENY_BURST_RATIO * p99)
+        if total < threshold:
+            return
+        ident.until["deny_burst"] = r.ts + BURST_COOLDOWN
+        score = min(1.0, 0.6 + 0.1 * math.log2(total / threshold))
+        out.append(Anomaly(r.ts, r.source, r.node, "deny_burst", score,
+                           f"{r.source} had {total} connections denied in {DENY_WINDOW // 60} min (latest to "
+                           f"{r.destination} port {r.port}); its p99 is {p99:.0f} per {DENY_WINDOW // 60} min"))
+
+    def _new_peer(self, ident: _Identity, r: TraceRecord, target: tuple[str, int], out: list[Anomaly]) -> None:
+        new_destination = r.destination not in ident.destinations
+        score = 0.75 if r.decision == "deny" else 0.6
+        if new_destination:
+            score += 0.05
+        what = "a destination" if new_destination else f"a port of {r.destination}"
+        out.append(Anomaly(r.ts, r.source, r.node, "new_peer", score,
+                           f"{r.source} connected to {r.destination} port {r.port} ({r.decision}), {what} it never "
+                           f"used before (its baseline: {len(ident.peers.learned)} peer(s))"))
+
+    def _slow_sweep(self, ident: _Identity, r: TraceRecord, target: tuple[str, int], out: list[Anomaly]) -> None:
+        slow = ident.slow
+        if not any(t == target for _, t in slow):
+            slow.append((r.ts, target))
+        while slow and slow[0][0] <= r.ts - SLOW_WINDOW:
+            slow.popleft()
+        if len(slow) < SLOW_MIN_TARGETS or r.ts < ident.until.get("slow_sweep", 0.0):
+            return
+        if r.ts - slow[0][0] < SWEEP_WINDOW:
+            return  # that fast, it is a sweep (its own detector); this one is for the slow kind
+        ident.until["slow_sweep"] = r.ts + SLOW_WINDOW
+        hours = (r.ts - slow[0][0]) / 3600
+        out.append(Anomaly(r.ts, r.source, r.node, "slow_sweep", 0.7,
+                           f"{r.source} was denied on {len(slow)} destination ports it never used, spread over "
+                           f"{hours:.1f} h (a slow probe)"))
+
+    def _volume(self, ident: _Identity, r: TraceRecord, now: list[int], out: list[Anomaly]) -> None:
+        hist = ident.vol_hist.get(r.destination)
+        if hist is None or hist[0].total < MIN_VOLUME_WINDOWS or r.destination in ident.vol_alerted:
+            return
+        p_bytes, p_conns = hist[0].quantile(0.99), hist[1].quantile(0.99)
+        ratio_bytes = now[0] / max(p_bytes, MIN_VOLUME_BYTES / VOLUME_RATIO)
+        ratio_conns = now[1] / max(p_conns, MIN_VOLUME_CONNECTIONS / VOLUME_RATIO)
+        ratio = max(ratio_bytes, ratio_conns)
+        if ratio < VOLUME_RATIO:
+            return
+        ident.vol_alerted.add(r.destination)
+        score = min(1.0, 0.5 + 0.25 * math.log2(ratio / VOLUME_RATIO))
+        minutes = VOLUME_WINDOW // 60
+        if ratio_bytes >= ratio_conns:
+            reason = (f"{r.source} moved {_size(now[0])} with {r.destination} in {minutes} min; its 30-day p99 is "
+                      f"{_size(p_bytes)}")
+        else:
+            reason = (f"{r.source} opened {now[1]} connections to {r.destination} in {minutes} min; its 30-day p99 "
+                      f"is {p_conns:.0f}")
+        out.append(Anomaly(r.ts, r.source, r.node, "volume", score, reason))
+
+    # -- learning ---------------------------------------------------------------------------
+
+    def _learn(self, ident: _Identity, r: TraceRecord, established: bool, alerted: bool) -> None:
+        target = (r.destination, r.port)
+        hour = int(r.ts // 3600) % 24
+        if not established:
+            ident.peers.learn(target)
+            ident.hours.learn(hour)
+            if r.node:
+                ident.nodes.learn(r.node)
+        else:
+            day = int(r.ts // DAY)
+            ident.peers.saw(target, day, alerted)
+            ident.hours.saw(hour, day, alerted)
+            if r.node:
+                ident.nodes.saw(r.node, day, alerted)
+        if not alerted:
+            if target in ident.peers and len(ident.destinations) < MAX_PEERS:
+                ident.destinations.add(r.destination)
+            if r.node and r.node in ident.nodes:
+                ident.node_seen[r.node] = r.ts
+
+
+def alert_to_dict(alert: Alert) -> dict[str, object]:
+    """An alert as `detect replay --json` prints it and webhooks receive it (ts ISO 8601 UTC)."""
+    out: dict[str, object] = {"ts": format_utc(alert.ts), "identity": alert.identity, "node": alert.node,
+                              "detector": alert.detector, "score": alert.score, "action": alert.action,
+                              "reason": alert.reason}
+    if alert.action == "quarantine" and alert.target == "node":
+        out["target"] = "node"
+    if alert.dry_run:
+        out["dry_run"] = True  # what the response policy would have done; nothing was quarantined
+    return out

@@ -1,0 +1,107 @@
+"""The flow trace: one flow rollup per line, the input of `trustmesh detect replay`.
+
+    {"ts": "2026-11-01T10:03:00Z", "node": "node-1", "source": "spiffe://example.org/payments",
+     "destination": "spiffe://example.org/ledger", "port": 8443, "decision": "allow",
+     "connections": 12, "bytes_in": 48000, "bytes_out": 9600}
+
+`ts` ends the (one-minute) window the counts cover; `node` is the node the source ran on
+("" when no agent of the source's reported it); an unverified caller's `source` is
+`unverified:<address>`. `trustmesh flows export --format jsonl` writes it; anyone may hand
+one in, so every field is checked and nothing is trusted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from trustmesh.clock import format_utc, parse_utc
+from trustmesh.errors import TrustmeshError
+from trustmesh.flows import DECISIONS
+
+UNVERIFIED_PREFIX = "unverified:"
+MAX_TEXT = 2048
+MAX_COUNT = 2**63 - 1
+MAX_LINE_BYTES = 64 * 1024
+FIELDS = ("ts", "node", "source", "destination", "port", "decision", "connections", "bytes_in", "bytes_out")
+
+
+class TraceFormatError(TrustmeshError):
+    """A trace line that is not in the documented format; the message names file and line."""
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRecord:
+    ts: float  # unix seconds: the end of the window
+    node: str
+    source: str  # a SPIFFE ID, or unverified:<address>
+    destination: str
+    port: int
+    decision: str  # allow, deny, audit or unverified
+    connections: int
+    bytes_in: int  # from the source to the destination
+    bytes_out: int
+
+    @property
+    def unverified(self) -> bool:
+        return self.source.startswith(UNVERIFIED_PREFIX)
+
+
+def record_to_dict(record: TraceRecord) -> dict[str, object]:
+    return {"ts": format_utc(record.ts), "node": record.node, "source": record.source,
+            "destination": record.destination, "port": record.port, "decision": record.decision,
+            "connections": record.connections, "bytes_in": record.bytes_in, "bytes_out": record.bytes_out}
+
+
+def record_to_line(record: TraceRecord) -> str:
+    return json.dumps(record_to_dict(record), separators=(", ", ": ")) + "\n"
+
+
+def record_from_dict(data: object, where: str) -> TraceRecord:
+    if not isinstance(data, dict):
+        raise TraceFormatError(f"{where}: a trace record is a JSON object with {', '.join(FIELDS)}")
+
+    def text(name: str, *, required: bool = True) -> str:
+        if name not in data:
+            if required:
+                raise TraceFormatError(f"{where}: {name!r} is missing")
+            return ""
+        value = data[name]
+        if not isinstance(value, str) or len(value) > MAX_TEXT:
+            raise TraceFormatError(f"{where}: {name!r} must be text of at most {MAX_TEXT} characters")
+        return value
+
+    def number(name: str, high: int = MAX_COUNT, *, default: int | None = 0) -> int:
+        value = data.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+            raise TraceFormatError(f"{where}: {name!r} must be a whole number from 0 to {high}")
+        return value
+
+    try:
+        ts = parse_utc(text("ts")).timestamp()
+    except ValueError as err:
+        raise TraceFormatError(f"{where}: 'ts' must be an ISO 8601 UTC time like 2026-11-01T10:03:00Z") from err
+    decision = text("decision")
+    if decision not in DECISIONS:
+        raise TraceFormatError(f"{where}: 'decision' must be one of {', '.join(DECISIONS)}, got {decision[:20]!r}")
+    source, destination = text("source"), text("destination")
+    if not source or not destination:
+        raise TraceFormatError(f"{where}: 'source' and 'destination' must not be empty")
+    port = number("port", 65535, default=None)
+    return TraceRecord(ts, text("node", required=False), source, destination, port, decision,
+                       number("connections"), number("bytes_in"), number("bytes_out"))
+
+
+def read_trace(lines: Iterable[str | bytes], source: str) -> Iterator[TraceRecord]:
+    """The records of a trace, in file order; blank lines are skipped."""
+    for number, line in enumerate(lines, start=1):
+        if len(line) > MAX_LINE_BYTES:
+            raise TraceFormatError(f"{source} line {number}: longer than {MAX_LINE_BYTES} bytes")
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except ValueError as err:
+            raise TraceFormatError(f"{source} line {number}: not JSON ({str(err)[:80]})") from err
+        yield record_from_dict(data, f"{source} line {number}")
