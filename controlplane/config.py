@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from trustmesh.controlplane.store.etcd import SCHEMES as ETCD_SCHEMES
 from trustmesh.controlplane.store.etcd import EtcdSecurity
@@ -30,6 +31,18 @@ from trustmesh.options import (
 )
 from trustmesh.spiffeid import TrustDomain
 
+
+def webhook_problem(url: str) -> str | None:
+    """Why `url` is not a webhook alerts may be posted to, or None. Alerts name identities
+    and what they did: they travel over TLS unless they stay on this machine."""
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("https", "http") or not parsed.hostname:
+        return "give an https:// URL"
+    if parsed.scheme == "http" and parsed.hostname not in ("localhost", "127.0.0.1", "::1"):
+        return "alerts leave this machine only over https"
+    return None
+
+
 # Bounds an entry's TTLs must fall within; outside them is INVALID_ARGUMENT.
 MIN_X509_TTL = timedelta(seconds=1)
 MAX_X509_TTL = timedelta(days=30)
@@ -38,6 +51,7 @@ MAX_JWT_TTL = timedelta(days=1)
 
 FEDERATION = "federation (serving this trust domain's bundle to partners)"
 OPERATORS = "operators (people: enrollment, login with password and TOTP, roles)"
+DETECTION = "continuous verification (baselines, detectors, responses, quarantine)"
 ETCD = "etcd store (TLS and authentication; every call, leases and watches included)"
 
 
@@ -169,6 +183,16 @@ class ServerConfig:
     access_max_grant: timedelta = option(
         "the longest just-in-time grant (`access request --for`, `access break-glass --for`)", DURATION,
         default=timedelta(hours=8), group=OPERATORS)
+    learn: timedelta = option(
+        "continuous verification: how long each identity's behaviour is learned before its baseline "
+        "detectors fire and before any response rule may quarantine it (baselines keep adapting after)",
+        DURATION, default=timedelta(days=7), group=DETECTION)
+    detect_dry_run: str = option(
+        "on: response rules say what they would quarantine (audited, counted) and quarantine nothing, "
+        "whatever the Response documents say", one_of("on", "off"), default="off", group=DETECTION)
+    alert_webhook: str | None = option(
+        "POST every alert as JSON to these URLs (comma-separated; https, or http to a loopback address)",
+        TEXT, default=None, group=DETECTION, metavar="URL[,URL…]")
     signing_workers: int = option(
         "processes that sign X.509-SVIDs, for issuance on every core; 0 signs in a thread of the server "
         "process (default: the number of CPUs)", COUNT, default_factory=lambda: os.cpu_count() or 1)
@@ -194,6 +218,9 @@ class ServerConfig:
             raise ConfigError("--operator-cert-ttl must be between 1m and 12h")
         if self.flow_rollup_interval < timedelta(seconds=1) or self.flow_retention < timedelta(hours=1):
             raise ConfigError("--flow-rollup-interval must be at least 1s and --flow-retention at least 1h")
+        for url in self.alert_webhooks:
+            if problem := webhook_problem(url):
+                raise ConfigError(f"--alert-webhook {url[:100]!r}: {problem}")
         if self.access_approvers < 1:
             raise ConfigError("--access-approvers must be at least 1 (four eyes: someone other than the requester)")
         if self.access_max_grant < timedelta(minutes=1) or self.access_approval_window < timedelta(minutes=1):
@@ -240,6 +267,10 @@ class ServerConfig:
     @property
     def admin_socket_path(self) -> Path:
         return self.admin_socket or self.data_dir / "admin.sock"
+
+    @property
+    def alert_webhooks(self) -> tuple[str, ...]:
+        return tuple(u.strip() for u in (self.alert_webhook or "").split(",") if u.strip())
 
     @property
     def embedded(self) -> bool:

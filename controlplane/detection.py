@@ -10,15 +10,21 @@ is the reporting agent's when that agent runs the source (its outbound listeners
 connection), otherwise unknown (""): an inbound listener cannot tell which node a caller
 runs on. The same records go to the per-minute trace (`flows export --format jsonl`).
 
-The engine lives in this replica's memory: a restart learns again (`--learn` before anything
-is quarantined), and with several replicas each one sees the reports of its own agents.
+What the engine learned is saved every SAVE_SECONDS and at stop, sealed with the KEK
+(AES-GCM: baselines say what every identity does, and a forged one would blind the detectors),
+in `<data-dir>/detection-state.sealed`; a restart picks it up, so an upgrade does not start
+a new learning period. A state that fails to open or to validate is refused loudly and the
+engine learns afresh. With several replicas each one learns from the reports of its own
+agents.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
@@ -26,9 +32,10 @@ import httpx
 from trustmesh.controlplane.flow_audit import FlowCounter
 from trustmesh.controlplane.flow_store import decision_of
 from trustmesh.controlplane.runtime import ServerRuntime
-from trustmesh.detect.engine import Alert, Engine, alert_to_dict
+from trustmesh.detect.engine import Alert, Engine, StateError, alert_to_dict, engine_state, restore_engine
 from trustmesh.detect.trace import UNVERIFIED_PREFIX, TraceRecord
 from trustmesh.errors import TrustmeshError
+from trustmesh.files import atomic_write
 from trustmesh.logs import log_event
 from trustmesh.naming import node_name_of
 from trustmesh.policy import Policy
@@ -40,6 +47,18 @@ log = logging.getLogger("trustmesh.detect")
 WEBHOOK_QUEUE = 1_000  # alerts waiting for the webhooks; past it they are dropped (and counted)
 WEBHOOK_TIMEOUT = 5.0
 DETECTOR_ACTOR = "detector"
+SAVE_SECONDS = 300.0
+STATE_FILE = "detection-state.sealed"
+_STATE_AAD = b"trustmesh detection state v1"
+MAX_STATE_BYTES = 256 * 1024 * 1024
+
+
+class Sealer(Protocol):
+    """The KEK: authenticated encryption of what is kept on disk."""
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes: ...
+
+    def open(self, blob: bytes, aad: bytes) -> bytes: ...
 
 
 class Quarantines(Protocol):
@@ -73,8 +92,10 @@ def report_records(node: str, now: float, counters: Iterable[tuple[FlowCounter, 
 class DetectionService:
     def __init__(self, rt: ServerRuntime, view: PolicyView, quarantines: Quarantines,
                  trace: TraceSink | None = None, *, learn: float, dry_run: bool = False,
-                 webhooks: Sequence[str] = ()) -> None:
+                 webhooks: Sequence[str] = (), state_dir: Path | None = None, sealer: Sealer | None = None) -> None:
         self._rt = rt
+        self._state = state_dir / STATE_FILE if state_dir is not None and sealer is not None else None
+        self._sealer = sealer
         self._view = view
         self._quarantines = quarantines
         self._trace = trace
@@ -140,10 +161,47 @@ class DetectionService:
             except asyncio.QueueFull:
                 self._webhook_failures.inc()
 
+    def load(self) -> None:
+        """Pick up what a previous run learned (called once, before the first report)."""
+        if self._state is None or self._sealer is None or not self._state.exists():
+            return
+        try:
+            blob = self._state.read_bytes()
+            if len(blob) > MAX_STATE_BYTES:
+                raise StateError(f"larger than {MAX_STATE_BYTES} bytes")
+            restore_engine(self.engine, json.loads(self._sealer.open(blob, _STATE_AAD)))
+        except (OSError, ValueError, TrustmeshError) as err:  # StateError and JSON errors are ValueErrors
+            log_event(log, "detection_state_refused", level=logging.ERROR, path=str(self._state), error=str(err),
+                      consequence=f"baselines are learned again for {self.engine.learn:.0f}s before any quarantine")
+            return
+        log_event(log, "detection_state_loaded", identities=self.engine.identities())
+
+    async def save(self) -> None:
+        if self._state is None or self._sealer is None:
+            return
+        data = json.dumps(engine_state(self.engine), separators=(",", ":")).encode()
+        sealed = self._sealer.seal(data, _STATE_AAD)
+        try:
+            await asyncio.to_thread(atomic_write, self._state, sealed)
+        except OSError as err:
+            log_event(log, "detection_state_not_saved", level=logging.ERROR, path=str(self._state), error=str(err))
+
     async def run(self, stop: asyncio.Event) -> None:
+        """Save the baselines every SAVE_SECONDS and at stop; post alerts to the webhooks."""
+        poster = asyncio.create_task(self._post(stop), name="alert-webhooks")
+        try:
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), SAVE_SECONDS)
+                except TimeoutError:
+                    pass
+                await self.save()
+        finally:
+            await poster
+
+    async def _post(self, stop: asyncio.Event) -> None:
         """Post alerts to the webhooks, one at a time, until `stop`."""
         if not self._webhooks:
-            await stop.wait()
             return
         async with httpx.AsyncClient(timeout=WEBHOOK_TIMEOUT) as client:
             while not stop.is_set():

@@ -340,3 +340,20 @@ def test_replay_cli_refuses_bad_config_and_learn(tmp_path: Path) -> None:
     done = replay([str(trace), "--learn", "forever"])
     assert done.returncode == 2 and "--learn 'forever'" in done.stderr
     assert replay([str(tmp_path / "missing.jsonl")]).returncode == 2
+
+
+def test_state_survives_a_restart_and_a_tampered_state_is_refused(normal: list[TraceRecord]) -> None:
+    from trustmesh.detect.engine import StateError, engine_state, restore_engine
+
+    engine = Engine(learn=LEARN)
+    run(normal, engine)
+    saved = json.loads(json.dumps(engine_state(engine)))
+    restarted = Engine(learn=LEARN)
+    restore_engine(restarted, saved)
+    attack = [rec(at(14, 11) + 5, port=22, decision="deny", conns=1, nbytes=0), rec(at(14, 12), nbytes=60_000_000)]
+    assert run(attack, restarted) == run(attack, engine) != []
+    saved["identities"][PAY]["hours"]["learned"] = ["not an hour", None]
+    with pytest.raises(StateError):
+        restore_engine(Engine(), saved)
+    with pytest.raises(StateError):
+        restore_engine(Engine(), {"version": 99})

@@ -444,3 +444,107 @@ def alert_to_dict(alert: Alert) -> dict[str, object]:
     if alert.dry_run:
         out["dry_run"] = True  # what the response policy would have done; nothing was quarantined
     return out
+
+
+# -- the engine's state, to survive a restart -------------------------------------------------
+
+STATE_VERSION = 1
+
+
+class StateError(ValueError):
+    """A saved state that is not one this version wrote; the engine starts learning again."""
+
+
+def _hist_state(h: _Histogram) -> list[list[int]]:
+    return [[b, c] for b, c in h.counts.items()]
+
+
+def _hist_from(data: object) -> _Histogram:
+    h = _Histogram()
+    for b, c in _pairs(data):
+        if not (isinstance(b, int) and isinstance(c, int) and 0 <= b < 1024 and 0 < c):
+            raise StateError("a histogram bucket is out of range")
+        h.counts[b] = c
+    h.total = sum(h.counts.values())
+    return h
+
+
+def _pairs(data: object) -> list[list[object]]:
+    if not isinstance(data, list) or not all(isinstance(p, list) and len(p) == 2 for p in data):
+        raise StateError("expected a list of pairs")
+    return data
+
+
+def _novelty_state(n: _Novelty) -> dict[str, object]:
+    return {"learned": list(n.learned), "pending": [[k, sorted(v)] for k, v in n.pending.items()]}
+
+
+def _item(value: object) -> object:
+    # Peers are (destination, port) pairs, JSON lists once saved; nodes are text, hours numbers.
+    if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int):
+        return (value[0], value[1])
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        return value
+    raise StateError("a learned item is neither a peer, a node nor an hour")
+
+
+def _novelty_from(data: object, limit: int) -> _Novelty:
+    if not isinstance(data, dict):
+        raise StateError("expected learned and pending items")
+    n = _Novelty(limit)
+    learned, pending = data.get("learned"), data.get("pending")
+    if not isinstance(learned, list) or len(learned) > limit:
+        raise StateError("too many learned items")
+    for item in learned:
+        n.learned[_item(item)] = None
+    for item, days in _pairs(pending):
+        if not isinstance(days, list) or not all(isinstance(d, int) for d in days):
+            raise StateError("pending days are not day numbers")
+        n.pending[_item(item)] = set(days)
+    if len(n.learned) + len(n.pending) > limit:
+        raise StateError("too many items")
+    return n
+
+
+def engine_state(engine: Engine) -> dict[str, object]:
+    """What the engine learned, as JSON-ready data (windows in progress are not kept: a
+    restart starts new ones)."""
+    return {"version": STATE_VERSION, "identities": {
+        name: {"first": i.first, "peers": _novelty_state(i.peers), "destinations": sorted(i.destinations),
+               "nodes": _novelty_state(i.nodes), "hours": _novelty_state(i.hours),
+               "volume": [[dst, _hist_state(b), _hist_state(c)] for dst, (b, c) in i.vol_hist.items()],
+               "denials": _hist_state(i.deny_hist)}
+        for name, i in engine._ids.items()}}
+
+
+def restore_engine(engine: Engine, data: object) -> None:
+    """Load what engine_state saved into a fresh engine; StateError (and nothing loaded) when
+    any of it is not what this version writes."""
+    if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+        raise StateError(f"not a version {STATE_VERSION} detection state")
+    identities = data.get("identities")
+    if not isinstance(identities, dict) or len(identities) > MAX_IDENTITIES:
+        raise StateError("the identities are missing or too many")
+    loaded: dict[str, _Identity] = {}
+    for name, saved in identities.items():
+        if not isinstance(saved, dict) or not isinstance(saved.get("first"), (int, float)):
+            raise StateError(f"identity {name[:80]!r} is malformed")
+        ident = _Identity(float(saved["first"]))
+        ident.peers = _novelty_from(saved.get("peers"), MAX_PEERS)
+        ident.nodes = _novelty_from(saved.get("nodes"), MAX_NODES)
+        ident.hours = _novelty_from(saved.get("hours"), 24)
+        destinations = saved.get("destinations")
+        if not isinstance(destinations, list) or len(destinations) > MAX_PEERS \
+                or not all(isinstance(d, str) for d in destinations):
+            raise StateError(f"identity {name[:80]!r}: destinations are malformed")
+        ident.destinations = set(destinations)
+        volume = saved.get("volume")
+        if not isinstance(volume, list) or len(volume) > MAX_PEERS:
+            raise StateError(f"identity {name[:80]!r}: volume baselines are malformed")
+        for entry in volume:
+            if not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[0], str):
+                raise StateError(f"identity {name[:80]!r}: a volume baseline is malformed")
+            ident.vol_hist[entry[0]] = (_hist_from(entry[1]), _hist_from(entry[2]))
+        ident.deny_hist = _hist_from(saved.get("denials"))
+        loaded[name] = ident
+    engine._ids = loaded
