@@ -5,10 +5,12 @@ what the response policy decides happens here: an alert is logged, counted
 the webhooks; a quarantine goes through the quarantine service, which stores it, audits it
 with its evidence and reaches every agent through the compiled policy.
 
-A report becomes trace records (the replay format) stamped with the server's clock: the node
-is the reporting agent's when that agent runs the source (its outbound listeners saw the
-connection), otherwise unknown (""): an inbound listener cannot tell which node a caller
-runs on. The same records go to the per-minute trace (`flows export --format jsonl`).
+A report becomes trace records (the replay format) stamped with the server's clock. The node
+is where the source ran: the reporting agent's own node when it runs the source; otherwise
+the node whose agent talks to the server from the caller's address (the inbound listener
+reports the client's host), the address itself when no node is there (a credential used from
+a host that is no node of ours), or unknown ("") when several nodes share it (NAT, one
+host). The same records go to the per-minute trace (`flows export --format jsonl`).
 
 What the engine learned is saved every SAVE_SECONDS and at stop, sealed with the KEK
 (AES-GCM: baselines say what every identity does, and a forged one would blind the detectors),
@@ -21,9 +23,10 @@ agents.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +35,7 @@ import httpx
 from trustmesh.controlplane.flow_audit import FlowCounter
 from trustmesh.controlplane.flow_store import decision_of
 from trustmesh.controlplane.runtime import ServerRuntime
+from trustmesh.controlplane.store.records import AttestedNode
 from trustmesh.detect.engine import Alert, Engine, StateError, alert_to_dict, engine_state, restore_engine
 from trustmesh.detect.trace import UNVERIFIED_PREFIX, TraceRecord
 from trustmesh.errors import TrustmeshError
@@ -73,20 +77,57 @@ class TraceSink(Protocol):
 
 
 class PolicyView(Protocol):
-    """The registry view's answers: the policy in force (with its Response documents)."""
+    """The registry view's answers: the policy in force (with its Response documents), the
+    attested nodes."""
 
     @property
     def policy(self) -> Policy: ...
 
+    def attested_nodes(self) -> Iterable[AttestedNode]: ...
 
-def report_records(node: str, now: float, counters: Iterable[tuple[FlowCounter, bool]]) -> list[TraceRecord]:
-    """Trace records of one agent's report: (counter, whether the agent runs its source)."""
+
+def report_records(node: str, now: float, counters: Iterable[tuple[FlowCounter, bool]],
+                   node_at: Callable[[str], str] = lambda _address: "") -> list[TraceRecord]:
+    """Trace records of one agent's report: (counter, whether the agent runs its source);
+    `node_at` names the node at a caller's address."""
     records = []
     for c, runs_source in counters:
-        source = f"{UNVERIFIED_PREFIX}{c.source_address}" if c.unverified else c.source_id
-        records.append(TraceRecord(now, node if runs_source else "", source, c.destination_id, c.port,
-                                   decision_of(c), c.count, c.bytes_in, c.bytes_out))
+        if c.unverified:
+            source, where = f"{UNVERIFIED_PREFIX}{c.source_address}", ""
+        else:
+            source = c.source_id
+            where = node if runs_source else node_at(c.source_address) if c.source_address else ""
+        records.append(TraceRecord(now, where, source, c.destination_id, c.port, decision_of(c), c.count,
+                                   c.bytes_in, c.bytes_out))
     return records
+
+
+class NodeAddresses:
+    """Which node talks to the server from an address (AttestedNode.renewed_from), rebuilt at
+    most every REFRESH_SECONDS: nodes move rarely, reports come every 2 s from each agent."""
+
+    REFRESH_SECONDS = 10.0
+
+    def __init__(self, nodes: Callable[[], Iterable[AttestedNode]], clock: Callable[[], float]) -> None:
+        self._nodes = nodes
+        self._clock = clock
+        self._by_host: dict[str, str] = {}
+        self._built = float("-inf")
+
+    def __call__(self, address: str) -> str:
+        now = self._clock()
+        if now - self._built > self.REFRESH_SECONDS:
+            by_host: dict[str, str] = {}
+            for n in self._nodes():
+                if n.renewed_from:
+                    # Two nodes behind one address: which one it was cannot be told.
+                    by_host[n.renewed_from] = "" if n.renewed_from in by_host else n.node_name
+            self._by_host, self._built = by_host, now
+        try:
+            host = str(ipaddress.ip_address(address))
+        except ValueError:
+            return ""
+        return self._by_host.get(host, host)
 
 
 class DetectionService:
@@ -110,6 +151,7 @@ class DetectionService:
         self._webhook_failures = metrics.counter("trustmesh_alert_webhook_failures_total",
                                                  "alerts a webhook did not take (error, timeout or full queue)")
         self._identities = metrics.gauge("trustmesh_detection_identities", "identities with a baseline")
+        self._node_at = NodeAddresses(view.attested_nodes, rt.clock)
 
     def _responses(self) -> None:
         policy = self._view.policy
@@ -129,7 +171,7 @@ class DetectionService:
             node = node_name_of(SpiffeId.parse(agent)) or ""
         except ValueError:
             node = ""
-        records = report_records(node, self._rt.clock(), counters)
+        records = report_records(node, self._rt.clock(), counters, self._node_at)
         if self._trace is not None:
             self._trace.add(records)
         self._responses()

@@ -165,6 +165,10 @@ class RegistryView:
         """The entries this agent may use (its own and its node aliases'), by id."""
         return self.index.authorized_for(agent)
 
+    def attested_nodes(self) -> list[AttestedNode]:
+        """Every attested node's record (for the detectors: which node is at which address)."""
+        return list(self.index.nodes.values())
+
     def changed_since(self, agent: str, revision: int) -> set[str] | None:
         """Ids of this agent's entries that changed after `revision`; None when the view
         cannot tell (the agent needs a snapshot)."""

@@ -58,7 +58,17 @@ def record_to_line(record: TraceRecord) -> str:
     return json.dumps(record_to_dict(record), separators=(", ", ": ")) + "\n"
 
 
-def record_from_dict(data: object, where: str) -> TraceRecord:
+def _parse_ts(text: str, cache: dict[str, float]) -> float:
+    # Every record of a minute carries the same text: parse it once.
+    ts = cache.get(text)
+    if ts is None:
+        if len(cache) > 4096:
+            cache.clear()
+        ts = cache[text] = parse_utc(text).timestamp()
+    return ts
+
+
+def record_from_dict(data: object, where: str, ts_cache: dict[str, float] | None = None) -> TraceRecord:
     if not isinstance(data, dict):
         raise TraceFormatError(f"{where}: a trace record is a JSON object with {', '.join(FIELDS)}")
 
@@ -79,7 +89,7 @@ def record_from_dict(data: object, where: str) -> TraceRecord:
         return value
 
     try:
-        ts = parse_utc(text("ts")).timestamp()
+        ts = _parse_ts(text("ts"), {} if ts_cache is None else ts_cache)
     except ValueError as err:
         raise TraceFormatError(f"{where}: 'ts' must be an ISO 8601 UTC time like 2026-11-01T10:03:00Z") from err
     decision = text("decision")
@@ -95,6 +105,7 @@ def record_from_dict(data: object, where: str) -> TraceRecord:
 
 def read_trace(lines: Iterable[str | bytes], source: str) -> Iterator[TraceRecord]:
     """The records of a trace, in file order; blank lines are skipped."""
+    cache: dict[str, float] = {}
     for number, line in enumerate(lines, start=1):
         if len(line) > MAX_LINE_BYTES:
             raise TraceFormatError(f"{source} line {number}: longer than {MAX_LINE_BYTES} bytes")
@@ -104,4 +115,8 @@ def read_trace(lines: Iterable[str | bytes], source: str) -> Iterator[TraceRecor
             data = json.loads(line)
         except ValueError as err:
             raise TraceFormatError(f"{source} line {number}: not JSON ({str(err)[:80]})") from err
-        yield record_from_dict(data, f"{source} line {number}")
+        try:
+            record = record_from_dict(data, "", cache)
+        except TraceFormatError as err:  # where it is, named only when it is wrong (the hot path)
+            raise TraceFormatError(f"{source} line {number}{err}") from None
+        yield record
