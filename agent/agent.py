@@ -322,9 +322,12 @@ async def _serve(config: AgentConfig, stop: asyncio.Event, metrics: Registry) ->
     outbound: list[OutboundListener] = []
 
     def policy_changed(_policy: Policy) -> None:
-        # Continuous verification: a withdrawn allow closes the connections it allowed.
+        # Continuous verification: a withdrawn allow closes the connections it allowed, and a
+        # quarantine (of a source, a service, a destination or this node) cuts both directions.
         for listener in inbound:
             listener.recheck()
+        for route in outbound:
+            route.recheck()
 
     sync = SyncClient(client, cache, config.data_dir, td, metrics, own_bundle_changed, on_policy=policy_changed,
                       rotation=config.rotation, server_state=server_state,
@@ -336,7 +339,7 @@ async def _serve(config: AgentConfig, stop: asyncio.Event, metrics: Registry) ->
     attestor, resolver = WorkloadAttestor(), PeerResolver(skip=os.getpid())
     flow = Flow(cache.svid_for, cache.bundles, lambda: sync.policy, reporter.report, metrics,
                 identities=cache, refused=reporter.refused, attestor=attestor, resolver=resolver,
-                traffic=reporter.traffic, unverified=reporter.unverified)
+                traffic=reporter.traffic, unverified=reporter.unverified, node=identity.spiffe_id)
     api = WorkloadAPI(cache, CallerBinder(attestor, resolver), metrics, report=reporter.refused)
     server = WorkloadAPIServer(config.socket_path, api,
                                Authorizer(cache, api.callers, lambda: sync.policy, reporter.report, metrics))

@@ -25,6 +25,7 @@ from trustmesh.options import (
     TEXT,
     TRUST_DOMAIN,
     ConfigError,
+    Parser,
     internal,
     one_of,
     option,
@@ -42,6 +43,15 @@ def webhook_problem(url: str) -> str | None:
         return "alerts leave this machine only over https"
     return None
 
+
+def _webhook(value: object) -> str:
+    url = str(value).strip()
+    if problem := webhook_problem(url):
+        raise ValueError(f"{url[:100]!r}: {problem}")
+    return url
+
+
+WEBHOOK_URL = Parser("URL", _webhook)
 
 # Bounds an entry's TTLs must fall within; outside them is INVALID_ARGUMENT.
 MIN_X509_TTL = timedelta(seconds=1)
@@ -190,9 +200,9 @@ class ServerConfig:
     detect_dry_run: str = option(
         "on: response rules say what they would quarantine (audited, counted) and quarantine nothing, "
         "whatever the Response documents say", one_of("on", "off"), default="off", group=DETECTION)
-    alert_webhook: str | None = option(
-        "POST every alert as JSON to these URLs (comma-separated; https, or http to a loopback address)",
-        TEXT, default=None, group=DETECTION, metavar="URL[,URL…]")
+    alert_webhook: tuple[str, ...] = option(
+        "POST every alert as JSON to this URL (https, or http to a loopback address); repeatable",
+        WEBHOOK_URL, default=(), repeat=True, group=DETECTION)
     signing_workers: int = option(
         "processes that sign X.509-SVIDs, for issuance on every core; 0 signs in a thread of the server "
         "process (default: the number of CPUs)", COUNT, default_factory=lambda: os.cpu_count() or 1)
@@ -218,9 +228,6 @@ class ServerConfig:
             raise ConfigError("--operator-cert-ttl must be between 1m and 12h")
         if self.flow_rollup_interval < timedelta(seconds=1) or self.flow_retention < timedelta(hours=1):
             raise ConfigError("--flow-rollup-interval must be at least 1s and --flow-retention at least 1h")
-        for url in self.alert_webhooks:
-            if problem := webhook_problem(url):
-                raise ConfigError(f"--alert-webhook {url[:100]!r}: {problem}")
         if self.access_approvers < 1:
             raise ConfigError("--access-approvers must be at least 1 (four eyes: someone other than the requester)")
         if self.access_max_grant < timedelta(minutes=1) or self.access_approval_window < timedelta(minutes=1):
@@ -267,10 +274,6 @@ class ServerConfig:
     @property
     def admin_socket_path(self) -> Path:
         return self.admin_socket or self.data_dir / "admin.sock"
-
-    @property
-    def alert_webhooks(self) -> tuple[str, ...]:
-        return tuple(u.strip() for u in (self.alert_webhook or "").split(",") if u.strip())
 
     @property
     def embedded(self) -> bool:

@@ -142,6 +142,7 @@ class DetectionService:
         self._trace = trace
         self._dry_run = dry_run
         self._responses_of = -1  # the policy revision the engine's responses come from
+        self._quarantined: frozenset[str] = frozenset()
         self.engine = Engine(ResponsePolicy(force_dry_run=dry_run), learn=learn)
         self._webhooks = tuple(webhooks)
         self._outbox: asyncio.Queue[dict[str, object]] = asyncio.Queue(WEBHOOK_QUEUE)
@@ -175,6 +176,10 @@ class DetectionService:
         if self._trace is not None:
             self._trace.add(records)
         self._responses()
+        quarantined = self._view.policy.quarantined
+        if quarantined is not self._quarantined:  # a release resumes watching; a manual add stops learning
+            self.engine.set_quarantined(quarantined)
+            self._quarantined = quarantined
         alerts = [a for r in records for a in self.engine.observe(r)]
         self._identities.set(self.engine.identities())
         for alert in alerts:

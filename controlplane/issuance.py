@@ -2,8 +2,9 @@
 batches, JWT-SVIDs, its own renewal, and reports of the connections its listeners decided.
 
 Every request is checked against the registry view (an agent gets SVIDs only for the
-entries it is authorized for, and learns nothing about other nodes' entries by probing ids),
-signed by the CA, counted in the metrics and written to the audit log. Results are typed
+entries it is authorized for, and learns nothing about other nodes' entries by probing ids;
+none for an identity in quarantine, nor any workload SVID for a node in quarantine), signed by
+the CA, counted in the metrics and written to the audit log. Results are typed
 values; the Node servicer turns them into protobuf.
 """
 
@@ -20,9 +21,17 @@ from trustmesh.controlplane.clones import next_superseded
 from trustmesh.controlplane.detection import DetectionService
 from trustmesh.controlplane.flow_audit import FlowAudit, FlowCounter, RefusalCounter
 from trustmesh.controlplane.flow_store import FlowRollups, decision_of
+from trustmesh.controlplane.quarantine import QuarantineRefusals, refusal
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import AttestedNode, RegistrationEntry
-from trustmesh.errors import InvalidArgumentError, PermissionDeniedError, SvidError, TrustmeshError
+from trustmesh.errors import (
+    InvalidArgumentError,
+    InvalidSpiffeIdError,
+    PermissionDeniedError,
+    SvidError,
+    TrustmeshError,
+)
+from trustmesh.naming import node_name_of
 from trustmesh.spiffeid import SpiffeId
 from trustmesh.x509svid import X509Svid
 
@@ -36,6 +45,8 @@ class AuthorizedEntries(Protocol):
     """What issuance needs of the registry view."""
 
     def authorized_entry(self, agent: str, entry_id: str) -> RegistrationEntry | None: ...
+
+    def is_quarantined(self, spiffe_id: str) -> bool: ...
 
     async def node_written(self, node: AttestedNode) -> None: ...
 
@@ -86,6 +97,9 @@ class IssuanceService:
         self._view = view
         self.flows = flows or FlowAudit(rt.audit, rt.config.flow_audit_interval.total_seconds())
         self.rollups = rollups
+        # Refusals because of a quarantine, audited per agent at most once an interval: a
+        # quarantined workload keeps asking, and must not fill the audit log by doing so.
+        self.quarantine_refusals = QuarantineRefusals(rt.audit, rt.config.flow_audit_interval.total_seconds())
         # Continuous verification (detection.py): set by the server once it is built, since
         # it needs the quarantine service, which needs the registry view.
         self.detection: DetectionService | None = None
@@ -111,6 +125,8 @@ class IssuanceService:
         results: list[X509Outcome | None] = [None] * len(items)
         work: list[tuple[int, RegistrationEntry]] = []
         denied: list[str] = []
+        quarantined: list[str] = []
+        node = self._quarantined_node(agent)
         for i, item in enumerate(items):
             entry = self._view.authorized_entry(agent, item.entry_id)
             if entry is None:
@@ -119,6 +135,9 @@ class IssuanceService:
                 denied.append(clip(item.entry_id, ENTRY_ID))
                 results[i] = X509Refused(item.entry_id, "denied",
                                          f"entry {shown(item.entry_id, ENTRY_ID)} is not authorized for agent {agent}")
+            elif node or self._view.is_quarantined(str(entry.spiffe_id)):
+                quarantined.append(str(entry.spiffe_id))
+                results[i] = X509Refused(entry.id, "denied", refusal(str(entry.spiffe_id), node=node))
             else:
                 work.append((i, entry))
         default_ttl = self._rt.config.default_x509_ttl
@@ -141,6 +160,9 @@ class IssuanceService:
         self._x509.inc(len(issued), outcome="issued")
         self._x509.inc(len(denied), outcome="denied")
         self._x509.inc(len(invalid), outcome="invalid")
+        self._x509.inc(len(quarantined), outcome="quarantined")
+        if quarantined:
+            await self.quarantine_refusals.refused(agent, "x509", quarantined, node=node)
         audit = self._rt.audit
         if issued or invalid:
             await audit.record("svid.issue", actor=agent, subject=agent, outcome="ok" if not invalid else "partial",
@@ -161,12 +183,27 @@ class IssuanceService:
                                         reason="entry not authorized for this agent")
             self._jwt.inc(outcome="denied")
             raise PermissionDeniedError(f"entry {shown(entry_id, ENTRY_ID)} is not authorized for agent {agent}")
+        node = self._quarantined_node(agent)
+        if node or self._view.is_quarantined(str(entry.spiffe_id)):
+            self._jwt.inc(outcome="quarantined")
+            await self.quarantine_refusals.refused(agent, "jwt", [str(entry.spiffe_id)], node=node)
+            raise PermissionDeniedError(refusal(str(entry.spiffe_id), node=node))
         ttl = timedelta(seconds=entry.jwt_ttl) if entry.jwt_ttl else self._rt.config.default_jwt_ttl
         token, expires = self._rt.ca.sign_jwt_svid(entry.spiffe_id, audiences, ttl)
         await self._rt.audit.record("jwt.issue", actor=agent, subject=str(entry.spiffe_id), entry_id=entry.id,
                                     audiences=list(audiences))
         self._jwt.inc(outcome="issued")
         return JwtIssued(token, expires)
+
+    def _quarantined_node(self, agent: str) -> str:
+        """The name of the agent's node when that node is in quarantine, else "". The agent's
+        own renewal is not refused: it must keep its stream to learn of the release."""
+        if not self._view.is_quarantined(agent):
+            return ""
+        try:
+            return node_name_of(SpiffeId.parse(agent)) or agent
+        except InvalidSpiffeIdError:
+            return agent
 
     async def renew_agent(self, agent: SpiffeId, node: AttestedNode, csr: bytes, address: str = "") -> X509Svid:
         """A new agent SVID for an authenticated agent, recorded on its node record with the

@@ -4,8 +4,9 @@ It loads the registry once, then follows the store's change feed forever (it is 
 reader), and owns what the feed keeps current: the authorized-entry index with the attested
 nodes (whose records carry each agent's superseded SVIDs), the evictions it remembers, the
 federated bundles, the partner-certificate revocations and the policy in force: the applied
-revision plus one allowlist per just-in-time grant that is active (access.py). Answering a
-call from it costs no store read, so an idle fleet causes none.
+revision plus one allowlist per just-in-time grant that is active (access.py), and the SPIFFE
+IDs in quarantine (quarantine.py). Answering a call from it costs no store read, so an idle
+fleet causes none.
 
 After every applied batch it publishes one typed event to its subscribers: which agents'
 view changed (`AgentsChanged`), or that every agent's did (`AllAgentsChanged`). A moved CA
@@ -45,9 +46,12 @@ from trustmesh.controlplane.store.records import (
     PartnerChanged,
     PolicyChanged,
     PolicyRevision,
+    Quarantine,
+    QuarantineChanged,
     RecordFormatError,
     RegistrationEntry,
 )
+from trustmesh.controlplane.store.store import quarantine_key
 from trustmesh.errors import (
     BundleError,
     InvalidSpiffeIdError,
@@ -125,6 +129,10 @@ class RegistryView:
         self.policy = Policy()  # what agents enforce: the applied revision plus the active grants
         self._applied = Policy()  # the policy revision in force, as applied
         self._grants: dict[str, AccessGrant] = {}  # just-in-time access requests, by id
+        self._quarantines: dict[str, Quarantine] = {}  # by store key (the sha256 of the target)
+        self._quarantined: frozenset[str] = frozenset()  # their targets: what every agent refuses
+        self._quarantined_gauge = metrics.gauge("trustmesh_quarantined",
+                                                "SPIFFE IDs in quarantine (identities, and nodes' agent IDs)")
         self.policy_changed_at = 0  # the store revision at which the policy in force arrived
         self.policy_committed_at = 0.0  # when the policy in force was applied (its record's time)
         self._federated: dict[str, Bundle] = {}  # trust domain -> its stored bundle
@@ -160,6 +168,14 @@ class RegistryView:
     def revoked_serials(self) -> frozenset[str]:
         """Serials of the revoked partner certificates: every agent enforces them."""
         return self._revoked
+
+    def quarantines(self) -> list[Quarantine]:
+        """Every quarantine in force, oldest first."""
+        return sorted(self._quarantines.values(), key=lambda q: (q.created_at, q.target))
+
+    def is_quarantined(self, spiffe_id: str) -> bool:
+        """True when this SPIFFE ID (a workload's, or an agent's: its node) is in quarantine."""
+        return spiffe_id in self._quarantined
 
     def authorized_for(self, agent: str) -> list[RegistrationEntry]:
         """The entries this agent may use (its own and its node aliases'), by id."""
@@ -268,6 +284,8 @@ class RegistryView:
         bundles = await store.list_bundles()
         partners = await store.list_partner_certificates()
         self._grants = {g.id: g for g in await store.list_access_grants()}
+        self._quarantines = {quarantine_key(q.target): q for q in await store.list_quarantines()}
+        self._count_quarantines()
         self.index.load(entries, nodes, revision)
         self._partner_revocations = {c.serial: c.revoked_at > 0 for c in partners}
         self._revoked = frozenset(serial for serial, revoked in self._partner_revocations.items() if revoked)
@@ -323,6 +341,17 @@ class RegistryView:
                     return set()  # e.g. a request filed or denied: nothing any agent enforces changed
                 self.policy_changed_at = revision
                 return None
+            case QuarantineChanged(key, quarantine, revision):
+                if quarantine is None:
+                    self._quarantines.pop(key, None)
+                else:
+                    self._quarantines[key] = quarantine
+                if not self._count_quarantines():
+                    return set()  # e.g. the same quarantine written again: nothing any agent enforces changed
+                self._compose_policy()
+                self.policy_changed_at = revision
+                # Every agent at once: any of them may hold a connection from or to the target.
+                return None
             case CaChanged(revision=revision):
                 # The CA subscriber picks up the new roots and keys (and republishes bundle.pem)
                 # before the batch ends and every agent is woken to receive the new bundle.
@@ -331,10 +360,20 @@ class RegistryView:
         return set()
 
     def _compose_policy(self) -> None:
-        """The policy agents receive: the applied revision plus the grants active now. A grant
-        lapses by itself on every agent (its rule carries `expires`); revocation recomposes."""
+        """The policy agents receive: the applied revision plus the grants active now and the IDs
+        in quarantine. A grant lapses by itself on every agent (its rule carries `expires`);
+        revocation recomposes."""
         granted = grant_allowlists(list(self._grants.values()), self._clock())
-        self.policy = replace(self._applied, allowlists=self._applied.allowlists + granted)
+        self.policy = replace(self._applied, allowlists=self._applied.allowlists + granted,
+                              quarantined=self._quarantined)
+
+    def _count_quarantines(self) -> bool:
+        """Recompute the quarantined IDs from the records; True when they changed."""
+        quarantined = frozenset(q.target for q in self._quarantines.values())
+        self._quarantined_gauge.set(len(quarantined))
+        changed = quarantined != self._quarantined
+        self._quarantined = quarantined
+        return changed
 
     async def _follow(self) -> None:
         """Keep the view current from the change feed, forever; resume after outages."""

@@ -41,15 +41,19 @@ from trustmesh.controlplane.ca.authority import CAConfig, CertificateAuthority, 
 from trustmesh.controlplane.ca.kek import KeyEncryptionKey
 from trustmesh.controlplane.clones import CloneGuard
 from trustmesh.controlplane.config import ServerConfig
+from trustmesh.controlplane.detection import DetectionService
 from trustmesh.controlplane.duties import leader_duties
 from trustmesh.controlplane.flow_store import FlowRollups
 from trustmesh.controlplane.issuance import IssuanceService
 from trustmesh.controlplane.leader import LeaderElection
 from trustmesh.controlplane.operators import Operators
+from trustmesh.controlplane.quarantine import QuarantineService
 from trustmesh.controlplane.registry_view import CAJournalChanged, RegistryEvent, RegistrySubscriber, RegistryView
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store import Store, open_store
 from trustmesh.controlplane.sync_service import SyncService
+from trustmesh.controlplane.trace_log import SUBDIRECTORY as TRACE_DIRECTORY
+from trustmesh.controlplane.trace_log import TraceLog
 from trustmesh.errors import KeyEncryptionError, StoreError
 from trustmesh.files import ensure_directory
 from trustmesh.hostport import cannot_listen, join_host_port, split_host_port
@@ -276,11 +280,25 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         view.subscribe(sync.on_registry_event)
         # Agents: attestation, then signing (issuance) and the push of what they may use (sync).
         rollups = FlowRollups(rt, view, config.replica_id)
+        # Quarantine: stored and audited here, enforced through the view (every agent's policy,
+        # and issuance refuses SVIDs); the admin API and the detectors put identities in it.
+        quarantines = QuarantineService(rt, view)
+        # The per-minute flow trace (`flows export --format jsonl`, `detect replay`) on this replica's
+        # disk; the detection service adds every accepted report to it.
+        trace_log = TraceLog(config.data_dir / TRACE_DIRECTORY, config.flow_retention.total_seconds(), rt.metrics,
+                             rt.clock)
         issuance = IssuanceService(rt, view, rollups=rollups)
+        # Continuous verification: every accepted flow report through the detectors; their
+        # response rules alert or quarantine. Baselines survive restarts, sealed with the KEK.
+        detection = DetectionService(rt, view, quarantines, trace_log, learn=config.learn.total_seconds(),
+                                     dry_run=config.detect_dry_run == "on", webhooks=config.alert_webhook,
+                                     state_dir=config.data_dir, sealer=kek)
+        detection.load()
+        issuance.detection = detection
         attestor = NodeAttestor(rt)
         node = NodeServicer(view, attestor, issuance, sync, guard)
         operators = Operators(rt, kek)
-        admin = AdminServicer(AdminServices.of(rt, operators, rollups))
+        admin = AdminServicer(AdminServices.of(rt, operators, rollups, quarantines, trace_log))
         td = config.trust_domain
         node_server = _grpc_server(CallLayer(callers.agents(td, guard), rt.metrics))
         node.register(node_server)
@@ -329,7 +347,10 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
             tasks.create_task(view.run(stop), name="registry-view")
             tasks.create_task(_rotation_loop(rt, creds, stop), name="rotation")
             tasks.create_task(issuance.flows.run(stop), name="flow-audit")
+            tasks.create_task(issuance.quarantine_refusals.run(stop), name="quarantine-refusals-audit")
             tasks.create_task(rollups.run(stop), name="flow-rollups")
+            tasks.create_task(trace_log.run(stop), name="flow-trace")
+            tasks.create_task(detection.run(stop), name="detection")
             tasks.create_task(anchor.run(stop), name="audit-anchor")
             tasks.create_task(attestor.failures.run(stop), name="attestation-failures-audit")
             tasks.create_task(guard.run(stop), name="clone-guard")

@@ -77,7 +77,7 @@ def flow_from_dict(data: object, where: str) -> Flow:
     def when(name: str) -> float:
         try:
             return parse_utc(text(name, 64)).timestamp()
-        except ValueError as err:
+        except (ValueError, OverflowError) as err:  # OverflowError: year 1 with a zone east of UTC
             raise FlowFormatError(f"{where}: {name!r} must be an ISO 8601 time like 2026-12-01T10:00:00Z") from err
 
     decision = text("decision", 16)
@@ -88,24 +88,62 @@ def flow_from_dict(data: object, where: str) -> Flow:
                 when("last_seen"), text("source_address", 256))
 
 
-MAX_EXPORT_BYTES = 256 * 1024 * 1024
+MAX_EXPORT_BYTES = 256 * 1024 * 1024  # of per-edge lines: each becomes a Flow in memory
+MAX_TRACE_EDGES = 1_000_000  # trace lines are summed per edge: memory grows with edges, not lines
+TRACE_WINDOW = 60.0  # a trace line's ts ends a one-minute window
 
 
 def read_jsonl(path: Path) -> list[Flow]:
-    """The flows of a `trustmesh flows export --format jsonl` file."""
+    """The flows of a `trustmesh flows export` file, line by line in either format: a line with
+    "ts" is a per-minute trace record (`--format jsonl`), summed per edge into one Flow (no rule;
+    first seen where its first minute began), any other line one edge (`--format edges`). The
+    edges come first, in file order, then the trace's, in the order they first appear."""
+    # Imported here: the trace format itself imports DECISIONS from this module.
+    from trustmesh.detect.trace import MAX_LINE_BYTES, UNVERIFIED_PREFIX, TraceFormatError, record_from_dict
+
+    flows: list[Flow] = []
+    edge_bytes = 0
+    sums: dict[tuple[str, str, int, str, str], list[float]] = {}  # [conns, in, out, first, last] per edge
+    ts_cache: dict[str, float] = {}
     try:
-        if path.stat().st_size > MAX_EXPORT_BYTES:
-            raise FlowFormatError(f"{path}: larger than {MAX_EXPORT_BYTES // 2**20} MiB; export a shorter window")
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise FlowFormatError(f"cannot read {path}: {err}") from err
-    flows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-        except ValueError as err:
-            raise FlowFormatError(f"{path} line {number}: not JSON ({err.args[0][:80]})") from err
-        flows.append(flow_from_dict(data, f"{path} line {number}"))
-    return flows
+        with path.open("rb") as lines:
+            for number, raw in enumerate(lines, start=1):
+                where = f"{path} line {number}"
+                if len(raw) > MAX_LINE_BYTES:
+                    raise FlowFormatError(f"{where}: longer than {MAX_LINE_BYTES} bytes")
+                if not raw.strip():
+                    continue
+                try:
+                    data = json.loads(raw)
+                except (ValueError, RecursionError) as err:  # RecursionError: nested too deep
+                    raise FlowFormatError(f"{where}: not JSON ({str(err)[:80]})") from err
+                if not (isinstance(data, dict) and "ts" in data):
+                    edge_bytes += len(raw)
+                    if edge_bytes > MAX_EXPORT_BYTES:
+                        raise FlowFormatError(f"{path}: more than {MAX_EXPORT_BYTES // 2**20} MiB of edges; "
+                                              "export a shorter window")
+                    flows.append(flow_from_dict(data, where))
+                    continue
+                try:
+                    r = record_from_dict(data, where, ts_cache)
+                except TraceFormatError as err:
+                    raise FlowFormatError(str(err)) from None
+                source, address = r.source, ""
+                if source.startswith(UNVERIFIED_PREFIX):
+                    source, address = "", source.removeprefix(UNVERIFIED_PREFIX)
+                key = (source, r.destination, r.port, r.decision, address)
+                edge = sums.get(key)
+                if edge is None:
+                    if len(sums) >= MAX_TRACE_EDGES:
+                        raise FlowFormatError(f"{path}: more than {MAX_TRACE_EDGES} edges; export a shorter window")
+                    sums[key] = [r.connections, r.bytes_in, r.bytes_out, r.ts - TRACE_WINDOW, r.ts]
+                    continue
+                edge[0] += r.connections
+                edge[1] += r.bytes_in
+                edge[2] += r.bytes_out
+                edge[3] = min(edge[3], r.ts - TRACE_WINDOW)
+                edge[4] = max(edge[4], r.ts)
+    except OSError as err:
+        raise FlowFormatError(f"cannot read {path}: {err.strerror or err}") from err
+    return flows + [Flow(src, dst, port, decision, "", int(s[0]), int(s[1]), int(s[2]), s[3], s[4], address)
+                    for (src, dst, port, decision, address), s in sums.items()]

@@ -7,9 +7,12 @@ the client's chain against its own trust domain's bundle, decide with the policy
 then forward bytes to the local service. Denied connections are closed right after the
 handshake and reported. Open connections are re-checked whenever the policy changes (and
 every second, so time-bound access lapses by itself); those no longer allowed, or whose
-client presented a certificate revoked since, are closed. Every forwarded connection is
-metered: its bytes each way are reported under its decision's flow key when it closes, and
-every TRAFFIC_SECONDS while it stays open (deltas, so nothing is counted twice).
+client presented a certificate revoked since, are closed. Quarantine (an ID in the policy's
+`quarantined`) is part of the decision: a quarantined source or service is refused and cut,
+and when this agent's own ID is there (its node is in quarantine) every listener refuses and
+cuts everything, plaintext clients of a permissive listener included. Every forwarded
+connection is metered: its bytes each way are reported under its decision's flow key when it
+closes, and every TRAFFIC_SECONDS while it stays open (deltas, so nothing is counted twice).
 
 A permissive inbound listener (`mtls: permissive`, for a migration) peeks at each client's
 first byte without consuming it: a TLS handshake record goes the way above; anything else, or
@@ -25,6 +28,8 @@ match; a caller that cannot be tied to a process is refused. A refused caller is
 before anything is dialled, so not a byte of it leaves the node; the refusal is counted,
 logged (rate-limited, with uid and pid) and reported. Admitted callers are dialled to the
 remote with the service's SVID, and a server whose SPIFFE ID is not the expected one is refused.
+Nothing is dialled while the service, the destination or this node is in quarantine, and open
+connections are cut when one of them is put there.
 
 A rotated SVID is used for the next handshake at once (each handshake takes the current
 context); open connections are not dropped.
@@ -218,8 +223,10 @@ class Flow:
                  metrics: Registry, clock: Clock = utc_now, *, identities: Identities, refused: Refused,
                  attestor: WorkloadAttestor | None = None, resolver: PeerResolver | None = None,
                  traffic: Callable[[FlowKey, int, int], None] = lambda key, bytes_in, bytes_out: None,
-                 unverified: Callable[[SpiffeId, int, str], FlowKey] | None = None) -> None:
+                 unverified: Callable[[SpiffeId, int, str], FlowKey] | None = None,
+                 node: SpiffeId | None = None) -> None:
         self.svid_for, self.bundles, self.policy, self.report = svid_for, bundles, policy, report
+        self.node = node  # this agent's own ID: when it is in quarantine, its node is
         self.traffic = traffic
         self.unverified = unverified or (lambda destination, port, host: ("", str(destination), port,
                                                                           "unverified", "", host))
@@ -236,6 +243,14 @@ class Flow:
             "connections refused before any policy decision: kind=handshake (inbound TLS) or outbound_caller "
             "(a local process that is not the service)", ["service", "kind", "reason"])
         self._refusal_log = RateLimitedLog(log, REFUSAL_LOG_SECONDS)
+
+    def decide(self, policy: Policy, source: SpiffeId, destination: SpiffeId, port: int | None) -> Decision:
+        """The policy's decision for a connection through this node's listeners (now)."""
+        return policy.decide(source, destination, port, self.clock(), node=self.node)
+
+    def quarantined(self, *ids: SpiffeId) -> Decision | None:
+        """The refusal when one of `ids` or this node is in quarantine, else None."""
+        return self.policy().in_quarantine(*ids, self.node)
 
     def refuse(self, kind: str, service: ServiceConfig, peer: str, reason: str, key: str, **fields: Any) -> None:
         """Count, log (one line per service, `key` and reason a minute) and report a refusal."""
@@ -349,6 +364,7 @@ class InboundListener:
     _ctx: ssl.SSLContext | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _meters: set[Meter] = field(default_factory=set)  # of the open forwarded connections
+    _plaintext: set[asyncio.Task[None]] = field(default_factory=set)  # a permissive listener's plaintext clients
     traffic_seconds: float = TRAFFIC_SECONDS
 
     @property
@@ -400,7 +416,7 @@ class InboundListener:
                     transport.abort()
                     return
                 if first is None or first[0] != TLS_HANDSHAKE_RECORD:
-                    await self._serve_plaintext(transport)
+                    await self._serve_plaintext(transport, task)
                     return
             streams = await self._handshake(transport)
             if streams is not None:
@@ -470,7 +486,9 @@ class InboundListener:
             writer.close()
             return
         assert source is not None
-        decision = self.flow.policy().decide(source, service.spiffe_id, self.port, self.flow.clock())
+        # Per connection, before a byte is forwarded: quarantine (of the source, this service or
+        # this node) refuses here, whatever the allowlists say.
+        decision = self.flow.decide(self.flow.policy(), source, service.spiffe_id, self.port)
         key = self.flow.report(source, service.spiffe_id, self.port, decision)
         if not decision.allowed:
             self.flow.connections.inc(service=service.name, direction="inbound", decision="deny")
@@ -502,7 +520,7 @@ class InboundListener:
             self.flow.open.dec(service=self.service.name)
             self.flow.traffic(meter.key, *meter.take())
 
-    async def _serve_plaintext(self, transport: asyncio.Transport) -> None:
+    async def _serve_plaintext(self, transport: asyncio.Transport, task: asyncio.Task[None]) -> None:
         """A permissive listener's plaintext client: forwarded as it is, with no identity and
         no policy decision (there is nobody to decide about), and reported as unverified with
         the client's host so that someone finds and fixes it."""
@@ -510,6 +528,12 @@ class InboundListener:
         assert service.inbound is not None
         if transport.is_closing():  # its reader would never see the end: nothing to forward
             self._handshake_refused(_address(transport), "closed", "the client closed the connection")
+            return
+        quarantine = self.flow.quarantined(service.spiffe_id)
+        if quarantine is not None:  # no identity to decide about, but nothing reaches a quarantined service
+            self.flow.connections.inc(service=service.name, direction="inbound", decision="deny")
+            self._handshake_refused(_address(transport), "quarantine", quarantine.reason)
+            transport.abort()
             return
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=CHUNK, loop=loop)
@@ -524,7 +548,11 @@ class InboundListener:
         self.flow.connections.inc(service=service.name, direction="inbound", decision="unverified")
         upstream = await self._dial_service(writer)
         if upstream is not None:
-            await self._forward((reader, writer), upstream, Meter(key))
+            self._plaintext.add(task)
+            try:
+                await self._forward((reader, writer), upstream, Meter(key))
+            finally:
+                self._plaintext.discard(task)
 
     async def _dial_service(self, client: asyncio.StreamWriter) -> tuple[asyncio.StreamReader,
                                                                          asyncio.StreamWriter] | None:
@@ -558,12 +586,17 @@ class InboundListener:
                 decision = Decision(False, "revoked certificate",
                                     f"{conn.source} presented certificate {min(revoked)}, which was revoked")
             else:
-                decision = policy.decide(conn.source, self.service.spiffe_id, conn.port, now)
+                decision = policy.decide(conn.source, self.service.spiffe_id, conn.port, now, node=self.flow.node)
             if not decision.allowed:
                 self.flow.report(conn.source, self.service.spiffe_id, conn.port, decision)
                 conn.task.cancel()
                 self._open.discard(conn)  # reported once, even if the next recheck comes before the cut
                 closed += 1
+        if self._plaintext and policy.in_quarantine(self.service.spiffe_id, self.flow.node) is not None:
+            for task in list(self._plaintext):
+                task.cancel()
+            closed += len(self._plaintext)
+            self._plaintext.clear()
         if closed:
             log_event(log, "connections_cut", service=self.service.name, count=closed)
         return closed
@@ -649,6 +682,12 @@ class OutboundListener:
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _unix_path: Path | None = None
+    _open: set[asyncio.Task[None]] = field(default_factory=set)  # connections spliced to the remote
+
+    @property
+    def port(self) -> int:
+        """The remote port this route dials."""
+        return split_host_port(self.route.connect)[1]
 
     async def start(self) -> None:
         unix_path = unix_listen_path(self.route.listen)
@@ -699,6 +738,13 @@ class OutboundListener:
                              exe=refusal.exe or "", detail=refusal.detail)
             writer.transport.abort()  # what it sent is dropped unread
             return
+        quarantine = self.flow.quarantined(self.service.spiffe_id, self.route.expect)
+        if quarantine is not None:
+            # Refused here, not a byte sent: reported, since the destination's agent never sees it.
+            self.flow.report(self.service.spiffe_id, self.route.expect, self.port, quarantine)
+            self.flow.connections.inc(service=self.service.name, direction="outbound", decision="deny")
+            writer.close()
+            return
         svid = self.flow.svid_for(self.service.spiffe_id)
         if svid is None:
             writer.close()
@@ -730,7 +776,29 @@ class OutboundListener:
             writer.close()
             return
         self.flow.connections.inc(service=self.service.name, direction="outbound", decision="allow")
-        await _splice((reader, writer), (up_reader, up_writer))  # not metered: the inbound side meters it
+        task = asyncio.current_task()
+        assert task is not None
+        self._open.add(task)
+        try:
+            await _splice((reader, writer), (up_reader, up_writer))  # not metered: the inbound side meters it
+        finally:
+            self._open.discard(task)
+
+    def recheck(self) -> int:
+        """Cut the open connections when the service, the destination or this node has been put
+        in quarantine since (the allowlists are the destination's agent's to enforce); return how many."""
+        if not self._open:
+            return 0
+        quarantine = self.flow.quarantined(self.service.spiffe_id, self.route.expect)
+        if quarantine is None:
+            return 0
+        cut = list(self._open)
+        for task in cut:
+            self.flow.report(self.service.spiffe_id, self.route.expect, self.port, quarantine)
+            task.cancel()
+        self._open.clear()  # reported once, even if the next recheck comes before the cut
+        log_event(log, "connections_cut", service=self.service.name, count=len(cut), route=self.route.connect)
+        return len(cut)
 
     async def close(self) -> None:
         if self._server is not None:

@@ -53,7 +53,7 @@ class _Count:
 # allow; deny; audit (allowed only because the allowlist is in audit mode); unverified (a
 # plaintext client of a permissive listener: no identity, its address host instead).
 FlowKind = str
-# (source ID or "", destination ID, port, kind, rule, client host for unverified flows or "")
+# (source ID or "", destination ID, port, kind, rule, client host or "")
 FlowKey = tuple[str, str, int, FlowKind, str, str]
 _WIRE: dict[FlowKind, tuple[node_pb2.FlowDecision, types_pb2.PolicyMode]] = {
     "allow": (node_pb2.FLOW_DECISION_ALLOW, types_pb2.POLICY_MODE_ENFORCE),
@@ -82,14 +82,17 @@ class FlowReporter:
                                         "reports counted only in metrics because the pending report was full",
                                         ["table"])
 
-    def report(self, source: SpiffeId | None, destination: SpiffeId, port: int, decision: Decision) -> FlowKey:
-        """Count one connection's decision; the key it was counted under, for its bytes later."""
+    def report(self, source: SpiffeId | None, destination: SpiffeId, port: int, decision: Decision,
+               client_host: str = "") -> FlowKey:
+        """Count one connection's decision; the key it was counted under, for its bytes later.
+        `client_host`: where an inbound connection came from, so the server can tell which
+        node the source ran on (one key per source host, not per connection)."""
         self._decisions.inc(destination=str(destination), decision=decision.verdict.lower(), rule=decision.rule)
         if not decision.allowed or decision.audit_only:
             log_event(log, "connection_denied" if not decision.allowed else "audit_would_deny",
                       level=logging.WARNING, source=source or "unverified", destination=destination, port=port,
                       rule=decision.rule, reason=decision.reason)
-        key = (str(source) if source else "", str(destination), port, kind_of(decision), decision.rule, "")
+        key = (str(source) if source else "", str(destination), port, kind_of(decision), decision.rule, client_host)
         self._count(key, connections=1)
         return key
 

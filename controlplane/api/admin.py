@@ -6,6 +6,8 @@ their answers back; every rule, store write, CA call and audit record lives ther
 
 from __future__ import annotations
 
+import math
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -26,6 +28,7 @@ from trustmesh.controlplane.api.convert import (
     node_to_pb,
     operator_to_pb,
     ownership_to_pb,
+    quarantine_to_pb,
     relationship_spec_from_pb,
     relationship_to_pb,
     revision_to_pb,
@@ -38,8 +41,13 @@ from trustmesh.controlplane.flow_store import FlowQuery, FlowRollups
 from trustmesh.controlplane.operators import Operators
 from trustmesh.controlplane.partners import PartnerCertificates, PartnerRequest
 from trustmesh.controlplane.policy_store import PolicyService
+from trustmesh.controlplane.quarantine import IDENTITY, QuarantineService
 from trustmesh.controlplane.registration import EntryQuery, Registry
 from trustmesh.controlplane.runtime import ServerRuntime
+from trustmesh.controlplane.trace_log import TraceLog
+
+# ExportTrace answers in messages of whole lines, each well under the 4 MiB gRPC limit.
+EXPORT_CHUNK_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -55,12 +63,15 @@ class AdminServices:
     operators: Operators
     access: AccessRequests
     flows: FlowRollups
+    quarantines: QuarantineService
+    trace: TraceLog
 
     @classmethod
-    def of(cls, rt: ServerRuntime, operators: Operators, flows: FlowRollups) -> AdminServices:
+    def of(cls, rt: ServerRuntime, operators: Operators, flows: FlowRollups,
+           quarantines: QuarantineService, trace: TraceLog) -> AdminServices:
         return cls(Registry(rt.config.trust_domain, rt.store, rt.audit, rt.clock), PolicyService(rt),
                    FederationAdmin(rt), PartnerCertificates(rt), CAAdmin(rt), AuditQueries(rt), operators,
-                   AccessRequests(rt), flows)
+                   AccessRequests(rt), flows, quarantines, trace)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
@@ -180,6 +191,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                                                           decision=request.decision))
         return admin_pb2.ListFlowsResponse(edges=[flow_to_pb(f) for f in window.flows], since=int(window.since),
                                            until=int(window.until))
+
+    async def ExportTrace(self, request: admin_pb2.ExportTraceRequest,
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[admin_pb2.ExportTraceResponse]:
+        until = float(request.until) if request.until else math.inf  # 0: up to now
+        async for chunk in self._domain.trace.export(float(max(request.since, 0)), until, EXPORT_CHUNK_BYTES):
+            yield admin_pb2.ExportTraceResponse(lines=chunk)
 
     async def GetPolicyOwners(self, request: admin_pb2.GetPolicyOwnersRequest,
                               context: grpc.aio.ServicerContext) -> admin_pb2.GetPolicyOwnersResponse:
@@ -357,3 +374,21 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                            context: grpc.aio.ServicerContext) -> admin_pb2.ReviewAccessResponse:
         grant = await self._domain.access.review(request.id, request.note, current_caller().id)
         return admin_pb2.ReviewAccessResponse(grant=self._grant(grant))
+
+    # --- quarantine ---------------------------------------------------------------------------
+
+    async def ListQuarantines(self, request: admin_pb2.ListQuarantinesRequest,
+                              context: grpc.aio.ServicerContext) -> admin_pb2.ListQuarantinesResponse:
+        quarantines = await self._domain.quarantines.list()
+        return admin_pb2.ListQuarantinesResponse(quarantines=[quarantine_to_pb(q) for q in quarantines])
+
+    async def AddQuarantine(self, request: admin_pb2.AddQuarantineRequest,
+                            context: grpc.aio.ServicerContext) -> admin_pb2.AddQuarantineResponse:
+        quarantine = await self._domain.quarantines.add(request.target, request.kind or IDENTITY, request.reason,
+                                                        current_caller().id)
+        return admin_pb2.AddQuarantineResponse(quarantine=quarantine_to_pb(quarantine))
+
+    async def ReleaseQuarantine(self, request: admin_pb2.ReleaseQuarantineRequest,
+                                context: grpc.aio.ServicerContext) -> admin_pb2.ReleaseQuarantineResponse:
+        quarantine = await self._domain.quarantines.release(request.target, request.reason, current_caller().id)
+        return admin_pb2.ReleaseQuarantineResponse(quarantine=quarantine_to_pb(quarantine))

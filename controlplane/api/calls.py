@@ -188,6 +188,7 @@ CALLS: Mapping[str, Rule] = MappingProxyType({
     "/trustmesh.v1.Admin/GetPolicyOwners": LISTINGS,
     # The map of who talks to whom: what `policy suggest` and `policy simulate` read in CI.
     "/trustmesh.v1.Admin/ListFlows": LISTINGS,
+    "/trustmesh.v1.Admin/ExportTrace": LISTINGS,  # the same flows, per minute and node
     "/trustmesh.v1.Admin/SetPolicyOwners": ADMIN_STEP_UP,
     # Anyone may ask for just-in-time access; never the requester approves (access.py).
     "/trustmesh.v1.Admin/RequestAccess": ANY_OPERATOR,
@@ -197,6 +198,11 @@ CALLS: Mapping[str, Rule] = MappingProxyType({
     "/trustmesh.v1.Admin/RevokeAccess": SECURITY,
     "/trustmesh.v1.Admin/BreakGlass": ADMIN_STEP_UP,
     "/trustmesh.v1.Admin/ReviewAccess": admins("security-officer", "auditor"),
+    # Quarantine (continuous verification): seen by every role, put by security officers at once
+    # (an incident does not wait for a code), released only with step-up (quarantine.py).
+    "/trustmesh.v1.Admin/ListQuarantines": LISTINGS,
+    "/trustmesh.v1.Admin/AddQuarantine": SECURITY,
+    "/trustmesh.v1.Admin/ReleaseQuarantine": SECURITY_STEP_UP,
 
     "/trustmesh.v1.OperatorLogin/Enroll": ATTESTING_OPERATORS,
     "/trustmesh.v1.OperatorLogin/Login": ATTESTING_OPERATORS,

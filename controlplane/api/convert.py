@@ -15,6 +15,7 @@ from trustmesh.controlplane.ca_admin import Authority
 from trustmesh.controlplane.federation_admin import Relationship, RelationshipSpec
 from trustmesh.controlplane.operators import OperatorRecord, operator_id
 from trustmesh.controlplane.policy_store import PolicyRevision
+from trustmesh.controlplane.quarantine import Quarantine
 from trustmesh.controlplane.registration import AttestedNode, EntrySpec, NodeStatus, RegistrationEntry
 from trustmesh.flows import Flow
 from trustmesh.policy.ownership import Ownership
@@ -157,6 +158,12 @@ def access_to_pb(grant: AccessGrant, state: AccessState) -> admin_pb2.AccessGran
         starts_at=int(grant.starts_at), expires_at=int(grant.expires_at), decided_by=grant.decided_by,
         decision_reason=grant.decision_reason, break_glass=grant.break_glass, reviewed_by=grant.reviewed_by,
         reviewed_at=int(grant.reviewed_at))
+
+
+def quarantine_to_pb(q: Quarantine) -> admin_pb2.Quarantine:
+    return admin_pb2.Quarantine(target=q.target, kind=q.kind, reason=q.reason, evidence=list(q.evidence),
+                                detector=q.detector, score=q.score, created_by=q.created_by,
+                                created_at=int(q.created_at), node=q.node)
 
 
 def ownership_to_pb(ownership: Ownership) -> list[admin_pb2.TeamOwnership]:

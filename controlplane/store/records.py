@@ -697,6 +697,50 @@ class AccessGrant:
         )
 
 
+QUARANTINE_KINDS = ("identity", "node")
+
+
+@dataclass(frozen=True)
+class Quarantine:
+    """A SPIFFE ID in quarantine (continuous verification): every agent refuses connections
+    from and to it and the CA issues it nothing until a person releases it. For a node, the
+    target is its agent's ID, and every workload on that node is refused."""
+
+    target: str  # the SPIFFE ID in quarantine (an agent's ID for a node)
+    kind: str  # identity or node
+    reason: str
+    created_by: str  # the actor, as the audit log names it ("detector" for a response rule)
+    created_at: float
+    node: str = ""  # the node name of a node quarantine; else the node the anomaly was seen on, if known
+    evidence: tuple[str, ...] = ()  # the detector's explanations (empty for a manual quarantine)
+    detector: str = ""
+    score: float = 0.0
+    revision: int = field(default=0, compare=False)
+
+    def to_json(self) -> bytes:
+        return _dump("quarantine", {
+            "target": self.target, "kind": self.kind, "reason": self.reason, "created_by": self.created_by,
+            "created_at": self.created_at, "node": self.node, "evidence": list(self.evidence),
+            "detector": self.detector, "score": self.score,
+        })
+
+    @classmethod
+    def from_json(cls, data: bytes, *, revision: int = 0) -> Quarantine:
+        k = "quarantine"
+        o = _load(k, data)
+        kind = _field(k, o, "kind", str)
+        if kind not in QUARANTINE_KINDS:
+            raise RecordFormatError(f"stored {k} record has kind {kind[:40]!r}")
+        # Parsed to refuse a malformed target; kept as text, which is what agents compare.
+        target = str(_spiffe_id(k, o, "target"))
+        return cls(
+            target=target, kind=kind, reason=_field(k, o, "reason", str),
+            created_by=_field(k, o, "created_by", str), created_at=float(_field(k, o, "created_at", _NUMBER)),
+            node=_field(k, o, "node", str), evidence=_strings(k, o, "evidence"),
+            detector=_field(k, o, "detector", str), score=float(_field(k, o, "score", _NUMBER)), revision=revision,
+        )
+
+
 @dataclass(frozen=True)
 class OwnershipRecord:
     """The ownership file in force: which team owns which destinations (policy/ownership.py)."""
@@ -900,5 +944,17 @@ class AccessChanged:
         return self.grant is None
 
 
+@dataclass(frozen=True, slots=True)
+class QuarantineChanged:
+    kind: ClassVar[str] = "quarantine"
+    key: str  # sha256 (hex) of the target: what the store key holds
+    quarantine: Quarantine | None
+    revision: int
+
+    @property
+    def deleted(self) -> bool:
+        return self.quarantine is None
+
+
 Change = (EntryChanged | NodeChanged | TokenChanged | PolicyChanged | BundleChanged | CaChanged
-          | FederationChanged | PartnerChanged | AuditAppended | AccessChanged)
+          | FederationChanged | PartnerChanged | AuditAppended | AccessChanged | QuarantineChanged)

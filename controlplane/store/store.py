@@ -17,6 +17,7 @@ Key layout (below the backend's own namespace)::
     ca/journal                      opaque CA state (encrypted by the CA module)
     audit/events/<20 digits>        AuditEvent
     audit/head                      the latest AuditEvent (a copy, for the chain CAS)
+    quarantine/<sha256 of target>   Quarantine (a SPIFFE ID is no key-safe text; its hash is)
     meta/sealed                     present once every record carries a MAC (sealing.py)
 
 Every record kind but the audit log (chained with its own HMAC) and the CA journal (sealed
@@ -72,6 +73,8 @@ from trustmesh.controlplane.store.records import (
     PartnerChanged,
     PolicyChanged,
     PolicyRevision,
+    Quarantine,
+    QuarantineChanged,
     RecordFormatError,
     RegistrationEntry,
     TokenChanged,
@@ -102,6 +105,7 @@ FEDERATION = "federation/"
 PARTNER_CERTS = "partner-certs/"
 OPERATORS = "operators/"
 ACCESS = "access/"
+QUARANTINE = "quarantine/"
 POLICY_OWNERS = "policy-owners"
 FLOWS = "flows/"
 FLOW_DAYS = "flows-day/"
@@ -124,6 +128,7 @@ SEALED_KINDS: tuple[tuple[str, str], ...] = (
     (PARTNER_CERTS, "partner-certificate"),
     (OPERATORS, "operator"),
     (ACCESS, "access-grant"),
+    (QUARANTINE, "quarantine"),
     (POLICY_OWNERS, "policy-owners"),
     (FLOWS, "flow-rollup"),
     (FLOW_DAYS, "flow-rollup"),
@@ -159,6 +164,11 @@ def entry_identity_key(entry: RegistrationEntry) -> str:
         separators=(",", ":"),
     )
     return ENTRY_INDEX + hashlib.sha256(identity.encode()).hexdigest()
+
+
+def quarantine_key(target: str) -> str:
+    """The key suffix of a target's quarantine: one quarantine per SPIFFE ID."""
+    return hashlib.sha256(target.encode()).hexdigest()
 
 
 def _check_revision(what: str, current: int, expected: int | None) -> None:
@@ -834,6 +844,29 @@ class Store:
     async def delete_access_grant(self, grant_id: str) -> None:
         await self._delete(ACCESS + _need(grant_id, "access request id"), f"access request {grant_id}")
 
+    # -- quarantine ------------------------------------------------------------------
+
+    @staticmethod
+    def _quarantine(kv: KeyValue) -> Quarantine:
+        return Quarantine.from_json(kv.value, revision=kv.mod_revision)
+
+    async def create_quarantine(self, quarantine: Quarantine) -> Quarantine:
+        """Store a quarantine; AlreadyExistsError when its target is in quarantine already."""
+        key = QUARANTINE + quarantine_key(_need(quarantine.target, "quarantine target"))
+        rev = await self._create(key, quarantine.to_json(), f"a quarantine of {quarantine.target}")
+        return replace(quarantine, revision=rev)
+
+    async def get_quarantine(self, target: str) -> Quarantine:
+        return self._quarantine(await self._get(QUARANTINE + quarantine_key(_need(target, "quarantine target")),
+                                                f"a quarantine of {target}"))
+
+    async def list_quarantines(self) -> list[Quarantine]:
+        return await self._list(QUARANTINE, self._quarantine)
+
+    async def delete_quarantine(self, target: str) -> None:
+        await self._delete(QUARANTINE + quarantine_key(_need(target, "quarantine target")),
+                           f"a quarantine of {target}")
+
     # -- partner certificates --------------------------------------------------------
 
     async def create_partner_certificate(self, cert: PartnerCertificate) -> None:
@@ -1029,6 +1062,9 @@ class Store:
         if key.startswith(ACCESS):
             grant = None if value is None else AccessGrant.from_json(value, revision=rev)
             return AccessChanged(key[len(ACCESS):], grant, rev)
+        if key.startswith(QUARANTINE):
+            quarantine = None if value is None else Quarantine.from_json(value, revision=rev)
+            return QuarantineChanged(key[len(QUARANTINE):], quarantine, rev)
         if key.startswith(AUDIT_EVENTS):
             event_ = None if value is None else AuditEvent.from_json(value)
             if event_ is not None and self.replay is not None:

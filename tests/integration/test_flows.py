@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ import pytest
 from tests.etcd_process import free_port
 from tests.integration.harness import AgentProcess, ServerProcess, echo_server, trustmesh_cmd
 from tests.integration.test_enforcement import _talk, _wait_for
+from trustmesh.clock import format_utc
+from trustmesh.detect.trace import TraceRecord, read_trace, record_to_line
 
 SELF_EXE = os.path.realpath(sys.executable)
 TD = "spiffe://example.org"
@@ -176,7 +179,7 @@ def test_flows_are_counted_survive_an_outage_and_become_a_policy(estate: Estate,
     assert sim.returncode == 1
     assert f"WOULD DENY  {PAYMENTS} -> {LEDGER}:{ports['ledger']}  5 connection(s)" in sim.stdout
     export = tmp_path / "flows.jsonl"
-    export.write_text(server.cli("flows", "export", "--since", "1h", "--format", "jsonl", check=True).stdout)
+    export.write_text(server.cli("flows", "export", "--since", "1h", "--format", "edges", check=True).stdout)
     offline = subprocess.run(trustmesh_cmd("policy", "simulate", str(proposed), "--flows", str(export), "--json"),
                              capture_output=True, text=True, timeout=60, check=False,
                              env={**os.environ, "TRUSTMESH_ADMIN_SOCKET": "/nonexistent"})
@@ -195,3 +198,40 @@ def test_check_on_a_clean_control_plane_and_without_one(make_server: Callable[..
     missing = subprocess.run(trustmesh_cmd("check", "--admin-socket", str(tmp_path / "none.sock")),
                              capture_output=True, text=True, timeout=60, check=False)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1  # one line, never "findings"
+
+
+def test_flows_export_streams_the_per_minute_trace(make_server: Callable[..., ServerProcess],
+                                                   tmp_path: Path) -> None:
+    """`flows export` (jsonl) streams the trace files in the server's data directory over the
+    admin API: the window's lines, whole, in order, in several messages; `policy simulate
+    --flows` reads them. (The detection service fills the files; here they are written first.)"""
+    server = make_server()
+    assert server.cli("flows", "export", check=True).stdout == ""  # no traffic, no trace
+    now = time.time() // 60 * 60
+    older = TraceRecord(now - 7200, "node-1", FRONTEND, LEDGER, 8443, "allow", 3, 30, 300)
+    recent = [TraceRecord(now - 120, "node-1", PAYMENTS, LEDGER, port, "allow", 1, 10, 100)
+              for port in range(1, 3001)]  # about 700 KB: more than one message of the stream
+    trace = server.data_dir / "trace"
+    trace.mkdir(mode=0o700, exist_ok=True)
+    for record in [older, *recent]:
+        with (trace / f"{format_utc(record.ts)[:10]}.jsonl").open("a") as day:
+            day.write(record_to_line(record))
+    with (trace / f"{format_utc(now - 120)[:10]}.jsonl").open("a") as day:
+        day.write("{not json\n")  # skipped (the server logs it), the rest still exported
+
+    exported = server.cli("flows", "export", "--since", "1h", check=True).stdout
+    assert list(read_trace(exported.splitlines(), "export")) == recent
+    earlier = server.cli("flows", "export", "--since", "3h", "--until", "1h", "--format", "jsonl", check=True)
+    assert list(read_trace(earlier.stdout.splitlines(), "export")) == [older]
+    assert server.cli("flows", "export", "--since", "3h", "--format", "edges", check=True).stdout == ""
+    bad = server.cli("flows", "export", "--since", "1h", "--until", "2h")
+    assert bad.returncode != 0 and "--until '2h' is not after --since '1h'" in bad.stderr
+
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    (tmp_path / "trace.jsonl").write_text(earlier.stdout + exported)
+    offline = subprocess.run(trustmesh_cmd("policy", "simulate", str(tmp_path / "policy.yaml"), "--flows",
+                                           str(tmp_path / "trace.jsonl"), "--json"),
+                             capture_output=True, text=True, timeout=60, check=False,
+                             env={**os.environ, "TRUSTMESH_ADMIN_SOCKET": "/nonexistent"})
+    assert offline.returncode == 1, offline.stderr
+    assert {r["source"] for r in json.loads(offline.stdout)["would_deny"]} == {FRONTEND}

@@ -82,14 +82,28 @@ def test_new_peer_is_not_alerted_while_learning(normal: list[TraceRecord]) -> No
 
 
 def test_a_new_peer_alerts_once_then_becomes_normal_after_days_without_alerts(normal: list[TraceRecord]) -> None:
-    new = "spiffe://example.org/reports"
-    later = [rec(at(d, 12) + 1, dst=new, port=7000) for d in range(9, 14)]
+    later = [rec(at(d, 12) + 1, port=7000) for d in range(9, 14)]  # a port of the ledger nobody uses
     alerts = run([*normal, *later])
-    assert [a.detector for a in alerts] == ["new_peer"]
+    assert [(a.detector, a.score) for a in alerts] == [("new_peer", 0.7)]
+    assert "a port of spiffe://example.org/ledger that no identity uses" in alerts[0].reason
     engine = Engine(learn=LEARN)
     run([*normal, *later], engine)
     # days 10, 11 and 12 without an alert promote it; day 9 raised the alert and is not counted
-    assert (new, 7000) in engine._ids[PAY].peers.learned  # noqa: SLF001
+    assert (LEDGER, 7000) in engine._ids[PAY].peers.learned  # noqa: SLF001
+
+
+def test_a_new_dependency_or_a_new_service_scores_below_the_default_alert(normal: list[TraceRecord]) -> None:
+    reports = "spiffe://example.org/reports"
+    other = [rec(at(d, 12) + 5, src="spiffe://example.org/billing", dst=reports, port=7000) for d in range(12)]
+    engine = Engine(learn=LEARN)
+    run([*normal, *other], engine)
+    anomalies = engine._detect(engine._ids[PAY], rec(at(12, 13) + 1, dst=reports, port=7000), True)  # noqa: SLF001
+    assert [(a.detector, a.score) for a in anomalies] == [("new_peer", 0.45)]
+    assert "an endpoint 1 other identity uses but it never did" in anomalies[0].reason
+    assert run([*normal, *other, rec(at(12, 13) + 1, dst=reports, port=7000)]) == []
+    fresh = engine._detect(engine._ids[PAY], rec(at(12, 14) + 1, dst="spiffe://example.org/v2", port=1),  # noqa: SLF001
+                           True)
+    assert [a.score for a in fresh] == [0.45] and "a service no identity used before" in fresh[0].reason
 
 
 def test_sweep_is_caught_and_a_busy_allowed_fan_out_is_not(normal: list[TraceRecord]) -> None:
@@ -117,21 +131,34 @@ def test_volume_far_outside_the_identitys_own_distribution(normal: list[TraceRec
     exfil = [rec(t + 60 * i, nbytes=40_000_000) for i in range(3)]
     alerts = run([*normal, *exfil])
     volume = [a for a in alerts if a.detector == "volume"]
-    assert len(volume) == 1 and volume[0].ts == exfil[0].ts
-    assert f"moved 48 MB with {LEDGER} in 10 min; its 30-day p99 is" in volume[0].reason
+    assert len(volume) == 1 and volume[0].ts == exfil[0].ts  # in its first minute
+    assert f"moved 49 MB with {LEDGER} in 10 min; its 30-day p99 at this time of day is 741 kB" in volume[0].reason
     # twice the usual is within its own distribution
     assert run([*normal, rec(t, nbytes=140_000)]) == []
+
+
+def test_a_sustained_excess_alerts_in_its_third_minute_and_one_big_minute_does_not(
+        normal: list[TraceRecord]) -> None:
+    t = at(10, 15, 3)
+    steady = [rec(t + 60 * i, nbytes=200_000) for i in range(6)]
+    volume = [a for a in run([*normal, *steady]) if a.detector == "volume"]
+    assert [a.ts for a in volume] == [steady[2].ts]
+    assert "(3 such minutes in a row)" in volume[0].reason and "per 1 min" in volume[0].reason
+    spikes = [rec(t + 600 * i, nbytes=400_000) for i in range(4)]  # big minutes, never two in a row
+    assert [a for a in run([*normal, *spikes]) if a.detector == "volume"] == []
 
 
 def test_volume_windows_that_alerted_are_not_learned(normal: list[TraceRecord]) -> None:
     engine = Engine(learn=LEARN)
     t = at(10, 15, 3)
     run([*normal[: len(normal) // 2]], engine)
-    before = engine._ids[PAY].vol_hist[LEDGER][0].quantile(0.99)  # noqa: SLF001
-    for day in range(3):  # three days in a row of 40 MB windows: each alerts, none is learned
+    scales = engine._ids[PAY].volume  # noqa: SLF001
+    before = [scale.hist[LEDGER][0].quantile(0.99) for scale in scales]
+    for day in range(3):  # three days in a row of 40 MB minutes: each alerts, none is learned
         run([rec(t + day * DAY + 60 * i, nbytes=40_000_000) for i in range(10)], engine)
-    after = engine._ids[PAY].vol_hist[LEDGER][0].quantile(0.99)  # noqa: SLF001
-    assert before == after < 1_000_000
+        run([rec(t + day * DAY + 3600 + 60 * i) for i in range(30)], engine)  # and back to normal
+    after = [scale.hist[LEDGER][0].quantile(0.99) for scale in scales]
+    assert before == after and after[1] < 1_000_000
 
 
 def test_odd_hours_is_caught_and_neighbouring_hours_are_not(normal: list[TraceRecord]) -> None:

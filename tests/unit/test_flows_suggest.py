@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from trustmesh.detect.trace import TraceRecord, record_to_line
 from trustmesh.flowgraph import build, render
 from trustmesh.flows import DECISIONS, Flow, FlowFormatError, flow_from_dict, flow_to_dict, read_jsonl
 from trustmesh.policy import load_paths, load_text
@@ -197,3 +198,44 @@ def test_destinations_with_the_same_file_name_do_not_overwrite_each_other(tmp_pa
     loaded = load_paths([out])
     assert loaded.problems == ()  # names unique too
     assert sorted(str(a.destination) for a in loaded.policy.allowlists) == sorted(f.destination for f in clashing)
+
+
+def _trace_line(ts: float, source: str, destination: str, port: int, decision: str, conns: int,
+                node: str = "node-1") -> str:
+    return record_to_line(TraceRecord(ts, node, source, destination, port, decision, conns, 10 * conns, conns))
+
+
+def test_a_trace_export_is_read_as_flows_per_edge(tmp_path: Path) -> None:
+    path = tmp_path / "trace.jsonl"
+    path.write_text(_trace_line(T0 + 60, WEB, LEDGER, 8443, "audit", 30)
+                    + _trace_line(T0 + 60, "unverified:10.1.2.3", LEDGER, 8443, "unverified", 2, node="")
+                    + "\n"
+                    + _trace_line(T0 + 180, WEB, LEDGER, 8443, "audit", 10, node="node-2")  # another node: same edge
+                    + json.dumps(flow_to_dict(OBSERVED[1])) + "\n")  # a per-edge line in the same file
+    web, unverified = (Flow(WEB, LEDGER, 8443, "audit", "", 40, 400, 40, T0, T0 + 180),
+                       Flow("", LEDGER, 8443, "unverified", "", 2, 20, 2, T0, T0 + 60, "10.1.2.3"))
+    assert read_jsonl(path) == [OBSERVED[1], web, unverified]
+    # simulate on the trace: the audit-mode edge would be denied once the rule is gone.
+    policy = load_text(f"""\
+apiVersion: trustmesh/v1
+kind: Allowlist
+metadata: {{name: ledger}}
+spec: {{destination: "{LEDGER}", allow: [{{from: "{BATCH}"}}]}}
+""", "ledger.yaml").policy
+    result = simulate(policy, read_jsonl(path)[1:], NOW)
+    assert [r.flow.source for r in result.would_deny] == [WEB]
+    assert [f.source_address for f in result.unverified] == ["10.1.2.3"]
+
+
+def test_a_bad_trace_line_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "trace.jsonl"
+    good = _trace_line(T0, WEB, LEDGER, 8443, "allow", 1)
+    path.write_text(good + good.replace('"allow"', '"maybe"'))
+    with pytest.raises(FlowFormatError, match="line 2: 'decision' must be one of"):
+        read_jsonl(path)
+    path.write_text(good + '{"ts": "yesterday", "source": "a"}\n')
+    with pytest.raises(FlowFormatError, match="line 2: 'ts' must be an ISO 8601"):
+        read_jsonl(path)
+    path.write_text("[" * 50_000 + "\n")  # nested deeper than the JSON parser recurses
+    with pytest.raises(FlowFormatError, match="line 1: not JSON"):
+        read_jsonl(path)

@@ -38,7 +38,8 @@ def _sample(decl: Option) -> Any:
     if decl.parser.choices:
         return decl.parser.choices[-1]
     return {"HOST:PORT": "10.1.2.3:4567", "DURATION": "90s", "PATH": "/etc/trustmesh/x.pem",
-            "TEXT": "some-text", "N": "3", "TRUST_DOMAIN": "example.org", "LIST": SERVICES}[decl.parser.metavar]
+            "TEXT": "some-text", "URL": "https://hooks.example/alerts", "N": "3", "TRUST_DOMAIN": "example.org",
+            "LIST": SERVICES}[decl.parser.metavar]
 
 
 # Options that only make sense with certain values (an etcd URL; a retention of whole hours).

@@ -305,13 +305,16 @@ ADMIN_RPCS = {
     "AddOperator", "ListOperators", "DisableOperator", "RemoveOperator", "ResetOperator", "WhoAmI",
     "GetPolicyOwners", "SetPolicyOwners", "ListFlows",
     "RequestAccess", "ApproveAccess", "DenyAccess", "ListAccess", "RevokeAccess", "BreakGlass", "ReviewAccess",
+    "ListQuarantines", "AddQuarantine", "ReleaseQuarantine",
 }  # fmt: skip
+ADMIN_SERVER_STREAMS = {"ExportTrace"}
 
 
 def test_admin_service() -> None:
     service = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
     assert service.full_name == "trustmesh.v1.Admin"
-    assert _rpcs(service) == {name: (False, False) for name in ADMIN_RPCS}
+    assert _rpcs(service) == {name: (False, False) for name in ADMIN_RPCS} | {
+        name: (False, True) for name in ADMIN_SERVER_STREAMS}
     for name in ("AdminStub", "AdminServicer", "add_AdminServicer_to_server"):
         assert hasattr(admin_pb2_grpc, name)
 

@@ -27,21 +27,22 @@ def _list_events(req: admin_pb2.ListAuditEventsRequest,
     return reply
 
 
-def parse_since(text: str | None, now: float | None = None) -> int:
-    """`--since` takes an ISO time (2026-11-22T10:00:00Z) or a duration back from now (1h)."""
+def parse_since(text: str | None, now: float | None = None, *, flag: str = "--since") -> int:
+    """`--since` takes an ISO time (2026-11-22T10:00:00Z) or a duration back from now (1h);
+    so does any other time flag, named by `flag` in the messages."""
     if not text:
         return 0
     try:
         return int((now or time.time()) - parse_duration(text).total_seconds())
     except OverflowError as err:
-        raise AuditArgsError(f"--since {text!r} is too far back") from err
+        raise AuditArgsError(f"{flag} {text!r} is too far back") from err
     except ValueError:
         pass
     try:
         return int(parse_utc(text).timestamp())
     except ValueError as err:
         raise AuditArgsError(
-            f"--since {text!r}: use an ISO time like 2026-11-22T10:00:00Z or a duration like 1h"
+            f"{flag} {text!r}: use an ISO time like 2026-11-22T10:00:00Z or a duration like 1h"
         ) from err
 
 

@@ -1,5 +1,6 @@
 """`trustmesh flows` and `trustmesh graph`: who talks to whom, from the agents' flow reports
-summed per edge on the server (every replica's), as a table, JSON, a JSONL export or a graph."""
+summed per edge on the server (every replica's), as a table, JSON, a JSONL export or a graph;
+`flows export` also writes the per-minute flow trace one replica recorded (`detect replay`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import argparse
 import json
 import sys
 
-from trustmesh._proto.trustmesh.v1 import admin_pb2
+from trustmesh._proto.trustmesh.v1 import admin_pb2, admin_pb2_grpc
 from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call, print_json
 from trustmesh.cli.audit_cmd import parse_since
 from trustmesh.cli.entry_cmd import list_entries
@@ -18,6 +19,7 @@ from trustmesh.flows import DECISIONS, Flow, flow_to_dict
 from trustmesh.spiffeid import SpiffeId
 
 DEFAULT_SINCE = "24h"
+EXPORT_TIMEOUT = 600.0  # a 30-day trace is large; a stalled server still ends the command
 
 EXAMPLES = """\
 examples:
@@ -26,7 +28,8 @@ examples:
   trustmesh flows --decision audit                  # what enforce mode would deny today
   trustmesh flows --decision unverified             # plaintext callers of permissive listeners
   trustmesh flows --orphans                         # identities without entries, entries without traffic
-  trustmesh flows export --since 30d --format jsonl > flows.jsonl   # for a SIEM, or policy simulate --flows
+  trustmesh flows export --since 30d > trace.jsonl  # per minute: a SIEM, detect replay, policy simulate --flows
+  trustmesh flows export --since 30d --format edges > flows.jsonl  # per edge, as `flows --json`
 """
 
 
@@ -124,9 +127,25 @@ def _flows(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    flows, _, _ = fetch_flows(args, args.since)
-    for f in flows:
-        sys.stdout.write(json.dumps(flow_to_dict(f), sort_keys=True) + "\n")
+    if args.until and args.format == "edges":
+        raise FlowsArgsError("--until works with --format jsonl only; per-edge sums end now")
+    if args.format == "edges":
+        flows, _, _ = fetch_flows(args, args.since)
+        for f in flows:
+            sys.stdout.write(json.dumps(flow_to_dict(f), sort_keys=True) + "\n")
+        return 0
+    req = admin_pb2.ExportTraceRequest(since=parse_since(args.since or DEFAULT_SINCE),
+                                       until=parse_since(args.until, flag="--until"))
+    if req.until and req.until <= req.since:
+        raise FlowsArgsError(f"--until {args.until!r} is not after --since {args.since or DEFAULT_SINCE!r}")
+
+    def write(stub: admin_pb2_grpc.AdminStub) -> None:
+        # Chunks of whole lines, written as they come: a 30-day trace is never held in memory.
+        for reply in stub.ExportTrace(req, timeout=EXPORT_TIMEOUT):
+            sys.stdout.buffer.write(reply.lines)
+        sys.stdout.buffer.flush()
+
+    call(args, write)
     return 0
 
 
@@ -157,14 +176,28 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     add_socket_flag(p)
     p.set_defaults(func=_flows)
     sub = p.add_subparsers(dest="flows_command", metavar="SUBCOMMAND", title="subcommands")
-    e = sub.add_parser("export", help="print the window's flows as JSON lines, for a SIEM or `policy simulate --flows`",
-                       description="One JSON object per edge and line, as `trustmesh flows --json` prints them. "
-                                   "Feed it to a SIEM or long-term store, or check a policy change offline with "
-                                   "`trustmesh policy simulate DIR --flows FILE`.",
-                       epilog="example:\n  trustmesh flows export --since 30d --format jsonl > flows.jsonl",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    e = sub.add_parser(
+        "export", help="print the window's flows as JSON lines: the per-minute trace, or one line per edge",
+        description="--format jsonl (the default) writes the per-minute flow trace the server recorded: one "
+                    "JSON object per minute, node, source, destination, port and decision, in time order "
+                    "(`ts` ends the minute; the format is described under `trustmesh detect replay`). It is "
+                    "kept in the data directory of the replica you ask (each replica records its own agents' "
+                    "reports) for --flow-retention; the last minute or so is not written yet. --format edges "
+                    "writes one JSON object per edge, summed over the window, as `trustmesh flows --json` "
+                    "prints them. Both feed a SIEM or a long-term store, and `trustmesh policy simulate` and "
+                    "`policy suggest` read either with --flows FILE.",
+        epilog="examples:\n"
+               "  trustmesh flows export --since 30d > trace.jsonl\n"
+               "  trustmesh detect replay trace.jsonl --config policies/\n"
+               "  trustmesh flows export --since 2026-11-01T00:00:00Z --until 2026-11-02T00:00:00Z > day.jsonl\n"
+               "  trustmesh flows export --since 30d --format edges > flows.jsonl\n"
+               "  trustmesh policy simulate policies/ --flows trace.jsonl",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("--since", metavar="WHEN", help=f"a duration or an ISO time (default {DEFAULT_SINCE})")
-    e.add_argument("--format", choices=("jsonl",), default="jsonl", help="jsonl (the only format so far)")
+    e.add_argument("--until", metavar="WHEN",
+                   help="end of the window, a duration back from now or an ISO time (default: now; jsonl only)")
+    e.add_argument("--format", choices=("jsonl", "edges"), default="jsonl",
+                   help="jsonl: the per-minute trace (default); edges: one line per edge over the window")
     add_socket_flag(e)
     e.set_defaults(func=_export)
 

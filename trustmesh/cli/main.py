@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         operator_cmd,
         partner_cmd,
         policy_cmd,
+        quarantine_cmd,
         server_cmd,
         token_cmd,
     )
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     partner_cmd.register(commands)
     operator_cmd.register(commands)
     access_cmd.register(commands)
+    quarantine_cmd.register(commands)
     version = commands.add_parser("version", help="print the trustmesh version")
     version.set_defaults(func=lambda _args: print(f"trustmesh {__version__}") or 0)
     return parser

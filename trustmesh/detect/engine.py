@@ -37,22 +37,27 @@ from trustmesh.policy.responses import ResponsePolicy
 
 DAY = 86400.0
 LEARN_DEFAULT = 7 * DAY
-VOLUME_WINDOW = 600  # seconds per volume window
+# Volume is watched at two scales, each against the identity's own distribution per peer
+# (and part of the day): (seconds per window, observed / p99 from which a window is above,
+# floors in bytes and connections below which nothing is "far outside" (tiny peers vary
+# wildly), windows in a row above before it alerts). An excess kept up minute after minute
+# shows in its third minute, long before its 10-minute sum stands out, and one big minute
+# is not enough; a 10-minute sum (sliding) far above its own p99 alerts at once.
+VOLUME_SCALES = ((60, 2.0, 25_000, 20, 3), (600, 4.0, 256_000, 100, 1))
+MIN_VOLUME_WINDOWS = 24  # active windows of a peer before its volume baseline counts
 DENY_WINDOW = 300  # denials: the sliding window of a burst, and the windows of its baseline
 SWEEP_WINDOW = 300
 SLOW_WINDOW = 6 * 3600.0
 PROMOTE_DAYS = 3  # days something new must be seen, without an alert, to become normal
-MIN_VOLUME_WINDOWS = 24  # active windows of a peer before its volume baseline counts (4 hours)
-VOLUME_RATIO = 4.0  # observed / p99 from which volume alerts
-MIN_VOLUME_BYTES = 1_000_000  # below these nothing is "far outside" (tiny peers vary wildly)
-MIN_VOLUME_CONNECTIONS = 100
 SWEEP_MIN_TARGETS = 6  # distinct denied (destination, port) pairs in SWEEP_WINDOW
 SLOW_MIN_TARGETS = 4  # distinct denied targets never used before, in SLOW_WINDOW
 DENY_BURST_MIN = 20
 DENY_BURST_RATIO = 10.0
-HISTOGRAM_CAP = 30 * 144  # windows a histogram holds before it is halved (30 days of 10 minutes)
+HISTORY_SECONDS = 30 * DAY  # a histogram holds about this much before it is halved
 ODD_HOURS_COOLDOWN = 6 * 3600.0
 BURST_COOLDOWN = 600.0
+# A sliding 10-minute sum still holds an excess up to 20 minutes after it began.
+VOLUME_COOLDOWN = 2.0 * max(seconds for seconds, *_ in VOLUME_SCALES)
 INCIDENT_SECONDS = 600.0  # after an alert, the identity's records are not learned for this long
 NEW_PEER_COOLDOWN = 600.0  # one new-peer alert per identity per this long (a sweep is one incident)
 CONCURRENT_SECONDS = 600.0  # active on a known node this recently: a new node is concurrent use
@@ -71,19 +76,29 @@ class _Histogram:
     """Counts of values in log-scale buckets (four per doubling): quantiles to within 19%,
     in constant memory, the same on every run."""
 
-    __slots__ = ("counts", "total")
+    __slots__ = ("counts", "total", "_p99", "cap")
 
-    def __init__(self) -> None:
+    def __init__(self, cap: int = int(HISTORY_SECONDS // 300)) -> None:
         self.counts: dict[int, int] = {}
         self.total = 0
+        self._p99: float | None = None
+        self.cap = cap
 
     def add(self, value: float) -> None:
         b = _bucket(value)
         self.counts[b] = self.counts.get(b, 0) + 1
         self.total += 1
-        if self.total > HISTOGRAM_CAP:  # halve: old windows weigh less, the baseline keeps adapting
+        self._p99 = None
+        if self.total > self.cap:  # halve: old windows weigh less, the baseline keeps adapting
             self.counts = {k: v // 2 for k, v in self.counts.items() if v // 2}
             self.total = sum(self.counts.values())
+
+    @property
+    def p99(self) -> float:
+        # Asked on nearly every record, changed once per window: kept until the next add.
+        if self._p99 is None:
+            self._p99 = self.quantile(0.99)
+        return self._p99
 
     def quantile(self, q: float) -> float:
         """The upper edge of the bucket holding the q-quantile (0 for an empty histogram)."""
@@ -112,35 +127,149 @@ class _Novelty:
     def __contains__(self, item: object) -> bool:
         return item in self.learned
 
-    def learn(self, item: object) -> None:
+    def learn(self, item: object) -> bool:
+        """Learn `item`; whether it is new to the baseline."""
         if item not in self.learned and len(self.learned) + len(self.pending) < self.limit:
             self.learned[item] = None
+            return True
+        return False
 
     def is_new(self, item: object) -> bool:
         """Never learned and never seen since: the first sighting, which alerts."""
         return item not in self.learned and item not in self.pending
 
-    def saw(self, item: object, day: int, alerted: bool) -> None:
+    def saw(self, item: object, day: int, alerted: bool) -> bool:
+        """Count a sighting after learning ended; whether it made `item` part of the baseline."""
         if item in self.learned:
-            return
+            return False
         days = self.pending.get(item)
         if days is None:
             if len(self.learned) + len(self.pending) >= self.limit:
-                return
+                return False
             days = self.pending[item] = set()
             if alerted:
-                return  # the first sighting raised the alert: it is not evidence of normal
+                return False  # the first sighting raised the alert: it is not evidence of normal
         if alerted:
-            return
+            return False
         days.add(day)
         if len(days) >= PROMOTE_DAYS:
             del self.pending[item]
             self.learned[item] = None
+            return True
+        return False
+
+
+PART_HOURS = 3
+PARTS = 24 // PART_HOURS
+
+
+def _part(ts: float) -> int:
+    return int(ts // 3600) % 24 // PART_HOURS
+
+
+class _Scale:
+    """One identity's volume per peer at one scale: the sums of the current window and the one
+    before (a sliding sum, for the long scale), and the distribution of past windows' sums.
+    With `sustain` > 1 a window above the threshold alerts only after as many in a row: one
+    big minute is noise, the same excess minute after minute is not."""
+
+    __slots__ = ("seconds", "ratio", "floor_bytes", "floor_conns", "sustain", "window", "now", "prev", "alerted",
+                 "hist", "parts", "streak")
+
+    def __init__(self, seconds: int, ratio: float, floor_bytes: int, floor_conns: int, sustain: int) -> None:
+        self.seconds, self.ratio, self.floor_bytes, self.floor_conns = seconds, ratio, floor_bytes, floor_conns
+        self.sustain = sustain
+        self.window = -1
+        self.now: dict[str, list[int]] = {}  # destination -> [bytes, connections] this window
+        self.prev: dict[str, list[int]] = {}
+        self.alerted: set[str] = set()  # destinations whose window raised a volume alert
+        # Per destination, and per destination and part of the day (PART_HOURS): traffic has a
+        # daily rhythm, and an evening excess is measured against evenings, not the peak.
+        self.hist: dict[str, tuple[_Histogram, _Histogram]] = {}
+        self.parts: dict[tuple[str, int], tuple[_Histogram, _Histogram]] = {}
+        self.streak: dict[str, tuple[int, int]] = {}  # destination -> (last window above, windows in a row)
+
+    def _learn(self, dst: str, part: int, nbytes: int, conns: int) -> None:
+        hist = self.hist.get(dst)
+        if hist is None:
+            if len(self.hist) >= MAX_PEERS:
+                return
+            cap = int(HISTORY_SECONDS // self.seconds)
+            hist = self.hist[dst] = (_Histogram(cap), _Histogram(cap))
+        hist[0].add(nbytes)
+        hist[1].add(conns)
+        of_part = self.parts.get((dst, part))
+        if of_part is None:
+            cap = int(HISTORY_SECONDS // self.seconds // PARTS)
+            of_part = self.parts[(dst, part)] = (_Histogram(cap), _Histogram(cap))
+        of_part[0].add(nbytes)
+        of_part[1].add(conns)
+
+    def roll(self, ts: float, learn: bool) -> None:
+        window = int(ts // self.seconds)
+        if window == self.window:
+            return
+        if self.window >= 0 and learn:
+            part = _part(self.window * self.seconds)
+            for dst, (nbytes, conns) in self.now.items():
+                if dst not in self.alerted:  # a window that raised an alert is not normal
+                    self._learn(dst, part, nbytes, conns)
+        self.prev = self.now if window == self.window + 1 else {}
+        self.window, self.now, self.alerted = window, {}, set()
+
+    def add(self, r: TraceRecord) -> None:
+        now = self.now.get(r.destination)
+        if now is None:
+            self.now[r.destination] = [r.bytes_in + r.bytes_out, r.connections]
+        else:
+            now[0] += r.bytes_in + r.bytes_out
+            now[1] += r.connections
+
+    def check(self, r: TraceRecord) -> tuple[float, str] | None:
+        """(score, explanation) when the peer's volume is far outside its own distribution."""
+        dst = r.destination
+        hist = self.parts.get((dst, _part(r.ts)))
+        when = "at this time of day"
+        if hist is None or hist[0].total < MIN_VOLUME_WINDOWS:
+            hist, when = self.hist.get(dst), ""
+        if hist is None or hist[0].total < MIN_VOLUME_WINDOWS or dst in self.alerted:
+            return None
+        nbytes, conns = self.now[dst]
+        prev = self.prev.get(dst)
+        if prev is not None and self.sustain == 1:
+            # A sliding sum over the last `seconds`: the previous window weighs what is left of it.
+            weight = 1.0 - (r.ts - self.window * self.seconds) / self.seconds
+            nbytes, conns = nbytes + int(prev[0] * weight), conns + int(prev[1] * weight)
+        p_bytes, p_conns = hist[0].p99, hist[1].p99
+        ratio_bytes = nbytes / max(p_bytes, self.floor_bytes / self.ratio)
+        ratio_conns = conns / max(p_conns, self.floor_conns / self.ratio)
+        ratio = max(ratio_bytes, ratio_conns)
+        if ratio < self.ratio:
+            return None
+        run = 1
+        if self.sustain > 1:
+            last, count = self.streak.get(dst, (-2, 0))
+            if last == self.window:
+                return None  # this window is counted already, and the run is still short
+            run = count + 1 if last == self.window - 1 else 1
+            self.streak[dst] = (self.window, run)
+            if run < self.sustain:
+                return None
+        self.alerted.add(dst)
+        score = min(1.0, 0.5 + 0.25 * math.log2(ratio / self.ratio))
+        span = f"{self.seconds // 60} min"
+        running = f" ({run} such minutes in a row)" if run > 1 else ""
+        baseline = f"its 30-day p99{' ' + when if when else ''}"
+        if ratio_bytes >= ratio_conns:
+            return score, (f"{r.source} moved {_size(nbytes)} with {dst} in {span}{running}; {baseline} is "
+                           f"{_size(p_bytes)} per {span}")
+        return score, (f"{r.source} opened {conns} connections to {dst} in {span}{running}; {baseline} is "
+                       f"{p_conns:.0f} per {span}")
 
 
 class _Identity:
-    __slots__ = ("first", "peers", "destinations", "nodes", "node_seen", "hours", "vol_window", "vol_now",
-                 "vol_alerted", "vol_hist", "recent", "deny_window", "deny_now", "deny_hist", "denials",
+    __slots__ = ("first", "peers", "destinations", "nodes", "node_seen", "hours", "volume",
+                 "recent", "deny_window", "deny_now", "deny_hist", "denials",
                  "slow", "until", "quarantined", "incident_until")
 
     def __init__(self, first: float) -> None:
@@ -150,10 +279,7 @@ class _Identity:
         self.nodes = _Novelty(MAX_NODES)
         self.node_seen: dict[str, float] = {}  # learned node -> last active
         self.hours = _Novelty(24)
-        self.vol_window = -1
-        self.vol_now: dict[str, list[int]] = {}  # destination -> [bytes, connections] this window
-        self.vol_alerted: set[str] = set()  # destinations whose window raised a volume alert
-        self.vol_hist: dict[str, tuple[_Histogram, _Histogram]] = {}
+        self.volume = tuple(_Scale(*scale) for scale in VOLUME_SCALES)
         self.recent: deque[tuple[float, tuple[str, int], int]] = deque()  # (ts, target, denied)
         self.deny_window = -1
         self.deny_now = 0
@@ -209,6 +335,11 @@ class Engine:
         self.learn = learn
         self._ids: dict[str, _Identity] = {}
         self.dropped = 0  # records of identities past MAX_IDENTITIES
+        # Across identities: how many have each (destination, port) in their baseline, and
+        # which destinations anyone uses, so a new peer can be told apart as a known service
+        # (a new dependency), a new service, or a port of a known service nobody uses.
+        self._endpoints: dict[tuple[str, int], int] = {}
+        self._destinations: set[str] = set()
 
     # -- the state the server keeps in step with the registry -------------------------------
 
@@ -268,11 +399,8 @@ class Engine:
         denied = r.connections if r.decision == "deny" else 0
         target = (r.destination, r.port)
         self._roll_windows(ident, r.ts)
-        now = ident.vol_now.get(r.destination)
-        if now is None:
-            now = ident.vol_now[r.destination] = [0, 0]
-        now[0] += r.bytes_in + r.bytes_out
-        now[1] += r.connections
+        for scale in ident.volume:
+            scale.add(r)
         if denied:
             self._sweep(ident, r, target, denied, out)
             self._deny_burst(ident, r, denied, out)
@@ -283,9 +411,18 @@ class Engine:
             self._new_peer(ident, r, target, out)
         if denied and target not in ident.peers:
             self._slow_sweep(ident, r, target, out)
-        self._volume(ident, r, now, out)
+        if r.ts >= ident.until.get("volume", 0.0):
+            for scale in ident.volume:
+                found = scale.check(r)
+                if found is not None:
+                    # One alert per excess: the next minutes of the same one are the same incident.
+                    ident.until["volume"] = r.ts + VOLUME_COOLDOWN
+                    out.append(Anomaly(r.ts, r.source, r.node, "volume", found[0], found[1]))
+                    break
         hour = int(r.ts // 3600) % 24
-        if ident.hours.is_new(hour) and (hour - 1) % 24 not in ident.hours and (hour + 1) % 24 not in ident.hours \
+        # Not is_new: an hour stays odd (and alerts again, once per cooldown) until it has been
+        # seen on PROMOTE_DAYS days without an alert.
+        if hour not in ident.hours and (hour - 1) % 24 not in ident.hours and (hour + 1) % 24 not in ident.hours \
                 and r.ts >= ident.until.get("odd_hours", 0.0):
             ident.until["odd_hours"] = r.ts + ODD_HOURS_COOLDOWN
             out.append(Anomaly(r.ts, r.source, r.node, "odd_hours", 0.55,
@@ -305,20 +442,10 @@ class Engine:
         return out
 
     def _roll_windows(self, ident: _Identity, ts: float) -> None:
-        window = int(ts // VOLUME_WINDOW)
-        if window != ident.vol_window:
-            if ident.vol_window >= 0 and not ident.quarantined:
-                for dst, (nbytes, conns) in ident.vol_now.items():
-                    if dst in ident.vol_alerted:
-                        continue  # a window that raised an alert is not normal
-                    hist = ident.vol_hist.get(dst)
-                    if hist is None:
-                        if len(ident.vol_hist) >= MAX_PEERS:
-                            continue
-                        hist = ident.vol_hist[dst] = (_Histogram(), _Histogram())
-                    hist[0].add(nbytes)
-                    hist[1].add(conns)
-            ident.vol_window, ident.vol_now, ident.vol_alerted = window, {}, set()
+        # Windows of an incident (or of a quarantined identity) are not learned.
+        learn = not ident.quarantined and ts >= ident.incident_until
+        for scale in ident.volume:
+            scale.roll(ts, learn)
         dwindow = int(ts // DENY_WINDOW)
         if dwindow != ident.deny_window:
             if ident.deny_window >= 0 and not ident.quarantined and ident.until.get("deny_burst", 0.0) <= ts:
@@ -338,7 +465,7 @@ class Engine:
             return
         ports = len({p for _, p in targets})
         destinations = len({d for d, _ in targets})
-        score = min(1.0, 0.7 + 0.03 * (len(targets) - SWEEP_MIN_TARGETS))
+        score = min(1.0, 0.7 + 0.05 * (len(targets) - SWEEP_MIN_TARGETS))
         ident.until["sweep"] = r.ts + BURST_COOLDOWN
         out.append(Anomaly(r.ts, r.source, r.node, "sweep", score,
                            f"{r.source} was denied on {len(targets)} distinct destination ports "
@@ -354,7 +481,7 @@ class Engine:
         if r.ts < ident.until.get("deny_burst", 0.0):
             return
         total = sum(n for _, n in denials)
-        p99 = ident.deny_hist.quantile(0.99)
+        p99 = ident.deny_hist.p99
         threshold = max(DENY_BURST_MIN, DENY_BURST_RATIO * p99)
         if total < threshold:
             return
@@ -366,13 +493,23 @@ class Engine:
 
     def _new_peer(self, ident: _Identity, r: TraceRecord, target: tuple[str, int], out: list[Anomaly]) -> None:
         new_destination = r.destination not in ident.destinations
-        score = 0.75 if r.decision == "deny" else 0.6
-        if new_destination:
-            score += 0.05
-        what = "a destination" if new_destination else f"a port of {r.destination}"
+        users = self._endpoints.get(target, 0)
+        baseline = f"its baseline: {len(ident.peers.learned)} peer(s)"
+        if r.decision == "deny":
+            score = 0.8 if new_destination else 0.75
+            what = "a destination" if new_destination else f"a port of {r.destination}"
+            reason = f"{what} it never used before ({baseline})"
+        elif users:
+            # A service endpoint others use: most often a new dependency after a deploy.
+            score, reason = 0.45, f"an endpoint {users} other identit{'y uses' if users == 1 else 'ies use'} " \
+                                  f"but it never did ({baseline})"
+        elif r.destination not in self._destinations:
+            score, reason = 0.45, f"a service no identity used before, perhaps a new one ({baseline})"
+        else:
+            score = 0.7
+            reason = f"a port of {r.destination} that no identity uses ({baseline})"
         out.append(Anomaly(r.ts, r.source, r.node, "new_peer", score,
-                           f"{r.source} connected to {r.destination} port {r.port} ({r.decision}), {what} it never "
-                           f"used before (its baseline: {len(ident.peers.learned)} peer(s))"))
+                           f"{r.source} connected to {r.destination} port {r.port} ({r.decision}), {reason}"))
 
     def _slow_sweep(self, ident: _Identity, r: TraceRecord, target: tuple[str, int], out: list[Anomaly]) -> None:
         slow = ident.slow
@@ -390,40 +527,26 @@ class Engine:
                            f"{r.source} was denied on {len(slow)} destination ports it never used, spread over "
                            f"{hours:.1f} h (a slow probe)"))
 
-    def _volume(self, ident: _Identity, r: TraceRecord, now: list[int], out: list[Anomaly]) -> None:
-        hist = ident.vol_hist.get(r.destination)
-        if hist is None or hist[0].total < MIN_VOLUME_WINDOWS or r.destination in ident.vol_alerted:
-            return
-        p_bytes, p_conns = hist[0].quantile(0.99), hist[1].quantile(0.99)
-        ratio_bytes = now[0] / max(p_bytes, MIN_VOLUME_BYTES / VOLUME_RATIO)
-        ratio_conns = now[1] / max(p_conns, MIN_VOLUME_CONNECTIONS / VOLUME_RATIO)
-        ratio = max(ratio_bytes, ratio_conns)
-        if ratio < VOLUME_RATIO:
-            return
-        ident.vol_alerted.add(r.destination)
-        score = min(1.0, 0.5 + 0.25 * math.log2(ratio / VOLUME_RATIO))
-        minutes = VOLUME_WINDOW // 60
-        if ratio_bytes >= ratio_conns:
-            reason = (f"{r.source} moved {_size(now[0])} with {r.destination} in {minutes} min; its 30-day p99 is "
-                      f"{_size(p_bytes)}")
-        else:
-            reason = (f"{r.source} opened {now[1]} connections to {r.destination} in {minutes} min; its 30-day p99 "
-                      f"is {p_conns:.0f}")
-        out.append(Anomaly(r.ts, r.source, r.node, "volume", score, reason))
-
     # -- learning ---------------------------------------------------------------------------
+
+    def _endpoint_learned(self, target: tuple[str, int]) -> None:
+        if len(self._endpoints) < MAX_IDENTITIES * 4 or target in self._endpoints:
+            self._endpoints[target] = self._endpoints.get(target, 0) + 1
+            self._destinations.add(target[0])
 
     def _learn(self, ident: _Identity, r: TraceRecord, established: bool, alerted: bool) -> None:
         target = (r.destination, r.port)
         hour = int(r.ts // 3600) % 24
         if not established:
-            ident.peers.learn(target)
+            if ident.peers.learn(target):
+                self._endpoint_learned(target)
             ident.hours.learn(hour)
             if r.node:
                 ident.nodes.learn(r.node)
         else:
             day = int(r.ts // DAY)
-            ident.peers.saw(target, day, alerted)
+            if ident.peers.saw(target, day, alerted):
+                self._endpoint_learned(target)
             ident.hours.saw(hour, day, alerted)
             if r.node:
                 ident.nodes.saw(r.node, day, alerted)
@@ -512,7 +635,10 @@ def engine_state(engine: Engine) -> dict[str, object]:
     return {"version": STATE_VERSION, "identities": {
         name: {"first": i.first, "peers": _novelty_state(i.peers), "destinations": sorted(i.destinations),
                "nodes": _novelty_state(i.nodes), "hours": _novelty_state(i.hours),
-               "volume": [[dst, _hist_state(b), _hist_state(c)] for dst, (b, c) in i.vol_hist.items()],
+               "volume": [[[dst, _hist_state(b), _hist_state(c)] for dst, (b, c) in scale.hist.items()]
+                          for scale in i.volume],
+               "volume_parts": [[[dst, part, _hist_state(b), _hist_state(c)]
+                                 for (dst, part), (b, c) in scale.parts.items()] for scale in i.volume],
                "denials": _hist_state(i.deny_hist)}
         for name, i in engine._ids.items()}}
 
@@ -539,12 +665,31 @@ def restore_engine(engine: Engine, data: object) -> None:
             raise StateError(f"identity {name[:80]!r}: destinations are malformed")
         ident.destinations = set(destinations)
         volume = saved.get("volume")
-        if not isinstance(volume, list) or len(volume) > MAX_PEERS:
+        if not isinstance(volume, list) or len(volume) != len(ident.volume):
             raise StateError(f"identity {name[:80]!r}: volume baselines are malformed")
-        for entry in volume:
-            if not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[0], str):
-                raise StateError(f"identity {name[:80]!r}: a volume baseline is malformed")
-            ident.vol_hist[entry[0]] = (_hist_from(entry[1]), _hist_from(entry[2]))
+        for scale, peers in zip(ident.volume, volume, strict=True):
+            if not isinstance(peers, list) or len(peers) > MAX_PEERS:
+                raise StateError(f"identity {name[:80]!r}: volume baselines are malformed")
+            for entry in peers:
+                if not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[0], str):
+                    raise StateError(f"identity {name[:80]!r}: a volume baseline is malformed")
+                scale.hist[entry[0]] = (_hist_from(entry[1]), _hist_from(entry[2]))
+        parts = saved.get("volume_parts")
+        if not isinstance(parts, list) or len(parts) != len(ident.volume):
+            raise StateError(f"identity {name[:80]!r}: volume baselines are malformed")
+        for scale, entries in zip(ident.volume, parts, strict=True):
+            if not isinstance(entries, list) or len(entries) > MAX_PEERS * PARTS:
+                raise StateError(f"identity {name[:80]!r}: volume baselines are malformed")
+            for entry in entries:
+                if not isinstance(entry, list) or len(entry) != 4 or not isinstance(entry[0], str) \
+                        or not isinstance(entry[1], int) or not 0 <= entry[1] < PARTS:
+                    raise StateError(f"identity {name[:80]!r}: a volume baseline is malformed")
+                scale.parts[(entry[0], entry[1])] = (_hist_from(entry[2]), _hist_from(entry[3]))
         ident.deny_hist = _hist_from(saved.get("denials"))
         loaded[name] = ident
     engine._ids = loaded
+    engine._endpoints, engine._destinations = {}, set()
+    for ident in loaded.values():
+        for peer in ident.peers.learned:
+            if isinstance(peer, tuple):
+                engine._endpoint_learned(peer)

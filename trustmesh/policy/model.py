@@ -19,6 +19,7 @@ from trustmesh.spiffeid import SpiffeId, TrustDomain
 Mode = Literal["enforce", "audit"]
 MODES: tuple[Mode, ...] = ("enforce", "audit")
 DEFAULT_DENY = "default deny"
+QUARANTINE = "quarantine"  # the rule of a decision refused because one side is in quarantine
 # The allowlists the registry view adds for just-in-time access grants are named this + the
 # grant's ID; a connection they decided is temporary access, never evidence for a standing rule.
 GRANT_ALLOWLIST_PREFIX = "access/"
@@ -116,8 +117,26 @@ class Policy:
     revoked_serials: frozenset[str] = frozenset()
     # What anomalies lead to (kind: Response documents); read by the server, never sent to agents.
     responses: ResponsePolicy = ResponsePolicy()
+    # SPIFFE IDs in quarantine (continuous verification), as text: refused from and to, whatever
+    # the allowlists say. An agent's ID here puts its whole node in quarantine.
+    quarantined: frozenset[str] = frozenset()
 
-    def decide(self, source: SpiffeId, destination: SpiffeId, port: int | None, at: datetime) -> Decision:
+    def in_quarantine(self, *ids: SpiffeId | None) -> Decision | None:
+        """The refusal when one of `ids` is in quarantine, else None."""
+        if self.quarantined:  # the common case costs nothing: no ID is turned into text
+            for sid in ids:
+                if sid is not None and str(sid) in self.quarantined:
+                    return Decision(False, QUARANTINE, f"{sid} is in quarantine; a security officer releases it "
+                                                       "with trustmesh quarantine release")
+        return None
+
+    def decide(self, source: SpiffeId, destination: SpiffeId, port: int | None, at: datetime, *,
+               node: SpiffeId | None = None) -> Decision:
+        """Allow or deny source -> destination:port at `at`. `node` is the deciding agent's own
+        ID: a node in quarantine refuses every connection its listeners see."""
+        refused = self.in_quarantine(source, destination, node)
+        if refused is not None:
+            return refused  # before any allowlist: no rule, not even audit mode, lets it through
         covering = [a for a in self.allowlists if a.covers(destination, port)]
         expired_match = ""
         for allowlist in covering:
@@ -143,4 +162,5 @@ class Policy:
     def for_destinations(self, destinations: list[SpiffeId]) -> Policy:
         """Only the allowlists that can decide for these destinations (what one node needs)."""
         keep = tuple(a for a in self.allowlists if any(a.destination.matches(d) for d in destinations))
-        return Policy(keep, self.revision, self.revoked_serials)
+        # Quarantine is never narrowed: a node must refuse a quarantined source whatever its destinations.
+        return Policy(keep, self.revision, self.revoked_serials, quarantined=self.quarantined)

@@ -10,6 +10,7 @@ revision above it at apply, so no agent ever finds out by failing to receive an 
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timezone
 
 from trustmesh._proto.trustmesh.v1 import types_pb2
@@ -29,6 +30,12 @@ def _pattern(text: str, is_prefix: bool) -> IdPattern:
     return IdPattern.parse(text + "/*" if is_prefix else text)
 
 
+@functools.lru_cache(maxsize=4)
+def _in_order(ids: frozenset[str]) -> tuple[str, ...]:
+    # The same quarantine goes to every agent a wake-up reaches: sorted once, not once per agent.
+    return tuple(sorted(ids))
+
+
 def policy_to_pb(policy: Policy) -> types_pb2.CompiledPolicy:
     rules = []
     for allowlist in policy.allowlists:
@@ -41,7 +48,8 @@ def policy_to_pb(policy: Policy) -> types_pb2.CompiledPolicy:
                    for r in allowlist.allow],
         ))
     return types_pb2.CompiledPolicy(revision=policy.revision, rules=rules,
-                                    revoked_serials=sorted(policy.revoked_serials))
+                                    revoked_serials=sorted(policy.revoked_serials),
+                                    quarantined=_in_order(policy.quarantined))
 
 
 def compiled_size_problem(policy: Policy) -> str | None:
@@ -65,4 +73,5 @@ def policy_from_pb(message: types_pb2.CompiledPolicy) -> Policy:
                                   datetime.fromtimestamp(a.expires_at, timezone.utc) if a.expires_at else None)
                         for a in rule.allow),
         ))
-    return Policy(tuple(allowlists), message.revision, frozenset(message.revoked_serials))
+    return Policy(tuple(allowlists), message.revision, frozenset(message.revoked_serials),
+                  quarantined=frozenset(message.quarantined))
