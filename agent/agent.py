@@ -321,13 +321,18 @@ async def _serve(config: AgentConfig, stop: asyncio.Event, metrics: Registry) ->
     inbound: list[InboundListener] = []
     outbound: list[OutboundListener] = []
 
-    def policy_changed(_policy: Policy) -> None:
+    quarantined: list[frozenset[str]] = [frozenset()]
+
+    def policy_changed(policy: Policy) -> None:
         # Continuous verification: a withdrawn allow closes the connections it allowed, and a
         # quarantine (of a source, a service, a destination or this node) cuts both directions.
         for listener in inbound:
             listener.recheck()
         for route in outbound:
             route.recheck()
+        if quarantined[0] - policy.quarantined:
+            cache.retry_refused()  # released: its SVIDs were refused while it was in quarantine
+        quarantined[0] = policy.quarantined
 
     sync = SyncClient(client, cache, config.data_dir, td, metrics, own_bundle_changed, on_policy=policy_changed,
                       rotation=config.rotation, server_state=server_state,

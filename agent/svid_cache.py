@@ -213,6 +213,13 @@ class SvidCache:
             self._bump()
             self._work.set()
 
+    def retry_refused(self) -> None:
+        """Ask again now for the SVIDs the server refused (a quarantine was released: waiting
+        out item_retry would keep a released workload without an identity for no reason)."""
+        if self._retry_after:
+            self._retry_after.clear()
+            self._work.set()
+
     def set_bundles(self, bundles: BundleSet) -> None:
         if bundles != self._bundles:
             self._bundles = bundles

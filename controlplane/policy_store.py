@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import yaml
@@ -92,7 +93,7 @@ class PolicyService:
             # refused is not enforced; say so loudly rather than deny without a trace.
             log.error("stored policy revision has problems; refused parts are not enforced revision=%d problems=%s",
                       record.revision, "; ".join(str(p) for p in loaded.problems[:MAX_PROBLEMS_SHOWN]))
-        return Policy(loaded.policy.allowlists, record.revision)
+        return replace(loaded.policy, revision=record.revision)  # with its Response documents
 
     async def head(self) -> PolicyRevision | None:
         return await self._rt.store.get_policy_head()

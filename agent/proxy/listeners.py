@@ -112,6 +112,18 @@ def check_listen(listen: str, *, unix: bool = False) -> None:
     split_host_port(listen, listening=True)
 
 
+class Report(Protocol):
+    """FlowReporter.report: count one connection's decision (with the client's host, inbound)."""
+
+    def __call__(self, source: SpiffeId | None, destination: SpiffeId, port: int, decision: Decision,
+                 client_host: str = "") -> FlowKey: ...
+
+
+def _host(address: str) -> str:
+    """The host of a `host:port` peer address ("unknown" stays as it is)."""
+    return split_host_port(address)[0] if address != "unknown" else address
+
+
 @dataclass(frozen=True)
 class InboundConfig:
     listen: str
@@ -219,7 +231,7 @@ class Flow:
     report decisions and refusals."""
 
     def __init__(self, svid_for: Callable[[SpiffeId], X509Svid | None], bundles: Callable[[], BundleSet],
-                 policy: Callable[[], Policy], report: Callable[[SpiffeId | None, SpiffeId, int, Decision], FlowKey],
+                 policy: Callable[[], Policy], report: Report,
                  metrics: Registry, clock: Clock = utc_now, *, identities: Identities, refused: Refused,
                  attestor: WorkloadAttestor | None = None, resolver: PeerResolver | None = None,
                  traffic: Callable[[FlowKey, int, int], None] = lambda key, bytes_in, bytes_out: None,
@@ -456,7 +468,7 @@ class InboundListener:
         return reader, asyncio.StreamWriter(tls, protocol, reader, loop)
 
     def _handshake_refused(self, source: str, reason: str, detail: str) -> None:
-        host = split_host_port(source)[0] if source != "unknown" else source
+        host = _host(source)
         if reason == "closed":
             # A client that hung up (a port probe, a health check) refused nothing: counted only.
             self.flow.refusals.inc(service=self.service.name, kind="handshake", reason=reason)
@@ -475,7 +487,7 @@ class InboundListener:
         except CertificateRevokedError as err:
             # Both: the flow record names the identity, the handshake refusal the address.
             decision = Decision(False, "revoked certificate", f"client refused: {err}")
-            self.flow.report(err.spiffe_id, service.spiffe_id, self.port, decision)
+            self.flow.report(err.spiffe_id, service.spiffe_id, self.port, decision, _host(source_address))
             self.flow.connections.inc(service=service.name, direction="inbound", decision="refused")
             self._handshake_refused(source_address, "revoked", str(err))
             writer.close()
@@ -489,7 +501,9 @@ class InboundListener:
         # Per connection, before a byte is forwarded: quarantine (of the source, this service or
         # this node) refuses here, whatever the allowlists say.
         decision = self.flow.decide(self.flow.policy(), source, service.spiffe_id, self.port)
-        key = self.flow.report(source, service.spiffe_id, self.port, decision)
+        # With the client's host: the server tells from it which node the source ran on (a
+        # credential presented from a host that is none of its nodes is what replay looks like).
+        key = self.flow.report(source, service.spiffe_id, self.port, decision, _host(source_address))
         if not decision.allowed:
             self.flow.connections.inc(service=service.name, direction="inbound", decision="deny")
             writer.close()

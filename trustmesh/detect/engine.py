@@ -406,7 +406,8 @@ class Engine:
             self._deny_burst(ident, r, denied, out)
         if not established:
             return out
-        if ident.peers.is_new(target) and r.ts >= ident.until.get("new_peer", 0.0):
+        # Novelty needs a baseline to be new against (with --learn 0 there is none at first).
+        if ident.peers.is_new(target) and ident.peers.learned and r.ts >= ident.until.get("new_peer", 0.0):
             ident.until["new_peer"] = r.ts + NEW_PEER_COOLDOWN
             self._new_peer(ident, r, target, out)
         if denied and target not in ident.peers:
@@ -422,8 +423,8 @@ class Engine:
         hour = int(r.ts // 3600) % 24
         # Not is_new: an hour stays odd (and alerts again, once per cooldown) until it has been
         # seen on PROMOTE_DAYS days without an alert.
-        if hour not in ident.hours and (hour - 1) % 24 not in ident.hours and (hour + 1) % 24 not in ident.hours \
-                and r.ts >= ident.until.get("odd_hours", 0.0):
+        if ident.hours.learned and hour not in ident.hours and (hour - 1) % 24 not in ident.hours \
+                and (hour + 1) % 24 not in ident.hours and r.ts >= ident.until.get("odd_hours", 0.0):
             ident.until["odd_hours"] = r.ts + ODD_HOURS_COOLDOWN
             out.append(Anomaly(r.ts, r.source, r.node, "odd_hours", 0.55,
                                f"{r.source} active at {hour:02d}:00 UTC, an hour it was never active in "
