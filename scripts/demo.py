@@ -4,7 +4,9 @@ A control plane (embedded SQLite store) and two node agents run on loopback in a
 directory; two workloads, told apart by their uid, fetch their identities through the
 standard SPIFFE Workload API; one identity rotates while you watch; allowlists as code are
 enforced between services; two operators log in with password and TOTP, and one grants the
-other's just-in-time request. Everything is stopped on exit or Ctrl-C (unless --keep).
+other's just-in-time request; at the end an identity goes rogue, the detectors quarantine it
+and explain why, and a security officer releases it. Everything is stopped on exit or Ctrl-C
+(unless --keep).
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ services:
   - name: ledger
     spiffe_id: spiffe://{td}/ledger
     inbound: {{listen: 127.0.0.1:{ledger}, forward: 127.0.0.1:{echo}}}
+  - name: fx
+    spiffe_id: spiffe://{td}/fx
+    inbound: {{listen: 127.0.0.1:{fx}, forward: 127.0.0.1:{echo}}}
 """
 
 NODE2_CONFIG = """\
@@ -83,10 +88,25 @@ services:
     spiffe_id: spiffe://{td}/payments
     outbound:
       - {{listen: 127.0.0.1:{payments}, connect: 127.0.0.1:{ledger}, expect: spiffe://{td}/ledger}}
+      - {{listen: 127.0.0.1:{payments_fx}, connect: 127.0.0.1:{fx}, expect: spiffe://{td}/fx}}
   - name: frontend
     spiffe_id: spiffe://{td}/frontend
     outbound:
       - {{listen: 127.0.0.1:{frontend}, connect: 127.0.0.1:{ledger}, expect: spiffe://{td}/ledger}}
+"""
+
+# What anomalies lead to, declared next to the allowlists (continuous verification).
+RESPONSE = """\
+---
+apiVersion: trustmesh/v1
+kind: Response
+metadata: {{name: containment, owner: security}}
+spec:
+  rules:
+    - identity: spiffe://{td}/*
+      detectors: [sweep, deny_burst]
+      action: quarantine
+      above: 0.6
 """
 
 POLICY = """\
@@ -197,7 +217,7 @@ def main() -> int:
     env = {**os.environ, "TRUSTMESH_ADMIN_SOCKET": str(work / "server" / "admin.sock"),
            "PYTHONPATH": str(ROOT)}
     procs: list[subprocess.Popen[bytes]] = []
-    step = Step(total=14)
+    step = Step(total=15)
     ports: dict[str, int] = {}
     echo_port = start_echo()
     as_root = os.getuid() == 0
@@ -219,7 +239,9 @@ def main() -> int:
             server, server_log = start("server", "server", "run", "--trust-domain", TRUST_DOMAIN,
                                        "--data-dir", str(work / "server"), "--bind", "127.0.0.1:0",
                                        "--attest-bind", "127.0.0.1:0", "--admin-bind", "127.0.0.1:0",
-                                       "--login-bind", "127.0.0.1:0")
+                                       "--login-bind", "127.0.0.1:0",
+                                       # Behaviour baselines: learned for 20 s here (7 days by default).
+                                       "--learn", "20s")
             ready = wait_for(server_log, r"event=ready .*? bind=(\S+) attest_bind=(\S+) .*?admin_bind=(\S+) "
                              r"login_bind=(\S+)", server, "the control plane")
             bind, attest_bind, admin_bind, login_bind = ready.groups()
@@ -230,7 +252,8 @@ def main() -> int:
                 f"{work / 'server' / 'kek.bin'} (mode 0600)")
 
         with step("admitting node-1 and node-2: one-time join tokens, then each node agent attests"):
-            ports["ledger"], ports["payments"], ports["frontend"] = free_port(), free_port(), free_port()
+            for name in ("ledger", "fx", "payments", "payments_fx", "frontend"):
+                ports[name] = free_port()
             agent_logs = {}
             for node, template in (("node-1", NODE1_CONFIG), ("node-2", NODE2_CONFIG)):
                 token = cli("token", "create", "--node", node, "--ttl", "5m")
@@ -282,7 +305,7 @@ def main() -> int:
             # This demo process is their caller, so the entries name it (uid and binary): an
             # outbound listener admits only processes its service's entry matches.
             caller = [f"unix:uid:{os.getuid()}", f"unix:path:{os.path.realpath(sys.executable)}"]
-            for name, node in (("ledger", "node-1"), ("payments", "node-2"), ("frontend", "node-2")):
+            for name, node in (("ledger", "node-1"), ("fx", "node-1"), ("payments", "node-2"), ("frontend", "node-2")):
                 cli("entry", "create", "--spiffe-id", f"spiffe://{TRUST_DOMAIN}/{name}", "--node", node,
                     "--selector", caller[0], "--selector", caller[1])
             say(f"services: ledger on node-1 (inbound :{ports['ledger']}), payments and frontend on node-2")
@@ -357,7 +380,7 @@ def main() -> int:
                 say(f"  {line}")
             say(f"policy simulate {proposed.name}/: {cli('policy', 'simulate', str(proposed)).splitlines()[-1]}")
 
-        with step("a policy change cuts an open connection (continuous verification)"):
+        with step("a policy change cuts an open connection"):
             conn = socket.create_connection(("127.0.0.1", ports["payments"]), timeout=10)
             conn.sendall(b"ping")
             say(f"open payments -> ledger connection answers: {conn.recv(16).decode()}")
@@ -403,6 +426,42 @@ def main() -> int:
             with sqlite3.connect(work / "server" / "store.db") as db:
                 db.execute("DELETE FROM kv WHERE key = ?", (b"entries/forged",))
             say("row removed again; the refusal stays on record as a store.integrity_failure audit event")
+
+        with step("continuous verification: payments goes rogue, is quarantined with an explanation, released"):
+            policy_file.write_text(POLICY.format(td=TRUST_DOMAIN, port=ports["ledger"], rules=(
+                f"    - from: spiffe://{TRUST_DOMAIN}/payments\n")) + RESPONSE.format(td=TRUST_DOMAIN))
+            say(f"{cli('policy', 'lint', str(policy_file))}: sweeps and bursts of denials -> quarantine")
+            cli("policy", "apply", str(policy_file), "--comment", "payments back; containment rules")
+            time.sleep(1)
+            conn = socket.create_connection(("127.0.0.1", ports["payments"]), timeout=10)
+            conn.sendall(b"ping")
+            say(f"payments -> ledger (kept open): {'ALLOWED' if conn.recv(16) == b'ping' else 'DENIED'}; "
+                "its baseline was learned from the traffic so far")
+            for _ in range(25):  # payments hammers the fx service it was never allowed to reach
+                talk(ports["payments_fx"])
+            say("payments tries spiffe://example.org/fx 25 times in a few seconds: all denied")
+            deadline = time.monotonic() + 15
+            while not (quarantined := json.loads(cli("quarantine", "list", "--json"))) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.3)
+            for q in quarantined:
+                say(f"QUARANTINED {q['target']} by the {q['detector']} detector (score {q['score']:.2f}):")
+                say(f"  {q['reason']}")
+            conn.settimeout(5)
+            try:
+                cut = conn.recv(16) == b""
+            except OSError:
+                cut = True
+            conn.close()
+            say(f"its open connection: {'cut' if cut else 'STILL OPEN'}; payments -> ledger now: "
+                f"{talk(ports['payments'])}")
+            released = alice.run("quarantine", "release", f"spiffe://{TRUST_DOMAIN}/payments", "--reason",
+                                 "INC-5120: pod rebuilt", "--otp", alice.code())
+            say(f"alice (security officer, with a fresh one-time code): {released}")
+            deadline = time.monotonic() + 10
+            while (answer := talk(ports["payments"])).startswith("DENIED") and time.monotonic() < deadline:
+                time.sleep(0.3)
+            say(f"payments -> ledger after the release: {answer}")
 
         if args.keep:
             print(f"\neverything keeps running; files and logs are in {work}")

@@ -34,6 +34,12 @@ def test_demo_runs_end_to_end_and_stops_everything() -> None:
     assert '- from: "spiffe://example.org/payments"' in out
     assert "policy simulate proposed/: no observed flow would be denied" in out
     assert "the forged one is not used" in out and "audit verify (exit 1): audit log BROKEN" in out
+    # It ends with an identity going rogue, quarantined with its explanation, then released.
+    assert "QUARANTINED spiffe://example.org/payments by the deny_burst detector" in out
+    assert "connections denied in 5 min (latest to spiffe://example.org/fx" in out
+    assert "its open connection: cut; payments -> ledger now: DENIED" in out
+    assert "released spiffe://example.org/payments" in out
+    assert "payments -> ledger after the release: ALLOWED" in out
     assert out.rstrip().endswith("demo finished; everything stopped.")
     leftovers = subprocess.run(["pgrep", "-f", "trustmesh-demo-"], capture_output=True, text=True)
     assert leftovers.stdout.strip() == "", "the demo left processes running"
