@@ -38,7 +38,7 @@ from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import AttestedNode
 from trustmesh.detect.engine import Alert, Engine, StateError, alert_to_dict, engine_state, restore_engine
 from trustmesh.detect.trace import UNVERIFIED_PREFIX, TraceRecord
-from trustmesh.errors import TrustmeshError
+from trustmesh.errors import NotFoundError, TrustmeshError
 from trustmesh.files import atomic_write
 from trustmesh.logs import log_event
 from trustmesh.naming import node_name_of
@@ -191,10 +191,20 @@ class DetectionService:
         details = alert_to_dict(alert)
         log_event(log, "anomaly", level=logging.WARNING, **{k: str(v) for k, v in details.items()}, rule=alert.rule)
         if alert.action == "quarantine" and not alert.dry_run:
-            target = alert.node if alert.target == "node" else alert.identity
+            kind, target = ("node", alert.node) if alert.target == "node" else ("identity", alert.identity)
             try:
-                await self._quarantines.add(target, alert.target, alert.reason, DETECTOR_ACTOR, node=alert.node,
-                                            evidence=(alert.reason,), detector=alert.detector, score=alert.score)
+                try:
+                    await self._quarantines.add(target, kind, alert.reason, DETECTOR_ACTOR, node=alert.node,
+                                                evidence=(alert.reason,), detector=alert.detector, score=alert.score)
+                except NotFoundError:
+                    if kind != "node":
+                        raise
+                    # Presented from a host that is none of our nodes (a stolen credential used
+                    # elsewhere): there is no node to contain, so the identity is contained.
+                    kind, target = "identity", alert.identity
+                    await self._quarantines.add(target, kind, alert.reason, DETECTOR_ACTOR, node=alert.node,
+                                                evidence=(alert.reason,), detector=alert.detector, score=alert.score)
+                details["quarantined"] = f"{kind} {target}"
             except TrustmeshError as err:
                 # Still an alert: audited below with why the quarantine did not happen.
                 log_event(log, "quarantine_failed", level=logging.ERROR, target=target, error=str(err))

@@ -259,6 +259,17 @@ async def test_refused_items_are_retried_later_not_hammered() -> None:
     assert await cache.refresh_once() == 1 and signer.batches[-1] == ["b"]
 
 
+async def test_refused_items_are_asked_again_at_once_after_a_release() -> None:
+    cache, signer, _clock = make(RotationConfig(item_retry=30))
+    signer.refuse = {"b"}  # b is in quarantine
+    cache.set_entries({"a": entry("a"), "b": entry("b")})
+    assert await cache.refresh_once() == 1
+    signer.refuse = set()  # released: the agent hears of it in its next policy
+    assert await cache.refresh_once() == 0, "without a release it waits out item_retry"
+    cache.retry_refused()
+    assert await cache.refresh_once() == 1 and signer.batches[-1] == ["b"]
+
+
 async def test_a_refused_renewal_does_not_spin() -> None:
     cache, signer, clock = make(RotationConfig(renew_low=0.5, renew_high=0.6, item_retry=30))
     cache.set_entries({"a": entry("a")})
