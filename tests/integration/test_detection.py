@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,21 +20,12 @@ import pytest
 from tests.etcd_process import free_port
 from tests.integration.harness import AgentProcess, ServerProcess, echo_server
 from tests.integration.operators_kit import Operator, add_operator, audit
-from tests.integration.test_quarantine import _cut_within, _open, _talk, _wait_for
+from tests.integration.test_quarantine import LEDGER, PAYMENTS, SELF_EXE, TD, _cut_within, _open, _talk, _wait_for
+from tests.integration.test_quarantine import POLICY as LEDGER_POLICY
 
-TD = "spiffe://example.org"
-PAYMENTS, LEDGER = f"{TD}/payments", f"{TD}/ledger"
 PROBED = [f"{TD}/svc{i}" for i in range(6)]
-SELF_EXE = os.path.realpath(sys.executable)
-POLICY = """\
-apiVersion: trustmesh/v1
-kind: Allowlist
-metadata: {{name: ledger-access, owner: payments-platform}}
-spec:
-  destination: spiffe://example.org/ledger
-  ports: [{port}]
-  allow:
-    - from: spiffe://example.org/payments
+# The ledger's allowlist, and what anomalies lead to, applied together as one revision.
+POLICY = LEDGER_POLICY + """\
 ---
 apiVersion: trustmesh/v1
 kind: Response
