@@ -70,6 +70,9 @@ class SyncStream:
         self._not_after = not_after  # the agent SVID's expiry: the stream must not outlive it
         self.wake = asyncio.Event()
         self._sent: sync_delta.Sent | None = None
+        # The policy revision this stream last counted in the convergence histogram: a quarantine
+        # or a grant re-sends the same revision recomposed, which is no new revision converging.
+        self._converged = -1
 
     def start(self, since: int, bundle_sequences: Mapping[str, int]) -> list[node_pb2.SyncResponse]:
         """The first messages: a delta when the agent can resume from `since`, else a snapshot."""
@@ -81,6 +84,7 @@ class SyncStream:
                                  bundle_sequences=bundle_sequences, policy_changed_at=view.policy_changed_at)
         self._service.starts.inc(kind="resume" if begun.resumed else "snapshot")
         self._sent = begun.sent
+        self._converged = view.policy.revision  # what the first messages carry; not counted
         return begun.messages
 
     async def next(self) -> list[node_pb2.SyncResponse]:
@@ -105,7 +109,10 @@ class SyncStream:
         messages, self._sent = sync_delta.next_delta(self._service.state_for(self.peer.id), self._sent,
                                                      keepalive=keepalive)
         for message in messages:
-            self._service.observe_convergence(message)
+            revision = sync_delta.delivered_policy_revision(message)
+            if revision is not None and revision != self._converged:
+                self._converged = revision
+                self._service.observe_convergence(message)
         return messages
 
 

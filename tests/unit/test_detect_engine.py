@@ -94,13 +94,18 @@ def test_a_new_peer_alerts_once_then_becomes_normal_after_days_without_alerts(no
 
 def test_a_new_dependency_or_a_new_service_scores_below_the_default_alert(normal: list[TraceRecord]) -> None:
     reports = "spiffe://example.org/reports"
-    other = [rec(at(d, 12) + 5, src="spiffe://example.org/billing", dst=reports, port=7000) for d in range(12)]
+    other = [rec(at(d, 12) + 5, src=f"spiffe://example.org/{name}", dst=reports, port=7000)
+             for d in range(12) for name in ("billing", "risk", "fx")]
     engine = Engine(learn=LEARN)
     run([*normal, *other], engine)
     anomalies = engine._detect(engine._ids[PAY], rec(at(12, 13) + 1, dst=reports, port=7000), True)  # noqa: SLF001
     assert [(a.detector, a.score) for a in anomalies] == [("new_peer", 0.45)]
-    assert "an endpoint 1 other identity uses but it never did" in anomalies[0].reason
+    assert "an endpoint 3 other identities use but it never did" in anomalies[0].reason
     assert run([*normal, *other, rec(at(12, 13) + 1, dst=reports, port=7000)]) == []
+    # An endpoint only one other identity uses (an admin port, say) is still worth an alert.
+    few = [r for r in other if r.source.endswith("/billing")]
+    assert [(a.detector, a.score) for a in run([*normal, *few, rec(at(12, 13) + 1, dst=reports, port=7000)])] \
+        == [("new_peer", 0.6)]
     fresh = engine._detect(engine._ids[PAY], rec(at(12, 14) + 1, dst="spiffe://example.org/v2", port=1),  # noqa: SLF001
                            True)
     assert [a.score for a in fresh] == [0.45] and "a service no identity used before" in fresh[0].reason

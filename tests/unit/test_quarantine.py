@@ -423,3 +423,34 @@ spec: {{destination: "{FX}", allow: [{{from: "{PAYMENTS}"}}]}}
     finally:
         await listener.close()
         echo.close()
+
+
+async def test_a_recomposed_policy_is_no_new_revision_converging(world: World) -> None:
+    """A quarantine (or a grant) re-sends the revision in force with another quarantine set:
+    the convergence histogram must count each revision once per stream, not the time since the
+    revision's commit again (days, for a quarantine long after the last apply)."""
+    from trustmesh.controlplane.policy_store import PolicyService
+    from trustmesh.controlplane.sync_service import SyncService
+
+    sync = SyncService(world.view, lambda: Authority.make(TrustDomain("example.org")).bundle(), world.rt.metrics,
+                       world.rt.clock)
+    world.view.subscribe(sync.on_registry_event)
+
+    def converged() -> float:
+        return next(float(line.split()[-1]) for line in world.rt.metrics.render().splitlines()
+                    if line.startswith("trustmesh_policy_convergence_seconds_count"))
+
+    class Peer:
+        id, serial = NODE_1, "1"
+
+    await PolicyService(world.rt).apply(
+        f"apiVersion: trustmesh/v1\nkind: Allowlist\nmetadata: {{name: l}}\nspec: {{destination: {LEDGER}, "
+        f"allow: [{{from: {PAYMENTS}}}]}}\n", author="t", comment="", expected_head=0, dry_run=False, actor="t")
+    await world.settled()
+    with sync.open(Peer(), node("node-1"), 4e9) as stream:
+        stream.start(0, {})
+        await world.service.add(WEB, "identity", "INC-2", OFFICER)
+        await world.settled()
+        messages = await asyncio.wait_for(stream.next(), 5)
+        assert any(m.delta.policy.quarantined == [WEB] for m in messages if m.WhichOneof("body") == "delta")
+        assert converged() == 0.0

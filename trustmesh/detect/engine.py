@@ -38,12 +38,13 @@ from trustmesh.policy.responses import ResponsePolicy
 DAY = 86400.0
 LEARN_DEFAULT = 7 * DAY
 # Volume is watched at two scales, each against the identity's own distribution per peer
-# (and part of the day): (seconds per window, observed / p99 from which a window is above,
-# floors in bytes and connections below which nothing is "far outside" (tiny peers vary
-# wildly), windows in a row above before it alerts). An excess kept up minute after minute
+# (and part of the day): (seconds per window, the quantile of past windows it is measured
+# against, observed / that quantile from which a window is above, floors in bytes and
+# connections below which nothing is "far outside" (tiny peers vary wildly), windows in a
+# row above before it alerts). An excess kept up minute after minute
 # shows in its third minute, long before its 10-minute sum stands out, and one big minute
 # is not enough; a 10-minute sum (sliding) far above its own p99 alerts at once.
-VOLUME_SCALES = ((60, 2.0, 25_000, 20, 3), (600, 4.0, 256_000, 100, 1))
+VOLUME_SCALES = ((60, 0.9, 3.0, 25_000, 20, 3), (600, 0.99, 4.0, 256_000, 100, 1))
 MIN_VOLUME_WINDOWS = 24  # active windows of a peer before its volume baseline counts
 DENY_WINDOW = 300  # denials: the sliding window of a burst, and the windows of its baseline
 SWEEP_WINDOW = 300
@@ -57,10 +58,11 @@ HISTORY_SECONDS = 30 * DAY  # a histogram holds about this much before it is hal
 ODD_HOURS_COOLDOWN = 6 * 3600.0
 BURST_COOLDOWN = 600.0
 # A sliding 10-minute sum still holds an excess up to 20 minutes after it began.
-VOLUME_COOLDOWN = 2.0 * max(seconds for seconds, *_ in VOLUME_SCALES)
+VOLUME_COOLDOWN = 2.0 * max(scale[0] for scale in VOLUME_SCALES)
 INCIDENT_SECONDS = 600.0  # after an alert, the identity's records are not learned for this long
 NEW_PEER_COOLDOWN = 600.0  # one new-peer alert per identity per this long (a sweep is one incident)
 CONCURRENT_SECONDS = 600.0  # active on a known node this recently: a new node is concurrent use
+COMMON_ENDPOINT_USERS = 3  # identities using a (destination, port) that make it a common service endpoint
 
 MAX_IDENTITIES = 100_000
 MAX_PEERS = 1_000  # learned + pending, per identity
@@ -76,29 +78,34 @@ class _Histogram:
     """Counts of values in log-scale buckets (four per doubling): quantiles to within 19%,
     in constant memory, the same on every run."""
 
-    __slots__ = ("counts", "total", "_p99", "cap")
+    __slots__ = ("counts", "total", "_known", "cap")
 
     def __init__(self, cap: int = int(HISTORY_SECONDS // 300)) -> None:
         self.counts: dict[int, int] = {}
         self.total = 0
-        self._p99: float | None = None
+        self._known: dict[float, float] = {}  # quantiles asked since the last add
         self.cap = cap
 
     def add(self, value: float) -> None:
         b = _bucket(value)
         self.counts[b] = self.counts.get(b, 0) + 1
         self.total += 1
-        self._p99 = None
+        if self._known:
+            self._known = {}
         if self.total > self.cap:  # halve: old windows weigh less, the baseline keeps adapting
             self.counts = {k: v // 2 for k, v in self.counts.items() if v // 2}
             self.total = sum(self.counts.values())
 
     @property
     def p99(self) -> float:
+        return self.cached(0.99)
+
+    def cached(self, q: float) -> float:
         # Asked on nearly every record, changed once per window: kept until the next add.
-        if self._p99 is None:
-            self._p99 = self.quantile(0.99)
-        return self._p99
+        known = self._known.get(q)
+        if known is None:
+            known = self._known[q] = self.quantile(q)
+        return known
 
     def quantile(self, q: float) -> float:
         """The upper edge of the bucket holding the q-quantile (0 for an empty histogram)."""
@@ -173,12 +180,13 @@ class _Scale:
     With `sustain` > 1 a window above the threshold alerts only after as many in a row: one
     big minute is noise, the same excess minute after minute is not."""
 
-    __slots__ = ("seconds", "ratio", "floor_bytes", "floor_conns", "sustain", "window", "now", "prev", "alerted",
-                 "hist", "parts", "streak")
+    __slots__ = ("seconds", "q", "ratio", "floor_bytes", "floor_conns", "sustain", "window", "now", "prev",
+                 "alerted", "hist", "parts", "streak")
 
-    def __init__(self, seconds: int, ratio: float, floor_bytes: int, floor_conns: int, sustain: int) -> None:
-        self.seconds, self.ratio, self.floor_bytes, self.floor_conns = seconds, ratio, floor_bytes, floor_conns
-        self.sustain = sustain
+    def __init__(self, seconds: int, q: float, ratio: float, floor_bytes: int, floor_conns: int,
+                 sustain: int) -> None:
+        self.seconds, self.q, self.ratio, self.sustain = seconds, q, ratio, sustain
+        self.floor_bytes, self.floor_conns = floor_bytes, floor_conns
         self.window = -1
         self.now: dict[str, list[int]] = {}  # destination -> [bytes, connections] this window
         self.prev: dict[str, list[int]] = {}
@@ -240,7 +248,7 @@ class _Scale:
             # A sliding sum over the last `seconds`: the previous window weighs what is left of it.
             weight = 1.0 - (r.ts - self.window * self.seconds) / self.seconds
             nbytes, conns = nbytes + int(prev[0] * weight), conns + int(prev[1] * weight)
-        p_bytes, p_conns = hist[0].p99, hist[1].p99
+        p_bytes, p_conns = hist[0].cached(self.q), hist[1].cached(self.q)
         ratio_bytes = nbytes / max(p_bytes, self.floor_bytes / self.ratio)
         ratio_conns = conns / max(p_conns, self.floor_conns / self.ratio)
         ratio = max(ratio_bytes, ratio_conns)
@@ -259,7 +267,7 @@ class _Scale:
         score = min(1.0, 0.5 + 0.25 * math.log2(ratio / self.ratio))
         span = f"{self.seconds // 60} min"
         running = f" ({run} such minutes in a row)" if run > 1 else ""
-        baseline = f"its 30-day p99{' ' + when if when else ''}"
+        baseline = f"its 30-day p{round(self.q * 100)}{' ' + when if when else ''}"
         if ratio_bytes >= ratio_conns:
             return score, (f"{r.source} moved {_size(nbytes)} with {dst} in {span}{running}; {baseline} is "
                            f"{_size(p_bytes)} per {span}")
@@ -501,9 +509,11 @@ class Engine:
             what = "a destination" if new_destination else f"a port of {r.destination}"
             reason = f"{what} it never used before ({baseline})"
         elif users:
-            # A service endpoint others use: most often a new dependency after a deploy.
-            score, reason = 0.45, f"an endpoint {users} other identit{'y uses' if users == 1 else 'ies use'} " \
-                                  f"but it never did ({baseline})"
+            # A service endpoint many others use: most often a new dependency after a deploy. One
+            # that few use (an admin port) is not made ordinary by one other caller.
+            score = 0.45 if users >= COMMON_ENDPOINT_USERS else 0.6
+            reason = f"an endpoint {users} other identit{'y uses' if users == 1 else 'ies use'} but it never did " \
+                     f"({baseline})"
         elif r.destination not in self._destinations:
             score, reason = 0.45, f"a service no identity used before, perhaps a new one ({baseline})"
         else:
