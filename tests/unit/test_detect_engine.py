@@ -14,7 +14,7 @@ import pytest
 from trustmesh.detect.engine import Alert, Engine
 from trustmesh.detect.trace import TraceRecord, record_to_line
 from trustmesh.policy import load_text
-from trustmesh.policy.responses import ResponsePolicy
+from trustmesh.policy.responses import ResponsePolicy, Verdict
 
 DAY = 86400
 START = 1_767_225_600  # 2026-01-01T00:00:00Z, a Thursday
@@ -297,6 +297,15 @@ def test_response_rules_pick_the_strongest_action_reached() -> None:
     assert policy.verdict(PAY, "sweep", 0.5).action == "ignore"  # matched, below every threshold
     assert policy.verdict(PAY, "volume", 0.95).action == "alert"
     assert policy.verdict("unverified:10.1.1.1", "sweep", 0.99).action == "alert"  # spiffe:// prefix only
+    exception = responses(QUARANTINE + """\
+    - identity: "*"
+      detectors: ["*"]
+      action: alert
+      above: 0.1
+""")
+    # the ignore rule for payments' odd hours wins over the broad alert rule
+    assert exception.verdict(PAY, "odd_hours", 0.99) == Verdict("ignore", "containment rules[1]")
+    assert exception.verdict(PAY, "volume", 0.2).action == "alert"
     assert ResponsePolicy().verdict(PAY, "volume", 0.5).action == "alert"  # the built-in default
     assert ResponsePolicy().verdict(PAY, "volume", 0.49).action == "ignore"
 

@@ -16,8 +16,9 @@ replay`:
           above: 0.8                                   # at or above this score (0 to 1)
           target: identity                             # or node: quarantine the node it was seen on
 
-For one anomaly, the rules that match its identity and detector decide: the strongest action
-whose `above` the score reaches (quarantine implies alert; `ignore` silences). When no rule
+For one anomaly, the rules that match its identity and detector decide: a matching `ignore`
+rule is an exception that silences it; otherwise the strongest action whose `above` the score
+reaches (quarantine implies alert). When no rule
 matches, the built-in default applies: alert at 0.5, never quarantine, so nothing is ever
 quarantined unless a person declared it. Dry run is global: one document saying it is
 enough (a partial dry run would quarantine for some rules and not others, which nobody
@@ -116,6 +117,11 @@ class ResponsePolicy:
         if not matching:
             action: Action = "alert" if score >= DEFAULT_ALERT_SCORE else "ignore"
             return Verdict(action, DEFAULT_VERDICT_RULE)
+        # An ignore rule is an exception (what this identity does is normal for it): it wins
+        # over every alert and quarantine rule that would otherwise apply.
+        exception = next((r for r in matching if r.action == "ignore" and score >= r.above), None)
+        if exception is not None:
+            return Verdict("ignore", exception.label)
         best: Verdict = Verdict("ignore", matching[0].label)
         for rule in matching:
             if score >= rule.above and _STRENGTH[rule.action] > _STRENGTH[best.action]:
