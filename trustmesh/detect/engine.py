@@ -70,38 +70,49 @@ MAX_NODES = 256
 MAX_RECENT = 2_000  # records in an identity's sweep window
 
 
+_log2 = math.log2
+
+
 def _bucket(value: float) -> int:
-    return 0 if value <= 0 else 1 + int(math.log2(value) * 4)
+    return 0 if value <= 0 else 1 + int(_log2(value) * 4)
 
 
 class _Histogram:
     """Counts of values in log-scale buckets (four per doubling): quantiles to within 19%,
-    in constant memory, the same on every run."""
+    in constant memory, the same on every run. Added to once per window, asked on nearly every
+    record: quantiles are kept until the next add, the buckets' order until a new bucket."""
 
-    __slots__ = ("counts", "total", "_known", "cap")
+    __slots__ = ("counts", "total", "_known", "_order", "cap")
 
     def __init__(self, cap: int = int(HISTORY_SECONDS // 300)) -> None:
         self.counts: dict[int, int] = {}
         self.total = 0
         self._known: dict[float, float] = {}  # quantiles asked since the last add
+        self._order: list[int] | None = None  # the buckets, sorted
         self.cap = cap
 
     def add(self, value: float) -> None:
-        b = _bucket(value)
-        self.counts[b] = self.counts.get(b, 0) + 1
+        b = 0 if value <= 0 else 1 + int(_log2(value) * 4)
+        counts = self.counts
+        n = counts.get(b)
+        if n is None:
+            counts[b] = 1
+            self._order = None
+        else:
+            counts[b] = n + 1
         self.total += 1
         if self._known:
             self._known = {}
         if self.total > self.cap:  # halve: old windows weigh less, the baseline keeps adapting
-            self.counts = {k: v // 2 for k, v in self.counts.items() if v // 2}
+            self.counts = {k: v // 2 for k, v in counts.items() if v // 2}
             self.total = sum(self.counts.values())
+            self._order = None
 
     @property
     def p99(self) -> float:
         return self.cached(0.99)
 
     def cached(self, q: float) -> float:
-        # Asked on nearly every record, changed once per window: kept until the next add.
         known = self._known.get(q)
         if known is None:
             known = self._known[q] = self.quantile(q)
@@ -111,13 +122,17 @@ class _Histogram:
         """The upper edge of the bucket holding the q-quantile (0 for an empty histogram)."""
         if not self.total:
             return 0.0
+        order = self._order
+        if order is None:
+            order = self._order = sorted(self.counts)
         rank = q * self.total
         seen = 0
-        for b in sorted(self.counts):
-            seen += self.counts[b]
+        counts = self.counts
+        for b in order:
+            seen += counts[b]
             if seen >= rank:
                 return 0.0 if b == 0 else 2 ** (b / 4)
-        return 2 ** (max(self.counts) / 4)
+        return 2 ** (order[-1] / 4)
 
 
 class _Novelty:
