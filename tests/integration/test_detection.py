@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -101,9 +103,38 @@ def estate(make_server: Callable[..., ServerProcess], tmp_path: Path) -> Iterato
     yield from _estate(make_server, tmp_path)
 
 
+class Webhook:
+    """An alert receiver on loopback: what a SIEM or a chat bridge would be."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, object]] = []
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (the http.server API)
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                received.append({"content_type": self.headers.get("Content-Type"), **json.loads(body)})
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
 @pytest.fixture
-def dry_estate(make_server: Callable[..., ServerProcess], tmp_path: Path) -> Iterator[Estate]:
-    yield from _estate(make_server, tmp_path, "--detect-dry-run", "on")
+def webhook() -> Iterator[Webhook]:
+    hook = Webhook()
+    yield hook
+    hook.server.shutdown()
+
+
+@pytest.fixture
+def dry_estate(make_server: Callable[..., ServerProcess], tmp_path: Path, webhook: Webhook) -> Iterator[Estate]:
+    yield from _estate(make_server, tmp_path, "--detect-dry-run", "on", "--alert-webhook", webhook.url)
 
 
 def _sweep(estate: Estate) -> None:
@@ -148,7 +179,7 @@ def test_a_sweeping_identity_is_quarantined_cut_refused_and_released(estate: Est
     assert export == "" or all(json.loads(line)["ts"].endswith("Z") for line in export.splitlines())
 
 
-def test_dry_run_records_what_it_would_do_and_does_nothing(dry_estate: Estate) -> None:
+def test_dry_run_records_what_it_would_do_and_does_nothing(dry_estate: Estate, webhook: Webhook) -> None:
     server, ports = dry_estate.server, dry_estate.ports
     conn = _open(ports["pay-ledger"])
     _sweep(dry_estate)
@@ -164,3 +195,9 @@ def test_dry_run_records_what_it_would_do_and_does_nothing(dry_estate: Estate) -
     assert conn.recv(16) == b"still"  # nothing was cut
     conn.close()
     assert _talk(ports["pay-ledger"]) == b"hello ledger"
+    # Every alert was posted to the webhook as the JSON `detect replay --json` prints.
+    assert _wait_for(lambda: any(a.get("detector") == "sweep" for a in webhook.received), 10)
+    posted = next(a for a in webhook.received if a["detector"] == "sweep")
+    assert posted["content_type"] == "application/json" and posted["identity"] == PAYMENTS
+    assert posted["action"] == "quarantine" and posted["dry_run"] is True and str(posted["ts"]).endswith("Z")
+    assert "was denied on 6 distinct destination ports" in str(posted["reason"])
