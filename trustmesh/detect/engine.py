@@ -213,16 +213,22 @@ class _Scale:
         self.streak: dict[str, tuple[int, int]] = {}  # destination -> (last window above, windows in a row)
 
     def _learn(self, dst: str, part: int, nbytes: int, conns: int) -> None:
-        hist = self.hist.get(dst)
-        if hist is None:
-            if len(self.hist) >= MAX_PEERS:
-                return
-            cap = int(HISTORY_SECONDS // self.seconds)
-            hist = self.hist[dst] = (_Histogram(cap), _Histogram(cap))
-        hist[0].add(nbytes)
-        hist[1].add(conns)
+        if self.sustain == 1:
+            # The whole-day distribution is the fallback for a part of the day not seen yet. A
+            # run of minutes is only ever measured against its own part of the day, so the
+            # busiest table (one add per peer and minute) keeps no whole-day one.
+            hist = self.hist.get(dst)
+            if hist is None:
+                if len(self.hist) >= MAX_PEERS:
+                    return
+                cap = int(HISTORY_SECONDS // self.seconds)
+                hist = self.hist[dst] = (_Histogram(cap), _Histogram(cap))
+            hist[0].add(nbytes)
+            hist[1].add(conns)
         of_part = self.parts.get((dst, part))
         if of_part is None:
+            if len(self.parts) >= MAX_PEERS * PARTS:
+                return
             cap = int(HISTORY_SECONDS // self.seconds // PARTS)
             of_part = self.parts[(dst, part)] = (_Histogram(cap), _Histogram(cap))
         of_part[0].add(nbytes)
@@ -253,7 +259,7 @@ class _Scale:
         dst = r.destination
         hist = self.parts.get((dst, _part(r.ts)))
         when = "at this time of day"
-        if hist is None or hist[0].total < MIN_VOLUME_WINDOWS:
+        if (hist is None or hist[0].total < MIN_VOLUME_WINDOWS) and self.sustain == 1:
             hist, when = self.hist.get(dst), ""
         if hist is None or hist[0].total < MIN_VOLUME_WINDOWS or dst in self.alerted:
             return None
@@ -435,14 +441,16 @@ class Engine:
             self._new_peer(ident, r, target, out)
         if denied and target not in ident.peers:
             self._slow_sweep(ident, r, target, out)
-        if r.ts >= ident.until.get("volume", 0.0):
-            for scale in ident.volume:
-                found = scale.check(r)
-                if found is not None:
-                    # One alert per excess: the next minutes of the same one are the same incident.
-                    ident.until["volume"] = r.ts + VOLUME_COOLDOWN
-                    out.append(Anomaly(r.ts, r.source, r.node, "volume", found[0], found[1]))
-                    break
+        quiet = r.ts < ident.until.get("volume", 0.0)
+        for scale in ident.volume:
+            # Checked even while quiet: a window above its threshold is then kept out of the
+            # baseline (an excess spread over several windows alerts once, and is learned never).
+            found = scale.check(r)
+            if found is not None and not quiet:
+                # One alert per excess: the next minutes of the same one are the same incident.
+                ident.until["volume"] = r.ts + VOLUME_COOLDOWN
+                out.append(Anomaly(r.ts, r.source, r.node, "volume", found[0], found[1]))
+                quiet = True
         hour = int(r.ts // 3600) % 24
         # Not is_new: an hour stays odd (and alerts again, once per cooldown) until it has been
         # seen on PROMOTE_DAYS days without an alert.
