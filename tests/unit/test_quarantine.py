@@ -454,3 +454,49 @@ async def test_a_recomposed_policy_is_no_new_revision_converging(world: World) -
         messages = await asyncio.wait_for(stream.next(), 5)
         assert any(m.delta.policy.quarantined == [WEB] for m in messages if m.WhichOneof("body") == "delta")
         assert converged() == 0.0
+
+
+async def test_detection_acts_on_a_report_and_its_baselines_survive_a_restart_sealed(world: World,
+                                                                                     tmp_path: Path) -> None:
+    """The server's detection service on a real registry view and store: an accepted report
+    that sweeps is quarantined through the quarantine service (default responses only alert, so
+    a Response document is applied first); the baselines are saved sealed with the KEK, come
+    back after a restart, and a tampered or foreign-key state is refused (learned again)."""
+    from trustmesh.controlplane.ca.kek import KeyEncryptionKey
+    from trustmesh.controlplane.detection import STATE_FILE, DetectionService
+    from trustmesh.controlplane.flow_audit import FlowCounter
+    from trustmesh.controlplane.policy_store import PolicyService
+
+    kek = KeyEncryptionKey(bytes(range(32)))
+    await PolicyService(world.rt).apply(
+        "apiVersion: trustmesh/v1\nkind: Response\nmetadata: {name: r}\nspec:\n  rules:\n"
+        "    - {identity: '*', detectors: [sweep], action: quarantine, above: 0.5}\n",
+        author="t", comment="", expected_head=0, dry_run=False, actor="t")
+    await world.settled()
+    detection = DetectionService(world.rt, world.view, world.service, learn=0.0, state_dir=tmp_path, sealer=kek)
+    sweep = [(FlowCounter(PAYMENTS, f"{TD}/svc{i}", 443, True, False, "", 1, 0, 0), True) for i in range(6)]
+    alerts = await detection.observe(NODE_1, sweep)
+    assert [(a.detector, a.action) for a in alerts] == [("sweep", "quarantine")]
+    await world.settled()
+    assert world.view.is_quarantined(PAYMENTS)
+    (added,) = await audit_events(world.rt, "quarantine.add")
+    assert added.actor == "detector" and added.details["detector"] == "sweep"
+    (anomaly,) = await audit_events(world.rt, "detect.anomaly")
+    assert anomaly.subject == PAYMENTS and anomaly.details["quarantined"] == f"identity {PAYMENTS}"
+
+    await detection.save()
+    state = tmp_path / STATE_FILE
+    assert state.stat().st_mode & 0o777 == 0o600 and PAYMENTS.encode() not in state.read_bytes()  # sealed
+    restarted = DetectionService(world.rt, world.view, world.service, learn=0.0, state_dir=tmp_path, sealer=kek)
+    restarted.load()
+    assert restarted.engine.identities() == 1
+    for blob in (state.read_bytes()[:-1] + bytes([state.read_bytes()[-1] ^ 1]),):
+        state.write_bytes(blob)
+        tampered = DetectionService(world.rt, world.view, world.service, learn=0.0, state_dir=tmp_path, sealer=kek)
+        tampered.load()
+        assert tampered.engine.identities() == 0  # refused: learned afresh, never a forged baseline
+    other = KeyEncryptionKey(bytes(range(1, 33)))
+    await detection.save()
+    foreign = DetectionService(world.rt, world.view, world.service, learn=0.0, state_dir=tmp_path, sealer=other)
+    foreign.load()
+    assert foreign.engine.identities() == 0
