@@ -41,8 +41,11 @@ class Seen:
     connections: dict[FlowKey, int] = field(default_factory=dict)
     bytes: dict[FlowKey, list[int]] = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)  # the client host of each reported decision
 
-    def report(self, source: SpiffeId | None, destination: SpiffeId, port: int, decision: Decision) -> FlowKey:
+    def report(self, source: SpiffeId | None, destination: SpiffeId, port: int, decision: Decision,
+               client_host: str = "") -> FlowKey:
+        self.hosts.append(client_host)
         key = (str(source or ""), str(destination), port, kind_of(decision), decision.rule, "")
         self.connections[key] = self.connections.get(key, 0) + 1
         return key
@@ -117,6 +120,7 @@ async def test_permissive_forwards_plaintext_as_unverified_and_still_serves_mtls
         allowed = (str(PAYMENTS), str(FX), listener.port, "allow", "fx allow[0]", "")
         await _until(lambda: seen.bytes.get(allowed) == [8, 8], timeout=20)  # TLS: at most 10 s after close
         assert seen.connections[allowed] == 1
+        assert seen.hosts == ["127.0.0.1"]  # the verified client's host: the server finds its node by it
 
 
 async def test_permissive_still_denies_an_mtls_client_the_policy_does_not_allow() -> None:
