@@ -142,15 +142,27 @@ def test_volume_far_outside_the_identitys_own_distribution(normal: list[TraceRec
     assert run([*normal, rec(t, nbytes=140_000)]) == []
 
 
-def test_a_sustained_excess_alerts_in_its_third_minute_and_one_big_minute_does_not(
+def test_a_sustained_excess_alerts_in_its_fourth_minute_and_one_big_minute_does_not(
         normal: list[TraceRecord]) -> None:
     t = at(10, 15, 3)
-    steady = [rec(t + 60 * i, nbytes=200_000) for i in range(6)]
+    steady = [rec(t + 60 * i, nbytes=300_000) for i in range(6)]
     volume = [a for a in run([*normal, *steady]) if a.detector == "volume"]
-    assert [a.ts for a in volume] == [steady[2].ts]
-    assert "(3 such minutes in a row)" in volume[0].reason and "per 1 min" in volume[0].reason
-    spikes = [rec(t + 600 * i, nbytes=400_000) for i in range(4)]  # big minutes, never two in a row
+    assert [a.ts for a in volume] == [steady[3].ts]
+    assert "(4 such minutes in a row)" in volume[0].reason and "p90 at this time of day" in volume[0].reason
+    spikes = [rec(t + 600 * i, nbytes=600_000) for i in range(4)]  # big minutes, never two in a row
     assert [a for a in run([*normal, *spikes]) if a.detector == "volume"] == []
+
+
+def test_a_sporadic_peer_busy_every_minute_stands_out(normal: list[TraceRecord]) -> None:
+    # payments -> fraud is busy one minute in three; its idle minutes count in its baseline,
+    # so the same modest volume every minute for five minutes is an excess.
+    t = at(10, 15, 4) + 30
+    busy = [rec(t + 60 * i, dst=FRAUD, port=9000, conns=3, nbytes=40_000) for i in range(6)]
+    volume = [a for a in run([*normal, *busy]) if a.detector == "volume"]
+    assert len(volume) == 1 and volume[0].ts <= busy[4].ts and f"with {FRAUD} in 1 min" in volume[0].reason
+    # The same minutes at its usual pace (one in three) are nothing.
+    sporadic = [rec(t + 180 * i, dst=FRAUD, port=9000, conns=3, nbytes=40_000) for i in range(6)]
+    assert run([*normal, *sporadic]) == []
 
 
 def test_volume_windows_that_alerted_are_not_learned(normal: list[TraceRecord]) -> None:

@@ -41,11 +41,15 @@ LEARN_DEFAULT = 7 * DAY
 # (and part of the day): (seconds per window, the quantile of past windows it is measured
 # against, observed / that quantile from which a window is above, floors in bytes and
 # connections below which nothing is "far outside" (tiny peers vary wildly), windows in a
-# row above before it alerts). An excess kept up minute after minute
-# shows in its third minute, long before its 10-minute sum stands out, and one big minute
-# is not enough; a 10-minute sum (sliding) far above its own p99 alerts at once.
-VOLUME_SCALES = ((60, 0.9, 3.0, 25_000, 20, 3), (600, 0.99, 4.0, 256_000, 100, 1))
+# row above before it alerts). Minutes count the idle ones of a peer's active 10-minute
+# windows as zeros, so a peer busy every minute where it is usually busy one minute in ten
+# stands out. An excess kept up minute after minute shows in its fourth minute, long before
+# its 10-minute sum does, and one big minute is not enough; a 10-minute sum (sliding) far
+# above its own p99 alerts at once. Tuned on seeds 1-3 of benchmarks/detect_trace.py and
+# checked on seeds 4-5 (benchmarks/analysis.md).
+VOLUME_SCALES = ((60, 0.9, 3.5, 25_000, 20, 4), (600, 0.99, 4.0, 256_000, 100, 1))
 MIN_VOLUME_WINDOWS = 24  # active windows of a peer before its volume baseline counts
+IDLE_WINDOWS = 10  # idle minutes learned as zeros at most per roll (the longer scale's window)
 DENY_WINDOW = 300  # denials: the sliding window of a burst, and the windows of its baseline
 SWEEP_WINDOW = 300
 SLOW_WINDOW = 6 * 3600.0
@@ -234,7 +238,10 @@ class _Scale:
         of_part[0].add(nbytes)
         of_part[1].add(conns)
 
-    def roll(self, ts: float, learn: bool) -> None:
+    def roll(self, ts: float, learn: bool, busy: Iterable[str] = ()) -> None:
+        """Close the window if `ts` is past it, learning its sums. `busy`: the peers active in
+        the longer scale's windows; their idle minutes are learned as zeros, so a peer that
+        is normally busy one minute in ten stands out when it is busy every minute."""
         window = int(ts // self.seconds)
         if window == self.window:
             return
@@ -243,6 +250,10 @@ class _Scale:
             for dst, (nbytes, conns) in self.now.items():
                 if dst not in self.alerted:  # a window that raised an alert is not normal
                     self._learn(dst, part, nbytes, conns)
+            idle = [dst for dst in busy if dst not in self.now]
+            for w in range(self.window, min(window, self.window + IDLE_WINDOWS)):
+                for dst in idle if w == self.window else busy:
+                    self._learn(dst, _part(w * self.seconds), 0, 0)
         self.prev = self.now if window == self.window + 1 else {}
         self.window, self.now, self.alerted = window, {}, set()
 
@@ -476,8 +487,10 @@ class Engine:
     def _roll_windows(self, ident: _Identity, ts: float) -> None:
         # Windows of an incident (or of a quarantined identity) are not learned.
         learn = not ident.quarantined and ts >= ident.incident_until
-        for scale in ident.volume:
-            scale.roll(ts, learn)
+        minute, ten = ident.volume
+        if int(ts // minute.seconds) != minute.window:
+            minute.roll(ts, learn, ten.now.keys() | ten.prev.keys())
+        ten.roll(ts, learn)
         dwindow = int(ts // DENY_WINDOW)
         if dwindow != ident.deny_window:
             if ident.deny_window >= 0 and not ident.quarantined and ident.until.get("deny_burst", 0.0) <= ts:
