@@ -107,10 +107,29 @@ class _Histogram:
         self.total += 1
         if self._known:
             self._known = {}
-        if self.total > self.cap:  # halve: old windows weigh less, the baseline keeps adapting
-            self.counts = {k: v // 2 for k, v in counts.items() if v // 2}
-            self.total = sum(self.counts.values())
+        if self.total > self.cap:
+            self._halve()
+
+    def _halve(self) -> None:
+        # Old windows weigh less: the baseline keeps adapting.
+        self.counts = {k: v // 2 for k, v in self.counts.items() if v // 2}
+        self.total = sum(self.counts.values())
+        self._order = None
+
+    def add_zero(self) -> None:
+        """add(0), for the many idle minutes: no logarithm, no new bucket but the first time."""
+        counts = self.counts
+        n = counts.get(0)
+        if n is None:
+            counts[0] = 1
             self._order = None
+        else:
+            counts[0] = n + 1
+        self.total += 1
+        if self._known:
+            self._known = {}
+        if self.total > self.cap:
+            self._halve()
 
     @property
     def p99(self) -> float:
@@ -238,7 +257,7 @@ class _Scale:
         of_part[0].add(nbytes)
         of_part[1].add(conns)
 
-    def roll(self, ts: float, learn: bool, busy: Iterable[str] = ()) -> None:
+    def roll(self, ts: float, learn: bool, busy: list[str] | None = None) -> None:
         """Close the window if `ts` is past it, learning its sums. `busy`: the peers active in
         the longer scale's windows; their idle minutes are learned as zeros, so a peer that
         is normally busy one minute in ten stands out when it is busy every minute."""
@@ -250,10 +269,16 @@ class _Scale:
             for dst, (nbytes, conns) in self.now.items():
                 if dst not in self.alerted:  # a window that raised an alert is not normal
                     self._learn(dst, part, nbytes, conns)
-            idle = [dst for dst in busy if dst not in self.now]
-            for w in range(self.window, min(window, self.window + IDLE_WINDOWS)):
-                for dst in idle if w == self.window else busy:
-                    self._learn(dst, _part(w * self.seconds), 0, 0)
+            if busy:
+                now = self.now
+                idle = [dst for dst in busy if dst not in now]
+                for w in range(self.window, min(window, self.window + IDLE_WINDOWS)):
+                    part = _part(w * self.seconds)
+                    for dst in idle if w == self.window else busy:
+                        of_part = self.parts.get((dst, part))
+                        if of_part is not None:  # a peer never busy in this part has nothing to compare
+                            of_part[0].add_zero()
+                            of_part[1].add_zero()
         self.prev = self.now if window == self.window + 1 else {}
         self.window, self.now, self.alerted = window, {}, set()
 
@@ -489,7 +514,9 @@ class Engine:
         learn = not ident.quarantined and ts >= ident.incident_until
         minute, ten = ident.volume
         if int(ts // minute.seconds) != minute.window:
-            minute.roll(ts, learn, ten.now.keys() | ten.prev.keys())
+            busy = list(ten.now)
+            busy += [dst for dst in ten.prev if dst not in ten.now]
+            minute.roll(ts, learn, busy)
         ten.roll(ts, learn)
         dwindow = int(ts // DENY_WINDOW)
         if dwindow != ident.deny_window:
