@@ -38,7 +38,7 @@ from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import AttestedNode
 from trustmesh.detect.engine import Alert, Engine, StateError, alert_to_dict, engine_state, restore_engine
 from trustmesh.detect.trace import UNVERIFIED_PREFIX, TraceRecord
-from trustmesh.errors import NotFoundError, TrustmeshError
+from trustmesh.errors import TrustmeshError
 from trustmesh.files import atomic_write
 from trustmesh.logs import log_event
 from trustmesh.naming import node_name_of
@@ -191,23 +191,11 @@ class DetectionService:
         details = alert_to_dict(alert)
         log_event(log, "anomaly", level=logging.WARNING, **{k: str(v) for k, v in details.items()}, rule=alert.rule)
         if alert.action == "quarantine" and not alert.dry_run:
-            kind, target = ("node", alert.node) if alert.target == "node" else ("identity", alert.identity)
             try:
-                try:
-                    await self._quarantines.add(target, kind, alert.reason, DETECTOR_ACTOR, node=alert.node,
-                                                evidence=(alert.reason,), detector=alert.detector, score=alert.score)
-                except NotFoundError:
-                    if kind != "node":
-                        raise
-                    # Presented from a host that is none of our nodes (a stolen credential used
-                    # elsewhere): there is no node to contain, so the identity is contained.
-                    kind, target = "identity", alert.identity
-                    await self._quarantines.add(target, kind, alert.reason, DETECTOR_ACTOR, node=alert.node,
-                                                evidence=(alert.reason,), detector=alert.detector, score=alert.score)
-                details["quarantined"] = f"{kind} {target}"
+                details["quarantined"] = await self._quarantine(alert)
             except TrustmeshError as err:
                 # Still an alert: audited below with why the quarantine did not happen.
-                log_event(log, "quarantine_failed", level=logging.ERROR, target=target, error=str(err))
+                log_event(log, "quarantine_failed", level=logging.ERROR, target=alert.identity, error=str(err))
                 details["quarantine_error"] = str(err)
         extra: dict[str, Any] = {k: v for k, v in details.items() if k not in ("identity", "ts")}
         await self._rt.audit.record("detect.anomaly", actor=DETECTOR_ACTOR, subject=alert.identity,
@@ -217,6 +205,17 @@ class DetectionService:
                 self._outbox.put_nowait(details)
             except asyncio.QueueFull:
                 self._webhook_failures.inc()
+
+    async def _quarantine(self, alert: Alert) -> str:
+        """Put the alert's target in quarantine; what was quarantined ("identity ID" or "node NAME")."""
+        kind, target = ("node", alert.node) if alert.target == "node" else ("identity", alert.identity)
+        if kind == "node" and not any(n.node_name == target for n in self._view.attested_nodes()):
+            # Presented from a host that is none of our nodes (a stolen credential used
+            # elsewhere): there is no node to contain, so the identity is contained.
+            kind, target = "identity", alert.identity
+        await self._quarantines.add(target, kind, alert.reason, DETECTOR_ACTOR, node=alert.node,
+                                    evidence=(alert.reason,), detector=alert.detector, score=alert.score)
+        return f"{kind} {target}"
 
     def load(self) -> None:
         """Pick up what a previous run learned (called once, before the first report)."""
@@ -236,10 +235,15 @@ class DetectionService:
     async def save(self) -> None:
         if self._state is None or self._sealer is None:
             return
-        data = json.dumps(engine_state(self.engine), separators=(",", ":")).encode()
-        sealed = self._sealer.seal(data, _STATE_AAD)
+        state, sealer, path = engine_state(self.engine), self._sealer, self._state
+
+        def write() -> None:
+            # Off the event loop: serialising and sealing a large fleet's baselines takes a while,
+            # and `state` is a copy the engine no longer touches.
+            atomic_write(path, sealer.seal(json.dumps(state, separators=(",", ":")).encode(), _STATE_AAD))
+
         try:
-            await asyncio.to_thread(atomic_write, self._state, sealed)
+            await asyncio.to_thread(write)
         except OSError as err:
             log_event(log, "detection_state_not_saved", level=logging.ERROR, path=str(self._state), error=str(err))
 

@@ -99,3 +99,40 @@ async def test_apply_refuses_what_no_node_could_receive(runtime: ServerRuntime) 
         assert limit in str(err.value)
     assert (await policy.get()).revision == first
     assert [e.outcome for e in await audit_events(runtime, "policy.apply")] == ["ok", "denied", "denied"]
+
+
+RESPONSE = """\
+---
+apiVersion: trustmesh/v1
+kind: Response
+metadata: {name: containment, owner: security}
+spec:
+  rules:
+    - {identity: "*", detectors: [sweep], action: quarantine, above: 0.8}
+"""
+
+
+async def test_response_documents_are_no_teams(runtime: ServerRuntime) -> None:
+    """What anomalies lead to is not a team's to change: a team apply carries allowlists only
+    and keeps the Response documents in force; a policy-author scoped to a team cannot change
+    them in a whole-policy apply either."""
+    from tests.unit.test_policy_ownership import OWNERS, allowlist
+    from trustmesh.errors import PermissionDeniedError
+
+    policy = PolicyService(runtime)
+    await policy.set_ownership(OWNERS, ADMIN)
+    ledger = allowlist("ledger", "spiffe://example.org/ledger")
+    await policy.apply(ledger + RESPONSE, author="a", comment="", expected_head=0, dry_run=False, actor=ADMIN)
+
+    def common() -> dict[str, object]:
+        return {"author": "pat", "comment": "", "expected_head": 0, "dry_run": False, "actor": "pat"}
+
+    with pytest.raises(PermissionDeniedError, match="carries allowlists only"):
+        await policy.apply(ledger.replace("web", "api") + RESPONSE, team="payments", **common())  # type: ignore[arg-type]
+    with pytest.raises(PermissionDeniedError, match="may change only its allowlists; Response documents"):
+        await policy.apply(ledger, scope="payments", **common())  # type: ignore[arg-type]
+    # The team's own change keeps the responses in force.
+    await policy.apply(ledger.replace("web", "api"), team="payments", scope="payments", **common())  # type: ignore[arg-type]
+    head = PolicyService.parse_stored(await policy.head())
+    assert [d.name for d in head.responses.documents] == ["containment"]
+    assert [str(r.source) for a in head.allowlists for r in a.allow] == ["spiffe://example.org/api"]

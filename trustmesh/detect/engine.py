@@ -77,10 +77,6 @@ MAX_RECENT = 2_000  # records in an identity's sweep window
 _log2 = math.log2
 
 
-def _bucket(value: float) -> int:
-    return 0 if value <= 0 else 1 + int(_log2(value) * 4)
-
-
 class _Histogram:
     """Counts of values in log-scale buckets (four per doubling): quantiles to within 19%,
     in constant memory, the same on every run. Added to once per window, asked on nearly every
@@ -96,7 +92,7 @@ class _Histogram:
         self.cap = cap
 
     def add(self, value: float) -> None:
-        b = 0 if value <= 0 else 1 + int(_log2(value) * 4)
+        b = 0 if value <= 0 else 1 + int(_log2(value) * 4)  # four buckets per doubling
         counts = self.counts
         n = counts.get(b)
         if n is None:
