@@ -51,7 +51,14 @@ DEFAULT_ROTATION = RotationConfig()
 
 def _services(raw: Any) -> tuple[ServiceConfig, ...]:
     """The `services:` list of the config file, validated with messages that name the field."""
-    from trustmesh.agent.proxy.listeners import MTLS_MODES, InboundConfig, OutboundConfig, ServiceConfig, check_listen
+    from trustmesh.agent.proxy.http import DEFAULT_MAX_BODY
+    from trustmesh.agent.proxy.listeners import (
+        MTLS_MODES,
+        InboundConfig,
+        OutboundConfig,
+        ServiceConfig,
+        check_listen,
+    )
 
     if raw is None:
         return ()
@@ -72,21 +79,34 @@ def _services(raw: Any) -> tuple[ServiceConfig, ...]:
                 inb = item["inbound"]
                 split_host_port(str(inb["listen"]), listening=True)
                 split_host_port(str(inb["forward"]))
-                extra = set(inb) - {"listen", "forward", "mtls"}
+                extra = set(inb) - {"listen", "forward", "mtls", "protocol", "max_body_bytes"}
                 if extra:
                     raise ConfigError(f"{where}.inbound: unknown key(s) {', '.join(sorted(map(str, extra)))}; "
-                                      "use listen, forward and mtls")
+                                      "use listen, forward, mtls, protocol and max_body_bytes")
                 mtls = inb.get("mtls", "strict")
                 if mtls not in MTLS_MODES:
                     raise ConfigError(f"{where}.inbound.mtls: {str(mtls)[:20]!r} is not strict or permissive "
                                       "(permissive also forwards plaintext clients, without an identity)")
-                inbound = InboundConfig(str(inb["listen"]), str(inb["forward"]), mtls)
+                protocol = _protocol(inb.get("protocol"), f"{where}.inbound")
+                max_body = inb.get("max_body_bytes", DEFAULT_MAX_BODY)
+                if isinstance(max_body, bool) or not isinstance(max_body, int) or not 0 <= max_body <= 2**40:
+                    raise ConfigError(f"{where}.inbound.max_body_bytes: {str(max_body)[:20]!r} is not a number of "
+                                      "bytes (e.g. 10485760 for 10 MiB)")
+                if protocol != "http" and "max_body_bytes" in inb:
+                    raise ConfigError(f"{where}.inbound.max_body_bytes: only an http listener reads bodies; "
+                                      "add protocol: http")
+                inbound = InboundConfig(str(inb["listen"]), str(inb["forward"]), mtls, protocol, max_body)
             routes = []
-            for route in item.get("outbound") or []:
+            for j, route in enumerate(item.get("outbound") or []):
+                extra = set(route) - {"listen", "connect", "expect", "mode", "protocol"}
+                if extra:
+                    raise ConfigError(f"{where}.outbound[{j}]: unknown key(s) {', '.join(sorted(map(str, extra)))}; "
+                                      "use listen, connect, expect, mode and protocol")
                 check_listen(str(route["listen"]), unix=True)  # host:port, or unix:/path (SO_PEERCRED)
                 split_host_port(str(route["connect"]))
                 routes.append(OutboundConfig(str(route["listen"]), str(route["connect"]),
-                                             SpiffeId.parse(str(route["expect"])), _socket_mode(route.get("mode"))))
+                                             SpiffeId.parse(str(route["expect"])), _socket_mode(route.get("mode")),
+                                             _protocol(route.get("protocol"), f"{where}.outbound[{j}]")))
         except (KeyError, TypeError) as err:
             raise ConfigError(f"{where}: missing or malformed field {err}") from err
         except ValueError as err:
@@ -94,6 +114,18 @@ def _services(raw: Any) -> tuple[ServiceConfig, ...]:
         out.append(ServiceConfig(name=str(item["name"]), spiffe_id=sid, inbound=inbound, outbound=tuple(routes),
                                  allow_tls12=bool(item.get("allow_tls12", False))))
     return tuple(out)
+
+
+def _protocol(raw: Any, where: str) -> str:
+    """A listener's protocol: tcp (the default) or http."""
+    from trustmesh.agent.proxy.listeners import PROTOCOLS
+
+    if raw is None:
+        return "tcp"
+    if raw not in PROTOCOLS:
+        raise ConfigError(f"{where}.protocol: {str(raw)[:20]!r} is not tcp or http (http decides each request "
+                          "with the allowlists' methods and paths; tcp each connection)")
+    return str(raw)
 
 
 def _socket_mode(raw: Any) -> int | None:

@@ -42,7 +42,7 @@ from trustmesh.errors import BundleError
 from trustmesh.files import atomic_write
 from trustmesh.logs import log_event
 from trustmesh.metrics import Registry
-from trustmesh.policy import Policy
+from trustmesh.policy import Policy, PolicyError
 from trustmesh.policy.wire import policy_from_pb, policy_to_pb
 from trustmesh.spiffeid import TrustDomain
 from trustmesh.wire import bundle_from_pb
@@ -132,6 +132,8 @@ class SyncState:
             self.start_stream()
         elif body == "delta":
             delta = response.delta
+            # Read first: a policy this agent cannot use changes nothing (not even the entries).
+            policy = policy_from_pb(delta.policy) if delta.HasField("policy") else None
             for e in delta.upserted_entries:
                 self.entries[e.id] = entry_from_pb(e)
             for entry_id in delta.deleted_entry_ids:
@@ -140,8 +142,8 @@ class SyncState:
                 self.bundles[TrustDomain(b.trust_domain)] = bundle_from_pb(b)
             for td in delta.deleted_bundles:
                 self.bundles.pop(TrustDomain(td), None)
-            if delta.HasField("policy"):
-                self.policy = policy_from_pb(delta.policy)
+            if policy is not None:
+                self.policy = policy
         else:
             return False  # a message type from a newer server: nothing we can apply
         # A paged delta carries the new revision only on its last page, so a stream cut
@@ -316,6 +318,13 @@ class SyncClient:
             except TimeoutError as err:
                 reason, delay = await self._unreachable(None, str(err), attempt)
                 attempt += 1
+            except PolicyError as err:
+                # A server newer than this agent (or a broken one): the policy in force stays,
+                # and the operator is told, since retrying alone will not fix it.
+                log_event(log, "policy_unusable", level=logging.ERROR, server=self._client.address, error=str(err),
+                          hint="upgrade this agent to the server's release; the last policy it could read stays "
+                               "in force")
+                reason, delay = "bad_policy", rotation.refused_retry
             self._reconnects.inc(reason=reason)
             await asyncio.sleep(delay)
 

@@ -13,10 +13,21 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks import detection, fleet, flows, issuance, proxy, quarantine, scale, workload  # noqa: E402
+from benchmarks import (  # noqa: E402
+    detection,
+    fleet,
+    flows,
+    http_proxy,
+    issuance,
+    proxy,
+    quarantine,
+    scale,
+    workload,
+)
 
 BENCHMARKS = [("issuance", issuance.run), ("fleet (propagation, idle load)", fleet.run),
-              ("workload api", workload.run), ("proxy", proxy.run), ("scale", scale.run),
+              ("workload api", workload.run), ("proxy", proxy.run),
+              ("http_proxy (the agent's HTTP listener against nginx)", http_proxy.run), ("scale", scale.run),
               ("flows (ingestion, store load, 30 days read)", flows.run),
               ("detection (labelled trace: detected, false alerts, replay speed)", detection.run),
               ("quarantine (live: anomalous report to quarantine in force at every agent)", quarantine.run)]
@@ -44,8 +55,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="run the trustmesh benchmarks")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke check")
     parser.add_argument("--only", action="append", metavar="NAME",
-                        help="run only this benchmark (issuance, fleet, workload, proxy, scale, flows, detection, "
-                             "quarantine); repeatable")
+                        help="run only this benchmark (issuance, fleet, workload, proxy, http_proxy, scale, flows, "
+                             "detection, quarantine); repeatable")
     args = parser.parse_args()
     results: list[dict[str, object]] = []
     for name, run in BENCHMARKS:

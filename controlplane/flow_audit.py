@@ -37,8 +37,8 @@ TOP = 20  # flows and refusals listed in one event, largest counts first
 
 @dataclass(frozen=True)
 class FlowCounter:
-    """Connections with the same (source, destination, port, decision, rule, mode) counted
-    over [first_seen, last_seen] by an agent's listeners."""
+    """Connections (or HTTP requests) with the same (source, destination, port, decision, rule,
+    mode, route) counted over [first_seen, last_seen] by an agent's listeners."""
 
     source_id: str
     destination_id: str
@@ -53,6 +53,7 @@ class FlowCounter:
     bytes_out: int = 0
     unverified: bool = False  # a plaintext client of a permissive listener: no identity, just an address
     source_address: str = ""
+    route: str = ""  # an HTTP request's route label ("GET /transactions/*"); "" for a connection
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import FlowRow, FlowShard, RegistrationEntry
 from trustmesh.controlplane.store.store import HOURS_PER
 from trustmesh.errors import InvalidArgumentError, StoreError
-from trustmesh.flows import DECISIONS, Flow
+from trustmesh.flows import DECISIONS, Flow, valid_route
 from trustmesh.logs import log_event
 from trustmesh.spiffeid import SpiffeId
 
@@ -86,7 +86,8 @@ def decision_of(counter: FlowCounter) -> str:
     return "audit" if counter.audit_mode else "allow"
 
 
-EdgeKey = tuple[str, str, int, str, str, str]  # source, destination, port, decision, rule, source address
+# source, destination, port, decision, rule, source address, route (an HTTP request's; "" for a connection)
+EdgeKey = tuple[str, str, int, str, str, str, str]
 
 
 class _Sums:
@@ -120,9 +121,9 @@ class _Sums:
     def add_rows(self, rows: list[FlowRow]) -> None:
         """Stored rows (records.FlowRow), the ones the query wants."""
         wanted = self._query.matches
-        for src, dst, port, decision, rule, conns, bytes_in, bytes_out, first, last, address in rows:
+        for src, dst, port, decision, rule, conns, bytes_in, bytes_out, first, last, address, route in rows:
             if wanted(src, dst, decision):
-                self.add((src, dst, port, decision, rule, address), conns, bytes_in, bytes_out, first, last)
+                self.add((src, dst, port, decision, rule, address, route), conns, bytes_in, bytes_out, first, last)
 
     def add_sums(self, other: _Sums) -> None:
         for key, sums in other._acc.items():
@@ -131,7 +132,7 @@ class _Sums:
 
     def flows(self) -> list[Flow]:
         """The edges' flows, in edge order."""
-        return [Flow(k[0], k[1], k[2], k[3], k[4], a[0], a[1], a[2], float(a[3]), float(a[4]), k[5])
+        return [Flow(k[0], k[1], k[2], k[3], k[4], a[0], a[1], a[2], float(a[3]), float(a[4]), k[5], k[6])
                 for k, a in sorted(self._acc.items())]
 
 
@@ -149,9 +150,10 @@ def _checked(cache: dict[str, bool], text: str, parse: Callable[[str], object]) 
 
 
 class _Validity:
-    """SPIFFE IDs where identities belong; for an unverified caller no ID and an IP address
-    (it is printed in tables, graphs and suggested files' comments: nothing else gets in).
-    A report names few distinct texts many times: each is checked once."""
+    """SPIFFE IDs where identities belong; for an unverified caller no ID and an IP address;
+    a route, if any, of the one shape agents send (flows.valid_route): all of them are printed
+    in tables, graphs and suggested files' comments, so nothing else gets in. A report names
+    few distinct IDs and addresses many times: each is parsed once."""
 
     def __init__(self) -> None:
         self._ids: dict[str, bool] = {}
@@ -159,6 +161,8 @@ class _Validity:
 
     def counter(self, c: FlowCounter) -> bool:
         if not _checked(self._ids, c.destination_id, SpiffeId.parse):
+            return False
+        if not valid_route(c.route):  # a length check and one regular expression: no cache needed
             return False
         if c.unverified:
             return not c.source_id and _checked(self._addresses, c.source_address, ipaddress.ip_address)
@@ -202,7 +206,7 @@ class FlowRollups:
                 dropped["not_the_agents"] = dropped.get("not_the_agents", 0) + 1
                 continue
             key = (c.source_id, c.destination_id, c.port, decision_of(c), c.rule,
-                   c.source_address if c.unverified else "")
+                   c.source_address if c.unverified else "", c.route)
             if key not in edges and len(edges) >= MAX_EDGES_PER_HOUR:
                 dropped["too_many_edges"] = dropped.get("too_many_edges", 0) + 1
                 continue

@@ -21,7 +21,6 @@ from datetime import datetime, timezone
 import yaml
 
 from trustmesh.clip import AUTHOR, COMMENT, REASON, clip
-from trustmesh.clock import format_utc
 from trustmesh.controlplane.runtime import ServerRuntime
 from trustmesh.controlplane.store.records import OwnershipRecord
 from trustmesh.controlplane.store.records import PolicyRevision as PolicyRevision  # re-exported: the API's value
@@ -34,7 +33,7 @@ from trustmesh.errors import (
 )
 from trustmesh.naming import NAME
 from trustmesh.policy import Policy, load_text
-from trustmesh.policy.loader import REVISION, dump_documents
+from trustmesh.policy.loader import REVISION, allow_rule_to_dict, dump_documents
 from trustmesh.policy.model import Allowlist, PolicyError
 from trustmesh.policy.ownership import Ownership, parse_ownership
 from trustmesh.policy.responses import rule_to_dict
@@ -51,8 +50,7 @@ def canonical(policy: Policy) -> str:
     def one(a: Allowlist) -> dict[str, object]:
         return {"name": a.name, "owner": a.owner, "destination": str(a.destination), "ports": list(a.ports),
                 "mode": a.mode,
-                "allow": [{"from": str(r.source), **({"expires": format_utc(r.expires)}
-                                                      if r.expires else {})} for r in a.allow]}
+                "allow": [allow_rule_to_dict(r) for r in a.allow]}
     docs = [one(a) for a in sorted(policy.allowlists, key=lambda a: a.name)]
     docs += [{"response": d.name, "owner": d.owner, "dry_run": d.dry_run, "rules": [rule_to_dict(r) for r in d.rules]}
              for d in sorted(policy.responses.documents, key=lambda d: d.name)]

@@ -4,14 +4,16 @@ A control plane (embedded SQLite store) and two node agents run on loopback in a
 directory; two workloads, told apart by their uid, fetch their identities through the
 standard SPIFFE Workload API; one identity rotates while you watch; allowlists as code are
 enforced between services; two operators log in with password and TOTP, and one grants the
-other's just-in-time request; at the end an identity goes rogue, the detectors quarantine it
-and explain why, and a security officer releases it. Everything is stopped on exit or Ctrl-C
-(unless --keep).
+other's just-in-time request; an identity goes rogue, the detectors quarantine it and
+explain why, and a security officer releases it; at the end a legacy HTTP core behind the
+agent gets a read-only caller: its GET passes, its POST gets a 403 naming the rule.
+Everything is stopped on exit or Ctrl-C (unless --keep).
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import re
@@ -24,6 +26,7 @@ import tempfile
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyotp
@@ -80,6 +83,9 @@ services:
   - name: fx
     spiffe_id: spiffe://{td}/fx
     inbound: {{listen: 127.0.0.1:{fx}, forward: 127.0.0.1:{echo}}}
+  - name: ledger-core                  # a legacy HTTP core: per-request rules, caller in headers
+    spiffe_id: spiffe://{td}/ledger
+    inbound: {{listen: 127.0.0.1:{ledger_http}, forward: 127.0.0.1:{core}, protocol: http}}
 """
 
 NODE2_CONFIG = """\
@@ -93,6 +99,25 @@ services:
     spiffe_id: spiffe://{td}/frontend
     outbound:
       - {{listen: 127.0.0.1:{frontend}, connect: 127.0.0.1:{ledger}, expect: spiffe://{td}/ledger}}
+  - name: fraud-scoring                # plaintext HTTP to its local listener; the agent speaks mTLS
+    spiffe_id: spiffe://{td}/fraud-scoring
+    outbound:
+      - {{listen: 127.0.0.1:{fraud}, connect: 127.0.0.1:{ledger_http}, expect: spiffe://{td}/ledger,
+         protocol: http}}
+"""
+
+# Route rules: the fraud model may read transactions, never change them.
+READ_ONLY = """\
+apiVersion: trustmesh/v1
+kind: Allowlist
+metadata: {{name: ledger-read, owner: payments-platform}}
+spec:
+  destination: spiffe://{td}/ledger
+  ports: [{port}]
+  allow:
+    - from: spiffe://{td}/fraud-scoring
+      methods: [GET, HEAD]
+      paths: ["/transactions/*"]
 """
 
 # What anomalies lead to, declared next to the allowlists (continuous verification).
@@ -146,6 +171,42 @@ def start_echo() -> int:
     return int(srv.getsockname()[1])
 
 
+def start_legacy_core() -> int:
+    """A legacy core speaking plaintext HTTP: it answers with who called, as the agent told it."""
+
+    class Core(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.dumps({"path": self.path, "caller": self.headers.get("X-Trustmesh-Peer-Id", "")}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    core = ThreadingHTTPServer(("127.0.0.1", 0), Core)
+    threading.Thread(target=core.serve_forever, daemon=True).start()
+    return int(core.server_address[1])
+
+
+def http_call(port: int, method: str, path: str) -> tuple[int, dict[str, str]]:
+    """One plaintext request to a local http outbound listener: (status, JSON body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=b"{}" if method == "POST" else None)
+        reply = conn.getresponse()
+        return reply.status, json.loads(reply.read() or b"{}")
+    finally:
+        conn.close()
+
+
 def talk(port: int) -> str:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
@@ -193,6 +254,8 @@ class Person:
         same 30 s is the next step's (the server accepts one step ahead)."""
         assert self.totp is not None
         self.step = max(self.step + 1, int(time.time()) // 30)
+        if self.step > int(time.time()) // 30 + 1:  # two codes used already in this window: wait for the next
+            time.sleep((self.step - 1) * 30 - time.time() + 0.5)
         return self.totp.at(self.step * 30)
 
     def enroll_and_login(self, token: str) -> str:
@@ -217,9 +280,10 @@ def main() -> int:
     env = {**os.environ, "TRUSTMESH_ADMIN_SOCKET": str(work / "server" / "admin.sock"),
            "PYTHONPATH": str(ROOT)}
     procs: list[subprocess.Popen[bytes]] = []
-    step = Step(total=15)
+    step = Step(total=16)
     ports: dict[str, int] = {}
     echo_port = start_echo()
+    core_port = start_legacy_core()
     as_root = os.getuid() == 0
 
     def cli(*cmd: str) -> str:
@@ -252,7 +316,7 @@ def main() -> int:
                 f"{work / 'server' / 'kek.bin'} (mode 0600)")
 
         with step("admitting node-1 and node-2: one-time join tokens, then each node agent attests"):
-            for name in ("ledger", "fx", "payments", "payments_fx", "frontend"):
+            for name in ("ledger", "fx", "payments", "payments_fx", "frontend", "ledger_http", "fraud"):
                 ports[name] = free_port()
             agent_logs = {}
             for node, template in (("node-1", NODE1_CONFIG), ("node-2", NODE2_CONFIG)):
@@ -261,7 +325,8 @@ def main() -> int:
                 token_file = work / f"{node}.token"  # a file, not argv: /proc/PID/cmdline is world-readable
                 token_file.write_text(token)
                 token_file.chmod(0o600)
-                (work / f"{node}.yaml").write_text(template.format(td=TRUST_DOMAIN, echo=echo_port, **ports))
+                (work / f"{node}.yaml").write_text(template.format(td=TRUST_DOMAIN, echo=echo_port, core=core_port,
+                                                                   **ports))
                 agent, agent_log = start(node, "agent", "run", "--config", str(work / f"{node}.yaml"),
                                          "--server", bind, "--attest-server", attest_bind,
                                          "--trust-bundle", str(work / "server" / "bundle.pem"),
@@ -462,6 +527,25 @@ def main() -> int:
             while (answer := talk(ports["payments"])).startswith("DENIED") and time.monotonic() < deadline:
                 time.sleep(0.3)
             say(f"payments -> ledger after the release: {answer}")
+
+        with step("a legacy core behind an http listener: fraud-scoring may read the ledger, never change it"):
+            cli("entry", "create", "--spiffe-id", f"spiffe://{TRUST_DOMAIN}/fraud-scoring", "--node", "node-2",
+                "--selector", caller[0], "--selector", caller[1])
+            read_only = work / "ledger-read.yaml"
+            read_only.write_text(READ_ONLY.format(td=TRUST_DOMAIN, port=ports["ledger_http"]))
+            say("ledger-read: from fraud-scoring, methods [GET, HEAD], paths [/transactions/*]")
+            say(cli("policy", "apply", str(policy_file), str(read_only), "--comment", "fraud model: read only")
+                .splitlines()[-1])
+            deadline = time.monotonic() + 15
+            while (got := http_call(ports["fraud"], "GET", "/transactions/42"))[0] != 200 \
+                    and time.monotonic() < deadline:
+                time.sleep(0.3)  # its SVID and the new revision reach the agents
+            say(f"GET  /transactions/42 -> {got[0]}; the core read the caller from X-Trustmesh-Peer-Id: "
+                f"{got[1].get('caller')}")
+            status, denial = http_call(ports["fraud"], "POST", "/transactions/42")
+            say(f"POST /transactions/42 -> {status} {denial.get('error')}: rule {denial.get('rule')!r}, "
+                f"request {denial.get('request_id')}")
+            say(f"  {denial.get('reason')}")
 
         if args.keep:
             print(f"\neverything keeps running; files and logs are in {work}")

@@ -7,6 +7,7 @@ CLI reads (`trustmesh flows`, `graph`, `policy suggest`, `policy simulate`).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,14 +18,28 @@ from trustmesh.errors import TrustmeshError
 # would deny); unverified: a plaintext client of a permissive inbound listener (no identity).
 DECISIONS = ("allow", "deny", "audit", "unverified")
 
+# An HTTP request's route as flows carry it: "GET /transactions/*", "GET *" (the deciding rule
+# names no paths) or "POST" (no rule matched), never the request's own path. Agents send it,
+# and it is printed in tables and files: only this shape gets in, so it can neither hold
+# control characters nor grow an edge per distinct path.
+MAX_ROUTE_CHARS = 256
+_ROUTE = re.compile(r"[A-Z][A-Z0-9_-]{0,31}(?: (?:\*|/[!-~]*))?")
+
+
+def valid_route(route: str) -> bool:
+    """Whether `route` is "" (a connection, not an HTTP request) or a route of that shape."""
+    return not route or (len(route) <= MAX_ROUTE_CHARS and _ROUTE.fullmatch(route) is not None)
+
 
 @dataclass(frozen=True)
 class Flow:
-    """Connections between two parties on one port with one outcome, summed over a time span.
+    """Connections between two parties on one port with one outcome, summed over a time span;
+    for HTTP listeners, requests of one route ("" for connections a tcp listener decided).
 
     `source` is a SPIFFE ID, or "" for an unverified caller, whose address is then
     `source_address`; `rule` is the deciding allowlist rule ("" or "default deny" when none).
-    Times are unix seconds; bytes_in flows from the source to the destination."""
+    `connections` counts requests when there is a route. Times are unix seconds; bytes_in
+    flows from the source to the destination."""
 
     source: str
     destination: str
@@ -37,11 +52,13 @@ class Flow:
     first_seen: float
     last_seen: float
     source_address: str = ""
+    route: str = ""
 
     @property
-    def key(self) -> tuple[str, str, int, str, str, str]:
+    def key(self) -> tuple[str, str, int, str, str, str, str]:
         """What makes two flows one edge."""
-        return (self.source, self.destination, self.port, self.decision, self.rule, self.source_address)
+        return (self.source, self.destination, self.port, self.decision, self.rule, self.source_address,
+                self.route)
 
 
 class FlowFormatError(TrustmeshError):
@@ -53,7 +70,7 @@ def flow_to_dict(flow: Flow) -> dict[str, object]:
     return {"source": flow.source, "source_address": flow.source_address, "destination": flow.destination,
             "port": flow.port, "decision": flow.decision, "rule": flow.rule, "connections": flow.connections,
             "bytes_in": flow.bytes_in, "bytes_out": flow.bytes_out, "first_seen": format_utc(flow.first_seen),
-            "last_seen": format_utc(flow.last_seen)}
+            "last_seen": format_utc(flow.last_seen), "route": flow.route}
 
 
 def flow_from_dict(data: object, where: str) -> Flow:
@@ -83,9 +100,13 @@ def flow_from_dict(data: object, where: str) -> Flow:
     decision = text("decision", 16)
     if decision not in DECISIONS:
         raise FlowFormatError(f"{where}: 'decision' must be one of {', '.join(DECISIONS)}")
+    route = text("route", MAX_ROUTE_CHARS)  # absent from files written before flows had routes
+    if not valid_route(route):
+        raise FlowFormatError(f"{where}: 'route' must be an HTTP method, optionally followed by a space and "
+                              "a path pattern (\"GET /transactions/*\", \"GET *\", \"POST\"), or empty")
     return Flow(text("source"), text("destination"), number("port", 65535), decision, text("rule", 512),
                 number("connections"), number("bytes_in"), number("bytes_out"), when("first_seen"),
-                when("last_seen"), text("source_address", 256))
+                when("last_seen"), text("source_address", 256), route)
 
 
 MAX_EXPORT_BYTES = 256 * 1024 * 1024  # of per-edge lines: each becomes a Flow in memory
@@ -95,9 +116,10 @@ TRACE_WINDOW = 60.0  # a trace line's ts ends a one-minute window
 
 def read_jsonl(path: Path) -> list[Flow]:
     """The flows of a `trustmesh flows export` file, line by line in either format: a line with
-    "ts" is a per-minute trace record (`--format jsonl`), summed per edge into one Flow (no rule;
-    first seen where its first minute began), any other line one edge (`--format edges`). The
-    edges come first, in file order, then the trace's, in the order they first appear."""
+    "ts" is a per-minute trace record (`--format jsonl`), summed per edge into one Flow (no rule,
+    no route; first seen where its first minute began), any other line one edge (`--format
+    edges`). The edges come first, in file order, then the trace's, in the order they first
+    appear."""
     # Imported here: the trace format itself imports DECISIONS from this module.
     from trustmesh.detect.trace import MAX_LINE_BYTES, UNVERIFIED_PREFIX, TraceFormatError, record_from_dict
 

@@ -28,6 +28,7 @@ from trustmesh import __version__
 from trustmesh.hostport import cannot_listen, join_host_port
 from trustmesh.httpserver import HttpServer, reply, serve_http
 
+MAX_CACHED_CHILDREN = 10_000  # per metric; label sets past it are looked up each time
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # `_created` series double every counter and histogram for a start time nobody here reads.
@@ -41,13 +42,23 @@ class _Metric(Generic[W]):
         self.name = name
         self.label_names = tuple(labels)
         self._metric: W = metric
+        # The child of each label set seen, by (name, value) pairs: prometheus_client's own
+        # lookup costs several microseconds, which a per-request counter pays many times a second.
+        self._children: dict[tuple[tuple[str, str], ...], W] = {}
 
     def _child(self, labels: dict[str, str]) -> W:
+        key = tuple(labels.items())
+        child = self._children.get(key)
+        if child is not None:
+            return child
         if set(labels) != set(self.label_names):
             raise ValueError(f"metric {self.name} takes labels {self.label_names}, got {tuple(labels)}")
         if not self.label_names:
             return self._metric
-        return self._metric.labels(**{k: str(v) for k, v in labels.items()})
+        child = self._metric.labels(**{k: str(v) for k, v in labels.items()})
+        if len(self._children) < MAX_CACHED_CHILDREN:
+            self._children[key] = child
+        return child
 
     def _sample(self, sample_name: str, labels: dict[str, str]) -> float:
         self._child(labels)  # the same label check as on writes

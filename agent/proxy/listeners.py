@@ -51,7 +51,18 @@ from typing import Any, Protocol
 
 from trustmesh.agent.identity import WorkloadX509Svid
 from trustmesh.agent.localpeer import LocalPeer, LocalPeerError, PeerResolver, PinnedHolder, UnixSocket
-from trustmesh.agent.proxy.reporter import FlowKey
+from trustmesh.agent.proxy.http import (
+    DEFAULT_MAX_BODY,
+    Admission,
+    Exchange,
+    HttpError,
+    Outcome,
+    Upstream,
+    UpstreamPool,
+    identity_headers,
+    serve_requests,
+)
+from trustmesh.agent.proxy.reporter import FlowKey, kind_of
 from trustmesh.agent.proxy.tls import (
     CertificateRevokedError,
     chain_serials,
@@ -68,7 +79,7 @@ from trustmesh.files import SocketPathError, claim_socket_path
 from trustmesh.hostport import join_host_port, split_host_port
 from trustmesh.logs import RateLimitedLog, log_event
 from trustmesh.metrics import Registry
-from trustmesh.policy import Decision, Policy
+from trustmesh.policy import Decision, HttpRequest, Policy, route_label
 from trustmesh.selectors import value_of
 from trustmesh.spiffeid import SpiffeId
 from trustmesh.x509svid import X509Svid
@@ -89,6 +100,10 @@ TRAFFIC_SECONDS = 60.0  # bytes of long-lived connections are reported at least 
 PEEK_SECONDS = 3.0
 TLS_HANDSHAKE_RECORD = 0x16  # the first byte of every TLS record carrying a handshake message
 MTLS_MODES = ("strict", "permissive")
+AMBIGUOUS_PATH = "ambiguous path"  # the rule of a request refused before any decision: its path is ambiguous
+PROTOCOLS = ("tcp", "http")
+# Request latency through an http listener, from the request's head to its response's end.
+HTTP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class ListenerError(TrustmeshError):
@@ -113,10 +128,17 @@ def check_listen(listen: str, *, unix: bool = False) -> None:
 
 
 class Report(Protocol):
-    """FlowReporter.report: count one connection's decision (with the client's host, inbound)."""
+    """FlowReporter.report: count one connection's (or HTTP request's) decision, with the
+    client's host (inbound) and an HTTP request's route and ID."""
 
     def __call__(self, source: SpiffeId | None, destination: SpiffeId, port: int, decision: Decision,
-                 client_host: str = "") -> FlowKey: ...
+                 client_host: str = "", route: str = "", request_id: str = "") -> FlowKey: ...
+
+
+class Unverified(Protocol):
+    """FlowReporter.unverified: count a plaintext client's connection (or HTTP request)."""
+
+    def __call__(self, destination: SpiffeId, port: int, client_host: str, route: str = "") -> FlowKey: ...
 
 
 def _host(address: str) -> str:
@@ -131,6 +153,10 @@ class InboundConfig:
     # strict: mTLS only. permissive (migration): plaintext clients are forwarded too, without an
     # identity, and reported as `unverified` flows with their address.
     mtls: str = "strict"
+    # tcp: one decision per connection, bytes spliced. http: HTTP/1.1, one decision per request
+    # (route rules), the caller's identity in headers for the service (trustmesh.agent.proxy.http).
+    protocol: str = "tcp"
+    max_body: int = DEFAULT_MAX_BODY  # http: the largest request body forwarded
 
 
 @dataclass(frozen=True)
@@ -139,6 +165,7 @@ class OutboundConfig:
     connect: str
     expect: SpiffeId
     mode: int | None = None  # a unix socket's file mode (default UNIX_SOCKET_MODE)
+    protocol: str = "tcp"  # http: plaintext HTTP/1.1 in, requests sent over pooled mTLS connections
 
 
 @dataclass(frozen=True)
@@ -226,6 +253,11 @@ class CallerCheck:
         return None
 
 
+def _unverified_key(destination: SpiffeId, port: int, client_host: str, route: str = "") -> FlowKey:
+    """The flow key of a plaintext client, when nobody counts them (tests)."""
+    return ("", str(destination), port, "unverified", "", client_host, route)
+
+
 class Flow:
     """Who the listeners ask for SVIDs, bundles, policy, callers' identities, and where they
     report decisions and refusals."""
@@ -235,13 +267,12 @@ class Flow:
                  metrics: Registry, clock: Clock = utc_now, *, identities: Identities, refused: Refused,
                  attestor: WorkloadAttestor | None = None, resolver: PeerResolver | None = None,
                  traffic: Callable[[FlowKey, int, int], None] = lambda key, bytes_in, bytes_out: None,
-                 unverified: Callable[[SpiffeId, int, str], FlowKey] | None = None,
+                 unverified: Unverified | None = None,
                  node: SpiffeId | None = None) -> None:
         self.svid_for, self.bundles, self.policy, self.report = svid_for, bundles, policy, report
         self.node = node  # this agent's own ID: when it is in quarantine, its node is
         self.traffic = traffic
-        self.unverified = unverified or (lambda destination, port, host: ("", str(destination), port,
-                                                                          "unverified", "", host))
+        self.unverified: Unverified = unverified or _unverified_key
         self.clock = clock
         self.identities = identities
         self.refused = refused
@@ -254,11 +285,19 @@ class Flow:
             "trustmesh_proxy_refusals_total",
             "connections refused before any policy decision: kind=handshake (inbound TLS) or outbound_caller "
             "(a local process that is not the service)", ["service", "kind", "reason"])
+        self.http_requests = metrics.counter(
+            "trustmesh_http_requests_total", "requests through http inbound listeners, by decision (allow, deny, "
+            "audit, unverified, refused: malformed or ambiguous) and route (method and the rule's path pattern)",
+            ["destination", "decision", "route"])
+        self.http_seconds = metrics.histogram(
+            "trustmesh_http_request_duration_seconds", "time from a request's head to its response's end through "
+            "an http inbound listener", ["destination"], buckets=HTTP_BUCKETS)
         self._refusal_log = RateLimitedLog(log, REFUSAL_LOG_SECONDS)
 
-    def decide(self, policy: Policy, source: SpiffeId, destination: SpiffeId, port: int | None) -> Decision:
-        """The policy's decision for a connection through this node's listeners (now)."""
-        return policy.decide(source, destination, port, self.clock(), node=self.node)
+    def decide(self, policy: Policy, source: SpiffeId, destination: SpiffeId, port: int | None,
+               request: HttpRequest | None = None) -> Decision:
+        """The policy's decision for a connection (or an HTTP request) through this node's listeners (now)."""
+        return policy.decide(source, destination, port, self.clock(), node=self.node, request=request)
 
     def quarantined(self, *ids: SpiffeId) -> Decision | None:
         """The refusal when one of `ids` or this node is in quarantine, else None."""
@@ -359,6 +398,7 @@ class _Open:
     port: int
     serials: frozenset[str]  # of the chain the client presented, for revocations made later
     task: asyncio.Task[None]
+    http: bool = False  # its requests are decided one by one: only quarantine and revocation cut it
 
 
 def _address(transport: asyncio.BaseTransport) -> str:
@@ -377,11 +417,16 @@ class InboundListener:
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _meters: set[Meter] = field(default_factory=set)  # of the open forwarded connections
     _plaintext: set[asyncio.Task[None]] = field(default_factory=set)  # a permissive listener's plaintext clients
+    _pool: UpstreamPool | None = None  # http: kept-alive connections to the service
     traffic_seconds: float = TRAFFIC_SECONDS
 
     @property
     def permissive(self) -> bool:
         return self.service.inbound is not None and self.service.inbound.mtls == "permissive"
+
+    @property
+    def http(self) -> bool:
+        return self.service.inbound is not None and self.service.inbound.protocol == "http"
 
     @property
     def port(self) -> int:
@@ -394,7 +439,8 @@ class InboundListener:
         bundles = self.flow.bundles()
         key = (svid.leaf.serial_number, bundles)
         if key != self._ctx_key:
-            self._ctx = server_context(svid, bundles, allow_tls12=self.service.allow_tls12)
+            self._ctx = server_context(svid, bundles, allow_tls12=self.service.allow_tls12,
+                                       alpn=("http/1.1",) if self.http else ())
             self._ctx_key = key
         return self._ctx
 
@@ -405,12 +451,23 @@ class InboundListener:
             raise VerificationError(f"no SVID for {self.service.spiffe_id} yet: is an entry registered for it "
                                     "on this node?")
         loop = asyncio.get_running_loop()
+        if self.http:
+            self._pool = UpstreamPool(self._dial_backend)
         self._server = await loop.create_server(lambda: _Unread(self._handle, self._tasks), host, port,
                                                 backlog=1024)
         self._tasks.add(asyncio.create_task(self._recheck_loop(), name=f"recheck-{self.service.name}"))
         self._tasks.add(asyncio.create_task(self._traffic_loop(), name=f"traffic-{self.service.name}"))
         log_event(log, "inbound_listening", service=self.service.name, listen=self.service.inbound.listen,
-                  forward=self.service.inbound.forward, mtls=self.service.inbound.mtls)
+                  forward=self.service.inbound.forward, mtls=self.service.inbound.mtls,
+                  protocol=self.service.inbound.protocol)
+        if not _loopback(split_host_port(self.service.inbound.forward)[0]):
+            # The service gets plaintext, and (http) trusts the identity headers: only the agent
+            # may be able to reach it.
+            log_event(log, "forward_not_loopback", level=logging.WARNING, service=self.service.name,
+                      forward=self.service.inbound.forward,
+                      hint="forward to 127.0.0.1 and make the service listen on loopback only: anyone who can reach "
+                           "it directly bypasses the allowlist" + (" and can forge X-Forwarded-Client-Cert"
+                                                                   if self.http else ""))
         if self.permissive:
             log_event(log, "permissive_listener", level=logging.WARNING, service=self.service.name,
                       listen=self.service.inbound.listen,
@@ -498,6 +555,9 @@ class InboundListener:
             writer.close()
             return
         assert source is not None
+        if self.http:
+            await self._serve_http(reader, writer, source, sslobj, source_address, task)
+            return
         # Per connection, before a byte is forwarded: quarantine (of the source, this service or
         # this node) refuses here, whatever the allowlists say.
         decision = self.flow.decide(self.flow.policy(), source, service.spiffe_id, self.port)
@@ -558,6 +618,16 @@ class InboundListener:
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         source = _address(transport)
         host = split_host_port(source)[0] if source != "unknown" else source
+        if self.http:  # parsed too: a plaintext client must not hand the service forged identity headers
+            self.flow.connections.inc(service=service.name, direction="inbound", decision="unverified")
+            self._plaintext.add(task)
+            try:
+                await serve_requests((reader, writer), _InboundExchange(self, None, host),
+                                     max_body=service.inbound.max_body)
+            finally:
+                self._plaintext.discard(task)
+                writer.close()
+            return
         key = self.flow.unverified(service.spiffe_id, self.port, host)
         self.flow.connections.inc(service=service.name, direction="inbound", decision="unverified")
         upstream = await self._dial_service(writer)
@@ -567,6 +637,43 @@ class InboundListener:
                 await self._forward((reader, writer), upstream, Meter(key))
             finally:
                 self._plaintext.discard(task)
+
+    async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: SpiffeId,
+                          sslobj: ssl.SSLObject, source_address: str, task: asyncio.Task[None]) -> None:
+        """A verified client of an http listener: each of its requests is decided by itself
+        (trustmesh.agent.proxy.http), so the connection is refused here only for quarantine."""
+        service = self.service
+        assert service.inbound is not None
+        host = _host(source_address)
+        quarantine = self.flow.quarantined(source, service.spiffe_id)
+        if quarantine is not None:
+            self.flow.report(source, service.spiffe_id, self.port, quarantine, host)
+            self.flow.connections.inc(service=service.name, direction="inbound", decision="deny")
+            writer.close()
+            return
+        self.flow.connections.inc(service=service.name, direction="inbound", decision="http")
+        leaf = sslobj.getpeercert(binary_form=True) or b""
+        exchange = _InboundExchange(self, source, host, identity_headers(service.spiffe_id, source, leaf))
+        entry = _Open(source, self.port, chain_serials(sslobj), task, http=True)
+        self._open.add(entry)
+        self.flow.open.inc(service=service.name)
+        try:
+            await serve_requests((reader, writer), exchange, max_body=service.inbound.max_body)
+        finally:
+            self._open.discard(entry)
+            self.flow.open.dec(service=service.name)
+            writer.close()
+
+    async def _dial_backend(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A new connection to the local service, for the http listener's pool."""
+        assert self.service.inbound is not None
+        host, port = split_host_port(self.service.inbound.forward)
+        try:
+            return await asyncio.wait_for(asyncio.open_connection(host, port), HANDSHAKE_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as err:
+            log_event(log, "forward_failed", level=logging.WARNING, service=self.service.name, error=str(err))
+            raise HttpError(502, "service_unavailable", f"{self.service.name} is not reachable at "
+                            f"{self.service.inbound.forward}") from None
 
     async def _dial_service(self, client: asyncio.StreamWriter) -> tuple[asyncio.StreamReader,
                                                                          asyncio.StreamWriter] | None:
@@ -596,12 +703,15 @@ class InboundListener:
         policy, now, closed = self.flow.policy(), self.flow.clock(), 0
         for conn in list(self._open):
             revoked = conn.serials & policy.revoked_serials
+            decision: Decision | None
             if revoked:
                 decision = Decision(False, "revoked certificate",
                                     f"{conn.source} presented certificate {min(revoked)}, which was revoked")
+            elif conn.http:  # the allowlists decide its next request; quarantine cuts it now
+                decision = policy.in_quarantine(conn.source, self.service.spiffe_id, self.flow.node)
             else:
                 decision = policy.decide(conn.source, self.service.spiffe_id, conn.port, now, node=self.flow.node)
-            if not decision.allowed:
+            if decision is not None and not decision.allowed:
                 self.flow.report(conn.source, self.service.spiffe_id, conn.port, decision)
                 conn.task.cancel()
                 self._open.discard(conn)  # reported once, even if the next recheck comes before the cut
@@ -627,6 +737,61 @@ class InboundListener:
             self._server.close()
         for conn in list(self._open):
             conn.task.cancel()
+        if self._pool is not None:
+            self._pool.clear()
+
+
+class _InboundExchange(Exchange):
+    """One client connection of an http inbound listener: every request decided with the
+    policy as it is now (a change applies to the next request), counted under its route, and
+    sent to the service over the listener's pool with the caller's identity headers."""
+
+    def __init__(self, listener: InboundListener, source: SpiffeId | None, host: str, identity: bytes = b"") -> None:
+        self._listener = listener
+        self._flow = listener.flow
+        self._service = listener.service.spiffe_id
+        self._source = source  # None: a plaintext client of a permissive listener
+        self._host = host
+        self._identity = identity
+
+    def admit(self, request: HttpRequest, request_id: str) -> Admission:
+        policy = self._flow.policy()
+        if self._source is None:
+            refused = policy.in_quarantine(self._service, self._flow.node)
+            return Admission(refused, route_label(request.method, None, policy.route_methods))
+        decision = self._flow.decide(policy, self._source, self._service, self._listener.port, request)
+        return Admission(decision, decision.route, self._identity if decision.allowed else b"")
+
+    def refused_path(self, method: str, reason: str, request_id: str) -> Admission:
+        return Admission(Decision(False, AMBIGUOUS_PATH, reason),
+                         route_label(method, None, self._flow.policy().route_methods))
+
+    async def upstream(self) -> Upstream:
+        assert self._listener._pool is not None
+        return await self._listener._pool.get()
+
+    def release(self, conn: Upstream, reusable: bool) -> None:
+        assert self._listener._pool is not None
+        if reusable:
+            self._listener._pool.put(conn)
+        else:
+            conn.close()
+
+    def done(self, outcome: Outcome) -> None:
+        admission, flow = outcome.admission, self._flow
+        decision = admission.decision
+        if self._source is None and (decision is None or decision.allowed):
+            kind = "unverified"
+            key = flow.unverified(self._service, self._listener.port, self._host, admission.route)
+        else:
+            assert decision is not None
+            kind = "refused" if decision.rule == AMBIGUOUS_PATH else kind_of(decision)
+            key = flow.report(self._source, self._service, self._listener.port, decision, self._host,
+                              admission.route, outcome.request_id)
+        flow.traffic(key, outcome.bytes_in, outcome.bytes_out)
+        destination = str(self._service)
+        flow.http_requests.inc(destination=destination, decision=kind, route=admission.route)
+        flow.http_seconds.observe(outcome.seconds, destination=destination)
 
 
 async def _first_byte(transport: asyncio.Transport, timeout: float) -> bytes | None:
@@ -697,6 +862,10 @@ class OutboundListener:
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _unix_path: Path | None = None
     _open: set[asyncio.Task[None]] = field(default_factory=set)  # connections spliced to the remote
+    pool: UpstreamPool = field(init=False)  # http: kept-alive mTLS connections to the remote
+
+    def __post_init__(self) -> None:
+        self.pool = UpstreamPool(self.dial)
 
     @property
     def port(self) -> int:
@@ -752,6 +921,17 @@ class OutboundListener:
                              exe=refusal.exe or "", detail=refusal.detail)
             writer.transport.abort()  # what it sent is dropped unread
             return
+        if self.route.protocol == "http":
+            self.flow.connections.inc(service=self.service.name, direction="outbound", decision="http")
+            task = asyncio.current_task()
+            assert task is not None
+            self._open.add(task)
+            try:
+                await serve_requests((reader, writer), _OutboundExchange(self))
+            finally:
+                self._open.discard(task)
+                writer.close()
+            return
         quarantine = self.flow.quarantined(self.service.spiffe_id, self.route.expect)
         if quarantine is not None:
             # Refused here, not a byte sent: reported, since the destination's agent never sees it.
@@ -759,10 +939,27 @@ class OutboundListener:
             self.flow.connections.inc(service=self.service.name, direction="outbound", decision="deny")
             writer.close()
             return
-        svid = self.flow.svid_for(self.service.spiffe_id)
-        if svid is None:
+        try:
+            up_reader, up_writer = await self.dial()
+        except HttpError:
             writer.close()
             return
+        self.flow.connections.inc(service=self.service.name, direction="outbound", decision="allow")
+        task = asyncio.current_task()
+        assert task is not None
+        self._open.add(task)
+        try:
+            await _splice((reader, writer), (up_reader, up_writer))  # not metered: the inbound side meters it
+        finally:
+            self._open.discard(task)
+
+    async def dial(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """An mTLS connection to the remote with the service's SVID, its server verified to be
+        the expected SPIFFE ID; HttpError (logged, and reported when the server is not the one
+        expected) when there is none."""
+        svid = self.flow.svid_for(self.service.spiffe_id)
+        if svid is None:
+            raise HttpError(503, "no_svid", f"no current SVID for {self.service.spiffe_id} on this node")
         host, port = split_host_port(self.route.connect)
         bundles = self.flow.bundles()
         try:
@@ -772,8 +969,7 @@ class OutboundListener:
         except (OSError, ssl.SSLError, asyncio.TimeoutError) as err:
             log_event(log, "outbound_connect_failed", level=logging.WARNING, service=self.service.name,
                       connect=self.route.connect, error=str(err))
-            writer.close()
-            return
+            raise HttpError(502, "upstream_unavailable", f"{self.route.connect} is not reachable") from None
         try:
             peer = verify_peer(up_writer.get_extra_info("ssl_object"), bundles, self.flow.clock)
             if peer != self.route.expect:
@@ -787,16 +983,8 @@ class OutboundListener:
                              Decision(False, "server verification", str(err)))
             self.flow.connections.inc(service=self.service.name, direction="outbound", decision="refused")
             up_writer.close()
-            writer.close()
-            return
-        self.flow.connections.inc(service=self.service.name, direction="outbound", decision="allow")
-        task = asyncio.current_task()
-        assert task is not None
-        self._open.add(task)
-        try:
-            await _splice((reader, writer), (up_reader, up_writer))  # not metered: the inbound side meters it
-        finally:
-            self._open.discard(task)
+            raise HttpError(502, "upstream_refused", str(err)) from None
+        return up_reader, up_writer
 
     def recheck(self) -> int:
         """Cut the open connections when the service, the destination or this node has been put
@@ -819,5 +1007,42 @@ class OutboundListener:
             self._server.close()
         for task in list(self._tasks):
             task.cancel()
+        self.pool.clear()
         if self._unix_path is not None:
             self._unix_path.unlink(missing_ok=True)
+
+
+class _OutboundExchange(Exchange):
+    """A local caller's requests on an http outbound listener (the caller already checked):
+    sent over pooled mTLS connections to the remote, which decides them. Nothing is sent while
+    the service, the destination or this node is in quarantine."""
+
+    normalize = False  # the remote's listener normalises and decides; the request goes as it was written
+
+    def __init__(self, listener: OutboundListener) -> None:
+        self._listener = listener
+
+    def admit(self, request: HttpRequest, request_id: str) -> Admission:
+        listener = self._listener
+        quarantine = listener.flow.quarantined(listener.service.spiffe_id, listener.route.expect)
+        return Admission(quarantine, route_label(request.method, None, listener.flow.policy().route_methods))
+
+    def refused_path(self, method: str, reason: str, request_id: str) -> Admission:  # never: not normalised
+        return Admission(Decision(False, AMBIGUOUS_PATH, reason), route_label(method, None))
+
+    async def upstream(self) -> Upstream:
+        return await self._listener.pool.get()
+
+    def release(self, conn: Upstream, reusable: bool) -> None:
+        if reusable:
+            self._listener.pool.put(conn)
+        else:
+            conn.close()
+
+    def done(self, outcome: Outcome) -> None:
+        decision = outcome.admission.decision
+        if decision is not None and not decision.allowed:
+            # Refused here, not a byte sent: reported, since the destination's agent never sees it.
+            listener = self._listener
+            listener.flow.report(listener.service.spiffe_id, listener.route.expect, listener.port, decision,
+                                 route=outcome.admission.route, request_id=outcome.request_id)

@@ -1,8 +1,10 @@
-"""Decision telemetry: per (source, destination, port, decision, rule) counters with the bytes
-each way, and per (kind, subject, peer, reason) counters of connections refused before any
-decision (a failed handshake, a local caller that is not the service), flushed to the control
-plane in batches. The server sums the first into its flow rollups (`trustmesh flows`) and
-audits denials and refusals as this agent's claim, aggregated per agent and interval.
+"""Decision telemetry: per (source, destination, port, decision, rule, route) counters with the
+bytes each way (a tcp listener's connections, route ""; an http listener's requests, route the
+method and the deciding rule's path pattern), and per (kind, subject, peer, reason) counters of
+connections refused before any decision (a failed handshake, a local caller that is not the
+service), flushed to the control plane in batches. The server sums the first into its flow
+rollups (`trustmesh flows`) and audits denials and refusals as this agent's claim, aggregated
+per agent and interval.
 
 Counting never blocks a connection: a failed flush (the server out of reach) keeps the
 counters for the next one, so an outage loses nothing as long as memory allows. Memory is
@@ -53,8 +55,10 @@ class _Count:
 # allow; deny; audit (allowed only because the allowlist is in audit mode); unverified (a
 # plaintext client of a permissive listener: no identity, its address host instead).
 FlowKind = str
-# (source ID or "", destination ID, port, kind, rule, client host or "")
-FlowKey = tuple[str, str, int, FlowKind, str, str]
+# (source ID or "", destination ID, port, kind, rule, client host or "", route or ""): the route
+# ("GET /transactions/*", "POST") only for an HTTP request, so requests and connections to one
+# port are separate keys, and one key counts either connections or requests.
+FlowKey = tuple[str, str, int, FlowKind, str, str, str]
 _WIRE: dict[FlowKind, tuple[node_pb2.FlowDecision, types_pb2.PolicyMode]] = {
     "allow": (node_pb2.FLOW_DECISION_ALLOW, types_pb2.POLICY_MODE_ENFORCE),
     "audit": (node_pb2.FLOW_DECISION_ALLOW, types_pb2.POLICY_MODE_AUDIT),
@@ -83,24 +87,30 @@ class FlowReporter:
                                         ["table"])
 
     def report(self, source: SpiffeId | None, destination: SpiffeId, port: int, decision: Decision,
-               client_host: str = "") -> FlowKey:
-        """Count one connection's decision; the key it was counted under, for its bytes later.
-        `client_host`: where an inbound connection came from, so the server can tell which
-        node the source ran on (one key per source host, not per connection)."""
+               client_host: str = "", route: str = "", request_id: str = "") -> FlowKey:
+        """Count one connection's (or HTTP request's) decision; the key it was counted under,
+        for its bytes later. `client_host`: where an inbound connection came from, so the server
+        can tell which node the source ran on (one key per source host, not per connection).
+        `route`: an HTTP request's route label, never its path (one key per route, not per
+        URL); `request_id`: the ID its response carries, logged with a denial so an operator
+        handed a 403 can find why."""
         self._decisions.inc(destination=str(destination), decision=decision.verdict.lower(), rule=decision.rule)
         if not decision.allowed or decision.audit_only:
+            http = {name: value for name, value in (("route", route), ("request_id", request_id)) if value}
             log_event(log, "connection_denied" if not decision.allowed else "audit_would_deny",
                       level=logging.WARNING, source=source or "unverified", destination=destination, port=port,
-                      rule=decision.rule, reason=decision.reason)
-        key = (str(source) if source else "", str(destination), port, kind_of(decision), decision.rule, client_host)
+                      rule=decision.rule, reason=decision.reason, **http)
+        key = (str(source) if source else "", str(destination), port, kind_of(decision), decision.rule, client_host,
+               route)
         self._count(key, connections=1)
         return key
 
-    def unverified(self, destination: SpiffeId, port: int, client_host: str) -> FlowKey:
-        """Count a plaintext client a permissive listener forwarded: no identity, no policy
-        decision, just where it came from (the host: one key per client, not per connection)."""
+    def unverified(self, destination: SpiffeId, port: int, client_host: str, route: str = "") -> FlowKey:
+        """Count a plaintext client a permissive listener forwarded (a connection, or an HTTP
+        request of `route`): no identity, no policy decision, just where it came from (the
+        host: one key per client, not per connection)."""
         self._decisions.inc(destination=str(destination), decision="unverified", rule="")
-        key = ("", str(destination), port, "unverified", "", client_host)
+        key = ("", str(destination), port, "unverified", "", client_host, route)
         self._count(key, connections=1)
         return key
 
@@ -157,8 +167,8 @@ class FlowReporter:
                     node_pb2.FlowCounter(
                         source_id=src, destination_id=dst, port=port, decision=_WIRE[kind][0], rule=rule,
                         mode=_WIRE[kind][1], count=c.count, first_seen=int(c.first), last_seen=int(c.last),
-                        bytes_in=c.bytes_in, bytes_out=c.bytes_out, source_address=host)
-                    for (src, dst, port, kind, rule, host), c in batch
+                        bytes_in=c.bytes_in, bytes_out=c.bytes_out, source_address=host, route=route)
+                    for (src, dst, port, kind, rule, host, route), c in batch
                 ],
                 refusals=[
                     node_pb2.RefusalCounter(kind=kind, subject=subject, peer=peer, reason=reason, count=c.count,

@@ -35,8 +35,13 @@ def _roots_pem(bundles: BundleSet) -> str:
     return "".join(b.x509_authorities_pem().decode() for b in bundles.values())
 
 
-def server_context(svid: X509Svid, bundles: BundleSet, *, allow_tls12: bool = False) -> ssl.SSLContext:
+def server_context(svid: X509Svid, bundles: BundleSet, *, allow_tls12: bool = False,
+                   alpn: tuple[str, ...] = ()) -> ssl.SSLContext:
+    """`alpn`: the application protocols offered (an http listener says http/1.1, so a client
+    that also speaks h2 does not try it)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2 if allow_tls12 else ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=_roots_pem(bundles))

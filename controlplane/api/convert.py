@@ -174,4 +174,5 @@ def flow_to_pb(flow: Flow) -> admin_pb2.FlowEdge:
     return admin_pb2.FlowEdge(
         source=flow.source, destination=flow.destination, port=flow.port, decision=flow.decision, rule=flow.rule,
         connections=flow.connections, bytes_in=flow.bytes_in, bytes_out=flow.bytes_out,
-        first_seen=int(flow.first_seen), last_seen=int(flow.last_seen), source_address=flow.source_address)
+        first_seen=int(flow.first_seen), last_seen=int(flow.last_seen), source_address=flow.source_address,
+        route=flow.route)

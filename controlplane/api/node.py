@@ -185,7 +185,8 @@ def _flow_counter(c: node_pb2.FlowCounter) -> FlowCounter:
                        denied=c.decision == node_pb2.FLOW_DECISION_DENY,
                        audit_mode=c.mode == types_pb2.POLICY_MODE_AUDIT, rule=c.rule, count=c.count,
                        first_seen=c.first_seen, last_seen=c.last_seen, bytes_in=c.bytes_in, bytes_out=c.bytes_out,
-                       unverified=c.decision == node_pb2.FLOW_DECISION_UNVERIFIED, source_address=c.source_address)
+                       unverified=c.decision == node_pb2.FLOW_DECISION_UNVERIFIED, source_address=c.source_address,
+                       route=c.route)
 
 
 def _refusal_counter(r: node_pb2.RefusalCounter) -> RefusalCounter:

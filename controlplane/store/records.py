@@ -763,27 +763,43 @@ class OwnershipRecord:
 
 
 # One edge of a stored rollup as its JSON row: source, destination, port, decision, rule,
-# connections, bytes in, bytes out, first seen, last seen, source address. Rows stay lists
-# when read: a 30-day window is hundreds of thousands of them (benchmarks/flows.py).
+# connections, bytes in, bytes out, first seen, last seen, source address, route. Rows stay
+# lists when read: a 30-day window is hundreds of thousands of them (benchmarks/flows.py).
+# The route is written only when there is one: a connection's row stays the 11 fields rows had
+# before flows had routes, so records written before still load here, and an older replica in
+# a cluster being upgraded still reads the newer ones' records that hold no HTTP requests.
 FlowRow = list[Any]
 _DECISIONS = frozenset(DECISIONS)
+_ROW_FIELDS = 12
 
 
 def flow_rows(kind: str, raw: object) -> list[FlowRow]:
-    """The stored rows, each checked field by field (in one pass: no per-row objects)."""
+    """The stored rows, each checked field by field (in one pass: no per-row objects), each
+    with all _ROW_FIELDS fields (a row stored without a route gets "" in place)."""
     if not isinstance(raw, list):
         raise RecordFormatError(f"stored {kind} record field 'edges' must be a list")
     for row in raw:
-        if type(row) is not list or len(row) != 11:
+        if type(row) is not list or len(row) not in (_ROW_FIELDS - 1, _ROW_FIELDS):
             raise RecordFormatError(f"stored {kind} record has a malformed edge")
-        src, dst, port, decision, rule, conns, bytes_in, bytes_out, first, last, address = row
+        if len(row) < _ROW_FIELDS:
+            row.append("")
+        src, dst, port, decision, rule, conns, bytes_in, bytes_out, first, last, address, route = row
         # `type(x) is int` on purpose: a JSON true is a bool, which isinstance would take for 1.
         if not (type(src) is str and type(dst) is str and type(port) is int and 0 <= port <= 65535
                 and decision in _DECISIONS and type(rule) is str and type(conns) is int and conns >= 0
                 and type(bytes_in) is int and bytes_in >= 0 and type(bytes_out) is int and bytes_out >= 0
-                and type(first) in _NUMBER and type(last) in _NUMBER and type(address) is str):
+                and type(first) in _NUMBER and type(last) in _NUMBER and type(address) is str
+                and type(route) is str):
             raise RecordFormatError(f"stored {kind} record has a malformed edge")
     return raw
+
+
+def _flow_row(e: Flow) -> list[object]:
+    row: list[object] = [e.source, e.destination, e.port, e.decision, e.rule, e.connections, e.bytes_in,
+                         e.bytes_out, e.first_seen, e.last_seen, e.source_address]
+    if e.route:
+        row.append(e.route)
+    return row
 
 
 @dataclass(frozen=True)
@@ -796,9 +812,8 @@ class FlowShard:
     edges: tuple[Flow, ...]
 
     def to_json(self) -> bytes:
-        return _dump("flow rollup", {"hour": self.hour, "replica": self.replica, "shard": self.shard, "edges": [
-            [e.source, e.destination, e.port, e.decision, e.rule, e.connections, e.bytes_in, e.bytes_out,
-             e.first_seen, e.last_seen, e.source_address] for e in self.edges]})
+        return _dump("flow rollup", {"hour": self.hour, "replica": self.replica, "shard": self.shard,
+                                     "edges": [_flow_row(e) for e in self.edges]})
 
     @staticmethod
     def rows_from_json(data: bytes) -> tuple[int, str, list[FlowRow]]:
@@ -811,8 +826,8 @@ class FlowShard:
     def from_json(cls, data: bytes) -> FlowShard:
         k = "flow rollup"
         o = _load(k, data)
-        edges = tuple(Flow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], float(r[8]), float(r[9]), r[10])
-                      for r in flow_rows(k, o.get("edges")))
+        edges = tuple(Flow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], float(r[8]), float(r[9]), r[10],
+                           r[11]) for r in flow_rows(k, o.get("edges")))
         return cls(hour=_field(k, o, "hour", int), replica=_field(k, o, "replica", str),
                    shard=_field(k, o, "shard", int), edges=edges)
 

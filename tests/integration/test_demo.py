@@ -40,6 +40,11 @@ def test_demo_runs_end_to_end_and_stops_everything() -> None:
     assert "its open connection: cut; payments -> ledger now: DENIED" in out
     assert "released spiffe://example.org/payments" in out
     assert "payments -> ledger after the release: ALLOWED" in out
+    # A legacy HTTP core: a read-only rule lets fraud-scoring's GET through, its POST gets a 403.
+    assert "GET  /transactions/42 -> 200; the core read the caller from X-Trustmesh-Peer-Id: " \
+           "spiffe://example.org/fraud-scoring" in out
+    assert "POST /transactions/42 -> 403 denied: rule 'default deny'" in out
+    assert "no rule of ledger-read allows POST from spiffe://example.org/fraud-scoring" in out
     assert out.rstrip().endswith("demo finished; everything stopped.")
     leftovers = subprocess.run(["pgrep", "-f", "trustmesh-demo-"], capture_output=True, text=True)
     assert leftovers.stdout.strip() == "", "the demo left processes running"

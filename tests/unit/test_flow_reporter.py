@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import pytest
 
@@ -155,3 +157,37 @@ async def test_keys_counted_during_a_failed_send_do_not_push_the_table_past_its_
     assert sum(len(r.counters) for r in send.sent) == len(counters) == MAX_KEYS
     assert set(counters) == set(hosts) and counters[hosts[0]] == 2
     assert 'trustmesh_flow_keys_dropped_total{table="decisions"} 3.0' in metrics.render()
+
+
+async def test_requests_are_counted_per_route_apart_from_connections() -> None:
+    send = Sender()
+    reporter = FlowReporter(send, Registry())
+    web = SpiffeId.parse("spiffe://example.org/web")
+    allow = Decision(True, "ledger allow[0]", "ok")
+    connection = reporter.report(web, LEDGER, 8443, allow, "10.0.0.5")
+    listed = reporter.report(web, LEDGER, 8443, allow, "10.0.0.5", "GET /transactions/*", "r-1")
+    assert reporter.report(web, LEDGER, 8443, allow, "10.0.0.5", "GET /transactions/*", "r-2") == listed
+    reporter.report(web, LEDGER, 8443, allow, "10.0.0.5", "POST /transactions")
+    plain = reporter.unverified(LEDGER, 8443, "10.0.0.7", "GET *")
+    assert connection[6] == "" and listed[6] == "GET /transactions/*" and plain[6] == "GET *"
+    reporter.traffic(listed, 30, 4_000)  # a request's bytes join its route's key
+    await reporter.flush()
+    got = {(c.route, c.source_address, c.count, c.bytes_out) for c in send.sent[0].counters}
+    assert got == {("", "10.0.0.5", 1, 0), ("GET /transactions/*", "10.0.0.5", 2, 4_000),
+                   ("POST /transactions", "10.0.0.5", 1, 0), ("GET *", "10.0.0.7", 1, 0)}
+
+
+async def test_a_denied_request_is_logged_with_its_route_and_request_id(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="trustmesh.flows")
+    reporter = FlowReporter(Sender(), Registry())
+    web = SpiffeId.parse("spiffe://example.org/web")
+    reporter.report(web, LEDGER, 8443, Decision(False, "default deny", "no rule"), "10.0.0.5", "DELETE",
+                    "4f0c2a9e")
+    reporter.report(web, LEDGER, 8443, Decision(True, "ledger (audit mode)", "would deny", audit_only=True),
+                    route="GET /admin/*", request_id="77aa")
+    reporter.report(web, LEDGER, 8443, Decision(False, "default deny", "no rule"))  # a connection
+    reporter.report(web, LEDGER, 8443, Decision(True, "ledger allow[0]", "ok"), route="GET *", request_id="x")
+    lines = [(r.getMessage(), getattr(r, "fields", {})) for r in caplog.records]
+    assert [(event, f.get("route"), f.get("request_id")) for event, f in lines] == [
+        ("connection_denied", "DELETE", "4f0c2a9e"), ("audit_would_deny", "GET /admin/*", "77aa"),
+        ("connection_denied", None, None)]  # an allowed request is not logged; a connection has no route

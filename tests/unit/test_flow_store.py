@@ -4,6 +4,7 @@ agent's report, restarts, every replica's view, retention, and the store's own b
 from __future__ import annotations
 
 import dataclasses
+import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from tests.unit.server_runtime import TD, Clock, server_runtime
 from trustmesh.controlplane.flow_audit import FlowCounter
 from trustmesh.controlplane.flow_store import HOUR, SHARDS, FlowQuery, FlowRollups, decision_of
 from trustmesh.controlplane.runtime import ServerRuntime
+from trustmesh.controlplane.store.kv import Put
 from trustmesh.controlplane.store.records import FlowShard, RegistrationEntry
 from trustmesh.errors import InvalidArgumentError
 from trustmesh.flows import Flow
@@ -41,10 +43,10 @@ class _View:
 
 def counter(src: str = WEB, dst: str = LEDGER, *, count: int = 1, port: int = 8443, denied: bool = False,
             audit: bool = False, rule: str = "ledger allow[0]", at: float = 0.0, bytes_in: int = 0,
-            bytes_out: int = 0, unverified: bool = False, address: str = "") -> FlowCounter:
+            bytes_out: int = 0, unverified: bool = False, address: str = "", route: str = "") -> FlowCounter:
     return FlowCounter(source_id=src, destination_id=dst, port=port, denied=denied, audit_mode=audit, rule=rule,
                        count=count, first_seen=int(at), last_seen=int(at), bytes_in=bytes_in, bytes_out=bytes_out,
-                       unverified=unverified, source_address=address)
+                       unverified=unverified, source_address=address, route=route)
 
 
 def _with(rt: ServerRuntime, **options: object) -> ServerRuntime:
@@ -256,3 +258,73 @@ async def test_permissive_listeners_are_kept_on_the_agents_record_only_when_they
         for hostile in (["x"] * (MAX_PERMISSIVE_LISTENERS + 1), ["fx\n0.0.0.0:1"], ["y" * 301]):
             with pytest.raises(InvalidArgumentError, match="permissive_listeners"):
                 await attestor.note_permissive_listeners(cleared, [f"{h}{i}" for i, h in enumerate(hostile)])
+
+
+async def test_each_route_is_an_edge_of_its_own_through_flushes_queries_and_merges(tmp_path: Path) -> None:
+    clock = Clock(20_000 * 24 * HOUR + 600)
+    async with server_runtime(tmp_path, clock) as base:
+        rt = _with(base, flow_retention=timedelta(days=60))
+        view = _View({AGENT: [WEB, LEDGER]})
+        one, two = FlowRollups(rt, view, "r1"), FlowRollups(rt, view, "r2")
+        for _ in range(2 * 24):
+            one.add(AGENT, [counter(count=2, at=clock.now),  # connections: no route
+                            counter(count=5, at=clock.now, bytes_out=10, route="GET /transactions/*"),
+                            counter(count=1, at=clock.now, route="POST /transactions")])
+            two.add(AGENT, [counter(count=3, at=clock.now, route="GET /transactions/*"),
+                            counter(src="", unverified=True, address="10.0.0.7", rule="", at=clock.now, route="GET *"),
+                            counter(denied=True, rule="default deny", at=clock.now, route="DELETE")])
+            await one.flush()
+            await two.flush()
+            clock.now += HOUR
+        clock.now += 3 * HOUR
+        before = (await FlowRollups(rt, view, "r3").query(FlowQuery())).flows
+        assert sorted((f.source_address, f.decision, f.route, f.connections, f.bytes_out) for f in before) == [
+            ("", "allow", "", 2 * 48, 0), ("", "allow", "GET /transactions/*", 8 * 48, 10 * 48),
+            ("", "allow", "POST /transactions", 48, 0), ("", "deny", "DELETE", 48, 0),
+            ("10.0.0.7", "unverified", "GET *", 48, 0)]
+        await one.maintain()  # the two days merged: the routes survive the merge
+        assert "day" in await _stored_periods(rt)
+        assert (await FlowRollups(rt, view, "r3").query(FlowQuery())).flows == before
+        assert [f.route for f in (await one.query(FlowQuery(decision="deny"))).flows] == ["DELETE"]
+
+
+@pytest.mark.parametrize("route", [
+    "get /x", "GET /a b", "GET x", "GET /\x00", "GET /\x7f", "GET /é", "GET ", " GET", "GET  /x", "GET\n/x",
+    "GET */x", "GET /x\n", "-GET", "1GET", "A" * 33, "GET /" + "a" * 252, "GET /x\t", "GET **"])
+async def test_a_malformed_route_drops_its_counter(tmp_path: Path, route: str) -> None:
+    async with server_runtime(tmp_path) as rt:
+        rollups = FlowRollups(rt, _View({AGENT: [WEB]}), "r1")
+        kept = rollups.add(AGENT, [counter(route=route), counter(route="GET /ok", port=1)])
+        assert [c.route for c, _ in kept] == ["GET /ok"]
+        assert _counted(rt, "trustmesh_flow_counters_dropped_total", reason="malformed") == 1
+        assert [f.route for f in (await rollups.query(FlowQuery())).flows] == ["GET /ok"]
+
+
+@pytest.mark.parametrize("route", ["GET", "GET *", "GET /", "GET /transactions/*", "X-CUSTOM_1 /a/{id}/b?c=d",
+                                   "A" * 32, "GET /" + "a" * 251])
+async def test_well_formed_routes_are_kept(tmp_path: Path, route: str) -> None:
+    async with server_runtime(tmp_path) as rt:
+        rollups = FlowRollups(rt, _View({AGENT: [WEB]}), "r1")
+        assert len(rollups.add(AGENT, [counter(route=route)])) == 1
+
+
+async def test_rollups_stored_before_flows_had_routes_still_load(tmp_path: Path) -> None:
+    clock = Clock(1_000 * HOUR + 600)
+    async with server_runtime(tmp_path, clock) as rt:
+        at = clock.now - 60
+        old = json.dumps({"v": 1, "hour": 1_000, "replica": "old", "shard": 0, "edges": [
+            [WEB, LEDGER, 8443, "allow", "ledger allow[0]", 4, 10, 20, at, at, ""]]}).encode()
+        loaded = FlowShard.from_json(old)
+        assert loaded.edges == (Flow(WEB, LEDGER, 8443, "allow", "ledger allow[0]", 4, 10, 20, at, at),)
+        # Connections are still written so (an older replica reads them); requests carry their route.
+        assert FlowShard.from_json(loaded.to_json()) == loaded and json.loads(loaded.to_json())["edges"] == \
+            json.loads(old)["edges"]
+        routed = dataclasses.replace(loaded, edges=(dataclasses.replace(loaded.edges[0], route="GET *"),))
+        assert FlowShard.from_json(routed.to_json()) == routed
+        key = rt.store._flow_key("hour", 1_000, "old", 0)  # noqa: SLF001 - a record as an older server wrote it
+        await rt.store._kv.txn([], [Put(key, old)])  # noqa: SLF001 - sealed as the store seals its own
+        rollups = FlowRollups(rt, _View({AGENT: [WEB]}), "r1")
+        rollups.add(AGENT, [counter(count=1, at=clock.now), counter(count=2, at=clock.now, route="GET *")])
+        window = await rollups.query(FlowQuery())
+        assert [(f.route, f.connections) for f in window.flows] == [("", 5), ("GET *", 2)]
+        assert await rt.store.list_flow_shards() == [loaded]

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from trustmesh.detect.trace import TraceRecord, record_to_line
 from trustmesh.flowgraph import build, render
-from trustmesh.flows import DECISIONS, Flow, FlowFormatError, flow_from_dict, flow_to_dict, read_jsonl
+from trustmesh.flows import DECISIONS, Flow, FlowFormatError, flow_from_dict, flow_to_dict, read_jsonl, valid_route
 from trustmesh.policy import load_paths, load_text
 from trustmesh.policy.model import IdPattern
 from trustmesh.policy.suggest import simulate, suggest
@@ -142,7 +142,7 @@ ids = st.sampled_from([WEB, LEDGER, "", f"{TD}/a b"])
 flows = st.builds(Flow, ids, ids, st.integers(0, 65535), st.sampled_from(DECISIONS),
                   st.text(string.printable, max_size=20), st.integers(0, 2**40), st.integers(0, 2**40),
                   st.integers(0, 2**40), st.integers(1, 2**32).map(float), st.integers(1, 2**32).map(float),
-                  st.sampled_from(["", "10.0.0.1", "::1"]))
+                  st.sampled_from(["", "10.0.0.1", "::1"]), st.sampled_from(["", "GET", "GET *", "POST /tx/*"]))
 
 
 @settings(max_examples=200, deadline=None)
@@ -153,7 +153,8 @@ def test_export_lines_read_back_identical(f: Flow) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.sampled_from(["source", "destination", "port", "decision", "rule", "connections",
-                                        "bytes_in", "bytes_out", "first_seen", "last_seen", "source_address"]),
+                                        "bytes_in", "bytes_out", "first_seen", "last_seen", "source_address",
+                                        "route"]),
                        st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.text(max_size=30),
                                  st.floats(), st.lists(st.integers(), max_size=2))))
 def test_any_json_object_is_a_flow_or_a_one_line_refusal(data: dict[str, object]) -> None:
@@ -162,7 +163,23 @@ def test_any_json_object_is_a_flow_or_a_one_line_refusal(data: dict[str, object]
     except FlowFormatError as err:
         assert str(err).startswith("line 7: ") and "\n" not in str(err)
         return
-    assert f.decision in DECISIONS and 0 <= f.port <= 65535 and f.connections >= 0
+    assert f.decision in DECISIONS and 0 <= f.port <= 65535 and f.connections >= 0 and valid_route(f.route)
+
+
+def test_a_line_without_a_route_is_a_connection_and_a_bad_route_is_refused(tmp_path: Path) -> None:
+    request = Flow(WEB, LEDGER, 8443, "allow", "ledger allow[0]", 3, 10, 20, T0, T0 + 60, route="GET /tx/*")
+    line = flow_to_dict(request)
+    assert line["route"] == "GET /tx/*" and flow_from_dict(line, "line 1") == request
+    # A file `flows export --format edges` wrote before flows had routes.
+    older = {k: v for k, v in line.items() if k != "route"}
+    assert flow_from_dict(older, "line 1") == Flow(WEB, LEDGER, 8443, "allow", "ledger allow[0]", 3, 10, 20, T0,
+                                                   T0 + 60)
+    for bad in ("GET /tx/1 HTTP/1.1", "get /tx", "GET /tx\n", "GET " + "/x" * 200, 7):
+        with pytest.raises(FlowFormatError, match="line 1: 'route' must be"):
+            flow_from_dict(line | {"route": bad}, "line 1")
+    path = tmp_path / "flows.jsonl"
+    path.write_text(json.dumps(line) + "\n" + json.dumps(older) + "\n")
+    assert [f.route for f in read_jsonl(path)] == ["GET /tx/*", ""]
 
 
 def test_a_bad_export_file_names_its_line(tmp_path: Path) -> None:

@@ -44,14 +44,14 @@ class Seen:
     hosts: list[str] = field(default_factory=list)  # the client host of each reported decision
 
     def report(self, source: SpiffeId | None, destination: SpiffeId, port: int, decision: Decision,
-               client_host: str = "") -> FlowKey:
+               client_host: str = "", route: str = "", request_id: str = "") -> FlowKey:
         self.hosts.append(client_host)
-        key = (str(source or ""), str(destination), port, kind_of(decision), decision.rule, "")
+        key = (str(source or ""), str(destination), port, kind_of(decision), decision.rule, "", route)
         self.connections[key] = self.connections.get(key, 0) + 1
         return key
 
-    def unverified(self, destination: SpiffeId, port: int, host: str) -> FlowKey:
-        key = ("", str(destination), port, "unverified", "", host)
+    def unverified(self, destination: SpiffeId, port: int, host: str, route: str = "") -> FlowKey:
+        key = ("", str(destination), port, "unverified", "", host, route)
         self.connections[key] = self.connections.get(key, 0) + 1
         return key
 
@@ -112,12 +112,12 @@ async def test_permissive_forwards_plaintext_as_unverified_and_still_serves_mtls
     seen = Seen()
     async with listening("permissive", seen) as (listener, authority):
         assert await _exchange(listener.port, b"GET / HTTP/1.0\r\n\r\n") == b"GET / HTTP/1.0\r\n\r\n"
-        plain = ("", str(FX), listener.port, "unverified", "", "127.0.0.1")
+        plain = ("", str(FX), listener.port, "unverified", "", "127.0.0.1", "")
         await _until(lambda: seen.bytes.get(plain) == [18, 18])
         assert seen.connections == {plain: 1}  # no identity guessed, no policy consulted
         client = client_context(authority.svid("payments"), BundleSet([authority.bundle()]))
         assert await _exchange(listener.port, b"hello fx", client) == b"hello fx"
-        allowed = (str(PAYMENTS), str(FX), listener.port, "allow", "fx allow[0]", "")
+        allowed = (str(PAYMENTS), str(FX), listener.port, "allow", "fx allow[0]", "", "")
         await _until(lambda: seen.bytes.get(allowed) == [8, 8], timeout=20)  # TLS: at most 10 s after close
         assert seen.connections[allowed] == 1
         assert seen.hosts == ["127.0.0.1"]  # the verified client's host: the server finds its node by it
@@ -128,7 +128,7 @@ async def test_permissive_still_denies_an_mtls_client_the_policy_does_not_allow(
     async with listening("permissive", seen) as (listener, authority):
         client = client_context(authority.svid("web"), BundleSet([authority.bundle()]))
         assert await _exchange(listener.port, b"hello fx", client) == b""
-        denied = (str(TD.spiffe_id("/web")), str(FX), listener.port, "deny", "default deny", "")
+        denied = (str(TD.spiffe_id("/web")), str(FX), listener.port, "deny", "default deny", "", "")
         await _until(lambda: seen.connections)
         assert seen.connections == {denied: 1} and seen.bytes == {}  # identity known: never unverified
 
@@ -147,7 +147,7 @@ async def test_a_long_lived_connection_reports_its_bytes_before_it_ends() -> Non
         reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
         writer.write(b"ping")
         assert await reader.readexactly(4) == b"ping"
-        key = ("", str(FX), listener.port, "unverified", "", "127.0.0.1")
+        key = ("", str(FX), listener.port, "unverified", "", "127.0.0.1", "")
         await _until(lambda: seen.bytes.get(key) == [4, 4])  # reported by the loop, the connection still open
         writer.write(b"pong!")
         assert await reader.readexactly(5) == b"pong!"
@@ -168,7 +168,7 @@ async def test_a_silent_plaintext_client_is_forwarded_after_the_peek_wait(monkey
         writer.write(b"late")
         assert await asyncio.wait_for(reader.readexactly(4), 5) == b"late"
         writer.close()
-        assert list(seen.connections) == [("", str(FX), listener.port, "unverified", "", "127.0.0.1")]
+        assert list(seen.connections) == [("", str(FX), listener.port, "unverified", "", "127.0.0.1", "")]
 
 
 def _agent_config(tmp_path: Path, inbound: str) -> AgentConfig:

@@ -93,3 +93,64 @@ def test_apply_of_nothing_needs_allow_empty(files: Path, capsys: pytest.CaptureF
     # With the flag it goes on to the server (here: none).
     code, _, err = run(capsys, "apply", str(files / "empty"), "--allow-empty")
     assert code == 1 and "cannot reach the trustmesh server" in err
+
+
+ROUTES = """\
+apiVersion: trustmesh/v1
+kind: Allowlist
+metadata: {name: ledger-read, owner: payments}
+spec:
+  destination: spiffe://example.org/ledger
+  allow:
+    - from: spiffe://example.org/fraud-scoring
+      methods: [GET, HEAD]
+      paths: ["/transactions/*", "/health"]
+"""
+
+
+@pytest.fixture
+def routes(files: Path) -> list[str]:
+    (files / "routes.yaml").write_text(ROUTES)
+    return ["test", str(files / "routes.yaml"), "--from", "spiffe://example.org/fraud-scoring",
+            "--to", "spiffe://example.org/ledger"]
+
+
+@pytest.mark.parametrize(("flags", "code", "start"), [
+    (("--method", "GET", "--path", "/transactions/1"), 0, "ALLOW  ledger-read allow[0]: "),
+    (("--path", "/transactions/1?page=2"), 0, "ALLOW  ledger-read allow[0]: "),  # GET; the query is ignored
+    (("--path", "/a/../transactions//1"), 0, "ALLOW  "),  # normalised as a listener does
+    (("--method", "HEAD"), 1, "DENY  default deny: "),  # path /
+    (("--method", "POST", "--path", "/transactions/1"), 1, "DENY  default deny: "),
+    ((), 1, "DENY  default deny: ledger-read allow[0] allows only HTTP requests"),  # a plain connection
+])
+def test_test_decides_http_requests(routes: list[str], capsys: pytest.CaptureFixture[str], flags: tuple[str, ...],
+                                    code: int, start: str) -> None:
+    got, out, _ = run(capsys, *routes, *flags)
+    assert got == code and out.startswith(start), out
+    if code == 0:
+        assert out.rstrip().endswith("(route GET /transactions/*)")
+
+
+def test_test_prints_the_route_without_the_path(routes: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, *routes, "--method", "POST", "--path", "/transactions/4111111111111111")
+    assert code == 1 and out.rstrip().endswith("(route POST)") and "4111" not in out
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (("--path", "/public;x/../admin"), "--path: an http listener refuses this path (400): a ';' in a path"),
+    (("--path", "/a%2Fb"), "--path: an http listener refuses this path (400): an encoded slash"),
+    (("--path", "/../etc"), "climbs above the root"),
+    (("--path", "transactions"), "must start with '/'"),
+    (("--method", "get", "--path", "/health"), "--method: 'get' is not a method: methods are case-sensitive; use GET"),
+])
+def test_test_refuses_an_ambiguous_request_as_invalid(routes: list[str], capsys: pytest.CaptureFixture[str],
+                                                      flags: tuple[str, ...], message: str) -> None:
+    code, out, err = run(capsys, *routes, *flags)
+    assert code == 2 and out == ""
+    assert err.startswith("trustmesh: error: ") and message in err and err.count("\n") == 1
+
+
+def test_lint_reports_route_problems(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (files / "bad-routes.yaml").write_text(ROUTES.replace("[GET, HEAD]", "[get]"))
+    code, out, _ = run(capsys, "lint", str(files / "bad-routes.yaml"))
+    assert code == 1 and "document 1: spec.allow[0].methods[0]: 'get' is not a method" in out

@@ -403,7 +403,7 @@ spec: {{destination: "{FX}", allow: [{{from: "{PAYMENTS}"}}]}}
         assert listener.recheck() == 1  # what the agent does on every policy it receives
         assert await asyncio.wait_for(reader.read(4), 5) == b""
         writer.close()
-        cut = (PAYMENTS, str(FX), listener.port, "deny", QUARANTINE, "")
+        cut = (PAYMENTS, str(FX), listener.port, "deny", QUARANTINE, "", "")
         assert seen.connections[cut] == 1
         assert await _exchange(listener.port, b"hello", client) == b""  # refused per connection
         await _until(lambda: seen.connections[cut] == 2)

@@ -21,6 +21,7 @@ from trustmesh.agent.sync import STATE_FILE, SyncClient, SyncState
 from trustmesh.bundle import Bundle, BundleSet
 from trustmesh.keys import generate_private_key
 from trustmesh.metrics import Registry
+from trustmesh.policy import PolicyError
 from trustmesh.spiffeid import TrustDomain
 from trustmesh.x509svid import build_ca_certificate
 
@@ -105,6 +106,18 @@ def test_deltas_upsert_delete_and_move_the_revision() -> None:
     assert state.revision == 5
     state.apply(delta(6, upserted_entries=[pb_entry("e")]))
     assert state.revision == 6
+
+
+def test_a_delta_whose_policy_this_agent_cannot_use_changes_nothing() -> None:
+    state = SyncState()
+    for message in snapshot(3, [["a"]], [], policy_revision=2):
+        state.apply(message)
+    unusable = types_pb2.CompiledPolicy(revision=9, rules=[types_pb2.PolicyRule(
+        destination="spiffe://example.org/ledger", allowlist="ledger-read",
+        allow=[types_pb2.AllowedSource(id="spiffe://example.org/fraud", methods=["get"], paths=["/a"])])])
+    with pytest.raises(PolicyError, match="ledger-read"):
+        state.apply(delta(4, upserted_entries=[pb_entry("b")], policy=unusable))
+    assert set(state.entries) == {"a"} and state.policy.revision == 2 and state.revision == 3
 
 
 def test_the_request_resumes_with_revision_and_bundle_sequences() -> None:

@@ -9,6 +9,8 @@ import pytest
 from trustmesh._proto.trustmesh.v1 import types_pb2
 from trustmesh.bundle import Bundle, JwtAuthority
 from trustmesh.keys import spki_der
+from trustmesh.policy import PolicyError, load_text
+from trustmesh.policy.wire import policy_from_pb, policy_to_pb
 from trustmesh.selectors import InvalidSelectorError, Selector, value_of
 from trustmesh.spiffeid import TrustDomain
 from trustmesh.wire import bundle_from_pb, bundle_to_pb, selector_from_pb, selector_to_pb
@@ -73,3 +75,52 @@ def test_value_of_reads_a_selector_kind() -> None:
     assert value_of(selectors, "unix:uid") == "1000"
     assert value_of(selectors, "unix:user") is None
     assert value_of(["unix:uidx:3"], "unix:uid") is None
+
+
+# --- compiled policy routes (trustmesh/policy/wire.py) -----------------------------------------
+
+ROUTED = """\
+apiVersion: trustmesh/v1
+kind: Allowlist
+metadata: {name: ledger-read}
+spec:
+  destination: spiffe://example.org/ledger
+  allow:
+    - from: spiffe://example.org/fraud-scoring
+      methods: [GET, HEAD]
+      paths: ["/transactions/*", "/health"]
+    - from: spiffe://example.org/payments
+"""
+
+
+def _compiled() -> types_pb2.CompiledPolicy:
+    loaded = load_text(ROUTED, "routed.yaml")
+    assert loaded.ok, loaded.problems
+    return policy_to_pb(loaded.policy)
+
+
+def test_routes_survive_the_wire_both_ways() -> None:
+    message = _compiled()
+    routed, plain = message.rules[0].allow
+    assert (list(routed.methods), list(routed.paths)) == (["GET", "HEAD"], ["/transactions/*", "/health"])
+    assert (list(plain.methods), list(plain.paths)) == ([], [])
+    again = policy_from_pb(types_pb2.CompiledPolicy.FromString(message.SerializeToString()))
+    assert again.allowlists == load_text(ROUTED, "routed.yaml").policy.allowlists
+    assert again.route_methods == frozenset({"GET", "HEAD"})
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("methods", "get", "case-sensitive"),
+    ("methods", "", "is not a method"),
+    ("paths", "/a/../b", "not a normalised path"),
+    ("paths", "transactions/*", "start with '/'"),
+    ("paths", "/a/*/b", "final '/*'"),
+    ("paths", "/a%2Fb", "encoded slash"),
+])
+def test_an_agent_refuses_a_route_it_cannot_read(field: str, value: str, message: str) -> None:
+    # Dropping the route would widen the rule to every request: refused, never guessed.
+    compiled = _compiled()
+    getattr(compiled.rules[0].allow[0], field).append(value)
+    with pytest.raises(PolicyError, match="^compiled policy: ledger-read allow\\[0\\] has a route") as caught:
+        policy_from_pb(compiled)
+    assert message in str(caught.value)

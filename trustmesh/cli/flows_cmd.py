@@ -39,7 +39,7 @@ class FlowsArgsError(TrustmeshError):
 
 def flow_from_pb(edge: admin_pb2.FlowEdge) -> Flow:
     return Flow(edge.source, edge.destination, edge.port, edge.decision, edge.rule, edge.connections, edge.bytes_in,
-                edge.bytes_out, float(edge.first_seen), float(edge.last_seen), edge.source_address)
+                edge.bytes_out, float(edge.first_seen), float(edge.last_seen), edge.source_address, edge.route)
 
 
 def fetch_flows(args: argparse.Namespace, since: str | None, *, source: str = "", destination: str = "",
@@ -71,12 +71,15 @@ def _size(n: int) -> str:
 
 
 def _table(flows: list[Flow]) -> None:
-    rows = [("SOURCE", "DESTINATION", "PORT", "DECISION", "CONNS", "BYTES IN", "BYTES OUT", "FIRST SEEN",
-             "LAST SEEN", "RULE")]
+    # The route column only when HTTP listeners reported requests: a tcp-only mesh keeps its
+    # table as it was. With routes, a row counts requests, not connections, where it has one.
+    routed = any(f.route for f in flows)
+    rows = [("SOURCE", "DESTINATION", "PORT", *(("ROUTE",) if routed else ()), "DECISION",
+             "CONNS/REQS" if routed else "CONNS", "BYTES IN", "BYTES OUT", "FIRST SEEN", "LAST SEEN", "RULE")]
     for f in flows:
-        rows.append((f.source or f"unverified {f.source_address}", f.destination, str(f.port), f.decision,
-                     str(f.connections), _size(f.bytes_in), _size(f.bytes_out), format_utc(f.first_seen),
-                     format_utc(f.last_seen), f.rule or "-"))
+        rows.append((f.source or f"unverified {f.source_address}", f.destination, str(f.port),
+                     *((f.route or "-",) if routed else ()), f.decision, str(f.connections), _size(f.bytes_in),
+                     _size(f.bytes_out), format_utc(f.first_seen), format_utc(f.last_seen), f.rule or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -158,11 +161,13 @@ def _graph(args: argparse.Namespace) -> int:
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = commands.add_parser(
         "flows", help="who talks to whom: observed connections per edge, with counts, bytes and decisions",
-        description="Every connection through an agent's listeners, summed per (source, destination, port, "
-                    "decision, rule): allow, deny, audit (allowed only because the allowlist is in audit mode: "
-                    "enforce would deny it) and unverified (a plaintext caller of a permissive listener, known by "
-                    "its address only). The server keeps hourly rollups for --flow-retention (30 days by "
-                    "default); agents' reports are their claims about their own workloads.",
+        description="Every connection through an agent's listeners (every request, for http listeners), "
+                    "summed per (source, destination, port, decision, rule, and for requests their route: the "
+                    "method and the deciding rule's path pattern, never the path itself): allow, deny, audit "
+                    "(allowed only because the allowlist is in audit mode: enforce would deny it) and unverified "
+                    "(a plaintext caller of a permissive listener, known by its address only). The server keeps "
+                    "hourly rollups for --flow-retention (30 days by default); agents' reports are their claims "
+                    "about their own workloads.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--since", metavar="WHEN",
                    help=f"a duration back from now (7d, 1h) or an ISO time (default {DEFAULT_SINCE}); "

@@ -22,10 +22,11 @@ from trustmesh.cli.flows_cmd import fetch_flows
 from trustmesh.clock import format_utc, parse_utc, utc_now
 from trustmesh.errors import InvalidSpiffeIdError, TrustmeshError
 from trustmesh.flows import Flow, flow_to_dict, read_jsonl
-from trustmesh.policy import Policy, bundle_documents, load_paths, load_text
+from trustmesh.policy import AmbiguousPathError, HttpRequest, Policy, bundle_documents, load_paths, load_text
 from trustmesh.policy.loader import REVISION
 from trustmesh.policy.model import IdPattern, PolicyError
 from trustmesh.policy.ownership import ownership_of
+from trustmesh.policy.routes import check_method, normalize_path
 from trustmesh.policy.suggest import simulate, suggest
 from trustmesh.spiffeid import SpiffeId
 
@@ -37,6 +38,8 @@ examples (the same files in CI and in production):
       --to spiffe://example.org/ledger --port 9443      # exit 0 allow, 1 deny, 2 invalid input
   trustmesh policy test policies/ --from spiffe://partner.example/settlement \\
       --to spiffe://example.org/ledger --at 2027-01-01T00:00:00Z   # as of that time
+  trustmesh policy test policies/ --from spiffe://example.org/fraud-scoring \
+      --to spiffe://example.org/ledger --method GET --path /transactions/42   # one HTTP request
   trustmesh policy diff policies/                       # what apply would change
   trustmesh policy apply policies/ --comment "JIRA-123: batch may read the ledger"
   trustmesh policy apply empty-dir/ --allow-empty       # deny everything, deliberately
@@ -97,6 +100,7 @@ def _test_decision(args: argparse.Namespace) -> int:
         raise PolicyArgsError(str(err)) from err
     if args.port is not None and not 1 <= args.port <= 65535:
         raise PolicyArgsError(f"--port {args.port}: a port is 1 to 65535")
+    request = _test_request(args.method, args.path)
     at = utc_now()
     if args.at:
         try:
@@ -113,9 +117,29 @@ def _test_decision(args: argparse.Namespace) -> int:
         policy = loaded.policy
     else:
         policy = _server_policy(args)
-    decision = policy.decide(source, destination, args.port, at)
-    print(f"{decision.verdict}  {decision.rule}: {decision.reason}")
+    decision = policy.decide(source, destination, args.port, at, request=request)
+    route = f" (route {decision.route})" if decision.route else ""
+    print(f"{decision.verdict}  {decision.rule}: {decision.reason}{route}")
     return TEST_ALLOW if decision.allowed else TEST_DENY
+
+
+def _test_request(method: str | None, path: str | None) -> HttpRequest | None:
+    """The HTTP request --method/--path describe (either one implies a request), or None for a
+    plain connection. The path is normalised as an http listener does; an ambiguous one is bad
+    input, since a listener would answer it 400 before any rule is looked at."""
+    if method is None and path is None:
+        return None
+    method = "GET" if method is None else method
+    try:
+        check_method(method)
+    except PolicyError as err:
+        raise PolicyArgsError(f"--method: {err}") from err
+    try:
+        # The query is no part of what is matched: split off as an http listener does.
+        normal = normalize_path("/" if path is None else path.partition("?")[0])
+    except AmbiguousPathError as err:
+        raise PolicyArgsError(f"--path: an http listener refuses this path (400): {err.reason}") from err
+    return HttpRequest(method, normal)
 
 
 def _documents(args: argparse.Namespace, *, allow_empty: bool = True) -> str:
@@ -312,15 +336,32 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.set_defaults(func=_lint)
 
     p = sub.add_parser("test", help="would SOURCE reach DESTINATION? prints ALLOW or DENY and the deciding rule",
-                       description="Exit 0 for allow, 1 for deny and 2 for invalid input (bad files, IDs or "
-                                   "time, or no server), so it can gate a CI pipeline. Without PATHs it asks the "
-                                   "server's current policy.")
+                       description="Exit 0 for allow, 1 for deny and 2 for invalid input (bad files, IDs, time, "
+                                   "method or path, or no server), so it can gate a CI pipeline. Without PATHs it "
+                                   "asks the server's current policy. With --method or --path it decides one HTTP "
+                                   "request as an http listener would (the path normalised first) and prints the "
+                                   "route label; without them, a plain connection (as a tcp listener), which rules "
+                                   "naming methods or paths never allow.",
+                       epilog="examples:\n"
+                              "  trustmesh policy test policies/ --from spiffe://example.org/payments \\\n"
+                              "      --to spiffe://example.org/ledger --port 9443\n"
+                              "  trustmesh policy test policies/ --from spiffe://example.org/fraud-scoring \\\n"
+                              "      --to spiffe://example.org/ledger --method POST --path /transactions/1\n"
+                              "  trustmesh policy test --from spiffe://example.org/payments \\\n"
+                              "      --to spiffe://example.org/ledger --path /health   (GET, the server's policy)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="*", metavar="PATH", help="YAML files or directories (default: the server's policy)")
     p.add_argument("--from", dest="source", required=True, metavar="ID", help="the calling workload's SPIFFE ID")
     p.add_argument("--to", required=True, metavar="ID", help="the called workload's SPIFFE ID")
     p.add_argument("--port", type=int, help="the destination port")
     p.add_argument("--at", metavar="TIME", help="decide as of this ISO 8601 time, e.g. 2027-01-01T00:00:00Z; "
                                                 "rules expired by then do not match")
+    p.add_argument("--method", metavar="METHOD",
+                   help="decide an HTTP request with this method (case-sensitive, e.g. GET; default GET when "
+                        "only --path is given)")
+    p.add_argument("--path", metavar="PATH",
+                   help="decide an HTTP request for this path (normalised as an http listener does, a query "
+                        "ignored; default / when only --method is given)")
     add_socket_flag(p)
     p.set_defaults(func=invalid_as(TEST_INVALID, _test_decision))  # 1 means deny: never an error
 

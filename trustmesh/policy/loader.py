@@ -21,6 +21,7 @@ from trustmesh.policy.model import MODES, Allowlist, AllowRule, IdPattern, Polic
 from trustmesh.policy.responses import KIND as RESPONSE_KIND
 from trustmesh.policy.responses import ResponseDocument, ResponsePolicy, load_response
 from trustmesh.policy.responses import to_document as response_document
+from trustmesh.policy.routes import STANDARD_METHODS, PathPattern, check_method
 from trustmesh.policy.strict_yaml import describe, load_all_strict
 
 API_VERSION = "trustmesh/v1"
@@ -29,13 +30,15 @@ KINDS = (KIND, RESPONSE_KIND)
 TOP_KEYS = {"apiVersion", "kind", "metadata", "spec"}
 META_KEYS = {"name", "owner"}
 SPEC_KEYS = {"destination", "ports", "mode", "allow"}
-RULE_KEYS = {"from", "expires"}
+RULE_KEYS = {"from", "expires", "methods", "paths"}
 MAX_FILE_BYTES = 1024 * 1024  # one policy file
 MAX_REVISION_BYTES = 3 * 1024 * 1024  # every file of a revision together: under gRPC's 4 MiB message limit
 MAX_ALLOWLISTS_PER_FILE = 1000
 MAX_ALLOWLISTS_PER_REVISION = 10_000
 MAX_RULES_PER_ALLOWLIST = 1000
 MAX_PORTS_PER_ALLOWLIST = 100
+MAX_METHODS_PER_RULE = 32
+MAX_PATHS_PER_RULE = 64
 MAX_NAME_CHARS = 128
 MAX_OWNER_CHARS = 256
 
@@ -148,6 +151,74 @@ def _metadata(raw: dict[str, Any], doc: _Doc) -> tuple[str, str]:
     return name, owner
 
 
+def _route_items(raw: dict[str, Any], key: str, where: str, doc: _Doc, limit: int, limit_name: str,
+                 example: str) -> list[tuple[str, Any]] | None:
+    """The items of a rule's `methods` or `paths` with their field names ([] when the key is
+    absent), or None after reporting why the list itself is refused."""
+    if key not in raw:
+        return []
+    items = raw[key]
+    field = f"{where}.{key}"
+    if not isinstance(items, list) or not items:
+        doc.problem(field, f"must be a non-empty list, e.g. {example}; leave it out to allow every {key[:-1]}")
+        return None
+    if len(items) > limit:
+        doc.problem(field, f"{len(items)} {key}, above the limit of {limit} ({limit_name}); split the rule")
+        return None
+    return [(f"{field}[{j}]", item) for j, item in enumerate(items)]
+
+
+def _rule_methods(raw: dict[str, Any], where: str, doc: _Doc) -> tuple[str, ...] | None:
+    """A rule's methods (() when it names none), or None after reporting its problems."""
+    items = _route_items(raw, "methods", where, doc, MAX_METHODS_PER_RULE, "MAX_METHODS_PER_RULE", "[GET, HEAD]")
+    if items is None:
+        return None
+    methods: list[str] = []
+    ok = True
+    for field, item in items:
+        try:
+            method = check_method(item)
+        except PolicyError as err:
+            doc.problem(field, str(err))
+            ok = False
+            continue
+        if method in methods:
+            doc.problem(field, f"{method} is listed twice")
+            ok = False
+            continue
+        methods.append(method)
+        if method == "CONNECT":
+            doc.warning(field, "http listeners refuse CONNECT (tunnels belong on a tcp listener), so this allows "
+                               "nothing")
+        elif method not in STANDARD_METHODS:
+            doc.warning(field, f"{method} is not a standard method ({', '.join(STANDARD_METHODS)}); check the "
+                               "spelling")
+    return tuple(methods) if ok else None
+
+
+def _rule_paths(raw: dict[str, Any], where: str, doc: _Doc) -> tuple[PathPattern, ...] | None:
+    """A rule's path patterns (() when it names none), or None after reporting its problems."""
+    items = _route_items(raw, "paths", where, doc, MAX_PATHS_PER_RULE, "MAX_PATHS_PER_RULE",
+                         '["/transactions/*", "/health"]')
+    if items is None:
+        return None
+    paths: list[PathPattern] = []
+    ok = True
+    for field, item in items:
+        try:
+            pattern = PathPattern.parse(item)
+        except PolicyError as err:
+            doc.problem(field, str(err))
+            ok = False
+            continue
+        if pattern in paths:
+            doc.problem(field, f"{pattern} is listed twice")
+            ok = False
+            continue
+        paths.append(pattern)
+    return tuple(paths) if ok else None
+
+
 def _load_allowlist(raw: dict[str, Any], doc: _Doc, name: str, owner: str, now: datetime,
                     reject_expired: bool) -> Allowlist | None:
     spec = raw.get("spec")
@@ -183,42 +254,51 @@ def _load_allowlist(raw: dict[str, Any], doc: _Doc, name: str, owner: str, now: 
     if raw_rules == [] and mode == "audit":
         pass  # discovery: cover destinations, deny nothing, and see in the flows what enforce would deny
     elif not isinstance(raw_rules, list) or not raw_rules:
-        doc.problem("spec.allow", "is required: a list of {from: SPIFFE ID or prefix/*, expires: optional time} "
-                                  "(only an audit-mode allowlist may say `allow: []`, to discover traffic)")
+        doc.problem("spec.allow", "is required: a list of {from: SPIFFE ID or prefix/*, expires: optional time, "
+                                  "methods and paths: optional HTTP routes} (only an audit-mode allowlist may say "
+                                  "`allow: []`, to discover traffic)")
         raw_rules = []
     elif len(raw_rules) > MAX_RULES_PER_ALLOWLIST:
         doc.problem("spec.allow", f"{len(raw_rules)} rules, above the limit of {MAX_RULES_PER_ALLOWLIST} "
                                   "(MAX_RULES_PER_ALLOWLIST); split it by destination or use a prefix/*")
         raw_rules = []
-    seen: dict[str, int] = {}
+    # Two rules for one source are fine when their routes differ (GET on /a, POST on /b);
+    # the same source, methods and paths twice is a mistake (order within a list does not matter).
+    seen: dict[tuple[str, frozenset[str], frozenset[PathPattern]], int] = {}
     for i, rule in enumerate(raw_rules):
         where = f"spec.allow[{i}]"
         if not isinstance(rule, dict):
             doc.problem(where, "must be a mapping with 'from'")
             continue
         doc.unknown(rule, RULE_KEYS, where)
+        source = None
         try:
             source = IdPattern.parse(rule.get("from"))  # type: ignore[arg-type]
         except PolicyError as err:
             doc.problem(f"{where}.from", str(err))
-            continue
-        expires = None
+        # Every field is checked even when one fails, so one run shows every problem.
+        methods, paths = _rule_methods(rule, where, doc), _rule_paths(rule, where, doc)
+        expires, expires_ok = None, True
         if "expires" in rule:
             try:
                 expires = _parse_time(rule["expires"])
             except ValueError as err:
                 doc.problem(f"{where}.expires", f"{rule['expires']!r} is not an ISO time: {err}")
-                continue
-            if expires <= now:
-                if reject_expired:
+                expires_ok = False
+            else:
+                if expires <= now and reject_expired:
                     doc.problem(f"{where}.expires", f"{expires:%Y-%m-%dT%H:%M:%SZ} is in the past; remove the rule")
-                else:
+                elif expires <= now:
                     doc.warning(f"{where}.expires", f"expired at {expires:%Y-%m-%dT%H:%M:%SZ}: the rule no longer "
                                                     "matches (and a new apply refuses it); remove the rule")
-        if str(source) in seen:
-            doc.problem(f"{where}.from", f"duplicates spec.allow[{seen[str(source)]}] ({source})")
-        seen[str(source)] = i
-        rules.append(AllowRule(source, expires))
+        if source is None or methods is None or paths is None or not expires_ok:
+            continue
+        key = (str(source), frozenset(methods), frozenset(paths))
+        if key in seen:
+            same = ", the same methods and paths" if methods or paths else ""
+            doc.problem(f"{where}.from", f"duplicates spec.allow[{seen[key]}] ({source}{same})")
+        seen[key] = i
+        rules.append(AllowRule(source, expires, methods, paths))
     if destination is None or mode not in MODES or not name:
         return None
     return Allowlist(name=name, destination=destination, allow=tuple(rules), ports=tuple(ports),
@@ -340,17 +420,27 @@ def bundle_documents(paths: Iterable[str | Path]) -> str:
     return "---\n".join(parts)
 
 
+def allow_rule_to_dict(rule: AllowRule) -> dict[str, object]:
+    """`rule` as the `allow` item that loads back to it: for documents and for `policy diff`
+    (one function, so a diff shows every field a document holds)."""
+    item: dict[str, object] = {"from": str(rule.source)}
+    if rule.methods:
+        item["methods"] = list(rule.methods)
+    if rule.paths:
+        item["paths"] = [str(p) for p in rule.paths]
+    if rule.expires:
+        item["expires"] = rule.expires.isoformat().replace("+00:00", "Z")
+    return item
+
+
 def to_document(allowlist: Allowlist) -> dict[str, Any]:
     """`allowlist` as the document that loads back to it (the inverse of `_load_one`)."""
-    def rule(r: AllowRule) -> dict[str, str]:
-        return {"from": str(r.source)} | ({"expires": r.expires.isoformat().replace("+00:00", "Z")}
-                                          if r.expires else {})
     meta = {"name": allowlist.name} | ({"owner": allowlist.owner} if allowlist.owner else {})
     spec: dict[str, Any] = {"destination": str(allowlist.destination)}
     if allowlist.ports:
         spec["ports"] = list(allowlist.ports)
     spec["mode"] = allowlist.mode
-    spec["allow"] = [rule(r) for r in allowlist.allow]
+    spec["allow"] = [allow_rule_to_dict(r) for r in allowlist.allow]
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": meta, "spec": spec}
 
 

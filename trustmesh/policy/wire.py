@@ -14,7 +14,8 @@ import functools
 from datetime import datetime, timezone
 
 from trustmesh._proto.trustmesh.v1 import types_pb2
-from trustmesh.policy.model import Allowlist, AllowRule, IdPattern, Mode, Policy
+from trustmesh.policy.model import Allowlist, AllowRule, IdPattern, Mode, Policy, PolicyError
+from trustmesh.policy.routes import PathPattern, check_method
 
 MAX_COMPILED_POLICY_BYTES = 1024 * 1024
 
@@ -44,7 +45,8 @@ def policy_to_pb(policy: Policy) -> types_pb2.CompiledPolicy:
             ports=list(allowlist.ports), mode=_MODES[allowlist.mode], allowlist=allowlist.name,
             owner=allowlist.owner,
             allow=[types_pb2.AllowedSource(id=_id_text(r.source), is_prefix=r.source.is_prefix,
-                                           expires_at=int(r.expires.timestamp()) if r.expires else 0)
+                                           expires_at=int(r.expires.timestamp()) if r.expires else 0,
+                                           methods=r.methods, paths=[str(p) for p in r.paths])
                    for r in allowlist.allow],
         ))
     return types_pb2.CompiledPolicy(revision=policy.revision, rules=rules,
@@ -62,16 +64,28 @@ def compiled_size_problem(policy: Policy) -> str | None:
             "(MAX_COMPILED_POLICY_BYTES) that a node may be sent; split rules by prefix/* or remove some")
 
 
+def _allow_rule(allowlist: str, index: int, item: types_pb2.AllowedSource) -> AllowRule:
+    # A route this agent cannot read refuses the whole policy, never a guess: dropping the
+    # route would widen the rule to every request and connection.
+    try:
+        methods = tuple(check_method(m) for m in item.methods)
+        paths = tuple(PathPattern.parse(p) for p in item.paths)
+    except PolicyError as err:
+        raise PolicyError(f"compiled policy: {allowlist} allow[{index}] has a route this agent cannot use: {err}; "
+                          "is the server newer than this agent?") from err
+    expires = datetime.fromtimestamp(item.expires_at, timezone.utc) if item.expires_at else None
+    return AllowRule(_pattern(item.id, item.is_prefix), expires, methods, paths)
+
+
 def policy_from_pb(message: types_pb2.CompiledPolicy) -> Policy:
+    """The policy of a compiled message; PolicyError when a rule in it cannot be read."""
     allowlists = []
     for rule in message.rules:
         mode: Mode = "audit" if rule.mode == types_pb2.POLICY_MODE_AUDIT else "enforce"
         allowlists.append(Allowlist(
             name=rule.allowlist, owner=rule.owner, mode=mode, ports=tuple(rule.ports),
             destination=_pattern(rule.destination, rule.destination_is_prefix),
-            allow=tuple(AllowRule(_pattern(a.id, a.is_prefix),
-                                  datetime.fromtimestamp(a.expires_at, timezone.utc) if a.expires_at else None)
-                        for a in rule.allow),
+            allow=tuple(_allow_rule(rule.allowlist, i, a) for i, a in enumerate(rule.allow)),
         ))
     return Policy(tuple(allowlists), message.revision, frozenset(message.revoked_serials),
                   quarantined=frozenset(message.quarantined))

@@ -844,7 +844,7 @@ class ReviewAccessResponse(_message.Message):
     def __init__(self, grant: _Optional[_Union[AccessGrant, _Mapping]] = ...) -> None: ...
 
 class FlowEdge(_message.Message):
-    __slots__ = ("source", "destination", "port", "decision", "rule", "connections", "bytes_in", "bytes_out", "first_seen", "last_seen", "source_address")
+    __slots__ = ("source", "destination", "port", "decision", "rule", "connections", "bytes_in", "bytes_out", "first_seen", "last_seen", "source_address", "route")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
@@ -856,6 +856,7 @@ class FlowEdge(_message.Message):
     FIRST_SEEN_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
     SOURCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     source: str
     destination: str
     port: int
@@ -867,7 +868,8 @@ class FlowEdge(_message.Message):
     first_seen: int
     last_seen: int
     source_address: str
-    def __init__(self, source: _Optional[str] = ..., destination: _Optional[str] = ..., port: _Optional[int] = ..., decision: _Optional[str] = ..., rule: _Optional[str] = ..., connections: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., first_seen: _Optional[int] = ..., last_seen: _Optional[int] = ..., source_address: _Optional[str] = ...) -> None: ...
+    route: str
+    def __init__(self, source: _Optional[str] = ..., destination: _Optional[str] = ..., port: _Optional[int] = ..., decision: _Optional[str] = ..., rule: _Optional[str] = ..., connections: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., first_seen: _Optional[int] = ..., last_seen: _Optional[int] = ..., source_address: _Optional[str] = ..., route: _Optional[str] = ...) -> None: ...
 
 class ListFlowsRequest(_message.Message):
     __slots__ = ("since", "source", "destination", "decision")

@@ -202,7 +202,7 @@ class SignJWTResponse(_message.Message):
     def __init__(self, token: _Optional[str] = ..., expires_at: _Optional[int] = ...) -> None: ...
 
 class FlowCounter(_message.Message):
-    __slots__ = ("source_id", "destination_id", "port", "decision", "rule", "mode", "count", "first_seen", "last_seen", "bytes_in", "bytes_out", "source_address")
+    __slots__ = ("source_id", "destination_id", "port", "decision", "rule", "mode", "count", "first_seen", "last_seen", "bytes_in", "bytes_out", "source_address", "route")
     SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_ID_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +215,7 @@ class FlowCounter(_message.Message):
     BYTES_IN_FIELD_NUMBER: _ClassVar[int]
     BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     source_id: str
     destination_id: str
     port: int
@@ -227,7 +228,8 @@ class FlowCounter(_message.Message):
     bytes_in: int
     bytes_out: int
     source_address: str
-    def __init__(self, source_id: _Optional[str] = ..., destination_id: _Optional[str] = ..., port: _Optional[int] = ..., decision: _Optional[_Union[FlowDecision, str]] = ..., rule: _Optional[str] = ..., mode: _Optional[_Union[_types_pb2.PolicyMode, str]] = ..., count: _Optional[int] = ..., first_seen: _Optional[int] = ..., last_seen: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., source_address: _Optional[str] = ...) -> None: ...
+    route: str
+    def __init__(self, source_id: _Optional[str] = ..., destination_id: _Optional[str] = ..., port: _Optional[int] = ..., decision: _Optional[_Union[FlowDecision, str]] = ..., rule: _Optional[str] = ..., mode: _Optional[_Union[_types_pb2.PolicyMode, str]] = ..., count: _Optional[int] = ..., first_seen: _Optional[int] = ..., last_seen: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., source_address: _Optional[str] = ..., route: _Optional[str] = ...) -> None: ...
 
 class RefusalCounter(_message.Message):
     __slots__ = ("kind", "subject", "peer", "reason", "count", "first_seen", "last_seen")

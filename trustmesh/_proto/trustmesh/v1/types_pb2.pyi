@@ -89,14 +89,18 @@ class Bundle(_message.Message):
     def __init__(self, trust_domain: _Optional[str] = ..., x509_authorities: _Optional[_Iterable[bytes]] = ..., jwt_authorities: _Optional[_Iterable[_Union[JwtAuthority, _Mapping]]] = ..., refresh_hint_seconds: _Optional[int] = ..., sequence_number: _Optional[int] = ...) -> None: ...
 
 class AllowedSource(_message.Message):
-    __slots__ = ("id", "is_prefix", "expires_at")
+    __slots__ = ("id", "is_prefix", "expires_at", "methods", "paths")
     ID_FIELD_NUMBER: _ClassVar[int]
     IS_PREFIX_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    PATHS_FIELD_NUMBER: _ClassVar[int]
     id: str
     is_prefix: bool
     expires_at: int
-    def __init__(self, id: _Optional[str] = ..., is_prefix: _Optional[bool] = ..., expires_at: _Optional[int] = ...) -> None: ...
+    methods: _containers.RepeatedScalarFieldContainer[str]
+    paths: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., is_prefix: _Optional[bool] = ..., expires_at: _Optional[int] = ..., methods: _Optional[_Iterable[str]] = ..., paths: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PolicyRule(_message.Message):
     __slots__ = ("destination", "destination_is_prefix", "ports", "mode", "allow", "allowlist", "owner", "rule_index")
