@@ -92,15 +92,19 @@ class AgentState:
 
 def agent_state(entries: Sequence[RegistrationEntry], *, own_bundle: types_pb2.Bundle,
                 federated: Mapping[str, Bundle],
-                policy: Policy, revoked_serials: frozenset[str], revision: int) -> AgentState:
+                policy: Policy, revoked_serials: frozenset[str], revision: int,
+                http_routes: bool = True) -> AgentState:
     """The state of an agent authorized for `entries`: our own bundle and the stored bundle of
-    every trust domain they federate with, and the allowlists deciding for their destinations."""
+    every trust domain they federate with, and the allowlists deciding for their destinations
+    (without route rules for an agent that cannot enforce them: `http_routes` False)."""
     bundles = {own_bundle.trust_domain: own_bundle}
     for td in sorted({td.name for e in entries for td in e.federates_with}):
         stored = federated.get(td)
         if stored is not None and td not in bundles:
             bundles[td] = bundle_to_pb(stored)
     compiled = policy.for_destinations([e.spiffe_id for e in entries])
+    if not http_routes:
+        compiled = compiled.without_routes()
     return AgentState(entries, bundles, policy_to_pb(replace(compiled, revoked_serials=revoked_serials)), revision)
 
 

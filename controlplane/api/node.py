@@ -34,6 +34,7 @@ from trustmesh.controlplane.registry_view import RegistryView
 from trustmesh.controlplane.sync_service import SyncService
 from trustmesh.errors import CAError
 from trustmesh.naming import agent_id
+from trustmesh.policy.wire import HTTP_ROUTES
 from trustmesh.x509svid import X509Svid
 
 ATTEST_STEP_TIMEOUT = 30.0
@@ -128,7 +129,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         if updated is not None:
             await self._view.node_written(updated)
             node = updated
-        with self._sync.open(peer, node, peer.not_after) as stream:
+        # An agent that does not say it enforces route rules is sent none (it would read each
+        # as allowing every request).
+        with self._sync.open(peer, node, peer.not_after, http_routes=HTTP_ROUTES in request.features) as stream:
             for message in stream.start(request.since_revision, dict(request.bundle_sequences)):
                 yield message
             while True:

@@ -20,6 +20,7 @@ EXPECTED_PREFIXES = ("flows.ingestion", "flows.store_writes.", "flows.idle_reads
                      "propagation.entry.", "idle_load.",
                      "workload_api.first_response", "workload_api.rotation_fanout", "workload_api.agent_rss",
                      "proxy.handshakes", "proxy.bulk", "proxy.cpu_per_1000_requests", "proxy.caller_check",
+                     "http_proxy.requests_per_second", "http_proxy.added_p99_ms", "http_proxy.cpu_per_1000_requests",
                      "scale.sync_cost_ratio", "scale.server_rss", "detection.", "quarantine.in_force.",
                      "quarantine.report_to_detected.", "quarantine.report_to_recorded.")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import string
 import subprocess
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -99,6 +100,31 @@ spec: {{destination: "{LEDGER}", mode: enforce, allow: [{{from: "{TD}/*"}}]}}
     result = simulate(policy, OBSERVED, NOW)
     assert [f.source for f in result.newly_allowed] == [f"{TD}/attacker"]
     assert [r.flow.destination for r in result.would_deny] == [FX]  # no allowlist covers fx any more
+
+
+def test_simulate_replays_http_flows_by_their_route() -> None:
+    """An HTTP flow keeps its method and the pattern it was counted under, never its path: a
+    candidate is judged on those (a prefix as the prefix itself)."""
+    read_only = load_text(f"""
+apiVersion: trustmesh/v1
+kind: Allowlist
+metadata: {{name: ledger-read}}
+spec:
+  destination: "{LEDGER}"
+  allow: [{{from: "{WEB}", methods: [GET], paths: ["/transactions/*", /health]}}]
+""", "x").policy
+
+    def request(route: str, decision: str = "allow") -> Flow:
+        return replace(flow(WEB, LEDGER, 8443, decision, rule="ledger allow[0]"), route=route)
+
+    observed = [request("GET /transactions/*"), request("GET /health"), request("POST *"), request("DELETE", "deny"),
+                flow(WEB, LEDGER, 8443, "allow", rule="ledger allow[0]")]  # a plain connection
+    result = simulate(read_only, observed, NOW)
+    assert [(r.flow.route, r.reason) for r in result.would_deny] == [
+        ("POST *", f"no rule of ledger-read allows POST from {WEB}"),
+        ("", "ledger-read allow[0] allows only HTTP requests (methods/paths): serve this port with an http "
+             "listener")]
+    assert not result.newly_allowed and result.judged == 5
 
 
 def test_the_graph_in_three_formats(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ from trustmesh.controlplane.store import open_store
 from trustmesh.controlplane.store.records import RegistrationEntry
 from trustmesh.controlplane.sync_service import OWN_BUNDLE_SECONDS, SyncService
 from trustmesh.metrics import Registry
-from trustmesh.policy import Allowlist, AllowRule, IdPattern, Policy
+from trustmesh.policy import Allowlist, AllowRule, IdPattern, PathPattern, Policy
+from trustmesh.policy.wire import policy_from_pb
 from trustmesh.selectors import Selector
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 from trustmesh.wire import bundle_to_pb
@@ -98,6 +99,25 @@ def test_an_agent_gets_its_own_bundle_the_federated_ones_its_entries_name_and_th
     assert s.bundles[PARTNER.name].sequence_number == 3
     assert [r.allowlist for r in s.policy.rules] == ["to-w1"], "only allowlists for the agent's destinations"
     assert list(s.policy.revoked_serials) == ["abc"] and s.policy.revision == 5
+
+
+def test_an_agent_that_does_not_enforce_routes_is_sent_no_route_rule() -> None:
+    """An agent of a release before route rules would read `methods`/`paths` as absent, i.e.
+    allow every request: it gets none of them, and so denies what they alone allow."""
+    routed = Policy((Allowlist("ledger-read", IdPattern.parse("spiffe://example.org/w1"), (
+        AllowRule(IdPattern.parse("spiffe://example.org/fraud"), methods=("GET",), paths=(PathPattern.parse("/a/*"),)),
+        AllowRule(IdPattern.parse("spiffe://example.org/w2")))),), 6)
+    current = sync_delta.agent_state([entry(1)], own_bundle=bundle_to_pb(OWN_BUNDLE), federated=FEDERATED,
+                                     policy=routed, revoked_serials=frozenset(), revision=10)
+    assert [(a.id, list(a.methods)) for a in current.policy.rules[0].allow] == [
+        ("spiffe://example.org/fraud", ["GET"]), ("spiffe://example.org/w2", [])]
+    old = sync_delta.agent_state([entry(1)], own_bundle=bundle_to_pb(OWN_BUNDLE), federated=FEDERATED,
+                                 policy=routed, revoked_serials=frozenset(), revision=10, http_routes=False)
+    assert [a.id for a in old.policy.rules[0].allow] == ["spiffe://example.org/w2"]
+    decision = policy_from_pb(old.policy).decide(SpiffeId.parse("spiffe://example.org/fraud"),
+                                                 SpiffeId.parse("spiffe://example.org/w1"), None,
+                                                 datetime.now(timezone.utc))
+    assert not decision.allowed
 
 
 def test_a_new_agent_gets_a_snapshot_then_the_bundles_it_must_drop() -> None:

@@ -241,6 +241,15 @@ class Policy:
         return (f"no rule of {names} allows {self._route(request, None)} from {source}"
                 + (" on this path" if method_listed else ""))
 
+    def without_routes(self) -> Policy:
+        """This policy with every route rule (methods or paths) left out: what an agent that
+        cannot enforce routes is sent. It then denies what those rules alone allow, where keeping
+        them would have it read each as allowing every request."""
+        if not any(r.routed for a in self.allowlists for r in a.allow):
+            return self
+        kept = tuple(replace(a, allow=tuple(r for r in a.allow if not r.routed)) for a in self.allowlists)
+        return replace(self, allowlists=kept)
+
     def for_destinations(self, destinations: list[SpiffeId]) -> Policy:
         """Only the allowlists that can decide for these destinations (what one node needs)."""
         keep = tuple(a for a in self.allowlists if any(a.destination.matches(d) for d in destinations))

@@ -23,6 +23,7 @@ from trustmesh.errors import InvalidSpiffeIdError
 from trustmesh.flows import Flow
 from trustmesh.policy.loader import API_VERSION, KIND, MAX_NAME_CHARS
 from trustmesh.policy.model import GRANT_ALLOWLIST_PREFIX, IdPattern, Policy
+from trustmesh.policy.routes import ANY_PATH, HttpRequest
 from trustmesh.spiffeid import SpiffeId
 
 WENT_THROUGH = ("allow", "audit")
@@ -175,6 +176,20 @@ def _enforced(policy: Policy) -> Policy:
     return replace(policy, allowlists=tuple(replace(a, mode="enforce") for a in policy.allowlists))
 
 
+def route_request(route: str) -> HttpRequest | None:
+    """The request an HTTP flow stands for, from its route (flows never keep a request's own
+    path): "GET /transactions/*" as GET /transactions/ (the prefix itself), "GET /health" as
+    itself, a method alone or with "*" (no rule's paths decided it) as the method on "/".
+    None for a connection (no route). A candidate that splits paths finer than the rules the
+    flows were counted under can only be checked request by request (`policy test --path`)."""
+    if not route:
+        return None
+    method, _, pattern = route.partition(" ")
+    if not pattern or pattern == ANY_PATH:
+        return HttpRequest(method, "/")
+    return HttpRequest(method, pattern[:-1] if pattern.endswith("/*") else pattern)
+
+
 def simulate(candidate: Policy, flows: Iterable[Flow], at: datetime) -> Simulation:
     """Replay observed flows against `candidate` as if it were enforced."""
     relevant: dict[str, Policy] = {}
@@ -198,13 +213,15 @@ def simulate(candidate: Policy, flows: Iterable[Flow], at: datetime) -> Simulati
         judged += 1
         if flow.destination not in relevant:  # each destination's allowlists, found once
             relevant[flow.destination] = candidate.for_destinations([destination])
-        decision = relevant[flow.destination].decide(source, destination, flow.port, at)
+        request = route_request(flow.route)
+        decision = relevant[flow.destination].decide(source, destination, flow.port, at, request=request)
         really_allowed = decision.allowed and not decision.audit_only
         if really_allowed:
             used.add(decision.rule)
         if flow.decision in WENT_THROUGH and not really_allowed:
             # The reason enforcement would give (audit mode only postpones it).
-            enforced = _enforced(relevant[flow.destination]).decide(source, destination, flow.port, at)
+            enforced = _enforced(relevant[flow.destination]).decide(source, destination, flow.port, at,
+                                                                    request=request)
             note = " (an audit-mode allowlist lets it through until enforced)" if decision.audit_only else ""
             would_deny.append(Refused(flow, enforced.rule, enforced.reason + note))
         elif flow.decision == "deny" and really_allowed:

@@ -18,6 +18,9 @@ from trustmesh.policy.model import Allowlist, AllowRule, IdPattern, Mode, Policy
 from trustmesh.policy.routes import PathPattern, check_method
 
 MAX_COMPILED_POLICY_BYTES = 1024 * 1024
+# What an agent says it enforces (SyncRequest.features): allow rules with methods and paths.
+# The server sends route rules only to agents that say so.
+HTTP_ROUTES = "http_routes"
 
 _MODES = {"enforce": types_pb2.POLICY_MODE_ENFORCE, "audit": types_pb2.POLICY_MODE_AUDIT}
 

@@ -81,7 +81,7 @@ class RenewAgentResponse(_message.Message):
     def __init__(self, svid_chain: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class SyncRequest(_message.Message):
-    __slots__ = ("since_revision", "bundle_sequences", "policy_revision", "permissive_listeners")
+    __slots__ = ("since_revision", "bundle_sequences", "policy_revision", "permissive_listeners", "features")
     class BundleSequencesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -93,11 +93,13 @@ class SyncRequest(_message.Message):
     BUNDLE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     POLICY_REVISION_FIELD_NUMBER: _ClassVar[int]
     PERMISSIVE_LISTENERS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     since_revision: int
     bundle_sequences: _containers.ScalarMap[str, int]
     policy_revision: int
     permissive_listeners: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, since_revision: _Optional[int] = ..., bundle_sequences: _Optional[_Mapping[str, int]] = ..., policy_revision: _Optional[int] = ..., permissive_listeners: _Optional[_Iterable[str]] = ...) -> None: ...
+    features: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, since_revision: _Optional[int] = ..., bundle_sequences: _Optional[_Mapping[str, int]] = ..., policy_revision: _Optional[int] = ..., permissive_listeners: _Optional[_Iterable[str]] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SyncResponse(_message.Message):
     __slots__ = ("revision", "snapshot", "delta")
