@@ -234,6 +234,13 @@ class Conn:
 
 @pytest.mark.slow
 def test_requests_decided_one_by_one_on_one_connection(mesh: Mesh, tmp_path: Path) -> None:
+    # An ordinary HTTP client with the workload's SVID: its GET passes, its POST gets the 403.
+    with httpx.Client(base_url=f"https://127.0.0.1:{mesh.ledger}", verify=mesh.tls("fraud-scoring"),
+                      timeout=10) as client:
+        assert client.get("/transactions/7").json()["path"] == "/transactions/7"
+        refused = client.post("/transactions/7", json={"amount": 1})
+        assert refused.status_code == 403 and refused.json()["error"] == "denied"
+        assert client.head("/health").status_code == 200
     conn = Conn(mesh.ledger, mesh.tls("fraud-scoring"))
     leaf = x509.load_pem_x509_certificates((mesh.certs / "fraud-scoring.pem").read_bytes())[0]
     # GET allowed, with the caller's identity for the backend and every forged copy removed.
