@@ -665,7 +665,7 @@ class InboundListener:
             writer.close()
 
     async def _dial_backend(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A new connection to the local service, for the http listener's pool."""
+        """A new connection to the local service (the http listener pools them); HttpError, logged, when it is down."""
         assert self.service.inbound is not None
         host, port = split_host_port(self.service.inbound.forward)
         try:
@@ -678,12 +678,9 @@ class InboundListener:
     async def _dial_service(self, client: asyncio.StreamWriter) -> tuple[asyncio.StreamReader,
                                                                          asyncio.StreamWriter] | None:
         """Connect to the local service; None (the client closed, the failure logged) when it is down."""
-        assert self.service.inbound is not None
-        host, port = split_host_port(self.service.inbound.forward)
         try:
-            return await asyncio.wait_for(asyncio.open_connection(host, port), HANDSHAKE_TIMEOUT)
-        except (OSError, asyncio.TimeoutError) as err:
-            log_event(log, "forward_failed", level=logging.WARNING, service=self.service.name, error=str(err))
+            return await self._dial_backend()
+        except HttpError:
             client.close()
             return None
 

@@ -8,11 +8,11 @@ numbers or deep nesting); every size is bounded by a named limit that the messag
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -23,6 +23,8 @@ from trustmesh.policy.responses import ResponseDocument, ResponsePolicy, load_re
 from trustmesh.policy.responses import to_document as response_document
 from trustmesh.policy.routes import STANDARD_METHODS, PathPattern, check_method
 from trustmesh.policy.strict_yaml import describe, load_all_strict
+
+_T = TypeVar("_T")
 
 API_VERSION = "trustmesh/v1"
 KIND = "Allowlist"
@@ -152,11 +154,11 @@ def _metadata(raw: dict[str, Any], doc: _Doc) -> tuple[str, str]:
 
 
 def _route_items(raw: dict[str, Any], key: str, where: str, doc: _Doc, limit: int, limit_name: str,
-                 example: str) -> list[tuple[str, Any]] | None:
-    """The items of a rule's `methods` or `paths` with their field names ([] when the key is
-    absent), or None after reporting why the list itself is refused."""
+                 example: str, parse: Callable[[object], _T]) -> tuple[_T, ...] | None:
+    """A rule's `methods` or `paths`, each parsed ((): the key is absent), or None after
+    reporting every problem with its field name (the list itself, an item, a repeat)."""
     if key not in raw:
-        return []
+        return ()
     items = raw[key]
     field = f"{where}.{key}"
     if not isinstance(items, list) or not items:
@@ -165,58 +167,40 @@ def _route_items(raw: dict[str, Any], key: str, where: str, doc: _Doc, limit: in
     if len(items) > limit:
         doc.problem(field, f"{len(items)} {key}, above the limit of {limit} ({limit_name}); split the rule")
         return None
-    return [(f"{field}[{j}]", item) for j, item in enumerate(items)]
+    parsed: list[_T] = []
+    ok = True
+    for j, item in enumerate(items):
+        try:
+            value = parse(item)
+        except PolicyError as err:
+            doc.problem(f"{field}[{j}]", str(err))
+            ok = False
+            continue
+        if value in parsed:
+            doc.problem(f"{field}[{j}]", f"{value} is listed twice")
+            ok = False
+            continue
+        parsed.append(value)
+        if isinstance(value, str):  # a method: warn about what can only be a mistake
+            if value == "CONNECT":
+                doc.warning(f"{field}[{j}]", "http listeners refuse CONNECT (tunnels belong on a tcp listener), so "
+                                             "this allows nothing")
+            elif value not in STANDARD_METHODS:
+                doc.warning(f"{field}[{j}]", f"{value} is not a standard method ({', '.join(STANDARD_METHODS)}); "
+                                             "check the spelling")
+    return tuple(parsed) if ok else None
 
 
 def _rule_methods(raw: dict[str, Any], where: str, doc: _Doc) -> tuple[str, ...] | None:
     """A rule's methods (() when it names none), or None after reporting its problems."""
-    items = _route_items(raw, "methods", where, doc, MAX_METHODS_PER_RULE, "MAX_METHODS_PER_RULE", "[GET, HEAD]")
-    if items is None:
-        return None
-    methods: list[str] = []
-    ok = True
-    for field, item in items:
-        try:
-            method = check_method(item)
-        except PolicyError as err:
-            doc.problem(field, str(err))
-            ok = False
-            continue
-        if method in methods:
-            doc.problem(field, f"{method} is listed twice")
-            ok = False
-            continue
-        methods.append(method)
-        if method == "CONNECT":
-            doc.warning(field, "http listeners refuse CONNECT (tunnels belong on a tcp listener), so this allows "
-                               "nothing")
-        elif method not in STANDARD_METHODS:
-            doc.warning(field, f"{method} is not a standard method ({', '.join(STANDARD_METHODS)}); check the "
-                               "spelling")
-    return tuple(methods) if ok else None
+    return _route_items(raw, "methods", where, doc, MAX_METHODS_PER_RULE, "MAX_METHODS_PER_RULE", "[GET, HEAD]",
+                        check_method)
 
 
 def _rule_paths(raw: dict[str, Any], where: str, doc: _Doc) -> tuple[PathPattern, ...] | None:
     """A rule's path patterns (() when it names none), or None after reporting its problems."""
-    items = _route_items(raw, "paths", where, doc, MAX_PATHS_PER_RULE, "MAX_PATHS_PER_RULE",
-                         '["/transactions/*", "/health"]')
-    if items is None:
-        return None
-    paths: list[PathPattern] = []
-    ok = True
-    for field, item in items:
-        try:
-            pattern = PathPattern.parse(item)
-        except PolicyError as err:
-            doc.problem(field, str(err))
-            ok = False
-            continue
-        if pattern in paths:
-            doc.problem(field, f"{pattern} is listed twice")
-            ok = False
-            continue
-        paths.append(pattern)
-    return tuple(paths) if ok else None
+    return _route_items(raw, "paths", where, doc, MAX_PATHS_PER_RULE, "MAX_PATHS_PER_RULE",
+                        '["/transactions/*", "/health"]', PathPattern.parse)
 
 
 def _load_allowlist(raw: dict[str, Any], doc: _Doc, name: str, owner: str, now: datetime,
