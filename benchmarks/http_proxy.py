@@ -480,12 +480,12 @@ def _load_shares(window: Window) -> dict[str, object]:
 def measure(direct: Target, nginx: Target, ours: Target, quick: bool) -> list[dict[str, object]]:
     # Rounds alternate the proxies (and the direct calls), so a slow spell on a shared machine
     # weighs on every side alike.
-    connections, rounds, seconds = (32, 1, 3.0) if quick else (32, 3, 8.0)
+    connections, rounds, seconds = (32, 1, 1.5) if quick else (32, 3, 8.0)
     # What each proxy burns with no traffic (timers, the agent's sync and reports): at 200
     # requests/s that is a visible part of the cost per request.
     idle = {t.name: Window() for t in (nginx, ours)}
     meters = {t.name: _Meter(t) for t in (nginx, ours)}
-    time.sleep(1.0 if quick else 3.0)
+    time.sleep(0.5 if quick else 3.0)
     for name, meter in meters.items():
         meter.stop(idle[name])
     load = {t.name: Window() for t in (nginx, ours)}
@@ -493,7 +493,7 @@ def measure(direct: Target, nginx: Target, ours: Target, quick: bool) -> list[di
         for target in (nginx, ours):
             closed_loop(target, connections, seconds, warmup=0.5, window=load[target.name])
     rate, paced_connections = 200.0, 4
-    latency_rounds, latency_seconds = (3, 1.0) if quick else (10, 3.0)
+    latency_rounds, latency_seconds = (2, 0.5) if quick else (10, 3.0)
     timed = {t.name: Window() for t in (direct, nginx, ours)}
     for _ in range(latency_rounds):
         for target in (direct, nginx, ours):

@@ -93,7 +93,7 @@ async def measure(server: ServerProcess, csrs: list[bytes], seconds: float, late
 
 
 def run(quick: bool) -> list[dict[str, object]]:
-    seconds, rounds = (3.0, 50) if quick else (15.0, 300)
+    seconds, rounds = (1.5, 30) if quick else (15.0, 300)
     csrs = [build_csr(generate_private_key()) for _ in range(64)]
     results: list[dict[str, object]] = []
     # (store, signing workers, whether the latency rows come from this run)

@@ -355,7 +355,7 @@ def _ms(values: list[float]) -> dict[str, float]:
 def run(quick: bool) -> list[dict[str, object]]:
     # Quick: the goal's 100 agents still, fewer rounds. A p99 over R rounds is the largest
     # value when R < 100 (benchmarks/common.percentile): so 100 rounds in a full run.
-    n, workers, rounds = (100, 2, 20) if quick else (100, 2, 100)
+    n, workers, rounds = (100, 2, 10) if quick else (100, 2, 100)
     got = measure(n, workers, rounds)
     q = got["quarantine"]
     from_send = [r["slowest"] - r["sent"] for r in q]

@@ -63,6 +63,8 @@ FEDERATION = "federation (serving this trust domain's bundle to partners)"
 OPERATORS = "operators (people: enrollment, login with password and TOTP, roles)"
 DETECTION = "continuous verification (baselines, detectors, responses, quarantine)"
 ETCD = "etcd store (TLS and authentication; every call, leases and watches included)"
+CONSOLE = "web console (HTTPS; operators log in with password and TOTP, and act through the admin API)"
+MAX_CONSOLE_SESSION = timedelta(hours=12)  # the longest operator certificate the server signs
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,20 @@ class ServerConfig:
     access_max_grant: timedelta = option(
         "the longest just-in-time grant (`access request --for`, `access break-glass --for`)", DURATION,
         default=timedelta(hours=8), group=OPERATORS)
+    console_bind: str | None = option(
+        "serve the web console over HTTPS on this host:port (default off). Needs --admin-bind and the login "
+        "listener beside it (--login-bind): the console logs operators in there and makes every call as them "
+        "through the admin listener, so roles, step-up codes and the audit log apply as for the CLI",
+        LISTEN_ADDRESS, default=None, group=CONSOLE)
+    console_cert: Path | None = option(
+        "the console's certificate chain (PEM), e.g. one for a name browsers trust; with --console-key "
+        "(default: the server's own SVID, for trustmesh-server.<td> and localhost, rotated in place)",
+        PATH, default=None, group=CONSOLE)
+    console_key: Path | None = option("its private key (PEM; not readable by other users)", PATH, default=None,
+                                      group=CONSOLE)
+    console_session_ttl: timedelta = option(
+        "how long a console login lasts: the lifetime of the operator certificate the console asks for at "
+        "login (at most 12h); the session ends with it", DURATION, default=timedelta(hours=8), group=CONSOLE)
     learn: timedelta = option(
         "continuous verification: how long each identity's behaviour is learned before its baseline "
         "detectors fire and before any response rule may quarantine it (baselines keep adapting after)",
@@ -224,6 +240,14 @@ class ServerConfig:
             raise ConfigError("--login-bind serves operator login for the remote admin API; give --admin-bind too")
         if self.admin_bind and not self.login_bind and split_host_port(self.admin_bind, listening=True)[1] == 65535:
             raise ConfigError("--admin-bind on port 65535 leaves no port + 1 for operator login; give --login-bind")
+        if self.console_bind and not self.admin_bind:
+            raise ConfigError("--console-bind: the console is a client of the admin and login listeners; "
+                              "give --admin-bind too (and --login-bind, unless its port + 1 suits)")
+        if (self.console_cert is None) != (self.console_key is None):
+            raise ConfigError("--console-cert and --console-key go together: give both, or neither to serve the "
+                              "console with the server's own SVID")
+        if not timedelta(seconds=1) <= self.console_session_ttl <= MAX_CONSOLE_SESSION:
+            raise ConfigError("--console-session-ttl must be between 1s and 12h")
         if not timedelta(minutes=1) <= self.operator_cert_ttl <= timedelta(hours=12):
             raise ConfigError("--operator-cert-ttl must be between 1m and 12h")
         if self.flow_rollup_interval < timedelta(seconds=1) or self.flow_retention < timedelta(hours=1):

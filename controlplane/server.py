@@ -7,7 +7,8 @@ store's change feed) with its subscribers and the domain services the servicers 
 NodeServicer -> issuance.py -> the CA; push: the view -> sync_service.py -> sync_delta.py),
 start the agent-facing gRPC server (TLS, the server's own SVID, rotated in place),
 the admin server on a unix socket (mode 0600: file permissions are the access control),
-metrics, and the background loops, then announce `ready`. Every gRPC listener puts each call
+the remote admin and operator login listeners, the web console (an HTTPS client of those two:
+console/), metrics, and the background loops, then announce `ready`. Every gRPC listener puts each call
 through one CallLayer (api/calls.py): who is calling, the per-method table of who may call
 what, error mapping and call metrics. Everything runs in one
 TaskGroup: the first failure stops all; SIGTERM stops all cleanly.
@@ -41,6 +42,7 @@ from trustmesh.controlplane.ca.authority import CAConfig, CertificateAuthority, 
 from trustmesh.controlplane.ca.kek import KeyEncryptionKey
 from trustmesh.controlplane.clones import CloneGuard
 from trustmesh.controlplane.config import ServerConfig
+from trustmesh.controlplane.console import Console, ConsoleSettings, Upstream, serve_console, static_dir
 from trustmesh.controlplane.detection import DetectionService
 from trustmesh.controlplane.duties import leader_duties
 from trustmesh.controlplane.flow_store import FlowRollups
@@ -62,6 +64,7 @@ from trustmesh.keys import generate_private_key
 from trustmesh.logs import log_event
 from trustmesh.metrics import serve_metrics
 from trustmesh.naming import server_dns_name, server_id
+from trustmesh.tls import rotating_server_context, server_context_from_files
 
 log = logging.getLogger("trustmesh.server")
 
@@ -103,10 +106,12 @@ class ServingCredentials:
         self.not_before: datetime | None = None
         self.not_after: datetime | None = None
         self.roots: frozenset[bytes] = frozenset()  # fingerprints of the client-certificate roots in use
-        # The current SVID for other TLS listeners (the bundle endpoint); version counts renewals.
+        # The current SVID for other TLS listeners (the bundle endpoint, the console); version
+        # counts renewals. roots_pem: the roots it chains to, for clients of our own listeners.
         self.version = 0
         self.chain_pem = b""
         self.key_pem = b""
+        self.roots_pem = b""
 
     def roots_changed(self) -> bool:
         return self.roots != frozenset(c.fingerprint(hashes.SHA256()) for c in self._ca.x509_authorities())
@@ -125,7 +130,7 @@ class ServingCredentials:
         self.roots = frozenset(c.fingerprint(hashes.SHA256()) for c in authorities)
         roots = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in authorities)
         self._current = grpc.ssl_server_certificate_configuration([(key_pem, svid.chain_pem())], roots)
-        self.chain_pem, self.key_pem = svid.chain_pem(), key_pem
+        self.chain_pem, self.key_pem, self.roots_pem = svid.chain_pem(), key_pem, roots
         self.version += 1
         self._changed = True
         self.not_before, self.not_after = svid.issued_at, svid.expires_at
@@ -197,6 +202,13 @@ def republish_ca(ca: CertificateAuthority, bundle_path: Path) -> RegistrySubscri
     return on_event
 
 
+def _dial(bound: str, port: int) -> str:
+    """Where this process reaches one of its own listeners bound at `bound` (its port was
+    `port`): the same host, or loopback for every interface."""
+    host = split_host_port(bound, listening=True)[0]
+    return join_host_port({"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host), port)
+
+
 def _listen(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials, flag: str) -> int:
     try:
         # gRPC reads `host:port` only; `:8081` (every interface) is spelled out for it.
@@ -251,6 +263,8 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
     admin_socket: AdminSocket | None = None
     metrics_server: HttpServer | None = None
     bundle_server: HttpServer | None = None
+    console: Console | None = None
+    console_server: HttpServer | None = None
     ca: CertificateAuthority | None = None
     anchor: AuditAnchor | None = None
     try:
@@ -298,7 +312,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         attestor = NodeAttestor(rt)
         node = NodeServicer(view, attestor, issuance, sync, guard)
         operators = Operators(rt, kek)
-        admin = AdminServicer(AdminServices.of(rt, operators, rollups, quarantines, trace_log))
+        admin = AdminServicer(AdminServices.of(rt, operators, rollups, quarantines, trace_log, sync))
         td = config.trust_domain
         node_server = _grpc_server(CallLayer(callers.agents(td, guard), rt.metrics))
         node.register(node_server)
@@ -329,14 +343,28 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
                                  "--login-bind")
             await remote_admin.start()
             await login_server.start()
+        console_address = "off"
+        if config.console_bind and config.admin_bind and config.login_address:
+            # The console is a client of the two listeners just started, by their bound ports:
+            # operators log in there and every call is theirs (console/admin.py).
+            upstream = Upstream(admin_address=_dial(config.admin_bind, remote_admin_port),
+                                login_address=_dial(config.login_address, login_port),
+                                server_name=server_dns_name(td), roots=lambda: creds.roots_pem)
+            console = Console(ConsoleSettings(upstream, static_dir(), config.console_session_ttl))
+            console_ctx = (server_context_from_files(config.console_cert, config.console_key,
+                                                     "--console-cert/--console-key")
+                           if config.console_cert and config.console_key else rotating_server_context(creds))
+            console_server = await serve_console(console, config.console_bind, console_ctx)
+            console_address = console_server.address
         if config.metrics:
             host, mport = split_host_port(config.metrics, listening=True)
             metrics_server = await serve_metrics(rt.metrics, host, mport, ready=view.ready.is_set)
         bundle_address = "off"
         if config.bundle_endpoint:
             endpoint = BundleEndpoint(ca.bundle, config.bundle_refresh_hint, rt.metrics)
-            ctx = (endpoint.spiffe_context(creds) if config.bundle_endpoint_profile == "https_spiffe"
-                   else BundleEndpoint.web_context(config.bundle_endpoint_cert, config.bundle_endpoint_key))  # type: ignore[arg-type]
+            ctx = (rotating_server_context(creds) if config.bundle_endpoint_profile == "https_spiffe"
+                   else server_context_from_files(config.bundle_endpoint_cert, config.bundle_endpoint_key,  # type: ignore[arg-type]
+                                                  "--bundle-endpoint-cert/--bundle-endpoint-key"))
             try:
                 bundle_server = await serve_bundle_endpoint(endpoint, config.bundle_endpoint, ctx)
             except OSError as err:
@@ -354,6 +382,8 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
             tasks.create_task(anchor.run(stop), name="audit-anchor")
             tasks.create_task(attestor.failures.run(stop), name="attestation-failures-audit")
             tasks.create_task(guard.run(stop), name="clone-guard")
+            if console is not None:
+                tasks.create_task(console.run(stop), name="console-sessions")
             election = LeaderElection(store, config.replica_id, rt.metrics, ttl=config.leader_ttl)
             tasks.create_task(election.run(stop, lambda: leader_duties(rt, flows=rollups)), name="leader-election")
             # `ready` (and SERVING) only once the registry is loaded: before that every agent
@@ -377,11 +407,16 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
                     store=config.store.split("://", 1)[0],
                     bundle=str(config.bundle_path), root_sha256=ca.root.fingerprint(hashes.SHA256()).hex(),
                     metrics=config.metrics or "off", replica=config.replica_id, bundle_endpoint=bundle_address,
+                    console_bind=console_address,
                 )
             loaded.cancel()
             await stopping
         log_event(log, "stopping")
     finally:
+        if console is not None:
+            await console.close()  # every session ends: live streams close, operator keys are dropped
+        if console_server is not None:
+            await console_server.wait_closed()
         for grpc_server in (node_server, attest_server, remote_admin, login_server):
             if grpc_server is not None:
                 await grpc_server.stop(grace=1)

@@ -76,6 +76,11 @@ class SyncStream:
         # or a grant re-sends the same revision recomposed, which is no new revision converging.
         self._converged = -1
 
+    @property
+    def policy_revision(self) -> int:
+        """The policy revision last delivered on this stream: the one its agent enforces."""
+        return self._converged
+
     def start(self, since: int, bundle_sequences: Mapping[str, int]) -> list[node_pb2.SyncResponse]:
         """The first messages: a delta when the agent can resume from `since`, else a snapshot."""
         view = self._view
@@ -170,6 +175,11 @@ class SyncService:
             streams.discard(stream)
             if not streams:
                 del self._streams[peer.id]
+
+    def delivered_revisions(self) -> dict[str, int]:
+        """Each agent with an open stream on this replica, and the policy revision last delivered
+        to it (the newest of its streams: a reconnect briefly overlaps the stream it replaces)."""
+        return {agent: max(s.policy_revision for s in streams) for agent, streams in self._streams.items() if streams}
 
     async def on_registry_event(self, event: RegistryEvent) -> None:
         """The view's subscriber: wake the streams of the agents whose view changed."""

@@ -68,3 +68,16 @@ tm_ensure_graphviz() {
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends graphviz >/dev/null
 }
+
+tm_ensure_chromium() {
+  # The web console's browser tests (tests/integration/test_console_browser.py) drive Debian's
+  # Chromium headless through its ChromeDriver, with Selenium.
+  if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+    return 0
+  fi
+  tm_log "installing chromium and chromium-driver (the web console's browser tests drive them)"
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+}

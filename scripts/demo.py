@@ -273,6 +273,9 @@ def say(text: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description="Run the trustmesh demo on loopback.")
     parser.add_argument("--keep", action="store_true", help="leave everything running and print how to poke it")
+    parser.add_argument("--console", action="store_true",
+                        help="also serve the web console, and at the end print its URL and a ready operator login; "
+                             "runs until Ctrl-C")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="trustmesh-demo-"))
@@ -304,11 +307,16 @@ def main() -> int:
                                        "--data-dir", str(work / "server"), "--bind", "127.0.0.1:0",
                                        "--attest-bind", "127.0.0.1:0", "--admin-bind", "127.0.0.1:0",
                                        "--login-bind", "127.0.0.1:0",
+                                       *(["--console-bind", "127.0.0.1:0"] if args.console else []),
                                        # Behaviour baselines: learned for 20 s here (7 days by default).
                                        "--learn", "20s")
             ready = wait_for(server_log, r"event=ready .*? bind=(\S+) attest_bind=(\S+) .*?admin_bind=(\S+) "
                              r"login_bind=(\S+)", server, "the control plane")
             bind, attest_bind, admin_bind, login_bind = ready.groups()
+            console_url = ""
+            if args.console:
+                found = re.search(r"event=ready .*?console_bind=(\S+)", server_log.read_text())
+                console_url = f"https://{found.group(1)}/" if found else ""
             root = x509.load_pem_x509_certificates((work / "server" / "bundle.pem").read_bytes())[0]
             say(f"trust domain {TRUST_DOMAIN}; root CA valid until {root.not_valid_after_utc:%Y-%m-%d}; "
                 f"agents connect to {bind}")
@@ -547,6 +555,25 @@ def main() -> int:
                 f"request {denial.get('request_id')}")
             say(f"  {denial.get('reason')}")
 
+        if args.console and console_url:
+            # Something to approve in the console: alice asks, someone else must approve.
+            pending = alice.run("access", "request", "--from", f"spiffe://{TRUST_DOMAIN}/payments", "--to",
+                                f"spiffe://{TRUST_DOMAIN}/fx", "--port", str(ports["fx"]), "--for", "1h",
+                                "--reason", "INC-5121: reconcile")
+            assert alice.totp is not None and bob.totp is not None
+            print(f"\nthe web console: {console_url}")
+            print(f"  its certificate is the server's own, from this demo's CA: trust {work / 'server' / 'bundle.pem'}"
+                  " in your browser, or accept the warning once")
+            for person in (alice, bob):
+                print(f"  log in as {person.name} (security-officer), password "
+                      f"{(person.home / 'pw').read_text().strip()!r}, one-time code from an authenticator with "
+                      f"{person.totp.provisioning_uri(name=person.name, issuer_name='trustmesh demo')}")
+                print(f"    or: {sys.executable} -c \"import pyotp; print(pyotp.TOTP('{person.totp.secret}').now())\"")
+            print(f"  waiting for you: access request {pending} (alice asked; bob approves it on /access)")
+            print("everything keeps running until Ctrl-C")
+            while all(proc.poll() is None for proc in procs):
+                time.sleep(1)
+            return 0
         if args.keep:
             print(f"\neverything keeps running; files and logs are in {work}")
             print(f"  export TRUSTMESH_ADMIN_SOCKET={work / 'server' / 'admin.sock'}")

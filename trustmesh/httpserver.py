@@ -1,4 +1,5 @@
-"""Small HTTP servers (the metrics endpoint, the SPIFFE bundle endpoint) on aiohttp's server.
+"""Small HTTP servers (the metrics endpoint, the SPIFFE bundle endpoint, the web console) on
+aiohttp's server.
 
 Both answer a handful of fixed paths to clients that may be hostile, so each connection is
 bounded: the TLS handshake and the request head must arrive within `Limits.request_timeout`,
@@ -58,7 +59,7 @@ def _status_observer(observe: Callable[[int], None]) -> type[AbstractAccessLogge
 class HttpServer:
     """A listening aiohttp server: where it listens, and how to stop it."""
 
-    def __init__(self, runner: web.ServerRunner, web_server: web.Server, server: asyncio.Server) -> None:
+    def __init__(self, runner: web.BaseRunner, web_server: web.Server, server: asyncio.Server) -> None:
         self._runner = runner
         self._web_server = web_server
         self._server = server
@@ -101,8 +102,26 @@ async def serve_http(handler: Handler, host: str, port: int, *, ssl_context: ssl
                         keepalive_timeout=limits.request_timeout, lingering_time=0,
                         max_line_size=limits.max_line_bytes, max_field_size=limits.max_header_bytes,
                         max_headers=limits.max_headers)
-    runner = web.ServerRunner(server, shutdown_timeout=1.0)
+    return await _listen(web.ServerRunner(server, shutdown_timeout=1.0), host, port, ssl_context, limits)
+
+
+async def serve_app(app: web.Application, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None,
+                    limits: Limits = Limits()) -> HttpServer:
+    """Serve an aiohttp application (routes, middlewares, signals) on host:port, with the same
+    bounds on the handshake and the request head; keep-alive connections are allowed, idle for
+    at most `limits.request_timeout`. Raises OSError when the address cannot be bound."""
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0,
+                           keepalive_timeout=limits.request_timeout, lingering_time=0,
+                           max_line_size=limits.max_line_bytes, max_field_size=limits.max_header_bytes,
+                           max_headers=limits.max_headers, logger=_protocol_log)
+    return await _listen(runner, host, port, ssl_context, limits)
+
+
+async def _listen(runner: web.BaseRunner, host: str, port: int, ssl_context: ssl.SSLContext | None,
+                  limits: Limits) -> HttpServer:
     await runner.setup()
+    server = runner.server
+    assert server is not None  # set up just now
     try:
         # aiohttp's TCPSite has no TLS handshake timeout, so the listener is made here; the
         # runner's protocol factory is what a site would pass to create_server.
@@ -125,4 +144,4 @@ def reply(status: int, body: bytes, content_type: str, headers: Mapping[str, str
     return response
 
 
-__all__ = ["HttpServer", "Limits", "reply", "serve_http"]
+__all__ = ["HttpServer", "Limits", "reply", "serve_app", "serve_http"]

@@ -7,8 +7,9 @@ their answers back; every rule, store write, CA call and audit record lives ther
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from cryptography.hazmat.primitives import serialization
@@ -50,6 +51,14 @@ from trustmesh.controlplane.trace_log import TraceLog
 EXPORT_CHUNK_BYTES = 256 * 1024
 
 
+class AgentStreams(Protocol):
+    """The agents' open sync streams on this replica (sync_service.SyncService)."""
+
+    def delivered_revisions(self) -> Mapping[str, int]:
+        """Agent ID -> the policy revision last delivered on its open stream."""
+        ...
+
+
 @dataclass(frozen=True)
 class AdminServices:
     """The domain services behind the admin API, one of each per server."""
@@ -65,13 +74,14 @@ class AdminServices:
     flows: FlowRollups
     quarantines: QuarantineService
     trace: TraceLog
+    streams: AgentStreams
 
     @classmethod
     def of(cls, rt: ServerRuntime, operators: Operators, flows: FlowRollups,
-           quarantines: QuarantineService, trace: TraceLog) -> AdminServices:
+           quarantines: QuarantineService, trace: TraceLog, streams: AgentStreams) -> AdminServices:
         return cls(Registry(rt.config.trust_domain, rt.store, rt.audit, rt.clock), PolicyService(rt),
                    FederationAdmin(rt), PartnerCertificates(rt), CAAdmin(rt), AuditQueries(rt), operators,
-                   AccessRequests(rt), flows, quarantines, trace)
+                   AccessRequests(rt), flows, quarantines, trace, streams)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
@@ -126,7 +136,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def ListAgents(self, request: admin_pb2.ListAgentsRequest,
                          context: grpc.aio.ServicerContext) -> admin_pb2.ListAgentsResponse:
         agents = await self._domain.registry.list_agents()
-        return admin_pb2.ListAgentsResponse(agents=[node_to_pb(n) for n in agents])
+        live = self._domain.streams.delivered_revisions()
+        return admin_pb2.ListAgentsResponse(agents=[node_to_pb(n, live.get(str(n.spiffe_id))) for n in agents])
 
     async def BanAgent(self, request: admin_pb2.BanAgentRequest,
                        context: grpc.aio.ServicerContext) -> admin_pb2.BanAgentResponse:

@@ -39,7 +39,9 @@ def entry_to_pb(entry: RegistrationEntry) -> types_pb2.Entry:
     )
 
 
-def node_to_pb(node: AttestedNode) -> types_pb2.AttestedNode:
+def node_to_pb(node: AttestedNode, delivered_revision: int | None = None) -> types_pb2.AttestedNode:
+    """`delivered_revision`: the policy revision on the agent's open sync stream here, None
+    when it holds none (live state, not part of the record)."""
     return types_pb2.AttestedNode(
         spiffe_id=str(node.spiffe_id), node_name=node.node_name, attestation_type=node.attestation_type,
         cert_serial=node.cert_serial, cert_not_after=int(node.cert_not_after), banned=node.banned,
@@ -48,6 +50,7 @@ def node_to_pb(node: AttestedNode) -> types_pb2.AttestedNode:
         status=_NODE_STATUSES[node.status], status_reason=node.status_reason,
         status_changed_at=int(node.status_at), renewed_from=node.renewed_from,
         permissive_listeners=list(node.permissive_listeners),
+        connected=delivered_revision is not None, policy_revision=delivered_revision or 0,
     )
 
 

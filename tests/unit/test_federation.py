@@ -35,7 +35,7 @@ from trustmesh.controlplane.store import Store, open_store
 from trustmesh.controlplane.store.records import BundleRecord, FederationRecord
 from trustmesh.keys import PrivateKey, generate_private_key
 from trustmesh.spiffeid import SpiffeId, TrustDomain
-from trustmesh.tls import load_key_and_chain
+from trustmesh.tls import load_key_and_chain, rotating_server_context, server_context_from_files
 from trustmesh.x509svid import build_ca_certificate, build_leaf_certificate
 
 PARTNER = TrustDomain("partner.example")
@@ -392,7 +392,7 @@ async def test_our_endpoint_over_https_web(tmp_path: Path, monkeypatch: pytest.M
     ca_file, cert, key = _web_pki(tmp_path)
     endpoint = BundleEndpoint(lambda: ca.bundle(sequence=4, hint=None), timedelta(seconds=42), Registry(),
                               path="/bundle")
-    server = await serve_bundle_endpoint(endpoint, "127.0.0.1:0", BundleEndpoint.web_context(cert, key))
+    server = await serve_bundle_endpoint(endpoint, "127.0.0.1:0", server_context_from_files(cert, key, "flags"))
     port = server.sockets[0].getsockname()[1]
     record = relationship(Endpoint(http(b""), port=port), endpoint_url=f"https://localhost:{port}/bundle",
                           profile="https_web", endpoint_spiffe_id="")
@@ -434,7 +434,7 @@ async def test_our_endpoint_over_https_spiffe_serves_the_rotated_svid(tmp_path: 
 
     svid = Svid()
     endpoint = BundleEndpoint(lambda: ca.bundle(), timedelta(minutes=5), Registry())
-    server = await serve_bundle_endpoint(endpoint, "127.0.0.1:0", endpoint.spiffe_context(svid))
+    server = await serve_bundle_endpoint(endpoint, "127.0.0.1:0", rotating_server_context(svid))
     port = server.sockets[0].getsockname()[1]
     record = relationship(Endpoint(http(b""), port=port), endpoint_url=f"https://127.0.0.1:{port}/")
     try:
@@ -470,7 +470,7 @@ async def test_our_endpoint_headers_counts_and_hostile_clients(tmp_path: Path) -
     ca_file, cert, key = _web_pki(tmp_path)
     metrics = Registry()
     endpoint = BundleEndpoint(lambda: ca.bundle(), timedelta(minutes=5), metrics, path="/bundle")
-    server = await serve_bundle_endpoint(endpoint, "127.0.0.1:0", BundleEndpoint.web_context(cert, key),
+    server = await serve_bundle_endpoint(endpoint, "127.0.0.1:0", server_context_from_files(cert, key, "flags"),
                                          limits=Limits(request_timeout=0.5))
     port = server.sockets[0].getsockname()[1]
     ctx = ssl.create_default_context(cafile=str(ca_file))

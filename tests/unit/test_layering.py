@@ -12,6 +12,8 @@
   `trustmesh.controlplane.ca` or `trustmesh.controlplane.audit` (the writer) directly;
 - the domain (`controlplane/` outside `api/`) never imports grpc or protobuf; only the composition
   root `server.py` wires gRPC servers, and the etcd backend speaks etcd's own protobuf API;
+- the web console (`controlplane/console`) is a client of the server's admin and login listeners:
+  it imports no domain service, store, CA or audit writer;
 - grpclib is only for the agent's unix-socket servers; generated code is only imported, never
   written by hand (its freshness is checked in test_proto.py).
 """
@@ -110,8 +112,25 @@ def test_the_domain_never_imports_grpc_or_protobuf() -> None:
     # The sync delta is built in its wire form (pages are sized by their encoded bytes, and a
     # stream remembers what it sent as encoded messages), like agent/sync.py on the other side.
     exempt = ("controlplane/api/", "controlplane/server.py", "controlplane/store/etcd.py",
-              "controlplane/sync_delta.py", "controlplane/sync_service.py")
+              "controlplane/sync_delta.py", "controlplane/sync_service.py",
+              # The console is a gRPC client of the admin and login listeners: admin.py calls them
+              # and views.py translates their replies (test below).
+              "controlplane/console/admin.py", "controlplane/console/views.py")
     assert _violations("controlplane", wire, exempt=exempt) == []
+
+
+# The console is a client of the server's listeners, not a way around them: of the server it
+# knows only the role table (to skip calls a role cannot make) and the policy diff text.
+CONSOLE_MAY_IMPORT = ("trustmesh.controlplane.console", "trustmesh.controlplane.api.calls",
+                      "trustmesh.controlplane.policy_store")
+
+
+def test_the_console_reaches_the_server_only_through_its_listeners() -> None:
+    bad = [f"{path.relative_to(ROOT).as_posix()} imports {name}" for path in _modules("controlplane/console")
+           for name in _imports(path)
+           if _within(name, "trustmesh.controlplane") and not any(_within(name, m) for m in CONSOLE_MAY_IMPORT)]
+    assert bad == []
+    assert _modules("controlplane/console"), "no console modules found"
 
 
 def test_the_checker_sees_imports() -> None:

@@ -30,4 +30,10 @@ def test_the_wheel_holds_only_the_trustmesh_import_root(tmp_path: Path) -> None:
         for source in (ROOT / folder).rglob("*.py"):
             assert f"{package}/{source.relative_to(ROOT / folder).as_posix()}" in names
     assert len(names) == len(set(names))
+    # The web console's pages, scripts, styles and vendored licences are installed with its code.
+    static = ROOT / "controlplane" / "console" / "static"
+    shipped = (".html", ".css", ".js", ".map", ".png", ".svg", ".txt", ".md")
+    for source in (static.rglob("*") if static.is_dir() else ()):
+        if source.is_file() and (source.suffix in shipped or "LICENSE" in source.name):
+            assert f"trustmesh/controlplane/console/static/{source.relative_to(static).as_posix()}" in names
     assert "trustmesh/_proto/trustmesh/v1/node_pb2.py" in names

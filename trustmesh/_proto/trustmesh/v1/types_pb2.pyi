@@ -135,7 +135,7 @@ class CompiledPolicy(_message.Message):
     def __init__(self, revision: _Optional[int] = ..., rules: _Optional[_Iterable[_Union[PolicyRule, _Mapping]]] = ..., revoked_serials: _Optional[_Iterable[str]] = ..., quarantined: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AttestedNode(_message.Message):
-    __slots__ = ("spiffe_id", "node_name", "attestation_type", "cert_serial", "cert_not_after", "banned", "created_at", "updated_at", "selectors", "revision", "status", "status_reason", "status_changed_at", "renewed_from", "permissive_listeners")
+    __slots__ = ("spiffe_id", "node_name", "attestation_type", "cert_serial", "cert_not_after", "banned", "created_at", "updated_at", "selectors", "revision", "status", "status_reason", "status_changed_at", "renewed_from", "permissive_listeners", "connected", "policy_revision")
     SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     ATTESTATION_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,8 @@ class AttestedNode(_message.Message):
     STATUS_CHANGED_AT_FIELD_NUMBER: _ClassVar[int]
     RENEWED_FROM_FIELD_NUMBER: _ClassVar[int]
     PERMISSIVE_LISTENERS_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_REVISION_FIELD_NUMBER: _ClassVar[int]
     spiffe_id: str
     node_name: str
     attestation_type: str
@@ -166,7 +168,9 @@ class AttestedNode(_message.Message):
     status_changed_at: int
     renewed_from: str
     permissive_listeners: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, spiffe_id: _Optional[str] = ..., node_name: _Optional[str] = ..., attestation_type: _Optional[str] = ..., cert_serial: _Optional[str] = ..., cert_not_after: _Optional[int] = ..., banned: _Optional[bool] = ..., created_at: _Optional[int] = ..., updated_at: _Optional[int] = ..., selectors: _Optional[_Iterable[_Union[Selector, _Mapping]]] = ..., revision: _Optional[int] = ..., status: _Optional[_Union[AgentStatus, str]] = ..., status_reason: _Optional[str] = ..., status_changed_at: _Optional[int] = ..., renewed_from: _Optional[str] = ..., permissive_listeners: _Optional[_Iterable[str]] = ...) -> None: ...
+    connected: bool
+    policy_revision: int
+    def __init__(self, spiffe_id: _Optional[str] = ..., node_name: _Optional[str] = ..., attestation_type: _Optional[str] = ..., cert_serial: _Optional[str] = ..., cert_not_after: _Optional[int] = ..., banned: _Optional[bool] = ..., created_at: _Optional[int] = ..., updated_at: _Optional[int] = ..., selectors: _Optional[_Iterable[_Union[Selector, _Mapping]]] = ..., revision: _Optional[int] = ..., status: _Optional[_Union[AgentStatus, str]] = ..., status_reason: _Optional[str] = ..., status_changed_at: _Optional[int] = ..., renewed_from: _Optional[str] = ..., permissive_listeners: _Optional[_Iterable[str]] = ..., connected: _Optional[bool] = ..., policy_revision: _Optional[int] = ...) -> None: ...
 
 class AuditEvent(_message.Message):
     __slots__ = ("seq", "time", "kind", "actor", "subject", "outcome", "details_json", "prev_hash", "hash")
