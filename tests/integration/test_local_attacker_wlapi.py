@@ -139,7 +139,15 @@ def test_an_idle_connection_flood_by_one_uid_leaves_others_served(node: tuple[Se
         held = json.loads(flood.stdout.readline())
         assert held["connected"] == 1100, held  # the kernel accepted them all; the agent keeps 128
         started = time.monotonic()
-        assert _fetch_as_root(agent, timeout=10) == ["spiffe://example.org/python"]
+        try:
+            fetched = _fetch_as_root(agent, timeout=10)
+        except grpc.RpcError as err:
+            # While the agent is still shedding the flood's backlog, a connection caught in it can
+            # be closed under a client (seen once on a loaded CI machine); a client reconnects, and
+            # that reconnection must be served.
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+            fetched = _fetch_as_root(agent, timeout=10)
+        assert fetched == ["spiffe://example.org/python"]
         print(f"SVID under the flood in {time.monotonic() - started:.3f}s")  # reported, not asserted
         assert _rss_mib(agent.proc.pid) < 150
     finally:
