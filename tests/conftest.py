@@ -34,3 +34,17 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         s = await open_store(f"{request.getfixturevalue('etcd_server')}/t{uuid.uuid4().hex[:10]}", tmp_path)
     yield s
     await s.close()
+
+
+# The longest test files, started first: with `--dist loadfile` a worker takes the next file
+# when it is free, so a long file collected last would run alone at the end while the other
+# workers idle (CI's wall time). Order within a file is kept.
+LONG_FILES = ("test_bench.py", "test_ha.py", "test_demo.py", "test_agent.py", "test_operators.py",
+              "test_federation.py", "test_console_browser.py", "test_console_api.py", "test_flows.py",
+              "test_quarantine.py", "test_detection.py", "test_admin_cli.py", "test_access.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    last = len(LONG_FILES)
+    items.sort(key=lambda item: rank.get(item.path.name, last) if item.path.parent.name == "integration" else last)
