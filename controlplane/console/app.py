@@ -61,6 +61,9 @@ MAX_FORM_BYTES = 16 * 1024
 MAX_JSON_BYTES = 64 * 1024
 MAX_BODY_BYTES = REVISION.max_bytes + MAX_JSON_BYTES  # a simulated candidate: a whole revision
 LIVE_INTERVAL = 5.0  # seconds between overview events on /api/events
+# Where a page takes the shared header and nav (SHELL_FILE), so they are written once.
+SHELL_MARKER = "<!--#include shell-->"
+SHELL_FILE = "_shell.html"
 MAX_LIVE_STREAMS = 4  # per session: a closed page frees its slot only at the next write (up to 5 s)
 SWEEP_INTERVAL = 30.0
 # Login attempts per browser address, before the server is asked. All the console's logins
@@ -125,6 +128,7 @@ class Console:
         self.sessions = SessionStore(settings.max_sessions, clock)
         self._logins = KeyedTokenBuckets(LOGIN_PER_MINUTE / 60, LOGIN_BURST)
         self._refusals = RateLimitedLog(log)
+        self._pages: dict[str, str] = {}  # assembled pages, by file name
 
     # --- the application ---------------------------------------------------------------------
 
@@ -270,11 +274,23 @@ class Console:
 
     def _page(self, name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def page(request: web.Request) -> web.StreamResponse:
-            path = self._settings.static_dir / name
-            if not path.is_file():
-                return web.Response(status=503, text="the console's pages are not installed\n")
-            return web.FileResponse(path)
+            text = self._pages.get(name)
+            if text is None:
+                try:
+                    text = await asyncio.to_thread(self._assemble, name)
+                except OSError:
+                    return web.Response(status=503, text="the console's pages are not installed\n")
+                self._pages[name] = text
+            return web.Response(text=text, content_type="text/html", charset="utf-8")
         return page
+
+    def _assemble(self, name: str) -> str:
+        """A page with the shared header and nav put in (read once: the files ship with the package)."""
+        static = self._settings.static_dir
+        page = (static / name).read_text(encoding="utf-8")
+        if SHELL_MARKER not in page:
+            return page
+        return page.replace(SHELL_MARKER, (static / SHELL_FILE).read_text(encoding="utf-8"), 1)
 
     async def _login_page(self, request: web.Request) -> web.StreamResponse:
         path = self._settings.static_dir / LOGIN_PAGE
