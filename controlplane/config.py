@@ -22,6 +22,7 @@ from trustmesh.options import (
     DURATION,
     LISTEN_ADDRESS,
     PATH,
+    SWITCH,
     TEXT,
     TRUST_DOMAIN,
     ConfigError,
@@ -53,6 +54,21 @@ def _webhook(value: object) -> str:
 
 WEBHOOK_URL = Parser("URL", _webhook)
 
+
+def oidc_issuer_problem(url: str) -> str | None:
+    """Why `url` cannot be an OIDC issuer, or None (OpenID Connect Discovery 1.0, section 3: an
+    https URL with no query or fragment; relying parties compare it to `iss` byte for byte)."""
+    parsed = urlsplit(url)
+    if parsed.scheme != "https" or not parsed.hostname:
+        return "an issuer is an https:// URL (relying parties fetch discovery from it)"
+    if parsed.query or parsed.fragment or "?" in url or "#" in url:
+        return "an issuer has no query or fragment"
+    if parsed.username or parsed.password:
+        return "an issuer carries no user name or password"
+    if url.endswith("/"):
+        return "leave out the trailing '/': relying parties compare the issuer to `iss` exactly"
+    return None
+
 # Bounds an entry's TTLs must fall within; outside them is INVALID_ARGUMENT.
 MIN_X509_TTL = timedelta(seconds=1)
 MAX_X509_TTL = timedelta(days=30)
@@ -64,6 +80,8 @@ OPERATORS = "operators (people: enrollment, login with password and TOTP, roles)
 DETECTION = "continuous verification (baselines, detectors, responses, quarantine)"
 ETCD = "etcd store (TLS and authentication; every call, leases and watches included)"
 CONSOLE = "web console (HTTPS; operators log in with password and TOTP, and act through the admin API)"
+KEYS = "CA keys (where the root, JWT and signing keys live; the bank's own CA above the mesh)"
+OIDC = "OIDC discovery (JWT-SVIDs accepted by cloud IAM, Vault and any OIDC relying party)"
 MAX_CONSOLE_SESSION = timedelta(hours=12)  # the longest operator certificate the server signs
 
 
@@ -209,6 +227,42 @@ class ServerConfig:
     console_session_ttl: timedelta = option(
         "how long a console login lasts: the lifetime of the operator certificate the console asks for at "
         "login (at most 12h); the session ends with it", DURATION, default=timedelta(hours=8), group=CONSOLE)
+    key_manager: str = option(
+        "software: the root and JWT keys are sealed under the KEK in the store; pkcs11: they are generated "
+        "in an HSM token (sensitive, never extractable) and used only through PKCS#11 signing calls",
+        one_of("software", "pkcs11"), default="software", group=KEYS)
+    pkcs11_module: Path | None = option(
+        "the HSM's PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so (with --key-manager pkcs11)",
+        PATH, default=None, group=KEYS)
+    pkcs11_token_label: str | None = option("the label of the token that holds the CA keys", TEXT, default=None,
+                                            metavar="LABEL", group=KEYS)
+    pkcs11_pin_file: Path | None = option(
+        "file holding the token's user PIN (one line; not readable by other users; a systemd credential or "
+        "a Kubernetes secret works)", PATH, default=None, group=KEYS)
+    pkcs11_signing_ca: bool = option(
+        "keep each replica's signing CA key in the token too (made there at every rotation, never stored); "
+        "every X.509-SVID is then signed by the HSM, in this process", SWITCH, default=False, group=KEYS)
+    upstream_ca_cert: Path | None = option(
+        "PEM chain of the bank's CA that signs the mesh's root: the issuing CA first, then each issuer up to "
+        "and including the self-signed root, which becomes the trust bundle's X.509 authority",
+        PATH, default=None, group=KEYS)
+    upstream_ca_key: str | None = option(
+        "the issuing CA's private key: a PEM file (not readable by other users), or an object in the "
+        "--pkcs11-token-label token as a PKCS#11 URI, pkcs11:object=LABEL (or pkcs11:id=%%01)",
+        TEXT, default=None, metavar="FILE|pkcs11:object=LABEL", group=KEYS)
+    oidc_discovery_bind: str | None = option(
+        "serve OIDC discovery (/.well-known/openid-configuration and its JWKS) over HTTPS here (default off); "
+        "needs --oidc-issuer", LISTEN_ADDRESS, default=None, group=OIDC)
+    oidc_issuer: str | None = option(
+        "the issuer URL relying parties are configured with (https://host[:port][/path]); JWT-SVIDs carry it as "
+        "`iss` and discovery names it. Set it and every JWT-SVID carries `iss`, with or without the listener",
+        TEXT, default=None, metavar="URL", group=OIDC)
+    oidc_discovery_cert: Path | None = option(
+        "the discovery endpoint's certificate chain (PEM), e.g. one for the issuer's host from a CA relying "
+        "parties trust; with --oidc-discovery-key (default: the server's own SVID, for trustmesh-server.<td> "
+        "and localhost)", PATH, default=None, group=OIDC)
+    oidc_discovery_key: Path | None = option("its private key (PEM; not readable by other users)", PATH,
+                                             default=None, group=OIDC)
     learn: timedelta = option(
         "continuous verification: how long each identity's behaviour is learned before its baseline "
         "detectors fire and before any response rule may quarantine it (baselines keep adapting after)",
@@ -246,6 +300,8 @@ class ServerConfig:
         if (self.console_cert is None) != (self.console_key is None):
             raise ConfigError("--console-cert and --console-key go together: give both, or neither to serve the "
                               "console with the server's own SVID")
+        self._check_keys()
+        self._check_oidc()
         if not timedelta(seconds=1) <= self.console_session_ttl <= MAX_CONSOLE_SESSION:
             raise ConfigError("--console-session-ttl must be between 1s and 12h")
         if not timedelta(minutes=1) <= self.operator_cert_ttl <= timedelta(hours=12):
@@ -268,6 +324,36 @@ class ServerConfig:
         if self.bundle_endpoint_profile == "https_spiffe" and any(web_files):
             raise ConfigError(
                 "--bundle-endpoint-cert/--bundle-endpoint-key go with --bundle-endpoint-profile https_web")
+
+    def _check_keys(self) -> None:
+        pkcs11 = [flag for flag, value in (("--pkcs11-module", self.pkcs11_module),
+                                           ("--pkcs11-token-label", self.pkcs11_token_label),
+                                           ("--pkcs11-pin-file", self.pkcs11_pin_file)) if value]
+        upstream_in_token = bool(self.upstream_ca_key and self.upstream_ca_key.startswith("pkcs11:"))
+        if self.key_manager == "pkcs11" or upstream_in_token:
+            missing = [flag for flag in ("--pkcs11-module", "--pkcs11-token-label", "--pkcs11-pin-file")
+                       if flag not in pkcs11]
+            if missing:
+                why = "--key-manager pkcs11" if self.key_manager == "pkcs11" else "an upstream key in a token"
+                raise ConfigError(f"{why} needs {', '.join(missing)} (the HSM's library, the token and its PIN)")
+        elif pkcs11:
+            raise ConfigError(f"{', '.join(pkcs11)}: PKCS#11 options, but the key manager is software; "
+                              "add --key-manager pkcs11 or drop them")
+        if self.pkcs11_signing_ca and self.key_manager != "pkcs11":
+            raise ConfigError("--pkcs11-signing-ca keeps the signing CA key in the HSM; add --key-manager pkcs11")
+        if (self.upstream_ca_cert is None) != (self.upstream_ca_key is None):
+            raise ConfigError("--upstream-ca-cert and --upstream-ca-key go together: the bank CA's certificate "
+                              "chain and its key")
+
+    def _check_oidc(self) -> None:
+        if self.oidc_discovery_bind and not self.oidc_issuer:
+            raise ConfigError("--oidc-discovery-bind needs --oidc-issuer, the https:// URL relying parties "
+                              "will be configured with")
+        if self.oidc_issuer and (problem := oidc_issuer_problem(self.oidc_issuer)):
+            raise ConfigError(f"--oidc-issuer {self.oidc_issuer[:100]!r}: {problem}")
+        if (self.oidc_discovery_cert is None) != (self.oidc_discovery_key is None):
+            raise ConfigError("--oidc-discovery-cert and --oidc-discovery-key go together: give both, or neither "
+                              "to serve discovery with the server's own SVID")
 
     @property
     def attest_address(self) -> str:

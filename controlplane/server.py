@@ -270,7 +270,8 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
     try:
         ca = await CertificateAuthority.load_or_create(
             CAConfig(trust_domain=config.trust_domain, replica_id=config.replica_id,
-                     root_ttl=config.root_ttl, ca_ttl=config.ca_ttl, signing_workers=config.signing_workers),
+                     root_ttl=config.root_ttl, ca_ttl=config.ca_ttl, signing_workers=config.signing_workers,
+                     jwt_issuer=config.oidc_issuer),
             store, kek,
         )
         ca.write_bundle_pem(config.bundle_path)

@@ -81,3 +81,16 @@ tm_ensure_chromium() {
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
 }
+
+tm_ensure_softhsm() {
+  # CA keys in an HSM are tested against a real SoftHSM2 token (and its tools from OpenSC);
+  # the tests initialise their own tokens in temporary directories.
+  if command -v softhsm2-util >/dev/null 2>&1 && [ -e /usr/lib/softhsm/libsofthsm2.so ]; then
+    return 0
+  fi
+  tm_log "installing softhsm2 and opensc (the HSM tests use a real SoftHSM2 token)"
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends softhsm2 opensc >/dev/null
+}

@@ -169,6 +169,21 @@ PATH = Parser("PATH", _path)
 TRUST_DOMAIN = Parser("TRUST_DOMAIN", _trust_domain)
 
 
+def _switch(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = _scalar(value).lower()
+    if text in ("on", "true", "yes"):
+        return True
+    if text in ("off", "false", "no"):
+        return False
+    raise ValueError(f"{text!r}: use true or false")
+
+
+# An on/off option: a bare flag on the command line (`--pkcs11-signing-ca`), true/false in a file.
+SWITCH = Parser("", _switch)
+
+
 def one_of(*choices: str) -> Parser:
     """An enumerated option: one of ``choices``."""
 

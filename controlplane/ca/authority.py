@@ -88,6 +88,7 @@ class CAConfig:
     key_kind: str = "ec-p256"
     backdate: timedelta = timedelta(seconds=30)
     signing_workers: int = 0  # processes signing X509-SVID batches; 0 signs in a thread of this process
+    jwt_issuer: str | None = None  # the OIDC issuer: JWT-SVIDs carry it as `iss` when set
 
     def __post_init__(self) -> None:
         # Checked here so a bad setting is one clear error at start, not a failure deep in
@@ -500,8 +501,9 @@ class CertificateAuthority:
         slot = self._journal.active_jwt_key()
         now = self._clock().replace(microsecond=0)
         expires = now + ttl
+        issuer = {"iss": self._config.jwt_issuer} if self._config.jwt_issuer else None
         token = sign_jwt_svid(spiffe_id=spiffe_id, audiences=list(audiences), private_key=self._jwt_keys[slot.kid],
-                              key_id=slot.kid, expires_at=expires, issued_at=now)
+                              key_id=slot.kid, expires_at=expires, issued_at=now, extra_claims=issuer)
         return token, expires
 
     # --- the trust bundle -----------------------------------------------------------------

@@ -21,7 +21,16 @@ from typing import Any, TypeVar
 import yaml
 
 from trustmesh.errors import TrustmeshError
-from trustmesh.options import ConfigError, Option, declared, flag_name, has_default, key_name, shown_default
+from trustmesh.options import (
+    SWITCH,
+    ConfigError,
+    Option,
+    declared,
+    flag_name,
+    has_default,
+    key_name,
+    shown_default,
+)
 
 __all__ = ["ConfigError", "HelpFormatter", "add_options", "build", "load_config", "load_config_file", "resolve",
            "show_help"]
@@ -71,6 +80,10 @@ def add_options(parser: argparse.ArgumentParser, config_class: type[Any]) -> Non
             target = groups.get(decl.group) or groups.setdefault(decl.group, parser.add_argument_group(decl.group))
         default = shown_default(f)
         shown = " (required)" if not has_default(f) else f" (default {default})" if default is not None else ""
+        if decl.parser is SWITCH:
+            target.add_argument(flag_name(f.name), dest=f.name, default=None, action="store_const", const=True,
+                                help=decl.help)
+            continue
         target.add_argument(
             flag_name(f.name), dest=f.name, default=None, action="append" if decl.repeat else "store",
             metavar=decl.shown_metavar, choices=decl.parser.choices,
