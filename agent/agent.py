@@ -36,6 +36,7 @@ from trustmesh.agent.attestation import (
     RenewerConfig,
     TokenRefusedError,
     attest,
+    has_spiffe_id,
     inspect_identity,
     load_roots,
     load_x509pop,
@@ -56,11 +57,12 @@ from trustmesh.agent.workload_api import WorkloadAPI, WorkloadAPIServer
 from trustmesh.agent.workload_attestor import WorkloadAttestor
 from trustmesh.backoff import backoff_delay
 from trustmesh.bundle import Bundle
+from trustmesh.clock import format_utc
 from trustmesh.errors import TrustmeshError
 from trustmesh.files import ensure_directory
 from trustmesh.hostport import split_host_port
 from trustmesh.logs import RateLimitedLog, log_event
-from trustmesh.metrics import Registry, serve_metrics
+from trustmesh.metrics import Readiness, Registry, serve_metrics
 from trustmesh.policy import Policy
 from trustmesh.spiffeid import TrustDomain
 
@@ -83,6 +85,9 @@ def _pem(certs: list[x509.Certificate] | tuple[x509.Certificate, ...]) -> bytes:
 
 
 def _trust_domain(config: AgentConfig, roots: list[x509.Certificate]) -> TrustDomain:
+    if config.trust_domain is not None and not any(has_spiffe_id(root) for root in roots):
+        # The bank's own root above the mesh (an upstream authority) names no trust domain.
+        return config.trust_domain
     found = trust_domain_of_roots(roots)
     if config.trust_domain is not None and config.trust_domain != found:
         raise AgentAttestationError(f"--trust-domain {config.trust_domain} does not match the trust bundle, whose "
@@ -284,28 +289,51 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> N
         os.close(lock)
 
 
+class AgentReadiness:
+    """What the agent's /readyz answers: attested, its agent SVID unexpired, its sync stream
+    connected. Workloads keep being served from the cache without the stream; readiness says
+    the node is not getting changes (new entries, policy, revocations) until it is back."""
+
+    def __init__(self, server_state: ServerState) -> None:
+        self.server_state = server_state
+        self.client: NodeClient | None = None  # set once the agent holds an identity
+
+    def check(self) -> Readiness:
+        state = self.server_state.state
+        if self.client is None:
+            return Readiness(False, f"not attested yet (control plane {state})")
+        expires = self.client.identity.expires_at
+        if expires <= datetime.now(timezone.utc):
+            return Readiness(False, f"the agent SVID expired at {format_utc(expires)} (control plane {state})")
+        if state != "connected":
+            return Readiness(False, f"the sync stream to the control plane is not connected ({state})")
+        return Readiness(True)
+
+
 async def _run(config: AgentConfig, stop: asyncio.Event) -> None:
     metrics = Registry()
     quiet_resource_errors(asyncio.get_running_loop(), metrics)
+    readiness = AgentReadiness(ServerState(metrics))
     # Served from the start, so an agent that cannot attest yet is seen, and seen why.
     metrics_server = None
     if config.metrics:
         host, port = split_host_port(config.metrics, listening=True)
-        metrics_server = await serve_metrics(metrics, host, port)
+        metrics_server = await serve_metrics(metrics, host, port, ready=readiness.check)
     try:
-        await _serve(config, stop, metrics)
+        await _serve(config, stop, metrics, readiness)
     finally:
         if metrics_server is not None:
             metrics_server.close()
 
 
-async def _serve(config: AgentConfig, stop: asyncio.Event, metrics: Registry) -> None:
-    server_state = ServerState(metrics)
+async def _serve(config: AgentConfig, stop: asyncio.Event, metrics: Registry, readiness: AgentReadiness) -> None:
+    server_state = readiness.server_state
     identity, roots = await _obtain_identity(config, stop, metrics, server_state)
     td = identity.spiffe_id.trust_domain
     bundle_path = _bundle_source(config)
     client = NodeClient(config.server, _pem(roots), td, identity, bundle_path=bundle_path,
                         bundle_from_server=bundle_path != config.trust_bundle)
+    readiness.client = client
     cache = SvidCache(td, client, metrics, rotation=config.rotation)
     # The SVID file was written when the identity arrived (attested just now, or renewed
     # before a restart): renewal is timed from then, not from the back-dated NotBefore.

@@ -91,7 +91,17 @@ def trust_domain_of_roots(roots: list[x509.Certificate]) -> TrustDomain:
         except VerificationError:
             continue
     raise AgentAttestationError("the trust bundle has no root with a SPIFFE ID (spiffe://<trust domain>); "
-                                "pass the bundle.pem the server wrote")
+                                "pass the bundle.pem the server wrote, and --trust-domain when the mesh's root "
+                                "is signed by an upstream CA (the bundle is then that CA's root)")
+
+
+def has_spiffe_id(cert: x509.Certificate) -> bool:
+    """True when the certificate names a SPIFFE ID (a trustmesh root does, a bank's root does not)."""
+    try:
+        spiffe_id_from_certificate(cert)
+    except VerificationError:
+        return False
+    return True
 
 
 def load_roots(path: Path) -> list[x509.Certificate]:

@@ -17,6 +17,7 @@ from benchmarks import (  # noqa: E402
     detection,
     fleet,
     flows,
+    hsm,
     http_proxy,
     issuance,
     proxy,
@@ -25,7 +26,9 @@ from benchmarks import (  # noqa: E402
     workload,
 )
 
-BENCHMARKS = [("issuance", issuance.run), ("fleet (propagation, idle load)", fleet.run),
+BENCHMARKS = [("issuance", issuance.run),
+              ("hsm (issuance with the signing key in SoftHSM2 against a software key)", hsm.run),
+              ("fleet (propagation, idle load)", fleet.run),
               ("workload api", workload.run), ("proxy", proxy.run),
               ("http_proxy (the agent's HTTP listener against nginx)", http_proxy.run), ("scale", scale.run),
               ("flows (ingestion, store load, 30 days read)", flows.run),
@@ -55,8 +58,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="run the trustmesh benchmarks")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke check")
     parser.add_argument("--only", action="append", metavar="NAME",
-                        help="run only this benchmark (issuance, fleet, workload, proxy, http_proxy, scale, flows, "
-                             "detection, quarantine); repeatable")
+                        help="run only this benchmark (issuance, hsm, fleet, workload, proxy, http_proxy, scale, "
+                             "flows, detection, quarantine); repeatable")
     args = parser.parse_args()
     results: list[dict[str, object]] = []
     for name, run in BENCHMARKS:

@@ -16,6 +16,7 @@ from cryptography import x509
 
 from trustmesh.clock import format_utc
 from trustmesh.controlplane.ca.journal import CAJournal, RootSlot
+from trustmesh.controlplane.ca.pkcs11 import is_reference
 from trustmesh.controlplane.config import MAX_JWT_TTL
 from trustmesh.controlplane.duties import take_root_step
 from trustmesh.controlplane.runtime import ServerRuntime
@@ -43,6 +44,8 @@ class Authority:
     activated_at: float = 0.0
     retired_at: float = 0.0
     replica: str = ""  # signing CAs: the server replica that holds it
+    key_store: str = ""  # roots and JWT keys: "software" (sealed under the KEK) or "hsm" (in the token)
+    issuer: str = ""  # roots signed by an upstream CA: its subject
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ def authorities(journal: CAJournal) -> tuple[Authority, ...]:
             kind="x509_root", state=root.status, certificate=root.cert_der, serial=f"{cert.serial_number:x}",
             not_before=cert.not_valid_before_utc.timestamp(), not_after=root.not_after,
             prepared_at=root.created_at, activated_at=root.activated_at, retired_at=root.demoted_at, key_id=root.id,
+            key_store=_key_store(root.sealed_key),
+            issuer=cert.issuer.rfc4514_string() if root.upstream_chain else "",
         ))
     # A replica's newest signing CA is the one it signs with; earlier ones only linger
     # in the record until they expire.
@@ -84,8 +89,13 @@ def authorities(journal: CAJournal) -> tuple[Authority, ...]:
         out.append(Authority(
             kind="jwt_key", state=key.status, key_id=key.kid, not_before=key.created_at, not_after=key.not_after,
             prepared_at=key.created_at, activated_at=key.activated_at, retired_at=key.demoted_at,
+            key_store=_key_store(key.sealed_key),
         ))
     return tuple(out)
+
+
+def _key_store(stored: bytes) -> str:
+    return "hsm" if is_reference(stored) else "software"
 
 
 def activation_allowed_at(prepared: RootSlot, refresh_hint: timedelta) -> float:

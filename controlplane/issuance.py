@@ -189,7 +189,7 @@ class IssuanceService:
             await self.quarantine_refusals.refused(agent, "jwt", [str(entry.spiffe_id)], node=node)
             raise PermissionDeniedError(refusal(str(entry.spiffe_id), node=node))
         ttl = timedelta(seconds=entry.jwt_ttl) if entry.jwt_ttl else self._rt.config.default_jwt_ttl
-        token, expires = self._rt.ca.sign_jwt_svid(entry.spiffe_id, audiences, ttl)
+        token, expires = await self._rt.ca.issue_jwt_svid(entry.spiffe_id, audiences, ttl)
         await self._rt.audit.record("jwt.issue", actor=agent, subject=str(entry.spiffe_id), entry_id=entry.id,
                                     audiences=list(audiences))
         self._jwt.inc(outcome="issued")

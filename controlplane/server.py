@@ -27,6 +27,7 @@ import grpc
 from cryptography.hazmat.primitives import hashes, serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from trustmesh.clock import utc_now
 from trustmesh.controlplane import integrity
 from trustmesh.controlplane.api import callers
 from trustmesh.controlplane.api.admin import AdminServicer, AdminServices
@@ -40,6 +41,9 @@ from trustmesh.controlplane.audit_anchor import AuditAnchor
 from trustmesh.controlplane.bundle_endpoint import BundleEndpoint, serve_bundle_endpoint
 from trustmesh.controlplane.ca.authority import CAConfig, CertificateAuthority, needs_rotation
 from trustmesh.controlplane.ca.kek import KeyEncryptionKey
+from trustmesh.controlplane.ca.keymanager import KeyManager
+from trustmesh.controlplane.ca.pkcs11 import Pkcs11Token, read_pin
+from trustmesh.controlplane.ca.upstream import UpstreamAuthority
 from trustmesh.controlplane.clones import CloneGuard
 from trustmesh.controlplane.config import ServerConfig
 from trustmesh.controlplane.console import Console, ConsoleSettings, Upstream, serve_console, static_dir
@@ -48,15 +52,17 @@ from trustmesh.controlplane.duties import leader_duties
 from trustmesh.controlplane.flow_store import FlowRollups
 from trustmesh.controlplane.issuance import IssuanceService
 from trustmesh.controlplane.leader import LeaderElection
+from trustmesh.controlplane.oidc_discovery import OidcDiscovery, serve_oidc_discovery
 from trustmesh.controlplane.operators import Operators
 from trustmesh.controlplane.quarantine import QuarantineService
 from trustmesh.controlplane.registry_view import CAJournalChanged, RegistryEvent, RegistrySubscriber, RegistryView
 from trustmesh.controlplane.runtime import ServerRuntime
+from trustmesh.controlplane.status import AgentPresence, Listeners, StatusService, expected_listeners
 from trustmesh.controlplane.store import Store, open_store
 from trustmesh.controlplane.sync_service import SyncService
 from trustmesh.controlplane.trace_log import SUBDIRECTORY as TRACE_DIRECTORY
 from trustmesh.controlplane.trace_log import TraceLog
-from trustmesh.errors import KeyEncryptionError, StoreError
+from trustmesh.errors import KeyEncryptionError, StoreError, UnavailableError
 from trustmesh.files import ensure_directory
 from trustmesh.hostport import cannot_listen, join_host_port, split_host_port
 from trustmesh.httpserver import HttpServer
@@ -92,6 +98,28 @@ def load_kek(config: ServerConfig) -> KeyEncryptionKey:
         KeyEncryptionKey.generate_into(path)
         log_event(log, "kek_generated", path=str(path))
     return KeyEncryptionKey.from_file(path)
+
+
+def load_ca_keys(config: ServerConfig, kek: KeyEncryptionKey) -> tuple[KeyManager, UpstreamAuthority | None]:
+    """Where the CA keys live (the KEK, or an HSM token) and the upstream CA, if any, as the
+    options say; a token that cannot be opened is an error at start, never software keys."""
+    token: Pkcs11Token | None = None
+    if config.pkcs11_module and config.pkcs11_token_label and config.pkcs11_pin_file:
+        token = Pkcs11Token(config.pkcs11_module, config.pkcs11_token_label, read_pin(config.pkcs11_pin_file))
+    try:
+        keys = KeyManager(kek, token if config.key_manager == "pkcs11" else None,
+                          signing_keys_in_token=config.pkcs11_signing_ca)
+        upstream = None
+        if config.upstream_ca_cert and config.upstream_ca_key:
+            upstream = UpstreamAuthority.load(config.upstream_ca_cert, config.upstream_ca_key, token, utc_now())
+    except BaseException:
+        if token is not None:
+            token.close()
+        raise
+    if token is not None:
+        log_event(log, "hsm_ready", module=str(token.module), token=token.label, key_manager=config.key_manager,
+                  signing_ca_in_hsm=config.pkcs11_signing_ca)
+    return keys, upstream
 
 
 class ServingCredentials:
@@ -183,9 +211,10 @@ async def _rotation_loop(rt: ServerRuntime, creds: ServingCredentials, stop: asy
             elif creds.roots_changed() or (creds.not_before and creds.not_after
                                            and needs_rotation(creds.not_before, creds.not_after, now)):
                 await creds.renew()
-        except StoreError as err:
-            # The store is briefly unreachable (an etcd member died): the current signing CA
-            # and SVID stay valid for hours; try again at the next tick.
+        except (StoreError, UnavailableError) as err:
+            # The store or the HSM is briefly unreachable (an etcd member died, a token was
+            # reconnected): the current signing CA and SVID stay valid for hours; try again
+            # at the next tick.
             log_event(log, "rotation_deferred", level=logging.WARNING, error=str(err))
 
 
@@ -254,6 +283,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         loop.add_signal_handler(sig, stop.set)
 
     kek = load_kek(config)
+    keys, upstream_ca = await asyncio.to_thread(load_ca_keys, config, kek)
     store: Store = await open_store(config.store, config.data_dir, etcd_security=config.etcd_security)
     node_server: grpc.aio.Server | None = None
     attest_server: grpc.aio.Server | None = None
@@ -263,6 +293,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
     admin_socket: AdminSocket | None = None
     metrics_server: HttpServer | None = None
     bundle_server: HttpServer | None = None
+    oidc_server: HttpServer | None = None
     console: Console | None = None
     console_server: HttpServer | None = None
     ca: CertificateAuthority | None = None
@@ -270,9 +301,11 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
     try:
         ca = await CertificateAuthority.load_or_create(
             CAConfig(trust_domain=config.trust_domain, replica_id=config.replica_id,
-                     root_ttl=config.root_ttl, ca_ttl=config.ca_ttl, signing_workers=config.signing_workers,
+                     root_ttl=config.root_ttl, ca_ttl=config.ca_ttl,
+                     # A signing CA key in the token is used by this process only.
+                     signing_workers=0 if config.pkcs11_signing_ca else config.signing_workers,
                      jwt_issuer=config.oidc_issuer),
-            store, kek,
+            store, keys, upstream=upstream_ca,
         )
         ca.write_bundle_pem(config.bundle_path)
         rt = ServerRuntime(config=config, store=store, ca=ca, audit=AuditLog(store, kek.derive("audit-chain")))
@@ -313,7 +346,11 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
         attestor = NodeAttestor(rt)
         node = NodeServicer(view, attestor, issuance, sync, guard)
         operators = Operators(rt, kek)
-        admin = AdminServicer(AdminServices.of(rt, operators, rollups, quarantines, trace_log, sync))
+        # Health facts for `trustmesh check` (GetStatus) and /readyz: listeners report as they bind.
+        presence = AgentPresence(sync, rt.clock)
+        listening = Listeners(expected_listeners(config))
+        status = StatusService(rt, presence, listening, creds, view.ready.is_set)
+        admin = AdminServicer(AdminServices.of(rt, operators, rollups, quarantines, trace_log, sync, status))
         td = config.trust_domain
         node_server = _grpc_server(CallLayer(callers.agents(td, guard), rt.metrics))
         node.register(node_server)
@@ -326,8 +363,11 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
                               "--attest-bind")
         await node_server.start()
         await attest_server.start()
+        listening.up("node", _dial(config.bind, port))
+        listening.up("attest", _dial(config.attest_address, attest_port))
         admin_socket = AdminSocket(config.admin_socket_path)
         admin_server = await _start_admin_server(rt, admin, admin_socket)
+        listening.up("admin_socket", str(config.admin_socket_path))
         remote_admin_port = login_port = 0
         if config.admin_bind:
             remote_admin = _grpc_server(CallLayer(callers.remote_admins(td, view, operators), rt.metrics,
@@ -344,22 +384,26 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
                                  "--login-bind")
             await remote_admin.start()
             await login_server.start()
+            listening.up("admin", _dial(config.admin_bind, remote_admin_port))
+            listening.up("login", _dial(config.login_address or "", login_port))
         console_address = "off"
         if config.console_bind and config.admin_bind and config.login_address:
             # The console is a client of the two listeners just started, by their bound ports:
             # operators log in there and every call is theirs (console/admin.py).
-            upstream = Upstream(admin_address=_dial(config.admin_bind, remote_admin_port),
+            console_upstream = Upstream(admin_address=_dial(config.admin_bind, remote_admin_port),
                                 login_address=_dial(config.login_address, login_port),
                                 server_name=server_dns_name(td), roots=lambda: creds.roots_pem)
-            console = Console(ConsoleSettings(upstream, static_dir(), config.console_session_ttl))
+            console = Console(ConsoleSettings(console_upstream, static_dir(), config.console_session_ttl))
             console_ctx = (server_context_from_files(config.console_cert, config.console_key,
                                                      "--console-cert/--console-key")
                            if config.console_cert and config.console_key else rotating_server_context(creds))
             console_server = await serve_console(console, config.console_bind, console_ctx)
             console_address = console_server.address
+            listening.up("console", console_address)
         if config.metrics:
             host, mport = split_host_port(config.metrics, listening=True)
-            metrics_server = await serve_metrics(rt.metrics, host, mport, ready=view.ready.is_set)
+            metrics_server = await serve_metrics(rt.metrics, host, mport, ready=status.readiness)
+            listening.up("metrics", metrics_server.address)
         bundle_address = "off"
         if config.bundle_endpoint:
             endpoint = BundleEndpoint(ca.bundle, config.bundle_refresh_hint, rt.metrics)
@@ -372,6 +416,18 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
                 raise cannot_listen(config.bundle_endpoint, "--bundle-endpoint", err) from err
             bound = bundle_server.sockets[0].getsockname()
             bundle_address = f"{bound[0]}:{bound[1]}"
+            listening.up("bundle_endpoint", _dial(config.bundle_endpoint, bound[1]))
+        oidc_address = "off"
+        if config.oidc_discovery_bind and config.oidc_issuer:
+            # OIDC discovery for relying parties of JWT-SVIDs (cloud IAM, Vault): the JWT keys
+            # from the same bundle, so they follow rotation (oidc_discovery.py).
+            discovery = OidcDiscovery(config.oidc_issuer, ca.bundle, rt.metrics)
+            oidc_ctx = (server_context_from_files(config.oidc_discovery_cert, config.oidc_discovery_key,
+                                                  "--oidc-discovery-cert/--oidc-discovery-key")
+                        if config.oidc_discovery_cert and config.oidc_discovery_key else rotating_server_context(creds))
+            oidc_server = await serve_oidc_discovery(discovery, config.oidc_discovery_bind, oidc_ctx)
+            oidc_address = oidc_server.address
+            listening.up("oidc_discovery", _dial(config.oidc_discovery_bind, oidc_server.port))
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(view.run(stop), name="registry-view")
             tasks.create_task(_rotation_loop(rt, creds, stop), name="rotation")
@@ -383,6 +439,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
             tasks.create_task(anchor.run(stop), name="audit-anchor")
             tasks.create_task(attestor.failures.run(stop), name="attestation-failures-audit")
             tasks.create_task(guard.run(stop), name="clone-guard")
+            tasks.create_task(presence.run(stop), name="agent-presence")
             if console is not None:
                 tasks.create_task(console.run(stop), name="console-sessions")
             election = LeaderElection(store, config.replica_id, rt.metrics, ttl=config.leader_ttl)
@@ -408,7 +465,7 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
                     store=config.store.split("://", 1)[0],
                     bundle=str(config.bundle_path), root_sha256=ca.root.fingerprint(hashes.SHA256()).hex(),
                     metrics=config.metrics or "off", replica=config.replica_id, bundle_endpoint=bundle_address,
-                    console_bind=console_address,
+                    console_bind=console_address, oidc_discovery=oidc_address,
                 )
             loaded.cancel()
             await stopping
@@ -425,11 +482,12 @@ async def run_server(config: ServerConfig, stop: asyncio.Event | None = None) ->
             await admin_server.stop(grace=1)
         if admin_socket is not None:
             await admin_socket.close()
-        for plain in (metrics_server, bundle_server):
+        for plain in (metrics_server, bundle_server, oidc_server):
             if plain is not None:
                 plain.close()
         if ca is not None:
             ca.close()  # the signing workers exit with the server
+        keys.close()
         if anchor is not None:
             await anchor.flush()  # the events of the last moments, once nothing appends any more
         await store.close()

@@ -6,7 +6,8 @@ standard SPIFFE Workload API; one identity rotates while you watch; allowlists a
 enforced between services; two operators log in with password and TOTP, and one grants the
 other's just-in-time request; an identity goes rogue, the detectors quarantine it and
 explain why, and a security officer releases it; at the end a legacy HTTP core behind the
-agent gets a read-only caller: its GET passes, its POST gets a 403 naming the rule.
+agent gets a read-only caller: its GET passes, its POST gets a 403 naming the rule; and
+`trustmesh check` says the mesh is healthy.
 Everything is stopped on exit or Ctrl-C (unless --keep).
 """
 
@@ -283,7 +284,7 @@ def main() -> int:
     env = {**os.environ, "TRUSTMESH_ADMIN_SOCKET": str(work / "server" / "admin.sock"),
            "PYTHONPATH": str(ROOT)}
     procs: list[subprocess.Popen[bytes]] = []
-    step = Step(total=16)
+    step = Step(total=17)
     ports: dict[str, int] = {}
     echo_port = start_echo()
     core_port = start_legacy_core()
@@ -554,6 +555,12 @@ def main() -> int:
             say(f"POST /transactions/42 -> {status} {denial.get('error')}: rule {denial.get('rule')!r}, "
                 f"request {denial.get('request_id')}")
             say(f"  {denial.get('reason')}")
+
+        with step("trustmesh check: one command says whether the mesh is healthy, and what to do if not"):
+            # Exit 0 only when no check failed: cli() stops the demo otherwise.
+            for line in cli("check").splitlines():
+                if line.strip() and not line.startswith("-"):
+                    say(line)
 
         if args.console and console_url:
             # Something to approve in the console: alice asks, someone else must approve.

@@ -9,14 +9,22 @@ registry also carries the process metrics (`process_*`), `python_info` and
 `trustmesh_build_info{version=...}`. Names are `trustmesh_…`; a gauge that holds a point in
 time is named `…_timestamp_seconds`.
 
-`serve_metrics` serves them over plain HTTP: `GET /metrics`, plus `/healthz` (the process
-answers) and `/readyz` (it is ready to serve).
+`serve_metrics` serves them over plain HTTP: `GET /metrics`, plus the probes. `/healthz` is
+liveness: it is answered by the process's own event loop, so a 200 means the loop runs and is
+not blocked (a probe that times out means it is); restart on failure. `/readyz` is readiness:
+200 `{"status": "ready"}` once the process's `ready` probe says so, else 503 with
+`{"status": "not ready", "reason": "..."}` naming the first thing missing (the server: registry
+loaded, signing CA valid, listeners bound, store answering; the agent: attested, its SVID
+valid, its sync stream connected); take the process out of rotation, never restart it for that.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import prometheus_client
@@ -147,21 +155,50 @@ class Registry:
 NOT_FOUND = b"not found: metrics are at /metrics (and /healthz, /readyz)\n"
 
 
-async def serve_metrics(registry: Registry, host: str, port: int, *,
-                        ready: Callable[[], bool] | None = None) -> HttpServer:
-    """Serve `GET /metrics`, `/healthz` and `/readyz` (503 until `ready()` is true); an
-    address that cannot be bound is a ListenError naming --metrics (its one flag everywhere)."""
+@dataclass(frozen=True)
+class Readiness:
+    """What `/readyz` answers: ready, or why not (one line a person can act on)."""
+
+    ready: bool
+    reason: str = ""
+
+
+# A readiness probe: a plain predicate, or a coroutine that may look further (the store).
+ReadyProbe = Callable[[], bool | Readiness | Awaitable[Readiness]]
+
+
+async def _readiness(ready: ReadyProbe | None) -> Readiness:
+    if ready is None:
+        return Readiness(True)
+    answer = ready()
+    if inspect.isawaitable(answer):
+        answer = await answer
+    if isinstance(answer, Readiness):
+        return answer
+    return Readiness(bool(answer), "" if answer else "starting")
+
+
+def _json(status: int, body: dict[str, str]) -> web.StreamResponse:
+    return reply(status, json.dumps(body).encode() + b"\n", "application/json")
+
+
+async def serve_metrics(registry: Registry, host: str, port: int, *, ready: ReadyProbe | None = None) -> HttpServer:
+    """Serve `GET /metrics`, `/healthz` and `/readyz` (503 with the reason until `ready()`
+    says ready); an address that cannot be bound is a ListenError naming --metrics (its one
+    flag everywhere)."""
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         path = request.raw_path.split("?", 1)[0]
         if request.method == "GET" and path == "/metrics":
             return reply(200, registry.render().encode(), CONTENT_TYPE_PLAIN_0_0_4)
         if request.method == "GET" and path == "/healthz":
-            return reply(200, b"ok\n", "text/plain")
+            # Answered on the process's event loop: reaching this line is the liveness proof.
+            return _json(200, {"status": "ok"})
         if request.method == "GET" and path == "/readyz":
-            if ready is None or ready():
-                return reply(200, b"ready\n", "text/plain")
-            return reply(503, b"not ready\n", "text/plain")
+            answer = await _readiness(ready)
+            if answer.ready:
+                return _json(200, {"status": "ready"})
+            return _json(503, {"status": "not ready", "reason": answer.reason})
         return reply(404, NOT_FOUND, "text/plain")
 
     try:
@@ -170,4 +207,4 @@ async def serve_metrics(registry: Registry, host: str, port: int, *,
         raise cannot_listen(join_host_port(host, port), "--metrics", err) from err
 
 
-__all__ = ["Counter", "Gauge", "Histogram", "Registry", "serve_metrics"]
+__all__ = ["Counter", "Gauge", "Histogram", "ReadyProbe", "Readiness", "Registry", "serve_metrics"]

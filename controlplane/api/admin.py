@@ -45,6 +45,7 @@ from trustmesh.controlplane.policy_store import PolicyService
 from trustmesh.controlplane.quarantine import IDENTITY, QuarantineService
 from trustmesh.controlplane.registration import EntryQuery, Registry
 from trustmesh.controlplane.runtime import ServerRuntime
+from trustmesh.controlplane.status import StatusService
 from trustmesh.controlplane.trace_log import TraceLog
 
 # ExportTrace answers in messages of whole lines, each well under the 4 MiB gRPC limit.
@@ -75,13 +76,15 @@ class AdminServices:
     quarantines: QuarantineService
     trace: TraceLog
     streams: AgentStreams
+    status: StatusService
 
     @classmethod
     def of(cls, rt: ServerRuntime, operators: Operators, flows: FlowRollups,
-           quarantines: QuarantineService, trace: TraceLog, streams: AgentStreams) -> AdminServices:
+           quarantines: QuarantineService, trace: TraceLog, streams: AgentStreams,
+           status: StatusService) -> AdminServices:
         return cls(Registry(rt.config.trust_domain, rt.store, rt.audit, rt.clock), PolicyService(rt),
                    FederationAdmin(rt), PartnerCertificates(rt), CAAdmin(rt), AuditQueries(rt), operators,
-                   AccessRequests(rt), flows, quarantines, trace, streams)
+                   AccessRequests(rt), flows, quarantines, trace, streams, status)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
@@ -403,3 +406,23 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                                 context: grpc.aio.ServicerContext) -> admin_pb2.ReleaseQuarantineResponse:
         quarantine = await self._domain.quarantines.release(request.target, request.reason, current_caller().id)
         return admin_pb2.ReleaseQuarantineResponse(quarantine=quarantine_to_pb(quarantine))
+
+    # --- health -------------------------------------------------------------------------------
+
+    async def GetStatus(self, request: admin_pb2.GetStatusRequest,
+                        context: grpc.aio.ServicerContext) -> admin_pb2.GetStatusResponse:
+        s = await self._domain.status.status()
+        return admin_pb2.GetStatusResponse(
+            trust_domain=s.trust_domain, replica_id=s.replica_id, server_time_ms=int(s.time * 1000),
+            leader=s.leader, ready=s.ready, store_backend=s.store.backend, store_error=s.store.error,
+            store_members=[admin_pb2.StoreMember(name=m.name, endpoint=m.endpoint, healthy=m.healthy,
+                                                 leader=m.leader, error=m.error) for m in s.store.members],
+            authorities=ca_authorities_pb(s.authorities), root_ttl_seconds=int(s.root_ttl),
+            ca_ttl_seconds=int(s.ca_ttl), agent_ttl_seconds=int(s.agent_ttl),
+            server_svid_chain=list(s.server_svid_chain),
+            listeners=[admin_pb2.ServerListener(name=n, address=a) for n, a in sorted(s.listeners.items())],
+            bundle_endpoint_profile=s.bundle_endpoint_profile, oidc_issuer=s.oidc_issuer,
+            oidc_discovery_bind=s.oidc_discovery_bind, oidc_serves_server_svid=s.oidc_serves_server_svid,
+            policy_revision=s.policy_revision,
+            agents=[admin_pb2.AgentPresence(spiffe_id=a, last_seen=int(t))
+                    for a, t in sorted(s.agents_last_seen.items())])

@@ -203,6 +203,8 @@ CALLS: Mapping[str, Rule] = MappingProxyType({
     "/trustmesh.v1.Admin/ListQuarantines": LISTINGS,
     "/trustmesh.v1.Admin/AddQuarantine": SECURITY,
     "/trustmesh.v1.Admin/ReleaseQuarantine": SECURITY_STEP_UP,
+    # `trustmesh check`: health facts only (no key, no policy text), for every role that reads.
+    "/trustmesh.v1.Admin/GetStatus": LISTINGS,
 
     "/trustmesh.v1.OperatorLogin/Enroll": ATTESTING_OPERATORS,
     "/trustmesh.v1.OperatorLogin/Login": ATTESTING_OPERATORS,

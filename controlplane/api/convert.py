@@ -84,7 +84,8 @@ def ca_authorities_pb(authorities: Iterable[Authority]) -> list[admin_pb2.CAAuth
     return [admin_pb2.CAAuthority(
         kind=_KINDS[a.kind], state=_STATES[a.state], certificate=a.certificate, serial=a.serial, key_id=a.key_id,
         not_before=int(a.not_before), not_after=int(a.not_after), prepared_at=int(a.prepared_at),
-        activated_at=int(a.activated_at), retired_at=int(a.retired_at), replica=a.replica,
+        activated_at=int(a.activated_at), retired_at=int(a.retired_at), replica=a.replica, key_store=a.key_store,
+        issuer=a.issuer,
     ) for a in authorities]
 
 

@@ -36,7 +36,10 @@ from trustmesh.controlplane.ca.journal import (
     root_aad,
 )
 from trustmesh.controlplane.ca.kek import KeyEncryptionKey
+from trustmesh.controlplane.ca.keymanager import KeyManager
+from trustmesh.controlplane.ca.pkcs11 import HsmKey
 from trustmesh.controlplane.ca.signer_pool import SignerPool, SigningMaterial, SignItem, outcome_error
+from trustmesh.controlplane.ca.upstream import UpstreamAuthority
 from trustmesh.errors import CAError, ConflictError, SvidError, TrustmeshError
 from trustmesh.files import atomic_write
 from trustmesh.jwtsvid import sign_jwt_svid
@@ -44,9 +47,7 @@ from trustmesh.keys import (
     KEY_KINDS,
     PrivateKey,
     PublicKey,
-    generate_private_key,
     key_id,
-    load_private_key_pkcs8_der,
     private_key_to_pkcs8_der,
     spki_der,
 )
@@ -112,6 +113,13 @@ class SigningCA:
     key: PrivateKey
     root_id: str
     issued_at: datetime  # NotBefore is back-dated; rotation counts from the real issue time
+    # Under an upstream authority: the mesh root and the upstream CAs below the bundle's
+    # root, which every chain this CA signs must carry (the bundle holds only that root).
+    above: tuple[x509.Certificate, ...] = ()
+
+    @property
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        return (self.cert, *self.above)
 
 
 def needs_rotation(not_before: datetime, not_after: datetime, now: datetime, fraction: float = 0.5) -> bool:
@@ -124,14 +132,18 @@ class CertificateAuthority:
         self,
         config: CAConfig,
         store: CAStateStore,
-        kek: KeyEncryptionKey,
+        keys: KeyManager,
         clock: Clock,
         journal: CAJournal,
         version: int,
+        upstream: UpstreamAuthority | None = None,
     ) -> None:
         self._config = config
         self._store = store
-        self._kek = kek
+        self._keys = keys
+        self._upstream = upstream
+        # The verified chain above each upstream-signed root, by root id.
+        self._chains: dict[str, tuple[x509.Certificate, ...]] = {}
         self._clock = clock
         self._journal = journal
         self._version = version
@@ -141,6 +153,9 @@ class CertificateAuthority:
         self._partner: SigningCA | None = None
         # The signing CA as the workers receive it, encoded once per rotation.
         self._material: SigningMaterial | None = None
+        self._generation = 0
+        if config.signing_workers and keys.signing_keys_in_token:
+            raise CAError("signing CA keys in the HSM are used by this process only; set --signing-workers 0")
         self._pool = SignerPool(config.signing_workers) if config.signing_workers else None
         # Set whenever the journal changes (here or, via reload, on another replica): the
         # rotation loop wakes on it to follow a new root at once.
@@ -154,14 +169,18 @@ class CertificateAuthority:
         cls,
         config: CAConfig,
         store: CAStateStore,
-        kek: KeyEncryptionKey,
+        keys: KeyManager | KeyEncryptionKey,
         clock: Clock = utc_now,
+        upstream: UpstreamAuthority | None = None,
     ) -> CertificateAuthority:
         """Load the CA (wrong KEK or tampered keys: KeyEncryptionError, never a new CA),
-        create it on first start, then make this process's signing CA."""
+        create it on first start, then make this process's signing CA. A KEK alone means
+        software keys sealed under it."""
+        if isinstance(keys, KeyEncryptionKey):
+            keys = KeyManager(keys)
         data, version = await store.load_ca_state()
         if data is None:
-            journal = await asyncio.to_thread(_new_journal, config, kek, clock())
+            journal = await asyncio.to_thread(_new_journal, config, keys, upstream, clock())
             try:
                 version = await store.save_ca_state(journal.to_bytes(), 0)
             except ConflictError:
@@ -177,7 +196,7 @@ class CertificateAuthority:
                 f"the store holds the CA of trust domain {journal.trust_domain!r}, not "
                 f"{config.trust_domain.name!r}; use --trust-domain {journal.trust_domain} or another store"
             )
-        ca = cls(config, store, kek, clock, journal, version)
+        ca = cls(config, store, keys, clock, journal, version, upstream)
         await ca.rotate_signing_ca()
         return ca
 
@@ -195,20 +214,24 @@ class CertificateAuthority:
         if len(set(root_ids)) != len(root_ids) or len(set(kids)) != len(kids):
             raise CAError("CA journal is corrupt or was tampered with: two slots share one id")
         for slot in self._journal.roots:
-            key = self._root_keys.get(slot.id) or _open_key(self._kek, slot.sealed_key, root_aad(td, slot.id))
+            key = self._root_keys.get(slot.id) or self._keys.open_key(
+                slot.sealed_key, root_aad(td, slot.id), f"root {slot.id}")
             try:
                 cert = x509.load_der_x509_certificate(slot.cert_der)
                 bound = spki_der(cert.public_key()) == spki_der(key.public_key())  # type: ignore[arg-type]
-                if bound:
+                if bound and not slot.upstream_chain:
                     cert.verify_directly_issued_by(cert)
             except (ValueError, TypeError, InvalidSignature):
                 bound = False
             if not bound:
                 raise CAError(f"CA journal was tampered with: the certificate of root {slot.id} is not the "
                               "self-signed certificate of its sealed key; restore the store from a backup")
+            if slot.upstream_chain:
+                self._upstream_chain(slot.id, cert, slot.upstream_chain)
             self._root_keys[slot.id] = key
         for jslot in self._journal.jwt_keys:
-            key = self._jwt_keys.get(jslot.kid) or _open_key(self._kek, jslot.sealed_key, jwt_aad(td, jslot.kid))
+            key = self._jwt_keys.get(jslot.kid) or self._keys.open_key(
+                jslot.sealed_key, jwt_aad(td, jslot.kid), f"JWT key {jslot.kid}")
             if jslot.public_key_der != spki_der(key.public_key()) or key_id(key.public_key()) != jslot.kid:
                 raise CAError(f"CA journal was tampered with: JWT key {jslot.kid} does not match its sealed key; "
                               "restore the store from a backup")
@@ -216,11 +239,35 @@ class CertificateAuthority:
         # Forget keys whose slots were retired (by this or another replica).
         for gone in set(self._root_keys) - set(root_ids):
             del self._root_keys[gone]
+            self._chains.pop(gone, None)
         for gone in set(self._jwt_keys) - set(kids):
             del self._jwt_keys[gone]
         # Refuse a journal whose active root is inconsistent before anything is signed.
         self._journal.active_root()
         self._journal.active_jwt_key()
+
+    def _upstream_chain(self, root_id: str, cert: x509.Certificate, stored: bytes) -> tuple[x509.Certificate, ...]:
+        """The chain above an upstream-signed root, trusted only when it ends at the root the
+        operator configured: the store alone can never add an authority to the bundle."""
+        known = self._chains.get(root_id)
+        if known is not None:
+            return known
+        if self._upstream is None:
+            raise CAError(f"root {root_id} of the CA is signed by an upstream CA; start every replica with "
+                          "--upstream-ca-cert and --upstream-ca-key")
+        chain = self._upstream.vouches_for(cert, stored)
+        if chain is None:
+            raise CAError(f"root {root_id} does not chain to the root in --upstream-ca-cert "
+                          f"({self._upstream.root.subject.rfc4514_string()}): the journal was tampered with, or "
+                          "the upstream CA changed; restore the store or give the chain the CA was created with")
+        self._chains[root_id] = chain
+        return chain
+
+    def _chain_above(self, slot: RootSlot) -> tuple[x509.Certificate, ...]:
+        """The upstream chain above a root (empty for a self-signed one)."""
+        if not slot.upstream_chain:
+            return ()
+        return self._upstream_chain(slot.id, x509.load_der_x509_certificate(slot.cert_der), slot.upstream_chain)
 
     async def _update_journal(self, change: Callable[[CAJournal], CAJournal]) -> None:
         """Apply `change` and save with compare-and-swap, re-reading on a lost race."""
@@ -253,12 +300,14 @@ class CertificateAuthority:
     async def rotate_signing_ca(self) -> x509.Certificate:
         """Make a fresh signing CA under the active root and record it in the journal."""
         signing = await self._new_intermediate(self._config.replica_id, "signing CA")
-        generation = self._material.generation + 1 if self._material else 1
-        material = SigningMaterial(generation, private_key_to_pkcs8_der(signing.key),
-                                   signing.cert.public_bytes(serialization.Encoding.DER))
-        self._signing, self._material = signing, material
-        if self._pool is not None and generation == 1:
-            self._pool.start()
+        self._generation += 1
+        if self._pool is not None:
+            # The workers get the key itself: never with --pkcs11-signing-ca (refused at start).
+            self._material = SigningMaterial(self._generation, private_key_to_pkcs8_der(signing.key),
+                                             signing.cert.public_bytes(serialization.Encoding.DER))
+            if self._generation == 1:
+                self._pool.start()
+        self._signing = signing
         return signing.cert
 
     def close(self) -> None:
@@ -281,7 +330,7 @@ class CertificateAuthority:
         not_after = min(now + self._config.ca_ttl, root_cert.not_valid_after_utc)
 
         def build() -> tuple[x509.Certificate, PrivateKey]:
-            key = generate_private_key(self._config.key_kind)
+            key = self._keys.new_signing_key(self._config.key_kind, f"trustmesh {role} {self._config.replica_id}")
             cert = build_ca_certificate(
                 trust_domain=self._config.trust_domain, public_key=key.public_key(), issuer=root_cert,
                 issuer_key=root_key, not_before=now - self._config.backdate, not_after=not_after,
@@ -295,7 +344,9 @@ class CertificateAuthority:
             root_id=root_slot.id, created_at=now.timestamp(), not_after=not_after.timestamp(),
         )
         await self._update_journal(lambda j: j.with_signing_ca(record, now=now.timestamp()))
-        return SigningCA(cert, key, root_slot.id, now)
+        upstream = self._chain_above(root_slot)
+        above = (root_cert, *upstream[:-1]) if upstream else ()
+        return SigningCA(cert, key, root_slot.id, now, above)
 
     # --- partner certificates ----------------------------------------------------------------
 
@@ -320,7 +371,7 @@ class CertificateAuthority:
                 spiffe_id=spiffe_id, public_key=csr.public_key(), issuer=partner.cert,  # type: ignore[arg-type]
                 issuer_key=partner.key, not_before=now - self._config.backdate, not_after=not_after, dns_names=(),
             )
-            return X509Svid(spiffe_id, (leaf, partner.cert))
+            return X509Svid(spiffe_id, (leaf, *partner.chain))
 
         return await asyncio.to_thread(sign)
 
@@ -344,7 +395,7 @@ class CertificateAuthority:
         self._journal.check_can_prepare()
         now = self._clock()
         root_slot, root_key, jwt_slot, jwt_key = await asyncio.to_thread(
-            _new_authorities, self._config, self._kek, now, "prepared")
+            _new_authorities, self._config, self._keys, self._upstream, now, "prepared")
         await self._update_journal(lambda j: j.with_prepared(root_slot, jwt_slot))
         # After the save: a lost race reloads the journal, which forgets keys it lacks.
         self._root_keys[root_slot.id] = root_key
@@ -378,6 +429,8 @@ class CertificateAuthority:
         # --ca-ttl the back-dating would otherwise put every new CA past its half-life.
         if self._signing is None:
             raise CAError("the signing CA is not ready")
+        if self._keys.lost(self._signing.key):  # its HSM session ended: it can sign no more
+            return True
         return needs_rotation(self._signing.issued_at, self._signing.cert.not_valid_after_utc, now or self._clock())
 
     @property
@@ -425,7 +478,7 @@ class CertificateAuthority:
             spiffe_id=spiffe_id, public_key=public_key, issuer=signing.cert, issuer_key=signing.key,
             not_before=not_before, not_after=not_after, dns_names=tuple(dns_names), admin_entry=admin_entry,
         )
-        return X509Svid(spiffe_id, (leaf, signing.cert))
+        return X509Svid(spiffe_id, (leaf, *signing.chain))
 
     def _sign_csr(self, csr_der: bytes, spiffe_id: SpiffeId, ttl: timedelta, dns_names: Sequence[str],
                   admin_entry: str = "") -> X509Svid:
@@ -483,10 +536,11 @@ class CertificateAuthority:
             return out
         assert signing is not None and material is not None  # _leaf_window refused the batch otherwise
         outcomes = await pool.sign(material, items)
+        above = tuple(c.public_bytes(serialization.Encoding.DER) for c in signing.above)
         for index, item, outcome in zip(work, items, outcomes, strict=True):
             if isinstance(outcome, bytes):
-                out[index] = _issued(item[1], (x509.load_der_x509_certificate(outcome), signing.cert),
-                                     (outcome, material.cert_der))
+                out[index] = _issued(item[1], (x509.load_der_x509_certificate(outcome), *signing.chain),
+                                     (outcome, material.cert_der, *above))
             else:
                 out[index] = outcome_error(outcome)
         return out
@@ -495,6 +549,14 @@ class CertificateAuthority:
                               dns_names: Sequence[str] = ()) -> X509Svid:
         """For the server's own serving SVID, whose key this process made itself."""
         return await asyncio.to_thread(self._sign_leaf, public_key, spiffe_id, ttl, dns_names)
+
+    async def issue_jwt_svid(self, spiffe_id: SpiffeId, audiences: Sequence[str],
+                             ttl: timedelta) -> tuple[str, datetime]:
+        """`sign_jwt_svid` off the event loop when the key is in an HSM (a network HSM takes
+        milliseconds); a software key signs in microseconds, less than a thread hop."""
+        if isinstance(self._jwt_keys.get(self._journal.active_jwt_key().kid), HsmKey):
+            return await asyncio.to_thread(self.sign_jwt_svid, spiffe_id, audiences, ttl)
+        return self.sign_jwt_svid(spiffe_id, audiences, ttl)
 
     def sign_jwt_svid(self, spiffe_id: SpiffeId, audiences: Sequence[str], ttl: timedelta) -> tuple[str, datetime]:
         self._check_id(spiffe_id)
@@ -509,9 +571,18 @@ class CertificateAuthority:
     # --- the trust bundle -----------------------------------------------------------------
 
     def x509_authorities(self) -> list[x509.Certificate]:
-        """Every root an SVID may still chain to: prepared, active and unexpired old ones."""
+        """Every root an SVID may still chain to: prepared, active and unexpired old ones.
+        A root signed by an upstream CA is represented by that CA's root (once)."""
         now = self._clock().timestamp()
-        return [x509.load_der_x509_certificate(r.cert_der) for r in self._journal.roots if r.not_after > now]
+        out: list[x509.Certificate] = []
+        for slot in self._journal.roots:
+            if slot.not_after <= now:
+                continue
+            chain = self._chain_above(slot)
+            cert = chain[-1] if chain else x509.load_der_x509_certificate(slot.cert_der)
+            if cert not in out:
+                out.append(cert)
+        return out
 
     def jwt_authorities(self) -> dict[str, PublicKey]:
         now = self._clock().timestamp()
@@ -562,44 +633,46 @@ def _common_name(text: str) -> str:
     return text[: MAX_COMMON_NAME - 9] + "~" + hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def _open_key(kek: KeyEncryptionKey, sealed: bytes, aad: bytes) -> PrivateKey:
-    plaintext = kek.open(sealed, aad)
-    try:
-        return load_private_key_pkcs8_der(plaintext)
-    except SvidError as err:  # authenticated, so sealed by this KEK, yet not a key
-        raise CAError("a sealed CA key opened but is not a private key; the journal is corrupt") from err
-
-
-def _new_authorities(config: CAConfig, kek: KeyEncryptionKey, now: datetime,
+def _new_authorities(config: CAConfig, keys: KeyManager, upstream: UpstreamAuthority | None, now: datetime,
                      status: Status) -> tuple[RootSlot, PrivateKey, JwtKeySlot, PrivateKey]:
-    """A new root (self-signed) and JWT key, sealed under the KEK for their slots."""
+    """A new root (self-signed, or signed by the upstream CA) and JWT key, made by the key
+    manager (sealed under the KEK, or in the HSM) for their slots."""
     td = config.trust_domain
-    root_key = generate_private_key(config.key_kind)
     root_id = secrets.token_hex(8)
+    root_key = keys.generate(config.key_kind, f"trustmesh root {root_id}")
     not_after = now + config.root_ttl
-    root = build_ca_certificate(
-        trust_domain=td, public_key=root_key.public_key(), issuer=None, issuer_key=root_key,
-        not_before=now - config.backdate, not_after=not_after, path_length=1,
-        common_name=_common_name(f"trustmesh root CA {td.name} {root_id[:8]}"),
-    )
-    jwt_key = generate_private_key("ec-p256")
+    common_name = _common_name(f"trustmesh root CA {td.name} {root_id[:8]}")
+    if upstream is None:
+        root = build_ca_certificate(
+            trust_domain=td, public_key=root_key.public_key(), issuer=None, issuer_key=root_key,
+            not_before=now - config.backdate, not_after=not_after, path_length=1, common_name=common_name,
+        )
+    else:
+        root = upstream.sign_root(trust_domain=td, public_key=root_key.public_key(),
+                                  not_before=now - config.backdate, not_after=not_after, common_name=common_name)
+        not_after = root.not_valid_after_utc
+    # The kid is the key's own hash, known only once the key exists; the reference's MAC
+    # binds it to the slot as the AAD binds a sealed key.
+    jwt_key = keys.generate("ec-p256", f"trustmesh jwt {root_id}")
     kid = key_id(jwt_key.public_key())
     activated = now.timestamp() if status == "active" else 0.0
     root_slot = RootSlot(
         id=root_id, status=status, cert_der=root.public_bytes(serialization.Encoding.DER),
-        sealed_key=kek.seal(private_key_to_pkcs8_der(root_key), root_aad(td.name, root_id)),
-        created_at=now.timestamp(), not_after=not_after.timestamp(), activated_at=activated,
+        sealed_key=keys.stored_form(root_key, root_aad(td.name, root_id)), created_at=now.timestamp(),
+        not_after=not_after.timestamp(), activated_at=activated,
+        upstream_chain=upstream.chain_der if upstream is not None else b"",
     )
     jwt_slot = JwtKeySlot(
         kid=kid, status=status, public_key_der=spki_der(jwt_key.public_key()),
-        sealed_key=kek.seal(private_key_to_pkcs8_der(jwt_key), jwt_aad(td.name, kid)),
+        sealed_key=keys.stored_form(jwt_key, jwt_aad(td.name, kid)),
         created_at=now.timestamp(), not_after=not_after.timestamp(), activated_at=activated,
     )
     return root_slot, root_key, jwt_slot, jwt_key
 
 
-def _new_journal(config: CAConfig, kek: KeyEncryptionKey, now: datetime) -> CAJournal:
-    root_slot, _, jwt_slot, _ = _new_authorities(config, kek, now, "active")
+def _new_journal(config: CAConfig, keys: KeyManager, upstream: UpstreamAuthority | None,
+                 now: datetime) -> CAJournal:
+    root_slot, _, jwt_slot, _ = _new_authorities(config, keys, upstream, now, "active")
     return CAJournal(trust_domain=config.trust_domain.name, roots=(root_slot,), jwt_keys=(jwt_slot,))
 
 

@@ -42,6 +42,9 @@ class RootSlot:
     not_after: float
     activated_at: float = 0.0  # 0: never signed (a root prepared from the start is active at once)
     demoted_at: float = 0.0  # when it became old; 0 while prepared or active
+    # Signed by an upstream CA: that CA's chain (DER, issuing CA first, its root last); empty
+    # for a self-signed root. `sealed_key` may also be an HSM key reference (ca/pkcs11.py).
+    upstream_chain: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -178,7 +181,7 @@ class CAJournal:
             "roots": [
                 {"id": r.id, "status": r.status, "cert": _b64(r.cert_der), "sealed_key": _b64(r.sealed_key),
                  "created_at": r.created_at, "not_after": r.not_after, "activated_at": r.activated_at,
-                 "demoted_at": r.demoted_at}
+                 "demoted_at": r.demoted_at, **({"upstream": _b64(r.upstream_chain)} if r.upstream_chain else {})}
                 for r in self.roots
             ],
             "jwt_keys": [
@@ -208,7 +211,8 @@ class CAJournal:
                 RootSlot(id=str(r["id"]), status=_status(r["status"]), cert_der=_unb64(r["cert"], "root cert"),
                          sealed_key=_unb64(r["sealed_key"], "root key"), created_at=float(r["created_at"]),
                          not_after=float(r["not_after"]), activated_at=float(r.get("activated_at", 0.0)),
-                         demoted_at=float(r.get("demoted_at", 0.0)))
+                         demoted_at=float(r.get("demoted_at", 0.0)),
+                         upstream_chain=_unb64(r["upstream"], "upstream chain") if "upstream" in r else b"")
                 for r in doc["roots"]
             )
             jwt_keys = tuple(

@@ -3,7 +3,7 @@
 No module outside this package knows which backend runs; open one with ``open_store``.
 """
 
-from trustmesh.controlplane.store.kv import CompactedError
+from trustmesh.controlplane.store.kv import CompactedError, StoreMember
 from trustmesh.controlplane.store.open import open_store
 from trustmesh.controlplane.store.records import (
     AttestedNode,
@@ -51,5 +51,6 @@ __all__ = [
     "RegistrationEntry",
     "TokenChanged",
     "Store",
+    "StoreMember",
     "open_store",
 ]

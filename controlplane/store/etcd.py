@@ -38,6 +38,7 @@ from trustmesh.controlplane.store.kv import (
     Op,
     OpResponse,
     Put,
+    StoreMember,
     Target,
     TxnResult,
     check_ops,
@@ -680,6 +681,38 @@ class EtcdKV:
             else:
                 batches.append([event])
         return batches
+
+    # -- health ----------------------------------------------------------------------
+
+    async def members(self) -> list[StoreMember]:
+        """The cluster's members (from the member we use), each asked for its status on its
+        own client URL, with this store's TLS settings and token: a member that does not
+        answer, or reports an alarm (e.g. NOSPACE), is unhealthy."""
+        listed = await self._call("listing the etcd members", lambda c: rpc.ClusterStub(c.channel).MemberList(
+            rpc.MemberListRequest(), timeout=self._timeout, metadata=c.metadata))
+        client = await self._connected()
+        return list(await asyncio.gather(*(self._member(m, client.metadata) for m in listed.members)))
+
+    async def _member(self, member: Any, metadata: tuple[tuple[str, str], ...] | None) -> StoreMember:
+        name = member.name or f"{member.ID:x}"
+        url = member.clientURLs[0] if member.clientURLs else ""
+        if not url:
+            return StoreMember(name, "", healthy=False, error="has no client URL (not started yet?)")
+        try:
+            host, port = split_host_port(url.partition("://")[2].rstrip("/"))
+        except ValueError:
+            return StoreMember(name, url, healthy=False, error=f"client URL {url!r} is not host:port")
+        channel = self._channel(host, port)
+        try:
+            status = await rpc.MaintenanceStub(channel).Status(rpc.StatusRequest(), timeout=min(self._timeout, 3.0),
+                                                               metadata=metadata)
+        except rpc.AioRpcError as err:
+            return StoreMember(name, url, healthy=False, error=_describe(err))
+        finally:
+            await channel.close()
+        errors = "; ".join(status.errors)
+        return StoreMember(name, url, healthy=not errors, leader=status.leader == status.header.member_id,
+                           error=errors)
 
     async def close(self) -> None:
         if self._closed:

@@ -200,6 +200,18 @@ class Event:
     mod_revision: int  # the revision of the change (for DELETE: of the deletion)
 
 
+@dataclass(frozen=True)
+class StoreMember:
+    """One member of the store as `trustmesh check` shows it: SQLite's one file, or an etcd
+    member reached on its client URL."""
+
+    name: str
+    endpoint: str
+    healthy: bool
+    leader: bool = False  # the etcd raft leader (SQLite: its one member)
+    error: str = ""  # why it is not healthy
+
+
 class KVBackend(Protocol):
     """What the typed Store needs from a storage backend."""
 
@@ -239,6 +251,10 @@ class KVBackend(Protocol):
 
     async def lease_revoke(self, lease: int) -> None:
         """End the lease now, deleting every key attached to it (no error if already gone)."""
+        ...
+
+    async def members(self) -> list[StoreMember]:
+        """The store's members and whether each answers (read-only; for health checks)."""
         ...
 
     async def close(self) -> None: ...

@@ -37,6 +37,7 @@ from trustmesh.controlplane.store.kv import (
     Op,
     OpResponse,
     Put,
+    StoreMember,
     Target,
     TxnResult,
 )
@@ -187,6 +188,9 @@ class SealingKV:
 
     async def lease_revoke(self, lease: int) -> None:
         await self.inner.lease_revoke(lease)
+
+    async def members(self) -> list[StoreMember]:
+        return await self.inner.members()
 
     async def close(self) -> None:
         await self.inner.close()

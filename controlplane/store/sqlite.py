@@ -34,6 +34,7 @@ from trustmesh.controlplane.store.kv import (
     Op,
     OpResponse,
     Put,
+    StoreMember,
     TxnResult,
     check_ops,
     prefix_end,
@@ -514,6 +515,14 @@ class SqliteKV:
                 await self._changed.wait_for(partial(self._past, seen))
                 if self._closed:
                     return
+
+    async def members(self) -> list[StoreMember]:
+        # Embedded: one member, this file; it is healthy when it answers a read.
+        try:
+            await self.current_revision()
+        except StoreError as err:
+            return [StoreMember("embedded", str(self._path), healthy=False, leader=True, error=str(err))]
+        return [StoreMember("embedded", str(self._path), healthy=True, leader=True)]
 
     async def close(self) -> None:
         if self._closed:

@@ -48,6 +48,7 @@ from trustmesh.controlplane.store.kv import (
     KVBackend,
     Op,
     Put,
+    StoreMember,
     TxnResult,
 )
 from trustmesh.controlplane.store.records import (
@@ -236,6 +237,10 @@ class _CountingKV:
     async def lease_revoke(self, lease: int) -> None:
         self.observe("lease")
         await self.inner.lease_revoke(lease)
+
+    async def members(self) -> list[StoreMember]:
+        self.observe("members")
+        return await self.inner.members()
 
     async def close(self) -> None:
         await self.inner.close()
@@ -1003,6 +1008,10 @@ class Store:
         key = LEADER + _need(name, "leader name")
         result = await self._kv.txn([Compare.absent(key)], [Put(key, holder.encode(), lease=lease)])
         return result.succeeded
+
+    async def members(self) -> list[StoreMember]:
+        """The store's members and whether each answers (`trustmesh check`, /readyz)."""
+        return await self._kv.members()
 
     # -- raw access (tests and repair tools only) ------------------------------------
 

@@ -16,7 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPECTED_PREFIXES = ("flows.ingestion", "flows.store_writes.", "flows.idle_reads.", "flows.graph_latency",
-                     "flows.simulate_latency", "issuance.sqlite.", "issuance.etcd.", "propagation.policy.",
+                     "flows.simulate_latency", "issuance.sqlite.", "issuance.etcd.", "hsm.issuance.",
+                     "propagation.policy.",
                      "propagation.entry.", "idle_load.",
                      "workload_api.first_response", "workload_api.rotation_fanout", "workload_api.agent_rss",
                      "proxy.handshakes", "proxy.bulk", "proxy.cpu_per_1000_requests", "proxy.caller_check",

@@ -45,6 +45,8 @@ def test_demo_runs_end_to_end_and_stops_everything() -> None:
            "spiffe://example.org/fraud-scoring" in out
     assert "POST /transactions/42 -> 403 denied: rule 'default deny'" in out
     assert "no rule of ledger-read allows POST from spiffe://example.org/fraud-scoring" in out
+    # `trustmesh check` at the end: every check passes on the demo's mesh.
+    assert "√ agents connected: 2 of 2 connected" in out and "checks passed" in out and "× " not in out
     assert out.rstrip().endswith("demo finished; everything stopped.")
     leftovers = subprocess.run(["pgrep", "-f", "trustmesh-demo-"], capture_output=True, text=True)
     assert leftovers.stdout.strip() == "", "the demo left processes running"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from trustmesh.agent.config import AgentConfig
 from trustmesh.cli.config import ConfigError, build, resolve
 from trustmesh.cli.main import build_parser
 from trustmesh.controlplane.config import ServerConfig
-from trustmesh.options import Option, declared, flag_name, is_internal, key_name
+from trustmesh.options import SWITCH, Option, declared, flag_name, is_internal, key_name
 
 # command, config class, the options every run needs, the fields that are deliberately not options
 COMMANDS: list[tuple[tuple[str, str], type[Any], dict[str, Any], set[str]]] = [
@@ -35,6 +36,8 @@ SERVICES = [{"name": "ledger", "spiffe_id": "spiffe://example.org/ledger",
 
 def _sample(decl: Option) -> Any:
     """A valid value for an option, as a user would write it."""
+    if decl.parser is SWITCH:
+        return True
     if decl.parser.choices:
         return decl.parser.choices[-1]
     return {"HOST:PORT": "10.1.2.3:4567", "DURATION": "90s", "PATH": "/etc/trustmesh/x.pem",
@@ -43,7 +46,7 @@ def _sample(decl: Option) -> Any:
 
 
 # Options that only make sense with certain values (an etcd URL; a retention of whole hours).
-CONSISTENT = {"store": "etcd+https://10.1.2.3:2379", "flow_retention": "2h"}
+CONSISTENT = {"store": "etcd+https://10.1.2.3:2379", "flow_retention": "2h", "oidc_issuer": "https://oidc.example.org"}
 
 
 def _run_parser(command: tuple[str, str]) -> argparse.ArgumentParser:
@@ -106,7 +109,8 @@ def test_the_parser_accepts_each_flag(command: tuple[str, str], cls: type[Any], 
         if not decl.flag:
             continue
         sample = _sample(decl)
-        args = _parse(command, [*_required_argv(required), flag_name(f.name), sample])
+        given = [flag_name(f.name)] if decl.parser is SWITCH else [flag_name(f.name), sample]  # a bare flag
+        args = _parse(command, [*_required_argv(required), *given])
         values = resolve(cls, args, None)
         expected = decl.parser.read(sample)
         assert values[f.name] == ((*values[f.name][:-1], expected) if decl.repeat else expected), f.name
@@ -235,3 +239,22 @@ def test_help_is_complete(command: tuple[str, str], cls: type[Any], required: di
     if cls is ServerConfig:
         assert "(default 1d)" in text and "(default ./.trustmesh/server)" in text, "defaults come from the fields"
         assert "--trust-domain TRUST_DOMAIN" in text and "(required)" in text
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"key_manager": "pkcs11"}, "needs --pkcs11-module, --pkcs11-token-label, --pkcs11-pin-file"),
+    ({"pkcs11_module": Path("/m.so")}, "PKCS#11 options, but the key manager is software"),
+    ({"pkcs11_signing_ca": True}, "add --key-manager pkcs11"),
+    ({"upstream_ca_cert": Path("/c.pem")}, "go together"),
+    ({"upstream_ca_cert": Path("/c.pem"), "upstream_ca_key": "pkcs11:object=bank"}, "an upstream key in a token needs"),
+    ({"oidc_discovery_bind": "127.0.0.1:0"}, "needs --oidc-issuer"),
+    ({"oidc_issuer": "http://oidc.example.org"}, "https://"),
+    ({"oidc_issuer": "https://oidc.example.org/"}, "trailing"),
+    ({"oidc_issuer": "https://oidc.example.org/?a=b"}, "no query"),
+    ({"oidc_discovery_cert": Path("/c.pem"), "oidc_issuer": "https://o.example"}, "go together"),
+])
+def test_key_upstream_and_oidc_options_are_checked_together(values: dict[str, Any], message: str) -> None:
+    from trustmesh.spiffeid import TrustDomain
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ServerConfig(trust_domain=TrustDomain("example.org"), **values)

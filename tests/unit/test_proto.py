@@ -306,6 +306,7 @@ ADMIN_RPCS = {
     "GetPolicyOwners", "SetPolicyOwners", "ListFlows",
     "RequestAccess", "ApproveAccess", "DenyAccess", "ListAccess", "RevokeAccess", "BreakGlass", "ReviewAccess",
     "ListQuarantines", "AddQuarantine", "ReleaseQuarantine",
+    "GetStatus",
 }  # fmt: skip
 ADMIN_SERVER_STREAMS = {"ExportTrace"}
 

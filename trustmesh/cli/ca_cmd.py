@@ -48,14 +48,17 @@ def _authority(a: admin_pb2.CAAuthority) -> dict[str, Any]:
         "serial": a.serial, "root": a.key_id if a.kind == admin_pb2.CA_AUTHORITY_KIND_X509_SIGNING else "",
         "replica": a.replica, "not_before": a.not_before, "not_after": a.not_after,
         "prepared_at": a.prepared_at, "activated_at": a.activated_at, "retired_at": a.retired_at,
+        "key_store": a.key_store, "issuer": a.issuer,
     }
 
 
 def _print_table(authorities: list[dict[str, Any]]) -> None:
     print(f"{'KIND':<11} {'STATE':<9} {'ID':<34} {'NOT AFTER':<21} {'ACTIVATED':<21} DETAIL")
     for a in authorities:
-        detail = f"replica {a['replica']}, under root {a['root']}" if a["kind"] == "signing-ca" else (
-            f"old since {format_utc(a['retired_at'])}" if a["state"] == "old" else "")
+        detail = f"replica {a['replica']}, under root {a['root']}" if a["kind"] == "signing-ca" else "; ".join(
+            part for part in (f"key: {a['key_store']}" if a["key_store"] else "",
+                              f"signed by {a['issuer']}" if a["issuer"] else "",
+                              f"old since {format_utc(a['retired_at'])}" if a["state"] == "old" else "") if part)
         print(f"{a['kind']:<11} {a['state']:<9} {a['id'][:34]:<34} {format_utc(a['not_after']):<21} "
               f"{format_utc(a['activated_at']):<21} {detail}")
 

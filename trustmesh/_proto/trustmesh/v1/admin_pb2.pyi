@@ -408,7 +408,7 @@ class SetPolicyOwnersResponse(_message.Message):
     def __init__(self, teams: _Optional[_Iterable[_Union[TeamOwnership, _Mapping]]] = ...) -> None: ...
 
 class CAAuthority(_message.Message):
-    __slots__ = ("kind", "state", "certificate", "serial", "key_id", "not_before", "not_after", "prepared_at", "activated_at", "retired_at", "replica")
+    __slots__ = ("kind", "state", "certificate", "serial", "key_id", "not_before", "not_after", "prepared_at", "activated_at", "retired_at", "replica", "key_store", "issuer")
     KIND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
@@ -420,6 +420,8 @@ class CAAuthority(_message.Message):
     ACTIVATED_AT_FIELD_NUMBER: _ClassVar[int]
     RETIRED_AT_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    KEY_STORE_FIELD_NUMBER: _ClassVar[int]
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
     kind: CAAuthorityKind
     state: CAAuthorityState
     certificate: bytes
@@ -431,7 +433,9 @@ class CAAuthority(_message.Message):
     activated_at: int
     retired_at: int
     replica: str
-    def __init__(self, kind: _Optional[_Union[CAAuthorityKind, str]] = ..., state: _Optional[_Union[CAAuthorityState, str]] = ..., certificate: _Optional[bytes] = ..., serial: _Optional[str] = ..., key_id: _Optional[str] = ..., not_before: _Optional[int] = ..., not_after: _Optional[int] = ..., prepared_at: _Optional[int] = ..., activated_at: _Optional[int] = ..., retired_at: _Optional[int] = ..., replica: _Optional[str] = ...) -> None: ...
+    key_store: str
+    issuer: str
+    def __init__(self, kind: _Optional[_Union[CAAuthorityKind, str]] = ..., state: _Optional[_Union[CAAuthorityState, str]] = ..., certificate: _Optional[bytes] = ..., serial: _Optional[str] = ..., key_id: _Optional[str] = ..., not_before: _Optional[int] = ..., not_after: _Optional[int] = ..., prepared_at: _Optional[int] = ..., activated_at: _Optional[int] = ..., retired_at: _Optional[int] = ..., replica: _Optional[str] = ..., key_store: _Optional[str] = ..., issuer: _Optional[str] = ...) -> None: ...
 
 class GetCAJournalRequest(_message.Message):
     __slots__ = ()
@@ -968,3 +972,81 @@ class ReleaseQuarantineResponse(_message.Message):
     QUARANTINE_FIELD_NUMBER: _ClassVar[int]
     quarantine: Quarantine
     def __init__(self, quarantine: _Optional[_Union[Quarantine, _Mapping]] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StoreMember(_message.Message):
+    __slots__ = ("name", "endpoint", "healthy", "leader", "error")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    endpoint: str
+    healthy: bool
+    leader: bool
+    error: str
+    def __init__(self, name: _Optional[str] = ..., endpoint: _Optional[str] = ..., healthy: _Optional[bool] = ..., leader: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ServerListener(_message.Message):
+    __slots__ = ("name", "address")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
+class AgentPresence(_message.Message):
+    __slots__ = ("spiffe_id", "last_seen")
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    spiffe_id: str
+    last_seen: int
+    def __init__(self, spiffe_id: _Optional[str] = ..., last_seen: _Optional[int] = ...) -> None: ...
+
+class GetStatusResponse(_message.Message):
+    __slots__ = ("trust_domain", "replica_id", "server_time_ms", "leader", "ready", "store_backend", "store_members", "store_error", "authorities", "root_ttl_seconds", "ca_ttl_seconds", "agent_ttl_seconds", "server_svid_chain", "listeners", "bundle_endpoint_profile", "oidc_issuer", "oidc_discovery_bind", "oidc_serves_server_svid", "policy_revision", "agents")
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    STORE_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    STORE_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    STORE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    AUTHORITIES_FIELD_NUMBER: _ClassVar[int]
+    ROOT_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CA_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_SVID_CHAIN_FIELD_NUMBER: _ClassVar[int]
+    LISTENERS_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_ENDPOINT_PROFILE_FIELD_NUMBER: _ClassVar[int]
+    OIDC_ISSUER_FIELD_NUMBER: _ClassVar[int]
+    OIDC_DISCOVERY_BIND_FIELD_NUMBER: _ClassVar[int]
+    OIDC_SERVES_SERVER_SVID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_REVISION_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    replica_id: str
+    server_time_ms: int
+    leader: str
+    ready: bool
+    store_backend: str
+    store_members: _containers.RepeatedCompositeFieldContainer[StoreMember]
+    store_error: str
+    authorities: _containers.RepeatedCompositeFieldContainer[CAAuthority]
+    root_ttl_seconds: int
+    ca_ttl_seconds: int
+    agent_ttl_seconds: int
+    server_svid_chain: _containers.RepeatedScalarFieldContainer[bytes]
+    listeners: _containers.RepeatedCompositeFieldContainer[ServerListener]
+    bundle_endpoint_profile: str
+    oidc_issuer: str
+    oidc_discovery_bind: str
+    oidc_serves_server_svid: bool
+    policy_revision: int
+    agents: _containers.RepeatedCompositeFieldContainer[AgentPresence]
+    def __init__(self, trust_domain: _Optional[str] = ..., replica_id: _Optional[str] = ..., server_time_ms: _Optional[int] = ..., leader: _Optional[str] = ..., ready: _Optional[bool] = ..., store_backend: _Optional[str] = ..., store_members: _Optional[_Iterable[_Union[StoreMember, _Mapping]]] = ..., store_error: _Optional[str] = ..., authorities: _Optional[_Iterable[_Union[CAAuthority, _Mapping]]] = ..., root_ttl_seconds: _Optional[int] = ..., ca_ttl_seconds: _Optional[int] = ..., agent_ttl_seconds: _Optional[int] = ..., server_svid_chain: _Optional[_Iterable[bytes]] = ..., listeners: _Optional[_Iterable[_Union[ServerListener, _Mapping]]] = ..., bundle_endpoint_profile: _Optional[str] = ..., oidc_issuer: _Optional[str] = ..., oidc_discovery_bind: _Optional[str] = ..., oidc_serves_server_svid: _Optional[bool] = ..., policy_revision: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[AgentPresence, _Mapping]]] = ...) -> None: ...

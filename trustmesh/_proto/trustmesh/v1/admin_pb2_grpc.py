@@ -265,6 +265,11 @@ class AdminStub:
                 request_serializer=trustmesh_dot_v1_dot_admin__pb2.ReleaseQuarantineRequest.SerializeToString,
                 response_deserializer=trustmesh_dot_v1_dot_admin__pb2.ReleaseQuarantineResponse.FromString,
                 _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/trustmesh.v1.Admin/GetStatus',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.GetStatusResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -584,6 +589,17 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatus(self, request, context):
+        """---- health (`trustmesh check`) ----
+        What the answering replica knows of its own health and the deployment's,
+        in one read-only call: its clock, the leader, the store and its members,
+        the CA's authorities, the listeners it serves and when it last saw each
+        agent's sync stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -816,6 +832,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ReleaseQuarantine,
                     request_deserializer=trustmesh_dot_v1_dot_admin__pb2.ReleaseQuarantineRequest.FromString,
                     response_serializer=trustmesh_dot_v1_dot_admin__pb2.ReleaseQuarantineResponse.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.GetStatusRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.GetStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2060,6 +2081,33 @@ class Admin:
             '/trustmesh.v1.Admin/ReleaseQuarantine',
             trustmesh_dot_v1_dot_admin__pb2.ReleaseQuarantineRequest.SerializeToString,
             trustmesh_dot_v1_dot_admin__pb2.ReleaseQuarantineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.Admin/GetStatus',
+            trustmesh_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.GetStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
