@@ -34,6 +34,7 @@ from aiohttp import web
 
 from trustmesh import jose
 from trustmesh.bundle import Bundle, JwtAuthority
+from trustmesh.controlplane.bundle_endpoint import LIMITS  # the same bounds: one small GET per connection
 from trustmesh.hostport import cannot_listen, split_host_port
 from trustmesh.httpserver import HttpServer, Limits, reply, serve_http
 from trustmesh.logs import log_event
@@ -53,7 +54,6 @@ REQUIRED_ALGORITHM: Final = "RS256"
 # Short: a new key is published when a root is prepared, long before it signs (prepare ->
 # activate), so relying parties that honour this see it in time; a minute keeps load low.
 MAX_AGE_SECONDS: Final = 60
-LIMITS: Final = Limits(request_timeout=5.0, max_line_bytes=8 * 1024, max_header_bytes=8 * 1024)
 # Every answer: JSON is never sniffed into anything else, and nothing in it may load content.
 SECURITY_HEADERS: Final = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'"}
 NO_STORE: Final = {"Cache-Control": "no-store", **SECURITY_HEADERS}
@@ -118,6 +118,9 @@ def discovery_document(paths: OidcPaths, authorities: Sequence[JwtAuthority]) ->
         "jwks_uri": paths.jwks_uri,
         "authorization_endpoint": paths.authorization_endpoint,
         "response_types_supported": ["id_token"],
+        # ID tokens only, as the implicit flow hands them out: so no token endpoint is due
+        # (Discovery section 3, RFC 8414 section 2), and a validator does not ask for one.
+        "grant_types_supported": ["implicit"],
         # `sub` is the workload's SPIFFE ID, the same for every relying party.
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": algorithms,

@@ -6,8 +6,9 @@ standard SPIFFE Workload API; one identity rotates while you watch; allowlists a
 enforced between services; two operators log in with password and TOTP, and one grants the
 other's just-in-time request; an identity goes rogue, the detectors quarantine it and
 explain why, and a security officer releases it; at the end a legacy HTTP core behind the
-agent gets a read-only caller: its GET passes, its POST gets a 403 naming the rule; and
-`trustmesh check` says the mesh is healthy.
+agent gets a read-only caller: its GET passes, its POST gets a 403 naming the rule;
+`trustmesh check` says the mesh is healthy; and a second control plane keeps its CA keys in a
+SoftHSM2 token (PKCS#11).
 Everything is stopped on exit or Ctrl-C (unless --keep).
 """
 
@@ -18,6 +19,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -267,6 +270,48 @@ class Person:
         return self.run("login", *self.login_flags, "--operator", self.name, "--otp", self.code())
 
 
+SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
+
+
+def hsm_demo(work: Path, env: dict[str, str],
+             start: Callable[..., tuple[subprocess.Popen[bytes], Path]]) -> None:
+    """A SoftHSM2 token (a software HSM with the PKCS#11 interface of a hardware one), a server
+    whose CA keys are made in it, and what the token and the CA journal then hold."""
+    if not SOFTHSM_MODULE.exists() or shutil.which("softhsm2-util") is None:
+        say("skipped: SoftHSM2 is not installed (apt-get install softhsm2 opensc; scripts/test installs them)")
+        return
+    home = work / "hsm"
+    (home / "tokens").mkdir(parents=True)
+    conf = home / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {home / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    pin = "".join(f"{b % 10}" for b in os.urandom(8))
+    hsm_env = {**env, "SOFTHSM2_CONF": str(conf), "TRUSTMESH_ADMIN_SOCKET": str(home / "server" / "admin.sock")}
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "demo-ca", "--pin", pin, "--so-pin",
+                    pin[::-1]], check=True, capture_output=True, env=hsm_env)
+    (home / "pin").write_text(pin + "\n")
+    (home / "pin").chmod(0o600)
+    server, log = start("hsm-server", "server", "run", "--trust-domain", "hsm.example.org",
+                        "--data-dir", str(home / "server"), "--bind", "127.0.0.1:0", "--attest-bind", "127.0.0.1:0",
+                        "--key-manager", "pkcs11", "--pkcs11-module", str(SOFTHSM_MODULE),
+                        "--pkcs11-token-label", "demo-ca", "--pkcs11-pin-file", str(home / "pin"),
+                        "--pkcs11-signing-ca", env=hsm_env)
+    wait_for(log, r"event=ready", server, "the HSM-backed control plane")
+    shown = json.loads(subprocess.run(trustmesh("ca", "show", "--json"), capture_output=True, text=True,
+                                      env=hsm_env, check=True, timeout=60).stdout)["authorities"]
+    for a in shown:
+        if a["kind"] in ("root", "jwt-key"):
+            say(f"{a['kind']} {a['id'][:16]}: key in the {a['key_store'].upper()}, not in the store")
+    listed = subprocess.run(["pkcs11-tool", "--module", str(SOFTHSM_MODULE), "--token-label", "demo-ca", "--login",
+                             "--pin", pin, "--list-objects", "--type", "privkey"], capture_output=True, text=True,
+                            env=hsm_env) if shutil.which("pkcs11-tool") else None
+    if listed is not None and listed.returncode == 0:
+        access = [line.split(":", 1)[1].strip() for line in listed.stdout.splitlines() if "Access:" in line]
+        say(f"the token, as OpenSC's pkcs11-tool sees it: {len(access)} private keys, {access[0] if access else '?'}")
+    say("each SVID this server issues is signed inside the token (--pkcs11-signing-ca); the store holds only "
+        "MAC'd references to the keys")
+    stop(server)
+
+
 def say(text: str) -> None:
     print(f"      {text}", flush=True)
 
@@ -284,7 +329,7 @@ def main() -> int:
     env = {**os.environ, "TRUSTMESH_ADMIN_SOCKET": str(work / "server" / "admin.sock"),
            "PYTHONPATH": str(ROOT)}
     procs: list[subprocess.Popen[bytes]] = []
-    step = Step(total=17)
+    step = Step(total=18)
     ports: dict[str, int] = {}
     echo_port = start_echo()
     core_port = start_legacy_core()
@@ -296,19 +341,24 @@ def main() -> int:
             raise SystemExit(f"trustmesh {' '.join(cmd)} failed: {result.stderr.strip()}")
         return result.stdout.strip()
 
-    def start(name: str, *cmd: str) -> tuple[subprocess.Popen[bytes], Path]:
+    def start(name: str, *cmd: str, env: dict[str, str] = env) -> tuple[subprocess.Popen[bytes], Path]:
         log = work / f"{name}.log"
         proc = subprocess.Popen(trustmesh(*cmd), stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
         procs.append(proc)
         return proc, log
 
     try:
+        oidc_port = free_port()
         with step("starting the control plane (CA + registry, embedded SQLite store)"):
             server, server_log = start("server", "server", "run", "--trust-domain", TRUST_DOMAIN,
                                        "--data-dir", str(work / "server"), "--bind", "127.0.0.1:0",
                                        "--attest-bind", "127.0.0.1:0", "--admin-bind", "127.0.0.1:0",
                                        "--login-bind", "127.0.0.1:0",
                                        *(["--console-bind", "127.0.0.1:0"] if args.console else []),
+                                       # OIDC discovery: JWT-SVIDs carry this issuer; cloud IAM and Vault
+                                       # find the keys under it (trustmesh check fetches it in step 17).
+                                       "--oidc-discovery-bind", f"127.0.0.1:{oidc_port}",
+                                       "--oidc-issuer", f"https://localhost:{oidc_port}",
                                        # Behaviour baselines: learned for 20 s here (7 days by default).
                                        "--learn", "20s")
             ready = wait_for(server_log, r"event=ready .*? bind=(\S+) attest_bind=(\S+) .*?admin_bind=(\S+) "
@@ -561,6 +611,9 @@ def main() -> int:
             for line in cli("check").splitlines():
                 if line.strip() and not line.startswith("-"):
                     say(line)
+
+        with step("CA keys in an HSM: a second control plane keeps its root and JWT keys in a PKCS#11 token"):
+            hsm_demo(work, env, start)
 
         if args.console and console_url:
             # Something to approve in the console: alice asks, someone else must approve.

@@ -47,6 +47,10 @@ def test_demo_runs_end_to_end_and_stops_everything() -> None:
     assert "no rule of ledger-read allows POST from spiffe://example.org/fraud-scoring" in out
     # `trustmesh check` at the end: every check passes on the demo's mesh.
     assert "√ agents connected: 2 of 2 connected" in out and "checks passed" in out and "× " not in out
+    assert "√ OIDC discovery reachable: https://127.0.0.1:" in out
+    # Step 18: the CA keys of a second control plane, seen in the token by OpenSC's own tool.
+    assert "root " in out and "key in the HSM, not in the store" in out
+    assert "2 private keys, sensitive, always sensitive, never extractable" in out
     assert out.rstrip().endswith("demo finished; everything stopped.")
     leftovers = subprocess.run(["pgrep", "-f", "trustmesh-demo-"], capture_output=True, text=True)
     assert leftovers.stdout.strip() == "", "the demo left processes running"

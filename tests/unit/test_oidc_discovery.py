@@ -228,8 +228,8 @@ async def test_conditional_and_head_requests(running: Running) -> None:
 
 async def test_only_the_two_documents_and_only_get(running: Running) -> None:
     for path in ("/", "/mesh", "/mesh/", "/.well-known/openid-configuration", "/keys", "/mesh/keys/",
-                 "/mesh/.well-known/", "/mesh/.well-known/openid-configuration/", "/mesh/%6beys", "/mesh/../mesh/keys",
-                 "/MESH/keys", "/mesh/authorize"):
+                 "/mesh/.well-known/", "/mesh/.well-known/openid-configuration/", "/mesh/%6beys", "/MESH/keys",
+                 "/mesh/authorize"):
         got = await running.client.get(running.base + path)
         assert got.status_code == 404, path
         assert got.headers["cache-control"] == "no-store" and got.headers["x-content-type-options"] == "nosniff"
@@ -278,7 +278,7 @@ async def test_hostile_requests_are_bounded_and_counted(running: Running) -> Non
 async def test_the_discovery_port_taken_is_one_line_naming_the_flag(running: Running) -> None:
     with pytest.raises(ListenError, match="--oidc-discovery-bind"):
         await serve_oidc_discovery(OidcDiscovery(ISSUER, running.ca.bundle, Registry()),
-                                   f"127.0.0.1:{running.server.port}", running.roots)
+                                   f"127.0.0.1:{running.server.port}", ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
 
 
 def test_issuer_without_path_serves_at_the_root() -> None:

@@ -77,7 +77,12 @@ def tls_channel(server: str, bundle: Path, cert: Path | None = None, key: Path |
             private_key=key.read_bytes() if key else None,
             certificate_chain=cert.read_bytes() if cert else None,
         )
-        td = trust_domain_of(x509.load_pem_x509_certificates(roots_pem))
+        # Under an upstream authority the bundle is the bank's root, which names no trust
+        # domain; an operator or admin certificate does.
+        named = x509.load_pem_x509_certificates(roots_pem)
+        if cert is not None:
+            named += x509.load_pem_x509_certificates(cert.read_bytes())[:1]
+        td = trust_domain_of(named)
     except (OSError, ValueError) as err:
         raise AdminCallError(f"cannot read the credentials for {server}: {err}") from err
     return grpc.secure_channel(server, creds, options=[("grpc.ssl_target_name_override", server_dns_name(td))])
@@ -123,7 +128,17 @@ def trust_domain_of(roots: list[x509.Certificate]) -> TrustDomain:
             return spiffe_id_from_certificate(root).trust_domain
         except VerificationError:
             continue
-    raise AdminCallError("the trust bundle has no root with a SPIFFE ID; pass the server's bundle.pem")
+    if value := os.environ.get(TRUST_DOMAIN_ENV):
+        try:
+            return TrustDomain(value)
+        except ValueError as err:
+            raise AdminCallError(f"${TRUST_DOMAIN_ENV}: {err}") from err
+    raise AdminCallError("the trust bundle has no root with a SPIFFE ID; pass the server's bundle.pem (when the "
+                         f"mesh's root is signed by the bank's CA, set {TRUST_DOMAIN_ENV}=<trust domain>)")
+
+
+# The trust domain when the bundle cannot say it (an upstream authority's root).
+TRUST_DOMAIN_ENV = "TRUSTMESH_TRUST_DOMAIN"
 
 
 def socket_path(args: argparse.Namespace) -> Path:
