@@ -94,3 +94,17 @@ tm_ensure_softhsm() {
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends softhsm2 opensc >/dev/null
 }
+
+tm_ensure_systemd_analyze() {
+  # The systemd units in deploy/systemd are checked by systemd's own parser
+  # (`systemd-analyze verify` and `security --offline`); the machine image ships it, this
+  # only covers one that does not. Installing the package starts nothing in a container.
+  if command -v systemd-analyze >/dev/null 2>&1; then
+    return 0
+  fi
+  tm_log "installing systemd (the deploy tests verify the unit files with systemd-analyze)"
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null
+}

@@ -95,7 +95,7 @@ def _start(tmp: Path, *extra: str) -> tuple[ServerProcess, str, tuple[ServerProc
     found = {name: re.search(rf"\b{name}=(\S+)", log) for name in ("admin_bind", "login_bind", "console_bind")}
     assert all(found.values()), log[-2000:]
     ready = next(line for line in log.splitlines() if "event=ready" in line)
-    assert ready.rstrip().endswith(f"console_bind={found['console_bind'].group(1)}")  # type: ignore[union-attr]
+    assert f" console_bind={found['console_bind'].group(1)} " in ready + " "  # type: ignore[union-attr]
     port = found["console_bind"].group(1).rpartition(":")[2]  # type: ignore[union-attr]
     return (server, f"https://localhost:{port}",
             (server, found["admin_bind"].group(1), found["login_bind"].group(1)))  # type: ignore[union-attr]

@@ -37,3 +37,5 @@ def test_the_wheel_holds_only_the_trustmesh_import_root(tmp_path: Path) -> None:
         if source.is_file() and (source.suffix in shipped or "LICENSE" in source.name):
             assert f"trustmesh/controlplane/console/static/{source.relative_to(static).as_posix()}" in names
     assert "trustmesh/_proto/trustmesh/v1/node_pb2.py" in names
+    # The policy files' JSON Schema, which `policy lint` reads from the package.
+    assert "trustmesh/policy/schemas/policy-v1.json" in names

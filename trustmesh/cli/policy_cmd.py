@@ -27,6 +27,7 @@ from trustmesh.policy.loader import REVISION
 from trustmesh.policy.model import IdPattern, PolicyError
 from trustmesh.policy.ownership import ownership_of
 from trustmesh.policy.routes import check_method, normalize_path
+from trustmesh.policy.schema import check_paths, lint_findings
 from trustmesh.policy.suggest import simulate, suggest
 from trustmesh.spiffeid import SpiffeId
 
@@ -65,16 +66,26 @@ MAX_OWNERSHIP_BYTES = 256 * 1024
 
 
 def _lint(args: argparse.Namespace) -> int:
+    # The JSON Schema first (what editors show, with YAML line and column), then the loader's
+    # checks as before; a field both flag is reported once (policy/schema.py lint_findings).
+    report = check_paths(args.paths)
     loaded = load_paths(args.paths, reject_expired=args.strict)
-    for problem in loaded.problems:
-        print(problem)
-    for warning in loaded.warnings:
-        print(f"warning: {warning}")
-    if loaded.problems:
-        print(f"{len(loaded.problems)} problem(s)")
-        return LINT_UNREADABLE if loaded.unreadable else LINT_PROBLEMS
-    warned = f", {len(loaded.warnings)} warning(s) (--strict makes them problems)" if loaded.warnings else ""
+    problems, warnings = lint_findings(report, loaded)
+    code = (LINT_UNREADABLE if loaded.unreadable else LINT_PROBLEMS) if problems else LINT_CLEAN
     responses = loaded.policy.responses
+    if args.json:
+        print_json({"ok": not problems, "problems": [p.to_dict() for p in problems],
+                    "warnings": [w.to_dict() for w in warnings], "allowlists": len(loaded.policy.allowlists),
+                    "responses": len(responses.documents)})
+        return code
+    for problem in problems:
+        print(problem)
+    for warning in warnings:
+        print(f"warning: {warning}")
+    if problems:
+        print(f"{len(problems)} problem(s)")
+        return code
+    warned = f", {len(warnings)} warning(s) (--strict makes them problems)" if warnings else ""
     extra = ""
     if responses.documents:
         extra = f", {len(responses.documents)} Response document(s) with {len(responses.rules)} rule(s)" + \
@@ -329,10 +340,15 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     sub = policy.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", title="subcommands")
 
     p = sub.add_parser("lint", help="check allowlist files; prints every problem, exit 1 if any",
-                       description="Exit 0 when clean (expired rules are warnings), 1 on any problem, 2 when a "
-                                   "file cannot be read.")
+                       description="Checks each document against the JSON Schema of its apiVersion (schemas/ "
+                                   "in the repository; the one editors use), then the loader's own checks. Exit 0 "
+                                   "when clean (expired rules are warnings), 1 on any problem, 2 when a file cannot "
+                                   "be read.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="YAML files or directories of them")
     p.add_argument("--strict", action="store_true", help="rules that have already expired are problems, not warnings")
+    p.add_argument("--json", action="store_true",
+                   help="print {ok, problems, warnings, allowlists, responses}; each finding has source, document, "
+                        "field, message, line, column and check (schema or loader)")
     p.set_defaults(func=_lint)
 
     p = sub.add_parser("test", help="would SOURCE reach DESTINATION? prints ALLOW or DENY and the deciding rule",

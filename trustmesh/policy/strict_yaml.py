@@ -141,6 +141,17 @@ class StrictLoader(yaml.SafeLoader):  # type: ignore[misc]
         mapping: dict[Any, Any] = super().construct_mapping(node, deep)
         return mapping
 
+    def construct_yaml_timestamp(self, node: Node) -> Any:
+        # The resolver matches the shape only: month 13 or 31 November reach datetime(), whose
+        # ValueError would escape as an internal error instead of a problem at its line.
+        try:
+            return super().construct_yaml_timestamp(node)
+        except (ValueError, OverflowError) as err:
+            raise StrictYamlError(f"{node.value!r} is not a valid time ({err})", node.start_mark) from None
+
+
+StrictLoader.add_constructor(TIMESTAMP, StrictLoader.construct_yaml_timestamp)
+
 
 for _tag, _pattern, _first in _STRICT_SCALARS:
     StrictLoader.add_implicit_resolver(_tag, re.compile(_pattern), _first)

@@ -40,7 +40,10 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- $endpoints = append $endpoints (printf "%s-%d.%s:2379" $name $i $name) -}}
 {{- end -}}
 {{- else -}}
-{{- $endpoints = required "etcd.endpoints: list the external etcd members (host:port), or set etcd.deploy=true" .Values.etcd.endpoints -}}
+{{- if not .Values.etcd.endpoints -}}
+{{- fail "etcd.endpoints: list the external etcd members (host:port), or set etcd.deploy=true" -}}
+{{- end -}}
+{{- $endpoints = .Values.etcd.endpoints -}}
 {{- end -}}
 {{- printf "etcd+https://%s%s" (join "," $endpoints) .Values.etcd.prefix -}}
 {{- end -}}
