@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -229,3 +230,13 @@ async def seal_as_replica(store: Store, kek_hex: str) -> Store:
 
     await store.seal_records(KeyEncryptionKey(bytes.fromhex(kek_hex)).derive, ignore, may_upgrade=never)
     return store
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, every: float = 0.1) -> bool:
+    """Poll `predicate` until it holds (True) or `timeout` seconds pass (its last answer)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(every)
+    return predicate()

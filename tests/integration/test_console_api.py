@@ -12,7 +12,7 @@ import json
 import re
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from pathlib import Path
@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.harness import AgentProcess, ServerProcess
+from tests.integration.harness import AgentProcess, ServerProcess, wait_until
 from tests.integration.operators_kit import PASSWORD, Operator, add_operator
 from trustmesh.clock import parse_utc
 
@@ -439,7 +439,7 @@ def test_agents_show_their_stream_and_the_policy_revision_they_enforce(console: 
             return found[0] if found else None
 
         try:
-            assert _wait(lambda: (mine() or {}).get("policy_revision") == head["head"]), mine()
+            assert wait_until(lambda: (mine() or {}).get("policy_revision") == head["head"]), mine()
             shown = mine()
             assert shown is not None and shown["state"] == "connected" and shown["node"] == "node-7"
             assert shown["address"] == "127.0.0.1" and str(shown["svid_expires_at"]).startswith("20")
@@ -461,14 +461,7 @@ def test_agents_show_their_stream_and_the_policy_revision_they_enforce(console: 
         finally:
             agent.stop()
         # Its stream is gone with it.
-        assert _wait(lambda: (mine() or {}).get("state") == "unreachable"), mine()
+        assert wait_until(lambda: (mine() or {}).get("state") == "unreachable"), mine()
         assert (mine() or {}).get("policy_revision") is None
 
 
-def _wait(predicate: Callable[[], bool], timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.etcd_process import free_port
-from tests.integration.harness import AgentProcess, ServerProcess, echo_server
+from tests.integration.harness import AgentProcess, ServerProcess, echo_server, wait_until
 
 SELF_EXE = os.path.realpath(sys.executable)
 POLICY = """\
@@ -61,15 +61,6 @@ def _policy(server: ServerProcess, tmp_path: Path, port: int, *sources: str) -> 
     path = tmp_path / "policy.yaml"
     path.write_text(POLICY.format(port=port, rules="".join(f"    - from: {s}\n" for s in sources)))
     server.cli("policy", "apply", str(path), check=True)
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @dataclass
@@ -126,7 +117,7 @@ services:
     token = server.cli("token", "create", "--node", "node-1", check=True).stdout.strip()
     agent = AgentProcess(server, tmp_path / "agent", join_token=token, config=config).start()
     try:
-        assert _wait_for(lambda: "inbound_listening" in agent.log() and agent.log().count("outbound_listening") >= 3)
+        assert wait_until(lambda: "inbound_listening" in agent.log() and agent.log().count("outbound_listening") >= 3)
         yield Mesh(server, agent, ledger_port, pay_port, front_port, wrong_port, metrics)
     finally:
         agent.stop()
@@ -139,8 +130,8 @@ def test_allow_deny_and_a_policy_change_that_cuts_an_open_connection(mesh: Mesh,
     assert _talk(pay_port) == b"hello ledger"  # payments -> ledger: allowed
     assert _talk(front_port) == b""  # frontend -> ledger: denied after the handshake
     assert _talk(wrong_port) == b""  # the server is not the SPIFFE ID this route expects
-    assert _wait_for(lambda: "not the expected spiffe://example.org/payments" in agent.log())
-    assert _wait_for(lambda: '"flows.reported"' in server.cli("audit", "show", "--json").stdout)
+    assert wait_until(lambda: "not the expected spiffe://example.org/payments" in agent.log())
+    assert wait_until(lambda: '"flows.reported"' in server.cli("audit", "show", "--json").stdout)
     denied = server.cli("audit", "show", "--kind", "flows.reported", "--json", check=True).stdout
     assert "spiffe://example.org/frontend" in denied and "default deny" in denied
     assert "not observed by the server" in denied  # the agent's claim, labelled as such
@@ -206,7 +197,7 @@ def test_hostile_clients_are_refused_and_everyone_else_keeps_being_served(mesh: 
     # Each refusal at the handshake is seen: logged with its reason and source, and counted.
     for reason in ("no_client_certificate", "unknown_ca", "protocol"):
         pattern = rf"event=handshake_refused service=ledger peer=127\.0\.0\.1:\d+ reason={reason} "
-        assert _wait_for(lambda p=pattern: re.search(p, mesh.agent.log()) is not None), reason
+        assert wait_until(lambda p=pattern: re.search(p, mesh.agent.log()) is not None), reason
         assert mesh.metric("trustmesh_proxy_refusals_total", service="ledger", kind="handshake", reason=reason) == 1
     # Logged once a minute per source address and reason, however many come: a flood is counted, not echoed.
     for _ in range(20):
@@ -290,7 +281,7 @@ async def test_expired_client_certificates_are_refused_and_fresh_ones_pass(mesh:
     # Positive control: an allowed ID with a valid SVID from another node goes straight through.
     assert await asyncio.to_thread(_tls_client, mesh.ledger, ctx(fresh)) == b"hello"
     assert await asyncio.to_thread(_tls_client, mesh.ledger, ctx(stale)) == b""  # expired: refused
-    assert _wait_for(lambda: "event=handshake_refused service=ledger" in mesh.agent.log()
+    assert wait_until(lambda: "event=handshake_refused service=ledger" in mesh.agent.log()
                      and "reason=expired" in mesh.agent.log()), mesh.agent.log()[-2000:]
 
 
@@ -313,7 +304,7 @@ def test_revoking_a_partner_certificate_cuts_its_open_connection(mesh: Mesh, tmp
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     ctx.load_cert_chain(str(tmp_path / "acme.pem"), str(tmp_path / "acme.key"))
-    assert _wait_for(lambda: _tls_client(mesh.ledger, ctx) == b"hello")  # once the new policy is in
+    assert wait_until(lambda: _tls_client(mesh.ledger, ctx) == b"hello")  # once the new policy is in
     raw = socket.create_connection(("127.0.0.1", mesh.ledger), timeout=10)
     with ctx.wrap_socket(raw) as conn:
         conn.sendall(b"ping")
@@ -328,5 +319,5 @@ def test_revoking_a_partner_certificate_cuts_its_open_connection(mesh: Mesh, tmp
             leftover = b"<still open>"
         assert leftover == b"", "the revoked partner's open connection kept working"
     assert _tls_client(mesh.ledger, ctx) == b""  # and a new one is refused
-    assert _wait_for(lambda: "revoked" in mesh.server.cli("audit", "show", "--kind", "flows.reported",
+    assert wait_until(lambda: "revoked" in mesh.server.cli("audit", "show", "--kind", "flows.reported",
                                                           "--json", check=True).stdout)

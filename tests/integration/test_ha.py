@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tests.etcd_process import EtcdCluster, EtcdNotInstalled, free_port, running_etcd_cluster
-from tests.integration.harness import AgentProcess, ServerProcess
+from tests.integration.harness import AgentProcess, ServerProcess, wait_until
 from tests.integration.test_agent import HEADER, UID, leaf_of
 from trustmesh._proto.spiffe.workload import workload_pb2, workload_pb2_grpc
 from trustmesh.der import load_der_certificates
@@ -33,15 +33,6 @@ from trustmesh.x509svid import verify_x509_svid
 
 pytestmark = pytest.mark.etcd
 KEK = {"TRUSTMESH_KEK": "22" * 32}
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, every: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(every)
-    return predicate()
 
 
 def root_of(server: ServerProcess) -> str:
@@ -79,7 +70,7 @@ def test_replicas_share_the_root_elect_one_leader_and_hand_over_when_it_dies(
         replicas: Callable[..., list[ServerProcess]]) -> None:
     servers = replicas(3)
     assert len({root_of(s) for s in servers}) == 1, "every replica serves the same root"
-    assert wait_for(lambda: len(leaders(servers)) == 1, timeout=15)
+    assert wait_until(lambda: len(leaders(servers)) == 1, timeout=15)
     time.sleep(1.0)
     assert len(leaders(servers)) == 1, "exactly one leader"
     shown = json.loads(servers[1].cli("ca", "show", "--json", check=True).stdout)
@@ -92,7 +83,7 @@ def test_replicas_share_the_root_elect_one_leader_and_hand_over_when_it_dies(
     killed_at = time.monotonic()
     old.kill()
     rest = [s for s in servers if s is not old]
-    assert wait_for(lambda: len(leaders(rest)) == 1, timeout=20)
+    assert wait_until(lambda: len(leaders(rest)) == 1, timeout=20)
     takeover = time.monotonic() - killed_at
     print(f"\nleader takeover after SIGKILL: {takeover:.1f} s (lease ttl 5 s)")
     assert json.loads(rest[0].cli("ca", "show", "--json", check=True).stdout)["leader"] == leaders(rest)[0]
@@ -107,10 +98,10 @@ def test_a_ban_on_one_replica_cuts_the_agent_streaming_from_another(
     # The agent knows only replica B: every call it makes lands there.
     agent = AgentProcess(b, tmp_path / "agent", join_token=token).start()
     try:
-        assert wait_for(lambda: "event=sync_connected" in agent.log())
+        assert wait_until(lambda: "event=sync_connected" in agent.log())
         banned_at = time.monotonic()
         a.cli("agent", "ban", "node-1", check=True)
-        assert wait_for(lambda: "event=agent_refused" in agent.log(), timeout=10)
+        assert wait_until(lambda: "event=agent_refused" in agent.log(), timeout=10)
         print(f"\nban on replica A cut the stream on replica B after {time.monotonic() - banned_at:.2f} s")
     finally:
         agent.stop()
@@ -155,15 +146,15 @@ def test_an_agent_fails_over_when_its_replica_is_killed_and_workloads_notice_not
     watch = WorkloadWatch(agent)
     thread = threading.Thread(target=watch.run, daemon=True)
     try:
-        assert wait_for(lambda: f"event=sync_connected server={a.bind}" in agent.log())
+        assert wait_until(lambda: f"event=sync_connected server={a.bind}" in agent.log())
         thread.start()
-        assert wait_for(lambda: len(watch.serials) >= 2, timeout=20), "no rotation before the fault"
+        assert wait_until(lambda: len(watch.serials) >= 2, timeout=20), "no rotation before the fault"
         a.kill()  # SIGKILL: no goodbye, connections just die
         killed_at, before = time.monotonic(), len(watch.serials)
-        assert wait_for(lambda: f"event=sync_connected server={b.bind}" in agent.log(), timeout=20)
+        assert wait_until(lambda: f"event=sync_connected server={b.bind}" in agent.log(), timeout=20)
         failover = time.monotonic() - killed_at
         # Rotation carries on through replica B: at least two new SVIDs after the kill.
-        assert wait_for(lambda: len(watch.serials) >= before + 2, timeout=20), agent.log()[-3000:]
+        assert wait_until(lambda: len(watch.serials) >= before + 2, timeout=20), agent.log()[-3000:]
         print(f"\nagent failover after SIGKILL of its replica: {failover:.1f} s; "
               f"SVIDs pushed to the workload: {len(watch.serials)}; workload-visible errors: {len(watch.errors)}")
         assert watch.errors == []
@@ -278,7 +269,7 @@ services:
     token = server.cli("token", "create", "--node", "node-1", check=True).stdout.strip()
     agent = AgentProcess(server, tmp_path / "agent", join_token=token, config=config, replicas=replicas or [])
     agent.start()
-    assert wait_for(lambda: agent.log().count("outbound_listening") >= 2 and "inbound_listening" in agent.log())
+    assert wait_until(lambda: agent.log().count("outbound_listening") >= 2 and "inbound_listening" in agent.log())
     return agent, payments, frontend
 
 
@@ -327,7 +318,7 @@ def test_a_root_rotation_under_live_mtls_traffic_breaks_no_connection(
     thread.start()
     td = TrustDomain("example.org")
     try:
-        assert wait_for(lambda: traffic.ok >= 5)
+        assert wait_until(lambda: traffic.ok >= 5)
         (old_id,) = _roots(r0)
         # prepare on one replica: the new root reaches the workloads' bundles via both replicas.
         r1.cli("ca", "rotate", "--step", "prepare", check=True)
@@ -335,7 +326,7 @@ def test_a_root_rotation_under_live_mtls_traffic_breaks_no_connection(
         (new_id,) = set(roots) - {old_id}
         assert roots[new_id]["state"] == "prepared"
         new_root = x509.load_pem_x509_certificate(roots[new_id]["certificate_pem"].encode())
-        assert wait_for(lambda: _workload_view(agent)[0] == 2, timeout=15), "the new root never reached the workload"
+        assert wait_until(lambda: _workload_view(agent)[0] == 2, timeout=15), "the new root never reached the workload"
         # activate on the other replica: new SVIDs chain to the new root.
         # (--force: no federated partner here to wait for, only the workload that has it already.)
         r0.cli("ca", "rotate", "--step", "activate", "--force", check=True)
@@ -348,15 +339,15 @@ def test_a_root_rotation_under_live_mtls_traffic_breaks_no_connection(
             except VerificationError:  # still under the old root
                 return False
 
-        assert wait_for(chains_to_new_root, timeout=20), "SVIDs never moved under the new root"
+        assert wait_until(chains_to_new_root, timeout=20), "SVIDs never moved under the new root"
         # retire: refused while a signing CA under the old root lives; the leader retires it
         # by itself once the last one has expired (--ca-ttl 20s).
         early = r0.cli("ca", "rotate", "--step", "retire")
         assert early.returncode != 0 and "cannot be retired yet" in early.stderr, early.stdout
-        assert wait_for(lambda: set(_roots(r1)) == {new_id}, timeout=40), _roots(r1)
-        assert wait_for(lambda: _workload_view(agent)[0] == 1, timeout=15)
+        assert wait_until(lambda: set(_roots(r1)) == {new_id}, timeout=40), _roots(r1)
+        assert wait_until(lambda: _workload_view(agent)[0] == 1, timeout=15)
         served = traffic.ok
-        assert wait_for(lambda: traffic.ok >= served + 10, timeout=20), "traffic stopped after the retirement"
+        assert wait_until(lambda: traffic.ok >= served + 10, timeout=20), "traffic stopped after the retirement"
         audit = r1.cli("audit", "show", "--json", check=True).stdout
         for kind in ("ca.root_prepared", "ca.root_activated", "ca.authorities_retired", "ca.rotation_refused"):
             assert f'"{kind}"' in audit, kind
@@ -396,7 +387,7 @@ def test_a_control_plane_outage_longer_than_a_rotation_period(
         assert errors == 0
         server.start()
         # Everything resumes: the agent reconnects and rotates again.
-        assert wait_for(lambda: _workload_view(agent)[1][0] != chain_before[0], timeout=30)
+        assert wait_until(lambda: _workload_view(agent)[1][0] != chain_before[0], timeout=30)
         assert _talk(payments) == b"hello" and _talk(frontend) == b""
     finally:
         agent.stop()
@@ -447,7 +438,7 @@ def test_an_etcd_member_dies_while_agents_rotate_and_an_admin_applies_policies(
     admin_errors: list[str] = []
     rounds = 12
     try:
-        assert wait_for(lambda: len(watch.serials) >= 2, timeout=20)
+        assert wait_until(lambda: len(watch.serials) >= 2, timeout=20)
         for n in range(rounds):
             if n == 3:
                 etcd_cluster.kill(0)  # the member every client tried first
@@ -466,7 +457,7 @@ def test_an_etcd_member_dies_while_agents_rotate_and_an_admin_applies_policies(
                 else:
                     admin_errors.append(result.stderr.strip())
             time.sleep(0.5)
-        assert wait_for(lambda: len(watch.serials) >= serials_at_kill + 3, timeout=20), "rotation stalled"
+        assert wait_until(lambda: len(watch.serials) >= serials_at_kill + 3, timeout=20), "rotation stalled"
         entries = {e["spiffe_id"] for e in json.loads(b.cli("entry", "list", "--json", check=True).stdout)}
         history = a.cli("policy", "history", check=True).stdout
         audit_ok = b.cli("audit", "verify")

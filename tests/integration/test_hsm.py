@@ -14,20 +14,19 @@ import socket
 import ssl
 import subprocess
 import threading
-import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.hsm import make_softhsm
-from tests.integration.harness import AgentProcess, ServerProcess, trustmesh_cmd
+from tests.integration.harness import AgentProcess, ServerProcess, trustmesh_cmd, wait_until
+from tests.pki import bank_ca_cert, pem
 from trustmesh._proto.spiffe.workload import workload_pb2, workload_pb2_grpc
 from trustmesh.der import load_der_certificates
 from trustmesh.spiffeid import SpiffeId, TrustDomain
@@ -73,15 +72,6 @@ def _validate(agent: AgentProcess, token: str, audience: str) -> str:
         return str(reply.spiffe_id)
 
 
-def _wait(predicate: Callable[[], bool], timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def _start_fails(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> str:
     """A server start that must fail: its one-line error (stderr)."""
     out = subprocess.run(trustmesh_cmd("server", "run", "--trust-domain", "example.org", "--data-dir",
@@ -117,13 +107,13 @@ def test_ca_keys_in_the_token_issue_rotate_and_survive_the_token_going_away(
         with pytest.raises(grpc.RpcError) as info:
             _jwt(agent, "while-away")
         assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
-        assert _wait(lambda: "event=hsm_unavailable" in server.log())
+        assert wait_until(lambda: "event=hsm_unavailable" in server.log())
         # ...and comes back: the server reconnects, replaces the signing CA whose key died with
         # the old session, and issues again.
         away.rename(token_dir)
-        assert _wait(lambda: _try_jwt(agent, "back") is not None)
-        assert _wait(lambda: "event=hsm_recovered" in server.log())
-        assert _wait(lambda: "event=signing_ca_rotated" in server.log())
+        assert wait_until(lambda: _try_jwt(agent, "back") is not None)
+        assert wait_until(lambda: "event=hsm_recovered" in server.log())
+        assert wait_until(lambda: "event=signing_ca_rotated" in server.log())
         second = _agent(server, tmp_path / "agent2", node="node-2")
         second.stop()
 
@@ -185,33 +175,13 @@ def test_replicas_share_one_token(make_server: Callable[..., ServerProcess], tmp
 # --- the bank's CA above the mesh --------------------------------------------------------------
 
 
-def _ca_cert(name: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
-             | None) -> x509.Certificate:
-    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example Bank"),
-                         x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_name, issuer_key = (subject, key) if issuer is None else (issuer[0].subject, issuer[1])
-    return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(NOW - timedelta(days=1))
-            .not_valid_after(NOW + timedelta(days=800))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(issuer_key, hashes.SHA256()))
-
-
-def _pem(*certs: x509.Certificate) -> bytes:
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
-
-
 def test_svids_chain_to_the_banks_root_for_a_standard_tls_client(
         make_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
     root_key, issuing_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    root = _ca_cert("Example Bank Root CA", root_key, None)
-    issuing = _ca_cert("Example Bank Issuing CA 7", issuing_key, (root, root_key))
-    (tmp_path / "bank-chain.pem").write_bytes(_pem(issuing, root))
-    (tmp_path / "bank-root.pem").write_bytes(_pem(root))
+    root = bank_ca_cert("Example Bank Root CA", root_key, None)
+    issuing = bank_ca_cert("Example Bank Issuing CA 7", issuing_key, (root, root_key))
+    (tmp_path / "bank-chain.pem").write_bytes(pem(issuing, root))
+    (tmp_path / "bank-root.pem").write_bytes(pem(root))
     key_file = tmp_path / "bank-issuing.key"
     key_file.write_bytes(issuing_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                    serialization.NoEncryption()))
@@ -230,15 +200,15 @@ def test_svids_chain_to_the_banks_root_for_a_standard_tls_client(
         assert load_der_certificates(svid.bundle) == [root]
         chain = load_der_certificates(svid.x509_svid)
         assert chain[-1] == issuing  # leaf, signing CA, the mesh root, the bank's issuing CA
-        (tmp_path / "ledger.pem").write_bytes(_pem(*chain))
+        (tmp_path / "ledger.pem").write_bytes(pem(*chain))
         key = serialization.load_der_private_key(svid.x509_svid_key, None)
         (tmp_path / "ledger.key").write_bytes(key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         # A TLS server with the workload's SVID; a standard client (OpenSSL through Python's
         # ssl) that knows only the bank's root accepts it, and one that knows another root does not.
         assert _tls_handshake(tmp_path, tmp_path / "bank-root.pem") is None
-        other = _ca_cert("Another Root", ec.generate_private_key(ec.SECP256R1()), None)
-        (tmp_path / "other-root.pem").write_bytes(_pem(other))
+        other = bank_ca_cert("Another Root", ec.generate_private_key(ec.SECP256R1()), None)
+        (tmp_path / "other-root.pem").write_bytes(pem(other))
         assert "certificate verify failed" in str(_tls_handshake(tmp_path, tmp_path / "other-root.pem"))
         # A root rotation asks the bank's CA again; the bundle stays the bank's root.
         server.cli("ca", "rotate", "--step", "prepare", check=True)

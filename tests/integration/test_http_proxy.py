@@ -14,7 +14,6 @@ import socket
 import ssl
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from tests.etcd_process import free_port
-from tests.integration.harness import AgentProcess, ServerProcess
+from tests.integration.harness import AgentProcess, ServerProcess, wait_until
 from trustmesh._proto.spiffe.workload import workload_pb2, workload_pb2_grpc
 from trustmesh.der import load_der_certificates
 
@@ -134,15 +133,6 @@ def _fetch_svids(socket_path: Path, out: Path, names: list[str]) -> None:
     raise AssertionError("the Workload API never sent every SVID")
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 @pytest.fixture
 def mesh(make_server: Callable[..., ServerProcess], tmp_path: Path) -> Iterator[Mesh]:
     backend = ThreadingHTTPServer(("127.0.0.1", 0), Backend)
@@ -178,7 +168,7 @@ services:
     certs = tmp_path / "certs"
     certs.mkdir()
     try:
-        assert _wait_for(lambda: agent.log().count("inbound_listening") >= 2
+        assert wait_until(lambda: agent.log().count("inbound_listening") >= 2
                          and agent.log().count("outbound_listening") >= 2)
         _fetch_svids(agent.socket, certs, ["payments", "fraud-scoring"])
         yield Mesh(server, agent, ledger, core, outbound, wrong, metrics, certs)
@@ -274,7 +264,7 @@ def test_requests_decided_one_by_one_on_one_connection(mesh: Mesh, tmp_path: Pat
     policy.write_text(POLICY.format(extra=f"    - from: {TD}/fraud-scoring\n      methods: [POST]\n"
                                           "      paths: [/transactions/*]\n"))
     mesh.server.cli("policy", "apply", str(policy), check=True)
-    assert _wait_for(lambda: conn.request("POST", "/transactions/42", b"{}")[0] == 200)
+    assert wait_until(lambda: conn.request("POST", "/transactions/42", b"{}")[0] == 200)
     # Ambiguous paths are refused, never guessed; the connection stays usable.
     for path in ("/transactions%2F42", "/transactions/4;2", "/transactions/../../etc"):
         status, _, body = conn.request("GET", path)
@@ -290,7 +280,7 @@ def test_requests_decided_one_by_one_on_one_connection(mesh: Mesh, tmp_path: Pat
         out = mesh.server.cli("flows", "--json", check=True).stdout
         return [f for f in json.loads(out) if f["destination"] == f"{TD}/ledger"]
 
-    assert _wait_for(lambda: any(f["route"] == "POST" and f["decision"] == "deny" for f in flows()), 30)
+    assert wait_until(lambda: any(f["route"] == "POST" and f["decision"] == "deny" for f in flows()), 30)
     routes = {(f["route"], f["decision"]) for f in flows()}
     assert ("GET /transactions/*", "allow") in routes and ("HEAD /health", "allow") in routes
     assert not any("42" in str(f["route"]) for f in flows())
@@ -359,5 +349,5 @@ def test_outbound_http_and_plaintext_clients(mesh: Mesh) -> None:
     # With mTLS on the same listener, the identity is there.
     with httpx.Client(base_url=f"https://127.0.0.1:{mesh.core}", verify=mesh.tls("payments"), timeout=10) as client:
         assert dict(client.get("/status").json()["headers"])["X-Trustmesh-Peer-Id"] == f"{TD}/payments"
-    assert _wait_for(lambda: mesh.metric("trustmesh_http_requests_total", destination=f"{TD}/core",
+    assert wait_until(lambda: mesh.metric("trustmesh_http_requests_total", destination=f"{TD}/core",
                                          decision="unverified", route="GET") >= 1)

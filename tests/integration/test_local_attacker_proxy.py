@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.etcd_process import free_port
-from tests.integration.harness import AgentProcess, ServerProcess, echo_server
+from tests.integration.harness import AgentProcess, ServerProcess, echo_server, wait_until
 
 SELF_EXE = os.path.realpath(sys.executable)
 NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
@@ -100,15 +99,6 @@ class Relay:
         self._srv.close()
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _talk_tcp(port: int) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
         conn.sendall(b"as payments")
@@ -177,7 +167,8 @@ services:
     token = server.cli("token", "create", "--node", "node-1", check=True).stdout.strip()
     agent = AgentProcess(server, tmp_path / "agent", join_token=token, config=config).start()
     try:
-        assert _wait_for(lambda: agent.log().count("outbound_listening") == 2 and "inbound_listening" in agent.log()), \
+        assert wait_until(lambda: agent.log().count("outbound_listening") == 2
+                          and "inbound_listening" in agent.log()), \
             agent.log()[-3000:]
         yield Node(server, agent, relay, tcp, unix)
     finally:
@@ -196,7 +187,7 @@ def test_only_payments_own_processes_can_speak_through_its_outbound_listeners(no
     assert node.agent.proc is not None
     idle_sockets = _sockets(node.agent.proc.pid)
     # The legitimate caller, over TCP and over the unix socket: answered by the ledger.
-    assert _wait_for(lambda: _talk_tcp(node.tcp) == b"as payments")
+    assert wait_until(lambda: _talk_tcp(node.tcp) == b"as payments")
     assert _talk_unix(node.unix) == b"as payments"
     before = node.relay.seen()
 
@@ -204,7 +195,7 @@ def test_only_payments_own_processes_can_speak_through_its_outbound_listeners(no
     assert _as_nobody(str(node.tcp)) == b""
     assert _as_nobody(str(node.unix)) == b""
     assert node.relay.seen() == before
-    assert _wait_for(lambda: _refused(node.agent, "no_match", 65534)), node.agent.log()[-3000:]
+    assert wait_until(lambda: _refused(node.agent, "no_match", 65534)), node.agent.log()[-3000:]
 
     # payments' own binary and uid, but the socket is also held by another program (a caller
     # that forked and exec'd, keeping the socket): every holder must match, so refused.
@@ -212,7 +203,7 @@ def test_only_payments_own_processes_can_speak_through_its_outbound_listeners(no
     try:
         child = subprocess.Popen(["sleep", "60"], pass_fds=[sock.fileno()])
         link = f"socket:[{os.fstat(sock.fileno()).st_ino}]"
-        assert _wait_for(lambda: _holds(child.pid, link) and _exe(child.pid).endswith("/sleep"))
+        assert wait_until(lambda: _holds(child.pid, link) and _exe(child.pid).endswith("/sleep"))
         sock.settimeout(10)
         sock.connect(("127.0.0.1", node.tcp))
         sock.sendall(b"as payments")
@@ -226,7 +217,7 @@ def test_only_payments_own_processes_can_speak_through_its_outbound_listeners(no
         child.kill()
         child.wait()
     assert node.relay.seen() == before
-    assert _wait_for(lambda: re.search(rf"event=outbound_caller_refused .*reason=no_match .*pid={child.pid} "
+    assert wait_until(lambda: re.search(rf"event=outbound_caller_refused .*reason=no_match .*pid={child.pid} "
                                        r"exe=\S+/sleep", node.agent.log()) is not None), node.agent.log()[-3000:]
 
     # payments' uid, but another binary (a shell): refused (its line is held back: same uid and
@@ -245,7 +236,7 @@ def test_only_payments_own_processes_can_speak_through_its_outbound_listeners(no
     assert _talk_unix(node.unix) == b"as payments"
     # Callers that hung up leave nothing open in the agent (TLS cannot pass a half-close on,
     # so the agent closes after a short grace instead of holding four sockets for ever).
-    assert _wait_for(lambda: _sockets(node.agent.proc.pid) <= idle_sockets, timeout=30), \
+    assert wait_until(lambda: _sockets(node.agent.proc.pid) <= idle_sockets, timeout=30), \
         (idle_sockets, _sockets(node.agent.proc.pid))
 
 

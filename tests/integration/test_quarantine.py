@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.etcd_process import free_port
-from tests.integration.harness import AgentProcess, ServerProcess, echo_server
+from tests.integration.harness import AgentProcess, ServerProcess, echo_server, wait_until
 from tests.integration.operators_kit import Operator, add_operator, audit, one_line
 
 TD = "spiffe://example.org"
@@ -36,15 +36,6 @@ spec:
   allow:
     - from: spiffe://example.org/payments
 """
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _talk(port: int, message: bytes = b"hello ledger") -> bytes:
@@ -122,7 +113,7 @@ services:
         viewer = add_operator(setup, tmp_path, "vic", "viewer")
         for person in (officer, viewer):
             assert person.login().returncode == 0
-        assert _wait_for(lambda: "inbound_listening" in agent.log() and "outbound_listening" in agent.log(), 20)
+        assert wait_until(lambda: "inbound_listening" in agent.log() and "outbound_listening" in agent.log(), 20)
         yield Mesh(server, agent, officer, viewer, pay_port)
     finally:
         agent.stop()
@@ -139,12 +130,12 @@ def test_quarantine_cuts_refuses_stops_issuance_and_release_restores(mesh: Mesh)
     # Pushed to the agent at once; the bound leaves room for a loaded CI machine.
     assert _cut_within(conn, 10) < 5
     assert _talk(mesh.payments) == b""  # a new connection is refused
-    assert _wait_for(lambda: "event=connections_cut" in agent.log())
+    assert wait_until(lambda: "event=connections_cut" in agent.log())
 
     # The CA issues payments nothing: a new entry of it on this node gets no SVID.
     mesh.server.cli("entry", "create", "--spiffe-id", PAYMENTS, "--node", "node-1", "--selector", "unix:uid:4242",
                     check=True)
-    assert _wait_for(lambda: "event=svid_refused" in agent.log() and "is in quarantine" in agent.log(), 15), \
+    assert wait_until(lambda: "event=svid_refused" in agent.log() and "is in quarantine" in agent.log(), 15), \
         agent.log()[-3000:]
 
     # Every role sees what is in quarantine; a viewer cannot release it, nor an officer without step-up.
@@ -160,7 +151,7 @@ def test_quarantine_cuts_refuses_stops_issuance_and_release_restores(mesh: Mesh)
 
     released = officer.run("quarantine", "release", PAYMENTS, "--reason", "key rotated", "--otp", officer.code())
     assert released.returncode == 0 and f"released {PAYMENTS}" in released.stdout, released.stderr
-    assert _wait_for(lambda: _talk(mesh.payments) == b"hello ledger")
+    assert wait_until(lambda: _talk(mesh.payments) == b"hello ledger")
 
     # The destination in quarantine cuts the same way, from the admin socket (root, break-glass).
     conn = _open(mesh.payments)
@@ -168,7 +159,7 @@ def test_quarantine_cuts_refuses_stops_issuance_and_release_restores(mesh: Mesh)
     assert _cut_within(conn, 10) < 5
     assert _talk(mesh.payments) == b""
     assert mesh.server.cli("quarantine", "release", LEDGER, "--reason", "false alarm").returncode == 0
-    assert _wait_for(lambda: _talk(mesh.payments) == b"hello ledger")
+    assert wait_until(lambda: _talk(mesh.payments) == b"hello ledger")
 
     # A node in quarantine: its agent refuses and cuts everything, whatever the allowlists say.
     conn = _open(mesh.payments)
@@ -176,7 +167,7 @@ def test_quarantine_cuts_refuses_stops_issuance_and_release_restores(mesh: Mesh)
     assert _cut_within(conn, 10) < 5
     assert _talk(mesh.payments) == b""
     assert mesh.server.cli("quarantine", "release", "node-1", "--reason", "reimaged").returncode == 0
-    assert _wait_for(lambda: _talk(mesh.payments) == b"hello ledger")
+    assert wait_until(lambda: _talk(mesh.payments) == b"hello ledger")
 
     kinds = [e["kind"] for e in audit(mesh.server, "--kind", "quarantine.add")]
     kinds += [e["kind"] for e in audit(mesh.server, "--kind", "quarantine.release")]

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.hsm import MODULE, PIN, SoftHsm, make_softhsm
+from tests.pki import bank_ca_cert
 from trustmesh.controlplane.ca.authority import CAConfig, CertificateAuthority
 from trustmesh.controlplane.ca.kek import KeyEncryptionKey
 from trustmesh.controlplane.ca.keymanager import KeyManager
@@ -205,28 +205,12 @@ def test_pkcs11_uri_parser_refuses_with_ca_errors_only(text: str) -> None:
 # --- the upstream authority ------------------------------------------------------------------
 
 
-def _ca_cert(name: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Certificate, Any] | None,
-             path_length: int | None = None, days: int = 3650) -> x509.Certificate:
-    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example Bank"),
-                         x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_name, issuer_key = (subject, key) if issuer is None else (issuer[0].subject, issuer[1])
-    return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(NOW - timedelta(days=1))
-            .not_valid_after(NOW + timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(issuer_key, hashes.SHA256()))
-
-
 def _bank(tmp_path: Path, name: str = "bank", issuing_path_length: int | None = None) -> tuple[Path, Path,
                                                                                                 x509.Certificate]:
     root_key = ec.generate_private_key(ec.SECP256R1())
-    root = _ca_cert(f"{name} root", root_key, None)
+    root = bank_ca_cert(f"{name} root", root_key, None)
     issuing_key = ec.generate_private_key(ec.SECP256R1())
-    issuing = _ca_cert(f"{name} issuing", issuing_key, (root, root_key), issuing_path_length, days=400)
+    issuing = bank_ca_cert(f"{name} issuing", issuing_key, (root, root_key), issuing_path_length, days=400)
     chain = tmp_path / f"{name}-chain.pem"
     chain.write_bytes(issuing.public_bytes(serialization.Encoding.PEM) + root.public_bytes(serialization.Encoding.PEM))
     key = tmp_path / f"{name}-issuing.key"
@@ -304,9 +288,9 @@ def test_upstream_refusals(tmp_path: Path) -> None:
 
 async def test_the_upstream_key_may_live_in_the_token(tmp_path: Path, token: Pkcs11Token) -> None:
     root_key = ec.generate_private_key(ec.SECP256R1())
-    root = _ca_cert("hsm bank root", root_key, None)
+    root = bank_ca_cert("hsm bank root", root_key, None)
     issuing_key = token.generate("ec-p256", "bank issuing ca", persistent=True)
-    issuing = _ca_cert("hsm bank issuing", issuing_key, (root, root_key))  # type: ignore[arg-type]
+    issuing = bank_ca_cert("hsm bank issuing", issuing_key, (root, root_key))  # type: ignore[arg-type]
     chain = tmp_path / "chain.pem"
     chain.write_bytes(issuing.public_bytes(serialization.Encoding.PEM) + root.public_bytes(serialization.Encoding.PEM))
     upstream = UpstreamAuthority.load(chain, f"pkcs11:id={''.join(f'%{b:02x}' for b in issuing_key.object_id)}",

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.pki import web_pki
 from trustmesh.bundle import Bundle
 from trustmesh.controlplane.audit import AuditLog
 from trustmesh.controlplane.ca.authority import CAConfig, CertificateAuthority
@@ -357,39 +358,12 @@ async def test_refresh_stores_a_new_bundle_and_keeps_the_last_good_one_on_failur
 # --- our own bundle endpoint, fetched by our own client, in both profiles -----------------------
 
 
-def _web_pki(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """A throw-away web CA and a server certificate for 'localhost': (ca, cert, key) files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import NameOID
-
-    ca_key, key = generate_private_key(), generate_private_key()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test web CA")])
-    ca = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(NOW - timedelta(minutes=1))
-          .not_valid_after(NOW + timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(NOW - timedelta(minutes=1)).not_valid_after(NOW + timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
-    paths = tmp_path / "ca.pem", tmp_path / "web.pem", tmp_path / "web.key"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return paths
-
-
 async def test_our_endpoint_over_https_web(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from trustmesh.controlplane.bundle_endpoint import BundleEndpoint, serve_bundle_endpoint
     from trustmesh.metrics import Registry
 
     ca = PartnerCA(PARTNER)
-    ca_file, cert, key = _web_pki(tmp_path)
+    ca_file, cert, key = web_pki(tmp_path)
     endpoint = BundleEndpoint(lambda: ca.bundle(sequence=4, hint=None), timedelta(seconds=42), Registry(),
                               path="/bundle")
     server = await serve_bundle_endpoint(endpoint, "127.0.0.1:0", server_context_from_files(cert, key, "flags"))
@@ -467,7 +441,7 @@ async def test_our_endpoint_headers_counts_and_hostile_clients(tmp_path: Path) -
     from trustmesh.metrics import Registry
 
     ca = PartnerCA(PARTNER)
-    ca_file, cert, key = _web_pki(tmp_path)
+    ca_file, cert, key = web_pki(tmp_path)
     metrics = Registry()
     endpoint = BundleEndpoint(lambda: ca.bundle(), timedelta(minutes=5), metrics, path="/bundle")
     server = await serve_bundle_endpoint(endpoint, "127.0.0.1:0", server_context_from_files(cert, key, "flags"),

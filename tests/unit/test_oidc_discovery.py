@@ -15,11 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 from authlib.oidc.discovery import OpenIDProviderMetadata
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import NameOID
 
+from tests.pki import web_pki
 from trustmesh import jose
 from trustmesh.bundle import JwtAuthority
 from trustmesh.controlplane.ca.authority import CAConfig, CertificateAuthority
@@ -35,7 +33,6 @@ from trustmesh.controlplane.store import Store, open_store
 from trustmesh.errors import ListenError
 from trustmesh.httpserver import HttpServer
 from trustmesh.jwtsvid import parse_insecure, validate_jwt_svid
-from trustmesh.keys import generate_private_key
 from trustmesh.metrics import Registry
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 from trustmesh.tls import server_context_from_files
@@ -120,29 +117,6 @@ async def test_jwt_svid_iss_claim(tmp_path: Path, issuer: str | None) -> None:
 # --- the HTTPS endpoint ------------------------------------------------------------------------
 
 
-def _web_pki(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """A throw-away web CA and a certificate for 'localhost': (ca, cert, key) files."""
-    ca_key, key = generate_private_key(), generate_private_key()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test web CA")])
-    ca = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(NOW - timedelta(minutes=1))
-          .not_valid_after(NOW + timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(NOW - timedelta(minutes=1)).not_valid_after(NOW + timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
-    paths = tmp_path / "ca.pem", tmp_path / "web.pem", tmp_path / "web.key"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return paths
-
-
 @dataclass
 class Running:
     ca: CertificateAuthority
@@ -163,7 +137,7 @@ class Running:
 @pytest.fixture
 async def running(tmp_path: Path) -> AsyncIterator[Running]:
     ca, store = await _ca(tmp_path, "ca", ISSUER)
-    ca_file, cert, key = _web_pki(tmp_path)
+    ca_file, cert, key = web_pki(tmp_path)
     metrics = Registry()
     server = await serve_oidc_discovery(OidcDiscovery(ISSUER, ca.bundle, metrics), "127.0.0.1:0",
                                         server_context_from_files(cert, key, "flags"))
