@@ -10,8 +10,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.integration.harness import ServerProcess
-from tests.integration.test_ha import wait_for
+from tests.integration.harness import ServerProcess, wait_until
 
 
 @pytest.fixture
@@ -61,7 +60,7 @@ def test_prepare_then_next_step_activates(server: ServerProcess) -> None:
         results.append(server.cli("ca", "rotate"))
         return results[-1].returncode == 0
 
-    assert wait_for(rotate), results[-1].stderr
+    assert wait_until(rotate), results[-1].stderr
     activated = results[-1].stdout
     assert "active; signing CAs now chain to it" in activated and "warning" not in results[-1].stderr
     assert _states(server, "root") == ["active", "old"] and _states(server, "jwt-key") == ["active", "old"]

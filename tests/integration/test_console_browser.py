@@ -41,9 +41,9 @@ from tests.integration.console_kit import (  # noqa: E402
     css_string,
     require_browser,
 )
-from tests.integration.harness import AgentProcess, ServerProcess, echo_server  # noqa: E402
+from tests.integration.harness import AgentProcess, ServerProcess, echo_server, wait_until  # noqa: E402
 from tests.integration.operators_kit import PASSWORD, Operator, add_operator, audit  # noqa: E402
-from tests.integration.test_enforcement import _talk, _wait_for  # noqa: E402
+from tests.integration.test_enforcement import _talk  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -154,7 +154,7 @@ services:
 """)
             agent.join_token = server.cli("token", "create", "--node", "node-1", check=True).stdout.strip()
             agent.start()
-            assert _wait_for(lambda: "inbound_listening" in agent.log()
+            assert wait_until(lambda: "inbound_listening" in agent.log()
                              and agent.log().count("outbound_listening") >= 2)
             for _ in range(3):
                 assert _talk(pay_port) == b"hello ledger"  # allowed by ledger-access

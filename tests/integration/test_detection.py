@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from tests.etcd_process import free_port
-from tests.integration.harness import AgentProcess, ServerProcess, echo_server
+from tests.integration.harness import AgentProcess, ServerProcess, echo_server, wait_until
 from tests.integration.operators_kit import Operator, add_operator, audit
-from tests.integration.test_quarantine import LEDGER, PAYMENTS, SELF_EXE, TD, _cut_within, _open, _talk, _wait_for
+from tests.integration.test_quarantine import LEDGER, PAYMENTS, SELF_EXE, TD, _cut_within, _open, _talk
 from tests.integration.test_quarantine import POLICY as LEDGER_POLICY
 
 PROBED = [f"{TD}/svc{i}" for i in range(6)]
@@ -90,7 +90,7 @@ services:
     try:
         officer = add_operator((server, admin.group(1), login.group(1)), tmp_path, "olga", "security-officer")
         assert officer.login().returncode == 0
-        assert _wait_for(lambda: agent.log().count("inbound_listening") >= 7
+        assert wait_until(lambda: agent.log().count("inbound_listening") >= 7
                          and agent.log().count("outbound_listening") >= 7, 30)
         yield Estate(server, agent, officer, ports)
     finally:
@@ -157,7 +157,7 @@ def test_a_sweeping_identity_is_quarantined_cut_refused_and_released(estate: Est
     assert "was denied on 6 distinct destination ports (6 destination(s)" in quarantine["reason"]
     assert quarantine["evidence"] == [quarantine["reason"]]
     # Its renewals are refused (10 s certificates: one is due within seconds).
-    assert _wait_for(lambda: "event=svid_refused" in agent.log() and "is in quarantine" in agent.log(), 20), \
+    assert wait_until(lambda: "event=svid_refused" in agent.log() and "is in quarantine" in agent.log(), 20), \
         agent.log()[-3000:]
     # Explained in the audit log and the metrics.
     anomaly = next(e for e in audit(server, "--kind", "detect.anomaly") if e["details"]["detector"] == "sweep")
@@ -170,7 +170,7 @@ def test_a_sweeping_identity_is_quarantined_cut_refused_and_released(estate: Est
                                   "--otp", estate.officer.code())
     assert released.returncode == 0, released.stderr
     # At once: the agent asks again for what was refused when the release reaches it.
-    ok = _wait_for(lambda: _talk(ports["pay-ledger"]) == b"hello ledger", 10)
+    ok = wait_until(lambda: _talk(ports["pay-ledger"]) == b"hello ledger", 10)
     assert ok, agent.log()[-5000:]
     assert json.loads(server.cli("quarantine", "list", "--json", check=True).stdout) == []
     # Released, it is watched again (not quarantined for the same sweep twice: the sweep's
@@ -187,7 +187,7 @@ def test_dry_run_records_what_it_would_do_and_does_nothing(dry_estate: Estate, w
     def would_quarantine() -> list[dict[str, object]]:
         return [e for e in audit(server, "--kind", "detect.anomaly") if e["details"]["detector"] == "sweep"]
 
-    assert _wait_for(lambda: bool(would_quarantine()), 20)
+    assert wait_until(lambda: bool(would_quarantine()), 20)
     (event,) = would_quarantine()
     assert event["details"]["action"] == "quarantine" and event["details"]["dry_run"] is True
     assert json.loads(server.cli("quarantine", "list", "--json", check=True).stdout) == []
@@ -196,7 +196,7 @@ def test_dry_run_records_what_it_would_do_and_does_nothing(dry_estate: Estate, w
     conn.close()
     assert _talk(ports["pay-ledger"]) == b"hello ledger"
     # Every alert was posted to the webhook as the JSON `detect replay --json` prints.
-    assert _wait_for(lambda: any(a.get("detector") == "sweep" for a in webhook.received), 10)
+    assert wait_until(lambda: any(a.get("detector") == "sweep" for a in webhook.received), 10)
     posted = next(a for a in webhook.received if a["detector"] == "sweep")
     assert posted["content_type"] == "application/json" and posted["identity"] == PAYMENTS
     assert posted["action"] == "quarantine" and posted["dry_run"] is True and str(posted["ts"]).endswith("Z")

@@ -22,9 +22,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tests.etcd_process import free_port
-from tests.integration.harness import AgentProcess, ServerProcess
+from tests.integration.harness import AgentProcess, ServerProcess, wait_until
 from tests.integration.test_agent import HEADER, UID
-from tests.integration.test_ha import Traffic, _echo_server, first_x509_message, wait_for
+from tests.integration.test_ha import Traffic, _echo_server, first_x509_message
 from trustmesh._proto.spiffe.workload import workload_pb2, workload_pb2_grpc
 from trustmesh.der import load_der_certificates
 from trustmesh.errors import VerificationError
@@ -137,14 +137,14 @@ def test_federated_mtls_under_an_allowlist_through_a_root_rotation(pair: Pair) -
     thread = threading.Thread(target=traffic.run, daemon=True)
     thread.start()
     try:
-        assert wait_for(lambda: traffic.ok >= 5, timeout=30), (traffic.failures, pair.partner_agent.log()[-2000:])
+        assert wait_until(lambda: traffic.ok >= 5, timeout=30), (traffic.failures, pair.partner_agent.log()[-2000:])
         # A root rotation at home: the partner fetches the new bundle from the bundle endpoint
         # and hands it to its agent before anything chains to the new root.
         home.cli("ca", "rotate", "--step", "prepare", check=True)
-        assert wait_for(lambda: federated_roots(pair.partner_agent, HOME) == 2, timeout=30), \
+        assert wait_until(lambda: federated_roots(pair.partner_agent, HOME) == 2, timeout=30), \
             partner.cli("federation", "list").stdout
         # Activation is allowed once the root has been in the bundle for the refresh hint (1 s).
-        assert wait_for(lambda: home.cli("ca", "rotate", "--step", "activate").returncode == 0, timeout=10)
+        assert wait_until(lambda: home.cli("ca", "rotate", "--step", "activate").returncode == 0, timeout=10)
         roots = [x509.load_pem_x509_certificate(a["certificate_pem"].encode())
                  for a in json.loads(home.cli("ca", "show", "--json", check=True).stdout)["authorities"]
                  if a["kind"] == "root" and a["state"] == "active"]
@@ -156,13 +156,13 @@ def test_federated_mtls_under_an_allowlist_through_a_root_rotation(pair: Pair) -
             except VerificationError:
                 return False
 
-        assert wait_for(under_new_root, timeout=20)
+        assert wait_until(under_new_root, timeout=20)
         served = traffic.ok
-        assert wait_for(lambda: traffic.ok >= served + 10, timeout=20)
+        assert wait_until(lambda: traffic.ok >= served + 10, timeout=20)
         # The old root retires by itself (--ca-ttl 20s); the partner follows.
-        assert wait_for(lambda: federated_roots(pair.partner_agent, HOME) == 1, timeout=45)
+        assert wait_until(lambda: federated_roots(pair.partner_agent, HOME) == 1, timeout=45)
         served = traffic.ok
-        assert wait_for(lambda: traffic.ok >= served + 5, timeout=20)
+        assert wait_until(lambda: traffic.ok >= served + 5, timeout=20)
         print(f"\nfederated traffic through a root rotation: {traffic.ok} exchanges, failures {len(traffic.failures)}")
         assert traffic.failures == []
         audit = partner.cli("audit", "show", "--kind", "federation.bundle_updated", "--json", check=True).stdout
@@ -222,7 +222,7 @@ def test_partner_certificate_issue_connect_revoke_and_hostile_partner_cas(
     token = server.cli("token", "create", "--node", "n-1", check=True).stdout.strip()
     agent = AgentProcess(server, tmp_path / "agent", join_token=token, config=config).start()
     try:
-        assert wait_for(lambda: "inbound_listening" in agent.log())
+        assert wait_until(lambda: "inbound_listening" in agent.log())
         # The partner makes its key and CSR; we sign it.
         key = generate_private_key()
         _write_key(tmp_path / "acme.key", key)
@@ -231,7 +231,7 @@ def test_partner_certificate_issue_connect_revoke_and_hostile_partner_cas(
                             "--csr", str(tmp_path / "acme.csr"), "--ttl", "1h", "--out", str(tmp_path / "acme.pem"),
                             check=True).stdout
         serial = re.search(r"serial (\w+)", issued).group(1)  # type: ignore[union-attr]
-        assert wait_for(lambda: _tls_exchange(ledger, tmp_path / "acme.pem", tmp_path / "acme.key") == b"hello")
+        assert wait_until(lambda: _tls_exchange(ledger, tmp_path / "acme.pem", tmp_path / "acme.key") == b"hello")
         # Refusals of issue: another trust domain, not under /partners/, a CSR that is not one.
         for spiffe_id, csr in ((f"spiffe://{PARTNER}/partners/x", "acme.csr"),
                                (f"spiffe://{HOME}/payments", "acme.csr"),
@@ -242,7 +242,7 @@ def test_partner_certificate_issue_connect_revoke_and_hostile_partner_cas(
         # Revoke: the next handshake is refused.
         server.cli("partner", "revoke", serial, "--reason", "key exposed", check=True)
         revoked_at = time.monotonic()
-        assert wait_for(lambda: _tls_exchange(ledger, tmp_path / "acme.pem", tmp_path / "acme.key") == b"",
+        assert wait_until(lambda: _tls_exchange(ledger, tmp_path / "acme.pem", tmp_path / "acme.key") == b"",
                         timeout=10)
         print(f"\npartner certificate refused {time.monotonic() - revoked_at:.2f} s after `partner revoke`")
         again = server.cli("partner", "revoke", serial)
@@ -265,7 +265,7 @@ def test_partner_certificate_issue_connect_revoke_and_hostile_partner_cas(
         _write_key(tmp_path / "own.key", leaf_key)
         assert _tls_exchange(ledger, tmp_path / "own.pem", tmp_path / "own.key") == b"hello"
         # Every refusal and the revocation are audited.
-        assert wait_for(lambda: "revoked" in server.cli("audit", "show", "--kind", "flows.reported", "--json",
+        assert wait_until(lambda: "revoked" in server.cli("audit", "show", "--kind", "flows.reported", "--json",
                                                         check=True).stdout, timeout=15)
         audit = server.cli("audit", "show", "--json", check=True).stdout
         for kind in ("partner.issue", "partner.revoke", "federation.create"):
@@ -443,7 +443,7 @@ def test_an_unchanged_partner_bundle_is_stored_and_audited_once(
     # Then sequence 5, fetched every second (the 1 s refresh hint), in other bytes each time.
     hostile.serve([1], 5, hint=1)
     hostile.reshuffle = True
-    assert wait_for(lambda: hostile.fetches >= 3, timeout=30), server.log()[-2000:]
+    assert wait_until(lambda: hostile.fetches >= 3, timeout=30), server.log()[-2000:]
     updated = audit_events(server, "federation.bundle_updated")
     assert [e["details"]["sequence"] for e in updated] == [5], updated  # type: ignore[index]
     listed = json.loads(server.cli("federation", "list", "--json", check=True).stdout)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.etcd_process import free_port
-from tests.integration.harness import AgentProcess, ServerProcess, echo_server, trustmesh_cmd
-from tests.integration.test_enforcement import _talk, _wait_for
+from tests.integration.harness import AgentProcess, ServerProcess, echo_server, trustmesh_cmd, wait_until
+from tests.integration.test_enforcement import _talk
 from trustmesh.clock import format_utc
 from trustmesh.detect.trace import TraceRecord, read_trace, record_to_line
 
@@ -93,7 +93,7 @@ services:
     token = server.cli("token", "create", "--node", "node-1", check=True).stdout.strip()
     agent = AgentProcess(server, tmp_path / "agent", join_token=token, config=config).start()
     try:
-        assert _wait_for(lambda: agent.log().count("inbound_listening") >= 2
+        assert wait_until(lambda: agent.log().count("inbound_listening") >= 2
                          and agent.log().count("outbound_listening") >= 3)
         yield Estate(server, agent, ports)
     finally:
@@ -117,13 +117,13 @@ def test_flows_are_counted_survive_an_outage_and_become_a_policy(estate: Estate,
         assert _talk(ports["front-ledger"], HELLO) == b""  # denied by the enforced allowlist
         assert _talk(ports["pay-fx"], HELLO) == HELLO  # audit mode: enforce would deny it, it goes through
     assert _plaintext(ports["fx"]) == b"GET / HTTP/1.0\r\n\r\n"  # a legacy caller without TLS, forwarded
-    assert _wait_for(lambda: estate.connections(PAYMENTS, LEDGER, "allow") == 3
+    assert wait_until(lambda: estate.connections(PAYMENTS, LEDGER, "allow") == 3
                      and estate.connections(FRONTEND, LEDGER, "deny") == 2
                      and estate.connections(PAYMENTS, FX, "audit") == 2
                      and estate.connections("", FX, "unverified") == 1, timeout=30)
     # Bytes are counted when a connection ends (an mTLS one up to 10 s after its client left,
     # as a TLS stream cannot be half-closed), and every minute while it lasts.
-    assert _wait_for(lambda: (estate.edge(PAYMENTS, LEDGER, "allow") or {}).get("bytes_out") == 3 * len(HELLO)
+    assert wait_until(lambda: (estate.edge(PAYMENTS, LEDGER, "allow") or {}).get("bytes_out") == 3 * len(HELLO)
                      and (estate.edge("", FX, "unverified") or {}).get("bytes_out") == 18, timeout=40)
     allowed = estate.edge(PAYMENTS, LEDGER, "allow")
     assert allowed is not None and allowed["port"] == ports["ledger"] and allowed["rule"] == "ledger-access allow[0]"
@@ -153,7 +153,7 @@ def test_flows_are_counted_survive_an_outage_and_become_a_policy(estate: Estate,
     for _ in range(2):
         assert _talk(ports["pay-ledger"], HELLO) == HELLO
     server.start()
-    assert _wait_for(lambda: estate.connections(PAYMENTS, LEDGER, "allow") == 5, timeout=60)
+    assert wait_until(lambda: estate.connections(PAYMENTS, LEDGER, "allow") == 5, timeout=60)
 
     # The graph, as Graphviz reads it.
     dot = server.cli("graph", "--since", "1h", "--format", "dot", check=True).stdout
