@@ -43,7 +43,7 @@ from trustmesh.files import atomic_write
 from trustmesh.logs import log_event
 from trustmesh.metrics import Registry
 from trustmesh.policy import Policy, PolicyError
-from trustmesh.policy.wire import HTTP_ROUTES, policy_from_pb, policy_to_pb
+from trustmesh.policy.wire import HTTP_ROUTES, TIME_WINDOWS, policy_from_pb, policy_to_pb
 from trustmesh.spiffeid import TrustDomain
 from trustmesh.wire import bundle_from_pb
 
@@ -113,7 +113,7 @@ class SyncState:
     def request(self) -> node_pb2.SyncRequest:
         return node_pb2.SyncRequest(
             since_revision=self.revision, policy_revision=self.policy.revision,
-            permissive_listeners=self.permissive_listeners, features=[HTTP_ROUTES],
+            permissive_listeners=self.permissive_listeners, features=[HTTP_ROUTES, TIME_WINDOWS],
             bundle_sequences={td.name: b.sequence_number for td, b in self.bundles.items() if b.sequence_number})
 
     def apply(self, response: node_pb2.SyncResponse) -> bool:

@@ -25,7 +25,7 @@ from trustmesh.controlplane.call_source import call_source
 from trustmesh.controlplane.clones import next_superseded
 from trustmesh.controlplane.registration import NODE_NAME, token_hash
 from trustmesh.controlplane.runtime import ServerRuntime
-from trustmesh.controlplane.store.records import AttestedNode
+from trustmesh.controlplane.store.records import AttestedNode, label_pairs
 from trustmesh.duration import format_duration
 from trustmesh.errors import (
     AlreadyExistsError,
@@ -36,6 +36,7 @@ from trustmesh.errors import (
     SvidError,
     TrustmeshError,
 )
+from trustmesh.labels import CertLabel, LabelError, check_value
 from trustmesh.naming import agent_id
 from trustmesh.selectors import Selector
 from trustmesh.spiffeid import SpiffeId
@@ -259,11 +260,17 @@ class NodeAttestor:
         selectors = (Selector("node", f"name:{name}"), Selector("x509pop", f"subject:cn:{name}"),
                      Selector("x509pop", f"ca:fingerprint:{challenge.ca_fingerprint}"),
                      Selector("x509pop", f"serialnumber:{format(challenge.leaf.serial_number, 'x')}"))
+        # Labels from the certificate (--x509pop-label): the server reads them from evidence the
+        # node proved it holds; the keys mapped are the certificate's, so they follow it.
+        mapped = self._rt.config.x509pop_label
+        derived = cert_labels(challenge.leaf, mapped)
+        kept = {k: v for k, v in (existing.labels if existing is not None else ()) if k not in {m.key for m in mapped}}
+        labels = label_pairs({**kept, **derived})
         if existing is None:
             node = AttestedNode(spiffe_id=agent_id(self._td, name), node_name=name, attestation_type="x509pop",
                                 cert_serial=_serial(svid), cert_not_after=svid.expires_at.timestamp(),
                                 banned=False, created_at=now, updated_at=now, selectors=selectors,
-                                renewed_from=address, renewed_at=now)
+                                renewed_from=address, renewed_at=now, labels=labels)
             try:
                 await self._rt.store.create_attested_node(node)
             except AlreadyExistsError:
@@ -273,10 +280,40 @@ class NodeAttestor:
             node = await self._rt.store.update_attested_node(
                 replace(existing, cert_serial=_serial(svid), cert_not_after=svid.expires_at.timestamp(),
                         selectors=selectors, updated_at=now, renewed_from=address, renewed_at=now,
-                        superseded=superseded),
+                        superseded=superseded, labels=labels),
                 expected_revision=existing.revision or None)
         await self._ok(node, "x509pop")
         return Attested(node, svid)
+
+
+_SUBJECT_OIDS = {"CN": NameOID.COMMON_NAME, "O": NameOID.ORGANIZATION_NAME, "OU": NameOID.ORGANIZATIONAL_UNIT_NAME,
+                 "L": NameOID.LOCALITY_NAME, "ST": NameOID.STATE_OR_PROVINCE_NAME, "C": NameOID.COUNTRY_NAME,
+                 "serialNumber": NameOID.SERIAL_NUMBER}
+
+
+def cert_labels(leaf: x509.Certificate, mappings: Sequence[CertLabel]) -> dict[str, str]:
+    """The labels `mappings` take from a node certificate. A mapped value that is absent, or
+    not a valid label value, gives no label: a certificate cannot smuggle in odd text."""
+    try:
+        uris = [str(u) for u in leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                .get_values_for_type(x509.UniformResourceIdentifier)]
+    except x509.ExtensionNotFound:
+        uris = []
+    out: dict[str, str] = {}
+    for m in mappings:
+        value: str | None = None
+        if m.source == "subject":
+            found = leaf.subject.get_attributes_for_oid(_SUBJECT_OIDS[m.argument])
+            value = str(found[0].value) if found else None
+        else:
+            value = next((u[len(m.argument):] for u in uris if u.startswith(m.argument)), None)
+        if value is None:
+            continue
+        try:
+            out[m.key] = check_value(m.key, value)
+        except LabelError:
+            continue
+    return out
 
 
 def _may_sign(leaf: x509.Certificate) -> bool:

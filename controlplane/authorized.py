@@ -2,7 +2,10 @@
 
 An agent may use the entries whose parent is its own ID, or a node alias it belongs to.
 A node alias is an entry whose parent is the server's ID; a node belongs to it when all the
-alias's selectors are among the node's (attestation) selectors.
+alias's selectors are among the node's (attestation) selectors. An entry with a node selector
+(labels, see trustmesh/labels.py) goes instead to every agent whose node carries all of
+its key=value labels; it is indexed by each of its pairs, and nodes by theirs, so a label
+change recomputes only that node and a selector entry change only the nodes it names.
 
 The index is loaded once and then kept current by the store's change feed, so answering
 "what may agent X use" costs a walk over X's own entries, never over the registry, and an
@@ -17,6 +20,7 @@ from collections import defaultdict, deque
 from collections.abc import Iterable
 
 from trustmesh.controlplane.store.records import AttestedNode, RegistrationEntry
+from trustmesh.labels import matches as labels_match
 from trustmesh.selectors import matches
 from trustmesh.spiffeid import SpiffeId
 
@@ -39,6 +43,11 @@ class AuthorizedIndex:
         # agent ID -> alias SPIFFE IDs it belongs to, and the reverse
         self._node_aliases: dict[str, set[str]] = defaultdict(set)
         self._alias_members: dict[str, set[str]] = defaultdict(set)
+        # Node selectors: (key, value) -> ids of the entries whose selector holds it, and
+        # -> the agents whose node carries it; agent -> the selector entries its node matches.
+        self._selector_entries: dict[tuple[str, str], set[str]] = defaultdict(set)
+        self._labelled_nodes: dict[tuple[str, str], set[str]] = defaultdict(set)
+        self._node_selected: dict[str, set[str]] = {}
 
     # --- loading and changes ------------------------------------------------------------
 
@@ -48,12 +57,19 @@ class AuthorizedIndex:
         self.resume.reset(revision)
         for node in nodes:
             self.nodes[str(node.spiffe_id)] = node
+            self._index_labels(str(node.spiffe_id), None, node)
         for entry in entries:
             self._add_entry(entry)
         self._recompute_all_memberships()
+        for agent in self.nodes:
+            self._reselect(agent)
 
     def _add_entry(self, entry: RegistrationEntry) -> None:
         self.entries[entry.id] = entry
+        if entry.node_selector:
+            for pair in entry.node_selector:
+                self._selector_entries[pair].add(entry.id)
+            return
         parent = str(entry.parent_id)
         self._by_parent[parent].add(entry.id)
         if parent == self._server_id:
@@ -63,6 +79,12 @@ class AuthorizedIndex:
         entry = self.entries.pop(entry_id, None)
         if entry is None:
             return None
+        if entry.node_selector:
+            for pair in entry.node_selector:
+                self._selector_entries[pair].discard(entry_id)
+                if not self._selector_entries[pair]:
+                    del self._selector_entries[pair]
+            return entry
         parent, spiffe_id = str(entry.parent_id), str(entry.spiffe_id)
         self._by_parent[parent].discard(entry_id)
         if not self._by_parent[parent]:
@@ -98,6 +120,54 @@ class AuthorizedIndex:
         self._alias_members = defaultdict(set, {a: m for a, m in self._alias_members.items() if m})
         return changed
 
+    # --- node selectors -------------------------------------------------------------------
+
+    def _index_labels(self, agent: str, old: AttestedNode | None, new: AttestedNode | None) -> None:
+        for pair in old.effective_labels.items() if old is not None else ():
+            self._labelled_nodes[pair].discard(agent)
+            if not self._labelled_nodes[pair]:
+                del self._labelled_nodes[pair]
+        for pair in new.effective_labels.items() if new is not None else ():
+            self._labelled_nodes[pair].add(agent)
+
+    def _reselect(self, agent: str) -> set[str]:
+        """Recompute the selector entries `agent`'s node matches: only the entries sharing
+        one of its labels are looked at. Returns the ids that came or went."""
+        node = self.nodes.get(agent)
+        new: set[str] = set()
+        if node is not None:
+            labels = node.effective_labels
+            for pair in labels.items():
+                for entry_id in self._selector_entries.get(pair, ()):
+                    if entry_id not in new and labels_match(dict(self.entries[entry_id].node_selector), labels):
+                        new.add(entry_id)
+        old = self._node_selected.pop(agent, set())
+        if new:
+            self._node_selected[agent] = new
+        return old ^ new
+
+    def _selected_by(self, entry: RegistrationEntry) -> set[str]:
+        """The agents whose node carries every label of `entry`'s node selector."""
+        sets = sorted((self._labelled_nodes.get(pair, set()) for pair in entry.node_selector), key=len)
+        return set(sets[0]).intersection(*sets[1:]) if sets else set()
+
+    def _apply_selector_entry(self, entry_id: str, old: RegistrationEntry | None,
+                              entry: RegistrationEntry | None) -> set[str]:
+        affected: set[str] = set()
+        if old is not None and old.node_selector:
+            for agent in self._selected_by(old):
+                selected = self._node_selected.get(agent)
+                if selected is not None and entry_id in selected:
+                    selected.discard(entry_id)
+                    if not selected:
+                        del self._node_selected[agent]
+                    affected.add(agent)
+        if entry is not None and entry.node_selector:
+            for agent in self._selected_by(entry):
+                self._node_selected.setdefault(agent, set()).add(entry_id)
+                affected.add(agent)
+        return affected
+
     def _affected_by_parent(self, parent_id: str) -> set[str]:
         return {parent_id} | set(self._alias_members.get(parent_id, ()))
 
@@ -116,13 +186,15 @@ class AuthorizedIndex:
     def _apply_entry(self, entry_id: str, entry: RegistrationEntry | None) -> tuple[set[str], bool]:
         old = self._remove_entry(entry_id)
         affected: set[str] = set()
-        if old is not None:
+        if old is not None and not old.node_selector:
             affected |= self._affected_by_parent(str(old.parent_id))
         if entry is not None:
             self._add_entry(entry)
-            affected |= self._affected_by_parent(str(entry.parent_id))
-        alias_touched = (old is not None and old.parent_id == self._server) or (
-            entry is not None and entry.parent_id == self._server)
+            if not entry.node_selector:
+                affected |= self._affected_by_parent(str(entry.parent_id))
+        affected |= self._apply_selector_entry(entry_id, old, entry)
+        alias_touched = (old is not None and not old.node_selector and old.parent_id == self._server) or (
+            entry is not None and not entry.node_selector and entry.parent_id == self._server)
         if alias_touched:
             affected |= self._recompute_all_memberships()
             for alias in {str(e.spiffe_id) for e in (old, entry) if e is not None}:
@@ -132,15 +204,26 @@ class AuthorizedIndex:
     def apply_node(self, spiffe_id: str, node: AttestedNode | None, revision: int = 0) -> set[str]:
         """Apply an attested node written (or deleted, when `node` is None) at `revision`."""
         old = self.nodes.get(spiffe_id)
+        relabelled = old is None or node is None or old.labels != node.labels \
+            or old.attestation_type != node.attestation_type
+        if relabelled:
+            self._index_labels(spiffe_id, old, node)
         if node is None:
             self.nodes.pop(spiffe_id, None)
             self._set_membership(spiffe_id, set())
+            self._node_selected.pop(spiffe_id, None)
             self.resume.forget(spiffe_id)
         else:
             self.nodes[spiffe_id] = node
             self._set_membership(spiffe_id, self._aliases_of(node))
+            # A label change recomputes this node alone, against the entries sharing a label.
+            # (A renewal, which rewrites the record with the same labels, costs nothing here.)
+            reselected = self._reselect(spiffe_id) if relabelled else set()
             if old is None or old.selectors != node.selectors:
                 self.resume.restart(spiffe_id, revision)
+            else:
+                for entry_id in sorted(reselected):
+                    self.resume.record((spiffe_id,), revision, entry_id)
         return {spiffe_id}
 
     def changed_since(self, agent: str, revision: int) -> set[str] | None:
@@ -153,12 +236,19 @@ class AuthorizedIndex:
         ids = set(self._by_parent.get(agent, ()))
         for alias in self._node_aliases.get(agent, ()):
             ids |= self._by_parent.get(alias, set())
+        ids |= self._node_selected.get(agent, set())
         return [self.entries[i] for i in sorted(ids)]
+
+    def reached_by(self, entry_id: str) -> list[str]:
+        """The agents a node-selector entry currently reaches (for `entry show`)."""
+        return sorted(a for a, ids in self._node_selected.items() if entry_id in ids)
 
     def is_authorized(self, agent: str, entry_id: str) -> bool:
         entry = self.entries.get(entry_id)
         if entry is None:
             return False
+        if entry.node_selector:
+            return entry_id in self._node_selected.get(agent, ())
         parent = str(entry.parent_id)
         return parent == agent or parent in self._node_aliases.get(agent, ())
 

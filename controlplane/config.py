@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from trustmesh.controlplane.store.etcd import SCHEMES as ETCD_SCHEMES
 from trustmesh.controlplane.store.etcd import EtcdSecurity
 from trustmesh.hostport import join_host_port, split_host_port
+from trustmesh.labels import CertLabel, LabelError, parse_cert_label
 from trustmesh.options import (
     COUNT,
     DURATION,
@@ -53,6 +54,16 @@ def _webhook(value: object) -> str:
 
 
 WEBHOOK_URL = Parser("URL", _webhook)
+
+
+def _cert_label(value: object) -> CertLabel:
+    try:
+        return parse_cert_label(str(value).strip())
+    except LabelError as err:
+        raise ValueError(str(err)) from err
+
+
+CERT_LABEL = Parser("KEY=SOURCE", _cert_label)
 
 
 def oidc_issuer_problem(url: str) -> str | None:
@@ -133,6 +144,11 @@ class ServerConfig:
     x509pop_ca: Path | None = option(
         "PEM file of CA certificates that node certificates chain to, enabling x509pop node attestation",
         PATH, default=None)
+    x509pop_label: tuple[CertLabel, ...] = option(
+        "a node label taken from the x509pop node certificate at each attestation: KEY=subject:ATTR (ATTR: CN, "
+        "O, OU, L, ST, C, serialNumber) or KEY=san-uri-prefix:PREFIX (what follows PREFIX in a SAN URI), e.g. "
+        "zone=subject:OU; repeatable. The certificate owns these keys: absent there, the label is removed",
+        CERT_LABEL, default=(), repeat=True)
     metrics: str | None = option("host:port to serve Prometheus metrics on (default off)", LISTEN_ADDRESS, default=None)
     replica_id: str = option(
         "this replica's name in the CA journal, logs and leader election; unique per running process "

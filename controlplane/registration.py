@@ -11,7 +11,7 @@ import hashlib
 import re
 import secrets
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, Protocol
@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from trustmesh.clip import SHOWN, clip, shown
 from trustmesh.controlplane.config import MAX_JWT_TTL, MAX_X509_TTL, MIN_JWT_TTL, MIN_X509_TTL
 from trustmesh.controlplane.store.records import AttestedNode as AttestedNode  # re-exported: the API's values
-from trustmesh.controlplane.store.records import JoinToken
+from trustmesh.controlplane.store.records import JoinToken, label_pairs
 from trustmesh.controlplane.store.records import NodeStatus as NodeStatus  # likewise
 from trustmesh.controlplane.store.records import RegistrationEntry as RegistrationEntry  # likewise
 from trustmesh.dnsname import InvalidDnsNameError, dns_name_covers, normalize_dns_name
@@ -32,6 +32,7 @@ from trustmesh.errors import (
     NotFoundError,
     TrustmeshError,
 )
+from trustmesh.labels import LabelError, check_key, check_labels, parse_assignments
 from trustmesh.naming import agent_id, is_reserved, node_name_of, server_dns_name, server_id
 from trustmesh.selectors import InvalidSelectorError, Selector, parse_selectors
 from trustmesh.spiffeid import SpiffeId, TrustDomain
@@ -124,6 +125,8 @@ class EntrySpec:
     dns_names: Sequence[str] = ()
     federates_with: Sequence[str] = ()
     admin: bool = False
+    # key=value labels a node must all carry (`--node-selector`), instead of one parent node.
+    node_selector: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -138,14 +141,20 @@ class CheckedEntry:
     dns_names: tuple[str, ...]
     federates_with: tuple[TrustDomain, ...]  # de-duplicated and sorted by name
     admin: bool
+    node_selector: tuple[tuple[str, str], ...] = ()  # sorted pairs; empty = by parent
 
     def as_spec(self) -> EntrySpec:
         return EntrySpec(
             spiffe_id=str(self.spiffe_id), parent_id=str(self.parent_id),
             selectors=tuple(str(s) for s in self.selectors), x509_ttl=self.x509_ttl, jwt_ttl=self.jwt_ttl,
             dns_names=self.dns_names, federates_with=tuple(td.name for td in self.federates_with),
-            admin=self.admin,
+            admin=self.admin, node_selector=tuple(f"{k}={v}" for k, v in self.node_selector),
         )
+
+
+def node_selector_parent(td: TrustDomain) -> SpiffeId:
+    """The parent every node-selector entry has: no agent's, and not an alias (reserved)."""
+    return SpiffeId.from_parts(td, "trustmesh", "node-selector")
 
 
 def validate_entry(spec: EntrySpec, td: TrustDomain) -> EntrySpec:
@@ -173,6 +182,19 @@ def check_entry(spec: EntrySpec, td: TrustDomain) -> CheckedEntry:
         raise InvalidArgumentError(f"--spiffe-id {sid} has no path; name a workload, e.g. spiffe://{td}/ledger")
     if is_reserved(sid):
         raise InvalidArgumentError(f"--spiffe-id {sid} is reserved for trustmesh agents, servers and operators")
+    node_selector: tuple[tuple[str, str], ...] = ()
+    if spec.node_selector:
+        if len(spec.node_selector) > MAX_SELECTORS:
+            raise InvalidArgumentError(f"at most {MAX_SELECTORS} --node-selector labels per entry")
+        try:
+            node_selector = label_pairs(parse_assignments(spec.node_selector, allow_reserved=True))
+        except LabelError as err:
+            raise InvalidArgumentError(f"--node-selector: {err}") from err
+        if spec.parent_id and spec.parent_id != str(node_selector_parent(td)):
+            raise InvalidArgumentError("give either --node (or --parent-id) or --node-selector, not both")
+        spec = replace(spec, parent_id=str(node_selector_parent(td)))
+    elif spec.parent_id == str(node_selector_parent(td)):
+        raise InvalidArgumentError(f"--parent-id {spec.parent_id} is only for entries with a --node-selector")
     parent = spiffe_id_arg(spec.parent_id, "--parent-id")
     if parent.trust_domain != td:
         raise InvalidArgumentError(f"--parent-id {parent} is not in trust domain {td}")
@@ -181,7 +203,7 @@ def check_entry(spec: EntrySpec, td: TrustDomain) -> CheckedEntry:
     if parent.is_trust_domain_id:
         raise InvalidArgumentError(
             f"--parent-id {parent} has no path; use an agent ID (--node NAME) or a node alias")
-    if parent != server_id(td) and node_name_of(parent) is None and is_reserved(parent):
+    if parent not in (server_id(td), node_selector_parent(td)) and node_name_of(parent) is None and is_reserved(parent):
         raise InvalidArgumentError(f"--parent-id {parent} is reserved; use an agent ID (--node NAME) or a node alias")
     if not spec.selectors:
         raise InvalidArgumentError("at least one --selector is required, e.g. --selector unix:uid:1000")
@@ -211,7 +233,7 @@ def check_entry(spec: EntrySpec, td: TrustDomain) -> CheckedEntry:
         spiffe_id=sid, parent_id=parent, selectors=selectors,
         x509_ttl=_ttl(spec.x509_ttl, MIN_X509_TTL, MAX_X509_TTL, "--x509-ttl"),
         jwt_ttl=_ttl(spec.jwt_ttl, MIN_JWT_TTL, MAX_JWT_TTL, "--jwt-ttl"),
-        dns_names=dns, federates_with=tuple(sorted(federated)), admin=spec.admin,
+        dns_names=dns, federates_with=tuple(sorted(federated)), admin=spec.admin, node_selector=node_selector,
     )
 
 
@@ -310,7 +332,7 @@ class Registry:
                 id=uuid.uuid4().hex, spiffe_id=clean.spiffe_id, parent_id=clean.parent_id,
                 selectors=clean.selectors, x509_ttl=clean.x509_ttl, jwt_ttl=clean.jwt_ttl,
                 dns_names=clean.dns_names, federates_with=clean.federates_with,
-                admin=clean.admin, created_at=now, updated_at=now,
+                admin=clean.admin, created_at=now, updated_at=now, node_selector=clean.node_selector,
             )
             # One transaction writes the entry and its uniqueness claim, or neither.
             created = await self._store.create_entry(entry)
@@ -319,7 +341,7 @@ class Registry:
             raise
         await self._audit("entry.create", actor, str(created.spiffe_id), entry_id=created.id,
                           parent_id=str(created.parent_id), selectors=[str(s) for s in created.selectors],
-                          admin=created.admin)
+                          admin=created.admin, **_selector_detail(created))
         return created
 
     async def update_entry(self, entry_id: str, spec: EntrySpec, actor: str,
@@ -333,6 +355,7 @@ class Registry:
                 current, spiffe_id=clean.spiffe_id, parent_id=clean.parent_id, selectors=clean.selectors,
                 x509_ttl=clean.x509_ttl, jwt_ttl=clean.jwt_ttl, dns_names=clean.dns_names,
                 federates_with=clean.federates_with, admin=clean.admin, updated_at=self._clock(),
+                node_selector=clean.node_selector,
             )
             result = await self._store.update_entry(updated, expected_revision=expected_revision or None)
         except TrustmeshError as err:
@@ -340,7 +363,7 @@ class Registry:
             raise
         await self._audit("entry.update", actor, str(result.spiffe_id), entry_id=entry_id,
                           parent_id=str(result.parent_id), selectors=[str(s) for s in result.selectors],
-                          admin=result.admin)
+                          admin=result.admin, **_selector_detail(result))
         return result
 
     async def delete_entry(self, entry_id: str, actor: str, expected_revision: int | None = None) -> RegistrationEntry:
@@ -460,6 +483,44 @@ class Registry:
         await self._audit("agent.evict", actor, agent, node_name=node.node_name, cert_serial=node.cert_serial)
         return node
 
+    async def label_agent(self, text: str, set_labels: Mapping[str, str], remove: Sequence[str],
+                          actor: str) -> tuple[AttestedNode, bool]:
+        """Set and remove labels on an attested node; True when they changed. Node selectors
+        see the change on the store's feed: an agent whose node lost a label is sent the
+        withdrawal of the entries it no longer matches and cannot renew their SVIDs."""
+        try:
+            agent = self.resolve_agent(text)
+            if not set_labels and not remove:
+                raise InvalidArgumentError("give at least one key=value to set or one key to remove")
+            try:
+                wanted = check_labels(set_labels)
+                gone = {check_key(k) for k in remove}
+            except LabelError as err:
+                raise InvalidArgumentError(str(err)) from err
+            if both := sorted(gone & set(wanted)):
+                raise InvalidArgumentError(f"label key {both[0]!r} is both set and removed; give it once")
+            for _ in range(_BAN_RETRIES):
+                node = await self._require_node(agent)
+                old = dict(node.labels)
+                new = {k: v for k, v in {**old, **wanted}.items() if k not in gone}
+                if new == old:
+                    await self._audit("agent.label", actor, agent, unchanged=True, labels=new)
+                    return node, False
+                try:
+                    labelled = await self._store.update_attested_node(
+                        replace(node, labels=label_pairs(new), updated_at=self._clock()),
+                        expected_revision=node.revision or None)
+                except ConflictError:
+                    continue  # the agent renewed meanwhile: label the record as it is now
+                break
+            else:
+                raise ConflictError(f"agent {agent} kept changing while being labelled; run the command again")
+        except TrustmeshError as err:
+            await self._refused("agent.label", actor, text, err)
+            raise
+        await self._audit("agent.label", actor, agent, node_name=labelled.node_name, old_labels=old, labels=new)
+        return labelled, True
+
     async def clear_agent(self, text: str, actor: str) -> tuple[AttestedNode, bool]:
         """Clear a suspected-clone mark once the operator has checked the node (clones.py sets
         it); True when there was one. The agent was never cut off by the mark itself, so
@@ -487,3 +548,8 @@ class Registry:
         await self._audit("agent.clear", actor, agent, node_name=cleared.node_name, previous_status=str(node.status),
                           previous_reason=node.status_reason)
         return cleared, True
+
+
+def _selector_detail(entry: RegistrationEntry) -> dict[str, Any]:
+    """The node selector for an entry's audit event, when it has one."""
+    return {"node_selector": dict(entry.node_selector)} if entry.node_selector else {}

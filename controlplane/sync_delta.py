@@ -93,10 +93,11 @@ class AgentState:
 def agent_state(entries: Sequence[RegistrationEntry], *, own_bundle: types_pb2.Bundle,
                 federated: Mapping[str, Bundle],
                 policy: Policy, revoked_serials: frozenset[str], revision: int,
-                http_routes: bool = True) -> AgentState:
+                http_routes: bool = True, time_windows: bool = True) -> AgentState:
     """The state of an agent authorized for `entries`: our own bundle and the stored bundle of
     every trust domain they federate with, and the allowlists deciding for their destinations
-    (without route rules for an agent that cannot enforce them: `http_routes` False)."""
+    (without route rules for an agent that cannot enforce them: `http_routes` False; without
+    rules that have time windows for one that cannot evaluate those: `time_windows` False)."""
     bundles = {own_bundle.trust_domain: own_bundle}
     for td in sorted({td.name for e in entries for td in e.federates_with}):
         stored = federated.get(td)
@@ -105,6 +106,8 @@ def agent_state(entries: Sequence[RegistrationEntry], *, own_bundle: types_pb2.B
     compiled = policy.for_destinations([e.spiffe_id for e in entries])
     if not http_routes:
         compiled = compiled.without_routes()
+    if not time_windows:
+        compiled = compiled.without_windows()
     return AgentState(entries, bundles, policy_to_pb(replace(compiled, revoked_serials=revoked_serials)), revision)
 
 

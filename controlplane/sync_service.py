@@ -63,9 +63,10 @@ class SyncStream:
     """One agent's open sync stream: wait for a change, re-check the agent, send the delta."""
 
     def __init__(self, service: SyncService, peer: PresentedSvid, node: AttestedNode, not_after: float,
-                 http_routes: bool = True) -> None:
+                 http_routes: bool = True, time_windows: bool = True) -> None:
         self._service = service
         self._http_routes = http_routes  # the agent enforces route rules (it said so: SyncRequest.features)
+        self._time_windows = time_windows  # ... and rules' time windows
         self._view = service.view
         self.peer = peer
         self._opened = node
@@ -84,7 +85,7 @@ class SyncStream:
     def start(self, since: int, bundle_sequences: Mapping[str, int]) -> list[node_pb2.SyncResponse]:
         """The first messages: a delta when the agent can resume from `since`, else a snapshot."""
         view = self._view
-        state = self._service.state_for(self.peer.id, self._http_routes)
+        state = self._service.state_for(self.peer.id, self._http_routes, self._time_windows)
         changed = view.changed_since(self.peer.id, since) if 0 < since <= state.revision else None
         begun = sync_delta.start(state, since=since, changed=changed,
                                  known_trust_domains=set(view.federated_bundles) | view.deleted_bundles,
@@ -113,7 +114,7 @@ class SyncStream:
             keepalive = True
         self.wake.clear()
         self._service.guard.recheck_stream(self.peer, self._opened)
-        state = self._service.state_for(self.peer.id, self._http_routes)
+        state = self._service.state_for(self.peer.id, self._http_routes, self._time_windows)
         messages, self._sent = sync_delta.next_delta(state, self._sent, keepalive=keepalive)
         for message in messages:
             revision = sync_delta.delivered_policy_revision(message)
@@ -148,19 +149,19 @@ class SyncService:
             self._own, self._own_until = bundle_to_pb(self.trust_bundle()), now + OWN_BUNDLE_SECONDS
         return self._own
 
-    def state_for(self, agent: str, http_routes: bool = True) -> sync_delta.AgentState:
+    def state_for(self, agent: str, http_routes: bool = True, time_windows: bool = True) -> sync_delta.AgentState:
         view = self.view
         return sync_delta.agent_state(view.authorized_for(agent), own_bundle=self._own_bundle(),
                                       federated=view.federated_bundles, policy=view.policy,
                                       revoked_serials=view.revoked_serials, revision=view.revision,
-                                      http_routes=http_routes)
+                                      http_routes=http_routes, time_windows=time_windows)
 
     @contextmanager
     def open(self, peer: PresentedSvid, node: AttestedNode, not_after: float, *,
-             http_routes: bool = True) -> Iterator[SyncStream]:
+             http_routes: bool = True, time_windows: bool = True) -> Iterator[SyncStream]:
         """A stream for an authenticated agent, woken by the view until the block ends."""
         with self.guard.streaming(peer):
-            stream = SyncStream(self, peer, node, not_after, http_routes)
+            stream = SyncStream(self, peer, node, not_after, http_routes, time_windows)
             self._streams[peer.id].add(stream)
             self._gauge.inc()
             try:

@@ -329,7 +329,7 @@ def main() -> int:
     env = {**os.environ, "TRUSTMESH_ADMIN_SOCKET": str(work / "server" / "admin.sock"),
            "PYTHONPATH": str(ROOT)}
     procs: list[subprocess.Popen[bytes]] = []
-    step = Step(total=18)
+    step = Step(total=19)
     ports: dict[str, int] = {}
     echo_port = start_echo()
     core_port = start_legacy_core()
@@ -453,6 +453,22 @@ def main() -> int:
                                                "--to", f"spiffe://{TRUST_DOMAIN}/ledger", "--port",
                                                str(ports["ledger"])), capture_output=True, text=True, env=env)
             say(f"why: {verdict.stdout.strip()}")
+
+        with step("time windows: the nightly settlement window closes at 02:00 London time"):
+            nightly = work / "settlement.yaml"
+            nightly.write_text(POLICY.format(td=TRUST_DOMAIN, port=ports["ledger"], rules=(
+                f"    - from: spiffe://{TRUST_DOMAIN}/ns/batch/settlement\n"
+                '      when: {days: [mon, tue, wed, thu, fri], hours: "22:00-02:00", timezone: Europe/London}\n')))
+            say(cli("policy", "lint", str(nightly)))
+            # Friday night's window, on the Saturday morning it ends (GMT); `policy test --at`
+            # decides as the agents do at that instant, so no one waits for 02:00.
+            for moment in ("2027-01-09T01:59:00Z", "2027-01-09T02:00:00Z"):
+                verdict = subprocess.run(trustmesh(
+                    "policy", "test", str(nightly), "--from", f"spiffe://{TRUST_DOMAIN}/ns/batch/settlement",
+                    "--to", f"spiffe://{TRUST_DOMAIN}/ledger", "--port", str(ports["ledger"]), "--at", moment),
+                    capture_output=True, text=True, env=env)
+                say(f"Saturday {moment[11:16]} London: {verdict.stdout.strip()}")
+            say("an open connection is cut when its window closes, as when a rule expires")
 
         with step("people are identities too: two operators enroll (password + TOTP) and log in"):
             alice = Person("alice", work, env, admin_bind, login_bind)

@@ -39,7 +39,8 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 # The longest test files, started first: with `--dist loadfile` a worker takes the next file
 # when it is free, so a long file collected last would run alone at the end while the other
 # workers idle (CI's wall time). Order within a file is kept.
-LONG_FILES = ("test_bench.py", "test_ha.py", "test_demo.py", "test_agent.py", "test_operators.py",
+# test_windows.py waits for a wall-clock minute boundary (windows have minute resolution).
+LONG_FILES = ("test_bench.py", "test_ha.py", "test_demo.py", "test_windows.py", "test_agent.py", "test_operators.py",
               "test_federation.py", "test_console_browser.py", "test_console_api.py", "test_flows.py",
               "test_quarantine.py", "test_detection.py", "test_admin_cli.py", "test_access.py")
 

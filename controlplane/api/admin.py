@@ -160,6 +160,13 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         node, cleared = await self._domain.registry.clear_agent(request.spiffe_id, actor)
         return admin_pb2.ClearAgentResponse(agent=node_to_pb(node), cleared=cleared)
 
+    async def LabelAgent(self, request: admin_pb2.LabelAgentRequest,
+                         context: grpc.aio.ServicerContext) -> admin_pb2.LabelAgentResponse:
+        actor = current_caller().id
+        node, changed = await self._domain.registry.label_agent(
+            request.spiffe_id, dict(request.set), list(request.remove), actor)
+        return admin_pb2.LabelAgentResponse(agent=node_to_pb(node), changed=changed)
+
     async def GetBundle(self, request: admin_pb2.GetBundleRequest,
                         context: grpc.aio.ServicerContext) -> admin_pb2.GetBundleResponse:
         found = await self._domain.federation.bundle(request.trust_domain)

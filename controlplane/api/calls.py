@@ -163,6 +163,8 @@ CALLS: Mapping[str, Rule] = MappingProxyType({
     "/trustmesh.v1.Admin/BanAgent": SECURITY_STEP_UP,
     "/trustmesh.v1.Admin/EvictAgent": SECURITY,
     "/trustmesh.v1.Admin/ClearAgent": SECURITY,
+    # Labels decide where node-selector entries are issued: the same power as creating entries.
+    "/trustmesh.v1.Admin/LabelAgent": ADMINS,
     "/trustmesh.v1.Admin/GetBundle": LISTINGS,
     "/trustmesh.v1.Admin/ListFederationRelationships": LISTINGS,
     "/trustmesh.v1.Admin/CreateFederationRelationship": ADMINS,

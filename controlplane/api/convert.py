@@ -36,6 +36,7 @@ def entry_to_pb(entry: RegistrationEntry) -> types_pb2.Entry:
         dns_names=list(entry.dns_names), federates_with=[td.name for td in entry.federates_with],
         admin=entry.admin, revision=entry.revision,
         created_at=int(entry.created_at), updated_at=int(entry.updated_at),
+        node_selector=dict(entry.node_selector),
     )
 
 
@@ -51,6 +52,7 @@ def node_to_pb(node: AttestedNode, delivered_revision: int | None = None) -> typ
         status_changed_at=int(node.status_at), renewed_from=node.renewed_from,
         permissive_listeners=list(node.permissive_listeners),
         connected=delivered_revision is not None, policy_revision=delivered_revision or 0,
+        labels=node.effective_labels,
     )
 
 
@@ -119,6 +121,7 @@ def entry_spec_from_pb(entry: types_pb2.Entry) -> EntrySpec:
         selectors=[selector_text(s) for s in entry.selectors],
         x509_ttl=entry.x509_ttl_seconds, jwt_ttl=entry.jwt_ttl_seconds,
         dns_names=list(entry.dns_names), federates_with=list(entry.federates_with), admin=entry.admin,
+        node_selector=tuple(f"{k}={v}" for k, v in sorted(entry.node_selector.items())),
     )
 
 

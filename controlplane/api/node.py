@@ -34,7 +34,7 @@ from trustmesh.controlplane.registry_view import RegistryView
 from trustmesh.controlplane.sync_service import SyncService
 from trustmesh.errors import CAError
 from trustmesh.naming import agent_id
-from trustmesh.policy.wire import HTTP_ROUTES
+from trustmesh.policy.wire import HTTP_ROUTES, TIME_WINDOWS
 from trustmesh.x509svid import X509Svid
 
 ATTEST_STEP_TIMEOUT = 30.0
@@ -130,8 +130,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             await self._view.node_written(updated)
             node = updated
         # An agent that does not say it enforces route rules is sent none (it would read each
-        # as allowing every request).
-        with self._sync.open(peer, node, peer.not_after, http_routes=HTTP_ROUTES in request.features) as stream:
+        # as allowing every request); likewise rules with time windows (as allowing at all times).
+        with self._sync.open(peer, node, peer.not_after, http_routes=HTTP_ROUTES in request.features,
+                             time_windows=TIME_WINDOWS in request.features) as stream:
             for message in stream.start(request.since_revision, dict(request.bundle_sequences)):
                 yield message
             while True:

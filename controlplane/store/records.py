@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from trustmesh.errors import InvalidSpiffeIdError, StoreError
 from trustmesh.flows import DECISIONS, Flow
+from trustmesh.labels import effective_labels
 from trustmesh.selectors import Selector
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 
@@ -151,6 +152,9 @@ class RegistrationEntry:
     created_at: float
     updated_at: float
     revision: int = 0  # the store's mod_revision, filled on read; 0 = not read from a store
+    # Node labels an agent's node must all carry for the entry to be issued there (sorted
+    # key/value pairs); empty = the entry goes by its parent alone (see trustmesh/labels.py).
+    node_selector: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> bytes:
         return _dump(
@@ -167,6 +171,8 @@ class RegistrationEntry:
                 "admin": self.admin,
                 "created_at": self.created_at,
                 "updated_at": self.updated_at,
+                # Written only when set, so entries without one keep the bytes earlier versions wrote.
+                **({"node_selector": dict(self.node_selector)} if self.node_selector else {}),
             },
         )
 
@@ -187,6 +193,7 @@ class RegistrationEntry:
             created_at=float(_field(k, o, "created_at", _NUMBER)),
             updated_at=float(_field(k, o, "updated_at", _NUMBER)),
             revision=revision,
+            node_selector=_label_pairs(k, o, "node_selector"),
         )
 
 
@@ -232,6 +239,14 @@ class AttestedNode:
     superseded: tuple[SupersededSvid, ...] = ()
     # Inbound listeners the agent says it runs with `mtls: permissive` ("service listen").
     permissive_listeners: tuple[str, ...] = ()
+    # Labels an operator set (`trustmesh agent label`) or the server derived from attestation
+    # evidence, as sorted key/value pairs; never from the agent's own configuration.
+    labels: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def effective_labels(self) -> dict[str, str]:
+        """The labels node selectors match: the stored ones and attestation=<type>."""
+        return effective_labels(dict(self.labels), self.attestation_type)
 
     def to_json(self) -> bytes:
         fields: dict[str, Any] = {
@@ -254,6 +269,8 @@ class AttestedNode:
             fields["superseded"] = [{"serial": s.serial, "not_after": s.not_after} for s in self.superseded]
         if self.permissive_listeners:
             fields["permissive_listeners"] = list(self.permissive_listeners)
+        if self.labels:
+            fields["labels"] = dict(self.labels)
         return _dump("node", fields)
 
     @classmethod
@@ -278,7 +295,23 @@ class AttestedNode:
             renewed_at=float(_optional(k, o, "renewed_at", _NUMBER, 0.0)),
             superseded=_superseded(k, o),
             permissive_listeners=_strings(k, o, "permissive_listeners") if "permissive_listeners" in o else (),
+            labels=_label_pairs(k, o, "labels"),
         )
+
+
+def label_pairs(labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """Labels as records hold them: sorted pairs, so equal label sets compare equal."""
+    return tuple(sorted(labels.items()))
+
+
+def _label_pairs(kind: str, obj: dict[str, Any], name: str) -> tuple[tuple[str, str], ...]:
+    """A key=value map field added later: absent in older records (no labels)."""
+    if name not in obj:
+        return ()
+    value = _field(kind, obj, name, dict)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise RecordFormatError(f"stored {kind} record field {name!r} must map strings to strings")
+    return label_pairs(value)
 
 
 def _optional(kind: str, obj: dict[str, Any], name: str, want: type | tuple[type, ...], default: Any) -> Any:

@@ -22,6 +22,11 @@ def test_demo_runs_end_to_end_and_stops_everything() -> None:
     assert "payments -> ledger over mTLS: ALLOWED" in out
     assert "frontend -> ledger: DENIED" in out
     assert "connection closed within" in out
+    # A time window closing: Friday night's settlement window ends at 02:00 London time.
+    assert "Saturday 01:59 London: ALLOW  ledger-access allow[0]" in out
+    assert "Saturday 02:00 London: DENY  default deny: no active rule allows " \
+           "spiffe://example.org/ns/batch/settlement; ledger-access allow[0] outside window mon-fri 22:00-02:00 " \
+           "Europe/London" in out
     # Just-in-time access: requested by alice, refused to her, approved by bob, used, lapsed.
     assert "alice: logged in as spiffe://example.org/operator/alice" in out
     assert "alice approves her own: trustmesh: error:" in out and "someone else must approve" in out
@@ -48,7 +53,7 @@ def test_demo_runs_end_to_end_and_stops_everything() -> None:
     # `trustmesh check` at the end: every check passes on the demo's mesh.
     assert "√ agents connected: 2 of 2 connected" in out and "checks passed" in out and "× " not in out
     assert "√ OIDC discovery reachable: https://127.0.0.1:" in out
-    # Step 18: the CA keys of a second control plane, seen in the token by OpenSC's own tool.
+    # Step 19: the CA keys of a second control plane, seen in the token by OpenSC's own tool.
     assert "root " in out and "key in the HSM, not in the store" in out
     assert "2 private keys, sensitive, always sensitive, never extractable" in out
     assert out.rstrip().endswith("demo finished; everything stopped.")

@@ -42,7 +42,7 @@ def _sample(decl: Option) -> Any:
         return decl.parser.choices[-1]
     return {"HOST:PORT": "10.1.2.3:4567", "DURATION": "90s", "PATH": "/etc/trustmesh/x.pem",
             "TEXT": "some-text", "URL": "https://hooks.example/alerts", "N": "3", "TRUST_DOMAIN": "example.org",
-            "LIST": SERVICES}[decl.parser.metavar]
+            "LIST": SERVICES, "KEY=SOURCE": "zone=subject:OU"}[decl.parser.metavar]
 
 
 # Options that only make sense with certain values (an etcd URL; a retention of whole hours).

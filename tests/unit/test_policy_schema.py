@@ -121,6 +121,8 @@ PATTERN_SAMPLES = [
     "/health", "/health\n", "/a/", "/*", "/a/*", "/a/./b", "/a%2Fb", "/a%20b", "/a%20b%c3", "/a;b", "/a/b*", "/",
     "GET", "get", "GET\n", "X-CUSTOM_1", "2026-12-31T00:00:00Z", "2026-12-31T00:00:00Z\n", "2026-12-31T00:00:00+01:00",
     "2026-12-31", "", "é",
+    "08:00-19:00", "08:00-08:00", "22:00-02:00", "00:00-24:00", "24:00-01:00", "08:00-19:00\n", "Europe/London",
+    "America/Argentina/Buenos_Aires", "Etc/GMT+5", "../etc", "Europe/London\n",
 ]
 
 
@@ -318,7 +320,9 @@ def test_an_impossible_timestamp_is_a_problem_not_a_crash() -> None:
 
 # --- generated documents: the schema accepts exactly what the loader accepts -------------------
 
-LOADER_ONLY = ("duplicates spec.allow[",)  # the one per-document check a schema cannot express
+# The per-document checks a schema cannot express: a rule or window repeated (equal windows can
+# be written differently), and a well-formed zone name missing from the tz database.
+LOADER_ONLY = ("duplicates spec.allow[", "unknown time zone")
 
 _td = st.sampled_from(["example.org", "partner.example", "td", "a-b_c.d"])
 _segment = st.sampled_from(["payments", "ns", "batch", "a.b", "x-y_z", "..x", "V1"])
@@ -345,6 +349,21 @@ _fuzzy_time = (st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2
                | st.sampled_from(["2031-01-01T00:00:00", "2031-02-30T00:00:00Z", "2031-01-01T24:00:00Z", "2031",
                                   "2031-01-01 00:00:00Z", "2031-01-01T00:00:00+24:00", "20310101T000000Z",
                                   "2031-01-01t00:00:00z", "2031-01-01T00:00:00Z\n"]))
+_DAY_NAMES = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+_valid_hours = st.builds(lambda a, b: f"{a // 60:02d}:{a % 60:02d}-{b // 60:02d}:{b % 60:02d}",
+                         st.integers(0, 1439), st.integers(0, 1440)).filter(lambda h: h[:5] != h[6:]) \
+    | st.sampled_from(["08:00-19:00", "22:00-02:00", "00:00-24:00"])
+_valid_zone = st.sampled_from(["Europe/London", "America/New_York", "UTC", "Etc/GMT+5", "Asia/Kolkata",
+                               "America/Argentina/Buenos_Aires", "Europe/Nowhere"])  # the last: loader-only
+_window_st = st.fixed_dictionaries({"hours": _valid_hours, "timezone": _valid_zone},
+                                   optional={"days": st.lists(st.sampled_from(_DAY_NAMES), min_size=1, max_size=7,
+                                                              unique=True)})
+_fuzzy_hours = st.sampled_from(["8:00-19:00", "08:00-08:00", "24:00-01:00", "08:60-09:00", "08:00-24:01", "08:00",
+                                "08:00-19:00\n", "０8:00-19:00", "23:59-00:00", "00:00-24:00", ""]) | st.text(
+    alphabet="0123456789:-", max_size=11)
+_fuzzy_zone = st.sampled_from(["europe/london", "Europe/London/", "../etc/passwd", "/UTC", "Mars/Base", "UTC ", "",
+                               "Etc/GMT+5", "EST5EDT", "a/b/c/d/e", "Europe//London"])
+_fuzzy_days = st.sampled_from([["mon", "mon"], ["Mon"], ["monday"], [], "mon", [1], ["sun", "sat"]])
 _scalar = (st.none() | st.booleans() | st.integers(-3, 70000) | st.floats(allow_nan=True, allow_infinity=True)
            | st.text(max_size=8) | st.lists(st.integers(0, 3), max_size=2)
            | st.dictionaries(st.sampled_from(["k", "from"]), st.integers(0, 3), max_size=1)
@@ -354,11 +373,14 @@ _FAULTS: dict[str, st.SearchStrategy[Any]] = {
     "methods": _fuzzy_method, "expires": _fuzzy_time, "ports": st.integers(-1, 65537) | st.floats(0, 70000),
     "above": st.floats(-0.5, 1.5) | st.integers(-1, 2) | st.booleans(), "name": st.text(max_size=130),
     "detectors": st.sampled_from(["sweep", "*", "bogus", "Sweep"]),
+    "hours": _fuzzy_hours, "timezone": _fuzzy_zone, "days": _fuzzy_days,
+    "when": st.sampled_from([[], {}, "08:00-19:00", [{}]]),
 }
 
 _rule_st = st.fixed_dictionaries({"from": _valid_id}, optional={
     "expires": _valid_time, "methods": st.lists(_valid_method, min_size=1, max_size=3, unique=True),
-    "paths": st.lists(_valid_path, min_size=1, max_size=3, unique=True)})
+    "paths": st.lists(_valid_path, min_size=1, max_size=3, unique=True),
+    "when": _window_st | st.lists(_window_st, min_size=1, max_size=3)})
 _allowlist = st.fixed_dictionaries({
     "apiVersion": st.just("trustmesh/v1"), "kind": st.just("Allowlist"),
     "metadata": st.fixed_dictionaries({"name": st.text(min_size=1, max_size=4)},

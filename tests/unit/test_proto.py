@@ -295,7 +295,7 @@ def test_node_service() -> None:
 ADMIN_RPCS = {
     "CreateEntry", "GetEntry", "ListEntries", "UpdateEntry", "DeleteEntry",
     "CreateJoinToken",
-    "ListAgents", "BanAgent", "EvictAgent", "ClearAgent",
+    "ListAgents", "BanAgent", "EvictAgent", "ClearAgent", "LabelAgent",
     "GetBundle", "ListFederationRelationships", "CreateFederationRelationship",
     "DeleteFederationRelationship", "RefreshFederatedBundle",
     "ApplyPolicy", "DiffPolicy", "GetPolicy", "ListPolicyRevisions", "RollbackPolicy",

@@ -13,6 +13,7 @@ from trustmesh.cli.admin_client import TIMEOUT, add_socket_flag, call, message_d
 from trustmesh.cli.agent_run_cmd import add_run_subcommand
 from trustmesh.cli.config import show_help
 from trustmesh.clock import format_utc
+from trustmesh.labels import LabelError, format_labels, parse_assignments
 
 EXAMPLES = """\
 examples:
@@ -20,6 +21,8 @@ examples:
   trustmesh agent ban node-7                               (same as spiffe://<td>/agent/node-7)
   trustmesh agent evict spiffe://example.org/agent/node-3  (the host was replaced; it may join again)
   trustmesh agent clear node-4                             (its suspected-clone mark was checked: a false alarm)
+  trustmesh agent label node-7 zone=cde                    (entries with --node-selector zone=cde reach it)
+  trustmesh agent unlabel node-7 zone                      (they are withdrawn from it)
 """
 
 # The status column and the JSON "status" field: a ban first, then what the server concluded.
@@ -48,10 +51,10 @@ def _list(args: argparse.Namespace) -> int:
     if not reply.agents:
         print("no attested agents")
         return 0
-    rows = [("AGENT", "NODE", "ATTESTATION", "SVID EXPIRES", "STATUS", "PERMISSIVE")]
+    rows = [("AGENT", "NODE", "ATTESTATION", "SVID EXPIRES", "STATUS", "PERMISSIVE", "LABELS")]
     for a in reply.agents:
         rows.append((a.spiffe_id, a.node_name, a.attestation_type, format_utc(a.cert_not_after), status_of(a),
-                     str(len(a.permissive_listeners)) if a.permissive_listeners else "-"))
+                     str(len(a.permissive_listeners)) if a.permissive_listeners else "-", _labels_text(a)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -64,6 +67,34 @@ def _list(args: argparse.Namespace) -> int:
             name = a.node_name
             print(f"\n{name}: suspected clone since {format_utc(a.status_changed_at)}: {a.status_reason}; "
                   f"ban it (`trustmesh agent ban {name}`) or, once checked, `trustmesh agent clear {name}`")
+    return 0
+
+
+def _labels_text(agent: types_pb2.AttestedNode) -> str:
+    # attestation=<type> is in the ATTESTATION column already.
+    shown = {k: v for k, v in agent.labels.items() if k != "attestation"}
+    return format_labels(shown) if shown else "-"
+
+
+def _label(args: argparse.Namespace) -> int:
+    try:
+        wanted = parse_assignments(args.labels)
+    except LabelError as err:
+        raise SystemExit(f"trustmesh agent label: {err}") from err
+    return _relabel(args, admin_pb2.LabelAgentRequest(spiffe_id=args.agent, set=wanted))
+
+
+def _unlabel(args: argparse.Namespace) -> int:
+    return _relabel(args, admin_pb2.LabelAgentRequest(spiffe_id=args.agent, remove=args.keys))
+
+
+def _relabel(args: argparse.Namespace, request: admin_pb2.LabelAgentRequest) -> int:
+    reply = call(args, lambda s: s.LabelAgent(request, timeout=TIMEOUT))
+    labels = format_labels(dict(reply.agent.labels))
+    if reply.changed:
+        print(f"{reply.agent.spiffe_id} labels: {labels}")
+    else:
+        print(f"{reply.agent.spiffe_id} labels unchanged: {labels}")
     return 0
 
 
@@ -130,4 +161,24 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                        help="the agent's SPIFFE ID (spiffe://<td>/agent/NODE) or just its node name")
         add_socket_flag(p)
         p.set_defaults(func=func)
+
+    described = ("Labels say where a node is (zone=cde); entries created with --node-selector are issued only "
+                 "to agents on nodes carrying all their labels, and withdrawn from a node that loses one. Only "
+                 "the control plane sets labels (never the agent's configuration); each change is audited. The "
+                 "key 'attestation' is the server's (attestation=join_token|x509pop).")
+    p = sub.add_parser("label", help="set labels on an attested node", description=described,
+                       epilog="examples:\n  trustmesh agent label node-7 zone=cde\n"
+                              "  trustmesh agent label node-7 zone=cde bank.example/rack=r12",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("agent", metavar="AGENT_ID", help="the agent's SPIFFE ID or just its node name")
+    p.add_argument("labels", metavar="KEY=VALUE", nargs="+", help="labels to set (a key already set is replaced)")
+    add_socket_flag(p)
+    p.set_defaults(func=_label)
+    p = sub.add_parser("unlabel", help="remove labels from an attested node", description=described,
+                       epilog="example:\n  trustmesh agent unlabel node-7 zone",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("agent", metavar="AGENT_ID", help="the agent's SPIFFE ID or just its node name")
+    p.add_argument("keys", metavar="KEY", nargs="+", help="label keys to remove")
+    add_socket_flag(p)
+    p.set_defaults(func=_unlabel)
     agent.set_defaults(func=show_help(agent))

@@ -18,6 +18,8 @@ from trustmesh.cli.config import show_help
 from trustmesh.clock import format_utc
 from trustmesh.duration import format_duration, parse_duration
 from trustmesh.errors import TrustmeshError
+from trustmesh.labels import LabelError, format_labels, parse_assignments
+from trustmesh.labels import matches as labels_match
 from trustmesh.naming import agent_id
 from trustmesh.selectors import InvalidSelectorError, Selector
 from trustmesh.spiffeid import TrustDomain
@@ -34,6 +36,8 @@ examples:
       --selector unix:uid:1001 --x509-ttl 30m --dns-name ledger.internal
   trustmesh entry create --spiffe-id spiffe://example.org/batch --parent-id spiffe://example.org/agent/node-2 \\
       --selector unix:user:batch --selector unix:path:/usr/local/bin/batch
+  trustmesh entry create --spiffe-id spiffe://example.org/card-vault --node-selector zone=cde \
+      --selector unix:user:vault                              (only on nodes labelled zone=cde)
   trustmesh entry list --node node-1
   trustmesh entry show 3f2a9c…
   trustmesh entry update 3f2a9c… --selector unix:uid:1002       (selectors given replace all of them)
@@ -91,12 +95,23 @@ def _ttl(seconds: int) -> str:
     return format_duration(timedelta(seconds=seconds)) if seconds else "default"
 
 
+def _node_selector(args: argparse.Namespace) -> dict[str, str]:
+    try:
+        return parse_assignments(args.node_selector or [], allow_reserved=True)
+    except LabelError as err:
+        raise EntryArgsError(f"--node-selector: {err}") from err
+
+
 def _create(args: argparse.Namespace) -> int:
-    parent = _parent(args, required=True)
+    node_selector = _node_selector(args)
+    if node_selector and (args.node or args.parent_id):
+        raise EntryArgsError("give either --node (or --parent-id) or --node-selector, not both")
+    parent = "" if node_selector else _parent(args, required=True)
     entry = types_pb2.Entry(
         spiffe_id=args.spiffe_id, parent_id=parent, selectors=_selectors(args.selector or []),
         x509_ttl_seconds=_seconds(args.x509_ttl, "--x509-ttl"), jwt_ttl_seconds=_seconds(args.jwt_ttl, "--jwt-ttl"),
         dns_names=args.dns_name or [], federates_with=args.federates_with or [], admin=args.admin,
+        node_selector=node_selector,
     )
     reply = call(args, lambda s: s.CreateEntry(admin_pb2.CreateEntryRequest(entry=entry), timeout=TIMEOUT))
     print(reply.entry.id)  # only the id, so scripts can capture it
@@ -138,8 +153,17 @@ def _list(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     reply = call(args, lambda s: s.GetEntry(admin_pb2.GetEntryRequest(id=args.id), timeout=TIMEOUT))
     e = reply.entry
+    reaches: list[str] | None = None
+    if e.node_selector:
+        # Which nodes the selector reaches now: the labels the server holds for each agent.
+        agents = call(args, lambda s: s.ListAgents(admin_pb2.ListAgentsRequest(), timeout=TIMEOUT)).agents
+        reaches = sorted(a.spiffe_id for a in agents
+                         if not a.banned and labels_match(dict(e.node_selector), dict(a.labels)))
     if args.json:
-        print_json(message_dict(e))
+        data = message_dict(e)
+        if reaches is not None:
+            data["reaches"] = reaches
+        print_json(data)
         return 0
     lines: list[tuple[str, Any]] = [
         ("id", e.id), ("spiffe id", e.spiffe_id), ("parent id", e.parent_id),
@@ -149,6 +173,9 @@ def _show(args: argparse.Namespace) -> int:
         ("admin", "yes" if e.admin else "no"), ("revision", e.revision),
         ("created", format_utc(e.created_at)), ("updated", format_utc(e.updated_at)),
     ]
+    if reaches is not None:
+        lines[3:3] = [("node selector", format_labels(dict(e.node_selector))),
+                      ("reaches", ", ".join(reaches) or "no node yet (none carries all these labels)")]
     for key, value in lines:
         print(f"{key + ':':16} {value}")
     return 0
@@ -160,9 +187,17 @@ def _update(args: argparse.Namespace) -> int:
     entry.CopyFrom(current)
     if args.spiffe_id:
         entry.spiffe_id = args.spiffe_id
+    node_selector = _node_selector(args)
+    if node_selector and (args.node or args.parent_id):
+        raise EntryArgsError("give either --node (or --parent-id) or --node-selector, not both")
     parent = _parent(args, required=False)
-    if parent:
+    if parent:  # a node instead of a selector
         entry.parent_id = parent
+        entry.node_selector.clear()
+    if node_selector:  # a selector instead of a node: the server sets the parent
+        entry.parent_id = ""
+        entry.node_selector.clear()
+        entry.node_selector.update(node_selector)
     if args.selector:
         del entry.selectors[:]
         entry.selectors.extend(_selectors(args.selector))
@@ -202,6 +237,9 @@ def _entry_flags(p: argparse.ArgumentParser, *, create: bool) -> None:
                    help="the node whose agent may hand out this identity (parent spiffe://<td>/agent/NAME)")
     p.add_argument("--parent-id", metavar="ID",
                    help="the parent SPIFFE ID instead of --node: an agent ID, or a node alias of the trust domain")
+    p.add_argument("--node-selector", action="append", metavar="KEY=VALUE",
+                   help="instead of --node: issue on every node carrying all these labels (repeatable; "
+                        "`trustmesh agent label`), e.g. zone=cde" + replaces)
     p.add_argument("--selector", action="append", metavar="TYPE:VALUE", help=SELECTOR_HELP + replaces)
     p.add_argument("--x509-ttl", metavar="DURATION",
                    help="X.509-SVID lifetime, 1s to 30d, e.g. 30m (default: the server's --default-x509-ttl; "

@@ -23,6 +23,7 @@ from trustmesh.policy.responses import ResponseDocument, ResponsePolicy, load_re
 from trustmesh.policy.responses import to_document as response_document
 from trustmesh.policy.routes import STANDARD_METHODS, PathPattern, check_method
 from trustmesh.policy.strict_yaml import describe, load_all_strict
+from trustmesh.policy.windows import MAX_WINDOWS_PER_RULE, WINDOW_KEYS, WINDOW_SHAPE, TimeWindow, check_window
 
 _T = TypeVar("_T")
 
@@ -32,7 +33,7 @@ KINDS = (KIND, RESPONSE_KIND)
 TOP_KEYS = {"apiVersion", "kind", "metadata", "spec"}
 META_KEYS = {"name", "owner"}
 SPEC_KEYS = {"destination", "ports", "mode", "allow"}
-RULE_KEYS = {"from", "expires", "methods", "paths"}
+RULE_KEYS = {"from", "expires", "methods", "paths", "when"}
 MAX_FILE_BYTES = 1024 * 1024  # one policy file
 MAX_REVISION_BYTES = 3 * 1024 * 1024  # every file of a revision together: under gRPC's 4 MiB message limit
 MAX_ALLOWLISTS_PER_FILE = 1000
@@ -203,6 +204,50 @@ def _rule_paths(raw: dict[str, Any], where: str, doc: _Doc) -> tuple[PathPattern
                         '["/transactions/*", "/health"]', PathPattern.parse)
 
 
+def _rule_windows(raw: dict[str, Any], where: str, doc: _Doc) -> tuple[TimeWindow, ...] | None:
+    """A rule's `when`: one window or a list of them (any one holding allows); () when absent,
+    None after reporting every problem with its field name."""
+    if "when" not in raw:
+        return ()
+    value, field = raw["when"], f"{where}.when"
+    if isinstance(value, dict):
+        window = _window(value, field, doc)
+        return None if window is None else (window,)
+    if not isinstance(value, list) or not value:
+        doc.problem(field, f"must be a window {WINDOW_SHAPE} or a non-empty list of them; leave it out to allow "
+                           "at every time")
+        return None
+    if len(value) > MAX_WINDOWS_PER_RULE:
+        doc.problem(field, f"{len(value)} windows, above the limit of {MAX_WINDOWS_PER_RULE} "
+                           "(MAX_WINDOWS_PER_RULE); split the rule")
+        return None
+    windows: list[TimeWindow] = []
+    ok = True
+    for j, item in enumerate(value):
+        window = _window(item, f"{field}[{j}]", doc)
+        if window is None:
+            ok = False
+            continue
+        if window in windows:
+            # "duplicates", as for rules: equal windows may be written differently (days in
+            # another order, every day spelled out), which only the loader can see.
+            doc.problem(f"{field}[{j}]", f"duplicates {field}[{windows.index(window)}] ({window})")
+            ok = False
+            continue
+        windows.append(window)
+    return tuple(windows) if ok else None
+
+
+def _window(raw: object, field: str, doc: _Doc) -> TimeWindow | None:
+    """One window of a rule's `when`, or None after reporting each problem on its own field."""
+    if isinstance(raw, dict):
+        doc.unknown(raw, WINDOW_KEYS, field)
+    window, problems = check_window(raw)
+    for below, message in problems:
+        doc.problem(field + below, message)
+    return window
+
+
 def _load_allowlist(raw: dict[str, Any], doc: _Doc, name: str, owner: str, now: datetime,
                     reject_expired: bool) -> Allowlist | None:
     spec = raw.get("spec")
@@ -248,7 +293,7 @@ def _load_allowlist(raw: dict[str, Any], doc: _Doc, name: str, owner: str, now: 
         raw_rules = []
     # Two rules for one source are fine when their routes differ (GET on /a, POST on /b);
     # the same source, methods and paths twice is a mistake (order within a list does not matter).
-    seen: dict[tuple[str, frozenset[str], frozenset[PathPattern]], int] = {}
+    seen: dict[tuple[str, frozenset[str], frozenset[PathPattern], frozenset[TimeWindow]], int] = {}
     for i, rule in enumerate(raw_rules):
         where = f"spec.allow[{i}]"
         if not isinstance(rule, dict):
@@ -262,6 +307,7 @@ def _load_allowlist(raw: dict[str, Any], doc: _Doc, name: str, owner: str, now: 
             doc.problem(f"{where}.from", str(err))
         # Every field is checked even when one fails, so one run shows every problem.
         methods, paths = _rule_methods(rule, where, doc), _rule_paths(rule, where, doc)
+        windows = _rule_windows(rule, where, doc)
         expires, expires_ok = None, True
         if "expires" in rule:
             try:
@@ -275,14 +321,15 @@ def _load_allowlist(raw: dict[str, Any], doc: _Doc, name: str, owner: str, now: 
                 elif expires <= now:
                     doc.warning(f"{where}.expires", f"expired at {expires:%Y-%m-%dT%H:%M:%SZ}: the rule no longer "
                                                     "matches (and a new apply refuses it); remove the rule")
-        if source is None or methods is None or paths is None or not expires_ok:
+        if source is None or methods is None or paths is None or windows is None or not expires_ok:
             continue
-        key = (str(source), frozenset(methods), frozenset(paths))
+        key = (str(source), frozenset(methods), frozenset(paths), frozenset(windows))
         if key in seen:
             same = ", the same methods and paths" if methods or paths else ""
+            same += ", the same windows" if windows else ""
             doc.problem(f"{where}.from", f"duplicates spec.allow[{seen[key]}] ({source}{same})")
         seen[key] = i
-        rules.append(AllowRule(source, expires, methods, paths))
+        rules.append(AllowRule(source, expires, methods, paths, windows))
     if destination is None or mode not in MODES or not name:
         return None
     return Allowlist(name=name, destination=destination, allow=tuple(rules), ports=tuple(ports),
@@ -414,6 +461,9 @@ def allow_rule_to_dict(rule: AllowRule) -> dict[str, object]:
         item["paths"] = [str(p) for p in rule.paths]
     if rule.expires:
         item["expires"] = rule.expires.isoformat().replace("+00:00", "Z")
+    if rule.windows:
+        # One window as a mapping, as most documents write it; several as a list.
+        item["when"] = rule.windows[0].to_dict() if len(rule.windows) == 1 else [w.to_dict() for w in rule.windows]
     return item
 
 

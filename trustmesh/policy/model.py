@@ -23,6 +23,7 @@ from trustmesh.policy.routes import ANY_PATH, HttpRequest, PathPattern, route_la
 # Defined in routes.py (which this module imports) so both raise the one class; re-exported:
 # the rest of trustmesh imports it from here.
 from trustmesh.policy.routes import PolicyError as PolicyError
+from trustmesh.policy.windows import TimeWindow, windows_text
 from trustmesh.spiffeid import SpiffeId, TrustDomain
 
 Mode = Literal["enforce", "audit"]
@@ -89,6 +90,8 @@ class AllowRule:
     expires: datetime | None = None
     methods: tuple[str, ...] = ()
     paths: tuple[PathPattern, ...] = ()
+    # When the rule allows (windows.py): any one window holding; () = at every time.
+    windows: tuple[TimeWindow, ...] = ()
     # `methods` as a set, built once: covers() runs for every request.
     _methods: frozenset[str] = field(init=False, repr=False, compare=False)
 
@@ -97,6 +100,9 @@ class AllowRule:
 
     def active(self, at: datetime) -> bool:
         return self.expires is None or at < self.expires
+
+    def in_window(self, at: datetime) -> bool:
+        return not self.windows or any(w.holds(at) for w in self.windows)
 
     @property
     def routed(self) -> bool:
@@ -181,19 +187,24 @@ class Policy:
         return None
 
     def decide(self, source: SpiffeId, destination: SpiffeId, port: int | None, at: datetime, *,
-               node: SpiffeId | None = None, request: HttpRequest | None = None) -> Decision:
+               node: SpiffeId | None = None, request: HttpRequest | None = None,
+               window_at: datetime | None = None) -> Decision:
         """Allow or deny source -> destination:port at `at`: a connection, or with `request` one
         HTTP request on it (its path already normalised). `node` is the deciding agent's own ID:
         a node in quarantine refuses every connection its listeners see.
 
         No reason ever holds the request's path (403 bodies and logs carry reasons, and paths
-        can hold account numbers); the route label holds the matching pattern only."""
+        can hold account numbers); the route label holds the matching pattern only.
+
+        `window_at` (default `at`) is the time rules' windows are evaluated at: a replay of
+        past flows asks about each flow's time of day while expiry is still judged at `at`."""
         refused = self.in_quarantine(source, destination, node)
         if refused is not None:
             # Before any allowlist: no rule, not even audit mode, lets it through.
             return refused if request is None else replace(refused, route=self._route(request, None))
         covering = [a for a in self.allowlists if a.covers(destination, port)]
         expired_match = ""
+        window_miss = ""  # the first rule that would allow, but not at this time of day
         route_miss = ""  # the first active rule naming the source whose route does not cover this
         for allowlist in covering:
             for index, rule in enumerate(allowlist.allow):
@@ -204,17 +215,22 @@ class Policy:
                     if not route_miss and rule.active(at):
                         route_miss = f"{allowlist.name} allow[{index}]"
                     continue
-                if rule.active(at):
+                if rule.active(at) and not rule.in_window(window_at or at):
+                    window_miss = window_miss or f"{allowlist.name} allow[{index}] outside {windows_text(rule.windows)}"
+                elif rule.active(at):
                     return Decision(True, f"{allowlist.name} allow[{index}]",
                                     f"{source} is allowed by {allowlist.name} (from {rule.source})",
                                     route="" if request is None else self._route(request, pattern))
-                expired_match = f"{allowlist.name} allow[{index}] expired at {rule.expires:%Y-%m-%dT%H:%M:%SZ}"
+                else:
+                    expired_match = f"{allowlist.name} allow[{index}] expired at {rule.expires:%Y-%m-%dT%H:%M:%SZ}"
         route = "" if request is None else self._route(request, None)
         audit = next((a for a in covering if a.mode == "audit"), None)
         if audit is not None:
             return Decision(True, f"{audit.name} (audit mode)",
                             f"audit mode: enforce would deny {source} -> {destination}", audit_only=True, route=route)
-        if expired_match:
+        if window_miss:
+            reason = f"no active rule allows {source}; {window_miss}"
+        elif expired_match:
             reason = f"no active rule allows {source}; {expired_match}"
         elif route_miss and request is None:
             # A tcp listener cannot check a route, so the rule never allows there: say where it can.
@@ -248,6 +264,15 @@ class Policy:
         if not any(r.routed for a in self.allowlists for r in a.allow):
             return self
         kept = tuple(replace(a, allow=tuple(r for r in a.allow if not r.routed)) for a in self.allowlists)
+        return replace(self, allowlists=kept)
+
+    def without_windows(self) -> Policy:
+        """This policy with every rule that has time windows left out: what an agent that cannot
+        enforce windows is sent, so it denies what only those rules allow (fail closed), where
+        keeping them would have it allow at every time of day."""
+        if not any(r.windows for a in self.allowlists for r in a.allow):
+            return self
+        kept = tuple(replace(a, allow=tuple(r for r in a.allow if not r.windows)) for a in self.allowlists)
         return replace(self, allowlists=kept)
 
     def for_destinations(self, destinations: list[SpiffeId]) -> Policy:

@@ -16,7 +16,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timezone
 
 from trustmesh.clock import format_utc
 from trustmesh.errors import InvalidSpiffeIdError
@@ -190,6 +190,10 @@ def route_request(route: str) -> HttpRequest | None:
     return HttpRequest(method, pattern[:-1] if pattern.endswith("/*") else pattern)
 
 
+def _utc(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, timezone.utc)
+
+
 def simulate(candidate: Policy, flows: Iterable[Flow], at: datetime) -> Simulation:
     """Replay observed flows against `candidate` as if it were enforced."""
     relevant: dict[str, Policy] = {}
@@ -214,14 +218,22 @@ def simulate(candidate: Policy, flows: Iterable[Flow], at: datetime) -> Simulati
         if flow.destination not in relevant:  # each destination's allowlists, found once
             relevant[flow.destination] = candidate.for_destinations([destination])
         request = route_request(flow.route)
-        decision = relevant[flow.destination].decide(source, destination, flow.port, at, request=request)
+        # Expiry is judged at `at` (would it deny from now on); time windows at the flow's own time
+        # of day, at both ends of its span, since a window may have closed between them.
+        window_at = _utc(flow.first_seen)
+        decision = relevant[flow.destination].decide(source, destination, flow.port, at, request=request,
+                                                     window_at=window_at)
+        if decision.allowed and flow.last_seen != flow.first_seen:
+            window_at = _utc(flow.last_seen)
+            decision = relevant[flow.destination].decide(source, destination, flow.port, at, request=request,
+                                                         window_at=window_at)
         really_allowed = decision.allowed and not decision.audit_only
         if really_allowed:
             used.add(decision.rule)
         if flow.decision in WENT_THROUGH and not really_allowed:
             # The reason enforcement would give (audit mode only postpones it).
             enforced = _enforced(relevant[flow.destination]).decide(source, destination, flow.port, at,
-                                                                    request=request)
+                                                                    request=request, window_at=window_at)
             note = " (an audit-mode allowlist lets it through until enforced)" if decision.audit_only else ""
             would_deny.append(Refused(flow, enforced.rule, enforced.reason + note))
         elif flow.decision == "deny" and really_allowed:

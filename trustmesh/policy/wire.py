@@ -16,11 +16,14 @@ from datetime import datetime, timezone
 from trustmesh._proto.trustmesh.v1 import types_pb2
 from trustmesh.policy.model import Allowlist, AllowRule, IdPattern, Mode, Policy, PolicyError
 from trustmesh.policy.routes import PathPattern, check_method
+from trustmesh.policy.windows import TimeWindow
 
 MAX_COMPILED_POLICY_BYTES = 1024 * 1024
 # What an agent says it enforces (SyncRequest.features): allow rules with methods and paths.
 # The server sends route rules only to agents that say so.
 HTTP_ROUTES = "http_routes"
+# ... and allow rules with time windows (`when`): rules with windows go only to agents that say so.
+TIME_WINDOWS = "time_windows"
 
 _MODES = {"enforce": types_pb2.POLICY_MODE_ENFORCE, "audit": types_pb2.POLICY_MODE_AUDIT}
 
@@ -49,7 +52,11 @@ def policy_to_pb(policy: Policy) -> types_pb2.CompiledPolicy:
             owner=allowlist.owner,
             allow=[types_pb2.AllowedSource(id=_id_text(r.source), is_prefix=r.source.is_prefix,
                                            expires_at=int(r.expires.timestamp()) if r.expires else 0,
-                                           methods=r.methods, paths=[str(p) for p in r.paths])
+                                           methods=r.methods, paths=[str(p) for p in r.paths],
+                                           windows=[types_pb2.TimeWindow(days=w.days, start_minute=w.start,
+                                                                         end_minute=w.end,
+                                                                         timezone=w.timezone)
+                                                    for w in r.windows])
                    for r in allowlist.allow],
         ))
     return types_pb2.CompiledPolicy(revision=policy.revision, rules=rules,
@@ -76,8 +83,15 @@ def _allow_rule(allowlist: str, index: int, item: types_pb2.AllowedSource) -> Al
     except PolicyError as err:
         raise PolicyError(f"compiled policy: {allowlist} allow[{index}] has a route this agent cannot use: {err}; "
                           "is the server newer than this agent?") from err
+    # Likewise a window this agent cannot evaluate (a zone missing from its tz database)
+    # refuses the policy: dropping it would allow at every time.
+    try:
+        windows = tuple(TimeWindow(w.days, w.start_minute, w.end_minute, w.timezone) for w in item.windows)
+    except PolicyError as err:
+        raise PolicyError(f"compiled policy: {allowlist} allow[{index}] has a time window this agent cannot use: "
+                          f"{err}; install tzdata on this node or update it") from err
     expires = datetime.fromtimestamp(item.expires_at, timezone.utc) if item.expires_at else None
-    return AllowRule(_pattern(item.id, item.is_prefix), expires, methods, paths)
+    return AllowRule(_pattern(item.id, item.is_prefix), expires, methods, paths, windows)
 
 
 def policy_from_pb(message: types_pb2.CompiledPolicy) -> Policy:

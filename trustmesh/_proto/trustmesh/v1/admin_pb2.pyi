@@ -183,6 +183,31 @@ class ClearAgentResponse(_message.Message):
     cleared: bool
     def __init__(self, agent: _Optional[_Union[_types_pb2.AttestedNode, _Mapping]] = ..., cleared: _Optional[bool] = ...) -> None: ...
 
+class LabelAgentRequest(_message.Message):
+    __slots__ = ("spiffe_id", "set", "remove")
+    class SetEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    SET_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    spiffe_id: str
+    set: _containers.ScalarMap[str, str]
+    remove: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, spiffe_id: _Optional[str] = ..., set: _Optional[_Mapping[str, str]] = ..., remove: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LabelAgentResponse(_message.Message):
+    __slots__ = ("agent", "changed")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    agent: _types_pb2.AttestedNode
+    changed: bool
+    def __init__(self, agent: _Optional[_Union[_types_pb2.AttestedNode, _Mapping]] = ..., changed: _Optional[bool] = ...) -> None: ...
+
 class GetBundleRequest(_message.Message):
     __slots__ = ("trust_domain",)
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]

@@ -85,6 +85,11 @@ class AdminStub:
                 request_serializer=trustmesh_dot_v1_dot_admin__pb2.ClearAgentRequest.SerializeToString,
                 response_deserializer=trustmesh_dot_v1_dot_admin__pb2.ClearAgentResponse.FromString,
                 _registered_method=True)
+        self.LabelAgent = channel.unary_unary(
+                '/trustmesh.v1.Admin/LabelAgent',
+                request_serializer=trustmesh_dot_v1_dot_admin__pb2.LabelAgentRequest.SerializeToString,
+                response_deserializer=trustmesh_dot_v1_dot_admin__pb2.LabelAgentResponse.FromString,
+                _registered_method=True)
         self.GetBundle = channel.unary_unary(
                 '/trustmesh.v1.Admin/GetBundle',
                 request_serializer=trustmesh_dot_v1_dot_admin__pb2.GetBundleRequest.SerializeToString,
@@ -337,6 +342,14 @@ class AdminServicer:
     def ClearAgent(self, request, context):
         """Clears a suspected-clone mark (after the operator checked the node); the
         agent keeps working. A ban is not cleared: it is for good.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LabelAgent(self, request, context):
+        """Sets and removes labels on an attested node (audited). The key "attestation"
+        is the server's and cannot be changed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -652,6 +665,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ClearAgent,
                     request_deserializer=trustmesh_dot_v1_dot_admin__pb2.ClearAgentRequest.FromString,
                     response_serializer=trustmesh_dot_v1_dot_admin__pb2.ClearAgentResponse.SerializeToString,
+            ),
+            'LabelAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.LabelAgent,
+                    request_deserializer=trustmesh_dot_v1_dot_admin__pb2.LabelAgentRequest.FromString,
+                    response_serializer=trustmesh_dot_v1_dot_admin__pb2.LabelAgentResponse.SerializeToString,
             ),
             'GetBundle': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBundle,
@@ -1109,6 +1127,33 @@ class Admin:
             '/trustmesh.v1.Admin/ClearAgent',
             trustmesh_dot_v1_dot_admin__pb2.ClearAgentRequest.SerializeToString,
             trustmesh_dot_v1_dot_admin__pb2.ClearAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LabelAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustmesh.v1.Admin/LabelAgent',
+            trustmesh_dot_v1_dot_admin__pb2.LabelAgentRequest.SerializeToString,
+            trustmesh_dot_v1_dot_admin__pb2.LabelAgentResponse.FromString,
             options,
             channel_credentials,
             insecure,

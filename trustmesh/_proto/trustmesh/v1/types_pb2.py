@@ -25,33 +25,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18trustmesh/v1/types.proto\x12\x0ctrustmesh.v1\"\'\n\x08Selector\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x99\x02\n\x05\x45ntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x11\n\tparent_id\x18\x03 \x01(\t\x12)\n\tselectors\x18\x04 \x03(\x0b\x32\x16.trustmesh.v1.Selector\x12\x18\n\x10x509_ttl_seconds\x18\x05 \x01(\x03\x12\x17\n\x0fjwt_ttl_seconds\x18\x06 \x01(\x03\x12\x11\n\tdns_names\x18\x07 \x03(\t\x12\x16\n\x0e\x66\x65\x64\x65rates_with\x18\x08 \x03(\t\x12\r\n\x05\x61\x64min\x18\t \x01(\x08\x12\x10\n\x08revision\x18\n \x01(\x03\x12\x0c\n\x04hint\x18\x0b \x01(\t\x12\x12\n\ncreated_at\x18\x0c \x01(\x03\x12\x12\n\nupdated_at\x18\r \x01(\x03\"F\n\x0cJwtAuthority\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"\xa4\x01\n\x06\x42undle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x18\n\x10x509_authorities\x18\x02 \x03(\x0c\x12\x33\n\x0fjwt_authorities\x18\x03 \x03(\x0b\x32\x1a.trustmesh.v1.JwtAuthority\x12\x1c\n\x14refresh_hint_seconds\x18\x04 \x01(\x03\x12\x17\n\x0fsequence_number\x18\x05 \x01(\x03\"b\n\rAllowedSource\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tis_prefix\x18\x02 \x01(\x08\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12\x0f\n\x07methods\x18\x04 \x03(\t\x12\r\n\x05paths\x18\x05 \x03(\t\"\xd9\x01\n\nPolicyRule\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x1d\n\x15\x64\x65stination_is_prefix\x18\x02 \x01(\x08\x12\r\n\x05ports\x18\x03 \x03(\r\x12&\n\x04mode\x18\x04 \x01(\x0e\x32\x18.trustmesh.v1.PolicyMode\x12*\n\x05\x61llow\x18\x05 \x03(\x0b\x32\x1b.trustmesh.v1.AllowedSource\x12\x11\n\tallowlist\x18\x06 \x01(\t\x12\r\n\x05owner\x18\x07 \x01(\t\x12\x12\n\nrule_index\x18\x08 \x01(\x05\"y\n\x0e\x43ompiledPolicy\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\'\n\x05rules\x18\x02 \x03(\x0b\x32\x18.trustmesh.v1.PolicyRule\x12\x17\n\x0frevoked_serials\x18\x03 \x03(\t\x12\x13\n\x0bquarantined\x18\x04 \x03(\t\"\xad\x03\n\x0c\x41ttestedNode\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12\x18\n\x10\x61ttestation_type\x18\x03 \x01(\t\x12\x13\n\x0b\x63\x65rt_serial\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x65rt_not_after\x18\x05 \x01(\x03\x12\x0e\n\x06\x62\x61nned\x18\x06 \x01(\x08\x12\x12\n\ncreated_at\x18\x07 \x01(\x03\x12\x12\n\nupdated_at\x18\x08 \x01(\x03\x12)\n\tselectors\x18\t \x03(\x0b\x32\x16.trustmesh.v1.Selector\x12\x10\n\x08revision\x18\n \x01(\x03\x12)\n\x06status\x18\x0b \x01(\x0e\x32\x19.trustmesh.v1.AgentStatus\x12\x15\n\rstatus_reason\x18\x0c \x01(\t\x12\x19\n\x11status_changed_at\x18\r \x01(\x03\x12\x14\n\x0crenewed_from\x18\x0e \x01(\t\x12\x1c\n\x14permissive_listeners\x18\x0f \x03(\t\x12\x11\n\tconnected\x18\x10 \x01(\x08\x12\x17\n\x0fpolicy_revision\x18\x11 \x01(\x03\"\x9d\x01\n\nAuditEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0c\n\x04time\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x0f\n\x07outcome\x18\x06 \x01(\t\x12\x14\n\x0c\x64\x65tails_json\x18\x07 \x01(\t\x12\x11\n\tprev_hash\x18\x08 \x01(\t\x12\x0c\n\x04hash\x18\t \x01(\t*Y\n\nPolicyMode\x12\x1b\n\x17POLICY_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13POLICY_MODE_ENFORCE\x10\x01\x12\x15\n\x11POLICY_MODE_AUDIT\x10\x02*f\n\x0b\x41gentStatus\x12\x1c\n\x18\x41GENT_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41GENT_STATUS_ACTIVE\x10\x01\x12 \n\x1c\x41GENT_STATUS_SUSPECTED_CLONE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18trustmesh/v1/types.proto\x12\x0ctrustmesh.v1\"\'\n\x08Selector\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x8c\x03\n\x05\x45ntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x11\n\tparent_id\x18\x03 \x01(\t\x12)\n\tselectors\x18\x04 \x03(\x0b\x32\x16.trustmesh.v1.Selector\x12\x18\n\x10x509_ttl_seconds\x18\x05 \x01(\x03\x12\x17\n\x0fjwt_ttl_seconds\x18\x06 \x01(\x03\x12\x11\n\tdns_names\x18\x07 \x03(\t\x12\x16\n\x0e\x66\x65\x64\x65rates_with\x18\x08 \x03(\t\x12\r\n\x05\x61\x64min\x18\t \x01(\x08\x12\x10\n\x08revision\x18\n \x01(\x03\x12\x0c\n\x04hint\x18\x0b \x01(\t\x12\x12\n\ncreated_at\x18\x0c \x01(\x03\x12\x12\n\nupdated_at\x18\r \x01(\x03\x12<\n\rnode_selector\x18\x0e \x03(\x0b\x32%.trustmesh.v1.Entry.NodeSelectorEntry\x1a\x33\n\x11NodeSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"F\n\x0cJwtAuthority\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"\xa4\x01\n\x06\x42undle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x18\n\x10x509_authorities\x18\x02 \x03(\x0c\x12\x33\n\x0fjwt_authorities\x18\x03 \x03(\x0b\x32\x1a.trustmesh.v1.JwtAuthority\x12\x1c\n\x14refresh_hint_seconds\x18\x04 \x01(\x03\x12\x17\n\x0fsequence_number\x18\x05 \x01(\x03\"\x8d\x01\n\rAllowedSource\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tis_prefix\x18\x02 \x01(\x08\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12\x0f\n\x07methods\x18\x04 \x03(\t\x12\r\n\x05paths\x18\x05 \x03(\t\x12)\n\x07windows\x18\x06 \x03(\x0b\x32\x18.trustmesh.v1.TimeWindow\"V\n\nTimeWindow\x12\x0c\n\x04\x64\x61ys\x18\x01 \x01(\r\x12\x14\n\x0cstart_minute\x18\x02 \x01(\r\x12\x12\n\nend_minute\x18\x03 \x01(\r\x12\x10\n\x08timezone\x18\x04 \x01(\t\"\xd9\x01\n\nPolicyRule\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x1d\n\x15\x64\x65stination_is_prefix\x18\x02 \x01(\x08\x12\r\n\x05ports\x18\x03 \x03(\r\x12&\n\x04mode\x18\x04 \x01(\x0e\x32\x18.trustmesh.v1.PolicyMode\x12*\n\x05\x61llow\x18\x05 \x03(\x0b\x32\x1b.trustmesh.v1.AllowedSource\x12\x11\n\tallowlist\x18\x06 \x01(\t\x12\r\n\x05owner\x18\x07 \x01(\t\x12\x12\n\nrule_index\x18\x08 \x01(\x05\"y\n\x0e\x43ompiledPolicy\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\'\n\x05rules\x18\x02 \x03(\x0b\x32\x18.trustmesh.v1.PolicyRule\x12\x17\n\x0frevoked_serials\x18\x03 \x03(\t\x12\x13\n\x0bquarantined\x18\x04 \x03(\t\"\x94\x04\n\x0c\x41ttestedNode\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12\x18\n\x10\x61ttestation_type\x18\x03 \x01(\t\x12\x13\n\x0b\x63\x65rt_serial\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x65rt_not_after\x18\x05 \x01(\x03\x12\x0e\n\x06\x62\x61nned\x18\x06 \x01(\x08\x12\x12\n\ncreated_at\x18\x07 \x01(\x03\x12\x12\n\nupdated_at\x18\x08 \x01(\x03\x12)\n\tselectors\x18\t \x03(\x0b\x32\x16.trustmesh.v1.Selector\x12\x10\n\x08revision\x18\n \x01(\x03\x12)\n\x06status\x18\x0b \x01(\x0e\x32\x19.trustmesh.v1.AgentStatus\x12\x15\n\rstatus_reason\x18\x0c \x01(\t\x12\x19\n\x11status_changed_at\x18\r \x01(\x03\x12\x14\n\x0crenewed_from\x18\x0e \x01(\t\x12\x1c\n\x14permissive_listeners\x18\x0f \x03(\t\x12\x11\n\tconnected\x18\x10 \x01(\x08\x12\x17\n\x0fpolicy_revision\x18\x11 \x01(\x03\x12\x36\n\x06labels\x18\x12 \x03(\x0b\x32&.trustmesh.v1.AttestedNode.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9d\x01\n\nAuditEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0c\n\x04time\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x0f\n\x07outcome\x18\x06 \x01(\t\x12\x14\n\x0c\x64\x65tails_json\x18\x07 \x01(\t\x12\x11\n\tprev_hash\x18\x08 \x01(\t\x12\x0c\n\x04hash\x18\t \x01(\t*Y\n\nPolicyMode\x12\x1b\n\x17POLICY_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13POLICY_MODE_ENFORCE\x10\x01\x12\x15\n\x11POLICY_MODE_AUDIT\x10\x02*f\n\x0b\x41gentStatus\x12\x1c\n\x18\x41GENT_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41GENT_STATUS_ACTIVE\x10\x01\x12 \n\x1c\x41GENT_STATUS_SUSPECTED_CLONE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'trustmesh._proto.trustmesh.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_POLICYMODE']._serialized_start=1641
-  _globals['_POLICYMODE']._serialized_end=1730
-  _globals['_AGENTSTATUS']._serialized_start=1732
-  _globals['_AGENTSTATUS']._serialized_end=1834
+  _globals['_ENTRY_NODESELECTORENTRY']._loaded_options = None
+  _globals['_ENTRY_NODESELECTORENTRY']._serialized_options = b'8\001'
+  _globals['_ATTESTEDNODE_LABELSENTRY']._loaded_options = None
+  _globals['_ATTESTEDNODE_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_POLICYMODE']._serialized_start=1991
+  _globals['_POLICYMODE']._serialized_end=2080
+  _globals['_AGENTSTATUS']._serialized_start=2082
+  _globals['_AGENTSTATUS']._serialized_end=2184
   _globals['_SELECTOR']._serialized_start=42
   _globals['_SELECTOR']._serialized_end=81
   _globals['_ENTRY']._serialized_start=84
-  _globals['_ENTRY']._serialized_end=365
-  _globals['_JWTAUTHORITY']._serialized_start=367
-  _globals['_JWTAUTHORITY']._serialized_end=437
-  _globals['_BUNDLE']._serialized_start=440
-  _globals['_BUNDLE']._serialized_end=604
-  _globals['_ALLOWEDSOURCE']._serialized_start=606
-  _globals['_ALLOWEDSOURCE']._serialized_end=704
-  _globals['_POLICYRULE']._serialized_start=707
-  _globals['_POLICYRULE']._serialized_end=924
-  _globals['_COMPILEDPOLICY']._serialized_start=926
-  _globals['_COMPILEDPOLICY']._serialized_end=1047
-  _globals['_ATTESTEDNODE']._serialized_start=1050
-  _globals['_ATTESTEDNODE']._serialized_end=1479
-  _globals['_AUDITEVENT']._serialized_start=1482
-  _globals['_AUDITEVENT']._serialized_end=1639
+  _globals['_ENTRY']._serialized_end=480
+  _globals['_ENTRY_NODESELECTORENTRY']._serialized_start=429
+  _globals['_ENTRY_NODESELECTORENTRY']._serialized_end=480
+  _globals['_JWTAUTHORITY']._serialized_start=482
+  _globals['_JWTAUTHORITY']._serialized_end=552
+  _globals['_BUNDLE']._serialized_start=555
+  _globals['_BUNDLE']._serialized_end=719
+  _globals['_ALLOWEDSOURCE']._serialized_start=722
+  _globals['_ALLOWEDSOURCE']._serialized_end=863
+  _globals['_TIMEWINDOW']._serialized_start=865
+  _globals['_TIMEWINDOW']._serialized_end=951
+  _globals['_POLICYRULE']._serialized_start=954
+  _globals['_POLICYRULE']._serialized_end=1171
+  _globals['_COMPILEDPOLICY']._serialized_start=1173
+  _globals['_COMPILEDPOLICY']._serialized_end=1294
+  _globals['_ATTESTEDNODE']._serialized_start=1297
+  _globals['_ATTESTEDNODE']._serialized_end=1829
+  _globals['_ATTESTEDNODE_LABELSENTRY']._serialized_start=1784
+  _globals['_ATTESTEDNODE_LABELSENTRY']._serialized_end=1829
+  _globals['_AUDITEVENT']._serialized_start=1832
+  _globals['_AUDITEVENT']._serialized_end=1989
 # @@protoc_insertion_point(module_scope)

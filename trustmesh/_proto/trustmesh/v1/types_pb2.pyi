@@ -35,7 +35,14 @@ class Selector(_message.Message):
     def __init__(self, type: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
 
 class Entry(_message.Message):
-    __slots__ = ("id", "spiffe_id", "parent_id", "selectors", "x509_ttl_seconds", "jwt_ttl_seconds", "dns_names", "federates_with", "admin", "revision", "hint", "created_at", "updated_at")
+    __slots__ = ("id", "spiffe_id", "parent_id", "selectors", "x509_ttl_seconds", "jwt_ttl_seconds", "dns_names", "federates_with", "admin", "revision", "hint", "created_at", "updated_at", "node_selector")
+    class NodeSelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +56,7 @@ class Entry(_message.Message):
     HINT_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    NODE_SELECTOR_FIELD_NUMBER: _ClassVar[int]
     id: str
     spiffe_id: str
     parent_id: str
@@ -62,7 +70,8 @@ class Entry(_message.Message):
     hint: str
     created_at: int
     updated_at: int
-    def __init__(self, id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., selectors: _Optional[_Iterable[_Union[Selector, _Mapping]]] = ..., x509_ttl_seconds: _Optional[int] = ..., jwt_ttl_seconds: _Optional[int] = ..., dns_names: _Optional[_Iterable[str]] = ..., federates_with: _Optional[_Iterable[str]] = ..., admin: _Optional[bool] = ..., revision: _Optional[int] = ..., hint: _Optional[str] = ..., created_at: _Optional[int] = ..., updated_at: _Optional[int] = ...) -> None: ...
+    node_selector: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., selectors: _Optional[_Iterable[_Union[Selector, _Mapping]]] = ..., x509_ttl_seconds: _Optional[int] = ..., jwt_ttl_seconds: _Optional[int] = ..., dns_names: _Optional[_Iterable[str]] = ..., federates_with: _Optional[_Iterable[str]] = ..., admin: _Optional[bool] = ..., revision: _Optional[int] = ..., hint: _Optional[str] = ..., created_at: _Optional[int] = ..., updated_at: _Optional[int] = ..., node_selector: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class JwtAuthority(_message.Message):
     __slots__ = ("key_id", "public_key", "expires_at")
@@ -89,18 +98,32 @@ class Bundle(_message.Message):
     def __init__(self, trust_domain: _Optional[str] = ..., x509_authorities: _Optional[_Iterable[bytes]] = ..., jwt_authorities: _Optional[_Iterable[_Union[JwtAuthority, _Mapping]]] = ..., refresh_hint_seconds: _Optional[int] = ..., sequence_number: _Optional[int] = ...) -> None: ...
 
 class AllowedSource(_message.Message):
-    __slots__ = ("id", "is_prefix", "expires_at", "methods", "paths")
+    __slots__ = ("id", "is_prefix", "expires_at", "methods", "paths", "windows")
     ID_FIELD_NUMBER: _ClassVar[int]
     IS_PREFIX_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
     PATHS_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
     id: str
     is_prefix: bool
     expires_at: int
     methods: _containers.RepeatedScalarFieldContainer[str]
     paths: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., is_prefix: _Optional[bool] = ..., expires_at: _Optional[int] = ..., methods: _Optional[_Iterable[str]] = ..., paths: _Optional[_Iterable[str]] = ...) -> None: ...
+    windows: _containers.RepeatedCompositeFieldContainer[TimeWindow]
+    def __init__(self, id: _Optional[str] = ..., is_prefix: _Optional[bool] = ..., expires_at: _Optional[int] = ..., methods: _Optional[_Iterable[str]] = ..., paths: _Optional[_Iterable[str]] = ..., windows: _Optional[_Iterable[_Union[TimeWindow, _Mapping]]] = ...) -> None: ...
+
+class TimeWindow(_message.Message):
+    __slots__ = ("days", "start_minute", "end_minute", "timezone")
+    DAYS_FIELD_NUMBER: _ClassVar[int]
+    START_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    END_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    TIMEZONE_FIELD_NUMBER: _ClassVar[int]
+    days: int
+    start_minute: int
+    end_minute: int
+    timezone: str
+    def __init__(self, days: _Optional[int] = ..., start_minute: _Optional[int] = ..., end_minute: _Optional[int] = ..., timezone: _Optional[str] = ...) -> None: ...
 
 class PolicyRule(_message.Message):
     __slots__ = ("destination", "destination_is_prefix", "ports", "mode", "allow", "allowlist", "owner", "rule_index")
@@ -135,7 +158,14 @@ class CompiledPolicy(_message.Message):
     def __init__(self, revision: _Optional[int] = ..., rules: _Optional[_Iterable[_Union[PolicyRule, _Mapping]]] = ..., revoked_serials: _Optional[_Iterable[str]] = ..., quarantined: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AttestedNode(_message.Message):
-    __slots__ = ("spiffe_id", "node_name", "attestation_type", "cert_serial", "cert_not_after", "banned", "created_at", "updated_at", "selectors", "revision", "status", "status_reason", "status_changed_at", "renewed_from", "permissive_listeners", "connected", "policy_revision")
+    __slots__ = ("spiffe_id", "node_name", "attestation_type", "cert_serial", "cert_not_after", "banned", "created_at", "updated_at", "selectors", "revision", "status", "status_reason", "status_changed_at", "renewed_from", "permissive_listeners", "connected", "policy_revision", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     ATTESTATION_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +183,7 @@ class AttestedNode(_message.Message):
     PERMISSIVE_LISTENERS_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     POLICY_REVISION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     spiffe_id: str
     node_name: str
     attestation_type: str
@@ -170,7 +201,8 @@ class AttestedNode(_message.Message):
     permissive_listeners: _containers.RepeatedScalarFieldContainer[str]
     connected: bool
     policy_revision: int
-    def __init__(self, spiffe_id: _Optional[str] = ..., node_name: _Optional[str] = ..., attestation_type: _Optional[str] = ..., cert_serial: _Optional[str] = ..., cert_not_after: _Optional[int] = ..., banned: _Optional[bool] = ..., created_at: _Optional[int] = ..., updated_at: _Optional[int] = ..., selectors: _Optional[_Iterable[_Union[Selector, _Mapping]]] = ..., revision: _Optional[int] = ..., status: _Optional[_Union[AgentStatus, str]] = ..., status_reason: _Optional[str] = ..., status_changed_at: _Optional[int] = ..., renewed_from: _Optional[str] = ..., permissive_listeners: _Optional[_Iterable[str]] = ..., connected: _Optional[bool] = ..., policy_revision: _Optional[int] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, spiffe_id: _Optional[str] = ..., node_name: _Optional[str] = ..., attestation_type: _Optional[str] = ..., cert_serial: _Optional[str] = ..., cert_not_after: _Optional[int] = ..., banned: _Optional[bool] = ..., created_at: _Optional[int] = ..., updated_at: _Optional[int] = ..., selectors: _Optional[_Iterable[_Union[Selector, _Mapping]]] = ..., revision: _Optional[int] = ..., status: _Optional[_Union[AgentStatus, str]] = ..., status_reason: _Optional[str] = ..., status_changed_at: _Optional[int] = ..., renewed_from: _Optional[str] = ..., permissive_listeners: _Optional[_Iterable[str]] = ..., connected: _Optional[bool] = ..., policy_revision: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class AuditEvent(_message.Message):
     __slots__ = ("seq", "time", "kind", "actor", "subject", "outcome", "details_json", "prev_hash", "hash")
