@@ -17,6 +17,7 @@ import pytest
 
 from tests.etcd_process import free_port
 from tests.integration.harness import AgentProcess, ServerProcess, echo_server, wait_until
+from tests.integration.test_enforcement import _talk
 
 SELF_EXE = os.path.realpath(sys.executable)
 POLICY = """\
@@ -78,15 +79,6 @@ services:
             agent.stop()
         server.stop()
         stop_echo.set()
-
-
-def _talk(port: int) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-        conn.sendall(b"hello ledger")
-        try:
-            return conn.recv(1024)
-        except (ConnectionResetError, TimeoutError):
-            return b""
 
 
 def _allowed_eventually(mesh: Mesh, expected: bytes) -> bool:
