@@ -657,6 +657,13 @@ class EtcdKV:
         except rpc.AioRpcError as err:
             if self._closed:
                 return  # close() ended the stream: end quietly, like SQLite does
+            if err.code() == grpc.StatusCode.CANCELLED and self._client is not client:
+                # Another call found this member dead and dropped its connection, which
+                # cancels this stream locally ("Locally cancelled by application"): the
+                # member is unreachable, so watch again from `seen` on the next one.
+                raise StoreUnavailableError(
+                    f"etcd's connection was replaced while watching (a member stopped answering); "
+                    f"watch again from revision {seen}") from err
             raise (await self._translate(err, "watching", client)) from err
         except asyncio.CancelledError:
             # Closing the channel surfaces in a pending read as CancelledError. Swallow it
